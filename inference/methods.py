@@ -1,0 +1,62 @@
+"""The registry of inference methods and their entry points.
+
+Each entry point takes a compiled ``ppl.Model``, the data (entry parameters), and
+options, and returns a result object (``ppl.result``):
+
+* ``enumerate``: the exact posterior by path enumeration (``semantics.exact``);
+  ``ExactResult`` with exact (Fraction) probabilities and evidence where possible.
+* ``importance``: likelihood weighting with N particles in one batch
+  (``inference.importance``); ``WeightedResult`` with log-evidence and ESS.
+* ``prior``: draws from the prior (every likelihood factor ignored).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..semantics.exact import enumerate_paths
+from ..semantics.sampling import LikelihoodWeighting, column, drive
+from ..semantics.values import Particles
+from .importance import likelihood_weighting
+
+
+def _result_types():
+    from ppl.result import ExactResult, Site, WeightedResult
+    return ExactResult, Site, WeightedResult
+
+
+def _sites(raw: dict) -> dict:
+    _, Site, _ = _result_types()
+    return {name: Site(v, present) for name, (v, present) in raw.items()}
+
+
+def run_importance(model, data: dict, *, particles: int = 1000, device: str = "cpu", **_) -> Any:
+    _, _, WeightedResult = _result_types()
+    interp = model.interpreter()
+    sites, log_weights = likelihood_weighting(interp, model.entry, model.prepare_data(data, device),
+                                              int(particles), device)
+    return WeightedResult("importance", _sites(sites), log_weights)
+
+
+def run_prior(model, data: dict, *, particles: int = 1000, device: str = "cpu", **_) -> Any:
+    _, _, WeightedResult = _result_types()
+    interp = model.interpreter()
+    sites, log_weights = likelihood_weighting(interp, model.entry, model.prepare_data(data, device),
+                                              int(particles), device)
+    return WeightedResult("prior", _sites(sites), torch.zeros_like(log_weights))
+
+
+def run_enumerate(model, data: dict, *, max_paths: int = 1_000_000, **_) -> Any:
+    ExactResult, _, _ = _result_types()
+    paths = enumerate_paths(model.program, model.builtins(), model.entry, model.prepare_data(data, None),
+                            max_paths=max_paths, max_depth=model.options.get("max_depth", 200),
+                            max_iterations=model.options.get("max_iterations", 100_000))
+    return ExactResult(paths)
+
+
+METHODS: dict[str, Callable] = {
+    "importance": run_importance,
+    "enumerate": run_enumerate,
+    "prior": run_prior,
+}

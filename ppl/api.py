@@ -1,0 +1,348 @@
+"""The Python face: compile models, run inference on them.
+
+    import ppl
+
+    coin = ppl.model('''
+    def coin(flips):
+        p ~ beta(1, 1)
+        for f in flips:
+            observe f ~ bernoulli(p)
+        return p
+    ''')
+    coin.run("importance", {"flips": [1, 1, 0]}, particles=10_000, seed=0).mean()
+
+    @ppl.infer(method="importance", particles=10_000, seed=0)
+    @ppl.model
+    def coin(flips):
+        '''
+        p ~ beta(1, 1)
+        for f in flips:
+            observe f ~ bernoulli(p)
+        return p
+        '''
+    coin(flips=[1, 1, 0]).summary()
+
+A model file can only compute with the data passed to it: it cannot import, open files,
+or reach any Python object but the arguments (Python functions passed as data are
+called with tensors, one row per particle).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import os
+import textwrap
+from numbers import Number
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from .semantics import ir
+from .semantics.errors import PPLCheckError, PPLError, PPLRuntimeError, did_you_mean
+from .semantics.interpreter import Builtin, Interpreter
+from .semantics.pretty import pretty
+from .semantics.sampling import Replay, drive
+from .semantics.values import Batched, Particles, is_batched, rows
+
+
+class Model:
+    """A compiled program with a chosen entry function (by default its last ``def``)."""
+
+    def __init__(self, program: ir.Program, entry: str | None = None, *, source: str = "",
+                 filename: str = "<model>", defaults: Mapping[str, Any] | None = None, **options):
+        if not program.functions:
+            raise PPLCheckError("the model defines no function", hint="write `def model(...):`")
+        self.program = program
+        self.entry = entry or program.functions[-1].name
+        if self.entry not in program.names:
+            raise PPLCheckError(f"no function named '{self.entry}' in {filename}",
+                                hint=did_you_mean(self.entry, program.names) or
+                                f"it defines: {', '.join(program.names)}")
+        self.source = source
+        self.filename = filename
+        self.defaults = dict(defaults or {})
+        self.options = options
+        from .compiler.check import check
+        check(program, _arities())
+
+    # --------------------------------------------------------------------- description
+    @property
+    def name(self) -> str:
+        return self.entry
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.program.function(self.entry).params)
+
+    def pretty(self) -> str:
+        """The model as ppl source, printed from its IR."""
+        return pretty(self.program)
+
+    def with_entry(self, entry: str) -> "Model":
+        return Model(self.program, entry, source=self.source, filename=self.filename,
+                     defaults=self.defaults, **self.options)
+
+    def __repr__(self) -> str:
+        return f"<ppl.Model {self.entry}({', '.join(self.params)}) from {self.filename}>"
+
+    # ------------------------------------------------------------------------- running
+    def builtins(self) -> dict:
+        from .stdlib.prelude import builtins
+        return builtins()
+
+    def interpreter(self, exact: bool = False) -> Interpreter:
+        return Interpreter(self.program, self.builtins(), exact=exact,
+                           max_depth=self.options.get("max_depth", 200),
+                           max_iterations=self.options.get("max_iterations", 100_000))
+
+    def bind(self, args: tuple = (), data: Mapping[str, Any] | None = None) -> dict:
+        """Entry arguments as a dict: positional args, then keywords, then defaults."""
+        params = self.params
+        if len(args) > len(params):
+            raise PPLRuntimeError(f"{self.entry}() takes {len(params)} arguments but {len(args)} were given")
+        out = dict(self.defaults)
+        out.update(zip(params, args))
+        for k, v in (data or {}).items():
+            if k not in params:
+                raise PPLRuntimeError(f"{self.entry}() has no parameter '{k}'",
+                                      hint=did_you_mean(k, params) or f"its parameters are: {', '.join(params)}")
+            out[k] = v
+        return out
+
+    def prepare_data(self, data: Mapping[str, Any], device) -> dict:
+        """Data as runtime values: numeric lists/arrays become tensors on ``device``
+        (exact enumeration, device None, keeps plain Python values)."""
+        return {k: _prepare(v, device, k) for k, v in data.items()}
+
+    def run(self, method: str = "importance", data: Mapping[str, Any] | None = None, *,
+            particles: int = 1000, seed: int | None = None, device: str = "cpu", **options):
+        """Run inference ``method`` on ``entry(**data)``; returns a result object."""
+        from .inference import METHODS
+        if method not in METHODS:
+            raise PPLError(f"unknown inference method '{method}'",
+                           hint=did_you_mean(method, METHODS) or f"available: {', '.join(sorted(METHODS))}")
+        device = resolve_device(device)
+        data = self.bind((), data)
+        with seeded(seed, device):
+            return METHODS[method](self, data, particles=particles, device=device, **options)
+
+    def enumerate(self, **data):
+        """The exact posterior (finite programs)."""
+        return self.run("enumerate", data)
+
+    def importance(self, particles: int = 1000, seed: int | None = None, device: str = "cpu", **data):
+        return self.run("importance", data, particles=particles, seed=seed, device=device)
+
+    def prior(self, particles: int = 1000, seed: int | None = None, device: str = "cpu", **data):
+        return self.run("prior", data, particles=particles, seed=seed, device=device)
+
+    def log_joint(self, trace: Mapping[str, Any], **data) -> torch.Tensor:
+        """log p(trace, data): the sum of the log densities of every choice in ``trace``
+        (address -> value; a tensor with a leading dim scores a batch of traces) and of
+        every likelihood factor. -inf where the trace is impossible."""
+        n = 1
+        for v in trace.values():
+            if isinstance(v, torch.Tensor) and v.dim() >= 1:
+                n = max(n, v.shape[0])
+        ctx = Particles.all(n)
+        h = Replay(dict(trace), n, "cpu")
+        drive(self.interpreter().run(self.entry, self.prepare_data(self.bind((), data), "cpu"), ctx), h)
+        return h.log_weights
+
+
+# ----------------------------------------------------------------------------- building
+def model(source: Any = None, *, entry: str | None = None, filename: str | None = None, **options):
+    """Compile a model: from a source string, a ``.ppl`` path, or (as a decorator) a
+    Python function whose docstring is the body and whose signature gives the inputs.
+
+    Options: ``max_depth`` (recursion bound, default 200), ``max_iterations`` (loop
+    bound, default 100000)."""
+    if source is None:
+        return lambda fn: model(fn, entry=entry, filename=filename, **options)
+    if callable(source) and not isinstance(source, str):
+        return _from_function(source, **options)
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source
+                                           and (source.endswith(".ppl") or os.path.exists(source))):
+        path = os.fspath(source)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as e:
+            raise PPLError(f"cannot read model file '{path}': {e.strerror}") from None
+        return compile_source(text, filename or path, entry=entry, **options)
+    if isinstance(source, str):
+        return compile_source(source, filename or "<model>", entry=entry, **options)
+    raise TypeError("ppl.model expects source text, a path, or a function")
+
+
+def compile_source(text: str, filename: str = "<model>", *, entry: str | None = None,
+                   line_offset: int = 0, defaults=None, **options) -> Model:
+    from .compiler import parse_program
+    program = parse_program(text, filename, line_offset)
+    return Model(program, entry, source=text, filename=filename, defaults=defaults, **options)
+
+
+def _from_function(fn: Callable, **options) -> Model:
+    doc = fn.__doc__
+    if not doc or not doc.strip():
+        raise PPLError(f"@ppl.model: '{fn.__name__}' has no docstring",
+                       hint="write the model body in the function's docstring")
+    sig = inspect.signature(fn)
+    defaults, names = {}, []
+    for p in sig.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise PPLError(f"@ppl.model: '{fn.__name__}' cannot take *args or **kwargs")
+        names.append(p.name)
+        if p.default is not p.empty:
+            defaults[p.name] = p.default
+    lines = doc.split("\n")
+    body = lines[1:] if not lines[0].strip() else lines
+    indents = [len(l) - len(l.lstrip()) for l in body if l.strip()]
+    if not indents or min(indents) == 0:
+        body = ["    " + l for l in textwrap.dedent("\n".join(body)).split("\n")]
+    text = f"def {fn.__name__}({', '.join(names)}):\n" + "\n".join(body) + "\n"
+    filename, offset = "<model>", 0
+    try:
+        src_lines, start = inspect.getsourcelines(fn)
+        filename = inspect.getsourcefile(fn) or filename
+        for i, l in enumerate(src_lines):
+            if '"""' in l or "'''" in l:
+                # synthesized line 2 is the docstring's first body line
+                first_body = start + i + (1 if not lines[0].strip() else 0)
+                offset = first_body - 2
+                break
+    except (OSError, TypeError):
+        pass
+    m = compile_source(text, filename, line_offset=offset, defaults=defaults, **options)
+    functools.update_wrapper(m, fn, assigned=("__doc__", "__module__"), updated=())
+    return m
+
+
+# ---------------------------------------------------------------------------- inference
+class InferenceFunction:
+    """A model turned into a function from data to a posterior (``@ppl.infer``)."""
+
+    def __init__(self, model: Model, method: str, options: dict):
+        self.model = model
+        self.method = method
+        self.options = options
+        functools.update_wrapper(self, model, assigned=("__doc__",), updated=())
+
+    def __call__(self, *args, **data):
+        return self.model.run(self.method, self.model.bind(args, data), **self.options)
+
+    def __repr__(self) -> str:
+        return f"<ppl.infer {self.method} {self.model!r}>"
+
+
+def infer(model_: Any = None, *, method: str = "importance", particles: int = 1000,
+          seed: int | None = None, device: str = "cpu", **options):
+    """Turn a model into a function from data to a result.
+
+    ``@ppl.infer(method="importance", particles=10_000, seed=0)`` above ``@ppl.model``,
+    or ``ppl.infer(model, method="enumerate")``."""
+    from .inference import METHODS
+    if method not in METHODS:
+        raise PPLError(f"unknown inference method '{method}'",
+                       hint=did_you_mean(method, METHODS) or f"available: {', '.join(sorted(METHODS))}")
+    opts = dict(particles=particles, seed=seed, device=device, **options)
+
+    def wrap(m):
+        if not isinstance(m, Model):
+            m = model(m)
+        return InferenceFunction(m, method, opts)
+
+    return wrap if model_ is None else wrap(model_)
+
+
+# -------------------------------------------------------------------------------- utils
+def resolve_device(device: Any) -> str:
+    d = str(device)
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if d.startswith("cuda") and not torch.cuda.is_available():
+        raise PPLError(f"device '{d}' requested but no CUDA GPU is available",
+                       hint="use device='cpu' (or 'auto' to pick a GPU when there is one)")
+    return d
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, device: str = "cpu"):
+    """Run with torch's RNG seeded (restored afterwards); no-op for seed None."""
+    if seed is None:
+        yield
+        return
+    devices = [torch.device(device).index or 0] if str(device).startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield
+
+
+def _arities() -> dict:
+    from .stdlib.prelude import arities
+    return arities()
+
+
+def _prepare(v: Any, device, name: str) -> Any:
+    """One datum as a runtime value (see ``Model.prepare_data``)."""
+    if device is None:  # exact semantics: plain Python
+        if isinstance(v, (torch.Tensor, np.ndarray)):
+            return v.tolist()
+        if isinstance(v, (list, tuple)):
+            return type(v)(_prepare(x, None, name) for x in v)
+        return _check_datum(v, name)
+    if isinstance(v, np.ndarray):
+        v = torch.from_numpy(v)
+        if v.is_floating_point():
+            v = v.to(torch.get_default_dtype())
+    if isinstance(v, torch.Tensor):
+        return v.to(device)
+    if isinstance(v, (list, tuple)) and v and _numeric_nested(v):
+        try:
+            t = torch.tensor(v, device=device)
+            if t.is_floating_point():
+                t = t.to(torch.get_default_dtype())
+            return t
+        except (ValueError, TypeError, RuntimeError):
+            pass
+    if isinstance(v, (list, tuple)):
+        return type(v)(_prepare(x, device, name) for x in v)
+    return _check_datum(v, name)
+
+
+def _numeric_nested(v) -> bool:
+    if isinstance(v, (list, tuple)):
+        return all(_numeric_nested(x) for x in v)
+    return isinstance(v, Number) and not isinstance(v, complex)
+
+
+def _check_datum(v: Any, name: str) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)) or isinstance(v, Number):
+        return v
+    if isinstance(v, (Builtin,)) or hasattr(v, "ppl_attribute"):
+        return v
+    if callable(v) and (inspect.isfunction(v) or inspect.isbuiltin(v) or isinstance(v, functools.partial)):
+        return python_function(v, name)
+    raise PPLError(f"data '{name}' has a type a model cannot use: {type(v).__name__}",
+                   hint="pass numbers, strings, lists, tensors/arrays, or functions")
+
+
+def python_function(fn: Callable, name: str = "") -> Builtin:
+    """A Python function usable from a model. Batched arguments arrive as tensors with
+    one row per particle, and a tensor result with that many rows is per-particle."""
+    def call(ctx, *args, **kwargs):
+        batched = any(is_batched(a) for a in args)
+        raw = [rows(a, ctx) if isinstance(a, Batched) else a for a in args]
+        try:
+            out = fn(*raw, **kwargs)
+        except PPLError:
+            raise
+        except Exception as e:  # the user's own Python code failed
+            raise PPLRuntimeError(f"the Python function '{name or fn.__name__}' raised "
+                                  f"{type(e).__name__}: {e}") from e
+        if batched and isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == ctx.M:
+            return Batched(out, ctx.idx)
+        return out
+    return Builtin(name or getattr(fn, "__name__", "function"), call, (0, None), pure=False)

@@ -1,0 +1,1 @@
+"""Test helpers for ppl: hypothesis strategies (``ppl.testing.strategies``)."""

@@ -1,0 +1,2 @@
+"""The meaning of ppl programs: the IR (core calculus), its exact measure semantics,
+and its sampling semantics over particle batches."""

@@ -1,0 +1,163 @@
+"""Distributions as runtime values.
+
+``normal(mu, 1)`` in a model evaluates to a ``DistValue``: a distribution spec from
+``ppl.stdlib.distributions`` and its (possibly batched) arguments. The three things
+the semantics needs from it are here:
+
+* ``sample(ctx)``: one draw per particle, and its log density;
+* ``log_prob(value, ctx)``: the log density of a value, per particle, -inf outside the
+  support (a value outside the support is weight zero, not an error);
+* ``exact_support()`` / ``exact_prob(value)``: the finite support with exact masses, for
+  the enumeration semantics (arguments are then plain Python values).
+
+Shapes follow the per-particle reading: a batched argument is [M, *s] where s is the
+shape one particle sees; the torch distribution is built with the particle dimension
+leading and extra singleton dims where one particle's shapes would broadcast.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Any
+
+import torch
+
+from .errors import PPLRuntimeError
+from .values import (Batched, Particles, PerParticle, batch_rows, is_batched, materialize,
+                     pack, rows, to_python, as_tensor)
+
+
+class DistValue:
+    """A distribution with its arguments, as a value of the language."""
+
+    __slots__ = ("spec", "args", "defaulted")
+
+    def __init__(self, spec, args: tuple, defaulted: frozenset = frozenset()):
+        self.spec = spec
+        self.args = args
+        self.defaulted = defaulted  # positions filled from the spec's defaults
+
+    def describe(self) -> str:
+        return f"{self.spec.name} distribution"
+
+    # ------------------------------------------------------------------ batched semantics
+    def _params(self, ctx: Particles, value_rank: int = 0):
+        """Torch parameters aligned for ``ctx``, and whether any is batched.
+
+        value_rank: the per-particle batch rank a value needs (for log_prob of an
+        observed vector under a scalar distribution)."""
+        spec = self.spec
+        raw = []
+        for a, ev in zip(self.args, spec.param_event_dims):
+            if type(a) is float or type(a) is int:  # the common constant: no tensor needed
+                raw.append((a, False, ev))
+                continue
+            batched = is_batched(a) or (isinstance(a, (list, tuple)) and any(is_batched(x) for x in a))
+            t = batch_rows(a, ctx) if batched else as_tensor(a, ctx.device)
+            if t.dtype in (torch.bool, torch.long, torch.int32):
+                t = t.to(torch.get_default_dtype())
+            raw.append((t, batched, ev))
+        any_batched = any(b for _, b, _ in raw)
+        rank = max([value_rank] + [_dim(t) - b - ev for t, b, ev in raw])
+        params = []
+        for t, b, ev in raw:
+            r = _dim(t) - b - ev
+            if b and r < rank:
+                t = t.reshape(t.shape[0], *([1] * (rank - r)), *t.shape[1:])
+            params.append(t)
+        return params, any_batched
+
+    def _make(self, params):
+        try:
+            return self.spec.make(*params)
+        except PPLRuntimeError:
+            raise
+        except (ValueError, RuntimeError) as e:
+            raise PPLRuntimeError(f"{self.spec.name}: {str(e).splitlines()[0]}") from None
+
+    def sample(self, ctx: Particles):
+        """One draw per particle of ctx (a batched value)."""
+        if getattr(self.spec, "index_valued", False):
+            return self._sample_items(ctx)[0]
+        params, batched = self._params(ctx)
+        d = self._make(params)
+        s = d.sample() if batched else d.sample((ctx.M,))
+        return Batched(self.spec.to_value(s), ctx.idx)
+
+    def sample_with_log_prob(self, ctx: Particles):
+        """One draw per particle of ctx, and its log density (a tensor [M])."""
+        value = self.sample(ctx)
+        return value, self.log_prob(value, ctx)
+
+    def log_prob(self, value: Any, ctx: Particles) -> torch.Tensor:
+        """log density of ``value`` per particle of ctx: a tensor [M] (or a scalar
+        tensor when neither the value nor the distribution depends on the particle)."""
+        if getattr(self.spec, "index_valued", False):
+            return self._log_prob_items(value, ctx)
+        vb = is_batched(value) or (isinstance(value, (list, tuple)) and any(is_batched(x) for x in value))
+        if isinstance(value, PerParticle):
+            v = batch_rows(value, ctx)
+        elif vb:
+            v = batch_rows(value, ctx)
+        else:
+            v = as_tensor(value, ctx.device)
+        vrank = v.dim() - vb - self.spec.value_event_dim
+        params, batched = self._params(ctx, vrank)
+        if vb:
+            prank = max(0, max((_dim(p) - batched - ev for p, ev in zip(params, self.spec.param_event_dims)), default=0))
+            if vrank < prank:
+                v = v.reshape(v.shape[0], *([1] * (prank - vrank)), *v.shape[1:])
+        d = self._make(params)
+        tv = self.spec.from_value(v)
+        try:  # the spec's distributions score values outside the support as -inf
+            lp = d.log_prob(tv)
+        except (ValueError, RuntimeError, IndexError) as e:
+            raise PPLRuntimeError(
+                f"{self.spec.name}: cannot score this value ({str(e).splitlines()[0]})",
+                hint="check the shape of the observed value against the distribution's",
+            ) from None
+        if vb or batched:
+            return lp.reshape(lp.shape[0], -1).sum(1) if lp.dim() > 1 else lp
+        return lp.sum()
+
+    # uniform_draw: values are items of a list; torch samples their indices
+    def _items(self):
+        items = self.args[0]
+        if is_batched(items):
+            raise PPLRuntimeError("uniform_draw needs a list that is the same for every particle")
+        return list(items) if isinstance(items, (list, tuple)) else list(items.unbind(0)) if isinstance(items, torch.Tensor) else list(items)
+
+    def _sample_items(self, ctx: Particles):
+        items = self._items()
+        if not items:
+            raise PPLRuntimeError("uniform_draw of an empty list")
+        k = torch.randint(len(items), (ctx.M,), device=ctx.device)
+        lp = torch.full((ctx.M,), -float(torch.log(torch.tensor(float(len(items))))), device=ctx.device)
+        if all(isinstance(x, (int, float, bool, torch.Tensor)) for x in items):
+            table = as_tensor(items, ctx.device)
+            return Batched(table[k], ctx.idx), lp
+        return PerParticle([items[i] for i in k.tolist()], ctx.idx), lp
+
+    def _log_prob_items(self, value: Any, ctx: Particles) -> torch.Tensor:
+        items = [to_python(x) for x in self._items()]
+        vals = materialize(value, ctx)
+        probs = [sum(1 for x in items if x == to_python(v)) / len(items) for v in vals]
+        return torch.log(torch.tensor(probs, device=ctx.device, dtype=torch.get_default_dtype()))
+
+    # -------------------------------------------------------------------- exact semantics
+    def python_args(self) -> list:
+        for a in self.args:
+            if is_batched(a):
+                raise PPLRuntimeError("exact enumeration received a batched argument (internal error)")
+        # a default like flip's p=0.5 is a literal of the language: exact reads it as 1/2
+        return [Fraction(repr(a)) if i in self.defaulted and isinstance(a, float) else to_python(a)
+                for i, a in enumerate(self.args)]
+
+    def exact_support(self):
+        return self.spec.exact_support(*self.python_args())
+
+    def exact_prob(self, value: Any):
+        return self.spec.exact_prob(to_python(value), *self.python_args())
+
+
+def _dim(t) -> int:
+    return t.dim() if isinstance(t, torch.Tensor) else 0

@@ -1,0 +1,132 @@
+"""The exact semantics: the measure a finite program denotes, by enumeration.
+
+For a program whose random choices all have finite support, the denotation of a call
+is a finite measure on return values: a sum over execution paths of
+``prod(choice probabilities) * prod(likelihood factors)`` at the path's return value.
+``enumerate_paths`` lists those paths by re-execution: a path is identified by the
+indices of its choices within their supports; running the program with a prefix of
+indices fixed and the remaining choices at index 0 yields one path, and the unexplored
+alternatives at each new choice point are pushed for later. Every path is visited
+exactly once, so the sum of path weights is the evidence Z exactly.
+
+Arithmetic is exact (``fractions.Fraction``) when every probability and factor is
+rational: float literals are read as the decimals they spell, integer division is
+exact. A factor ``exp(e)`` with e != 0, or a continuous density, makes weights floats.
+A path whose weight hits 0 (a failed ``condition``) is cut at once.
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import ir
+from .errors import InfiniteSupportError, PPLError, PPLRuntimeError
+from .interpreter import Interpreter
+from .sampling import drive
+from .values import Particles, to_python, truthy
+
+
+class _Pruned(Exception):
+    """Raised inside a run to stop a path whose weight became zero."""
+
+
+class _PathHandler:
+    def __init__(self, prefix: list[int]):
+        self.prefix = prefix
+        self.taken: list[int] = []
+        self.sizes: list[int] = []
+        self.weight: Any = 1
+        self.values: dict[str, Any] = {}
+
+    def _mul(self, p):
+        if p == 0:
+            self.weight = 0
+            raise _Pruned()
+        self.weight = self.weight * p
+
+    def sample(self, eff):
+        try:
+            support = eff.dist.exact_support()
+        except InfiniteSupportError as err:
+            raise err.with_span(eff.span)
+        support = [(v, p) for v, p in support if p != 0]
+        if not support:
+            raise PPLRuntimeError(f"{eff.dist.spec.name}: empty support", eff.span)
+        k = len(self.taken)
+        i = self.prefix[k] if k < len(self.prefix) else 0
+        self.taken.append(i)
+        self.sizes.append(len(support))
+        value, p = support[i]
+        self.values[eff.addr] = value
+        self._mul(p)
+        return value
+
+    def observe(self, eff):
+        self._mul(eff.dist.exact_prob(eff.value))
+
+    def factor(self, eff):
+        v = to_python(eff.value)
+        if isinstance(v, list):
+            raise PPLRuntimeError("factor needs a number", eff.span)
+        if v == 0:
+            return
+        if v == -math.inf:
+            self._mul(0)
+        self._mul(math.exp(float(v)))
+
+    def condition(self, eff):
+        if not truthy(eff.value):
+            self._mul(0)
+
+
+def exact_data(data: dict) -> dict:
+    """Data for the exact semantics: tensors and arrays become Python lists."""
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, (torch.Tensor, np.ndarray)):
+            v = v.tolist()
+        out[k] = v
+    return out
+
+
+def _hashable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.tolist()
+    if isinstance(v, (list, tuple)):
+        return tuple(_hashable(x) for x in v)
+    return v
+
+
+def enumerate_paths(program: ir.Program, builtins: dict, entry: str, data: dict, *,
+                    max_paths: int = 1_000_000, max_depth: int = 200, max_iterations: int = 100_000):
+    """All execution paths of ``entry(**data)``: a list of (weight, values), where values
+    maps "return" and each choice address to its value on that path. Zero-weight paths
+    are dropped."""
+    interp = Interpreter(program, builtins, exact=True, max_depth=max_depth, max_iterations=max_iterations)
+    data = exact_data(data)
+    ctx = Particles.all(1)
+    paths = []
+    stack: list[list[int]] = [[]]
+    visited = 0
+    while stack:
+        prefix = stack.pop()
+        visited += 1
+        if visited > max_paths:
+            raise PPLRuntimeError(f"exact enumeration exceeded {max_paths} paths",
+                                  hint="use importance sampling, or make the model smaller")
+        h = _PathHandler(prefix)
+        try:
+            ret = drive(interp.run(entry, data, ctx), h)
+            h.values["return"] = _hashable(ret)
+            paths.append((h.weight, {k: _hashable(v) for k, v in h.values.items()}))
+        except _Pruned:
+            pass
+        # push the unexplored alternatives of every choice made beyond the prefix
+        for j in range(len(prefix), len(h.taken)):
+            for alt in range(h.sizes[j] - 1, 0, -1):
+                stack.append(h.taken[:j] + [alt])
+    return paths

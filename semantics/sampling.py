@@ -1,0 +1,194 @@
+"""A program as a weighted sampler over particles: handlers for the interpreter's effects.
+
+``drive(gen, handler)`` runs an interpreter generator, answering each effect with the
+handler. The handlers here give the two basic meanings of a run:
+
+* ``LikelihoodWeighting``: draw every choice from its prior and multiply the weight by
+  every likelihood factor. For a program denoting the unnormalised measure
+  ``gamma(dx) = prior(dx) * L(x)`` this yields particles x_i ~ prior with weights
+  w_i = L(x_i), so that ``E[w f(x)] = Z * E_post[f]``: a *proper* weighting, the
+  contract every later inference transformation builds on.
+* ``Replay``: read every choice from a given trace and sum all log densities: the log
+  joint density ``log p(trace, data)`` (NaN-free: -inf where the trace is impossible).
+
+Both record a ``Trace``: address -> per-particle values, with a presence mask for
+choices that only some particles make.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .errors import PPLError, PPLRuntimeError
+from .interpreter import ConditionEffect, FactorEffect, ObserveEffect, SampleEffect
+from .values import (Batched, Particles, PerParticle, batch_rows, is_batched, is_numeric,
+                     materialize, rows, to_bool_rows)
+
+
+def drive(gen, handler) -> Any:
+    """Run an interpreter generator to the end, answering its effects with ``handler``."""
+    dispatch = {SampleEffect: handler.sample, ObserveEffect: handler.observe,
+                FactorEffect: handler.factor, ConditionEffect: handler.condition}
+    try:
+        eff = next(gen)
+        while True:
+            try:
+                reply = dispatch[type(eff)](eff)
+            except PPLError as err:
+                raise err.with_span(eff.span)
+            eff = gen.send(reply)
+    except StopIteration as stop:
+        return stop.value
+
+
+class Trace:
+    """Per-address values of a run over N particles."""
+
+    def __init__(self, N: int, device):
+        self.N = N
+        self.device = device
+        self.parts: dict[str, list] = {}
+
+    def record(self, addr: str, ctx: Particles, value: Any):
+        self.parts.setdefault(addr, []).append((ctx, value))
+
+    def sites(self) -> dict[str, tuple]:
+        """address -> (values, present): values a tensor [N, ...] or a list of N objects;
+        present a bool tensor [N], or None when every particle has the choice."""
+        return {a: consolidate(parts, self.N, self.device) for a, parts in self.parts.items()}
+
+
+def consolidate(parts: list, N: int, device) -> tuple:
+    """Join per-subset values into one per-particle column."""
+    if len(parts) == 1 and parts[0][0].is_full and parts[0][0].M == N:
+        ctx, v = parts[0]
+        return column(v, ctx), None
+    present = torch.zeros(N, dtype=torch.bool, device=device)
+    cols = []
+    for ctx, v in parts:
+        present[ctx.idx] = True
+        cols.append((ctx, column(v, ctx)))
+    if all(isinstance(c, torch.Tensor) for _, c in cols) and len({tuple(c.shape[1:]) for _, c in cols}) == 1:
+        dtype = cols[0][1].dtype
+        for _, c in cols[1:]:
+            dtype = torch.promote_types(dtype, c.dtype)
+        out = torch.zeros((N, *cols[0][1].shape[1:]), dtype=dtype, device=device)
+        for ctx, c in cols:
+            out[ctx.idx] = c.to(dtype)
+        return out, present
+    out = [None] * N
+    for ctx, c in cols:
+        items = c.tolist() if isinstance(c, torch.Tensor) else c
+        for i, item in zip(ctx.idx.tolist(), items):
+            out[i] = item
+    return out, present
+
+
+def column(v: Any, ctx: Particles):
+    """A runtime value as one entry per particle of ctx: a tensor [M, ...] when numeric,
+    else a list of plain Python values (lists become tuples, so they can be tabulated)."""
+    if isinstance(v, Batched):
+        return rows(v, ctx)
+    if is_numeric(v) or (isinstance(v, (list, tuple)) and v and all(is_numeric(x) for x in v)
+                         and _uniform_shapes(v)):
+        try:
+            t = batch_rows(v, ctx)
+            if t.dtype in (torch.bool, torch.long) or not isinstance(v, (list, tuple)):
+                if isinstance(v, (list, tuple)) and t.dtype in (torch.bool, torch.long):
+                    return [tuple(r) for r in t.tolist()]
+            return t
+        except PPLError:
+            pass
+    return [_plain(x) for x in materialize(v, ctx)]
+
+
+def _uniform_shapes(v) -> bool:
+    return True
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        x = x.tolist()
+    if isinstance(x, list):
+        return tuple(_plain(y) for y in x)
+    if isinstance(x, tuple):
+        return tuple(_plain(y) for y in x)
+    return x
+
+
+class _WeightAccumulator:
+    def __init__(self, N: int, device, dtype=None):
+        self.log_weights = torch.zeros(N, device=device, dtype=dtype or torch.get_default_dtype())
+
+    def add(self, ctx: Particles, lp):
+        lp = torch.as_tensor(lp, device=self.log_weights.device, dtype=self.log_weights.dtype)
+        if ctx.is_full and ctx.M == self.log_weights.shape[0]:
+            self.log_weights = self.log_weights + lp
+        else:
+            self.log_weights = self.log_weights.index_add(0, ctx.idx, lp.expand(ctx.M))
+
+    def factor(self, eff: FactorEffect):
+        v = eff.value
+        if isinstance(v, Batched):
+            lp = rows(v, eff.ctx)
+            if lp.dim() != 1:
+                raise PPLRuntimeError("factor needs one number per particle", eff.span)
+        elif isinstance(v, PerParticle):
+            raise PPLRuntimeError("factor needs a number", eff.span)
+        else:
+            try:
+                lp = torch.as_tensor(float(v))
+            except (TypeError, ValueError):
+                raise PPLRuntimeError(f"factor needs a number, got {v!r}", eff.span) from None
+        if torch.isnan(lp).any():
+            raise PPLRuntimeError("factor received NaN", eff.span, "check the expression for 0/0 or log of a negative")
+        self.add(eff.ctx, lp.to(self.log_weights.dtype))
+
+    def condition(self, eff: ConditionEffect):
+        c = to_bool_rows(eff.value, eff.ctx)
+        if isinstance(c, bool):
+            if not c:
+                self.add(eff.ctx, torch.tensor(-math.inf))
+            return
+        self.add(eff.ctx, torch.where(c, 0.0, -math.inf).to(self.log_weights.dtype))
+
+
+class LikelihoodWeighting(_WeightAccumulator):
+    """Prior proposal, likelihood weights (see the module docstring)."""
+
+    def __init__(self, N: int, device, dtype=None):
+        super().__init__(N, device, dtype)
+        self.trace = Trace(N, device)
+
+    def sample(self, eff: SampleEffect):
+        value = eff.dist.sample(eff.ctx)
+        self.trace.record(eff.addr, eff.ctx, value)
+        return value
+
+    def observe(self, eff: ObserveEffect):
+        self.add(eff.ctx, eff.dist.log_prob(eff.value, eff.ctx))
+
+
+class Replay(_WeightAccumulator):
+    """Score a given trace: ``log_weights`` becomes the log joint density."""
+
+    def __init__(self, trace: dict, N: int, device, dtype=None):
+        super().__init__(N, device, dtype)
+        self.given = trace
+        self.trace = Trace(N, device)
+
+    def sample(self, eff: SampleEffect):
+        if eff.addr not in self.given:
+            raise PPLRuntimeError(f"the trace has no value for the choice '{eff.addr}'", eff.span)
+        value = self.given[eff.addr]
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == self.log_weights.shape[0] \
+                and self.log_weights.shape[0] > 1:
+            value = Batched(value.to(eff.ctx.device)[eff.ctx.idx], eff.ctx.idx)
+        self.add(eff.ctx, eff.dist.log_prob(value, eff.ctx))
+        self.trace.record(eff.addr, eff.ctx, value)
+        return value
+
+    def observe(self, eff: ObserveEffect):
+        self.add(eff.ctx, eff.dist.log_prob(eff.value, eff.ctx))

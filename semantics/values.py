@@ -1,0 +1,523 @@
+"""Runtime values over a batch of particles.
+
+A program runs once for a whole population of N particles. Every runtime value is
+one of:
+
+* an *unbatched* value, the same for every particle: a Python scalar (int, float, bool,
+  Fraction, str, None), a torch tensor (data), a Python list/tuple of runtime values
+  (a list whose length is the same for every particle), or a function/distribution;
+* ``Batched(t, idx)``: a tensor whose row ``k`` belongs to global particle ``idx[k]``;
+* ``PerParticle(items, idx)``: one Python object per particle, for values that do not
+  fit a tensor (strings, lists of differing lengths, functions that differ).
+
+``Particles`` is the set of particles a piece of code runs for. When control flow
+depends on a random value the set is split and each part runs on its own; a value
+created for one set is read in another through its ``idx`` (``rows``), and writes to
+a variable from a subset update only that subset's rows (``merge_parts``). That keeps
+every particle's computation exactly what it would be if it ran alone, while each
+operation still runs once per (sub)batch.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from fractions import Fraction
+from numbers import Number
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from .errors import PPLRuntimeError
+
+
+# ----------------------------------------------------------------------------- particles
+class Particles:
+    """The global particle indices a piece of code runs for (a LongTensor ``idx``)."""
+
+    __slots__ = ("idx", "N", "device", "full")
+
+    def __init__(self, idx: torch.Tensor, N: int, device, full: "Particles | None" = None):
+        self.idx = idx
+        self.N = N
+        self.device = device
+        self.full = full if full is not None else self
+
+    @staticmethod
+    def all(N: int, device="cpu") -> "Particles":
+        return Particles(torch.arange(N, device=device), N, device)
+
+    @property
+    def M(self) -> int:
+        return self.idx.shape[0]
+
+    @property
+    def is_full(self) -> bool:
+        return self.idx is self.full.idx
+
+    def subset(self, mask: torch.Tensor) -> "Particles | None":
+        """The particles of self where ``mask`` (bool [M]) holds, or None if none."""
+        idx = self.idx[mask]
+        if idx.shape[0] == 0:
+            return None
+        return Particles(idx, self.N, self.device, self.full)
+
+    def union(self, parts: Iterable["Particles | None"]) -> "Particles | None":
+        """The particles of self that belong to any of ``parts``, in self's order."""
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        total = sum(p.M for p in parts)
+        if total == self.M:
+            return self
+        mask = torch.zeros(self.N, dtype=torch.bool, device=self.device)
+        for p in parts:
+            mask[p.idx] = True
+        return Particles(self.idx[mask[self.idx]], self.N, self.device, self.full)
+
+    def positions(self, sub_idx: torch.Tensor) -> torch.Tensor:
+        """Row positions, within self, of the global particles ``sub_idx`` (-1 if absent)."""
+        if self.is_full:
+            return sub_idx
+        inv = torch.full((self.N,), -1, dtype=torch.long, device=self.device)
+        inv[self.idx] = torch.arange(self.M, device=self.device)
+        return inv[sub_idx]
+
+
+# ------------------------------------------------------------------------ batched values
+class Batched:
+    """A tensor of per-particle values: row k belongs to global particle idx[k]."""
+
+    __slots__ = ("t", "idx")
+
+    def __init__(self, t: torch.Tensor, idx: torch.Tensor):
+        self.t = t
+        self.idx = idx
+
+    def __repr__(self) -> str:
+        return f"Batched({tuple(self.t.shape)}, {self.t.dtype})"
+
+
+class PerParticle:
+    """One Python object per particle (the slow path, used only where tensors cannot be)."""
+
+    __slots__ = ("items", "idx")
+
+    def __init__(self, items: list, idx: torch.Tensor):
+        self.items = items
+        self.idx = idx
+
+    def __repr__(self) -> str:
+        return f"PerParticle({len(self.items)})"
+
+
+def is_batched(v: Any) -> bool:
+    return isinstance(v, (Batched, PerParticle))
+
+
+class Undefined(PPLRuntimeError):
+    pass
+
+
+def _positions_of(v_idx: torch.Tensor, ctx: Particles) -> torch.Tensor:
+    """Positions within a value's rows (indexed by v_idx) of the particles of ctx."""
+    if v_idx is ctx.full.idx:
+        return ctx.idx
+    inv = torch.full((ctx.N,), -1, dtype=torch.long, device=ctx.device)
+    inv[v_idx] = torch.arange(v_idx.shape[0], device=ctx.device)
+    pos = inv[ctx.idx]
+    if bool((pos < 0).any()):
+        raise Undefined(
+            "a variable is used on a path where it was never assigned",
+            hint="assign it on every branch of the `if` (or before it)",
+        )
+    return pos
+
+
+def rows(v: Batched | PerParticle, ctx: Particles):
+    """The rows of a batched value for the particles of ``ctx`` (tensor or list)."""
+    if v.idx is ctx.idx:
+        return v.t if isinstance(v, Batched) else v.items
+    pos = _positions_of(v.idx, ctx)
+    if isinstance(v, Batched):
+        return v.t[pos]
+    return [v.items[i] for i in pos.tolist()]
+
+
+def restrict(v: Any, ctx: Particles) -> Any:
+    """``v`` as a value aligned to ``ctx`` (batched values re-indexed, others as is)."""
+    if isinstance(v, Batched):
+        return v if v.idx is ctx.idx else Batched(rows(v, ctx), ctx.idx)
+    if isinstance(v, PerParticle):
+        return v if v.idx is ctx.idx else PerParticle(rows(v, ctx), ctx.idx)
+    return v
+
+
+# ------------------------------------------------------------------- numeric conversions
+def is_scalar(v: Any) -> bool:
+    return isinstance(v, (bool, int, float, Fraction)) and not isinstance(v, torch.Tensor)
+
+
+def is_numeric(v: Any) -> bool:
+    """Values that live in tensors: scalars, tensors, Batched."""
+    return isinstance(v, (Batched, torch.Tensor)) or is_scalar(v)
+
+
+def scalar_dtype(v: Any) -> torch.dtype:
+    if isinstance(v, bool):
+        return torch.bool
+    if isinstance(v, int):
+        return torch.long
+    return torch.get_default_dtype()
+
+
+def as_tensor(v: Any, device) -> torch.Tensor:
+    """An unbatched numeric value (scalar, tensor, list of numbers) as a tensor."""
+    if isinstance(v, torch.Tensor):
+        return v.to(device) if v.device != torch.device(device) else v
+    if isinstance(v, Fraction):
+        return torch.tensor(float(v), device=device)
+    if is_scalar(v):
+        return torch.tensor(v, device=device, dtype=scalar_dtype(v))
+    if isinstance(v, (list, tuple)):
+        items = [as_tensor(x, device) for x in v]
+        return torch.stack(torch.broadcast_tensors(*_promote(items))) if items else torch.zeros(0, device=device)
+    raise PPLRuntimeError(f"expected a number, got {describe(v)}")
+
+
+def _promote(ts: Sequence[torch.Tensor]) -> list:
+    dtype = ts[0].dtype
+    for t in ts[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return [t.to(dtype) for t in ts]
+
+
+def batch_rows(v: Any, ctx: Particles) -> torch.Tensor:
+    """A numeric value as a tensor with one row per particle of ``ctx`` ([M, ...])."""
+    if isinstance(v, Batched):
+        return rows(v, ctx)
+    if isinstance(v, (list, tuple)) and any(is_batched(x) for x in v):
+        parts = [batch_rows(x, ctx) for x in v]
+        parts = _promote(parts)
+        return torch.stack(torch.broadcast_tensors(*parts), dim=1)
+    if isinstance(v, PerParticle):
+        return pack_tensor(rows(v, ctx), ctx.device)
+    t = as_tensor(v, ctx.device)
+    return t.unsqueeze(0).expand(ctx.M, *t.shape)
+
+
+def pack_tensor(items: list, device) -> torch.Tensor:
+    ts = [as_tensor(x, device) for x in items]
+    return torch.stack(torch.broadcast_tensors(*_promote(ts)))
+
+
+def to_bool_rows(v: Any, ctx: Particles) -> torch.Tensor | bool:
+    """A condition: a Python bool when unbatched, else a bool tensor [M]."""
+    if isinstance(v, Batched):
+        t = rows(v, ctx)
+        if t.dim() != 1:
+            raise PPLRuntimeError(
+                f"a condition must be one truth value per particle, got a value of shape {tuple(t.shape[1:])}",
+                hint="use any(...) or all(...) to reduce a vector to a truth value",
+            )
+        return t if t.dtype == torch.bool else t != 0
+    if isinstance(v, PerParticle):
+        return torch.tensor([bool(truthy(x)) for x in rows(v, ctx)], device=ctx.device)
+    return bool(truthy(v))
+
+
+def truthy(v: Any) -> bool:
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise PPLRuntimeError(
+                f"a condition must be one truth value, got a tensor of shape {tuple(v.shape)}",
+                hint="use any(...) or all(...)",
+            )
+        return bool(v.item())
+    return bool(v)
+
+
+# ------------------------------------------------------------------ per-particle fallback
+def materialize(v: Any, ctx: Particles) -> list:
+    """The per-particle Python values of ``v`` for the particles of ``ctx``."""
+    if isinstance(v, Batched):
+        t = rows(v, ctx)
+        return t.tolist() if t.dim() == 1 else list(t.unbind(0))
+    if isinstance(v, PerParticle):
+        return rows(v, ctx)
+    if isinstance(v, (list, tuple)) and any(is_batched(x) for x in v):
+        cols = [materialize(x, ctx) for x in v]
+        kind = type(v)
+        return [kind(col[i] for col in cols) for i in range(ctx.M)]
+    return [v] * ctx.M
+
+
+def pack(items: list, ctx: Particles) -> Any:
+    """Per-particle Python values back into the most efficient runtime value."""
+    if not items:
+        return PerParticle(items, ctx.idx)
+    first = items[0]
+    if all(x is first for x in items) and not isinstance(first, (list, dict)):
+        return first
+    if all(isinstance(x, bool) for x in items):
+        return Batched(torch.tensor(items, dtype=torch.bool, device=ctx.device), ctx.idx)
+    if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in items):
+        dtype = torch.long if all(isinstance(x, int) for x in items) else torch.get_default_dtype()
+        return Batched(torch.tensor(items, dtype=dtype, device=ctx.device), ctx.idx)
+    if all(isinstance(x, torch.Tensor) for x in items):
+        shapes = {tuple(x.shape) for x in items}
+        if len(shapes) == 1:
+            return Batched(torch.stack(_promote(items)).to(ctx.device), ctx.idx)
+    return PerParticle(list(items), ctx.idx)
+
+
+def per_particle(fn: Callable, args: Sequence[Any], ctx: Particles) -> Any:
+    """Apply a Python function particle by particle (the slow path)."""
+    cols = [materialize(a, ctx) for a in args]
+    return pack([fn(*(col[i] for col in cols)) for i in range(ctx.M)], ctx)
+
+
+# ---------------------------------------------------------------------------- operators
+_PY_BINOPS: dict[str, Callable] = {
+    "+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
+    "//": operator.floordiv, "%": operator.mod, "**": operator.pow,
+    "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
+    ">": operator.gt, ">=": operator.ge,
+}
+_TORCH_BINOPS: dict[str, Callable] = {
+    "+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.true_divide,
+    "//": torch.floor_divide, "%": torch.remainder, "**": torch.pow,
+    "==": torch.eq, "!=": torch.ne, "<": torch.lt, "<=": torch.le,
+    ">": torch.gt, ">=": torch.ge,
+}
+
+
+def _align_ranks(a: torch.Tensor, b: torch.Tensor, a_batched: bool, b_batched: bool):
+    """Make per-particle shapes broadcast the way they would for one particle.
+
+    A batched tensor is [M, *s]; its per-particle value has shape s. Numpy broadcasting
+    of s against another shape aligns trailing dims, so the batched one is padded with
+    singleton dims right after the particle dim."""
+    ra = a.dim() - a_batched
+    rb = b.dim() - b_batched
+    r = max(ra, rb)
+    if a_batched and ra < r:
+        a = a.reshape(a.shape[0], *([1] * (r - ra)), *a.shape[1:])
+    if b_batched and rb < r:
+        b = b.reshape(b.shape[0], *([1] * (r - rb)), *b.shape[1:])
+    return a, b
+
+
+def _py_binop(op: str, a: Any, b: Any, exact: bool) -> Any:
+    if op == "in":
+        return a in b
+    if exact and op == "/" and isinstance(a, (int, Fraction)) and isinstance(b, (int, Fraction)) \
+            and not isinstance(a, bool) and not isinstance(b, bool):
+        if b == 0:
+            raise PPLRuntimeError("division by zero")
+        return Fraction(a) / b
+    try:
+        return _PY_BINOPS[op](a, b)
+    except ZeroDivisionError:
+        if op == "/" and isinstance(a, (int, float, Fraction)):
+            return math.copysign(math.inf, a) if a != 0 else math.nan
+        raise PPLRuntimeError("division by zero") from None
+    except TypeError:
+        raise PPLRuntimeError(
+            f"unsupported operand types for {op}: {describe(a)} and {describe(b)}"
+        ) from None
+
+
+def _deep_batched(v: Any) -> bool:
+    if isinstance(v, (list, tuple)):
+        return any(_deep_batched(x) for x in v)
+    return is_batched(v)
+
+
+def _tensor_arg(v: Any, ctx: Particles) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v
+    if isinstance(v, Fraction):
+        return torch.tensor(float(v), device=ctx.device)
+    if isinstance(v, (list, tuple)):
+        return batch_rows(v, ctx) if any(is_batched(x) for x in v) else as_tensor(v, ctx.device)
+    return v
+
+
+def binop(op: str, a: Any, b: Any, ctx: Particles, exact: bool = False) -> Any:
+    """``a op b`` with per-particle semantics."""
+    if op == "in":
+        return contains(b, a, ctx)
+    ab, bb = isinstance(a, Batched), isinstance(b, Batched)
+    if not (ab or bb):
+        if isinstance(a, PerParticle) or isinstance(b, PerParticle) or \
+                (op != "+" and (_deep_batched(a) or _deep_batched(b))):
+            # e.g. comparing lists whose elements differ between particles
+            return per_particle(lambda x, y: _py_binop(op, x, y, exact), (a, b), ctx)
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return _torch_binop(op, _tensor_arg(a, ctx), _tensor_arg(b, ctx))
+        return _py_binop(op, a, b, exact)
+    if isinstance(a, PerParticle) or isinstance(b, PerParticle) or isinstance(a, (str, list, tuple)) \
+            or isinstance(b, (str, list, tuple)):
+        if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+            return per_particle(lambda x, y: _py_binop(op, x, y, exact), (a, b), ctx)
+        if isinstance(a, str) or isinstance(b, str) or is_batched(a) or is_batched(b):
+            return per_particle(lambda x, y: _py_binop(op, x, y, exact), (a, b), ctx)
+    ta = rows(a, ctx) if ab else _tensor_arg(a, ctx)
+    tb = rows(b, ctx) if bb else _tensor_arg(b, ctx)
+    if isinstance(ta, torch.Tensor) and isinstance(tb, torch.Tensor):
+        ta, tb = _align_ranks(ta, tb, ab, bb)
+    elif not isinstance(ta, torch.Tensor) and not is_scalar(ta) or \
+            not isinstance(tb, torch.Tensor) and not is_scalar(tb):
+        raise PPLRuntimeError(f"unsupported operand types for {op}: {describe(a)} and {describe(b)}")
+    return Batched(_torch_binop(op, ta, tb), ctx.idx)
+
+
+def _torch_binop(op: str, a: Any, b: Any) -> torch.Tensor:
+    if op in ("+", "-") and (_is_bool(a) and _is_bool(b)):
+        a = a.long() if isinstance(a, torch.Tensor) else int(a)
+    if op in ("/", "//", "%") and isinstance(b, (int, float)) and b == 0 and op != "/":
+        raise PPLRuntimeError("division by zero")
+    try:
+        return _TORCH_BINOPS[op](a, b)
+    except RuntimeError as e:
+        raise PPLRuntimeError(f"cannot apply {op}: {str(e).splitlines()[0]}") from None
+
+
+def _is_bool(x: Any) -> bool:
+    return isinstance(x, bool) or (isinstance(x, torch.Tensor) and x.dtype == torch.bool)
+
+
+def unop(op: str, a: Any, ctx: Particles) -> Any:
+    if op == "not":
+        if isinstance(a, Batched):
+            t = rows(a, ctx)
+            return Batched(~t if t.dtype == torch.bool else t == 0, ctx.idx)
+        if isinstance(a, PerParticle):
+            return per_particle(lambda x: not x, (a,), ctx)
+        return not truthy(a)
+    if isinstance(a, Batched):
+        t = rows(a, ctx)
+        if t.dtype == torch.bool:
+            t = t.long()
+        return Batched(-t if op == "-" else t, ctx.idx)
+    if isinstance(a, PerParticle):
+        return per_particle(operator.neg if op == "-" else operator.pos, (a,), ctx)
+    try:
+        return -a if op == "-" else +a
+    except TypeError:
+        raise PPLRuntimeError(f"bad operand type for unary {op}: {describe(a)}") from None
+
+
+def contains(container: Any, item: Any, ctx: Particles) -> Any:
+    """``item in container``."""
+    if isinstance(container, (list, tuple)) and not is_batched(item) and not any(map(is_batched, container)):
+        return any(_eq(item, x) for x in container)
+    if isinstance(container, (list, tuple)) and all(is_numeric(x) for x in container) and is_numeric(item):
+        out = False
+        for x in container:
+            out = boolop_or(out, binop("==", item, x, ctx), ctx)
+        return out
+    if isinstance(container, torch.Tensor) and not is_batched(item):
+        return bool((container == _tensor_arg(item, ctx)).any())
+    return per_particle(lambda i, c: i in c, (item, container), ctx)
+
+
+def _eq(a, b) -> bool:
+    r = a == b
+    return bool(r.all()) if isinstance(r, torch.Tensor) else bool(r)
+
+
+def boolop_or(a: Any, b: Any, ctx: Particles) -> Any:
+    if not is_batched(a) and not is_batched(b):
+        return truthy(a) or truthy(b)
+    ta, tb = to_bool_rows(a, ctx), to_bool_rows(b, ctx)
+    if isinstance(ta, bool):
+        ta = torch.full((ctx.M,), ta, device=ctx.device)
+    if isinstance(tb, bool):
+        tb = torch.full((ctx.M,), tb, device=ctx.device)
+    return Batched(ta | tb, ctx.idx)
+
+
+# ------------------------------------------------------------------------------- merging
+def merge_parts(parts: Sequence[tuple[torch.Tensor, Any]], target: Particles) -> Any:
+    """One value over ``target`` from values defined on parts of it.
+
+    ``parts`` is a list of ``(idx, value)``; where parts overlap, later ones win. Used
+    for assignments from a subset of particles (a write updates only its rows) and for
+    joining the return values of the branches of a split."""
+    vals = [v for _, v in parts]
+    first = vals[0]
+    if all(v is first for v in vals[1:]) and not is_batched(first):
+        return first
+    if len(parts) == 1 and is_batched(first):
+        return restrict(first, target) if _covers(first, target) else first
+    if all(is_numeric(v) for v in vals):
+        pieces = [batch_rows(v, Particles(idx, target.N, target.device, target.full)) for idx, v in parts]
+        try:
+            shape = torch.broadcast_shapes(*[p.shape[1:] for p in pieces])
+        except RuntimeError:
+            shape = None
+        if shape is not None:
+            pieces = _promote(pieces)
+            out = torch.empty((target.M, *shape), dtype=pieces[0].dtype, device=target.device)
+            for (idx, _), p in zip(parts, pieces):
+                out[target.positions(idx)] = p.expand(p.shape[0], *shape)
+            return Batched(out, target.idx)
+    if all(isinstance(v, (list, tuple)) for v in vals) and len({(type(v), len(v)) for v in vals}) == 1:
+        kind = type(first)
+        return kind(merge_parts([(idx, v[i]) for idx, v in parts], target) for i in range(len(first)))
+    out: list = [None] * target.M
+    for idx, v in parts:
+        sub = Particles(idx, target.N, target.device, target.full)
+        for pos, item in zip(target.positions(idx).tolist(), materialize(v, sub)):
+            out[pos] = item
+    return PerParticle(out, target.idx)
+
+
+def _covers(v: Batched | PerParticle, target: Particles) -> bool:
+    if v.idx is target.idx or v.idx is target.full.idx:
+        return True
+    try:
+        _positions_of(v.idx, target)
+        return True
+    except Undefined:
+        return False
+
+
+# --------------------------------------------------------------------------- descriptions
+def describe(v: Any) -> str:
+    """A short, user-facing description of a runtime value's type."""
+    if isinstance(v, Batched):
+        s = tuple(v.t.shape[1:])
+        kind = {torch.bool: "bool", torch.long: "int"}.get(v.t.dtype, "float")
+        return f"{kind}" + (f" tensor of shape {s}" if s else "")
+    if isinstance(v, PerParticle):
+        return "per-particle value"
+    if isinstance(v, torch.Tensor):
+        return f"tensor of shape {tuple(v.shape)}" if v.dim() else "number"
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, Number):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, list):
+        return "list"
+    if isinstance(v, tuple):
+        return "tuple"
+    if v is None:
+        return "None"
+    return getattr(v, "describe", lambda: type(v).__name__)()
+
+
+def to_python(v: Any) -> Any:
+    """An unbatched runtime value as plain Python (tensors to lists/scalars)."""
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    if isinstance(v, list):
+        return [to_python(x) for x in v]
+    if isinstance(v, tuple):
+        return tuple(to_python(x) for x in v)
+    return v

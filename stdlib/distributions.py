@@ -1,0 +1,891 @@
+"""The registry of primitive distributions of the ppl DSL.
+
+Every ``x ~ name(args)`` / ``observe v ~ name(args)`` in a model resolves ``name`` here
+(:func:`get`) to a :class:`DistSpec`, which tells the checker the arity and shapes and
+gives the two semantics what they need:
+
+* the *sampling* semantics (particle batches) calls :meth:`DistSpec.make` on parameter
+  tensors and gets a ``torch.distributions.Distribution`` (the pyro.distributions
+  subclass, so ``.to_event`` / ``.mask`` / ``.expand_by`` are available too), then
+  :meth:`DistSpec.to_value` on its samples and :meth:`DistSpec.from_value` before
+  ``log_prob``;
+* the *exact* semantics (enumeration) calls :meth:`DistSpec.exact_support` and
+  :meth:`DistSpec.exact_prob` on plain Python values.
+
+Conventions
+
+* Densities and samplers are never written by hand: ``make`` wraps torch / pyro
+  distributions.  The only arithmetic done here is the *exact* pmf of the discrete
+  distributions, in :class:`fractions.Fraction` arithmetic, for enumeration.
+* ``make`` validates parameters itself first, so that a bad parameter is reported as
+  ``PPLRuntimeError("normal: parameter 'scale' must be positive (got -1.0)")`` with the
+  DSL's parameter name and the first offending value; whatever torch still rejects is
+  translated to a ``PPLRuntimeError`` too.  The distribution is built with
+  ``validate_args=True``.
+* ``log_prob`` of a value *outside the support* returns ``-inf`` (zero likelihood)
+  instead of raising torch's ``ValueError``, so that ``observe 3 ~ binomial(2, 0.5)``
+  or ``observe -1 ~ exponential(1)`` means "impossible", consistently with
+  ``exact_prob`` returning 0.  Values inside the support are still validated by torch.
+* Parameters may carry extra leading batch dimensions (particles); vector parameters
+  (``param_event_dims`` > 0) keep their event dimensions last.
+* Value dtypes seen by the DSL: ``"float"`` for continuous distributions and ``delta``,
+  ``"bool"`` for ``bernoulli`` / ``flip``, ``"long"`` for counts and indices.
+* ``uniform_draw(items)`` is *index valued* (``spec.index_valued``): ``make`` only uses
+  the shape of the items tensor (its last dimension is the number of items) and
+  returns a uniform ``Categorical`` over indices ``0..K-1``; the runtime maps an index
+  to ``items[index]``.  Its exact support, in contrast, is the items themselves.
+* Exact enumeration: probabilities are ``Fraction`` when every probability-determining
+  parameter is an ``int`` / ``bool`` / ``Fraction`` and ``float`` otherwise.  Count
+  parameters (``binomial`` / ``beta_binomial`` ``n``) only need to be integral
+  (``3.0`` is fine) and do not make the result inexact.  Distributions with infinite
+  (``poisson``, ``geometric``, ``negative_binomial``) or continuous support raise
+  ``InfiniteSupportError`` from ``exact_support``; their ``exact_prob`` still works
+  (pmf, exact where the pmf is rational, or density as a float).
+* Count conventions follow torch: ``geometric(p)`` counts the failures before the
+  first success (support 0, 1, 2, ...); ``negative_binomial(total_count, p)`` counts
+  the *successes* (each with probability ``p``) before ``total_count`` failures:
+  ``P(k) = C(k + r - 1, k) (1 - p)^r p^k``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Callable, Sequence
+
+import pyro.distributions as pdist
+import torch
+from torch.distributions import constraints as tc
+
+from ppl.semantics.errors import (
+    InfiniteSupportError,
+    PPLCheckError,
+    PPLRuntimeError,
+    did_you_mean,
+)
+
+__all__ = ["DistSpec", "DISTRIBUTIONS", "get", "names"]
+
+_INFINITE_HINT = (
+    "exact enumeration needs finite support; use importance sampling, "
+    "or bound it, e.g. categorical over a finite range"
+)
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _fmt(x: Any) -> str:
+    """A short rendering of an offending value for error messages."""
+    if isinstance(x, torch.Tensor):
+        x = x.tolist()
+    if isinstance(x, bool):
+        return str(x).lower()
+    if isinstance(x, float):
+        s = repr(x)
+        return s if len(s) <= 10 else f"{x:.6g}"
+    if isinstance(x, Fraction):
+        return str(x)
+    if isinstance(x, (list, tuple)):
+        inner = ", ".join(_fmt(v) for v in list(x)[:8])
+        return "[" + inner + (", ..." if len(x) > 8 else "") + "]"
+    return repr(x)
+
+
+# ------------------------------------------------------------------------- constraints
+
+
+@dataclass(frozen=True)
+class _Con:
+    """An elementwise parameter constraint, checkable on tensors and on Python numbers."""
+
+    text: str  # completes "parameter 'p' ..."
+    tensor_ok: Callable[[torch.Tensor], torch.Tensor]
+    py_ok: Callable[[Any], bool]
+    integer: bool = False  # count parameter: exact arithmetic needs only integrality
+    opaque: bool = False  # exact semantics: any Python value, passed through unchanged
+
+
+def _py_int_ok(x) -> bool:
+    if isinstance(x, float) and not math.isfinite(x):
+        return False
+    return x >= 0 and x == int(x)
+
+
+REAL = _Con("must be a real number", lambda t: ~torch.isnan(t), lambda x: x == x)
+POSITIVE = _Con("must be positive", lambda t: t > 0, lambda x: x > 0)
+NONNEG = _Con("must be non-negative", lambda t: t >= 0, lambda x: x >= 0)
+UNIT = _Con("must be in [0, 1]", lambda t: (t >= 0) & (t <= 1), lambda x: 0 <= x <= 1)
+UNIT_POS = _Con("must be in (0, 1]", lambda t: (t > 0) & (t <= 1), lambda x: 0 < x <= 1)
+UNIT_HALF_OPEN = _Con("must be in [0, 1)", lambda t: (t >= 0) & (t < 1), lambda x: 0 <= x < 1)
+NONNEG_INT = _Con(
+    "must be a non-negative integer",
+    lambda t: torch.isfinite(t) & (t >= 0) & (t == torch.floor(t)),
+    _py_int_ok,
+    integer=True,
+)
+PROB_VECTOR = _Con(  # categorical weights; the row-sum check is separate
+    "must contain finite non-negative weights",
+    lambda t: torch.isfinite(t) & (t >= 0),
+    lambda x: x >= 0 and (not isinstance(x, float) or math.isfinite(x)),
+)
+POINT = _Con("must be a real number", lambda t: ~torch.isnan(t), lambda x: True, opaque=True)  # delta
+COV = _Con("must be a symmetric positive-definite matrix", None, None)  # type: ignore[arg-type]
+ITEMS = _Con("must be a non-empty list", None, None)  # type: ignore[arg-type]
+
+
+# -------------------------------------------------------- out-of-support-safe torch dists
+
+
+def _fill_zero(d):
+    return torch.zeros((), dtype=torch.get_default_dtype())
+
+
+def _fill_one(d):
+    return torch.ones((), dtype=torch.get_default_dtype())
+
+
+# In-support point per torch class, used to evaluate log_prob harmlessly where the value is
+# outside the support (that entry is then replaced by -inf).
+_FILLS: dict[type, Callable] = {
+    pdist.Normal: _fill_zero,
+    pdist.StudentT: _fill_zero,
+    pdist.Cauchy: _fill_zero,
+    pdist.Laplace: _fill_zero,
+    pdist.LogNormal: _fill_one,
+    pdist.HalfNormal: _fill_one,
+    pdist.Gamma: _fill_one,
+    pdist.InverseGamma: _fill_one,
+    pdist.Exponential: _fill_one,
+    pdist.Beta: lambda d: torch.full((), 0.5),
+    pdist.Uniform: lambda d: (d.low + d.high) / 2,
+    pdist.Dirichlet: lambda d: torch.full(
+        d.concentration.shape[-1:], 1.0 / d.concentration.shape[-1], dtype=d.concentration.dtype
+    ),
+    pdist.MultivariateNormal: lambda d: d.loc,
+    pdist.Delta: lambda d: d.v,
+    pdist.Bernoulli: _fill_zero,
+    pdist.Binomial: _fill_zero,
+    pdist.BetaBinomial: _fill_zero,
+    pdist.Categorical: _fill_zero,
+    pdist.Poisson: _fill_zero,
+    pdist.Geometric: _fill_zero,
+    pdist.NegativeBinomial: _fill_zero,
+}
+
+
+def _safe_class(base: type) -> type:
+    """A subclass of ``base`` whose ``log_prob`` is ``-inf`` outside the support instead of
+    raising.  Everything else (sampling, expand, pyro's mixin methods) is inherited."""
+    fill = _FILLS[base]
+
+    def log_prob(self, value):
+        if not isinstance(value, torch.Tensor):
+            value = torch.as_tensor(value, dtype=torch.get_default_dtype())
+        support = self.support
+        if support is tc.real or type(support) is type(tc.real):  # nothing can be outside
+            return base.log_prob(self, value)
+        try:
+            ok = support.check(value)
+        except NotImplementedError:  # pragma: no cover - every support used here is checkable
+            return base.log_prob(self, value)
+        if bool(ok.all()):
+            return base.log_prob(self, value)
+        ok_full = ok.reshape(ok.shape + (1,) * len(self.event_shape))
+        safe = torch.where(ok_full, value, fill(self).to(device=value.device, dtype=value.dtype))
+        lp = base.log_prob(self, safe)
+        return torch.where(ok, lp, torch.full_like(lp, -math.inf))
+
+    log_prob.__doc__ = base.log_prob.__doc__
+    qualname = f"_Safe{base.__name__}"
+    cls = type(base)(base.__name__, (base,), {"log_prob": log_prob, "__module__": __name__, "__qualname__": qualname})
+    globals()[qualname] = cls  # picklable
+    return cls
+
+
+_SAFE: dict[type, type] = {cls: _safe_class(cls) for cls in _FILLS}
+
+
+def _build(cls: type, *args, **kwargs):
+    # Parameters were validated by DistSpec.make (with the DSL's names in the message);
+    # values are checked against the support in the safe log_prob. Skipping torch's own
+    # re-validation of both halves the cost of a small distribution.
+    return _SAFE[cls](*args, validate_args=False, **kwargs)
+
+
+# ---------------------------------------------------------------- python-value helpers
+
+
+def _as_count(v) -> int | None:
+    """``v`` as a Python int if it is an integral number, else None."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()
+    if isinstance(v, (bool, int)):
+        return int(v)
+    if isinstance(v, Fraction):
+        return int(v) if v.denominator == 1 else None
+    if isinstance(v, float):
+        return int(v) if math.isfinite(v) and v.is_integer() else None
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        f = float(v)
+        return int(f) if math.isfinite(f) and f.is_integer() else None
+    return None
+
+
+def _merge_key(v):
+    """Equality key for merging support values: keeps bools apart from ints (True != 1
+    as DSL values), merges 1 / 1.0 / Fraction(1)."""
+    if isinstance(v, bool):
+        return ("bool", v)
+    if isinstance(v, numbers.Number):
+        return ("num", v)
+    if isinstance(v, (list, tuple)):
+        return ("seq", tuple(_merge_key(x) for x in v))
+    try:
+        hash(v)
+    except TypeError:
+        return ("id", id(v))
+    return ("obj", v)
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
+
+
+def _xlogy(a: float, x: float) -> float:
+    return 0.0 if a == 0 else a * _log(x)
+
+
+def _xlog1m(a: float, p: float) -> float:
+    """a * log(1 - p), 0 when a == 0."""
+    return 0.0 if a == 0 else a * _log(1.0 - p)
+
+
+def _rising(x, k: int):
+    """Rising factorial x (x+1) ... (x+k-1), exact for Fraction / int x."""
+    out = 1
+    for i in range(k):
+        out *= x + i
+    return out
+
+
+def _rising_list(x, n: int) -> list:
+    out = [1]
+    for i in range(n):
+        out.append(out[-1] * (x + i))
+    return out
+
+
+def _lbeta(a: float, b: float) -> float:
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+def _lcomb(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+# ------------------------------------------------------------------------------ DistSpec
+
+
+@dataclass(frozen=True)
+class DistSpec:
+    """One primitive distribution of the DSL.  See the module docstring for conventions."""
+
+    name: str
+    params: tuple[str, ...]
+    defaults: dict
+    param_event_dims: tuple[int, ...]
+    value_event_dim: int
+    discrete: bool
+    value_dtype: str  # "float" | "long" | "bool"
+    doc: str
+    support_kind: str  # "real" | "positive" | "unit_interval" | "interval" | "simplex" | "integer" | "boolean" | "finite"
+    index_valued: bool = False  # uniform_draw: torch values are indices into the items
+    # --- internals
+    _constraints: tuple = field(default=(), repr=False, compare=False)
+    _builder: Callable | None = field(default=None, repr=False, compare=False)
+    _torch_names: dict = field(default_factory=dict, repr=False, compare=False)
+    _pmf: Callable | None = field(default=None, repr=False, compare=False)
+    _support: Callable | None = field(default=None, repr=False, compare=False)
+    _exact_defaults: dict = field(default_factory=dict, repr=False, compare=False)
+    _cross_check: Callable | None = field(default=None, repr=False, compare=False)
+
+    # ---------------------------------------------------------------- shape/arity info
+
+    @property
+    def finite_support(self) -> bool:
+        """True when :meth:`exact_support` can enumerate this distribution."""
+        return self._support is not None
+
+    @property
+    def n_required(self) -> int:
+        return len(self.params) - len(self.defaults)
+
+    def check_arity(self, n: int) -> None:
+        lo, hi = self.n_required, len(self.params)
+        if not lo <= n <= hi:
+            want = str(hi) if lo == hi else f"{lo} to {hi}"
+            raise PPLCheckError(
+                f"{self.name} takes {want} parameter{'s' if hi != 1 else ''} "
+                f"({', '.join(self.params)}), got {n}",
+                hint=f"{self.name}({', '.join(self.params)}): {self.doc}",
+            )
+
+    def _err(self, pname: str, text: str, got: Any = None, got_text: str | None = None) -> PPLRuntimeError:
+        msg = f"{self.name}: parameter '{pname}' {text}"
+        if got is not None:
+            got_text = _fmt(got)
+        if got_text is not None:
+            msg += f" (got {got_text})"
+        return PPLRuntimeError(msg, hint=f"{self.name}({', '.join(self.params)}): {self.doc}")
+
+    # ----------------------------------------------------------------------- sampling
+
+    def make(self, *params) -> torch.distributions.Distribution:
+        """A validated torch (pyro) distribution for these parameter tensors."""
+        self.check_arity(len(params))
+        params = list(params) + [self.defaults[p] for p in self.params[len(params):]]
+        tensors = self._to_tensors(params)
+        for pname, con, ev, t, raw in zip(self.params, self._constraints, self.param_event_dims, tensors, params):
+            if type(raw) in (int, float) and ev == 0 and con.py_ok is not None:
+                if not con.py_ok(raw):  # a Python constant: checked without tensor ops
+                    raise self._err(pname, con.text, raw)
+                continue
+            self._check_tensor(pname, con, ev, t)
+        if self._cross_check is not None:
+            self._cross_check(self, *tensors)
+        try:
+            return self._builder(*tensors)  # type: ignore[misc]
+        except PPLRuntimeError:
+            raise
+        except (ValueError, RuntimeError) as e:
+            raise self._translate(e) from None
+
+    def _to_tensors(self, params: Sequence) -> list[torch.Tensor]:
+        device = next((p.device for p in params if isinstance(p, torch.Tensor)), None)
+        out = []
+        for p, con in zip(params, self._constraints):
+            if con is ITEMS:  # only the shape matters
+                t = p if isinstance(p, torch.Tensor) else torch.zeros(len(p) if isinstance(p, (list, tuple)) else ())
+                out.append(t)
+                continue
+            if isinstance(p, torch.Tensor):
+                t = p
+            else:
+                if isinstance(p, Fraction):
+                    p = float(p)
+                try:
+                    t = torch.as_tensor(p, device=device)
+                except (TypeError, ValueError, RuntimeError):
+                    try:
+                        t = torch.as_tensor(_floatify(p), device=device)
+                    except (TypeError, ValueError, RuntimeError):
+                        raise PPLRuntimeError(
+                            f"{self.name}: parameter '{self.params[len(out)]}' must be a number (got {_fmt(p)})"
+                        ) from None
+            if not t.is_floating_point():
+                t = t.to(torch.get_default_dtype())
+            out.append(t)
+        floats = [t for t, c in zip(out, self._constraints) if c is not ITEMS]
+        if floats:
+            dtype = floats[0].dtype
+            for t in floats[1:]:
+                dtype = torch.promote_types(dtype, t.dtype)
+            out = [t if c is ITEMS else t.to(dtype) for t, c in zip(out, self._constraints)]
+        return out
+
+    def _check_tensor(self, pname: str, con: _Con, ev: int, t: torch.Tensor) -> None:
+        if t.dim() < ev:
+            kind = "a vector" if ev == 1 else "a matrix"
+            raise self._err(pname, f"must be {kind}", t)
+        if ev >= 1 and t.shape[-1] == 0:
+            raise self._err(pname, "must not be empty")
+        if con is ITEMS:
+            return
+        if con is COV:
+            if t.shape[-1] != t.shape[-2]:
+                raise self._err(pname, f"must be a square matrix (got shape {tuple(t.shape[-2:])})")
+            good = tc.positive_definite.check(t)
+            if not bool(good.all()):
+                raise self._err(pname, con.text, t[~good][0])
+            return
+        good = con.tensor_ok(t)
+        if not bool(good.all()):
+            raise self._err(pname, con.text, t[~good][0].item())
+        if con is PROB_VECTOR:
+            s = t.sum(-1)
+            if not bool((s > 0).all()):
+                raise self._err(pname, "must have a positive sum (got all zeros)")
+
+    def _translate(self, e: Exception) -> PPLRuntimeError:
+        text = str(e).split("\n")[0]
+        m = re.search(r"Expected parameter (\w+)", text)
+        if m:
+            tname = m.group(1)
+            pname = self._torch_names.get(tname, tname)
+            c = re.search(r"constraint (.*?), but found", text)
+            what = f"must satisfy {c.group(1)}" if c else "is invalid"
+            return self._err(pname, what)
+        if "shape" in text or "broadcast" in text or "size" in text:
+            return PPLRuntimeError(f"{self.name}: parameter shapes do not fit together ({text})")
+        return PPLRuntimeError(f"{self.name}: invalid parameters ({text})")
+
+    def to_value(self, sample: torch.Tensor) -> torch.Tensor:
+        """A torch sample as a DSL value (bool / long / float)."""
+        if not isinstance(sample, torch.Tensor):
+            sample = torch.as_tensor(sample)
+        if self.value_dtype == "bool":
+            return sample != 0
+        if self.value_dtype == "long":
+            if sample.is_floating_point():
+                sample = sample.round()
+            return sample.long()
+        if not sample.is_floating_point():
+            return sample.to(torch.get_default_dtype())
+        return sample
+
+    def from_value(self, value: torch.Tensor) -> torch.Tensor:
+        """A DSL value as what the torch distribution's ``log_prob`` wants."""
+        if not isinstance(value, torch.Tensor):
+            value = torch.as_tensor(value)
+        if self.name in ("categorical", "uniform_draw"):  # torch Categorical wants indices
+            if value.is_floating_point():
+                return value  # non-integral floats are then outside the support (-inf)
+            return value.long()
+        if not value.is_floating_point():
+            return value.to(torch.get_default_dtype())
+        return value
+
+    # ---------------------------------------------------------------------- exact
+
+    def exact_support(self, *params) -> list[tuple[Any, Fraction | float]]:
+        """The finite support with its probabilities (see module docstring)."""
+        if self._support is None:
+            if self.discrete:
+                self._exact_args(params)  # report bad parameters first
+                raise InfiniteSupportError(
+                    f"{self.name} has infinite support (0, 1, 2, ...); it cannot be enumerated exactly",
+                    hint=_INFINITE_HINT,
+                )
+            raise InfiniteSupportError(
+                f"{self.name} is a continuous distribution; it cannot be enumerated exactly",
+                hint=_INFINITE_HINT,
+            )
+        args, exact = self._exact_args(params)
+        merged: dict = {}
+        for v, p in self._support(args, exact):
+            k = _merge_key(v)
+            if k in merged:
+                merged[k] = (merged[k][0], merged[k][1] + p)
+            else:
+                merged[k] = (v, p)
+        conv = Fraction if exact else float
+        return [(v, conv(p)) for v, p in merged.values() if p != 0]
+
+    def exact_prob(self, value, *params) -> Fraction | float:
+        """P(value) (discrete; exact where possible) or the density at value (continuous)."""
+        if not self.discrete:
+            return self._density(value, params)
+        args, exact = self._exact_args(params)
+        p = self._pmf(value, args, exact)  # type: ignore[misc]
+        if exact and isinstance(p, (int, Fraction)):
+            return Fraction(p)
+        return float(p)
+
+    def _density(self, value, params) -> float:
+        self.check_arity(len(params))
+        params = list(params) + [self.defaults[p] for p in self.params[len(params):]]
+        ts = [
+            torch.as_tensor(_floatify(p), dtype=torch.float64) if not isinstance(p, torch.Tensor) else p.double()
+            for p in params
+        ]
+        d = self.make(*ts)
+        try:
+            v = torch.as_tensor(_floatify(value), dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            return 0.0
+        if v.dim() < self.value_event_dim or (self.value_event_dim and v.shape[-1:] != d.event_shape):
+            return 0.0
+        lp = d.log_prob(v)
+        if lp.numel() != 1:
+            raise PPLRuntimeError(f"{self.name}: exact_prob needs a single value and single parameters")
+        return math.exp(lp.item())
+
+    def _exact_args(self, params: Sequence) -> tuple[list, bool]:
+        """Validate plain-Python parameters; convert them to Fraction (exact) or float."""
+        self.check_arity(len(params))
+        params = list(params) + [
+            self._exact_defaults.get(p, self.defaults.get(p)) for p in self.params[len(params):]
+        ]
+        raw = []
+        leaves_exact = True
+        for pname, con, ev, p in zip(self.params, self._constraints, self.param_event_dims, params):
+            if con is ITEMS:
+                if not isinstance(p, (list, tuple)) or len(p) == 0:
+                    raise self._err(pname, con.text, p)
+                raw.append(list(p))
+                continue
+            if con.opaque:
+                raw.append(p)
+                continue
+            if ev == 1:
+                if isinstance(p, torch.Tensor):
+                    p = p.tolist()
+                if not isinstance(p, (list, tuple)):
+                    raise self._err(pname, "must be a list of numbers", p)
+                if len(p) == 0:
+                    raise self._err(pname, "must not be empty")
+                xs = [self._py_number(pname, x) for x in p]
+            else:
+                xs = [self._py_number(pname, p)]
+            for x in xs:
+                if not con.py_ok(x):
+                    raise self._err(pname, con.text, x)
+            if con is PROB_VECTOR and sum(xs) <= 0:
+                raise self._err(pname, "must have a positive sum (got all zeros)")
+            if con.integer:
+                xs = [int(x) for x in xs]
+            elif not all(isinstance(x, (int, Fraction)) for x in xs):
+                leaves_exact = False
+            raw.append(xs if ev == 1 else xs[0])
+        if leaves_exact:
+            conv = lambda x: Fraction(x)  # noqa: E731
+        else:
+            conv = float
+        args = []
+        for con, ev, a in zip(self._constraints, self.param_event_dims, raw):
+            if con is ITEMS or con.opaque or con.integer:
+                args.append(a)
+            elif ev == 1:
+                args.append([conv(x) for x in a])
+            else:
+                args.append(conv(a))
+        return args, leaves_exact
+
+    def _py_number(self, pname: str, x):
+        if isinstance(x, torch.Tensor) and x.numel() == 1:
+            x = x.item()
+        if isinstance(x, (bool, int, Fraction, float)):
+            return int(x) if isinstance(x, bool) else x
+        if isinstance(x, numbers.Integral):
+            return int(x)
+        if isinstance(x, numbers.Rational):
+            return Fraction(x.numerator, x.denominator)
+        if isinstance(x, numbers.Real):
+            return float(x)
+        raise self._err(pname, "must be a number", x)
+
+
+def _floatify(x):
+    if isinstance(x, (list, tuple)):
+        return [_floatify(v) for v in x]
+    if isinstance(x, bool):
+        return float(x)
+    if isinstance(x, numbers.Real):
+        return float(x)
+    return x
+
+
+# ----------------------------------------------------------------------- torch builders
+
+
+def _b_categorical(probs):
+    return _build(pdist.Categorical, probs=probs)
+
+
+def _b_uniform_draw(items):
+    return _build(pdist.Categorical, probs=torch.ones(items.shape, dtype=torch.get_default_dtype(), device=items.device))
+
+
+# --------------------------------------------------------------------------- exact pmfs
+
+
+def _bool_pmf(value, args, exact):
+    (p,) = args
+    if value is True or (not isinstance(value, bool) and isinstance(value, numbers.Number) and value == 1):
+        return p
+    if value is False or (not isinstance(value, bool) and isinstance(value, numbers.Number) and value == 0):
+        return 1 - p
+    return 0
+
+
+def _bool_support(args, exact):
+    (p,) = args
+    return [(True, p), (False, 1 - p)]
+
+
+def _binomial_pmf(value, args, exact):
+    n, p = args
+    k = _as_count(value)
+    if k is None or not 0 <= k <= n:
+        return 0
+    if exact:
+        return math.comb(n, k) * p**k * (1 - p) ** (n - k)
+    return math.exp(_lcomb(n, k) + _xlogy(k, p) + _xlog1m(n - k, p))
+
+
+def _binomial_support(args, exact):
+    n = args[0]
+    return [(k, _binomial_pmf(k, args, exact)) for k in range(n + 1)]
+
+
+def _beta_binomial_pmf(value, args, exact):
+    n, a, b = args
+    k = _as_count(value)
+    if k is None or not 0 <= k <= n:
+        return 0
+    if exact:
+        return Fraction(math.comb(n, k)) * _rising(a, k) * _rising(b, n - k) / _rising(a + b, n)
+    return math.exp(_lcomb(n, k) + _lbeta(k + a, n - k + b) - _lbeta(a, b))
+
+
+def _beta_binomial_support(args, exact):
+    n, a, b = args
+    if not exact:
+        return [(k, _beta_binomial_pmf(k, args, exact)) for k in range(n + 1)]
+    ra, rb, den = _rising_list(a, n), _rising_list(b, n), _rising(a + b, n)
+    return [(k, Fraction(math.comb(n, k)) * ra[k] * rb[n - k] / den) for k in range(n + 1)]
+
+
+def _categorical_pmf(value, args, exact):
+    (probs,) = args
+    k = _as_count(value)
+    if k is None or isinstance(value, bool) or not 0 <= k < len(probs):
+        return 0
+    return probs[k] / sum(probs)
+
+
+def _categorical_support(args, exact):
+    (probs,) = args
+    total = sum(probs)
+    return [(k, w / total) for k, w in enumerate(probs)]
+
+
+def _uniform_draw_pmf(value, args, exact):
+    (items,) = args
+    key = _merge_key(value)
+    return Fraction(sum(1 for x in items if _merge_key(x) == key), len(items))
+
+
+def _uniform_draw_support(args, exact):
+    (items,) = args
+    return [(x, Fraction(1, len(items))) for x in items]
+
+
+def _delta_pmf(value, args, exact):
+    return 1 if _merge_key(value) == _merge_key(args[0]) else 0
+
+
+def _delta_support(args, exact):
+    return [(args[0], 1)]
+
+
+def _poisson_pmf(value, args, exact):
+    (rate,) = args
+    k = _as_count(value)
+    if k is None or k < 0:
+        return 0
+    if rate == 0:
+        return 1 if k == 0 else 0
+    return math.exp(k * math.log(rate) - float(rate) - math.lgamma(k + 1))
+
+
+def _geometric_pmf(value, args, exact):
+    (p,) = args
+    k = _as_count(value)
+    if k is None or k < 0:
+        return 0
+    if exact:
+        return (1 - p) ** k * p
+    return math.exp(_xlog1m(k, p) + _log(p))
+
+
+def _negative_binomial_pmf(value, args, exact):
+    r, p = args
+    k = _as_count(value)
+    if k is None or k < 0:
+        return 0
+    if exact and r.denominator == 1:
+        return math.comb(k + int(r) - 1, k) * (1 - p) ** int(r) * p**k
+    r, p = float(r), float(p)
+    return math.exp(math.lgamma(k + r) - math.lgamma(k + 1) - math.lgamma(r) + _xlog1m(r, p) + _xlogy(k, p))
+
+
+# ----------------------------------------------------------------- cross-parameter checks
+
+
+def _check_uniform(spec: DistSpec, low: torch.Tensor, high: torch.Tensor) -> None:
+    try:
+        low, high = torch.broadcast_tensors(low, high)
+    except RuntimeError:
+        return  # reported by torch, translated in make
+    bad = ~(low < high)
+    if bool(bad.any()):
+        got = f"low={_fmt(low[bad][0].item())}, high={_fmt(high[bad][0].item())}"
+        raise spec._err("high", "must be greater than 'low'", got_text=got)
+
+
+def _check_mv_normal(spec: DistSpec, mean: torch.Tensor, cov: torch.Tensor) -> None:
+    k = mean.shape[-1]
+    if cov.shape[-2:] != (k, k):
+        raise spec._err("cov", f"must be a {k}x{k} matrix to match 'mean' (got shape {tuple(cov.shape[-2:])})")
+
+
+# ----------------------------------------------------------------------------- registry
+
+_R = "real"
+
+def _continuous(name, params, cons, builder, doc, support_kind, defaults=None, ped=None, ved=0, tnames=None,
+                cross=None):
+    return DistSpec(
+        name=name,
+        params=tuple(params),
+        defaults=dict(defaults or {}),
+        param_event_dims=tuple(ped or (0,) * len(params)),
+        value_event_dim=ved,
+        discrete=False,
+        value_dtype="float",
+        doc=doc,
+        support_kind=support_kind,
+        _constraints=tuple(cons),
+        _builder=builder,
+        _torch_names=dict(tnames or {}),
+        _cross_check=cross,
+    )
+
+
+def _discrete(name, params, cons, builder, doc, support_kind, value_dtype, pmf, support=None,
+              defaults=None, ped=None, tnames=None, index_valued=False, exact_defaults=None):
+    return DistSpec(
+        name=name,
+        params=tuple(params),
+        defaults=dict(defaults or {}),
+        param_event_dims=tuple(ped or (0,) * len(params)),
+        value_event_dim=0,
+        discrete=True,
+        value_dtype=value_dtype,
+        doc=doc,
+        support_kind=support_kind,
+        index_valued=index_valued,
+        _constraints=tuple(cons),
+        _builder=builder,
+        _torch_names=dict(tnames or {}),
+        _pmf=pmf,
+        _support=support,
+        _exact_defaults=dict(exact_defaults or {}),
+    )
+
+
+_SPECS = [
+    # ---- continuous
+    _continuous("normal", ["loc", "scale"], [REAL, POSITIVE],
+                lambda loc, scale: _build(pdist.Normal, loc, scale),
+                "Gaussian with mean loc and standard deviation scale > 0", _R),
+    _continuous("lognormal", ["loc", "scale"], [REAL, POSITIVE],
+                lambda loc, scale: _build(pdist.LogNormal, loc, scale),
+                "exp of a normal(loc, scale): loc and scale > 0 are those of the log", "positive"),
+    _continuous("half_normal", ["scale"], [POSITIVE],
+                lambda scale: _build(pdist.HalfNormal, scale),
+                "|normal(0, scale)|, scale > 0; values >= 0", "positive"),
+    _continuous("student_t", ["df", "loc", "scale"], [POSITIVE, REAL, POSITIVE],
+                lambda df, loc, scale: _build(pdist.StudentT, df, loc, scale),
+                "Student's t with df > 0 degrees of freedom, location loc, scale > 0", _R,
+                defaults={"loc": 0.0, "scale": 1.0}),
+    _continuous("cauchy", ["loc", "scale"], [REAL, POSITIVE],
+                lambda loc, scale: _build(pdist.Cauchy, loc, scale),
+                "Cauchy with median loc and half-width scale > 0", _R),
+    _continuous("laplace", ["loc", "scale"], [REAL, POSITIVE],
+                lambda loc, scale: _build(pdist.Laplace, loc, scale),
+                "Laplace (double exponential) with mean loc and scale > 0 (variance 2 scale^2)", _R),
+    _continuous("uniform", ["low", "high"], [REAL, REAL],
+                lambda low, high: _build(pdist.Uniform, low, high),
+                "uniform on [low, high), low < high", "interval", cross=_check_uniform),
+    _continuous("beta", ["a", "b"], [POSITIVE, POSITIVE],
+                lambda a, b: _build(pdist.Beta, a, b),
+                "Beta(a, b) on [0, 1], a, b > 0, mean a / (a + b)", "unit_interval",
+                tnames={"concentration1": "a", "concentration0": "b"}),
+    _continuous("gamma", ["shape", "rate"], [POSITIVE, POSITIVE],
+                lambda shape, rate: _build(pdist.Gamma, shape, rate),
+                "Gamma with shape > 0 and rate > 0 (mean shape / rate)", "positive",
+                tnames={"concentration": "shape"}),
+    _continuous("inverse_gamma", ["shape", "rate"], [POSITIVE, POSITIVE],
+                lambda shape, rate: _build(pdist.InverseGamma, shape, rate),
+                "1 / gamma(shape, rate): shape > 0, rate > 0 (mean rate / (shape - 1))", "positive",
+                tnames={"concentration": "shape"}),
+    _continuous("exponential", ["rate"], [POSITIVE],
+                lambda rate: _build(pdist.Exponential, rate),
+                "exponential with rate > 0 (mean 1 / rate)", "positive"),
+    _continuous("dirichlet", ["alpha"], [POSITIVE],
+                lambda alpha: _build(pdist.Dirichlet, alpha),
+                "Dirichlet over the simplex, concentration vector alpha > 0; values are vectors", "simplex",
+                ped=(1,), ved=1, tnames={"concentration": "alpha"}),
+    _continuous("mv_normal", ["mean", "cov"], [REAL, COV],
+                lambda mean, cov: _build(pdist.MultivariateNormal, mean, covariance_matrix=cov),
+                "multivariate Gaussian with mean vector and positive-definite covariance matrix cov", _R,
+                ped=(1, 2), ved=1, tnames={"loc": "mean", "covariance_matrix": "cov"}, cross=_check_mv_normal),
+    # ---- discrete, finite support
+    _discrete("bernoulli", ["p"], [UNIT],
+              lambda p: _build(pdist.Bernoulli, probs=p),
+              "true with probability p in [0, 1]", "boolean", "bool", _bool_pmf, _bool_support,
+              tnames={"probs": "p"}),
+    _discrete("flip", ["p"], [UNIT],
+              lambda p: _build(pdist.Bernoulli, probs=p),
+              "a coin: true with probability p in [0, 1] (default 1/2); same as bernoulli", "boolean", "bool",
+              _bool_pmf, _bool_support, defaults={"p": 0.5}, exact_defaults={"p": Fraction(1, 2)},
+              tnames={"probs": "p"}),
+    _discrete("binomial", ["n", "p"], [NONNEG_INT, UNIT],
+              lambda n, p: _build(pdist.Binomial, total_count=n, probs=p),
+              "number of successes in n >= 0 trials of success probability p; values 0..n", "finite", "long",
+              _binomial_pmf, _binomial_support, tnames={"total_count": "n", "probs": "p"}),
+    _discrete("beta_binomial", ["n", "a", "b"], [NONNEG_INT, POSITIVE, POSITIVE],
+              lambda n, a, b: _build(pdist.BetaBinomial, a, b, total_count=n),
+              "binomial(n, p) with p ~ beta(a, b), a, b > 0; values 0..n", "finite", "long",
+              _beta_binomial_pmf, _beta_binomial_support,
+              tnames={"total_count": "n", "concentration1": "a", "concentration0": "b"}),
+    _discrete("categorical", ["probs"], [PROB_VECTOR],
+              _b_categorical,
+              "index 0..K-1 drawn with probability proportional to the non-negative weights probs", "finite",
+              "long", _categorical_pmf, _categorical_support, ped=(1,), tnames={"probs": "probs"}),
+    _discrete("uniform_draw", ["items"], [ITEMS],
+              _b_uniform_draw,
+              "an element of the non-empty list items, each position equally likely", "finite", "long",
+              _uniform_draw_pmf, _uniform_draw_support, ped=(1,), index_valued=True),
+    _discrete("delta", ["value"], [POINT],
+              lambda value: _build(pdist.Delta, value),
+              "point mass: always value", "finite", "float", _delta_pmf, _delta_support),
+    # ---- discrete, infinite support
+    _discrete("poisson", ["rate"], [NONNEG],
+              lambda rate: _build(pdist.Poisson, rate),
+              "Poisson counts 0, 1, 2, ... with mean rate >= 0", "integer", "long", _poisson_pmf),
+    _discrete("geometric", ["p"], [UNIT_POS],
+              lambda p: _build(pdist.Geometric, probs=p),
+              "number of failures before the first success, success probability p in (0, 1]; values 0, 1, 2, ...",
+              "integer", "long", _geometric_pmf, tnames={"probs": "p"}),
+    _discrete("negative_binomial", ["total_count", "p"], [POSITIVE, UNIT_HALF_OPEN],
+              lambda r, p: _build(pdist.NegativeBinomial, r, probs=p),
+              "number of successes (probability p in [0, 1)) before total_count > 0 failures (torch's "
+              "convention): P(k) = C(k+r-1, k) (1-p)^r p^k", "integer", "long", _negative_binomial_pmf,
+              tnames={"probs": "p"}),
+]
+
+DISTRIBUTIONS: dict[str, DistSpec] = {s.name: s for s in _SPECS}
+
+
+def get(name: str) -> DistSpec:
+    """The spec of a distribution; an unknown name is a PPLCheckError with a suggestion."""
+    try:
+        return DISTRIBUTIONS[name]
+    except KeyError:
+        raise PPLCheckError(
+            f"unknown distribution '{name}'",
+            hint=did_you_mean(name, DISTRIBUTIONS) or f"known distributions: {', '.join(sorted(DISTRIBUTIONS))}",
+        ) from None
+
+
+def names() -> list[str]:
+    """The DSL names of all distributions, sorted."""
+    return sorted(DISTRIBUTIONS)

@@ -1,0 +1,498 @@
+"""The prelude: the functions and constants every model sees.
+
+Each function has per-particle semantics: given batched arguments it computes, for each
+particle, what it would compute for that particle alone, in one tensor operation where
+it can. Python scalars stay Python scalars (so exact enumeration keeps its Fractions);
+functions that are not rational (exp, log, ...) return floats.
+
+Higher-order functions (map, filter, fold) call back into the model, so they are
+generators driven by the interpreter; every call they make is addressed with the
+element's index (``map`` of a sampling lambda gives ``lambda[0]/x``, ``lambda[1]/x``, ...).
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Any
+
+import torch
+
+from ..semantics.dist_values import DistValue
+from ..semantics.errors import PPLRuntimeError
+from ..semantics.interpreter import Builtin, Closure, MemFn, RaggedRange, _int_index
+from ..semantics.values import (Batched, PerParticle, as_tensor, batch_rows, binop, describe,
+                                is_batched, is_numeric, materialize, pack, per_particle, rows,
+                                to_bool_rows, boolop_or)
+from . import distributions as _dists
+
+
+def _has_batched(x) -> bool:
+    return is_batched(x) or (isinstance(x, (list, tuple)) and any(_has_batched(y) for y in x))
+
+
+def _float_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_floating_point() else t.to(torch.get_default_dtype())
+
+
+# --------------------------------------------------------------------------- elementwise
+def _unary(name: str, tf, pf):
+    """A math function: torch op on tensors/batches, Python op on scalars."""
+    def fn(ctx, x):
+        if isinstance(x, Batched):
+            return Batched(tf(_float_tensor(rows(x, ctx))), ctx.idx)
+        if isinstance(x, torch.Tensor):
+            return tf(_float_tensor(x))
+        if isinstance(x, PerParticle):
+            return per_particle(lambda v: fn(ctx, v), (x,), ctx)
+        if isinstance(x, (list, tuple)):
+            t = batch_rows(x, ctx) if _has_batched(x) else as_tensor(x, ctx.device)
+            out = tf(_float_tensor(t))
+            return Batched(out, ctx.idx) if _has_batched(x) else out
+        if isinstance(x, (int, float, Fraction)):
+            try:
+                return pf(x)
+            except (ValueError, OverflowError, ZeroDivisionError):
+                return float(tf(torch.tensor(float(x), dtype=torch.float64)))
+        raise PPLRuntimeError(f"{name}() expects a number, got {describe(x)}")
+    return Builtin(name, fn, (1, 1))
+
+
+def _sigmoid(x):
+    x = float(x)
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+def _logit(p):
+    p = float(p)
+    return math.log(p) - math.log1p(-p)
+
+
+_UNARY = {
+    "exp": (torch.exp, lambda x: math.exp(x)),
+    "log": (torch.log, lambda x: math.log(x) if x > 0 else (-math.inf if x == 0 else math.nan)),
+    "log1p": (torch.log1p, lambda x: math.log1p(x)),
+    "expm1": (torch.expm1, lambda x: math.expm1(x)),
+    "sqrt": (torch.sqrt, lambda x: math.sqrt(x)),
+    "sin": (torch.sin, math.sin), "cos": (torch.cos, math.cos), "tan": (torch.tan, math.tan),
+    "tanh": (torch.tanh, math.tanh), "atan": (torch.atan, math.atan),
+    "sigmoid": (torch.sigmoid, _sigmoid), "logit": (torch.logit, _logit),
+    "lgamma": (torch.lgamma, math.lgamma),
+}
+
+
+def _abs(ctx, x):
+    if isinstance(x, Batched):
+        return Batched(rows(x, ctx).abs(), ctx.idx)
+    if isinstance(x, torch.Tensor):
+        return x.abs()
+    if isinstance(x, PerParticle):
+        return per_particle(abs, (x,), ctx)
+    return abs(x)
+
+
+def _rounding(name, tf, pf):
+    def fn(ctx, x):
+        if isinstance(x, Batched):
+            return Batched(tf(rows(x, ctx)).long(), ctx.idx)
+        if isinstance(x, torch.Tensor):
+            return tf(x).long()
+        if isinstance(x, PerParticle):
+            return per_particle(pf, (x,), ctx)
+        return pf(x)
+    return Builtin(name, fn, (1, 1))
+
+
+# ---------------------------------------------------------------------------- reductions
+def _reduce_binary(op: str, tf):
+    """min/max: of several arguments, or of one list/vector."""
+    def fn(ctx, *args):
+        if not args:
+            raise PPLRuntimeError(f"{'max' if op == '>' else 'min'}() needs at least one argument")
+        if len(args) == 1:
+            x = args[0]
+            if isinstance(x, Batched):
+                t = rows(x, ctx)
+                if t.dim() < 2:
+                    raise PPLRuntimeError("expected a list or vector")
+                return Batched(getattr(t.flatten(1), "amax" if op == ">" else "amin")(1), ctx.idx)
+            if isinstance(x, torch.Tensor):
+                return x.max() if op == ">" else x.min()
+            if isinstance(x, PerParticle):
+                return per_particle(max if op == ">" else min, (x,), ctx)
+            if isinstance(x, (list, tuple)):
+                if not x:
+                    raise PPLRuntimeError("min()/max() of an empty list")
+                args = tuple(x)
+            else:
+                raise PPLRuntimeError(f"expected a list, got {describe(x)}")
+        out = args[0]
+        for y in args[1:]:
+            if not _has_batched(out) and not _has_batched(y) and not isinstance(out, torch.Tensor) \
+                    and not isinstance(y, torch.Tensor):
+                out = y if (y > out if op == ">" else y < out) else out
+            elif is_numeric(out) and is_numeric(y):
+                a, b = batch_rows(out, ctx), batch_rows(y, ctx)
+                out = Batched(tf(*_promote2(a, b)), ctx.idx)
+            else:
+                out = per_particle(max if op == ">" else min, (out, y), ctx)
+        return out
+    return fn
+
+
+def _promote2(a, b):
+    dt = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dt), b.to(dt)
+
+
+def _sum(ctx, xs, start=0):
+    if isinstance(xs, Batched):
+        t = rows(xs, ctx)
+        if t.dim() < 2:
+            raise PPLRuntimeError("sum() expects a list or vector, got a number")
+        return Batched(t.flatten(1).sum(1), ctx.idx)
+    if isinstance(xs, torch.Tensor):
+        return xs.sum()
+    if isinstance(xs, PerParticle):
+        return per_particle(lambda v: sum(v, start), (xs,), ctx)
+    if isinstance(xs, (list, tuple)):
+        if _has_batched(xs) and all(is_numeric(x) for x in xs) and xs:
+            t = batch_rows(list(xs), ctx)
+            return Batched(t.sum(1) + (start if start else 0), ctx.idx)
+        out = start
+        for x in xs:
+            out = binop("+", out, x, ctx)
+        return out
+    raise PPLRuntimeError(f"sum() expects a list, got {describe(xs)}")
+
+
+def _prod(ctx, xs):
+    out = 1
+    for x in _static_items(ctx, xs, "prod"):
+        out = binop("*", out, x, ctx)
+    return out
+
+
+def _mean(ctx, xs):
+    return binop("/", _sum(ctx, xs), _len(ctx, xs), ctx)
+
+
+def _vector(ctx, xs, name):
+    """A list/vector argument as (tensor, batched?)."""
+    if isinstance(xs, Batched):
+        return _float_tensor(rows(xs, ctx)), True
+    if isinstance(xs, (list, tuple)) and _has_batched(xs):
+        return _float_tensor(batch_rows(list(xs), ctx)), True
+    if isinstance(xs, PerParticle):
+        return _float_tensor(batch_rows(xs, ctx)), True
+    try:
+        return _float_tensor(as_tensor(xs, ctx.device)), False
+    except PPLRuntimeError:
+        raise PPLRuntimeError(f"{name}() expects a list of numbers, got {describe(xs)}") from None
+
+
+def _softmax(ctx, xs):
+    if isinstance(xs, (list, tuple)) and not _has_batched(xs) and all(isinstance(x, (int, float, Fraction)) for x in xs):
+        m = max(float(x) for x in xs)
+        e = [math.exp(float(x) - m) for x in xs]
+        z = sum(e)
+        return [v / z for v in e]
+    t, b = _vector(ctx, xs, "softmax")
+    out = torch.softmax(t, -1)
+    return Batched(out, ctx.idx) if b else out
+
+
+def _logsumexp(ctx, xs):
+    if isinstance(xs, (list, tuple)) and not _has_batched(xs) and all(isinstance(x, (int, float, Fraction)) for x in xs):
+        m = max(float(x) for x in xs)
+        return m + math.log(sum(math.exp(float(x) - m) for x in xs)) if math.isfinite(m) else m
+    t, b = _vector(ctx, xs, "logsumexp")
+    out = torch.logsumexp(t, -1)
+    return Batched(out, ctx.idx) if b else out
+
+
+def _dot(ctx, a, b):
+    return _sum(ctx, binop("*", a, b, ctx) if not isinstance(a, (list, tuple)) else
+                [binop("*", x, y, ctx) for x, y in zip(a, b)])
+
+
+def _any_all(is_any: bool):
+    def fn(ctx, xs):
+        if isinstance(xs, Batched):
+            t = rows(xs, ctx).flatten(1).bool()
+            return Batched(t.any(1) if is_any else t.all(1), ctx.idx)
+        if isinstance(xs, torch.Tensor):
+            return bool(xs.bool().any() if is_any else xs.bool().all())
+        if isinstance(xs, PerParticle):
+            return per_particle(any if is_any else all, (xs,), ctx)
+        items = list(_static_items(ctx, xs, "any" if is_any else "all"))
+        if not _has_batched(items):
+            return any(bool(x) for x in items) if is_any else all(bool(x) for x in items)
+        t = torch.stack([_as_bool_rows(x, ctx) for x in items], 1)
+        return Batched(t.any(1) if is_any else t.all(1), ctx.idx)
+    return fn
+
+
+def _as_bool_rows(x, ctx):
+    r = to_bool_rows(x, ctx)
+    if isinstance(r, bool):
+        return torch.full((ctx.M,), r, device=ctx.device)
+    return r
+
+
+# ---------------------------------------------------------------------- lists and ranges
+def _static_items(ctx, xs, name):
+    if isinstance(xs, (list, tuple)):
+        return xs
+    if isinstance(xs, torch.Tensor) and xs.dim() >= 1:
+        return list(xs.unbind(0))
+    if isinstance(xs, Batched) and xs.t.dim() >= 2:
+        t = rows(xs, ctx)
+        return [Batched(t[:, k], ctx.idx) for k in range(t.shape[1])]
+    if isinstance(xs, (str, range)):
+        return list(xs)
+    raise PPLRuntimeError(f"{name}() expects a list, got {describe(xs)}")
+
+
+def _len(ctx, xs):
+    if isinstance(xs, (list, tuple, str, range)):
+        return len(xs)
+    if isinstance(xs, torch.Tensor):
+        if xs.dim() == 0:
+            raise PPLRuntimeError("len() of a number")
+        return xs.shape[0]
+    if isinstance(xs, Batched):
+        if xs.t.dim() < 2:
+            raise PPLRuntimeError("len() of a number")
+        return xs.t.shape[1]
+    if isinstance(xs, PerParticle):
+        return per_particle(len, (xs,), ctx)
+    raise PPLRuntimeError(f"len() of {describe(xs)}")
+
+
+def _range(ctx, *args):
+    if not 1 <= len(args) <= 3:
+        raise PPLRuntimeError("range() takes 1 to 3 arguments")
+    if any(is_batched(a) for a in args):
+        if len(args) == 3:
+            raise PPLRuntimeError("range() with a step needs bounds that are the same for every particle")
+        start, stop = (0, args[0]) if len(args) == 1 else args
+        return RaggedRange(start, stop)
+    return range(*[_int_index(a) for a in args])
+
+
+def _list(ctx, xs=()):
+    if isinstance(xs, PerParticle):
+        return per_particle(list, (xs,), ctx)
+    return list(_static_items(ctx, xs, "list"))
+
+
+def _tuple(ctx, xs=()):
+    if isinstance(xs, PerParticle):
+        return per_particle(tuple, (xs,), ctx)
+    return tuple(_static_items(ctx, xs, "tuple"))
+
+
+def _zip(ctx, *lists):
+    return [tuple(t) for t in zip(*[_static_items(ctx, x, "zip") for x in lists])]
+
+
+def _enumerate(ctx, xs):
+    return [(i, x) for i, x in enumerate(_static_items(ctx, xs, "enumerate"))]
+
+
+def _reverse(ctx, xs):
+    if isinstance(xs, PerParticle):
+        return per_particle(lambda v: v[::-1], (xs,), ctx)
+    return list(_static_items(ctx, xs, "reverse"))[::-1]
+
+
+def _append(ctx, xs, x):
+    if isinstance(xs, PerParticle):
+        return per_particle(lambda v, y: list(v) + [y], (xs, x), ctx)
+    return list(_static_items(ctx, xs, "append")) + [x]
+
+
+def _concat(ctx, a, b):
+    return binop("+", a, b, ctx)
+
+
+def _convert(name, py, dtype):
+    def fn(ctx, x):
+        if isinstance(x, Batched):
+            return Batched(rows(x, ctx).to(dtype) if dtype is not None else rows(x, ctx), ctx.idx) \
+                if dtype is not None else per_particle(py, (x,), ctx)
+        if isinstance(x, PerParticle):
+            return per_particle(py, (x,), ctx)
+        if isinstance(x, torch.Tensor) and x.dim() == 0:
+            x = x.item()
+        try:
+            return py(x)
+        except (TypeError, ValueError):
+            raise PPLRuntimeError(f"{name}() cannot convert {describe(x)}") from None
+    return fn
+
+
+def _zeros(ctx, n):
+    return torch.zeros(_int_index(n), device=ctx.device)
+
+
+def _ones(ctx, n):
+    return torch.ones(_int_index(n), device=ctx.device)
+
+
+# ------------------------------------------------------------------------- higher order
+def _map(interp, ctx, fr, span, f, xs, *more):
+    lists = [xs, *more]
+    if any(isinstance(x, PerParticle) for x in lists):
+        return (yield from _ragged_apply(interp, ctx, fr, span, lists,
+                                          lambda c, ls: _map(interp, c, fr, span, f, *ls)))
+    items = [interp.iter_items(x, ctx, span) for x in lists]
+    out = []
+    for i, args in enumerate(zip(*items)):
+        fr.loops.append(i)
+        try:
+            out.append((yield from interp.call(f, list(args), {}, ctx, span, fr)))
+        finally:
+            fr.loops.pop()
+    return out
+
+
+def _filter(interp, ctx, fr, span, pred, xs):
+    if isinstance(xs, PerParticle):
+        return (yield from _ragged_apply(interp, ctx, fr, span, [xs],
+                                          lambda c, ls: _filter(interp, c, fr, span, pred, *ls)))
+    items = list(interp.iter_items(xs, ctx, span))
+    keep = []
+    for i, x in enumerate(items):
+        fr.loops.append(i)
+        try:
+            keep.append((yield from interp.call(pred, [x], {}, ctx, span, fr)))
+        finally:
+            fr.loops.pop()
+    if not any(_has_batched(k) for k in keep) and not any(_has_batched(x) for x in items):
+        return [x for x, k in zip(items, keep) if bool(k)]
+    cols_items = [materialize(x, ctx) for x in items]
+    cols_keep = [materialize(k, ctx) for k in keep]
+    return pack([[cols_items[j][p] for j in range(len(items)) if cols_keep[j][p]] for p in range(ctx.M)], ctx) \
+        if items else []
+
+
+def _fold(interp, ctx, fr, span, f, init, xs):
+    """fold(f, init, xs) = f(...f(f(init, xs[0]), xs[1])..., xs[n-1])."""
+    if isinstance(xs, PerParticle):
+        return (yield from _ragged_apply(interp, ctx, fr, span, [xs],
+                                          lambda c, ls: _fold(interp, c, fr, span, f, init, *ls)))
+    acc = init
+    for i, x in enumerate(interp.iter_items(xs, ctx, span)):
+        fr.loops.append(i)
+        try:
+            acc = yield from interp.call(f, [acc, x], {}, ctx, span, fr)
+        finally:
+            fr.loops.pop()
+    return acc
+
+
+def _ragged_apply(interp, ctx, fr, span, lists, body):
+    """Run ``body`` separately for each group of particles whose lists share lengths."""
+    from ..semantics.values import merge_parts, restrict
+    keys = list(zip(*[[len(v) for v in materialize(x, ctx)] if is_batched(x) else [len(x)] * ctx.M
+                      for x in lists]))
+    parts = []
+    for _, sub in interp.split_by_key(keys, ctx):
+        # within a group every list has one length: make it a list of per-particle elements
+        ls = [interp.iter_items(restrict(x, sub), sub) if isinstance(x, PerParticle) else x for x in lists]
+        parts.append((sub.idx, (yield from body(sub, ls))))
+    return merge_parts(parts, ctx)
+
+
+def _sample(interp, ctx, fr, span, d, name="sample"):
+    """``sample(d)``: a random choice as an expression (for lambdas), addressed by
+    ``name`` in the calling frame."""
+    from ..semantics.interpreter import SampleEffect
+    if not isinstance(d, DistValue):
+        raise PPLRuntimeError(f"sample() expects a distribution, got {describe(d)}", span)
+    if not isinstance(name, str):
+        raise PPLRuntimeError("sample(): the name must be a string", span)
+    return (yield SampleEffect(fr.address(name), d, ctx, span))
+
+
+def _mem(ctx, f):
+    if not isinstance(f, (Closure, Builtin)):
+        raise PPLRuntimeError(f"mem() expects a function, got {describe(f)}")
+    return MemFn(f, f.name)
+
+
+# ------------------------------------------------------------------------ distributions
+def _dist_builtin(spec) -> Builtin:
+    names = spec.params
+    required = sum(1 for n in names if n not in spec.defaults)
+
+    def make(ctx, *args, **kwargs):
+        if len(args) > len(names):
+            raise PPLRuntimeError(f"{spec.name}() takes at most {len(names)} arguments ({', '.join(names)}) "
+                                  f"but {len(args)} were given")
+        bound = dict(zip(names, args))
+        for k, v in kwargs.items():
+            if k not in names:
+                from ..semantics.errors import did_you_mean
+                raise PPLRuntimeError(f"{spec.name}() has no parameter '{k}'", hint=did_you_mean(k, names)
+                                      or f"its parameters are: {', '.join(names)}")
+            if k in bound:
+                raise PPLRuntimeError(f"{spec.name}() got two values for '{k}'")
+            bound[k] = v
+        defaulted = set()
+        for i, n in enumerate(names):
+            if n not in bound:
+                if n not in spec.defaults:
+                    raise PPLRuntimeError(f"{spec.name}() is missing the parameter '{n}'",
+                                          hint=f"{spec.name}({', '.join(names)})")
+                bound[n] = spec.defaults[n]
+                defaulted.add(i)
+        return DistValue(spec, tuple(bound[n] for n in names), frozenset(defaulted))
+
+    return Builtin(spec.name, make, (required, len(names)))
+
+
+# ---------------------------------------------------------------------------- the table
+def builtins() -> dict[str, Any]:
+    """name -> value of everything in the prelude (fresh ``Builtin`` objects)."""
+    out: dict[str, Any] = {}
+    for name, (tf, pf) in _UNARY.items():
+        out[name] = _unary(name, tf, pf)
+    simple = {
+        "abs": (_abs, (1, 1)), "floor": (None, None), "ceil": (None, None), "round": (None, None),
+        "min": (_reduce_binary("<", torch.minimum), (1, None)),
+        "max": (_reduce_binary(">", torch.maximum), (1, None)),
+        "sum": (_sum, (1, 2)), "prod": (_prod, (1, 1)), "mean": (_mean, (1, 1)),
+        "softmax": (_softmax, (1, 1)), "logsumexp": (_logsumexp, (1, 1)), "dot": (_dot, (2, 2)),
+        "any": (_any_all(True), (1, 1)), "all": (_any_all(False), (1, 1)),
+        "len": (_len, (1, 1)), "range": (_range, (1, 3)), "list": (_list, (0, 1)), "tuple": (_tuple, (0, 1)),
+        "zip": (_zip, (1, None)), "enumerate": (_enumerate, (1, 1)), "reverse": (_reverse, (1, 1)),
+        "append": (_append, (2, 2)), "concat": (_concat, (2, 2)),
+        "int": (_convert("int", int, torch.long), (1, 1)),
+        "float": (_convert("float", float, torch.get_default_dtype()), (1, 1)),
+        "bool": (_convert("bool", bool, torch.bool), (1, 1)),
+        "str": (_convert("str", str, None), (1, 1)),
+        "zeros": (_zeros, (1, 1)), "ones": (_ones, (1, 1)), "mem": (_mem, (1, 1)),
+    }
+    for name, (fn, arity) in simple.items():
+        if fn is not None:
+            out[name] = Builtin(name, fn, arity)
+    out["floor"] = _rounding("floor", torch.floor, math.floor)
+    out["ceil"] = _rounding("ceil", torch.ceil, math.ceil)
+    out["round"] = _rounding("round", torch.round, round)
+    out["map"] = Builtin("map", _map, (2, None), higher_order=True)
+    out["filter"] = Builtin("filter", _filter, (2, 2), higher_order=True)
+    out["fold"] = Builtin("fold", _fold, (3, 3), higher_order=True)
+    out["sample"] = Builtin("sample", _sample, (1, 2), higher_order=True)
+    for name, spec in _dists.DISTRIBUTIONS.items():
+        out[name] = _dist_builtin(spec)
+    out["pi"] = math.pi
+    out["e"] = math.e
+    out["inf"] = math.inf
+    return out
+
+
+def arities() -> dict[str, tuple | None]:
+    """name -> (min_args, max_args or None) for the static checker; None for constants."""
+    return {n: (b.arity if isinstance(b, Builtin) else None) for n, b in builtins().items()}
