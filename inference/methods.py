@@ -27,8 +27,13 @@ def _result_types():
 
 
 def _sites(raw: dict) -> dict:
+    """Sites for a result object, on the CPU (results are summarised for people)."""
     _, Site, _ = _result_types()
-    return {name: Site(v, present) for name, (v, present) in raw.items()}
+    return {name: Site(_cpu(v), _cpu(present)) for name, (v, present) in raw.items()}
+
+
+def _cpu(v):
+    return v.cpu() if isinstance(v, torch.Tensor) else v
 
 
 def run_importance(model, data: dict, *, particles: int = 1000, device: str = "cpu", **_) -> Any:
@@ -36,7 +41,7 @@ def run_importance(model, data: dict, *, particles: int = 1000, device: str = "c
     interp = model.interpreter()
     sites, log_weights = likelihood_weighting(interp, model.entry, model.prepare_data(data, device),
                                               int(particles), device)
-    return WeightedResult("importance", _sites(sites), log_weights)
+    return WeightedResult("importance", _sites(sites), log_weights.cpu())
 
 
 def run_prior(model, data: dict, *, particles: int = 1000, device: str = "cpu", **_) -> Any:
@@ -44,7 +49,7 @@ def run_prior(model, data: dict, *, particles: int = 1000, device: str = "cpu", 
     interp = model.interpreter()
     sites, log_weights = likelihood_weighting(interp, model.entry, model.prepare_data(data, device),
                                               int(particles), device)
-    return WeightedResult("prior", _sites(sites), torch.zeros_like(log_weights))
+    return WeightedResult("prior", _sites(sites), torch.zeros_like(log_weights).cpu())
 
 
 def run_enumerate(model, data: dict, *, max_paths: int = 1_000_000, **_) -> Any:

@@ -47,8 +47,9 @@ class DistValue:
         observed vector under a scalar distribution)."""
         spec = self.spec
         raw = []
+        on_cpu = str(ctx.device) == "cpu"
         for a, ev in zip(self.args, spec.param_event_dims):
-            if type(a) is float or type(a) is int:  # the common constant: no tensor needed
+            if on_cpu and (type(a) is float or type(a) is int):  # the common constant: no tensor
                 raw.append((a, False, ev))
                 continue
             batched = is_batched(a) or (isinstance(a, (list, tuple)) and any(is_batched(x) for x in a))

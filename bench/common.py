@@ -1,0 +1,49 @@
+"""Timing helpers shared by the benchmarks: interleaved repetitions, medians, ratios.
+
+Contenders are timed in alternation (A, B, A, B, ...) so that a burst of load on the
+shared machine hits both, and the reported figure is the ratio of medians. torch's
+intra-op thread count is fixed for every contender (``--threads``, default 1).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def time_interleaved(contenders: dict[str, Callable[[], object]], repeats: int = 9, warmup: int = 2):
+    """name -> list of wall-clock seconds, timing the contenders in alternation."""
+    for _ in range(warmup):
+        for fn in contenders.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median_ms(ts: list[float]) -> float:
+    return 1000 * statistics.median(ts)
+
+
+def report(title: str, times: dict[str, list[float]], reference: str, target: float | None = None,
+           extra: dict[str, str] | None = None) -> dict:
+    """Print one table; returns {name: (median_ms, ratio_to_reference)}."""
+    ref = statistics.median(times[reference])
+    print(f"\n{title}")
+    print(f"  {'contender':<28} {'median ms':>10} {'ratio':>7}")
+    out = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        ratio = med / ref
+        out[name] = (1000 * med, ratio)
+        note = (extra or {}).get(name, "")
+        print(f"  {name:<28} {1000 * med:>10.2f} {ratio:>7.2f}  {note}")
+    if target is not None:
+        worst = max(r for n, (_, r) in out.items() if n != reference)
+        verdict = "OK" if worst <= target else "MISSED"
+        print(f"  target: within {target:.1f}x of {reference}: {verdict} ({worst:.2f}x)")
+    return out
