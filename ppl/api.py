@@ -123,6 +123,12 @@ class Model:
         if method not in METHODS:
             raise PPLError(f"unknown inference method '{method}'",
                            hint=did_you_mean(method, METHODS) or f"available: {', '.join(sorted(METHODS))}")
+        try:
+            ok = not isinstance(particles, bool) and float(particles).is_integer() and particles >= 1
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise PPLError(f"particles must be a positive integer (got {particles!r})")
         device = resolve_device(device)
         data = self.bind((), data)
         with seeded(seed, device):

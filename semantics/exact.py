@@ -43,6 +43,9 @@ class _PathHandler:
         self.values: dict[str, Any] = {}
 
     def _mul(self, p):
+        if p != p:
+            raise PPLRuntimeError("a likelihood or factor is NaN",
+                                  hint="check the observed value and the distribution's parameters")
         if p == 0:
             self.weight = 0
             raise _Pruned()
@@ -70,13 +73,22 @@ class _PathHandler:
 
     def factor(self, eff):
         v = to_python(eff.value)
-        if isinstance(v, list):
-            raise PPLRuntimeError("factor needs a number", eff.span)
+        if not isinstance(v, (int, float, Fraction)):
+            raise PPLRuntimeError(f"factor needs a number, got {v!r}", eff.span)
+        if v != v:
+            raise PPLRuntimeError("factor received NaN", eff.span, "check the expression for 0/0 or log of a negative")
         if v == 0:
             return
         if v == -math.inf:
             self._mul(0)
-        self._mul(math.exp(float(v)))
+        try:
+            w = math.exp(float(v))
+        except OverflowError:
+            w = math.inf
+        if w == math.inf:
+            raise PPLRuntimeError(f"factor {float(v):g} is too large: exp of it overflows a float weight", eff.span,
+                                  "exact enumeration keeps weights as numbers; use importance sampling")
+        self._mul(w)
 
     def condition(self, eff):
         if not truthy(eff.value):

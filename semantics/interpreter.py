@@ -165,13 +165,24 @@ class _SliceValue:
         self.lo, self.hi = lo, hi
 
 
-class RaggedRange:
-    """``range(n)`` where n differs between particles."""
+class RaggedRange(PerParticle):
+    """``range(n)`` where n differs between particles. ``for`` runs it as a batched
+    loop from its bounds; everything else sees what it is per particle, a Python range
+    (the ``items`` of a PerParticle, built on first use), so ``len``, ``sum``, ``map``,
+    ``filter``, ``in``, ... mean what they mean for each particle alone."""
 
-    __slots__ = ("start", "stop")
+    __slots__ = ("start", "stop", "_ctx", "_items")
 
-    def __init__(self, start, stop):
-        self.start, self.stop = start, stop
+    def __init__(self, start, stop, ctx: Particles):
+        self.start, self.stop, self._ctx, self._items = start, stop, ctx, None
+        self.idx = ctx.idx
+
+    @property
+    def items(self) -> list:
+        if self._items is None:
+            self._items = [range(_int_index(a), _int_index(b)) for a, b in
+                           zip(materialize(self.start, self._ctx), materialize(self.stop, self._ctx))]
+        return self._items
 
     def describe(self) -> str:
         return "range"
@@ -592,11 +603,29 @@ class Interpreter:
         if isinstance(f, MemFn):
             return (yield from self.call_mem(f, args, ctx, span, fr))
         if isinstance(f, PerParticle):  # a different function per particle
-            parts = []
-            for fn, sub in self.split_by_key(rows(f, ctx), ctx):
-                parts.append((sub.idx, (yield from self.call(fn, args, kwargs, sub, span, fr))))
+            parts = yield from self.per_group(fr, self.split_by_key(rows(f, ctx), ctx),
+                                              lambda fn, sub: self.call(fn, args, kwargs, sub, span, fr))
             return merge_parts(parts, ctx)
         raise PPLRuntimeError(f"{describe(f)} is not callable", span)
+
+    def per_group(self, fr, groups, run) -> Generator:
+        """[(particles, run(key, particles))] for the groups of a split, run one after
+        another, each from the same address counters of ``fr`` (like the branches of an
+        ``if``): a choice's address depends on its own particle's path, never on which
+        other groups happened to run before it."""
+        counters = getattr(fr, "counters", None)  # None for a _Renamed (memoised) caller
+        joined = dict(counters) if counters is not None else None
+        parts = []
+        for key, sub in groups:
+            if counters is not None:
+                fr.counters = dict(counters)
+            parts.append((sub.idx, (yield from run(key, sub))))
+            if counters is not None:
+                for k, n in fr.counters.items():
+                    joined[k] = max(n, joined.get(k, 0))
+        if counters is not None:
+            fr.counters = joined
+        return parts
 
     def _call_builtin(self, f, args, kwargs, ctx, span):
         if not isinstance(f, Builtin):
@@ -635,7 +664,14 @@ class Interpreter:
             if p.name not in fr.vars:
                 if p.default is None:
                     raise PPLRuntimeError(f"{f.name}() is missing the argument '{p.name}'", span)
-                fr.vars[p.name] = yield from self._eval(p.default, f.env, ctx)
+                try:
+                    fr.vars[p.name] = yield from self._eval(p.default, f.env, ctx)
+                except PPLError as err:
+                    raise err.with_span(p.default.span)
+                except (TypeError, ValueError, RuntimeError, IndexError, ZeroDivisionError, OverflowError) as err:
+                    # not inside any statement (the entry's defaults): report here
+                    msg = str(err).splitlines()[0] if str(err) else ""
+                    raise PPLRuntimeError(f"{type(err).__name__}: {msg}", p.default.span) from err
         if isinstance(f.body, ir.Expr):
             return (yield from self._eval(f.body, fr, ctx))
         live = yield from self.exec_block(f.body, fr, ctx)
@@ -715,14 +751,14 @@ class Interpreter:
             if t.dim() < 2:
                 raise PPLRuntimeError("cannot iterate over a number", span)
             return [Batched(t[:, k], ctx.idx) for k in range(t.shape[1])]
+        if isinstance(it, RaggedRange):
+            return None
         if isinstance(it, PerParticle):
             items = rows(it, ctx)
             lens = {len(x) for x in items}
             if len(lens) == 1:
                 n = lens.pop()
                 return [pack([x[k] for x in items], ctx) for k in range(n)]
-            return None
-        if isinstance(it, RaggedRange):
             return None
         raise PPLRuntimeError(f"cannot iterate over {describe(it)}", span)
 

@@ -38,6 +38,10 @@ def drive(gen, handler) -> Any:
                 reply = dispatch[type(eff)](eff)
             except PPLError as err:
                 raise err.with_span(eff.span)
+            except (TypeError, ValueError, RuntimeError, IndexError, ZeroDivisionError, OverflowError) as err:
+                # a user value the handler cannot use; never a raw Python error
+                msg = str(err).splitlines()[0] if str(err) else ""
+                raise PPLRuntimeError(f"{type(err).__name__}: {msg}", eff.span) from err
             eff = gen.send(reply)
     except StopIteration as stop:
         return stop.value

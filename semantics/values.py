@@ -374,11 +374,16 @@ def binop(op: str, a: Any, b: Any, ctx: Particles, exact: bool = False) -> Any:
     return Batched(_torch_binop(op, ta, tb), ctx.idx)
 
 
+_COMPARISONS = frozenset(("==", "!=", "<", "<=", ">", ">="))
+
+
 def _torch_binop(op: str, a: Any, b: Any) -> torch.Tensor:
     if op in ("+", "-") and (_is_bool(a) and _is_bool(b)):
         a = a.long() if isinstance(a, torch.Tensor) else int(a)
     if op in ("/", "//", "%") and isinstance(b, (int, float)) and b == 0 and op != "/":
         raise PPLRuntimeError("division by zero")
+    if not isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and op in _COMPARISONS:
+        a = torch.as_tensor(a, device=b.device)  # torch.gt(3, t) has no (Number, Tensor) form
     try:
         return _TORCH_BINOPS[op](a, b)
     except RuntimeError as e:

@@ -471,6 +471,7 @@ class DistSpec:
                     f"{self.name} has infinite support (0, 1, 2, ...); it cannot be enumerated exactly",
                     hint=_INFINITE_HINT,
                 )
+            self.make(*self._float64_params(params))  # report bad parameters first
             raise InfiniteSupportError(
                 f"{self.name} is a continuous distribution; it cannot be enumerated exactly",
                 hint=_INFINITE_HINT,
@@ -496,14 +497,22 @@ class DistSpec:
             return Fraction(p)
         return float(p)
 
-    def _density(self, value, params) -> float:
+    def _float64_params(self, params) -> list[torch.Tensor]:
+        """Plain-Python parameters (defaults filled in) as float64 tensors; a non-number
+        is a ``PPLRuntimeError`` naming the parameter."""
         self.check_arity(len(params))
         params = list(params) + [self.defaults[p] for p in self.params[len(params):]]
-        ts = [
-            torch.as_tensor(_floatify(p), dtype=torch.float64) if not isinstance(p, torch.Tensor) else p.double()
-            for p in params
-        ]
-        d = self.make(*ts)
+        ts = []
+        for pname, p in zip(self.params, params):
+            try:
+                ts.append(torch.as_tensor(_floatify(p), dtype=torch.float64) if not isinstance(p, torch.Tensor)
+                          else p.double())
+            except (TypeError, ValueError, RuntimeError):
+                raise self._err(pname, "must be a number", p) from None
+        return ts
+
+    def _density(self, value, params) -> float:
+        d = self.make(*self._float64_params(params))
         try:
             v = torch.as_tensor(_floatify(value), dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError):

@@ -154,6 +154,8 @@ def _sum(ctx, xs, start=0):
         return xs.sum()
     if isinstance(xs, PerParticle):
         return per_particle(lambda v: sum(v, start), (xs,), ctx)
+    if isinstance(xs, range):
+        xs = list(xs)
     if isinstance(xs, (list, tuple)):
         if _has_batched(xs) and all(is_numeric(x) for x in xs) and xs:
             t = batch_rows(list(xs), ctx)
@@ -276,7 +278,7 @@ def _range(ctx, *args):
         if len(args) == 3:
             raise PPLRuntimeError("range() with a step needs bounds that are the same for every particle")
         start, stop = (0, args[0]) if len(args) == 1 else args
-        return RaggedRange(start, stop)
+        return RaggedRange(start, stop, ctx)
     return range(*[_int_index(a) for a in args])
 
 
@@ -332,12 +334,19 @@ def _convert(name, py, dtype):
     return fn
 
 
+def _length(name, n) -> int:
+    k = _int_index(n)
+    if k < 0:
+        raise PPLRuntimeError(f"{name}() needs a non-negative length, got {k}")
+    return k
+
+
 def _zeros(ctx, n):
-    return torch.zeros(_int_index(n), device=ctx.device)
+    return torch.zeros(_length("zeros", n), device=ctx.device)
 
 
 def _ones(ctx, n):
-    return torch.ones(_int_index(n), device=ctx.device)
+    return torch.ones(_length("ones", n), device=ctx.device)
 
 
 # ------------------------------------------------------------------------- higher order
@@ -397,11 +406,9 @@ def _ragged_apply(interp, ctx, fr, span, lists, body):
     from ..semantics.values import merge_parts, restrict
     keys = list(zip(*[[len(v) for v in materialize(x, ctx)] if is_batched(x) else [len(x)] * ctx.M
                       for x in lists]))
-    parts = []
-    for _, sub in interp.split_by_key(keys, ctx):
-        # within a group every list has one length: make it a list of per-particle elements
-        ls = [interp.iter_items(restrict(x, sub), sub) if isinstance(x, PerParticle) else x for x in lists]
-        parts.append((sub.idx, (yield from body(sub, ls))))
+    # within a group every list has one length: make it a list of per-particle elements
+    parts = yield from interp.per_group(fr, interp.split_by_key(keys, ctx), lambda _, sub: body(
+        sub, [interp.iter_items(restrict(x, sub), sub) if isinstance(x, PerParticle) else x for x in lists]))
     return merge_parts(parts, ctx)
 
 

@@ -1,0 +1,241 @@
+"""The command line: ``python -m ppl`` (or the ``ppl`` script).
+
+    ppl run MODEL.ppl [--data DATA.json] [--entry NAME] [--method METHOD]
+                      [-n N] [--seed S] [--device cpu|cuda|auto] [--json] [--plot OUT.png]
+    ppl check MODEL.ppl [--entry NAME]
+
+``run`` compiles the model, binds the entry function's parameters from the data file
+(a JSON object: parameter name -> value; parameters it leaves out take their
+defaults), runs inference and prints ``result.summary()``, or with ``--json`` exactly
+one JSON object on stdout: ``result.to_json()`` plus ``model``, ``entry``,
+``particles`` (null for exact methods) and ``seed``. The default is importance sampling
+with 1000 particles and seed 0, so a run is reproducible unless asked otherwise.
+``--method`` accepts every name in ``ppl.inference.METHODS``.
+
+``check`` parses and statically checks the model and prints
+``ok: MODEL.ppl (functions: a, b; entry: b(x, y=1))``.
+
+Exit codes: 0 success; 1 a user error (any ``PPLError``: syntax, check, runtime, zero
+evidence, a bad or missing file, an unknown entry or method), printed to stderr as
+``file:line:col: kind: message`` with the source line and a hint, never a traceback;
+2 a command-line usage error or an internal error (``internal error: ...``; set
+``PPL_DEBUG=1`` for the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from typing import Any, Sequence
+
+from .semantics.errors import PPLError, did_you_mean
+from .semantics.source import SourceFile, Span
+
+DEFAULT_METHOD = "importance"
+DEFAULT_PARTICLES = 1000
+DEFAULT_SEED = 0
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def _methods() -> dict:
+    from .inference import METHODS
+    return METHODS
+
+
+# ------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (method names are read from the registry at call time)."""
+    methods = list(_methods())
+    parser = argparse.ArgumentParser(
+        prog="ppl", description="Run and check ppl probabilistic programs.",
+        epilog="Set PPL_DEBUG=1 to see Python tracebacks of internal errors.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"ppl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser("run", help="run inference on a model and print the posterior",
+                         description="Run inference on a model and print the posterior.")
+    run.add_argument("model", metavar="MODEL.ppl", help="the model file")
+    run.add_argument("--data", metavar="DATA.json",
+                     help="a JSON object binding the entry function's parameters by name")
+    run.add_argument("--entry", metavar="NAME", help="the function to run (default: the last def)")
+    run.add_argument("--method", default=DEFAULT_METHOD, metavar="{" + ",".join(methods) + "}",
+                     help=f"inference method (default: {DEFAULT_METHOD})")
+    run.add_argument("-n", "--particles", type=int, default=DEFAULT_PARTICLES, metavar="N",
+                     help=f"number of particles for sampling methods (default: {DEFAULT_PARTICLES})")
+    run.add_argument("--seed", type=int, default=DEFAULT_SEED, metavar="S",
+                     help=f"random seed (default: {DEFAULT_SEED})")
+    run.add_argument("--device", choices=DEVICES, default="cpu",
+                     help="where particles run (default: cpu; auto picks a GPU when there is one)")
+    run.add_argument("--json", action="store_true",
+                     help="print one JSON object instead of the summary table")
+    run.add_argument("--plot", metavar="OUT.png", help="also save a plot of the posterior")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="parse and statically check a model",
+                           description="Parse and statically check a model.")
+    check.add_argument("model", metavar="MODEL.ppl", help="the model file")
+    check.add_argument("--entry", metavar="NAME", help="the entry function (default: the last def)")
+    check.set_defaults(func=cmd_check)
+    return parser
+
+
+# ------------------------------------------------------------------------------ loading
+def load_model(path: str, entry: str | None = None):
+    """Read and compile a model file; every failure is a ``PPLError``."""
+    from .api import compile_source
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise PPLError(f"model file '{path}' not found",
+                       hint="pass the path of a .ppl file, e.g. `ppl run model.ppl`") from None
+    except UnicodeDecodeError as e:
+        raise PPLError(f"model file '{path}' is not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise PPLError(f"cannot read model file '{path}': {e.strerror or e}") from None
+    return compile_source(text, path, entry=entry)
+
+
+def load_data(path: str | None) -> dict:
+    """The data file as a dict (empty without a file); bad files raise ``PPLError``
+    pointing at the offending line and column."""
+    if path is None:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise PPLError(f"data file '{path}' not found") from None
+    except UnicodeDecodeError as e:
+        raise PPLError(f"data file '{path}' is not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise PPLError(f"cannot read data file '{path}': {e.strerror or e}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        span = Span(e.lineno, e.colno, e.lineno, e.colno, SourceFile(path, text))
+        raise PPLError(f"invalid JSON in data file: {e.msg} (line {e.lineno}, column {e.colno})", span,
+                       "the data file must be one JSON object, e.g. {\"flips\": [1, 0, 1]}") from None
+    except RecursionError:
+        raise PPLError(f"invalid JSON in data file '{path}': nested too deeply") from None
+    if not isinstance(data, dict):
+        raise PPLError(f"data file '{path}' must contain a JSON object, not a JSON {_json_type(data)}",
+                       hint="bind parameters by name, e.g. {\"flips\": [1, 0, 1]}")
+    return data
+
+
+def _json_type(v: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def signature(model) -> str:
+    """``name(a, b=1)`` for the model's entry function."""
+    from .semantics.pretty import pretty
+    f = model.program.function(model.entry)
+    return f"{f.name}({', '.join(pretty(p) for p in f.params)})"
+
+
+def _check_data(model, data: dict, data_path: str | None) -> None:
+    """Unknown names and missing required parameters, phrased for the command line."""
+    f = model.program.function(model.entry)
+    params = [p.name for p in f.params]
+    for k in data:
+        if k not in params:
+            raise PPLError(
+                f"the data binds '{k}', but {signature(model)} has no such parameter",
+                hint=did_you_mean(k, params) or
+                (f"its parameters are: {', '.join(params)}" if params else f"{model.entry}() takes no parameters"))
+    missing = [p.name for p in f.params if p.default is None and p.name not in data]
+    if missing:
+        names = ", ".join(f"'{m}'" for m in missing)
+        where = f"add it to {data_path}" if data_path else "pass a data file with --data DATA.json"
+        first = next(p for p in f.params if p.name == missing[0])
+        span = first.span if first.span.line > 0 and first.span.source is not None else f.span
+        raise PPLError(f"no data for the required parameter{'s' if len(missing) > 1 else ''} {names} "
+                       f"of {signature(model)}", span,
+                       f"{where}, e.g. {{{', '.join(f'{json.dumps(m)}: ...' for m in missing)}}}")
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_check(args) -> int:
+    model = load_model(args.model, args.entry)
+    names = ", ".join(f.name for f in model.program.functions)
+    print(f"ok: {args.model} (functions: {names}; entry: {signature(model)})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    methods = _methods()
+    if args.method not in methods:
+        raise PPLError(f"unknown inference method '{args.method}'",
+                       hint=did_you_mean(args.method, methods) or f"available: {', '.join(methods)}")
+    if args.particles < 1:
+        raise PPLError(f"--particles must be at least 1 (got {args.particles})")
+    model = load_model(args.model, args.entry)
+    data = load_data(args.data)
+    _check_data(model, data, args.data)
+    result = model.run(args.method, data, particles=args.particles, seed=args.seed, device=args.device)
+
+    from .result import WeightedResult
+    if args.plot:
+        save_plot(result, args.plot)
+    if args.json:
+        out = result.to_json()
+        out["model"] = args.model
+        out["entry"] = model.entry
+        out["particles"] = result.n if isinstance(result, WeightedResult) else None
+        out["seed"] = args.seed
+        print(json.dumps(out, allow_nan=False))
+    else:
+        print(result.summary())
+    return 0
+
+
+def save_plot(result, path: str) -> None:
+    import matplotlib
+    if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND"):
+        matplotlib.use("Agg")  # a file is written; never open a window
+    fig = result.plot()
+    try:
+        fig.savefig(path)
+    except (OSError, ValueError) as e:
+        raise PPLError(f"cannot write the plot to '{path}': {getattr(e, 'strerror', None) or e}",
+                       hint="give a writable path ending in .png, .pdf or .svg") from None
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 user error, 2 usage or
+    internal error)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    try:
+        return args.func(args)
+    except PPLError as err:
+        print(str(err), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug in ppl, not in the model
+        print(f"internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        if os.environ.get("PPL_DEBUG") == "1":
+            traceback.print_exc(file=sys.stderr)
+        else:
+            print("(this is a bug in ppl; set PPL_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
