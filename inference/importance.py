@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..semantics.errors import ZeroEvidenceError
 from ..semantics.interpreter import Interpreter
 from ..semantics.sampling import LikelihoodWeighting, column, drive
 from ..semantics.values import Particles
@@ -16,10 +17,55 @@ from ..semantics.values import Particles
 
 def likelihood_weighting(interp: Interpreter, entry: str, data: dict, particles: int, device="cpu"):
     """Run ``entry(**data)`` for ``particles`` particles: returns (sites, log_weights),
-    sites mapping "return" and each choice address to (values, present)."""
+    sites mapping "return" and each choice address to (values, present).
+
+    If every weight is zero, the run is repeated from the same random state to find the
+    first likelihood site after which no particle survived, and a ``ZeroEvidenceError``
+    pointing at it is raised."""
+    state = _rng_state(device)
     ctx = Particles.all(particles, device)
     h = LikelihoodWeighting(particles, device)
     ret = drive(interp.run(entry, data, ctx), h)
+    if particles > 0 and bool(torch.isneginf(h.log_weights).all()):
+        _set_rng_state(device, state)
+        drive(interp.run(entry, data, Particles.all(particles, device)), _Locate(particles, device))
+        raise ZeroEvidenceError("every particle has weight zero (log evidence = -inf)",
+                                hint="the observations/conditions may be impossible under the prior")
     sites = {"return": (column(ret, ctx), None)}
     sites.update(h.trace.sites())
     return sites, h.log_weights
+
+
+class _Locate(LikelihoodWeighting):
+    """Likelihood weighting that stops at the first site leaving no particle alive."""
+
+    def _check(self, eff, what):
+        if bool(torch.isneginf(self.log_weights).all()):
+            raise ZeroEvidenceError(
+                f"every particle has weight zero after this {what}", eff.span,
+                f"no particle satisfies it ({self.log_weights.shape[0]} particles tried): the data or "
+                "condition may be impossible under the prior, or too unlikely; check it, or use more particles")
+
+    def observe(self, eff):
+        super().observe(eff)
+        self._check(eff, "observation")
+
+    def factor(self, eff):
+        super().factor(eff)
+        self._check(eff, "factor")
+
+    def condition(self, eff):
+        super().condition(eff)
+        self._check(eff, "condition")
+
+
+def _rng_state(device):
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(torch.device(device)) if str(device).startswith("cuda") else None
+    return cpu, cuda
+
+
+def _set_rng_state(device, state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], torch.device(device))

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from collections import Counter
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import ir
-from .errors import InfiniteSupportError, PPLError, PPLRuntimeError
+from .errors import InfiniteSupportError, PPLError, PPLRuntimeError, ZeroEvidenceError
 from .interpreter import Interpreter
 from .sampling import drive
 from .values import Particles, to_python, truthy
@@ -32,6 +33,10 @@ from .values import Particles, to_python, truthy
 
 class _Pruned(Exception):
     """Raised inside a run to stop a path whose weight became zero."""
+
+    def __init__(self, span=None):
+        super().__init__()
+        self.span = span
 
 
 class _PathHandler:
@@ -42,13 +47,13 @@ class _PathHandler:
         self.weight: Any = 1
         self.values: dict[str, Any] = {}
 
-    def _mul(self, p):
+    def _mul(self, p, span=None):
         if p != p:
             raise PPLRuntimeError("a likelihood or factor is NaN",
                                   hint="check the observed value and the distribution's parameters")
         if p == 0:
             self.weight = 0
-            raise _Pruned()
+            raise _Pruned(span)
         self.weight = self.weight * p
 
     def sample(self, eff):
@@ -69,7 +74,7 @@ class _PathHandler:
         return value
 
     def observe(self, eff):
-        self._mul(eff.dist.exact_prob(eff.value))
+        self._mul(eff.dist.exact_prob(eff.value), eff.span)
 
     def factor(self, eff):
         v = to_python(eff.value)
@@ -80,7 +85,7 @@ class _PathHandler:
         if v == 0:
             return
         if v == -math.inf:
-            self._mul(0)
+            self._mul(0, eff.span)
         try:
             w = math.exp(float(v))
         except OverflowError:
@@ -92,7 +97,7 @@ class _PathHandler:
 
     def condition(self, eff):
         if not truthy(eff.value):
-            self._mul(0)
+            self._mul(0, eff.span)
 
 
 def exact_data(data: dict) -> dict:
@@ -124,6 +129,7 @@ def enumerate_paths(program: ir.Program, builtins: dict, entry: str, data: dict,
     paths = []
     stack: list[list[int]] = [[]]
     visited = 0
+    cuts: Counter = Counter()  # where zero-weight paths were cut
     while stack:
         prefix = stack.pop()
         visited += 1
@@ -135,10 +141,18 @@ def enumerate_paths(program: ir.Program, builtins: dict, entry: str, data: dict,
             ret = drive(interp.run(entry, data, ctx), h)
             h.values["return"] = _hashable(ret)
             paths.append((h.weight, {k: _hashable(v) for k, v in h.values.items()}))
-        except _Pruned:
-            pass
+        except _Pruned as cut:
+            cuts[cut.span] += 1
         # push the unexplored alternatives of every choice made beyond the prefix
         for j in range(len(prefix), len(h.taken)):
             for alt in range(h.sizes[j] - 1, 0, -1):
                 stack.append(h.taken[:j] + [alt])
+    if not paths:
+        span, k = cuts.most_common(1)[0] if cuts else (None, 0)
+        where = f"all {visited} paths were cut here" if k == visited else \
+            f"{k} of the {visited} paths were cut here, the rest at " + \
+            ", ".join(sp.location() for sp in cuts if sp is not span and sp is not None)
+        raise ZeroEvidenceError(
+            "every path has weight zero: the conditions/observations are impossible", span,
+            where + "; check the data and the conditions")
     return paths
