@@ -19,6 +19,7 @@ from ..semantics.exact import enumerate_paths
 from ..semantics.sampling import LikelihoodWeighting, column, drive
 from ..semantics.values import Particles
 from .importance import likelihood_weighting
+from .smc import smc
 
 
 def _result_types():
@@ -52,6 +53,21 @@ def run_prior(model, data: dict, *, particles: int = 1000, device: str = "cpu", 
     return WeightedResult("prior", _sites(sites), torch.zeros_like(log_weights).cpu())
 
 
+def run_smc(model, data: dict, *, particles: int = 1000, device: str = "cpu", resampling: str = "systematic",
+            ess_threshold: float = 1.0, **_) -> Any:
+    """SMC over the checkpoints (``inference.smc``). The result's ``extra["history"]``
+    lists, per synchronisation checkpoint, the ESS before resampling and whether it
+    resampled; ``ess_history`` is the list of those ESS values."""
+    _, _, WeightedResult = _result_types()
+    interp = model.interpreter()
+    sites, log_weights, h = smc(interp, model.entry, model.prepare_data(data, device), int(particles), device,
+                                resampling=resampling, ess_threshold=ess_threshold)
+    res = WeightedResult("smc", _sites(sites), log_weights.cpu(),
+                         extra={"history": h.history, "resampling": resampling, "ess_threshold": ess_threshold})
+    res.ess_history = [r.ess for r in h.history]
+    return res
+
+
 def run_enumerate(model, data: dict, *, max_paths: int = 1_000_000, **_) -> Any:
     ExactResult, _, _ = _result_types()
     paths = enumerate_paths(model.program, model.builtins(), model.entry, model.prepare_data(data, None),
@@ -64,4 +80,5 @@ METHODS: dict[str, Callable] = {
     "importance": run_importance,
     "enumerate": run_enumerate,
     "prior": run_prior,
+    "smc": run_smc,
 }

@@ -133,15 +133,23 @@ class DistValue:
             raise PPLRuntimeError("uniform_draw of an empty list")
         k = torch.randint(len(items), (ctx.M,), device=ctx.device)
         lp = torch.full((ctx.M,), -float(torch.log(torch.tensor(float(len(items))))), device=ctx.device)
+        if any(is_batched(x) for x in items):  # items that differ between particles
+            cols = [materialize(x, ctx) for x in items]
+            return pack([cols[j][i] for i, j in enumerate(k.tolist())], ctx), lp
         if all(isinstance(x, (int, float, bool, torch.Tensor)) for x in items):
             table = as_tensor(items, ctx.device)
             return Batched(table[k], ctx.idx), lp
         return PerParticle([items[i] for i in k.tolist()], ctx.idx), lp
 
     def _log_prob_items(self, value: Any, ctx: Particles) -> torch.Tensor:
-        items = [to_python(x) for x in self._items()]
+        items = self._items()
         vals = materialize(value, ctx)
-        probs = [sum(1 for x in items if x == to_python(v)) / len(items) for v in vals]
+        if any(is_batched(x) for x in items):  # one list of items per particle
+            cols = [materialize(x, ctx) for x in items]
+            per = [[to_python(c[i]) for c in cols] for i in range(ctx.M)]
+        else:
+            per = [[to_python(x) for x in items]] * ctx.M
+        probs = [sum(1 for x in its if x == to_python(v)) / len(its) for its, v in zip(per, vals)]
         return torch.log(torch.tensor(probs, device=ctx.device, dtype=torch.get_default_dtype()))
 
     # -------------------------------------------------------------------- exact semantics

@@ -74,7 +74,8 @@ class _PathHandler:
         return value
 
     def observe(self, eff):
-        self._mul(eff.dist.exact_prob(eff.value), eff.span)
+        dist = eff.dist
+        self._mul(_observe_prob(dist.spec, to_python(eff.value), dist.python_args()), eff.span)
 
     def factor(self, eff):
         v = to_python(eff.value)
@@ -98,6 +99,32 @@ class _PathHandler:
     def condition(self, eff):
         if not truthy(eff.value):
             self._mul(0, eff.span)
+
+
+def _observe_prob(spec, value, args):
+    """P(value) under the distribution ``spec(*args)``. As in the sampling semantics, a
+    list observed under a distribution of scalars (``observe flips ~ bernoulli(p)``,
+    ``observe ys ~ bernoulli(ps)``) is a list of independent observations, paired
+    elementwise with list parameters (length 1 broadcasts): the product of their
+    probabilities."""
+    if spec.value_event_dim == 0 and not spec.index_valued:
+        elementwise = [ev == 0 and isinstance(a, (list, tuple)) for a, ev in zip(args, spec.param_event_dims)]
+        seqs = [a for a, e in zip(args, elementwise) if e]
+        if isinstance(value, (list, tuple)):
+            seqs.append(value)
+        if seqs:
+            n = max(len(x) for x in seqs)
+            if any(len(x) not in (1, n) for x in seqs):
+                raise PPLRuntimeError(f"{spec.name}: the observed values and the parameters have different lengths")
+
+            def at(x, i):
+                return x[i if len(x) > 1 else 0]
+            p = 1
+            for i in range(n):
+                vi = at(value, i) if isinstance(value, (list, tuple)) else value
+                p = p * _observe_prob(spec, vi, [at(a, i) if e else a for a, e in zip(args, elementwise)])
+            return p
+    return spec.exact_prob(value, *args)
 
 
 def exact_data(data: dict) -> dict:

@@ -171,17 +171,26 @@ class RaggedRange(PerParticle):
     (the ``items`` of a PerParticle, built on first use), so ``len``, ``sum``, ``map``,
     ``filter``, ``in``, ... mean what they mean for each particle alone."""
 
-    __slots__ = ("start", "stop", "_ctx", "_items")
+    __slots__ = ("start", "stop", "_ctx")
 
     def __init__(self, start, stop, ctx: Particles):
-        self.start, self.stop, self._ctx, self._items = start, stop, ctx, None
-        self.idx = ctx.idx
+        PerParticle.__init__(self, None, ctx.idx)
+        self.start, self.stop, self._ctx = start, stop, ctx
+
+    def _catch_up(self):
+        if self._items is None:  # not built yet: only the particle set moves
+            self._idx, _ = self._lin.follow(self._idx, self._ep)
+            self._ep = self._lin.epoch
+        else:
+            PerParticle._catch_up(self)
 
     @property
     def items(self) -> list:
+        idx = self.idx  # catches up with resampling first
         if self._items is None:
+            ctx = Particles(idx, self._ctx.N, self._ctx.device, self._ctx.full)
             self._items = [range(_int_index(a), _int_index(b)) for a, b in
-                           zip(materialize(self.start, self._ctx), materialize(self.stop, self._ctx))]
+                           zip(materialize(self.start, ctx), materialize(self.stop, ctx))]
         return self._items
 
     def describe(self) -> str:
@@ -691,25 +700,29 @@ class Interpreter:
                 parts.append((sub.idx, (yield from self.call_mem(m, list(key), sub, span, fr))))
             return merge_parts(parts, ctx)
         key = _hashable(tuple(args))
+        # an entry is (coverage, value): coverage is a batched marker whose particles are
+        # those that have computed the value (batched, so it follows resampling)
         entry = m.table.get(key)
         if entry is None:
             todo = ctx
         else:
             have = torch.zeros(ctx.N, dtype=torch.bool, device=ctx.device)
-            have[entry[0]] = True
+            have[entry[0].idx] = True
             missing = ~have[ctx.idx]
             todo = ctx.subset(missing) if bool(missing.any()) else None
         if todo is not None:
             label = f"{m.name}({', '.join(_label(a) for a in args)})"
             v = yield from self.call(m.fn, args, {}, todo, span, _Renamed(fr, label))
+            mark = Batched(torch.ones(todo.M, dtype=torch.bool, device=ctx.device), todo.idx)
             if entry is None:
-                entry = (todo.idx, v)
+                entry = (mark, v)
             else:
-                union = torch.cat([entry[0], todo.idx])
-                whole = Particles(union, ctx.N, ctx.device, ctx.full)
-                entry = (union, merge_parts([(entry[0], entry[1]), (todo.idx, v)], whole))
+                old_idx = entry[0].idx
+                whole = _union(old_idx, todo.idx, ctx)
+                entry = (Batched(torch.ones(whole.M, dtype=torch.bool, device=ctx.device), whole.idx),
+                         merge_parts([(old_idx, entry[1]), (todo.idx, v)], whole))
             m.table[key] = entry
-        idx, v = entry
+        v = entry[1]
         if not is_batched(v):
             return v
         return restrict(v, ctx)

@@ -66,7 +66,10 @@ class Trace:
 
 def consolidate(parts: list, N: int, device) -> tuple:
     """Join per-subset values into one per-particle column."""
-    if len(parts) == 1 and parts[0][0].is_full and parts[0][0].M == N:
+    # a batched value knows its particles (and follows resampling): trust it over the
+    # particle set recorded when it was made
+    parts = [(Particles(v.idx, ctx.N, ctx.device, ctx.full) if is_batched(v) else ctx, v) for ctx, v in parts]
+    if len(parts) == 1 and parts[0][0].M == N:
         ctx, v = parts[0]
         return column(v, ctx), None
     present = torch.zeros(N, dtype=torch.bool, device=device)

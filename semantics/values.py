@@ -85,15 +85,89 @@ class Particles:
         return inv[sub_idx]
 
 
+# ---------------------------------------------------------------------------- lineage
+class Lineage:
+    """The resampling history of one run: ``ancestors[e]`` maps each particle after the
+    e-th resampling to the particle it copies.
+
+    Batched values remember the epoch they were made in and catch up lazily when read,
+    so a value held anywhere — a frame, a closure, a memo table, a suspended generator's
+    local — always describes the particles as they are now."""
+
+    __slots__ = ("ancestors", "full_idx", "N")
+
+    def __init__(self, full_idx: torch.Tensor):
+        self.ancestors: list[torch.Tensor] = []
+        self.full_idx = full_idx
+        self.N = full_idx.shape[0]
+
+    @property
+    def epoch(self) -> int:
+        return len(self.ancestors)
+
+    def resample(self, ancestors: torch.Tensor) -> None:
+        self.ancestors.append(ancestors)
+
+    def follow(self, idx: torch.Tensor, since: int):
+        """For a value on particles ``idx`` at epoch ``since``: (new idx, row selector)."""
+        sel = None
+        for a in self.ancestors[since:]:
+            if idx is self.full_idx:
+                pos = a
+            else:
+                inv = torch.full((self.N,), -1, dtype=torch.long, device=a.device)
+                inv[idx] = torch.arange(idx.shape[0], device=a.device)
+                p = inv[a]
+                keep = p >= 0
+                if bool(keep.all()):
+                    idx, pos = self.full_idx, p
+                else:
+                    idx, pos = self.full_idx[keep], p[keep]
+            sel = pos if sel is None else sel[pos]
+        return idx, sel
+
+
+_LINEAGE: list = [None]  # the lineage of the run being executed (None: no resampling)
+
+
+def set_lineage(lineage: "Lineage | None"):
+    """Make ``lineage`` current (values created from now on follow it); returns the old one."""
+    old = _LINEAGE[0]
+    _LINEAGE[0] = lineage
+    return old
+
+
 # ------------------------------------------------------------------------ batched values
 class Batched:
     """A tensor of per-particle values: row k belongs to global particle idx[k]."""
 
-    __slots__ = ("t", "idx")
+    __slots__ = ("_t", "_idx", "_lin", "_ep")
 
     def __init__(self, t: torch.Tensor, idx: torch.Tensor):
-        self.t = t
-        self.idx = idx
+        self._t = t
+        self._idx = idx
+        lin = _LINEAGE[0]
+        self._lin = lin
+        self._ep = lin.epoch if lin is not None else 0
+
+    def _catch_up(self):
+        lin = self._lin
+        idx, sel = lin.follow(self._idx, self._ep)
+        self._t = self._t[sel]
+        self._idx = idx
+        self._ep = lin.epoch
+
+    @property
+    def t(self) -> torch.Tensor:
+        if self._lin is not None and self._ep != self._lin.epoch:
+            self._catch_up()
+        return self._t
+
+    @property
+    def idx(self) -> torch.Tensor:
+        if self._lin is not None and self._ep != self._lin.epoch:
+            self._catch_up()
+        return self._idx
 
     def __repr__(self) -> str:
         return f"Batched({tuple(self.t.shape)}, {self.t.dtype})"
@@ -102,11 +176,33 @@ class Batched:
 class PerParticle:
     """One Python object per particle (the slow path, used only where tensors cannot be)."""
 
-    __slots__ = ("items", "idx")
+    __slots__ = ("_items", "_idx", "_lin", "_ep")
 
     def __init__(self, items: list, idx: torch.Tensor):
-        self.items = items
-        self.idx = idx
+        self._items = items
+        self._idx = idx
+        lin = _LINEAGE[0]
+        self._lin = lin
+        self._ep = lin.epoch if lin is not None else 0
+
+    def _catch_up(self):
+        lin = self._lin
+        idx, sel = lin.follow(self._idx, self._ep)
+        self._items = [self._items[i] for i in sel.tolist()]
+        self._idx = idx
+        self._ep = lin.epoch
+
+    @property
+    def items(self) -> list:
+        if self._lin is not None and self._ep != self._lin.epoch:
+            self._catch_up()
+        return self._items
+
+    @property
+    def idx(self) -> torch.Tensor:
+        if self._lin is not None and self._ep != self._lin.epoch:
+            self._catch_up()
+        return self._idx
 
     def __repr__(self) -> str:
         return f"PerParticle({len(self.items)})"
@@ -378,8 +474,11 @@ _COMPARISONS = frozenset(("==", "!=", "<", "<=", ">", ">="))
 
 
 def _torch_binop(op: str, a: Any, b: Any) -> torch.Tensor:
-    if op in ("+", "-") and (_is_bool(a) and _is_bool(b)):
-        a = a.long() if isinstance(a, torch.Tensor) else int(a)
+    if op not in _COMPARISONS and (_is_bool(a) or _is_bool(b)):
+        # in arithmetic a bool is the int 0/1, as in Python (torch: True + True is True,
+        # and `-` of a bool tensor is an error)
+        a = (a.long() if isinstance(a, torch.Tensor) else int(a)) if _is_bool(a) else a
+        b = (b.long() if isinstance(b, torch.Tensor) else int(b)) if _is_bool(b) else b
     if op in ("/", "//", "%") and isinstance(b, (int, float)) and b == 0 and op != "/":
         raise PPLRuntimeError("division by zero")
     if not isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and op in _COMPARISONS:
@@ -417,14 +516,14 @@ def unop(op: str, a: Any, ctx: Particles) -> Any:
 
 def contains(container: Any, item: Any, ctx: Particles) -> Any:
     """``item in container``."""
-    if isinstance(container, (list, tuple)) and not is_batched(item) and not any(map(is_batched, container)):
+    if isinstance(container, (list, tuple)) and not _deep_batched(item) and not _deep_batched(container):
         return any(_eq(item, x) for x in container)
     if isinstance(container, (list, tuple)) and all(is_numeric(x) for x in container) and is_numeric(item):
         out = False
         for x in container:
             out = boolop_or(out, binop("==", item, x, ctx), ctx)
         return out
-    if isinstance(container, torch.Tensor) and not is_batched(item):
+    if isinstance(container, torch.Tensor) and not _deep_batched(item):
         return bool((container == _tensor_arg(item, ctx)).any())
     return per_particle(lambda i, c: i in c, (item, container), ctx)
 
