@@ -94,12 +94,26 @@ class Lineage:
     so a value held anywhere — a frame, a closure, a memo table, a suspended generator's
     local — always describes the particles as they are now."""
 
-    __slots__ = ("ancestors", "full_idx", "N")
+    __slots__ = ("ancestors", "full_idx", "N", "_suffixes", "_suffix_epoch")
 
     def __init__(self, full_idx: torch.Tensor):
         self.ancestors: list[torch.Tensor] = []
         self.full_idx = full_idx
         self.N = full_idx.shape[0]
+        self._suffixes: list = []
+        self._suffix_epoch = -1
+
+    def _suffix(self, since: int) -> torch.Tensor:
+        """a_since[a_since+1[... a_last]]: where each current particle's line was at
+        epoch ``since`` (all of them computed at once, backwards: O(epochs * N))."""
+        if self._suffix_epoch != self.epoch:
+            out = [None] * self.epoch
+            acc = None
+            for e in range(self.epoch - 1, -1, -1):
+                acc = self.ancestors[e] if acc is None else self.ancestors[e][acc]
+                out[e] = acc
+            self._suffixes, self._suffix_epoch = out, self.epoch
+        return self._suffixes[since]
 
     @property
     def epoch(self) -> int:
@@ -110,6 +124,10 @@ class Lineage:
 
     def follow(self, idx: torch.Tensor, since: int):
         """For a value on particles ``idx`` at epoch ``since``: (new idx, row selector)."""
+        if idx is self.full_idx:  # the common case: one gather
+            if since == self.epoch - 1:
+                return idx, self.ancestors[since]
+            return idx, self._suffix(since)
         sel = None
         for a in self.ancestors[since:]:
             if idx is self.full_idx:
