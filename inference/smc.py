@@ -97,13 +97,14 @@ class SMCHandler(LikelihoodWeighting):
 
 
 def smc(interp: Interpreter, entry: str, data: dict, particles: int, device="cpu", *,
-        resampling: str = "systematic", ess_threshold: float = 1.0, randomness=None):
+        resampling: str = "systematic", ess_threshold: float = 1.0, randomness=None,
+        handler_cls=None):
     """Run SMC: returns (sites, log_weights, handler). ``log_weights`` include the
     evidence accumulated at resampling steps, so that log-mean-exp of them is the
     log-evidence estimate and their normalisation the final particle weights."""
     ctx = Particles.all(particles, device)
     lineage = Lineage(ctx.idx)
-    h = SMCHandler(particles, device, lineage, resampling=resampling, ess_threshold=ess_threshold,
+    h = (handler_cls or SMCHandler)(particles, device, lineage, resampling=resampling, ess_threshold=ess_threshold,
                    randomness=randomness)
     old = set_lineage(lineage)
     try:

@@ -1,1 +1,2 @@
-"""Test helpers for ppl: hypothesis strategies (``ppl.testing.strategies``)."""
+"""Test helpers for ppl: hypothesis strategies (``ppl.testing.strategies``) and Monte
+Carlo standard errors for checking weighted results (``ppl.testing.montecarlo``)."""

@@ -1,10 +1,17 @@
-"""Hypothesis strategies for random, well-formed IR: ``ir_programs()``, ``ir_expressions()``.
+"""Hypothesis strategies for ppl programs.
 
-Everything generated is something the parser can produce (names are never keywords,
-numeric constants are non-negative, ``Slice`` only appears as an index, blocks are
-non-empty, parameters with defaults come last), so ``parse_program(pretty(p)) == p``
-should hold for every draw. The programs need not make sense (unknown names, wrong
-arities): they exercise syntax, not semantics.
+Syntax: ``ir_programs()``, ``ir_expressions()``, ``ir_statements()`` draw random,
+well-formed IR. Everything generated is something the parser can produce (names are
+never keywords, numeric constants are non-negative, ``Slice`` only appears as an index,
+blocks are non-empty, parameters with defaults come last), so
+``parse_program(pretty(p)) == p`` should hold for every draw. The programs need not
+make sense (unknown names, wrong arities): they exercise syntax, not semantics.
+
+Semantics: ``finite_programs()`` draws DSL *source text* of small, meaningful, finite
+discrete models (random choices, arithmetic, nested random ``if``, ``for``, ``observe``,
+``factor``, ``condition``) whose evidence is never zero, so that exact enumeration gives
+their meaning and every other semantics can be checked against it
+(``tests/test_finite_programs.py``).
 """
 from __future__ import annotations
 
@@ -110,3 +117,249 @@ def ir_programs(max_functions: int = 2, max_leaves: int = 5) -> st.SearchStrateg
     functions = st.builds(ir.FunctionDef, names(), _params(exprs), body)
     return st.builds(ir.Program, st.lists(functions, min_size=1, max_size=max_functions,
                                           unique_by=lambda f: f.name).map(tuple))
+
+
+# ------------------------------------------------------------------ finite DSL programs
+#
+# ``finite_programs()`` draws *source text* of small models whose random choices all
+# have finite support, so that exact enumeration can give their meaning to compare
+# every other semantics against. See its docstring for what the programs contain.
+
+_PROBS = ("0.5", "0.25", "0.75", "0.1", "0.9", "0.3", "0.6", "0.2", "1/3", "2/3")  # in (0, 1)
+_EDGE_PROBS = ("0", "1")  # only for choices: they cut a branch, never all of them
+_LIKELY = ("0.9", "0.8", "3/4", "1")  # the escape hatch of every `condition`
+_FACTORS = ("0.5", "-1", "1/2", "-0.25", "0", "0.1")
+_MAX_PATHS = 600  # bound on the number of execution paths (enumeration cost)
+
+
+class _Scope:
+    """Variables visible at a point of the program: name -> "int" | "bool"."""
+
+    def __init__(self, parent=None):
+        self.vars: dict[str, str] = dict(parent.vars) if parent is not None else {}
+        self.loop_vars: frozenset = parent.loop_vars if parent is not None else frozenset()
+
+    def of(self, kind: str) -> list[str]:
+        return sorted(n for n, k in self.vars.items() if k == kind)
+
+
+class _Gen:
+    """Builds one program from hypothesis draws (see ``finite_programs``)."""
+
+    def __init__(self, draw, max_depth: int, factors: bool, ret: str):
+        self.draw = draw
+        self.max_depth = max_depth
+        self.factors = factors
+        self.ret = ret
+        self.fresh = 0
+
+    def name(self, prefix="v") -> str:
+        self.fresh += 1
+        return f"{prefix}{self.fresh}"
+
+    def pick(self, options):
+        return self.draw(st.sampled_from(options))
+
+    def chance(self, p_percent: int) -> bool:
+        return self.draw(st.integers(0, 99)) < p_percent
+
+    # ---------------------------------------------------------------------- expressions
+    def int_expr(self, sc: _Scope, depth: int = 2) -> str:
+        ints = sc.of("int")
+        if depth <= 0 or not self.chance(55):
+            return self.pick(ints) if ints and self.chance(80) else str(self.draw(st.integers(0, 3)))
+        kind = self.draw(st.integers(0, 7))
+        a = self.int_expr(sc, depth - 1)
+        if kind == 0:
+            return f"({a} + {self.int_expr(sc, depth - 1)})"
+        if kind == 1:
+            return f"({a} - {self.int_expr(sc, depth - 1)})"
+        if kind == 2:
+            return f"({a} * {self.draw(st.integers(0, 2))})"  # a constant factor: values stay small
+        if kind == 3:
+            return f"({a} if {self.bool_expr(sc, depth - 1)} else {self.int_expr(sc, depth - 1)})"
+        if kind == 4:
+            return f"({a} % {self.draw(st.integers(2, 3))})"
+        if kind == 5:
+            return f"({a} // 2)"
+        if kind == 6:
+            return f"{self.pick(['min', 'max'])}({a}, {self.int_expr(sc, depth - 1)})"
+        return f"(1 if {self.bool_expr(sc, depth - 1)} else 0)"
+
+    def bool_expr(self, sc: _Scope, depth: int = 2) -> str:
+        bools = sc.of("bool")
+        if depth <= 0 or not self.chance(50):
+            if bools and self.chance(85):
+                return self.pick(bools)
+            if sc.of("int") and self.chance(70):
+                return f"({self.pick(sc.of('int'))} > {self.draw(st.integers(0, 2))})"
+            return self.pick(["True", "False"])
+        kind = self.draw(st.integers(0, 5))
+        if kind == 0:
+            return f"(not {self.bool_expr(sc, depth - 1)})"
+        if kind == 1:
+            return f"({self.bool_expr(sc, depth - 1)} and {self.bool_expr(sc, depth - 1)})"
+        if kind == 2:
+            return f"({self.bool_expr(sc, depth - 1)} or {self.bool_expr(sc, depth - 1)})"
+        op = self.pick(["<", "<=", "==", "!=", ">"])
+        return f"({self.int_expr(sc, depth - 1)} {op} {self.int_expr(sc, depth - 1)})"
+
+    def prob(self, sc: _Scope, edge: bool = False) -> str:
+        if edge and self.chance(10):
+            return self.pick(_EDGE_PROBS)
+        if sc.vars and self.chance(25):
+            return f"({self.pick(_PROBS)} if {self.bool_expr(sc, 1)} else {self.pick(_PROBS)})"
+        return self.pick(_PROBS)
+
+    def weights(self, k: int, positive: bool) -> str:
+        lo = 1 if positive or not self.chance(15) else 0
+        ws = [self.draw(st.integers(lo, 3)) for _ in range(k)]
+        if sum(ws) == 0:
+            ws[0] = 1
+        return "[" + ", ".join(map(str, ws)) + "]"
+
+    # ----------------------------------------------------------------------- statements
+    def choice(self, kind: str, sc: _Scope) -> tuple[str, int]:
+        """(distribution text, support size) for a new random variable of this kind."""
+        if kind == "bool":
+            return f"{self.pick(['flip', 'bernoulli'])}({self.prob(sc, edge=True)})", 2
+        which = self.draw(st.integers(0, 2))
+        if which == 0:
+            k = self.draw(st.integers(2, 3))
+            return f"categorical({self.weights(k, positive=False)})", k
+        if which == 1:
+            k = self.draw(st.integers(2, 3))
+            items = [str(self.draw(st.integers(-1, 3))) for _ in range(k)]
+            return f"uniform_draw([{', '.join(items)}])", k
+        n = self.draw(st.integers(1, 2))
+        return f"binomial({n}, {self.prob(sc, edge=True)})", n + 1
+
+    def block(self, sc: _Scope, depth: int, budget: int, size: int, least: int = 1) -> tuple[list[str], int]:
+        """Statements (unindented lines) and an upper bound on their number of paths."""
+        lines: list[str] = []
+        paths = 1
+        n = self.draw(st.integers(least, size))
+        for _ in range(n):
+            stmt, p = self.statement(sc, depth, max(1, budget // paths))
+            lines += stmt
+            paths *= p
+        return lines, paths
+
+    def statement(self, sc: _Scope, depth: int, budget: int) -> tuple[list[str], int]:
+        kinds = ["sample", "sample", "sample", "assign", "observe", "observe", "condition"]
+        if self.factors:
+            kinds.append("factor")
+        if depth < self.max_depth:
+            kinds += ["if", "if", "if", "for"]
+        kind = self.pick(kinds)
+        if kind == "sample" or not sc.vars:
+            vkind = self.pick(["int", "bool"])
+            existing = [n for n in sc.of(vkind) if n not in sc.loop_vars]
+            name = self.pick(existing) if existing and self.chance(30) else self.name()
+            dist, k = self.choice(vkind, sc)
+            sc.vars[name] = vkind
+            if k > budget:  # no room for more paths: a constant instead
+                return [f"{name} = {'True' if vkind == 'bool' else '1'}"], 1
+            return [f"{name} ~ {dist}"], k
+        if kind == "assign":
+            vkind = self.pick(["int", "bool"])
+            expr = self.int_expr(sc) if vkind == "int" else self.bool_expr(sc)
+            existing = [n for n in sc.of(vkind) if n not in sc.loop_vars]
+            name = self.pick(existing) if existing and self.chance(50) else self.name()
+            sc.vars[name] = vkind
+            return [f"{name} = {expr}"], 1
+        if kind == "observe":
+            which = self.draw(st.integers(0, 2))
+            if which == 0:
+                return [f"observe {self.bool_expr(sc)} ~ bernoulli({self.prob(sc)})"], 1
+            if which == 1:
+                k = self.draw(st.integers(2, 3))
+                return [f"observe ({self.int_expr(sc)}) % {k} ~ categorical({self.weights(k, positive=True)})"], 1
+            n = self.draw(st.integers(1, 2))
+            value = self.int_expr(sc) if self.chance(60) else str(self.draw(st.integers(0, n)))
+            return [f"observe ({value}) % {n + 1} ~ binomial({n}, {self.prob(sc)})"], 1
+        if kind == "condition":
+            if budget < 2:
+                return ["pass"], 1
+            ok = self.name("ok")
+            return [f"{ok} ~ flip({self.pick(_LIKELY)})", f"condition {self.bool_expr(sc)} or {ok}"], 2
+        if kind == "factor":
+            if self.chance(50):
+                return [f"factor {self.pick(_FACTORS)}"], 1
+            return [f"factor ({self.pick(_FACTORS)} if {self.bool_expr(sc)} else {self.pick(_FACTORS)})"], 1
+        if kind == "if":
+            cond = self.bool_expr(sc) if not sc.of("int") or self.chance(80) else self.pick(sc.of("int"))
+            then_sc = _Scope(sc)
+            then, p1 = self.block(then_sc, depth + 1, budget, 3)
+            self._maybe_return(then_sc, then)
+            lines = [f"if {cond}:"] + ["    " + l for l in then]
+            p2 = 1
+            if self.chance(60):
+                else_sc = _Scope(sc)
+                other, p2 = self.block(else_sc, depth + 1, budget, 3)
+                self._maybe_return(else_sc, other)
+                lines += ["else:"] + ["    " + l for l in other]
+            return lines, max(p1, p2)  # a path takes one branch
+        # for
+        k = self.draw(st.integers(1, 3))
+        i = self.name("i")
+        body_sc = _Scope(sc)
+        body_sc.vars[i] = "int"
+        body_sc.loop_vars = body_sc.loop_vars | {i}
+        per = max(1, int(round(budget ** (1 / k))))
+        body, p = self.block(body_sc, depth + 1, per, 2)
+        return [f"for {i} in range({k}):"] + ["    " + l for l in body], p ** k
+
+    def _maybe_return(self, sc: _Scope, lines: list[str]):
+        if self.chance(25):
+            lines.append(f"return {self.ret_expr(sc)}")
+
+    def ret_expr(self, sc: _Scope) -> str:
+        """An expression of the return type that reads at least one variable."""
+        v = self.pick(sorted(sc.vars))
+        if self.ret == "int":
+            base = v if sc.vars[v] == "int" else f"(1 if {v} else 0)"
+            return base if self.chance(40) else f"({base} + {self.int_expr(sc, 1)})"
+        base = v if sc.vars[v] == "bool" else f"({v} > {self.draw(st.integers(0, 2))})"
+        return base if self.chance(40) else f"({base} {self.pick(['and', 'or'])} {self.bool_expr(sc, 1)})"
+
+    def program(self, size: int) -> str:
+        sc = _Scope()
+        first, p = self.statement(sc, self.max_depth, _MAX_PATHS)  # no variables yet: a choice
+        body, q = self.block(sc, 0, max(1, _MAX_PATHS // p), size, least=min(3, size))
+        lines = first + body + [f"return {self.ret_expr(sc)}"]
+        return "def model():\n" + "\n".join("    " + l for l in lines) + "\n"
+
+
+@st.composite
+def finite_programs(draw, max_statements: int = 6, max_depth: int = 2, factors: bool = True) -> str:
+    """Source text of a small, finite, discrete model ``def model(): ...`` (no data).
+
+    Contents: random choices ``flip``/``bernoulli``/``categorical``/``uniform_draw``/
+    ``binomial`` with rational probabilities (written as decimals like ``0.3`` or as
+    ``1/3``; a choice may also use 0 or 1, or a probability that depends on earlier
+    values); integer and boolean arithmetic on them (``+ - * // % min max``, comparisons,
+    ``and or not``, conditional expressions); ``if``/``else`` on random values, nested up
+    to ``max_depth``, whose branches may reassign outer variables, bind their own, and
+    ``return`` early; ``for`` loops over ``range(1..3)``; ``observe`` of discrete values
+    under ``bernoulli``/``categorical``/``binomial``; ``factor`` of small rational
+    constants (when ``factors``); ``condition``; and a final ``return`` of an int or bool
+    expression (one type per program).
+
+    Guarantees, by construction:
+
+    * every random choice has finite support and every program terminates, with at most
+      a few hundred execution paths (enumeration is quick);
+    * **the evidence is never 0**: every observation has positive probability for every
+      value it can see (probabilities in (0, 1), positive categorical weights, the value
+      reduced modulo the support size), factors are finite, and every ``condition c``
+      is ``condition c or ok`` with a fresh ``ok ~ flip(q)``, q >= 3/4, drawn just before;
+    * names are defined before use on every path (branch-local names stay in their branch);
+    * integer values stay small (multiplication only by constants 0..2).
+
+    Without ``factor`` statements (or with only ``factor 0``) the exact evidence is a
+    ``Fraction``; ``factor c`` with c != 0 multiplies by the irrational e^c, making the
+    exact weights floats.
+    """
+    ret = draw(st.sampled_from(["int", "bool"]))
+    return _Gen(draw, max_depth, factors, ret).program(max_statements)

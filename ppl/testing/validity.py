@@ -1,0 +1,286 @@
+"""The validity checker: exact checks that inference transformations are correct.
+
+An inference algorithm in ppl takes its randomness from an object with ``sample(dist,
+ctx)`` and ``resample(log_weights, scheme, n)`` (``ppl.inference.randomness``). Here that
+object is replaced by ``EnumeratingRandomness``, which makes every draw a branch point:
+each possible outcome is followed in turn, with its exact probability. Running the
+algorithm once per branch therefore lists *every* outcome of the algorithm with its
+probability, and expectations over the algorithm's own randomness become finite sums.
+
+With that, on small finite programs (2-3 particles):
+
+* ``check_proper``: a weighted sampler is proper for the program's unnormalised measure
+  gamma (total mass Z): for every f, E[Z_hat * sum_i w_i f(x_i)] = Z * E_post[f] =
+  integral f dgamma. Checked for every f at once (all indicator functions of the return
+  value), to float64 precision (it is a finite sum, not a Monte Carlo estimate).
+* ``resampling_distribution``: the exact law of a resampling scheme's ancestor vector,
+  used to check unbiasedness (E[count_i] = n w_i).
+
+Users who write their own transformation pass it as ``algorithm(randomness) -> (values,
+log_weights)`` and call ``check_proper``; a broken one (weights not reset after
+resampling, a missing correction) fails with the size of the discrepancy.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Callable
+
+import torch
+
+from ..semantics.values import Batched, Particles, PerParticle, materialize, pack, rows, to_python
+
+
+class _Exhausted(Exception):
+    pass
+
+
+class EnumeratingRandomness:
+    """A randomness source that follows one branch of every draw: the branch is chosen by
+    a prefix of outcome indices (0 beyond the prefix), and the branching factors met are
+    recorded so that a driver can enumerate all branches (``enumerate_outcomes``)."""
+
+    def __init__(self, prefix: list[int]):
+        self.prefix = prefix
+        self.taken: list[int] = []
+        self.sizes: list[int] = []
+        self.prob = 1.0
+
+    def _choose(self, outcomes: list):
+        outcomes = [(v, p) for v, p in outcomes if p > 0]
+        k = len(self.taken)
+        i = self.prefix[k] if k < len(self.prefix) else 0
+        self.taken.append(i)
+        self.sizes.append(len(outcomes))
+        value, p = outcomes[i]
+        self.prob *= float(p)
+        return value
+
+    # -- the randomness interface ---------------------------------------------------
+    def sample(self, dist, ctx: Particles):
+        """All joint outcomes of one draw per particle (finite supports only)."""
+        per_particle = []
+        for i in range(ctx.M):
+            args = [_row(a, ctx, i) for a in dist.args]
+            per_particle.append(dist.spec.exact_support(*args))
+        joint = []
+        for combo in itertools.product(*per_particle):
+            prob = 1.0
+            for _, p in combo:
+                prob *= float(p)
+            joint.append(([v for v, _ in combo], prob))
+        values = self._choose(joint)
+        return pack(list(values), ctx) if not all(isinstance(v, bool) for v in values) else \
+            Batched(torch.tensor(values, dtype=torch.bool, device=ctx.device), ctx.idx)
+
+    def resample(self, log_weights: torch.Tensor, scheme: str, n: int) -> torch.Tensor:
+        w = torch.softmax(log_weights.double(), 0).tolist()
+        outcomes = resampling_distribution(w, scheme, n)
+        anc = self._choose(list(outcomes.items()))
+        return torch.tensor(anc, dtype=torch.long, device=log_weights.device)
+
+
+def _row(a: Any, ctx: Particles, i: int):
+    if isinstance(a, (Batched, PerParticle)):
+        return to_python(materialize(a, ctx)[i])
+    if isinstance(a, (list, tuple)) and any(isinstance(x, (Batched, PerParticle)) for x in a):
+        return [_row(x, ctx, i) for x in a]
+    return to_python(a)
+
+
+def enumerate_outcomes(run: Callable[[EnumeratingRandomness], Any], max_outcomes: int = 200_000):
+    """Run ``run(randomness)`` once per outcome of all its draws: [(probability, output)]."""
+    out = []
+    stack: list[list[int]] = [[]]
+    while stack:
+        prefix = stack.pop()
+        rnd = EnumeratingRandomness(prefix)
+        result = run(rnd)
+        out.append((rnd.prob, result))
+        if len(out) > max_outcomes:
+            raise RuntimeError(f"more than {max_outcomes} outcomes: use a smaller program or fewer particles")
+        for j in range(len(prefix), len(rnd.taken)):
+            for alt in range(rnd.sizes[j] - 1, 0, -1):
+                stack.append(rnd.taken[:j] + [alt])
+    return out
+
+
+# -------------------------------------------------------------------- resampling laws
+def _cdf(w: list[float]) -> list[float]:
+    c, out = 0.0, []
+    for x in w:
+        c += x
+        out.append(c)
+    out[-1] = 1.0
+    return out
+
+
+def _find(c: list[float], u: float) -> int:
+    for i, ci in enumerate(c):
+        if u < ci:
+            return i
+    return len(c) - 1
+
+
+def resampling_distribution(w: list[float], scheme: str, n: int) -> dict[tuple, float]:
+    """The exact law of the (sorted, where the scheme sorts) ancestor vector."""
+    N = len(w)
+    if scheme == "multinomial":
+        return _multinomial_law(w, n)
+    if scheme == "stratified":
+        c = _cdf(w)
+        marg = []
+        for k in range(n):
+            lo, hi = k / n, (k + 1) / n
+            probs = []
+            prev = 0.0
+            for i in range(N):
+                overlap = max(0.0, min(hi, c[i]) - max(lo, prev))
+                probs.append(overlap * n)
+                prev = c[i]
+            marg.append(probs)
+        out: dict = defaultdict(float)
+        for combo in itertools.product(range(N), repeat=n):
+            p = 1.0
+            for k, i in enumerate(combo):
+                p *= marg[k][i]
+            if p > 0:
+                out[combo] += p
+        return dict(out)
+    if scheme == "systematic":
+        c = _cdf(w)
+        cuts = {0.0, 1.0}
+        for ci in c:
+            for k in range(n):
+                u = n * ci - k
+                if 0.0 < u < 1.0:
+                    cuts.add(u)
+        cuts = sorted(cuts)
+        out = defaultdict(float)
+        for a, b in zip(cuts, cuts[1:]):
+            if b - a <= 0:
+                continue
+            u = (a + b) / 2
+            anc = tuple(_find(c, (k + u) / n) for k in range(n))
+            out[anc] += b - a
+        return dict(out)
+    if scheme == "residual":
+        counts = [math.floor(n * x) for x in w]
+        base = [i for i, k in enumerate(counts) for _ in range(k)]
+        r = n - sum(counts)
+        if r == 0:
+            return {tuple(base): 1.0}
+        res = [n * x - k for x, k in zip(w, counts)]
+        s = sum(res)
+        law = _multinomial_law([x / s for x in res], r)
+        out = defaultdict(float)
+        for extra, p in law.items():
+            out[tuple(sorted(base + list(extra)))] += p
+        return dict(out)
+    raise ValueError(f"unknown scheme {scheme}")
+
+
+def _multinomial_law(w: list[float], n: int) -> dict[tuple, float]:
+    out: dict = defaultdict(float)
+    for combo in itertools.product(range(len(w)), repeat=n):
+        p = 1.0
+        for i in combo:
+            p *= w[i]
+        if p > 0:
+            out[tuple(sorted(combo))] += p
+    return dict(out)
+
+
+# ------------------------------------------------------------------------- properness
+@dataclass
+class ProperCheck:
+    """The two sides of E[Z_hat * sum_i w_i 1{x_i = v}] = gamma({v}), for every v."""
+    expected: dict  # value -> exact unnormalised posterior mass
+    observed: dict  # value -> the algorithm's expectation
+    outcomes: int
+
+    @property
+    def max_error(self) -> float:
+        keys = set(self.expected) | set(self.observed)
+        return max(abs(float(self.expected.get(k, 0)) - self.observed.get(k, 0.0)) for k in keys)
+
+    def ok(self, tol: float = 1e-9) -> bool:
+        scale = max(1.0, max(abs(float(v)) for v in self.expected.values()))
+        return self.max_error <= tol * scale
+
+    def __str__(self) -> str:
+        rows = [f"  {k!r:>12}: exact {float(self.expected.get(k, 0)):.12g}   algorithm {self.observed.get(k, 0.0):.12g}"
+                for k in sorted(set(self.expected) | set(self.observed), key=repr)]
+        return f"properness over {self.outcomes} outcomes (max error {self.max_error:.3g}):\n" + "\n".join(rows)
+
+
+def exact_measure(model, data: dict | None = None) -> dict:
+    """The program's unnormalised measure on return values: value -> mass."""
+    res = model.run("enumerate", data or {})
+    out: dict = defaultdict(Fraction)
+    for w, vals in res.paths:
+        out[vals["return"]] += w
+    return dict(out)
+
+
+def check_proper(model, algorithm: Callable, data: dict | None = None) -> ProperCheck:
+    """Check a weighted sampler exactly. ``algorithm(model, data, randomness)`` must return
+    (return values per particle: list, log_weights: tensor [N]) where the log weights
+    already include the evidence estimate (log_mean_exp(log_weights) = log Z_hat)."""
+    expected = exact_measure(model, data)
+    observed: dict = defaultdict(float)
+
+    def run(rnd):
+        return algorithm(model, data or {}, rnd)
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # a finite sum: make it exact to ~1e-15
+    try:
+        outcomes = enumerate_outcomes(run)
+    finally:
+        torch.set_default_dtype(previous)
+    for prob, (values, lw) in outcomes:
+        lw = lw.double()
+        n = lw.shape[0]
+        z_w = torch.exp(lw) / n  # Z_hat * w_i = exp(lw_i) / N
+        for v, zw in zip(values, z_w.tolist()):
+            observed[v] += prob * zw
+    return ProperCheck(expected, dict(observed), len(outcomes))
+
+
+# ------------------------------------------------------------ the library's algorithms
+def importance_algorithm(particles: int):
+    """Likelihood weighting, as ``check_proper`` wants it."""
+    return _smc_like(particles, ess_threshold=0.0)
+
+
+def smc_algorithm(particles: int, resampling: str = "systematic", ess_threshold: float = 1.0, handler=None):
+    """SMC with the given scheme, as ``check_proper`` wants it (``handler`` substitutes a
+    handler class, to check a modified algorithm)."""
+    return _smc_like(particles, resampling=resampling, ess_threshold=ess_threshold, handler=handler)
+
+
+def _smc_like(particles, resampling="systematic", ess_threshold=1.0, handler=None):
+    from ..inference.smc import smc
+
+    def algorithm(model, data, rnd):
+        interp = model.interpreter()
+        prepared = model.prepare_data(model.bind((), data), "cpu")
+        sites, lw, _ = smc(interp, model.entry, prepared, particles, "cpu", resampling=resampling,
+                           ess_threshold=ess_threshold, randomness=rnd, handler_cls=handler)
+        values, _ = sites["return"]
+        values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+        return [_key(v) for v in values], lw
+
+    return algorithm
+
+
+def _key(v):
+    if isinstance(v, list):
+        return tuple(_key(x) for x in v)
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
