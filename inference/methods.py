@@ -68,6 +68,25 @@ def run_smc(model, data: dict, *, particles: int = 1000, device: str = "cpu", re
     return res
 
 
+def run_mh(model, data: dict, *, particles: int = 4, samples: int = 1000, burn_in: int = 500, thin: int = 1,
+           device: str = "cpu", kernel: str = "prior", scale: float = 0.5, chains: int | None = None,
+           progress: bool = False, **_) -> Any:
+    """Single-site trace MH (``inference.mh``) with ``chains`` chains run as one batch
+    (``particles`` is accepted as a synonym of ``chains`` for the CLI's ``-n``)."""
+    from ppl.result import MCMCResult
+    from .diagnostics import chain_diagnostics
+    from .mh import mh
+    C = int(chains if chains is not None else particles)
+    kept, rate = mh(model.interpreter(), model.entry, model.prepare_data(data, device), chains=C,
+                    samples=int(samples), burn_in=int(burn_in), thin=int(thin), device=device, kernel=kernel,
+                    scale=float(scale), progress=progress)
+    sites, r_hat, ess = chain_diagnostics(kept)
+    _, Site, _ = _result_types()
+    sites = {k: Site(_cpu(v), _cpu(p)) for k, (v, p) in sites.items()}
+    return MCMCResult("mh", sites, C, len(kept), acceptance_rate=rate, r_hat=r_hat, ess_per_site=ess,
+                      extra={"kernel": kernel, "burn_in": burn_in, "thin": thin})
+
+
 def run_enumerate(model, data: dict, *, max_paths: int = 1_000_000, **_) -> Any:
     ExactResult, _, _ = _result_types()
     paths = enumerate_paths(model.program, model.builtins(), model.entry, model.prepare_data(data, None),
@@ -81,4 +100,5 @@ METHODS: dict[str, Callable] = {
     "enumerate": run_enumerate,
     "prior": run_prior,
     "smc": run_smc,
+    "mh": run_mh,
 }

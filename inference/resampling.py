@@ -40,8 +40,23 @@ def _search(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Indices i with cdf_{i-1} <= u < cdf_i for uniforms u in [0, 1)."""
     cdf = torch.cumsum(w, 0)
     idx = torch.searchsorted(cdf, u * cdf[-1], right=True)
-    last = int(torch.nonzero(w > 0).max())
+    # the last particle of positive weight (usually the last one: no search needed)
+    last = w.shape[0] - 1 if float(w[-1]) > 0 else int(torch.nonzero(w > 0).max())
     return idx.clamp_(max=last)
+
+
+_ARANGE: dict = {}
+
+
+def _arange(n: int, device) -> torch.Tensor:
+    """torch.arange(n) in float64 on ``device``, cached (never written to)."""
+    key = (n, str(device))
+    t = _ARANGE.get(key)
+    if t is None:
+        if len(_ARANGE) >= 16:
+            _ARANGE.clear()
+        t = _ARANGE[key] = torch.arange(n, dtype=torch.float64, device=device)
+    return t
 
 
 def multinomial(w: torch.Tensor, n: int) -> torch.Tensor:
@@ -52,13 +67,13 @@ def multinomial(w: torch.Tensor, n: int) -> torch.Tensor:
 
 def stratified(w: torch.Tensor, n: int) -> torch.Tensor:
     """One uniform in each stratum [k/n, (k+1)/n)."""
-    u = (torch.arange(n, dtype=torch.float64, device=w.device) + torch.rand(n, dtype=torch.float64, device=w.device)) / n
+    u = (_arange(n, w.device) + torch.rand(n, dtype=torch.float64, device=w.device)) / n
     return _search(w, u)
 
 
 def systematic(w: torch.Tensor, n: int) -> torch.Tensor:
     """One shared uniform offset: u_k = (k + U) / n."""
-    u = (torch.arange(n, dtype=torch.float64, device=w.device) + torch.rand((), dtype=torch.float64, device=w.device)) / n
+    u = (_arange(n, w.device) + torch.rand((), dtype=torch.float64, device=w.device)) / n
     return _search(w, u)
 
 

@@ -69,19 +69,30 @@ class SMCHandler(LikelihoodWeighting):
             return  # only some particles are here: not a synchronisation point
         lw = self.log_weights
         m = lw.max()
-        if not torch.isfinite(m):
+        if not math.isfinite(float(m)):  # one sync; same test as torch.isfinite(m)
             raise ZeroEvidenceError("every particle has weight zero at this checkpoint", eff.span,
                                     "the observation/condition may be impossible, or too unlikely for "
                                     f"{self.N} particles")
+        # one exp serves the ESS, the evidence and the normalised weights
         w = torch.exp(lw - m)
-        ess = float(w.sum() ** 2 / (w * w).sum())
+        s = w.sum()
+        ess = float(s ** 2 / (w * w).sum())
         resample = ess < self.ess_threshold * self.N or self.ess_threshold >= 1.0
+        if lw.dtype == torch.float64:  # log_mean_exp(lw), from the same w (mean = sum / N)
+            lme = float(m + torch.log(s / lw.shape[0]))
+        else:
+            lme = log_mean_exp(lw)
         if resample:
-            self.log_z += log_mean_exp(lw)
-            ancestors = self.randomness.resample(lw, self.resampling, self.N)
+            self.log_z += lme
+            if type(self.randomness) is TorchRandomness and lw.dtype == torch.float64:
+                # what TorchRandomness.resample computes, without normalising again
+                ancestors = SCHEMES[self.resampling](w / s, self.N)
+            else:
+                ancestors = self.randomness.resample(lw, self.resampling, self.N)
             self.lineage.resample(ancestors)
             self.log_weights = torch.zeros_like(lw)
-        self.history.append(StepRecord(eff.addr, ess, resample, self.log_z + log_mean_exp(self.log_weights)))
+            lme = 0.0  # log_mean_exp of the reset (all-zero) log weights
+        self.history.append(StepRecord(eff.addr, ess, resample, self.log_z + lme))
 
     def observe(self, eff):
         super().observe(eff)

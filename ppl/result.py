@@ -1005,3 +1005,29 @@ class ExactResult(_ResultBase):
         probs = _sort_table({k: p / mass for k, p in table.items()})
         typename = "/".join(sorted({type(k).__name__ for k in probs}))
         return _View(presence, True, _TableStats.from_table(probs), lambda: probs, typename)
+
+
+class MCMCResult(WeightedResult):
+    """Draws of Markov chains (``mh``): every kept draw of every chain, equally weighted.
+
+    ``ess`` is the MCMC effective sample size of the return value (autocorrelation
+    aware, over all chains), ``r_hat`` and ``ess_per_site`` give split R-hat and ESS for
+    each scalar numeric site present in every draw, ``acceptance_rate`` the fraction of
+    accepted proposals after burn-in, ``chains`` and ``draws`` the layout (values are
+    chain-major: index = chain * draws + draw). MH does not estimate the evidence:
+    ``log_evidence`` is None."""
+
+    def __init__(self, method: str, sites: dict, chains: int, draws: int, *, acceptance_rate: float,
+                 r_hat: dict, ess_per_site: dict, extra: dict | None = None):
+        super().__init__(method, sites, torch.zeros(chains * draws, dtype=torch.float64), extra=extra)
+        self.chains, self.draws = chains, draws
+        self.acceptance_rate = acceptance_rate
+        self.r_hat = r_hat
+        self.ess_per_site = ess_per_site
+        self.ess = ess_per_site.get("return", min(ess_per_site.values()) if ess_per_site else float(self.n))
+        self.log_evidence = None
+
+    def _header(self) -> str:
+        worst = max(self.r_hat.values()) if self.r_hat else float("nan")
+        return (f"{self.method}: {self.chains} chains x {self.draws} draws, acceptance {self.acceptance_rate:.2f}, "
+                f"ESS={self.ess:.1f}, max split R-hat={worst:.3f}")

@@ -84,6 +84,12 @@ class DistValue:
         s = d.sample() if batched else d.sample((ctx.M,))
         return Batched(self.spec.to_value(s), ctx.idx)
 
+    def torch_dist(self, ctx: Particles):
+        """The torch distribution for the particles of ctx (batch shape [M, ...] when an
+        argument is batched, else the unbatched shape)."""
+        params, _ = self._params(ctx)
+        return self._make(params)
+
     def sample_with_log_prob(self, ctx: Particles):
         """One draw per particle of ctx, and its log density (a tensor [M])."""
         value = self.sample(ctx)

@@ -72,9 +72,13 @@ class EnumeratingRandomness:
             for _, p in combo:
                 prob *= float(p)
             joint.append(([v for v, _ in combo], prob))
-        values = self._choose(joint)
-        return pack(list(values), ctx) if not all(isinstance(v, bool) for v in values) else \
-            Batched(torch.tensor(values, dtype=torch.bool, device=ctx.device), ctx.idx)
+        values = list(self._choose(joint))
+        if getattr(dist.spec, "index_valued", False):  # uniform_draw: the items themselves
+            if all(isinstance(v, (bool, int, float)) for v in values):
+                return Batched(torch.tensor(values, device=ctx.device), ctx.idx)
+            return PerParticle(values, ctx.idx)
+        dtype = {"bool": torch.bool, "long": torch.long}.get(dist.spec.value_dtype, torch.get_default_dtype())
+        return Batched(torch.tensor(values, dtype=dtype, device=ctx.device), ctx.idx)
 
     def resample(self, log_weights: torch.Tensor, scheme: str, n: int) -> torch.Tensor:
         w = torch.softmax(log_weights.double(), 0).tolist()
@@ -91,13 +95,15 @@ def _row(a: Any, ctx: Particles, i: int):
     return to_python(a)
 
 
-def enumerate_outcomes(run: Callable[[EnumeratingRandomness], Any], max_outcomes: int = 200_000):
+def enumerate_outcomes(run: Callable[[EnumeratingRandomness], Any], max_outcomes: int = 200_000,
+                       randomness_cls=None):
     """Run ``run(randomness)`` once per outcome of all its draws: [(probability, output)]."""
+    randomness_cls = randomness_cls or EnumeratingRandomness
     out = []
     stack: list[list[int]] = [[]]
     while stack:
         prefix = stack.pop()
-        rnd = EnumeratingRandomness(prefix)
+        rnd = randomness_cls(prefix)
         result = run(rnd)
         out.append((rnd.prob, result))
         if len(out) > max_outcomes:
@@ -265,12 +271,18 @@ def smc_algorithm(particles: int, resampling: str = "systematic", ess_threshold:
 
 def _smc_like(particles, resampling="systematic", ess_threshold=1.0, handler=None):
     from ..inference.smc import smc
+    from ..semantics.errors import ZeroEvidenceError
 
     def algorithm(model, data, rnd):
         interp = model.interpreter()
         prepared = model.prepare_data(model.bind((), data), "cpu")
-        sites, lw, _ = smc(interp, model.entry, prepared, particles, "cpu", resampling=resampling,
-                           ess_threshold=ess_threshold, randomness=rnd, handler_cls=handler)
+        try:
+            sites, lw, _ = smc(interp, model.entry, prepared, particles, "cpu", resampling=resampling,
+                               ess_threshold=ess_threshold, randomness=rnd, handler_cls=handler)
+        except ZeroEvidenceError:
+            # every particle died at a checkpoint: this outcome's Z_hat is 0 and it adds
+            # nothing to E[Z_hat * sum_i w_i f(x_i)] (the run stops there)
+            return [None] * particles, torch.full((particles,), -math.inf, dtype=torch.float64)
         values, _ = sites["return"]
         values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
         return [_key(v) for v in values], lw
@@ -284,3 +296,102 @@ def _key(v):
     if isinstance(v, float) and v.is_integer():
         return int(v)
     return v
+
+
+# ------------------------------------------------------------------ MH: exact kernels
+class EnumeratingMHRandomness(EnumeratingRandomness):
+    """The MH kernel's draws as branch points: site choice, proposals, accept/reject."""
+
+    def choose(self, sizes: torch.Tensor) -> torch.Tensor:
+        if sizes.shape[0] != 1:
+            raise ValueError("the exact MH checker runs one chain")
+        n = int(sizes[0])
+        return torch.tensor([self._choose([(k, 1.0 / n) for k in range(n)])], device=sizes.device)
+
+    def accept(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        a = float(log_alpha[0])
+        p = 1.0 if a >= 0 else math.exp(a)
+        return torch.tensor([self._choose([(True, p), (False, 1.0 - p)])], device=log_alpha.device)
+
+    def normal(self, shape, device):
+        raise ValueError("a random-walk proposal has no finite enumeration: check kernel='prior'")
+
+
+def _trace_key(state) -> tuple:
+    return tuple(sorted((a, _key(state.values[a][0].tolist())) for a in state.values if bool(state.present[a][0])))
+
+
+@dataclass
+class KernelCheck:
+    """pi K versus pi (and detailed balance) over a finite trace space."""
+    pi: dict           # trace key -> posterior probability
+    K: dict            # (key, key') -> transition probability
+    pi_K: dict         # key' -> sum_x pi(x) K(x, x')
+
+    @property
+    def invariance_error(self) -> float:
+        return max(abs(self.pi_K.get(k, 0.0) - p) for k, p in self.pi.items())
+
+    @property
+    def balance_error(self) -> float:
+        return max((abs(self.pi[x] * k - self.pi[y] * self.K.get((y, x), 0.0)) for (x, y), k in self.K.items()),
+                   default=0.0)
+
+    @property
+    def row_sum_error(self) -> float:
+        sums: dict = defaultdict(float)
+        for (x, _), k in self.K.items():
+            sums[x] += k
+        return max(abs(s - 1.0) for s in sums.values())
+
+    def ok(self, tol: float = 1e-9) -> bool:
+        return self.invariance_error <= tol and self.row_sum_error <= tol
+
+
+def mh_kernel_check(model, data: dict | None = None, *, hastings: bool = True, step=None) -> KernelCheck:
+    """Build the exact transition matrix of single-site MH (prior proposals) over the
+    program's finite trace space, from the exact posterior: pi K = pi must hold.
+    ``step(interp, entry, data, state, randomness)`` substitutes a modified kernel."""
+    from ..inference import mh as mh_mod
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        data = data or {}
+        exact = model.run("enumerate", data)
+        z = float(exact.evidence)
+        pi: dict = defaultdict(float)
+        traces = {}
+        for w, vals in exact.paths:
+            trace = {a: v for a, v in vals.items() if a != "return"}
+            key = tuple(sorted((a, _key(v)) for a, v in trace.items()))
+            pi[key] += float(w) / z
+            traces[key] = trace
+        interp = model.interpreter()
+        prepared = model.prepare_data(model.bind((), data), "cpu")
+        K: dict = defaultdict(float)
+        for key, trace in traces.items():
+            state = _state_of(mh_mod, interp, model.entry, prepared, trace)
+
+            def run(rnd, state=state):
+                if step is not None:
+                    return step(interp, model.entry, prepared, state, rnd)
+                new, _ = mh_mod.mh_step(interp, model.entry, prepared, state, "cpu", randomness=rnd,
+                                        hastings=hastings)
+                return new
+
+            for prob, new in enumerate_outcomes(run, randomness_cls=EnumeratingMHRandomness):
+                K[(key, _trace_key(new))] += prob
+    finally:
+        torch.set_default_dtype(previous)
+    pi_K: dict = defaultdict(float)
+    for (x, y), k in K.items():
+        pi_K[y] += pi.get(x, 0.0) * k
+    return KernelCheck(dict(pi), dict(K), dict(pi_K))
+
+
+def _state_of(mh_mod, interp, entry, data, trace: dict):
+    """The MH state (one chain) of a given trace: values, log prior per site, joint."""
+    values = {a: torch.tensor([v]) for a, v in trace.items()}
+    present = {a: torch.ones(1, dtype=torch.bool) for a in trace}
+    old = mh_mod.MHState(values, present, {}, torch.zeros(1, dtype=torch.float64), None)
+    return mh_mod._run(interp, entry, data, 1, "cpu", old, {}, mh_mod.TorchMHRandomness(), "prior", 1.0)

@@ -1,0 +1,298 @@
+"""Single-site trace Metropolis-Hastings, with many chains as one batch.
+
+A state is a trace: address -> value, per chain. One step (``mh_step``), per chain:
+pick one of the trace's choices uniformly, propose a new value for it (from its prior,
+or by a symmetric random walk for real-valued choices), and re-run the program with
+every other choice reused where it still exists; choices the new run reaches for the
+first time are drawn from their priors ("fresh"), choices of the old trace it no longer
+reaches are dropped ("stale"). The proposal is accepted with probability min(1, alpha),
+
+    alpha = p(x') / p(x) * |x| / |x'| * [q_s(x_s) prod_stale p(x_stale)]
+                                      / [q_s(x'_s) prod_fresh p(x'_fresh)]
+
+(Wingate, Stuhlmueller & Goodman 2011), where p is the joint density of choices and
+likelihood factors and q_s the proposal at the chosen site (its prior, or a symmetric
+walk for which the q terms cancel). The |x|/|x'| and fresh/stale terms are the Hastings
+correction for traces that change shape under random control flow.
+
+Invariant: the kernel leaves the posterior invariant (pi K = pi), and satisfies detailed
+balance. ``ppl.testing.validity.mh_transition_matrix`` builds K exactly for finite
+programs, enumerating every site choice, proposal and accept/reject outcome.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..semantics.errors import PPLRuntimeError
+from ..semantics.interpreter import Interpreter
+from ..semantics.sampling import _WeightAccumulator, column, drive
+from ..semantics.values import Batched, Particles, PerParticle, is_batched, rows
+
+
+@dataclass
+class MHState:
+    """Traces of C chains: per address a value column [C, ...], a presence mask [C], and
+    the log prior density of the value at that site [C] (needed for stale terms)."""
+    values: dict
+    present: dict
+    site_lp: dict
+    log_joint: torch.Tensor   # [C]
+    ret: Any                  # the return value column (tensor [C, ...] or list)
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        """Number of choices in each chain's trace."""
+        total = torch.zeros_like(self.log_joint)
+        for m in self.present.values():
+            total = total + m.to(total.dtype)
+        return total
+
+
+class TorchMHRandomness:
+    """Draws for MH with torch's generator (``ppl.testing.validity`` enumerates them)."""
+
+    def sample(self, dist, ctx):
+        return dist.sample(ctx)
+
+    def choose(self, sizes: torch.Tensor) -> torch.Tensor:
+        """A uniform index in [0, sizes[c]) per chain."""
+        u = torch.rand(sizes.shape, dtype=torch.float64, device=sizes.device)
+        return torch.minimum((u * sizes).floor().long(), (sizes - 1).clamp(min=0).long())
+
+    def normal(self, shape, device) -> torch.Tensor:
+        return torch.randn(shape, device=device, dtype=torch.float64)
+
+    def accept(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        u = torch.rand(log_alpha.shape, dtype=torch.float64, device=log_alpha.device)
+        return torch.log(u) < log_alpha
+
+
+class _Run(_WeightAccumulator):
+    """Runs the program once for all chains, reusing the old trace where it can."""
+
+    def __init__(self, C, device, old: MHState | None, chosen: dict, randomness, kernel: str, scale: float):
+        super().__init__(C, device, dtype=torch.float64)
+        self.C = C
+        self.old = old
+        self.chosen = chosen          # address -> bool [C]: this chain re-proposes that site
+        self.randomness = randomness
+        self.kernel = kernel
+        self.scale = scale
+        self.values: dict = {}
+        self.present: dict = {}
+        self.site_lp: dict = {}
+        self.fresh_lp = torch.zeros(C, dtype=torch.float64, device=device)
+        self.fwd_q = torch.zeros(C, dtype=torch.float64, device=device)
+        self.rev_q = torch.zeros(C, dtype=torch.float64, device=device)
+
+    def _col(self, store, addr, ctx, value_rows, fill=0):
+        if addr not in store:
+            store[addr] = torch.full((self.C, *value_rows.shape[1:]), fill, dtype=value_rows.dtype,
+                                     device=value_rows.device)
+        col = store[addr]
+        if col.dtype != value_rows.dtype:
+            col = col.to(torch.promote_types(col.dtype, value_rows.dtype))
+            store[addr] = col
+        col[ctx.idx] = value_rows.to(col.dtype)
+
+    def sample(self, eff):
+        ctx, addr, dist = eff.ctx, eff.addr, eff.dist
+        idx = ctx.idx
+        old = self.old
+        if old is not None and addr in old.values:
+            has = old.present[addr][idx]
+            old_rows = old.values[addr][idx]
+            chosen = self.chosen.get(addr)
+            chosen = chosen[idx] & has if chosen is not None else torch.zeros_like(has)
+            reuse = has & ~chosen
+            # draw only when some chain needs a new value here (keeps the enumerated
+            # version of this kernel free of irrelevant branches)
+            new_rows = old_rows if bool(reuse.all()) else self._draw(dist, ctx, eff)
+            walk = self._walk(dist, ctx, old_rows, chosen) if self.kernel == "rw" and \
+                old_rows.is_floating_point() and bool(chosen.any()) else None
+            if walk is not None:
+                proposal = torch.where(_bcast(chosen, walk), walk, new_rows)
+                prior_proposal = chosen & False
+            else:
+                proposal = new_rows
+                prior_proposal = chosen
+            value_rows = torch.where(_bcast(reuse, old_rows), old_rows.to(new_rows.dtype), proposal)
+        else:
+            has = torch.zeros(ctx.M, dtype=torch.bool, device=idx.device)
+            chosen = prior_proposal = has
+            new_rows = self._draw(dist, ctx, eff)
+            value_rows, old_rows = new_rows, None
+        value = Batched(value_rows, idx)
+        lp = _as_rows(dist.log_prob(value, ctx), ctx).double()
+        self.add(ctx, lp)
+        self.fresh_lp.index_add_(0, idx, torch.where(~has, lp, torch.zeros_like(lp)))
+        if bool(prior_proposal.any()):
+            self.fwd_q.index_add_(0, idx, torch.where(prior_proposal, lp, torch.zeros_like(lp)))
+            old_lp = _as_rows(dist.log_prob(Batched(old_rows, idx), ctx), ctx).double()
+            self.rev_q.index_add_(0, idx, torch.where(prior_proposal, old_lp, torch.zeros_like(old_lp)))
+        self._col(self.values, addr, ctx, value_rows)
+        if addr not in self.present:
+            self.present[addr] = torch.zeros(self.C, dtype=torch.bool, device=idx.device)
+        self.present[addr][idx] = True
+        self._col(self.site_lp, addr, ctx, lp)
+        return value
+
+    def observe(self, eff):
+        self.add(eff.ctx, eff.dist.log_prob(eff.value, eff.ctx))
+
+    def _draw(self, dist, ctx, eff):
+        draw = self.randomness.sample(dist, ctx)
+        if isinstance(draw, PerParticle):
+            raise PPLRuntimeError("MH supports numeric random choices only (this one is not)", eff.span,
+                                  "use importance sampling or SMC for models with string-valued choices")
+        return rows(draw, ctx)
+
+    def _walk(self, dist, ctx, old_rows, chosen):
+        """A Gaussian random walk in the unconstrained space of the choice's support:
+        y = T^-1(x), y' = y + scale * noise, x' = T(y'). The walk is symmetric in y, so
+        the Hastings ratio is the ratio of Jacobians |dT/dy| at y' and y, added here to
+        the reverse/forward proposal terms. None if the support has no bijection."""
+        try:
+            support = dist.torch_dist(ctx).support
+            T = torch.distributions.biject_to(support)
+        except (NotImplementedError, KeyError, PPLRuntimeError):
+            return None
+        x = old_rows.double()
+        y = T.inv(x)
+        noise = self.randomness.normal(y.shape, y.device)
+        y2 = y + self.scale * noise
+        x2 = T(y2)
+        ev = dist.spec.value_event_dim
+
+        def logdet(yy, xx):
+            j = T.log_abs_det_jacobian(yy, xx)
+            return j.reshape(j.shape[0], -1).sum(1) if j.dim() > 1 else j.expand(yy.shape[0]) if j.dim() == 0 else j
+
+        c = chosen.double()
+        self.rev_q.index_add_(0, ctx.idx, -logdet(y, x) * c)
+        self.fwd_q.index_add_(0, ctx.idx, -logdet(y2, x2) * c)
+        return x2.to(old_rows.dtype)
+
+
+def _bcast(mask, like):
+    return mask.reshape(mask.shape + (1,) * (like.dim() - 1))
+
+
+def _as_rows(lp, ctx):
+    return lp.expand(ctx.M) if lp.dim() == 0 else lp
+
+
+def initial_state(interp: Interpreter, entry: str, data: dict, chains: int, device="cpu", randomness=None,
+                  tries: int = 100) -> MHState:
+    """Draw each chain's first trace from the prior, redrawing chains whose joint density
+    is zero (so that every chain starts inside the support of the posterior)."""
+    randomness = randomness or TorchMHRandomness()
+    state = _run(interp, entry, data, chains, device, None, {}, randomness, "prior", 1.0)
+    for _ in range(tries):
+        bad = ~torch.isfinite(state.log_joint)
+        if not bool(bad.any()):
+            return state
+        again = _run(interp, entry, data, chains, device, None, {}, randomness, "prior", 1.0)
+        state = _select(bad, again, state)
+    if not bool(torch.isfinite(state.log_joint).any()):
+        raise PPLRuntimeError(f"MH: no chain found a trace of positive probability in {tries} prior draws",
+                              hint="the data may be impossible under the prior")
+    return state
+
+
+def _run(interp, entry, data, C, device, old, chosen, randomness, kernel, scale):
+    ctx = Particles.all(C, device)
+    h = _Run(C, device, old, chosen, randomness, kernel, scale)
+    ret = drive(interp.run(entry, data, ctx), h)
+    state = MHState(h.values, h.present, h.site_lp, h.log_weights, column(ret, ctx))
+    state._run = h
+    return state
+
+
+def mh_step(interp: Interpreter, entry: str, data: dict, state: MHState, device="cpu", *, randomness=None,
+            kernel: str = "prior", scale: float = 0.5, hastings: bool = True):
+    """One single-site MH step for every chain: returns (new state, accepted mask)."""
+    randomness = randomness or TorchMHRandomness()
+    C = state.log_joint.shape[0]
+    addrs = list(state.values)
+    sizes = state.sizes
+    pick = randomness.choose(sizes)  # per chain: the k-th present address (in trace order)
+    chosen = {}
+    rank = torch.zeros(C, dtype=torch.long, device=pick.device)
+    for a in addrs:
+        m = state.present[a]
+        chosen[a] = m & (rank == pick)
+        rank = rank + m.long()
+    new = _run(interp, entry, data, C, device, state, chosen, randomness, kernel, scale)
+    h = new._run
+    log_alpha = new.log_joint - state.log_joint
+    if hastings:
+        stale = torch.zeros(C, dtype=torch.float64, device=pick.device)
+        for a in addrs:
+            gone = state.present[a] & ~new.present.get(a, torch.zeros_like(state.present[a]))
+            if bool(gone.any()):
+                stale = stale + torch.where(gone, state.site_lp[a].double(), torch.zeros_like(stale))
+        log_alpha = log_alpha + torch.log(sizes.double()) - torch.log(new.sizes.double()) \
+            + h.rev_q + stale - h.fwd_q - h.fresh_lp
+    log_alpha = torch.where(torch.isnan(log_alpha), torch.full_like(log_alpha, -math.inf), log_alpha)
+    accept = randomness.accept(log_alpha) & torch.isfinite(new.log_joint)
+    return _select(accept, new, state), accept
+
+
+def _select(mask: torch.Tensor, new: MHState, old: MHState) -> MHState:
+    """Per chain: the new state where mask holds, else the old one."""
+    values, present, site_lp = {}, {}, {}
+    for a in set(old.values) | set(new.values):
+        nv, ov = new.values.get(a), old.values.get(a)
+        np_ = new.present.get(a, torch.zeros_like(mask))
+        op = old.present.get(a, torch.zeros_like(mask))
+        present[a] = torch.where(mask, np_, op)
+        ref = nv if nv is not None else ov
+        nv = nv if nv is not None else torch.zeros_like(ref)
+        ov = ov if ov is not None else torch.zeros_like(ref)
+        dtype = torch.promote_types(nv.dtype, ov.dtype)
+        values[a] = torch.where(_bcast(mask, ref), nv.to(dtype), ov.to(dtype))
+        nl = new.site_lp.get(a, torch.zeros_like(new.log_joint))
+        ol = old.site_lp.get(a, torch.zeros_like(old.log_joint))
+        site_lp[a] = torch.where(mask, nl.double(), ol.double())
+    log_joint = torch.where(mask, new.log_joint, old.log_joint)
+    ret = _select_column(mask, new.ret, old.ret)
+    return MHState(values, present, site_lp, log_joint, ret)
+
+
+def _select_column(mask, new, old):
+    if isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor) and new.shape == old.shape:
+        dtype = torch.promote_types(new.dtype, old.dtype)
+        return torch.where(_bcast(mask, new), new.to(dtype), old.to(dtype))
+    n = new.tolist() if isinstance(new, torch.Tensor) else list(new)
+    o = old.tolist() if isinstance(old, torch.Tensor) else list(old)
+    return [a if m else b for a, b, m in zip(n, o, mask.tolist())]
+
+
+def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples: int = 1000, burn_in: int = 500,
+       thin: int = 1, device="cpu", kernel: str = "prior", scale: float = 0.5, progress: bool = False):
+    """Run ``chains`` chains: returns (draws, acceptance rate), draws mapping "return"
+    and each address to a tensor [chains, samples, ...] (or nested lists) and a
+    presence mask per address."""
+    if kernel not in ("prior", "rw"):
+        raise PPLRuntimeError(f"unknown MH kernel '{kernel}'", hint="use kernel='prior' or kernel='rw'")
+    state = initial_state(interp, entry, data, chains, device)
+    kept: list[MHState] = []
+    accepted = 0.0
+    total = burn_in + samples * thin
+    steps = range(total)
+    if progress:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc="MH", unit="step", leave=False)
+    for i in steps:
+        state, acc = mh_step(interp, entry, data, state, device, kernel=kernel, scale=scale)
+        if i >= burn_in:
+            accepted += float(acc.double().mean())
+            if (i - burn_in) % thin == 0:
+                kept.append(state)
+    rate = accepted / max(1, total - burn_in)
+    return kept, rate
