@@ -87,6 +87,23 @@ def run_mh(model, data: dict, *, particles: int = 4, samples: int = 1000, burn_i
                       extra={"kernel": kernel, "burn_in": burn_in, "thin": thin})
 
 
+def run_resample_move(model, data: dict, *, particles: int = 1000, device: str = "cpu",
+                      resampling: str = "systematic", ess_threshold: float = 1.0, moves: int = 1,
+                      kernel: str = "prior", scale: float = 0.5, **_) -> Any:
+    """Resample-move SMC (``inference.resample_move``): SMC with ``moves`` MH steps per
+    particle after each resampling. ``extra["acceptance"]`` lists the MH acceptance rate
+    at each rejuvenation."""
+    from .resample_move import resample_move
+    _, _, WeightedResult = _result_types()
+    sites, log_weights, h, acc = resample_move(
+        model.interpreter(), model.entry, model.prepare_data(data, device), int(particles), device,
+        resampling=resampling, ess_threshold=ess_threshold, moves=int(moves), kernel=kernel, scale=float(scale))
+    res = WeightedResult("resample_move", _sites(sites), log_weights.cpu(),
+                         extra={"history": h.history, "acceptance": acc, "moves": moves})
+    res.ess_history = [r.ess for r in h.history]
+    return res
+
+
 def run_enumerate(model, data: dict, *, max_paths: int = 1_000_000, **_) -> Any:
     ExactResult, _, _ = _result_types()
     paths = enumerate_paths(model.program, model.builtins(), model.entry, model.prepare_data(data, None),
@@ -101,4 +118,5 @@ METHODS: dict[str, Callable] = {
     "prior": run_prior,
     "smc": run_smc,
     "mh": run_mh,
+    "resample_move": run_resample_move,
 }

@@ -31,6 +31,7 @@ from ..semantics.errors import PPLRuntimeError
 from ..semantics.interpreter import Interpreter
 from ..semantics.sampling import _WeightAccumulator, column, drive
 from ..semantics.values import Batched, Particles, PerParticle, is_batched, rows
+from .randomness import TorchRandomness
 
 
 @dataclass
@@ -52,11 +53,8 @@ class MHState:
         return total
 
 
-class TorchMHRandomness:
+class TorchMHRandomness(TorchRandomness):
     """Draws for MH with torch's generator (``ppl.testing.validity`` enumerates them)."""
-
-    def sample(self, dist, ctx):
-        return dist.sample(ctx)
 
     def choose(self, sizes: torch.Tensor) -> torch.Tensor:
         """A uniform index in [0, sizes[c]) per chain."""
@@ -74,9 +72,12 @@ class TorchMHRandomness:
 class _Run(_WeightAccumulator):
     """Runs the program once for all chains, reusing the old trace where it can."""
 
-    def __init__(self, C, device, old: MHState | None, chosen: dict, randomness, kernel: str, scale: float):
+    def __init__(self, C, device, old: MHState | None, chosen: dict, randomness, kernel: str, scale: float,
+                 stop_after: int | None = None):
         super().__init__(C, device, dtype=torch.float64)
         self.C = C
+        self.stop_after = stop_after  # truncate the program after this many checkpoints
+        self.checkpoints = 0
         self.old = old
         self.chosen = chosen          # address -> bool [C]: this chain re-proposes that site
         self.randomness = randomness
@@ -143,6 +144,26 @@ class _Run(_WeightAccumulator):
 
     def observe(self, eff):
         self.add(eff.ctx, eff.dist.log_prob(eff.value, eff.ctx))
+        self._checkpoint(eff)
+
+    def factor(self, eff):
+        super().factor(eff)
+        self._checkpoint(eff)
+
+    def condition(self, eff):
+        super().condition(eff)
+        self._checkpoint(eff)
+
+    def _checkpoint(self, eff):
+        if self.stop_after is None:
+            return
+        if eff.ctx.M != self.C:
+            raise PPLRuntimeError(
+                "resample-move needs every observe/factor/condition to be reached by all particles together",
+                eff.span, "this checkpoint is inside a branch taken by only some particles: use method='smc'")
+        self.checkpoints += 1
+        if self.checkpoints >= self.stop_after:
+            raise _Truncated()
 
     def _draw(self, dist, ctx, eff):
         draw = self.randomness.sample(dist, ctx)
@@ -204,18 +225,27 @@ def initial_state(interp: Interpreter, entry: str, data: dict, chains: int, devi
     return state
 
 
-def _run(interp, entry, data, C, device, old, chosen, randomness, kernel, scale):
+class _Truncated(Exception):
+    """Stops a run at the end of a truncated program (the target of an SMC step)."""
+
+
+def _run(interp, entry, data, C, device, old, chosen, randomness, kernel, scale, stop_after=None):
     ctx = Particles.all(C, device)
-    h = _Run(C, device, old, chosen, randomness, kernel, scale)
-    ret = drive(interp.run(entry, data, ctx), h)
-    state = MHState(h.values, h.present, h.site_lp, h.log_weights, column(ret, ctx))
+    h = _Run(C, device, old, chosen, randomness, kernel, scale, stop_after)
+    try:
+        ret = column(drive(interp.run(entry, data, ctx), h), ctx)
+    except _Truncated:
+        ret = torch.zeros(C)
+    state = MHState(h.values, h.present, h.site_lp, h.log_weights, ret)
     state._run = h
     return state
 
 
 def mh_step(interp: Interpreter, entry: str, data: dict, state: MHState, device="cpu", *, randomness=None,
-            kernel: str = "prior", scale: float = 0.5, hastings: bool = True):
-    """One single-site MH step for every chain: returns (new state, accepted mask)."""
+            kernel: str = "prior", scale: float = 0.5, hastings: bool = True, stop_after: int | None = None):
+    """One single-site MH step for every chain: returns (new state, accepted mask).
+    With ``stop_after`` = k the target is the program truncated after its k-th
+    checkpoint (prior times the first k likelihood factors): SMC's k-th target."""
     randomness = randomness or TorchMHRandomness()
     C = state.log_joint.shape[0]
     addrs = list(state.values)
@@ -227,7 +257,7 @@ def mh_step(interp: Interpreter, entry: str, data: dict, state: MHState, device=
         m = state.present[a]
         chosen[a] = m & (rank == pick)
         rank = rank + m.long()
-    new = _run(interp, entry, data, C, device, state, chosen, randomness, kernel, scale)
+    new = _run(interp, entry, data, C, device, state, chosen, randomness, kernel, scale, stop_after)
     h = new._run
     log_alpha = new.log_joint - state.log_joint
     if hastings:

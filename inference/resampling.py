@@ -36,13 +36,52 @@ def ess(log_weights: torch.Tensor) -> float:
     return float(1.0 / (w * w).sum())
 
 
-def _search(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Indices i with cdf_{i-1} <= u < cdf_i for uniforms u in [0, 1)."""
+def _search(w: torch.Tensor, u: torch.Tensor, evenly_spread: bool = False) -> torch.Tensor:
+    """Indices i with cdf_{i-1} <= u < cdf_i for uniforms u in [0, 1). ``evenly_spread``:
+    u is non-decreasing with about one value per 1/n (systematic, stratified), which
+    allows the same indices to be found by counting instead of binary search."""
     cdf = torch.cumsum(w, 0)
-    idx = torch.searchsorted(cdf, u * cdf[-1], right=True)
+    v = u * cdf[-1]
+    idx = _count_search(w, cdf, v) if evenly_spread and v.shape[0] >= _COUNT_MIN else None
+    if idx is None:
+        idx = torch.searchsorted(cdf, v, right=True)
     # the last particle of positive weight (usually the last one: no search needed)
     last = w.shape[0] - 1 if float(w[-1]) > 0 else int(torch.nonzero(w > 0).max())
     return idx.clamp_(max=last)
+
+
+_COUNT_MIN = 3072  # below this, torch's binary search is as fast
+_ENDS: dict = {}
+
+
+def _count_search(w: torch.Tensor, cdf: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """``torch.searchsorted(cdf, v, right=True)`` (the number of i with cdf_i <= v_k) for
+    a non-decreasing cdf and non-decreasing queries v spread evenly over [0, cdf[-1]],
+    in O(N) vector operations: torch's binary search costs ~0.1 us per query.
+
+    With c_i = #{k : v_k < cdf_i} (a prefix of v, as v is sorted), cdf_i <= v_k exactly
+    when k >= c_i, so the answer is the running count of the c_i. Each c_i is guessed
+    from the even spread and then checked (and moved) against v itself:
+    v[c_i - 1] < cdf_i <= v[c_i], so the result is exactly torch's. None when the guess
+    does not settle in a few rounds, or the weights are not finite and non-negative (the
+    caller then searches)."""
+    if cdf.dtype != v.dtype or not (float(w.min()) >= 0 and math.isfinite(float(cdf[-1]))):
+        return None
+    n = v.shape[0]
+    key = (v.dtype, str(v.device))
+    ends = _ENDS.get(key)
+    if ends is None:
+        ends = _ENDS[key] = torch.tensor([-math.inf, math.inf], dtype=v.dtype, device=v.device)
+    ext = torch.cat([ends[:1], v, ends[1:]])  # ext[c] = v[c - 1], ext[c + 1] = v[c]
+    # v_k ~ (k + U) T / n with T = cdf[-1] and U = v_0 n / T: c_i ~ ceil((cdf_i - v_0) n / T)
+    c = ((cdf - v[0]) * (n / cdf[-1])).ceil_().long().clamp_(0, n)
+    for _ in range(4):
+        low = ext.index_select(0, c + 1) < cdf  # v[c] < cdf_i: c_i is larger
+        high = ext.index_select(0, c) >= cdf  # v[c - 1] >= cdf_i: c_i is smaller
+        if not bool((low | high).any()):
+            return torch.bincount(c, minlength=n + 1).cumsum_(0)[:n]
+        c = c + low.long() - high.long()
+    return None
 
 
 _ARANGE: dict = {}
@@ -50,7 +89,7 @@ _ARANGE: dict = {}
 
 def _arange(n: int, device) -> torch.Tensor:
     """torch.arange(n) in float64 on ``device``, cached (never written to)."""
-    key = (n, str(device))
+    key = (n, device)
     t = _ARANGE.get(key)
     if t is None:
         if len(_ARANGE) >= 16:
@@ -68,23 +107,37 @@ def multinomial(w: torch.Tensor, n: int) -> torch.Tensor:
 def stratified(w: torch.Tensor, n: int) -> torch.Tensor:
     """One uniform in each stratum [k/n, (k+1)/n)."""
     u = (_arange(n, w.device) + torch.rand(n, dtype=torch.float64, device=w.device)) / n
-    return _search(w, u)
+    return _search(w, u, evenly_spread=True)
 
 
 def systematic(w: torch.Tensor, n: int) -> torch.Tensor:
     """One shared uniform offset: u_k = (k + U) / n."""
     u = (_arange(n, w.device) + torch.rand((), dtype=torch.float64, device=w.device)) / n
-    return _search(w, u)
+    return _search(w, u, evenly_spread=True)
+
+
+def residual_counts(w: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(floor(n w_i), n w_i): residual resampling's deterministic copies, w normalised
+    here, in float64. An n w_i within rounding of an integer counts as that integer:
+    w_i = 1/49 gives 49 * w_i = 0.999..., whose floor would lose the particle's copy
+    (equal weights would then be resampled multinomially instead of kept)."""
+    w = w.double()
+    nw = w * (n / w.sum())
+    counts = torch.floor(nw)
+    near = torch.round(nw)
+    counts = torch.where((nw - near).abs() <= 1e-12 * near.clamp(min=1.0), near, counts)
+    if float(counts.sum()) > n:  # never more than n copies
+        counts = torch.floor(nw)
+    return counts.long(), nw
 
 
 def residual(w: torch.Tensor, n: int) -> torch.Tensor:
     """floor(n w_i) copies of each i, the remaining R draws multinomial on the residuals."""
-    counts = torch.floor(n * w).long()
+    counts, nw = residual_counts(w, n)
     r = n - int(counts.sum())
     base = torch.repeat_interleave(torch.arange(w.shape[0], device=w.device), counts)
     if r > 0:
-        res = n * w - counts.to(w.dtype)
-        res = res.clamp_(min=0)
+        res = (nw - counts.double()).clamp_(min=0)
         extra = multinomial(res / res.sum(), r)
         base = torch.cat([base, extra])
     return torch.sort(base).values

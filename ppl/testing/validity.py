@@ -116,11 +116,14 @@ def enumerate_outcomes(run: Callable[[EnumeratingRandomness], Any], max_outcomes
 
 # -------------------------------------------------------------------- resampling laws
 def _cdf(w: list[float]) -> list[float]:
+    """The normalised cdf, exactly 1 from the last particle of positive weight on (a
+    rounded cdf could end below 1 and give a trailing zero-weight particle some mass)."""
+    total = math.fsum(w)
+    last = max(i for i, x in enumerate(w) if x > 0)
     c, out = 0.0, []
-    for x in w:
+    for i, x in enumerate(w):
         c += x
-        out.append(c)
-    out[-1] = 1.0
+        out.append(c / total if i < last else 1.0)
     return out
 
 
@@ -174,12 +177,14 @@ def resampling_distribution(w: list[float], scheme: str, n: int) -> dict[tuple, 
             out[anc] += b - a
         return dict(out)
     if scheme == "residual":
-        counts = [math.floor(n * x) for x in w]
+        from ..inference.resampling import residual_counts
+        counts, nw = residual_counts(torch.tensor(w, dtype=torch.float64), n)
+        counts, nw = counts.tolist(), nw.tolist()
         base = [i for i, k in enumerate(counts) for _ in range(k)]
         r = n - sum(counts)
         if r == 0:
             return {tuple(base): 1.0}
-        res = [n * x - k for x, k in zip(w, counts)]
+        res = [max(0.0, x - k) for x, k in zip(nw, counts)]
         s = sum(res)
         law = _multinomial_law([x / s for x in res], r)
         out = defaultdict(float)
@@ -245,7 +250,7 @@ def check_proper(model, algorithm: Callable, data: dict | None = None) -> Proper
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # a finite sum: make it exact to ~1e-15
     try:
-        outcomes = enumerate_outcomes(run)
+        outcomes = enumerate_outcomes(run, randomness_cls=getattr(algorithm, "randomness_cls", None))
     finally:
         torch.set_default_dtype(previous)
     for prob, (values, lw) in outcomes:
@@ -274,8 +279,7 @@ def _smc_like(particles, resampling="systematic", ess_threshold=1.0, handler=Non
     from ..semantics.errors import ZeroEvidenceError
 
     def algorithm(model, data, rnd):
-        interp = model.interpreter()
-        prepared = model.prepare_data(model.bind((), data), "cpu")
+        interp, prepared = _compiled(model, data)
         try:
             sites, lw, _ = smc(interp, model.entry, prepared, particles, "cpu", resampling=resampling,
                                ess_threshold=ess_threshold, randomness=rnd, handler_cls=handler)
@@ -288,6 +292,20 @@ def _smc_like(particles, resampling="systematic", ess_threshold=1.0, handler=Non
         return [_key(v) for v in values], lw
 
     return algorithm
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(model, data):
+    """The interpreter and prepared data of (model, data), built once per check."""
+    key = (id(model), repr(sorted(data.items())))
+    hit = _COMPILED.get(key)
+    if hit is None or hit[0] is not model:
+        _COMPILED.clear()
+        hit = (model, model.interpreter(), model.prepare_data(model.bind((), data), "cpu"))
+        _COMPILED[key] = hit
+    return hit[1], hit[2]
 
 
 def _key(v):
@@ -303,15 +321,24 @@ class EnumeratingMHRandomness(EnumeratingRandomness):
     """The MH kernel's draws as branch points: site choice, proposals, accept/reject."""
 
     def choose(self, sizes: torch.Tensor) -> torch.Tensor:
-        if sizes.shape[0] != 1:
-            raise ValueError("the exact MH checker runs one chain")
-        n = int(sizes[0])
-        return torch.tensor([self._choose([(k, 1.0 / n) for k in range(n)])], device=sizes.device)
+        """Joint outcomes over chains of a uniform index in [0, size_c)."""
+        ranges = [range(int(n)) for n in sizes.tolist()]
+        p = 1.0
+        for n in sizes.tolist():
+            p /= int(n)
+        pick = self._choose([(combo, p) for combo in itertools.product(*ranges)])
+        return torch.tensor(list(pick), dtype=torch.long, device=sizes.device)
 
     def accept(self, log_alpha: torch.Tensor) -> torch.Tensor:
-        a = float(log_alpha[0])
-        p = 1.0 if a >= 0 else math.exp(a)
-        return torch.tensor([self._choose([(True, p), (False, 1.0 - p)])], device=log_alpha.device)
+        """Joint outcomes over chains of accept/reject with probability min(1, alpha)."""
+        probs = [1.0 if a >= 0 else math.exp(a) for a in log_alpha.tolist()]
+        outcomes = []
+        for combo in itertools.product((True, False), repeat=len(probs)):
+            q = 1.0
+            for acc, p in zip(combo, probs):
+                q *= p if acc else 1.0 - p
+            outcomes.append((combo, q))
+        return torch.tensor(list(self._choose(outcomes)), dtype=torch.bool, device=log_alpha.device)
 
     def normal(self, shape, device):
         raise ValueError("a random-walk proposal has no finite enumeration: check kernel='prior'")
@@ -395,3 +422,25 @@ def _state_of(mh_mod, interp, entry, data, trace: dict):
     present = {a: torch.ones(1, dtype=torch.bool) for a in trace}
     old = mh_mod.MHState(values, present, {}, torch.zeros(1, dtype=torch.float64), None)
     return mh_mod._run(interp, entry, data, 1, "cpu", old, {}, mh_mod.TorchMHRandomness(), "prior", 1.0)
+
+
+def resample_move_algorithm(particles: int, moves: int = 1, resampling: str = "systematic"):
+    """Resample-move SMC as ``check_proper`` wants it (its SMC and MH draws enumerated:
+    pass ``randomness_cls=EnumeratingMHRandomness`` to ``check_proper``)."""
+    from ..inference.resample_move import resample_move
+
+    from ..semantics.errors import ZeroEvidenceError
+
+    def algorithm(model, data, rnd):
+        interp, prepared = _compiled(model, data)
+        try:
+            sites, lw, _, _ = resample_move(interp, model.entry, prepared, particles, "cpu",
+                                            resampling=resampling, moves=moves, randomness=rnd)
+        except ZeroEvidenceError:  # this outcome's Z_hat is 0
+            return [None] * particles, torch.full((particles,), -math.inf, dtype=torch.float64)
+        values, _ = sites["return"]
+        values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+        return [_key(v) for v in values], lw
+
+    algorithm.randomness_cls = EnumeratingMHRandomness
+    return algorithm
