@@ -48,3 +48,24 @@ def chain_diagnostics(kept: list):
         if C >= 2:
             r_hat[name] = float(split_gelman_rubin(x, chain_dim=0, sample_dim=1))
     return sites, r_hat, ess
+
+
+def draw_diagnostics(chains: list):
+    """Like ``chain_diagnostics``, from chains given as lists of draws (dicts address ->
+    value, with "return"): (sites, r_hat, ess)."""
+    C, S = len(chains), len(chains[0])
+    sites, r_hat, ess = {}, {}, {}
+    for name in chains[0][0]:
+        col = [[d[name] for d in ch] for ch in chains]
+        try:
+            x = torch.stack([torch.stack([torch.as_tensor(v) for v in ch]) for ch in col])  # [C, S, ...]
+        except (TypeError, RuntimeError):
+            sites[name] = ([v for ch in col for v in ch], None)
+            continue
+        sites[name] = (x.reshape(C * S, *x.shape[2:]), None)
+        if x.dim() == 2 and S >= 4 and not bool((x == x[0, 0]).all()):
+            xd = x.double()
+            ess[name] = float(effective_sample_size(xd, chain_dim=0, sample_dim=1))
+            if C >= 2:
+                r_hat[name] = float(split_gelman_rubin(xd, chain_dim=0, sample_dim=1))
+    return sites, r_hat, ess

@@ -104,6 +104,33 @@ def run_resample_move(model, data: dict, *, particles: int = 1000, device: str =
     return res
 
 
+def run_pmmh(model, data: dict, *, params=None, particles: int = 100, samples: int = 500, burn_in: int = 100,
+             chains: int = 2, scale: float = 0.2, device: str = "cpu", resampling: str = "systematic",
+             ess_threshold: float = 1.0, progress: bool = False, **_) -> Any:
+    """Particle marginal MH (``inference.pmmh``) on the choices named in ``params`` (a list
+    of addresses, or a comma-separated string), with ``particles`` SMC particles per
+    likelihood estimate, ``chains`` chains run one after the other."""
+    from ppl.result import MCMCResult
+    from .diagnostics import draw_diagnostics
+    from .pmmh import pmmh
+    if isinstance(params, str):
+        params = [p.strip() for p in params.split(",") if p.strip()]
+    interp = model.interpreter()
+    prepared = model.prepare_data(data, device)
+    runs, rates = [], []
+    for _ in range(int(chains)):
+        draws, rate = pmmh(interp, model.entry, prepared, list(params or []), particles=int(particles),
+                           samples=int(samples), burn_in=int(burn_in), scale=float(scale), device=device,
+                           resampling=resampling, ess_threshold=ess_threshold, progress=progress)
+        runs.append(draws)
+        rates.append(rate)
+    sites, r_hat, ess = draw_diagnostics(runs)
+    _, Site, _ = _result_types()
+    sites = {k: Site(_cpu(v), p) for k, (v, p) in sites.items()}
+    return MCMCResult("pmmh", sites, int(chains), int(samples), acceptance_rate=sum(rates) / len(rates),
+                      r_hat=r_hat, ess_per_site=ess, extra={"params": params, "particles": particles})
+
+
 def run_enumerate(model, data: dict, *, max_paths: int = 1_000_000, **_) -> Any:
     ExactResult, _, _ = _result_types()
     paths = enumerate_paths(model.program, model.builtins(), model.entry, model.prepare_data(data, None),
@@ -119,4 +146,5 @@ METHODS: dict[str, Callable] = {
     "smc": run_smc,
     "mh": run_mh,
     "resample_move": run_resample_move,
+    "pmmh": run_pmmh,
 }

@@ -42,7 +42,9 @@ def _search(w: torch.Tensor, u: torch.Tensor, evenly_spread: bool = False) -> to
     allows the same indices to be found by counting instead of binary search."""
     cdf = torch.cumsum(w, 0)
     v = u * cdf[-1]
-    idx = _count_search(w, cdf, v) if evenly_spread and v.shape[0] >= _COUNT_MIN else None
+    idx = None
+    if evenly_spread and v.shape[0] >= _COUNT_MIN and v.device.type == "cpu":  # measured on CPU only
+        idx = _count_search(w, cdf, v)
     if idx is None:
         idx = torch.searchsorted(cdf, v, right=True)
     # the last particle of positive weight (usually the last one: no search needed)
