@@ -131,6 +131,24 @@ def run_pmmh(model, data: dict, *, params=None, particles: int = 100, samples: i
                       r_hat=r_hat, ess_per_site=ess, extra={"params": params, "particles": particles})
 
 
+def run_tempering(model, data: dict, *, particles: int = 1000, device: str = "cpu", target_ess: float = 0.5,
+                  moves: int = 2, kernel: str = "rw", scale: float = 0.5, resampling: str = "systematic",
+                  **_) -> Any:
+    """Tempered SMC (``inference.tempering``): an adaptive path prior -> posterior with MH
+    moves. ``extra["schedule"]`` is the sequence of inverse temperatures."""
+    from .tempering import tempered_smc
+    _, _, WeightedResult = _result_types()
+    state, log_z, schedule = tempered_smc(model.interpreter(), model.entry, model.prepare_data(data, device),
+                                          int(particles), device, target_ess=float(target_ess), moves=int(moves),
+                                          kernel=kernel, scale=float(scale), resampling=resampling)
+    sites = {"return": (state.ret, None)}
+    for a, v in state.values.items():
+        p = state.present[a]
+        sites[a] = (v, None if bool(p.all()) else p)
+    lw = torch.full((int(particles),), float(log_z), dtype=torch.float64)
+    return WeightedResult("tempering", _sites(sites), lw, extra={"schedule": schedule, "moves": moves})
+
+
 def run_enumerate(model, data: dict, *, max_paths: int = 1_000_000, **_) -> Any:
     ExactResult, _, _ = _result_types()
     paths = enumerate_paths(model.program, model.builtins(), model.entry, model.prepare_data(data, None),
@@ -147,4 +165,5 @@ METHODS: dict[str, Callable] = {
     "mh": run_mh,
     "resample_move": run_resample_move,
     "pmmh": run_pmmh,
+    "tempering": run_tempering,
 }

@@ -43,6 +43,7 @@ class MHState:
     site_lp: dict
     log_joint: torch.Tensor   # [C]
     ret: Any                  # the return value column (tensor [C, ...] or list)
+    log_lik: Any = None       # [C]: the likelihood part of log_joint, unscaled by beta
 
     @property
     def sizes(self) -> torch.Tensor:
@@ -73,9 +74,11 @@ class _Run(_WeightAccumulator):
     """Runs the program once for all chains, reusing the old trace where it can."""
 
     def __init__(self, C, device, old: MHState | None, chosen: dict, randomness, kernel: str, scale: float,
-                 stop_after: int | None = None):
+                 stop_after: int | None = None, beta: float = 1.0):
         super().__init__(C, device, dtype=torch.float64)
         self.C = C
+        self.beta = beta  # the target is prior * likelihood^beta (tempering)
+        self.log_lik = torch.zeros(C, dtype=torch.float64, device=device)
         self.stop_after = stop_after  # truncate the program after this many checkpoints
         self.checkpoints = 0
         self.old = old
@@ -129,7 +132,7 @@ class _Run(_WeightAccumulator):
             value_rows, old_rows = new_rows, None
         value = Batched(value_rows, idx)
         lp = _as_rows(dist.log_prob(value, ctx), ctx).double()
-        self.add(ctx, lp)
+        _WeightAccumulator.add(self, ctx, lp)  # a prior term: never tempered
         self.fresh_lp.index_add_(0, idx, torch.where(~has, lp, torch.zeros_like(lp)))
         if bool(prior_proposal.any()):
             self.fwd_q.index_add_(0, idx, torch.where(prior_proposal, lp, torch.zeros_like(lp)))
@@ -141,6 +144,15 @@ class _Run(_WeightAccumulator):
         self.present[addr][idx] = True
         self._col(self.site_lp, addr, ctx, lp)
         return value
+
+    def add(self, ctx, lp):
+        """A likelihood term (observe/factor/condition): counted in full in ``log_lik``
+        and to the power beta in the target (an impossible one stays impossible)."""
+        lp = torch.as_tensor(lp, dtype=torch.float64, device=self.log_lik.device).expand(ctx.M)
+        self.log_lik.index_add_(0, ctx.idx, lp)
+        if self.beta != 1.0:
+            lp = torch.where(torch.isneginf(lp), lp, self.beta * lp)
+        _WeightAccumulator.add(self, ctx, lp)
 
     def observe(self, eff):
         self.add(eff.ctx, eff.dist.log_prob(eff.value, eff.ctx))
@@ -229,20 +241,21 @@ class _Truncated(Exception):
     """Stops a run at the end of a truncated program (the target of an SMC step)."""
 
 
-def _run(interp, entry, data, C, device, old, chosen, randomness, kernel, scale, stop_after=None):
+def _run(interp, entry, data, C, device, old, chosen, randomness, kernel, scale, stop_after=None, beta=1.0):
     ctx = Particles.all(C, device)
-    h = _Run(C, device, old, chosen, randomness, kernel, scale, stop_after)
+    h = _Run(C, device, old, chosen, randomness, kernel, scale, stop_after, beta)
     try:
         ret = column(drive(interp.run(entry, data, ctx), h), ctx)
     except _Truncated:
         ret = torch.zeros(C)
-    state = MHState(h.values, h.present, h.site_lp, h.log_weights, ret)
+    state = MHState(h.values, h.present, h.site_lp, h.log_weights, ret, h.log_lik)
     state._run = h
     return state
 
 
 def mh_step(interp: Interpreter, entry: str, data: dict, state: MHState, device="cpu", *, randomness=None,
-            kernel: str = "prior", scale: float = 0.5, hastings: bool = True, stop_after: int | None = None):
+            kernel: str = "prior", scale: float = 0.5, hastings: bool = True, stop_after: int | None = None,
+            beta: float = 1.0):
     """One single-site MH step for every chain: returns (new state, accepted mask).
     With ``stop_after`` = k the target is the program truncated after its k-th
     checkpoint (prior times the first k likelihood factors): SMC's k-th target."""
@@ -257,7 +270,7 @@ def mh_step(interp: Interpreter, entry: str, data: dict, state: MHState, device=
         m = state.present[a]
         chosen[a] = m & (rank == pick)
         rank = rank + m.long()
-    new = _run(interp, entry, data, C, device, state, chosen, randomness, kernel, scale, stop_after)
+    new = _run(interp, entry, data, C, device, state, chosen, randomness, kernel, scale, stop_after, beta)
     h = new._run
     log_alpha = new.log_joint - state.log_joint
     if hastings:
@@ -291,7 +304,21 @@ def _select(mask: torch.Tensor, new: MHState, old: MHState) -> MHState:
         site_lp[a] = torch.where(mask, nl.double(), ol.double())
     log_joint = torch.where(mask, new.log_joint, old.log_joint)
     ret = _select_column(mask, new.ret, old.ret)
-    return MHState(values, present, site_lp, log_joint, ret)
+    log_lik = None if new.log_lik is None or old.log_lik is None else torch.where(mask, new.log_lik, old.log_lik)
+    return MHState(values, present, site_lp, log_joint, ret, log_lik)
+
+
+def reindex(state: MHState, ancestors: torch.Tensor) -> MHState:
+    """The population after resampling: chain j takes the state of chain ancestors[j]."""
+    def take(col):
+        if isinstance(col, torch.Tensor):
+            return col[ancestors]
+        return [col[i] for i in ancestors.tolist()]
+    return MHState({a: v[ancestors] for a, v in state.values.items()},
+                   {a: m[ancestors] for a, m in state.present.items()},
+                   {a: lp[ancestors] for a, lp in state.site_lp.items()},
+                   state.log_joint[ancestors], take(state.ret),
+                   None if state.log_lik is None else state.log_lik[ancestors])
 
 
 def _select_column(mask, new, old):

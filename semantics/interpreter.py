@@ -73,6 +73,17 @@ class ConditionEffect:
     span: Any
 
 
+@dataclass
+class TwistEffect:
+    """``twist(phi)``: a potential for the intermediate targets of SMC. The weight is
+    multiplied by exp(phi - previous phi), and by exp(-last phi) at the end, so the
+    program's measure is unchanged (handlers without a ``twist`` method ignore it)."""
+    addr: str
+    value: Any
+    ctx: Particles
+    span: Any
+
+
 # ------------------------------------------------------------------------------ functions
 class Closure:
     """A user function (``def`` or ``lambda``) with the frame it was defined in."""

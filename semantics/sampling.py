@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .errors import PPLError, PPLRuntimeError
-from .interpreter import ConditionEffect, FactorEffect, ObserveEffect, SampleEffect
+from .interpreter import ConditionEffect, FactorEffect, ObserveEffect, SampleEffect, TwistEffect
 from .values import (Batched, Particles, PerParticle, batch_rows, is_batched, is_numeric,
                      materialize, rows, to_bool_rows)
 
@@ -30,7 +30,8 @@ from .values import (Batched, Particles, PerParticle, batch_rows, is_batched, is
 def drive(gen, handler) -> Any:
     """Run an interpreter generator to the end, answering its effects with ``handler``."""
     dispatch = {SampleEffect: handler.sample, ObserveEffect: handler.observe,
-                FactorEffect: handler.factor, ConditionEffect: handler.condition}
+                FactorEffect: handler.factor, ConditionEffect: handler.condition,
+                TwistEffect: getattr(handler, "twist", _ignore)}
     try:
         eff = next(gen)
         while True:
@@ -44,7 +45,14 @@ def drive(gen, handler) -> Any:
                 raise PPLRuntimeError(f"{type(err).__name__}: {msg}", eff.span) from err
             eff = gen.send(reply)
     except StopIteration as stop:
+        finish = getattr(handler, "finish", None)
+        if finish is not None:
+            finish()
         return stop.value
+
+
+def _ignore(eff):
+    return None
 
 
 class Trace:
@@ -130,11 +138,40 @@ class _WeightAccumulator:
         self.log_weights = torch.zeros(N, device=device, dtype=dtype or torch.get_default_dtype())
 
     def add(self, ctx: Particles, lp):
+        lw = self.log_weights
+        if ctx.is_full and ctx.M == lw.shape[0] and type(lp) is torch.Tensor and lp.device == lw.device \
+                and (lp.dtype == lw.dtype or (lp.dtype == torch.float32 and lw.dtype == torch.float64)):
+            # the common case: float32 -> float64 is exact, so the add's own type promotion
+            # gives the same bits as converting first, without the extra copy
+            self.log_weights = lw + lp
+            return
         lp = torch.as_tensor(lp, device=self.log_weights.device, dtype=self.log_weights.dtype)
         if ctx.is_full and ctx.M == self.log_weights.shape[0]:
             self.log_weights = self.log_weights + lp
         else:
             self.log_weights = self.log_weights.index_add(0, ctx.idx, lp.expand(ctx.M))
+
+    _twist = None  # the current potential of each particle (a batched value: it follows resampling)
+
+    def twist(self, eff: TwistEffect):
+        """Replace the particle's potential: weight * exp(phi - previous phi)."""
+        ctx = eff.ctx
+        v = eff.value
+        phi = rows(v, ctx).to(self.log_weights.dtype) if isinstance(v, Batched) else \
+            torch.full((ctx.M,), float(v), dtype=self.log_weights.dtype, device=self.log_weights.device)
+        full = Particles(ctx.full.idx, ctx.N, ctx.device, ctx.full)
+        current = rows(self._twist, full) if self._twist is not None else \
+            torch.zeros(ctx.N, dtype=self.log_weights.dtype, device=self.log_weights.device)
+        self.add(ctx, phi - current[ctx.idx])
+        current = current.clone()
+        current[ctx.idx] = phi
+        self._twist = Batched(current, ctx.full.idx)
+        self._twist_ctx = full
+
+    def finish(self):
+        """End of the run: take the last potential out again (the telescoping correction)."""
+        if self._twist is not None:
+            self.add(self._twist_ctx, -rows(self._twist, self._twist_ctx))
 
     def factor(self, eff: FactorEffect):
         v = eff.value

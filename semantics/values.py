@@ -110,7 +110,7 @@ class Lineage:
             out = [None] * self.epoch
             acc = None
             for e in range(self.epoch - 1, -1, -1):
-                acc = self.ancestors[e] if acc is None else self.ancestors[e][acc]
+                acc = self.ancestors[e] if acc is None else self.ancestors[e].index_select(0, acc)
                 out[e] = acc
             self._suffixes, self._suffix_epoch = out, self.epoch
         return self._suffixes[since]
@@ -171,7 +171,7 @@ class Batched:
     def _catch_up(self):
         lin = self._lin
         idx, sel = lin.follow(self._idx, self._ep)
-        self._t = self._t[sel]
+        self._t = self._t.index_select(0, sel)  # = self._t[sel] (sel: 1-D long), faster
         self._idx = idx
         self._ep = lin.epoch
 
@@ -255,7 +255,7 @@ def rows(v: Batched | PerParticle, ctx: Particles):
         return v.t if isinstance(v, Batched) else v.items
     pos = _positions_of(v.idx, ctx)
     if isinstance(v, Batched):
-        return v.t[pos]
+        return v.t.index_select(0, pos)  # = v.t[pos]
     return [v.items[i] for i in pos.tolist()]
 
 

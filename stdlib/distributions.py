@@ -366,7 +366,11 @@ class DistSpec:
             raise self._translate(e) from None
 
     def _to_tensors(self, params: Sequence) -> list[torch.Tensor]:
-        device = next((p.device for p in params if isinstance(p, torch.Tensor)), None)
+        device = None
+        for p in params:
+            if isinstance(p, torch.Tensor):
+                device = p.device
+                break
         out = []
         for p, con in zip(params, self._constraints):
             if con is ITEMS:  # only the shape matters
@@ -375,6 +379,8 @@ class DistSpec:
                 continue
             if isinstance(p, torch.Tensor):
                 t = p
+            elif (type(p) is float or type(p) is int) and (t := _const_tensor(p, device)) is not None:
+                pass  # a constant: its tensor is cached
             else:
                 if isinstance(p, Fraction):
                     p = float(p)
@@ -394,11 +400,19 @@ class DistSpec:
         if floats:
             dtype = floats[0].dtype
             for t in floats[1:]:
-                dtype = torch.promote_types(dtype, t.dtype)
-            out = [t if c is ITEMS else t.to(dtype) for t, c in zip(out, self._constraints)]
+                if t.dtype != dtype:
+                    dtype = torch.promote_types(dtype, t.dtype)
+            out = [t if c is ITEMS or t.dtype == dtype else t.to(dtype) for t, c in zip(out, self._constraints)]
         return out
 
     def _check_tensor(self, pname: str, con: _Con, ev: int, t: torch.Tensor) -> None:
+        if ev == 0 and t.is_floating_point() and t.numel() > 0:
+            # fast passes of the common checks (one reduction, one sync); anything they
+            # do not clear goes through the full check below, which reports the error
+            if con is REAL and not math.isnan(float(t.sum())):
+                return  # a NaN makes the sum NaN (the sum can also be NaN without one)
+            if con is POSITIVE and float(t.min()) > 0:
+                return  # min propagates NaN, which fails the test
         if t.dim() < ev:
             kind = "a vector" if ev == 1 else "a matrix"
             raise self._err(pname, f"must be {kind}", t)
@@ -587,6 +601,30 @@ class DistSpec:
         if isinstance(x, numbers.Real):
             return float(x)
         raise self._err(pname, "must be a number", x)
+
+
+_CONSTS: dict = {}
+
+
+def _const_tensor(p, device) -> torch.Tensor | None:
+    """``torch.as_tensor(p, device=device)`` (in the default float dtype when p is an int)
+    for a Python int/float constant, cached: distributions never write to their
+    parameters. -0.0 is kept apart from 0.0; the cache is bounded."""
+    dtype = torch.get_default_dtype()
+    key = (type(p), p, math.copysign(1.0, p) if type(p) is float else 0, device, dtype,
+           torch.is_inference_mode_enabled())  # an inference tensor must not leak out of that mode
+    t = _CONSTS.get(key)
+    if t is None:
+        try:
+            t = torch.as_tensor(p, device=device)
+        except (TypeError, ValueError, RuntimeError):
+            return None  # e.g. an int too large for int64: the general path handles it
+        if not t.is_floating_point():
+            t = t.to(dtype)
+        if len(_CONSTS) >= 512:
+            _CONSTS.clear()
+        _CONSTS[key] = t
+    return t
 
 
 def _floatify(x):

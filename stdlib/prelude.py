@@ -423,6 +423,13 @@ def _sample(interp, ctx, fr, span, d, name="sample"):
     return (yield SampleEffect(fr.address(name), d, ctx, span))
 
 
+def _twist(interp, ctx, fr, span, phi):
+    """``twist(phi)``: set this particle's SMC potential to phi (see TwistEffect)."""
+    from ..semantics.interpreter import TwistEffect
+    yield TwistEffect(fr.address("twist"), phi, ctx, span)
+    return None
+
+
 def _mem(ctx, f):
     if not isinstance(f, (Closure, Builtin)):
         raise PPLRuntimeError(f"mem() expects a function, got {describe(f)}")
@@ -434,7 +441,12 @@ def _dist_builtin(spec) -> Builtin:
     names = spec.params
     required = sum(1 for n in names if n not in spec.defaults)
 
+    n_params = len(names)
+    nothing_defaulted = frozenset()
+
     def make(ctx, *args, **kwargs):
+        if not kwargs and len(args) == n_params:  # every parameter given by position
+            return DistValue(spec, args, nothing_defaulted)
         if len(args) > len(names):
             raise PPLRuntimeError(f"{spec.name}() takes at most {len(names)} arguments ({', '.join(names)}) "
                                   f"but {len(args)} were given")
@@ -492,6 +504,7 @@ def builtins() -> dict[str, Any]:
     out["filter"] = Builtin("filter", _filter, (2, 2), higher_order=True)
     out["fold"] = Builtin("fold", _fold, (3, 3), higher_order=True)
     out["sample"] = Builtin("sample", _sample, (1, 2), higher_order=True)
+    out["twist"] = Builtin("twist", _twist, (1, 1), higher_order=True)
     for name, spec in _dists.DISTRIBUTIONS.items():
         out[name] = _dist_builtin(spec)
     out["pi"] = math.pi
