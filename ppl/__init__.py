@@ -7,7 +7,8 @@ intermediate representation with an exact measure semantics, and ``ppl.infer`` /
 from __future__ import annotations
 
 from .api import InferenceFunction, Model, compile_source, infer, model, python_function
-from .result import ExactResult, Site, WeightedResult
+from .inference.product import ProductOfExperts
+from .result import ExactResult, MCMCResult, Site, WeightedResult
 from .semantics.errors import (InfiniteSupportError, PPLCheckError, PPLError, PPLRecursionError,
                                PPLRuntimeError, PPLSyntaxError, ZeroEvidenceError)
 
@@ -15,7 +16,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "model", "infer", "Model", "InferenceFunction", "compile_source", "python_function",
-    "WeightedResult", "ExactResult", "Site",
+    "WeightedResult", "ExactResult", "MCMCResult", "Site", "ProductOfExperts", "product",
     "PPLError", "PPLSyntaxError", "PPLCheckError", "PPLRuntimeError", "PPLRecursionError",
     "ZeroEvidenceError", "InfiniteSupportError",
 ]
+
+
+def product(m1, m2, a: float = 1.0, b: float = 1.0) -> ProductOfExperts:
+    """The product of experts p1^a * p2^b of two models over the same choices."""
+    return ProductOfExperts(m1, m2, a, b)
