@@ -46,7 +46,17 @@ def state_space():
     write("state_space", {"ys": r4(ys), "a": a, "q": q, "r": r, "x0_sd": x0_sd})
 
 
+def mixture():
+    # two components, means -2 (weight w) and 2, sd 1; z = True picks the first
+    rng = np.random.default_rng(3)
+    n, w, sigma = 6, 0.4, 1.0
+    z = rng.random(n) < w
+    ys = np.where(z, rng.normal(-2.0, sigma, n), rng.normal(2.0, sigma, n))
+    write("mixture", {"ys": r4(ys), "w": w, "sigma": sigma})
+
+
 if __name__ == "__main__":
     gaussian_mean()
     linear_regression()
     state_space()
+    mixture()
