@@ -11,8 +11,10 @@ import time
 from typing import Callable
 
 
-def time_interleaved(contenders: dict[str, Callable[[], object]], repeats: int = 9, warmup: int = 2):
-    """name -> list of wall-clock seconds, timing the contenders in alternation."""
+def time_interleaved(contenders: dict[str, Callable[[], object]], repeats: int = 9, warmup: int = 2,
+                     results: dict[str, list] | None = None):
+    """name -> list of wall-clock seconds, timing the contenders in alternation. When
+    ``results`` is given, it receives name -> the return values of the timed calls."""
     for _ in range(warmup):
         for fn in contenders.values():
             fn()
@@ -20,8 +22,10 @@ def time_interleaved(contenders: dict[str, Callable[[], object]], repeats: int =
     for _ in range(repeats):
         for name, fn in contenders.items():
             t0 = time.perf_counter()
-            fn()
+            out = fn()
             times[name].append(time.perf_counter() - t0)
+            if results is not None:
+                results.setdefault(name, []).append(out)
     return times
 
 
