@@ -2,6 +2,7 @@
 
     ppl run MODEL.ppl [--data DATA.json] [--entry NAME] [--method METHOD]
                       [-n N] [--seed S] [--device cpu|cuda|auto] [--json] [--plot OUT.png]
+                      [--samples S] [--burn-in B] [--thin T] [--kernel prior|rw] [--scale X]
     ppl check MODEL.ppl [--entry NAME]
 
 ``run`` compiles the model, binds the entry function's parameters from the data file
@@ -10,7 +11,10 @@ defaults), runs inference and prints ``result.summary()``, or with ``--json`` ex
 one JSON object on stdout: ``result.to_json()`` plus ``model``, ``entry``,
 ``particles`` (null for exact methods) and ``seed``. The default is importance sampling
 with 1000 particles and seed 0, so a run is reproducible unless asked otherwise.
-``--method`` accepts every name in ``ppl.inference.METHODS``.
+``--method`` accepts every name in ``ppl.inference.METHODS``. For ``--method mh``,
+``-n`` is the number of chains, and ``--samples``, ``--burn-in``, ``--thin``,
+``--kernel`` and ``--scale`` set the MH options (``Model.run``'s keywords of the same
+names; omitted ones keep the method's defaults).
 
 ``check`` parses and statically checks the model and prints
 ``ok: MODEL.ppl (functions: a, b; entry: b(x, y=1))``.
@@ -37,6 +41,7 @@ DEFAULT_METHOD = "importance"
 DEFAULT_PARTICLES = 1000
 DEFAULT_SEED = 0
 DEVICES = ("cpu", "cuda", "auto")
+MH_KERNELS = ("prior", "rw")
 
 
 def _methods() -> dict:
@@ -73,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true",
                      help="print one JSON object instead of the summary table")
     run.add_argument("--plot", metavar="OUT.png", help="also save a plot of the posterior")
+    mcmc = run.add_argument_group("MCMC options (--method mh; -n is the number of chains)")
+    mcmc.add_argument("--samples", type=int, metavar="S", help="draws kept per chain (default: 1000)")
+    mcmc.add_argument("--burn-in", type=int, metavar="B", help="steps discarded first (default: 500)")
+    mcmc.add_argument("--thin", type=int, metavar="T", help="keep every T-th step (default: 1)")
+    mcmc.add_argument("--kernel", choices=MH_KERNELS,
+                      help="proposal: prior (default) or rw (random walk in unconstrained space)")
+    mcmc.add_argument("--scale", type=float, metavar="X", help="random-walk step size (default: 0.5)")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="parse and statically check a model",
@@ -176,10 +188,11 @@ def cmd_run(args) -> int:
                        hint=did_you_mean(args.method, methods) or f"available: {', '.join(methods)}")
     if args.particles < 1:
         raise PPLError(f"--particles must be at least 1 (got {args.particles})")
+    options = _method_options(args)
     model = load_model(args.model, args.entry)
     data = load_data(args.data)
     _check_data(model, data, args.data)
-    result = model.run(args.method, data, particles=args.particles, seed=args.seed, device=args.device)
+    result = model.run(args.method, data, particles=args.particles, seed=args.seed, device=args.device, **options)
 
     from .result import WeightedResult
     if args.plot:
@@ -194,6 +207,24 @@ def cmd_run(args) -> int:
     else:
         print(result.summary())
     return 0
+
+
+def _method_options(args) -> dict:
+    """The MCMC options given on the command line (only those given), checked."""
+    options = {}
+    for flag, name, least in (("--samples", "samples", 1), ("--burn-in", "burn_in", 0), ("--thin", "thin", 1)):
+        v = getattr(args, name)
+        if v is not None:
+            if v < least:
+                raise PPLError(f"{flag} must be at least {least} (got {v})")
+            options[name] = v
+    if args.kernel is not None:
+        options["kernel"] = args.kernel
+    if args.scale is not None:
+        if not args.scale > 0 or args.scale == float("inf"):
+            raise PPLError(f"--scale must be a positive number (got {args.scale})")
+        options["scale"] = args.scale
+    return options
 
 
 def save_plot(result, path: str) -> None:

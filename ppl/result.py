@@ -1027,6 +1027,13 @@ class MCMCResult(WeightedResult):
         self.ess = ess_per_site.get("return", min(ess_per_site.values()) if ess_per_site else float(self.n))
         self.log_evidence = None
 
+    def _json_extra(self) -> dict:
+        """The chain layout and diagnostics (per-site split R-hat and ESS)."""
+        return {"chains": self.chains, "draws": self.draws,
+                "acceptance_rate": _json_scalar(self.acceptance_rate),
+                "r_hat": {k: _json_scalar(v) for k, v in self.r_hat.items()},
+                "ess_per_site": {k: _json_scalar(v) for k, v in self.ess_per_site.items()}}
+
     def _header(self) -> str:
         worst = max(self.r_hat.values()) if self.r_hat else float("nan")
         return (f"{self.method}: {self.chains} chains x {self.draws} draws, acceptance {self.acceptance_rate:.2f}, "
