@@ -129,6 +129,7 @@ class Model:
             ok = False
         if not ok:
             raise PPLError(f"particles must be a positive integer (got {particles!r})")
+        _check_options(method, METHODS[method], options)
         device = resolve_device(device)
         data = self.bind((), data)
         with seeded(seed, device):
@@ -284,6 +285,17 @@ def seeded(seed: int | None, device: str = "cpu"):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(seed))
         yield
+
+
+def _check_options(method: str, fn: Callable, options: dict) -> None:
+    """An option the method does not take is an error (not silently ignored)."""
+    known = [p.name for p in inspect.signature(fn).parameters.values()
+             if p.kind == p.KEYWORD_ONLY and p.name not in ("particles", "device")]
+    for key in options:
+        if key not in known:
+            raise PPLError(f"method '{method}' has no option '{key}'",
+                           hint=did_you_mean(key, known) or
+                           (f"its options are: {', '.join(known)}" if known else "it takes no options"))
 
 
 def _arities() -> dict:

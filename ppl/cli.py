@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     mcmc.add_argument("--kernel", choices=MH_KERNELS,
                       help="proposal: prior (default) or rw (random walk in unconstrained space)")
     mcmc.add_argument("--scale", type=float, metavar="X", help="random-walk step size (default: 0.5)")
+    run.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+                     help="any other option of the method, e.g. -o resampling=stratified -o ess_threshold=0.5, "
+                          "-o moves=2 (resample_move), -o params=q,r (pmmh), -o target_ess=0.3 (tempering); "
+                          "VALUE is read as JSON when it parses, else as a string")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="parse and statically check a model",
@@ -210,8 +214,17 @@ def cmd_run(args) -> int:
 
 
 def _method_options(args) -> dict:
-    """The MCMC options given on the command line (only those given), checked."""
+    """The method options given on the command line (only those given), checked."""
     options = {}
+    for item in args.option:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise PPLError(f"--option expects KEY=VALUE (got {item!r})", hint="e.g. -o resampling=stratified")
+        try:
+            options[key] = json.loads(raw)
+        except ValueError:
+            options[key] = raw
     for flag, name, least in (("--samples", "samples", 1), ("--burn-in", "burn_in", 0), ("--thin", "thin", 1)):
         v = getattr(args, name)
         if v is not None:
