@@ -113,11 +113,13 @@ class _Run(_WeightAccumulator):
             chosen = self.chosen.get(addr)
             chosen = chosen[idx] & has if chosen is not None else torch.zeros_like(has)
             reuse = has & ~chosen
-            # draw only when some chain needs a new value here (keeps the enumerated
-            # version of this kernel free of irrelevant branches)
-            new_rows = old_rows if bool(reuse.all()) else self._draw(dist, ctx, eff)
             walk = self._walk(dist, ctx, old_rows, chosen) if self.kernel == "rw" and \
                 old_rows.is_floating_point() and bool(chosen.any()) else None
+            # draw only when some chain needs a prior draw here: not when every other chain
+            # reuses its value and the chosen ones walk (this also keeps the enumerated
+            # version of the kernel free of irrelevant branches)
+            needs_draw = ~reuse if walk is None else ~has
+            new_rows = self._draw(dist, ctx, eff) if bool(needs_draw.any()) else old_rows
             if walk is not None:
                 proposal = torch.where(_bcast(chosen, walk), walk, new_rows)
                 prior_proposal = chosen & False
