@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..semantics.errors import PPLRuntimeError, ZeroEvidenceError
+from ..semantics.dist_values import ProposedDist
 from ..semantics.interpreter import Interpreter
 from ..semantics.sampling import LikelihoodWeighting, column, drive
 from ..semantics.values import Lineage, Particles, set_lineage
@@ -60,7 +61,11 @@ class SMCHandler(LikelihoodWeighting):
 
     # the prior draws go through the pluggable randomness (so the checker can enumerate)
     def sample(self, eff):
-        value = self.randomness.sample(eff.dist, eff.ctx)
+        if isinstance(eff.dist, ProposedDist):  # a user proposal: draw from it, correct the weight
+            value, correction = eff.dist.propose(eff.ctx, self.randomness.sample)
+            self.add(eff.ctx, correction)
+        else:
+            value = self.randomness.sample(eff.dist, eff.ctx)
         self.trace.record(eff.addr, eff.ctx, value)
         return value
 

@@ -176,3 +176,46 @@ class DistValue:
 
 def _dim(t) -> int:
     return t.dim() if isinstance(t, torch.Tensor) else 0
+
+
+class ProposedDist:
+    """``propose(target, proposal)``: the choice's distribution is ``target``; importance
+    sampling and SMC draw it from ``proposal`` instead and multiply the weight by
+    target(x) / proposal(x), which keeps their weighting proper for the same measure.
+    Every other semantics (exact enumeration, the log joint, MH) sees only ``target``."""
+
+    __slots__ = ("target", "proposal")
+
+    def __init__(self, target: DistValue, proposal: DistValue):
+        self.target, self.proposal = target, proposal
+
+    @property
+    def spec(self):
+        return self.target.spec
+
+    @property
+    def args(self):
+        return self.target.args
+
+    def describe(self) -> str:
+        return f"{self.target.spec.name} distribution (proposing from {self.proposal.spec.name})"
+
+    def sample(self, ctx):
+        return self.target.sample(ctx)
+
+    def log_prob(self, value, ctx):
+        return self.target.log_prob(value, ctx)
+
+    def torch_dist(self, ctx):
+        return self.target.torch_dist(ctx)
+
+    def exact_support(self):
+        return self.target.exact_support()
+
+    def exact_prob(self, value):
+        return self.target.exact_prob(value)
+
+    def propose(self, ctx, draw):
+        """(value drawn from the proposal by ``draw(dist, ctx)``, log weight correction)."""
+        value = draw(self.proposal, ctx)
+        return value, self.target.log_prob(value, ctx) - self.proposal.log_prob(value, ctx)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Generator, Optional
 import torch
 
 from . import ir
-from .dist_values import DistValue
+from .dist_values import DistValue, ProposedDist
 from .errors import PPLError, PPLRecursionError, PPLRuntimeError, did_you_mean
 from .values import (Batched, Particles, PerParticle, Undefined, batch_rows, binop,
                      describe, is_batched, is_numeric, materialize, merge_parts, pack,
@@ -752,7 +752,7 @@ class Interpreter:
         return get(e.name)
 
     def _as_dist(self, d, e):
-        if not isinstance(d, DistValue):
+        if not isinstance(d, (DistValue, ProposedDist)):
             raise PPLRuntimeError(f"expected a distribution after '~', got {describe(d)}", e.span,
                                   "write e.g. `x ~ normal(0, 1)`")
         return d

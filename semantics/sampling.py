@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .errors import PPLError, PPLRuntimeError
+from .dist_values import ProposedDist
 from .interpreter import ConditionEffect, FactorEffect, ObserveEffect, SampleEffect, TwistEffect
 from .values import (Batched, Particles, PerParticle, batch_rows, is_batched, is_numeric,
                      materialize, rows, to_bool_rows)
@@ -207,7 +208,11 @@ class LikelihoodWeighting(_WeightAccumulator):
         self.trace = Trace(N, device)
 
     def sample(self, eff: SampleEffect):
-        value = eff.dist.sample(eff.ctx)
+        if isinstance(eff.dist, ProposedDist):  # a user proposal: draw from it, correct the weight
+            value, correction = eff.dist.propose(eff.ctx, lambda d, c: d.sample(c))
+            self.add(eff.ctx, correction)
+        else:
+            value = eff.dist.sample(eff.ctx)
         self.trace.record(eff.addr, eff.ctx, value)
         return value
 

@@ -430,6 +430,17 @@ def _twist(interp, ctx, fr, span, phi):
     return None
 
 
+def _propose(ctx, target, proposal):
+    """``x ~ propose(target, proposal)``: x has distribution target; IS and SMC draw it
+    from proposal with the weight correction target(x) / proposal(x)."""
+    from ..semantics.dist_values import ProposedDist
+    for d, what in ((target, "target"), (proposal, "proposal")):
+        if not isinstance(d, DistValue):
+            raise PPLRuntimeError(f"propose(): the {what} must be a distribution, got {describe(d)}",
+                                  hint="x ~ propose(normal(a * x, q), normal(y, 1))")
+    return ProposedDist(target, proposal)
+
+
 def _mem(ctx, f):
     if not isinstance(f, (Closure, Builtin)):
         raise PPLRuntimeError(f"mem() expects a function, got {describe(f)}")
@@ -505,6 +516,7 @@ def builtins() -> dict[str, Any]:
     out["fold"] = Builtin("fold", _fold, (3, 3), higher_order=True)
     out["sample"] = Builtin("sample", _sample, (1, 2), higher_order=True)
     out["twist"] = Builtin("twist", _twist, (1, 1), higher_order=True)
+    out["propose"] = Builtin("propose", _propose, (2, 2))
     for name, spec in _dists.DISTRIBUTIONS.items():
         out[name] = _dist_builtin(spec)
     out["pi"] = math.pi
