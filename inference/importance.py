@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..semantics.errors import ZeroEvidenceError
-from ..semantics.interpreter import Interpreter
+from ..semantics.interpreter import FactorEffect, Interpreter, ObserveEffect
 from ..semantics.sampling import LikelihoodWeighting, column, drive
 from ..semantics.values import Particles
 
@@ -46,17 +46,9 @@ class _Locate(LikelihoodWeighting):
                 f"no particle satisfies it ({self.log_weights.shape[0]} particles tried): the data or "
                 "condition may be impossible under the prior, or too unlikely; check it, or use more particles")
 
-    def observe(self, eff):
-        super().observe(eff)
-        self._check(eff, "observation")
-
-    def factor(self, eff):
-        super().factor(eff)
-        self._check(eff, "factor")
-
-    def condition(self, eff):
-        super().condition(eff)
-        self._check(eff, "condition")
+    def _checkpoint(self, eff):
+        what = {ObserveEffect: "observation", FactorEffect: "factor"}.get(type(eff), "condition")
+        self._check(eff, what)
 
 
 def _rng_state(device):

@@ -156,18 +156,6 @@ class _Run(_WeightAccumulator):
             lp = torch.where(torch.isneginf(lp), lp, self.beta * lp)
         _WeightAccumulator.add(self, ctx, lp)
 
-    def observe(self, eff):
-        self.add(eff.ctx, eff.dist.log_prob(eff.value, eff.ctx))
-        self._checkpoint(eff)
-
-    def factor(self, eff):
-        super().factor(eff)
-        self._checkpoint(eff)
-
-    def condition(self, eff):
-        super().condition(eff)
-        self._checkpoint(eff)
-
     def _checkpoint(self, eff):
         if self.stop_after is None:
             return

@@ -99,17 +99,6 @@ class SMCHandler(LikelihoodWeighting):
             lme = 0.0  # log_mean_exp of the reset (all-zero) log weights
         self.history.append(StepRecord(eff.addr, ess, resample, self.log_z + lme))
 
-    def observe(self, eff):
-        super().observe(eff)
-        self._checkpoint(eff)
-
-    def factor(self, eff):
-        super().factor(eff)
-        self._checkpoint(eff)
-
-    def condition(self, eff):
-        super().condition(eff)
-        self._checkpoint(eff)
 
 
 def smc(interp: Interpreter, entry: str, data: dict, particles: int, device="cpu", *,

@@ -188,12 +188,9 @@ class RaggedRange(PerParticle):
         PerParticle.__init__(self, None, ctx.idx)
         self.start, self.stop, self._ctx = start, stop, ctx
 
-    def _catch_up(self):
-        if self._items is None:  # not built yet: only the particle set moves
-            self._idx, _ = self._lin.follow(self._idx, self._ep)
-            self._ep = self._lin.epoch
-        else:
-            PerParticle._catch_up(self)
+    def _select(self, sel):
+        if self._items is not None:  # not built yet: only the particle set moves
+            PerParticle._select(self, sel)
 
     @property
     def items(self) -> list:

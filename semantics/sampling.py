@@ -190,14 +190,24 @@ class _WeightAccumulator:
         if torch.isnan(lp).any():
             raise PPLRuntimeError("factor received NaN", eff.span, "check the expression for 0/0 or log of a negative")
         self.add(eff.ctx, lp.to(self.log_weights.dtype))
+        self._checkpoint(eff)
 
     def condition(self, eff: ConditionEffect):
         c = to_bool_rows(eff.value, eff.ctx)
         if isinstance(c, bool):
             if not c:
                 self.add(eff.ctx, torch.tensor(-math.inf))
-            return
-        self.add(eff.ctx, torch.where(c, 0.0, -math.inf).to(self.log_weights.dtype))
+        else:
+            self.add(eff.ctx, torch.where(c, 0.0, -math.inf).to(self.log_weights.dtype))
+        self._checkpoint(eff)
+
+    def observe(self, eff: ObserveEffect):
+        self.add(eff.ctx, eff.dist.log_prob(eff.value, eff.ctx))
+        self._checkpoint(eff)
+
+    def _checkpoint(self, eff) -> None:
+        """Called after every observe/factor/condition has been weighted: the hook where
+        SMC resamples, MH truncates, and the zero-evidence locator looks."""
 
 
 class LikelihoodWeighting(_WeightAccumulator):
@@ -215,9 +225,6 @@ class LikelihoodWeighting(_WeightAccumulator):
             value = eff.dist.sample(eff.ctx)
         self.trace.record(eff.addr, eff.ctx, value)
         return value
-
-    def observe(self, eff: ObserveEffect):
-        self.add(eff.ctx, eff.dist.log_prob(eff.value, eff.ctx))
 
 
 class Replay(_WeightAccumulator):
@@ -238,6 +245,3 @@ class Replay(_WeightAccumulator):
         self.add(eff.ctx, eff.dist.log_prob(value, eff.ctx))
         self.trace.record(eff.addr, eff.ctx, value)
         return value
-
-    def observe(self, eff: ObserveEffect):
-        self.add(eff.ctx, eff.dist.log_prob(eff.value, eff.ctx))

@@ -156,71 +156,72 @@ def set_lineage(lineage: "Lineage | None"):
 
 
 # ------------------------------------------------------------------------ batched values
-class Batched:
-    """A tensor of per-particle values: row k belongs to global particle idx[k]."""
+class _PerParticleValue:
+    """Rows (a payload) belonging to the global particles ``idx``, kept in step with the
+    run's lineage: on first read after a resampling, the payload is re-selected."""
 
-    __slots__ = ("_t", "_idx", "_lin", "_ep")
+    __slots__ = ("_idx", "_lin", "_ep")
 
-    def __init__(self, t: torch.Tensor, idx: torch.Tensor):
-        self._t = t
+    def __init__(self, idx: torch.Tensor):
         self._idx = idx
         lin = _LINEAGE[0]
         self._lin = lin
         self._ep = lin.epoch if lin is not None else 0
 
-    def _catch_up(self):
-        lin = self._lin
-        idx, sel = lin.follow(self._idx, self._ep)
-        self._t = self._t.index_select(0, sel)  # = self._t[sel] (sel: 1-D long), faster
-        self._idx = idx
-        self._ep = lin.epoch
+    def _select(self, sel: torch.Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
 
-    @property
-    def t(self) -> torch.Tensor:
-        if self._lin is not None and self._ep != self._lin.epoch:
-            self._catch_up()
-        return self._t
+    def _fresh(self) -> None:
+        lin = self._lin
+        if lin is not None and self._ep != lin.epoch:
+            idx, sel = lin.follow(self._idx, self._ep)
+            self._select(sel)
+            self._idx = idx
+            self._ep = lin.epoch
 
     @property
     def idx(self) -> torch.Tensor:
-        if self._lin is not None and self._ep != self._lin.epoch:
-            self._catch_up()
+        self._fresh()
         return self._idx
+
+
+class Batched(_PerParticleValue):
+    """A tensor of per-particle values: row k belongs to global particle idx[k]."""
+
+    __slots__ = ("_t",)
+
+    def __init__(self, t: torch.Tensor, idx: torch.Tensor):
+        _PerParticleValue.__init__(self, idx)
+        self._t = t
+
+    def _select(self, sel):
+        self._t = self._t.index_select(0, sel)  # = self._t[sel] (sel: 1-D long), faster
+
+    @property
+    def t(self) -> torch.Tensor:
+        self._fresh()
+        return self._t
 
     def __repr__(self) -> str:
         return f"Batched({tuple(self.t.shape)}, {self.t.dtype})"
 
 
-class PerParticle:
+class PerParticle(_PerParticleValue):
     """One Python object per particle (the slow path, used only where tensors cannot be)."""
 
-    __slots__ = ("_items", "_idx", "_lin", "_ep")
+    __slots__ = ("_items",)
 
     def __init__(self, items: list, idx: torch.Tensor):
+        _PerParticleValue.__init__(self, idx)
         self._items = items
-        self._idx = idx
-        lin = _LINEAGE[0]
-        self._lin = lin
-        self._ep = lin.epoch if lin is not None else 0
 
-    def _catch_up(self):
-        lin = self._lin
-        idx, sel = lin.follow(self._idx, self._ep)
+    def _select(self, sel):
         self._items = [self._items[i] for i in sel.tolist()]
-        self._idx = idx
-        self._ep = lin.epoch
 
     @property
     def items(self) -> list:
-        if self._lin is not None and self._ep != self._lin.epoch:
-            self._catch_up()
+        self._fresh()
         return self._items
-
-    @property
-    def idx(self) -> torch.Tensor:
-        if self._lin is not None and self._ep != self._lin.epoch:
-            self._catch_up()
-        return self._idx
 
     def __repr__(self) -> str:
         return f"PerParticle({len(self.items)})"
