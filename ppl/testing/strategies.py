@@ -363,3 +363,55 @@ def finite_programs(draw, max_statements: int = 6, max_depth: int = 2, factors: 
     """
     ret = draw(st.sampled_from(["int", "bool"]))
     return _Gen(draw, max_depth, factors, ret).program(max_statements)
+
+
+# ------------------------------------------------------------- continuous conjugate models
+@st.composite
+def conjugate_programs(draw):
+    """A continuous model with a closed-form posterior: (source, data, answer), where
+    answer has the posterior ``mean`` and ``sd`` of the returned parameter and the exact
+    ``log_evidence``. Families: normal mean with known noise, beta-bernoulli,
+    gamma-poisson; random hyperparameters and data (2-8 observations)."""
+    import math
+
+    from scipy.special import betaln, gammaln
+
+    family = draw(st.sampled_from(["normal", "beta", "gamma"]))
+    n = draw(st.integers(2, 8))
+    if family == "normal":
+        m0 = draw(st.floats(-3, 3, allow_nan=False))
+        s0 = draw(st.floats(0.5, 3))
+        s = draw(st.floats(0.5, 2))
+        ys = [round(draw(st.floats(-5, 5, allow_nan=False)), 3) for _ in range(n)]
+        src = ("def model(ys, m0, s0, s):\n    mu ~ normal(m0, s0)\n    for y in ys:\n"
+               "        observe y ~ normal(mu, s)\n    return mu\n")
+        prec = 1 / s0 ** 2 + n / s ** 2
+        mean = (m0 / s0 ** 2 + sum(ys) / s ** 2) / prec
+        # evidence: ys ~ MVN(m0 1, s^2 I + s0^2 11^T)
+        ybar = sum(ys) / n
+        ss = sum((y - ybar) ** 2 for y in ys)
+        v = s ** 2 + n * s0 ** 2
+        log_z = (-0.5 * n * math.log(2 * math.pi) - (n - 1) * math.log(s) - 0.5 * math.log(v)
+                 - 0.5 * ss / s ** 2 - 0.5 * n * (ybar - m0) ** 2 / v)
+        return src, {"ys": ys, "m0": m0, "s0": s0, "s": s}, {"mean": mean, "sd": prec ** -0.5, "log_evidence": log_z}
+    if family == "beta":
+        a = draw(st.floats(0.5, 5))
+        b = draw(st.floats(0.5, 5))
+        flips = [draw(st.booleans()) for _ in range(n)]
+        h = sum(flips)
+        src = ("def model(flips, a, b):\n    p ~ beta(a, b)\n    for f in flips:\n"
+               "        observe f ~ bernoulli(p)\n    return p\n")
+        a2, b2 = a + h, b + n - h
+        sd = math.sqrt(a2 * b2 / ((a2 + b2) ** 2 * (a2 + b2 + 1)))
+        return src, {"flips": flips, "a": a, "b": b}, {"mean": a2 / (a2 + b2), "sd": sd,
+                                                        "log_evidence": betaln(a2, b2) - betaln(a, b)}
+    k = draw(st.floats(1, 5))
+    r = draw(st.floats(0.5, 3))
+    counts = [draw(st.integers(0, 8)) for _ in range(n)]
+    src = ("def model(counts, k, r):\n    lam ~ gamma(k, r)\n    for c in counts:\n"
+           "        observe c ~ poisson(lam)\n    return lam\n")
+    k2, r2 = k + sum(counts), r + n
+    log_z = (k * math.log(r) - gammaln(k) + gammaln(k2) - k2 * math.log(r2)
+             - sum(gammaln(c + 1) for c in counts))
+    return src, {"counts": counts, "k": k, "r": r}, {"mean": k2 / r2, "sd": math.sqrt(k2) / r2,
+                                                     "log_evidence": float(log_z)}
