@@ -9,6 +9,11 @@ common to both terms dropped). Written in the DSL two ways:
 * "per point": ``for y in ys: factor logsumexp([...])`` -- one factor per point;
 * "vectorised": the same sum over the data as tensor arithmetic on ``ys`` (one factor).
 
+ppl runs both as a traced graph per step (``inference/mh_traced.py``: the default for the
+random-walk kernel on a program whose control flow does not depend on its choices; the
+time includes building the trace); "interpreted" is the same kernel re-running the
+interpreter at every step (``traced=False``), for reference.
+
 The sampler is the same on every side: C chains in one batch, per step and per chain
 pick one of the two means uniformly, propose mean + scale * N(0, 1) (ppl's ``rw``
 kernel: the means' support is the real line, so no Jacobian), accept with probability
@@ -94,8 +99,14 @@ def hand_mh(ys: torch.Tensor, chains: int, burn_in: int, samples: int, scale: fl
     return kept
 
 
-def ppl_mh(interp, entry, data, chains: int, burn_in: int, samples: int, scale: float) -> torch.Tensor:
-    kept, _ = mh(interp, entry, data, chains=chains, samples=samples, burn_in=burn_in, kernel="rw", scale=scale)
+def ppl_mh(interp, entry, data, chains: int, burn_in: int, samples: int, scale: float,
+           traced: bool = True) -> torch.Tensor:
+    """ppl's MH; ``traced`` (the default for the rw kernel on a static program) replays a
+    traced graph per step, ``traced=False`` re-runs the interpreter (the same kernel)."""
+    info: dict = {}
+    kept, _ = mh(interp, entry, data, chains=chains, samples=samples, burn_in=burn_in, kernel="rw", scale=scale,
+                 traced=traced, info=info)
+    assert info["traced"] == traced
     return torch.stack([k.values["mu1"] for k in kept], 1).double()
 
 
@@ -175,6 +186,8 @@ def run(repeats: int = 9, quick: bool = False) -> dict:
         if chains <= 8:
             contenders["ppl mh (per-point factor)"] = lambda c=chains, s=scale: ppl_mh(
                 loop_interp, "mixture", loop_data, c, burn_in, samples, s)
+        contenders["ppl mh (vec., interpreted)"] = lambda c=chains, s=scale: ppl_mh(
+            vec_interp, "mixture", vec_data, c, burn_in, samples, s, traced=False)
         results[f"mixture_{chains}_chains"] = bench(title, contenders, repeats, "hand-written torch",
                                                     target=0.5 if chains == 8 else None)
     return results

@@ -70,21 +70,33 @@ def run_smc(model, data: dict, *, particles: int = 1000, device: str = "cpu", re
 
 def run_mh(model, data: dict, *, particles: int = 4, samples: int = 1000, burn_in: int = 500, thin: int = 1,
            device: str = "cpu", kernel: str = "prior", scale: float = 0.5, chains: int | None = None,
-           progress: bool = False, **_) -> Any:
+           progress: bool = False, traced: bool | str = "auto", **_) -> Any:
     """Single-site trace MH (``inference.mh``) with ``chains`` chains run as one batch
-    (``particles`` is accepted as a synonym of ``chains`` for the CLI's ``-n``)."""
+    (``particles`` is accepted as a synonym of ``chains`` for the CLI's ``-n``). With
+    the random-walk kernel a static program runs as a traced graph
+    (``inference.mh_traced``; ``traced=False`` turns that off); ``extra["traced"]``
+    says which ran."""
     from ppl.result import MCMCResult
     from .diagnostics import chain_diagnostics
     from .mh import mh
     C = int(chains if chains is not None else particles)
+    info: dict = {}
     kept, rate = mh(model.interpreter(), model.entry, model.prepare_data(data, device), chains=C,
                     samples=int(samples), burn_in=int(burn_in), thin=int(thin), device=device, kernel=kernel,
-                    scale=float(scale), progress=progress)
+                    scale=float(scale), progress=progress, traced=_flag(traced), info=info)
     sites, r_hat, ess = chain_diagnostics(kept)
     _, Site, _ = _result_types()
     sites = {k: Site(_cpu(v), _cpu(p)) for k, (v, p) in sites.items()}
     return MCMCResult("mh", sites, C, len(kept), acceptance_rate=rate, r_hat=r_hat, ess_per_site=ess,
-                      extra={"kernel": kernel, "burn_in": burn_in, "thin": thin})
+                      extra={"kernel": kernel, "burn_in": burn_in, "thin": thin, "traced": info["traced"],
+                             **({"why_not_traced": info["why_not_traced"]} if "why_not_traced" in info else {})})
+
+
+def _flag(value):
+    """An option that is True, False or "auto", also when it comes as text (``-o``)."""
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    return value
 
 
 def run_resample_move(model, data: dict, *, particles: int = 1000, device: str = "cpu",

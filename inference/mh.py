@@ -65,9 +65,11 @@ class TorchMHRandomness(TorchRandomness):
     def normal(self, shape, device) -> torch.Tensor:
         return torch.randn(shape, device=device, dtype=torch.float64)
 
+    def uniform(self, shape, device) -> torch.Tensor:
+        return torch.rand(shape, dtype=torch.float64, device=device)
+
     def accept(self, log_alpha: torch.Tensor) -> torch.Tensor:
-        u = torch.rand(log_alpha.shape, dtype=torch.float64, device=log_alpha.device)
-        return torch.log(u) < log_alpha
+        return torch.log(self.uniform(log_alpha.shape, log_alpha.device)) < log_alpha
 
 
 class _Run(_WeightAccumulator):
@@ -175,30 +177,57 @@ class _Run(_WeightAccumulator):
         return rows(draw, ctx)
 
     def _walk(self, dist, ctx, old_rows, chosen):
-        """A Gaussian random walk in the unconstrained space of the choice's support:
-        y = T^-1(x), y' = y + scale * noise, x' = T(y'). The walk is symmetric in y, so
-        the Hastings ratio is the ratio of Jacobians |dT/dy| at y' and y, added here to
-        the reverse/forward proposal terms. None if the support has no bijection."""
-        try:
-            support = dist.torch_dist(ctx).support
-            T = torch.distributions.biject_to(support)
-        except (NotImplementedError, KeyError, PPLRuntimeError):
+        """The random-walk proposal at this site (see ``unconstrained_walk``), its
+        Jacobian terms added to the reverse/forward proposal terms. None if the
+        support has no bijection to the real line."""
+        out = unconstrained_walk(dist, ctx, old_rows, chosen, self.randomness.normal, self.scale)
+        if out is None:
             return None
+        x2, rev, fwd = out
+        if rev is not None:
+            self.rev_q.index_add_(0, ctx.idx, rev)
+            self.fwd_q.index_add_(0, ctx.idx, fwd)
+        return x2
+
+
+_IDENTITY = torch.distributions.transforms.identity_transform
+
+
+def support_bijection(dist, ctx):
+    """The bijection from unconstrained space onto the support of ``dist`` (torch's
+    ``biject_to``), or None if there is none."""
+    try:
+        return torch.distributions.biject_to(dist.torch_dist(ctx).support)
+    except (NotImplementedError, KeyError, PPLRuntimeError):
+        return None
+
+
+def unconstrained_walk(dist, ctx, old_rows, chosen, normal, scale):
+    """A Gaussian random walk in the unconstrained space of the choice's support:
+    y = T^-1(x), y' = y + scale * noise, x' = T(y'), with ``noise = normal(y.shape,
+    device)``. The walk is symmetric in y, so its Hastings ratio is the ratio of the
+    Jacobians |dT/dy| at y' and y: returned as (x', reverse term, forward term) with
+    the terms -log|dT/dy| at y and at y' on the ``chosen`` rows (0 elsewhere; both None
+    when T is the identity). None if the support has no bijection."""
+    T = support_bijection(dist, ctx)
+    if T is None:
+        return None
+    if T == _IDENTITY:  # a real-valued choice: a plain walk, no Jacobian terms (None)
         x = old_rows.double()
-        y = T.inv(x)
-        noise = self.randomness.normal(y.shape, y.device)
-        y2 = y + self.scale * noise
-        x2 = T(y2)
-        ev = dist.spec.value_event_dim
+        return (x + scale * normal(x.shape, x.device)).to(old_rows.dtype), None, None
+    x = old_rows.double()
+    y = T.inv(x)
+    y2 = y + scale * normal(y.shape, y.device)
+    x2 = T(y2)
 
-        def logdet(yy, xx):
-            j = T.log_abs_det_jacobian(yy, xx)
-            return j.reshape(j.shape[0], -1).sum(1) if j.dim() > 1 else j.expand(yy.shape[0]) if j.dim() == 0 else j
+    def logdet(yy, xx):
+        j = T.log_abs_det_jacobian(yy, xx)
+        return j.reshape(j.shape[0], -1).sum(1) if j.dim() > 1 else j.expand(yy.shape[0]) if j.dim() == 0 else j
 
-        c = chosen.double()
-        self.rev_q.index_add_(0, ctx.idx, -logdet(y, x) * c)
-        self.fwd_q.index_add_(0, ctx.idx, -logdet(y2, x2) * c)
-        return x2.to(old_rows.dtype)
+    zero = torch.zeros((), dtype=torch.float64, device=x.device)
+    rev = torch.where(chosen, -logdet(y, x), zero)
+    fwd = torch.where(chosen, -logdet(y2, x2), zero)
+    return x2.to(old_rows.dtype), rev, fwd
 
 
 def _bcast(mask, like):
@@ -279,7 +308,7 @@ def mh_step(interp: Interpreter, entry: str, data: dict, state: MHState, device=
 def _select(mask: torch.Tensor, new: MHState, old: MHState) -> MHState:
     """Per chain: the new state where mask holds, else the old one."""
     values, present, site_lp = {}, {}, {}
-    for a in set(old.values) | set(new.values):
+    for a in dict.fromkeys([*old.values, *new.values]):  # a fixed order: seeded runs repeat
         nv, ov = new.values.get(a), old.values.get(a)
         np_ = new.present.get(a, torch.zeros_like(mask))
         op = old.present.get(a, torch.zeros_like(mask))
@@ -321,13 +350,33 @@ def _select_column(mask, new, old):
 
 
 def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples: int = 1000, burn_in: int = 500,
-       thin: int = 1, device="cpu", kernel: str = "prior", scale: float = 0.5, progress: bool = False):
-    """Run ``chains`` chains: returns (draws, acceptance rate), draws mapping "return"
-    and each address to a tensor [chains, samples, ...] (or nested lists) and a
-    presence mask per address."""
+       thin: int = 1, device="cpu", kernel: str = "prior", scale: float = 0.5, progress: bool = False,
+       traced: bool | str = "auto", info: dict | None = None):
+    """Run ``chains`` chains: returns (kept states, acceptance rate).
+
+    With ``kernel="rw"`` and ``traced="auto"`` (the default) a static program (see
+    ``inference.mh_traced``) runs the same kernel as a traced torch graph; ``traced=False``
+    always re-runs the interpreter; ``traced=True`` requires the traced kernel. ``info``,
+    if given, receives ``{"traced": bool}`` and, when tracing failed, ``"why_not_traced"``."""
     if kernel not in ("prior", "rw"):
         raise PPLRuntimeError(f"unknown MH kernel '{kernel}'", hint="use kernel='prior' or kernel='rw'")
+    if traced not in (True, False, "auto"):
+        raise PPLRuntimeError(f"traced must be True, False or 'auto', not {traced!r}")
     state = initial_state(interp, entry, data, chains, device)
+    fast = None
+    if kernel == "rw" and traced:
+        from .mh_traced import TracedRandomWalk
+        why: list = []
+        fast = TracedRandomWalk.build(interp, entry, data, state, scale, device, why)
+        if info is not None and why:
+            info["why_not_traced"] = why[0]
+        if fast is None and traced is True:
+            raise PPLRuntimeError(f"traced=True: this program cannot be traced ({why[0] if why else 'unknown'})",
+                                  hint="use traced='auto' to fall back to the interpreter")
+    if kernel == "prior" and traced is True:
+        raise PPLRuntimeError("traced=True needs kernel='rw'")
+    if info is not None:
+        info["traced"] = fast is not None
     kept: list[MHState] = []
     accepted = 0.0
     total = burn_in + samples * thin
@@ -336,7 +385,10 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
         from tqdm import tqdm
         steps = tqdm(steps, desc="MH", unit="step", leave=False)
     for i in steps:
-        state, acc = mh_step(interp, entry, data, state, device, kernel=kernel, scale=scale)
+        if fast is not None:
+            state, acc = fast.step(state)
+        else:
+            state, acc = mh_step(interp, entry, data, state, device, kernel=kernel, scale=scale)
         if i >= burn_in:
             accepted += float(acc.double().mean())
             if (i - burn_in) % thin == 0:

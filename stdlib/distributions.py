@@ -48,6 +48,7 @@ Conventions
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import re
@@ -95,6 +96,24 @@ def _fmt(x: Any) -> str:
 
 
 # ------------------------------------------------------------------------- constraints
+
+
+# Parameter checks while a graph is traced (``inference.mh_traced``): a check cannot stop
+# a traced run, so inside ``deferred_checks()`` (traced or not) each one appends its "all
+# good" 0-dim bool tensor here instead; the graph returns their conjunction, and a step that fails
+# it is redone by the interpreter, which raises the error at its source.
+_DEFERRED: list | None = None
+
+
+@contextlib.contextmanager
+def deferred_checks():
+    """Collect the parameter checks made while tracing: yields the list they go to."""
+    global _DEFERRED
+    saved, _DEFERRED = _DEFERRED, []
+    try:
+        yield _DEFERRED
+    finally:
+        _DEFERRED = saved
 
 
 @dataclass(frozen=True)
@@ -191,7 +210,7 @@ def _safe_class(base: type) -> type:
             ok = support.check(value)
         except NotImplementedError:  # pragma: no cover - every support used here is checkable
             return base.log_prob(self, value)
-        if bool(ok.all()):
+        if _DEFERRED is None and bool(ok.all()):  # a shortcut; a graph being traced takes the general path
             return base.log_prob(self, value)
         ok_full = ok.reshape(ok.shape + (1,) * len(self.event_shape))
         safe = torch.where(ok_full, value, fill(self).to(device=value.device, dtype=value.dtype))
@@ -406,6 +425,9 @@ class DistSpec:
         return out
 
     def _check_tensor(self, pname: str, con: _Con, ev: int, t: torch.Tensor) -> None:
+        if _DEFERRED is not None:
+            _DEFERRED.append(self._good(con, t))
+            return
         if ev == 0 and t.is_floating_point() and t.numel() > 0:
             # fast passes of the common checks (one reduction, one sync); anything they
             # do not clear goes through the full check below, which reports the error
@@ -434,6 +456,19 @@ class DistSpec:
             s = t.sum(-1)
             if not bool((s > 0).all()):
                 raise self._err(pname, "must have a positive sum (got all zeros)")
+
+    @staticmethod
+    def _good(con: _Con, t: torch.Tensor) -> torch.Tensor:
+        """Whether the parameter tensor passes ``con``, as a 0-dim bool tensor (its shape
+        is not checked: a traced graph has the shapes of the eager run that made it)."""
+        if con is ITEMS:
+            return torch.ones((), dtype=torch.bool, device=t.device)
+        if con is COV:
+            return tc.positive_definite.check(t).all()
+        good = con.tensor_ok(t).all()
+        if con is PROB_VECTOR:
+            good = good & (t.sum(-1) > 0).all()
+        return good
 
     def _translate(self, e: Exception) -> PPLRuntimeError:
         text = str(e).split("\n")[0]
@@ -766,6 +801,9 @@ def _negative_binomial_pmf(value, args, exact):
 
 
 def _check_uniform(spec: DistSpec, low: torch.Tensor, high: torch.Tensor) -> None:
+    if _DEFERRED is not None:
+        _DEFERRED.append((low < high).all())
+        return
     try:
         low, high = torch.broadcast_tensors(low, high)
     except RuntimeError:
