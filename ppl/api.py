@@ -80,6 +80,21 @@ class Model:
         """The model as ppl source, printed from its IR."""
         return pretty(self.program)
 
+    def transformed(self, transform: Any) -> "Model":
+        """This model with its IR rewritten by ``transform`` (a function program ->
+        program, or the name of a pass in ``ppl.compiler.transforms.PASSES``: "optimize",
+        "fold_constants", "eliminate_dead_code"). The result is checked like any model;
+        ``ppl.testing.validity.check_transformation`` checks that a transform preserves
+        the measure."""
+        if isinstance(transform, str):
+            from .compiler.transforms import PASSES
+            if transform not in PASSES:
+                raise PPLError(f"unknown transformation '{transform}'",
+                               hint=did_you_mean(transform, PASSES) or f"available: {', '.join(PASSES)}")
+            transform = PASSES[transform]
+        return Model(transform(self.program), self.entry, source=self.source, filename=self.filename,
+                     defaults=self.defaults, **self.options)
+
     def with_entry(self, entry: str) -> "Model":
         return Model(self.program, entry, source=self.source, filename=self.filename,
                      defaults=self.defaults, **self.options)

@@ -15,6 +15,10 @@ With that, on small finite programs (2-3 particles):
   value), to float64 precision (it is a finite sum, not a Monte Carlo estimate).
 * ``resampling_distribution``: the exact law of a resampling scheme's ancestor vector,
   used to check unbiasedness (E[count_i] = n w_i).
+* ``mh_kernel_check``: the exact transition matrix K of an MH kernel over the program's
+  finite trace space: pi K = pi and detailed balance.
+* ``check_transformation``: an IR -> IR rewrite (``ppl.compiler.transforms``) preserves
+  the program's measure on return values, compared in exact rational arithmetic.
 
 Users who write their own transformation pass it as ``algorithm(randomness) -> (values,
 log_weights)`` and call ``check_proper``; a broken one (weights not reset after
@@ -235,6 +239,48 @@ def exact_measure(model, data: dict | None = None) -> dict:
     for w, vals in res.paths:
         out[vals["return"]] += w
     return dict(out)
+
+
+@dataclass
+class TransformCheck:
+    """The measures on return values of a program before and after a transformation,
+    from exact enumeration."""
+    before: dict
+    after: dict
+
+    @property
+    def exact(self) -> bool:
+        """Whether both measures are rational (then ``ok`` compares them exactly)."""
+        return all(isinstance(v, (int, Fraction)) for v in (*self.before.values(), *self.after.values()))
+
+    @property
+    def max_error(self) -> float:
+        keys = set(self.before) | set(self.after)
+        return max(abs(float(self.before.get(k, 0) - self.after.get(k, 0))) for k in keys)
+
+    def ok(self, tol: float = 1e-12) -> bool:
+        """Equal measures: exactly when both are rational, else within ``tol`` relative
+        to the largest mass (float weights come from ``factor``'s exp)."""
+        if self.exact:
+            keys = set(self.before) | set(self.after)
+            return all(self.before.get(k, 0) == self.after.get(k, 0) for k in keys)
+        scale = max(1.0, max(abs(float(v)) for v in (*self.before.values(), *self.after.values())))
+        return self.max_error <= tol * scale
+
+    def __str__(self) -> str:
+        rows = [f"  {k!r:>12}: before {self.before.get(k, 0)!s:>24}   after {self.after.get(k, 0)!s:>24}"
+                for k in sorted(set(self.before) | set(self.after), key=repr)]
+        kind = "exact" if self.exact else "float"
+        return f"measure on return values ({kind}; max difference {self.max_error:.3g}):\n" + "\n".join(rows)
+
+
+def check_transformation(transform: Callable, model, data: dict | None = None) -> TransformCheck:
+    """Exact check that ``transform`` (IR program -> IR program) preserves the measure:
+    enumerate ``model`` and ``model.transformed(transform)`` and compare their measures on
+    return values (``TransformCheck.ok``: exactly, in rationals, when both are
+    rational). A transformation that changes the evidence or any posterior probability of
+    the return value fails, by the size of the change."""
+    return TransformCheck(exact_measure(model, data), exact_measure(model.transformed(transform), data))
 
 
 def check_proper(model, algorithm: Callable, data: dict | None = None) -> ProperCheck:
