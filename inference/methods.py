@@ -165,7 +165,8 @@ def run_enumerate(model, data: dict, *, max_paths: int = 1_000_000, **_) -> Any:
     ExactResult, _, _ = _result_types()
     paths = enumerate_paths(model.program, model.builtins(), model.entry, model.prepare_data(data, None),
                             max_paths=max_paths, max_depth=model.options.get("max_depth", 200),
-                            max_iterations=model.options.get("max_iterations", 100_000))
+                            max_iterations=model.options.get("max_iterations", 100_000),
+                            interp=model.interpreter(exact=True))
     return ExactResult(paths)
 
 

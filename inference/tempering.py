@@ -70,6 +70,13 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
         inc = torch.where(torch.isneginf(state.log_lik), state.log_lik, (b - beta) * state.log_lik)
         log_z += log_mean_exp(inc)
         state = mh_mod.reindex(state, resample(inc, resampling))
+        # the moves compare a proposal's density under gamma_b with the current state's:
+        # rescore the current state at b too (its log_joint was computed at the old beta;
+        # a stale one adds (b - beta) * log_lik(x) to the log acceptance ratio of every
+        # chain until its first accepted move, which breaks invariance: a constant in
+        # the likelihood, like Poisson's -log(c!), then biases the posterior)
+        state.log_joint = torch.where(torch.isneginf(state.log_lik), state.log_joint,
+                                      state.log_joint + (b - beta) * state.log_lik)
         beta = b
         schedule.append(beta)
         for _ in range(moves):

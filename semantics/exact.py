@@ -146,11 +146,15 @@ def _hashable(v: Any) -> Any:
 
 
 def enumerate_paths(program: ir.Program, builtins: dict, entry: str, data: dict, *,
-                    max_paths: int = 1_000_000, max_depth: int = 200, max_iterations: int = 100_000):
+                    max_paths: int = 1_000_000, max_depth: int = 200, max_iterations: int = 100_000,
+                    interp=None):
     """All execution paths of ``entry(**data)``: a list of (weight, values), where values
     maps "return" and each choice address to its value on that path. Zero-weight paths
-    are dropped."""
-    interp = Interpreter(program, builtins, exact=True, max_depth=max_depth, max_iterations=max_iterations)
+    are dropped. ``interp``: the exact interpreter to run (default: a new one for
+    ``program``; ``Model.interpreter(exact=True)`` passes a model's own, e.g. one that
+    rewrites observed values)."""
+    if interp is None:
+        interp = Interpreter(program, builtins, exact=True, max_depth=max_depth, max_iterations=max_iterations)
     data = exact_data(data)
     ctx = Particles.all(1)
     paths = []
