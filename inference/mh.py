@@ -354,12 +354,17 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
        traced: bool | str = "auto", info: dict | None = None):
     """Run ``chains`` chains: returns (kept states, acceptance rate).
 
+    ``kernel`` is "prior", "rw", or the name of a proposal function of the model
+    (``inference.mh_proposals``: custom kernels written in the DSL).
+
     With ``kernel="rw"`` and ``traced="auto"`` (the default) a static program (see
     ``inference.mh_traced``) runs the same kernel as a traced torch graph; ``traced=False``
     always re-runs the interpreter; ``traced=True`` requires the traced kernel. ``info``,
     if given, receives ``{"traced": bool}`` and, when tracing failed, ``"why_not_traced"``."""
-    if kernel not in ("prior", "rw"):
-        raise PPLRuntimeError(f"unknown MH kernel '{kernel}'", hint="use kernel='prior' or kernel='rw'")
+    custom = None
+    if kernel not in ("prior", "rw"):  # the name of a proposal function (``inference.mh_proposals``)
+        from .mh_proposals import ProposalKernel
+        custom = ProposalKernel(interp, entry, kernel)
     if traced not in (True, False, "auto"):
         raise PPLRuntimeError(f"traced must be True, False or 'auto', not {traced!r}")
     state = initial_state(interp, entry, data, chains, device)
@@ -373,7 +378,7 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
         if fast is None and traced is True:
             raise PPLRuntimeError(f"traced=True: this program cannot be traced ({why[0] if why else 'unknown'})",
                                   hint="use traced='auto' to fall back to the interpreter")
-    if kernel == "prior" and traced is True:
+    if kernel != "rw" and traced is True:
         raise PPLRuntimeError("traced=True needs kernel='rw'")
     if info is not None:
         info["traced"] = fast is not None
@@ -387,6 +392,8 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
     for i in steps:
         if fast is not None:
             state, acc = fast.step(state)
+        elif custom is not None:
+            state, acc = custom.step(data, state, device)
         else:
             state, acc = mh_step(interp, entry, data, state, device, kernel=kernel, scale=scale)
         if i >= burn_in:

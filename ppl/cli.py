@@ -2,7 +2,7 @@
 
     ppl run MODEL.ppl [--data DATA.json] [--entry NAME] [--method METHOD]
                       [-n N] [--seed S] [--device cpu|cuda|auto] [--json] [--plot OUT.png]
-                      [--samples S] [--burn-in B] [--thin T] [--kernel prior|rw] [--scale X]
+                      [--samples S] [--burn-in B] [--thin T] [--kernel prior|rw|NAME] [--scale X]
     ppl check MODEL.ppl [--entry NAME]
 
 ``run`` compiles the model, binds the entry function's parameters from the data file
@@ -14,7 +14,8 @@ with 1000 particles and seed 0, so a run is reproducible unless asked otherwise.
 ``--method`` accepts every name in ``ppl.inference.METHODS``. For ``--method mh``,
 ``-n`` is the number of chains, and ``--samples``, ``--burn-in``, ``--thin``,
 ``--kernel`` and ``--scale`` set the MH options (``Model.run``'s keywords of the same
-names; omitted ones keep the method's defaults).
+names; omitted ones keep the method's defaults). ``--kernel NAME`` runs MH with the
+proposal function NAME of the model (``ppl.inference.mh_proposals``).
 
 ``check`` parses and statically checks the model and prints
 ``ok: MODEL.ppl (functions: a, b; entry: b(x, y=1))``.
@@ -41,7 +42,6 @@ DEFAULT_METHOD = "importance"
 DEFAULT_PARTICLES = 1000
 DEFAULT_SEED = 0
 DEVICES = ("cpu", "cuda", "auto")
-MH_KERNELS = ("prior", "rw")
 
 
 def _methods() -> dict:
@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     mcmc.add_argument("--samples", type=int, metavar="S", help="draws kept per chain (default: 1000)")
     mcmc.add_argument("--burn-in", type=int, metavar="B", help="steps discarded first (default: 500)")
     mcmc.add_argument("--thin", type=int, metavar="T", help="keep every T-th step (default: 1)")
-    mcmc.add_argument("--kernel", choices=MH_KERNELS,
-                      help="proposal: prior (default) or rw (random walk in unconstrained space)")
+    mcmc.add_argument("--kernel", metavar="{prior,rw,NAME}",
+                      help="proposal: prior (default), rw (random walk in unconstrained space), or the name "
+                           "of a proposal function defined in the model")
     mcmc.add_argument("--scale", type=float, metavar="X", help="random-walk step size (default: 0.5)")
     run.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                      help="any other option of the method, e.g. -o resampling=stratified -o ess_threshold=0.5, "

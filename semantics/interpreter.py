@@ -874,7 +874,12 @@ def _check_range(i: int, n: int):
 
 
 def _index(v, i, ctx: Particles):
-    """``v[i]`` with per-particle semantics."""
+    """``v[i]`` with per-particle semantics (objects with ``ppl_index(i, ctx)``, such as
+    an MH proposal's ``trace``, index themselves)."""
+    if not isinstance(v, (list, tuple, str, torch.Tensor, Batched, PerParticle)):
+        hook = getattr(v, "ppl_index", None)
+        if hook is not None:
+            return hook(i, ctx)
     if isinstance(i, _SliceValue):
         if is_batched(i.lo) or is_batched(i.hi) or is_batched(v):
             return per_particle_slice(v, i, ctx)

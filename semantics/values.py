@@ -534,7 +534,10 @@ def unop(op: str, a: Any, ctx: Particles) -> Any:
 
 
 def contains(container: Any, item: Any, ctx: Particles) -> Any:
-    """``item in container``."""
+    """``item in container`` (objects with ``ppl_contains(item, ctx)`` answer it themselves)."""
+    hook = getattr(container, "ppl_contains", None)
+    if hook is not None:
+        return hook(item, ctx)
     if isinstance(container, (list, tuple)) and not _deep_batched(item) and not _deep_batched(container):
         return any(_eq(item, x) for x in container)
     if isinstance(container, (list, tuple)) and all(is_numeric(x) for x in container) and is_numeric(item):
