@@ -145,20 +145,32 @@ def run_pmmh(model, data: dict, *, params=None, particles: int = 100, samples: i
 
 def run_tempering(model, data: dict, *, particles: int = 1000, device: str = "cpu", target_ess: float = 0.5,
                   moves: int = 2, kernel: str = "rw", scale: float = 0.5, resampling: str = "systematic",
-                  **_) -> Any:
+                  schedule: Any = None, **_) -> Any:
     """Tempered SMC (``inference.tempering``): an adaptive path prior -> posterior with MH
-    moves. ``extra["schedule"]`` is the sequence of inverse temperatures."""
+    moves (or the fixed inverse temperatures ``schedule``, e.g. [0.1, 0.5, 1]; text
+    "0.1,0.5,1" from the CLI). ``extra["schedule"]`` is the sequence used."""
     from .tempering import tempered_smc
     _, _, WeightedResult = _result_types()
     state, log_z, schedule = tempered_smc(model.interpreter(), model.entry, model.prepare_data(data, device),
                                           int(particles), device, target_ess=float(target_ess), moves=int(moves),
-                                          kernel=kernel, scale=float(scale), resampling=resampling)
+                                          kernel=kernel, scale=float(scale), resampling=resampling,
+                                          schedule=_betas(schedule))
     sites = {"return": (state.ret, None)}
     for a, v in state.values.items():
         p = state.present[a]
         sites[a] = (v, None if bool(p.all()) else p)
     lw = torch.full((int(particles),), float(log_z), dtype=torch.float64)
     return WeightedResult("tempering", _sites(sites), lw, extra={"schedule": schedule, "moves": moves})
+
+
+def _betas(schedule):
+    if isinstance(schedule, str):
+        from ..semantics.errors import PPLRuntimeError
+        try:
+            return [float(b) for b in schedule.replace(";", ",").split(",") if b.strip()]
+        except ValueError:
+            raise PPLRuntimeError(f"schedule must be numbers separated by commas, got {schedule!r}") from None
+    return schedule
 
 
 def run_enumerate(model, data: dict, *, max_paths: int = 1_000_000, **_) -> Any:

@@ -24,7 +24,7 @@ import torch
 
 from ..semantics.errors import PPLRuntimeError, ZeroEvidenceError
 from . import mh as mh_mod
-from .resampling import log_mean_exp, resample
+from .resampling import log_mean_exp
 
 
 def _ess_fraction(log_w: torch.Tensor) -> float:
@@ -51,25 +51,40 @@ def next_beta(beta: float, log_lik: torch.Tensor, target: float, tol: float = 1e
 
 def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *, target_ess: float = 0.5,
                  moves: int = 2, kernel: str = "rw", scale: float = 0.5, resampling: str = "systematic",
-                 max_steps: int = 1000):
-    """Returns (final MH state of the population, log-evidence estimate, schedule)."""
+                 max_steps: int = 1000, schedule: list | None = None, randomness=None):
+    """Returns (final MH state of the population, log-evidence estimate, schedule).
+
+    ``schedule``: fixed betas 0 < b_1 < ... < b_K = 1 instead of the adaptive choice (with
+    a fixed schedule the evidence estimate is exactly unbiased, and the population is a
+    proper weighting: ``ppl.testing.validity.tempering_algorithm`` checks it exactly).
+    ``randomness`` (default: torch) serves the prior draws, the resampling and the moves."""
     if not 0.0 < target_ess < 1.0:
         raise PPLRuntimeError("target_ess must be in (0, 1)")
+    if schedule is not None:
+        schedule = [float(b) for b in schedule]
+        if not schedule or schedule[-1] != 1.0 or any(not 0.0 < b <= 1.0 for b in schedule) or \
+                any(b2 <= b1 for b1, b2 in zip(schedule, schedule[1:])):
+            raise PPLRuntimeError("a tempering schedule must increase strictly from above 0 to exactly 1",
+                                  hint="e.g. schedule=[0.1, 0.3, 1.0]")
+    randomness = randomness or mh_mod.TorchMHRandomness()
     # prior draws (no redrawing: particles of zero likelihood get weight 0 at the first step)
-    state = mh_mod._run(interp, entry, data, particles, device, None, {}, mh_mod.TorchMHRandomness(),
-                        "prior", 1.0, None, 0.0)
+    state = mh_mod._run(interp, entry, data, particles, device, None, {}, randomness, "prior", 1.0, None, 0.0)
     log_lik = state.log_lik
     if not bool(torch.isfinite(log_lik).any()):
         raise ZeroEvidenceError("tempering: every prior draw has zero likelihood",
                                 hint="the data or conditions may be impossible under the prior")
+    fixed = iter(schedule) if schedule is not None else None
     beta, log_z, schedule = 0.0, 0.0, [0.0]
     for _ in range(max_steps):
         if beta >= 1.0:
             break
-        b = next_beta(beta, state.log_lik, target_ess)
+        b = next(fixed) if fixed is not None else next_beta(beta, state.log_lik, target_ess)
         inc = torch.where(torch.isneginf(state.log_lik), state.log_lik, (b - beta) * state.log_lik)
-        log_z += log_mean_exp(inc)
-        state = mh_mod.reindex(state, resample(inc, resampling))
+        step_z = log_mean_exp(inc)
+        if step_z == -math.inf:  # only possible with a fixed schedule: every weight is zero
+            raise ZeroEvidenceError("tempering: every particle has zero weight")
+        log_z += step_z
+        state = mh_mod.reindex(state, randomness.resample(inc, resampling, particles))
         # the moves compare a proposal's density under gamma_b with the current state's:
         # rescore the current state at b too (its log_joint was computed at the old beta;
         # a stale one adds (b - beta) * log_lik(x) to the log acceptance ratio of every
@@ -80,7 +95,8 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
         beta = b
         schedule.append(beta)
         for _ in range(moves):
-            state, _ = mh_mod.mh_step(interp, entry, data, state, device, kernel=kernel, scale=scale, beta=beta)
+            state, _ = mh_mod.mh_step(interp, entry, data, state, device, kernel=kernel, scale=scale, beta=beta,
+                                      randomness=randomness)
     else:
         raise PPLRuntimeError(f"tempering did not reach beta = 1 in {max_steps} steps")
     return state, log_z, schedule

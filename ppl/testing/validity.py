@@ -490,3 +490,27 @@ def resample_move_algorithm(particles: int, moves: int = 1, resampling: str = "s
 
     algorithm.randomness_cls = EnumeratingMHRandomness
     return algorithm
+
+
+def tempering_algorithm(particles: int, schedule: list, moves: int = 1, resampling: str = "systematic",
+                        kernel: str = "prior"):
+    """Tempered SMC with a fixed schedule as ``check_proper`` wants it: the final
+    population, each particle weighted by the evidence estimate (its prior draws,
+    resampling and MH moves enumerated)."""
+    from ..inference.tempering import tempered_smc
+    from ..semantics.errors import ZeroEvidenceError
+
+    def algorithm(model, data, rnd):
+        interp, prepared = _compiled(model, data)
+        try:
+            state, log_z, _ = tempered_smc(interp, model.entry, prepared, particles, "cpu", moves=moves,
+                                           kernel=kernel, resampling=resampling, schedule=schedule,
+                                           randomness=rnd)
+        except ZeroEvidenceError:  # this outcome's Z_hat is 0
+            return [None] * particles, torch.full((particles,), -math.inf, dtype=torch.float64)
+        ret = state.ret
+        values = ret.tolist() if isinstance(ret, torch.Tensor) else list(ret)
+        return [_key(v) for v in values], torch.full((particles,), float(log_z), dtype=torch.float64)
+
+    algorithm.randomness_cls = EnumeratingMHRandomness
+    return algorithm
