@@ -1,0 +1,234 @@
+"""A prefix-keyed cache of model states, shared by the neural backends (``hf.py``,
+``small.py``).
+
+Every entry is keyed by a whole token context (a tuple of ids) and holds what the model
+needs to continue it: the KV cache of a transformer (all layers, for all its tokens) or
+the hidden state of a recurrent net, and the next-token log-probabilities of that
+context. ``next_logprobs`` looks up, for each context, the *longest* cached prefix (the
+context itself: no forward pass at all; the same particle one token earlier; the prompt,
+for a particle resampled onto a context nobody has computed yet) and feeds only the
+tokens after it.
+
+Sharing: identical contexts in one call (copies made by resampling) are computed once,
+and every context that extends a cached one starts from that entry, so the prompt is
+computed once for the whole population. Entries are whole-context copies (not chains of
+segments): gathering a batch then costs one copy per particle, not one per token.
+
+Eviction (bounded memory): after each call, an entry not used (looked up, or stored) in
+the last ``keep_calls`` calls is dropped: in SMC a context that every particle has moved
+past is gone two calls later. On top of that, the total size is kept under ``max_bytes``
+by dropping least recently used entries first; entries touched by the current call are
+never dropped, so the bound is max(max_bytes, what one call needs). Pinned keys (e.g.
+the start state of a recurrent net) are never dropped.
+"""
+from __future__ import annotations
+
+import abc
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ...semantics.errors import PPLError
+from .base import LanguageModel
+
+
+@dataclass
+class CacheStats:
+    """Counters since the cache was made (or ``reset_stats``)."""
+
+    calls: int = 0            #: next_logprobs calls
+    contexts: int = 0         #: contexts asked for (with repeats)
+    unique: int = 0           #: distinct contexts asked for
+    hits: int = 0             #: distinct contexts answered from the cache, no forward pass
+    prefix_hits: int = 0      #: distinct contexts computed from a cached proper prefix
+    misses: int = 0           #: distinct contexts computed from scratch
+    fed_tokens: int = 0       #: tokens fed to the model
+    forward_passes: int = 0   #: batched forward passes
+    evictions: int = 0        #: entries dropped
+    peak_bytes: int = 0       #: the largest total size of the entries after a call
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Entry:
+    state: Any
+    logprobs: Any
+    nbytes: int
+    last_used: int = 0
+
+
+@dataclass
+class PrefixCache:
+    max_bytes: int = 1 << 30
+    keep_calls: int = 2
+    entries: dict = field(default_factory=dict)
+    pinned: set = field(default_factory=set)
+    stats: CacheStats = field(default_factory=CacheStats)
+    call: int = 0
+    nbytes: int = 0
+    _lengths: dict = field(default_factory=dict)  # length -> number of entries of that length
+    _sorted_lengths: list | None = None
+
+    def __post_init__(self):
+        if self.keep_calls < 1:
+            raise ValueError("keep_calls must be at least 1")
+
+    # ------------------------------------------------------------------ calls
+    def begin_call(self) -> None:
+        self.call += 1
+        self.stats.calls += 1
+
+    def end_call(self) -> None:
+        self.evict()
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.nbytes)
+
+    # ----------------------------------------------------------------- lookup
+    def lookup(self, ctx: tuple) -> tuple[int, Entry | None]:
+        """The longest cached prefix of ``ctx`` (possibly ``ctx`` itself): (its length,
+        its entry), or (0, None). The entry counts as used in this call."""
+        if self._sorted_lengths is None:
+            self._sorted_lengths = sorted(self._lengths, reverse=True)
+        n = len(ctx)
+        for length in self._sorted_lengths:
+            if length > n:
+                continue
+            e = self.entries.get(ctx if length == n else ctx[:length])
+            if e is not None:
+                e.last_used = self.call
+                return length, e
+        return 0, None
+
+    def put(self, ctx: tuple, state, logprobs, nbytes: int) -> None:
+        old = self.entries.get(ctx)
+        if old is not None:
+            self.nbytes -= old.nbytes
+        else:
+            self._lengths[len(ctx)] = self._lengths.get(len(ctx), 0) + 1
+            self._sorted_lengths = None
+        self.entries[ctx] = Entry(state, logprobs, nbytes, self.call)
+        self.nbytes += nbytes
+
+    def _drop(self, key) -> None:
+        e = self.entries.pop(key)
+        self.nbytes -= e.nbytes
+        n = len(key)
+        self._lengths[n] -= 1
+        if self._lengths[n] == 0:
+            del self._lengths[n]
+            self._sorted_lengths = None
+        self.stats.evictions += 1
+
+    def evict(self) -> None:
+        oldest_kept = self.call - self.keep_calls + 1
+        for key in [k for k, e in self.entries.items() if e.last_used < oldest_kept and k not in self.pinned]:
+            self._drop(key)
+        if self.nbytes > self.max_bytes:
+            victims = sorted((e.last_used, k) for k, e in self.entries.items()
+                             if e.last_used < self.call and k not in self.pinned)
+            for _, key in victims:
+                if self.nbytes <= self.max_bytes:
+                    break
+                self._drop(key)
+
+    def clear(self) -> None:
+        for key in [k for k in self.entries if k not in self.pinned]:
+            self._drop(key)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+# ---------------------------------------------------------------------------------------
+
+class PrefixCachedLM(LanguageModel):
+    """``next_logprobs`` on top of a ``PrefixCache``: deduplicate the contexts, answer
+    exact hits from the cache, and compute the rest in ONE batched forward pass
+    (``_compute``) from their longest cached prefixes. With ``use_cache=False`` every
+    distinct context is computed from scratch (still one batched pass) and nothing is
+    stored: the reference the cached answers must equal."""
+
+    use_cache: bool = True
+    cache: PrefixCache
+
+    def _init_cache(self, use_cache: bool, max_cache_bytes: int, keep_calls: int) -> None:
+        self.use_cache = use_cache
+        self.cache = PrefixCache(max_bytes=max_cache_bytes, keep_calls=keep_calls)
+
+    @property
+    def cache_stats(self) -> CacheStats:
+        return self.cache.stats
+
+    def clear_cache(self) -> None:
+        self.cache.clear()
+
+    @abc.abstractmethod
+    def _compute(self, items: list[tuple[tuple, int, object]]) -> tuple[list, torch.Tensor, list[int]]:
+        """items: (context, length of its cached prefix, that prefix's state or None).
+        Returns (the state of each context, their next-token log-probs [K, V], the size
+        in bytes of each state and row), computed in one batched pass."""
+
+    def _empty_row_state(self):
+        """Hook for backends with a state for the empty context (pinned)."""
+        return None
+
+    def _check_new(self, ctx: tuple, start: int) -> None:
+        v = self.vocab_size
+        for t in ctx[start:]:
+            try:
+                ok = 0 <= operator.index(t) < v and not isinstance(t, bool)
+            except TypeError:
+                ok = False
+            if not ok:
+                raise PPLError(f"{self.name}: token id {t!r} in a context is not in 0..{v - 1}",
+                               hint="contexts are tuples of token ids from this model's encode()")
+
+    @torch.no_grad()
+    def next_logprobs(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
+        ctxs = [c if type(c) is tuple else tuple(c) for c in contexts]
+        cache, st = self.cache, self.cache.stats
+        cache.begin_call()
+        slot: dict[tuple, int] = {}
+        inverse = []
+        for c in ctxs:
+            i = slot.get(c)
+            if i is None:
+                i = slot[c] = len(slot)
+            inverse.append(i)
+        uniq = list(slot)
+        st.contexts += len(ctxs)
+        st.unique += len(uniq)
+        rows: list = [None] * len(uniq)
+        todo, todo_slots = [], []
+        for i, c in enumerate(uniq):
+            if self.use_cache:
+                n, e = cache.lookup(c)
+            else:
+                n, e = 0, None
+            if e is not None and n == len(c):
+                rows[i] = e.logprobs
+                st.hits += 1
+                continue
+            self._check_new(c, n)
+            if e is not None:
+                st.prefix_hits += 1
+            else:
+                st.misses += 1
+            st.fed_tokens += len(c) - n
+            todo.append((c, n, None if e is None else e.state))
+            todo_slots.append(i)
+        if todo:
+            st.forward_passes += 1
+            states, lps, sizes = self._compute(todo)
+            for j, (i, (c, _, _)) in enumerate(zip(todo_slots, todo)):
+                rows[i] = lps[j]
+                if self.use_cache:
+                    cache.put(c, states[j], lps[j].clone(), sizes[j])
+        cache.end_call()
+        out = torch.stack(rows) if rows else torch.empty(0, self.vocab_size)
+        if len(uniq) != len(ctxs):
+            out = out[torch.tensor(inverse, device=out.device)]
+        return out
