@@ -18,14 +18,16 @@ Eviction (bounded memory): after each call, an entry not used (looked up, or sto
 the last ``keep_calls`` calls is dropped: in SMC a context that every particle has moved
 past is gone two calls later. On top of that, the total size is kept under ``max_bytes``
 by dropping least recently used entries first; entries touched by the current call are
-never dropped, so the bound is max(max_bytes, what one call needs). Pinned keys (e.g.
-the start state of a recurrent net) are never dropped.
+never dropped, so the bound is max(max_bytes, what one call needs). A caller that asks
+for one particle per call (the unbatched baseline) needs ``keep_calls`` of at least the
+number of particles, or its entries expire before their particle comes round again.
 """
 from __future__ import annotations
 
 import abc
 import operator
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -61,21 +63,22 @@ class Entry:
     last_used: int = 0
 
 
-@dataclass
 class PrefixCache:
-    max_bytes: int = 1 << 30
-    keep_calls: int = 2
-    entries: dict = field(default_factory=dict)
-    pinned: set = field(default_factory=set)
-    stats: CacheStats = field(default_factory=CacheStats)
-    call: int = 0
-    nbytes: int = 0
-    _lengths: dict = field(default_factory=dict)  # length -> number of entries of that length
-    _sorted_lengths: list | None = None
+    """Entries keyed by context, kept in least-recently-used order (an OrderedDict: a
+    lookup or store moves the entry to the end), so eviction only ever looks at the
+    front: O(1) per entry, not a scan per call."""
 
-    def __post_init__(self):
-        if self.keep_calls < 1:
+    def __init__(self, max_bytes: int = 1 << 30, keep_calls: int = 2):
+        if keep_calls < 1:
             raise ValueError("keep_calls must be at least 1")
+        self.max_bytes = max_bytes
+        self.keep_calls = keep_calls
+        self.entries: OrderedDict[tuple, Entry] = OrderedDict()
+        self.stats = CacheStats()
+        self.call = 0
+        self.nbytes = 0
+        self._lengths: dict[int, int] = {}  # length -> number of entries of that length
+        self._sorted_lengths: list[int] | None = None
 
     # ------------------------------------------------------------------ calls
     def begin_call(self) -> None:
@@ -83,8 +86,8 @@ class PrefixCache:
         self.stats.calls += 1
 
     def end_call(self) -> None:
-        self.evict()
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.nbytes)
+        self.evict()
 
     # ----------------------------------------------------------------- lookup
     def lookup(self, ctx: tuple) -> tuple[int, Entry | None]:
@@ -96,14 +99,16 @@ class PrefixCache:
         for length in self._sorted_lengths:
             if length > n:
                 continue
-            e = self.entries.get(ctx if length == n else ctx[:length])
+            key = ctx if length == n else ctx[:length]
+            e = self.entries.get(key)
             if e is not None:
                 e.last_used = self.call
+                self.entries.move_to_end(key)
                 return length, e
         return 0, None
 
     def put(self, ctx: tuple, state, logprobs, nbytes: int) -> None:
-        old = self.entries.get(ctx)
+        old = self.entries.pop(ctx, None)
         if old is not None:
             self.nbytes -= old.nbytes
         else:
@@ -112,8 +117,8 @@ class PrefixCache:
         self.entries[ctx] = Entry(state, logprobs, nbytes, self.call)
         self.nbytes += nbytes
 
-    def _drop(self, key) -> None:
-        e = self.entries.pop(key)
+    def _pop_front(self) -> None:
+        key, e = self.entries.popitem(last=False)
         self.nbytes -= e.nbytes
         n = len(key)
         self._lengths[n] -= 1
@@ -123,20 +128,19 @@ class PrefixCache:
         self.stats.evictions += 1
 
     def evict(self) -> None:
+        """Drop entries unused for ``keep_calls`` calls, then least recently used ones
+        while over ``max_bytes`` (never those used in the current call)."""
         oldest_kept = self.call - self.keep_calls + 1
-        for key in [k for k, e in self.entries.items() if e.last_used < oldest_kept and k not in self.pinned]:
-            self._drop(key)
-        if self.nbytes > self.max_bytes:
-            victims = sorted((e.last_used, k) for k, e in self.entries.items()
-                             if e.last_used < self.call and k not in self.pinned)
-            for _, key in victims:
-                if self.nbytes <= self.max_bytes:
-                    break
-                self._drop(key)
+        while self.entries:
+            e = next(iter(self.entries.values()))
+            if e.last_used < oldest_kept or (self.nbytes > self.max_bytes and e.last_used < self.call):
+                self._pop_front()
+            else:
+                break
 
     def clear(self) -> None:
-        for key in [k for k in self.entries if k not in self.pinned]:
-            self._drop(key)
+        while self.entries:
+            self._pop_front()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -170,10 +174,6 @@ class PrefixCachedLM(LanguageModel):
         """items: (context, length of its cached prefix, that prefix's state or None).
         Returns (the state of each context, their next-token log-probs [K, V], the size
         in bytes of each state and row), computed in one batched pass."""
-
-    def _empty_row_state(self):
-        """Hook for backends with a state for the empty context (pinned)."""
-        return None
 
     def _check_new(self, ctx: tuple, start: int) -> None:
         v = self.vocab_size
