@@ -173,6 +173,40 @@ def _betas(schedule):
     return schedule
 
 
+def run_smc_steer(model, data: dict, *, particles: int = 100, expansion: int = 4, device: str = "cpu",
+                  ess_threshold: float = 1.0, **_) -> Any:
+    """SMC steering (``inference.steer``): ``particles`` parents, each extended
+    ``expansion`` ways between synchronisation checkpoints, and ``particles`` survivors
+    selected without replacement at each (or, with ``ess_threshold`` < 1, when the ESS of
+    the particles*expansion children is below that fraction). The result holds all
+    particles*expansion weighted slots; ``extra["history"]`` is as for ``smc``."""
+    from .steer import smc_steer
+    _, _, WeightedResult = _result_types()
+    sites, log_weights, h = smc_steer(model.interpreter(), model.entry, model.prepare_data(data, device),
+                                      particles, expansion, device, ess_threshold=ess_threshold)
+    res = WeightedResult("smc_steer", _sites(sites), log_weights.cpu(),
+                         extra={"history": h.history, "parents": h.parents, "expansion": h.expansion,
+                                "ess_threshold": ess_threshold})
+    res.ess_history = [r.ess for r in h.history]
+    return res
+
+
+def run_best_of_n(model, data: dict, *, particles: int = 100, device: str = "cpu", **_) -> Any:
+    """Best-of-N (``inference.steer.best_of_n``): the highest-scoring of ``particles``
+    prior draws, as a ``BestOfNResult`` (one particle; an optimum, not a posterior)."""
+    from ppl.result import BestOfNResult
+    from .resampling import log_mean_exp
+    from .steer import best_of_n
+    sites, best, score, log_weights = best_of_n(model.interpreter(), model.entry,
+                                                model.prepare_data(data, device), particles, device)
+    one = {}
+    for name, (v, present) in sites.items():
+        v = v[best:best + 1] if isinstance(v, torch.Tensor) else [v[best]]
+        one[name] = (v, None if present is None else present[best:best + 1])
+    return BestOfNResult("best_of_n", _sites(one), score=score, candidates=int(particles),
+                         importance_log_evidence=log_mean_exp(log_weights))
+
+
 def run_enumerate(model, data: dict, *, max_paths: int = 1_000_000, **_) -> Any:
     ExactResult, _, _ = _result_types()
     paths = enumerate_paths(model.program, model.builtins(), model.entry, model.prepare_data(data, None),
@@ -191,4 +225,6 @@ METHODS: dict[str, Callable] = {
     "resample_move": run_resample_move,
     "pmmh": run_pmmh,
     "tempering": run_tempering,
+    "smc_steer": run_smc_steer,
+    "best_of_n": run_best_of_n,
 }

@@ -167,3 +167,61 @@ def log_mean_exp(log_weights: torch.Tensor) -> float:
     if not torch.isfinite(m):
         return -math.inf
     return float(m + torch.log(torch.exp(lw - m).mean()))
+
+
+def without_replacement(w: torch.Tensor, n: int, u: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select n of the M = len(w) particles *without replacement* (Fearnhead & Clifford
+    2003, "optimal resampling"), with weights that keep the population proper.
+
+    With p = w / sum(w), let c solve sum_i min(1, p_i / c) = n. A particle with p_i >= c
+    is kept for certain with its own weight p_i; the others are kept with probability
+    p_i / c (< 1) by one systematic sweep over their cumulative sum (points U, U + 1, ...,
+    so no particle is picked twice) and weighted c. Hence E[new_i 1{i kept}] = p_i for
+    every i (unbiased, like E[count_i] = n w_i for the with-replacement schemes), exactly
+    n distinct particles are kept, and no weight is ever given to a particle of weight
+    zero. When at most n particles have positive weight they are all kept with their own
+    weights, and the remaining slots go to the first zero-weight particles (weight 0).
+
+    Returns (indices, log_weights): n distinct indices in increasing order and log(n *
+    new_i), so that E[(1/n) sum_k exp(log_weights_k) f(x_{indices_k})] = sum_i p_i f(x_i)
+    (the contract of a weighted resampler in ``SMCHandler._resample``; an unweighted
+    scheme's log weights would be all 0). ``u`` fixes the sweep's uniform (for tests).
+    """
+    w = w.double()
+    M = w.shape[0]
+    if not 1 <= n <= M:
+        raise ValueError(f"cannot select {n} of {M} particles without replacement")
+    p = w / w.sum()
+    device = p.device
+    positive = p > 0
+    n_pos = int(positive.sum())
+    if n_pos <= n:  # keep every particle of positive weight; fill with zero-weight ones
+        idx = torch.cat([torch.nonzero(positive).flatten(), torch.nonzero(~positive).flatten()[: n - n_pos]])
+        idx = torch.sort(idx).values
+        return idx, torch.log(n * p[idx])
+    ps, order = torch.sort(p, descending=True, stable=True)
+    tail = torch.flip(torch.cumsum(torch.flip(ps, (0,)), 0), (0,))  # tail[a] = sum(ps[a:])
+    cs = tail[:n] / torch.arange(n, 0, -1, dtype=torch.float64, device=device)  # c if the a largest are kept
+    ok = ps[:n] < cs  # true from the right number of certainly-kept particles on
+    a = int(torch.argmax(ok.to(torch.int8))) if bool(ok.any()) else n - 1
+    c = cs[a]
+    keep = order[:a]
+    rest = torch.sort(order[a:]).values
+    R = n - a
+    cum = torch.cumsum(p[rest] / c, 0)
+    cum = (cum * (R / cum[-1])).clamp_(max=R)
+    cum[-1] = R  # sum of the inclusion probabilities: exactly R points land
+    U = torch.rand((), dtype=torch.float64, device=device) if u is None else torch.tensor(float(u), dtype=torch.float64,
+                                                                                           device=device)
+    hits = torch.ceil(cum - U)  # points U + k below cum_j
+    counts = torch.diff(hits, prepend=torch.zeros(1, dtype=torch.float64, device=device))
+    chosen = rest[counts > 0]
+    if chosen.shape[0] < R:  # float rounding only (two points in one gap of width <= 1)
+        left = rest[counts <= 0]
+        extra = left[torch.argsort(p[left], descending=True, stable=True)[: R - chosen.shape[0]]]
+        chosen = torch.cat([chosen, extra])
+    idx = torch.sort(torch.cat([keep, chosen])).values
+    certain = torch.zeros(M, dtype=torch.bool, device=device)
+    certain[keep] = True
+    new = torch.where(certain[idx], p[idx], c)
+    return idx, torch.log(n * new)

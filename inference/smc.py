@@ -89,15 +89,30 @@ class SMCHandler(LikelihoodWeighting):
             lme = log_mean_exp(lw)
         if resample:
             self.log_z += lme
-            if type(self.randomness) is TorchRandomness and lw.dtype == torch.float64:
-                # what TorchRandomness.resample computes, without normalising again
-                ancestors = SCHEMES[self.resampling](w / s, self.N)
-            else:
-                ancestors = self.randomness.resample(lw, self.resampling, self.N)
+            ancestors = self._resample(lw, w, s)
+            new_lw = None
+            if isinstance(ancestors, tuple):  # a weighted resampler: (ancestors, new log weights)
+                ancestors, new_lw = ancestors
             self.lineage.resample(ancestors)
-            self.log_weights = torch.zeros_like(lw)
-            lme = 0.0  # log_mean_exp of the reset (all-zero) log weights
+            if new_lw is None:
+                self.log_weights = torch.zeros_like(lw)
+                lme = 0.0  # log_mean_exp of the reset (all-zero) log weights
+            else:
+                self.log_weights = new_lw.to(lw.dtype)
+                lme = log_mean_exp(self.log_weights)
         self.history.append(StepRecord(eff.addr, ess, resample, self.log_z + lme))
+
+    def _resample(self, lw, w, s):
+        """The ancestor indices (N of them) for log weights ``lw`` (``w = exp(lw - max)``,
+        ``s = w.sum()``), or a pair (ancestors, new log weights) from a *weighted*
+        resampler, whose contract is E[(1/n) sum_k exp(lw'_k) f(x_{a_k})] = sum_i
+        (w_i / s) f(x_i): the new weights multiply the evidence accumulated so far (an
+        unweighted scheme's are all 0). Subclasses override this to select differently
+        (``inference.steer``)."""
+        if type(self.randomness) is TorchRandomness and lw.dtype == torch.float64:
+            # what TorchRandomness.resample computes, without normalising again
+            return SCHEMES[self.resampling](w / s, self.N)
+        return self.randomness.resample(lw, self.resampling, self.N)
 
 
 

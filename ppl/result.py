@@ -1038,3 +1038,30 @@ class MCMCResult(WeightedResult):
         worst = max(self.r_hat.values()) if self.r_hat else float("nan")
         return (f"{self.method}: {self.chains} chains x {self.draws} draws, acceptance {self.acceptance_rate:.2f}, "
                 f"ESS={self.ess:.1f}, max split R-hat={worst:.3f}")
+
+
+class BestOfNResult(WeightedResult):
+    """The single highest-scoring of N prior draws (``best_of_n``): an optimiser's answer,
+    *not* a posterior. One particle of weight 1; its statistics describe that one draw.
+    ``score`` is its total log weight (the sum of every observe/factor/condition; the
+    prior of its choices is not part of it), ``candidates`` is N (both also in
+    ``extra``). ``log_evidence`` is None: choosing the best is no estimate of the
+    evidence (the N draws' importance-sampling estimate is kept as a side note in
+    ``extra["importance_log_evidence"]``)."""
+
+    def __init__(self, method: str, sites: dict, *, score: float, candidates: int,
+                 importance_log_evidence: float | None = None, extra: dict | None = None):
+        extra = {"score": score, "candidates": candidates, "importance_log_evidence": importance_log_evidence,
+                 **(extra or {})}
+        super().__init__(method, sites, torch.zeros(1, dtype=torch.float64), extra=extra)
+        self.score, self.candidates = score, candidates
+        self.log_evidence = None
+
+    def _json_extra(self) -> dict:
+        return {"score": _json_scalar(self.score), "candidates": self.candidates,
+                "importance_log_evidence": _json_scalar(self.extra["importance_log_evidence"]),
+                "not_a_posterior": True}
+
+    def _header(self) -> str:
+        return (f"{self.method}: the best of {self.candidates} prior draws, score (total log weight) "
+                f"{self.score:.4f}; an optimum, not a posterior sample (no evidence estimate)")

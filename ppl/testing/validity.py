@@ -14,7 +14,8 @@ With that, on small finite programs (2-3 particles):
   integral f dgamma. Checked for every f at once (all indicator functions of the return
   value), to float64 precision (it is a finite sum, not a Monte Carlo estimate).
 * ``resampling_distribution``: the exact law of a resampling scheme's ancestor vector,
-  used to check unbiasedness (E[count_i] = n w_i).
+  used to check unbiasedness (E[count_i] = n w_i); ``without_replacement_distribution``
+  the same for ``smc_steer``'s selection without replacement (E[new_i 1{kept}] = w_i).
 * ``mh_kernel_check``: the exact transition matrix K of an MH kernel over the program's
   finite trace space: pi K = pi and detailed balance.
 * ``check_transformation``: an IR -> IR rewrite (``ppl.compiler.transforms``) preserves
@@ -89,6 +90,13 @@ class EnumeratingRandomness:
         outcomes = resampling_distribution(w, scheme, n)
         anc = self._choose(list(outcomes.items()))
         return torch.tensor(anc, dtype=torch.long, device=log_weights.device)
+
+    def select_without_replacement(self, log_weights: torch.Tensor, n: int):
+        """Every outcome of ``smc_steer``'s selection (``without_replacement_distribution``)."""
+        w = torch.softmax(log_weights.double(), 0).tolist()
+        (idx, lw) = self._choose(list(without_replacement_distribution(w, n).items()))
+        dev = log_weights.device
+        return torch.tensor(idx, dtype=torch.long, device=dev), torch.tensor(lw, dtype=torch.float64, device=dev)
 
 
 def _row(a: Any, ctx: Particles, i: int):
@@ -196,6 +204,50 @@ def resampling_distribution(w: list[float], scheme: str, n: int) -> dict[tuple, 
             out[tuple(sorted(base + list(extra)))] += p
         return dict(out)
     raise ValueError(f"unknown scheme {scheme}")
+
+
+def without_replacement_distribution(w: list[float], n: int) -> dict[tuple, float]:
+    """The exact law of ``resampling.without_replacement(w, n)`` (Fearnhead & Clifford's
+    selection of n of the len(w) particles), computed here independently in plain Python:
+    (indices, log weights) -> probability. With p = w / sum(w) and c solving
+    sum_i min(1, p_i / c) = n, the particles with p_i >= c are kept with log weight
+    log(n p_i); the others with probability p_i / c, by one systematic sweep (a uniform U
+    and points U, U + 1, ... over their cumulative sum, in index order), with log weight
+    log(n c). The law is piecewise constant in U, so each piece is one outcome."""
+    total = math.fsum(w)
+    p = [x / total for x in w]
+    M = len(p)
+    positive = [i for i in range(M) if p[i] > 0]
+    if len(positive) <= n:
+        idx = sorted(positive + [i for i in range(M) if p[i] <= 0][: n - len(positive)])
+        return {(tuple(idx), tuple(math.log(n * p[i]) if p[i] > 0 else -math.inf for i in idx)): 1.0}
+    order = sorted(range(M), key=lambda i: -p[i])  # stable: ties by index
+    for a in range(n):
+        c = math.fsum(p[i] for i in order[a:]) / (n - a)
+        if p[order[a]] < c:
+            break
+    keep, rest, R = set(order[:a]), sorted(order[a:]), n - a
+    cum, acc = [], []
+    for i in rest:
+        acc.append(p[i] / c)
+        cum.append(math.fsum(acc))
+    cum = [min(float(R), x * R / cum[-1]) for x in cum]
+    cum[-1] = float(R)
+    cuts = sorted({0.0, 1.0} | {x - math.floor(x) for x in cum})
+    out: dict = defaultdict(float)
+    for lo, hi in zip(cuts, cuts[1:]):
+        if hi <= lo:
+            continue
+        u = (lo + hi) / 2
+        prev, chosen = 0.0, []
+        for i, x in zip(rest, cum):
+            if math.ceil(x - u) - math.ceil(prev - u) > 0:
+                chosen.append(i)
+            prev = x
+        idx = sorted(keep | set(chosen))
+        lw = tuple(math.log(n * (p[i] if i in keep else c)) for i in idx)
+        out[(tuple(idx), lw)] += hi - lo
+    return dict(out)
 
 
 def _multinomial_law(w: list[float], n: int) -> dict[tuple, float]:
@@ -333,6 +385,31 @@ def _smc_like(particles, resampling="systematic", ess_threshold=1.0, handler=Non
             # every particle died at a checkpoint: this outcome's Z_hat is 0 and it adds
             # nothing to E[Z_hat * sum_i w_i f(x_i)] (the run stops there)
             return [None] * particles, torch.full((particles,), -math.inf, dtype=torch.float64)
+        values, _ = sites["return"]
+        values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+        return [_key(v) for v in values], lw
+
+    return algorithm
+
+
+def steer_algorithm(particles: int, expansion: int, ess_threshold: float = 1.0, handler=None, wrap=None):
+    """``smc_steer`` with ``particles`` parents extended ``expansion`` ways, as
+    ``check_proper`` wants it: its particles*expansion slots (prior draws per slot and
+    the selection without replacement enumerated). ``handler`` substitutes a subclass of
+    ``SteerHandler`` and ``wrap(randomness)`` another randomness source, to check a
+    modified algorithm."""
+    from ..inference.steer import smc_steer
+    from ..semantics.errors import ZeroEvidenceError
+    M = particles * expansion
+
+    def algorithm(model, data, rnd):
+        interp, prepared = _compiled(model, data)
+        try:
+            sites, lw, _ = smc_steer(interp, model.entry, prepared, particles, expansion, "cpu",
+                                     ess_threshold=ess_threshold, randomness=wrap(rnd) if wrap else rnd,
+                                     handler_cls=handler)
+        except ZeroEvidenceError:  # every slot died at a checkpoint: Z_hat = 0
+            return [None] * M, torch.full((M,), -math.inf, dtype=torch.float64)
         values, _ = sites["return"]
         values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
         return [_key(v) for v in values], lw
