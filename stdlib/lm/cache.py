@@ -15,8 +15,9 @@ computed once for the whole population. Entries are whole-context copies (not ch
 segments): gathering a batch then costs one copy per particle, not one per token.
 
 Eviction (bounded memory): after each call, an entry not used (looked up, or stored) in
-the last ``keep_calls`` calls is dropped: in SMC a context that every particle has moved
-past is gone two calls later. On top of that, the total size is kept under ``max_bytes``
+the last ``keep_calls`` calls is dropped: in SMC, where every call extends the previous
+call's contexts by a token, the cache holds keep_calls + 1 generations of contexts (this
+call's, the prefixes they extended, and older ones still within keep_calls). On top of that, the total size is kept under ``max_bytes``
 by dropping least recently used entries first; entries touched by the current call are
 never dropped, so the bound is max(max_bytes, what one call needs). A caller that asks
 for one particle per call (the unbatched baseline) needs ``keep_calls`` of at least the

@@ -30,6 +30,7 @@ import inspect
 import math
 import os
 import time
+import warnings
 from collections import Counter
 from typing import Iterable, Sequence
 
@@ -69,22 +70,10 @@ def stdlib_corpus(modules: Iterable[str] = DEFAULT_MODULES, max_chars: int | Non
             seen.add(doc)
             docs.append(doc)
 
-    for name in modules:
-        mod = importlib.import_module(name)
-        add(mod)
-        for attr in sorted(vars(mod)):
-            if attr.startswith("_"):
-                continue
-            obj = vars(mod)[attr]
-            if not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)):
-                continue
-            if getattr(obj, "__module__", None) != mod.__name__:
-                continue
-            add(obj)
-            if inspect.isclass(obj):
-                for meth in sorted(vars(obj)):
-                    if not meth.startswith("_"):
-                        add(vars(obj)[meth])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated aliases (typing.io, ...) warn when touched
+        for name in modules:
+            _module_docs(importlib.import_module(name), add)
     if max_chars is not None:
         out, n = [], 0
         for d in docs:
@@ -94,6 +83,23 @@ def stdlib_corpus(modules: Iterable[str] = DEFAULT_MODULES, max_chars: int | Non
             n += len(d) + 1
         docs = out
     return docs
+
+
+def _module_docs(mod, add) -> None:
+    add(mod)
+    for attr in sorted(vars(mod)):
+        if attr.startswith("_"):
+            continue
+        obj = vars(mod)[attr]
+        if not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)):
+            continue
+        if getattr(obj, "__module__", None) != mod.__name__:
+            continue
+        add(obj)
+        if inspect.isclass(obj):
+            for meth in sorted(vars(obj)):
+                if not meth.startswith("_"):
+                    add(vars(obj)[meth])
 
 
 class _Net(nn.Module):
