@@ -150,6 +150,10 @@ class Lower(Transformer):
     def binop(self, meta, c):
         return ir.BinOp(str(c[1]), c[0], c[2], span=self._span(meta))
 
+    def not_in(self, meta, c):  # `a not in b` is `not (a in b)`
+        span = self._span(meta)
+        return ir.UnaryOp("not", ir.BinOp("in", c[0], c[1], span=span), span=span)
+
     def pow(self, meta, c):
         return ir.BinOp("**", c[0], c[1], span=self._span(meta))
 

@@ -356,10 +356,14 @@ def _check_datum(v: Any, name: str) -> Any:
         return v
     if isinstance(v, (Builtin,)) or hasattr(v, "ppl_attribute"):
         return v
+    from .stdlib.lm.dsl import wrap  # language and reward models (stdlib.lm.base)
+    lm = wrap(v, name)
+    if lm is not None:
+        return lm
     if callable(v) and (inspect.isfunction(v) or inspect.isbuiltin(v) or isinstance(v, functools.partial)):
         return python_function(v, name)
     raise PPLError(f"data '{name}' has a type a model cannot use: {type(v).__name__}",
-                   hint="pass numbers, strings, lists, tensors/arrays, or functions")
+                   hint="pass numbers, strings, lists, tensors/arrays, functions, or language/reward models")
 
 
 def python_function(fn: Callable, name: str = "") -> Builtin:

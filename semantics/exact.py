@@ -61,9 +61,12 @@ class _PathHandler:
             support = eff.dist.exact_support()
         except InfiniteSupportError as err:
             raise err.with_span(eff.span)
-        support = [(v, p) for v, p in support if p != 0]
-        if not support:
+        nonzero = [(v, p) for v, p in support if p != 0]
+        if not nonzero:
+            if support:  # a choice of total mass 0 (a constraint nothing satisfies here): weight 0
+                self._mul(0, eff.span)
             raise PPLRuntimeError(f"{eff.dist.spec.name}: empty support", eff.span)
+        support = nonzero
         k = len(self.taken)
         i = self.prefix[k] if k < len(self.prefix) else 0
         self.taken.append(i)

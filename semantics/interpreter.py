@@ -460,13 +460,25 @@ class Interpreter:
         d = self._as_dist(d, s.dist)
         v = yield SampleEffect(fr.address(s.target), d, ctx, s.span)
         self.assign(fr, s.target, v, ctx)
+        yield from self.mass_factor(d, v, fr, ctx, s.span)
         return ctx
+
+    def mass_factor(self, d, v, fr, ctx, span):
+        """A distribution of total mass below 1 (a constrained language-model choice,
+        ``allowed=``) is sampled and scored by its normalisation; its mass is then a
+        factor right after the choice (exact enumeration uses the masses directly)."""
+        mass = None if self.exact else getattr(getattr(d, "target", d), "log_mass", None)
+        if mass is not None:
+            w = mass(v, ctx)
+            if w is not None:
+                yield FactorEffect(fr.address(f"mass@{span.line}:{span.col}"), w, ctx, span)
 
     def _s_observe(self, s: ir.Observe, fr, ctx):
         v = self.pv(s.value, fr, ctx) if self.pure(s.value) else (yield from self.ev(s.value, fr, ctx))
         d = self.pv(s.dist, fr, ctx) if self.pure(s.dist) else (yield from self.ev(s.dist, fr, ctx))
         d = self._as_dist(d, s.dist)
         yield ObserveEffect(fr.address(f"obs@{s.span.line}:{s.span.col}"), d, v, ctx, s.span)
+        yield from self.mass_factor(d, v, fr, ctx, s.span)
         return ctx
 
     def _s_factor(self, s: ir.Factor, fr, ctx):

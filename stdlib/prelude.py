@@ -416,11 +416,14 @@ def _sample(interp, ctx, fr, span, d, name="sample"):
     """``sample(d)``: a random choice as an expression (for lambdas), addressed by
     ``name`` in the calling frame."""
     from ..semantics.interpreter import SampleEffect
-    if not isinstance(d, DistValue):
+    from ..semantics.dist_values import ProposedDist
+    if not isinstance(d, (DistValue, ProposedDist)):
         raise PPLRuntimeError(f"sample() expects a distribution, got {describe(d)}", span)
     if not isinstance(name, str):
         raise PPLRuntimeError("sample(): the name must be a string", span)
-    return (yield SampleEffect(fr.address(name), d, ctx, span))
+    v = yield SampleEffect(fr.address(name), d, ctx, span)
+    yield from interp.mass_factor(d, v, fr, ctx, span)
+    return v
 
 
 def _twist(interp, ctx, fr, span, phi):
@@ -445,6 +448,77 @@ def _mem(ctx, f):
     if not isinstance(f, (Closure, Builtin)):
         raise PPLRuntimeError(f"mem() expects a function, got {describe(f)}")
     return MemFn(f, f.name)
+
+
+# ------------------------------------------------------------------------------ strings
+def _string_fn(name: str, fn, nargs: tuple, strs: tuple = (0,)):
+    """A string function: per particle when an argument differs between particles.
+    ``strs``: the positions of the arguments that must be strings."""
+    def one(*args):
+        for i in strs:
+            if i < len(args) and not isinstance(args[i], str):
+                raise PPLRuntimeError(f"{name}() expects a string, got {describe(args[i])}")
+        return fn(*args)
+
+    def call(ctx, *args):
+        if any(_has_batched(a) for a in args):
+            return per_particle(one, args, ctx)
+        return one(*args)
+    return Builtin(name, call, nargs)
+
+
+_REGEX: dict = {}
+
+
+def _regex(pattern: str):
+    r = _REGEX.get(pattern)
+    if r is None:
+        import re
+        try:
+            r = re.compile(pattern)
+        except re.error as e:
+            raise PPLRuntimeError(f"bad regular expression {pattern!r}: {e}") from None
+        if len(_REGEX) < 1000:
+            _REGEX[pattern] = r
+    return r
+
+
+def _join(xs, sep=""):
+    if not isinstance(xs, (list, tuple)) or not all(isinstance(x, str) for x in xs):
+        raise PPLRuntimeError(f"join() expects a list of strings, got {describe(xs)}")
+    if not isinstance(sep, str):
+        raise PPLRuntimeError(f"join(): the separator must be a string, got {describe(sep)}")
+    return sep.join(str(x) for x in xs)
+
+
+def _string_builtins() -> dict:
+    """String helpers (per particle on per-particle strings). ``regex_match`` is Python's
+    ``re.fullmatch`` (the whole string), ``regex_search`` is ``re.search`` (anywhere);
+    ``words`` and ``word_count`` split on whitespace; ``join(xs, sep="")``."""
+    fns = {
+        "startswith": (lambda s, p: s.startswith(p), (2, 2), (0, 1)),
+        "endswith": (lambda s, p: s.endswith(p), (2, 2), (0, 1)),
+        "contains": (lambda s, p: p in s, (2, 2), (0, 1)),
+        "words": (lambda s: s.split(), (1, 1), (0,)),
+        "word_count": (lambda s: len(s.split()), (1, 1), (0,)),
+        "lower": (lambda s: s.lower(), (1, 1), (0,)),
+        "upper": (lambda s: s.upper(), (1, 1), (0,)),
+        "strip": (lambda s: s.strip(), (1, 1), (0,)),
+        "regex_match": (lambda p, s: _regex(p).fullmatch(s) is not None, (2, 2), (0, 1)),
+        "regex_search": (lambda p, s: _regex(p).search(s) is not None, (2, 2), (0, 1)),
+        "join": (_join, (1, 2), ()),
+    }
+    return {name: _string_fn(name, fn, nargs, strs) for name, (fn, nargs, strs) in fns.items()}
+
+
+def _toy_lm(ctx):
+    from .lm.dsl import toy_lm_value
+    return toy_lm_value()
+
+
+def _toy_reward(ctx):
+    from .lm.dsl import toy_reward_value
+    return toy_reward_value()
 
 
 # ------------------------------------------------------------------------ distributions
@@ -517,6 +591,9 @@ def builtins() -> dict[str, Any]:
     out["sample"] = Builtin("sample", _sample, (1, 2), higher_order=True)
     out["twist"] = Builtin("twist", _twist, (1, 1), higher_order=True)
     out["propose"] = Builtin("propose", _propose, (2, 2))
+    out.update(_string_builtins())
+    out["toy_lm"] = Builtin("toy_lm", _toy_lm, (0, 0))        # the toy language model (stdlib.lm.toy)
+    out["toy_reward"] = Builtin("toy_reward", _toy_reward, (0, 0))
     for name, spec in _dists.DISTRIBUTIONS.items():
         out[name] = _dist_builtin(spec)
     out["pi"] = math.pi
