@@ -3,7 +3,7 @@ CPU on text every Python installation has (the docstrings of a fixed list of sta
 library modules), saved and loaded with ``torch.save``.
 
     from ppl.stdlib.lm.small import SmallLM, stdlib_corpus, train
-    lm = train(stdlib_corpus(), steps=300, seed=0)     # ~10 s on one CPU thread
+    lm = train(stdlib_corpus(), steps=150, seed=0)     # ~15 s on one CPU thread
     lm.save("small.pt"); lm = SmallLM.load("small.pt")
     lm.next_logprobs([tuple(lm.encode("Return the ")), ()])   # [2, V], rows normalised
 
@@ -11,7 +11,9 @@ library modules), saved and loaded with ``torch.save``.
   character outside the vocabulary (decodes to U+FFFD), then one id per character seen at
   least twice in the training corpus, in code-point order. Deterministic: the same corpus
   gives the same vocabulary.
-* Model: embedding -> GRU -> linear head (about 270K parameters at the defaults). Every
+* Model: embedding -> GRU -> linear head (about 150K parameters at the defaults; the
+  default 150 steps reach about 1.7 nats/char on the training stream and 1.9 on held-out
+  docstrings, against log V = 4.6 for the uniform distribution). Every
   context is read after an implicit beginning-of-sequence input (an extra input id that is
   never an output), so the empty context has a distribution too.
 * ``next_logprobs`` batches and caches like the transformer backend (``cache.py``): the
@@ -113,13 +115,13 @@ class _Net(nn.Module):
 class SmallLM(PrefixCachedLM):
     """The small character-level GRU language model (see the module docstring).
 
-    ``SmallLM(chars, embed=48, hidden=256, layers=1, seed=0, device="cpu")`` makes an
+    ``SmallLM(chars, embed=32, hidden=192, layers=1, seed=0, device="cpu")`` makes an
     untrained model over the vocabulary ``chars``; ``train`` makes a trained one."""
 
     eos_id = 0
     unk_id = 1
 
-    def __init__(self, chars: Sequence[str], embed: int = 48, hidden: int = 256, layers: int = 1, seed: int = 0,
+    def __init__(self, chars: Sequence[str], embed: int = 32, hidden: int = 192, layers: int = 1, seed: int = 0,
                  device="cpu", *, use_cache: bool = True, max_cache_bytes: int = 256 << 20, keep_calls: int = 2,
                  name: str = "small-lm"):
         chars = list(chars)
@@ -230,8 +232,8 @@ def vocabulary(corpus: Sequence[str], min_count: int = 2) -> list[str]:
     return sorted(c for c, n in counts.items() if n >= min_count)
 
 
-def train(corpus: Sequence[str] | str, steps: int = 300, seed: int = 0, *, embed: int = 48, hidden: int = 256,
-          layers: int = 1, batch: int = 32, seq_len: int = 96, lr: float = 1e-2, device="cpu",
+def train(corpus: Sequence[str] | str, steps: int = 150, seed: int = 0, *, embed: int = 32, hidden: int = 192,
+          layers: int = 1, batch: int = 32, seq_len: int = 64, lr: float = 1e-2, device="cpu",
           min_count: int = 2, **kwargs) -> SmallLM:
     """Train a ``SmallLM`` on ``corpus`` (a list of documents, or one string) with Adam
     for ``steps`` steps of ``batch`` windows of ``seq_len`` characters (the documents
@@ -284,7 +286,7 @@ def train(corpus: Sequence[str] | str, steps: int = 300, seed: int = 0, *, embed
     return lm
 
 
-def load_or_train(path, steps: int = 300, seed: int = 0, device="cpu", **kwargs) -> SmallLM:
+def load_or_train(path, steps: int = 150, seed: int = 0, device="cpu", **kwargs) -> SmallLM:
     """Load the small LM saved at ``path``, or train one on the stdlib corpus and save it
     there."""
     if os.path.exists(path):
