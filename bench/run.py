@@ -26,9 +26,10 @@ def main() -> int:
     print(f"torch {torch.__version__}, {args.threads} intra-op thread(s), python {platform.python_version()}, "
           f"{os.cpu_count()} cpus")
     import bench_importance
+    import bench_lm
     import bench_mh
     import bench_smc
-    for mod in [bench_importance, bench_smc, bench_mh]:
+    for mod in [bench_importance, bench_smc, bench_mh, bench_lm]:
         if args.only and args.only not in mod.__name__:
             continue
         mod.run(repeats=args.repeats, quick=args.quick)

@@ -202,16 +202,19 @@ class PrefixCachedLM(LanguageModel):
         uniq = list(slot)
         st.contexts += len(ctxs)
         st.unique += len(uniq)
-        rows: list = [None] * len(uniq)
-        todo, todo_slots = [], []
+        # where each distinct context's row comes from: ("new", j): row j of this call's
+        # forward pass; a cache hit: (block, row) stored with its entry
+        src: list = [None] * len(uniq)
+        todo = []
+        hits = 0
         for i, c in enumerate(uniq):
             if self.use_cache:
                 n, e = cache.lookup(c)
             else:
                 n, e = 0, None
             if e is not None and n == len(c):
-                rows[i] = e.logprobs
-                st.hits += 1
+                src[i] = e.logprobs
+                hits += 1
                 continue
             self._check_new(c, n)
             if e is not None:
@@ -219,17 +222,34 @@ class PrefixCachedLM(LanguageModel):
             else:
                 st.misses += 1
             st.fed_tokens += len(c) - n
+            src[i] = len(todo)
             todo.append((c, n, None if e is None else e.state))
-            todo_slots.append(i)
+        st.hits += hits
+        lps = None
         if todo:
             st.forward_passes += 1
             states, lps, sizes = self._compute(todo)
-            for j, (i, (c, _, _)) in enumerate(zip(todo_slots, todo)):
-                rows[i] = lps[j]
-                if self.use_cache:
-                    cache.put(c, states[j], lps[j].clone(), sizes[j])
+            if self.use_cache:
+                for j, (c, _, _) in enumerate(todo):
+                    # the row is kept as (block, index): the rows of one call share one block
+                    cache.put(c, states[j], (lps, j), sizes[j])
         cache.end_call()
-        out = torch.stack(rows) if rows else torch.empty(0, self.vocab_size)
-        if len(uniq) != len(ctxs):
-            out = out[torch.tensor(inverse, device=out.device)]
-        return out
+        if not uniq:
+            return torch.empty(0, self.vocab_size, device=getattr(self, "device", None))
+        if hits:
+            hit_rows = torch.stack([b[r] for b, r in (x for x in src if type(x) is tuple)])
+            base = hit_rows if lps is None else torch.cat([lps, hit_rows.to(lps.device)])
+            k, pos = len(todo), []
+            for x in src:
+                if type(x) is tuple:
+                    pos.append(k)
+                    k += 1
+                else:
+                    pos.append(x)
+        else:
+            base, pos = lps, None  # every row computed, in order
+        if pos is None and len(uniq) == len(ctxs):
+            return base.clone()
+        index = [pos[i] for i in inverse] if pos is not None else inverse
+        return base[torch.tensor(index, device=base.device)]
+

@@ -162,14 +162,18 @@ class SmallLM(PrefixCachedLM):
     def _compute(self, items):
         B = len(items)
         hidden, layers = self.hparams["hidden"], self.hparams["layers"]
-        h0 = torch.zeros(layers, B, hidden, device=self.device)
-        seqs = []
-        for i, (ctx, n, state) in enumerate(items):
+        zero = None
+        seqs, h = [], []
+        for ctx, n, state in items:
             if state is None:
                 seqs.append((self.bos_input,) + ctx)
+                if zero is None:
+                    zero = torch.zeros(layers, hidden, device=self.device)
+                h.append(zero)
             else:
                 seqs.append(ctx[n:])
-                h0[:, i] = state
+                h.append(state)
+        h0 = torch.stack(h, 1)  # [layers, B, hidden]
         lengths = [len(s) for s in seqs]
         M = max(lengths)
         if M == 1:
