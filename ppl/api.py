@@ -80,6 +80,12 @@ class Model:
         """The model as ppl source, printed from its IR."""
         return pretty(self.program)
 
+    def to_pyro(self, device: str = "cpu"):
+        """This model as a Pyro model function ``f(*args, **data)`` with the same sites
+        and addresses (``ppl.pyro_interop``): Pyro's NUTS, SVI and Predictive run on it."""
+        from .pyro_interop import to_pyro
+        return to_pyro(self, device)
+
     def transformed(self, transform: Any) -> "Model":
         """This model with its IR rewritten by ``transform`` (a function program ->
         program, or the name of a pass in ``ppl.compiler.transforms.PASSES``: "optimize",

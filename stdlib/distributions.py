@@ -431,9 +431,9 @@ class DistSpec:
         if ev == 0 and t.is_floating_point() and t.numel() > 0:
             # fast passes of the common checks (one reduction, one sync); anything they
             # do not clear goes through the full check below, which reports the error
-            if con is REAL and not math.isnan(float(t.sum())):
+            if con is REAL and not math.isnan(float(t.detach().sum())):
                 return  # a NaN makes the sum NaN (the sum can also be NaN without one)
-            if con is POSITIVE and float(t.min()) > 0:
+            if con is POSITIVE and float(t.detach().min()) > 0:
                 return  # min propagates NaN, which fails the test
         if t.dim() < ev:
             kind = "a vector" if ev == 1 else "a matrix"
