@@ -757,7 +757,9 @@ class Interpreter:
     def _attr(self, v, e: ir.Attr):
         get = getattr(v, "ppl_attribute", None)
         if get is None or e.name.startswith("_"):
-            raise PPLRuntimeError(f"{describe(v)} has no attribute '{e.name}'", e.span)
+            hint = "a language model (passed as data, or toy_lm()) has next_token and generate" \
+                if get is None and e.name in ("next_token", "generate") else None
+            raise PPLRuntimeError(f"{describe(v)} has no attribute '{e.name}'", e.span, hint)
         return get(e.name)
 
     def _as_dist(self, d, e):
