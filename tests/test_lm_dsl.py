@@ -681,3 +681,27 @@ def test_mh_refuses_string_choices_clearly():
 def test_binding_rejects_unknown_objects():
     with pytest.raises(PPLError, match="type a model cannot use"):
         ppl.model(NO_E_CONDITION).run("importance", {"lm": object()}, particles=2)
+
+
+def test_generate_from_per_particle_prompts():
+    model = ppl.model("""
+def m(lm):
+    first ~ lm.next_token([])
+    text ~ lm.generate([first], max_tokens=2, allowed=lambda t: t != " tree")
+    return first + text
+""")
+    check_against_exact(model, {"lm": LM}, "smc", resampling="systematic")
+
+
+def test_observe_a_list_of_tokens_and_the_dsl_value_is_reused():
+    from ppl.stdlib.lm.dsl import wrap
+    model = ppl.model("""
+def m(lm):
+    observe [" the", " cat"] ~ lm.generate("", max_tokens=5)
+    observe lm.encode("a cats") ~ lm.generate("", max_tokens=5)
+    return 1
+""")
+    want = Fraction(1, 16) * (Fraction(1, 4) * Fraction(1, 4) * Fraction(1, 4) * Fraction(1, 2))
+    assert model.run("enumerate", {"lm": LM}).evidence == want
+    assert model.run("importance", {"lm": LM}, particles=2).log_evidence == pytest.approx(math.log(want), abs=1e-6)
+    assert wrap(LM) is wrap(LM)  # its token, encoding and mask caches live as long as the model

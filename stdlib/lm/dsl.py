@@ -47,8 +47,9 @@ completion is the sum of the log probabilities of its tokens, plus that of the
 end-of-sequence token when it ended there: when it has fewer than ``max_tokens`` tokens
 and contains no stop string. A completion given as plain text is scored by its
 tokenisation ``lm.encode(text)`` (exactly the probability of generating it, when the
-tokenisation is unique, as in the toy model). A completion that could not have been
-generated (a stop string before its last token, too long) has probability 0.
+tokenisation is unique, as in the toy model), one given as a list of tokens by those
+tokens. A completion that could not have been generated (a stop string before its last
+token, too long, not tokenisable) has probability 0.
 
 Batching: for all particles, each step asks the backend ONE ``next_logprobs`` question
 with the distinct contexts of the particles that need it.
@@ -56,7 +57,6 @@ with the distinct contexts of the particles that need it.
 from __future__ import annotations
 
 import math
-import re
 from fractions import Fraction
 from typing import Any, Sequence
 
@@ -422,7 +422,9 @@ class LMValue:
             if not ids:
                 raise PPLRuntimeError(f"{where}: the allowed= predicate allows no token", span)
             mask = _Mask(ids, self.V)
-            if key is not None and len(self._masks) < 1000:
+            if key is not None:
+                if len(self._masks) >= 64:  # bounded: drop the oldest
+                    self._masks.pop(next(iter(self._masks)))
                 self._masks[key] = (anchor, mask)
             return mask
         t = torch.stack([c if isinstance(c, torch.Tensor) else torch.full((ctx.M,), c, device=ctx.device)
@@ -873,9 +875,9 @@ class GenerateDist(_LMDist):
         lmv = self.lmv
         if isinstance(v, Completion) and v.lm is lmv.lm:
             return v.ids
-        if isinstance(v, str):
+        if isinstance(v, (str, list, tuple)):  # a text (its tokenisation), or a list of tokens
             try:
-                return lmv.encode(v)
+                return lmv.ids_of(v, "completion")
             except PPLRuntimeError:
                 return None
         return None
@@ -946,8 +948,6 @@ def _generate_support(lmv, prompt, opts, mask, fold):
 
 
 def _generate_prob(value, lmv, prompt, opts, mask, fold):
-    if not isinstance(value, str):
-        return 0
     d = GenerateDist(lmv, prompt, opts, mask)
     ids = d._value_ids(value)
     steps = None if ids is None else d._steps(tuple(ids))
@@ -1015,10 +1015,19 @@ class RewardFn(Builtin):
 # ------------------------------------------------------------------------- binding
 def wrap(v: Any, name: str = ""):
     """A Python language model or reward model as a value of the DSL (None for other
-    objects)."""
+    objects). A language model keeps one DSL value (with its caches of tokens, encodings
+    and allowed= masks) for as long as it lives (stored on it as ``_ppl_dsl_value``)."""
     if isinstance(v, LanguageModel):
+        hit = getattr(v, "_ppl_dsl_value", None)
+        if isinstance(hit, LMValue) and hit.lm is v:
+            return hit
         own = getattr(v, "name", None)
-        return LMValue(v, own if own and own != LanguageModel.name else name or "lm")
+        out = LMValue(v, own if own and own != LanguageModel.name else name or "lm")
+        try:
+            v._ppl_dsl_value = out
+        except (AttributeError, TypeError):  # slots or frozen: no reuse
+            pass
+        return out
     if isinstance(v, RewardModel):
         own = getattr(v, "name", None)
         return RewardFn(v, own if own and own != RewardModel.name else name or "reward")
