@@ -12,7 +12,10 @@ tokens after it.
 Sharing: identical contexts in one call (copies made by resampling) are computed once,
 and every context that extends a cached one starts from that entry, so the prompt is
 computed once for the whole population. Entries are whole-context copies (not chains of
-segments): gathering a batch then costs one copy per particle, not one per token.
+segments): gathering a batch then costs one copy per particle, not one per token; the
+price is memory: particles that have diverged each hold their own copy of the prompt's
+keys/values (identical contexts share one entry). An entry's log-probability row is kept
+as (the call's [K, V] block, its row index): the rows of one call share one block.
 
 Eviction (bounded memory): after each call, an entry not used (looked up, or stored) in
 the last ``keep_calls`` calls is dropped: in SMC, where every call extends the previous

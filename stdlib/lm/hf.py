@@ -23,7 +23,8 @@ attention mask is 0 on every pad column; position ids count real tokens only (ne
 j of row i is at position p_i + j); the next-token logits of row i are read at new
 column n_i - 1. Right-padding the new tokens means every pad query still sees a real
 key before it, so no attention row is fully masked (no NaN can reach a kept column).
-After the pass, row i's real columns (all layers) become the cache entry of its
+After the pass, row i's real columns (all layers, stored token-major so that a batch's
+prefixes are gathered with one cat and one index_copy) become the cache entry of its
 context. The answer equals an unbatched, uncached forward pass of each context (tested
 to 1e-5).
 """
@@ -145,39 +146,40 @@ class HFCausalLM(PrefixCachedLM):
         B = len(items)
         P = max(p for p, _ in fed)
         M = max(len(new) for _, new in fed)
-        ids = torch.zeros(B, M, dtype=torch.long)
-        mask = torch.zeros(B, P + M, dtype=torch.long)
-        pos = torch.zeros(B, M, dtype=torch.long)
-        for i, (p, new) in enumerate(fed):
-            ids[i, :len(new)] = torch.tensor(new, dtype=torch.long)
-            mask[i, P - p:P + len(new)] = 1
-            pos[i] = torch.arange(p, p + M)
+        plen = torch.tensor([p for p, _ in fed])
+        nlen = torch.tensor([len(new) for _, new in fed])
+        ids = torch.tensor([list(new) + [0] * (M - len(new)) for _, new in fed], dtype=torch.long)
+        cols = torch.arange(P + M)
+        mask = ((cols >= P - plen[:, None]) & (cols < P + nlen[:, None])).long()
+        pos = plen[:, None] + torch.arange(M)
         if self.max_positions is not None:
             pos.clamp_(max=self.max_positions - 1)  # pad columns only
         tf = _transformers()
         if P > 0:
-            ref = next(s for _, _, s in items if s is not None)
-            nl, _, h, _, d = ref.shape
-            past = torch.zeros(nl, 2, B, h, P, d, dtype=ref.dtype, device=ref.device)
-            for i, ((_, _, s), (p, _)) in enumerate(zip(items, fed)):
-                if s is not None:
-                    past[:, :, i, :, P - p:] = s
-            cache = tf.DynamicCache(ddp_cache_data=[(past[l, 0], past[l, 1]) for l in range(nl)])
+            # states are token-major [L, layers, 2, heads, head_dim]: one cat of all
+            # prefixes, one index_copy into the left-padded [B * P, ...] block
+            prefixes = [s for _, _, s in items if s is not None]
+            src = torch.cat(prefixes) if len(prefixes) > 1 else prefixes[0]
+            dest = torch.nonzero((torch.arange(P) >= P - plen[:, None]).flatten())[:, 0]  # row-major
+            past = src.new_zeros((B * P,) + tuple(src.shape[1:]))
+            past.index_copy_(0, dest.to(src.device), src)
+            past = past.view((B, P) + tuple(src.shape[1:])).permute(2, 3, 0, 4, 1, 5)  # [layers, 2, B, h, P, d]
+            cache = tf.DynamicCache(ddp_cache_data=[(past[l, 0], past[l, 1]) for l in range(past.shape[0])])
         else:
             cache = tf.DynamicCache()
         out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                          use_cache=True, **{self._cache_kwarg: cache})
-        last = torch.tensor([len(new) - 1 for _, new in fed], device=dev)
-        logits = out.logits[torch.arange(B, device=dev), last].float()
+        logits = out.logits[torch.arange(B, device=dev), (nlen - 1).to(dev)].float()
         lps = torch.log_softmax(logits, dim=-1)
         states, sizes = [], []
         if self.use_cache:
-            kv = self._stack(cache)  # updated in place by the forward pass
+            kv = self._stack(cache)  # updated in place by the forward pass: [layers, 2, B, h, P + M, d]
+            kv = kv.permute(2, 4, 0, 1, 3, 5)  # [B, P + M, layers, 2, h, d] (a view)
             row_bytes = lps.shape[1] * lps.element_size()
             for i, (p, new) in enumerate(fed):
-                s = kv[:, :, i, :, P - p:P + len(new)].clone()
-                states.append(s)
-                sizes.append(s.numel() * s.element_size() + row_bytes)
+                st = kv[i, P - p:P + len(new)].clone()  # the row's real columns, token-major
+                states.append(st)
+                sizes.append(st.numel() * st.element_size() + row_bytes)
         return states, lps, sizes
 
     def _stack(self, cache) -> torch.Tensor:
