@@ -402,3 +402,31 @@ def test_small_device_is_threaded(small_lm):
     out = lm.next_logprobs([(3, 4, 5), (3, 4, 5, 6, 7), (9,)])
     assert out.device.type == "meta" and out.shape == (3, lm.vocab_size)
     assert all(e.state.device.type == "meta" for e in lm.cache.entries.values())
+
+
+# ---------------------------------------------------------------- through the DSL's SMC
+STEER = '''
+def gen(lm, prompt, T):
+    toks = lm.encode(prompt)
+    for t in range(T):
+        tok ~ lm.next_token(toks, allowed=lambda v: not ("x" in v))
+        toks = toks + [tok]
+    return lm.decode(toks)
+'''
+
+
+def test_backends_drive_a_dsl_program(backend):
+    """lm.next_token (stdlib/lm/dsl.py) over these backends in ppl's SMC: one backend
+    call per step for all live particles, the prompt computed once, the rest one new
+    token per distinct context."""
+    import ppl
+    lm, _, _ = backend()
+    prompt = "the cat" if isinstance(lm, HFCausalLM) else "Return the "
+    T = 5
+    res = ppl.model(STEER).run("smc", {"lm": lm, "prompt": prompt, "T": T}, particles=12,
+                               resampling="systematic", ess_threshold=1.0, seed=0)
+    texts = list(res.samples["return"])
+    assert len(texts) == 12 and all(t.startswith(prompt) and "x" not in t[len(prompt):] for t in texts)
+    st = lm.cache_stats
+    assert st.calls == st.forward_passes <= T
+    assert st.misses == 1 and st.fed_tokens == len(lm.encode(prompt)) + st.prefix_hits
