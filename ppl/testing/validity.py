@@ -213,14 +213,22 @@ def without_replacement_distribution(w: list[float], n: int) -> dict[tuple, floa
     sum_i min(1, p_i / c) = n, the particles with p_i >= c are kept with log weight
     log(n p_i); the others with probability p_i / c, by one systematic sweep (a uniform U
     and points U, U + 1, ... over their cumulative sum, in index order), with log weight
-    log(n c). The law is piecewise constant in U, so each piece is one outcome."""
+    log(n c). The outcome is piecewise constant in U (``without_replacement_pieces``)."""
+    out: dict = defaultdict(float)
+    for lo, hi, outcome in without_replacement_pieces(w, n):
+        out[outcome] += hi - lo
+    return dict(out)
+
+
+def without_replacement_pieces(w: list[float], n: int) -> list[tuple[float, float, tuple]]:
+    """[(lo, hi, (indices, log weights))]: the selection's outcome for U in [lo, hi)."""
     total = math.fsum(w)
     p = [x / total for x in w]
     M = len(p)
     positive = [i for i in range(M) if p[i] > 0]
     if len(positive) <= n:
         idx = sorted(positive + [i for i in range(M) if p[i] <= 0][: n - len(positive)])
-        return {(tuple(idx), tuple(math.log(n * p[i]) if p[i] > 0 else -math.inf for i in idx)): 1.0}
+        return [(0.0, 1.0, (tuple(idx), tuple(math.log(n * p[i]) if p[i] > 0 else -math.inf for i in idx)))]
     order = sorted(range(M), key=lambda i: -p[i])  # stable: ties by index
     for a in range(n):
         c = math.fsum(p[i] for i in order[a:]) / (n - a)
@@ -234,20 +242,19 @@ def without_replacement_distribution(w: list[float], n: int) -> dict[tuple, floa
     cum = [min(float(R), x * R / cum[-1]) for x in cum]
     cum[-1] = float(R)
     cuts = sorted({0.0, 1.0} | {x - math.floor(x) for x in cum})
-    out: dict = defaultdict(float)
+    out = []
     for lo, hi in zip(cuts, cuts[1:]):
         if hi <= lo:
             continue
         u = (lo + hi) / 2
         prev, chosen = 0.0, []
         for i, x in zip(rest, cum):
-            if math.ceil(x - u) - math.ceil(prev - u) > 0:
+            if math.ceil(x - u) - math.ceil(prev - u) > 0:  # a point U + k in [prev, x)
                 chosen.append(i)
             prev = x
         idx = sorted(keep | set(chosen))
-        lw = tuple(math.log(n * (p[i] if i in keep else c)) for i in idx)
-        out[(tuple(idx), lw)] += hi - lo
-    return dict(out)
+        out.append((lo, hi, (tuple(idx), tuple(math.log(n * (p[i] if i in keep else c)) for i in idx))))
+    return out
 
 
 def _multinomial_law(w: list[float], n: int) -> dict[tuple, float]:
