@@ -62,6 +62,14 @@ def _load(loader, path, what: str, **kwargs):
                             "from local directories only (save_pretrained), it never downloads") from e
 
 
+def _dtype_kwargs(tf, dtype) -> dict:
+    """Load in ``dtype`` directly (``dtype=`` since transformers 4.56, ``torch_dtype=`` before)."""
+    if dtype is None:
+        return {}
+    major, minor = (int(x) for x in tf.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
 def _resolve_device(device) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,8 +94,7 @@ class HFCausalLM(PrefixCachedLM):
         tf = _transformers()
         self.device = _resolve_device(device)
         if isinstance(path_or_model, (str, os.PathLike)):
-            kwargs = {} if dtype is None else {"dtype": dtype}
-            model = _load(tf.AutoModelForCausalLM, path_or_model, "causal language model", **kwargs)
+            model = _load(tf.AutoModelForCausalLM, path_or_model, "causal language model", **_dtype_kwargs(tf, dtype))
             if tokenizer is None:
                 tokenizer = path_or_model
         else:
@@ -213,9 +220,8 @@ class HFRewardModel(RewardModel):
         tf = _transformers()
         self.device = _resolve_device(device)
         if isinstance(path_or_model, (str, os.PathLike)):
-            kwargs = {} if dtype is None else {"dtype": dtype}
             model = _load(tf.AutoModelForSequenceClassification, path_or_model, "sequence-classification model",
-                          **kwargs)
+                          **_dtype_kwargs(tf, dtype))
             if tokenizer is None:
                 tokenizer = path_or_model
         else:
