@@ -37,7 +37,14 @@ def _cpu(v):
     return v.cpu() if isinstance(v, torch.Tensor) else v
 
 
-def run_importance(model, data: dict, *, particles: int = 1000, device: str = "cpu", **_) -> Any:
+def run_importance(model, data: dict, *, particles: int = 1000, device: str = "cpu", proposal: Any = None,
+                   **_) -> Any:
+    """Likelihood weighting; with ``proposal`` (a ``ppl.Guide`` or the path of a saved one)
+    the guide proposes the choices it knows, weighted by log p - log q
+    (``inference.amortized``; ``extra`` holds ``ess_fraction`` and ``pareto_k``)."""
+    if proposal is not None:
+        from .amortized import run_guided_importance
+        return run_guided_importance(model, data, proposal, particles=particles, device=device)
     _, _, WeightedResult = _result_types()
     interp = model.interpreter()
     sites, log_weights = likelihood_weighting(interp, model.entry, model.prepare_data(data, device),
@@ -54,10 +61,16 @@ def run_prior(model, data: dict, *, particles: int = 1000, device: str = "cpu", 
 
 
 def run_smc(model, data: dict, *, particles: int = 1000, device: str = "cpu", resampling: str = "systematic",
-            ess_threshold: float = 1.0, **_) -> Any:
+            ess_threshold: float = 1.0, proposal: Any = None, **_) -> Any:
     """SMC over the checkpoints (``inference.smc``). The result's ``extra["history"]``
     lists, per synchronisation checkpoint, the ESS before resampling and whether it
-    resampled; ``ess_history`` is the list of those ESS values."""
+    resampled; ``ess_history`` is the list of those ESS values. With ``proposal`` (a
+    mean-field ``ppl.Guide``) each choice it knows is proposed by it where the program
+    makes it (``inference.amortized``)."""
+    if proposal is not None:
+        from .amortized import run_guided_smc
+        return run_guided_smc(model, data, proposal, particles=particles, device=device, resampling=resampling,
+                              ess_threshold=ess_threshold)
     _, _, WeightedResult = _result_types()
     interp = model.interpreter()
     sites, log_weights, h = smc(interp, model.entry, model.prepare_data(data, device), int(particles), device,

@@ -7,6 +7,7 @@ intermediate representation with an exact measure semantics, and ``ppl.infer`` /
 from __future__ import annotations
 
 from .api import InferenceFunction, Model, compile_source, infer, model, python_function
+from .inference.amortized import Guide, guide
 from .inference.product import ProductOfExperts
 from .result import ExactResult, MCMCResult, Site, WeightedResult
 from .semantics.errors import (InfiniteSupportError, PPLCheckError, PPLError, PPLRecursionError,
@@ -16,7 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "model", "infer", "Model", "InferenceFunction", "compile_source", "python_function",
-    "WeightedResult", "ExactResult", "MCMCResult", "Site", "ProductOfExperts", "product",
+    "WeightedResult", "ExactResult", "MCMCResult", "Site", "ProductOfExperts", "product", "guide", "Guide",
     "PPLError", "PPLSyntaxError", "PPLCheckError", "PPLRuntimeError", "PPLRecursionError",
     "ZeroEvidenceError", "InfiniteSupportError",
 ]

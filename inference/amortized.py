@@ -1,0 +1,841 @@
+"""Amortized inference: guides trained once, used as proposals for IS and SMC.
+
+    import ppl
+    m = ppl.model("examples/gaussian_mean.ppl")
+    guide = ppl.guide(m, {"ys": [0.0] * 20, "sigma": 2.0}, family="normal", encoder="auto")
+    guide.fit(objective="forward_kl", steps=2000, seed=0)   # on simulated data sets
+    res = m.run("importance", new_data, particles=1000, proposal=guide)
+    res.ess, res.pareto_k                                    # weight diagnostics
+    m.run("smc", new_data, particles=1000, proposal=guide)   # per-site proposals
+    guide.posterior(new_data).mean("mu")                     # q itself, no weights
+    guide.save("g.pt"); g2 = ppl.Guide.load("g.pt", m)
+
+**Invariant.** With a guide as the proposal, every choice the guide knows is drawn from
+q and the particle's log weight gets log p(choice) - log q(choice), every other choice is
+drawn from its prior as usual (weight unchanged), and every likelihood, factor and
+condition is weighted as usual: log w = log p(x, y) - log q(x | y). So the weighting is
+proper for the model's unnormalised measure (E[w f(x)] = Z E_post[f]) whatever the guide
+is, as long as q covers the posterior: a poor guide costs effective sample size (see
+``ess`` and ``pareto_k``: above 0.7 the estimates are unreliable), never consistency.
+In SMC (``model.run("smc", ..., proposal=guide)``) the mean-field guide proposes each
+site where the program reaches it, in program order (discrete factors conditioned on
+the earlier discrete values, which follow the resampling), with the same weight
+correction at that site; guides that draw the continuous latents jointly (``lowrank``,
+``flow``) are importance-sampling proposals only.
+
+Guide families, the feature map of the data and the encoders are described in
+``inference.guides``; the objectives (what each estimates) in ``inference.objectives``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..semantics.dist_values import ProposedDist
+from ..semantics.errors import PPLError, PPLRuntimeError, did_you_mean
+from ..semantics.interpreter import FactorEffect, ObserveEffect
+from ..semantics.sampling import LikelihoodWeighting, column, drive
+from ..semantics.values import Batched, Particles, PerParticle, rows
+from . import objectives as O
+from .guides import FAMILIES, GuideNet, Layout, _finite_bounds, _sum_ldj, discover
+from .smc import SMCHandler, smc
+
+__all__ = ["Guide", "guide", "GuideRun", "pareto_k"]
+
+FORMAT = "ppl.guide/1"
+
+
+# ======================================================================= one proposal run
+class GuideRun:
+    """The guide as the proposal of one interpreter run over N particles.
+
+    ``features``: [1, F] (one data set for every particle), [N, F] (a data set per
+    particle, in training) or None (a guide without encoder). ``reparam``: draw
+    continuous values differentiably (ELBO/IWAE) or not (RWS). ``track``: accumulate
+    log q per particle (``logq``, and ``logq_discrete`` for the score-function terms)."""
+
+    def __init__(self, net: GuideNet, N: int, features: torch.Tensor | None, device="cpu", *,
+                 reparam: bool = True, track: bool = False, sequential: bool = False):
+        self.net = net
+        self.layout = net.layout
+        self.N = N
+        rows_ = 1 if features is None else features.shape[0]
+        self.params, self.context = net.head_out(features, rows_)
+        dev = self.params.device
+        if str(dev) != str(torch.device(device)):
+            raise PPLError(f"the guide is on {dev} but the run is on {device}",
+                           hint="move the guide with guide.to(device) or run on its device")
+        self.reparam = reparam
+        self.track = track
+        self.logq = torch.zeros(N, dtype=self.params.dtype, device=dev)
+        self.logq_discrete = torch.zeros(N, dtype=self.params.dtype, device=dev)
+        self.joint = None
+        self.visited: dict[str, torch.Tensor] = {}
+        self._onehot = None
+        self.joint_family = net.family != "normal" and self.layout.D > 0
+        if sequential and self.joint_family:
+            raise PPLError(f"SMC needs per-site proposals, but a '{net.family}' guide draws the continuous "
+                           "latents jointly",
+                           hint="use a family='normal' guide (mean-field) as the SMC proposal, or this guide "
+                                "with method 'importance'")
+
+    def _rows(self, t, idx):
+        if t is None:
+            return None
+        return t.expand(idx.shape[0], *t.shape[1:]) if t.shape[0] == 1 else t.index_select(0, idx)
+
+    def _acc(self, name, ctx, lq):
+        cur = getattr(self, name)
+        if ctx.M == self.N and ctx.is_full:
+            setattr(self, name, cur + lq)
+        else:
+            setattr(self, name, cur.index_add(0, ctx.idx, lq))
+
+    def propose(self, eff, handler):
+        """(value, log q of it per particle of eff.ctx) for a choice the guide knows, or
+        None (the handler then draws it from its prior)."""
+        site = self.layout.by_addr.get(eff.addr)
+        if site is None:
+            return None
+        ctx = eff.ctx
+        target = eff.dist.target if isinstance(eff.dist, ProposedDist) else eff.dist
+        if site.kind == "continuous":
+            return self._continuous(site, target, ctx, handler)
+        return self._discrete(site, target, ctx)
+
+    def _continuous(self, site, target, ctx, handler):
+        idx, M = ctx.idx, ctx.M
+        if not self.joint_family:
+            q = self.net.site_normal(self._rows(self.params, idx), site)
+            u = q.rsample() if self.reparam else q.sample()
+            lq = q.log_prob(u).sum(-1)
+            u = u.reshape(M, *site.ushape)
+            t = site.transform
+            x = t(u)
+            lq = lq - _sum_ldj(t.log_abs_det_jacobian(u, x), M)
+        else:
+            if self.joint is None:
+                self._draw_joint(ctx, handler)
+            x = self.joint[site.addr].index_select(0, idx)
+            lq = torch.zeros(M, dtype=x.dtype, device=x.device)
+            seen = self.visited.setdefault(site.addr, torch.zeros(self.N, dtype=torch.bool, device=x.device))
+            seen[idx] = True
+        if self.track and not self.joint_family:
+            self._acc("logq", ctx, lq)
+        return Batched(target.spec.to_value(x), idx), lq
+
+    def _draw_joint(self, ctx, handler):
+        N, lay, net = self.N, self.layout, self.net
+        full = Particles(ctx.full.idx, ctx.N, ctx.device, ctx.full)
+        params = self.params.expand(N, -1) if self.params.shape[0] == 1 else self.params
+        context = None if self.context is None else (
+            self.context.expand(N, -1) if self.context.shape[0] == 1 else self.context)
+        u, lq = net.sample_u(params, context, self.reparam)
+        self.joint = {}
+        for s in lay.continuous:
+            us = u[:, s.offset:s.offset + s.dim].reshape(N, *s.ushape)
+            t = s.transform
+            x = t(us)
+            lq = lq - _sum_ldj(t.log_abs_det_jacobian(us, x), N)
+            self.joint[s.addr] = x
+        handler.add(full, -lq)
+        if self.track:
+            self._acc("logq", full, lq)
+
+    def _discrete(self, site, target, ctx):
+        idx, M = ctx.idx, ctx.M
+        self._check_support(site, target, ctx)
+        onehot = rows(self._onehot, ctx) if self._onehot is not None else None
+        lg = self.net.site_logits(self._rows(self.params, idx), site, onehot)
+        cat = torch.distributions.Categorical(logits=lg)
+        k = cat.sample()  # [M, numel]
+        lq = cat.log_prob(k).sum(-1)
+        if site.kind == "token":
+            lmv = target.lmv
+            value = PerParticle([lmv.token(i) for i in k[:, 0].tolist()], idx)
+        else:
+            value = Batched(target.spec.to_value((k + site.low).reshape(M, *site.shape)), idx)
+        if self.net.autoregressive:
+            full = Particles(ctx.full.idx, ctx.N, ctx.device, ctx.full)
+            cur = rows(self._onehot, full).clone() if self._onehot is not None else \
+                torch.zeros(ctx.N, self.layout.L, dtype=lg.dtype, device=lg.device)
+            cur[idx, site.loffset:site.loffset + site.width] = \
+                nn.functional.one_hot(k, site.K).reshape(M, -1).to(cur.dtype)
+            self._onehot = Batched(cur, full.idx)
+        if self.track:
+            self._acc("logq", ctx, lq)
+            self._acc("logq_discrete", ctx, lq)
+        return value, lq
+
+    def _check_support(self, site, target, ctx):
+        if site.kind == "token":
+            V = getattr(getattr(target, "lmv", None), "V", None)
+            if V != site.K:
+                raise PPLRuntimeError(f"the guide proposes tokens of a vocabulary of {site.K} at '{site.addr}', "
+                                      f"but the model's language model has {V}",
+                                      hint="use the guide with the language model it was trained with")
+            return
+        lo, hi, ok = _finite_bounds(target.torch_dist(ctx).support)
+        if not ok or lo != site.low or hi - lo + 1 != site.K:
+            raise PPLRuntimeError(f"the guide proposes {site.K} values ({site.low}..{site.low + site.K - 1}) at "
+                                  f"'{site.addr}', but here the choice has {'values ' + str(lo) + '..' + str(hi) if ok else 'another support'}",
+                                  hint="a guide covers the supports of the data it was built with: build it "
+                                       "(ppl.guide(model, data)) with data of this shape")
+
+    def finish(self):
+        if self.joint_family and self.joint is not None:
+            for s in self.layout.continuous:
+                seen = self.visited.get(s.addr)
+                if seen is None or not bool(seen.all()):
+                    raise PPLRuntimeError(
+                        f"the '{self.net.family}' guide draws all continuous latents jointly, but the choice "
+                        f"'{s.addr}' was not made by every particle",
+                        hint="joint guides need the same continuous choices in every run; use family='normal' "
+                             "(mean-field, proposes each choice where the program makes it)")
+        elif self.joint_family and self.joint is None and self.layout.D:
+            raise PPLRuntimeError("the guide's continuous choices were not made by this run of the model",
+                                  hint="use the guide with the model and data shape it was built for")
+
+
+class _Guided:
+    """Handler mixin: choices the guide knows come from it, with log p - log q."""
+
+    guide_run: GuideRun
+
+    def sample(self, eff):
+        r = self.guide_run.propose(eff, self)
+        if r is None:
+            return super().sample(eff)
+        value, lq = r
+        target = eff.dist.target if isinstance(eff.dist, ProposedDist) else eff.dist
+        self.add(eff.ctx, target.log_prob(value, eff.ctx) - lq)
+        self.trace.record(eff.addr, eff.ctx, value)
+        return value
+
+    def finish(self):
+        super().finish()
+        self.guide_run.finish()
+
+
+class GuidedWeighting(_Guided, LikelihoodWeighting):
+    """Importance sampling with a guide as the proposal."""
+
+    def __init__(self, N, device, run: GuideRun, dtype=None):
+        LikelihoodWeighting.__init__(self, N, device, dtype)
+        self.guide_run = run
+
+
+class GuidedSMC(_Guided, SMCHandler):
+    """SMC with a (mean-field) guide proposing each choice where the program makes it."""
+
+    def __init__(self, run: GuideRun, *args, **kwargs):
+        SMCHandler.__init__(self, *args, **kwargs)
+        self.guide_run = run
+
+
+# =================================================================== data for training
+class _ObservedRows:
+    """An interpreter whose ``observe`` statements see per-particle values
+    ``observations[addr]`` [N, ...] (row i for particle i): B data sets in one run."""
+
+    def __init__(self, inner, observations: Mapping[str, torch.Tensor]):
+        self._inner = inner
+        self._obs = observations
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def run(self, entry, data, ctx):
+        gen = self._inner.run(entry, data, ctx)
+        try:
+            eff = next(gen)
+            while True:
+                if type(eff) is ObserveEffect:
+                    t = self._obs.get(eff.addr)
+                    if t is None:
+                        raise PPLRuntimeError(f"no data for the observation '{eff.addr}'", eff.span,
+                                              "the training data sets must observe the same sites")
+                    eff = ObserveEffect(eff.addr, eff.dist, Batched(t.index_select(0, eff.ctx.idx), eff.ctx.idx),
+                                        eff.ctx, eff.span)
+                eff = gen.send((yield eff))
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            gen.close()
+
+
+def _simulate_handler(N, device):
+    from ppl.testing.sbc import _PriorPredictive
+
+    class _Simulate(_PriorPredictive):
+        def factor(self, eff: FactorEffect):
+            raise PPLError("cannot simulate data sets from a model with `factor` statements", eff.span,
+                           "forward_kl (and amortized training on simulated data) draws latents and data from "
+                           "the model; a factor reweights the prior, so its draws would not come from the "
+                           "model: use objective='rws' or 'elbo' on the data set, with encoder=None")
+    return _Simulate(N, device)
+
+
+class _Simulator:
+    """Prior-predictive simulations (latents, observations) drawn in large batched chunks
+    and handed out without reuse."""
+
+    def __init__(self, model, data, layout: Layout, device, chunk: int):
+        self.model, self.layout, self.device, self.chunk = model, layout, device, int(chunk)
+        self.prepared = model.prepare_data(model.bind((), data), device)
+        self.buf = None
+        self.pos = 0
+
+    def _fill(self):
+        S = self.chunk
+        h = _simulate_handler(S, self.device)
+        with torch.no_grad():
+            drive(self.model.interpreter().run(self.model.entry, self.prepared, Particles.all(S, self.device)), h)
+        keep = torch.nonzero(h.ok).flatten()
+        if keep.numel() == 0:
+            raise PPLError("no prior-predictive simulation satisfied the model's conditions",
+                           hint="the conditions are (nearly) impossible under the prior")
+        lat = h.trace.sites()
+        obs = h.observed.sites()
+        latents, observations = {}, {}
+        for s in self.layout.sites:
+            if s.addr not in lat:
+                raise PPLError(f"the simulations did not make the choice '{s.addr}'",
+                               hint="training on simulations needs a model with the same latent choices in "
+                                    "every run (a static model)")
+            v, present = lat[s.addr]
+            if present is not None and not bool(present[keep].all()):
+                raise PPLError(f"the choice '{s.addr}' is made only in some simulations",
+                               hint="forward_kl needs a model with the same latent choices in every run (a "
+                                    "static model); use objective='elbo' or 'rws'")
+            latents[s.addr] = v.index_select(0, keep) if isinstance(v, torch.Tensor) else \
+                [v[i] for i in keep.tolist()]
+        for a, _ in self.layout.observed:
+            if a not in obs:
+                raise PPLError(f"the simulations did not reach the observation '{a}'",
+                               hint="an amortized guide needs observations fixed by the data shape")
+            v, present = obs[a]
+            if present is not None and not bool(present[keep].all()):
+                raise PPLError(f"the observation '{a}' is reached only in some simulations",
+                               hint="an amortized guide needs observations fixed by the data shape "
+                                    "(no observe inside a branch on a random value)")
+            observations[a] = v.index_select(0, keep)
+        self.buf = (latents, observations, keep.numel())
+        self.pos = 0
+
+    def next(self, B: int):
+        if self.buf is None or self.pos + B > self.buf[2]:
+            self._fill()
+            if B > self.buf[2]:
+                B = self.buf[2]
+        lat, obs, _ = self.buf
+        sl = slice(self.pos, self.pos + B)
+        self.pos += B
+        return ({a: (v[sl] if isinstance(v, torch.Tensor) else v[sl]) for a, v in lat.items()},
+                {a: v[sl] for a, v in obs.items()}, B)
+
+
+def observed_values(model, data: Mapping[str, Any], device="cpu") -> dict:
+    """observe address -> the observed value (a tensor) of ``model(**data)``."""
+    from .guides import _DEPENDS, _Discover
+    from ..api import seeded
+    from ..semantics.values import as_tensor
+    h = _Discover(1, device)
+    with seeded(0, device), torch.no_grad():
+        drive(model.interpreter().run(model.entry, model.prepare_data(model.bind((), data), device),
+                                      Particles.all(1, device)), h)
+    out = {}
+    for a, v in h.observed.items():
+        if v is _DEPENDS:
+            continue
+        try:
+            out[a] = as_tensor(v, device)
+        except PPLError:
+            continue
+    return out
+
+
+# ============================================================================ diagnostics
+def pareto_k(log_weights: torch.Tensor) -> float:
+    """The Pareto k-hat of importance weights (PSIS, Vehtari et al.; as in Pyro's
+    ``psis_diagnostic``): a generalized Pareto distribution fitted
+    (``pyro.ops.stats.fit_generalized_pareto``) to the largest min(N/5, 3 sqrt(N))
+    weights. k < 0.5: the weights have finite variance; 0.5-0.7: usable; > 0.7: the
+    estimates are unreliable. NaN with fewer than 10 tail weights."""
+    from pyro.ops.stats import fit_generalized_pareto
+    lw = torch.as_tensor(log_weights).detach().double().cpu()
+    lw = lw[torch.isfinite(lw)]
+    n = lw.shape[0]
+    if n == 0:
+        return float("nan")
+    lw = torch.sort(lw - lw.max())[0]
+    cut = -int(math.ceil(min(0.2 * n, 3.0 * math.sqrt(n)))) - 1
+    if -cut > n:
+        return float("nan")
+    lw_cut = max(math.log(1.0e-15), float(lw[cut]))
+    tail = lw[lw > lw_cut]
+    if tail.shape[0] < 10:
+        return float("nan")
+    k, _ = fit_generalized_pareto(tail.exp() - math.exp(lw_cut))
+    return float(k)
+
+
+# ================================================================================= Guide
+def _plain_data(data) -> Any:
+    """The data as plain Python/tensors when it can be saved, else None."""
+    if isinstance(data, torch.Tensor):
+        return data.detach().cpu()
+    if isinstance(data, (bool, int, float, str)) or data is None:
+        return data
+    if isinstance(data, (list, tuple)):
+        out = [_plain_data(x) for x in data]
+        return None if any(x is None and y is not None for x, y in zip(out, data)) else out
+    if isinstance(data, dict):
+        out = {k: _plain_data(v) for k, v in data.items()}
+        return None if any(out[k] is None and data[k] is not None for k in data) else out
+    try:
+        import numpy as np
+        if isinstance(data, np.ndarray):
+            return torch.from_numpy(data)
+    except ImportError:  # pragma: no cover
+        pass
+    return None
+
+
+class Guide:
+    """A guide q(latents | data) for a model (see the module docstring).
+
+    ``ppl.guide(model, data, family="normal" | "lowrank" | "flow", encoder=None | "auto" |
+    nn.Module)``. ``data`` is a data set of the shape the guide will see (an amortized
+    guide simulates its training data sets from the model called on it, and reads the
+    observed values of any data set of that shape); without it the guide is built at the
+    first ``fit``. Options: ``rank`` (lowrank), ``hidden`` (the auto encoder's layer
+    widths), ``flow_bins`` (spline bins), ``autoregressive`` (discrete factors conditioned
+    on the earlier discrete values), ``sites`` (the addresses to guide; others stay drawn
+    from their priors), ``init_scale`` (the initial scale of the continuous factors, in
+    unconstrained space)."""
+
+    def __init__(self, model, data: Mapping[str, Any] | None = None, *, family: str = "normal",
+                 encoder: Any = None, rank: int = 2, hidden: Sequence[int] = (64, 64), flow_bins: int = 8,
+                 autoregressive: bool = True, sites: Sequence[str] | None = None, init_scale: float = 1.0):
+        from ..api import Model
+        if not isinstance(model, Model):
+            raise PPLError(f"ppl.guide needs a ppl.Model (got {type(model).__name__})",
+                           hint="compile it first: ppl.model(source)")
+        if family not in FAMILIES:
+            raise PPLError(f"unknown guide family '{family}'",
+                           hint=did_you_mean(family, FAMILIES) or f"choose from: {', '.join(FAMILIES)}")
+        if isinstance(encoder, str) and encoder != "auto":
+            raise PPLError(f"unknown encoder '{encoder}'",
+                           hint="encoder=None (no amortization), 'auto' (an MLP of the observed data) or a "
+                                "torch nn.Module mapping features [B, F] to an embedding [B, H]")
+        self.model = model
+        self.family = family
+        self.encoder = encoder
+        self.options = {"rank": int(rank), "hidden": [int(h) for h in hidden], "flow_bins": int(flow_bins),
+                        "autoregressive": bool(autoregressive), "init_scale": float(init_scale)}
+        self.site_list = list(sites) if sites is not None else None
+        self.net: GuideNet | None = None
+        self.layout: Layout | None = None
+        self.template: dict | None = None
+        self.history: list[float] = []
+        self.objectives: list[str] = []
+        self.features_set = False
+        if data is not None:
+            self._build(data)
+
+    # --------------------------------------------------------------------- building
+    @property
+    def amortized(self) -> bool:
+        return self.encoder is not None
+
+    def _build(self, data, seed_init: int | None = None):
+        from ..api import seeded
+        data = self.model.bind((), data)
+        self.layout, init = discover(self.model, data, sites=self.site_list, need_features=self.amortized)
+        self.template = dict(data)
+        with seeded(0 if seed_init is None else seed_init):
+            self.net = GuideNet(self.layout, self.family, self.encoder, rank=self.options["rank"],
+                                hidden=self.options["hidden"], flow_bins=self.options["flow_bins"],
+                                autoregressive=self.options["autoregressive"], init=init,
+                                init_scale=self.options["init_scale"])
+
+    def _ready(self, data=None):
+        if self.net is None:
+            if data is None:
+                raise PPLError("this guide has not been built yet: it needs a data set to learn the model's choices",
+                               hint="pass data: ppl.guide(model, data) or guide.fit(data, ...)")
+            self._build(data)
+
+    @property
+    def sites(self) -> list[str]:
+        """The addresses the guide proposes."""
+        self._ready()
+        return [s.addr for s in self.layout.sites]
+
+    def describe(self) -> str:
+        kind = "amortized" if self.amortized else "fixed"
+        return f"guide({self.family}, {kind})"
+
+    def __repr__(self) -> str:
+        sites = ", ".join(self.sites) if self.net is not None else "not built"
+        return f"<ppl.Guide {self.family} {'amortized' if self.amortized else 'fixed'} for {self.model.entry}: {sites}>"
+
+    def parameters(self):
+        self._ready()
+        return self.net.parameters()
+
+    # --------------------------------------------------------------------- features
+    def features(self, data: Mapping[str, Any] | None = None) -> torch.Tensor | None:
+        """The encoder's input for one data set, [1, F] (None for a guide without encoder)."""
+        self._ready(data)
+        if not self.amortized:
+            return None
+        data = self.template if data is None else self.model.bind((), data)
+        return self.layout.features(observed_values(self.model, data))
+
+    def _set_normalisation(self, feats: torch.Tensor):
+        if self.features_set or not self.amortized or feats.shape[1] == 0:
+            return
+        with torch.no_grad():
+            self.net.feat_loc.copy_(feats.mean(0))
+            sd = feats.std(0) if feats.shape[0] > 1 else torch.ones(feats.shape[1])
+            self.net.feat_scale.copy_(torch.where(sd > 1e-6, sd, torch.ones_like(sd)))
+        self.features_set = True
+
+    # --------------------------------------------------------------------- training
+    def fit(self, data: Mapping[str, Any] | None = None, objective: str | None = None, *, steps: int = 1000,
+            batch_size: int | None = None, particles: int | None = None, lr: float | None = None,
+            lr_end: float | None = None, seed: int | None = None, progress: bool = True,
+            datasets: Sequence[Mapping[str, Any]] | None = None, chunk: int = 16384, clip: float = 100.0) -> "Guide":
+        """Train the guide; returns it. ``objective``: ``"forward_kl"`` (default for an
+        amortized guide), ``"elbo"`` (default otherwise), ``"iwae"``, ``"rws"``/``"brain"``
+        (``inference.objectives`` says what each estimates). An amortized guide trains on
+        data sets simulated from the prior predictive of ``model(**data)`` (``chunk`` of
+        them per batched simulation, none reused), or on minibatches of ``datasets``;
+        ``batch_size`` data sets per step (default 256 for forward_kl, 32 otherwise), each
+        with ``particles`` draws from the guide (ELBO 8, IWAE/RWS 16). A guide without
+        encoder trains on ``data`` with ``particles`` draws per step (default 64).
+        Adam with learning rate ``lr`` decaying exponentially to ``lr_end`` (defaults
+        3e-3 -> 3e-4 amortized, 5e-2 -> 5e-3 otherwise); gradient norms clipped at
+        ``clip``. ``self.history`` receives the reported value of every step (a loss:
+        lower is better; see ``inference.objectives``), shown by ``plot_loss()``."""
+        from ..api import seeded
+        if data is None and self.net is None and datasets:
+            data = datasets[0]
+        if data is None and self.net is None:
+            raise PPLError("guide.fit needs a data set", hint="guide.fit(data, objective=...)")
+        obj = objective or ("forward_kl" if self.amortized else "elbo")
+        obj = O.ALIASES.get(obj, obj)
+        if obj not in O.OBJECTIVES:
+            raise PPLError(f"unknown objective '{objective}'",
+                           hint=did_you_mean(str(objective), list(O.OBJECTIVES) + list(O.ALIASES))
+                           or f"choose from: {', '.join(O.OBJECTIVES)}")
+        if obj == "forward_kl" and not self.amortized:
+            raise PPLError("forward_kl trains q(latents | data) on simulated data sets, but this guide has no "
+                           "encoder: it can only learn the prior",
+                           hint="use encoder='auto' (an amortized guide), or objective='elbo' / 'rws' for one "
+                                "data set")
+        try:
+            steps = int(steps)
+            assert steps >= 1
+        except (TypeError, ValueError, AssertionError):
+            raise PPLError(f"steps must be a positive integer (got {steps!r})") from None
+        with seeded(seed):
+            self._ready(data)
+            if data is not None:
+                data = self.model.bind((), data)
+            template = data if data is not None else self.template
+            self._fit(template, obj, steps, batch_size, particles, lr, lr_end, progress, datasets, chunk, clip)
+        return self
+
+    def _fit(self, template, obj, steps, batch_size, particles, lr, lr_end, progress, datasets, chunk, clip):
+        from tqdm.auto import tqdm
+        net, lay = self.net, self.layout
+        amort = self.amortized
+        if batch_size is None:
+            batch_size = 256 if obj == "forward_kl" else 32
+        if particles is None:
+            particles = {"elbo": 8, "iwae": 16, "rws": 16}.get(obj, 1) if amort else 64
+        B = int(batch_size) if amort else 1
+        K = int(particles)
+        if obj == "iwae" and K < 2 and lay.L:
+            raise PPLError("the IWAE objective with discrete choices needs particles >= 2 (VIMCO baseline)")
+        if lr is None:
+            lr = 3e-3 if amort else 5e-2
+        if lr_end is None:
+            lr_end = lr / 10
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        gamma = (lr_end / lr) ** (1.0 / max(1, steps))
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
+        sim = None
+        pool = None
+        if amort:
+            if datasets is not None:
+                obs = [observed_values(self.model, self.model.bind((), d)) for d in datasets]
+                table = {a: torch.stack([o[a] if a in o else _missing(a) for o in obs]) for a, _ in lay.observed}
+                pool = (table, len(obs))
+                if obj == "forward_kl":
+                    raise PPLError("forward_kl trains on simulated data sets (their latents are known); "
+                                   "`datasets` has no latents", hint="drop datasets=, or use objective='elbo'/'rws'")
+            else:
+                sim = _Simulator(self.model, template, lay, "cpu", max(chunk, B))
+        prepared = self.model.prepare_data(template, "cpu")
+        running = [None]
+        bar = tqdm(range(steps), disable=not progress, desc=f"fit {obj}", leave=False)
+        every = max(1, steps // 100)
+        net.train()
+        for step in bar:
+            if obj == "forward_kl":
+                lat, obs, n = sim.next(B)
+                feats = lay.features(obs, n)
+                self._set_normalisation(feats)
+                loss, value = O.forward_kl(net.log_prob(lat, feats, n))
+            else:
+                if amort:
+                    if pool is not None:
+                        pick = torch.randint(pool[1], (B,))
+                        obs = {a: v.index_select(0, pick) for a, v in pool[0].items()}
+                        n = B
+                    else:
+                        _, obs, n = sim.next(B)
+                    feats = lay.features(obs, n)
+                    self._set_normalisation(feats)
+                    feats = feats.repeat_interleave(K, 0)
+                    obs = {a: v.repeat_interleave(K, 0) for a, v in obs.items()}
+                    interp = _ObservedRows(self.model.interpreter(), obs)
+                else:
+                    n, feats, interp = 1, None, self.model.interpreter()
+                N = n * K
+                run = GuideRun(net, N, feats, "cpu", reparam=obj != "rws", track=True)
+                h = GuidedWeighting(N, "cpu", run)
+                drive(interp.run(self.model.entry, prepared, Particles.all(N)), h)
+                lw = h.log_weights.view(n, K)
+                if obj == "elbo":
+                    loss, value = O.elbo(lw, run.logq_discrete.view(n, K) if lay.L else None, running)
+                elif obj == "iwae":
+                    loss, value = O.iwae(lw, run.logq_discrete.view(n, K) if lay.L else None)
+                else:
+                    loss, value = O.rws(lw, run.logq.view(n, K))
+            if not torch.isfinite(loss):
+                raise PPLRuntimeError(f"the {obj} loss is {float(loss)} at step {step}",
+                                      hint="every particle may violate a condition, or the learning rate is "
+                                           "too high: lower lr, or check the model")
+            opt.zero_grad()
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+            opt.step()
+            sched.step()
+            self.history.append(value)
+            if step % every == 0:
+                bar.set_postfix(loss=f"{value:.4g}")
+        net.eval()
+        self.objectives.append(obj)
+
+    # --------------------------------------------------------------------- using
+    def proposal_run(self, data, N: int, device="cpu", sequential: bool = False) -> GuideRun:
+        """A ``GuideRun`` proposing for ``model(**data)`` with N particles (no gradients)."""
+        self._ready(data)
+        feats = self.features(data) if self.amortized else None
+        return GuideRun(self.net, N, feats, device, reparam=False, sequential=sequential)
+
+    def posterior(self, data: Mapping[str, Any] | None = None, particles: int = 1000, seed: int | None = None):
+        """The guide's own approximation of the posterior: ``particles`` draws from q
+        (the model run with every known choice from the guide, the others from their
+        priors), all with equal weight: a ``WeightedResult`` with method "guide" (no
+        evidence: its ``log_evidence`` is 0 by construction)."""
+        from ppl.result import Site, WeightedResult
+        from ..api import seeded
+        data = self.template if data is None else self.model.bind((), data)
+        N = int(particles)
+        with seeded(seed), torch.no_grad():
+            run = self.proposal_run(data, N)
+            h = GuidedWeighting(N, "cpu", run)
+            ctx = Particles.all(N)
+            ret = drive(self.model.interpreter().run(self.model.entry, self.model.prepare_data(data, "cpu"), ctx), h)
+        sites = {"return": Site(_cpu(column(ret, ctx)))}
+        sites.update({k: Site(_cpu(v), _cpu(p)) for k, (v, p) in h.trace.sites().items()})
+        return WeightedResult("guide", sites, torch.zeros(N, dtype=torch.float64),
+                              extra={"proposal": self.describe()})
+
+    def log_prob(self, values: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """log q(values | data) [B] for ``values``: address -> B values of each site."""
+        self._ready(data)
+        feats = self.features(data) if self.amortized else None
+        vals = {}
+        B = None
+        for s in self.layout.sites:
+            if s.addr not in values:
+                raise PPLError(f"no value for the guide's site '{s.addr}'", hint=f"the sites are: {', '.join(self.sites)}")
+            v = values[s.addr]
+            if s.kind != "token":
+                v = torch.as_tensor(v)
+                if v.dim() == len(s.shape):
+                    v = v.unsqueeze(0)
+                n = v.shape[0]
+            else:
+                v = [v] if isinstance(v, str) else list(v)
+                n = len(v)
+            vals[s.addr] = v
+            B = n if B is None else B
+        with torch.no_grad():
+            return self.net.log_prob(vals, None if feats is None else feats.expand(B, -1), B)
+
+    def to(self, device) -> "Guide":
+        self._ready()
+        self.net.to(device)
+        return self
+
+    # --------------------------------------------------------------------- files
+    def save(self, path: str | os.PathLike) -> None:
+        """Save the trained guide (parameters, configuration, loss history, and the data
+        it was built with when that is plain numbers) with ``torch.save``."""
+        self._ready()
+        enc = "auto" if self.encoder == "auto" else (None if self.encoder is None else "custom")
+        blob = {"format": FORMAT, "entry": self.model.entry, "family": self.family, "encoder": enc,
+                "options": self.options, "sites": self.site_list, "signature": self.layout.signature(),
+                "state": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+                "history": list(self.history), "objectives": list(self.objectives),
+                "features_set": self.features_set, "template": _plain_data(self.template)}
+        torch.save(blob, os.fspath(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model, data: Mapping[str, Any] | None = None,
+             encoder: nn.Module | None = None) -> "Guide":
+        """A guide saved by ``save``, for ``model``. ``data`` (a data set of the shape the
+        guide was built for) is needed when the saved one was not plain numbers (e.g. a
+        language model); ``encoder`` (a module of the same architecture) when the guide
+        had a custom encoder."""
+        try:
+            blob = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise PPLError(f"no guide file at '{path}'") from None
+        except Exception as e:
+            raise PPLError(f"cannot read a guide from '{path}': {type(e).__name__}: {str(e).splitlines()[0]}",
+                           hint="the file must come from Guide.save") from None
+        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+            raise PPLError(f"'{path}' is not a saved ppl guide", hint="the file must come from Guide.save")
+        if blob["encoder"] == "custom" and encoder is None:
+            raise PPLError("this guide was trained with a custom encoder",
+                           hint="pass a module of the same architecture: Guide.load(path, model, encoder=...)")
+        if blob["entry"] != model.entry:
+            raise PPLError(f"the guide was trained for the model '{blob['entry']}', not '{model.entry}'")
+        template = data if data is not None else blob["template"]
+        if template is None:
+            raise PPLError("the data the guide was built with could not be saved (not plain numbers)",
+                           hint="pass a data set of the same shape: Guide.load(path, model, data=...)")
+        enc = {"auto": "auto", None: None}.get(blob["encoder"], encoder)
+        o = blob["options"]
+        g = cls(model, None, family=blob["family"], encoder=enc, rank=o["rank"], hidden=o["hidden"],
+                flow_bins=o["flow_bins"], autoregressive=o["autoregressive"], sites=blob["sites"],
+                init_scale=o["init_scale"])
+        g._build(template)
+        if g.layout.signature() != blob["signature"]:
+            raise PPLError("the model's choices or observations differ from those the guide was trained for",
+                           hint=f"trained for {blob['signature']['sites']}; this model and data give "
+                                f"{g.layout.signature()['sites']}")
+        try:
+            g.net.load_state_dict(blob["state"])
+        except RuntimeError as e:
+            raise PPLError(f"the saved parameters do not fit this guide: {str(e).splitlines()[0]}",
+                           hint="pass the encoder architecture the guide was trained with") from None
+        g.history = list(blob["history"])
+        g.objectives = list(blob["objectives"])
+        g.features_set = bool(blob["features_set"])
+        g.net.eval()
+        return g
+
+    # --------------------------------------------------------------------- plots
+    def plot_loss(self, ax=None, smooth: int | None = None):
+        """The training loss per step (and a moving average); returns the axes."""
+        from ppl.result import _pyplot
+        if not self.history:
+            raise PPLError("the guide has no loss history yet", hint="train it with guide.fit(...)")
+        plt = _pyplot()
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 3.5))
+        h = torch.tensor(self.history, dtype=torch.float64)
+        ax.plot(h.numpy(), lw=0.6, alpha=0.5, label="loss")
+        w = smooth or max(1, len(h) // 50)
+        if w > 1 and len(h) > w:
+            ma = torch.nn.functional.avg_pool1d(h.view(1, 1, -1), w, 1).flatten()
+            ax.plot(range(w - 1, len(h)), ma.numpy(), lw=1.5, label=f"moving average ({w})")
+        ax.set_xlabel("step")
+        ax.set_ylabel(" / ".join(dict.fromkeys(self.objectives)) or "loss")
+        ax.legend()
+        return ax
+
+
+def _missing(a):
+    raise PPLError(f"a data set in `datasets` does not observe '{a}'",
+                   hint="every data set must have the shape of the data the guide was built with")
+
+
+def _cpu(v):
+    return v.cpu() if isinstance(v, torch.Tensor) else v
+
+
+def guide(model, data: Mapping[str, Any] | None = None, **options) -> Guide:
+    """``ppl.guide(model, data, family=..., encoder=...)``: a ``Guide`` (see its docstring)."""
+    return Guide(model, data, **options)
+
+
+# ================================================================== inference entry points
+def _as_guide(proposal, model, data) -> Guide:
+    if isinstance(proposal, (str, os.PathLike)):
+        return Guide.load(proposal, model, data)
+    if not isinstance(proposal, Guide):
+        raise PPLError(f"proposal must be a ppl.Guide or the path of a saved one (got {type(proposal).__name__})",
+                       hint="train one with ppl.guide(model, data).fit(...)")
+    if proposal.model.program != model.program or proposal.model.entry != model.entry:
+        raise PPLError("the guide was built for another model",
+                       hint=f"it proposes for {proposal.model!r}; build a guide for {model!r}")
+    return proposal
+
+
+def _weight_extra(g: Guide, lw: torch.Tensor, N: int) -> dict:
+    lw64 = lw.detach().double().cpu()
+    finite = lw64[torch.isfinite(lw64)]
+    ess = float(torch.exp(2 * torch.logsumexp(finite, 0) - torch.logsumexp(2 * finite, 0))) if finite.numel() else 0.0
+    return {"proposal": g.describe(), "ess_fraction": ess / N, "pareto_k": pareto_k(lw64)}
+
+
+def run_guided_importance(model, data: dict, proposal, *, particles: int, device="cpu"):
+    """Importance sampling with ``proposal`` (a Guide) for ``model(**data)``."""
+    from ppl.result import Site, WeightedResult
+    g = _as_guide(proposal, model, data)
+    N = int(particles)
+    with torch.no_grad():
+        run = g.proposal_run(data, N, device)
+        h = GuidedWeighting(N, device, run)
+        ctx = Particles.all(N, device)
+        ret = drive(model.interpreter().run(model.entry, model.prepare_data(data, device), ctx), h)
+        sites = {"return": (column(ret, ctx), None)}
+        sites.update(h.trace.sites())
+    lw = h.log_weights.detach()
+    return WeightedResult("importance", {k: Site(_cpu(v), _cpu(p)) for k, (v, p) in sites.items()}, lw.cpu(),
+                          extra=_weight_extra(g, lw, N))
+
+
+def run_guided_smc(model, data: dict, proposal, *, particles: int, device="cpu", resampling="systematic",
+                   ess_threshold: float = 1.0):
+    """SMC with ``proposal`` (a mean-field Guide) proposing each choice in program order."""
+    from ppl.result import Site, WeightedResult
+    g = _as_guide(proposal, model, data)
+    N = int(particles)
+    with torch.no_grad():
+        run = g.proposal_run(data, N, device, sequential=True)
+        sites, lw, h = smc(model.interpreter(), model.entry, model.prepare_data(data, device), N, device,
+                           resampling=resampling, ess_threshold=ess_threshold,
+                           handler_cls=lambda *a, **k: GuidedSMC(run, *a, **k))
+    extra = {"history": h.history, "resampling": resampling, "ess_threshold": ess_threshold,
+             "proposal": g.describe()}
+    res = WeightedResult("smc", {k: Site(_cpu(v), _cpu(p)) for k, (v, p) in sites.items()}, lw.detach().cpu(),
+                         extra=extra)
+    res.ess_history = [r.ess for r in h.history]
+    return res
