@@ -5,7 +5,8 @@
   exact law of every selection (``without_replacement_distribution``) and finds
   E[Z_hat * sum_i w_i 1{x_i = v}] = gamma({v}) to ~1e-15 on small programs with random
   branches, observations inside branches and functions, factors, conditions, loops,
-  adaptive selection, and outcomes where most or all slots die.
+  adaptive selection, outcomes where most or all slots die, and token-by-token
+  language-model programs (the toy LM of ``ppl.stdlib.lm``).
 * The selection's exact law: E[new_i 1{i kept}] = p_i for every particle (to 1e-12),
   exactly n distinct indices, no weight for a zero-weight particle; the torch sampler
   draws exactly that law (compared on a grid of its uniform) and keeps n distinct
@@ -174,6 +175,36 @@ def test_the_dies_program_exercises_the_zero_weight_fill():
         except ZeroEvidenceError:
             seen["all dead"] += 1
     assert seen["all dead"] > 0
+
+
+# language-model programs (stdlib/lm: a token is a random choice like any other)
+LM_PROGRAMS = {
+    "constrained tokens": ("""
+def m(lm):
+    toks = []
+    for i in range(2):
+        tok ~ lm.next_token(toks, allowed=lambda t: "e" not in t)
+        toks = toks + [tok]
+    return join(toks)
+""", {}),
+    "reward": ("""
+def m(lm, rm, beta):
+    toks = []
+    for i in range(2):
+        tok ~ lm.next_token(toks)
+        toks = toks + [tok]
+    factor rm("", join(toks)) / beta
+    return join(toks)
+""", {"beta": 0.5}),
+}
+
+
+@pytest.mark.parametrize("name", list(LM_PROGRAMS))
+def test_steer_is_exactly_proper_on_language_model_programs(name):
+    toy = pytest.importorskip("ppl.stdlib.lm.toy")
+    src, data = LM_PROGRAMS[name]
+    data = {"lm": toy.ToyLM(), **({"rm": toy.ToyReward()} if "rm" in src else {}), **data}
+    assert_proper(check_proper(ppl.model(src), steer_algorithm(1, 2), data), f"{name}, N = 1, K = 2")
 
 
 # ------------------------------------------------------------ the selection's exact law
