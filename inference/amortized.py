@@ -417,11 +417,12 @@ class Guide:
     widths), ``flow_bins`` (spline bins), ``autoregressive`` (discrete factors conditioned
     on the earlier discrete values), ``sites`` (the addresses to guide; others stay drawn
     from their priors), ``init_scale`` (the initial scale of the continuous factors, in
-    unconstrained space)."""
+    unconstrained space; by default q starts at the mean and sd of the prior's
+    unconstrained draws, so that an untrained guide is a broad proposal)."""
 
     def __init__(self, model, data: Mapping[str, Any] | None = None, *, family: str = "normal",
                  encoder: Any = None, rank: int = 2, hidden: Sequence[int] = (64, 64), flow_bins: int = 8,
-                 autoregressive: bool = True, sites: Sequence[str] | None = None, init_scale: float = 1.0):
+                 autoregressive: bool = True, sites: Sequence[str] | None = None, init_scale: float | None = None):
         from ..api import Model
         if not isinstance(model, Model):
             raise PPLError(f"ppl.guide needs a ppl.Model (got {type(model).__name__})",
@@ -437,7 +438,8 @@ class Guide:
         self.family = family
         self.encoder = encoder
         self.options = {"rank": int(rank), "hidden": [int(h) for h in hidden], "flow_bins": int(flow_bins),
-                        "autoregressive": bool(autoregressive), "init_scale": float(init_scale)}
+                        "autoregressive": bool(autoregressive),
+                        "init_scale": None if init_scale is None else float(init_scale)}
         self.site_list = list(sites) if sites is not None else None
         self.net: GuideNet | None = None
         self.layout: Layout | None = None
@@ -585,6 +587,7 @@ class Guide:
             else:
                 sim = _Simulator(self.model, template, lay, "cpu", max(chunk, B))
         prepared = self.model.prepare_data(template, "cpu")
+        interp0 = self.model.interpreter()
         running = [None]
         bar = tqdm(range(steps), disable=not progress, desc=f"fit {obj}", leave=False)
         every = max(1, steps // 100)
@@ -607,9 +610,9 @@ class Guide:
                     self._set_normalisation(feats)
                     feats = feats.repeat_interleave(K, 0)
                     obs = {a: v.repeat_interleave(K, 0) for a, v in obs.items()}
-                    interp = _ObservedRows(self.model.interpreter(), obs)
+                    interp = _ObservedRows(interp0, obs)
                 else:
-                    n, feats, interp = 1, None, self.model.interpreter()
+                    n, feats, interp = 1, None, interp0
                 N = n * K
                 run = GuideRun(net, N, feats, "cpu", reparam=obj != "rws", track=True)
                 h = GuidedWeighting(N, "cpu", run)

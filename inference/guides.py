@@ -28,7 +28,8 @@ automatically from one run of the model (``discover``):
   statements in the order the model reaches them, flattened (``Layout.features``; the
   same map for real data and for data simulated from the model, so a guide trained on
   simulations applies to real data). ``encoder="auto"`` is an MLP on the standardised
-  features; an ``nn.Module`` of the user maps the raw features [B, F] to an embedding
+  features plus a linear map of them (so linear-Gaussian posteriors are exactly
+  representable); an ``nn.Module`` of the user maps the raw features [B, F] to an embedding
   [B, H], and a linear head maps that to the parameters.
 
 Inputs that are not observed (covariates such as ``xs`` in a regression, sizes) are not
@@ -175,7 +176,7 @@ def _depends(v) -> bool:
         (isinstance(v, (list, tuple)) and any(_depends(x) for x in v))
 
 
-def discover(model, data: dict, *, sites: Sequence[str] | None = None, particles: int = 16,
+def discover(model, data: dict, *, sites: Sequence[str] | None = None, particles: int = 256,
              device: str = "cpu", need_features: bool = False):
     """Run ``model(**data)`` once from the prior (``particles`` particles, seeded so the
     caller's random state is untouched) and build the guide's ``Layout``. ``sites``
@@ -327,7 +328,7 @@ class GuideNet(nn.Module):
 
     def __init__(self, layout: Layout, family: str = "normal", encoder: Any = None, *, rank: int = 2,
                  hidden: Sequence[int] = (64, 64), flow_bins: int = 8, autoregressive: bool = True,
-                 init: dict | None = None, init_scale: float = 1.0):
+                 init: dict | None = None, init_scale: float | None = None):
         super().__init__()
         if family not in FAMILIES:
             raise PPLError(f"unknown guide family '{family}'",
@@ -346,11 +347,18 @@ class GuideNet(nn.Module):
         self.register_buffer("feat_scale", torch.ones(F))
         bias = torch.zeros(self.P)
         init = init or {}
+        scale0 = torch.ones(D)
         for s in layout.continuous:
             u0 = init.get(s.addr)
+            sl = slice(s.offset, s.offset + s.dim)
             if u0 is not None and u0.shape[0] > 1:
-                bias[s.offset:s.offset + s.dim] = u0.median(0).values
-        bias[D:2 * D] = _inv_softplus(init_scale)
+                u0 = u0[torch.isfinite(u0).all(1)]
+            if u0 is not None and u0.shape[0] > 1:
+                bias[sl] = u0.mean(0)
+                scale0[sl] = u0.std(0).clamp(1e-2, 10.0)
+        if init_scale is not None:
+            scale0 = torch.full((D,), float(init_scale))
+        bias[D:2 * D] = torch.tensor([_inv_softplus(float(x)) for x in scale0])
         if not self.amortized:
             self.free = nn.Parameter(bias)
             ctx_dim = 0
@@ -365,6 +373,11 @@ class GuideNet(nn.Module):
                                    hint="use encoder=None: a guide for the one target the model defines")
                 self.encoder = MLP(F, hidden)
                 H = self.encoder.out_dim
+                # a linear path from the standardised features to the parameters, beside
+                # the MLP: linear-Gaussian posteriors (conjugate models) are then exactly
+                # representable, and the MLP only fits what is not linear
+                self.skip = nn.Linear(F, self.P, bias=False)
+                nn.init.zeros_(self.skip.weight)
             else:
                 if not isinstance(encoder, nn.Module):
                     raise PPLError(f"encoder must be None, 'auto' or a torch nn.Module (got {type(encoder).__name__})")
@@ -418,7 +431,10 @@ class GuideNet(nn.Module):
         if not self.custom_encoder:
             x = (x - self.feat_loc) / self.feat_scale
         h = self.encoder(x)
-        return self.head(h), (h if self.family == "flow" else None)
+        out = self.head(h)
+        if not self.custom_encoder:
+            out = out + self.skip(x)
+        return out, (h if self.family == "flow" else None)
 
     def split(self, params):
         D, r = self.layout.D, self.rank

@@ -94,7 +94,7 @@ def iwae(lw: torch.Tensor, logq_discrete: torch.Tensor | None = None):
         M[:, ar, ar] = others
         L_minus = torch.logsumexp(M, 2) - math.log(K)
         loss = loss - ((L.detach().unsqueeze(1) - L_minus) * logq_discrete).sum(1).mean()
-    return loss, -float(L.mean())
+    return loss, -float(L.detach().mean())
 
 
 def rws(lw: torch.Tensor, logq: torch.Tensor):
