@@ -25,11 +25,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} intra-op thread(s), python {platform.python_version()}, "
           f"{os.cpu_count()} cpus")
+    import bench_amortized
     import bench_importance
     import bench_lm
     import bench_mh
     import bench_smc
-    for mod in [bench_importance, bench_smc, bench_mh, bench_lm]:
+    for mod in [bench_importance, bench_smc, bench_mh, bench_lm, bench_amortized]:
         if args.only and args.only not in mod.__name__:
             continue
         mod.run(repeats=args.repeats, quick=args.quick)

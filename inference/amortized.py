@@ -339,15 +339,36 @@ class _Simulator:
                 {a: v[sl] for a, v in obs.items()}, B)
 
 
-def observed_values(model, data: Mapping[str, Any], device="cpu") -> dict:
+class _RecordObserved:
+    """Handler for one particle: prior draws, observed values recorded, no weights."""
+
+    def __init__(self):
+        self.observed: dict = {}
+
+    def sample(self, eff):
+        d = eff.dist.target if isinstance(eff.dist, ProposedDist) else eff.dist
+        return d.sample(eff.ctx)
+
+    def observe(self, eff):
+        from .guides import _DEPENDS, _depends
+        if eff.addr not in self.observed:
+            self.observed[eff.addr] = _DEPENDS if _depends(eff.value) else eff.value
+
+    def factor(self, eff):
+        return None
+
+    condition = twist = factor
+
+
+def observed_values(model, data: Mapping[str, Any], device="cpu", interp=None) -> dict:
     """observe address -> the observed value (a tensor) of ``model(**data)``."""
-    from .guides import _DEPENDS, _Discover
+    from .guides import _DEPENDS
     from ..api import seeded
     from ..semantics.values import as_tensor
-    h = _Discover(1, device)
+    h = _RecordObserved()
     with seeded(0, device), torch.no_grad():
-        drive(model.interpreter().run(model.entry, model.prepare_data(model.bind((), data), device),
-                                      Particles.all(1, device)), h)
+        drive((interp or model.interpreter()).run(model.entry, model.prepare_data(model.bind((), data), device),
+                                                  Particles.all(1, device)), h)
     out = {}
     for a, v in h.observed.items():
         if v is _DEPENDS:
@@ -498,7 +519,9 @@ class Guide:
         if not self.amortized:
             return None
         data = self.template if data is None else self.model.bind((), data)
-        return self.layout.features(observed_values(self.model, data))
+        if getattr(self, "_interp", None) is None:
+            self._interp = self.model.interpreter()
+        return self.layout.features(observed_values(self.model, data, interp=self._interp))
 
     def _set_normalisation(self, feats: torch.Tensor):
         if self.features_set or not self.amortized or feats.shape[1] == 0:
