@@ -879,6 +879,20 @@ class WeightedResult(_ResultBase):
         self.samples = {name: s.value for name, s in self.sites.items()}
         self.names = list(self.sites)
 
+    @property
+    def pareto_k(self) -> float:
+        """The Pareto k-hat of the importance weights (PSIS, as Pyro's
+        ``psis_diagnostic``; ``ppl.inference.amortized.pareto_k``): below 0.5 the weights
+        have finite variance, 0.5-0.7 usable, above 0.7 the estimates are unreliable.
+        NaN when there are too few distinct weights (e.g. after resampling)."""
+        k = self.extra.get("pareto_k")
+        if k is None:
+            k = self.__dict__.get("_pareto_k")
+            if k is None:
+                from ppl.inference.amortized import pareto_k
+                k = self.__dict__["_pareto_k"] = pareto_k(self.log_weights)
+        return k
+
     def _header(self) -> str:
         return (f"{self.method}: N={self.n}, ESS={self.ess:.1f}, "
                 f"log evidence={self.log_evidence:.4f}")

@@ -95,7 +95,8 @@ def test_gaussian_mean_amortized_guide_on_fresh_data(gaussian):
         ess_g.append(r.ess / 1000)
         ess_p.append(p.ess / 1000)
         zs.append((r.mean("mu") - mean) / (sd / math.sqrt(r.ess)))
-        assert r.extra["pareto_k"] < 0.5
+        assert r.extra["pareto_k"] < 0.5 and r.pareto_k == r.extra["pareto_k"]
+        assert math.isfinite(p.pareto_k)  # every weighted result has it (computed on use)
     mae = sum(errs) / FRESH
     ratio = (sum(ess_g) / FRESH) / (sum(ess_p) / FRESH)
     print(f"\nNormal mean, {FRESH} fresh data sets: guide mean error {mae:.3f} sd (max {max(errs):.3f}), "
