@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 
-from lm_common import Timer, banner, fmt_frac, mean_se, one_draw, parser, small_lm
+from lm_common import banner, fmt_frac, mean_se, one_draw, parse, parser, small_lm, Timer
 
 import ppl  # noqa: E402
 from ppl.stdlib.lm import ToyLM  # noqa: E402
@@ -173,10 +173,7 @@ def main(argv=None) -> dict:
     p.add_argument("--toy-particles", type=int, default=8, help="N for the toy LM (default 8)")
     p.add_argument("--toy-reps", type=int, default=200, help="replicates for the toy LM (default 200)")
     p.add_argument("--prompt", default="A list of ", help="prompt of the small LM (default 'A list of ')")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.particles, args.reps, args.toy_reps = 32, 5, 60
-        args.lengths = args.lengths or [10, 20]
+    args = parse(p, argv, dict(particles=32, reps=5, toy_reps=60, lengths=[10, 20]))
     args.lengths = args.lengths or sorted({10, 20, args.tokens})
     return {"toy": toy_part(args), "small": small_part(args)}
 

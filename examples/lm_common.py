@@ -3,7 +3,7 @@ command-line flags, the small LM, replicate statistics and printing. Not an exam
 
 Every example takes ``--particles``, ``--tokens``, ``--reps`` (independent replicate
 runs, seeds ``seed .. seed + reps - 1``, for standard errors), ``--seed``, ``--quick``
-(smaller settings, a few seconds), ``--lm PATH`` (the small LM: loaded from PATH, or
+(smaller settings for the flags not given, a few seconds), ``--lm PATH`` (the small LM: loaded from PATH, or
 trained on the stdlib docstrings and saved there; default ``examples/out/small_lm.pt``)
 and ``--train-steps`` (steps when it has to be trained; default 150, ~15 s once).
 """
@@ -41,6 +41,17 @@ def parser(doc: str, *, particles: int, tokens: int, reps: int, seed: int = 0) -
     p.add_argument("--lm", default=str(DEFAULT_LM), help=f"the small LM's file (default {DEFAULT_LM.relative_to(HERE.parent)})")
     p.add_argument("--train-steps", type=int, default=150, help="training steps if the small LM must be trained")
     return p
+
+
+def parse(p: argparse.ArgumentParser, argv, quick: dict) -> argparse.Namespace:
+    """Parse ``argv``; with ``--quick``, the flags not given take their ``quick`` values."""
+    defaults = {a.dest: a.default for a in p._actions if a.dest != "help"}
+    p.set_defaults(**{k: None for k in defaults})
+    args = p.parse_args(argv)
+    for k, d in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, quick[k] if args.quick and k in quick else d)
+    return args
 
 
 def small_lm(args):

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import math
 
-from lm_common import (Timer, banner, exact_measure, fmt_frac, mean_se, normalise, one_draw, parser, pm,
-                       show_texts, small_lm)
+from lm_common import (banner, exact_measure, fmt_frac, mean_se, normalise, one_draw, parse, parser, pm,
+                       show_texts, small_lm, Timer)
 
 import ppl  # noqa: E402
 from ppl.stdlib.lm import ToyLM  # noqa: E402
@@ -116,13 +116,14 @@ def small_part(args) -> dict:
     lm = small_lm(args)
     data = {"lm": lm, "prompt": prompt, "T": T}
     model = ppl.model(SOURCE, entry="lipogram")
-    log_zs, outputs, min_ess = [], [], []
+    log_zs, outputs, min_ess, all_with_e = [], [], [], 0
     with Timer() as tm:
         for r in range(args.reps):
             res = model.run("smc", data, particles=n, seed=args.seed + r)
             log_zs.append(res.log_evidence)
             outputs.append(one_draw(res, args.seed + r))
             min_ess.append(min(res.ess_history))
+            all_with_e += sum("e" in str(y).lower() for y in res.samples["return"])
             if r == 0:
                 print(f"SMC, N={n}: the first run's particles (share of the weight):")
                 show_texts(res.samples["return"], res.weights.tolist())
@@ -130,7 +131,8 @@ def small_part(args) -> dict:
     zm, zse = mean_se(z_hats)
     bad = [y for y in outputs if "e" in str(y).lower()]
     print(f"SMC over {args.reps} replicates ({tm.s / args.reps:.2f} s each), one output each:")
-    print(f"  outputs without 'e': {len(outputs) - len(bad)} of {len(outputs)}")
+    print(f"  outputs without 'e': {len(outputs) - len(bad)} of {len(outputs)}; particles with an 'e' in all "
+          f"runs: {all_with_e}")
     print(f"  Z_hat = P_LM(no 'e') estimate: mean {pm(zm, zse, 4)}  (log of mean {math.log(zm):.3f}; "
           f"mean log Z_hat {mean_se(log_zs)[0]:.3f})")
     print(f"  smallest ESS before resampling, mean over runs: {mean_se(min_ess)[0]:.1f} of {n}")
@@ -148,17 +150,15 @@ def small_part(args) -> dict:
     print("  unconstrained samples, e.g.:")
     for y in texts[:3]:
         print(f"         {y!r}")
-    return {"outputs": outputs, "with_e": len(bad), "Z_mean": zm, "Z_se": zse, "rate": rate, "rate_se": rse,
-            "diff_se": diff, "log_zs": log_zs}
+    return {"outputs": outputs, "with_e": len(bad), "particles_with_e": all_with_e, "Z_mean": zm, "Z_se": zse,
+            "rate": rate, "rate_se": rse, "diff_se": diff, "log_zs": log_zs}
 
 
 def main(argv=None) -> dict:
     p = parser(__doc__, particles=64, tokens=40, reps=10)
     p.add_argument("--prompt", default="A list of ", help="prompt of the small LM (default 'A list of ')")
     p.add_argument("--ref-draws", type=int, default=2000, help="unconstrained samples for the reference rate")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.particles, args.tokens, args.reps, args.ref_draws = 32, 20, 5, 600
+    args = parse(p, argv, dict(particles=32, tokens=20, reps=5, ref_draws=600))
     return {"toy": toy_part(args), "small": small_part(args)}
 
 

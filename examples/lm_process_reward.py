@@ -23,21 +23,21 @@ exp(r(y_1:t)/beta)), steering particles towards rewarded prefixes. `twist` is th
 algorithm written with SMC's twisting potentials, which the exact semantics ignores (the
 measure is that of `final`). `naive` adds the partial rewards up instead:
 
-    pi_naive(y) ∝ p_LM(y) exp(sum_t r(y_1:t)/beta),
+    pi_naive(y) = p_LM(y) exp(sum_t r(y_1:t)/beta) / Z_naive,
 
 a different target that rewards early keywords more than late ones (a text is credited
 once per step a keyword stays in it) -- a common mistake when "adding a PRM to SMC".
 
-1. Toy LM + ToyReward, T = 3 tokens, beta = 1 (exact): the log joint of the trace
+1. Toy LM + ToyReward, T = 3 tokens, beta = 1 (exact). Expect: the log joint of the trace
    ' the cats' (log p_LM = -2.7726, partial rewards 0, 1, 2) is -0.7726 under final,
    telescope and twist (log p + r/beta) and 0.2274 under naive (log p + (0+1+2)/beta);
    enumeration gives final, telescope and twist the same measure ("True": Z = 2.4237,
    E_pi[r] = 1.3108) and naive another (Z = 13.1517, E[r] = 1.7693); each program's SMC
    Z_hat / Z is within ~2-3 SE of 1 against its *own* exact Z (e.g. "1.030 +- 0.018"),
    and its E[r] within ~2-3 SE of its own.
-2. Small LM + KeywordReward, prompt "Return the ", 40 characters, beta = 0.5, N = 64:
-   final, telescope and twist estimate the same Z (~2.4-2.9, agreeing within ~2 combined
-   SE) and the same E_pi[r] (~0.9); telescope and twist are one algorithm (identical
+2. Small LM + KeywordReward, prompt "Return the ", 40 characters, beta = 0.5, N = 64.
+   Expect: final, telescope and twist estimate the same Z (~2.4-2.9, agreeing within
+   ~2 combined SE) and the same E_pi[r] (~0.9); telescope and twist are one algorithm (identical
    numbers for the same seeds), with a larger smallest-ESS than final (~31 vs ~18 of
    64); naive's target is another one entirely (log Z ~ 218, E[r] ~ 4.8).
 
@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 
-from lm_common import (Timer, banner, exact_measure, mean_se, parser, pm, show_texts, small_lm,
+from lm_common import (banner, exact_measure, mean_se, parse, parser, pm, show_texts, small_lm, Timer,
                        weighted_mean_se)
 
 import ppl  # noqa: E402
@@ -191,9 +191,7 @@ def main(argv=None) -> dict:
     p.add_argument("--toy-beta", type=float, default=1.0, help="temperature of the tilt, toy LM (default 1)")
     p.add_argument("--toy-particles", type=int, default=200, help="N for the toy LM (default 200)")
     p.add_argument("--prompt", default="Return the ", help="prompt of the small LM (default 'Return the ')")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.particles, args.tokens, args.reps, args.toy_particles = 32, 30, 5, 100
+    args = parse(p, argv, dict(particles=32, tokens=30, reps=5, toy_particles=100))
     return {"toy": toy_part(args), "small": small_part(args)}
 
 

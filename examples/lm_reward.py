@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from lm_common import (Timer, banner, exact_measure, fmt_frac, mean_se, one_draw, parser, pm, show_texts,
-                       small_lm, weighted_mean_se)
+from lm_common import (banner, exact_measure, mean_se, one_draw, parse, parser, pm, show_texts,
+                       small_lm, Timer, weighted_mean_se)
 
 import ppl  # noqa: E402
 from ppl.stdlib.lm import ToyLM, ToyReward  # noqa: E402
@@ -126,9 +124,7 @@ def main(argv=None) -> dict:
     p = parser(__doc__, particles=512, tokens=40, reps=10)
     p.add_argument("--beta", type=float, default=0.5, help="temperature of the tilt (default 0.5)")
     p.add_argument("--prompt", default="Return the ", help="prompt of the small LM (default 'Return the ')")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.particles, args.tokens, args.reps = 256, 30, 5
+    args = parse(p, argv, dict(particles=256, tokens=30, reps=5))
     return {"toy": toy_part(args), "small": small_part(args)}
 
 

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import math
 
-from lm_common import (Timer, banner, exact_measure, fmt_frac, mean_se, one_draw, parser, pm, show_texts,
-                       small_lm)
+from lm_common import (banner, exact_measure, fmt_frac, mean_se, one_draw, parse, parser, pm, show_texts,
+                       small_lm, Timer)
 
 import ppl  # noqa: E402
 from ppl.stdlib.lm import ToyLM  # noqa: E402
@@ -159,9 +159,7 @@ def main(argv=None) -> dict:
     p.add_argument("--words", "-K", type=int, default=5, help="K, the number of words (small LM; default 5)")
     p.add_argument("--prompt", default="Return the ", help="prompt of the small LM (default 'Return the ')")
     p.add_argument("--ref-draws", type=int, default=2000, help="unconstrained samples for the reference rate")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.particles, args.tokens, args.words, args.reps, args.ref_draws = 32, 30, 3, 5, 600
+    args = parse(p, argv, dict(particles=32, tokens=30, words=3, reps=5, ref_draws=600))
     return {"toy": toy_part(args), "small": small_part(args)}
 
 
