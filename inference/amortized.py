@@ -588,7 +588,7 @@ class Guide:
             particles = {"elbo": 8, "iwae": 16, "rws": 16}.get(obj, 1) if amort else 64
         B = int(batch_size) if amort else 1
         K = int(particles)
-        if obj == "iwae" and K < 2 and lay.L:
+        if obj == "iwae" and K < 2 and (lay is None or lay.L):
             raise PPLError("the IWAE objective with discrete choices needs particles >= 2 (VIMCO baseline)")
         if lr is None:
             lr = 3e-3 if amort else 5e-2
@@ -636,17 +636,13 @@ class Guide:
                     interp = _ObservedRows(interp0, obs)
                 else:
                     n, feats, interp = 1, None, interp0
-                N = n * K
-                run = GuideRun(net, N, feats, "cpu", reparam=obj != "rws", track=True)
-                h = GuidedWeighting(N, "cpu", run)
-                drive(interp.run(self.model.entry, prepared, Particles.all(N)), h)
-                lw = h.log_weights.view(n, K)
+                lw, logq, logq_d = self._weights(interp, prepared, n, K, feats, reparam=obj != "rws")
                 if obj == "elbo":
-                    loss, value = O.elbo(lw, run.logq_discrete.view(n, K) if lay.L else None, running)
+                    loss, value = O.elbo(lw, logq_d, running)
                 elif obj == "iwae":
-                    loss, value = O.iwae(lw, run.logq_discrete.view(n, K) if lay.L else None)
+                    loss, value = O.iwae(lw, logq_d)
                 else:
-                    loss, value = O.rws(lw, run.logq.view(n, K))
+                    loss, value = O.rws(lw, logq)
             if not torch.isfinite(loss):
                 raise PPLRuntimeError(f"the {obj} loss is {float(loss)} at step {step}",
                                       hint="every particle may violate a condition, or the learning rate is "
@@ -662,6 +658,16 @@ class Guide:
                 bar.set_postfix(loss=f"{value:.4g}")
         net.eval()
         self.objectives.append(obj)
+
+    def _weights(self, interp, prepared, n: int, K: int, feats, reparam: bool):
+        """One training run of n data sets x K particles: (log weights, log q, log q of
+        the discrete choices or None), each [n, K]."""
+        N = n * K
+        run = GuideRun(self.net, N, feats, "cpu", reparam=reparam, track=True)
+        h = GuidedWeighting(N, "cpu", run)
+        drive(interp.run(self.model.entry, prepared, Particles.all(N)), h)
+        return (h.log_weights.view(n, K), run.logq.view(n, K),
+                run.logq_discrete.view(n, K) if self.layout.L else None)
 
     # --------------------------------------------------------------------- using
     def proposal_run(self, data, N: int, device="cpu", sequential: bool = False) -> GuideRun:
@@ -744,6 +750,9 @@ class Guide:
         except Exception as e:
             raise PPLError(f"cannot read a guide from '{path}': {type(e).__name__}: {str(e).splitlines()[0]}",
                            hint="the file must come from Guide.save") from None
+        from .program_guide import FORMAT as PROGRAM_FORMAT, ProgramGuide
+        if isinstance(blob, dict) and blob.get("format") == PROGRAM_FORMAT:
+            return ProgramGuide._load(blob, model, data)
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             raise PPLError(f"'{path}' is not a saved ppl guide", hint="the file must come from Guide.save")
         if blob["encoder"] == "custom" and encoder is None:
@@ -806,8 +815,17 @@ def _cpu(v):
     return v.cpu() if isinstance(v, torch.Tensor) else v
 
 
-def guide(model, data: Mapping[str, Any] | None = None, **options) -> Guide:
-    """``ppl.guide(model, data, family=..., encoder=...)``: a ``Guide`` (see its docstring)."""
+def guide(model, data: Mapping[str, Any] | None = None, *, program: Any = None, **options) -> Guide:
+    """``ppl.guide(model, data, family=..., encoder=...)``: an automatic ``Guide`` (see its
+    docstring); ``ppl.guide(model, data, program=source_or_model)``: a guide written in the
+    DSL with ``param`` declarations (``inference.program_guide``)."""
+    if program is not None:
+        if options:
+            raise PPLError(f"a guide program takes no option '{next(iter(options))}'",
+                           hint="family/encoder/... configure automatic guides; a guide program is its own "
+                                "family")
+        from .program_guide import ProgramGuide
+        return ProgramGuide(model, data, program)
     return Guide(model, data, **options)
 
 
@@ -836,6 +854,8 @@ def run_guided_importance(model, data: dict, proposal, *, particles: int, device
     from ppl.result import Site, WeightedResult
     g = _as_guide(proposal, model, data)
     N = int(particles)
+    if g.family == "program":
+        return g.importance(data, N, device)
     with torch.no_grad():
         run = g.proposal_run(data, N, device)
         h = GuidedWeighting(N, device, run)

@@ -557,6 +557,12 @@ def _dist_builtin(spec) -> Builtin:
     return Builtin(spec.name, make, (required, len(names)))
 
 
+def _param(ctx, name, init, constraint="real"):
+    raise PPLRuntimeError(f"param('{name}', ...) declares a learnable parameter of a guide program",
+                          hint="a model cannot learn parameters; a function with param declarations is a guide "
+                               "program: ppl.guide(model, data, program=its source)")
+
+
 # ---------------------------------------------------------------------------- the table
 def builtins() -> dict[str, Any]:
     """name -> value of everything in the prelude (fresh ``Builtin`` objects)."""
@@ -591,6 +597,7 @@ def builtins() -> dict[str, Any]:
     out["sample"] = Builtin("sample", _sample, (1, 2), higher_order=True)
     out["twist"] = Builtin("twist", _twist, (1, 1), higher_order=True)
     out["propose"] = Builtin("propose", _propose, (2, 2))
+    out["param"] = Builtin("param", _param, (2, 3), pure=False)  # learnable; only in guide programs
     out.update(_string_builtins())
     out["toy_lm"] = Builtin("toy_lm", _toy_lm, (0, 0))        # the toy language model (stdlib.lm.toy)
     out["toy_reward"] = Builtin("toy_reward", _toy_reward, (0, 0))
