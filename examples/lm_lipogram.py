@@ -19,7 +19,7 @@ token; the product of the mean weights, Z_hat, estimates Z without bias.
 1. Toy bigram LM (exact): 3 tokens; enumeration gives Z = 49/512 = 0.0957 and the
    posterior of every text (top: ' a dog runs' 0.2449). Expect: the same exact measure
    with ``condition`` as with ``allowed=``; SMC's Z_hat / Z = 1 within ~2 SE (mean over
-   replicates +- SE, e.g. "1.009 +- 0.012"); every posterior probability within ~3 SE;
+   replicates +- SE, e.g. "0.991 +- 0.024"); every posterior probability within ~3 SE;
    no particle with an 'e'.
 2. Small character-level LM (trained on stdlib docstrings; prompt "A list of "; the
    constraint is on the 40 generated characters). Expect: every SMC output without an

@@ -1,7 +1,7 @@
 """Constrained generation: a sentence of exactly K words, by SMC with per-particle
 ``allowed=`` sets that depend on the text so far.
 
-    python examples/lm_word_count.py            # ~15 s (+ ~15 s once to train the small LM)
+    python examples/lm_word_count.py            # ~20 s (+ ~15 s once to train the small LM)
     python examples/lm_word_count.py --quick    # a few seconds
 
 The constraint C(y): the text y, read up to its first *ending* token (the end-of-text

@@ -210,3 +210,20 @@ def test_runs_as_a_script(lm_path):
                         "--particles", "64"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "mean reward, untilted LM samples" in r.stdout and "importance sampling, N=64" in r.stdout
+
+
+# ------------------------------------------------------------------ KeywordReward
+def test_keyword_reward():
+    from ppl.stdlib.lm.rewards import KeywordReward
+    rm = KeywordReward({"return": 1.0, "file": 2.0, "error": -1.0})
+    s = rm.score(["", "", "", ""], ["Return the file.", "returns a filename", "an Error, an error", "retu"])
+    assert s.tolist() == [3.0, 0.0, -2.0, 0.0]  # whole words, case-insensitive; a partial word is no match
+    assert rm.score_one("return") == 1.0  # at the end of a partial text a keyword counts
+    assert KeywordReward(["a"], max_count=2).score_one("a a a") == 2.0
+    assert KeywordReward(["Ret"], whole_word=False, case_sensitive=True).score_one("Return ret Ret") == 2.0
+    assert rm.counts("file file return") == {"return": 1, "file": 2, "error": 0}
+    for bad in ({}, {"": 1.0}, {"x": float("nan")}, {"x": True}):
+        with pytest.raises(ValueError):
+            KeywordReward(bad)
+    with pytest.raises(ValueError):
+        KeywordReward(["x"], max_count=0)
