@@ -143,8 +143,8 @@ def test_svi_with_an_autoguide_finds_the_posterior():
     svi = SVI(f, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
     for _ in range(600):
         svi.step(**data)
-    loc = float(pyro.param("AutoNormal.locs.mu"))
-    scale = float(pyro.param("AutoNormal.scales.mu"))
+    loc = float(pyro.param("AutoNormal.locs.mu").detach())
+    scale = float(pyro.param("AutoNormal.scales.mu").detach())
     # a stochastic optimiser: its last iterate wanders by about lr-sized steps around the optimum
     assert abs(loc - mean) < 0.2 * sd + 0.05
     assert abs(scale - sd) < 0.3 * sd
