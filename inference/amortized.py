@@ -109,6 +109,14 @@ class GuideRun:
 
     def _continuous(self, site, target, ctx, handler):
         idx, M = ctx.idx, ctx.M
+        params, batched = target._params(ctx)
+        d = target._make(params)
+        shape = tuple(d.batch_shape[1:] if batched else d.batch_shape) + tuple(d.event_shape)
+        if shape != tuple(site.shape):
+            raise PPLRuntimeError(f"the guide proposes values of shape {tuple(site.shape)} at '{site.addr}', but here "
+                                  f"the choice has shape {shape}",
+                                  hint="a guide is built for the shapes of the data it was built with: build it "
+                                       "(ppl.guide(model, data)) with data of this shape")
         if not self.joint_family:
             q = self.net.site_normal(self._rows(self.params, idx), site)
             u = q.rsample() if self.reparam else q.sample()

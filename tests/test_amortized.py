@@ -434,6 +434,11 @@ def test_errors_are_clear():
     ga = ppl.guide(m, data, encoder="auto")
     with pytest.raises(PPLError, match="shape"):
         m.run("importance", {"ys": [1.0, 2.0], "sigma": 2.0}, particles=10, proposal=ga)
+    vec = ppl.model("def m(X, y):\n    w ~ normal(zeros(len(X)), 1.0)\n    observe y ~ normal(dot(w, X), 1.0)\n")
+    gv = ppl.guide(vec, {"X": [1.0, 2.0, 3.0], "y": 1.0})
+    with pytest.raises(PPLError, match=r"shape \(3,\)") as e:
+        vec.run("importance", {"X": [1.0, 2.0], "y": 1.0}, particles=10, proposal=gv)
+    assert "data of this shape" in e.value.hint
     lr = ppl.guide(m, data, family="lowrank", encoder="auto")
     with pytest.raises(PPLError, match="per-site proposals") as e:
         m.run("smc", data, particles=10, proposal=lr)
