@@ -246,12 +246,15 @@ class LMValue:
                 raise PPLRuntimeError(f"{self.name}: a {what} must be a string or a list of tokens, got {describe(x)}")
             return tuple(i for v in x.reshape(-1).tolist() for i in self.ids_of(int(v), what))
         if isinstance(x, (list, tuple)):
-            out: tuple = ()
+            lm = self.lm
+            if all(type(item) is Token and item.lm is lm for item in x):  # tokens this model sampled
+                return tuple(item.id for item in x)
+            out: list = []
             for item in x:
                 if isinstance(item, (list, tuple)):
                     raise PPLRuntimeError(f"{self.name}: a {what} is a flat list of tokens (got a nested list)")
-                out = out + self.ids_of(item, what)
-            return out
+                out.extend(self.ids_of(item, what))
+            return tuple(out)
         raise PPLRuntimeError(f"{self.name}: a {what} must be a string or a list of tokens, got {describe(x)}")
 
     def contexts(self, value, ctx: Particles, what: str = "context") -> list:
