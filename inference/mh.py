@@ -142,12 +142,16 @@ class _Run(_WeightAccumulator):
             self.fwd_q.index_add_(0, idx, torch.where(prior_proposal, lp, torch.zeros_like(lp)))
             old_lp = _as_rows(dist.log_prob(Batched(old_rows, idx), ctx), ctx).double()
             self.rev_q.index_add_(0, idx, torch.where(prior_proposal, old_lp, torch.zeros_like(old_lp)))
+        self._record(addr, ctx, value_rows, lp)
+        return value
+
+    def _record(self, addr, ctx, value_rows, lp):
+        """Store this run's value and log prior density at ``addr`` for ctx's chains."""
         self._col(self.values, addr, ctx, value_rows)
         if addr not in self.present:
-            self.present[addr] = torch.zeros(self.C, dtype=torch.bool, device=idx.device)
-        self.present[addr][idx] = True
+            self.present[addr] = torch.zeros(self.C, dtype=torch.bool, device=ctx.idx.device)
+        self.present[addr][ctx.idx] = True
         self._col(self.site_lp, addr, ctx, lp)
-        return value
 
     def add(self, ctx, lp):
         """A likelihood term (observe/factor/condition): counted in full in ``log_lik``

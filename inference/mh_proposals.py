@@ -225,11 +225,7 @@ class _ProposedRun(_Run):
         lp = _as_rows(dist.log_prob(value, ctx), ctx).double()
         _WeightAccumulator.add(self, ctx, lp)
         self.fresh_lp.index_add_(0, idx, torch.where(fresh, lp, torch.zeros_like(lp)))
-        self._col(self.values, addr, ctx, value_rows)
-        if addr not in self.present:
-            self.present[addr] = torch.zeros(self.C, dtype=torch.bool, device=idx.device)
-        self.present[addr][idx] = True
-        self._col(self.site_lp, addr, ctx, lp)
+        self._record(addr, ctx, value_rows, lp)
         return value
 
 

@@ -41,6 +41,25 @@ from .base import RewardModel
 from .cache import PrefixCachedLM
 
 
+def _model_and_tokenizer(tf, auto_cls, what: str, owner: str, path_or_model, tokenizer, dtype, device):
+    """(model on ``device`` in eval mode, tokenizer): each loaded from a local directory
+    (``local_files_only``) when given as a path, else taken as the object given; the
+    tokenizer defaults to the model's directory."""
+    if isinstance(path_or_model, (str, os.PathLike)):
+        model = _load(auto_cls, path_or_model, what, **_dtype_kwargs(tf, dtype))
+        if tokenizer is None:
+            tokenizer = path_or_model
+    else:
+        model = path_or_model
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = _load(tf.AutoTokenizer, tokenizer, "tokenizer")
+    if tokenizer is None:
+        raise PPLError(f"{owner} needs a tokenizer", hint="pass tokenizer= (an object or a local directory)")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.to(device).eval(), tokenizer
+
+
 def _transformers():
     try:
         import transformers
@@ -93,20 +112,9 @@ class HFCausalLM(PrefixCachedLM):
                  prefix_ids: Sequence[int] = (), name: str | None = None):
         tf = _transformers()
         self.device = _resolve_device(device)
-        if isinstance(path_or_model, (str, os.PathLike)):
-            model = _load(tf.AutoModelForCausalLM, path_or_model, "causal language model", **_dtype_kwargs(tf, dtype))
-            if tokenizer is None:
-                tokenizer = path_or_model
-        else:
-            model = path_or_model
-        if isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = _load(tf.AutoTokenizer, tokenizer, "tokenizer")
-        if tokenizer is None:
-            raise PPLError("HFCausalLM needs a tokenizer", hint="pass tokenizer= (an object or a local directory)")
-        if dtype is not None:
-            model = model.to(dtype)
-        self.model = model.to(self.device).eval()
-        self.tokenizer = tokenizer
+        self.model, self.tokenizer = _model_and_tokenizer(tf, tf.AutoModelForCausalLM, "causal language model",
+                                                          "HFCausalLM", path_or_model, tokenizer, dtype, self.device)
+        model, tokenizer = self.model, self.tokenizer
         self.dtype = next(self.model.parameters()).dtype
         self.name = name or f"hf:{getattr(model.config, 'model_type', 'lm')}"
         out = self.model.get_output_embeddings()
@@ -219,21 +227,10 @@ class HFRewardModel(RewardModel):
                  template: str | None = None, name: str | None = None):
         tf = _transformers()
         self.device = _resolve_device(device)
-        if isinstance(path_or_model, (str, os.PathLike)):
-            model = _load(tf.AutoModelForSequenceClassification, path_or_model, "sequence-classification model",
-                          **_dtype_kwargs(tf, dtype))
-            if tokenizer is None:
-                tokenizer = path_or_model
-        else:
-            model = path_or_model
-        if isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = _load(tf.AutoTokenizer, tokenizer, "tokenizer")
-        if tokenizer is None:
-            raise PPLError("HFRewardModel needs a tokenizer", hint="pass tokenizer= (an object or a local directory)")
-        if dtype is not None:
-            model = model.to(dtype)
-        self.model = model.to(self.device).eval()
-        self.tokenizer = tokenizer
+        self.model, self.tokenizer = _model_and_tokenizer(tf, tf.AutoModelForSequenceClassification,
+                                                          "sequence-classification model", "HFRewardModel",
+                                                          path_or_model, tokenizer, dtype, self.device)
+        model, tokenizer = self.model, self.tokenizer
         self.template = template
         self.name = name or f"hf-reward:{getattr(model.config, 'model_type', 'rm')}"
         if tokenizer.pad_token_id is None:
