@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 
-from lm_common import banner, fmt_frac, mean_se, one_draw, parse, parser, small_lm, Timer
+from lm_common import banner, fmt_frac, in_se, mean_se, one_draw, parse, parser, small_lm, Timer
 
 import ppl  # noqa: E402
 from ppl.stdlib.lm import ToyLM  # noqa: E402
@@ -147,7 +147,7 @@ def toy_part(args) -> dict:
     table(out, float(Z), n)
     ok = sum(out["best-of-N"]["ok"]) / args.toy_reps
     se = math.sqrt(float(success) * (1 - float(success)) / args.toy_reps)
-    print(f"best-of-N's success rate {ok:.3f} vs exact {float(success):.4f}: {abs(ok - float(success)) / se:.1f} SE")
+    print(f"best-of-N's success rate {ok:.3f} vs exact {float(success):.4f}: {in_se(ok - float(success), se):.1f} SE")
     return {"Z": float(Z), "success": float(success), "out": out}
 
 

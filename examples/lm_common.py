@@ -73,6 +73,11 @@ def banner(title: str) -> None:
     print(f"\n{'=' * 78}\n{title}\n{'=' * 78}")
 
 
+def in_se(diff: float, se: float) -> float:
+    """|diff| in standard errors (nan when the SE is 0: too few distinct values)."""
+    return abs(diff) / se if se > 0 else float("nan")
+
+
 def mean_se(xs) -> tuple[float, float]:
     """Mean and standard error of the mean of independent values."""
     xs = [float(x) for x in xs]

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 
-from lm_common import (banner, exact_measure, fmt_frac, mean_se, normalise, one_draw, parse, parser, pm,
+from lm_common import (banner, exact_measure, fmt_frac, in_se, mean_se, normalise, one_draw, parse, parser, pm,
                        show_texts, small_lm, Timer)
 
 import ppl  # noqa: E402
@@ -102,7 +102,7 @@ def toy_part(args) -> dict:
                 for y, p in post.items() for m, se in [mean_se([mg.get(y, 0.0) for mg in margs])])
     bad = sum("e" in str(y).lower() for y in outputs)
     print(f"SMC, N={n}, {args.reps} replicates ({tm.s / args.reps * 1e3:.0f} ms each):")
-    print(f"  Z_hat / Z = {pm(rm, rse)}  (unbiased: expect 1 within ~2 SE; |diff| = {abs(rm - 1) / rse:.1f} SE)")
+    print(f"  Z_hat / Z = {pm(rm, rse)}  (unbiased: expect 1 within ~2 SE; |diff| = {in_se(rm - 1, rse):.1f} SE)")
     print(f"  posterior: the text furthest from the exact one is {worst[1]!r}: {worst[2]:.4f} vs {float(worst[3]):.4f}"
           f" ({worst[0]:.1f} SE)")
     print(f"  particles with an 'e': {bad} of {len(outputs)}")
@@ -144,7 +144,7 @@ def small_part(args) -> dict:
     k = sum(len(y) == T and "e" not in y.lower() for y in texts)  # T characters: no end-of-text
     rate = k / len(texts)
     rse = math.sqrt(max(rate * (1 - rate), 1e-12) / len(texts))
-    diff = abs(zm - rate) / math.sqrt(zse ** 2 + rse ** 2)
+    diff = in_se(zm - rate, math.sqrt(zse ** 2 + rse ** 2))
     print(f"unconstrained LM, {len(texts)} samples ({tf.s:.1f} s): {k} without 'e' = {pm(rate, rse, 4)}; "
           f"SMC's Z_hat differs by {diff:.1f} combined SE")
     print("  unconstrained samples, e.g.:")

@@ -80,10 +80,14 @@ def toy_part(args) -> dict:
     em, ese = mean_se(ests)
     rm_, rse = mean_se(ratios)
     print(f"importance sampling, N={args.particles}, {args.reps} replicates ({tm.s / args.reps * 1e3:.0f} ms each):")
-    print(f"  E_pi[r] estimate {pm(em, ese)} vs exact {e_tilt:.4f} ({abs(em - e_tilt) / ese:.1f} SE; "
+    print(f"  E_pi[r] estimate {pm(em, ese)} vs exact {e_tilt:.4f} ({_in_se(em - e_tilt, ese)} SE; "
           f"self-normalised, so biased by O(1/N))")
-    print(f"  Z_hat / Z = {pm(rm_, rse)} ({abs(rm_ - 1) / rse:.1f} SE from 1)")
+    print(f"  Z_hat / Z = {pm(rm_, rse)} ({_in_se(rm_ - 1, rse)} SE from 1)")
     return {"Z": Z, "e_prior": e_prior, "e_tilt": e_tilt, "est": em, "est_se": ese, "ratio": rm_, "ratio_se": rse}
+
+
+def _in_se(diff: float, se: float) -> str:
+    return f"{abs(diff) / se:.1f}" if se > 0 else "n/a"
 
 
 def small_part(args) -> dict:
@@ -108,7 +112,8 @@ def small_part(args) -> dict:
                 show_texts(res.samples["return"], res.weights.tolist())
     pm_, pse = mean_se(prior_r)
     tm_, tse = mean_se(ests)
-    diff = (tm_ - pm_) / math.sqrt(pse ** 2 + tse ** 2)
+    se = math.sqrt(pse ** 2 + tse ** 2)
+    diff = (tm_ - pm_) / se if se > 0 else float("nan")  # nan: too few distinct values for an SE
     print(f"{args.reps} replicates ({tm.s / args.reps:.2f} s each); ESS {mean_se(esss)[0]:.0f} of {n} on average")
     print(f"  mean reward, untilted LM samples ({len(prior_r)}): {pm(pm_, pse)}")
     print(f"  mean reward, tilted (E_pi[r] estimate, mean over replicates): {pm(tm_, tse)}   "

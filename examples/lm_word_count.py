@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 
-from lm_common import (banner, exact_measure, fmt_frac, mean_se, one_draw, parse, parser, pm, show_texts,
+from lm_common import (banner, exact_measure, fmt_frac, in_se, mean_se, one_draw, parse, parser, pm, show_texts,
                        small_lm, Timer)
 
 import ppl  # noqa: E402
@@ -107,7 +107,7 @@ def toy_part(args) -> dict:
     rm, rse = mean_se(ratios)
     good = sum(len(str(y).split()) == K for y in outputs)
     print(f"SMC, N={args.particles}, {args.reps} replicates ({tm.s / args.reps * 1e3:.0f} ms each): "
-          f"Z_hat / Z = {pm(rm, rse)} ({abs(rm - 1) / rse:.1f} SE from 1); "
+          f"Z_hat / Z = {pm(rm, rse)} ({in_se(rm - 1, rse):.1f} SE from 1); "
           f"particles with {K} words: {good} of {len(outputs)}")
     return {"Z": Z, "same_measure": same, "ratio": rm, "ratio_se": rse, "good": good, "n_out": len(outputs)}
 
@@ -144,7 +144,7 @@ def small_part(args) -> dict:
     k = sum(c for c, _ in checked)
     rate = k / len(checked)
     rse = math.sqrt(max(rate * (1 - rate), 1e-12) / len(checked))
-    diff = abs(zm - rate) / math.sqrt(zse ** 2 + rse ** 2)
+    diff = in_se(zm - rate, math.sqrt(zse ** 2 + rse ** 2))
     print(f"unconstrained LM, {len(checked)} samples ({tf.s:.1f} s): {k} satisfy C = {pm(rate, rse, 4)}; "
           f"SMC's Z_hat differs by {diff:.1f} combined SE")
     print("  unconstrained sentences, e.g.:")
