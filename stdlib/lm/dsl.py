@@ -259,9 +259,32 @@ class LMValue:
 
     def contexts(self, value, ctx: Particles, what: str = "context") -> list:
         """Per particle of ctx: the context as a tuple of ids."""
+        if isinstance(value, list) and _deep_batched(value):
+            cols = self._token_columns(value, ctx)
+            if cols is not None:
+                return list(zip(*cols))
         if _deep_batched(value):
             return [self.ids_of(x, what) for x in materialize(value, ctx)]
         return [self.ids_of(value, what)] * ctx.M
+
+    def _token_columns(self, value: list, ctx: Particles) -> list | None:
+        """A token list built step by step (``toks + [tok]``) is stored column-wise: one
+        entry per position, each a token shared by all particles or one token per
+        particle. Its ids, position by position ([T] columns of ctx.M ids), or None when
+        an entry is anything else (then the general path converts it)."""
+        lm = self.lm
+        cols = []
+        for x in value:
+            if type(x) is Token and x.lm is lm:
+                cols.append((x.id,) * ctx.M)
+            elif isinstance(x, PerParticle):
+                items = rows(x, ctx)
+                if not all(type(t) is Token and t.lm is lm for t in items):
+                    return None
+                cols.append([t.id for t in items])
+            else:
+                return None
+        return cols
 
     def finished(self, ids: tuple) -> bool:
         return self.eos_id is not None and len(ids) > 0 and ids[-1] == self.eos_id
