@@ -44,33 +44,10 @@ from __future__ import annotations
 import math
 
 from lm_common import banner, fmt_frac, in_se, mean_se, one_draw, parse, parser, small_lm, Timer
+from lm_lipogram import SOURCE  # the same models: lipogram (allowed=) and lipogram_condition
 
 import ppl  # noqa: E402
 from ppl.stdlib.lm import ToyLM  # noqa: E402
-
-SOURCE = '''
-def no_e(tok):
-    return len(tok) > 0 and "e" not in lower(tok)
-
-def lipogram(lm, prompt, T):
-    toks = lm.encode(prompt)
-    out = []
-    for t in range(T):
-        tok ~ lm.next_token(toks, allowed=no_e)
-        toks = toks + [tok]
-        out = out + [tok]
-    return join(out)
-
-def lipogram_condition(lm, prompt, T):
-    toks = lm.encode(prompt)
-    out = []
-    for t in range(T):
-        tok ~ lm.next_token(toks)
-        condition no_e(tok)
-        toks = toks + [tok]
-        out = out + [tok]
-    return join(out)
-'''
 
 METHODS = ["best-of-N", "IS (same draws)", "SMC, condition", "SMC, allowed=", "SMC steer x4, allowed="]
 

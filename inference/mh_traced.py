@@ -185,7 +185,7 @@ class _WalkAtEverySite(_WeightAccumulator):
 class TracedRandomWalk:
     """The ``rw`` MH kernel of a static program as a traced graph (see the module doc)."""
 
-    def __init__(self, fn, addrs: tuple, walk_shapes: tuple, C: int, device, scale: float):
+    def __init__(self, fn, addrs: tuple, walk_shapes: tuple, C: int, device, scale: float, program: tuple):
         self.fn = fn
         self.addrs = addrs
         self.walk_shapes = walk_shapes
@@ -193,7 +193,7 @@ class TracedRandomWalk:
         self.device = device
         self.scale = scale
         self.zero_noise = tuple(torch.zeros(s, dtype=torch.float64, device=device) for s in walk_shapes)
-        self.sizes = torch.full((C,), float(len(addrs)), dtype=torch.float64, device=device)
+        self.program = program  # (interpreter, entry, data): to redo a failing step
 
     @classmethod
     def build(cls, interp: Interpreter, entry: str, data: dict, state: MHState, scale: float,
@@ -288,9 +288,7 @@ class TracedRandomWalk:
                 if e.shape != t.shape or e.dtype != t.dtype or not torch.allclose(
                         e.double(), t.double(), rtol=1e-12, atol=0, equal_nan=True):
                     raise NotStatic("the traced graph disagrees with the interpreter")
-        walk = cls(fn, addrs, shapes, C, device, scale)
-        walk.program = (interp, entry, data)
-        return walk
+        return cls(fn, addrs, shapes, C, device, scale, (interp, entry, data))
 
     def step(self, state: MHState, randomness=None) -> tuple[MHState, torch.Tensor]:
         """One MH step for every chain (``mh.mh_step`` with kernel "rw"): the same draws

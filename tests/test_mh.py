@@ -41,14 +41,13 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
-from pyro.ops.stats import effective_sample_size
 from scipy.integrate import quad
 from scipy.stats import norm
 
 import ppl
 from ppl import cli
 from ppl.inference import mh as mh_mod
-from ppl.testing.montecarlo import describe
+from ppl.testing.montecarlo import describe, mcmc_chains, mcmc_ess
 from ppl.testing.strategies import finite_programs
 from ppl.testing.validity import mh_kernel_check
 
@@ -282,15 +281,6 @@ def test_wrong_site_count_is_harmless_on_a_fixed_shape():
 
 
 # ====================================================================== statistical checks
-def chains_of(r, name) -> torch.Tensor:
-    """A site's draws as float64 [chains, draws]."""
-    v = r.samples[name]
-    v = v if isinstance(v, torch.Tensor) else torch.tensor([float(x) for x in v])
-    return v.to(torch.float64).reshape(r.chains, r.draws)
-
-
-def ess_of(x: torch.Tensor) -> float:
-    return float(effective_sample_size(x, chain_dim=0, sample_dim=1))
 
 
 def check_mean(r, name, mean, sd, what=""):
@@ -299,22 +289,22 @@ def check_mean(r, name, mean, sd, what=""):
     assert ess > 100, f"{what}: ESS {ess:.0f} is too small to trust the check"
     mcse = sd / math.sqrt(ess)
     est = r.mean(name)
-    assert est == pytest.approx(float(chains_of(r, name).mean()), rel=1e-9, abs=1e-12)
+    assert est == pytest.approx(float(mcmc_chains(r, name).mean()), rel=1e-9, abs=1e-12)
     assert abs(est - mean) <= Z * mcse, f"{what} mean: {describe(est, mean, mcse)} (ESS {ess:.0f})"
 
 
 def check_var(r, name, mean, sd, what=""):
     """The mean of g = (x - mean)^2 against sd^2, SE = sd(g) / sqrt(ESS of g)."""
-    g = (chains_of(r, name) - mean) ** 2
-    ess = ess_of(g)
+    g = (mcmc_chains(r, name) - mean) ** 2
+    ess = mcmc_ess(g)
     se = float(g.std()) / math.sqrt(ess)
     est = float(g.mean())
     assert abs(est - sd ** 2) <= Z * se, f"{what} variance: {describe(est, sd ** 2, se)} (ESS {ess:.0f})"
 
 
 def check_prob(r, name, value, p, what=""):
-    ind = (chains_of(r, name) == value).double()
-    ess = ess_of(ind)
+    ind = (mcmc_chains(r, name) == value).double()
+    ess = mcmc_ess(ind)
     se = math.sqrt(p * (1 - p) / ess)
     est = float(ind.mean())
     assert abs(est - p) <= Z * se, f"{what}: {describe(est, p, se)} (ESS {ess:.0f})"
@@ -419,11 +409,11 @@ def shape(obs):
     check_var(r, "x", mean, sd, kernel)
     check_mixing(r, "x", kernel)
     # y exists exactly when x > 0, and with the posterior probability of x > 0
-    x = chains_of(r, "x")
+    x = mcmc_chains(r, "x")
     present = r.sites["y"].present.reshape(r.chains, r.draws)
     assert torch.equal(present, x > 0)
     ind = present.double()
-    se = math.sqrt(p_pos * (1 - p_pos) / ess_of(ind))
+    se = math.sqrt(p_pos * (1 - p_pos) / mcmc_ess(ind))
     assert abs(float(ind.mean()) - p_pos) <= Z * se, f"P(x > 0): {describe(float(ind.mean()), p_pos, se)}"
 
 
@@ -456,10 +446,10 @@ def test_burn_in_and_thin_layout():
     assert (full.chains, full.draws, full.n) == (C, B + S * T, C * (B + S * T))
     burnt = model.run("mh", data, particles=C, samples=S * T, burn_in=B, kernel="rw", seed=5)
     assert (burnt.draws, burnt.n) == (S * T, C * S * T)
-    assert torch.equal(chains_of(burnt, "p"), chains_of(full, "p")[:, B:])
+    assert torch.equal(mcmc_chains(burnt, "p"), mcmc_chains(full, "p")[:, B:])
     thinned = model.run("mh", data, particles=C, samples=S, burn_in=B, thin=T, kernel="rw", seed=5)
     assert (thinned.chains, thinned.draws, thinned.n) == (C, S, C * S)
-    assert torch.equal(chains_of(thinned, "p"), chains_of(full, "p")[:, B::T])
+    assert torch.equal(mcmc_chains(thinned, "p"), mcmc_chains(full, "p")[:, B::T])
     assert thinned.extra["burn_in"] == B and thinned.extra["thin"] == T
     # the acceptance rate counts every step after burn-in, kept or not
     assert thinned.acceptance_rate == pytest.approx(burnt.acceptance_rate, abs=1e-12)

@@ -37,13 +37,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pyro.ops.stats import effective_sample_size
 
 import ppl
 from ppl import cli
 from ppl.inference.mh_proposals import ProposalKernel
 from ppl.semantics.errors import PPLError
-from ppl.testing.montecarlo import describe
+from ppl.testing.montecarlo import describe, mcmc_chains, mcmc_ess
 from ppl.testing.proposal_check import batched_kernel_check, proposal_kernel_check
 
 torch.set_num_threads(1)
@@ -278,14 +277,6 @@ def test_chains_in_one_batch_are_independent_chains(name, max_pairs):
 
 
 # ====================================================================== statistical checks
-def chains_of(r, name) -> torch.Tensor:
-    v = r.samples[name]
-    v = v if isinstance(v, torch.Tensor) else torch.tensor([float(x) for x in v])
-    return v.to(torch.float64).reshape(r.chains, r.draws)
-
-
-def ess_of(x: torch.Tensor) -> float:
-    return float(effective_sample_size(x, chain_dim=0, sample_dim=1))
 
 
 def check_mean(est, ess, mean, sd, what=""):
@@ -295,8 +286,8 @@ def check_mean(est, ess, mean, sd, what=""):
 
 
 def check_var(r, name, mean, sd, what=""):
-    g = (chains_of(r, name) - mean) ** 2
-    ess = ess_of(g)
+    g = (mcmc_chains(r, name) - mean) ** 2
+    ess = mcmc_ess(g)
     se = float(g.std()) / math.sqrt(ess)
     est = float(g.mean())
     assert abs(est - sd ** 2) <= Z * se, f"{what} variance: {describe(est, sd ** 2, se)} (ESS {ess:.0f})"
@@ -330,7 +321,7 @@ def test_normal_mean(kernel, seed):
     assert r.extra["kernel"] == kernel and r.extra["traced"] is False
     assert 0.2 < r.acceptance_rate < 1 and r.r_hat["mu"] < 1.05
     est = r.mean("mu")
-    assert est == pytest.approx(float(chains_of(r, "mu").mean()), rel=1e-9)
+    assert est == pytest.approx(float(mcmc_chains(r, "mu").mean()), rel=1e-9)
     check_mean(est, r.ess_per_site["mu"], mean, sd, kernel)
     check_var(r, "mu", mean, sd, kernel)
 
@@ -338,8 +329,8 @@ def test_normal_mean(kernel, seed):
 def test_seeded_runs_repeat():
     m, data = ppl.model(NORMAL_MEAN), {"ys": [2.3, 3.1]}
     a, b, c = (m.run("mh", data, particles=3, samples=20, burn_in=5, kernel="walk", seed=s) for s in (7, 7, 8))
-    assert torch.equal(chains_of(a, "mu"), chains_of(b, "mu")) and not torch.equal(chains_of(a, "mu"),
-                                                                                   chains_of(c, "mu"))
+    assert torch.equal(mcmc_chains(a, "mu"), mcmc_chains(b, "mu")) and not torch.equal(mcmc_chains(a, "mu"),
+                                                                                   mcmc_chains(c, "mu"))
 
 
 # ------------------------------------------------ the mixture example, from the command line

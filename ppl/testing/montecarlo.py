@@ -164,3 +164,17 @@ def table_discrepancies(weighted, exact, name: str = "return", z: float = 4.5) -
 def _same(a, b) -> bool:
     """Equal values, with booleans kept apart from the numbers 0 and 1."""
     return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+def mcmc_chains(result, name: str) -> torch.Tensor:
+    """An MCMC result's draws of a site as float64 [chains, draws]."""
+    v = result.samples[name]
+    v = v if isinstance(v, torch.Tensor) else torch.tensor([float(x) for x in v])
+    return v.to(torch.float64).reshape(result.chains, result.draws)
+
+
+def mcmc_ess(x: torch.Tensor) -> float:
+    """Effective sample size of draws [chains, draws] (``pyro.ops.stats``)."""
+    from pyro.ops.stats import effective_sample_size
+    return float(effective_sample_size(x, chain_dim=0, sample_dim=1))
+
