@@ -14,18 +14,30 @@ gives the two semantics what they need:
 
 Conventions
 
-* Densities and samplers are never written by hand: ``make`` wraps torch / pyro
-  distributions.  The only arithmetic done here is the *exact* pmf of the discrete
-  distributions, in :class:`fractions.Fraction` arithmetic, for enumeration.
+* Densities and samplers are not written here: ``make`` wraps torch / pyro
+  distributions (a few written for ppl are in ``dist_classes``; every density, pmf and
+  sampler is compared with scipy.stats in tests/test_distributions_scipy.py).  The only
+  arithmetic done here is the *exact* pmf of the discrete distributions, in
+  :class:`fractions.Fraction` arithmetic where it is rational, for enumeration.
 * ``make`` validates parameters itself first, so that a bad parameter is reported as
   ``PPLRuntimeError("normal: parameter 'scale' must be positive (got -1.0)")`` with the
   DSL's parameter name and the first offending value; whatever torch still rejects is
-  translated to a ``PPLRuntimeError`` too.  The distribution is built with
-  ``validate_args=True``.
+  translated to a ``PPLRuntimeError`` too.  Because every parameter is checked here
+  (tests/test_distributions.py: an invalid value of each parameter is reported), the
+  torch distribution is built with ``validate_args=False``: torch's own re-validation
+  would check the same things again at about twice the cost of a small distribution.
 * ``log_prob`` of a value *outside the support* returns ``-inf`` (zero likelihood)
   instead of raising torch's ``ValueError``, so that ``observe 3 ~ binomial(2, 0.5)``
   or ``observe -1 ~ exponential(1)`` means "impossible", consistently with
-  ``exact_prob`` returning 0.  Values inside the support are still validated by torch.
+  ``exact_prob`` returning 0.  The support check is the safe ``log_prob``'s own
+  (``_safe_class``), so it holds with ``validate_args=False``.
+* Some distributions have a second parameterisation chosen by a keyword
+  (``DistSpec.keyword_variants``): ``bernoulli(logits=x)``, ``binomial(n, logits=x)``,
+  ``categorical(logits=v)``.  Their exact probabilities are floats (a sigmoid or a
+  softmax is irrational for rational logits).
+* Classes torch/pyro lack or get wrong for the DSL (``half_student_t``,
+  ``truncated_normal``, a batched ``multinomial`` with an exact support, ``von_mises`` on
+  ``[-pi, pi]``) are in ``dist_classes``.
 * Parameters may carry extra leading batch dimensions (particles); vector parameters
   (``param_event_dims`` > 0) keep their event dimensions last.
 * Value dtypes seen by the DSL: ``"float"`` for continuous distributions and ``delta``,
@@ -38,8 +50,9 @@ Conventions
   parameter is an ``int`` / ``bool`` / ``Fraction`` and ``float`` otherwise.  Count
   parameters (``binomial`` / ``beta_binomial`` ``n``) only need to be integral
   (``3.0`` is fine) and do not make the result inexact.  Distributions with infinite
-  (``poisson``, ``geometric``, ``negative_binomial``) or continuous support raise
-  ``InfiniteSupportError`` from ``exact_support``; their ``exact_prob`` still works
+  (``poisson``, ``geometric``, ``negative_binomial``, ``zero_inflated_poisson``) or
+  continuous support raise ``InfiniteSupportError`` from ``exact_support``; their
+  ``exact_prob`` still works
   (pmf, exact where the pmf is rational, or density as a float).
 * Count conventions follow torch: ``geometric(p)`` counts the failures before the
   first success (support 0, 1, 2, ...); ``negative_binomial(total_count, p)`` counts
@@ -66,6 +79,8 @@ from ppl.semantics.errors import (
     PPLRuntimeError,
     did_you_mean,
 )
+
+from . import dist_classes as _dc
 
 __all__ = ["DistSpec", "DISTRIBUTIONS", "get", "names"]
 
@@ -125,6 +140,7 @@ class _Con:
     py_ok: Callable[[Any], bool]
     integer: bool = False  # count parameter: exact arithmetic needs only integrality
     opaque: bool = False  # exact semantics: any Python value, passed through unchanged
+    irrational: bool = False  # probabilities from it are irrational (logits): exact semantics uses floats
 
 
 def _py_int_ok(x) -> bool:
@@ -149,6 +165,19 @@ PROB_VECTOR = _Con(  # categorical weights; the row-sum check is separate
     "must contain finite non-negative weights",
     lambda t: torch.isfinite(t) & (t >= 0),
     lambda x: x >= 0 and (not isinstance(x, float) or math.isfinite(x)),
+)
+LOGIT = _Con("must be a finite real number", torch.isfinite, lambda x: math.isfinite(x), irrational=True)
+LOGIT_VECTOR = _Con(  # categorical logits; "at least one finite" is checked separately
+    "must contain real numbers or -inf",
+    lambda t: ~torch.isnan(t) & (t < math.inf),
+    lambda x: x == x and x < math.inf,
+    irrational=True,
+)
+DIM = _Con(
+    "must be an integer >= 2",
+    lambda t: torch.isfinite(t) & (t >= 2) & (t == torch.floor(t)),
+    lambda x: _py_int_ok(x) and x >= 2,
+    integer=True,
 )
 POINT = _Con("must be a real number", lambda t: ~torch.isnan(t), lambda x: True, opaque=True)  # delta
 COV = _Con("must be a symmetric positive-definite matrix", None, None)  # type: ignore[arg-type]
@@ -192,6 +221,17 @@ _FILLS: dict[type, Callable] = {
     pdist.Poisson: _fill_zero,
     pdist.Geometric: _fill_zero,
     pdist.NegativeBinomial: _fill_zero,
+    pdist.HalfCauchy: _fill_one,
+    _dc.HalfStudentT: _fill_one,
+    _dc.TruncatedNormal: lambda d: torch.maximum(torch.minimum(d.loc, d.high), d.low),
+    pdist.Weibull: _fill_one,
+    pdist.Pareto: lambda d: d.scale,
+    pdist.Chi2: _fill_one,
+    _dc.VonMises: _fill_zero,
+    pdist.LKJCholesky: lambda d: torch.eye(d.event_shape[-1], dtype=d.concentration.dtype, device=d.concentration.device),
+    _dc.Multinomial: lambda d: torch.cat(
+        [d.total_count.unsqueeze(-1), torch.zeros_like(d.probs[..., 1:])], -1),
+    pdist.ZeroInflatedPoisson: _fill_zero,
 }
 
 
@@ -324,6 +364,9 @@ class DistSpec:
     doc: str
     support_kind: str  # "real" | "positive" | "unit_interval" | "interval" | "simplex" | "integer" | "boolean" | "finite"
     index_valued: bool = False  # uniform_draw: torch values are indices into the items
+    # another parameterisation chosen by a keyword: {"logits": ("p", spec of bernoulli(logits))}
+    # means ``bernoulli(logits=x)`` is that spec, and 'p' may then not be given
+    keyword_variants: dict = field(default_factory=dict, repr=False, compare=False)
     # --- internals
     _constraints: tuple = field(default=(), repr=False, compare=False)
     _builder: Callable | None = field(default=None, repr=False, compare=False)
@@ -456,6 +499,8 @@ class DistSpec:
             s = t.sum(-1)
             if not bool((s > 0).all()):
                 raise self._err(pname, "must have a positive sum (got all zeros)")
+        if con is LOGIT_VECTOR and not bool(torch.isfinite(t).any(-1).all()):
+            raise self._err(pname, "must contain at least one finite value (got all -inf)")
 
     @staticmethod
     def _good(con: _Con, t: torch.Tensor) -> torch.Tensor:
@@ -468,6 +513,8 @@ class DistSpec:
         good = con.tensor_ok(t).all()
         if con is PROB_VECTOR:
             good = good & (t.sum(-1) > 0).all()
+        if con is LOGIT_VECTOR:
+            good = good & torch.isfinite(t).any(-1).all()
         return good
 
     def _translate(self, e: Exception) -> PPLRuntimeError:
@@ -566,7 +613,8 @@ class DistSpec:
             v = torch.as_tensor(_floatify(value), dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError):
             return 0.0
-        if v.dim() < self.value_event_dim or (self.value_event_dim and v.shape[-1:] != d.event_shape):
+        ved = self.value_event_dim
+        if v.dim() < ved or (ved and v.shape[v.dim() - ved:] != d.event_shape):
             return 0.0
         lp = d.log_prob(v)
         if lp.numel() != 1:
@@ -605,9 +653,11 @@ class DistSpec:
                     raise self._err(pname, con.text, x)
             if con is PROB_VECTOR and sum(xs) <= 0:
                 raise self._err(pname, "must have a positive sum (got all zeros)")
+            if con is LOGIT_VECTOR and not any(math.isfinite(x) for x in xs):
+                raise self._err(pname, "must contain at least one finite value (got all -inf)")
             if con.integer:
                 xs = [int(x) for x in xs]
-            elif not all(isinstance(x, (int, Fraction)) for x in xs):
+            elif con.irrational or not all(isinstance(x, (int, Fraction)) for x in xs):
                 leaves_exact = False
             raw.append(xs if ev == 1 else xs[0])
         if leaves_exact:
@@ -797,6 +847,117 @@ def _negative_binomial_pmf(value, args, exact):
     return math.exp(math.lgamma(k + r) - math.lgamma(k + 1) - math.lgamma(r) + _xlog1m(r, p) + _xlogy(k, p))
 
 
+def _log_sigmoid(x: float) -> float:
+    """log(1 / (1 + exp(-x))), accurate for large |x|."""
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def _bool_logits_support(args, exact):
+    (logit,) = args
+    return [(True, math.exp(_log_sigmoid(logit))), (False, math.exp(_log_sigmoid(-logit)))]
+
+
+def _bool_logits_pmf(value, args, exact):
+    (logit,) = args
+    if _bool_pmf(value, [1], exact) == 1:  # true (or 1)
+        return math.exp(_log_sigmoid(logit))
+    if _bool_pmf(value, [0], exact) == 1:  # false (or 0)
+        return math.exp(_log_sigmoid(-logit))
+    return 0
+
+
+def _binomial_logits_pmf(value, args, exact):
+    n, logit = args
+    k = _as_count(value)
+    if k is None or not 0 <= k <= n:
+        return 0
+    return math.exp(_lcomb(n, k) + k * _log_sigmoid(logit) + (n - k) * _log_sigmoid(-logit))
+
+
+def _binomial_logits_support(args, exact):
+    return [(k, _binomial_logits_pmf(k, args, exact)) for k in range(args[0] + 1)]
+
+
+def _log_softmax(logits) -> list[float]:
+    top = max(logits)
+    lse = top + math.log(sum(math.exp(x - top) for x in logits))
+    return [x - lse for x in logits]
+
+
+def _categorical_logits_pmf(value, args, exact):
+    (logits,) = args
+    k = _as_count(value)
+    if k is None or isinstance(value, bool) or not 0 <= k < len(logits):
+        return 0
+    return math.exp(_log_softmax(logits)[k])
+
+
+def _categorical_logits_support(args, exact):
+    return [(k, math.exp(lp)) for k, lp in enumerate(_log_softmax(args[0]))]
+
+
+_MAX_MULTINOMIAL_SUPPORT = 100_000
+
+
+def _multinomial_pmf(value, args, exact):
+    n, probs = args
+    if not isinstance(value, (list, tuple)) or len(value) != len(probs) or any(isinstance(v, bool) for v in value):
+        return 0
+    ks = [_as_count(v) for v in value]
+    if any(k is None or k < 0 for k in ks) or sum(ks) != n:
+        return 0
+    total = sum(probs)
+    if exact:
+        p = Fraction(math.factorial(n))
+        for k, w in zip(ks, probs):
+            p = p / math.factorial(k) * (Fraction(w) / total) ** k
+        return p
+    lp = math.lgamma(n + 1)
+    for k, w in zip(ks, probs):
+        lp += _xlogy(k, w / total) - math.lgamma(k + 1)
+    return math.exp(lp)
+
+
+def _compositions(n: int, parts: int):
+    """Every list of ``parts`` non-negative ints summing to n (lexicographically descending)."""
+    if parts == 1:
+        yield [n]
+        return
+    for first in range(n, -1, -1):
+        for rest in _compositions(n - first, parts - 1):
+            yield [first] + rest
+
+
+def _multinomial_support(args, exact):
+    n, probs = args
+    used = [i for i, w in enumerate(probs) if w != 0]  # categories of probability 0 stay at 0
+    size = math.comb(n + len(used) - 1, len(used) - 1)
+    if size > _MAX_MULTINOMIAL_SUPPORT:
+        raise PPLRuntimeError(
+            f"multinomial({n}, ...) over {len(used)} categories has {size} outcomes: too many to enumerate "
+            f"(at most {_MAX_MULTINOMIAL_SUPPORT})",
+            hint="use importance sampling, SMC or MH for this model")
+    out = []
+    for comp in _compositions(n, len(used)):
+        value = [0] * len(probs)
+        for i, k in zip(used, comp):
+            value[i] = k
+        out.append((value, _multinomial_pmf(value, args, exact)))
+    return out
+
+
+def _zip_pmf(value, args, exact):
+    """Zero-inflated Poisson: gate [k = 0] + (1 - gate) Poisson(k; rate)."""
+    rate, gate = args
+    k = _as_count(value)
+    if k is None or k < 0:
+        return 0
+    if rate == 0:  # the Poisson part is a point mass at 0: exact
+        return 1 if k == 0 else 0
+    pois = math.exp(k * math.log(rate) - float(rate) - math.lgamma(k + 1))
+    return (float(gate) if k == 0 else 0.0) + (1 - float(gate)) * pois
+
+
 # ----------------------------------------------------------------- cross-parameter checks
 
 
@@ -812,6 +973,19 @@ def _check_uniform(spec: DistSpec, low: torch.Tensor, high: torch.Tensor) -> Non
     if bool(bad.any()):
         got = f"low={_fmt(low[bad][0].item())}, high={_fmt(high[bad][0].item())}"
         raise spec._err("high", "must be greater than 'low'", got_text=got)
+
+
+def _check_truncated_normal(spec: DistSpec, loc, scale, low, high) -> None:
+    _check_uniform(spec, low, high)
+
+
+def _one_int(spec_name: str, pname: str, t: torch.Tensor) -> int:
+    """A parameter that torch needs as one Python int (lkj_cholesky's dim)."""
+    flat = t.reshape(-1)
+    if flat.numel() > 1 and not bool((flat == flat[0]).all()):
+        raise PPLRuntimeError(f"{spec_name}: parameter '{pname}' must be the same for every particle "
+                              f"(got {_fmt(flat[0].item())} and others)")
+    return int(flat[0].item())
 
 
 def _check_mv_normal(spec: DistSpec, mean: torch.Tensor, cov: torch.Tensor) -> None:
@@ -844,13 +1018,15 @@ def _continuous(name, params, cons, builder, doc, support_kind, defaults=None, p
 
 
 def _discrete(name, params, cons, builder, doc, support_kind, value_dtype, pmf, support=None,
-              defaults=None, ped=None, tnames=None, index_valued=False, exact_defaults=None):
+              defaults=None, ped=None, tnames=None, index_valued=False, exact_defaults=None, ved=0,
+              variants=None):
     return DistSpec(
         name=name,
         params=tuple(params),
         defaults=dict(defaults or {}),
         param_event_dims=tuple(ped or (0,) * len(params)),
-        value_event_dim=0,
+        value_event_dim=ved,
+        keyword_variants=dict(variants or {}),
         discrete=True,
         value_dtype=value_dtype,
         doc=doc,
@@ -864,6 +1040,23 @@ def _discrete(name, params, cons, builder, doc, support_kind, value_dtype, pmf, 
         _exact_defaults=dict(exact_defaults or {}),
     )
 
+
+# The logits parameterisations (``bernoulli(logits=x)``): specs of their own, reached only
+# through the keyword (``DistSpec.keyword_variants``); their names are the distributions'
+# names, so messages read "bernoulli: parameter 'logits' ...".
+_BERNOULLI_LOGITS = _discrete(
+    "bernoulli", ["logits"], [LOGIT], lambda logits: _build(pdist.Bernoulli, logits=logits),
+    "true with probability sigmoid(logits), logits a finite real number", "boolean", "bool",
+    _bool_logits_pmf, _bool_logits_support)
+_BINOMIAL_LOGITS = _discrete(
+    "binomial", ["n", "logits"], [NONNEG_INT, LOGIT],
+    lambda n, logits: _build(pdist.Binomial, total_count=n, logits=logits),
+    "number of successes in n >= 0 trials of success probability sigmoid(logits); values 0..n", "finite", "long",
+    _binomial_logits_pmf, _binomial_logits_support, tnames={"total_count": "n"})
+_CATEGORICAL_LOGITS = _discrete(
+    "categorical", ["logits"], [LOGIT_VECTOR], lambda logits: _build(pdist.Categorical, logits=logits),
+    "index 0..K-1 drawn with probability softmax(logits)[k]; logits real or -inf (probability 0)", "finite",
+    "long", _categorical_logits_pmf, _categorical_logits_support, ped=(1,))
 
 _SPECS = [
     # ---- continuous
@@ -912,11 +1105,41 @@ _SPECS = [
                 lambda mean, cov: _build(pdist.MultivariateNormal, mean, covariance_matrix=cov),
                 "multivariate Gaussian with mean vector and positive-definite covariance matrix cov", _R,
                 ped=(1, 2), ved=1, tnames={"loc": "mean", "covariance_matrix": "cov"}, cross=_check_mv_normal),
+    _continuous("half_cauchy", ["scale"], [POSITIVE],
+                lambda scale: _build(pdist.HalfCauchy, scale),
+                "|cauchy(0, scale)|, scale > 0; values >= 0", "positive"),
+    _continuous("half_student_t", ["df", "scale"], [POSITIVE, POSITIVE],
+                lambda df, scale: _build(_dc.HalfStudentT, df, scale),
+                "|student_t(df, 0, scale)|, df > 0, scale > 0; values >= 0", "positive",
+                defaults={"scale": 1.0}),
+    _continuous("truncated_normal", ["loc", "scale", "low", "high"], [REAL, POSITIVE, REAL, REAL],
+                lambda loc, scale, low, high: _build(_dc.TruncatedNormal, loc, scale, low, high),
+                "normal(loc, scale) restricted to [low, high], low < high (either may be -inf / inf), "
+                "renormalised", "interval", cross=_check_truncated_normal),
+    _continuous("lkj_cholesky", ["dim", "concentration"], [DIM, POSITIVE],
+                lambda dim, conc: _build(pdist.LKJCholesky, _one_int("lkj_cholesky", "dim", dim), conc),
+                "Cholesky factor of a dim x dim correlation matrix with density proportional to "
+                "det(R)^(concentration - 1), dim >= 2, concentration > 0 (default 1: uniform over correlations)",
+                "corr_cholesky", defaults={"concentration": 1.0}, ved=2),
+    _continuous("von_mises", ["loc", "concentration"], [REAL, POSITIVE],
+                lambda loc, conc: _build(_dc.VonMises, loc, conc),
+                "circular normal: angles in [-pi, pi] around loc, concentration > 0", "interval"),
+    _continuous("weibull", ["scale", "concentration"], [POSITIVE, POSITIVE],
+                lambda scale, conc: _build(pdist.Weibull, scale, conc),
+                "Weibull with scale > 0 and shape concentration > 0 (torch's order): "
+                "density (k/s) (x/s)^(k-1) exp(-(x/s)^k), x > 0", "positive"),
+    _continuous("pareto", ["scale", "alpha"], [POSITIVE, POSITIVE],
+                lambda scale, alpha: _build(pdist.Pareto, scale, alpha),
+                "Pareto with minimum scale > 0 and tail index alpha > 0: density alpha scale^alpha / "
+                "x^(alpha+1), x >= scale", "lower_bounded"),
+    _continuous("chi2", ["df"], [POSITIVE],
+                lambda df: _build(pdist.Chi2, df),
+                "chi-squared with df > 0 degrees of freedom (= gamma(df / 2, 1 / 2))", "positive"),
     # ---- discrete, finite support
     _discrete("bernoulli", ["p"], [UNIT],
               lambda p: _build(pdist.Bernoulli, probs=p),
-              "true with probability p in [0, 1]", "boolean", "bool", _bool_pmf, _bool_support,
-              tnames={"probs": "p"}),
+              "true with probability p in [0, 1] (or bernoulli(logits=x): p = sigmoid(x))", "boolean", "bool",
+              _bool_pmf, _bool_support, tnames={"probs": "p"}, variants={"logits": ("p", _BERNOULLI_LOGITS)}),
     _discrete("flip", ["p"], [UNIT],
               lambda p: _build(pdist.Bernoulli, probs=p),
               "a coin: true with probability p in [0, 1] (default 1/2); same as bernoulli", "boolean", "bool",
@@ -924,8 +1147,10 @@ _SPECS = [
               tnames={"probs": "p"}),
     _discrete("binomial", ["n", "p"], [NONNEG_INT, UNIT],
               lambda n, p: _build(pdist.Binomial, total_count=n, probs=p),
-              "number of successes in n >= 0 trials of success probability p; values 0..n", "finite", "long",
-              _binomial_pmf, _binomial_support, tnames={"total_count": "n", "probs": "p"}),
+              "number of successes in n >= 0 trials of success probability p (or binomial(n, logits=x): "
+              "p = sigmoid(x)); values 0..n", "finite", "long",
+              _binomial_pmf, _binomial_support, tnames={"total_count": "n", "probs": "p"},
+              variants={"logits": ("p", _BINOMIAL_LOGITS)}),
     _discrete("beta_binomial", ["n", "a", "b"], [NONNEG_INT, POSITIVE, POSITIVE],
               lambda n, a, b: _build(pdist.BetaBinomial, a, b, total_count=n),
               "binomial(n, p) with p ~ beta(a, b), a, b > 0; values 0..n", "finite", "long",
@@ -933,12 +1158,19 @@ _SPECS = [
               tnames={"total_count": "n", "concentration1": "a", "concentration0": "b"}),
     _discrete("categorical", ["probs"], [PROB_VECTOR],
               _b_categorical,
-              "index 0..K-1 drawn with probability proportional to the non-negative weights probs", "finite",
-              "long", _categorical_pmf, _categorical_support, ped=(1,), tnames={"probs": "probs"}),
+              "index 0..K-1 drawn with probability proportional to the non-negative weights probs (or "
+              "categorical(logits=v): softmax(v))", "finite",
+              "long", _categorical_pmf, _categorical_support, ped=(1,), tnames={"probs": "probs"},
+              variants={"logits": ("probs", _CATEGORICAL_LOGITS)}),
     _discrete("uniform_draw", ["items"], [ITEMS],
               _b_uniform_draw,
               "an element of the non-empty list items, each position equally likely", "finite", "long",
               _uniform_draw_pmf, _uniform_draw_support, ped=(1,), index_valued=True),
+    _discrete("multinomial", ["n", "probs"], [NONNEG_INT, PROB_VECTOR],
+              lambda n, probs: _build(_dc.Multinomial, n, probs),
+              "counts of n >= 0 draws over K categories with probabilities proportional to the non-negative "
+              "weights probs: a vector of K counts summing to n", "finite", "long",
+              _multinomial_pmf, _multinomial_support, ped=(0, 1), ved=1),
     _discrete("delta", ["value"], [POINT],
               lambda value: _build(pdist.Delta, value),
               "point mass: always value", "finite", "float", _delta_pmf, _delta_support),
@@ -955,6 +1187,10 @@ _SPECS = [
               "number of successes (probability p in [0, 1)) before total_count > 0 failures (torch's "
               "convention): P(k) = C(k+r-1, k) (1-p)^r p^k", "integer", "long", _negative_binomial_pmf,
               tnames={"probs": "p"}),
+    _discrete("zero_inflated_poisson", ["rate", "gate"], [NONNEG, UNIT],
+              lambda rate, gate: _build(pdist.ZeroInflatedPoisson, rate, gate=gate),
+              "0 with probability gate in [0, 1], else poisson(rate), rate >= 0; values 0, 1, 2, ...",
+              "integer", "long", _zip_pmf),
 ]
 
 DISTRIBUTIONS: dict[str, DistSpec] = {s.name: s for s in _SPECS}

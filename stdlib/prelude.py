@@ -532,29 +532,49 @@ def _dist_builtin(spec) -> Builtin:
     def make(ctx, *args, **kwargs):
         if not kwargs and len(args) == n_params:  # every parameter given by position
             return DistValue(spec, args, nothing_defaulted)
-        if len(args) > len(names):
-            raise PPLRuntimeError(f"{spec.name}() takes at most {len(names)} arguments ({', '.join(names)}) "
-                                  f"but {len(args)} were given")
-        bound = dict(zip(names, args))
-        for k, v in kwargs.items():
-            if k not in names:
-                from ..semantics.errors import did_you_mean
-                raise PPLRuntimeError(f"{spec.name}() has no parameter '{k}'", hint=did_you_mean(k, names)
-                                      or f"its parameters are: {', '.join(names)}")
-            if k in bound:
-                raise PPLRuntimeError(f"{spec.name}() got two values for '{k}'")
-            bound[k] = v
-        defaulted = set()
-        for i, n in enumerate(names):
-            if n not in bound:
-                if n not in spec.defaults:
-                    raise PPLRuntimeError(f"{spec.name}() is missing the parameter '{n}'",
-                                          hint=f"{spec.name}({', '.join(names)})")
-                bound[n] = spec.defaults[n]
-                defaulted.add(i)
-        return DistValue(spec, tuple(bound[n] for n in names), frozenset(defaulted))
+        return _bind_dist(_dist_variant(spec, args, kwargs), args, kwargs)
 
     return Builtin(spec.name, make, (required, len(names)))
+
+
+def _dist_variant(spec, args, kwargs):
+    """The parameterisation a call selects: ``bernoulli(logits=x)`` is bernoulli's logits
+    spec (``spec.keyword_variants``); giving both ``p`` and ``logits`` is an error."""
+    for key, (replaced, variant) in spec.keyword_variants.items():
+        if key in kwargs:
+            if replaced in kwargs or len(args) > spec.params.index(replaced):
+                raise PPLRuntimeError(f"{spec.name}() takes '{replaced}' or '{key}', not both",
+                                      hint=f"{spec.name}({', '.join(variant.params)}) or "
+                                           f"{spec.name}({', '.join(spec.params)})")
+            return variant
+    return spec
+
+
+def _bind_dist(spec, args, kwargs) -> DistValue:
+    """A distribution value from positional and keyword arguments (defaults filled in)."""
+    names = spec.params
+    if len(args) > len(names):
+        raise PPLRuntimeError(f"{spec.name}() takes at most {len(names)} arguments ({', '.join(names)}) "
+                              f"but {len(args)} were given")
+    bound = dict(zip(names, args))
+    for k, v in kwargs.items():
+        if k not in names:
+            from ..semantics.errors import did_you_mean
+            options = list(names) + list(spec.keyword_variants)
+            raise PPLRuntimeError(f"{spec.name}() has no parameter '{k}'", hint=did_you_mean(k, options)
+                                  or f"its parameters are: {', '.join(options)}")
+        if k in bound:
+            raise PPLRuntimeError(f"{spec.name}() got two values for '{k}'")
+        bound[k] = v
+    defaulted = set()
+    for i, n in enumerate(names):
+        if n not in bound:
+            if n not in spec.defaults:
+                raise PPLRuntimeError(f"{spec.name}() is missing the parameter '{n}'",
+                                      hint=f"{spec.name}({', '.join(names)})")
+            bound[n] = spec.defaults[n]
+            defaulted.add(i)
+    return DistValue(spec, tuple(bound[n] for n in names), frozenset(defaulted))
 
 
 def _param(ctx, name, init, constraint="real"):

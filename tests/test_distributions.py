@@ -38,6 +38,16 @@ PARAMS = {
     "poisson": (3.0,),
     "geometric": (0.3,),
     "negative_binomial": (5.0, 0.4),
+    "half_cauchy": (2.0,),
+    "half_student_t": (3.0, 2.0),
+    "truncated_normal": (0.5, 2.0, -1.0, 3.0),
+    "lkj_cholesky": (3.0, 2.0),
+    "von_mises": (1.0, 2.0),
+    "weibull": (2.0, 1.5),
+    "pareto": (1.0, 3.0),
+    "chi2": (3.0,),
+    "multinomial": (4.0, [0.2, 0.3, 0.5]),
+    "zero_inflated_poisson": (2.0, 0.3),
 }
 
 DTYPES = {"float": torch.float32, "long": torch.int64, "bool": torch.bool}
@@ -66,7 +76,8 @@ def test_spec_fields(name):
     # optional parameters are trailing
     assert all(p in spec.defaults for p in spec.params[spec.n_required:])
     assert spec.value_dtype in DTYPES
-    assert spec.support_kind in {"real", "positive", "unit_interval", "interval", "simplex", "integer", "boolean", "finite"}
+    assert spec.support_kind in {"real", "positive", "unit_interval", "interval", "simplex", "integer", "boolean", "finite",
+                                 "lower_bounded", "corr_cholesky"}
     assert spec.doc and "\n" not in spec.doc
     assert spec.finite_support == (spec.support_kind in {"finite", "boolean"})
     if not spec.discrete:
@@ -76,7 +87,7 @@ def test_spec_fields(name):
 @pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
 def test_shapes_dtypes_and_log_prob(name):
     spec = get(name)
-    event = (2,) if name == "mv_normal" else (3,) if name == "dirichlet" else ()
+    event = {"mv_normal": (2,), "dirichlet": (3,), "multinomial": (3,), "lkj_cholesky": (3, 3)}.get(name, ())
     # scalar parameters, sample((7,))
     d = spec.make(*tensors(name))
     assert isinstance(d, torch.distributions.Distribution)
@@ -173,12 +184,13 @@ RATIONAL = {
     "categorical": ([1, F(1, 2), 0, 3],),
     "uniform_draw": (["a", "b", "a", 3],),
     "delta": (F(3, 4),),
+    "multinomial": (3, [1, F(1, 2), 0, F(3, 2)]),
 }
 
 
 def test_finite_list_is_as_expected():
     assert set(FINITE) == set(RATIONAL)
-    assert set(INFINITE) == {"poisson", "geometric", "negative_binomial"}
+    assert set(INFINITE) == {"poisson", "geometric", "negative_binomial", "zero_inflated_poisson"}
 
 
 @pytest.mark.parametrize("name", FINITE)
