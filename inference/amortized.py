@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -40,6 +41,7 @@ from ..semantics.errors import PPLError, PPLRuntimeError, did_you_mean
 from ..semantics.interpreter import FactorEffect, ObserveEffect
 from ..semantics.sampling import LikelihoodWeighting, column, drive
 from ..semantics.values import Batched, Particles, PerParticle, rows
+from ..stdlib.files import check_fields, load_checked, save_checked
 from . import objectives as O
 from .guides import FAMILIES, GuideNet, Layout, _finite_bounds, _sum_ldj, discover
 from .smc import SMCHandler, smc
@@ -435,6 +437,50 @@ def _plain_data(data) -> Any:
     return None
 
 
+def _read_guide_file(path) -> dict:
+    """The dict saved at ``path`` by ``Guide.save`` (either kind of guide), checksum
+    verified; a file saved before guides carried a checksum loads with a warning."""
+    blob, checked = load_checked(path, "guide", hint="the file must come from Guide.save")
+    if not checked:
+        warnings.warn(f"the guide file '{os.fspath(path)}' has no checksum (saved by an older ppl), so damage to "
+                      "it cannot be detected; save it again to add one", UserWarning, stacklevel=3)
+    return blob
+
+
+def _str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _num_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+
+def _tensor_dict(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, torch.Tensor) for k, x in v.items())
+
+
+#: the entries of a saved automatic guide and their types (``Guide.load`` checks them)
+GUIDE_FIELDS = {
+    "entry": str, "family": (lambda v: v in FAMILIES, f"one of {', '.join(FAMILIES)}"),
+    "encoder": (lambda v: v in (None, "auto", "custom"), "None, 'auto' or 'custom'"),
+    "options": dict, "sites": (lambda v: v is None or _str_list(v), "None or a list of addresses"),
+    "signature": dict, "state": (_tensor_dict, "a dict of tensors"),
+    "history": (_num_list, "a list of numbers"), "objectives": (_str_list, "a list of names"),
+    "features_set": bool, "template": object,
+}
+GUIDE_OPTION_FIELDS = {
+    "rank": int, "hidden": (lambda v: isinstance(v, list) and all(isinstance(h, int) for h in v), "a list of ints"),
+    "flow_bins": int, "autoregressive": bool, "init_scale": (lambda v: v is None or isinstance(v, (int, float)),
+                                                             "None or a number"),
+}
+#: the same for a guide written in the DSL (``ProgramGuide``)
+PROGRAM_GUIDE_FIELDS = {
+    "entry": str, "program": str, "program_entry": str, "params": (_tensor_dict, "a dict of tensors"),
+    "constraints": dict, "history": (_num_list, "a list of numbers"),
+    "objectives": (_str_list, "a list of names"), "sites": (_str_list, "a list of addresses"),
+}
+
+
 class Guide:
     """A guide q(latents | data) for a model (see the module docstring).
 
@@ -742,7 +788,7 @@ class Guide:
                 "state": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
                 "history": list(self.history), "objectives": list(self.objectives),
                 "features_set": self.features_set, "template": _plain_data(self.template)}
-        torch.save(blob, os.fspath(path))
+        save_checked(blob, path, "guide")
 
     @classmethod
     def load(cls, path: str | os.PathLike, model, data: Mapping[str, Any] | None = None,
@@ -751,18 +797,16 @@ class Guide:
         guide was built for) is needed when the saved one was not plain numbers (e.g. a
         language model); ``encoder`` (a module of the same architecture) when the guide
         had a custom encoder."""
-        try:
-            blob = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise PPLError(f"no guide file at '{path}'") from None
-        except Exception as e:
-            raise PPLError(f"cannot read a guide from '{path}': {type(e).__name__}: {str(e).splitlines()[0]}",
-                           hint="the file must come from Guide.save") from None
+        blob = _read_guide_file(path)
         from .program_guide import FORMAT as PROGRAM_FORMAT, ProgramGuide
-        if isinstance(blob, dict) and blob.get("format") == PROGRAM_FORMAT:
+        if blob.get("format") == PROGRAM_FORMAT:
+            check_fields(blob, PROGRAM_GUIDE_FIELDS, path, "guide")
             return ProgramGuide._load(blob, model, data)
-        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-            raise PPLError(f"'{path}' is not a saved ppl guide", hint="the file must come from Guide.save")
+        if blob.get("format") != FORMAT:
+            raise PPLError(f"'{path}' is not a saved ppl guide (format {blob.get('format')!r})",
+                           hint="the file must come from Guide.save")
+        check_fields(blob, GUIDE_FIELDS, path, "guide")
+        check_fields(blob["options"], GUIDE_OPTION_FIELDS, path, "guide")
         if blob["encoder"] == "custom" and encoder is None:
             raise PPLError("this guide was trained with a custom encoder",
                            hint="pass a module of the same architecture: Guide.load(path, model, encoder=...)")
@@ -780,7 +824,7 @@ class Guide:
         g._build(template)
         if g.layout.signature() != blob["signature"]:
             raise PPLError("the model's choices or observations differ from those the guide was trained for",
-                           hint=f"trained for {blob['signature']['sites']}; this model and data give "
+                           hint=f"trained for {blob['signature'].get('sites')}; this model and data give "
                                 f"{g.layout.signature()['sites']}")
         try:
             g.net.load_state_dict(blob["state"])

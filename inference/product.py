@@ -13,7 +13,9 @@ covers the product's support. ``exact`` computes gamma by enumeration for finite
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
+from typing import Any, Mapping
 
 import torch
 
@@ -52,24 +54,65 @@ class ProductOfExperts:
                          self.a * log_p1 + self.b * log_p2 - log_prior1)
         return state, lw
 
-    def run(self, data1=None, data2=None, *, particles: int = 1000, seed=None, device="cpu"):
-        """Importance sampling of the product: a ``WeightedResult``."""
+    #: the inference methods a product of experts runs (``run``'s ``method``)
+    METHODS = ("importance", "enumerate")
+
+    def run(self, method: str = "importance", data: Mapping[str, Any] | None = None, *, particles: int = 1000,
+            seed: int | None = None, device: str = "cpu", data2: Mapping[str, Any] | None = None, **options):
+        """Inference on the product, with ``Model.run``'s signature: ``method`` is
+        "importance" (m1's prior draws weighted by p1^a p2^b / prior1: a
+        ``WeightedResult``) or "enumerate" (the exact product by enumerating m1's paths:
+        an ``ExactResult``, finite models only). ``data`` binds m1's parameters,
+        ``data2`` m2's (default: none). ``run(data1, data2)`` with dicts, the old form,
+        still works (deprecated)."""
         from ppl.api import resolve_device, seeded
-        from ppl.result import Site, WeightedResult
+        from .methods import check_options
+        if method is None or isinstance(method, Mapping):  # the old run(data1, data2, ...)
+            warnings.warn("ProductOfExperts.run(data1, data2) is deprecated: use run(method, data, data2=...)",
+                          DeprecationWarning, stacklevel=2)
+            method, data, data2 = "importance", method, data if data2 is None else data2
+        if method not in self.METHODS:
+            raise PPLError(f"a product of experts cannot run the method {method!r}",
+                           hint=f"ppl.product(...).run supports: {', '.join(self.METHODS)} (it weights the first "
+                                "expert's prior draws; SMC, MCMC and the other methods need one model)")
+        allowed = {"importance": (), "enumerate": ("max_paths",)}[method]
+        for key in options:
+            if key not in allowed:
+                raise PPLError(f"method '{method}' of a product of experts has no option '{key}'",
+                               hint=f"its options are: {', '.join(allowed)}" if allowed else "it takes no options")
+        options = check_options(options)
+        particles = check_options({"particles": particles})["particles"]
+        if method == "enumerate":
+            return self._enumerate(data, data2, **options)
         device = resolve_device(device)
         with seeded(seed, device):
-            state, lw = self._weights(data1, data2, int(particles), device)
+            state, lw = self._weights(data, data2, particles, device)
+        from ppl.result import Site, WeightedResult
         sites = {"return": Site(state.ret)}
         sites.update({a: Site(v.cpu()) for a, v in state.values.items()})
         return WeightedResult("product", sites, lw.cpu())
 
+    def _enumerate(self, data1, data2, **options):
+        """The product measure as an ``ExactResult``: each of m1's paths x weighted by
+        p1(x)^a p2(x)^b (float weights)."""
+        from ppl.result import ExactResult
+        paths = []
+        for w, vals, lp2 in self._paths(data1, data2, **options):
+            weight = float(w) ** self.a * math.exp(self.b * lp2) if lp2 > -math.inf and w > 0 else 0.0
+            paths.append((weight, vals))
+        return ExactResult(paths)
+
+    def _paths(self, data1, data2, **options):
+        """(p1's weight, values, log p2) for each path of m1."""
+        res = self.m1.run("enumerate", data1 or {}, **options)
+        for w, vals in res.paths:
+            trace = {k: v for k, v in vals.items() if k != "return"}
+            yield w, vals, float(self.m2.log_joint(trace, **(data2 or {}))[0])
+
     def exact(self, data1=None, data2=None) -> dict:
         """The product measure on m1's return values, by enumerating m1's paths: value ->
         p1(x)^a p2(x)^b summed over the traces x with that value."""
-        res = self.m1.run("enumerate", data1 or {})
         out: dict = defaultdict(float)
-        for w, vals in res.paths:
-            trace = {k: v for k, v in vals.items() if k != "return"}
-            lp2 = float(self.m2.log_joint(trace, **(data2 or {}))[0])
+        for w, vals, lp2 in self._paths(data1, data2):
             out[vals["return"]] += float(w) ** self.a * math.exp(self.b * lp2) if lp2 > -math.inf else 0.0
         return dict(out)

@@ -40,6 +40,7 @@ from ..semantics.errors import PPLError, PPLRuntimeError, did_you_mean
 from ..semantics.interpreter import Builtin, Interpreter
 from ..semantics.sampling import Replay, Trace, _WeightAccumulator, column, drive
 from ..semantics.values import Batched, Particles, PerParticle, as_tensor, is_batched
+from ..stdlib.files import save_checked
 from .amortized import Guide
 
 FORMAT = "ppl.program_guide/1"
@@ -310,11 +311,11 @@ class ProgramGuide(Guide):
 
     def save(self, path):
         self._ready()
-        torch.save({"format": FORMAT, "entry": self.model.entry, "program": self.program.source,
-                    "program_entry": self.program.entry,
-                    "params": {k: v.detach().cpu() for k, v in self.net.values.items()},
-                    "constraints": dict(self.net.constraints), "history": list(self.history),
-                    "objectives": list(self.objectives), "sites": list(self._sites)}, os.fspath(path))
+        save_checked({"format": FORMAT, "entry": self.model.entry, "program": self.program.source,
+                      "program_entry": self.program.entry,
+                      "params": {k: v.detach().cpu() for k, v in self.net.values.items()},
+                      "constraints": dict(self.net.constraints), "history": list(self.history),
+                      "objectives": list(self.objectives), "sites": list(self._sites)}, path, "guide")
 
     @classmethod
     def _load(cls, blob, model, data):

@@ -141,16 +141,13 @@ class Model:
             particles: int = 1000, seed: int | None = None, device: str = "cpu", **options):
         """Run inference ``method`` on ``entry(**data)``; returns a result object."""
         from .inference import METHODS
+        from .inference.methods import check_options
         if method not in METHODS:
             raise PPLError(f"unknown inference method '{method}'",
                            hint=did_you_mean(method, METHODS) or f"available: {', '.join(sorted(METHODS))}")
-        try:
-            ok = not isinstance(particles, bool) and float(particles).is_integer() and particles >= 1
-        except (TypeError, ValueError, OverflowError):
-            ok = False
-        if not ok:
-            raise PPLError(f"particles must be a positive integer (got {particles!r})")
         _check_options(method, METHODS[method], options)
+        options = check_options(options)  # types and ranges (inference.methods.OPTION_SPECS)
+        particles = check_options({"particles": particles})["particles"]
         device = resolve_device(device)
         data = self.bind((), data)
         with seeded(seed, device):
@@ -385,7 +382,31 @@ def python_function(fn: Callable, name: str = "") -> Builtin:
         except Exception as e:  # the user's own Python code failed
             raise PPLRuntimeError(f"the Python function '{name or fn.__name__}' raised "
                                   f"{type(e).__name__}: {e}") from e
+        out = _function_result(out, name or getattr(fn, "__name__", "function"))
         if batched and isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == ctx.M:
             return Batched(out, ctx.idx)
         return out
     return Builtin(name or getattr(fn, "__name__", "function"), call, (0, None), pure=False)
+
+
+def _function_result(out: Any, name: str) -> Any:
+    """What a Python function passed as data may hand back to a model: numbers, bools,
+    strings, None, numeric tensors and arrays (an array becomes a tensor), and lists and
+    tuples of those. Anything else (a module, a class, a function, an arbitrary object)
+    would give the model a way into Python: a ``PPLRuntimeError``, located at the call."""
+    if out is None or isinstance(out, (bool, int, float, str)):
+        return out
+    if isinstance(out, np.generic) and isinstance(out.item(), (bool, int, float)):
+        return out.item()
+    if isinstance(out, np.ndarray) and out.dtype.kind in "biuf":
+        t = torch.from_numpy(np.ascontiguousarray(out))
+        return t.to(torch.get_default_dtype()) if t.is_floating_point() else t
+    if isinstance(out, torch.Tensor) and not out.is_complex():
+        return out
+    if isinstance(out, (list, tuple)):
+        return type(out)(_function_result(x, name) for x in out)
+    kind = ("a module" if inspect.ismodule(out) else "a class" if inspect.isclass(out) else
+            "a function" if callable(out) else "an array of Python objects" if isinstance(out, np.ndarray) else
+            f"an object of type '{type(out).__name__}'")
+    raise PPLRuntimeError(f"the Python function '{name}' returned {kind}, which a model cannot use as a value",
+                          hint="return numbers, booleans, strings, None, tensors/arrays, or lists/tuples of those")

@@ -70,15 +70,28 @@ def _transformers():
 
 
 def _load(loader, path, what: str, **kwargs):
-    """``loader.from_pretrained(path, local_files_only=True)``, with a PPLError for a
-    model that is not on this machine."""
+    """``loader.from_pretrained(path, local_files_only=True, trust_remote_code=False)``:
+    nothing is downloaded and no Python code shipped in the directory ever runs (a
+    config whose ``auto_map`` names custom code is refused, never prompted for). A model
+    that is not on this machine, needs custom code, or whose files are damaged (e.g. a
+    truncated ``model.safetensors``) is a ``PPLError`` naming the path."""
     try:
-        return loader.from_pretrained(path, local_files_only=True, **kwargs)
+        return loader.from_pretrained(path, local_files_only=True, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as e:
+        if "custom code" in str(e) or "trust_remote_code" in str(e):
+            raise PPLError(f"refusing to load the {what} from {str(path)!r}: it needs custom Python code from "
+                           "the model directory, which ppl never runs", hint="use a model of a type that "
+                           "transformers implements itself (trust_remote_code is always False)") from None
         where = "directory" if os.path.isdir(str(path)) else "path or cached model"
         raise PPLError(f"cannot load the {what} from {str(path)!r}: {e}".replace("\n", " "),
                        hint=f"no such {where} with a {what} on this machine; ppl loads Hugging Face models "
                             "from local directories only (save_pretrained), it never downloads") from e
+    except Exception as e:  # a damaged weights file: safetensors, torch or json errors
+        if type(e).__name__ not in ("SafetensorError", "JSONDecodeError", "UnpicklingError", "RuntimeError", "EOFError"):
+            raise
+        raise PPLError(f"cannot load the {what} from {str(path)!r}: a file in it is damaged or truncated "
+                       f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})",
+                       hint="save the model again with save_pretrained, or copy the directory again") from None
 
 
 def _dtype_kwargs(tf, dtype) -> dict:

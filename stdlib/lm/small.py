@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ...semantics.errors import PPLError
+from ..files import check_fields, load_checked, save_checked
 from .cache import PrefixCachedLM
 
 #: the standard-library modules whose docstrings make the default corpus (fixed order)
@@ -209,22 +210,33 @@ class SmallLM(PrefixCachedLM):
 
     # ------------------------------------------------------------ save/load
     def save(self, path) -> None:
-        """torch.save of the weights, vocabulary, sizes and training record."""
-        torch.save({"format": _FORMAT, "chars": self.chars, "hparams": self.hparams,
-                    "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
-                    "train_info": self.train_info}, path)
+        """torch.save of the weights, vocabulary, sizes and training record, with a
+        checksum of them (``stdlib.files``)."""
+        save_checked({"format": _FORMAT, "chars": self.chars, "hparams": self.hparams,
+                      "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+                      "train_info": self.train_info}, path, "small LM")
 
     @classmethod
     def load(cls, path, device="cpu", **kwargs) -> "SmallLM":
-        if not os.path.exists(path):
-            raise PPLError(f"no small LM at {str(path)!r}", hint="make one with ppl.stdlib.lm.small.train(...).save(path)")
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
-            raise PPLError(f"{str(path)!r} is not a saved SmallLM ({_FORMAT})")
-        lm = cls(blob["chars"], device=device, **blob["hparams"], **kwargs)
-        lm.net.load_state_dict(blob["state_dict"])
+        """The small LM saved at ``path`` by ``save`` (weights only: nothing in the file
+        can run). A missing, empty, damaged or foreign file is a ``PPLError`` naming it;
+        a checksum, when the file has one, must match."""
+        hint = "make one with ppl.stdlib.lm.small.train(...).save(path)"
+        blob, _ = load_checked(path, "small LM", hint=hint)
+        if blob.get("format") != _FORMAT:
+            raise PPLError(f"{str(path)!r} is not a saved SmallLM ({_FORMAT})", hint=hint)
+        check_fields(blob, {"chars": (lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
+                                      "a list of characters"),
+                            "hparams": dict, "state_dict": dict}, path, "small LM")
+        try:
+            lm = cls(blob["chars"], device=device, **blob["hparams"], **kwargs)
+            lm.net.load_state_dict(blob["state_dict"])
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise PPLError(f"the small LM file {str(path)!r} does not describe a SmallLM: "
+                           f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+                           hint=hint) from None
         lm.net.to(lm.device).eval()
-        lm.train_info = dict(blob.get("train_info", {}))
+        lm.train_info = dict(blob.get("train_info") or {})
         return lm
 
 
@@ -295,6 +307,10 @@ def load_or_train(path, steps: int = 150, seed: int = 0, device="cpu", **kwargs)
     there."""
     if os.path.exists(path):
         return SmallLM.load(path, device=device)
+    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(parent):
+        raise PPLError(f"cannot save the small LM to {str(path)!r}: the directory {parent!r} does not exist",
+                       hint="create it first, or pass a path in an existing directory")
     lm = train(stdlib_corpus(), steps=steps, seed=seed, device=device, **kwargs)
     lm.save(path)
     return lm
