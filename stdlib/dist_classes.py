@@ -18,6 +18,11 @@ Each is a ``pyro.distributions.TorchDistribution`` (so ``.to_event`` / ``.mask``
   ``total_count`` (torch's constraint accepts any smaller sum).
 * :class:`VonMises` — torch's, with support ``[-pi, pi]`` (torch says "real", which lets
   an MH walk wander over infinitely many periods of a periodic density).
+* :class:`LKJCholesky` — torch's, with its onion-method sampler fixed: torch (2.13) draws
+  row ``i``'s squared norm from ``Beta(i - 1/2, ...)`` instead of ``Beta(i / 2, ...)``, so
+  for ``dim >= 3`` its samples do not follow its own ``log_prob`` (the correlations
+  ``R[0][2]``, ``R[1][2]`` of a 3x3 factor have variance 0.188 instead of 1 / (2 eta + 2));
+  tests/test_distributions_scipy.py checks the marginals against scipy's Beta.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import torch
 from torch.distributions import constraints as tc
 from torch.distributions.utils import broadcast_all
 
-__all__ = ["HalfStudentT", "TruncatedNormal", "Multinomial", "VonMises"]
+__all__ = ["HalfStudentT", "TruncatedNormal", "Multinomial", "VonMises", "LKJCholesky"]
 
 
 # ------------------------------------------------------------------------ half Student t
@@ -304,4 +309,26 @@ class VonMises(pdist.VonMises):
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(VonMises, _instance)
+        return super().expand(batch_shape, _instance=new)
+
+
+# ---------------------------------------------------------------------------- LKJ Cholesky
+
+
+class LKJCholesky(pdist.LKJCholesky):
+    """torch's LKJ distribution over Cholesky factors of correlation matrices, sampling
+    by the onion method (Lewandowski, Kurowicka and Joe 2009, sec. 3.2) with the right
+    Beta parameters: row ``i`` (0-based, i >= 1) has squared off-diagonal norm
+    ``y ~ Beta(i / 2, eta + (dim - 2) / 2 - (i - 1) / 2)``. ``log_prob`` is torch's."""
+
+    def __init__(self, dim, concentration=1.0, validate_args=None):
+        super().__init__(dim, concentration, validate_args=validate_args)
+        offset = torch.arange(self.dim - 1, dtype=self.concentration.dtype, device=self.concentration.device)
+        offset = torch.cat([offset.new_zeros((1,)), offset])  # row i: i - 1 (row 0 is unused)
+        marginal_conc = self.concentration + 0.5 * (self.dim - 2)
+        self._beta = torch.distributions.Beta(0.5 * offset + 0.5, marginal_conc.unsqueeze(-1) - 0.5 * offset,
+                                              validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(LKJCholesky, _instance)
         return super().expand(batch_shape, _instance=new)

@@ -228,7 +228,7 @@ _FILLS: dict[type, Callable] = {
     pdist.Pareto: lambda d: d.scale,
     pdist.Chi2: _fill_one,
     _dc.VonMises: _fill_zero,
-    pdist.LKJCholesky: lambda d: torch.eye(d.event_shape[-1], dtype=d.concentration.dtype, device=d.concentration.device),
+    _dc.LKJCholesky: lambda d: torch.eye(d.event_shape[-1], dtype=d.concentration.dtype, device=d.concentration.device),
     _dc.Multinomial: lambda d: torch.cat(
         [d.total_count.unsqueeze(-1), torch.zeros_like(d.probs[..., 1:])], -1),
     pdist.ZeroInflatedPoisson: _fill_zero,
@@ -1117,7 +1117,7 @@ _SPECS = [
                 "normal(loc, scale) restricted to [low, high], low < high (either may be -inf / inf), "
                 "renormalised", "interval", cross=_check_truncated_normal),
     _continuous("lkj_cholesky", ["dim", "concentration"], [DIM, POSITIVE],
-                lambda dim, conc: _build(pdist.LKJCholesky, _one_int("lkj_cholesky", "dim", dim), conc),
+                lambda dim, conc: _build(_dc.LKJCholesky, _one_int("lkj_cholesky", "dim", dim), conc),
                 "Cholesky factor of a dim x dim correlation matrix with density proportional to "
                 "det(R)^(concentration - 1), dim >= 2, concentration > 0 (default 1: uniform over correlations)",
                 "corr_cholesky", defaults={"concentration": 1.0}, ved=2),
