@@ -33,6 +33,8 @@ import torch
 from torch.distributions import constraints as tc
 from torch.distributions.utils import broadcast_all
 
+from ppl.semantics.errors import PPLRuntimeError
+
 __all__ = ["HalfStudentT", "TruncatedNormal", "Multinomial", "VonMises", "LKJCholesky"]
 
 
@@ -118,7 +120,7 @@ class TruncatedNormal(pdist.TorchDistribution):
     def support(self):
         """``interval(low, high)``, or the half-line / real line when bounds are infinite.
         Bounds finite for some batch entries and infinite for others have no single torch
-        constraint: an error (``ValueError``, reported with the distribution's name)."""
+        constraint: a ``PPLRuntimeError``."""
         low_inf, high_inf = torch.isinf(self.low), torch.isinf(self.high)
         if bool(low_inf.all()) and bool(high_inf.all()):
             return tc.real
@@ -128,7 +130,10 @@ class TruncatedNormal(pdist.TorchDistribution):
             return tc.less_than(self.high)
         if not bool(low_inf.any()) and not bool(high_inf.any()):
             return tc.interval(self.low, self.high)
-        raise ValueError("the bounds 'low' and 'high' must each be finite for all particles or infinite for all")
+        raise PPLRuntimeError(
+            "truncated_normal: a bound ('low' or 'high') is infinite for some particles and finite for others",
+            hint="keep each bound either finite for every particle or infinite for every particle "
+                 "(e.g. a large finite number instead of inf)")
 
     # standardised bounds, mirrored so that the interval does not lie right of 0
     def _std(self):

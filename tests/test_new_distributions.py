@@ -313,3 +313,32 @@ def test_new_distributions_report_bad_parameters_in_dsl_terms():
     for expr, msg in cases.items():
         with pytest.raises(PPLError, match=msg):
             ppl.model(f"def m():\n    x ~ {expr}\n    return 1\n").run("importance", particles=10)
+
+
+def test_lkj_cholesky_dim3_prior_under_importance():
+    """Importance sampling draws from the sampler (torch 2.13's gives R[0][2] variance
+    0.188 for dim 3, eta 1.5 instead of 1 / (2 b + 1) = 0.2, b = eta + 1/2; the sampler
+    in dist_classes is the onion method with the right Beta parameters)."""
+    model = ppl.model("""
+def m():
+    L ~ lkj_cholesky(3, 1.5)
+    return L[2][1] * L[1][1] + L[2][0] * L[1][0]
+""")  # R[1][2]
+    r = model.run("importance", particles=8000, seed=6)
+    b = 1.5 + 0.5
+    x = torch.as_tensor(r.sites["return"].value, dtype=torch.float64)
+    g = x ** 2  # E[R^2] = Var(R) = 1 / (2 b + 1)
+    se = float(g.std()) / math.sqrt(len(g))
+    assert abs(float(g.mean()) - 1 / (2 * b + 1)) <= Z * se, describe(float(g.mean()), 1 / (2 * b + 1), se)
+
+
+def test_truncated_normal_mixed_infinite_bounds_is_an_error():
+    model = ppl.model("""
+def m():
+    h ~ flip()
+    x ~ truncated_normal(0, 1, 0, inf if h else 1.0)
+    observe 0.5 ~ normal(x, 1)
+    return x
+""")
+    with pytest.raises(PPLError, match="infinite for some particles"):
+        model.run("mh", particles=8, samples=20, burn_in=0, kernel="rw")
