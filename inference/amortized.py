@@ -44,6 +44,7 @@ from ..semantics.values import Batched, Particles, PerParticle, rows
 from ..stdlib.files import check_fields, load_checked, save_checked
 from . import objectives as O
 from .guides import FAMILIES, GuideNet, Layout, _finite_bounds, _sum_ldj, discover
+from .resampling import ess as resampling_ess
 from .smc import SMCHandler, smc
 
 __all__ = ["Guide", "guide", "GuideRun", "pareto_k"]
@@ -222,7 +223,7 @@ class _Guided:
             return super().sample(eff)
         value, lq = r
         target = eff.dist.target if isinstance(eff.dist, ProposedDist) else eff.dist
-        self.add(eff.ctx, target.log_prob(value, eff.ctx) - lq)
+        self.add(eff.ctx, target.log_prob(value, eff.ctx).to(torch.float64) - lq.to(torch.float64))  # log p - log q in float64
         self.trace.record(eff.addr, eff.ctx, value)
         return value
 
@@ -896,8 +897,7 @@ def _as_guide(proposal, model, data) -> Guide:
 
 def _weight_extra(g: Guide, lw: torch.Tensor, N: int) -> dict:
     lw64 = lw.detach().double().cpu()
-    finite = lw64[torch.isfinite(lw64)]
-    ess = float(torch.exp(2 * torch.logsumexp(finite, 0) - torch.logsumexp(2 * finite, 0))) if finite.numel() else 0.0
+    ess = resampling_ess(lw64)  # stable for log weights of any size
     return {"proposal": g.describe(), "ess_fraction": ess / N, "pareto_k": pareto_k(lw64)}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+import functools
 from typing import Any, Callable
 
 import torch
@@ -22,6 +23,7 @@ from ..semantics.exact import enumerate_paths
 from ..semantics.errors import PPLError
 from ..semantics.sampling import LikelihoodWeighting, column, drive
 from ..semantics.values import Particles
+from .diagnostics import count_distinct, emit, ess_before_last_resampling
 from .importance import likelihood_weighting
 from .smc import smc
 
@@ -269,23 +271,29 @@ def run_pmmh(model, data: dict, *, params=None, particles: int = 100, samples: i
 
 
 def run_tempering(model, data: dict, *, particles: int = 1000, device: str = "cpu", target_ess: float = 0.5,
-                  moves: int = 2, kernel: str = "rw", scale: float = 0.5, resampling: str = "systematic",
+                  moves: int | None = None, kernel: str = "rw", scale: float = 0.5, resampling: str = "systematic",
                   schedule: Any = None, **_) -> Any:
     """Tempered SMC (``inference.tempering``): an adaptive path prior -> posterior with MH
     moves (or the fixed inverse temperatures ``schedule``, e.g. [0.1, 0.5, 1]; text
-    "0.1,0.5,1" from the CLI). ``extra["schedule"]`` is the sequence used."""
+    "0.1,0.5,1" from the CLI). ``extra["schedule"]`` is the sequence used,
+    ``extra["moves"]`` the MH moves per temperature (default: max(2, number of choices),
+    ``tempering.default_moves``), ``extra["ess_history"]`` the ESS of each step's
+    incremental weights before resampling."""
     from .tempering import tempered_smc
     _, _, WeightedResult = _result_types()
+    info: dict = {}
     state, log_z, schedule = tempered_smc(model.interpreter(), model.entry, model.prepare_data(data, device),
-                                          int(particles), device, target_ess=float(target_ess), moves=int(moves),
+                                          int(particles), device, target_ess=float(target_ess),
+                                          moves=None if moves is None else int(moves),
                                           kernel=kernel, scale=float(scale), resampling=resampling,
-                                          schedule=_betas(schedule))
+                                          schedule=_betas(schedule), info=info)
     sites = {"return": (state.ret, None)}
     for a, v in state.values.items():
         p = state.present[a]
         sites[a] = (v, None if bool(p.all()) else p)
     lw = torch.full((int(particles),), float(log_z), dtype=torch.float64)
-    return WeightedResult("tempering", _sites(sites), lw, extra={"schedule": schedule, "moves": moves})
+    return WeightedResult("tempering", _sites(sites), lw, extra={"schedule": schedule, "moves": info["moves"],
+                                                                 "ess_history": info["ess_history"]})
 
 
 def _betas(schedule):
@@ -341,7 +349,40 @@ def run_enumerate(model, data: dict, *, max_paths: int = 1_000_000, **_) -> Any:
     return ExactResult(paths)
 
 
-METHODS: dict[str, Callable] = {
+def population_diagnostics(res) -> None:
+    """For a result whose population was resampled (``extra["history"]`` of SMC
+    checkpoints, or tempering's ``extra["ess_history"]``): set ``resampled``,
+    ``ess_before_resampling`` (the ESS before the last resampling) and
+    ``unique_fraction`` (distinct particles / N, when a choice is continuous)."""
+    _, _, WeightedResult = _result_types()
+    if not isinstance(res, WeightedResult) or getattr(res, "r_hat", None) is not None:
+        return
+    history = res.extra.get("history")
+    if history is not None and any(getattr(r, "resampled", False) for r in history):
+        res.ess_before_resampling = ess_before_last_resampling(history, res.ess)
+    elif res.extra.get("ess_history"):  # tempering: resampled at every step
+        res.ess_before_resampling = float(res.extra["ess_history"][-1])
+    else:
+        return
+    res.resampled = True
+    distinct = count_distinct({k: s.value for k, s in res.sites.items()},
+                              {k: s.present for k, s in res.sites.items()})
+    res.unique_fraction = None if distinct is None else distinct / res.n
+
+
+def _diagnosed(run: Callable) -> Callable:
+    """``run`` whose result gets its population diagnostics and whose warnings
+    (``result.warnings``) are emitted as ``PPLDiagnosticWarning``s."""
+    @functools.wraps(run)
+    def diagnosed(model, data, *args, **options):
+        res = run(model, data, *args, **options)
+        population_diagnostics(res)
+        emit(getattr(res, "warnings", []), stacklevel=3)
+        return res
+    return diagnosed
+
+
+METHODS: dict[str, Callable] = {name: _diagnosed(fn) for name, fn in {
     "importance": run_importance,
     "enumerate": run_enumerate,
     "prior": run_prior,
@@ -352,4 +393,4 @@ METHODS: dict[str, Callable] = {
     "tempering": run_tempering,
     "smc_steer": run_smc_steer,
     "best_of_n": run_best_of_n,
-}
+}.items()}

@@ -20,19 +20,38 @@ from typing import Callable
 import torch
 
 
+def normalise_log_weights(log_weights: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(normalised weights, log of the sum of the unnormalised weights), stably, in float64.
+
+    The maximum is subtracted in float64 before exponentiating and the weights are divided
+    by their own sum. (Never ``exp(lw - logsumexp(lw))``: for log weights above ~1e16 in
+    size, ``logsumexp(lw)`` rounds to ``max(lw)``, and such "normalised" weights sum to the
+    number of tied maxima.) Every weight zero (all -inf, or no weights): (all-zero weights,
+    -inf). A NaN or +inf log weight is the caller's to reject."""
+    lw = log_weights.detach().double()
+    if lw.numel() == 0:
+        return lw.clone(), -math.inf
+    m = lw.max()
+    if not bool(torch.isfinite(m)):
+        return torch.zeros_like(lw), -math.inf
+    w = torch.exp(lw - m)
+    s = w.sum()
+    return w / s, float(m) + math.log(float(s))
+
+
 def normalised(log_weights: torch.Tensor) -> torch.Tensor:
     """Normalised weights (float64) from log weights; raises if all are -inf."""
-    lw = log_weights.double()
-    m = lw.max()
-    if not torch.isfinite(m):
+    w, log_total = normalise_log_weights(log_weights)
+    if log_total == -math.inf:
         raise ValueError("cannot resample: every weight is zero")
-    w = torch.exp(lw - m)
-    return w / w.sum()
+    return w
 
 
 def ess(log_weights: torch.Tensor) -> float:
-    """Effective sample size 1 / sum(w^2) of normalised weights."""
-    w = normalised(log_weights)
+    """Effective sample size 1 / sum(w^2) of normalised weights (0 when every weight is zero)."""
+    w, log_total = normalise_log_weights(log_weights)
+    if log_total == -math.inf:
+        return 0.0
     return float(1.0 / (w * w).sum())
 
 

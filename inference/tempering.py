@@ -10,6 +10,12 @@ chooses the next beta by bisection so that the effective sample size of the incr
 weights L(x)^(beta' - beta) is ``target_ess`` * N (adaptive schedule), reweights,
 resamples, and applies ``moves`` single-site MH steps that leave gamma_beta' invariant.
 
+Default moves: ``default_moves(S)`` = max(2, S) for a model with S choices (the mean
+trace size of the prior draws): each single-site step updates one choice picked at
+random, so S steps update every choice once on average per temperature. A fixed 2 moves
+left a 42-choice mixture with ~55 distinct particles of 500 and a posterior 0.8 sd
+off. (Adaptive moves, until the population has decorrelated, are a later improvement.)
+
 Invariants: the final target is the program's posterior, unchanged by the tempering;
 the product over steps of the mean incremental weight is an unbiased estimate of the
 evidence Z (for a fixed schedule; the adaptive one is the standard, slightly biased but
@@ -49,10 +55,19 @@ def next_beta(beta: float, log_lik: torch.Tensor, target: float, tol: float = 1e
     return max(lo, beta + tol)
 
 
+def default_moves(sites: float) -> int:
+    """MH moves per temperature for a model with ``sites`` choices: max(2, sites)."""
+    return max(2, int(math.ceil(sites)))
+
+
 def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *, target_ess: float = 0.5,
-                 moves: int = 2, kernel: str = "rw", scale: float = 0.5, resampling: str = "systematic",
-                 max_steps: int = 1000, schedule: list | None = None, randomness=None):
+                 moves: int | None = None, kernel: str = "rw", scale: float = 0.5, resampling: str = "systematic",
+                 max_steps: int = 1000, schedule: list | None = None, randomness=None, info: dict | None = None):
     """Returns (final MH state of the population, log-evidence estimate, schedule).
+
+    ``moves``: MH steps per temperature; None: ``default_moves`` of the prior draws' mean
+    number of choices. ``info`` (a dict, optional) receives "moves" (the number used) and
+    "ess_history" (per step, the ESS of the incremental weights, before resampling).
 
     ``schedule``: fixed betas 0 < b_1 < ... < b_K = 1 instead of the adaptive choice (with
     a fixed schedule the evidence estimate is exactly unbiased, and the population is a
@@ -73,6 +88,11 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
     if not bool(torch.isfinite(log_lik).any()):
         raise ZeroEvidenceError("tempering: every prior draw has zero likelihood",
                                 hint="the data or conditions may be impossible under the prior")
+    if moves is None:
+        moves = default_moves(float(state.sizes.mean()) if particles > 0 else 0.0)
+    info = {} if info is None else info
+    info["moves"] = moves
+    ess_history = info.setdefault("ess_history", [])
     fixed = iter(schedule) if schedule is not None else None
     beta, log_z, schedule = 0.0, 0.0, [0.0]
     for _ in range(max_steps):
@@ -84,6 +104,7 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
         if step_z == -math.inf:  # only possible with a fixed schedule: every weight is zero
             raise ZeroEvidenceError("tempering: every particle has zero weight")
         log_z += step_z
+        ess_history.append(_ess_fraction(inc) * particles)
         state = mh_mod.reindex(state, randomness.resample(inc, resampling, particles))
         # the moves compare a proposal's density under gamma_b with the current state's:
         # rescore the current state at b too (its log_joint was computed at the old beta;

@@ -10,8 +10,8 @@ from .api import InferenceFunction, Model, compile_source, infer, model, python_
 from .inference.amortized import Guide, guide
 from .inference.product import ProductOfExperts
 from .result import ExactResult, MCMCResult, Site, WeightedResult
-from .semantics.errors import (InfiniteSupportError, PPLCheckError, PPLError, PPLRecursionError,
-                               PPLRuntimeError, PPLSyntaxError, ZeroEvidenceError)
+from .semantics.errors import (InfiniteSupportError, PPLCheckError, PPLDiagnosticWarning, PPLError,
+                               PPLRecursionError, PPLRuntimeError, PPLSyntaxError, ZeroEvidenceError)
 
 __version__ = "0.1.0"
 
@@ -19,7 +19,7 @@ __all__ = [
     "model", "infer", "Model", "InferenceFunction", "compile_source", "python_function",
     "WeightedResult", "ExactResult", "MCMCResult", "Site", "ProductOfExperts", "product", "guide", "Guide",
     "PPLError", "PPLSyntaxError", "PPLCheckError", "PPLRuntimeError", "PPLRecursionError",
-    "ZeroEvidenceError", "InfiniteSupportError",
+    "ZeroEvidenceError", "InfiniteSupportError", "PPLDiagnosticWarning",
 ]
 
 

@@ -9,7 +9,9 @@
 (a JSON object: parameter name -> value; parameters it leaves out take their
 defaults), runs inference and prints ``result.summary()``, or with ``--json`` exactly
 one JSON object on stdout: ``result.to_json()`` plus ``model``, ``entry``,
-``particles`` (null for exact methods) and ``seed``. The default is importance sampling
+``particles`` (null for exact methods) and ``seed``; its ``warnings`` list holds the
+result's diagnostic warnings (high R-hat, Pareto k, low ESS, a collapsed population),
+which are also printed to stderr as ``warning: ...`` lines (in both modes). The default is importance sampling
 with 1000 particles and seed 0, so a run is reproducible unless asked otherwise.
 ``--method`` accepts every name in ``ppl.inference.METHODS``. For ``--method mh``,
 ``-n`` is the number of chains, and ``--samples``, ``--burn-in``, ``--thin``,
@@ -33,9 +35,10 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from typing import Any, Sequence
 
-from .semantics.errors import PPLError, did_you_mean
+from .semantics.errors import PPLDiagnosticWarning, PPLError, did_you_mean
 from .semantics.source import SourceFile, Span
 
 DEFAULT_METHOD = "importance"
@@ -197,7 +200,12 @@ def cmd_run(args) -> int:
     model = load_model(args.model, args.entry)
     data = load_data(args.data)
     _check_data(model, data, args.data)
-    result = model.run(args.method, data, particles=args.particles, seed=args.seed, device=args.device, **options)
+    with warnings.catch_warnings():  # shown once, below, as "warning: ..." lines on stderr
+        warnings.simplefilter("ignore", PPLDiagnosticWarning)
+        result = model.run(args.method, data, particles=args.particles, seed=args.seed, device=args.device,
+                           **options)
+    for message in result.warnings:
+        print(f"warning: {message}", file=sys.stderr)
 
     from .result import WeightedResult
     if args.plot:
@@ -210,7 +218,7 @@ def cmd_run(args) -> int:
         out["seed"] = args.seed
         print(json.dumps(out, allow_nan=False))
     else:
-        print(result.summary())
+        print(result.summary(show_warnings=False))
     return 0
 
 

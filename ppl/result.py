@@ -54,6 +54,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from ppl.inference.resampling import normalise_log_weights
 from ppl.semantics.errors import PPLError, PPLRuntimeError, ZeroEvidenceError, did_you_mean
 
 __all__ = ["Site", "WeightedResult", "ExactResult"]
@@ -480,6 +481,20 @@ class _ResultBase:
     def _json_extra(self) -> dict:
         return {}
 
+    def _diagnose(self) -> list[str]:
+        """The diagnostic warnings of this result (``ppl.inference.diagnostics``)."""
+        return []
+
+    @property
+    def warnings(self) -> list[str]:
+        """Why this result may be unreliable (empty when nothing was found): split R-hat,
+        Pareto k, a small ESS, a collapsed population; see ``ppl.inference.diagnostics``.
+        Inference also emits each one as a ``ppl.PPLDiagnosticWarning``."""
+        cached = self.__dict__.get("_warnings")
+        if cached is None:
+            cached = self.__dict__["_warnings"] = self._diagnose()
+        return list(cached)
+
     # -- site access ---------------------------------------------------------------------
 
     def _view(self, name: str) -> _View:
@@ -582,10 +597,11 @@ class _ResultBase:
             d["q05"], d["q50"], d["q95"] = v.stats.quantiles([0.05, 0.5, 0.95])
         return d
 
-    def summary(self, names: str | Iterable[str] | None = None) -> str:
+    def summary(self, names: str | Iterable[str] | None = None, *, show_warnings: bool = True) -> str:
         """A fixed-width table: name, mean, sd, 5%, 50%, 95% and, for discrete scalar sites,
         the most probable values. Default: "return" and the top-level sites (at most 20).
-        Vector sites get one row per component (at most 8)."""
+        Vector sites get one row per component (at most 8). Then a "warning: ..." line per
+        diagnostic warning (``warnings``; ``show_warnings=False`` leaves them out)."""
         chosen = self._as_names(names)
         omitted = 0
         if chosen is None:
@@ -630,6 +646,8 @@ class _ResultBase:
             out.append(f"... and {omitted} more sites (pass names=[...] to choose)")
         if partial:
             out.append("(statistics of sites with exists < 1 are conditional on the site existing)")
+        if show_warnings:
+            out += [f"warning: {w}" for w in self.warnings]
         return "\n".join(out)
 
     @staticmethod
@@ -655,7 +673,10 @@ class _ResultBase:
         """A json.dumps-able dict: method, log_evidence, ess, n and "posterior": for
         "return" and each top-level site, mean/sd/q05/q50/q95 (None when not numeric,
         lists for vector sites) plus "probs" when the site is discrete, and "exists"
-        (its probability) when the site does not exist everywhere. NaN/inf -> None."""
+        (its probability) when the site does not exist everywhere. NaN/inf -> None.
+        "warnings": the result's diagnostic warnings (``warnings``; empty when none);
+        weighted results add "ess_before_resampling" and "unique_fraction" (None when
+        not counted)."""
         posterior = {}
         for name in self._top_level():
             d = self._describe(name)
@@ -672,6 +693,7 @@ class _ResultBase:
         out = {"method": self.method, "log_evidence": _json_scalar(self.log_evidence),
                "ess": _json_scalar(self.ess), "n": self.n}
         out.update(self._json_extra())
+        out["warnings"] = self.warnings
         out["posterior"] = posterior
         return out
 
@@ -854,15 +876,23 @@ class WeightedResult(_ResultBase):
                 hint="a likelihood or factor evaluated to an invalid number; check the observation "
                      "model's parameters",
             )
-        total = torch.logsumexp(lw64, 0)
-        if total.item() == float("-inf"):
+        # max subtracted in float64, divided by the sum: exp(lw - logsumexp(lw)) would not
+        # sum to 1 for log weights above ~1e16 in size
+        weights, log_total = normalise_log_weights(lw64)
+        if log_total == float("-inf"):
             raise ZeroEvidenceError(_ZERO_WEIGHTED_MSG, hint=_ZERO_WEIGHTED_HINT)
         self.method = method
         self.n = n
         self.log_weights = log_weights
-        self.weights = torch.exp(lw64 - total)
-        self.log_evidence = float(total.item() - math.log(n))
+        self.weights = weights
+        self.log_evidence = float(log_total - math.log(n))
         self.ess = float(1.0 / (self.weights * self.weights).sum().item())
+        # methods that resample set these (``inference.methods``): the ESS before the
+        # last resampling (``ess`` after it reads N whatever happened) and the fraction
+        # of distinct particles; without resampling the former is ``ess``
+        self.ess_before_resampling = self.ess
+        self.unique_fraction: float | None = None
+        self.resampled = False
         self.extra = dict(extra or {})
         self.sites: dict[str, Site] = {}
         for name, site in sites.items():
@@ -894,8 +924,24 @@ class WeightedResult(_ResultBase):
         return k
 
     def _header(self) -> str:
-        return (f"{self.method}: N={self.n}, ESS={self.ess:.1f}, "
+        before = f" (before the last resampling {self.ess_before_resampling:.1f})" if self.resampled else ""
+        return (f"{self.method}: N={self.n}, ESS={self.ess:.1f}{before}, "
                 f"log evidence={self.log_evidence:.4f}")
+
+    def _diagnose(self) -> list[str]:
+        from ppl.inference.diagnostics import weighted_warnings
+        if self.method == "prior":
+            return []
+        k = None
+        if not self.resampled and float(self.weights.max() - self.weights.min()) > 0:
+            k = self.pareto_k
+        unique = None if self.unique_fraction is None else int(round(self.unique_fraction * self.n))
+        return weighted_warnings(self.method, self.n, min(self.ess, self.ess_before_resampling),
+                                 resampled=self.resampled, pareto_k=k, unique=unique)
+
+    def _json_extra(self) -> dict:
+        return {"ess_before_resampling": _json_scalar(self.ess_before_resampling),
+                "unique_fraction": _json_scalar(self.unique_fraction)}
 
     def _make_view(self, name: str) -> _View:
         site = self.sites[name]
@@ -1039,7 +1085,12 @@ class MCMCResult(WeightedResult):
         self.r_hat = r_hat
         self.ess_per_site = ess_per_site
         self.ess = ess_per_site.get("return", min(ess_per_site.values()) if ess_per_site else float(self.n))
+        self.ess_before_resampling = self.ess
         self.log_evidence = None
+
+    def _diagnose(self) -> list[str]:
+        from ppl.inference.diagnostics import mcmc_warnings
+        return mcmc_warnings(self.method, self.r_hat, self.ess_per_site)
 
     def _json_extra(self) -> dict:
         """The chain layout and diagnostics (per-site split R-hat and ESS)."""
@@ -1070,6 +1121,9 @@ class BestOfNResult(WeightedResult):
         super().__init__(method, sites, torch.zeros(1, dtype=torch.float64), extra=extra)
         self.score, self.candidates = score, candidates
         self.log_evidence = None
+
+    def _diagnose(self) -> list[str]:
+        return []  # an optimum: no weights to diagnose
 
     def _json_extra(self) -> dict:
         return {"score": _json_scalar(self.score), "candidates": self.candidates,

@@ -122,9 +122,11 @@ class DistValue:
                 f"{self.spec.name}: cannot score this value ({str(e).splitlines()[0]})",
                 hint="check the shape of the observed value against the distribution's",
             ) from None
+        # sums over the observed elements are taken in float64 (log densities accumulate
+        # in float64: a float32 sum of 1e6 terms is off by nats)
         if vb or batched:
-            return lp.reshape(lp.shape[0], -1).sum(1) if lp.dim() > 1 else lp
-        return lp.sum()
+            return lp.reshape(lp.shape[0], -1).sum(1, dtype=torch.float64) if lp.dim() > 1 else lp
+        return lp.sum(dtype=torch.float64) if lp.dim() > 0 else lp
 
     # uniform_draw: values are items of a list; torch samples their indices
     def _items(self):
@@ -218,4 +220,5 @@ class ProposedDist:
     def propose(self, ctx, draw):
         """(value drawn from the proposal by ``draw(dist, ctx)``, log weight correction)."""
         value = draw(self.proposal, ctx)
-        return value, self.target.log_prob(value, ctx) - self.proposal.log_prob(value, ctx)
+        log_target = torch.as_tensor(self.target.log_prob(value, ctx)).to(torch.float64)
+        return value, log_target - torch.as_tensor(self.proposal.log_prob(value, ctx)).to(torch.float64)

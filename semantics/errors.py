@@ -75,6 +75,13 @@ class InfiniteSupportError(PPLRuntimeError):
     """Exact enumeration met a random choice whose support is infinite or continuous."""
 
 
+class PPLDiagnosticWarning(UserWarning):
+    """An inference result that ran but may be unreliable: split R-hat above 1.01, Pareto
+    k above 0.7, a small effective sample size, or a collapsed particle population (see
+    ``ppl.inference.diagnostics`` for the rules). The same messages are in the result's
+    ``warnings`` list, its ``summary()`` and the CLI's ``--json`` output."""
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     """A hint naming the closest candidate, or None."""
     close = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)

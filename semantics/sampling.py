@@ -135,8 +135,12 @@ def _plain(x: Any) -> Any:
 
 
 class _WeightAccumulator:
+    """Sums log weights per particle. Log weights, log densities and evidences always
+    accumulate in float64 (``dtype`` defaults to it), whatever the model's dtype: a
+    float32 sum of 1e6 log densities of size ~1 is off by tens of nats."""
+
     def __init__(self, N: int, device, dtype=None):
-        self.log_weights = torch.zeros(N, device=device, dtype=dtype or torch.get_default_dtype())
+        self.log_weights = torch.zeros(N, device=device, dtype=dtype or torch.float64)
 
     def add(self, ctx: Particles, lp):
         lw = self.log_weights
