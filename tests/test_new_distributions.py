@@ -365,3 +365,27 @@ def m(y):
     x = torch.linspace(grid[0], grid[1], 200_001)[1:-1]  # float32 points strictly inside
     mass = float(torch.trapezoid(g.log_prob({addr: x}, data).double().exp(), x.double()))
     assert abs(mass - 1) < 2e-3, mass  # (pareto: q's tail beyond 200 is far below 1e-3)
+
+
+def test_multinomial_batched_count_and_dirichlet_conjugacy():
+    """n and probs may differ between particles (torch's Multinomial takes one int n):
+    every draw sums to its particle's n. Observed counts under a Dirichlet prior: the
+    posterior is Dirichlet(alpha + counts), mean p[0] = 4 / 12, under IS and MH."""
+    draws = ppl.model("""
+def m():
+    n ~ poisson(3.0)
+    p ~ dirichlet([1.0, 1.0, 2.0])
+    c ~ multinomial(n, p)
+    return sum(c) - n
+""").run("importance", particles=500, seed=7)
+    assert set(torch.as_tensor(draws.sites["return"].value).tolist()) == {0}
+    model = ppl.model("""
+def m(counts):
+    p ~ dirichlet([1.0, 2.0, 3.0])
+    observe counts ~ multinomial(6, p)
+    return p[0]
+""")
+    a = np.array([1.0, 2.0, 3.0]) + np.array([3, 1, 2])
+    mean, sd = a[0] / a.sum(), math.sqrt(stats.beta(a[0], a.sum() - a[0]).var())
+    check_importance(model, {"counts": [3, 1, 2]}, "return", mean)
+    check_mh(model, {"counts": [3, 1, 2]}, "return", mean, sd)
