@@ -42,6 +42,7 @@ from ..semantics.interpreter import FactorEffect, ObserveEffect
 from ..semantics.sampling import LikelihoodWeighting, column, drive
 from ..semantics.values import Batched, Particles, PerParticle, rows
 from ..stdlib.files import check_fields, load_checked, save_checked
+from ..stdlib import rng
 from . import objectives as O
 from .guides import FAMILIES, GuideNet, Layout, _finite_bounds, _sum_ldj, discover
 from .resampling import ess as resampling_ess
@@ -122,7 +123,7 @@ class GuideRun:
                                        "(ppl.guide(model, data)) with data of this shape")
         if not self.joint_family:
             q = self.net.site_normal(self._rows(self.params, idx), site)
-            u = q.rsample() if self.reparam else q.sample()
+            u = rng.rsample(q) if self.reparam else rng.sample(q)
             lq = q.log_prob(u).sum(-1)
             u = u.reshape(M, *site.ushape)
             t = site.transform
@@ -163,7 +164,7 @@ class GuideRun:
         onehot = rows(self._onehot, ctx) if self._onehot is not None else None
         lg = self.net.site_logits(self._rows(self.params, idx), site, onehot)
         cat = torch.distributions.Categorical(logits=lg)
-        k = cat.sample()  # [M, numel]
+        k = rng.sample(cat)  # [M, numel]
         lq = cat.log_prob(k).sum(-1)
         if site.kind == "token":
             lmv = target.lmv
@@ -536,7 +537,8 @@ class Guide:
         data = self.model.bind((), data)
         self.layout, init = discover(self.model, data, sites=self.site_list, need_features=self.amortized)
         self.template = dict(data)
-        with seeded(0 if seed_init is None else seed_init):
+        # torch's module initialisation draws from its global generator: the run's stands in
+        with seeded(0 if seed_init is None else seed_init), rng.global_from_run():
             self.net = GuideNet(self.layout, self.family, self.encoder, rank=self.options["rank"],
                                 hidden=self.options["hidden"], flow_bins=self.options["flow_bins"],
                                 autoregressive=self.options["autoregressive"], init=init,
@@ -679,7 +681,7 @@ class Guide:
             else:
                 if amort:
                     if pool is not None:
-                        pick = torch.randint(pool[1], (B,))
+                        pick = rng.randint(pool[1], (B,))
                         obs = {a: v.index_select(0, pick) for a, v in pool[0].items()}
                         n = B
                     else:

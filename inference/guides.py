@@ -51,6 +51,7 @@ from ..semantics.errors import PPLError, PPLRuntimeError, did_you_mean
 from ..semantics.interpreter import ObserveEffect
 from ..semantics.sampling import LikelihoodWeighting, drive
 from ..semantics.values import Batched, Particles, PerParticle, as_tensor, is_batched, rows
+from ..stdlib import rng
 
 FAMILIES = ("normal", "lowrank", "flow")
 
@@ -456,9 +457,9 @@ class GuideNet(nn.Module):
         loc, scale, W, _ = self.split(params)
         if self.family == "lowrank":
             d = torch.distributions.LowRankMultivariateNormal(loc, W, scale * scale)
-            u = d.rsample() if reparam else d.sample()
+            u = rng.rsample(d) if reparam else rng.sample(d)
             return u, d.log_prob(u)
-        z = torch.randn_like(loc)
+        z = rng.randn_like(loc)
         if self.family == "normal":
             u = loc + scale * z
             if not reparam:

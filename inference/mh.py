@@ -55,18 +55,19 @@ class MHState:
 
 
 class TorchMHRandomness(TorchRandomness):
-    """Draws for MH with torch's generator (``ppl.testing.validity`` enumerates them)."""
+    """Draws for MH with torch generators (the run's: see ``TorchRandomness``;
+    ``ppl.testing.validity`` enumerates them)."""
 
     def choose(self, sizes: torch.Tensor) -> torch.Tensor:
         """A uniform index in [0, sizes[c]) per chain."""
-        u = torch.rand(sizes.shape, dtype=torch.float64, device=sizes.device)
+        u = torch.rand(sizes.shape, dtype=torch.float64, device=sizes.device, generator=self.gen(sizes.device))
         return torch.minimum((u * sizes).floor().long(), (sizes - 1).clamp(min=0).long())
 
     def normal(self, shape, device) -> torch.Tensor:
-        return torch.randn(shape, device=device, dtype=torch.float64)
+        return torch.randn(shape, device=device, dtype=torch.float64, generator=self.gen(device))
 
     def uniform(self, shape, device) -> torch.Tensor:
-        return torch.rand(shape, dtype=torch.float64, device=device)
+        return torch.rand(shape, dtype=torch.float64, device=device, generator=self.gen(device))
 
     def accept(self, log_alpha: torch.Tensor) -> torch.Tensor:
         return torch.log(self.uniform(log_alpha.shape, log_alpha.device)) < log_alpha

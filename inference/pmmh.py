@@ -22,6 +22,7 @@ import math
 import torch
 
 from ..semantics.errors import PPLRuntimeError
+from ..stdlib import rng
 from ..semantics.sampling import column, drive
 from ..semantics.values import Batched, Lineage, Particles, set_lineage, rows
 from .resampling import resample
@@ -105,7 +106,7 @@ def pmmh(interp, entry: str, data: dict, params: list, *, particles: int = 100, 
         steps = tqdm(steps, desc="PMMH", unit="step", leave=False)
     for i in steps:
         y = {a: maps[a].inv(torch.as_tensor(theta[a], dtype=torch.float64)) for a in params}
-        y2 = {a: y[a] + scale * torch.randn_like(y[a]) for a in params}
+        y2 = {a: y[a] + scale * rng.randn_like(y[a]) for a in params}
         theta2 = {a: maps[a](y2[a]) for a in params}
         jac = sum(float(maps[a].log_abs_det_jacobian(y[a], theta[a] if isinstance(theta[a], torch.Tensor)
                                                      else torch.as_tensor(theta[a])).sum()) for a in params)
@@ -116,7 +117,7 @@ def pmmh(interp, entry: str, data: dict, params: list, *, particles: int = 100, 
         except PPLRuntimeError:
             log_z2, log_prior2 = -math.inf, -math.inf
         log_alpha = (log_z2 + log_prior2 + jac2) - (log_z + log_prior + jac)
-        if math.isfinite(log_alpha) and math.log(max(1e-300, float(torch.rand(())))) < log_alpha:
+        if math.isfinite(log_alpha) and math.log(max(1e-300, float(rng.rand(())))) < log_alpha:
             theta, log_z, log_prior, pick = theta2, log_z2, log_prior2, pick2
             accepted += i >= burn_in
         if i >= burn_in:

@@ -40,6 +40,7 @@ from ..semantics.errors import PPLError, PPLRuntimeError, did_you_mean
 from ..semantics.interpreter import Builtin, Interpreter
 from ..semantics.sampling import Replay, Trace, _WeightAccumulator, column, drive
 from ..semantics.values import Batched, Particles, PerParticle, as_tensor, is_batched
+from ..stdlib import rng
 from ..stdlib.files import save_checked
 from .amortized import Guide
 
@@ -116,7 +117,7 @@ class _RunGuide(_WeightAccumulator):
             params, batched = d._params(ctx)
             td = d._make(params)
             if td.has_rsample:
-                s = td.rsample() if batched else td.rsample((ctx.M,))
+                s = rng.rsample(td) if batched else rng.rsample(td, (ctx.M,))
                 value = Batched(d.spec.to_value(s), ctx.idx)
             else:
                 value = d.sample(ctx)

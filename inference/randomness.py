@@ -3,28 +3,55 @@
 Algorithms take their randomness from an object with methods ``sample(dist, ctx)``
 (a draw per particle), ``resample(log_weights, scheme, n)`` (ancestor indices) and, for
 ``smc_steer``, ``select_without_replacement(log_weights, n)`` (distinct indices and their
-new log weights). The default draws with torch's generator. ``ppl.testing.validity``
+new log weights). The default (``TorchRandomness``) draws with the run's own
+``torch.Generator`` (``ppl.stdlib.rng``: thread-safe, reproducible for a seed). ``ppl.testing.validity``
 plugs in a source that *enumerates* every possible outcome with its exact probability,
 which turns any algorithm written against this interface into a finite sum that can be
 checked exactly.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from ..stdlib import rng
 from .resampling import normalised, resample as _resample, without_replacement
 
 
 class TorchRandomness:
-    """Draws with torch's global generator (seed it with ``torch.manual_seed``)."""
+    """Draws with torch generators.
+
+    ``generator`` None (the default): the current run's generators (``Model.run(...,
+    seed=s)`` gives each run its own, seeded with s; outside a run, torch's global
+    generator). A ``torch.Generator``: every draw made through this object comes from it
+    (it must be on the device of the run)."""
+
+    generator: torch.Generator | None = None
+
+    def __init__(self, generator: torch.Generator | None = None):
+        self.generator = generator
+
+    def drawing(self):
+        """A context in which ppl's draws come from this object's generator."""
+        return contextlib.nullcontext() if self.generator is None else rng.using(self.generator)
+
+    def gen(self, device) -> torch.Generator | None:
+        """The generator for a draw on ``device``."""
+        return self.generator if self.generator is not None else rng.generator(device)
 
     def sample(self, dist, ctx):
-        return dist.sample(ctx)
+        if self.generator is None:
+            return dist.sample(ctx)
+        with rng.using(self.generator):
+            return dist.sample(ctx)
 
     def resample(self, log_weights: torch.Tensor, scheme: str, n: int) -> torch.Tensor:
-        return _resample(log_weights, scheme, n)
+        with self.drawing():
+            return _resample(log_weights, scheme, n)
 
     def select_without_replacement(self, log_weights: torch.Tensor, n: int):
         """(indices, new log weights): n distinct particles chosen without replacement
         (``resampling.without_replacement``)."""
-        return without_replacement(normalised(log_weights), n)
+        with self.drawing():
+            return without_replacement(normalised(log_weights), n)

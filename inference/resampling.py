@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from ..stdlib import rng
+
 
 def normalise_log_weights(log_weights: torch.Tensor) -> tuple[torch.Tensor, float]:
     """(normalised weights, log of the sum of the unnormalised weights), stably, in float64.
@@ -121,19 +123,21 @@ def _arange(n: int, device) -> torch.Tensor:
 
 def multinomial(w: torch.Tensor, n: int) -> torch.Tensor:
     """n independent draws from the categorical distribution w."""
-    u = torch.rand(n, dtype=torch.float64, device=w.device)
+    u = torch.rand(n, dtype=torch.float64, device=w.device, generator=rng.generator(w.device))
     return torch.sort(_search(w, u)).values
 
 
 def stratified(w: torch.Tensor, n: int) -> torch.Tensor:
     """One uniform in each stratum [k/n, (k+1)/n)."""
-    u = (_arange(n, w.device) + torch.rand(n, dtype=torch.float64, device=w.device)) / n
+    u = (_arange(n, w.device) + torch.rand(n, dtype=torch.float64, device=w.device,
+                                           generator=rng.generator(w.device))) / n
     return _search(w, u, evenly_spread=True)
 
 
 def systematic(w: torch.Tensor, n: int) -> torch.Tensor:
     """One shared uniform offset: u_k = (k + U) / n."""
-    u = (_arange(n, w.device) + torch.rand((), dtype=torch.float64, device=w.device)) / n
+    u = (_arange(n, w.device) + torch.rand((), dtype=torch.float64, device=w.device,
+                                           generator=rng.generator(w.device))) / n
     return _search(w, u, evenly_spread=True)
 
 
@@ -230,8 +234,10 @@ def without_replacement(w: torch.Tensor, n: int, u: float | None = None) -> tupl
     cum = torch.cumsum(p[rest] / c, 0)
     cum = (cum * (R / cum[-1])).clamp_(max=R)
     cum[-1] = R  # sum of the inclusion probabilities: exactly R points land
-    U = torch.rand((), dtype=torch.float64, device=device) if u is None else torch.tensor(float(u), dtype=torch.float64,
-                                                                                           device=device)
+    if u is None:
+        U = torch.rand((), dtype=torch.float64, device=device, generator=rng.generator(device))
+    else:
+        U = torch.tensor(float(u), dtype=torch.float64, device=device)
     hits = torch.ceil(cum - U)  # points U + k below cum_j
     counts = torch.diff(hits, prepend=torch.zeros(1, dtype=torch.float64, device=device))
     chosen = rest[counts > 0]

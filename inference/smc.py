@@ -111,7 +111,8 @@ class SMCHandler(LikelihoodWeighting):
         (``inference.steer``)."""
         if type(self.randomness) is TorchRandomness and lw.dtype == torch.float64:
             # what TorchRandomness.resample computes, without normalising again
-            return SCHEMES[self.resampling](w / s, self.N)
+            with self.randomness.drawing():
+                return SCHEMES[self.resampling](w / s, self.N)
         return self.randomness.resample(lw, self.resampling, self.N)
 
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .semantics import ir
+from .stdlib import rng
 from .semantics.errors import PPLCheckError, PPLError, PPLRuntimeError, did_you_mean
 from .semantics.interpreter import Builtin, Interpreter
 from .semantics.pretty import pretty
@@ -295,13 +296,14 @@ def resolve_device(device: Any) -> str:
 
 @contextlib.contextmanager
 def seeded(seed: int | None, device: str = "cpu"):
-    """Run with torch's RNG seeded (restored afterwards); no-op for seed None."""
-    if seed is None:
-        yield
-        return
-    devices = [torch.device(device).index or 0] if str(device).startswith("cuda") else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(seed))
+    """Run the block as one run with generators of its own (``ppl.stdlib.rng``): one
+    ``torch.Generator`` per device, seeded with ``seed``, from which every draw ppl makes
+    in this thread comes. Thread-safe: concurrent runs do not share generators, and torch's
+    global generator is neither read nor changed by a seeded run. ``seed`` None: inside
+    another run, that run's generators; else generators seeded from torch's global
+    generator (so ``torch.manual_seed`` still makes the run repeatable). ``device`` is
+    kept for callers; each device's generator is made when first used."""
+    with rng.run(seed):
         yield
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..stdlib import rng
 from .errors import PPLRuntimeError
 from .values import (Batched, Particles, PerParticle, batch_rows, is_batched, materialize,
                      pack, rows, to_python, as_tensor)
@@ -75,13 +76,14 @@ class DistValue:
         except (ValueError, RuntimeError) as e:
             raise PPLRuntimeError(f"{self.spec.name}: {str(e).splitlines()[0]}") from None
 
-    def sample(self, ctx: Particles):
-        """One draw per particle of ctx (a batched value)."""
+    def sample(self, ctx: Particles, generator: torch.Generator | None = None):
+        """One draw per particle of ctx (a batched value), with ``generator`` (default:
+        the current run's, ``ppl.stdlib.rng``)."""
         if getattr(self.spec, "index_valued", False):
-            return self._sample_items(ctx)[0]
+            return self._sample_items(ctx, generator)[0]
         params, batched = self._params(ctx)
         d = self._make(params)
-        s = d.sample() if batched else d.sample((ctx.M,))
+        s = rng.sample(d, () if batched else (ctx.M,), generator)
         return Batched(self.spec.to_value(s), ctx.idx)
 
     def torch_dist(self, ctx: Particles):
@@ -135,11 +137,11 @@ class DistValue:
             raise PPLRuntimeError("uniform_draw needs a list that is the same for every particle")
         return list(items) if isinstance(items, (list, tuple)) else list(items.unbind(0)) if isinstance(items, torch.Tensor) else list(items)
 
-    def _sample_items(self, ctx: Particles):
+    def _sample_items(self, ctx: Particles, generator: torch.Generator | None = None):
         items = self._items()
         if not items:
             raise PPLRuntimeError("uniform_draw of an empty list")
-        k = torch.randint(len(items), (ctx.M,), device=ctx.device)
+        k = torch.randint(len(items), (ctx.M,), device=ctx.device, generator=generator or rng.generator(ctx.device))
         lp = torch.full((ctx.M,), -float(torch.log(torch.tensor(float(len(items))))), device=ctx.device)
         if any(is_batched(x) for x in items):  # items that differ between particles
             cols = [materialize(x, ctx) for x in items]

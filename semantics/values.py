@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
 from fractions import Fraction
 from numbers import Number
 from typing import Any, Callable, Iterable, Sequence
@@ -145,14 +146,26 @@ class Lineage:
         return idx, sel
 
 
-_LINEAGE: list = [None]  # the lineage of the run being executed (None: no resampling)
+class _ThreadRun(threading.local):
+    """What belongs to the run a thread executes (runs in other threads have their own)."""
+
+    lineage: "Lineage | None" = None  # the lineage of the run being executed (None: no resampling)
+
+
+_RUN = _ThreadRun()
 
 
 def set_lineage(lineage: "Lineage | None"):
-    """Make ``lineage`` current (values created from now on follow it); returns the old one."""
-    old = _LINEAGE[0]
-    _LINEAGE[0] = lineage
+    """Make ``lineage`` current in this thread (values created from now on follow it);
+    returns the old one."""
+    old = _RUN.lineage
+    _RUN.lineage = lineage
     return old
+
+
+def current_lineage() -> "Lineage | None":
+    """The lineage of the run this thread executes (None: no resampling)."""
+    return _RUN.lineage
 
 
 # ------------------------------------------------------------------------ batched values
@@ -164,7 +177,7 @@ class _PerParticleValue:
 
     def __init__(self, idx: torch.Tensor):
         self._idx = idx
-        lin = _LINEAGE[0]
+        lin = _RUN.lineage
         self._lin = lin
         self._ep = lin.epoch if lin is not None else 0
 

@@ -65,6 +65,7 @@ import contextlib
 import math
 import numbers
 import re
+import threading
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable, Sequence
@@ -116,19 +117,24 @@ def _fmt(x: Any) -> str:
 # Parameter checks while a graph is traced (``inference.mh_traced``): a check cannot stop
 # a traced run, so inside ``deferred_checks()`` (traced or not) each one appends its "all
 # good" 0-dim bool tensor here instead; the graph returns their conjunction, and a step that fails
-# it is redone by the interpreter, which raises the error at its source.
-_DEFERRED: list | None = None
+# it is redone by the interpreter, which raises the error at its source. Per thread: a
+# graph traced in one thread does not defer the checks of a run in another.
+class _Deferred(threading.local):
+    checks: list | None = None
+
+
+_DEFERRED = _Deferred()
 
 
 @contextlib.contextmanager
 def deferred_checks():
-    """Collect the parameter checks made while tracing: yields the list they go to."""
-    global _DEFERRED
-    saved, _DEFERRED = _DEFERRED, []
+    """Collect the parameter checks made while tracing (in this thread): yields the list
+    they go to."""
+    saved, _DEFERRED.checks = _DEFERRED.checks, []
     try:
-        yield _DEFERRED
+        yield _DEFERRED.checks
     finally:
-        _DEFERRED = saved
+        _DEFERRED.checks = saved
 
 
 @dataclass(frozen=True)
@@ -250,7 +256,7 @@ def _safe_class(base: type) -> type:
             ok = support.check(value)
         except NotImplementedError:  # pragma: no cover - every support used here is checkable
             return base.log_prob(self, value)
-        if _DEFERRED is None and bool(ok.all()):  # a shortcut; a graph being traced takes the general path
+        if _DEFERRED.checks is None and bool(ok.all()):  # a shortcut; a graph being traced takes the general path
             return base.log_prob(self, value)
         ok_full = ok.reshape(ok.shape + (1,) * len(self.event_shape))
         safe = torch.where(ok_full, value, fill(self).to(device=value.device, dtype=value.dtype))
@@ -468,8 +474,8 @@ class DistSpec:
         return out
 
     def _check_tensor(self, pname: str, con: _Con, ev: int, t: torch.Tensor) -> None:
-        if _DEFERRED is not None:
-            _DEFERRED.append(self._good(con, t))
+        if _DEFERRED.checks is not None:
+            _DEFERRED.checks.append(self._good(con, t))
             return
         if ev == 0 and t.is_floating_point() and t.numel() > 0:
             # fast passes of the common checks (one reduction, one sync); anything they
@@ -962,8 +968,8 @@ def _zip_pmf(value, args, exact):
 
 
 def _check_uniform(spec: DistSpec, low: torch.Tensor, high: torch.Tensor) -> None:
-    if _DEFERRED is not None:
-        _DEFERRED.append((low < high).all())
+    if _DEFERRED.checks is not None:
+        _DEFERRED.checks.append((low < high).all())
         return
     try:
         low, high = torch.broadcast_tensors(low, high)

@@ -66,6 +66,7 @@ import torch
 
 from ..api import Model, resolve_device, seeded
 from ..semantics.errors import PPLError, PPLRuntimeError, did_you_mean
+from ..stdlib import rng as torch_rng
 from ..semantics.interpreter import (ConditionEffect, FactorEffect, ObserveEffect, SampleEffect,
                                      TwistEffect)
 from ..semantics.sampling import Trace, column, drive
@@ -155,9 +156,9 @@ def simulate_observation(dist, value, ctx: Particles):
         raise PPLError(f"SBC: cannot simulate a value of shape {tuple(v.shape)} from this {dv.spec.name} "
                        f"(its batch shape is {own})") from None
     if batched:
-        s = (d.expand(torch.Size((ctx.M, *target))) if own != target else d).sample()
+        s = torch_rng.sample(d.expand(torch.Size((ctx.M, *target))) if own != target else d)
     else:
-        s = (d.expand(torch.Size(target)) if own != target else d).sample((ctx.M,))
+        s = torch_rng.sample(d.expand(torch.Size(target)) if own != target else d, (ctx.M,))
     return Batched(dv.spec.to_value(s), ctx.idx)
 
 

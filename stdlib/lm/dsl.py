@@ -67,6 +67,7 @@ from ...semantics.errors import PPLRuntimeError, did_you_mean
 from ...semantics.interpreter import Builtin, Closure, Frame
 from ...semantics.values import (Batched, Particles, PerParticle, is_batched, materialize, rows,
                                  to_bool_rows, describe)
+from .. import rng
 from .base import LanguageModel, RewardModel
 
 _MISSING = object()
@@ -690,8 +691,8 @@ class _LMDist(DistValue):
         return t if sel is None else t[sel]
 
     def _ctx_key(self, ctx):
-        from ...semantics.values import _LINEAGE
-        lin = _LINEAGE[0]
+        from ...semantics.values import current_lineage
+        lin = current_lineage()
         return (ctx.idx, id(lin), lin.epoch if lin is not None else 0)
 
     def _same_key(self, a, b) -> bool:
@@ -741,8 +742,9 @@ def _draw_rows(lmv: LMValue, contexts: list, opts: _Opts, mask_rows, device):
 
 
 def _sample_rows(draw: torch.Tensor) -> torch.Tensor:
-    return torch.multinomial(torch.exp(draw.double()).float() if draw.dtype == torch.float16 else torch.exp(draw),
-                             1).squeeze(1)
+    """One token per row of the log-probabilities ``draw``, from the run's generator."""
+    return rng.multinomial(torch.exp(draw.double()).float() if draw.dtype == torch.float16 else torch.exp(draw),
+                           1).squeeze(1)
 
 
 class TokenDist(_LMDist):

@@ -41,6 +41,7 @@ from torch import nn
 
 from ...semantics.errors import PPLError
 from ..files import check_fields, load_checked, save_checked
+from .. import rng
 from .cache import PrefixCachedLM
 
 #: the standard-library modules whose docstrings make the default corpus (fixed order)
@@ -135,8 +136,7 @@ class SmallLM(PrefixCachedLM):
         self.name = name
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    "cpu" if device == "auto" else device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with rng.drawing_from(torch.Generator().manual_seed(seed)):  # torch's global generator untouched
             self.net = _Net(len(self.itos), embed, hidden, layers)
         self.net.to(self.device).eval()
         self.bos_input = len(self.itos)
