@@ -407,3 +407,66 @@ def test_exact_support_sums_to_one_property(case):
     support = get(name).exact_support(*params)
     assert all(isinstance(p, F) and p > 0 for _, p in support)
     assert sum(p for _, p in support) == 1
+
+
+# ------------------------------------------------- validate_args=False (issue 9 item 22)
+
+BAD_NUMBERS = [math.nan, math.inf, -math.inf, -1.0, 0.0, 0.5, 1.0, 1.5, 2.5]
+
+
+def _torch_rejects(spec, params) -> bool:
+    """Whether torch's own validation (validate_args=True) rejects these parameters."""
+    saved = D._build
+    D._build = lambda cls, *a, **kw: D._SAFE[cls](*a, validate_args=True, **kw)
+    try:
+        spec._builder(*spec._to_tensors(params))
+        return False
+    except (ValueError, RuntimeError, OverflowError):  # (lkj_cholesky's dim must become a Python int)
+        return True
+    finally:
+        D._build = saved
+
+
+# Parameters ppl accepts on purpose where torch/pyro would not: (distribution, parameter, value)
+MORE_PERMISSIVE = {
+    ("zero_inflated_poisson", "rate", 0.0),  # like poisson(0): a point mass at 0 (pyro requires rate > 0)
+}
+
+
+def test_zero_inflated_poisson_with_rate_zero_is_a_point_mass_at_zero():
+    d = get("zero_inflated_poisson").make(torch.tensor(0.0), torch.tensor(0.3))
+    assert d.log_prob(torch.tensor([0.0, 1.0, 2.0])).tolist() == [0.0, -math.inf, -math.inf]
+    assert d.sample((50,)).eq(0).all()
+    assert get("zero_inflated_poisson").exact_prob(0, 0, F(3, 10)) == 1
+
+
+def _all_specs():
+    for name in sorted(DISTRIBUTIONS):
+        yield name, get(name), PARAMS[name]
+        for key, (replaced, variant) in get(name).keyword_variants.items():
+            i = get(name).params.index(replaced)
+            value = [0.1, -0.5, 1.0] if variant.param_event_dims[i] else 0.3
+            yield f"{name}({key}=)", variant, tuple(PARAMS[name][:i]) + (value,)
+
+
+@pytest.mark.parametrize("label, spec, params", list(_all_specs()), ids=lambda x: x if isinstance(x, str) else "")
+def test_parameters_torch_rejects_are_rejected_by_make(label, spec, params):
+    """The distributions are built with validate_args=False because make() checks the
+    parameters itself: every parameter value torch's validation would reject (each
+    parameter, or the first entry of a vector, set to nan, +-inf, -1, 0, 1/2, 1, 3/2, 5/2)
+    is a PPLRuntimeError naming a parameter of the DSL."""
+    if spec.index_valued:
+        return  # uniform_draw: its parameter is a list of items, any values
+    for i, (pname, ev) in enumerate(zip(spec.params, spec.param_event_dims)):
+        for bad in BAD_NUMBERS:
+            ps = [torch.tensor(p, dtype=torch.float64) for p in params]
+            if ev == 0:
+                ps[i] = torch.tensor(bad, dtype=torch.float64)
+            else:
+                ps[i] = ps[i].clone()
+                ps[i].view(-1)[0] = bad
+            if not _torch_rejects(spec, ps) or (spec.name, pname, bad) in MORE_PERMISSIVE:
+                continue
+            with pytest.raises(PPLRuntimeError, match=r"parameter '\w+'") as e:
+                spec.make(*ps)
+            assert any(f"'{p}'" in str(e.value) for p in spec.params), (label, pname, bad, str(e.value))
