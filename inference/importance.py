@@ -15,16 +15,18 @@ from ..semantics.sampling import LikelihoodWeighting, column, drive
 from ..semantics.values import Particles
 
 
-def likelihood_weighting(interp: Interpreter, entry: str, data: dict, particles: int, device="cpu"):
+def likelihood_weighting(interp: Interpreter, entry: str, data: dict, particles: int, device="cpu",
+                         handler: type = LikelihoodWeighting):
     """Run ``entry(**data)`` for ``particles`` particles: returns (sites, log_weights),
     sites mapping "return" and each choice address to (values, present).
 
     If every weight is zero, the run is repeated from the same random state to find the
     first likelihood site after which no particle survived, and a ``ZeroEvidenceError``
-    pointing at it is raised."""
+    pointing at it is raised. ``handler``: the weighting handler class (a subclass of
+    ``LikelihoodWeighting``, e.g. one that checks the weights as they are made)."""
     state = _rng_state(device)
     ctx = Particles.all(particles, device)
-    h = LikelihoodWeighting(particles, device)
+    h = handler(particles, device)
     ret = drive(interp.run(entry, data, ctx), h)
     if particles > 0 and bool(torch.isneginf(h.log_weights).all()):
         _set_rng_state(device, state)

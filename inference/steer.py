@@ -43,6 +43,7 @@ import functools
 import torch
 
 from ..semantics.errors import PPLRuntimeError
+from ..semantics.sampling import LikelihoodWeighting
 from .importance import likelihood_weighting
 from .smc import SMCHandler, smc
 
@@ -91,10 +92,26 @@ def smc_steer(interp, entry: str, data: dict, particles: int, expansion: int, de
                handler_cls=cls)
 
 
+class _FiniteScores(LikelihoodWeighting):
+    """Likelihood weighting for ``best_of_n``: a score (total log weight) of +inf or NaN
+    is an error at the observe/factor that made it. A candidate scored +inf would win
+    whatever it is, and "score inf" would be reported as if it were an answer."""
+
+    def _checkpoint(self, eff) -> None:
+        lw = self.log_weights[eff.ctx.idx]
+        bad = torch.isposinf(lw) | torch.isnan(lw)
+        if bool(bad.any()):
+            what = "+inf" if bool(torch.isposinf(lw).any()) else "NaN"
+            raise PPLRuntimeError(
+                f"best_of_n: this makes a candidate's score {what}, so no best candidate can be chosen",
+                eff.span, "a factor of +inf (or an observed value of infinite density) outweighs everything; "
+                          "bound it (e.g. factor min(x, 1e6)) or give the value a finite density")
+
+
 def best_of_n(interp, entry: str, data: dict, particles: int, device="cpu"):
     """N prior draws, scored by their total log weight: returns (sites, index of the best,
     its score, all N log weights). Ties go to the lowest index."""
     N = _positive_int(particles, "particles")
-    sites, log_weights = likelihood_weighting(interp, entry, data, N, device)
+    sites, log_weights = likelihood_weighting(interp, entry, data, N, device, handler=_FiniteScores)
     best = int(torch.argmax(log_weights))  # the first maximum
     return sites, best, float(log_weights[best]), log_weights

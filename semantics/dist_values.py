@@ -16,6 +16,7 @@ leading and extra singleton dims where one particle's shapes would broadcast.
 """
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 
 from ..stdlib import rng
 from .errors import PPLRuntimeError
-from .values import (Batched, Particles, PerParticle, batch_rows, is_batched, materialize,
+from .values import (Batched, Particles, RaggedListError, PerParticle, batch_rows, is_batched, materialize,
                      pack, rows, to_python, as_tensor)
 
 
@@ -49,12 +50,16 @@ class DistValue:
         spec = self.spec
         raw = []
         on_cpu = str(ctx.device) == "cpu"
-        for a, ev in zip(self.args, spec.param_event_dims):
+        for i, (a, ev) in enumerate(zip(self.args, spec.param_event_dims)):
             if on_cpu and (type(a) is float or type(a) is int):  # the common constant: no tensor
                 raw.append((a, False, ev))
                 continue
             batched = is_batched(a) or (isinstance(a, (list, tuple)) and any(is_batched(x) for x in a))
             t = batch_rows(a, ctx) if batched else as_tensor(a, ctx.device)
+            if ev == 0 and t.numel() == 0:  # normal(0, []): no distribution at all, not an empty one
+                raise PPLRuntimeError(f"{spec.name}: parameter '{spec.params[i]}' is empty (shape {list(t.shape)})",
+                                      hint=f"{spec.name}({', '.join(spec.params)}) needs numbers (or non-empty "
+                                           "lists of numbers) as parameters")
             if t.dtype in (torch.bool, torch.long, torch.int32):
                 t = t.to(torch.get_default_dtype())
             raw.append((t, batched, ev))
@@ -108,7 +113,11 @@ class DistValue:
         elif vb:
             v = batch_rows(value, ctx)
         else:
-            v = as_tensor(value, ctx.device)
+            try:
+                v = as_tensor(value, ctx.device)
+            except RaggedListError:
+                return self._log_prob_ragged(value, ctx)
+        value_shape = tuple(v.shape[int(vb):max(int(vb), v.dim() - self.spec.value_event_dim)])
         vrank = v.dim() - vb - self.spec.value_event_dim
         params, batched = self._params(ctx, vrank)
         if vb:
@@ -124,11 +133,41 @@ class DistValue:
                 f"{self.spec.name}: cannot score this value ({str(e).splitlines()[0]})",
                 hint="check the shape of the observed value against the distribution's",
             ) from None
+        self._check_not_broadcast(value_shape, tuple(lp.shape[1:] if vb or batched else lp.shape))
         # sums over the observed elements are taken in float64 (log densities accumulate
         # in float64: a float32 sum of 1e6 terms is off by nats)
         if vb or batched:
             return lp.reshape(lp.shape[0], -1).sum(1, dtype=torch.float64) if lp.dim() > 1 else lp
         return lp.sum(dtype=torch.float64) if lp.dim() > 0 else lp
+
+    def _check_not_broadcast(self, value_shape: tuple, scored_shape: tuple) -> None:
+        """A value is scored once per element of the distribution, never broadcast up to
+        it: ``observe y ~ normal(mu, sigma)`` with a scalar y and sigma = [2, 3, 4] would
+        count y three times (a silently wrong likelihood)."""
+        if math.prod(scored_shape) > math.prod(value_shape):
+            raise PPLRuntimeError(
+                f"{self.spec.name}: the value has shape {list(value_shape)} but the distribution's parameters have "
+                f"shape {list(scored_shape)}: the value would be scored {math.prod(scored_shape)} times",
+                hint="observe a value of the parameters' shape, or pick one parameter per value (e.g. sigma[i] "
+                     "in a loop over range(len(ys)))")
+
+    def _log_prob_ragged(self, value, ctx: Particles) -> torch.Tensor:
+        """A ragged list observed under a distribution of scalars (``observe xs ~
+        bernoulli(p)`` with xs = [[1], [0, 1]]): independent observations of its items,
+        as in the exact semantics: the sum of their log densities."""
+        if self.spec.value_event_dim != 0 or any(self._param_size(a, ev, ctx) > 1
+                                                 for a, ev in zip(self.args, self.spec.param_event_dims)):
+            as_tensor(value, ctx.device)  # raises the ragged-list error
+        return sum(torch.as_tensor(self.log_prob(x, ctx), dtype=torch.float64) for x in value)
+
+    @staticmethod
+    def _param_size(a, event_dim: int, ctx: Particles) -> int:
+        """How many distributions one particle's parameter ``a`` describes."""
+        if type(a) in (bool, int, float) or isinstance(a, Fraction):
+            return 1
+        batched = is_batched(a) or (isinstance(a, (list, tuple)) and any(is_batched(x) for x in a))
+        shape = batch_rows(a, ctx).shape[1:] if batched else as_tensor(a, ctx.device).shape
+        return math.prod(shape[:max(0, len(shape) - event_dim)])
 
     # uniform_draw: values are items of a list; torch samples their indices
     def _items(self):

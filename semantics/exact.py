@@ -119,6 +119,13 @@ def _observe_prob(spec, value, args):
             n = max(len(x) for x in seqs)
             if any(len(x) not in (1, n) for x in seqs):
                 raise PPLRuntimeError(f"{spec.name}: the observed values and the parameters have different lengths")
+            got = len(value) if isinstance(value, (list, tuple)) else None
+            if n > 1 and got != n:  # the value would be broadcast: scored n times
+                raise PPLRuntimeError(
+                    f"{spec.name}: the value has shape {[got] if got is not None else []} but the distribution's "
+                    f"parameters have shape [{n}]: the value would be scored {n} times",
+                    hint="observe a value of the parameters' shape, or pick one parameter per value (e.g. "
+                         "sigma[i] in a loop over range(len(ys)))")
 
             def at(x, i):
                 return x[i if len(x) > 1 else 0]

@@ -310,8 +310,26 @@ def as_tensor(v: Any, device) -> torch.Tensor:
         return torch.tensor(v, device=device, dtype=scalar_dtype(v))
     if isinstance(v, (list, tuple)):
         items = [as_tensor(x, device) for x in v]
-        return torch.stack(torch.broadcast_tensors(*_promote(items))) if items else torch.zeros(0, device=device)
+        return stack_items(_promote(items)) if items else torch.zeros(0, device=device)
     raise PPLRuntimeError(f"expected a number, got {describe(v)}")
+
+
+class RaggedListError(PPLRuntimeError):
+    """A list whose items differ in shape was used where a tensor is needed."""
+
+
+def stack_items(ts: Sequence[torch.Tensor], dim: int = 0, lead: int = 0) -> torch.Tensor:
+    """The items of a list as one tensor (stacked along ``dim``). Items must have the same
+    shape (after ``lead`` leading dims, e.g. the particle dim): a list whose items differ
+    in shape, like [[1], [0, 1]], is ragged; it stays a list and cannot be a tensor (it is
+    never broadcast: [1] read as [1, 1] would be a silently wrong value)."""
+    shapes = {tuple(t.shape[lead:]) for t in ts}
+    if len(shapes) > 1:
+        a, b = sorted(shapes, key=lambda s: (len(s), s))[:2]
+        raise RaggedListError(f"a ragged list (items of shapes {list(a)} and {list(b)}) cannot be used as a tensor",
+                              hint="lists used as vectors or matrices need items of one shape; a ragged list "
+                                   "can be indexed and looped over")
+    return torch.stack(list(ts), dim=dim)
 
 
 def _promote(ts: Sequence[torch.Tensor]) -> list:
@@ -328,7 +346,7 @@ def batch_rows(v: Any, ctx: Particles) -> torch.Tensor:
     if isinstance(v, (list, tuple)) and any(is_batched(x) for x in v):
         parts = [batch_rows(x, ctx) for x in v]
         parts = _promote(parts)
-        return torch.stack(torch.broadcast_tensors(*parts), dim=1)
+        return stack_items(parts, dim=1, lead=1)
     if isinstance(v, PerParticle):
         return pack_tensor(rows(v, ctx), ctx.device)
     t = as_tensor(v, ctx.device)
@@ -337,7 +355,7 @@ def batch_rows(v: Any, ctx: Particles) -> torch.Tensor:
 
 def pack_tensor(items: list, device) -> torch.Tensor:
     ts = [as_tensor(x, device) for x in items]
-    return torch.stack(torch.broadcast_tensors(*_promote(ts)))
+    return stack_items(_promote(ts))
 
 
 def to_bool_rows(v: Any, ctx: Particles) -> torch.Tensor | bool:
@@ -499,13 +517,15 @@ def binop(op: str, a: Any, b: Any, ctx: Particles, exact: bool = False) -> Any:
     elif not isinstance(ta, torch.Tensor) and not is_scalar(ta) or \
             not isinstance(tb, torch.Tensor) and not is_scalar(tb):
         raise PPLRuntimeError(f"unsupported operand types for {op}: {describe(a)} and {describe(b)}")
-    return Batched(_torch_binop(op, ta, tb), ctx.idx)
+    return Batched(_torch_binop(op, ta, tb, lead=(ab, bb)), ctx.idx)
 
 
 _COMPARISONS = frozenset(("==", "!=", "<", "<=", ">", ">="))
 
 
-def _torch_binop(op: str, a: Any, b: Any) -> torch.Tensor:
+def _torch_binop(op: str, a: Any, b: Any, lead: tuple = (False, False)) -> torch.Tensor:
+    """``a op b`` on tensors; ``lead`` says which operand has a leading particle dim (left
+    out of the shapes an error names, which are one particle's)."""
     if op not in _COMPARISONS and (_is_bool(a) or _is_bool(b)):
         # in arithmetic a bool is the int 0/1, as in Python (torch: True + True is True,
         # and `-` of a bool tensor is an error)
@@ -518,6 +538,11 @@ def _torch_binop(op: str, a: Any, b: Any) -> torch.Tensor:
     try:
         return _TORCH_BINOPS[op](a, b)
     except RuntimeError as e:
+        if "must match the size" in str(e) or "broadcast" in str(e):
+            sa, sb = (list(x.shape[int(l):]) if isinstance(x, torch.Tensor) else [] for x, l in zip((a, b), lead))
+            raise PPLRuntimeError(f"cannot apply {op} to values of shapes {sa} and {sb}: the shapes do not "
+                                  "broadcast", hint="elementwise operations need equal shapes (or a shape of "
+                                  "one element, or a single number)") from None
         raise PPLRuntimeError(f"cannot apply {op}: {str(e).splitlines()[0]}") from None
 
 
