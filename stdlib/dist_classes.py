@@ -35,6 +35,8 @@ from torch.distributions.utils import broadcast_all
 
 from ppl.semantics.errors import PPLRuntimeError
 
+from . import rng
+
 __all__ = ["HalfStudentT", "TruncatedNormal", "Multinomial", "VonMises", "LKJCholesky"]
 
 
@@ -47,6 +49,7 @@ class HalfStudentT(pdist.TorchDistribution):
     arg_constraints = {"df": tc.positive, "scale": tc.positive}
     support = tc.nonnegative
     has_rsample = True
+    draws_with_run_generator = True  # (ppl.stdlib.rng)
 
     def __init__(self, df, scale, validate_args=None):
         self.df, self.scale = broadcast_all(df, scale)
@@ -64,7 +67,7 @@ class HalfStudentT(pdist.TorchDistribution):
         return new
 
     def rsample(self, sample_shape=torch.Size()):
-        return self._base().rsample(sample_shape).abs()
+        return rng.rsample(self._base(), sample_shape).abs()
 
     def log_prob(self, value):
         lp = self._base().log_prob(value) + math.log(2.0)
@@ -99,6 +102,8 @@ _TAIL = 30.0  # beyond this many scales into a tail, sample by exponential rejec
 
 class TruncatedNormal(pdist.TorchDistribution):
     """``Normal(loc, scale)`` conditioned on ``low <= x <= high`` (bounds may be infinite)."""
+
+    draws_with_run_generator = True  # (ppl.stdlib.rng)
 
     arg_constraints = {"loc": tc.real, "scale": tc.positive}
     has_rsample = False
@@ -174,7 +179,7 @@ class TruncatedNormal(pdist.TorchDistribution):
         """Standard normal draws restricted to [a, b], with a <= 0 or [a, b] far right
         (a > _TAIL only after the mirroring when the interval lies far left)."""
         pa, pb = torch.special.ndtr(a), torch.special.ndtr(b)
-        u = torch.rand(a.shape, dtype=torch.float64, device=a.device)
+        u = torch.rand(a.shape, dtype=torch.float64, device=a.device, generator=rng.generator(a.device))
         z = torch.special.ndtri(pa + u * (pb - pa))
         far = b < -_TAIL  # far in the left tail: Phi underflows; sample -z from the right tail
         if bool(far.any()):
@@ -189,11 +194,12 @@ class TruncatedNormal(pdist.TorchDistribution):
         todo = torch.ones_like(a, dtype=torch.bool)
         width = b - a
         while bool(todo.any()):
-            u = torch.rand(a.shape, dtype=torch.float64, device=a.device)
+            u = torch.rand(a.shape, dtype=torch.float64, device=a.device, generator=rng.generator(a.device))
             # inverse CDF of Exp(a) truncated to [0, width]
             e = -torch.log1p(u * torch.expm1(-a * width)) / a
             x = a + e
-            accept = torch.rand(a.shape, dtype=torch.float64, device=a.device) < torch.exp(-0.5 * e ** 2)
+            accept = torch.rand(a.shape, dtype=torch.float64, device=a.device,
+                                generator=rng.generator(a.device)) < torch.exp(-0.5 * e ** 2)
             take = todo & accept
             out = torch.where(take, x, out)
             todo = todo & ~accept
@@ -251,6 +257,8 @@ class Multinomial(pdist.TorchDistribution):
     """Counts of ``total_count`` independent draws over ``K`` categories with
     probabilities ``probs`` (normalised); ``total_count`` may differ across the batch."""
 
+    draws_with_run_generator = True  # (ppl.stdlib.rng)
+
     arg_constraints = {"total_count": tc.nonnegative_integer, "probs": tc.simplex}
 
     def __init__(self, total_count, probs, validate_args=None):
@@ -293,7 +301,7 @@ class Multinomial(pdist.TorchDistribution):
             for k in range(K - 1):
                 q = (probs[..., k] / rest[..., k].clamp(min=1e-300)).clamp(0, 1)
                 q = torch.where(rest[..., k] > 0, q, torch.zeros_like(q))
-                x = torch.distributions.Binomial(remaining, probs=q, validate_args=False).sample()
+                x = rng.sample(torch.distributions.Binomial(remaining, probs=q, validate_args=False))
                 out[..., k] = x
                 remaining = remaining - x
             out[..., K - 1] = remaining

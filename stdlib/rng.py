@@ -335,12 +335,36 @@ def _register():
     S[td.Independent], R[td.Independent] = _independent("sample"), _independent("rsample")
 
 
+class _Source:
+    """A source from a function device -> generator."""
+
+    __slots__ = ("get",)
+
+    def __init__(self, get: Callable):
+        self.get = get
+
+
+def _run_aware(method: str) -> _Sampler:
+    """For a class whose own sampler draws through this module (``rng.generator``,
+    ``rng.sample``): its method, with ``gen`` as the thread's source meanwhile."""
+    def draw(d, shape, gen):
+        with using(_Source(gen)):
+            return getattr(d, method)(shape)
+    return draw
+
+
 def _resolve(cls: type, method: str) -> _Sampler | None:
-    """The generator-aware sampler for ``cls``: the registered class that defines the
-    ``method`` (and ``rsample``, which ``sample`` may call) that ``cls`` uses; None when
-    a subclass overrides them (the fallback then draws)."""
+    """The generator-aware sampler for ``cls``: its own method if the class declares
+    ``draws_with_run_generator = True`` (its sampler asks this module for generators);
+    else the registered class that defines the ``method`` (and ``rsample``, which
+    ``sample`` may call) that ``cls`` uses; None when a subclass overrides them (the
+    fallback then draws)."""
     key = (cls, method)
     if key in _RESOLVED:
+        return _RESOLVED[key]
+    aware = next((base for base in cls.__mro__ if "draws_with_run_generator" in base.__dict__), None)
+    if aware is not None and aware.__dict__["draws_with_run_generator"] and _same_samplers(cls, aware):
+        _RESOLVED[key] = _run_aware(method)
         return _RESOLVED[key]
     if not _SAMPLERS:
         _register()
@@ -349,11 +373,15 @@ def _resolve(cls: type, method: str) -> _Sampler | None:
     for base in cls.__mro__:
         fn = table.get(base)
         if fn is not None:
-            same = all(getattr(cls, m, None) is getattr(base, m, None) for m in ("sample", "rsample"))
-            found = fn if same else None
+            found = fn if _same_samplers(cls, base) else None
             break
     _RESOLVED[key] = found
     return found
+
+
+def _same_samplers(cls: type, base: type) -> bool:
+    """``cls`` samples with ``base``'s own methods (no subclass overrides them)."""
+    return all(getattr(cls, m, None) is getattr(base, m, None) for m in ("sample", "rsample"))
 
 
 def _draw(d, shape: torch.Size, gen, method: str):
