@@ -110,7 +110,6 @@ class Case:
     ref: object
     kwargs: dict = field(default_factory=dict)
     discrete: bool = False
-    moments: bool = True   # False: the moment checks of this case are replaced by its own test
     circular: bool = False
     rtol: float = 1e-9     # log_prob / exact_prob relative tolerance in float64
 
@@ -124,7 +123,7 @@ class Case:
 
 
 def C(name, args, ref, **kw):
-    extra = {k: kw.pop(k) for k in ("discrete", "moments", "circular", "rtol") if k in kw}
+    extra = {k: kw.pop(k) for k in ("discrete", "circular", "rtol") if k in kw}
     return Case(name, tuple(args), ref, kw, **extra)
 
 
