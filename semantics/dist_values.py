@@ -143,8 +143,9 @@ class DistValue:
     def _check_not_broadcast(self, value_shape: tuple, scored_shape: tuple) -> None:
         """A value is scored once per element of the distribution, never broadcast up to
         it: ``observe y ~ normal(mu, sigma)`` with a scalar y and sigma = [2, 3, 4] would
-        count y three times (a silently wrong likelihood)."""
-        if math.prod(scored_shape) > math.prod(value_shape):
+        count y three times (a silently wrong likelihood). (Not while torch.jit traces a
+        static program: its sizes are tensors then, and its eager run checked them.)"""
+        if not torch.jit.is_tracing() and math.prod(scored_shape) > math.prod(value_shape):
             raise PPLRuntimeError(
                 f"{self.spec.name}: the value has shape {list(value_shape)} but the distribution's parameters have "
                 f"shape {list(scored_shape)}: the value would be scored {math.prod(scored_shape)} times",

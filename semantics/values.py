@@ -323,7 +323,8 @@ def stack_items(ts: Sequence[torch.Tensor], dim: int = 0, lead: int = 0) -> torc
     shape (after ``lead`` leading dims, e.g. the particle dim): a list whose items differ
     in shape, like [[1], [0, 1]], is ragged; it stays a list and cannot be a tensor (it is
     never broadcast: [1] read as [1, 1] would be a silently wrong value)."""
-    shapes = {tuple(t.shape[lead:]) for t in ts}
+    # (while torch.jit traces a static program, sizes are tensors; its eager run checked them)
+    shapes = set() if torch.jit.is_tracing() else {tuple(t.shape[lead:]) for t in ts}
     if len(shapes) > 1:
         a, b = sorted(shapes, key=lambda s: (len(s), s))[:2]
         raise RaggedListError(f"a ragged list (items of shapes {list(a)} and {list(b)}) cannot be used as a tensor",
