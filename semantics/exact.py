@@ -113,6 +113,11 @@ def _observe_prob(spec, value, args):
     if spec.value_event_dim == 0 and not spec.index_valued:
         elementwise = [ev == 0 and isinstance(a, (list, tuple)) for a, ev in zip(args, spec.param_event_dims)]
         seqs = [a for a, e in zip(args, elementwise) if e]
+        for name, a, e in zip(spec.params, args, elementwise):
+            if e and len(a) == 0:  # flip([]): no distribution at all (not one of no observations)
+                raise PPLRuntimeError(f"{spec.name}: parameter '{name}' is empty (shape [0])",
+                                      hint=f"{spec.name}({', '.join(spec.params)}) needs numbers (or non-empty "
+                                           "lists of numbers) as parameters")
         if isinstance(value, (list, tuple)):
             seqs.append(value)
         if seqs:

@@ -139,6 +139,24 @@ def test_empty_parameter_is_an_error(method):
     located(e.value, 2, "x ~ normal(0, [])")
 
 
+@pytest.mark.parametrize("src, param", [("x ~ flip([])", "flip: parameter 'p'"),
+                                        ("observe True ~ flip([])", "flip: parameter 'p'"),
+                                        ("x ~ poisson([])", "poisson: parameter 'rate'")])
+@pytest.mark.parametrize("method", ["enumerate", "importance"])
+def test_empty_parameter_is_an_error_in_both_semantics(src, param, method):
+    # (observing under flip([]) used to be a likelihood of 1 under enumerate: no factor at all)
+    m = ppl.model(f"def m():\n    {src}\n    return 1\n", filename=FILE)
+    with pytest.raises(PPLRuntimeError, match=f"{param} (is empty|must be a number)") as e:
+        m.run(method, particles=3, seed=0)
+    located(e.value, 2, src)
+
+
+def test_observing_an_empty_list_is_no_observation():
+    m = ppl.model("def m():\n    observe [] ~ flip(0.5)\n    return 1\n")
+    assert m.run("enumerate").evidence == 1
+    assert m.run("importance", particles=3).log_evidence == 0.0
+
+
 # -------------------------------------------------------------------- options
 M = ppl.model("def m():\n    x ~ normal(0, 1)\n    observe 1.0 ~ normal(x, 1)\n    return x\n")
 BAD_OPTIONS = [
