@@ -7,6 +7,17 @@ the program's top-level functions and the builtins in ``globals``. Calls of top-
 functions and of builtins with a known arity are checked for their argument counts.
 Each error is a ``PPLCheckError`` with the span of the offending node and, where
 possible, a hint.
+
+Two footguns are caught where the checker can see them:
+
+* a distribution used as a value: a direct call of a distribution constructor
+  (``flip(0.1)``) as a condition (``if``/``while``/``... if c else ...``/``and``/``or``/
+  ``not``/``condition``), an operand of arithmetic or a comparison, a ``factor``, or the
+  entry function's result (the interpreter catches the cases it cannot see, such as
+  ``x = flip(0.1)`` then ``if x:``). Helpers returning a distribution for a later ``~``
+  stay legal;
+* ``y ~ d`` on a parameter ``y`` of the entry function: the parameters are the data, and
+  ``~`` would replace the datum by a draw (``observe y ~ d`` scores it).
 """
 from __future__ import annotations
 
@@ -14,14 +25,23 @@ from typing import Iterable, Mapping, Optional, Tuple
 
 from ppl.semantics import ir
 from ppl.semantics.errors import PPLCheckError, did_you_mean
+from ppl.semantics.pretty import expr as source_of
 
 Arity = Optional[Tuple[int, Optional[int]]]  # (min_args, max_args or None); None: unchecked
 _INTERNALS = "models cannot reach Python internals"
+_COMPARISONS = frozenset(("==", "!=", "<", "<=", ">", ">=", "in"))
 
 
-def check(program: ir.Program, globals: Mapping[str, Arity]) -> None:
-    """Raise ``PPLCheckError`` for the first static error in ``program``."""
-    _Checker(program, globals).run()
+def check(program: ir.Program, globals: Mapping[str, Arity], entry: Optional[str] = None) -> None:
+    """Raise ``PPLCheckError`` for the first static error in ``program``. ``entry``: the
+    function run as the model (its parameters are the data, its result the model's)."""
+    _Checker(program, globals, entry).run()
+
+
+def distribution_constructors() -> frozenset:
+    """The builtin names whose call is a distribution (a value for ``~``, not a number)."""
+    from ppl.stdlib.distributions import names
+    return frozenset(names()) | {"propose"}
 
 
 def bound_names(body: Iterable[ir.Stmt]) -> set[str]:
@@ -51,10 +71,14 @@ def _takes(lo: int, hi: Optional[int]) -> str:
 
 
 class _Checker:
-    def __init__(self, program: ir.Program, globals: Mapping[str, Arity]):
+    def __init__(self, program: ir.Program, globals: Mapping[str, Arity], entry: Optional[str] = None):
         self.program = program
         self.globals = dict(globals)
         self.functions: dict[str, ir.FunctionDef] = {}
+        self.entry = entry
+        self.distributions = distribution_constructors() & frozenset(self.globals)
+        self.in_entry = False  # checking the entry function's own body (not nested defs)
+        self.entry_params: frozenset = frozenset()  # the entry's parameters, while in_entry
 
     def fail(self, message: str, node, hint: Optional[str] = None):
         raise PPLCheckError(message, getattr(node, "span", None), hint)
@@ -83,7 +107,11 @@ class _Checker:
                 self.expr(p.default, scopes)
         self.params([p.name for p in f.params], f.params, f)
         local = frozenset(p.name for p in f.params) | bound_names(f.body)
+        saved = self.entry_params, self.in_entry
+        self.in_entry = len(scopes) == 1 and f.name == self.entry  # the entry's own body
+        self.entry_params = frozenset(p.name for p in f.params) if self.in_entry else frozenset()
         self.block(f.body, scopes + (local,))
+        self.entry_params, self.in_entry = saved
 
     def params(self, names, nodes, owner):
         seen = set()
@@ -101,6 +129,7 @@ class _Checker:
     def stmt(self, s: ir.Stmt, scopes):
         if isinstance(s, ir.FunctionDef):
             return self.function(s, scopes)
+        self.footguns(s, scopes)
         for t in (ir.assigned_names(s.target) if hasattr(s, "target") else ()):
             self.name(t, s)
         for child in ir.children(s):
@@ -110,6 +139,7 @@ class _Checker:
                 self.expr(child, scopes)
 
     def expr(self, e: ir.Expr, scopes):
+        self.value_uses(e, scopes)
         if isinstance(e, ir.Var):
             self.name(e.name, e)
             if not any(e.name in s for s in scopes):
@@ -130,6 +160,57 @@ class _Checker:
                 self.name(child.name, child)
                 child = child.value
             self.expr(child, scopes)
+
+    # ------------------------------------------------------------------ footguns
+    def footguns(self, s: ir.Stmt, scopes):
+        """A statement's uses of a distribution as a value, and ``~`` on the data."""
+        if isinstance(s, (ir.If, ir.While)):
+            self.as_condition(s.cond, scopes)
+        elif isinstance(s, ir.Condition):
+            self.as_condition(s.expr, scopes)
+        elif isinstance(s, ir.Factor):
+            self.not_distribution(s.expr, "as a factor (a number)", scopes)
+        elif isinstance(s, ir.Return) and self.in_entry and s.value is not None:
+            self.not_distribution(s.value, "as the model's result", scopes)
+        elif isinstance(s, ir.Sample) and s.target in self.entry_params:
+            self.fail(f"{s.target} is data; did you mean `observe {s.target} ~ ...`?", s,
+                      f"'{s.target}' is a parameter of the model {self.entry}(), so its value is given: "
+                      f"`{s.target} ~ d` would replace it by a draw from d; `observe {s.target} ~ d` scores "
+                      f"the datum (or give the choice another name)")
+
+    def value_uses(self, e: ir.Expr, scopes):
+        """An expression's operands that are used as numbers or truth values."""
+        if isinstance(e, ir.IfExp):
+            self.as_condition(e.cond, scopes)
+        elif isinstance(e, ir.BoolOp):
+            self.as_condition(e.left, scopes)
+        elif isinstance(e, ir.UnaryOp):
+            if e.op == "not":
+                self.as_condition(e.operand, scopes)
+            else:
+                self.not_distribution(e.operand, "in arithmetic", scopes)
+        elif isinstance(e, ir.BinOp):
+            use = "in a comparison" if e.op in _COMPARISONS else "in arithmetic"
+            self.not_distribution(e.left, use, scopes)
+            self.not_distribution(e.right, use, scopes)
+
+    def as_condition(self, e: ir.Expr, scopes):
+        if isinstance(e, ir.BoolOp):
+            self.as_condition(e.left, scopes)
+            self.as_condition(e.right, scopes)
+        else:
+            self.not_distribution(e, "as a condition", scopes)
+
+    def not_distribution(self, e: ir.Expr, use: str, scopes):
+        """Fail if ``e`` is a direct call of a (not shadowed) distribution constructor."""
+        if not (isinstance(e, ir.Call) and isinstance(e.func, ir.Var)):
+            return
+        name = e.func.name
+        if name not in self.distributions or name in self.functions or any(name in s for s in scopes[1:]):
+            return
+        call = source_of(e)
+        self.fail(f"{call} is a distribution, not a value: it cannot be used {use}", e,
+                  f"draw it: `x ~ {call}` or `sample({call})`")
 
     # ------------------------------------------------------------------ calls
     def call(self, e: ir.Call, scopes):

@@ -15,6 +15,10 @@ likelihood factors and q_s the proposal at the chosen site (its prior, or a symm
 walk for which the q terms cancel). The |x|/|x'| and fresh/stale terms are the Hastings
 correction for traces that change shape under random control flow.
 
+A proposal outside the support (of a choice, or of a ``condition``) has joint density
+zero and is rejected; the run that scores it never raises for the parameters such a
+proposal makes invalid (``semantics.sampling``: chains of weight zero never raise).
+
 Invariant: the kernel leaves the posterior invariant (pi K = pi), and satisfies detailed
 balance. ``ppl.testing.validity.mh_transition_matrix`` builds K exactly for finite
 programs, enumerating every site choice, proposal and accept/reject outcome.
@@ -29,7 +33,7 @@ import torch
 
 from ..semantics.errors import PPLRuntimeError
 from ..semantics.interpreter import Interpreter
-from ..semantics.sampling import _WeightAccumulator, column, drive
+from ..semantics.sampling import _WeightAccumulator, column, drive, spread
 from ..semantics.values import Batched, Particles, PerParticle, is_batched, rows
 from .randomness import TorchRandomness
 
@@ -107,8 +111,51 @@ class _Run(_WeightAccumulator):
         col[ctx.idx] = value_rows.to(col.dtype)
 
     def sample(self, eff):
-        ctx, addr, dist = eff.ctx, eff.addr, eff.dist
+        ctx = eff.ctx
+        try:
+            site = self._propose(eff.dist, ctx, eff)
+        except PPLRuntimeError as err:
+            live = self.live(ctx)
+            if live is ctx:
+                raise
+            site = self._propose_live(eff, live, err)
+        value_rows, lp, fresh, fwd, rev = site
+        _WeightAccumulator.add(self, ctx, lp)  # a prior term: never tempered
+        self.fresh_lp.index_add_(0, ctx.idx, fresh)
+        if fwd is not None:
+            self.fwd_q.index_add_(0, ctx.idx, fwd)
+            self.rev_q.index_add_(0, ctx.idx, rev)
+        self._record(eff.addr, ctx, value_rows, lp)
+        return Batched(value_rows, ctx.idx)
+
+    def _propose_live(self, eff, live, err):
+        """``_propose`` when it raised and some chains have weight zero (their proposal is
+        already rejected): the live chains propose; the dead ones score -inf, with a
+        placeholder value and no proposal terms."""
+        ctx = eff.ctx
+        lp = torch.full((ctx.M,), -math.inf, dtype=torch.float64, device=ctx.device)
+        fresh = torch.zeros(ctx.M, dtype=torch.float64, device=ctx.device)
+        if live is None:
+            placeholder = getattr(eff.dist, "placeholder", None)
+            value = placeholder(ctx) if placeholder is not None else None
+            if value is None:
+                raise err
+            return rows(value, ctx), lp, fresh, None, None
+        value_rows, live_lp, live_fresh, fwd, rev = self._propose(eff.dist, live, eff)
+        pos = ctx.positions(live.idx)
+        lp[pos] = live_lp
+        fresh[pos] = live_fresh
+        if fwd is not None:
+            fwd, rev = (torch.zeros_like(fresh).index_put_((pos,), t) for t in (fwd, rev))
+        value_rows = rows(spread(Batched(value_rows, live.idx), live, ctx), ctx)
+        return value_rows, lp, fresh, fwd, rev
+
+    def _propose(self, dist, ctx, eff):
+        """This run's value at the choice for the chains of ctx, without recording it:
+        (value rows, log prior density, its part for fresh choices, forward and reverse
+        proposal terms or None)."""
         idx = ctx.idx
+        addr = eff.addr
         old = self.old
         if old is not None and addr in old.values:
             has = old.present[addr][idx]
@@ -116,8 +163,9 @@ class _Run(_WeightAccumulator):
             chosen = self.chosen.get(addr)
             chosen = chosen[idx] & has if chosen is not None else torch.zeros_like(has)
             reuse = has & ~chosen
-            walk = self._walk(dist, ctx, old_rows, chosen) if self.kernel == "rw" and \
+            walked = self._walk(dist, ctx, old_rows, chosen) if self.kernel == "rw" and \
                 old_rows.is_floating_point() and bool(chosen.any()) else None
+            walk, walk_rev, walk_fwd = walked if walked is not None else (None, None, None)
             # draw only when some chain needs a prior draw here: not when every other chain
             # reuses its value and the chosen ones walk (this also keeps the enumerated
             # version of the kernel free of irrelevant branches)
@@ -135,16 +183,17 @@ class _Run(_WeightAccumulator):
             chosen = prior_proposal = has
             new_rows = self._draw(dist, ctx, eff)
             value_rows, old_rows = new_rows, None
+            walk_rev = walk_fwd = None
         value = Batched(value_rows, idx)
         lp = _as_rows(dist.log_prob(value, ctx), ctx).double()
-        _WeightAccumulator.add(self, ctx, lp)  # a prior term: never tempered
-        self.fresh_lp.index_add_(0, idx, torch.where(~has, lp, torch.zeros_like(lp)))
+        fresh = torch.where(~has, lp, torch.zeros_like(lp))
+        fwd, rev = walk_fwd, walk_rev
         if bool(prior_proposal.any()):
-            self.fwd_q.index_add_(0, idx, torch.where(prior_proposal, lp, torch.zeros_like(lp)))
             old_lp = _as_rows(dist.log_prob(Batched(old_rows, idx), ctx), ctx).double()
-            self.rev_q.index_add_(0, idx, torch.where(prior_proposal, old_lp, torch.zeros_like(old_lp)))
-        self._record(addr, ctx, value_rows, lp)
-        return value
+            zero = torch.zeros_like(lp)
+            fwd = torch.where(prior_proposal, lp, zero) + (0 if fwd is None else fwd)
+            rev = torch.where(prior_proposal, old_lp, zero) + (0 if rev is None else rev)
+        return value_rows, lp, fresh, fwd, rev
 
     def _record(self, addr, ctx, value_rows, lp):
         """Store this run's value and log prior density at ``addr`` for ctx's chains."""
@@ -182,17 +231,10 @@ class _Run(_WeightAccumulator):
         return rows(draw, ctx)
 
     def _walk(self, dist, ctx, old_rows, chosen):
-        """The random-walk proposal at this site (see ``unconstrained_walk``), its
-        Jacobian terms added to the reverse/forward proposal terms. None if the
-        support has no bijection to the real line."""
-        out = unconstrained_walk(dist, ctx, old_rows, chosen, self.randomness.normal, self.scale)
-        if out is None:
-            return None
-        x2, rev, fwd = out
-        if rev is not None:
-            self.rev_q.index_add_(0, ctx.idx, rev)
-            self.fwd_q.index_add_(0, ctx.idx, fwd)
-        return x2
+        """The random-walk proposal at this site (see ``unconstrained_walk``): (x', its
+        Jacobian terms for the reverse and forward proposal terms, or None and None).
+        None if the support has no bijection to the real line."""
+        return unconstrained_walk(dist, ctx, old_rows, chosen, self.randomness.normal, self.scale)
 
 
 _IDENTITY = torch.distributions.transforms.identity_transform

@@ -73,7 +73,7 @@ import torch
 from ..semantics import ir
 from ..semantics.errors import PPLError, PPLRuntimeError, did_you_mean
 from ..semantics.interpreter import _int_index
-from ..semantics.sampling import _WeightAccumulator, column, drive
+from ..semantics.sampling import column, drive
 from ..semantics.values import Batched, Particles, PerParticle, is_batched, materialize, merge_parts, rows
 from .mh import MHState, TorchMHRandomness, _as_rows, _bcast, _Run, _select
 
@@ -213,8 +213,9 @@ class _ProposedRun(_Run):
         super().__init__(C, device, old, {}, randomness, "prior", 1.0)
         self.proposal = proposal
 
-    def sample(self, eff):
-        ctx, addr, dist, idx = eff.ctx, eff.addr, eff.dist, eff.ctx.idx
+    def _propose(self, dist, ctx, eff):
+        """(value rows, log prior density, its fresh part, no proposal terms): see ``_Run``."""
+        addr, idx = eff.addr, ctx.idx
         forced, forced_rows = _has(self.proposal, addr, idx)
         has, old_rows = _has(self.old, addr, idx)
         reuse = has & ~forced
@@ -223,10 +224,7 @@ class _ProposedRun(_Run):
         value_rows = _combine([(forced, forced_rows), (reuse, old_rows), (fresh, new_rows)])
         value = Batched(value_rows, idx)
         lp = _as_rows(dist.log_prob(value, ctx), ctx).double()
-        _WeightAccumulator.add(self, ctx, lp)
-        self.fresh_lp.index_add_(0, idx, torch.where(fresh, lp, torch.zeros_like(lp)))
-        self._record(addr, ctx, value_rows, lp)
-        return value
+        return value_rows, lp, torch.where(fresh, lp, torch.zeros_like(lp)), None, None
 
 
 # --------------------------------------------------------------------------- the kernel

@@ -35,12 +35,12 @@ import math
 import warnings
 import torch
 
-from ..semantics.errors import PPLError, PPLRuntimeError
+from ..semantics.errors import PPLError
 from ..semantics.interpreter import Interpreter
 from ..semantics.sampling import _WeightAccumulator, column, drive
 from ..semantics.values import Batched, Particles, PerParticle, rows, to_bool_rows
 from ..stdlib.distributions import deferred_checks
-from .mh import MHState, TorchMHRandomness, _run, unconstrained_walk
+from .mh import MHState, TorchMHRandomness, mh_step, unconstrained_walk
 
 
 class NotStatic(Exception):
@@ -306,28 +306,36 @@ class TracedRandomWalk:
                       state.log_joint, state.log_lik, state.ret, noise, pick, u)
         accept, bad, log_joint, log_lik, ret = out[:5]
         if bool(bad):
-            self._redo_and_raise(state, noise, tuple(pick == k for k in range(n)))
+            return self._redo(state, pick, noise, u)
         return MHState(dict(zip(addrs, out[5:5 + n])), state.present, dict(zip(addrs, out[5 + n:])), log_joint,
                        ret, log_lik), accept
 
-    def _redo_and_raise(self, state, noise, chosen):
-        """A factor was NaN or a parameter invalid: redo the step with the interpreter,
-        which raises the error at its source location."""
+    def _redo(self, state, pick, noise, u):
+        """A factor was NaN or a parameter invalid somewhere in the step: redo it with the
+        interpreter and the same draws. That raises the error at its source, unless every
+        failure was in a chain of weight zero (a proposal outside the support, rejected
+        anyway: ``semantics.sampling``), when it gives the step's result."""
         interp, entry, data = self.program
-        normal = iter(n for n, c in zip(noise, chosen) if bool(c.any()))
-        replay = _ReplayDraws(normal)
-        _run(interp, entry, data, self.C, self.device, state, dict(zip(self.addrs, chosen)), replay, "rw", self.scale)
-        raise PPLRuntimeError("a factor was NaN or a distribution parameter invalid in a traced MH step")
+        chosen = tuple(pick == k for k in range(len(self.addrs)))
+        replay = _ReplayDraws(iter(n for n, c in zip(noise, chosen) if bool(c.any())), pick, u)
+        return mh_step(interp, entry, data, state, self.device, randomness=replay, kernel="rw", scale=self.scale)
 
 
 class _ReplayDraws(TorchMHRandomness):
-    """Gives back the walk noise of a step (to redo it with the interpreter)."""
+    """Gives back the draws of a traced step (to redo it with the interpreter): the
+    chosen sites, the walk noise, the accept uniforms."""
 
-    def __init__(self, normals):
-        self.normals = normals
+    def __init__(self, normals, pick, u):
+        self.normals, self.pick, self.u = normals, pick, u
+
+    def choose(self, sizes):
+        return self.pick
 
     def normal(self, shape, device):
         return next(self.normals)
+
+    def uniform(self, shape, device):
+        return self.u
 
 
 class _ShapeProbe(_WalkAtEverySite):

@@ -64,8 +64,8 @@ class SMCHandler(LikelihoodWeighting):
         if isinstance(eff.dist, ProposedDist):  # a user proposal: draw from it, correct the weight
             value, correction = eff.dist.propose(eff.ctx, self.randomness.sample)
             self.add(eff.ctx, correction)
-        else:
-            value = self.randomness.sample(eff.dist, eff.ctx)
+        else:  # (particles of weight zero never raise: see ``LikelihoodWeighting.draw``)
+            value = self.draw(eff.dist, eff.ctx, self.randomness.sample)
         self.trace.record(eff.addr, eff.ctx, value)
         return value
 

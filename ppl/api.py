@@ -66,7 +66,7 @@ class Model:
         self.defaults = dict(defaults or {})
         self.options = options
         from .compiler.check import check
-        check(program, _arities())
+        check(program, _arities(), self.entry)
 
     # --------------------------------------------------------------------- description
     @property

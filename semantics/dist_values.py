@@ -24,11 +24,12 @@ import torch
 
 from ..stdlib import rng
 from .errors import PPLRuntimeError
-from .values import (Batched, Particles, RaggedListError, PerParticle, batch_rows, is_batched, materialize,
-                     pack, rows, to_python, as_tensor)
+from ..stdlib.distributions import deferred_checks
+from .values import (Batched, Particles, RaggedListError, PerParticle, batch_rows, is_batched,
+                     materialize, pack, rows, to_python, as_tensor, DistributionValue, deep_batched)
 
 
-class DistValue:
+class DistValue(DistributionValue):
     """A distribution with its arguments, as a value of the language."""
 
     __slots__ = ("spec", "args", "defaulted")
@@ -54,7 +55,7 @@ class DistValue:
             if on_cpu and (type(a) is float or type(a) is int):  # the common constant: no tensor
                 raw.append((a, False, ev))
                 continue
-            batched = is_batched(a) or (isinstance(a, (list, tuple)) and any(is_batched(x) for x in a))
+            batched = deep_batched(a)  # a nested list of per-particle numbers is one batched tensor
             t = batch_rows(a, ctx) if batched else as_tensor(a, ctx.device)
             if ev == 0 and t.numel() == 0:  # normal(0, []): no distribution at all, not an empty one
                 raise PPLRuntimeError(f"{spec.name}: parameter '{spec.params[i]}' is empty (shape {list(t.shape)})",
@@ -97,6 +98,24 @@ class DistValue:
         params, _ = self._params(ctx)
         return self._make(params)
 
+    def placeholder(self, ctx: Particles):
+        """A value of this distribution's shape and dtype for each particle of ctx (zeros),
+        made without checking the parameters or drawing: for particles of weight zero,
+        whose parameters may be invalid and whose values are never used. None when the
+        shape cannot be known without valid parameters."""
+        if getattr(self.spec, "index_valued", False):
+            return None
+        try:
+            params, batched = self._params(ctx)
+            with deferred_checks():  # collects the parameter checks instead of raising
+                d = self._make(params)
+        except (PPLRuntimeError, ValueError, RuntimeError):
+            return None
+        shape = (*d.batch_shape, *d.event_shape)
+        if not batched:
+            shape = (ctx.M, *shape)
+        return Batched(self.spec.to_value(torch.zeros(shape, device=ctx.device)), ctx.idx)
+
     def sample_with_log_prob(self, ctx: Particles):
         """One draw per particle of ctx, and its log density (a tensor [M])."""
         value = self.sample(ctx)
@@ -107,7 +126,7 @@ class DistValue:
         tensor when neither the value nor the distribution depends on the particle)."""
         if getattr(self.spec, "index_valued", False):
             return self._log_prob_items(value, ctx)
-        vb = is_batched(value) or (isinstance(value, (list, tuple)) and any(is_batched(x) for x in value))
+        vb = deep_batched(value)
         if isinstance(value, PerParticle):
             v = batch_rows(value, ctx)
         elif vb:
@@ -177,7 +196,32 @@ class DistValue:
             raise PPLRuntimeError("uniform_draw needs a list that is the same for every particle")
         return list(items) if isinstance(items, (list, tuple)) else list(items.unbind(0)) if isinstance(items, torch.Tensor) else list(items)
 
+    def _item_lists(self, ctx: Particles) -> list:
+        """uniform_draw's items when they are a list per particle (``hyps[h]``: lists of
+        different lengths, or rows of a batched tensor): the list of each particle of ctx."""
+        out = []
+        for x in materialize(self.args[0], ctx):
+            if isinstance(x, torch.Tensor) and x.dim() >= 1:
+                x = list(x.unbind(0))
+            if not isinstance(x, (list, tuple, range, str)):
+                raise PPLRuntimeError(f"uniform_draw needs a list of items (got {type(x).__name__})")
+            if len(x) == 0:
+                raise PPLRuntimeError("uniform_draw of an empty list")
+            out.append(list(x))
+        return out
+
+    def _sample_item_lists(self, ctx: Particles, generator):
+        """A draw per particle from its own list (``_item_lists``), and its log probability."""
+        lists = self._item_lists(ctx)
+        n = torch.tensor([float(len(x)) for x in lists], dtype=torch.float64, device=ctx.device)
+        u = torch.rand(ctx.M, dtype=torch.float64, device=ctx.device, generator=generator or rng.generator(ctx.device))
+        k = torch.minimum((u * n).floor(), n - 1).long().tolist()
+        lp = (-torch.log(n)).to(torch.get_default_dtype())
+        return pack([x[j] for x, j in zip(lists, k)], ctx), lp
+
     def _sample_items(self, ctx: Particles, generator: torch.Generator | None = None):
+        if is_batched(self.args[0]):
+            return self._sample_item_lists(ctx, generator)
         items = self._items()
         if not items:
             raise PPLRuntimeError("uniform_draw of an empty list")
@@ -192,8 +236,12 @@ class DistValue:
         return PerParticle([items[i] for i in k.tolist()], ctx.idx), lp
 
     def _log_prob_items(self, value: Any, ctx: Particles) -> torch.Tensor:
-        items = self._items()
         vals = materialize(value, ctx)
+        if is_batched(self.args[0]):  # a list per particle
+            per = [[to_python(x) for x in its] for its in self._item_lists(ctx)]
+            probs = [sum(1 for x in its if x == to_python(v)) / len(its) for its, v in zip(per, vals)]
+            return torch.log(torch.tensor(probs, device=ctx.device, dtype=torch.get_default_dtype()))
+        items = self._items()
         if any(is_batched(x) for x in items):  # one list of items per particle
             cols = [materialize(x, ctx) for x in items]
             per = [[to_python(c[i]) for c in cols] for i in range(ctx.M)]
@@ -207,8 +255,10 @@ class DistValue:
         for a in self.args:
             if is_batched(a):
                 raise PPLRuntimeError("exact enumeration received a batched argument (internal error)")
-        # a default like flip's p=0.5 is a literal of the language: exact reads it as 1/2
-        return [Fraction(repr(a)) if i in self.defaulted and isinstance(a, float) else to_python(a)
+        # a default like flip's p=0.5 is a literal of the language: exact reads it as 1/2;
+        # a range (uniform_draw(range(3))) is the list it stands for
+        return [Fraction(repr(a)) if i in self.defaulted and isinstance(a, float) else
+                list(a) if isinstance(a, range) else to_python(a)
                 for i, a in enumerate(self.args)]
 
     def exact_support(self):
@@ -222,7 +272,7 @@ def _dim(t) -> int:
     return t.dim() if isinstance(t, torch.Tensor) else 0
 
 
-class ProposedDist:
+class ProposedDist(DistributionValue):
     """``propose(target, proposal)``: the choice's distribution is ``target``; importance
     sampling and SMC draw it from ``proposal`` instead and multiply the weight by
     target(x) / proposal(x), which keeps their weighting proper for the same measure.
@@ -252,6 +302,9 @@ class ProposedDist:
 
     def torch_dist(self, ctx):
         return self.target.torch_dist(ctx)
+
+    def placeholder(self, ctx):
+        return self.target.placeholder(ctx)
 
     def exact_support(self):
         return self.target.exact_support()

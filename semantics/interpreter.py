@@ -36,7 +36,7 @@ from .dist_values import DistValue, ProposedDist
 from .errors import PPLError, PPLRecursionError, PPLRuntimeError, did_you_mean
 from .values import (Batched, Particles, PerParticle, Undefined, batch_rows, binop,
                      describe, is_batched, is_numeric, materialize, merge_parts, pack,
-                     restrict, rows, to_bool_rows, truthy, unop, as_tensor)
+                     reject_distribution, restrict, rows, to_bool_rows, truthy, unop, as_tensor)
 
 
 # -------------------------------------------------------------------------------- effects
@@ -483,6 +483,7 @@ class Interpreter:
 
     def _s_factor(self, s: ir.Factor, fr, ctx):
         v = yield from self._eval(s.expr, fr, ctx)
+        reject_distribution(v, "as a factor (a number)")
         yield FactorEffect(fr.address(f"factor@{s.span.line}:{s.span.col}"), v, ctx, s.span)
         return ctx
 
@@ -501,6 +502,8 @@ class Interpreter:
 
     def _s_return(self, s: ir.Return, fr, ctx):
         v = None if s.value is None else (yield from self._eval(s.value, fr, ctx))
+        if fr.depth == 1:  # the entry function's result is a value, never a distribution
+            reject_distribution(v, "as the model's result")
         fr.returns.append((ctx, v))
         return None
 

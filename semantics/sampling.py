@@ -13,6 +13,14 @@ handler. The handlers here give the two basic meanings of a run:
 
 Both record a ``Trace``: address -> per-particle values, with a presence mask for
 choices that only some particles make.
+
+Particles of weight zero never raise. The population runs as one batch, so a particle
+that a ``condition`` (or an impossible observation) has already killed still reaches the
+later statements, where its values may be invalid parameters (``s ~ cauchy(0, 2.5);
+condition s > 0; observe y ~ normal(mu, s)``). A handler scores and draws through
+``log_prob`` and ``draw``: when the distribution raises and some particles of the effect
+have weight zero, it is evaluated again on the live particles only; the dead ones score
+-inf and get a placeholder value (never used: their weight is zero).
 """
 from __future__ import annotations
 
@@ -134,6 +142,19 @@ def _plain(x: Any) -> Any:
     return x
 
 
+def spread(value: Any, live: Particles, ctx: Particles) -> Any:
+    """A value over ctx from a batched one over its part ``live``: the other particles
+    (of weight zero) get the first live particle's value."""
+    src = torch.zeros(ctx.M, dtype=torch.long, device=ctx.device)
+    src[ctx.positions(live.idx)] = torch.arange(live.M, device=ctx.device)
+    if isinstance(value, Batched):
+        return Batched(rows(value, live).index_select(0, src), ctx.idx)
+    if isinstance(value, PerParticle):
+        items = rows(value, live)
+        return PerParticle([items[i] for i in src.tolist()], ctx.idx)
+    return value
+
+
 class _WeightAccumulator:
     """Sums log weights per particle. Log weights, log densities and evidences always
     accumulate in float64 (``dtype`` defaults to it), whatever the model's dtype: a
@@ -178,6 +199,49 @@ class _WeightAccumulator:
         if self._twist is not None:
             self.add(self._twist_ctx, -rows(self._twist, self._twist_ctx))
 
+    # ------------------------------------------------- particles of weight zero never raise
+    def live(self, ctx: Particles) -> Particles | None:
+        """The particles of ctx whose weight is not zero: ctx itself when all are, None
+        when none is."""
+        dead = torch.isneginf(self.log_weights[ctx.idx])
+        if not bool(dead.any()):
+            return ctx
+        return ctx.subset(~dead)
+
+    def log_prob(self, dist, value, ctx: Particles) -> torch.Tensor:
+        """``dist.log_prob(value, ctx)``; where that raises only because of particles of
+        weight zero, -inf for them and the log density for the others."""
+        try:
+            return dist.log_prob(value, ctx)
+        except PPLRuntimeError:
+            live = self.live(ctx)
+            if live is ctx:
+                raise
+        lp = torch.full((ctx.M,), -math.inf, dtype=torch.float64, device=ctx.device)
+        if live is not None:
+            lp[ctx.positions(live.idx)] = torch.as_tensor(dist.log_prob(value, live)).to(torch.float64)
+        return lp
+
+    def draw(self, dist, ctx: Particles, draw=None):
+        """``draw(dist, ctx)`` (default ``dist.sample(ctx)``): a value per particle; where
+        that raises only because of particles of weight zero, the others draw and the dead
+        ones get a placeholder (a live particle's value, or ``dist.placeholder``)."""
+        draw = draw or (lambda d, c: d.sample(c))
+        try:
+            return draw(dist, ctx)
+        except PPLRuntimeError as err:
+            live = self.live(ctx)
+            if live is ctx:
+                raise
+            error = err
+        if live is not None:
+            return spread(draw(dist, live), live, ctx)
+        placeholder = getattr(dist, "placeholder", None)
+        value = placeholder(ctx) if placeholder is not None else None
+        if value is None:
+            raise error
+        return value
+
     def factor(self, eff: FactorEffect):
         v = eff.value
         if isinstance(v, Batched):
@@ -192,9 +256,18 @@ class _WeightAccumulator:
             except (TypeError, ValueError):
                 raise PPLRuntimeError(f"factor needs a number, got {v!r}", eff.span) from None
         if torch.isnan(lp).any():
-            raise PPLRuntimeError("factor received NaN", eff.span, "check the expression for 0/0 or log of a negative")
+            lp = self._nan_on_dead(lp, eff)
         self.add(eff.ctx, lp.to(self.log_weights.dtype))
         self._checkpoint(eff)
+
+    def _nan_on_dead(self, lp: torch.Tensor, eff) -> torch.Tensor:
+        """A factor that is NaN only for particles of weight zero: -inf there (else an error)."""
+        nan = torch.isnan(lp)
+        if lp.dim() == 1 and lp.shape[0] == eff.ctx.M:
+            dead = torch.isneginf(self.log_weights[eff.ctx.idx])
+            if not bool((nan & ~dead).any()):
+                return torch.where(nan, torch.full_like(lp, -math.inf), lp)
+        raise PPLRuntimeError("factor received NaN", eff.span, "check the expression for 0/0 or log of a negative")
 
     def condition(self, eff: ConditionEffect):
         c = to_bool_rows(eff.value, eff.ctx)
@@ -206,7 +279,7 @@ class _WeightAccumulator:
         self._checkpoint(eff)
 
     def observe(self, eff: ObserveEffect):
-        self.add(eff.ctx, eff.dist.log_prob(eff.value, eff.ctx))
+        self.add(eff.ctx, self.log_prob(eff.dist, eff.value, eff.ctx))
         self._checkpoint(eff)
 
     def _checkpoint(self, eff) -> None:
@@ -226,7 +299,7 @@ class LikelihoodWeighting(_WeightAccumulator):
             value, correction = eff.dist.propose(eff.ctx, lambda d, c: d.sample(c))
             self.add(eff.ctx, correction)
         else:
-            value = eff.dist.sample(eff.ctx)
+            value = self.draw(eff.dist, eff.ctx)
         self.trace.record(eff.addr, eff.ctx, value)
         return value
 
@@ -246,6 +319,6 @@ class Replay(_WeightAccumulator):
         if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == self.log_weights.shape[0] \
                 and self.log_weights.shape[0] > 1:
             value = Batched(value.to(eff.ctx.device)[eff.ctx.idx], eff.ctx.idx)
-        self.add(eff.ctx, eff.dist.log_prob(value, eff.ctx))
+        self.add(eff.ctx, self.log_prob(eff.dist, value, eff.ctx))
         self.trace.record(eff.addr, eff.ctx, value)
         return value

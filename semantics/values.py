@@ -282,6 +282,46 @@ def restrict(v: Any, ctx: Particles) -> Any:
     return v
 
 
+# ------------------------------------------------------------------ distributions as values
+class DistributionValue:
+    """Base class of the distributions of the language (``semantics.dist_values``): a
+    value for ``~``, ``observe`` and ``sample(...)``, never a number or a truth value."""
+
+    __slots__ = ()
+
+
+def call_text(d: Any) -> str:
+    """``d`` as the call that made it, for messages: ``flip(0.1)`` (``flip(...)`` when an
+    argument is not a plain number)."""
+    spec = getattr(d, "spec", None)
+    name = getattr(spec, "name", "distribution")
+    args = getattr(d, "args", None)
+    if isinstance(args, tuple) and all(isinstance(a, (bool, int, float, Fraction)) for a in args):
+        return f"{name}({', '.join(str(float(a)) if isinstance(a, Fraction) else repr(a) for a in args)})"
+    return f"{name}(...)"
+
+
+def not_a_value(d: Any, use: str) -> PPLRuntimeError:
+    """The error for a distribution used as a value (``use``: "as a condition", ...)."""
+    call = call_text(d)
+    return PPLRuntimeError(f"{call} is a distribution, not a value: it cannot be used {use}",
+                           hint=f"draw it: `x ~ {call}` or `sample({call})`")
+
+
+def reject_distribution(v: Any, use: str) -> None:
+    """Raise ``not_a_value`` if ``v`` is a distribution, or a list/tuple or per-particle
+    value holding one (``v`` must be a value, e.g. the model's result)."""
+    if isinstance(v, DistributionValue):
+        raise not_a_value(v, use)
+    if isinstance(v, (list, tuple)):
+        for x in v:
+            reject_distribution(x, use)
+    elif isinstance(v, PerParticle) and v._items is not None:  # (a ragged range has none)
+        for x in v._items:
+            if isinstance(x, DistributionValue):
+                raise not_a_value(x, use)
+
+
 # ------------------------------------------------------------------- numeric conversions
 def is_scalar(v: Any) -> bool:
     return isinstance(v, (bool, int, float, Fraction)) and not isinstance(v, torch.Tensor)
@@ -344,7 +384,7 @@ def batch_rows(v: Any, ctx: Particles) -> torch.Tensor:
     """A numeric value as a tensor with one row per particle of ``ctx`` ([M, ...])."""
     if isinstance(v, Batched):
         return rows(v, ctx)
-    if isinstance(v, (list, tuple)) and any(is_batched(x) for x in v):
+    if isinstance(v, (list, tuple)) and _deep_batched(v):  # e.g. a matrix of per-particle numbers
         parts = [batch_rows(x, ctx) for x in v]
         parts = _promote(parts)
         return stack_items(parts, dim=1, lead=1)
@@ -382,6 +422,8 @@ def truthy(v: Any) -> bool:
                 hint="use any(...) or all(...)",
             )
         return bool(v.item())
+    if isinstance(v, DistributionValue):
+        raise not_a_value(v, "as a condition")
     return bool(v)
 
 
@@ -393,7 +435,7 @@ def materialize(v: Any, ctx: Particles) -> list:
         return t.tolist() if t.dim() == 1 else list(t.unbind(0))
     if isinstance(v, PerParticle):
         return rows(v, ctx)
-    if isinstance(v, (list, tuple)) and any(is_batched(x) for x in v):
+    if isinstance(v, (list, tuple)) and _deep_batched(v):
         cols = [materialize(x, ctx) for x in v]
         kind = type(v)
         return [kind(col[i] for col in cols) for i in range(ctx.M)]
@@ -476,10 +518,14 @@ def _py_binop(op: str, a: Any, b: Any, exact: bool) -> Any:
         ) from None
 
 
-def _deep_batched(v: Any) -> bool:
+def deep_batched(v: Any) -> bool:
+    """Whether ``v`` is batched or a (nested) list/tuple with a batched element."""
     if isinstance(v, (list, tuple)):
-        return any(_deep_batched(x) for x in v)
+        return any(deep_batched(x) for x in v)
     return is_batched(v)
+
+
+_deep_batched = deep_batched
 
 
 def _tensor_arg(v: Any, ctx: Particles) -> torch.Tensor:
@@ -488,12 +534,15 @@ def _tensor_arg(v: Any, ctx: Particles) -> torch.Tensor:
     if isinstance(v, Fraction):
         return torch.tensor(float(v), device=ctx.device)
     if isinstance(v, (list, tuple)):
-        return batch_rows(v, ctx) if any(is_batched(x) for x in v) else as_tensor(v, ctx.device)
+        return batch_rows(v, ctx) if _deep_batched(v) else as_tensor(v, ctx.device)
     return v
 
 
 def binop(op: str, a: Any, b: Any, ctx: Particles, exact: bool = False) -> Any:
     """``a op b`` with per-particle semantics."""
+    for x in (a, b):
+        if isinstance(x, DistributionValue):
+            raise not_a_value(x, "in a comparison" if op in _COMPARISONS or op == "in" else "in arithmetic")
     if op == "in":
         return contains(b, a, ctx)
     ab, bb = isinstance(a, Batched), isinstance(b, Batched)
@@ -557,8 +606,10 @@ def unop(op: str, a: Any, ctx: Particles) -> Any:
             t = rows(a, ctx)
             return Batched(~t if t.dtype == torch.bool else t == 0, ctx.idx)
         if isinstance(a, PerParticle):
-            return per_particle(lambda x: not x, (a,), ctx)
+            return per_particle(lambda x: not truthy(x), (a,), ctx)
         return not truthy(a)
+    if isinstance(a, DistributionValue):
+        raise not_a_value(a, "in arithmetic")
     if isinstance(a, Batched):
         t = rows(a, ctx)
         if t.dtype == torch.bool:
