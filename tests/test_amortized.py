@@ -36,6 +36,10 @@ from ppl.semantics.errors import PPLError
 from ppl.stdlib.lm.toy import ToyLM, ToyReward
 from ppl.testing.sbc import prior_predictive
 
+# prior importance sampling (the baseline guides are compared with) and untrained guides trip the
+# diagnostic warnings by design; their own tests are in tests/test_diagnostics.py
+pytestmark = pytest.mark.filterwarnings("ignore::ppl.PPLDiagnosticWarning")
+
 torch.set_num_threads(1)
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 FRESH = 50          # fresh data sets for the conjugate checks

@@ -31,6 +31,7 @@ Plain bootstrap SMC (``smc``) is not checked here: on these static-parameter mod
 data in the prior's tail it degenerates, as bootstrap SMC does (no move ever restores
 the diversity resampling removes); that is resample-move's job."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -156,7 +157,13 @@ def test_resample_move_degenerates_where_the_assumption_excludes():
               "log_evidence": float(stats.multivariate_normal([0, 0], [[1.25, 1], [1, 1.25]]).logpdf([0, 4]))}
     assert step_ess_fractions(data) == pytest.approx([0.6, 1.588e-5], rel=1e-3)
     m = ppl.model(src)
-    failures = replicate_check(m, data, answer, "resample_move", particles=1000)
+    with pytest.warns(ppl.PPLDiagnosticWarning) as record:  # and it says so
+        failures = replicate_check(m, data, answer, "resample_move", particles=1000)
+    assert any("before the last resampling" in str(w.message) for w in record)
     assert failures and failures[0].startswith("mean"), failures
     assert not replicate_check(m, data, answer, "tempering", particles=1000)
-    assert not replicate_check(m, data, answer, "resample_move", particles=1000, ess_threshold=0.5, kernel="rw")
+    with warnings.catch_warnings():
+        # right within the replicate SE, but it warns too: after the collapse one random-walk
+        # move per resampling leaves only 10-17% of the particles distinct (a warning, not an error)
+        warnings.simplefilter("ignore", ppl.PPLDiagnosticWarning)
+        assert not replicate_check(m, data, answer, "resample_move", particles=1000, ess_threshold=0.5, kernel="rw")

@@ -193,6 +193,7 @@ def m():
 
 
 # ----------------------------------------------------------------------------- PMMH
+@pytest.mark.filterwarnings("ignore::ppl.PPLDiagnosticWarning")  # short chains: R-hat ~1.07, ESS ~60
 def test_pmmh_recovers_a_conjugate_parameter():
     # y_i ~ normal(mu, 1), mu ~ normal(0, 1): the posterior of mu is normal, with the
     # latent noise terms making SMC's likelihood estimate noisy but unbiased

@@ -39,6 +39,9 @@ import ppl
 from ppl.inference import amortized, guides
 
 torch.set_num_threads(1)
+# guides on constrained sites (Pareto k of log-normal-like tails) and deliberately broken variants
+# trip the diagnostic warnings; their own tests are in tests/test_diagnostics.py
+pytestmark = pytest.mark.filterwarnings("ignore::ppl.PPLDiagnosticWarning")
 
 FAMILIES = ("normal", "lowrank", "flow")
 N = 4000          # importance-sampling particles

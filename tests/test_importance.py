@@ -384,6 +384,7 @@ def test_log_joint_of_importance_trace_is_prior_plus_log_weight():
 
 
 # -------------------------------------------------------------------------------- prior
+@pytest.mark.filterwarnings("ignore::ppl.PPLDiagnosticWarning")  # 30 heads under a Beta(2, 3) prior: Pareto k ~0.8
 def test_prior_method_gives_prior_moments():
     m = ppl.model(COIN.replace("A", "2").replace("B", "3"))
     r = m.run("prior", {"flips": [1] * 30}, particles=40_000, seed=0)

@@ -48,6 +48,10 @@ import ppl
 from ppl import cli
 from ppl.inference import mh as mh_mod
 from ppl.testing.montecarlo import describe, mcmc_chains, mcmc_ess
+
+# short or deliberately poor runs (checked for correctness, not efficiency) trip the diagnostic
+# warnings; their own tests are in tests/test_diagnostics.py
+pytestmark = pytest.mark.filterwarnings("ignore::ppl.PPLDiagnosticWarning")
 from ppl.testing.strategies import finite_programs
 from ppl.testing.validity import mh_kernel_check
 

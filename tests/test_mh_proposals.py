@@ -45,6 +45,10 @@ from ppl.semantics.errors import PPLError
 from ppl.testing.montecarlo import describe, mcmc_chains, mcmc_ess
 from ppl.testing.proposal_check import batched_kernel_check, proposal_kernel_check
 
+# short chains (checked for correctness, not efficiency) trip the diagnostic warnings; their own
+# tests are in tests/test_diagnostics.py
+pytestmark = pytest.mark.filterwarnings("ignore::ppl.PPLDiagnosticWarning")
+
 torch.set_num_threads(1)
 sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))
 ROOT = Path(__file__).resolve().parent.parent

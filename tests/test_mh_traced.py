@@ -25,6 +25,10 @@ from ppl.inference.mh_traced import TracedRandomWalk
 from ppl.semantics.errors import PPLError
 from ppl.testing.strategies import conjugate_programs
 
+# short chains (checked for correctness, not efficiency) trip the diagnostic warnings; their own
+# tests are in tests/test_diagnostics.py
+pytestmark = pytest.mark.filterwarnings("ignore::ppl.PPLDiagnosticWarning")
+
 torch.set_num_threads(1)
 sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))
 

@@ -118,6 +118,7 @@ def test_rewritten_observations_equal_the_data_exactly():
     ("mh", {"chains": 4, "samples": 30, "burn_in": 10, "kernel": "rw", "traced": False}),  # interpreter
     ("pmmh", {"particles": 20, "params": ["mu", "tau"], "samples": 20, "burn_in": 5, "chains": 1}),
 ])
+@pytest.mark.filterwarnings("ignore::ppl.PPLDiagnosticWarning")  # tiny runs: the data, not their quality
 def test_every_method_sees_the_simulated_data(method, options):
     """Same seed, same draws: through the rewriter or given as data, bit for bit."""
     m = ppl.model(LOOP)

@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 from ..api import Model, resolve_device, seeded
-from ..semantics.errors import PPLError, PPLRuntimeError, did_you_mean
+from ..semantics.errors import PPLDiagnosticWarning, PPLError, PPLRuntimeError, did_you_mean
 from ..stdlib import rng as torch_rng
 from ..semantics.interpreter import (ConditionEffect, FactorEffect, ObserveEffect, SampleEffect,
                                      TwistEffect)
@@ -546,11 +546,13 @@ def sbc(model: Model, method: str | Callable = "importance", data: Mapping[str, 
     for s in steps:
         sim = sims[s]
         m = observing(model, sim.observations)
-        if fn is None:
-            result = m.run(method_name, bound, particles=particles, seed=int(seeds[s]), device=device, **options)
-        else:
-            with seeded(int(seeds[s]), device):
-                result = fn(m, m.bind((), bound), particles=particles, device=device, **options)
+        with warnings.catch_warnings():  # SBC judges the runs itself: no diagnostic warning per simulation
+            warnings.simplefilter("ignore", PPLDiagnosticWarning)
+            if fn is None:
+                result = m.run(method_name, bound, particles=particles, seed=int(seeds[s]), device=device, **options)
+            else:
+                with seeded(int(seeds[s]), device):
+                    result = fn(m, m.bind((), bound), particles=particles, device=device, **options)
         got = posterior_draws(result, names, L, rng)
         for n in names:
             tv = sim.ret if n == "return" else sim.latents[n]
