@@ -540,9 +540,9 @@ def _tensor_arg(v: Any, ctx: Particles) -> torch.Tensor:
 
 def binop(op: str, a: Any, b: Any, ctx: Particles, exact: bool = False) -> Any:
     """``a op b`` with per-particle semantics."""
-    for x in (a, b):
-        if isinstance(x, DistributionValue):
-            raise not_a_value(x, "in a comparison" if op in _COMPARISONS or op == "in" else "in arithmetic")
+    if isinstance(a, DistributionValue) or isinstance(b, DistributionValue):
+        d = a if isinstance(a, DistributionValue) else b
+        raise not_a_value(d, "in a comparison" if op in _COMPARISONS or op == "in" else "in arithmetic")
     if op == "in":
         return contains(b, a, ctx)
     ab, bb = isinstance(a, Batched), isinstance(b, Batched)
