@@ -8,6 +8,7 @@ here and reported as ``PPLSyntaxError``.
 from __future__ import annotations
 
 import ast
+import sys
 import warnings
 
 from lark import Token, Transformer, Tree, v_args
@@ -20,15 +21,25 @@ from ppl.semantics.source import SourceFile, Span
 
 def lower(tree: Tree, source: SourceFile) -> ir.Program:
     """The IR program of a parse tree (from ``compiler.parser.parse_source``)."""
+    if sys.getrecursionlimit() < 20_000:  # the parser bounds the nesting (parser.MAX_NESTING)
+        sys.setrecursionlimit(20_000)
     try:
         return Lower(source).transform(tree)
     except VisitError as e:
         if isinstance(e.orig_exc, PPLError):
             raise e.orig_exc from None
+        if isinstance(e.orig_exc, RecursionError):
+            raise _too_deep(source, getattr(e, "obj", None)) from None
         raise
     except RecursionError:
-        raise PPLSyntaxError("the program is nested too deeply", Span(1, 1, source=source),
-                             "split deeply nested expressions into several assignments") from None
+        raise _too_deep(source, None) from None
+
+
+def _too_deep(source: SourceFile, node) -> PPLSyntaxError:
+    meta = getattr(node, "meta", None)
+    line, col = (meta.line, meta.column) if meta is not None and not meta.empty else (1, 1)
+    return PPLSyntaxError("the program is nested too deeply", Span(line, col, line, col, source=source),
+                          "split deeply nested expressions into several assignments")
 
 
 @v_args(meta=True)

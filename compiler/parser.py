@@ -50,6 +50,9 @@ RESERVED = {
 }
 
 MAX_BRACKET_DEPTH = 100
+#: the deepest parse tree accepted (a statement in a function is about 10 levels deep,
+#: each operator or conditional expression adds one)
+MAX_NESTING = 400
 _GRAMMAR = Path(__file__).with_name("grammar.lark")
 _OPEN, _CLOSE = "([", ")]"
 
@@ -130,7 +133,9 @@ def parse_source(source: SourceFile) -> Tree:
     """The lark parse tree of a source file, or a ``PPLSyntaxError`` pointing into it."""
     text = source.text if source.text.endswith("\n") else source.text + "\n"
     try:
-        return _lark().parse(text)
+        tree = _lark().parse(text)
+        _check_nesting(tree)
+        return tree
     except PPLSyntaxError as e:
         err = e
     except UnexpectedInput as e:
@@ -139,6 +144,22 @@ def parse_source(source: SourceFile) -> Tree:
         err = PPLSyntaxError(f"cannot parse this program ({type(e).__name__})", Span(1, 1))
     err.span = replace(err.span, source=source)
     raise err
+
+
+def _check_nesting(tree: Tree) -> None:
+    """Refuse a parse tree nested more than ``MAX_NESTING`` levels (a chain of 10,000
+    ``**`` or ``a if c else``): every later stage walks the tree recursively. Measured
+    with an explicit stack, so this check itself cannot overflow."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            meta = node.meta
+            line, col = (meta.line, meta.column) if not meta.empty else (1, 1)
+            raise _error(f"the program is nested too deeply (more than {MAX_NESTING} levels)", line, col,
+                         hint="split long chains of operators or conditional expressions into several "
+                              "assignments")
+        stack.extend((c, depth + 1) for c in node.children if isinstance(c, Tree))
 
 
 # ------------------------------------------------------------------------ error messages

@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..semantics.exact import enumerate_paths
 from ..semantics.errors import PPLError
+from ..semantics.exact import DEFAULT_MAX_PATHS, DEFAULT_MAX_SECONDS, enumerate_paths
 from ..semantics.sampling import LikelihoodWeighting, column, drive
 from ..semantics.values import Particles
 from .diagnostics import count_distinct, emit, ess_before_last_resampling
@@ -340,12 +340,15 @@ def run_best_of_n(model, data: dict, *, particles: int = 100, device: str = "cpu
                          importance_log_evidence=log_mean_exp(log_weights))
 
 
-def run_enumerate(model, data: dict, *, max_paths: int = 1_000_000, **_) -> Any:
+def run_enumerate(model, data: dict, *, max_paths: int = DEFAULT_MAX_PATHS,
+                  max_seconds: float | None = DEFAULT_MAX_SECONDS, progress: bool | None = None, **_) -> Any:
+    """Exact enumeration (``semantics.exact``), bounded by ``max_paths`` paths and
+    ``max_seconds`` seconds (None: no time bound); ``progress``: a path counter on stderr
+    (default: on a terminal, after 2 s)."""
     ExactResult, _, _ = _result_types()
     paths = enumerate_paths(model.program, model.builtins(), model.entry, model.prepare_data(data, None),
-                            max_paths=max_paths, max_depth=model.options.get("max_depth", 200),
-                            max_iterations=model.options.get("max_iterations", 100_000),
-                            interp=model.interpreter(exact=True))
+                            max_paths=max_paths, interp=model.interpreter(exact=True),
+                            max_seconds=max_seconds, progress=progress)
     return ExactResult(paths)
 
 

@@ -212,6 +212,28 @@ class _Run(_WeightAccumulator):
             lp = torch.where(torch.isneginf(lp), lp, self.beta * lp)
         _WeightAccumulator.add(self, ctx, lp)
 
+    _phi = None  # [C] the SMC potential of each chain (truncated runs only)
+
+    def twist(self, eff):
+        """``twist(phi)``: the full program's measure does not depend on it, but the
+        target truncated after checkpoint k (resample-move's k-th SMC target) includes the
+        last potential reached before k (``inference.resample_move``)."""
+        if self.stop_after is None:
+            return None
+        ctx, v = eff.ctx, eff.value
+        phi = rows(v, ctx).double() if isinstance(v, Batched) else \
+            torch.full((ctx.M,), float(v), dtype=torch.float64, device=self.log_lik.device)
+        if self._phi is None:
+            self._phi = torch.zeros(self.C, dtype=torch.float64, device=self.log_lik.device)
+        _WeightAccumulator.add(self, ctx, phi - self._phi[ctx.idx])
+        self._phi = self._phi.index_copy(0, ctx.idx, phi)
+        return None
+
+    def finish(self):
+        """A truncated run that ended before its truncation point: the potential out again."""
+        if self._phi is not None:
+            _WeightAccumulator.add(self, Particles.all(self.C, self._phi.device), -self._phi)
+
     def _checkpoint(self, eff):
         if self.stop_after is None:
             return

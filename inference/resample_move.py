@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..semantics.errors import PPLRuntimeError
-from ..semantics.interpreter import ConditionEffect, FactorEffect, ObserveEffect, SampleEffect
+from ..semantics.interpreter import ConditionEffect, FactorEffect, ObserveEffect, SampleEffect, TwistEffect
 from ..semantics.sampling import Trace, column
 from ..semantics.values import Batched, Lineage, Particles, set_lineage
 from . import mh as mh_mod
@@ -42,7 +42,7 @@ def resample_move(interp, entry: str, data: dict, particles: int, device="cpu", 
     lineage = Lineage(ctx.idx)
     h = SMCHandler(N, device, lineage, resampling=resampling, ess_threshold=ess_threshold, randomness=randomness)
     dispatch = {SampleEffect: h.sample, ObserveEffect: h.observe, FactorEffect: h.factor,
-                ConditionEffect: h.condition}
+                ConditionEffect: h.condition, TwistEffect: h.twist}
     acceptance = []
     old_lineage = set_lineage(lineage)
     try:
@@ -66,6 +66,7 @@ def resample_move(interp, entry: str, data: dict, particles: int, device="cpu", 
                 eff = gen.send(reply)
         except StopIteration as stop:
             ret = stop.value
+        h.finish()  # the last twist's potential out again (the measure is the untwisted one)
         sites = {"return": (column(ret, ctx), None)}
         sites.update(h.trace.sites())
     finally:
@@ -93,10 +94,15 @@ def _rejuvenate(interp, entry, data, h: SMCHandler, k: int, N: int, device, move
     h.lineage = lineage
     ctx = Particles(lineage.full_idx, N, device)
     h.trace = Trace(N, device)
+    h._twist = None  # rebuilt by the replay's twists (the moved particles' own potentials)
     gen = interp.run(entry, data, ctx)
     seen = 0
     eff = next(gen)
     while True:
+        if isinstance(eff, TwistEffect):
+            _replay_twist(h, eff)
+            eff = gen.send(None)
+            continue
         if isinstance(eff, SampleEffect):
             col, pres = state.values.get(eff.addr), state.present.get(eff.addr)
             if col is None or not bool(pres[eff.ctx.idx].all()):
@@ -110,6 +116,16 @@ def _rejuvenate(interp, entry, data, h: SMCHandler, k: int, N: int, device, move
         if seen == k:
             return gen, ctx, accepted / max(1, moves)
         eff = gen.send(None)
+
+
+def _replay_twist(h: SMCHandler, eff: TwistEffect) -> None:
+    """Set the moved particles' SMC potential to the replayed ``twist(phi)``, leaving
+    their weights alone: the MH moves targeted the twisted truncated program (``mh._Run``
+    counts the potential reached at the truncation point), which is what the resampled,
+    equally weighted population represents."""
+    weights = h.log_weights
+    h.twist(eff)
+    h.log_weights = weights
 
 
 def _not_numeric(addr):

@@ -116,8 +116,8 @@ class Model:
 
     def interpreter(self, exact: bool = False) -> Interpreter:
         return Interpreter(self.program, self.builtins(), exact=exact,
-                           max_depth=self.options.get("max_depth", 200),
-                           max_iterations=self.options.get("max_iterations", 100_000))
+                           max_depth=self.options.get("max_depth"),  # None: ppl.set_limits's
+                           max_iterations=self.options.get("max_iterations"))
 
     def bind(self, args: tuple = (), data: Mapping[str, Any] | None = None) -> dict:
         """Entry arguments as a dict: positional args, then keywords, then defaults."""
@@ -149,9 +149,11 @@ class Model:
         _check_options(method, METHODS[method], options)
         options = check_options(options)  # types and ranges (inference.methods.OPTION_SPECS)
         particles = check_options({"particles": particles})["particles"]
+        seed = check_seed(seed)
         device = resolve_device(device)
         data = self.bind((), data)
-        with seeded(seed, device):
+        check_run_memory(self, method, particles, options)
+        with seeded(seed, device), out_of_memory_as_error():
             return METHODS[method](self, data, particles=particles, device=device, **options)
 
     def enumerate(self, **data):
@@ -192,12 +194,7 @@ def model(source: Any = None, *, entry: str | None = None, filename: str | None 
     if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source
                                            and (source.endswith(".ppl") or os.path.exists(source))):
         path = os.fspath(source)
-        try:
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
-        except OSError as e:
-            raise PPLError(f"cannot read model file '{path}': {e.strerror}") from None
-        return compile_source(text, filename or path, entry=entry, **options)
+        return compile_source(read_text_file(path), filename or path, entry=entry, **options)
     if isinstance(source, str):
         return compile_source(source, filename or "<model>", entry=entry, **options)
     raise TypeError("ppl.model expects source text, a path, or a function")
@@ -284,6 +281,82 @@ def infer(model_: Any = None, *, method: str = "importance", particles: int = 10
 
 
 # -------------------------------------------------------------------------------- utils
+def read_text_file(path: str, what: str = "model file") -> str:
+    """The text of a UTF-8 file; a missing, unreadable or non-UTF-8 file is a ``PPLError``
+    (for bad bytes: the byte offset, and the line and column, with the line shown)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        raise PPLError(f"cannot read {what} '{path}': not found",
+                       hint="pass the path of a .ppl file, e.g. `ppl run model.ppl`"
+                       if what == "model file" else None) from None
+    except OSError as e:
+        raise PPLError(f"cannot read {what} '{path}': {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        from .semantics.source import SourceFile, Span
+        before = raw[:e.start].decode("utf-8", errors="replace")
+        line = before.count("\n") + 1
+        col = len(before) - (before.rfind("\n") + 1) + 1
+        shown = SourceFile(path, raw.decode("utf-8", errors="replace"))
+        raise PPLError(f"{what} '{path}' is not valid UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset "
+                       f"{e.start} ({e.reason})", Span(line, col, line, col, shown),
+                       "save the file as UTF-8") from None
+
+
+def check_seed(seed: Any) -> int | None:
+    """A seed: None, or a whole number that torch's generators take (-2**63 <= seed < 2**64)."""
+    if seed is None:
+        return None
+    ok = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) or \
+        isinstance(seed, float) and seed.is_integer()
+    if not ok or not -2 ** 63 <= int(seed) < 2 ** 64:
+        shown = seed if not isinstance(seed, int) or int(seed).bit_length() < 100 else f"an integer of {int(seed).bit_length()} bits"
+        raise PPLError(f"seed must be a whole number from -2**63 to 2**64 - 1 (got {shown!r})")
+    return int(seed)
+
+
+def check_run_memory(model: "Model", method: str, particles: int, options: dict) -> None:
+    """Refuse a run whose particle tensors alone would exceed the memory budget: about
+    particles x (sites + 4) x 8 bytes for a population (weights, indices, one value per
+    site), chains x kept draws x (sites + 1) x 8 for MCMC. Sites are counted in the
+    program text (a loop counts once, so this is a lower bound)."""
+    from .semantics.limits import check_memory
+    sites = sum(1 for node in ir.walk(model.program) if isinstance(node, (ir.Sample, ir.Observe, ir.Factor,
+                                                                             ir.Condition)))
+    if method in ("mh", "pmmh"):
+        chains = options.get("chains") or (particles if method == "mh" else 2)
+        samples = options.get("samples", 1000 if method == "mh" else 500)
+        inner = particles if method == "pmmh" else 1
+        check_memory(max(chains * samples * (sites + 1), chains * inner * (sites + 4)) * 8,
+                     f"{method} with {chains:,} chains of {samples:,} draws",
+                     "use fewer chains or draws, or raise the budget with ppl.set_limits(max_memory=...), "
+                     "PPL_MAX_MEMORY or --limit max_memory=...")
+        return
+    width = particles * options.get("expansion", 1)
+    check_memory(width * (sites + 4) * 8, f"{method} with {width:,} particles",
+                 "use fewer particles, or raise the budget with ppl.set_limits(max_memory=...), PPL_MAX_MEMORY "
+                 "or --limit max_memory=...")
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error():
+    """An allocation that fails during a run (``MemoryError``, torch's "can't allocate",
+    CUDA out of memory) becomes a ``PPLError`` naming the memory budget."""
+    from .semantics.limits import MEMORY_HINT
+    try:
+        yield
+    except MemoryError:
+        raise PPLError("out of memory", hint=MEMORY_HINT) from None
+    except RuntimeError as e:
+        text = str(e)
+        if "allocate" in text or "out of memory" in text.lower():
+            raise PPLError(f"out of memory: {text.splitlines()[0]}", hint=MEMORY_HINT) from None
+        raise
+
+
 def resolve_device(device: Any) -> str:
     d = str(device)
     if d == "auto":
@@ -325,6 +398,10 @@ def _arities() -> dict:
 
 def _prepare(v: Any, device, name: str) -> Any:
     """One datum as a runtime value (see ``Model.prepare_data``)."""
+    if isinstance(v, np.ndarray) and v.dtype.kind not in "biuf":
+        if v.dtype.kind == "c":
+            raise PPLError(f"data '{name}' is an array of complex numbers", hint="pass real numbers")
+        v = v.tolist()  # an object/string array: its elements, as a (nested) list
     if device is None:  # exact semantics: plain Python
         if isinstance(v, (torch.Tensor, np.ndarray)):
             return v.tolist()
@@ -357,6 +434,13 @@ def _numeric_nested(v) -> bool:
 
 
 def _check_datum(v: Any, name: str) -> Any:
+    if type(v) is int:
+        from .semantics.limits import check_int
+        return check_int(v, f"the integer in data '{name}'")
+    if isinstance(v, np.generic) and not isinstance(v, (np.complexfloating, np.object_)):
+        return v.item()
+    if isinstance(v, complex) or isinstance(v, np.complexfloating):
+        raise PPLError(f"data '{name}' is a complex number", hint="pass real numbers")
     if v is None or isinstance(v, (bool, int, float, str)) or isinstance(v, Number):
         return v
     if isinstance(v, (Builtin,)) or hasattr(v, "ppl_attribute"):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -93,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="any other option of the method, e.g. -o resampling=stratified -o ess_threshold=0.5, "
                           "-o moves=2 (resample_move), -o params=q,r (pmmh), -o target_ess=0.3 (tempering); "
                           "VALUE is read as JSON when it parses, else as a string")
+    run.add_argument("--limit", action="append", default=[], metavar="KEY=VALUE",
+                     help="change a bound: max_memory (e.g. 8GB), max_int_bits, regex_timeout (seconds), "
+                          "max_iterations, max_depth (see README, Limits and errors)")
+    run.add_argument("--progress", action="store_true",
+                     help="show a progress bar on stderr (methods that have one: enumerate, mh, pmmh)")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="parse and statically check a model",
@@ -106,18 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------ loading
 def load_model(path: str, entry: str | None = None):
     """Read and compile a model file; every failure is a ``PPLError``."""
-    from .api import compile_source
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except FileNotFoundError:
-        raise PPLError(f"model file '{path}' not found",
-                       hint="pass the path of a .ppl file, e.g. `ppl run model.ppl`") from None
-    except UnicodeDecodeError as e:
-        raise PPLError(f"model file '{path}' is not valid UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise PPLError(f"cannot read model file '{path}': {e.strerror or e}") from None
-    return compile_source(text, path, entry=entry)
+    from .api import compile_source, read_text_file
+    return compile_source(read_text_file(path, "model file"), path, entry=entry)
 
 
 def load_data(path: str | None) -> dict:
@@ -125,15 +121,9 @@ def load_data(path: str | None) -> dict:
     pointing at the offending line and column."""
     if path is None:
         return {}
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except FileNotFoundError:
-        raise PPLError(f"data file '{path}' not found") from None
-    except UnicodeDecodeError as e:
-        raise PPLError(f"data file '{path}' is not valid UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise PPLError(f"cannot read data file '{path}': {e.strerror or e}") from None
+    from .api import read_text_file
+    text = read_text_file(path, "data file")
+    _check_json_numbers(text, path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -146,6 +136,21 @@ def load_data(path: str | None) -> dict:
         raise PPLError(f"data file '{path}' must contain a JSON object, not a JSON {_json_type(data)}",
                        hint="bind parameters by name, e.g. {\"flips\": [1, 0, 1]}")
     return data
+
+
+def _check_json_numbers(text: str, path: str) -> None:
+    """An integer in the data with more digits than the integer limit allows is an error
+    at its place in the file (Python itself refuses more than 4300 digits)."""
+    from .semantics.limits import current
+    digits = min(4300, int(current().max_int_bits * 0.30103) + 1)  # log10(2) digits per bit
+    m = re.search(r"(?<![\w.])-?\d{%d,}" % (digits + 1), text)
+    if m is not None:
+        line = text.count("\n", 0, m.start()) + 1
+        col = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
+        raise PPLError(f"a number in the data file has {len(m.group().lstrip('-')):,} digits, more than the "
+                       f"integer limit allows ({digits:,} digits)",
+                       Span(line, col, line, col, SourceFile(path, text)),
+                       "write it as a float (1e5000 is inf), or raise --limit max_int_bits=...")
 
 
 def _json_type(v: Any) -> str:
@@ -196,6 +201,7 @@ def cmd_run(args) -> int:
                        hint=did_you_mean(args.method, methods) or f"available: {', '.join(methods)}")
     if args.particles < 1:
         raise PPLError(f"--particles must be at least 1 (got {args.particles})")
+    _apply_limits(args.limit)
     options = _method_options(args)
     model = load_model(args.model, args.entry)
     data = load_data(args.data)
@@ -222,6 +228,20 @@ def cmd_run(args) -> int:
     return 0
 
 
+#: Model.run's own arguments, which have flags of their own
+_RUN_ARGUMENTS = {"particles": "-n / --particles", "seed": "--seed", "device": "--device"}
+
+
+def _apply_limits(items: Sequence[str]) -> None:
+    """``--limit KEY=VALUE``: set process-wide limits (``ppl.semantics.limits``)."""
+    from .semantics.limits import set_limits
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise PPLError(f"--limit expects KEY=VALUE (got {item!r})", hint="e.g. --limit max_memory=8GB")
+        set_limits(**{key.strip().replace("-", "_"): raw.strip()})
+
+
 def _method_options(args) -> dict:
     """The method options given on the command line (only those given), checked."""
     options = {}
@@ -230,10 +250,17 @@ def _method_options(args) -> dict:
         key = key.strip().replace("-", "_")
         if not sep or not key.isidentifier():
             raise PPLError(f"--option expects KEY=VALUE (got {item!r})", hint="e.g. -o resampling=stratified")
+        if key in _RUN_ARGUMENTS:
+            raise PPLError(f"{key} is not a method option: use {_RUN_ARGUMENTS[key]}",
+                           hint=f"e.g. `ppl run model.ppl {_RUN_ARGUMENTS[key].split(' / ')[0]} ...`")
         try:
             options[key] = json.loads(raw)
         except ValueError:
             options[key] = raw
+    if args.progress:
+        from inspect import signature
+        if "progress" in signature(_methods()[args.method]).parameters:
+            options.setdefault("progress", True)
     for flag, name, least in (("--samples", "samples", 1), ("--burn-in", "burn_in", 0), ("--thin", "thin", 1)):
         v = getattr(args, name)
         if v is not None:
@@ -279,8 +306,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(str(err), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted (Ctrl-C)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`ppl run ... --json | head`): stop quietly
+        _silence_stdout()
+        return 141
     except Exception as e:  # a bug in ppl, not in the model
         print(f"internal error: {type(e).__name__}: {e}", file=sys.stderr)
         if os.environ.get("PPL_DEBUG") == "1":
@@ -288,6 +318,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print("(this is a bug in ppl; set PPL_DEBUG=1 to see the traceback)", file=sys.stderr)
         return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit cannot raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

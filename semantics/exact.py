@@ -17,6 +17,7 @@ A path whose weight hits 0 (a failed ``condition``) is cut at once.
 from __future__ import annotations
 
 import math
+import time
 from fractions import Fraction
 from collections import Counter
 from typing import Any
@@ -160,14 +161,25 @@ def _hashable(v: Any) -> Any:
     return v
 
 
+DEFAULT_MAX_PATHS = 1_000_000
+DEFAULT_MAX_SECONDS = 60.0
+_ALTERNATIVES = ("this model has too many execution paths to enumerate; use a sampling method instead: "
+                 "importance, smc, mh or tempering (e.g. --method smc), or raise {what}")
+
+
 def enumerate_paths(program: ir.Program, builtins: dict, entry: str, data: dict, *,
-                    max_paths: int = 1_000_000, max_depth: int = 200, max_iterations: int = 100_000,
-                    interp=None):
+                    max_paths: int = DEFAULT_MAX_PATHS, max_depth: int | None = None,
+                    max_iterations: int | None = None, interp=None,
+                    max_seconds: float | None = DEFAULT_MAX_SECONDS, progress: bool | None = None):
     """All execution paths of ``entry(**data)``: a list of (weight, values), where values
     maps "return" and each choice address to its value on that path. Zero-weight paths
     are dropped. ``interp``: the exact interpreter to run (default: a new one for
     ``program``; ``Model.interpreter(exact=True)`` passes a model's own, e.g. one that
-    rewrites observed values)."""
+    rewrites observed values).
+
+    Bounded: more than ``max_paths`` paths, or more than ``max_seconds`` seconds (None:
+    no time bound), is an error naming the sampling methods. ``progress``: a progress
+    counter on stderr (None: only on a terminal, and only after 2 seconds)."""
     if interp is None:
         interp = Interpreter(program, builtins, exact=True, max_depth=max_depth, max_iterations=max_iterations)
     data = exact_data(data)
@@ -176,23 +188,19 @@ def enumerate_paths(program: ir.Program, builtins: dict, entry: str, data: dict,
     stack: list[list[int]] = [[]]
     visited = 0
     cuts: Counter = Counter()  # where zero-weight paths were cut
-    while stack:
-        prefix = stack.pop()
-        visited += 1
-        if visited > max_paths:
-            raise PPLRuntimeError(f"exact enumeration exceeded {max_paths} paths",
-                                  hint="use importance sampling, or make the model smaller")
-        h = _PathHandler(prefix)
-        try:
-            ret = drive(interp.run(entry, data, ctx), h)
-            h.values["return"] = _hashable(ret)
-            paths.append((h.weight, {k: _hashable(v) for k, v in h.values.items()}))
-        except _Pruned as cut:
-            cuts[cut.span] += 1
-        # push the unexplored alternatives of every choice made beyond the prefix
-        for j in range(len(prefix), len(h.taken)):
-            for alt in range(h.sizes[j] - 1, 0, -1):
-                stack.append(h.taken[:j] + [alt])
+    start = time.monotonic()
+    bar = _progress_bar(progress)
+    try:
+        while stack:
+            prefix = stack.pop()
+            visited += 1
+            _check_bounds(visited, len(stack), start, max_paths, max_seconds)
+            if bar is not None:
+                bar.update(1)
+            _visit(interp, entry, data, ctx, prefix, stack, paths, cuts)
+    finally:
+        if bar is not None:
+            bar.close()
     if not paths:
         span, k = cuts.most_common(1)[0] if cuts else (None, 0)
         where = f"all {visited} paths were cut here" if k == visited else \
@@ -202,3 +210,45 @@ def enumerate_paths(program: ir.Program, builtins: dict, entry: str, data: dict,
             "every path has weight zero: the conditions/observations are impossible", span,
             where + "; check the data and the conditions")
     return paths
+
+
+def _check_bounds(visited: int, pending: int, start: float, max_paths: int, max_seconds: float | None) -> None:
+    """The enumeration's bounds on paths and time, as errors that name the alternatives."""
+    if visited > max_paths:
+        raise PPLRuntimeError(f"exact enumeration exceeded {max_paths:,} paths ({pending:,} more were waiting)",
+                              hint=_ALTERNATIVES.format(what="max_paths (-o max_paths=N)"))
+    if max_seconds is not None:
+        elapsed = time.monotonic() - start
+        if elapsed > max_seconds:
+            raise PPLRuntimeError(
+                f"exact enumeration stopped after {elapsed:.1f} s (max_seconds={max_seconds:g}): {visited:,} paths "
+                f"visited and at least {pending:,} more to go",
+                hint=_ALTERNATIVES.format(what="max_seconds (-o max_seconds=S)"))
+
+
+def _progress_bar(progress: bool | None):
+    """A tqdm counter of visited paths (shown after 2 s; by default only on a terminal)."""
+    if progress is False:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(desc="enumerate", unit=" paths", delay=0 if progress else 2, leave=False,
+                disable=None if progress is None else False, mininterval=0.5)
+
+
+def _visit(interp, entry, data, ctx, prefix, stack, paths, cuts) -> None:
+    """Run the path ``prefix`` (the rest at index 0): record it, or where it was cut,
+    and push the unexplored alternatives of every choice it made beyond the prefix."""
+    h = _PathHandler(prefix)
+    try:
+        ret = drive(interp.run(entry, data, ctx), h)
+        h.values["return"] = _hashable(ret)
+        paths.append((h.weight, {k: _hashable(v) for k, v in h.values.items()}))
+    except _Pruned as cut:
+        cuts[cut.span] += 1
+    # push the unexplored alternatives of every choice made beyond the prefix
+    for j in range(len(prefix), len(h.taken)):
+        for alt in range(h.sizes[j] - 1, 0, -1):
+            stack.append(h.taken[:j] + [alt])

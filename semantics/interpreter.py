@@ -31,7 +31,7 @@ from typing import Any, Callable, Generator, Optional
 
 import torch
 
-from . import ir
+from . import ir, limits
 from .dist_values import DistValue, ProposedDist
 from .errors import PPLError, PPLRecursionError, PPLRuntimeError, did_you_mean
 from .values import (Batched, Particles, PerParticle, Undefined, batch_rows, binop,
@@ -211,11 +211,12 @@ class Interpreter:
     exact rationals and divides integers exactly (used by the enumeration semantics)."""
 
     def __init__(self, program: ir.Program, builtins: dict[str, Any], *, exact: bool = False,
-                 max_depth: int = 200, max_iterations: int = 100_000):
+                 max_depth: int | None = None, max_iterations: int | None = None):
         self.program = program
         self.exact = exact
-        self.max_depth = max_depth
-        self.max_iterations = max_iterations
+        bounds = limits.current()  # None: the process-wide limits (semantics.limits)
+        self.max_depth = bounds.max_depth if max_depth is None else max_depth
+        self.max_iterations = bounds.max_iterations if max_iterations is None else max_iterations
         self.globals = Frame(None, None)
         self.globals.vars.update(builtins)
         for f in program.functions:
@@ -441,6 +442,8 @@ class Interpreter:
         except RecursionError:
             raise PPLRecursionError("recursion too deep", s.span,
                                     "check that the recursion terminates, or lower its depth") from None
+        except MemoryError:
+            raise PPLRuntimeError("out of memory", s.span, limits.MEMORY_HINT) from None
         except (TypeError, ValueError, RuntimeError, IndexError, ZeroDivisionError, OverflowError) as err:
             raise PPLRuntimeError(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
                                   s.span) from err
@@ -532,6 +535,7 @@ class Interpreter:
         it = yield from self._eval(s.iterable, fr, ctx)
         items = self.iter_items(it, ctx, s.iterable.span)
         if items is not None:
+            self.check_iterations(len(items), s.span, "loop")
             for i, item in enumerate(items):
                 self.bind(fr, s.target, item, ctx)
                 fr.loops.append(i)
@@ -545,6 +549,13 @@ class Interpreter:
         lengths, element = self.ragged(it, ctx)
         return (yield from self._loop(s, fr, ctx, lambda k, c: Batched(rows(lengths, c) > k, c.idx),
                                       lambda k, c: self.bind(fr, s.target, element(k, c), c)))
+
+    def check_iterations(self, n: int, span, what: str = "loop") -> None:
+        """A loop (or map/filter/fold) over ``n`` items longer than ``max_iterations`` is
+        an error before its first iteration (a ``while`` loop fails when it gets there)."""
+        if n > self.max_iterations:
+            raise PPLRuntimeError(f"this {what} would run {n:,} iterations, more than the limit of "
+                                  f"{self.max_iterations:,} (max_iterations)", span, _ITERATIONS_HINT)
 
     def _s_while(self, s: ir.While, fr, ctx):
         return (yield from self._loop(s, fr, ctx, None, None))
@@ -567,7 +578,7 @@ class Interpreter:
                 break
             if k >= self.max_iterations:
                 raise PPLRuntimeError(f"loop ran more than {self.max_iterations} iterations", s.span,
-                                      "loops are bounded; raise max_iterations= in infer() if this is intended")
+                                      _ITERATIONS_HINT)
             if bind_item is not None:
                 bind_item(k, cont)
             fr.loops.append(k)
@@ -819,6 +830,10 @@ Interpreter._STMTS = {
     ir.While: Interpreter._s_while, ir.Return: Interpreter._s_return, ir.ExprStmt: Interpreter._s_expr,
     ir.Pass: Interpreter._s_pass, ir.FunctionDef: Interpreter._s_def,
 }
+
+
+_ITERATIONS_HINT = ("loops are bounded; raise max_iterations= in ppl.model(...), or the limit "
+                    "(ppl.set_limits(max_iterations=...), PPL_MAX_ITERATIONS, --limit max_iterations=...)")
 
 
 class _Renamed:

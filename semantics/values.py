@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from . import limits
 from .errors import PPLRuntimeError
 
 
@@ -347,6 +348,8 @@ def as_tensor(v: Any, device) -> torch.Tensor:
     if isinstance(v, Fraction):
         return torch.tensor(float(v), device=device)
     if is_scalar(v):
+        if type(v) is int and not _INT64[0] <= v < _INT64[1]:
+            raise _too_big_for_tensor(v)
         return torch.tensor(v, device=device, dtype=scalar_dtype(v))
     if isinstance(v, (list, tuple)):
         items = [as_tensor(x, device) for x in v]
@@ -506,8 +509,9 @@ def _py_binop(op: str, a: Any, b: Any, exact: bool) -> Any:
         if b == 0:
             raise PPLRuntimeError("division by zero")
         return Fraction(a) / b
+    _check_size(op, a, b)
     try:
-        return _PY_BINOPS[op](a, b)
+        out = _PY_BINOPS[op](a, b)
     except ZeroDivisionError:
         if op == "/" and isinstance(a, (int, float, Fraction)):
             return math.copysign(math.inf, a) if a != 0 else math.nan
@@ -516,6 +520,34 @@ def _py_binop(op: str, a: Any, b: Any, exact: bool) -> Any:
         raise PPLRuntimeError(
             f"unsupported operand types for {op}: {describe(a)} and {describe(b)}"
         ) from None
+    except OverflowError:
+        raise PPLRuntimeError(f"OverflowError: the result of {op} is too large for a float",
+                              hint="the result overflows; work on a log scale (e.g. log-probabilities)") from None
+    if type(out) is int:
+        limits.check_int(out)
+    return out
+
+
+def _check_size(op: str, a: Any, b: Any) -> None:
+    """Refuse, before computing it, an operation whose result the limits forbid: an
+    integer power of too many bits, a list or string repeated past the memory budget."""
+    if op == "**":
+        limits.check_power(a, b)
+    elif op == "*":
+        seq, n = (a, b) if isinstance(a, (list, tuple, str)) else (b, a)
+        if isinstance(seq, (list, tuple, str)) and isinstance(n, int) and not isinstance(n, bool) and n > 1:
+            width = 1 if isinstance(seq, str) and seq.isascii() else 4 if isinstance(seq, str) \
+                else limits.LIST_SLOT_BYTES
+            limits.check_memory(len(seq) * n * width, f"a {_kind(seq)} of {len(seq) * n:,} "
+                                f"{'characters' if isinstance(seq, str) else 'elements'}")
+    elif op == "+" and isinstance(a, (list, tuple, str)) and isinstance(b, (list, tuple, str)):
+        width = 1 if isinstance(a, str) else limits.LIST_SLOT_BYTES
+        limits.check_memory((len(a) + len(b)) * width, f"a {_kind(a)} of {len(a) + len(b):,} "
+                            f"{'characters' if isinstance(a, str) else 'elements'}")
+
+
+def _kind(seq) -> str:
+    return "string" if isinstance(seq, str) else "tuple" if isinstance(seq, tuple) else "list"
 
 
 def deep_batched(v: Any) -> bool:
@@ -583,6 +615,7 @@ def _torch_binop(op: str, a: Any, b: Any, lead: tuple = (False, False)) -> torch
         b = (b.long() if isinstance(b, torch.Tensor) else int(b)) if _is_bool(b) else b
     if op in ("/", "//", "%") and isinstance(b, (int, float)) and b == 0 and op != "/":
         raise PPLRuntimeError("division by zero")
+    a, b = _fit_int64(a, b), _fit_int64(b, a)
     if not isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and op in _COMPARISONS:
         a = torch.as_tensor(a, device=b.device)  # torch.gt(3, t) has no (Number, Tensor) form
     try:
@@ -594,6 +627,28 @@ def _torch_binop(op: str, a: Any, b: Any, lead: tuple = (False, False)) -> torch
                                   "broadcast", hint="elementwise operations need equal shapes (or a shape of "
                                   "one element, or a single number)") from None
         raise PPLRuntimeError(f"cannot apply {op}: {str(e).splitlines()[0]}") from None
+
+
+_INT64 = (-2 ** 63, 2 ** 63)
+
+
+def _fit_int64(x: Any, other: Any) -> Any:
+    """A Python int operand of a tensor operation: tensors of whole numbers are 64-bit,
+    so a larger int is a float next to a float tensor and an error otherwise."""
+    if type(x) is not int or _INT64[0] <= x < _INT64[1]:
+        return x
+    if isinstance(other, torch.Tensor) and other.is_floating_point():
+        try:
+            return float(x)
+        except OverflowError:
+            pass
+    raise _too_big_for_tensor(x)
+
+
+def _too_big_for_tensor(x: int) -> PPLRuntimeError:
+    return PPLRuntimeError(f"the integer {limits._short(x)} does not fit in 64 bits (tensors of whole numbers "
+                           "are 64-bit)", hint="write it as a float to compute with it approximately, e.g. "
+                           "2.0 ** 64 instead of 2 ** 64")
 
 
 def _is_bool(x: Any) -> bool:

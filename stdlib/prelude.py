@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..semantics import limits
 from ..semantics.dist_values import DistValue
 from ..semantics.errors import PPLRuntimeError
 from ..semantics.interpreter import Builtin, Closure, MemFn, RaggedRange, _int_index
@@ -154,8 +155,9 @@ def _sum(ctx, xs, start=0):
         return xs.sum()
     if isinstance(xs, PerParticle):
         return per_particle(lambda v: sum(v, start), (xs,), ctx)
-    if isinstance(xs, range):
-        xs = list(xs)
+    if isinstance(xs, range):  # in closed form: a range may be far too long to walk
+        n = len(xs)
+        return binop("+", start, n * (xs[0] + xs[-1]) // 2 if n else 0, ctx)
     if isinstance(xs, (list, tuple)):
         if _has_batched(xs) and all(is_numeric(x) for x in xs) and xs:
             t = batch_rows(list(xs), ctx)
@@ -250,7 +252,10 @@ def _static_items(ctx, xs, name):
     if isinstance(xs, Batched) and xs.t.dim() >= 2:
         t = rows(xs, ctx)
         return [Batched(t[:, k], ctx.idx) for k in range(t.shape[1])]
-    if isinstance(xs, (str, range)):
+    if isinstance(xs, range):
+        limits.check_items(len(xs), f"{name}(): a list", limits.INT_ITEM_BYTES)
+        return list(xs)
+    if isinstance(xs, str):
         return list(xs)
     raise PPLRuntimeError(f"{name}() expects a list, got {describe(xs)}")
 
@@ -279,7 +284,10 @@ def _range(ctx, *args):
             raise PPLRuntimeError("range() with a step needs bounds that are the same for every particle")
         start, stop = (0, args[0]) if len(args) == 1 else args
         return RaggedRange(start, stop, ctx)
-    return range(*[_int_index(a) for a in args])
+    bounds = [_int_index(a) for a in args]
+    if any(not -2 ** 62 <= b < 2 ** 62 for b in bounds):
+        raise PPLRuntimeError(f"range(): the bounds must be below 2 ** 62 in size (got {limits._short(max(bounds, key=abs))})")
+    return range(*bounds)
 
 
 def _list(ctx, xs=()):
@@ -342,11 +350,18 @@ def _length(name, n) -> int:
 
 
 def _zeros(ctx, n):
-    return torch.zeros(_length("zeros", n), device=ctx.device)
+    return torch.zeros(_tensor_length("zeros", n), device=ctx.device)
 
 
 def _ones(ctx, n):
-    return torch.ones(_length("ones", n), device=ctx.device)
+    return torch.ones(_tensor_length("ones", n), device=ctx.device)
+
+
+def _tensor_length(name, n) -> int:
+    """The length of a new vector, within the memory budget."""
+    k = _length(name, n)
+    limits.check_items(k, f"{name}(): a vector", torch.get_default_dtype().itemsize)
+    return k
 
 
 # ------------------------------------------------------------------------- higher order
@@ -356,6 +371,7 @@ def _map(interp, ctx, fr, span, f, xs, *more):
         return (yield from _ragged_apply(interp, ctx, fr, span, lists,
                                           lambda c, ls: _map(interp, c, fr, span, f, *ls)))
     items = [interp.iter_items(x, ctx, span) for x in lists]
+    interp.check_iterations(min(len(x) for x in items), span, "map")
     out = []
     for i, args in enumerate(zip(*items)):
         fr.loops.append(i)
@@ -370,7 +386,9 @@ def _filter(interp, ctx, fr, span, pred, xs):
     if isinstance(xs, PerParticle):
         return (yield from _ragged_apply(interp, ctx, fr, span, [xs],
                                           lambda c, ls: _filter(interp, c, fr, span, pred, *ls)))
-    items = list(interp.iter_items(xs, ctx, span))
+    items = interp.iter_items(xs, ctx, span)
+    interp.check_iterations(len(items), span, "filter")
+    items = list(items)
     keep = []
     for i, x in enumerate(items):
         fr.loops.append(i)
@@ -392,7 +410,9 @@ def _fold(interp, ctx, fr, span, f, init, xs):
         return (yield from _ragged_apply(interp, ctx, fr, span, [xs],
                                           lambda c, ls: _fold(interp, c, fr, span, f, init, *ls)))
     acc = init
-    for i, x in enumerate(interp.iter_items(xs, ctx, span)):
+    items = interp.iter_items(xs, ctx, span)
+    interp.check_iterations(len(items), span, "fold")
+    for i, x in enumerate(items):
         fr.loops.append(i)
         try:
             acc = yield from interp.call(f, [acc, x], {}, ctx, span, fr)
@@ -470,17 +490,49 @@ def _string_fn(name: str, fn, nargs: tuple, strs: tuple = (0,)):
 _REGEX: dict = {}
 
 
+def _regex_engine():
+    """The ``regex`` module (like ``re``, with a timeout per match), else ``re``."""
+    try:
+        import regex
+        return regex, True
+    except ImportError:  # pragma: no cover - regex is a dependency
+        import re
+        return re, False
+
+
 def _regex(pattern: str):
     r = _REGEX.get(pattern)
     if r is None:
-        import re
+        bound = limits.current().max_regex_length
+        if len(pattern) > bound:
+            raise PPLRuntimeError(f"regular expression of {len(pattern):,} characters, longer than the limit "
+                                  f"of {bound:,}", hint="use a shorter pattern, or contains()/startswith()")
+        engine, _ = _regex_engine()
         try:
-            r = re.compile(pattern)
-        except re.error as e:
-            raise PPLRuntimeError(f"bad regular expression {pattern!r}: {e}") from None
+            r = engine.compile(pattern)
+        except (engine.error, ValueError, OverflowError, RecursionError) as e:
+            raise PPLRuntimeError(f"bad regular expression {limits._short(pattern)!r}: {e}") from None
         if len(_REGEX) < 1000:
             _REGEX[pattern] = r
     return r
+
+
+def _regex_call(how: str, pattern: str, s: str) -> bool:
+    """``re.fullmatch``/``re.search`` semantics, stopped after ``regex_timeout`` seconds
+    (a pattern such as ``(a|aa)+$`` can take exponential time on some strings)."""
+    r = _regex(pattern)
+    _, has_timeout = _regex_engine()
+    timeout = limits.current().regex_timeout
+    try:
+        if has_timeout:
+            return getattr(r, how)(s, timeout=timeout) is not None
+        return getattr(r, how)(s) is not None  # pragma: no cover
+    except TimeoutError:
+        raise PPLRuntimeError(f"regex_{'match' if how == 'fullmatch' else how} took more than {timeout:g} s "
+                              f"(regex_timeout) for the pattern {limits._short(pattern)!r}",
+                              hint="the pattern backtracks catastrophically on this text (nested repetition "
+                              "such as (a+)+ or (a|aa)+); simplify it, or raise the limit with "
+                              "ppl.set_limits(regex_timeout=...) / PPL_REGEX_TIMEOUT") from None
 
 
 def _join(xs, sep=""):
@@ -504,8 +556,8 @@ def _string_builtins() -> dict:
         "lower": (lambda s: s.lower(), (1, 1), (0,)),
         "upper": (lambda s: s.upper(), (1, 1), (0,)),
         "strip": (lambda s: s.strip(), (1, 1), (0,)),
-        "regex_match": (lambda p, s: _regex(p).fullmatch(s) is not None, (2, 2), (0, 1)),
-        "regex_search": (lambda p, s: _regex(p).search(s) is not None, (2, 2), (0, 1)),
+        "regex_match": (lambda p, s: _regex_call("fullmatch", p, s), (2, 2), (0, 1)),
+        "regex_search": (lambda p, s: _regex_call("search", p, s), (2, 2), (0, 1)),
         "join": (_join, (1, 2), ()),
     }
     return {name: _string_fn(name, fn, nargs, strs) for name, (fn, nargs, strs) in fns.items()}
