@@ -398,7 +398,8 @@ def pareto_k(log_weights: torch.Tensor) -> float:
     ``psis_diagnostic``): a generalized Pareto distribution fitted
     (``pyro.ops.stats.fit_generalized_pareto``) to the largest min(N/5, 3 sqrt(N))
     weights. k < 0.5: the weights have finite variance; 0.5-0.7: usable; > 0.7: the
-    estimates are unreliable. NaN with fewer than 10 tail weights."""
+    estimates are unreliable. NaN with fewer than 10 tail weights or a tail of equal
+    weights (bounded weights: nothing to fit)."""
     from pyro.ops.stats import fit_generalized_pareto
     lw = torch.as_tensor(log_weights).detach().double().cpu()
     lw = lw[torch.isfinite(lw)]
@@ -413,7 +414,12 @@ def pareto_k(log_weights: torch.Tensor) -> float:
     tail = lw[lw > lw_cut]
     if tail.shape[0] < 10:
         return float("nan")
-    k, _ = fit_generalized_pareto(tail.exp() - math.exp(lw_cut))
+    excess = tail.exp() - math.exp(lw_cut)
+    if float(excess.max() - excess.min()) <= 1e-12 * float(excess.max()):
+        # a tail of equal weights (e.g. a few discrete paths): the weights are bounded,
+        # there is no Pareto tail to fit (Pyro's fit divides by zero here)
+        return float("nan")
+    k, _ = fit_generalized_pareto(excess)
     return float(k)
 
 
