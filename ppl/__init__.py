@@ -10,6 +10,7 @@ from .api import InferenceFunction, Model, compile_source, infer, model, python_
 from .inference.amortized import Guide, guide
 from .inference.product import ProductOfExperts
 from .result import ExactResult, MCMCResult, Site, WeightedResult
+from .semantics.limits import Limits, limits, set_limits
 from .semantics.errors import (InfiniteSupportError, PPLCheckError, PPLDiagnosticWarning, PPLError,
                                PPLRecursionError, PPLRuntimeError, PPLSyntaxError, ZeroEvidenceError)
 
@@ -19,7 +20,7 @@ __all__ = [
     "model", "infer", "Model", "InferenceFunction", "compile_source", "python_function",
     "WeightedResult", "ExactResult", "MCMCResult", "Site", "ProductOfExperts", "product", "guide", "Guide",
     "PPLError", "PPLSyntaxError", "PPLCheckError", "PPLRuntimeError", "PPLRecursionError",
-    "ZeroEvidenceError", "InfiniteSupportError", "PPLDiagnosticWarning",
+    "ZeroEvidenceError", "InfiniteSupportError", "PPLDiagnosticWarning", "set_limits", "limits", "Limits",
 ]
 
 
