@@ -39,7 +39,11 @@ from torch.distributions.multivariate_normal import _batch_mv
 __all__ = ["RunGenerators", "FixedGenerator", "run", "using", "current", "generator", "sample", "rsample",
            "drawing_from", "randn_like"]
 
-_local = threading.local()
+class _Thread(threading.local):
+    source = None  # the thread's current source (None: torch's global generator)
+
+
+_local = _Thread()
 _GLOBAL_LOCK = threading.RLock()  # held while torch's global generator holds a run's state
 
 
@@ -88,13 +92,13 @@ class FixedGenerator:
 
 def current():
     """The current source of the thread (``RunGenerators`` / ``FixedGenerator``), or None."""
-    return getattr(_local, "source", None)
+    return _local.source
 
 
 def generator(device="cpu") -> torch.Generator | None:
     """The generator a draw on ``device`` uses now: the current run's, or None (torch's
     global generator) outside a run."""
-    source = getattr(_local, "source", None)
+    source = _local.source
     return None if source is None else source.get(device)
 
 
@@ -104,7 +108,7 @@ def using(source):
     None for torch's global generator) the thread's current source inside the block."""
     if isinstance(source, torch.Generator):
         source = FixedGenerator(source)
-    saved = getattr(_local, "source", None)
+    saved = _local.source
     _local.source = source
     try:
         yield source
@@ -414,7 +418,7 @@ def _device_of(d) -> torch.device:
 def _gen_of(generator) -> Callable | None:
     if generator is not None:
         return lambda device: generator
-    source = getattr(_local, "source", None)
+    source = _local.source
     return None if source is None else source.get
 
 
