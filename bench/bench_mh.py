@@ -18,7 +18,9 @@ The sampler is the same on every side: C chains in one batch, per step and per c
 pick one of the two means uniformly, propose mean + scale * N(0, 1) (ppl's ``rw``
 kernel: the means' support is the real line, so no Jacobian), accept with probability
 min(1, p(x') / p(x)) (0 when the ordering fails). The hand-written version is what a
-torch user would write: one [C, N] log-target evaluation per step.
+torch user would write: one [C, N] log-target evaluation per step, with ppl's numerics:
+values and the per-point terms in float32 (the model's dtype; ppl evaluates the model in
+it), the per-chain log target accumulated in float64 (as ppl accumulates log densities).
 
 Reported, per contender: the median wall time of a run (burn-in + kept steps), the
 median ESS of mu1 over the kept draws of all chains (``pyro.ops.stats``
@@ -71,32 +73,33 @@ def make_data(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def log_target(mu: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-    """log p(mu1, mu2, ys) up to a constant, per chain: mu [C, 2] -> [C]."""
+    """log p(mu1, mu2, ys) up to a constant, per chain: mu [C, 2] -> [C], float64 (the
+    terms are computed in the inputs' dtype, their sum accumulated in float64)."""
     prior = (-0.5 * (mu / PRIOR_SD) ** 2).sum(1)
     a = math.log(W) - 0.5 * ((ys - mu[:, :1]) / SIGMA) ** 2  # [C, N]
     b = math.log(1 - W) - 0.5 * ((ys - mu[:, 1:]) / SIGMA) ** 2
-    lp = prior + torch.logaddexp(a, b).sum(1)
+    lp = prior.double() + torch.logaddexp(a, b).sum(1).double()
     return torch.where(mu[:, 0] < mu[:, 1], lp, torch.full_like(lp, -math.inf))
 
 
 def hand_mh(ys: torch.Tensor, chains: int, burn_in: int, samples: int, scale: float) -> torch.Tensor:
     """Single-site random-walk MH on (mu1, mu2), C chains batched: mu1's kept draws [C, S]."""
-    ys = ys.double()
-    mu = torch.sort(PRIOR_SD * torch.randn(chains, 2, dtype=torch.float64), 1).values  # the prior given mu1 < mu2
+    ys = ys.float()
+    mu = torch.sort(PRIOR_SD * torch.randn(chains, 2), 1).values  # the prior given mu1 < mu2
     lp = log_target(mu, ys)
     rows = torch.arange(chains)
-    kept = torch.empty(chains, samples, dtype=torch.float64)
+    kept = torch.empty(chains, samples)
     for t in range(burn_in + samples):
-        site = (torch.rand(chains, dtype=torch.float64) * 2).long()
+        site = (torch.rand(chains) * 2).long()
         prop = mu.clone()
-        prop[rows, site] += scale * torch.randn(chains, dtype=torch.float64)
+        prop[rows, site] += scale * torch.randn(chains)
         lp_prop = log_target(prop, ys)
         accept = torch.log(torch.rand(chains, dtype=torch.float64)) < lp_prop - lp
         mu = torch.where(accept[:, None], prop, mu)
         lp = torch.where(accept, lp_prop, lp)
         if t >= burn_in:
             kept[:, t - burn_in] = mu[:, 0]
-    return kept
+    return kept.double()
 
 
 def ppl_mh(interp, entry, data, chains: int, burn_in: int, samples: int, scale: float,
