@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..semantics.errors import PPLRuntimeError
+from ..semantics.errors import PPLError, PPLRuntimeError
 from ..semantics.interpreter import ConditionEffect, FactorEffect, ObserveEffect, SampleEffect, TwistEffect
 from ..semantics.sampling import Trace, column
 from ..semantics.values import Batched, Lineage, Particles, set_lineage
@@ -51,7 +51,7 @@ def resample_move(interp, entry: str, data: dict, particles: int, device="cpu", 
         try:
             eff = next(gen)
             while True:
-                reply = dispatch[type(eff)](eff)
+                reply = _answer(dispatch, eff)
                 if isinstance(eff, _CHECKPOINTS):
                     if eff.ctx.M != N:
                         raise PPLRuntimeError(
@@ -72,6 +72,18 @@ def resample_move(interp, entry: str, data: dict, particles: int, device="cpu", 
     finally:
         set_lineage(old_lineage)
     return sites, h.log_weights + h.log_z, h, acceptance
+
+
+def _answer(dispatch: dict, eff):
+    """The handler's reply to an effect; a value it cannot use is a located error (as in
+    ``semantics.sampling.drive``), never a raw Python exception."""
+    try:
+        return dispatch[type(eff)](eff)
+    except PPLError as err:
+        raise err.with_span(eff.span)
+    except (TypeError, ValueError, RuntimeError, IndexError, ZeroDivisionError, OverflowError) as err:
+        msg = str(err).splitlines()[0] if str(err) else ""
+        raise PPLRuntimeError(f"{type(err).__name__}: {msg}", eff.span) from err
 
 
 def _rejuvenate(interp, entry, data, h: SMCHandler, k: int, N: int, device, moves, kernel, scale, randomness):

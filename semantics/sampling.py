@@ -32,7 +32,7 @@ import torch
 from .errors import PPLError, PPLRuntimeError
 from .dist_values import ProposedDist
 from .interpreter import ConditionEffect, FactorEffect, ObserveEffect, SampleEffect, TwistEffect
-from .values import (Batched, Particles, PerParticle, batch_rows, is_batched, is_numeric,
+from .values import (Batched, Particles, PerParticle, batch_rows, describe, is_batched, is_numeric,
                      materialize, rows, to_bool_rows)
 
 
@@ -183,8 +183,13 @@ class _WeightAccumulator:
         """Replace the particle's potential: weight * exp(phi - previous phi)."""
         ctx = eff.ctx
         v = eff.value
-        phi = rows(v, ctx).to(self.log_weights.dtype) if isinstance(v, Batched) else \
-            torch.full((ctx.M,), float(v), dtype=self.log_weights.dtype, device=self.log_weights.device)
+        try:
+            phi = rows(v, ctx).to(self.log_weights.dtype) if isinstance(v, Batched) else \
+                torch.full((ctx.M,), float(v), dtype=self.log_weights.dtype, device=self.log_weights.device)
+        except (TypeError, ValueError, RuntimeError):
+            phi = None
+        if phi is None or phi.shape != (ctx.M,):
+            raise PPLRuntimeError(f"twist needs one number per particle, got {describe(v)}", eff.span)
         full = Particles(ctx.full.idx, ctx.N, ctx.device, ctx.full)
         current = rows(self._twist, full) if self._twist is not None else \
             torch.zeros(ctx.N, dtype=self.log_weights.dtype, device=self.log_weights.device)

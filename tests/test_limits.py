@@ -297,3 +297,10 @@ def test_twist_under_resample_move_runs_on_the_twisted_hmm():
     exact = m.run("enumerate", data)
     r = m.run("resample_move", data, particles=2000, seed=0)
     assert abs(r.log_evidence - exact.log_evidence) < 0.1
+
+
+@pytest.mark.parametrize("method", ["smc", "resample_move"])
+def test_a_twist_that_is_not_one_number_is_a_located_error(method):
+    src = "def m():\n    z ~ flip(0.5)\n    twist(zeros(3))\n    observe 1.0 ~ normal(z, 1)\n    return z\n"
+    err = run_error(src, method)
+    located(err, 3, "twist needs one number per particle")
