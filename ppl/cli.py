@@ -3,7 +3,13 @@
     ppl run MODEL.ppl [--data DATA.json] [--entry NAME] [--method METHOD]
                       [-n N] [--seed S] [--device cpu|cuda|auto] [--json] [--plot OUT.png]
                       [--samples S] [--burn-in B] [--thin T] [--kernel prior|rw|NAME] [--scale X]
+                      [-o KEY=VALUE ...] [--limit KEY=VALUE ...] [--progress]
     ppl check MODEL.ppl [--entry NAME]
+
+``--limit`` changes a bound of ``ppl.semantics.limits`` (max_memory, max_int_bits,
+regex_timeout, max_iterations, max_depth); ``--progress`` shows a progress bar where the
+method has one. Ctrl-C prints ``interrupted (Ctrl-C)`` and exits with 130; a closed
+stdout (``--json | head``) ends quietly with 141.
 
 ``run`` compiles the model, binds the entry function's parameters from the data file
 (a JSON object: parameter name -> value; parameters it leaves out take their
