@@ -140,7 +140,12 @@ class Model:
 
     def run(self, method: str = "importance", data: Mapping[str, Any] | None = None, *,
             particles: int = 1000, seed: int | None = None, device: str = "cpu", **options):
-        """Run inference ``method`` on ``entry(**data)``; returns a result object."""
+        """Run inference ``method`` on ``entry(**data)``; returns a result object.
+
+        ``seed``: the run draws from generators of its own seeded with it (the same seed,
+        the same result, also when other runs go on in other threads at the same time;
+        torch's global generator is untouched). ``seed=None``: seeded from torch's global
+        generator (``torch.manual_seed`` makes it repeatable). See ``ppl.api.seeded``."""
         from .inference import METHODS
         from .inference.methods import check_options
         if method not in METHODS:
