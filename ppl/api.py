@@ -45,7 +45,7 @@ from .semantics.errors import PPLCheckError, PPLError, PPLRuntimeError, did_you_
 from .semantics.interpreter import Builtin, Interpreter
 from .semantics.pretty import pretty
 from .semantics.sampling import Replay, drive
-from .semantics.values import Batched, Particles, is_batched, rows
+from .semantics.values import Batched, Particles, is_batched, rows, to_vector
 
 
 class Model:
@@ -407,9 +407,11 @@ def _prepare(v: Any, device, name: str) -> Any:
         if v.dtype.kind == "c":
             raise PPLError(f"data '{name}' is an array of complex numbers", hint="pass real numbers")
         v = v.tolist()  # an object/string array: its elements, as a (nested) list
-    if device is None:  # exact semantics: plain Python
+    if device is None:  # exact semantics: plain Python; numeric data a Vector where sampling has a tensor
         if isinstance(v, (torch.Tensor, np.ndarray)):
-            return v.tolist()
+            return to_vector(v.tolist())
+        if _data_tensor(v, "cpu") is not None:
+            return to_vector([_prepare(x, None, name) for x in v])
         if isinstance(v, (list, tuple)):
             return type(v)(_prepare(x, None, name) for x in v)
         return _check_datum(v, name)
@@ -419,17 +421,25 @@ def _prepare(v: Any, device, name: str) -> Any:
             v = v.to(torch.get_default_dtype())
     if isinstance(v, torch.Tensor):
         return v.to(device)
-    if isinstance(v, (list, tuple)) and v and _numeric_nested(v):
-        try:
-            t = torch.tensor(v, device=device)
-            if t.is_floating_point():
-                t = t.to(torch.get_default_dtype())
-            return t
-        except (ValueError, TypeError, RuntimeError):
-            pass
+    t = _data_tensor(v, device)
+    if t is not None:
+        return t
     if isinstance(v, (list, tuple)):
         return type(v)(_prepare(x, device, name) for x in v)
     return _check_datum(v, name)
+
+
+def _data_tensor(v: Any, device) -> torch.Tensor | None:
+    """A non-empty rectangular (nested) list of numbers as the tensor it is under sampling;
+    None for anything else (ragged, strings, empty: those stay lists). The exact semantics
+    makes a Vector of exactly these (numeric data is a vector in every semantics)."""
+    if isinstance(v, (list, tuple)) and v and _numeric_nested(v):
+        try:
+            t = torch.tensor(v, device=device)
+        except (ValueError, TypeError, RuntimeError, OverflowError):
+            return None
+        return t.to(torch.get_default_dtype()) if t.is_floating_point() else t
+    return None
 
 
 def _numeric_nested(v) -> bool:

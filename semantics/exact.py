@@ -29,7 +29,7 @@ from . import ir
 from .errors import InfiniteSupportError, PPLError, PPLRuntimeError, ZeroEvidenceError
 from .interpreter import Interpreter
 from .sampling import drive
-from .values import Particles, to_python, truthy
+from .values import Particles, Vector, to_python, to_vector, truthy
 
 
 class _Pruned(Exception):
@@ -73,6 +73,8 @@ class _PathHandler:
         self.taken.append(i)
         self.sizes.append(len(support))
         value, p = support[i]
+        if getattr(getattr(eff.dist, "spec", None), "value_event_dim", 0) >= 1 and isinstance(value, (list, tuple)):
+            value = to_vector(value)  # a vector-valued choice (multinomial): a vector, as under sampling
         self.values[eff.addr] = value
         self._mul(p)
         return value
@@ -144,13 +146,17 @@ def _observe_prob(spec, value, args):
 
 
 def exact_data(data: dict) -> dict:
-    """Data for the exact semantics: tensors and arrays become Python lists."""
-    out = {}
-    for k, v in data.items():
-        if isinstance(v, (torch.Tensor, np.ndarray)):
-            v = v.tolist()
-        out[k] = v
-    return out
+    """Data for the exact semantics: tensors and arrays (also inside lists) become
+    ``Vector``s of Python numbers, so they stay vectors (elementwise arithmetic)."""
+    return {k: _exact_datum(v) for k, v in data.items()}
+
+
+def _exact_datum(v: Any) -> Any:
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        return to_vector(v.tolist())
+    if isinstance(v, (list, tuple)) and not isinstance(v, Vector):
+        return type(v)(_exact_datum(x) for x in v)
+    return v
 
 
 def _hashable(v: Any) -> Any:

@@ -333,6 +333,113 @@ def is_numeric(v: Any) -> bool:
     return isinstance(v, (Batched, torch.Tensor)) or is_scalar(v)
 
 
+# ------------------------------------------------------------------------ exact vectors
+class Vector(tuple):
+    """Numeric data in the exact semantics: what a data tensor is under sampling.
+
+    Numeric data (a rectangular list of numbers, an array, a tensor) is a *vector* in
+    every semantics: arithmetic and comparisons on it are elementwise, broadcasting like
+    torch. Sampling keeps it a tensor; exact enumeration keeps it a ``Vector`` of Python
+    numbers (ints, bools, floats, Fractions; nested Vectors for a matrix), so its
+    arithmetic stays exact. Indexing, ``len`` and iteration are a tuple's; a slice is a
+    Vector. ``binop``/``unop`` give the elementwise meaning (``vector_binop``); Python's
+    own ``+``/``*`` on the tuple are never used for it."""
+
+    __slots__ = ()
+
+    def __getitem__(self, k):
+        out = tuple.__getitem__(self, k)
+        return Vector(out) if isinstance(k, slice) else out
+
+    def __repr__(self) -> str:
+        return f"Vector({list(self)!r})"
+
+    @property
+    def shape(self) -> tuple:
+        return vector_shape(self)
+
+    def flat(self) -> list:
+        """The numbers, in row-major order."""
+        return [y for x in self for y in (x.flat() if isinstance(x, Vector) else (x,))]
+
+
+def vector_shape(v: Any) -> tuple:
+    """The shape of a Vector (() for a number)."""
+    if isinstance(v, Vector):
+        return (len(v),) + (vector_shape(v[0]) if len(v) else ())
+    return ()
+
+
+def to_vector(v: Any) -> Any:
+    """A rectangular nested list/tuple of numbers (or a tensor/array's ``tolist()``) as a
+    Vector (nested for a matrix); a number stays a number. A ragged or non-numeric list is
+    a ``RaggedListError``/``PPLRuntimeError``, as it would be as a tensor."""
+    if hasattr(v, "tolist") and not isinstance(v, (list, tuple)):
+        v = v.tolist()
+    if isinstance(v, (list, tuple)):
+        out = Vector(to_vector(x) for x in v)
+        shapes = {vector_shape(x) for x in out}
+        if len(shapes) > 1:
+            a, b = sorted(shapes, key=lambda s: (len(s), s))[:2]
+            raise RaggedListError(f"a ragged list (items of shapes {list(a)} and {list(b)}) cannot be used as a "
+                                  "vector", hint="lists used as vectors or matrices need items of one shape")
+        return out
+    if is_scalar(v):
+        return v
+    raise PPLRuntimeError(f"expected a number, got {describe(v)}")
+
+
+def _vector_operand(v: Any) -> Any:
+    """An operand next to a Vector: a list literal of numbers becomes a Vector (as a
+    tensor operand turns one into a tensor under sampling); numbers stay numbers."""
+    if isinstance(v, Vector) or is_scalar(v):
+        return v
+    if isinstance(v, (list, tuple)):
+        return to_vector(v)
+    raise PPLRuntimeError(f"expected a number, got {describe(v)}")
+
+
+def vector_binop(op: str, a: Any, b: Any, exact: bool) -> Any:
+    """``a op b`` elementwise when either is a Vector: a number broadcasts, shapes
+    broadcast like torch's (trailing dims; a dim of 1 stretches); otherwise an error
+    naming both shapes, as under sampling."""
+    try:
+        a, b = _vector_operand(a), _vector_operand(b)
+    except RaggedListError:
+        raise
+    except PPLRuntimeError:
+        raise PPLRuntimeError(f"unsupported operand types for {op}: {describe(a)} and {describe(b)}",
+                              hint="arithmetic on a vector is elementwise: the other operand must be a number "
+                                   "or a vector (list of numbers)") from None
+    sa, sb = vector_shape(a), vector_shape(b)
+    try:
+        shape = tuple(torch.broadcast_shapes(sa, sb))
+    except RuntimeError:
+        raise PPLRuntimeError(f"cannot apply {op} to values of shapes {list(sa)} and {list(sb)}: the shapes do not "
+                              "broadcast", hint="elementwise operations need equal shapes (or a shape of one "
+                              "element, or a single number)") from None
+    return _elementwise(lambda x, y: _py_binop(op, x, y, exact), a, len(sa), b, len(sb), shape)
+
+
+def _elementwise(fn: Callable, a: Any, ra: int, b: Any, rb: int, shape: tuple) -> Any:
+    """fn over the broadcast of a (rank ra) and b (rank rb) to ``shape``."""
+    if not shape:
+        return fn(a, b)
+    n = len(shape)
+
+    def item(v, r, i):  # v's element for output position i along the leading dim
+        if r < n:  # v has fewer dims: it repeats along this one
+            return v
+        return v[0] if len(v) == 1 else v[i]
+    return Vector(_elementwise(fn, item(a, ra, i), min(ra, n - 1), item(b, rb, i), min(rb, n - 1), shape[1:])
+                  for i in range(shape[0]))
+
+
+def vector_map(fn: Callable, v: Vector) -> Vector:
+    """fn on every number of v (elementwise unary operations)."""
+    return Vector(vector_map(fn, x) if isinstance(x, Vector) else fn(x) for x in v)
+
+
 def scalar_dtype(v: Any) -> torch.dtype:
     if isinstance(v, bool):
         return torch.bool
@@ -418,6 +525,12 @@ def to_bool_rows(v: Any, ctx: Particles) -> torch.Tensor | bool:
 
 
 def truthy(v: Any) -> bool:
+    if isinstance(v, Vector):  # as a tensor: one element is its truth value, more is an error
+        items = v.flat()
+        if len(items) != 1:
+            raise PPLRuntimeError(f"a condition must be one truth value, got a vector of shape {tuple(v.shape)}",
+                                  hint="use any(...) or all(...)")
+        return bool(items[0])
     if isinstance(v, torch.Tensor):
         if v.numel() != 1:
             raise PPLRuntimeError(
@@ -577,6 +690,10 @@ def binop(op: str, a: Any, b: Any, ctx: Particles, exact: bool = False) -> Any:
         raise not_a_value(d, "in a comparison" if op in _COMPARISONS or op == "in" else "in arithmetic")
     if op == "in":
         return contains(b, a, ctx)
+    if isinstance(a, Vector) or isinstance(b, Vector):
+        if not (_deep_batched(a) or _deep_batched(b) or isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor)):
+            return vector_binop(op, a, b, exact)
+    a, b = _batch_list_next_to_tensor(a, b, ctx), _batch_list_next_to_tensor(b, a, ctx)
     ab, bb = isinstance(a, Batched), isinstance(b, Batched)
     if not (ab or bb):
         if isinstance(a, PerParticle) or isinstance(b, PerParticle) or \
@@ -600,6 +717,16 @@ def binop(op: str, a: Any, b: Any, ctx: Particles, exact: bool = False) -> Any:
             not isinstance(tb, torch.Tensor) and not is_scalar(tb):
         raise PPLRuntimeError(f"unsupported operand types for {op}: {describe(a)} and {describe(b)}")
     return Batched(_torch_binop(op, ta, tb, lead=(ab, bb)), ctx.idx)
+
+
+def _batch_list_next_to_tensor(v: Any, other: Any, ctx: Particles) -> Any:
+    """A list literal with per-particle numbers (``[x, 1]``) next to a vector (a tensor
+    or a Vector) is a per-particle vector: ``[x, 1] + a`` is elementwise for each
+    particle, as it is for one."""
+    if isinstance(v, (list, tuple)) and isinstance(other, (torch.Tensor, Vector)) and _deep_batched(v) \
+            and not isinstance(v, Vector):
+        return Batched(batch_rows(v, ctx), ctx.idx)
+    return v
 
 
 _COMPARISONS = frozenset(("==", "!=", "<", "<=", ">", ">="))
@@ -627,6 +754,8 @@ def _torch_binop(op: str, a: Any, b: Any, lead: tuple = (False, False)) -> torch
                                   "broadcast", hint="elementwise operations need equal shapes (or a shape of "
                                   "one element, or a single number)") from None
         raise PPLRuntimeError(f"cannot apply {op}: {str(e).splitlines()[0]}") from None
+    except TypeError:  # e.g. a tensor and a string
+        raise PPLRuntimeError(f"unsupported operand types for {op}: {describe(a)} and {describe(b)}") from None
 
 
 _INT64 = (-2 ** 63, 2 ** 63)
@@ -658,8 +787,8 @@ def _is_bool(x: Any) -> bool:
 def unop(op: str, a: Any, ctx: Particles) -> Any:
     if op == "not":
         if isinstance(a, Batched):
-            t = rows(a, ctx)
-            return Batched(~t if t.dtype == torch.bool else t == 0, ctx.idx)
+            t = to_bool_rows(a, ctx)  # one truth value per particle: `not` of a vector is an error, as unbatched
+            return Batched(~t, ctx.idx)
         if isinstance(a, PerParticle):
             return per_particle(lambda x: not truthy(x), (a,), ctx)
         return not truthy(a)
@@ -672,6 +801,10 @@ def unop(op: str, a: Any, ctx: Particles) -> Any:
         return Batched(-t if op == "-" else t, ctx.idx)
     if isinstance(a, PerParticle):
         return per_particle(operator.neg if op == "-" else operator.pos, (a,), ctx)
+    if isinstance(a, Vector):  # elementwise, a bool as the int 0/1 (as for a tensor)
+        return vector_map(lambda x: -x if op == "-" else +int(x) if isinstance(x, bool) else +x, a)
+    if isinstance(a, torch.Tensor) and a.dtype == torch.bool:
+        a = a.long()
     try:
         return -a if op == "-" else +a
     except TypeError:
@@ -766,6 +899,8 @@ def describe(v: Any) -> str:
         return f"{kind}" + (f" tensor of shape {s}" if s else "")
     if isinstance(v, PerParticle):
         return "per-particle value"
+    if isinstance(v, Vector):
+        return f"vector of shape {tuple(v.shape)}"
     if isinstance(v, torch.Tensor):
         return f"tensor of shape {tuple(v.shape)}" if v.dim() else "number"
     if isinstance(v, bool):

@@ -21,9 +21,9 @@ from ..semantics import limits
 from ..semantics.dist_values import DistValue
 from ..semantics.errors import PPLRuntimeError
 from ..semantics.interpreter import Builtin, Closure, MemFn, RaggedRange, _int_index
-from ..semantics.values import (Batched, PerParticle, as_tensor, batch_rows, binop, describe,
+from ..semantics.values import (Batched, PerParticle, Vector, as_tensor, batch_rows, binop, describe,
                                 is_batched, is_numeric, materialize, pack, per_particle, rows,
-                                to_bool_rows, boolop_or)
+                                to_bool_rows, boolop_or, to_vector, vector_map)
 from . import distributions as _dists
 
 
@@ -88,7 +88,12 @@ def _abs(ctx, x):
         return x.abs()
     if isinstance(x, PerParticle):
         return per_particle(abs, (x,), ctx)
-    return abs(x)
+    if isinstance(x, Vector):
+        return vector_map(abs, x)
+    try:
+        return abs(x)
+    except TypeError:
+        raise PPLRuntimeError(f"abs() expects a number or a vector, got {describe(x)}") from None
 
 
 def _rounding(name, tf, pf):
@@ -99,6 +104,8 @@ def _rounding(name, tf, pf):
             return tf(x).long()
         if isinstance(x, PerParticle):
             return per_particle(pf, (x,), ctx)
+        if isinstance(x, Vector):
+            return vector_map(pf, x)
         return pf(x)
     return Builtin(name, fn, (1, 1))
 
@@ -120,6 +127,8 @@ def _reduce_binary(op: str, tf):
                 return x.max() if op == ">" else x.min()
             if isinstance(x, PerParticle):
                 return per_particle(max if op == ">" else min, (x,), ctx)
+            if isinstance(x, Vector):
+                x = x.flat()
             if isinstance(x, (list, tuple)):
                 if not x:
                     raise PPLRuntimeError("min()/max() of an empty list")
@@ -155,6 +164,8 @@ def _sum(ctx, xs, start=0):
         return xs.sum()
     if isinstance(xs, PerParticle):
         return per_particle(lambda v: sum(v, start), (xs,), ctx)
+    if isinstance(xs, Vector):  # all its numbers, as a tensor's .sum()
+        xs = xs.flat()
     if isinstance(xs, range):  # in closed form: a range may be far too long to walk
         n = len(xs)
         return binop("+", start, n * (xs[0] + xs[-1]) // 2 if n else 0, ctx)
@@ -170,13 +181,27 @@ def _sum(ctx, xs, start=0):
 
 
 def _prod(ctx, xs):
+    """The product of all the numbers of a list or vector (of a matrix too, like sum)."""
     out = 1
-    for x in _static_items(ctx, xs, "prod"):
+    for x in _static_items(ctx, _flat_vector(ctx, xs), "prod"):
         out = binop("*", out, x, ctx)
     return out
 
 
+def _flat_vector(ctx, xs):
+    """A vector (tensor, per-particle tensor, Vector) as one dimension; anything else as is."""
+    if isinstance(xs, Vector):
+        return xs.flat()
+    if isinstance(xs, torch.Tensor) and xs.dim() >= 2:
+        return xs.flatten()
+    if isinstance(xs, Batched) and xs.t.dim() >= 3:
+        return Batched(rows(xs, ctx).flatten(1), ctx.idx)
+    return xs
+
+
 def _mean(ctx, xs):
+    """The mean of all the numbers of a list or vector (of a matrix: over every element)."""
+    xs = _flat_vector(ctx, xs)
     return binop("/", _sum(ctx, xs), _len(ctx, xs), ctx)
 
 
@@ -199,7 +224,7 @@ def _softmax(ctx, xs):
         m = max(float(x) for x in xs)
         e = [math.exp(float(x) - m) for x in xs]
         z = sum(e)
-        return [v / z for v in e]
+        return Vector(v / z for v in e)  # a vector, as the tensor sampling returns
     t, b = _vector(ctx, xs, "softmax")
     out = torch.softmax(t, -1)
     return Batched(out, ctx.idx) if b else out
@@ -215,7 +240,10 @@ def _logsumexp(ctx, xs):
 
 
 def _dot(ctx, a, b):
-    return _sum(ctx, binop("*", a, b, ctx) if not isinstance(a, (list, tuple)) else
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) != len(b):
+        raise PPLRuntimeError(f"dot() of vectors of lengths {len(a)} and {len(b)}",
+                              hint="dot(a, b) needs vectors of one length")
+    return _sum(ctx, binop("*", a, b, ctx) if not isinstance(a, (list, tuple)) or isinstance(a, Vector) else
                 [binop("*", x, y, ctx) for x, y in zip(a, b)])
 
 
@@ -228,7 +256,7 @@ def _any_all(is_any: bool):
             return bool(xs.bool().any() if is_any else xs.bool().all())
         if isinstance(xs, PerParticle):
             return per_particle(any if is_any else all, (xs,), ctx)
-        items = list(_static_items(ctx, xs, "any" if is_any else "all"))
+        items = list(_static_items(ctx, _flat_vector(ctx, xs), "any" if is_any else "all"))
         if not _has_batched(items):
             return any(bool(x) for x in items) if is_any else all(bool(x) for x in items)
         t = torch.stack([_as_bool_rows(x, ctx) for x in items], 1)
@@ -317,13 +345,62 @@ def _reverse(ctx, xs):
 
 
 def _append(ctx, xs, x):
+    """xs with x at its end: a list stays a list, a vector stays a vector."""
+    if _is_vector(xs):
+        return _concat_vectors(ctx, xs, [x])
     if isinstance(xs, PerParticle):
         return per_particle(lambda v, y: list(v) + [y], (xs, x), ctx)
     return list(_static_items(ctx, xs, "append")) + [x]
 
 
 def _concat(ctx, a, b):
+    """a followed by b. Never elementwise: with a vector among them (numeric data, a tensor,
+    a per-particle tensor) the result is a vector, else a list (or a string)."""
+    if _is_vector(a) or _is_vector(b):
+        return _concat_vectors(ctx, a, b)
+    if isinstance(a, PerParticle) or isinstance(b, PerParticle):
+        return per_particle(lambda x, y: list(x) + list(y) if not isinstance(x, str) else x + y, (a, b), ctx)
     return binop("+", a, b, ctx)
+
+
+def _is_vector(v) -> bool:
+    """A value that is a vector (elementwise arithmetic): a tensor of at least one dim,
+    a per-particle tensor of vectors, or an exact Vector."""
+    return isinstance(v, Vector) or (isinstance(v, torch.Tensor) and v.dim() >= 1) or \
+        (isinstance(v, Batched) and v.t.dim() >= 2)
+
+
+def _concat_vectors(ctx, a, b):
+    """Concatenation along the first dim, when one operand is a vector: Vectors in the
+    exact semantics, tensors (per particle when either is) under sampling."""
+    for v in (a, b):
+        if isinstance(v, PerParticle) or (not isinstance(v, (list, tuple)) and not _is_vector(v)):
+            raise PPLRuntimeError(f"concat() expects two lists or vectors, got {describe(v)}",
+                                  hint="append(xs, x) adds one element")
+    if not any(_has_batched(v) or isinstance(v, torch.Tensor) for v in (a, b)):  # exact: Vectors
+        va, vb = to_vector(a), to_vector(b)
+        if len(va) and len(vb) and (va.shape[1:] != vb.shape[1:] or not va.shape or not vb.shape):
+            raise _concat_shape_error(list(va.shape), list(vb.shape))
+        return Vector(va + vb)
+    if not any(_has_batched(v) for v in (a, b)):
+        ta, tb = as_tensor(a, ctx.device), as_tensor(b, ctx.device)
+        if len(a) == 0 or len(b) == 0:
+            return ta if len(b) == 0 else tb
+        return torch.cat(_concat_shapes(*_promote2(ta, tb), lead=0))
+    ta, tb = batch_rows(a, ctx), batch_rows(b, ctx)
+    return Batched(torch.cat(_concat_shapes(*_promote2(ta, tb), lead=1), dim=1), ctx.idx)
+
+
+def _concat_shapes(ta, tb, lead: int):
+    """The two tensors, checked to be concatenable (same item shape); ``lead`` particle dims."""
+    if ta.dim() == lead or tb.dim() == lead or ta.shape[lead + 1:] != tb.shape[lead + 1:]:
+        raise _concat_shape_error(list(ta.shape[lead:]), list(tb.shape[lead:]))
+    return ta, tb
+
+
+def _concat_shape_error(sa: list, sb: list) -> PPLRuntimeError:
+    return PPLRuntimeError(f"concat() of values of shapes {sa} and {sb}: their items differ in shape",
+                           hint="concatenated vectors need items of one shape")
 
 
 def _convert(name, py, dtype):
