@@ -182,11 +182,21 @@ def check_int(v: int, what: str = "an integer result") -> int:
     return v
 
 
+def check_fraction(v, what: str = "an exact rational result") -> None:
+    """An exact rational (``Fraction``) whose numerator or denominator has more than
+    ``max_int_bits`` bits is an error (exact arithmetic in a loop can grow without bound)."""
+    check_int(max(abs(v.numerator), v.denominator, key=int.bit_length), what)
+
+
 def check_power(base, exponent) -> None:
     """Refuse ``base ** exponent`` (ints or Fractions, integer exponent) before computing
     it when its result would have more than ``max_int_bits`` bits."""
     from fractions import Fraction
-    if isinstance(base, bool) or isinstance(exponent, bool) or not isinstance(exponent, int) or exponent <= 1:
+    if isinstance(base, bool) or isinstance(exponent, bool) or not isinstance(exponent, int):
+        return
+    if isinstance(base, Fraction):
+        exponent = abs(exponent)  # (3/2) ** -n is (2/3) ** n, exactly
+    if exponent <= 1:
         return
     if isinstance(base, int):
         size = abs(base).bit_length() - 1 if base else 0  # log2|base| rounded down

@@ -403,6 +403,12 @@ def vector_binop(op: str, a: Any, b: Any, exact: bool) -> Any:
     """``a op b`` elementwise when either is a Vector: a number broadcasts, shapes
     broadcast like torch's (trailing dims; a dim of 1 stretches); otherwise an error
     naming both shapes, as under sampling."""
+    return vector_apply(lambda x, y: _py_binop(op, x, y, exact), a, b, op)
+
+
+def vector_apply(fn: Callable, a: Any, b: Any, op: str) -> Any:
+    """``fn`` on the numbers of a and b (Vectors, list literals of numbers, or numbers),
+    broadcast as ``vector_binop`` does; ``op`` names the operation in errors."""
     try:
         a, b = _vector_operand(a), _vector_operand(b)
     except RaggedListError:
@@ -418,7 +424,7 @@ def vector_binop(op: str, a: Any, b: Any, exact: bool) -> Any:
         raise PPLRuntimeError(f"cannot apply {op} to values of shapes {list(sa)} and {list(sb)}: the shapes do not "
                               "broadcast", hint="elementwise operations need equal shapes (or a shape of one "
                               "element, or a single number)") from None
-    return _elementwise(lambda x, y: _py_binop(op, x, y, exact), a, len(sa), b, len(sb), shape)
+    return _elementwise(fn, a, len(sa), b, len(sb), shape)
 
 
 def _elementwise(fn: Callable, a: Any, ra: int, b: Any, rb: int, shape: tuple) -> Any:
@@ -638,6 +644,8 @@ def _py_binop(op: str, a: Any, b: Any, exact: bool) -> Any:
                               hint="the result overflows; work on a log scale (e.g. log-probabilities)") from None
     if type(out) is int:
         limits.check_int(out)
+    elif type(out) is Fraction:
+        limits.check_fraction(out)
     return out
 
 

@@ -36,3 +36,9 @@ def test_the_fuzzer_is_deterministic_and_reports_raw_exceptions(monkeypatch):
     report = fuzz.fuzz(40, seed=1)
     assert not report.ok and all(f.stage == "importance" and "KeyError" in f.error for f in report.failures)
     assert "def " in report.summary(show=1)
+
+
+def test_the_fuzzer_runs_from_the_command_line(capsys):
+    assert fuzz.main(["--cases", "20", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("20 cases in ") and ": 0 failures" in out.splitlines()[0]

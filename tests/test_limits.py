@@ -304,3 +304,15 @@ def test_a_twist_that_is_not_one_number_is_a_located_error(method):
     src = "def m():\n    z ~ flip(0.5)\n    twist(zeros(3))\n    observe 1.0 ~ normal(z, 1)\n    return z\n"
     err = run_error(src, method)
     located(err, 3, "twist needs one number per particle")
+
+
+def test_exact_rationals_are_bounded_too():
+    # exact enumeration computes 0.5 * 0.5 * ... as Fractions: squaring doubles the bits
+    src = "def m():\n    x = 0.75\n    for i in range(30):\n        x = x * x\n    return x > 0\n"
+    with fast(10):
+        err = run_error(src, "enumerate")
+    located(err, 4, "exact rational", "max_int_bits")
+    assert ppl.model(src).run("importance", particles=2, seed=0).probs() == {False: 1.0}  # floats underflow to 0
+    with fast(10):
+        err = run_error("def m():\n    return (3 / 2) ** -100000000\n", "enumerate")
+    located(err, 2, "max_int_bits")
