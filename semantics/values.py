@@ -867,10 +867,10 @@ def merge_parts(parts: Sequence[tuple[torch.Tensor, Any]], target: Particles) ->
         return restrict(first, target) if _covers(first, target) else first
     if all(is_numeric(v) for v in vals):
         pieces = [batch_rows(v, Particles(idx, target.N, target.device, target.full)) for idx, v in parts]
-        try:
-            shape = torch.broadcast_shapes(*[p.shape[1:] for p in pieces])
-        except RuntimeError:
-            shape = None
+        # one tensor only when every part has the same per-particle shape: broadcasting a
+        # part's [3] to [3, 3] (or 0 to [0, 0]) would change its particles' values
+        shapes = {tuple(p.shape[1:]) for p in pieces}
+        shape = shapes.pop() if len(shapes) == 1 else None
         if shape is not None:
             pieces = _promote(pieces)
             out = torch.empty((target.M, *shape), dtype=pieces[0].dtype, device=target.device)

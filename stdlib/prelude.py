@@ -21,9 +21,10 @@ from ..semantics import limits
 from ..semantics.dist_values import DistValue
 from ..semantics.errors import PPLRuntimeError
 from ..semantics.interpreter import Builtin, Closure, MemFn, RaggedRange, _int_index
+from ..semantics.values import _align_ranks  # the per-particle broadcasting of binop
 from ..semantics.values import (Batched, PerParticle, Vector, as_tensor, batch_rows, binop, describe,
                                 is_batched, is_numeric, materialize, pack, per_particle, rows,
-                                to_bool_rows, boolop_or, to_vector, vector_map)
+                                to_bool_rows, boolop_or, to_vector, vector_apply, vector_map)
 from . import distributions as _dists
 
 
@@ -136,17 +137,40 @@ def _reduce_binary(op: str, tf):
             else:
                 raise PPLRuntimeError(f"expected a list, got {describe(x)}")
         out = args[0]
+        pick = (lambda x, y: y if (y > x if op == ">" else y < x) else x)
         for y in args[1:]:
-            if not _has_batched(out) and not _has_batched(y) and not isinstance(out, torch.Tensor) \
+            if (isinstance(out, Vector) or isinstance(y, Vector)) and not _has_batched(out) \
+                    and not _has_batched(y) and not isinstance(out, torch.Tensor) and not isinstance(y, torch.Tensor):
+                out = vector_apply(pick, out, y, "max" if op == ">" else "min")  # elementwise, as for tensors
+            elif not _has_batched(out) and not _has_batched(y) and not isinstance(out, torch.Tensor) \
                     and not isinstance(y, torch.Tensor):
-                out = y if (y > out if op == ">" else y < out) else out
-            elif is_numeric(out) and is_numeric(y):
-                a, b = batch_rows(out, ctx), batch_rows(y, ctx)
-                out = Batched(tf(*_promote2(a, b)), ctx.idx)
+                out = pick(out, y)
+            elif (is_numeric(out) and is_numeric(y)) or (_numbers(out) and _numbers(y) and
+                                                          (_is_vector(out) or _is_vector(y))):
+                # elementwise, per particle (a list literal of numbers next to a vector is one)
+                out = _elementwise_rows(tf, out, y, ctx, "max" if op == ">" else "min")
             else:
                 out = per_particle(max if op == ">" else min, (out, y), ctx)
         return out
     return fn
+
+
+def _numbers(v) -> bool:
+    """A number, a tensor, a per-particle tensor, or a list of those."""
+    return is_numeric(v) or (isinstance(v, (list, tuple)) and all(_numbers(x) for x in v))
+
+
+def _elementwise_rows(tf, a, b, ctx, name: str) -> Batched:
+    """tf(a, b) for each particle, one's shapes broadcast as they would be for one particle."""
+    ta, tb = _promote2(batch_rows(a, ctx), batch_rows(b, ctx))
+    ta, tb = _align_ranks(ta, tb, True, True)
+    try:
+        return Batched(tf(ta, tb), ctx.idx)
+    except RuntimeError:
+        raise PPLRuntimeError(f"cannot apply {name} to values of shapes {list(ta.shape[1:])} and "
+                              f"{list(tb.shape[1:])}: the shapes do not broadcast",
+                              hint="elementwise operations need equal shapes (or a shape of one element, or a "
+                                   "single number)") from None
 
 
 def _promote2(a, b):
@@ -159,9 +183,9 @@ def _sum(ctx, xs, start=0):
         t = rows(xs, ctx)
         if t.dim() < 2:
             raise PPLRuntimeError("sum() expects a list or vector, got a number")
-        return Batched(t.flatten(1).sum(1), ctx.idx)
+        return _plus_start(Batched(t.flatten(1).sum(1), ctx.idx), start, ctx)
     if isinstance(xs, torch.Tensor):
-        return xs.sum()
+        return _plus_start(xs.sum(), start, ctx)
     if isinstance(xs, PerParticle):
         return per_particle(lambda v: sum(v, start), (xs,), ctx)
     if isinstance(xs, Vector):  # all its numbers, as a tensor's .sum()
@@ -178,6 +202,12 @@ def _sum(ctx, xs, start=0):
             out = binop("+", out, x, ctx)
         return out
     raise PPLRuntimeError(f"sum() expects a list, got {describe(xs)}")
+
+
+def _plus_start(total, start, ctx):
+    """sum(xs, start) of a vector: its total plus start."""
+    return total if isinstance(start, int) and not isinstance(start, bool) and start == 0 else \
+        binop("+", start, total, ctx)
 
 
 def _prod(ctx, xs):
@@ -349,7 +379,7 @@ def _append(ctx, xs, x):
     if _is_vector(xs):
         return _concat_vectors(ctx, xs, [x])
     if isinstance(xs, PerParticle):
-        return per_particle(lambda v, y: list(v) + [y], (xs, x), ctx)
+        return per_particle(lambda v, y: _concat_one(v, [y]), (xs, x), ctx)
     return list(_static_items(ctx, xs, "append")) + [x]
 
 
@@ -359,8 +389,26 @@ def _concat(ctx, a, b):
     if _is_vector(a) or _is_vector(b):
         return _concat_vectors(ctx, a, b)
     if isinstance(a, PerParticle) or isinstance(b, PerParticle):
-        return per_particle(lambda x, y: list(x) + list(y) if not isinstance(x, str) else x + y, (a, b), ctx)
+        return per_particle(_concat_one, (a, b), ctx)
     return binop("+", a, b, ctx)
+
+
+def _concat_one(x, y):
+    """One particle's concat: of tensors (a tensor among them) along the first dim, of
+    lists, or of strings."""
+    if isinstance(x, str) and isinstance(y, str):
+        return x + y
+    for v in (x, y):
+        if not isinstance(v, (list, tuple, torch.Tensor)) or (isinstance(v, torch.Tensor) and v.dim() == 0):
+            raise PPLRuntimeError(f"concat() expects two lists or vectors, got {describe(v)}",
+                                  hint="append(xs, x) adds one element")
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        tx, ty = as_tensor(x, "cpu"), as_tensor(y, "cpu")
+        if len(x) == 0 or len(y) == 0:
+            return tx if len(y) == 0 else ty
+        tx, ty = _concat_shapes(*_promote2(tx, ty.to(tx.device)), lead=0)
+        return torch.cat([tx, ty])
+    return list(x) + list(y)
 
 
 def _is_vector(v) -> bool:
@@ -373,8 +421,10 @@ def _is_vector(v) -> bool:
 def _concat_vectors(ctx, a, b):
     """Concatenation along the first dim, when one operand is a vector: Vectors in the
     exact semantics, tensors (per particle when either is) under sampling."""
+    if isinstance(a, PerParticle) or isinstance(b, PerParticle):
+        return per_particle(_concat_one, (a, b), ctx)
     for v in (a, b):
-        if isinstance(v, PerParticle) or (not isinstance(v, (list, tuple)) and not _is_vector(v)):
+        if not isinstance(v, (list, tuple)) and not _is_vector(v):
             raise PPLRuntimeError(f"concat() expects two lists or vectors, got {describe(v)}",
                                   hint="append(xs, x) adds one element")
     if not any(_has_batched(v) or isinstance(v, torch.Tensor) for v in (a, b)):  # exact: Vectors

@@ -91,10 +91,21 @@ CASES = {
     "len(a) + len(M)": {4: 1},
     "list(a) + list(b)": {(1, 2, 3, 5): 1},   # list() makes a list
     "softmax(a) * 0 + 1": {(1, 1): 1},
+    "max(a, b)": {(3, 5): 1},                 # elementwise with two vectors, as torch.maximum
+    "min(a * x, 2)": {(1, 2): 0.5, (2, 2): 0.5},
+    "max([x, 1], [2, x])": {(2, 1): 0.5, (2, 2): 0.5},  # two list literals: lists (compared as lists)
+    "sum(a * x, 10)": {13: 0.5, 16: 0.5},     # the start was ignored for a tensor
+    # per-particle vectors of different lengths (a value that is [1, 2] or [1, 2, 1])
+    "concat(a if k else concat(a, [1]), a) + 1": {(2, 3, 2, 3): 0.5, (2, 3, 2, 2, 3): 0.5},
+    "append(a if k else b[0:1], 7) * 2": {(2, 4, 14): 0.5, (6, 14): 0.5},  # b[0:1] was broadcast to [3, 3]
+    "len(a if k else b[0:1])": {2: 0.5, 1: 0.5},
+    "(0 if k else a) + a": {(1, 2): 0.5, (2, 4): 0.5},
+    "append([1] if k else [1, 2], x)": {(1, 1): 0.5, (1, 2, 2): 0.5},
     # a matrix datum
     "M + a": {((2, 4), (4, 6)): 1},
     "M * M": {((1, 4), (9, 16)): 1},
     "M[x - 1] * x": {(1, 2): 0.5, (6, 8): 0.5},
+    "max(M * x, a)": {((1, 2), (3, 4)): 0.5, ((2, 4), (6, 8)): 0.5},
     "sum(M)": {10: 1},
     "mean(M)": {2.5: 1},
     "prod(M)": {24: 1},
