@@ -26,6 +26,7 @@ import random
 import re
 import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -253,7 +254,7 @@ def fuzz(n: int, seed: int = 0, corpus=None, progress: bool = False) -> FuzzRepo
     """Run ``n`` seeded cases; see the module docstring."""
     report = FuzzReport()
     start = time.monotonic()
-    use_alarm = hasattr(signal, "SIGALRM")
+    use_alarm = hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
     old_handler = signal.signal(signal.SIGALRM, _on_alarm) if use_alarm else None
     try:
         with _limits.limits(**LIMITS), warnings.catch_warnings():
