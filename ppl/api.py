@@ -45,7 +45,7 @@ from .semantics.errors import PPLCheckError, PPLError, PPLRuntimeError, did_you_
 from .semantics.interpreter import Builtin, Interpreter
 from .semantics.pretty import pretty
 from .semantics.sampling import Replay, drive
-from .semantics.values import Batched, Particles, is_batched, rows, to_vector
+from .semantics.values import Batched, Particles, Vector, as_tensor, is_batched, rows, to_vector
 
 
 class Model:
@@ -475,7 +475,7 @@ def python_function(fn: Callable, name: str = "") -> Builtin:
     one row per particle, and a tensor result with that many rows is per-particle."""
     def call(ctx, *args, **kwargs):
         batched = any(is_batched(a) for a in args)
-        raw = [rows(a, ctx) if isinstance(a, Batched) else a for a in args]
+        raw = [rows(a, ctx) if isinstance(a, Batched) else _vectors_as_tensors(a, ctx) for a in args]
         try:
             out = fn(*raw, **kwargs)
         except PPLError:
@@ -488,6 +488,16 @@ def python_function(fn: Callable, name: str = "") -> Builtin:
             return Batched(out, ctx.idx)
         return out
     return Builtin(name or getattr(fn, "__name__", "function"), call, (0, None), pure=False)
+
+
+def _vectors_as_tensors(v: Any, ctx) -> Any:
+    """An exact ``Vector`` (numeric data under enumeration) reaches Python code as the
+    tensor it is under sampling, so the function computes the same thing."""
+    if isinstance(v, Vector):
+        return as_tensor(v, ctx.device)
+    if isinstance(v, (list, tuple)):
+        return type(v)(_vectors_as_tensors(x, ctx) for x in v)
+    return v
 
 
 def _function_result(out: Any, name: str) -> Any:

@@ -454,19 +454,36 @@ def _concat_shape_error(sa: list, sb: list) -> PPLRuntimeError:
 
 
 def _convert(name, py, dtype):
-    def fn(ctx, x):
-        if isinstance(x, Batched):
-            return Batched(rows(x, ctx).to(dtype) if dtype is not None else rows(x, ctx), ctx.idx) \
-                if dtype is not None else per_particle(py, (x,), ctx)
-        if isinstance(x, PerParticle):
-            return per_particle(py, (x,), ctx)
-        if isinstance(x, torch.Tensor) and x.dim() == 0:
+    """int/float/bool/str. A vector converts elementwise (a tensor's ``.to(dtype)``, in
+    every semantics); str of a vector is its numbers as a list, ``[1, 2]``."""
+    def one(x):
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            return x.to(dtype) if dtype is not None else _vector_str(x)
+        if isinstance(x, torch.Tensor):
             x = x.item()
         try:
+            if isinstance(x, Vector):
+                return vector_map(py, x) if dtype is not None else _vector_str(x)
             return py(x)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise PPLRuntimeError(f"{name}() cannot convert {describe(x)}") from None
+
+    def fn(ctx, x):
+        if isinstance(x, Batched):
+            return Batched(rows(x, ctx).to(dtype), ctx.idx) if dtype is not None else per_particle(one, (x,), ctx)
+        if isinstance(x, PerParticle):
+            return per_particle(one, (x,), ctx)
+        return one(x)
     return fn
+
+
+def _vector_str(v) -> str:
+    """A vector (Vector or tensor) as the list of its numbers: "[1, 2]", "[[1, 2], [3, 4]]"."""
+    if isinstance(v, torch.Tensor) and v.dim() == 0:
+        v = v.item()
+    if isinstance(v, (Vector, torch.Tensor)):
+        return "[" + ", ".join(_vector_str(x) for x in v) + "]"
+    return str(v)
 
 
 def _length(name, n) -> int:

@@ -101,6 +101,11 @@ CASES = {
     "len(a if k else b[0:1])": {2: 0.5, 1: 0.5},
     "(0 if k else a) + a": {(1, 2): 0.5, (2, 4): 0.5},
     "append([1] if k else [1, 2], x)": {(1, 1): 0.5, (1, 2, 2): 0.5},
+    # conversions of a vector are elementwise; str shows its numbers as a list
+    "str(a * x)": {"[1, 2]": 0.5, "[2, 4]": 0.5},   # was 'Vector(...)' / 'tensor(...)'
+    "str(M)": {"[[1, 2], [3, 4]]": 1},
+    "int(a * x / 2)": {(0, 1): 0.5, (1, 2): 0.5},
+    "bool(a - 1)": {(False, True): 1},          # was True (a non-empty list) under enumerate
     # a matrix datum
     "M + a": {((2, 4), (4, 6)): 1},
     "M * M": {((1, 4), (9, 16)): 1},
@@ -206,3 +211,14 @@ def test_vector_results_print_as_tuples_and_json_as_lists():
     out = r.to_json()
     out = json.loads(out) if isinstance(out, str) else out
     assert out["posterior"]["return"]["probs"] == {"[0, 0]": 0.5, "[1, 2]": 0.5}
+
+
+def test_a_python_function_gets_the_same_vector_under_every_method():
+    """A Python function passed as data sees a tensor for a vector datum under enumeration
+    too (it saw a list: ``v * 2`` repeated it)."""
+    def double(v):
+        return v * 2
+    m = ppl.model("def m(a, f):\n    k ~ flip(0.5)\n    return f(a) + (1 if k else 0)\n")
+    data = {"a": [1, 2], "f": double}
+    assert _marginal(m.run("enumerate", data)) == {(2.0, 4.0): 0.5, (3.0, 5.0): 0.5}
+    assert set(_marginal(m.run("importance", data, particles=100, seed=0))) == {(2.0, 4.0), (3.0, 5.0)}
