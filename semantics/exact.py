@@ -168,7 +168,7 @@ def _hashable(v: Any) -> Any:
 
 
 DEFAULT_MAX_PATHS = 1_000_000
-DEFAULT_MAX_SECONDS = 60.0
+DEFAULT_MAX_SECONDS = 300.0
 _ALTERNATIVES = ("this model has too many execution paths to enumerate; use a sampling method instead: "
                  "importance, smc, mh or tempering (e.g. --method smc), or raise {what}")
 
