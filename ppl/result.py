@@ -845,7 +845,7 @@ def _tensor_table(x: torch.Tensor, w: torch.Tensor) -> dict:
         keys = uniq.tolist()
     else:
         uniq, inv = _unique_rows(x.reshape(m, -1))
-        keys = [_to_key(r) for r in uniq.reshape((-1,) + tuple(x.shape[1:])).tolist()]
+        keys = [_to_key(r) for r in uniq.reshape((uniq.shape[0],) + tuple(x.shape[1:])).tolist()]  # (rows of 0 numbers too)
     p = torch.zeros(len(keys), dtype=torch.float64).scatter_add_(0, inv, w)
     return _sort_table(dict(zip(keys, p.tolist())))
 

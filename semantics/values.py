@@ -534,7 +534,7 @@ def truthy(v: Any) -> bool:
     if isinstance(v, Vector):  # as a tensor: one element is its truth value, more is an error
         items = v.flat()
         if len(items) != 1:
-            raise PPLRuntimeError(f"a condition must be one truth value, got a vector of shape {tuple(v.shape)}",
+            raise PPLRuntimeError(f"a condition must be one truth value, got a tensor of shape {tuple(v.shape)}",
                                   hint="use any(...) or all(...)")
         return bool(items[0])
     if isinstance(v, torch.Tensor):
@@ -623,6 +623,9 @@ def _align_ranks(a: torch.Tensor, b: torch.Tensor, a_batched: bool, b_batched: b
 def _py_binop(op: str, a: Any, b: Any, exact: bool) -> Any:
     if op == "in":
         return a in b
+    if isinstance(a, torch.Tensor) and isinstance(b, (str, type(None))) or \
+            isinstance(b, torch.Tensor) and isinstance(a, (str, type(None))):  # (torch: t == "s" is False)
+        raise PPLRuntimeError(f"unsupported operand types for {op}: {describe(a)} and {describe(b)}")
     if exact and op == "/" and isinstance(a, (int, Fraction)) and isinstance(b, (int, Fraction)) \
             and not isinstance(a, bool) and not isinstance(b, bool):
         if b == 0:
@@ -701,6 +704,7 @@ def binop(op: str, a: Any, b: Any, ctx: Particles, exact: bool = False) -> Any:
     if isinstance(a, Vector) or isinstance(b, Vector):
         if not (_deep_batched(a) or _deep_batched(b) or isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor)):
             return vector_binop(op, a, b, exact)
+    a, b = _number_next_to_list(a, b), _number_next_to_list(b, a)
     a, b = _batch_list_next_to_tensor(a, b, ctx), _batch_list_next_to_tensor(b, a, ctx)
     ab, bb = isinstance(a, Batched), isinstance(b, Batched)
     if not (ab or bb):
@@ -728,12 +732,26 @@ def binop(op: str, a: Any, b: Any, ctx: Particles, exact: bool = False) -> Any:
 
 
 def _batch_list_next_to_tensor(v: Any, other: Any, ctx: Particles) -> Any:
-    """A list literal with per-particle numbers (``[x, 1]``) next to a vector (a tensor
-    or a Vector) is a per-particle vector: ``[x, 1] + a`` is elementwise for each
-    particle, as it is for one."""
-    if isinstance(v, (list, tuple)) and isinstance(other, (torch.Tensor, Vector)) and _deep_batched(v) \
-            and not isinstance(v, Vector):
+    """A list literal next to a vector is a vector (as a list next to a Vector is in the
+    exact semantics): ``[x, 1] + a`` (per-particle numbers: a per-particle vector) and
+    ``[1, 2] + a * x`` (a per-particle vector) are elementwise for each particle. Next to
+    a 0-d tensor (a number) a list stays a list: ``[1, 2] * sum(a)`` repeats it."""
+    if not isinstance(v, (list, tuple)) or isinstance(v, Vector):
+        return v
+    if not (isinstance(other, (torch.Tensor, Vector)) and (not isinstance(other, torch.Tensor) or other.dim() >= 1)
+            or isinstance(other, Batched) and other.t.dim() >= 2):
+        return v
+    if _deep_batched(v):
         return Batched(batch_rows(v, ctx), ctx.idx)
+    return as_tensor(v, ctx.device) if isinstance(other, Batched) else v
+
+
+def _number_next_to_list(v: Any, other: Any) -> Any:
+    """A 0-d tensor (e.g. ``sum(a)``) next to a list or string is the number it holds, as
+    in the exact semantics (``[1, 2] * n`` repeats the list)."""
+    if isinstance(v, torch.Tensor) and v.dim() == 0 and isinstance(other, (list, tuple, str)) \
+            and not isinstance(other, Vector):
+        return v.item()
     return v
 
 
@@ -824,21 +842,78 @@ def contains(container: Any, item: Any, ctx: Particles) -> Any:
     hook = getattr(container, "ppl_contains", None)
     if hook is not None:
         return hook(item, ctx)
-    if isinstance(container, (list, tuple)) and not _deep_batched(item) and not _deep_batched(container):
-        return any(_eq(item, x) for x in container)
-    if isinstance(container, (list, tuple)) and all(is_numeric(x) for x in container) and is_numeric(item):
+    if not _deep_batched(item) and not _deep_batched(container):
+        return member(item, container)
+    if isinstance(container, (list, tuple)) and all(is_numeric(x) and _is_number(x) for x in container) \
+            and _is_number(item):
         out = False
         for x in container:
             out = boolop_or(out, binop("==", item, x, ctx), ctx)
         return out
-    if isinstance(container, torch.Tensor) and not _deep_batched(item):
-        return bool((container == _tensor_arg(item, ctx)).any())
-    return per_particle(lambda i, c: i in c, (item, container), ctx)
+    return per_particle(member, (item, container), ctx)
+
+
+def member(item: Any, container: Any) -> bool:
+    """One particle's ``item in container``, the same in every semantics: in a vector
+    (tensor, Vector) a number is looked for among all its numbers (a non-number is an
+    error); in a list or tuple, an element equal to item (of its shape: [1] is not 1);
+    in a string, a substring."""
+    if isinstance(container, Vector) or (isinstance(container, torch.Tensor) and container.dim() >= 1):
+        if not _is_number(item):
+            raise PPLRuntimeError(f"`x in v` with v a vector needs a number x, got {describe(item)}",
+                                  hint="a vector holds numbers; to find a row of a matrix, compare rows: "
+                                       "any(all(row == x) for row in v)")
+        x = item.item() if isinstance(item, torch.Tensor) else item
+        items = container.flat() if isinstance(container, Vector) else container.flatten().tolist()
+        return any(x == y for y in items)
+    if isinstance(container, (list, tuple)):
+        return any(_eq(item, x) for x in container)
+    if isinstance(container, str):
+        if not isinstance(item, str):
+            raise PPLRuntimeError(f"`x in s` with s a string needs a string x, got {describe(item)}")
+        return item in container
+    if isinstance(item, torch.Tensor) and item.dim() == 0:
+        item = item.item()
+    try:  # a range, ...
+        return item in container
+    except TypeError:
+        raise PPLRuntimeError(f"`in` needs a list, vector or string on its right, got {describe(container)}") \
+            from None
+
+
+def _is_number(v: Any) -> bool:
+    return is_scalar(v) or (isinstance(v, torch.Tensor) and v.dim() == 0) or \
+        (isinstance(v, Batched) and v.t.dim() == 1)
 
 
 def _eq(a, b) -> bool:
-    r = a == b
-    return bool(r.all()) if isinstance(r, torch.Tensor) else bool(r)
+    """Equality of two elements of a list, shape included: a vector (a tensor, a Vector)
+    equals only a vector of the same shape and numbers ([1] is not 1, nor the list [1])."""
+    va, vb = _is_vector_value(a), _is_vector_value(b)
+    if va or vb:
+        return va and vb and _nested_numbers(a) == _nested_numbers(b)
+    if isinstance(a, torch.Tensor):
+        a = a.item()
+    if isinstance(b, torch.Tensor):
+        b = b.item()
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return isinstance(a, list) == isinstance(b, list) and len(a) == len(b) and \
+            all(_eq(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - incomparable objects are not equal
+        return False
+
+
+def _is_vector_value(v: Any) -> bool:
+    return isinstance(v, Vector) or (isinstance(v, torch.Tensor) and v.dim() >= 1)
+
+
+def _nested_numbers(v: Any) -> list:
+    """A vector's numbers as nested Python lists (its shape is their nesting)."""
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    return [_nested_numbers(x) if isinstance(x, Vector) else x for x in v]
 
 
 def boolop_or(a: Any, b: Any, ctx: Particles) -> Any:
@@ -908,7 +983,7 @@ def describe(v: Any) -> str:
     if isinstance(v, PerParticle):
         return "per-particle value"
     if isinstance(v, Vector):
-        return f"vector of shape {tuple(v.shape)}"
+        return f"tensor of shape {tuple(v.shape)}"  # as the tensor it is under sampling
     if isinstance(v, torch.Tensor):
         return f"tensor of shape {tuple(v.shape)}" if v.dim() else "number"
     if isinstance(v, bool):

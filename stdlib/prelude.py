@@ -82,11 +82,16 @@ _UNARY = {
 }
 
 
+def _int_if_bool(t: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as 0/1 ints (abs(True) is 1, as in Python and the exact semantics)."""
+    return t.long() if t.dtype == torch.bool else t
+
+
 def _abs(ctx, x):
     if isinstance(x, Batched):
-        return Batched(rows(x, ctx).abs(), ctx.idx)
+        return Batched(_int_if_bool(rows(x, ctx)).abs(), ctx.idx)
     if isinstance(x, torch.Tensor):
-        return x.abs()
+        return _int_if_bool(x).abs()
     if isinstance(x, PerParticle):
         return per_particle(abs, (x,), ctx)
     if isinstance(x, Vector):
@@ -100,9 +105,9 @@ def _abs(ctx, x):
 def _rounding(name, tf, pf):
     def fn(ctx, x):
         if isinstance(x, Batched):
-            return Batched(tf(rows(x, ctx)).long(), ctx.idx)
+            return Batched(tf(_int_if_bool(rows(x, ctx))).long(), ctx.idx)
         if isinstance(x, torch.Tensor):
-            return tf(x).long()
+            return tf(_int_if_bool(x)).long()
         if isinstance(x, PerParticle):
             return per_particle(pf, (x,), ctx)
         if isinstance(x, Vector):
@@ -236,17 +241,22 @@ def _mean(ctx, xs):
 
 
 def _vector(ctx, xs, name):
-    """A list/vector argument as (tensor, batched?)."""
+    """A list/vector argument as (tensor, batched?); a number is an error (softmax of a
+    per-particle number would otherwise run across the particles)."""
     if isinstance(xs, Batched):
-        return _float_tensor(rows(xs, ctx)), True
-    if isinstance(xs, (list, tuple)) and _has_batched(xs):
-        return _float_tensor(batch_rows(list(xs), ctx)), True
-    if isinstance(xs, PerParticle):
-        return _float_tensor(batch_rows(xs, ctx)), True
-    try:
-        return _float_tensor(as_tensor(xs, ctx.device)), False
-    except PPLRuntimeError:
-        raise PPLRuntimeError(f"{name}() expects a list of numbers, got {describe(xs)}") from None
+        t, batched = _float_tensor(rows(xs, ctx)), True
+    elif isinstance(xs, (list, tuple)) and _has_batched(xs):
+        t, batched = _float_tensor(batch_rows(list(xs), ctx)), True
+    elif isinstance(xs, PerParticle):
+        t, batched = _float_tensor(batch_rows(xs, ctx)), True
+    else:
+        try:
+            t, batched = _float_tensor(as_tensor(xs, ctx.device)), False
+        except PPLRuntimeError:
+            raise PPLRuntimeError(f"{name}() expects a list of numbers, got {describe(xs)}") from None
+    if t.dim() == int(batched):
+        raise PPLRuntimeError(f"{name}() expects a list or vector of numbers, got a number")
+    return t, batched
 
 
 def _softmax(ctx, xs):
@@ -270,10 +280,12 @@ def _logsumexp(ctx, xs):
 
 
 def _dot(ctx, a, b):
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) != len(b):
-        raise PPLRuntimeError(f"dot() of vectors of lengths {len(a)} and {len(b)}",
-                              hint="dot(a, b) needs vectors of one length")
-    return _sum(ctx, binop("*", a, b, ctx) if not isinstance(a, (list, tuple)) or isinstance(a, Vector) else
+    """sum(a * b) of two vectors (or lists) of one length: never broadcast, never truncated."""
+    na, nb = _len(ctx, a), _len(ctx, b)
+    if isinstance(na, int) and isinstance(nb, int) and na != nb:
+        raise PPLRuntimeError(f"dot() of vectors of lengths {na} and {nb}", hint="dot(a, b) needs vectors of one length")
+    vectors = any(_is_vector(v) for v in (a, b))
+    return _sum(ctx, binop("*", a, b, ctx) if vectors or not isinstance(a, (list, tuple)) else
                 [binop("*", x, y, ctx) for x, y in zip(a, b)])
 
 
@@ -464,26 +476,34 @@ def _convert(name, py, dtype):
         try:
             if isinstance(x, Vector):
                 return vector_map(py, x) if dtype is not None else _vector_str(x)
-            return py(x)
+            return py(x) if dtype is not None else _vector_str(x)
         except (TypeError, ValueError, OverflowError):
             raise PPLRuntimeError(f"{name}() cannot convert {describe(x)}") from None
 
     def fn(ctx, x):
         if isinstance(x, Batched):
             return Batched(rows(x, ctx).to(dtype), ctx.idx) if dtype is not None else per_particle(one, (x,), ctx)
-        if isinstance(x, PerParticle):
+        if isinstance(x, PerParticle) or (dtype is None and _has_batched(x)):
             return per_particle(one, (x,), ctx)
         return one(x)
     return fn
 
 
-def _vector_str(v) -> str:
-    """A vector (Vector or tensor) as the list of its numbers: "[1, 2]", "[[1, 2], [3, 4]]"."""
+def _vector_str(v, inner: bool = False) -> str:
+    """str of a value, the same in every semantics: a vector (Vector or tensor) as the list
+    of its numbers ("[1, 2]", "[[1, 2], [3, 4]]"), a Fraction as the float it stands for
+    (exact 1/2 is 0.5 under sampling), lists and tuples as Python shows them."""
     if isinstance(v, torch.Tensor) and v.dim() == 0:
         v = v.item()
     if isinstance(v, (Vector, torch.Tensor)):
-        return "[" + ", ".join(_vector_str(x) for x in v) + "]"
-    return str(v)
+        return "[" + ", ".join(_vector_str(x, True) for x in v) + "]"
+    if isinstance(v, Fraction):
+        return str(float(v))
+    if isinstance(v, list):
+        return "[" + ", ".join(_vector_str(x, True) for x in v) + "]"
+    if isinstance(v, tuple):
+        return "(" + ", ".join(_vector_str(x, True) for x in v) + ("," if len(v) == 1 else "") + ")"
+    return repr(v) if inner and isinstance(v, str) else str(v)
 
 
 def _length(name, n) -> int:

@@ -106,6 +106,23 @@ CASES = {
     "str(M)": {"[[1, 2], [3, 4]]": 1},
     "int(a * x / 2)": {(0, 1): 0.5, (1, 2): 0.5},
     "bool(a - 1)": {(False, True): 1},          # was True (a non-empty list) under enumerate
+    # a list next to a per-particle vector is a vector; next to a number (sum(a) is one) a list
+    "[1, 2] + a * x": {(2, 4): 0.5, (3, 6): 0.5},        # was an error under sampling
+    "a * x != list(a)": {(False, False): 0.5, (True, True): 0.5},  # was True (list != tensor)
+    "[1, 2] * sum(a)": {(1, 2, 1, 2, 1, 2): 1},          # was (3, 6) under sampling
+    "dot([1, 2], a * x)": {5: 0.5, 10: 0.5},
+    "[] + a[0:1]": {(): 1},                               # an empty vector result crashed the table
+    # `in`: a number among a vector's numbers; in a list, an element of the same shape
+    "x in a": {True: 1},
+    "2 in M": {True: 1},
+    "a[0:1] in [1, 2]": {False: 1},                       # was True under sampling ([1] == 1)
+    "a in [a, b]": {True: 1},
+    "a * x in [a, b]": {True: 0.5, False: 0.5},
+    # str shows a value the same way in every semantics
+    "str([x, 3])": {"[1, 3]": 0.5, "[2, 3]": 0.5},        # was '[Batched(...), 3]'
+    "str(list(a))": {"[1, 2]": 1},                        # was '[tensor(1), tensor(2)]'
+    "str(x / 2)": {"0.5": 0.5, "1.0": 0.5},               # exact printed '1/2' and '1'
+    "abs(B) + floor(B)": {(2, 0): 1},                     # bool tensors failed in abs/floor
     # a matrix datum
     "M + a": {((2, 4), (4, 6)): 1},
     "M * M": {((1, 4), (9, 16)): 1},
@@ -187,6 +204,11 @@ def test_a_vector_choice_is_a_vector_under_enumeration():
     ("concat(a, M)", "concat() of values of shapes [2] and [2, 2]"),
     ("concat(a, 3)", "concat() expects two lists or vectors"),
     ("not a", "a condition must be one truth value"),
+    ("a[0:1] in a", "`x in v` with v a vector needs a number x"),   # was True under sampling
+    ("'s' in a * x", "`x in v` with v a vector needs a number x"),
+    ("a * x == 's'", "unsupported operand types for ==: tensor of shape (2,) and string"),  # was False
+    ("softmax(x)", "softmax() expects a list or vector of numbers, got a number"),  # ran across particles
+    ("dot(a, a[0:1])", "dot() of vectors of lengths 2 and 1"),
     ("a if a else b", "a condition must be one truth value"),
 ])
 def test_shape_errors_are_located_and_the_same_in_every_semantics(body, message):
@@ -222,3 +244,30 @@ def test_a_python_function_gets_the_same_vector_under_every_method():
     data = {"a": [1, 2], "f": double}
     assert _marginal(m.run("enumerate", data)) == {(2.0, 4.0): 0.5, (3.0, 5.0): 0.5}
     assert set(_marginal(m.run("importance", data, particles=100, seed=0))) == {(2.0, 4.0), (3.0, 5.0)}
+
+
+SWEEP_OPERANDS = ["a", "M", "[1, 2]", "[x, 3]", "x", "a * x", "list(a)", "B"]
+
+
+def _outcome(m, method):
+    """('ok', the support of the return value) or ('error', None)."""
+    try:
+        r = m.run(method, DATA, particles=20, seed=0)
+    except ppl.PPLError:
+        return "error", None
+    return "ok", frozenset(_key(k) for k in r.marginal("return"))
+
+
+@pytest.mark.parametrize("op", ["+", "*", "==", "in"])
+def test_every_pair_of_operands_means_the_same_under_enumerate_and_importance(op):
+    """Data vectors, per-particle vectors, list literals (with per-particle numbers), lists
+    made by list(), numbers: for every pair, both semantics give the same values or both
+    give an error (never a raw Python exception)."""
+    differ = []
+    for p in SWEEP_OPERANDS:
+        for q in SWEEP_OPERANDS:
+            m = _model(f"{p} {op} {q}")
+            e, i = _outcome(m, "enumerate"), _outcome(m, "importance")
+            if e != i:
+                differ.append((f"{p} {op} {q}", e, i))
+    assert not differ, differ
