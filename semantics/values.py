@@ -1007,6 +1007,6 @@ def to_python(v: Any) -> Any:
         return v.tolist()
     if isinstance(v, list):
         return [to_python(x) for x in v]
-    if isinstance(v, tuple):
-        return tuple(to_python(x) for x in v)
+    if isinstance(v, tuple):  # (a Vector stays one: numeric data is a vector)
+        return (Vector if isinstance(v, Vector) else tuple)(to_python(x) for x in v)
     return v

@@ -24,7 +24,7 @@ from ..semantics.interpreter import Builtin, Closure, MemFn, RaggedRange, _int_i
 from ..semantics.values import _align_ranks  # the per-particle broadcasting of binop
 from ..semantics.values import (Batched, PerParticle, Vector, as_tensor, batch_rows, binop, describe,
                                 is_batched, is_numeric, materialize, pack, per_particle, rows,
-                                to_bool_rows, boolop_or, to_vector, vector_apply, vector_map)
+                                to_bool_rows, boolop_or, to_vector, truthy, vector_apply, vector_map)
 from . import distributions as _dists
 
 
@@ -283,7 +283,8 @@ def _dot(ctx, a, b):
     """sum(a * b) of two vectors (or lists) of one length: never broadcast, never truncated."""
     na, nb = _len(ctx, a), _len(ctx, b)
     if isinstance(na, int) and isinstance(nb, int) and na != nb:
-        raise PPLRuntimeError(f"dot() of vectors of lengths {na} and {nb}", hint="dot(a, b) needs vectors of one length")
+        raise PPLRuntimeError(f"dot() of vectors of lengths {na} and {nb}",
+                              hint="dot(a, b) needs vectors of one length")
     vectors = any(_is_vector(v) for v in (a, b))
     return _sum(ctx, binop("*", a, b, ctx) if vectors or not isinstance(a, (list, tuple)) else
                 [binop("*", x, y, ctx) for x, y in zip(a, b)])
@@ -561,11 +562,11 @@ def _filter(interp, ctx, fr, span, pred, xs):
         finally:
             fr.loops.pop()
     if not any(_has_batched(k) for k in keep) and not any(_has_batched(x) for x in items):
-        return [x for x, k in zip(items, keep) if bool(k)]
+        return [x for x, k in zip(items, keep) if truthy(k)]  # (a vector is no truth value: an error)
     cols_items = [materialize(x, ctx) for x in items]
     cols_keep = [materialize(k, ctx) for k in keep]
-    return pack([[cols_items[j][p] for j in range(len(items)) if cols_keep[j][p]] for p in range(ctx.M)], ctx) \
-        if items else []
+    return pack([[cols_items[j][p] for j in range(len(items)) if truthy(cols_keep[j][p])] for p in range(ctx.M)],
+                ctx) if items else []
 
 
 def _fold(interp, ctx, fr, span, f, init, xs):
