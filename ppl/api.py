@@ -410,7 +410,7 @@ def _prepare(v: Any, device, name: str) -> Any:
     if device is None:  # exact semantics: plain Python; numeric data a Vector where sampling has a tensor
         if isinstance(v, (torch.Tensor, np.ndarray)):
             return to_vector(v.tolist())
-        if _data_tensor(v, "cpu") is not None:
+        if _data_tensor(v, "cpu", name) is not None:
             return to_vector([_prepare(x, None, name) for x in v])
         if isinstance(v, (list, tuple)):
             return type(v)(_prepare(x, None, name) for x in v)
@@ -421,7 +421,7 @@ def _prepare(v: Any, device, name: str) -> Any:
             v = v.to(torch.get_default_dtype())
     if isinstance(v, torch.Tensor):
         return v.to(device)
-    t = _data_tensor(v, device)
+    t = _data_tensor(v, device, name)
     if t is not None:
         return t
     if isinstance(v, (list, tuple)):
@@ -429,17 +429,35 @@ def _prepare(v: Any, device, name: str) -> Any:
     return _check_datum(v, name)
 
 
-def _data_tensor(v: Any, device) -> torch.Tensor | None:
+def _data_tensor(v: Any, device, name: str = "") -> torch.Tensor | None:
     """A non-empty rectangular (nested) list of numbers as the tensor it is under sampling;
     None for anything else (ragged, strings, empty: those stay lists). The exact semantics
-    makes a Vector of exactly these (numeric data is a vector in every semantics)."""
+    makes a Vector of exactly these (numeric data is a vector in every semantics). Other
+    numbers (Fractions) are floats in the tensor; an integer beyond 64 bits is an error
+    (the list would otherwise silently stay a list, with list arithmetic)."""
     if isinstance(v, (list, tuple)) and v and _numeric_nested(v):
         try:
-            t = torch.tensor(v, device=device)
+            t = torch.tensor(_plain_numbers(v), device=device)
         except (ValueError, TypeError, RuntimeError, OverflowError):
+            if _has_huge_int(v):
+                raise PPLError(f"data '{name}' holds an integer that does not fit in 64 bits, so it cannot be a "
+                               "vector", hint="pass such numbers as floats") from None
             return None
         return t.to(torch.get_default_dtype()) if t.is_floating_point() else t
     return None
+
+
+def _plain_numbers(v: Any) -> Any:
+    """Numbers torch reads: a Fraction (or another Number) as its float."""
+    if isinstance(v, (list, tuple)):
+        return [_plain_numbers(x) for x in v]
+    return v if isinstance(v, (bool, int, float, np.generic)) else float(v)
+
+
+def _has_huge_int(v: Any) -> bool:
+    if isinstance(v, (list, tuple)):
+        return any(_has_huge_int(x) for x in v)
+    return type(v) is int and not -2 ** 63 <= v < 2 ** 63
 
 
 def _numeric_nested(v) -> bool:

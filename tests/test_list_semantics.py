@@ -295,3 +295,17 @@ def test_every_pair_of_operands_means_the_same_under_enumerate_and_importance(op
             if e != i:
                 differ.append((f"{p} {op} {q}", e, i))
     assert not differ, differ
+
+
+def test_fraction_data_is_a_vector_and_a_huge_integer_is_an_error():
+    """A list of Fractions is numeric data (it stayed a list under both, with list
+    arithmetic); an integer beyond 64 bits cannot be in a vector: an error naming the
+    datum, not a list that silently concatenates."""
+    m = ppl.model("def m(a):\n    k ~ flip(0.5)\n    return a + a\n")
+    data = {"a": [Fraction(1, 2), Fraction(1, 3)]}
+    assert m.run("enumerate", data).marginal("return") == {(Fraction(1), Fraction(2, 3)): 1}
+    (value, p), = _marginal(m.run("importance", data, particles=10, seed=0)).items()
+    assert value == pytest.approx((1.0, 2 / 3)) and p == pytest.approx(1.0)
+    for method in ("enumerate", "importance"):
+        with pytest.raises(ppl.PPLError, match="data 'a' holds an integer that does not fit in 64 bits"):
+            m.run(method, {"a": [1, 2 ** 70]}, particles=10, seed=0)
