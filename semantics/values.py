@@ -944,8 +944,12 @@ def merge_parts(parts: Sequence[tuple[torch.Tensor, Any]], target: Particles) ->
         pieces = [batch_rows(v, Particles(idx, target.N, target.device, target.full)) for idx, v in parts]
         # one tensor only when every part has the same per-particle shape: broadcasting a
         # part's [3] to [3, 3] (or 0 to [0, 0]) would change its particles' values
-        shapes = {tuple(p.shape[1:]) for p in pieces}
-        shape = shapes.pop() if len(shapes) == 1 else None
+        # (while torch.jit traces a static program, sizes are tensors; its eager run checked them)
+        if torch.jit.is_tracing():
+            shape = tuple(torch.broadcast_shapes(*[p.shape[1:] for p in pieces]))
+        else:
+            shapes = {tuple(p.shape[1:]) for p in pieces}
+            shape = shapes.pop() if len(shapes) == 1 else None
         if shape is not None:
             pieces = _promote(pieces)
             out = torch.empty((target.M, *shape), dtype=pieces[0].dtype, device=target.device)
