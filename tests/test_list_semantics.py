@@ -234,6 +234,8 @@ def test_a_vector_choice_is_a_vector_under_enumeration():
     ("dot(a, a[0:1])", "dot() of vectors of lengths 2 and 1"),
     ("filter(lambda y: y > 1, M)", "a condition must be one truth value"),  # enumerate kept every row
     ("a if a else b", "a condition must be one truth value"),
+    ("B and B", "a condition must be one truth value"),          # bool data: not, and, or need one value
+    ("not (a * x)", "a condition must be one truth value"),      # was elementwise for a per-particle vector
 ])
 def test_shape_errors_are_located_and_the_same_in_every_semantics(body, message):
     m = _model(body)
