@@ -586,11 +586,12 @@ def test_mixture_example(monkeypatch):
     monkeypatch.chdir(ROOT)
     out = run_cli(cmds[0] + ["--json"])
     assert out["method"] == "mh" and 0 < out["acceptance_rate"] < 1
+    assert out["warnings"] == [], out["warnings"]  # the documented command runs without a warning
     for k in ("mu1", "mu2", "return"):
         e, sd = truth[k]
         ess = out["ess_per_site"][k]
         assert ess > 100, f"{k}: ESS {ess:.0f}"
-        assert out["r_hat"][k] < 1.05, f"{k}: split R-hat {out['r_hat'][k]:.3f} (the header says < 1.05)"
+        assert out["r_hat"][k] < 1.01, f"{k}: split R-hat {out['r_hat'][k]:.3f} (the header says < 1.01)"
         est = out["posterior"][k]["mean"]
         assert abs(est - e) <= Z * sd / math.sqrt(ess), f"E[{k}]: {describe(est, e, sd / math.sqrt(ess))}"
     assert out["posterior"]["mu1"]["q95"] < out["posterior"]["mu2"]["q05"]  # the ordering holds
