@@ -929,8 +929,9 @@ def run_guided_importance(model, data: dict, proposal, *, particles: int, device
 
 
 def run_guided_smc(model, data: dict, proposal, *, particles: int, device="cpu", resampling="systematic",
-                   ess_threshold: float = 1.0):
-    """SMC with ``proposal`` (a mean-field Guide) proposing each choice in program order."""
+                   ess_threshold: float = 1.0, progress: bool | None = None):
+    """SMC with ``proposal`` (a mean-field Guide) proposing each choice in program order;
+    ``progress`` as for ``smc``."""
     from ppl.result import Site, WeightedResult
     g = _as_guide(proposal, model, data)
     N = int(particles)
@@ -938,7 +939,7 @@ def run_guided_smc(model, data: dict, proposal, *, particles: int, device="cpu",
         run = g.proposal_run(data, N, device, sequential=True)
         sites, lw, h = smc(model.interpreter(), model.entry, model.prepare_data(data, device), N, device,
                            resampling=resampling, ess_threshold=ess_threshold,
-                           handler_cls=lambda *a, **k: GuidedSMC(run, *a, **k))
+                           handler_cls=lambda *a, **k: GuidedSMC(run, *a, **k), progress=progress)
     extra = {"history": h.history, "resampling": resampling, "ess_threshold": ess_threshold,
              "proposal": g.describe()}
     res = WeightedResult("smc", {k: Site(_cpu(v), _cpu(p)) for k, (v, p) in sites.items()}, lw.detach().cpu(),

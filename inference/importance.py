@@ -13,21 +13,30 @@ from ..semantics.errors import ZeroEvidenceError
 from ..semantics.interpreter import FactorEffect, Interpreter, ObserveEffect
 from ..semantics.sampling import LikelihoodWeighting, column, drive
 from ..semantics.values import Particles
+from ..stdlib.progress import NO_BAR, counted, progress_bar
+from ..stdlib import rng
 
 
 def likelihood_weighting(interp: Interpreter, entry: str, data: dict, particles: int, device="cpu",
-                         handler: type = LikelihoodWeighting):
+                         handler: type = LikelihoodWeighting, progress: bool | None = None,
+                         label: str = "importance"):
     """Run ``entry(**data)`` for ``particles`` particles: returns (sites, log_weights),
     sites mapping "return" and each choice address to (values, present).
 
     If every weight is zero, the run is repeated from the same random state to find the
     first likelihood site after which no particle survived, and a ``ZeroEvidenceError``
     pointing at it is raised. ``handler``: the weighting handler class (a subclass of
-    ``LikelihoodWeighting``, e.g. one that checks the weights as they are made)."""
+    ``LikelihoodWeighting``, e.g. one that checks the weights as they are made).
+
+    ``progress`` (``stdlib.progress``): all particles run as one batch, in one pass
+    through the program, so the bar (named ``label``) is a counter of the sites the batch
+    has executed (choices and observe/factor/condition): it moves while a long loop runs."""
     state = _rng_state(device)
     ctx = Particles.all(particles, device)
     h = handler(particles, device)
-    ret = drive(interp.run(entry, data, ctx), h)
+    with progress_bar(progress, desc=label, unit=" sites") as bar:
+        gen = interp.run(entry, data, ctx)
+        ret = drive(gen if bar is NO_BAR else counted(gen, bar), h)
     if particles > 0 and bool(torch.isneginf(h.log_weights).all()):
         _set_rng_state(device, state)
         drive(interp.run(entry, data, Particles.all(particles, device)), _Locate(particles, device))
@@ -54,12 +63,18 @@ class _Locate(LikelihoodWeighting):
 
 
 def _rng_state(device):
+    """The state of every generator a run on ``device`` draws from: the run's own
+    (``ppl.stdlib.rng``) when there is one, and torch's global ones (so the replay that
+    locates a zero-evidence site repeats the run exactly)."""
+    own = rng.generator(device)
     cpu = torch.get_rng_state()
     cuda = torch.cuda.get_rng_state(torch.device(device)) if str(device).startswith("cuda") else None
-    return cpu, cuda
+    return cpu, cuda, own, None if own is None else own.get_state()
 
 
 def _set_rng_state(device, state):
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], torch.device(device))
+    if state[2] is not None:
+        state[2].set_state(state[3])

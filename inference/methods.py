@@ -8,6 +8,10 @@ options, and returns a result object (``ppl.result``):
 * ``importance``: likelihood weighting with N particles in one batch
   (``inference.importance``); ``WeightedResult`` with log-evidence and ESS.
 * ``prior``: draws from the prior (every likelihood factor ignored).
+
+Every method takes ``progress`` (``stdlib.progress``): None (the default) shows a progress
+bar on stderr when stderr is a terminal and the run has taken 2 s, True always, False
+never; the bar never changes a result.
 """
 from __future__ import annotations
 
@@ -152,43 +156,48 @@ def _cpu(v):
 
 
 def run_importance(model, data: dict, *, particles: int = 1000, device: str = "cpu", proposal: Any = None,
-                   **_) -> Any:
+                   progress: bool | None = None, **_) -> Any:
     """Likelihood weighting; with ``proposal`` (a ``ppl.Guide`` or the path of a saved one)
     the guide proposes the choices it knows, weighted by log p - log q
-    (``inference.amortized``; ``extra`` holds ``ess_fraction`` and ``pareto_k``)."""
+    (``inference.amortized``; ``extra`` holds ``ess_fraction`` and ``pareto_k``).
+    ``progress``: a counter of the sites the batch has run (without ``proposal``)."""
     if proposal is not None:
         from .amortized import run_guided_importance
         return run_guided_importance(model, data, proposal, particles=particles, device=device)
     _, _, WeightedResult = _result_types()
     interp = model.interpreter()
     sites, log_weights = likelihood_weighting(interp, model.entry, model.prepare_data(data, device),
-                                              int(particles), device)
+                                              int(particles), device, progress=progress)
     return WeightedResult("importance", _sites(sites), log_weights.cpu())
 
 
-def run_prior(model, data: dict, *, particles: int = 1000, device: str = "cpu", **_) -> Any:
+def run_prior(model, data: dict, *, particles: int = 1000, device: str = "cpu", progress: bool | None = None,
+              **_) -> Any:
+    """Prior draws: likelihood weighting's particles with weights ignored. ``progress``:
+    a counter of the sites the batch has run."""
     _, _, WeightedResult = _result_types()
     interp = model.interpreter()
     sites, log_weights = likelihood_weighting(interp, model.entry, model.prepare_data(data, device),
-                                              int(particles), device)
+                                              int(particles), device, progress=progress, label="prior")
     return WeightedResult("prior", _sites(sites), torch.zeros_like(log_weights).cpu())
 
 
 def run_smc(model, data: dict, *, particles: int = 1000, device: str = "cpu", resampling: str = "systematic",
-            ess_threshold: float = 1.0, proposal: Any = None, **_) -> Any:
+            ess_threshold: float = 1.0, proposal: Any = None, progress: bool | None = None, **_) -> Any:
     """SMC over the checkpoints (``inference.smc``). The result's ``extra["history"]``
     lists, per synchronisation checkpoint, the ESS before resampling and whether it
     resampled; ``ess_history`` is the list of those ESS values. With ``proposal`` (a
     mean-field ``ppl.Guide``) each choice it knows is proposed by it where the program
-    makes it (``inference.amortized``)."""
+    makes it (``inference.amortized``). ``progress``: a counter of synchronisation
+    checkpoints with the current ESS."""
     if proposal is not None:
         from .amortized import run_guided_smc
         return run_guided_smc(model, data, proposal, particles=particles, device=device, resampling=resampling,
-                              ess_threshold=ess_threshold)
+                              ess_threshold=ess_threshold, progress=progress)
     _, _, WeightedResult = _result_types()
     interp = model.interpreter()
     sites, log_weights, h = smc(interp, model.entry, model.prepare_data(data, device), int(particles), device,
-                                resampling=resampling, ess_threshold=ess_threshold)
+                                resampling=resampling, ess_threshold=ess_threshold, progress=progress)
     res = WeightedResult("smc", _sites(sites), log_weights.cpu(),
                          extra={"history": h.history, "resampling": resampling, "ess_threshold": ess_threshold})
     res.ess_history = [r.ess for r in h.history]
@@ -197,7 +206,7 @@ def run_smc(model, data: dict, *, particles: int = 1000, device: str = "cpu", re
 
 def run_mh(model, data: dict, *, particles: int = 4, samples: int = 1000, burn_in: int = 500, thin: int = 1,
            device: str = "cpu", kernel: str = "prior", scale: float = 0.5, chains: int | None = None,
-           progress: bool = False, traced: bool | str = "auto", **_) -> Any:
+           progress: bool | None = None, traced: bool | str = "auto", **_) -> Any:
     """Single-site trace MH (``inference.mh``) with ``chains`` chains run as one batch
     (``particles`` is accepted as a synonym of ``chains`` for the CLI's ``-n``). With
     the random-walk kernel a static program runs as a traced graph
@@ -228,15 +237,16 @@ def _flag(value):
 
 def run_resample_move(model, data: dict, *, particles: int = 1000, device: str = "cpu",
                       resampling: str = "systematic", ess_threshold: float = 1.0, moves: int = 1,
-                      kernel: str = "prior", scale: float = 0.5, **_) -> Any:
+                      kernel: str = "prior", scale: float = 0.5, progress: bool | None = None, **_) -> Any:
     """Resample-move SMC (``inference.resample_move``): SMC with ``moves`` MH steps per
     particle after each resampling. ``extra["acceptance"]`` lists the MH acceptance rate
-    at each rejuvenation."""
+    at each rejuvenation. ``progress``: a counter of checkpoints with the ESS."""
     from .resample_move import resample_move
     _, _, WeightedResult = _result_types()
     sites, log_weights, h, acc = resample_move(
         model.interpreter(), model.entry, model.prepare_data(data, device), int(particles), device,
-        resampling=resampling, ess_threshold=ess_threshold, moves=int(moves), kernel=kernel, scale=float(scale))
+        resampling=resampling, ess_threshold=ess_threshold, moves=int(moves), kernel=kernel, scale=float(scale),
+        progress=progress)
     res = WeightedResult("resample_move", _sites(sites), log_weights.cpu(),
                          extra={"history": h.history, "acceptance": acc, "moves": moves})
     res.ess_history = [r.ess for r in h.history]
@@ -245,7 +255,7 @@ def run_resample_move(model, data: dict, *, particles: int = 1000, device: str =
 
 def run_pmmh(model, data: dict, *, params=None, particles: int = 100, samples: int = 500, burn_in: int = 100,
              chains: int = 2, scale: float = 0.2, device: str = "cpu", resampling: str = "systematic",
-             ess_threshold: float = 1.0, progress: bool = False, **_) -> Any:
+             ess_threshold: float = 1.0, progress: bool | None = None, **_) -> Any:
     """Particle marginal MH (``inference.pmmh``) on the choices named in ``params`` (a list
     of addresses, or a comma-separated string), with ``particles`` SMC particles per
     likelihood estimate, ``chains`` chains run one after the other."""
@@ -272,13 +282,13 @@ def run_pmmh(model, data: dict, *, params=None, particles: int = 100, samples: i
 
 def run_tempering(model, data: dict, *, particles: int = 1000, device: str = "cpu", target_ess: float = 0.5,
                   moves: int | None = None, kernel: str = "rw", scale: float = 0.5, resampling: str = "systematic",
-                  schedule: Any = None, **_) -> Any:
+                  schedule: Any = None, progress: bool | None = None, **_) -> Any:
     """Tempered SMC (``inference.tempering``): an adaptive path prior -> posterior with MH
     moves (or the fixed inverse temperatures ``schedule``, e.g. [0.1, 0.5, 1]; text
     "0.1,0.5,1" from the CLI). ``extra["schedule"]`` is the sequence used,
     ``extra["moves"]`` the MH moves per temperature (default: max(2, number of choices),
     ``tempering.default_moves``), ``extra["ess_history"]`` the ESS of each step's
-    incremental weights before resampling."""
+    incremental weights before resampling. ``progress``: a bar over beta in [0, 1]."""
     from .tempering import tempered_smc
     _, _, WeightedResult = _result_types()
     info: dict = {}
@@ -286,7 +296,7 @@ def run_tempering(model, data: dict, *, particles: int = 1000, device: str = "cp
                                           int(particles), device, target_ess=float(target_ess),
                                           moves=None if moves is None else int(moves),
                                           kernel=kernel, scale=float(scale), resampling=resampling,
-                                          schedule=_betas(schedule), info=info)
+                                          schedule=_betas(schedule), info=info, progress=progress)
     sites = {"return": (state.ret, None)}
     for a, v in state.values.items():
         p = state.present[a]
@@ -307,16 +317,18 @@ def _betas(schedule):
 
 
 def run_smc_steer(model, data: dict, *, particles: int = 100, expansion: int = 4, device: str = "cpu",
-                  ess_threshold: float = 1.0, **_) -> Any:
+                  ess_threshold: float = 1.0, progress: bool | None = None, **_) -> Any:
     """SMC steering (``inference.steer``): ``particles`` parents, each extended
     ``expansion`` ways between synchronisation checkpoints, and ``particles`` survivors
     selected without replacement at each (or, with ``ess_threshold`` < 1, when the ESS of
     the particles*expansion children is below that fraction). The result holds all
-    particles*expansion weighted slots; ``extra["history"]`` is as for ``smc``."""
+    particles*expansion weighted slots; ``extra["history"]`` is as for ``smc``.
+    ``progress``: a counter of checkpoints with the ESS."""
     from .steer import smc_steer
     _, _, WeightedResult = _result_types()
     sites, log_weights, h = smc_steer(model.interpreter(), model.entry, model.prepare_data(data, device),
-                                      particles, expansion, device, ess_threshold=ess_threshold)
+                                      particles, expansion, device, ess_threshold=ess_threshold,
+                                      progress=progress)
     res = WeightedResult("smc_steer", _sites(sites), log_weights.cpu(),
                          extra={"history": h.history, "parents": h.parents, "expansion": h.expansion,
                                 "ess_threshold": ess_threshold})
@@ -324,14 +336,17 @@ def run_smc_steer(model, data: dict, *, particles: int = 100, expansion: int = 4
     return res
 
 
-def run_best_of_n(model, data: dict, *, particles: int = 100, device: str = "cpu", **_) -> Any:
+def run_best_of_n(model, data: dict, *, particles: int = 100, device: str = "cpu", progress: bool | None = None,
+                  **_) -> Any:
     """Best-of-N (``inference.steer.best_of_n``): the highest-scoring of ``particles``
-    prior draws, as a ``BestOfNResult`` (one particle; an optimum, not a posterior)."""
+    prior draws, as a ``BestOfNResult`` (one particle; an optimum, not a posterior).
+    ``progress``: a counter of the sites the batch has run."""
     from ppl.result import BestOfNResult
     from .resampling import log_mean_exp
     from .steer import best_of_n
     sites, best, score, log_weights = best_of_n(model.interpreter(), model.entry,
-                                                model.prepare_data(data, device), particles, device)
+                                                model.prepare_data(data, device), particles, device,
+                                                progress=progress)
     one = {}
     for name, (v, present) in sites.items():
         v = v[best:best + 1] if isinstance(v, torch.Tensor) else [v[best]]

@@ -35,6 +35,7 @@ from ..semantics.errors import PPLRuntimeError
 from ..semantics.interpreter import Interpreter
 from ..semantics.sampling import _WeightAccumulator, column, drive, spread
 from ..semantics.values import Batched, Particles, PerParticle, is_batched, rows
+from ..stdlib.progress import progress_bar
 from .randomness import TorchRandomness
 
 
@@ -419,7 +420,7 @@ def _select_column(mask, new, old):
 
 
 def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples: int = 1000, burn_in: int = 500,
-       thin: int = 1, device="cpu", kernel: str = "prior", scale: float = 0.5, progress: bool = False,
+       thin: int = 1, device="cpu", kernel: str = "prior", scale: float = 0.5, progress: bool | None = None,
        traced: bool | str = "auto", info: dict | None = None):
     """Run ``chains`` chains: returns (kept states, acceptance rate).
 
@@ -454,20 +455,18 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
     kept: list[MHState] = []
     accepted = 0.0
     total = burn_in + samples * thin
-    steps = range(total)
-    if progress:
-        from tqdm import tqdm
-        steps = tqdm(steps, desc="MH", unit="step", leave=False)
-    for i in steps:
-        if fast is not None:
-            state, acc = fast.step(state)
-        elif custom is not None:
-            state, acc = custom.step(data, state, device)
-        else:
-            state, acc = mh_step(interp, entry, data, state, device, kernel=kernel, scale=scale)
-        if i >= burn_in:
-            accepted += float(acc.double().mean())
-            if (i - burn_in) % thin == 0:
-                kept.append(state)
+    with progress_bar(progress, desc="MH", unit=" steps", total=total) as bar:
+        for i in range(total):
+            if fast is not None:
+                state, acc = fast.step(state)
+            elif custom is not None:
+                state, acc = custom.step(data, state, device)
+            else:
+                state, acc = mh_step(interp, entry, data, state, device, kernel=kernel, scale=scale)
+            if i >= burn_in:
+                accepted += float(acc.double().mean())
+                if (i - burn_in) % thin == 0:
+                    kept.append(state)
+            bar.update(1)
     rate = accepted / max(1, total - burn_in)
     return kept, rate

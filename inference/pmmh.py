@@ -23,6 +23,7 @@ import torch
 
 from ..semantics.errors import PPLRuntimeError
 from ..stdlib import rng
+from ..stdlib.progress import progress_bar
 from ..semantics.sampling import column, drive
 from ..semantics.values import Batched, Lineage, Particles, set_lineage, rows
 from .resampling import resample
@@ -85,7 +86,7 @@ def _smc_given(interp, entry, data, N, device, params, resampling, ess_threshold
 
 def pmmh(interp, entry: str, data: dict, params: list, *, particles: int = 100, samples: int = 500,
          burn_in: int = 100, scale: float = 0.2, device="cpu", resampling="systematic", ess_threshold=1.0,
-         progress: bool = False):
+         progress: bool | None = None):
     """Run one PMMH chain: returns (draws: list of dicts address -> value, acceptance rate)."""
     if not params:
         raise PPLRuntimeError("PMMH needs params=[...]: the addresses of the choices to run MH on")
@@ -100,26 +101,25 @@ def pmmh(interp, entry: str, data: dict, params: list, *, particles: int = 100, 
         theta, supports, log_prior = h.params, h.supports, h.log_prior
     maps = {a: torch.distributions.biject_to(supports[a]) for a in params}
     draws, accepted = [], 0
-    steps = range(burn_in + samples)
-    if progress:
-        from tqdm import tqdm
-        steps = tqdm(steps, desc="PMMH", unit="step", leave=False)
-    for i in steps:
-        y = {a: maps[a].inv(torch.as_tensor(theta[a], dtype=torch.float64)) for a in params}
-        y2 = {a: y[a] + scale * rng.randn_like(y[a]) for a in params}
-        theta2 = {a: maps[a](y2[a]) for a in params}
-        jac = sum(float(maps[a].log_abs_det_jacobian(y[a], theta[a] if isinstance(theta[a], torch.Tensor)
-                                                     else torch.as_tensor(theta[a])).sum()) for a in params)
-        jac2 = sum(float(maps[a].log_abs_det_jacobian(y2[a], theta2[a]).sum()) for a in params)
-        try:
-            log_z2, h2, pick2 = _smc_given(interp, entry, data, particles, device, theta2, resampling, ess_threshold)
-            log_prior2 = h2.log_prior
-        except PPLRuntimeError:
-            log_z2, log_prior2 = -math.inf, -math.inf
-        log_alpha = (log_z2 + log_prior2 + jac2) - (log_z + log_prior + jac)
-        if math.isfinite(log_alpha) and math.log(max(1e-300, float(rng.rand(())))) < log_alpha:
-            theta, log_z, log_prior, pick = theta2, log_z2, log_prior2, pick2
-            accepted += i >= burn_in
-        if i >= burn_in:
-            draws.append(pick)
+    with progress_bar(progress, desc="PMMH", unit=" steps", total=burn_in + samples) as bar:
+        for i in range(burn_in + samples):
+            y = {a: maps[a].inv(torch.as_tensor(theta[a], dtype=torch.float64)) for a in params}
+            y2 = {a: y[a] + scale * rng.randn_like(y[a]) for a in params}
+            theta2 = {a: maps[a](y2[a]) for a in params}
+            jac = sum(float(maps[a].log_abs_det_jacobian(y[a], theta[a] if isinstance(theta[a], torch.Tensor)
+                                                         else torch.as_tensor(theta[a])).sum()) for a in params)
+            jac2 = sum(float(maps[a].log_abs_det_jacobian(y2[a], theta2[a]).sum()) for a in params)
+            try:
+                log_z2, h2, pick2 = _smc_given(interp, entry, data, particles, device, theta2, resampling,
+                                               ess_threshold)
+                log_prior2 = h2.log_prior
+            except PPLRuntimeError:
+                log_z2, log_prior2 = -math.inf, -math.inf
+            log_alpha = (log_z2 + log_prior2 + jac2) - (log_z + log_prior + jac)
+            if math.isfinite(log_alpha) and math.log(max(1e-300, float(rng.rand(())))) < log_alpha:
+                theta, log_z, log_prior, pick = theta2, log_z2, log_prior2, pick2
+                accepted += i >= burn_in
+            if i >= burn_in:
+                draws.append(pick)
+            bar.update(1)
     return draws, accepted / max(1, samples)

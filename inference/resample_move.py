@@ -26,6 +26,7 @@ from ..semantics.interpreter import ConditionEffect, FactorEffect, ObserveEffect
 from ..semantics.sampling import Trace, column
 from ..semantics.values import Batched, Lineage, Particles, set_lineage
 from . import mh as mh_mod
+from ..stdlib.progress import NO_BAR, progress_bar
 from .smc import SMCHandler
 
 _CHECKPOINTS = (ObserveEffect, FactorEffect, ConditionEffect)
@@ -33,9 +34,10 @@ _CHECKPOINTS = (ObserveEffect, FactorEffect, ConditionEffect)
 
 def resample_move(interp, entry: str, data: dict, particles: int, device="cpu", *, resampling="systematic",
                   ess_threshold: float = 1.0, moves: int = 1, kernel: str = "prior", scale: float = 0.5,
-                  randomness=None):
+                  randomness=None, progress: bool | None = None):
     """Run resample-move SMC: returns (sites, log_weights, handler, acceptance rates).
-    ``randomness`` (default: torch) serves both the SMC and the MH draws."""
+    ``randomness`` (default: torch) serves both the SMC and the MH draws. ``progress``: a
+    counter of synchronisation checkpoints with the ESS, as for ``smc``."""
     randomness = randomness or mh_mod.TorchMHRandomness()
     N = particles
     ctx = Particles.all(N, device)
@@ -45,6 +47,7 @@ def resample_move(interp, entry: str, data: dict, particles: int, device="cpu", 
                 ConditionEffect: h.condition, TwistEffect: h.twist}
     acceptance = []
     old_lineage = set_lineage(lineage)
+    bar = h.bar = progress_bar(progress, desc="resample_move", unit=" checkpoints")
     try:
         gen = interp.run(entry, data, ctx)
         checkpoints = 0
@@ -71,6 +74,8 @@ def resample_move(interp, entry: str, data: dict, particles: int, device="cpu", 
         sites.update(h.trace.sites())
     finally:
         set_lineage(old_lineage)
+        bar.close()
+        h.bar = NO_BAR
     return sites, h.log_weights + h.log_z, h, acceptance
 
 

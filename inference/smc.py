@@ -29,6 +29,7 @@ from ..semantics.dist_values import ProposedDist
 from ..semantics.interpreter import Interpreter
 from ..semantics.sampling import LikelihoodWeighting, column, drive
 from ..semantics.values import Lineage, Particles, set_lineage
+from ..stdlib.progress import NO_BAR, progress_bar
 from .randomness import TorchRandomness
 from .resampling import SCHEMES, log_mean_exp
 
@@ -58,6 +59,7 @@ class SMCHandler(LikelihoodWeighting):
         self.randomness = randomness or TorchRandomness()
         self.log_z = 0.0  # log of the product of mean weights at resampling steps
         self.history: list[StepRecord] = []
+        self.bar = NO_BAR  # a progress counter of synchronisation checkpoints (``smc(progress=...)``)
 
     # the prior draws go through the pluggable randomness (so the checker can enumerate)
     def sample(self, eff):
@@ -101,6 +103,9 @@ class SMCHandler(LikelihoodWeighting):
                 self.log_weights = new_lw.to(lw.dtype)
                 lme = log_mean_exp(self.log_weights)
         self.history.append(StepRecord(eff.addr, ess, resample, self.log_z + lme))
+        if self.bar is not NO_BAR:
+            self.bar.set_postfix_str(f"ESS {ess:.0f}/{self.N}", refresh=False)
+            self.bar.update(1)
 
     def _resample(self, lw, w, s):
         """The ancestor indices (N of them) for log weights ``lw`` (``w = exp(lw - max)``,
@@ -119,19 +124,23 @@ class SMCHandler(LikelihoodWeighting):
 
 def smc(interp: Interpreter, entry: str, data: dict, particles: int, device="cpu", *,
         resampling: str = "systematic", ess_threshold: float = 1.0, randomness=None,
-        handler_cls=None):
+        handler_cls=None, progress: bool | None = None, label: str = "smc"):
     """Run SMC: returns (sites, log_weights, handler). ``log_weights`` include the
     evidence accumulated at resampling steps, so that log-mean-exp of them is the
-    log-evidence estimate and their normalisation the final particle weights."""
+    log-evidence estimate and their normalisation the final particle weights.
+    ``progress`` (``stdlib.progress``): a counter of synchronisation checkpoints named
+    ``label``, with the ESS at the last one (their number is not known in advance)."""
     ctx = Particles.all(particles, device)
     lineage = Lineage(ctx.idx)
     h = (handler_cls or SMCHandler)(particles, device, lineage, resampling=resampling, ess_threshold=ess_threshold,
                    randomness=randomness)
     old = set_lineage(lineage)
     try:
-        ret = drive(interp.run(entry, data, ctx), h)
+        with progress_bar(progress, desc=label, unit=" checkpoints") as h.bar:
+            ret = drive(interp.run(entry, data, ctx), h)
         sites = {"return": (column(ret, ctx), None)}
         sites.update(h.trace.sites())
     finally:
         set_lineage(old)
+        h.bar = NO_BAR
     return sites, h.log_weights + h.log_z, h

@@ -77,19 +77,20 @@ def _positive_int(value, what: str) -> int:
 
 
 def smc_steer(interp, entry: str, data: dict, particles: int, expansion: int, device="cpu", *,
-              ess_threshold: float = 1.0, randomness=None, handler_cls=None):
+              ess_threshold: float = 1.0, randomness=None, handler_cls=None, progress: bool | None = None):
     """Run ``smc_steer`` with ``particles`` parents, each extended ``expansion`` ways:
     returns (sites, log_weights, handler) for the particles*expansion slots, like
     ``inference.smc.smc`` (log-mean-exp of the log weights is log Z_hat). ``randomness``
     must have ``sample`` and ``select_without_replacement``; ``handler_cls`` substitutes
-    a subclass of ``SteerHandler`` (to check a modified algorithm)."""
+    a subclass of ``SteerHandler`` (to check a modified algorithm). ``progress``: as for
+    ``smc``, a counter of checkpoints with the ESS of the particles*expansion slots."""
     N = _positive_int(particles, "particles")
     K = _positive_int(expansion, "expansion")
     if not 0.0 <= float(ess_threshold) <= 1.0:
         raise PPLRuntimeError(f"ess_threshold must be in [0, 1] (got {ess_threshold!r})")
     cls = functools.partial(handler_cls or SteerHandler, expansion=K)
     return smc(interp, entry, data, N * K, device, ess_threshold=ess_threshold, randomness=randomness,
-               handler_cls=cls)
+               handler_cls=cls, progress=progress, label="smc_steer")
 
 
 class _FiniteScores(LikelihoodWeighting):
@@ -108,10 +109,12 @@ class _FiniteScores(LikelihoodWeighting):
                           "bound it (e.g. factor min(x, 1e6)) or give the value a finite density")
 
 
-def best_of_n(interp, entry: str, data: dict, particles: int, device="cpu"):
+def best_of_n(interp, entry: str, data: dict, particles: int, device="cpu", progress: bool | None = None):
     """N prior draws, scored by their total log weight: returns (sites, index of the best,
-    its score, all N log weights). Ties go to the lowest index."""
+    its score, all N log weights). Ties go to the lowest index. ``progress``: as for
+    ``importance.likelihood_weighting``."""
     N = _positive_int(particles, "particles")
-    sites, log_weights = likelihood_weighting(interp, entry, data, N, device, handler=_FiniteScores)
+    sites, log_weights = likelihood_weighting(interp, entry, data, N, device, handler=_FiniteScores,
+                                              progress=progress, label="best_of_n")
     best = int(torch.argmax(log_weights))  # the first maximum
     return sites, best, float(log_weights[best]), log_weights

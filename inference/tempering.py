@@ -29,6 +29,7 @@ import math
 import torch
 
 from ..semantics.errors import PPLRuntimeError, ZeroEvidenceError
+from ..stdlib.progress import progress_bar
 from . import mh as mh_mod
 from .resampling import log_mean_exp
 
@@ -62,7 +63,8 @@ def default_moves(sites: float) -> int:
 
 def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *, target_ess: float = 0.5,
                  moves: int | None = None, kernel: str = "rw", scale: float = 0.5, resampling: str = "systematic",
-                 max_steps: int = 1000, schedule: list | None = None, randomness=None, info: dict | None = None):
+                 max_steps: int = 1000, schedule: list | None = None, randomness=None, info: dict | None = None,
+                 progress: bool | None = None):
     """Returns (final MH state of the population, log-evidence estimate, schedule).
 
     ``moves``: MH steps per temperature; None: ``default_moves`` of the prior draws' mean
@@ -72,7 +74,9 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
     ``schedule``: fixed betas 0 < b_1 < ... < b_K = 1 instead of the adaptive choice (with
     a fixed schedule the evidence estimate is exactly unbiased, and the population is a
     proper weighting: ``ppl.testing.validity.tempering_algorithm`` checks it exactly).
-    ``randomness`` (default: torch) serves the prior draws, the resampling and the moves."""
+    ``randomness`` (default: torch) serves the prior draws, the resampling and the moves.
+    ``progress`` (``stdlib.progress``): a bar over beta in [0, 1], with the current beta
+    and the number of steps so far."""
     if not 0.0 < target_ess < 1.0:
         raise PPLRuntimeError("target_ess must be in (0, 1)")
     if schedule is not None:
@@ -95,29 +99,36 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
     ess_history = info.setdefault("ess_history", [])
     fixed = iter(schedule) if schedule is not None else None
     beta, log_z, schedule = 0.0, 0.0, [0.0]
-    for _ in range(max_steps):
-        if beta >= 1.0:
-            break
-        b = next(fixed) if fixed is not None else next_beta(beta, state.log_lik, target_ess)
-        inc = torch.where(torch.isneginf(state.log_lik), state.log_lik, (b - beta) * state.log_lik)
-        step_z = log_mean_exp(inc)
-        if step_z == -math.inf:  # only possible with a fixed schedule: every weight is zero
-            raise ZeroEvidenceError("tempering: every particle has zero weight")
-        log_z += step_z
-        ess_history.append(_ess_fraction(inc) * particles)
-        state = mh_mod.reindex(state, randomness.resample(inc, resampling, particles))
-        # the moves compare a proposal's density under gamma_b with the current state's:
-        # rescore the current state at b too (its log_joint was computed at the old beta;
-        # a stale one adds (b - beta) * log_lik(x) to the log acceptance ratio of every
-        # chain until its first accepted move, which breaks invariance: a constant in
-        # the likelihood, like Poisson's -log(c!), then biases the posterior)
-        state.log_joint = torch.where(torch.isneginf(state.log_lik), state.log_joint,
-                                      state.log_joint + (b - beta) * state.log_lik)
-        beta = b
-        schedule.append(beta)
-        for _ in range(moves):
-            state, _ = mh_mod.mh_step(interp, entry, data, state, device, kernel=kernel, scale=scale, beta=beta,
-                                      randomness=randomness)
-    else:
-        raise PPLRuntimeError(f"tempering did not reach beta = 1 in {max_steps} steps")
+    with progress_bar(progress, desc="tempering", total=1.0, bar_format=_BAR_FORMAT) as bar:
+        for _ in range(max_steps):
+            if beta >= 1.0:
+                break
+            b = next(fixed) if fixed is not None else next_beta(beta, state.log_lik, target_ess)
+            inc = torch.where(torch.isneginf(state.log_lik), state.log_lik, (b - beta) * state.log_lik)
+            step_z = log_mean_exp(inc)
+            if step_z == -math.inf:  # only possible with a fixed schedule: every weight is zero
+                raise ZeroEvidenceError("tempering: every particle has zero weight")
+            log_z += step_z
+            ess_history.append(_ess_fraction(inc) * particles)
+            state = mh_mod.reindex(state, randomness.resample(inc, resampling, particles))
+            # the moves compare a proposal's density under gamma_b with the current state's:
+            # rescore the current state at b too (its log_joint was computed at the old beta;
+            # a stale one adds (b - beta) * log_lik(x) to the log acceptance ratio of every
+            # chain until its first accepted move, which breaks invariance: a constant in
+            # the likelihood, like Poisson's -log(c!), then biases the posterior)
+            state.log_joint = torch.where(torch.isneginf(state.log_lik), state.log_joint,
+                                          state.log_joint + (b - beta) * state.log_lik)
+            bar.set_postfix_str(f"beta={b:.4g}, step {len(schedule)}", refresh=False)
+            bar.update(b - beta)
+            beta = b
+            schedule.append(beta)
+            for _ in range(moves):
+                state, _ = mh_mod.mh_step(interp, entry, data, state, device, kernel=kernel, scale=scale, beta=beta,
+                                          randomness=randomness)
+        else:
+            raise PPLRuntimeError(f"tempering did not reach beta = 1 in {max_steps} steps")
     return state, log_z, schedule
+
+
+#: tempering's bar: the fraction of the way to beta = 1, then "beta=..., step k"
+_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}{postfix}]"

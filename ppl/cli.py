@@ -7,8 +7,9 @@
     ppl check MODEL.ppl [--entry NAME]
 
 ``--limit`` changes a bound of ``ppl.semantics.limits`` (max_memory, max_int_bits,
-regex_timeout, max_iterations, max_depth); ``--progress`` shows a progress bar where the
-method has one. Ctrl-C prints ``interrupted (Ctrl-C)`` and exits with 130; a closed
+regex_timeout, max_iterations, max_depth); ``--progress`` shows the method's progress bar
+on stderr at once (without it, a bar appears on a terminal once a run has taken 2 s).
+Ctrl-C prints ``interrupted (Ctrl-C)`` and exits with 130; a closed
 stdout (``--json | head``) ends quietly with 141.
 
 ``run`` compiles the model, binds the entry function's parameters from the data file
@@ -104,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="change a bound: max_memory (e.g. 8GB), max_int_bits, regex_timeout (seconds), "
                           "max_iterations, max_depth (see README, Limits and errors)")
     run.add_argument("--progress", action="store_true",
-                     help="show a progress bar on stderr (methods that have one: enumerate, mh, pmmh)")
+                     help="show a progress bar on stderr at once (every method; without it, one appears "
+                          "on a terminal after 2 s)")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="parse and statically check a model",

@@ -30,6 +30,7 @@ from .errors import InfiniteSupportError, PPLError, PPLRuntimeError, ZeroEvidenc
 from .interpreter import Interpreter
 from .sampling import drive
 from .values import Particles, Vector, to_python, to_vector, truthy
+from ..stdlib.progress import progress_bar
 
 
 class _Pruned(Exception):
@@ -195,18 +196,13 @@ def enumerate_paths(program: ir.Program, builtins: dict, entry: str, data: dict,
     visited = 0
     cuts: Counter = Counter()  # where zero-weight paths were cut
     start = time.monotonic()
-    bar = _progress_bar(progress)
-    try:
+    with progress_bar(progress, desc="enumerate", unit=" paths") as bar:  # a counter of visited paths
         while stack:
             prefix = stack.pop()
             visited += 1
             _check_bounds(visited, len(stack), start, max_paths, max_seconds)
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
             _visit(interp, entry, data, ctx, prefix, stack, paths, cuts)
-    finally:
-        if bar is not None:
-            bar.close()
     if not paths:
         span, k = cuts.most_common(1)[0] if cuts else (None, 0)
         where = f"all {visited} paths were cut here" if k == visited else \
@@ -230,18 +226,6 @@ def _check_bounds(visited: int, pending: int, start: float, max_paths: int, max_
                 f"exact enumeration stopped after {elapsed:.1f} s (max_seconds={max_seconds:g}): {visited:,} paths "
                 f"visited and at least {pending:,} more to go",
                 hint=_ALTERNATIVES.format(what="max_seconds (-o max_seconds=S)"))
-
-
-def _progress_bar(progress: bool | None):
-    """A tqdm counter of visited paths (shown after 2 s; by default only on a terminal)."""
-    if progress is False:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
-    return tqdm(desc="enumerate", unit=" paths", delay=0 if progress else 2, leave=False,
-                disable=None if progress is None else False, mininterval=0.5)
 
 
 def _visit(interp, entry, data, ctx, prefix, stack, paths, cuts) -> None:
