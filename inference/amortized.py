@@ -43,6 +43,7 @@ from ..semantics.sampling import LikelihoodWeighting, column, drive
 from ..semantics.values import Batched, Particles, PerParticle, rows
 from ..stdlib.files import check_fields, load_checked, save_checked
 from ..stdlib import rng
+from ..stdlib.progress import progress_bar
 from . import objectives as O
 from .guides import FAMILIES, GuideNet, Layout, _finite_bounds, _sum_ldj, discover
 from .resampling import ess as resampling_ess
@@ -598,7 +599,7 @@ class Guide:
     # --------------------------------------------------------------------- training
     def fit(self, data: Mapping[str, Any] | None = None, objective: str | None = None, *, steps: int = 1000,
             batch_size: int | None = None, particles: int | None = None, lr: float | None = None,
-            lr_end: float | None = None, seed: int | None = None, progress: bool = True,
+            lr_end: float | None = None, seed: int | None = None, progress: bool | None = True,
             datasets: Sequence[Mapping[str, Any]] | None = None, chunk: int = 16384, clip: float = 100.0) -> "Guide":
         """Train the guide; returns it. ``objective``: ``"forward_kl"`` (default for an
         amortized guide), ``"elbo"`` (default otherwise), ``"iwae"``, ``"rws"``/``"brain"``
@@ -611,7 +612,9 @@ class Guide:
         Adam with learning rate ``lr`` decaying exponentially to ``lr_end`` (defaults
         3e-3 -> 3e-4 amortized, 5e-2 -> 5e-3 otherwise); gradient norms clipped at
         ``clip``. ``self.history`` receives the reported value of every step (a loss:
-        lower is better; see ``inference.objectives``), shown by ``plot_loss()``."""
+        lower is better; see ``inference.objectives``), shown by ``plot_loss()``.
+        ``progress``: a bar of steps with the loss on stderr (``stdlib.progress``: True,
+        the default here, at once; None on a terminal after 2 s; False never)."""
         from ..api import seeded
         if data is None and self.net is None and datasets:
             data = datasets[0]
@@ -642,7 +645,6 @@ class Guide:
         return self
 
     def _fit(self, template, obj, steps, batch_size, particles, lr, lr_end, progress, datasets, chunk, clip):
-        from tqdm.auto import tqdm
         net, lay = self.net, self.layout
         amort = self.amortized
         if batch_size is None:
@@ -675,50 +677,51 @@ class Guide:
         prepared = self.model.prepare_data(template, "cpu")
         interp0 = self.model.interpreter()
         running = [None]
-        bar = tqdm(range(steps), disable=not progress, desc=f"fit {obj}", leave=False)
         every = max(1, steps // 100)
         net.train()
-        for step in bar:
-            if obj == "forward_kl":
-                lat, obs, n = sim.next(B)
-                feats = lay.features(obs, n)
-                self._set_normalisation(feats)
-                loss, value = O.forward_kl(net.log_prob(lat, feats, n))
-            else:
-                if amort:
-                    if pool is not None:
-                        pick = rng.randint(pool[1], (B,))
-                        obs = {a: v.index_select(0, pick) for a, v in pool[0].items()}
-                        n = B
-                    else:
-                        _, obs, n = sim.next(B)
+        with progress_bar(progress, desc=f"fit {obj}", unit=" steps", total=steps) as bar:
+            for step in range(steps):
+                if obj == "forward_kl":
+                    lat, obs, n = sim.next(B)
                     feats = lay.features(obs, n)
                     self._set_normalisation(feats)
-                    feats = feats.repeat_interleave(K, 0)
-                    obs = {a: v.repeat_interleave(K, 0) for a, v in obs.items()}
-                    interp = _ObservedRows(interp0, obs)
+                    loss, value = O.forward_kl(net.log_prob(lat, feats, n))
                 else:
-                    n, feats, interp = 1, None, interp0
-                lw, logq, logq_d = self._weights(interp, prepared, n, K, feats, reparam=obj != "rws")
-                if obj == "elbo":
-                    loss, value = O.elbo(lw, logq_d, running)
-                elif obj == "iwae":
-                    loss, value = O.iwae(lw, logq_d)
-                else:
-                    loss, value = O.rws(lw, logq)
-            if not torch.isfinite(loss):
-                raise PPLRuntimeError(f"the {obj} loss is {float(loss)} at step {step}",
-                                      hint="every particle may violate a condition, or the learning rate is "
-                                           "too high: lower lr, or check the model")
-            opt.zero_grad()
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
-            opt.step()
-            sched.step()
-            self.history.append(value)
-            if step % every == 0:
-                bar.set_postfix(loss=f"{value:.4g}")
+                    if amort:
+                        if pool is not None:
+                            pick = rng.randint(pool[1], (B,))
+                            obs = {a: v.index_select(0, pick) for a, v in pool[0].items()}
+                            n = B
+                        else:
+                            _, obs, n = sim.next(B)
+                        feats = lay.features(obs, n)
+                        self._set_normalisation(feats)
+                        feats = feats.repeat_interleave(K, 0)
+                        obs = {a: v.repeat_interleave(K, 0) for a, v in obs.items()}
+                        interp = _ObservedRows(interp0, obs)
+                    else:
+                        n, feats, interp = 1, None, interp0
+                    lw, logq, logq_d = self._weights(interp, prepared, n, K, feats, reparam=obj != "rws")
+                    if obj == "elbo":
+                        loss, value = O.elbo(lw, logq_d, running)
+                    elif obj == "iwae":
+                        loss, value = O.iwae(lw, logq_d)
+                    else:
+                        loss, value = O.rws(lw, logq)
+                if not torch.isfinite(loss):
+                    raise PPLRuntimeError(f"the {obj} loss is {float(loss)} at step {step}",
+                                          hint="every particle may violate a condition, or the learning rate is "
+                                               "too high: lower lr, or check the model")
+                opt.zero_grad()
+                loss.backward()
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+                opt.step()
+                sched.step()
+                self.history.append(value)
+                bar.update(1)
+                if step % every == 0:
+                    bar.set_postfix_str(f"loss={value:.4g}", refresh=False)
         net.eval()
         self.objectives.append(obj)
 

@@ -185,3 +185,49 @@ def test_cli_progress_for_every_method(tmp_path, capsys):
         assert name + ":" in capsys.readouterr().err
         assert main(["run", str(model), "--data", str(data), "--method", method, "-n", "30", "--seed", "0"]) == 0
         assert name + ":" not in capsys.readouterr().err
+
+
+def test_guide_fit_and_sbc_use_the_same_bars(capsys):
+    """``Guide.fit`` (progress=True by default) and ``ppl.testing.sbc`` draw their bars
+    with the same helper: drawn and erased with True, none with False, the same result;
+    SBC shows one bar (its simulations'), not one per inference run."""
+    from ppl.testing.sbc import sbc
+    model = ppl.model(SRC)
+    data = {"f": tripwire(), "ys": YS}
+    shown = ppl.guide(model, data).fit(data, objective="elbo", steps=4, seed=0, progress=True).history
+    err = capsys.readouterr().err
+    assert "fit elbo:" in err and err.split("\r")[-2].strip() == ""
+    hidden = ppl.guide(model, data).fit(data, objective="elbo", steps=4, seed=0, progress=False).history
+    assert capsys.readouterr().err == "" and shown == hidden
+    ranks = sbc(model, "importance", data, simulations=3, draws=4, particles=20, progress=True).ranks
+    err = capsys.readouterr().err
+    assert "SBC importance:" in err and "\rimportance:" not in err
+    again = sbc(model, "importance", data, simulations=3, draws=4, particles=20, progress=False).ranks
+    assert ranks.keys() == again.keys() and all((ranks[k] == again[k]).all() for k in ranks)
+    assert capsys.readouterr().err == ""
+
+
+def test_cli_ctrl_c_erases_the_bar_before_its_message(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in ``ppl run --progress``: status 130, and the bar is erased before the line
+    ``interrupted (Ctrl-C)`` (not left half-drawn above or after it)."""
+    import ppl.inference.smc as smc_mod
+    checkpoint = smc_mod.SMCHandler._checkpoint
+    seen = []
+
+    def interrupted_at_the_second(self, eff):
+        seen.append(eff)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return checkpoint(self, eff)
+
+    monkeypatch.setattr(smc_mod.SMCHandler, "_checkpoint", interrupted_at_the_second)
+    model = tmp_path / "m.ppl"
+    model.write_text("def m(ys):\n    mu ~ normal(0, 1)\n    for y in ys:\n        observe y ~ normal(mu, 1)\n"
+                     "    return mu\n")
+    data = tmp_path / "d.json"
+    data.write_text('{"ys": [0.1, 0.5, 0.3]}')
+    assert main(["run", str(model), "--data", str(data), "--method", "smc", "-n", "30", "--progress"]) == 130
+    err = capsys.readouterr().err
+    drawn, message = err.rsplit("\r", 1)
+    assert message == "interrupted (Ctrl-C)\n"
+    assert "smc:" in drawn and drawn.split("\r")[-1].strip() == ""

@@ -67,6 +67,7 @@ import torch
 from ..api import Model, resolve_device, seeded
 from ..semantics.errors import PPLDiagnosticWarning, PPLError, PPLRuntimeError, did_you_mean
 from ..stdlib import rng as torch_rng
+from ..stdlib.progress import progress_bar
 from ..semantics.interpreter import (ConditionEffect, FactorEffect, ObserveEffect, SampleEffect,
                                      TwistEffect)
 from ..semantics.sampling import Trace, column, drive
@@ -504,7 +505,8 @@ def sbc(model: Model, method: str | Callable = "importance", data: Mapping[str, 
         (at least 2), so that every bin expects 5 or more simulations.
     seed: makes the whole run reproducible (the simulations, each inference run, the
         resampling of the draws and the tie-breaking); None for fresh randomness.
-    progress: a progress bar (tqdm); None shows it only on a terminal.
+    progress: a bar of simulations on stderr (``ppl.stdlib.progress``): None on a terminal
+        after 2 s, True always, False never (the inference runs show none of their own).
     """
     if not isinstance(model, Model):
         raise PPLError("sbc() takes a compiled model (ppl.model(...))")
@@ -538,34 +540,34 @@ def sbc(model: Model, method: str | Callable = "importance", data: Mapping[str, 
     ranks = {n: np.zeros(S, dtype=np.int64) for n in names}
     truths = {n: np.zeros(S, dtype=np.float64) for n in names}
     ess = []
-    steps = range(S)
-    if progress is not False:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, desc=f"SBC {method_name}", unit="sim", disable=None if progress is None else False,
-                     leave=False)
-    for s in steps:
-        sim = sims[s]
-        m = observing(model, sim.observations)
-        with warnings.catch_warnings():  # SBC judges the runs itself: no diagnostic warning per simulation
-            warnings.simplefilter("ignore", PPLDiagnosticWarning)
-            if fn is None:
-                result = m.run(method_name, bound, particles=particles, seed=int(seeds[s]), device=device, **options)
-            else:
-                with seeded(int(seeds[s]), device):
-                    result = fn(m, m.bind((), bound), particles=particles, device=device, **options)
-        got = posterior_draws(result, names, L, rng)
-        for n in names:
-            tv = sim.ret if n == "return" else sim.latents[n]
-            # compare in the truth's precision: a float32 draw of 0.8 must tie with an
-            # exact posterior's 0.8 (and float64 draws with a float32 truth)
-            prec = np.float32 if isinstance(tv, torch.Tensor) and tv.dtype == torch.float32 else np.float64
-            t = prec(_scalar(tv, n))
-            x = got[n].astype(prec)
-            below = int((x < t).sum())
-            ties = int((x == t).sum())
-            ranks[n][s] = below + (int(rng.integers(0, ties + 1)) if ties else 0)
-            truths[n][s] = t
-        ess.append(_ess(result, names))
+    if fn is None:
+        options.setdefault("progress", False)  # one bar, the simulations', not one per inference run
+    with progress_bar(progress, desc=f"SBC {method_name}", unit=" sims", total=S) as bar:
+        for s in range(S):
+            sim = sims[s]
+            m = observing(model, sim.observations)
+            with warnings.catch_warnings():  # SBC judges the runs itself: no diagnostic warning per simulation
+                warnings.simplefilter("ignore", PPLDiagnosticWarning)
+                if fn is None:
+                    result = m.run(method_name, bound, particles=particles, seed=int(seeds[s]), device=device,
+                                   **options)
+                else:
+                    with seeded(int(seeds[s]), device):
+                        result = fn(m, m.bind((), bound), particles=particles, device=device, **options)
+            got = posterior_draws(result, names, L, rng)
+            for n in names:
+                tv = sim.ret if n == "return" else sim.latents[n]
+                # compare in the truth's precision: a float32 draw of 0.8 must tie with an
+                # exact posterior's 0.8 (and float64 draws with a float32 truth)
+                prec = np.float32 if isinstance(tv, torch.Tensor) and tv.dtype == torch.float32 else np.float64
+                t = prec(_scalar(tv, n))
+                x = got[n].astype(prec)
+                below = int((x < t).sum())
+                ties = int((x == t).sum())
+                ranks[n][s] = below + (int(rng.integers(0, ties + 1)) if ties else 0)
+                truths[n][s] = t
+            ess.append(_ess(result, names))
+            bar.update(1)
     return SBCResult(method_name, names, S, L, bins, ranks, truths, np.asarray(ess, dtype=object), seed)
 
 
