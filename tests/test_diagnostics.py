@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 
 import numpy as np
@@ -221,7 +220,6 @@ def test_default_moves_scale_with_the_number_of_choices():
         assert r.extra["moves"] == 3
 
 
-@pytest.mark.skipif(not os.environ.get("PPL_SLOW_TESTS"), reason="~40 s (70 s on a loaded machine): set PPL_SLOW_TESTS=1")
 def test_tempering_default_moves_on_the_42_choice_mixture_match_the_grid():
     """The new default (42 moves per temperature) on item 4's mixture, N = 200: no
     warning, and the means within 4 Monte Carlo standard errors of the grid, counting
