@@ -7,6 +7,8 @@ estimates converge to the posterior as N grows. All N particles run as one batch
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..semantics.errors import ZeroEvidenceError
@@ -47,6 +49,18 @@ def likelihood_weighting(interp: Interpreter, entry: str, data: dict, particles:
     return sites, h.log_weights
 
 
+def impossible_site(interp: Interpreter, entry: str, data: dict, particles: int, device="cpu"):
+    """Run ``particles`` prior draws and return the ``ZeroEvidenceError`` located at the
+    first random choice, observe, factor or condition after which none of them has a
+    finite positive joint density, or None if one survived (for methods, such as MH,
+    that found no trace of positive probability and want to say where)."""
+    try:
+        drive(interp.run(entry, data, Particles.all(particles, device)), _LocateJoint(particles, device))
+    except ZeroEvidenceError as err:
+        return err
+    return None
+
+
 class _Locate(LikelihoodWeighting):
     """Likelihood weighting that stops at the first site leaving no particle alive."""
 
@@ -60,6 +74,21 @@ class _Locate(LikelihoodWeighting):
     def _checkpoint(self, eff):
         what = {ObserveEffect: "observation", FactorEffect: "factor"}.get(type(eff), "condition")
         self._check(eff, what)
+
+
+class _LocateJoint(_Locate):
+    """``_Locate`` on the joint density: a draw's own log density counts too (a prior
+    such as beta(inf, 2) gives every draw density NaN), and NaN counts as zero."""
+
+    def sample(self, eff):
+        value = super().sample(eff)
+        lp = torch.as_tensor(self.log_prob(eff.dist, value, eff.ctx), dtype=torch.float64)
+        self.add(eff.ctx, torch.where(torch.isnan(lp), torch.full_like(lp, -math.inf), lp))
+        if bool(torch.isneginf(self.log_weights).all()):
+            raise ZeroEvidenceError(
+                "every draw of this random choice has density zero (or NaN) under its distribution", eff.span,
+                "check the distribution's parameters (e.g. an infinite one)")
+        return value
 
 
 def _rng_state(device):

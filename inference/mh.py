@@ -34,8 +34,9 @@ import torch
 from ..semantics.errors import PPLRuntimeError
 from ..semantics.interpreter import Interpreter
 from ..semantics.sampling import _WeightAccumulator, column, drive, spread
-from ..semantics.values import Batched, Particles, PerParticle, is_batched, rows
+from ..semantics.values import Batched, Particles, PerParticle, batch_rows, is_batched, rows
 from ..stdlib.progress import progress_bar
+from .importance import impossible_site
 from .randomness import TorchRandomness
 
 
@@ -248,7 +249,9 @@ class _Run(_WeightAccumulator):
 
     def _draw(self, dist, ctx, eff):
         draw = self.randomness.sample(dist, ctx)
-        if isinstance(draw, PerParticle):
+        if isinstance(draw, (int, float, bool, torch.Tensor)):  # every chain drew the same plain item
+            return batch_rows(draw, ctx).clone()
+        if not isinstance(draw, Batched):
             raise PPLRuntimeError("MH supports numeric random choices only (this one is not)", eff.span,
                                   "use importance sampling or SMC for models with string-valued choices")
         return rows(draw, ctx)
@@ -321,8 +324,11 @@ def initial_state(interp: Interpreter, entry: str, data: dict, chains: int, devi
         again = _run(interp, entry, data, chains, device, None, {}, randomness, "prior", 1.0)
         state = _select(bad, again, state)
     if not bool(torch.isfinite(state.log_joint).any()):
-        raise PPLRuntimeError(f"MH: no chain found a trace of positive probability in {tries} prior draws",
-                              hint="the data may be impossible under the prior")
+        site = impossible_site(interp, entry, data, max(chains, 100), device)
+        raise PPLRuntimeError(f"MH: no chain found a trace of positive probability in {tries} prior draws"
+                              + (f" ({site.message})" if site is not None else ""),
+                              site.span if site is not None else None,
+                              "the data may be impossible under the prior")
     return state
 
 

@@ -161,6 +161,32 @@ def _check_json_numbers(text: str, path: str) -> None:
                        "write it as a float (1e5000 is inf), or raise --limit max_int_bits=...")
 
 
+def _key_span(path: str | None, key: str) -> Span | None:
+    """The place of ``"key":`` in the data file (its first occurrence), or None."""
+    if path is None:
+        return None
+    from .api import read_text_file
+    try:
+        text = read_text_file(path, "data file")
+    except PPLError:
+        return None
+    m = re.search(re.escape(json.dumps(key)) + r"\s*:", text)
+    if m is None:
+        return None
+    line = text.count("\n", 0, m.start()) + 1
+    col = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
+    return Span(line, col, line, col + len(json.dumps(key)) - 1, SourceFile(path, text))
+
+
+def _in_data_file(err: PPLError, data: dict, path: str | None) -> PPLError:
+    """A location-less error about a datum (``data 'key' ...``) that came from the data
+    file, located at the key in that file."""
+    m = re.match(r"data '([^']*)'", err.message)
+    if err.span is None and m is not None and m.group(1) in data:
+        err.span = _key_span(path, m.group(1))
+    return err
+
+
 def _json_type(v: Any) -> str:
     return {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
             type(None): "null"}.get(type(v), type(v).__name__)
@@ -180,7 +206,7 @@ def _check_data(model, data: dict, data_path: str | None) -> None:
     for k in data:
         if k not in params:
             raise PPLError(
-                f"the data binds '{k}', but {signature(model)} has no such parameter",
+                f"the data binds '{k}', but {signature(model)} has no such parameter", _key_span(data_path, k),
                 hint=did_you_mean(k, params) or
                 (f"its parameters are: {', '.join(params)}" if params else f"{model.entry}() takes no parameters"))
     missing = [p.name for p in f.params if p.default is None and p.name not in data]
@@ -216,8 +242,11 @@ def cmd_run(args) -> int:
     _check_data(model, data, args.data)
     with warnings.catch_warnings():  # shown once, below, as "warning: ..." lines on stderr
         warnings.simplefilter("ignore", PPLDiagnosticWarning)
-        result = model.run(args.method, data, particles=args.particles, seed=args.seed, device=args.device,
-                           **options)
+        try:
+            result = model.run(args.method, data, particles=args.particles, seed=args.seed, device=args.device,
+                               **options)
+        except PPLError as err:
+            raise _in_data_file(err, data, args.data) from None
     for message in result.warnings:
         print(f"warning: {message}", file=sys.stderr)
 

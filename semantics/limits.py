@@ -192,6 +192,8 @@ def check_power(base, exponent) -> None:
     """Refuse ``base ** exponent`` (ints or Fractions, integer exponent) before computing
     it when its result would have more than ``max_int_bits`` bits."""
     from fractions import Fraction
+    if isinstance(exponent, Fraction) and exponent.denominator == 1:
+        exponent = exponent.numerator  # Python computes x ** Fraction(n) exactly, as x ** n
     if isinstance(base, bool) or isinstance(exponent, bool) or not isinstance(exponent, int):
         return
     if isinstance(base, Fraction):
@@ -206,8 +208,13 @@ def check_power(base, exponent) -> None:
         return
     limit = current().max_int_bits
     if size and size * exponent > limit:
-        raise PPLRuntimeError(f"{_short(base)} ** {_short(exponent)} would have more than {size * exponent:,} bits, "
+        raise PPLRuntimeError(f"{_short(base)} ** {_short(exponent)} would have more than {_count(size * exponent)} bits, "
                               f"more than the limit of {limit:,} bits (max_int_bits)", hint=INT_HINT)
+
+
+def _count(n: int) -> str:
+    """``n`` with thousands separators, or ``10^k`` when it is huge."""
+    return f"{n:,}" if n < 10 ** 18 else f"10^{len(str(n)) - 1}"
 
 
 def _short(v) -> str:

@@ -190,19 +190,35 @@ class _WeightAccumulator:
             phi = None
         if phi is None or phi.shape != (ctx.M,):
             raise PPLRuntimeError(f"twist needs one number per particle, got {describe(v)}", eff.span)
+        phi = self._valid_potential(phi, eff)
         full = Particles(ctx.full.idx, ctx.N, ctx.device, ctx.full)
         current = rows(self._twist, full) if self._twist is not None else \
             torch.zeros(ctx.N, dtype=self.log_weights.dtype, device=self.log_weights.device)
-        self.add(ctx, phi - current[ctx.idx])
+        self.add(ctx, _without_dead(phi - current[ctx.idx], current[ctx.idx]))
         current = current.clone()
         current[ctx.idx] = phi
         self._twist = Batched(current, ctx.full.idx)
         self._twist_ctx = full
 
+    def _valid_potential(self, phi: torch.Tensor, eff) -> torch.Tensor:
+        """A twist potential: a number or -inf per particle (-inf kills the particle); NaN
+        or +inf is an error at the twist, unless only on particles of weight zero."""
+        bad = torch.isnan(phi) | torch.isposinf(phi)
+        if not bool(bad.any()):
+            return phi
+        dead = torch.isneginf(self.log_weights[eff.ctx.idx])
+        if bool((bad & ~dead).any()):
+            what = "NaN" if bool((torch.isnan(phi) & ~dead).any()) else "+inf"
+            raise PPLRuntimeError(f"twist received {what}", eff.span,
+                                  "a potential is a log value: a number, or -inf for a particle that cannot "
+                                  "continue; check the expression for 0/0, inf - inf or log of a negative")
+        return torch.where(bad, torch.full_like(phi, -math.inf), phi)
+
     def finish(self):
         """End of the run: take the last potential out again (the telescoping correction)."""
         if self._twist is not None:
-            self.add(self._twist_ctx, -rows(self._twist, self._twist_ctx))
+            last = rows(self._twist, self._twist_ctx)
+            self.add(self._twist_ctx, _without_dead(-last, last))
 
     # ------------------------------------------------- particles of weight zero never raise
     def live(self, ctx: Particles) -> Particles | None:
@@ -265,14 +281,16 @@ class _WeightAccumulator:
         self.add(eff.ctx, lp.to(self.log_weights.dtype))
         self._checkpoint(eff)
 
-    def _nan_on_dead(self, lp: torch.Tensor, eff) -> torch.Tensor:
-        """A factor that is NaN only for particles of weight zero: -inf there (else an error)."""
+    def _nan_on_dead(self, lp: torch.Tensor, eff, message: str = "factor received NaN",
+                     hint: str = "check the expression for 0/0 or log of a negative") -> torch.Tensor:
+        """A factor (or log density) that is NaN only for particles of weight zero: -inf
+        there (else an error at ``eff``)."""
         nan = torch.isnan(lp)
         if lp.dim() == 1 and lp.shape[0] == eff.ctx.M:
             dead = torch.isneginf(self.log_weights[eff.ctx.idx])
             if not bool((nan & ~dead).any()):
                 return torch.where(nan, torch.full_like(lp, -math.inf), lp)
-        raise PPLRuntimeError("factor received NaN", eff.span, "check the expression for 0/0 or log of a negative")
+        raise PPLRuntimeError(message, eff.span, hint)
 
     def condition(self, eff: ConditionEffect):
         c = to_bool_rows(eff.value, eff.ctx)
@@ -292,12 +310,29 @@ class _WeightAccumulator:
         SMC resamples, MH truncates, and the zero-evidence locator looks."""
 
 
+def _without_dead(change: torch.Tensor, potential: torch.Tensor) -> torch.Tensor:
+    """A change of log weight after a twist, 0 where the previous potential was -inf:
+    that particle's weight is already -inf and stays so (-inf + inf would make it NaN)."""
+    return torch.where(torch.isneginf(potential), torch.zeros_like(change), change)
+
+
 class LikelihoodWeighting(_WeightAccumulator):
     """Prior proposal, likelihood weights (see the module docstring)."""
 
     def __init__(self, N: int, device, dtype=None):
         super().__init__(N, device, dtype)
         self.trace = Trace(N, device)
+
+    def observe(self, eff: ObserveEffect):
+        """Weight by the observation's log density; NaN there (a NaN or infinite observed
+        value or parameter) is an error at the observe, not a NaN weight found later."""
+        lp = self.log_prob(eff.dist, eff.value, eff.ctx)
+        if isinstance(lp, torch.Tensor) and bool(torch.isnan(lp).any()):
+            lp = self._nan_on_dead(lp, eff, "the observation's log density is NaN",
+                                   "the observed value or a parameter of its distribution is NaN or "
+                                   "infinite (e.g. inf - inf, 0 * inf); check them")
+        self.add(eff.ctx, lp)
+        self._checkpoint(eff)
 
     def sample(self, eff: SampleEffect):
         if isinstance(eff.dist, ProposedDist):  # a user proposal: draw from it, correct the weight

@@ -90,6 +90,7 @@ class FuzzReport:
     outcomes: Counter = field(default_factory=Counter)   # "ok" / "PPLSyntaxError" / ... / "failure"
     failures: list = field(default_factory=list)
     seconds: float = 0.0
+    unlocated: Counter = field(default_factory=Counter)  # message pattern -> count of PPLErrors with no span
 
     @property
     def ok(self) -> bool:
@@ -98,6 +99,9 @@ class FuzzReport:
     def summary(self, show: int | None = None) -> str:
         lines = [f"{self.cases} cases in {self.seconds:.1f} s: {len(self.failures)} failures"]
         lines += [f"  {k}: {v}" for k, v in self.outcomes.most_common()]
+        if self.unlocated:
+            lines.append(f"{sum(self.unlocated.values())} model errors without a location:")
+            lines += [f"  {v:5d}  {k}" for k, v in self.unlocated.most_common()]
         for f in self.failures[:show]:
             lines += [f"--- failure in case {f.case.index} ({f.case.name}; {', '.join(f.case.mutations)}) "
                       f"at {f.stage}: {f.error}", f.case.source.rstrip(), f.traceback.rstrip()]
@@ -221,7 +225,7 @@ def cases(n: int, seed: int = 0, corpus=None):
 
 
 # ------------------------------------------------------------------------------ running
-class _Hang(Exception):
+class _Hang(BaseException):  # not an Exception: the CLI must not report it as an internal error
     pass
 
 
@@ -229,8 +233,37 @@ def _on_alarm(signum, frame):
     raise _Hang()
 
 
-def run_case(case: Case, data: dict) -> tuple[str, Failure | None]:
-    """Compile and run one mutant: (outcome, failure or None)."""
+#: errors about a run's budget (the options max_paths, max_seconds), not about a place in
+#: the model: they legitimately have no source location
+RUN_BUDGET_ERRORS = ("exact enumeration exceeded", "exact enumeration stopped after")
+
+
+def is_located(error: ppl.PPLError) -> bool:
+    """Whether ``error`` points into the model's text (file:line:col)."""
+    span = error.span
+    return span is not None and span.line > 0 and span.source is not None
+
+
+def needs_location(error: ppl.PPLError) -> bool:
+    """Whether ``error``, raised by a mutant run with valid arguments and the example's
+    own data, must point into the model's text: every error but a run-budget one."""
+    return not str(error.message).startswith(RUN_BUDGET_ERRORS)
+
+
+def message_pattern(error: ppl.PPLError) -> str:
+    """``error``'s class and message with numbers and quoted names blanked, so that
+    errors of one kind count together."""
+    text = str(error.message).splitlines()[0] if str(error.message) else ""
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'_'", text)
+    text = re.sub(r"-?\d+(\.\d*)?(e[-+]?\d+)?", "N", text)
+    return f"{type(error).__name__}: {text[:100]}"
+
+
+def run_case(case: Case, data: dict, require_location: bool = False) -> tuple[str, Failure | None, str | None]:
+    """Compile and run one mutant: (outcome, failure or None, the message pattern of a
+    ``PPLError`` that has no source location, or None). Every argument the fuzzer passes
+    is valid and the data comes with the example, so any error comes from the model's
+    text and must carry a location; with ``require_location`` one without is a failure."""
     stage = "compile"
     try:
         m = ppl.model(case.source, filename=f"{case.name}.ppl", **RUN_OPTIONS)
@@ -239,31 +272,89 @@ def run_case(case: Case, data: dict) -> tuple[str, Failure | None]:
         m.run("importance", given, particles=PARTICLES, seed=case.index)
         stage = "enumerate"
         m.run("enumerate", given, **ENUMERATE)
-        return "ok", None
+        return "ok", None, None
     except ppl.PPLError as e:
-        return type(e).__name__, None
+        if is_located(e) or not needs_location(e):
+            return type(e).__name__, None, None
+        pattern = message_pattern(e)
+        failure = Failure(case, stage, f"no source location: {type(e).__name__}: {e.message}",
+                          traceback.format_exc(limit=-8)) if require_location else None
+        return type(e).__name__, failure, pattern
     except _Hang:
-        return "failure", Failure(case, stage, f"no answer in {CASE_SECONDS} s", "")
+        return "failure", Failure(case, stage, f"no answer in {CASE_SECONDS} s", ""), None
     except RecursionError as e:  # (a subclass of RuntimeError: report it as itself)
-        return "failure", Failure(case, stage, f"RecursionError: {e}", traceback.format_exc(limit=-8))
+        return "failure", Failure(case, stage, f"RecursionError: {e}", traceback.format_exc(limit=-8)), None
     except Exception as e:  # noqa: BLE001 - exactly what the fuzzer looks for
-        return "failure", Failure(case, stage, f"{type(e).__name__}: {e}", traceback.format_exc(limit=-8))
+        return "failure", Failure(case, stage, f"{type(e).__name__}: {e}", traceback.format_exc(limit=-8)), None
 
 
-def fuzz(n: int, seed: int = 0, corpus=None, progress: bool = False) -> FuzzReport:
-    """Run ``n`` seeded cases; see the module docstring."""
+#: the command lines a CLI case runs (cycled through by case index), small and bounded
+CLI_METHODS = (
+    ["--method", "importance", "-n", str(PARTICLES)],
+    ["--method", "smc", "-n", str(PARTICLES)],
+    ["--method", "mh", "--samples", "20", "--burn-in", "5", "-o", "chains=2"],
+    ["--method", "enumerate"] + [a for k, v in ENUMERATE.items() for a in ("-o", f"{k}={v}")],
+)
+_LOCATION = re.compile(r"^\S+:\d+:\d+: ")
+
+
+def run_cli_case(case: Case, data: dict, folder: Path, require_location: bool = False):
+    """Run one mutant through the command line (``ppl run FILE --data FILE.json ...``,
+    the method chosen by the case's index) and read what it prints: (outcome, failure
+    or None, the pattern of an error printed without ``file:line:col``, or None). Exit
+    status 2 (an internal error) is a failure; so, with ``require_location``, is an
+    error line without a location (except a run-budget one)."""
+    import contextlib
+    import io
+
+    from ppl import cli
+
+    model_path = Path(folder) / f"{case.name}.ppl"
+    model_path.write_text(case.source)
+    argv = ["run", str(model_path), "--seed", str(case.index), "--limit", "max_iterations=500",
+            "--limit", "max_depth=60"] + CLI_METHODS[case.index % len(CLI_METHODS)]
+    if data:
+        data_path = Path(folder) / f"{case.name}.json"
+        data_path.write_text(json.dumps(data))
+        argv += ["--data", str(data_path)]
+    err, out = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            code = cli.main(argv)
+    except _Hang:
+        return "failure", Failure(case, "cli", f"no answer in {CASE_SECONDS} s", ""), None
+    first = next((l for l in err.getvalue().splitlines() if not l.startswith("warning: ")), "")
+    if code == 0:
+        return "ok", None, None
+    if code != 1:
+        return "failure", Failure(case, "cli", f"exit status {code}: {first}", err.getvalue()), None
+    if _LOCATION.match(first) or first.split("error: ", 1)[-1].startswith(RUN_BUDGET_ERRORS):
+        return "located error", None, None
+    pattern = "cli: " + re.sub(r"-?\d+(\.\d*)?(e[-+]?\d+)?", "N", re.sub(r"'[^']*'", "'_'", first))[:100]
+    failure = Failure(case, "cli", f"no source location: {first}", err.getvalue()) if require_location else None
+    return "unlocated error", failure, pattern
+
+
+def fuzz(n: int, seed: int = 0, corpus=None, progress: bool = False,
+         require_location: bool = True, cli: bool = False) -> FuzzReport:
+    """Run ``n`` seeded cases; see the module docstring. ``require_location``: a
+    ``PPLError`` without a source location is a failure (it is always counted in
+    ``FuzzReport.unlocated``). ``cli``: run each case through the command line instead
+    (``run_cli_case``)."""
+    import tempfile
     report = FuzzReport()
     start = time.monotonic()
     use_alarm = hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
     old_handler = signal.signal(signal.SIGALRM, _on_alarm) if use_alarm else None
     try:
-        with _limits.limits(**LIMITS), warnings.catch_warnings():
+        with _limits.limits(**LIMITS), warnings.catch_warnings(), tempfile.TemporaryDirectory() as folder:
             warnings.simplefilter("ignore")
             for case, data in cases(n, seed, corpus):
                 if use_alarm:
                     signal.alarm(CASE_SECONDS)
                 try:
-                    outcome, failure = run_case(case, data)
+                    outcome, failure, unlocated = run_cli_case(case, data, Path(folder), require_location) \
+                        if cli else run_case(case, data, require_location)
                 finally:
                     if use_alarm:
                         signal.alarm(0)
@@ -271,6 +362,8 @@ def fuzz(n: int, seed: int = 0, corpus=None, progress: bool = False) -> FuzzRepo
                 report.outcomes[outcome] += 1
                 if failure is not None:
                     report.failures.append(failure)
+                if unlocated is not None:
+                    report.unlocated[unlocated] += 1
                 if progress and report.cases % 500 == 0:
                     print(f"{report.cases} cases, {len(report.failures)} failures, "
                           f"{time.monotonic() - start:.0f} s", file=sys.stderr)
@@ -287,8 +380,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--corpus", default=str(EXAMPLES), help="folder of .ppl files (and .json data)")
     parser.add_argument("--show", type=int, default=None, help="print at most this many failures")
+    parser.add_argument("--allow-unlocated", action="store_true",
+                        help="count errors without a source location but do not fail on them")
+    parser.add_argument("--cli", action="store_true",
+                        help="run each mutant through the command line (ppl run FILE --data ...), "
+                             "cycling through importance, smc, mh and enumerate")
     args = parser.parse_args(argv)
-    report = fuzz(args.cases, args.seed, load_corpus(Path(args.corpus)), progress=True)
+    report = fuzz(args.cases, args.seed, load_corpus(Path(args.corpus)), progress=True,
+                  require_location=not args.allow_unlocated, cli=args.cli)
     print(report.summary(args.show))
     return 0 if report.ok else 1
 
