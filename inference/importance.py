@@ -33,7 +33,7 @@ def likelihood_weighting(interp: Interpreter, entry: str, data: dict, particles:
     ``progress`` (``stdlib.progress``): all particles run as one batch, in one pass
     through the program, so the bar (named ``label``) is a counter of the sites the batch
     has executed (choices and observe/factor/condition): it moves while a long loop runs."""
-    state = _rng_state(device)
+    state = rng_state(device)
     ctx = Particles.all(particles, device)
     h = handler(particles, device)
     with progress_bar(progress, desc=label, unit=" sites") as bar:
@@ -49,11 +49,14 @@ def likelihood_weighting(interp: Interpreter, entry: str, data: dict, particles:
     return sites, h.log_weights
 
 
-def impossible_site(interp: Interpreter, entry: str, data: dict, particles: int, device="cpu"):
+def impossible_site(interp: Interpreter, entry: str, data: dict, particles: int, device="cpu", start=None):
     """Run ``particles`` prior draws and return the ``ZeroEvidenceError`` located at the
     first random choice, observe, factor or condition after which none of them has a
     finite positive joint density, or None if one survived (for methods, such as MH,
-    that found no trace of positive probability and want to say where)."""
+    that found no trace of positive probability and want to say where). ``start`` (a
+    ``rng_state``): the random state to start from, to replay a run's own prior draws."""
+    if start is not None:
+        _set_rng_state(device, start)
     try:
         drive(interp.run(entry, data, Particles.all(particles, device)), _LocateJoint(particles, device))
     except ZeroEvidenceError as err:
@@ -91,7 +94,7 @@ class _LocateJoint(_Locate):
         return value
 
 
-def _rng_state(device):
+def rng_state(device):
     """The state of every generator a run on ``device`` draws from: the run's own
     (``ppl.stdlib.rng``) when there is one, and torch's global ones (so the replay that
     locates a zero-evidence site repeats the run exactly)."""

@@ -31,6 +31,7 @@ import torch
 from ..semantics.errors import PPLRuntimeError, ZeroEvidenceError
 from ..stdlib.progress import progress_bar
 from . import mh as mh_mod
+from .importance import impossible_site, rng_state
 from .resampling import log_mean_exp
 
 
@@ -87,11 +88,16 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
                                   hint="e.g. schedule=[0.1, 0.3, 1.0]")
     randomness = randomness or mh_mod.TorchMHRandomness()
     # prior draws (no redrawing: particles of zero likelihood get weight 0 at the first step)
+    before = rng_state(device)
     state = mh_mod._run(interp, entry, data, particles, device, None, {}, randomness, "prior", 1.0, None, 0.0)
     log_lik = state.log_lik
-    if not bool(torch.isfinite(log_lik).any()):
-        raise ZeroEvidenceError("tempering: every prior draw has zero likelihood",
-                                hint="the data or conditions may be impossible under the prior")
+    if not bool(torch.isfinite(log_lik).any()):  # where? replay these draws (or, failing that, draw more)
+        site = impossible_site(interp, entry, data, particles, device, before) or \
+            impossible_site(interp, entry, data, max(particles, 100), device)
+        raise ZeroEvidenceError("tempering: every prior draw has zero likelihood"
+                                + (f" ({site.message})" if site is not None else ""),
+                                site.span if site is not None else None,
+                                "the data or conditions may be impossible under the prior")
     if moves is None:
         moves = default_moves(float(state.sizes.mean()) if particles > 0 else 0.0)
     info = {} if info is None else info

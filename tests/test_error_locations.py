@@ -43,6 +43,20 @@ def test_zero_evidence_in_a_seeded_importance_run_names_the_killing_site():
     assert raised >= 3
 
 
+def test_zero_likelihood_in_a_seeded_tempering_run_names_the_killing_site():
+    """Tempering's prior draws all of zero likelihood: the error replays those draws to
+    say where they died (it had no location)."""
+    m = ppl.model("def m():\n    x ~ normal(0, 1)\n    condition x > 1.5\n    return x\n", filename="m.ppl")
+    raised = 0
+    for seed in range(16):
+        try:
+            m.run("tempering", particles=8, seed=seed)
+        except ZeroEvidenceError as err:
+            raised += 1
+            assert located_at(err, 3) and "after this condition" in err.message, (seed, str(err))
+    assert raised >= 3
+
+
 # ------------------------------------------------------------- NaN log densities
 NAN_OBSERVE = """def m():
     mu ~ normal(0, 1)
@@ -90,11 +104,16 @@ def test_a_minus_inf_twist_kills_the_particle_without_nan_weights():
 
 
 # ------------------------------------------------------------------------------ MH
-def test_mh_without_a_trace_of_positive_probability_names_the_site():
+@pytest.mark.parametrize("method, options, message", [
+    ("mh", dict(samples=10, burn_in=2, chains=2), "MH: no chain found a trace of positive probability"),
+    ("tempering", dict(particles=8), "tempering: every prior draw has zero likelihood"),
+])
+def test_no_trace_of_positive_probability_names_the_site(method, options, message):
     m = ppl.model("def m():\n    x ~ normal(0, 1)\n    condition x > 100\n    return x\n", filename="m.ppl")
     with pytest.raises(PPLRuntimeError) as info:
-        m.run("mh", samples=10, burn_in=2, chains=2, seed=1)
-    assert located_at(info.value, 3) and "no chain found a trace of positive probability" in info.value.message
+        m.run(method, seed=1, **options)
+    assert located_at(info.value, 3) and info.value.message.startswith(message)
+    assert "after this condition" in info.value.message
 
 
 def test_mh_with_a_prior_of_density_nan_everywhere_names_the_choice():

@@ -294,6 +294,8 @@ CLI_METHODS = (
     ["--method", "smc", "-n", str(PARTICLES)],
     ["--method", "mh", "--samples", "20", "--burn-in", "5", "-o", "chains=2"],
     ["--method", "enumerate"] + [a for k, v in ENUMERATE.items() for a in ("-o", f"{k}={v}")],
+    ["--method", "tempering", "-n", str(PARTICLES)],
+    ["--method", "resample_move", "-n", str(PARTICLES)],
 )
 _LOCATION = re.compile(r"^\S+:\d+:\d+: ")
 
@@ -384,7 +386,7 @@ def main(argv=None) -> int:
                         help="count errors without a source location but do not fail on them")
     parser.add_argument("--cli", action="store_true",
                         help="run each mutant through the command line (ppl run FILE --data ...), "
-                             "cycling through importance, smc, mh and enumerate")
+                             "cycling through importance, smc, mh, enumerate, tempering and resample_move")
     args = parser.parse_args(argv)
     report = fuzz(args.cases, args.seed, load_corpus(Path(args.corpus)), progress=True,
                   require_location=not args.allow_unlocated, cli=args.cli)
