@@ -8,14 +8,20 @@ public API: ``ppl.model`` (parse, lower, check), then a small bounded run of
 ``importance`` (8 particles) and of ``enumerate`` (few paths, a time cap), with small
 loop, recursion, memory and regex bounds.
 
-A case passes when every step succeeds or raises a ``ppl.PPLError``: any other
-exception is a failure, reported with the program that raised it. Python warnings are
-ignored (they are not failures).
+A case passes when every step succeeds or raises a ``ppl.PPLError`` that points into the
+model (``file:line:col``): any other exception is a failure, reported with the program
+that raised it, and so is a ``PPLError`` without a source location (the arguments are
+valid and the data is the example's, so the error comes from the model's text; only
+run-budget errors such as max_paths legitimately have none). Location-less errors are
+counted by message either way (``--allow-unlocated``: counted, not failed). ``--cli``
+runs each mutant through the command line instead (``ppl run FILE --data FILE.json``,
+cycling through the methods in ``CLI_METHODS``) and reads the first error line printed.
+Python warnings are ignored (they are not failures).
 
-    python -m ppl.testing.fuzz --cases 10000 [--seed 0] [--show 5]
+    python -m ppl.testing.fuzz --cases 10000 [--seed 0] [--show 5] [--cli] [--allow-unlocated]
 
-prints the counts (by outcome and error class) and every failure, and exits 1 if there
-was any. ``fuzz(cases, seed)`` returns a ``FuzzReport`` (``tests/test_fuzz.py`` runs a
+prints the counts (by outcome and error class, and location-less errors by message) and
+every failure, and exits 1 if there was any. ``fuzz(cases, seed)`` returns a ``FuzzReport`` (``tests/test_fuzz.py`` runs a
 seeded version).
 """
 from __future__ import annotations
