@@ -324,12 +324,23 @@ def initial_state(interp: Interpreter, entry: str, data: dict, chains: int, devi
         again = _run(interp, entry, data, chains, device, None, {}, randomness, "prior", 1.0)
         state = _select(bad, again, state)
     if not bool(torch.isfinite(state.log_joint).any()):
-        site = impossible_site(interp, entry, data, max(chains, 100), device)
+        site = _blame(interp, entry, data, chains, device)
         raise PPLRuntimeError(f"MH: no chain found a trace of positive probability in {tries} prior draws"
                               + (f" ({site.message})" if site is not None else ""),
                               site.span if site is not None else None,
                               "the data may be impossible under the prior")
     return state
+
+
+def _blame(interp, entry, data, chains, device, tries: int = 10):
+    """The ``ZeroEvidenceError`` naming the site where ``chains`` fresh prior draws all
+    died (tried ``tries`` times, then with 100 draws), or None if some draw survived
+    every time (the error then has no location)."""
+    for n in [chains] * tries + [max(chains, 100)]:
+        site = impossible_site(interp, entry, data, n, device)
+        if site is not None:
+            return site
+    return None
 
 
 class _Truncated(Exception):
