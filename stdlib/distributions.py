@@ -103,6 +103,8 @@ def _fmt(x: Any) -> str:
     if isinstance(x, float):
         s = repr(x)
         return s if len(s) <= 10 else f"{x:.6g}"
+    if isinstance(x, int) and x.bit_length() > 64:
+        return f"an integer of {len(str(abs(x)))} digits"
     if isinstance(x, Fraction):
         return str(x)
     if isinstance(x, (list, tuple)):
@@ -155,9 +157,32 @@ def _py_int_ok(x) -> bool:
     return x >= 0 and x == int(x)
 
 
-REAL = _Con("must be a real number", lambda t: ~torch.isnan(t), lambda x: x == x)
-POSITIVE = _Con("must be positive", lambda t: t > 0, lambda x: x > 0)
-NONNEG = _Con("must be non-negative", lambda t: t >= 0, lambda x: x >= 0)
+def _py_finite(x) -> bool:
+    """A Python number is finite (a huge int or Fraction that overflows a float is not)."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
+# An infinite constant parameter (written in the model or given as a number) is an
+# error, never a silently degenerate distribution: beta(1e400, 2) -- 1e400 reads as inf --
+# drew p ~ 1e-38. Per-particle (tensor) parameters may be infinite: a particle whose
+# exp(s) overflowed scores an observation at the limit density 0 (weight zero), as before.
+REAL = _Con("must be a real number", lambda t: ~torch.isnan(t), lambda x: x == x and _py_finite(x))
+EXTENDED_REAL = _Con("must be a real number or +-inf", lambda t: ~torch.isnan(t), lambda x: x == x)  # bounds
+POSITIVE = _Con("must be positive", lambda t: t > 0, lambda x: x > 0 and _py_finite(x))
+NONNEG = _Con("must be non-negative", lambda t: t >= 0, lambda x: x >= 0 and _py_finite(x))
+
+_FINITE_TEXTS = (REAL.text, POSITIVE.text, NONNEG.text)
+
+
+def _is_infinite(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.numel() == 1 and bool(torch.isinf(x).all())
+    return isinstance(x, (int, float, Fraction)) and not isinstance(x, bool) and not _py_finite(x)
+
+
 UNIT = _Con("must be in [0, 1]", lambda t: (t >= 0) & (t <= 1), lambda x: 0 <= x <= 1)
 UNIT_POS = _Con("must be in (0, 1]", lambda t: (t > 0) & (t <= 1), lambda x: 0 < x <= 1)
 UNIT_HALF_OPEN = _Con("must be in [0, 1)", lambda t: (t >= 0) & (t < 1), lambda x: 0 <= x < 1)
@@ -404,6 +429,8 @@ class DistSpec:
             )
 
     def _err(self, pname: str, text: str, got: Any = None, got_text: str | None = None) -> PPLRuntimeError:
+        if got is not None and text in _FINITE_TEXTS and _is_infinite(got):
+            text = "must be finite"  # an inf fails these constraints only by being infinite
         msg = f"{self.name}: parameter '{pname}' {text}"
         if got is not None:
             got_text = _fmt(got)
@@ -417,13 +444,16 @@ class DistSpec:
         """A validated torch (pyro) distribution for these parameter tensors."""
         self.check_arity(len(params))
         params = list(params) + [self.defaults[p] for p in self.params[len(params):]]
+        constant = [type(raw) in (int, float) and ev == 0 and con.py_ok is not None
+                    for raw, con, ev in zip(params, self._constraints, self.param_event_dims)]
+        for pname, con, raw, is_constant in zip(self.params, self._constraints, params, constant):
+            if is_constant and not con.py_ok(raw):  # a Python constant: checked without tensor ops
+                raise self._err(pname, con.text, raw)  # (before a 10 ** 400 overflows a tensor)
         tensors = self._to_tensors(params)
-        for pname, con, ev, t, raw in zip(self.params, self._constraints, self.param_event_dims, tensors, params):
-            if type(raw) in (int, float) and ev == 0 and con.py_ok is not None:
-                if not con.py_ok(raw):  # a Python constant: checked without tensor ops
-                    raise self._err(pname, con.text, raw)
-                continue
-            self._check_tensor(pname, con, ev, t)
+        for pname, con, ev, t, is_constant in zip(self.params, self._constraints, self.param_event_dims,
+                                                  tensors, constant):
+            if not is_constant:
+                self._check_tensor(pname, con, ev, t)
         if self._cross_check is not None:
             self._cross_check(self, *tensors)
         try:
@@ -1118,7 +1148,7 @@ _SPECS = [
                 lambda df, scale: _build(_dc.HalfStudentT, df, scale),
                 "|student_t(df, 0, scale)|, df > 0, scale > 0; values >= 0", "positive",
                 defaults={"scale": 1.0}),
-    _continuous("truncated_normal", ["loc", "scale", "low", "high"], [REAL, POSITIVE, REAL, REAL],
+    _continuous("truncated_normal", ["loc", "scale", "low", "high"], [REAL, POSITIVE, EXTENDED_REAL, EXTENDED_REAL],
                 lambda loc, scale, low, high: _build(_dc.TruncatedNormal, loc, scale, low, high),
                 "normal(loc, scale) restricted to [low, high], low < high (either may be -inf / inf), "
                 "renormalised", "interval", cross=_check_truncated_normal),

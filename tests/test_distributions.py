@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import ppl
 from ppl.semantics.errors import InfiniteSupportError, PPLCheckError, PPLRuntimeError
 from ppl.stdlib import distributions as D
 from ppl.stdlib.distributions import DISTRIBUTIONS, DistSpec, get
@@ -470,3 +471,43 @@ def test_parameters_torch_rejects_are_rejected_by_make(label, spec, params):
             with pytest.raises(PPLRuntimeError, match=r"parameter '\w+'") as e:
                 spec.make(*ps)
             assert any(f"'{p}'" in str(e.value) for p in spec.params), (label, pname, bad, str(e.value))
+
+
+# ------------------------------------------------ infinite parameters (issue 9, fuzzing)
+@pytest.mark.parametrize("call, param", [  # constants: an inf here is a typo or an overflow
+    ("beta(1e400, 2)", "a"),            # 1e400 reads as inf: p was ~1e-38 under sampling
+    ("normal(inf, 1)", "loc"),
+    ("normal(0, inf)", "scale"),
+    ("gamma(2, inf)", "rate"),
+    ("uniform(0, inf)", "high"),
+    ("student_t(inf, 0, 1)", "df"),
+    ("poisson(inf)", "rate"),
+    ("normal(0, 10 ** 400)", "scale"),  # an int too large for a float
+])
+@pytest.mark.parametrize("method", ["importance", "enumerate_or_log_joint"])
+def test_an_infinite_parameter_is_a_located_error(call, param, method):
+    m = ppl.model(f"def m(k):\n    p ~ {call}\n    return p\n")
+    with pytest.raises(ppl.PPLError) as e:
+        if method == "importance":
+            m.run("importance", {"k": 1}, particles=10, seed=0)
+        else:
+            m.log_joint({"p": 1.0}, k=1)
+    msg = str(e.value)
+    assert ":2:5:" in msg and f"parameter '{param}' must be finite" in msg, msg
+
+
+def test_per_particle_infinite_scale_scores_the_limit_density_zero():
+    """exp(s) overflows for the particles with s > 88.7 (float32): their observation scores
+    density 0 (the limit as the scale grows), the others are unaffected -- no error."""
+    m = ppl.model("def m(y):\n    s ~ normal(80, 10)\n    observe y ~ normal(0, exp(s))\n    return s\n")
+    r = m.run("importance", {"y": 1.0}, particles=4000, seed=0)
+    s, lw = r.samples["s"], r.log_weights
+    assert bool((s > 89).any()) and bool(torch.isneginf(lw[s > 89]).all())
+    assert bool(torch.isfinite(lw[s < 88]).all())
+
+
+def test_infinite_truncation_bounds_stay_legal():
+    r = ppl.model("def m():\n    p ~ truncated_normal(0, 1, 0, inf)\n    return p\n").run(
+        "importance", particles=20000, seed=0)
+    # E[X | X > 0] for a standard normal is sqrt(2 / pi); the draws are exact (weights 1)
+    assert abs(r.mean("p") - math.sqrt(2 / math.pi)) < 4 * math.sqrt(1 - 2 / math.pi) / math.sqrt(20000)

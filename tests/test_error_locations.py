@@ -117,9 +117,10 @@ def test_no_trace_of_positive_probability_names_the_site(method, options, messag
 
 
 def test_mh_with_a_prior_of_density_nan_everywhere_names_the_choice():
-    """beta(inf, 2) gives every draw log density NaN: MH finds no starting trace and now
-    says at which choice (no observe/condition is to blame)."""
-    m = ppl.model("def m():\n    p ~ beta(1e400, 2)\n    observe 1 ~ bernoulli(p)\n    return p\n",
+    """lognormal(0, 1e30) draws only 0 or inf, each of log density NaN or -inf: MH finds
+    no starting trace and now says at which choice (no observe/condition is to blame).
+    (beta(1e400, 2) did this too; an infinite constant parameter is now an error of its own.)"""
+    m = ppl.model("def m():\n    p ~ lognormal(0, 1e30)\n    observe 1 ~ normal(p, 1)\n    return p\n",
                   filename="m.ppl")
     with pytest.raises(PPLRuntimeError) as info:
         m.run("mh", samples=10, burn_in=2, chains=2, seed=1)
