@@ -153,11 +153,9 @@ def _check_json_numbers(text: str, path: str) -> None:
     digits = min(4300, int(current().max_int_bits * 0.30103) + 1)  # log10(2) digits per bit
     m = re.search(r"(?<![\w.])-?\d{%d,}" % (digits + 1), text)
     if m is not None:
-        line = text.count("\n", 0, m.start()) + 1
-        col = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
         raise PPLError(f"a number in the data file has {len(m.group().lstrip('-')):,} digits, more than the "
                        f"integer limit allows ({digits:,} digits)",
-                       Span(line, col, line, col, SourceFile(path, text)),
+                       _text_span(text, path, m.start(), m.start()),
                        "write it as a float (1e5000 is inf), or raise --limit max_int_bits=...")
 
 
@@ -173,9 +171,14 @@ def _key_span(path: str | None, key: str) -> Span | None:
     m = re.search(re.escape(json.dumps(key)) + r"\s*:", text)
     if m is None:
         return None
-    line = text.count("\n", 0, m.start()) + 1
-    col = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
-    return Span(line, col, line, col + len(json.dumps(key)) - 1, SourceFile(path, text))
+    return _text_span(text, path, m.start(), m.start() + len(json.dumps(key)) - 1)
+
+
+def _text_span(text: str, path: str, first: int, last: int) -> Span:
+    """The span of characters ``first``..``last`` (offsets in ``text``, on one line)."""
+    line = text.count("\n", 0, first) + 1
+    col = first - (text.rfind("\n", 0, first) + 1) + 1
+    return Span(line, col, line, col + last - first, SourceFile(path, text))
 
 
 def _in_data_file(err: PPLError, data: dict, path: str | None) -> PPLError:
