@@ -23,6 +23,7 @@ from ..semantics.errors import PPLError, PPLRuntimeError
 from ..semantics.sampling import Replay, drive
 from ..semantics.values import Particles
 from . import mh as mh_mod
+from .methods import _result_types, check_options
 
 
 class ProductOfExperts:
@@ -66,7 +67,6 @@ class ProductOfExperts:
         ``data2`` m2's (default: none). ``run(data1, data2)`` with dicts, the old form,
         still works (deprecated)."""
         from ppl.api import resolve_device, seeded
-        from .methods import check_options
         if method is None or isinstance(method, Mapping):  # the old run(data1, data2, ...)
             warnings.warn("ProductOfExperts.run(data1, data2) is deprecated: use run(method, data, data2=...)",
                           DeprecationWarning, stacklevel=2)
@@ -87,7 +87,7 @@ class ProductOfExperts:
         device = resolve_device(device)
         with seeded(seed, device):
             state, lw = self._weights(data, data2, particles, device)
-        from ppl.result import Site, WeightedResult
+        _, Site, WeightedResult = _result_types()
         sites = {"return": Site(state.ret)}
         sites.update({a: Site(v.cpu()) for a, v in state.values.items()})
         return WeightedResult("product", sites, lw.cpu())
@@ -95,7 +95,7 @@ class ProductOfExperts:
     def _enumerate(self, data1, data2, **options):
         """The product measure as an ``ExactResult``: each of m1's paths x weighted by
         p1(x)^a p2(x)^b (float weights)."""
-        from ppl.result import ExactResult
+        ExactResult, _, _ = _result_types()
         paths = []
         for w, vals, lp2 in self._paths(data1, data2, **options):
             weight = float(w) ** self.a * math.exp(self.b * lp2) if lp2 > -math.inf and w > 0 else 0.0
