@@ -500,7 +500,7 @@ def batch_rows(v: Any, ctx: Particles) -> torch.Tensor:
     """A numeric value as a tensor with one row per particle of ``ctx`` ([M, ...])."""
     if isinstance(v, Batched):
         return rows(v, ctx)
-    if isinstance(v, (list, tuple)) and _deep_batched(v):  # e.g. a matrix of per-particle numbers
+    if isinstance(v, (list, tuple)) and deep_batched(v):  # e.g. a matrix of per-particle numbers
         parts = [batch_rows(x, ctx) for x in v]
         parts = _promote(parts)
         return stack_items(parts, dim=1, lead=1)
@@ -557,7 +557,7 @@ def materialize(v: Any, ctx: Particles) -> list:
         return t.tolist() if t.dim() == 1 else list(t.unbind(0))
     if isinstance(v, PerParticle):
         return rows(v, ctx)
-    if isinstance(v, (list, tuple)) and _deep_batched(v):
+    if isinstance(v, (list, tuple)) and deep_batched(v):
         cols = [materialize(x, ctx) for x in v]
         kind = type(v)
         return [kind(col[i] for col in cols) for i in range(ctx.M)]
@@ -681,16 +681,13 @@ def deep_batched(v: Any) -> bool:
     return is_batched(v)
 
 
-_deep_batched = deep_batched
-
-
 def _tensor_arg(v: Any, ctx: Particles) -> torch.Tensor:
     if isinstance(v, torch.Tensor):
         return v
     if isinstance(v, Fraction):
         return torch.tensor(float(v), device=ctx.device)
     if isinstance(v, (list, tuple)):
-        return batch_rows(v, ctx) if _deep_batched(v) else as_tensor(v, ctx.device)
+        return batch_rows(v, ctx) if deep_batched(v) else as_tensor(v, ctx.device)
     return v
 
 
@@ -702,14 +699,14 @@ def binop(op: str, a: Any, b: Any, ctx: Particles, exact: bool = False) -> Any:
     if op == "in":
         return contains(b, a, ctx)
     if isinstance(a, Vector) or isinstance(b, Vector):
-        if not (_deep_batched(a) or _deep_batched(b) or isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor)):
+        if not (deep_batched(a) or deep_batched(b) or isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor)):
             return vector_binop(op, a, b, exact)
     a, b = _number_next_to_list(a, b), _number_next_to_list(b, a)
     a, b = _batch_list_next_to_tensor(a, b, ctx), _batch_list_next_to_tensor(b, a, ctx)
     ab, bb = isinstance(a, Batched), isinstance(b, Batched)
     if not (ab or bb):
         if isinstance(a, PerParticle) or isinstance(b, PerParticle) or \
-                (op != "+" and (_deep_batched(a) or _deep_batched(b))):
+                (op != "+" and (deep_batched(a) or deep_batched(b))):
             # e.g. comparing lists whose elements differ between particles
             return per_particle(lambda x, y: _py_binop(op, x, y, exact), (a, b), ctx)
         if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -741,7 +738,7 @@ def _batch_list_next_to_tensor(v: Any, other: Any, ctx: Particles) -> Any:
     if not (isinstance(other, (torch.Tensor, Vector)) and (not isinstance(other, torch.Tensor) or other.dim() >= 1)
             or isinstance(other, Batched) and other.t.dim() >= 2):
         return v
-    if _deep_batched(v):
+    if deep_batched(v):
         return Batched(batch_rows(v, ctx), ctx.idx)
     return as_tensor(v, ctx.device) if isinstance(other, Batched) else v
 
@@ -842,7 +839,7 @@ def contains(container: Any, item: Any, ctx: Particles) -> Any:
     hook = getattr(container, "ppl_contains", None)
     if hook is not None:
         return hook(item, ctx)
-    if not _deep_batched(item) and not _deep_batched(container):
+    if not deep_batched(item) and not deep_batched(container):
         return member(item, container)
     if isinstance(container, (list, tuple)) and all(is_numeric(x) and _is_number(x) for x in container) \
             and _is_number(item):
