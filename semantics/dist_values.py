@@ -29,6 +29,24 @@ from .values import (Batched, Particles, RaggedListError, PerParticle, batch_row
                      materialize, pack, rows, to_python, as_tensor, DistributionValue, deep_batched)
 
 
+def empty_parameter_error(spec, name: str, shape: list) -> PPLRuntimeError:
+    """The error for a parameter with no elements (``normal(0, [])``, ``flip([])``): no
+    distribution at all, not one of no observations (both semantics raise it)."""
+    return PPLRuntimeError(f"{spec.name}: parameter '{name}' is empty (shape {shape})",
+                           hint=f"{spec.name}({', '.join(spec.params)}) needs numbers (or non-empty "
+                                "lists of numbers) as parameters")
+
+
+def broadcast_value_error(spec, value_shape: list, scored_shape: list) -> PPLRuntimeError:
+    """The error for an observed value that would be broadcast up to the distribution's
+    shape, i.e. scored ``prod(scored_shape)`` times (both semantics raise it)."""
+    return PPLRuntimeError(
+        f"{spec.name}: the value has shape {value_shape} but the distribution's parameters have "
+        f"shape {scored_shape}: the value would be scored {math.prod(scored_shape)} times",
+        hint="observe a value of the parameters' shape, or pick one parameter per value (e.g. sigma[i] "
+             "in a loop over range(len(ys)))")
+
+
 class DistValue(DistributionValue):
     """A distribution with its arguments, as a value of the language."""
 
@@ -58,9 +76,7 @@ class DistValue(DistributionValue):
             batched = deep_batched(a)  # a nested list of per-particle numbers is one batched tensor
             t = batch_rows(a, ctx) if batched else as_tensor(a, ctx.device)
             if ev == 0 and t.numel() == 0:  # normal(0, []): no distribution at all, not an empty one
-                raise PPLRuntimeError(f"{spec.name}: parameter '{spec.params[i]}' is empty (shape {list(t.shape)})",
-                                      hint=f"{spec.name}({', '.join(spec.params)}) needs numbers (or non-empty "
-                                           "lists of numbers) as parameters")
+                raise empty_parameter_error(spec, spec.params[i], list(t.shape))
             if t.dtype in (torch.bool, torch.long, torch.int32):
                 t = t.to(torch.get_default_dtype())
             raw.append((t, batched, ev))
@@ -165,11 +181,7 @@ class DistValue(DistributionValue):
         count y three times (a silently wrong likelihood). (Not while torch.jit traces a
         static program: its sizes are tensors then, and its eager run checked them.)"""
         if not torch.jit.is_tracing() and math.prod(scored_shape) > math.prod(value_shape):
-            raise PPLRuntimeError(
-                f"{self.spec.name}: the value has shape {list(value_shape)} but the distribution's parameters have "
-                f"shape {list(scored_shape)}: the value would be scored {math.prod(scored_shape)} times",
-                hint="observe a value of the parameters' shape, or pick one parameter per value (e.g. sigma[i] "
-                     "in a loop over range(len(ys)))")
+            raise broadcast_value_error(self.spec, list(value_shape), list(scored_shape))
 
     def _log_prob_ragged(self, value, ctx: Particles) -> torch.Tensor:
         """A ragged list observed under a distribution of scalars (``observe xs ~
@@ -185,7 +197,7 @@ class DistValue(DistributionValue):
         """How many distributions one particle's parameter ``a`` describes."""
         if type(a) in (bool, int, float) or isinstance(a, Fraction):
             return 1
-        batched = is_batched(a) or (isinstance(a, (list, tuple)) and any(is_batched(x) for x in a))
+        batched = deep_batched(a)  # as in _params
         shape = batch_rows(a, ctx).shape[1:] if batched else as_tensor(a, ctx.device).shape
         return math.prod(shape[:max(0, len(shape) - event_dim)])
 

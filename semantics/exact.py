@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import ir
+from .dist_values import broadcast_value_error, empty_parameter_error
 from .errors import InfiniteSupportError, PPLError, PPLRuntimeError, ZeroEvidenceError
 from .interpreter import Interpreter
 from .sampling import drive
@@ -119,9 +120,7 @@ def _observe_prob(spec, value, args):
         seqs = [a for a, e in zip(args, elementwise) if e]
         for name, a, e in zip(spec.params, args, elementwise):
             if e and len(a) == 0:  # flip([]): no distribution at all (not one of no observations)
-                raise PPLRuntimeError(f"{spec.name}: parameter '{name}' is empty (shape [0])",
-                                      hint=f"{spec.name}({', '.join(spec.params)}) needs numbers (or non-empty "
-                                           "lists of numbers) as parameters")
+                raise empty_parameter_error(spec, name, [0])
         if isinstance(value, (list, tuple)):
             seqs.append(value)
         if seqs:
@@ -130,11 +129,7 @@ def _observe_prob(spec, value, args):
                 raise PPLRuntimeError(f"{spec.name}: the observed values and the parameters have different lengths")
             got = len(value) if isinstance(value, (list, tuple)) else None
             if n > 1 and got != n:  # the value would be broadcast: scored n times
-                raise PPLRuntimeError(
-                    f"{spec.name}: the value has shape {[got] if got is not None else []} but the distribution's "
-                    f"parameters have shape [{n}]: the value would be scored {n} times",
-                    hint="observe a value of the parameters' shape, or pick one parameter per value (e.g. "
-                         "sigma[i] in a loop over range(len(ys)))")
+                raise broadcast_value_error(spec, [got] if got is not None else [], [n])
 
             def at(x, i):
                 return x[i if len(x) > 1 else 0]
