@@ -31,7 +31,7 @@ import os
 import re
 from typing import Any
 
-from .errors import PPLError, PPLRuntimeError
+from .errors import PPLError, PPLRuntimeError, did_you_mean
 
 GiB = 1024 ** 3
 
@@ -120,7 +120,6 @@ def set_limits(**changes) -> Limits:
     old = current()
     unknown = [k for k in changes if k not in ENV_VARS and k != "max_regex_length"]
     if unknown:
-        from .errors import did_you_mean
         raise PPLError(f"unknown limit '{unknown[0]}'",
                        hint=did_you_mean(unknown[0], ENV_VARS) or f"limits: {', '.join(ENV_VARS)}")
     _current = dataclasses.replace(old, **{k: _convert(k, v) for k, v in changes.items()})
