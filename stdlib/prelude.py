@@ -19,7 +19,7 @@ import torch
 
 from ..semantics import limits
 from ..semantics.dist_values import DistValue
-from ..semantics.errors import PPLRuntimeError
+from ..semantics.errors import PPLRuntimeError, did_you_mean
 from ..semantics.interpreter import Builtin, Closure, MemFn, RaggedRange, _int_index
 from ..semantics.values import _align_ranks  # the per-particle broadcasting of binop
 from ..semantics.values import (Batched, PerParticle, Vector, as_tensor, batch_rows, binop, describe,
@@ -767,22 +767,29 @@ def _dist_variant(spec, args, kwargs):
     return spec
 
 
+def bind_arguments(name, params, args, kwargs, *, noun="parameter", options=None) -> dict:
+    """``{param: value}`` for a call ``name(*args, **kwargs)`` of a builtin taking ``params``
+    (parameters not given are absent): too many positional arguments, an unknown keyword
+    (hinted from ``options``, default ``params``) or a value given twice is an error."""
+    if len(args) > len(params):
+        raise PPLRuntimeError(f"{name}() takes at most {len(params)} arguments ({', '.join(params)}) "
+                              f"but {len(args)} were given")
+    bound = dict(zip(params, args))
+    for k, v in kwargs.items():
+        if k not in params:
+            options = list(params) if options is None else options
+            raise PPLRuntimeError(f"{name}() has no {noun} '{k}'", hint=did_you_mean(k, options)
+                                  or f"its {noun}s are: {', '.join(options)}")
+        if k in bound:
+            raise PPLRuntimeError(f"{name}() got two values for '{k}'")
+        bound[k] = v
+    return bound
+
+
 def _bind_dist(spec, args, kwargs) -> DistValue:
     """A distribution value from positional and keyword arguments (defaults filled in)."""
     names = spec.params
-    if len(args) > len(names):
-        raise PPLRuntimeError(f"{spec.name}() takes at most {len(names)} arguments ({', '.join(names)}) "
-                              f"but {len(args)} were given")
-    bound = dict(zip(names, args))
-    for k, v in kwargs.items():
-        if k not in names:
-            from ..semantics.errors import did_you_mean
-            options = list(names) + list(spec.keyword_variants)
-            raise PPLRuntimeError(f"{spec.name}() has no parameter '{k}'", hint=did_you_mean(k, options)
-                                  or f"its parameters are: {', '.join(options)}")
-        if k in bound:
-            raise PPLRuntimeError(f"{spec.name}() got two values for '{k}'")
-        bound[k] = v
+    bound = bind_arguments(spec.name, names, args, kwargs, options=list(names) + list(spec.keyword_variants))
     defaulted = set()
     for i, n in enumerate(names):
         if n not in bound:

@@ -68,6 +68,7 @@ from ...semantics.interpreter import Builtin, Closure, Frame
 from ...semantics.values import (Batched, Particles, PerParticle, is_batched, materialize, rows,
                                  to_bool_rows, describe)
 from .. import rng
+from ..prelude import bind_arguments
 from .base import LanguageModel, RewardModel
 
 _MISSING = object()
@@ -487,17 +488,8 @@ def _predicate_key(pred):
 
 # ------------------------------------------------------------------- argument parsing
 def _bind(name, params, required, args, kwargs) -> dict:
-    if len(args) > len(params):
-        raise PPLRuntimeError(f"{name}() takes at most {len(params)} arguments ({', '.join(params)}) "
-                              f"but {len(args)} were given")
-    out = dict(zip(params, args))
-    for k, v in kwargs.items():
-        if k not in params:
-            raise PPLRuntimeError(f"{name}() has no argument '{k}'",
-                                  hint=did_you_mean(k, params) or f"its arguments are: {', '.join(params)}")
-        if k in out:
-            raise PPLRuntimeError(f"{name}() got two values for '{k}'")
-        out[k] = v
+    """The given arguments of ``name(params...)``; the first ``required`` must be given."""
+    out = bind_arguments(name, params, args, kwargs, noun="argument")
     for p in params[:required]:
         if p not in out:
             raise PPLRuntimeError(f"{name}() is missing the argument '{p}'")
