@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Iterable, Mapping, Optional, Tuple
 
 from ppl.semantics import ir
-from ppl.semantics.errors import PPLCheckError, did_you_mean
+from ppl.semantics.errors import PPLCheckError, did_you_mean, distribution_as_value
 from ppl.semantics.pretty import expr as source_of
 
 Arity = Optional[Tuple[int, Optional[int]]]  # (min_args, max_args or None); None: unchecked
@@ -208,9 +208,8 @@ class _Checker:
         name = e.func.name
         if name not in self.distributions or name in self.functions or any(name in s for s in scopes[1:]):
             return
-        call = source_of(e)
-        self.fail(f"{call} is a distribution, not a value: it cannot be used {use}", e,
-                  f"draw it: `x ~ {call}` or `sample({call})`")
+        message, hint = distribution_as_value(source_of(e), use)
+        self.fail(message, e, hint)
 
     # ------------------------------------------------------------------ calls
     def call(self, e: ir.Call, scopes):

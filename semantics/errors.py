@@ -82,6 +82,13 @@ class PPLDiagnosticWarning(UserWarning):
     ``warnings`` list, its ``summary()`` and the CLI's ``--json`` output."""
 
 
+def distribution_as_value(call: str, use: str) -> tuple[str, str]:
+    """The message and hint for a distribution (``call``, e.g. ``flip(0.1)``) used as a
+    value (``use``: "as a condition", ...): the checker's and the runtime's."""
+    return (f"{call} is a distribution, not a value: it cannot be used {use}",
+            f"draw it: `x ~ {call}` or `sample({call})`")
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     """A hint naming the closest candidate, or None."""
     close = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)

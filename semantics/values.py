@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from . import limits
-from .errors import PPLRuntimeError
+from .errors import PPLRuntimeError, distribution_as_value
 
 
 # ----------------------------------------------------------------------------- particles
@@ -304,9 +304,8 @@ def call_text(d: Any) -> str:
 
 def not_a_value(d: Any, use: str) -> PPLRuntimeError:
     """The error for a distribution used as a value (``use``: "as a condition", ...)."""
-    call = call_text(d)
-    return PPLRuntimeError(f"{call} is a distribution, not a value: it cannot be used {use}",
-                           hint=f"draw it: `x ~ {call}` or `sample({call})`")
+    message, hint = distribution_as_value(call_text(d), use)
+    return PPLRuntimeError(message, hint=hint)
 
 
 def reject_distribution(v: Any, use: str) -> None:
@@ -421,10 +420,16 @@ def vector_apply(fn: Callable, a: Any, b: Any, op: str) -> Any:
     try:
         shape = tuple(torch.broadcast_shapes(sa, sb))
     except RuntimeError:
-        raise PPLRuntimeError(f"cannot apply {op} to values of shapes {list(sa)} and {list(sb)}: the shapes do not "
-                              "broadcast", hint="elementwise operations need equal shapes (or a shape of one "
-                              "element, or a single number)") from None
+        raise _no_broadcast(op, list(sa), list(sb)) from None
     return _elementwise(fn, a, len(sa), b, len(sb), shape)
+
+
+def _no_broadcast(op: str, sa: list, sb: list) -> PPLRuntimeError:
+    """The error for an elementwise ``op`` on shapes that do not broadcast (exact Vectors
+    and tensors alike)."""
+    return PPLRuntimeError(f"cannot apply {op} to values of shapes {sa} and {sb}: the shapes do not broadcast",
+                           hint="elementwise operations need equal shapes (or a shape of one element, or a "
+                                "single number)")
 
 
 def _elementwise(fn: Callable, a: Any, ra: int, b: Any, rb: int, shape: tuple) -> Any:
@@ -773,9 +778,7 @@ def _torch_binop(op: str, a: Any, b: Any, lead: tuple = (False, False)) -> torch
     except RuntimeError as e:
         if "must match the size" in str(e) or "broadcast" in str(e):
             sa, sb = (list(x.shape[int(l):]) if isinstance(x, torch.Tensor) else [] for x, l in zip((a, b), lead))
-            raise PPLRuntimeError(f"cannot apply {op} to values of shapes {sa} and {sb}: the shapes do not "
-                                  "broadcast", hint="elementwise operations need equal shapes (or a shape of "
-                                  "one element, or a single number)") from None
+            raise _no_broadcast(op, sa, sb) from None
         raise PPLRuntimeError(f"cannot apply {op}: {str(e).splitlines()[0]}") from None
     except TypeError:  # e.g. a tensor and a string
         raise PPLRuntimeError(f"unsupported operand types for {op}: {describe(a)} and {describe(b)}") from None
