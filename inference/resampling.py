@@ -123,21 +123,19 @@ def _arange(n: int, device) -> torch.Tensor:
 
 def multinomial(w: torch.Tensor, n: int) -> torch.Tensor:
     """n independent draws from the categorical distribution w."""
-    u = torch.rand(n, dtype=torch.float64, device=w.device, generator=rng.generator(w.device))
+    u = rng.rand(n, dtype=torch.float64, device=w.device)
     return torch.sort(_search(w, u)).values
 
 
 def stratified(w: torch.Tensor, n: int) -> torch.Tensor:
     """One uniform in each stratum [k/n, (k+1)/n)."""
-    u = (_arange(n, w.device) + torch.rand(n, dtype=torch.float64, device=w.device,
-                                           generator=rng.generator(w.device))) / n
+    u = (_arange(n, w.device) + rng.rand(n, dtype=torch.float64, device=w.device)) / n
     return _search(w, u, evenly_spread=True)
 
 
 def systematic(w: torch.Tensor, n: int) -> torch.Tensor:
     """One shared uniform offset: u_k = (k + U) / n."""
-    u = (_arange(n, w.device) + torch.rand((), dtype=torch.float64, device=w.device,
-                                           generator=rng.generator(w.device))) / n
+    u = (_arange(n, w.device) + rng.rand((), dtype=torch.float64, device=w.device)) / n
     return _search(w, u, evenly_spread=True)
 
 
@@ -235,7 +233,7 @@ def without_replacement(w: torch.Tensor, n: int, u: float | None = None) -> tupl
     cum = (cum * (R / cum[-1])).clamp_(max=R)
     cum[-1] = R  # sum of the inclusion probabilities: exactly R points land
     if u is None:
-        U = torch.rand((), dtype=torch.float64, device=device, generator=rng.generator(device))
+        U = rng.rand((), dtype=torch.float64, device=device)
     else:
         U = torch.tensor(float(u), dtype=torch.float64, device=device)
     hits = torch.ceil(cum - U)  # points U + k below cum_j

@@ -179,7 +179,7 @@ class TruncatedNormal(pdist.TorchDistribution):
         """Standard normal draws restricted to [a, b], with a <= 0 or [a, b] far right
         (a > _TAIL only after the mirroring when the interval lies far left)."""
         pa, pb = torch.special.ndtr(a), torch.special.ndtr(b)
-        u = torch.rand(a.shape, dtype=torch.float64, device=a.device, generator=rng.generator(a.device))
+        u = rng.rand(a.shape, dtype=torch.float64, device=a.device)
         z = torch.special.ndtri(pa + u * (pb - pa))
         far = b < -_TAIL  # far in the left tail: Phi underflows; sample -z from the right tail
         if bool(far.any()):
@@ -194,12 +194,11 @@ class TruncatedNormal(pdist.TorchDistribution):
         todo = torch.ones_like(a, dtype=torch.bool)
         width = b - a
         while bool(todo.any()):
-            u = torch.rand(a.shape, dtype=torch.float64, device=a.device, generator=rng.generator(a.device))
+            u = rng.rand(a.shape, dtype=torch.float64, device=a.device)
             # inverse CDF of Exp(a) truncated to [0, width]
             e = -torch.log1p(u * torch.expm1(-a * width)) / a
             x = a + e
-            accept = torch.rand(a.shape, dtype=torch.float64, device=a.device,
-                                generator=rng.generator(a.device)) < torch.exp(-0.5 * e ** 2)
+            accept = rng.rand(a.shape, dtype=torch.float64, device=a.device) < torch.exp(-0.5 * e ** 2)
             take = todo & accept
             out = torch.where(take, x, out)
             todo = todo & ~accept
