@@ -22,6 +22,7 @@ from ..semantics.dist_values import DistValue
 from ..semantics.errors import PPLRuntimeError, did_you_mean
 from ..semantics.interpreter import Builtin, Closure, MemFn, RaggedRange, _int_index
 from ..semantics.values import _align_ranks  # the per-particle broadcasting of binop
+from ..semantics.values import _no_broadcast  # binop's error when shapes do not broadcast
 from ..semantics.values import (Batched, PerParticle, Vector, as_tensor, batch_rows, binop, describe,
                                 is_batched, is_numeric, materialize, pack, per_particle, rows,
                                 to_bool_rows, boolop_or, to_vector, truthy, vector_apply, vector_map)
@@ -172,10 +173,7 @@ def _elementwise_rows(tf, a, b, ctx, name: str) -> Batched:
     try:
         return Batched(tf(ta, tb), ctx.idx)
     except RuntimeError:
-        raise PPLRuntimeError(f"cannot apply {name} to values of shapes {list(ta.shape[1:])} and "
-                              f"{list(tb.shape[1:])}: the shapes do not broadcast",
-                              hint="elementwise operations need equal shapes (or a shape of one element, or a "
-                                   "single number)") from None
+        raise _no_broadcast(name, list(ta.shape[1:]), list(tb.shape[1:])) from None
 
 
 def _promote2(a, b):
