@@ -379,9 +379,7 @@ def to_vector(v: Any) -> Any:
         out = Vector(to_vector(x) for x in v)
         shapes = {vector_shape(x) for x in out}
         if len(shapes) > 1:
-            a, b = sorted(shapes, key=lambda s: (len(s), s))[:2]
-            raise RaggedListError(f"a ragged list (items of shapes {list(a)} and {list(b)}) cannot be used as a "
-                                  "vector", hint="lists used as vectors or matrices need items of one shape")
+            raise RaggedListError.of(shapes, "vector", "lists used as vectors or matrices need items of one shape")
         return out
     if is_scalar(v):
         return v
@@ -478,6 +476,13 @@ def as_tensor(v: Any, device) -> torch.Tensor:
 class RaggedListError(PPLRuntimeError):
     """A list whose items differ in shape was used where a tensor is needed."""
 
+    @classmethod
+    def of(cls, shapes: set, as_what: str, hint: str) -> "RaggedListError":
+        """The error for a list whose items have the (several) ``shapes``, naming two."""
+        a, b = sorted(shapes, key=lambda s: (len(s), s))[:2]
+        return cls(f"a ragged list (items of shapes {list(a)} and {list(b)}) cannot be used as a {as_what}",
+                   hint=hint)
+
 
 def stack_items(ts: Sequence[torch.Tensor], dim: int = 0, lead: int = 0) -> torch.Tensor:
     """The items of a list as one tensor (stacked along ``dim``). Items must have the same
@@ -487,10 +492,8 @@ def stack_items(ts: Sequence[torch.Tensor], dim: int = 0, lead: int = 0) -> torc
     # (while torch.jit traces a static program, sizes are tensors; its eager run checked them)
     shapes = set() if torch.jit.is_tracing() else {tuple(t.shape[lead:]) for t in ts}
     if len(shapes) > 1:
-        a, b = sorted(shapes, key=lambda s: (len(s), s))[:2]
-        raise RaggedListError(f"a ragged list (items of shapes {list(a)} and {list(b)}) cannot be used as a tensor",
-                              hint="lists used as vectors or matrices need items of one shape; a ragged list "
-                                   "can be indexed and looped over")
+        raise RaggedListError.of(shapes, "tensor", "lists used as vectors or matrices need items of one shape; "
+                                                   "a ragged list can be indexed and looped over")
     return torch.stack(list(ts), dim=dim)
 
 
