@@ -41,9 +41,7 @@ class TorchRandomness:
         return self.generator if self.generator is not None else rng.generator(device)
 
     def sample(self, dist, ctx):
-        if self.generator is None:
-            return dist.sample(ctx)
-        with rng.using(self.generator):
+        with self.drawing():
             return dist.sample(ctx)
 
     def resample(self, log_weights: torch.Tensor, scheme: str, n: int) -> torch.Tensor:
