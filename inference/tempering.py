@@ -32,7 +32,7 @@ from ..semantics.errors import PPLRuntimeError, ZeroEvidenceError
 from ..stdlib.progress import progress_bar
 from . import mh as mh_mod
 from .importance import impossible_site, rng_state
-from .resampling import log_mean_exp
+from .resampling import ess, log_mean_exp
 
 
 def _ess_fraction(log_w: torch.Tensor) -> float:
@@ -115,7 +115,7 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
             if step_z == -math.inf:  # only possible with a fixed schedule: every weight is zero
                 raise ZeroEvidenceError("tempering: every particle has zero weight")
             log_z += step_z
-            ess_history.append(_ess_fraction(inc) * particles)
+            ess_history.append(ess(inc))
             state = mh_mod.reindex(state, randomness.resample(inc, resampling, particles))
             # the moves compare a proposal's density under gamma_b with the current state's:
             # rescore the current state at b too (its log_joint was computed at the old beta;
