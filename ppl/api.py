@@ -39,6 +39,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from .semantics.devices import resolve_device  # noqa: F401  (part of the API)
+
 from .semantics import ir
 from .stdlib import rng
 from .semantics.errors import PPLCheckError, PPLError, PPLRuntimeError, did_you_mean
@@ -360,16 +362,6 @@ def out_of_memory_as_error():
         if "allocate" in text or "out of memory" in text.lower():
             raise PPLError(f"out of memory: {text.splitlines()[0]}", hint=MEMORY_HINT) from None
         raise
-
-
-def resolve_device(device: Any) -> str:
-    d = str(device)
-    if d == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if d.startswith("cuda") and not torch.cuda.is_available():
-        raise PPLError(f"device '{d}' requested but no CUDA GPU is available",
-                       hint="use device='cpu' (or 'auto' to pick a GPU when there is one)")
-    return d
 
 
 @contextlib.contextmanager

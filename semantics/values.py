@@ -19,6 +19,7 @@ operation still runs once per (sub)batch.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import threading
@@ -167,6 +168,18 @@ def set_lineage(lineage: "Lineage | None"):
 def current_lineage() -> "Lineage | None":
     """The lineage of the run this thread executes (None: no resampling)."""
     return _RUN.lineage
+
+
+@contextlib.contextmanager
+def lineage_scope(lineage: "Lineage | None"):
+    """Run the block with ``lineage`` as this thread's run lineage, restoring the previous
+    one on exit (also on error): the one way a run installs its lineage. Batched values
+    made inside follow the lineage's resamplings."""
+    old = set_lineage(lineage)
+    try:
+        yield lineage
+    finally:
+        set_lineage(old)
 
 
 # ------------------------------------------------------------------------ batched values
