@@ -54,10 +54,11 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from ppl.inference.population import Chains, Optimum, Population
 from ppl.inference.resampling import normalise_log_weights
 from ppl.semantics.errors import PPLError, PPLRuntimeError, ZeroEvidenceError, did_you_mean
 
-__all__ = ["Site", "WeightedResult", "ExactResult"]
+__all__ = ["Site", "WeightedResult", "ExactResult", "MCMCResult", "BestOfNResult", "as_result"]
 
 # A float-valued site counts as discrete when all its values are whole numbers and it has
 # at most this many distinct values ...
@@ -1133,3 +1134,54 @@ class BestOfNResult(WeightedResult):
     def _header(self) -> str:
         return (f"{self.method}: the best of {self.candidates} prior draws, score (total log weight) "
                 f"{self.score:.4f}; an optimum, not a posterior sample (no evidence estimate)")
+
+
+# ----------------------------------------------------------------------------------------
+# wrapping what inference/ returns
+# ----------------------------------------------------------------------------------------
+
+
+def _cpu(v: Any) -> Any:
+    return v.detach().cpu() if isinstance(v, torch.Tensor) else v
+
+
+def _cpu_sites(raw_sites: dict) -> dict[str, Site]:
+    """name -> Site on the CPU from inference's name -> (values, present) (or Site)."""
+    out = {}
+    for name, s in raw_sites.items():
+        value, present = (s.value, s.present) if isinstance(s, Site) else s
+        out[name] = Site(_cpu(value), _cpu(present))
+    return out
+
+
+def as_result(raw: Any) -> "_ResultBase":
+    """The result object people read for what an inference algorithm returned:
+
+    * ``inference.population.Population`` -> :class:`WeightedResult` (``ess_history``
+      from ``extra["history"]`` when the algorithm recorded synchronisation checkpoints);
+    * ``inference.population.Chains`` -> :class:`MCMCResult`;
+    * ``inference.population.Optimum`` -> :class:`BestOfNResult`;
+    * the exact paths ``[(weight, values)]`` of ``semantics.exact.enumerate_paths`` ->
+      :class:`ExactResult`;
+    * a result object -> itself (so wrapping twice is harmless).
+
+    Sites and log weights are moved to the CPU (results are summarised for people)."""
+    if isinstance(raw, _ResultBase):
+        return raw
+    if isinstance(raw, Population):
+        res = WeightedResult(raw.method, _cpu_sites(raw.sites), _cpu(raw.log_weights), extra=raw.extra)
+        history = raw.extra.get("history")
+        if history is not None:
+            res.ess_history = [r.ess for r in history]
+        return res
+    if isinstance(raw, Chains):
+        return MCMCResult(raw.method, _cpu_sites(raw.sites), raw.chains, raw.draws,
+                          acceptance_rate=raw.acceptance_rate, r_hat=raw.r_hat, ess_per_site=raw.ess,
+                          extra=raw.extra)
+    if isinstance(raw, Optimum):
+        return BestOfNResult(raw.method, _cpu_sites(raw.sites), score=raw.score, candidates=raw.candidates,
+                             importance_log_evidence=raw.importance_log_evidence, extra=raw.extra)
+    if isinstance(raw, (list, tuple)):
+        return ExactResult(raw)
+    raise TypeError(f"as_result: cannot make a result of a {type(raw).__name__} "
+                    "(expected a Population, Chains, Optimum, exact paths or a result)")
