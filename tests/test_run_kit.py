@@ -1,0 +1,103 @@
+"""The public run kit of ``ppl.semantics``: effect-rewriting middleware and the handler
+pieces of ``semantics.sampling``. Every check is exact (a log density in closed form, or
+the same draws from one seed), except where a Monte Carlo tolerance is stated."""
+import math
+
+import pytest
+import torch
+
+import ppl
+from ppl.semantics.errors import PPLRuntimeError
+from ppl.semantics.interpreter import ObserveEffect, SampleEffect
+from ppl.semantics.middleware import Answer, Rewritten, condition, observed_values, rewriting, substitute
+from ppl.semantics.sampling import LikelihoodWeighting, drive
+from ppl.semantics.values import Particles
+
+torch.set_num_threads(1)
+
+GAUSS = """
+def m(y):
+    x ~ normal(0, 1)
+    observe y ~ normal(x, 1)
+    return x
+"""
+
+
+def _run(interp, model, data, N=6, seed=0):
+    torch.manual_seed(seed)
+    ctx = Particles.all(N, "cpu")
+    h = LikelihoodWeighting(N, "cpu")
+    ret = drive(interp.run(model.entry, model.prepare_data(data, "cpu"), ctx), h)
+    return ret, h
+
+
+def _observe_addr(model, data):
+    seen = []
+
+    def spy(eff):
+        if type(eff) is ObserveEffect:
+            seen.append(eff.addr)
+        return eff
+    _run(Rewritten(model.interpreter(), spy), model, data)
+    return seen[0]
+
+
+def test_observed_values_replace_the_data_bit_for_bit():
+    m = ppl.model(GAUSS)
+    addr = _observe_addr(m, {"y": 0.0})
+    _, direct = _run(m.interpreter(), m, {"y": 1.7})
+    _, rewritten = _run(Rewritten(m.interpreter(), observed_values({addr: 1.7})), m, {"y": 0.0})
+    assert torch.equal(direct.log_weights, rewritten.log_weights)
+    from_function = observed_values(lambda eff: torch.tensor(1.7) if eff.addr == addr else None)
+    _, by_function = _run(Rewritten(m.interpreter(), from_function), m, {"y": 0.0})
+    assert torch.allclose(direct.log_weights, by_function.log_weights, atol=1e-12, rtol=0)
+
+
+def test_an_observation_without_a_value_is_a_located_error():
+    m = ppl.model(GAUSS)
+    with pytest.raises(PPLRuntimeError) as err:
+        _run(Rewritten(m.interpreter(), observed_values({})), m, {"y": 0.0})
+    assert "no value for the observation" in str(err.value) and err.value.span is not None
+
+
+def test_condition_scores_the_fixed_choice_and_substitute_does_not():
+    m = ppl.model(GAUSS)
+    ret, h = _run(Rewritten(m.interpreter(), condition({"x": 0.5})), m, {"y": 1.0})
+    normal = torch.distributions.Normal(0.0, 1.0)
+    joint = float(normal.log_prob(torch.tensor(0.5)) + normal.log_prob(torch.tensor(0.5)))
+    assert ret == 0.5 and "x" not in h.trace.sites()
+    assert torch.allclose(h.log_weights, torch.full((6,), joint, dtype=torch.float64), atol=1e-6, rtol=0)
+    ret, h = _run(Rewritten(m.interpreter(), substitute({"x": 0.5})), m, {"y": 1.0})
+    likelihood = float(normal.log_prob(torch.tensor(0.5)))
+    assert ret == 0.5 and "x" not in h.trace.sites()
+    assert torch.allclose(h.log_weights, torch.full((6,), likelihood, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_rewriting_forwards_sends_and_thrown_errors_and_closes():
+    log = []
+
+    def program():
+        try:
+            got = yield SampleEffect("a", None, None, None)
+            log.append(("sent", got))
+            yield SampleEffect("b", None, None, None)
+        except KeyError as err:  # the program's own frame sees what the driver threw
+            log.append(("caught", err.args[0]))
+            yield SampleEffect("after", None, None, None)
+        finally:
+            log.append("closed")
+        return "done"
+
+    renamed = lambda eff: SampleEffect(eff.addr.upper(), None, None, None)  # noqa: E731
+    gen = rewriting(program(), renamed)
+    assert next(gen).addr == "A"
+    assert gen.send(41).addr == "B"
+    assert gen.throw(KeyError("boom")).addr == "AFTER"
+    with pytest.raises(StopIteration) as stop:
+        gen.send(None)
+    assert stop.value.value == "done" and log == [("sent", 41), ("caught", "boom"), "closed"]
+    # an answered effect never reaches the driver; closing the wrapper closes the program
+    gen = rewriting(program(), lambda eff: Answer(7) if eff.addr == "a" else eff)
+    assert next(gen).addr == "b"
+    gen.close()
+    assert log[-2:] == [("sent", 7), "closed"]
