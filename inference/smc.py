@@ -11,24 +11,29 @@ identical whenever they are resampled. Resampling rewrites nothing eagerly: it a
 the ancestor indices to the run's ``Lineage`` and every batched value catches up when
 next read (see ``semantics.values``).
 
+As a composition of the run kit (``semantics.sampling``): ``SMCHandler`` is a
+``Weighting`` whose chooser is ``prior(randomness)`` and whose checkpoint rule is
+resampling at synchronisation points; ``smc`` drives it inside the run's
+``lineage_scope``. Variants replace one piece: the selection (``_resample``:
+``inference.steer``), the chooser (a guide: ``inference.amortized``), or the rule.
+
 Invariant: the final weighted population is proper for the program's unnormalised
 measure: E[Z_hat * sum_i w_i f(x_i)] = Z * E_post[f], with Z_hat = prod over resampling
 steps of the mean weight, times the final mean weight (so exp(log_evidence) is unbiased).
-The exact checker in ``ppl.testing.validity`` verifies this by enumerating every draw
+The exact checker (testing/validity.py) verifies this by enumerating every draw
 of the algorithm on small programs.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..semantics.errors import PPLRuntimeError, ZeroEvidenceError
-from ..semantics.dist_values import ProposedDist
 from ..semantics.interpreter import Interpreter
-from ..semantics.sampling import LikelihoodWeighting, column, drive
-from ..semantics.values import Lineage, Particles, set_lineage
+from ..semantics.sampling import Weighting, column, drive, prior
+from ..semantics.values import Lineage, Particles, lineage_scope
 from ..stdlib.progress import NO_BAR, progress_bar
 from .randomness import TorchRandomness
 from .resampling import SCHEMES, log_mean_exp
@@ -43,35 +48,29 @@ class StepRecord:
     log_evidence: float  # running estimate after this step
 
 
-class SMCHandler(LikelihoodWeighting):
-    """Likelihood weighting plus resampling at synchronisation checkpoints."""
+class SMCHandler(Weighting):
+    """Prior draws through ``randomness`` (the kit's ``prior`` chooser), and at each
+    checkpoint the resampling rule ``_checkpoint``."""
 
     def __init__(self, N: int, device, lineage: Lineage, *, resampling: str = "systematic",
                  ess_threshold: float = 1.0, randomness=None):
-        super().__init__(N, device, dtype=torch.float64)
         if resampling not in SCHEMES:
             raise PPLRuntimeError(f"unknown resampling scheme '{resampling}'",
                                   hint=f"choose from: {', '.join(SCHEMES)}")
+        self.randomness = randomness or TorchRandomness()
+        super().__init__(N, device, torch.float64, choose=prior(self.randomness))
         self.N = N
         self.lineage = lineage
         self.resampling = resampling
         self.ess_threshold = float(ess_threshold)
-        self.randomness = randomness or TorchRandomness()
         self.log_z = 0.0  # log of the product of mean weights at resampling steps
         self.history: list[StepRecord] = []
         self.bar = NO_BAR  # a progress counter of synchronisation checkpoints (``smc(progress=...)``)
 
-    # the prior draws go through the pluggable randomness (so the checker can enumerate)
-    def sample(self, eff):
-        if isinstance(eff.dist, ProposedDist):  # a user proposal: draw from it, correct the weight
-            value, correction = eff.dist.propose(eff.ctx, self.randomness.sample)
-            self.add(eff.ctx, correction)
-        else:  # (particles of weight zero never raise: see ``LikelihoodWeighting.draw``)
-            value = self.draw(eff.dist, eff.ctx, self.randomness.sample)
-        self.trace.record(eff.addr, eff.ctx, value)
-        return value
-
     def _checkpoint(self, eff):
+        """The resampling rule: at a synchronisation point, when the ESS is below the
+        threshold, keep the mean weight in ``log_z`` and resample (or select, for a
+        weighted resampler) by appending the ancestors to the run's lineage."""
         if eff.ctx.M != self.N:
             return  # only some particles are here: not a synchronisation point
         lw = self.log_weights
@@ -80,15 +79,11 @@ class SMCHandler(LikelihoodWeighting):
             raise ZeroEvidenceError("every particle has weight zero at this checkpoint", eff.span,
                                     "the observation/condition may be impossible, or too unlikely for "
                                     f"{self.N} particles")
-        # one exp serves the ESS, the evidence and the normalised weights
-        w = torch.exp(lw - m)
+        w = torch.exp(lw - m)  # one exp serves the ESS, the evidence and the normalised weights
         s = w.sum()
         ess = float(s ** 2 / (w * w).sum())
         resample = ess < self.ess_threshold * self.N or self.ess_threshold >= 1.0
-        if lw.dtype == torch.float64:  # log_mean_exp(lw), from the same w (mean = sum / N)
-            lme = float(m + torch.log(s / lw.shape[0]))
-        else:
-            lme = log_mean_exp(lw)
+        lme = float(m + torch.log(s / lw.shape[0]))  # log_mean_exp(lw), from the same w
         if resample:
             self.log_z += lme
             ancestors = self._resample(lw, w, s)
@@ -96,12 +91,8 @@ class SMCHandler(LikelihoodWeighting):
             if isinstance(ancestors, tuple):  # a weighted resampler: (ancestors, new log weights)
                 ancestors, new_lw = ancestors
             self.lineage.resample(ancestors)
-            if new_lw is None:
-                self.log_weights = torch.zeros_like(lw)
-                lme = 0.0  # log_mean_exp of the reset (all-zero) log weights
-            else:
-                self.log_weights = new_lw.to(lw.dtype)
-                lme = log_mean_exp(self.log_weights)
+            self.log_weights = torch.zeros_like(lw) if new_lw is None else new_lw.to(lw.dtype)
+            lme = 0.0 if new_lw is None else log_mean_exp(self.log_weights)
         self.history.append(StepRecord(eff.addr, ess, resample, self.log_z + lme))
         if self.bar is not NO_BAR:
             self.bar.set_postfix_str(f"ESS {ess:.0f}/{self.N}", refresh=False)
@@ -114,12 +105,11 @@ class SMCHandler(LikelihoodWeighting):
         (w_i / s) f(x_i): the new weights multiply the evidence accumulated so far (an
         unweighted scheme's are all 0). Subclasses override this to select differently
         (``inference.steer``)."""
-        if type(self.randomness) is TorchRandomness and lw.dtype == torch.float64:
+        if type(self.randomness) is TorchRandomness:
             # what TorchRandomness.resample computes, without normalising again
             with self.randomness.drawing():
                 return SCHEMES[self.resampling](w / s, self.N)
         return self.randomness.resample(lw, self.resampling, self.N)
-
 
 
 def smc(interp: Interpreter, entry: str, data: dict, particles: int, device="cpu", *,
@@ -131,16 +121,11 @@ def smc(interp: Interpreter, entry: str, data: dict, particles: int, device="cpu
     ``progress`` (``stdlib.progress``): a counter of synchronisation checkpoints named
     ``label``, with the ESS at the last one (their number is not known in advance)."""
     ctx = Particles.all(particles, device)
-    lineage = Lineage(ctx.idx)
-    h = (handler_cls or SMCHandler)(particles, device, lineage, resampling=resampling, ess_threshold=ess_threshold,
-                   randomness=randomness)
-    old = set_lineage(lineage)
-    try:
+    with lineage_scope(Lineage(ctx.idx)) as lineage:
+        h = (handler_cls or SMCHandler)(particles, device, lineage, resampling=resampling,
+                                        ess_threshold=ess_threshold, randomness=randomness)
         with progress_bar(progress, desc=label, unit=" checkpoints") as h.bar:
             ret = drive(interp.run(entry, data, ctx), h)
-        sites = {"return": (column(ret, ctx), None)}
-        sites.update(h.trace.sites())
-    finally:
-        set_lineage(old)
         h.bar = NO_BAR
+        sites = {"return": (column(ret, ctx), None), **h.trace.sites()}
     return sites, h.log_weights + h.log_z, h

@@ -24,7 +24,7 @@ measure gamma (mass Z): E[Z_hat * sum_i w_i f(x_i)] = Z * E_post[f] for every f,
 Z_hat = exp(log_evidence) (so Z_hat is unbiased). It holds because the selection is
 unbiased (E[new_i 1{i kept}] = p_i: ``without_replacement``), replication into K slots
 leaves each survivor's total weight unchanged, and the K copies' independent extensions
-are each proper given their parent. ``ppl.testing.validity.steer_algorithm`` enumerates
+are each proper given their parent. The exact checker's ``steer_algorithm`` enumerates
 every draw (prior draws per particle and the exact law of the selection) and
 ``check_proper`` verifies this exactly on small programs (tests/test_steer.py).
 

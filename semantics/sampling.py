@@ -1,18 +1,36 @@
-"""A program as a weighted sampler over particles: handlers for the interpreter's effects.
+"""A program as a weighted sampler over particles: the run kit.
 
 ``drive(gen, handler)`` runs an interpreter generator, answering each effect with the
-handler. The handlers here give the two basic meanings of a run:
+handler. A handler is made of two independent pieces:
 
-* ``LikelihoodWeighting``: draw every choice from its prior and multiply the weight by
-  every likelihood factor. For a program denoting the unnormalised measure
-  ``gamma(dx) = prior(dx) * L(x)`` this yields particles x_i ~ prior with weights
-  w_i = L(x_i), so that ``E[w f(x)] = Z * E_post[f]``: a *proper* weighting, the
-  contract every later inference transformation builds on.
-* ``Replay``: read every choice from a given trace and sum all log densities: the log
-  joint density ``log p(trace, data)`` (NaN-free: -inf where the trace is impossible).
+* **what value a choice gets** (a *chooser*, ``choose(h, eff) -> value``, which may add a
+  weight correction to ``h``): ``prior(randomness)`` draws from the prior through a
+  pluggable randomness (a user proposal ``propose(target, q)`` draws from q and adds
+  log target - log q); ``replay(given)`` reads a given trace and adds the log density;
+  ``fixed(columns)`` takes row i of a column per address for particle i, unweighted.
+  (A guide is one more chooser: ``inference.amortized``.)
+* **what happens to the weight at a checkpoint** (a *rule*, ``at_checkpoint(h, eff)``,
+  called after each observe/factor/condition has been weighted): ``accumulate`` (nothing
+  more: importance weights), ``truncate(k)`` (suspend the run at its k-th checkpoint:
+  ``drive`` raises ``Suspended`` and a later ``drive(gen, h)`` carries on from there),
+  or SMC's resampling (``inference.smc``).
 
-Both record a ``Trace``: address -> per-particle values, with a presence mask for
-choices that only some particles make.
+``Weighting(N, device, choose=..., at_checkpoint=...)`` puts them together, accumulates the
+log weights (observe/factor/condition/twist) and records the ``Trace``. The two basic
+meanings of a run are compositions:
+
+* ``LikelihoodWeighting``: ``Weighting(choose=prior())``: draw every choice from its prior
+  and multiply the weight by every likelihood factor. For a program denoting the
+  unnormalised measure ``gamma(dx) = prior(dx) * L(x)`` this yields particles x_i ~ prior
+  with weights w_i = L(x_i), so that ``E[w f(x)] = Z * E_post[f]``: a *proper* weighting,
+  the contract every later inference transformation builds on.
+* ``Replay``: ``Weighting(choose=replay(trace))``: read every choice from a given trace and
+  sum all log densities: the log joint density ``log p(trace, data)`` (NaN-free: -inf
+  where the trace is impossible).
+
+The trace maps address -> per-particle values, with a presence mask for choices that only
+some particles make. Rewriting effects before they reach a handler (conditioning,
+substituted observations) is ``semantics.middleware``.
 
 Particles of weight zero never raise. The population runs as one batch, so a particle
 that a ``condition`` (or an impossible observation) has already killed still reaches the
@@ -36,13 +54,20 @@ from .trace import Trace, column, consolidate  # noqa: F401  (re-exported: the r
 from .values import Batched, Particles, PerParticle, describe, rows, to_bool_rows
 
 
+class Suspended(Exception):
+    """Raised by a checkpoint rule to stop ``drive`` with the generator suspended at that
+    checkpoint (``truncate``); ``drive(gen, handler)`` carries on from there."""
+
+
 def drive(gen, handler) -> Any:
-    """Run an interpreter generator to the end, answering its effects with ``handler``."""
+    """Run an interpreter generator to the end, answering its effects with ``handler``;
+    then ``handler.finish()`` (if it has one). ``gen`` may be fresh or suspended at a
+    checkpoint (whose reply is None: see ``Suspended``)."""
     dispatch = {SampleEffect: handler.sample, ObserveEffect: handler.observe,
                 FactorEffect: handler.factor, ConditionEffect: handler.condition,
                 TwistEffect: getattr(handler, "twist", _ignore)}
     try:
-        eff = next(gen)
+        eff = gen.send(None)  # = next(gen) for a fresh generator
         while True:
             try:
                 reply = dispatch[type(eff)](eff)
@@ -238,12 +263,82 @@ def _without_dead(change: torch.Tensor, potential: torch.Tensor) -> torch.Tensor
     return torch.where(torch.isneginf(potential), torch.zeros_like(change), change)
 
 
-class LikelihoodWeighting(_WeightAccumulator):
-    """Prior proposal, likelihood weights (see the module docstring)."""
+# --------------------------------------------------------------- what value a choice gets
+def _own_draw(dist, ctx):
+    return dist.sample(ctx)
 
-    def __init__(self, N: int, device, dtype=None):
+
+def prior(randomness=None):
+    """Chooser: a draw from the choice's prior through ``randomness.sample(dist, ctx)``
+    (None: ``dist.sample(ctx)``, the run's generator); a user proposal draws from its
+    proposal and adds log target - log proposal."""
+    draw = _own_draw if randomness is None else randomness.sample
+
+    def choose(h, eff):
+        if isinstance(eff.dist, ProposedDist):
+            value, correction = eff.dist.propose(eff.ctx, draw)
+            h.add(eff.ctx, correction)
+            return value
+        return h.draw(eff.dist, eff.ctx, draw)  # (particles of weight zero never raise)
+    return choose
+
+
+def replay(given: dict):
+    """Chooser: the value of ``given[addr]`` (a tensor with one row per particle, or one
+    value for all), weighted by its log density; a choice it lacks is an error."""
+    def choose(h, eff):
+        if eff.addr not in given:
+            raise PPLRuntimeError(f"the trace has no value for the choice '{eff.addr}'", eff.span)
+        value = given[eff.addr]
+        N = h.log_weights.shape[0]
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == N and N > 1:
+            value = Batched(value.to(eff.ctx.device)[eff.ctx.idx], eff.ctx.idx)
+        h.add(eff.ctx, h.log_prob(eff.dist, value, eff.ctx))
+        return value
+    return choose
+
+
+def fixed(columns: dict):
+    """Chooser: row i of ``columns[addr]`` (a tensor over all N particles) for particle i,
+    unweighted (a population rebuilt from moved traces)."""
+    def choose(h, eff):
+        if eff.addr not in columns:
+            raise PPLRuntimeError(f"no value for the choice '{eff.addr}'", eff.span)
+        return Batched(columns[eff.addr][eff.ctx.idx], eff.ctx.idx)
+    return choose
+
+
+# ------------------------------------------------- what happens to the weight at a checkpoint
+def accumulate(h, eff) -> None:
+    """Rule: nothing beyond the weight already added (importance weights)."""
+
+
+def truncate(k: int):
+    """Rule: suspend the run at its k-th checkpoint (``drive`` raises ``Suspended``)."""
+    seen = 0
+
+    def rule(h, eff):
+        nonlocal seen
+        seen += 1
+        if seen >= k:
+            raise Suspended(eff)
+    return rule
+
+
+class Weighting(_WeightAccumulator):
+    """A handler from a chooser and a checkpoint rule (see the module docstring): log
+    weights accumulated in float64, the choices recorded in ``trace``."""
+
+    def __init__(self, N: int, device, dtype=None, *, choose=None, at_checkpoint=accumulate):
         super().__init__(N, device, dtype)
         self.trace = Trace(N, device)
+        self.choose = choose or prior()
+        self.at_checkpoint = at_checkpoint
+
+    def sample(self, eff: SampleEffect):
+        value = self.choose(self, eff)
+        self.trace.record(eff.addr, eff.ctx, value)
+        return value
 
     def observe(self, eff: ObserveEffect):
         """Weight by the observation's log density; NaN there (a NaN or infinite observed
@@ -256,31 +351,23 @@ class LikelihoodWeighting(_WeightAccumulator):
         self.add(eff.ctx, lp)
         self._checkpoint(eff)
 
-    def sample(self, eff: SampleEffect):
-        if isinstance(eff.dist, ProposedDist):  # a user proposal: draw from it, correct the weight
-            value, correction = eff.dist.propose(eff.ctx, lambda d, c: d.sample(c))
-            self.add(eff.ctx, correction)
-        else:
-            value = self.draw(eff.dist, eff.ctx)
-        self.trace.record(eff.addr, eff.ctx, value)
-        return value
+    def _checkpoint(self, eff) -> None:
+        self.at_checkpoint(self, eff)
 
 
-class Replay(_WeightAccumulator):
+class LikelihoodWeighting(Weighting):
+    """Prior proposal, likelihood weights (see the module docstring); ``randomness``: where
+    the prior draws come from (default: the run's generator)."""
+
+    def __init__(self, N: int, device, dtype=None, randomness=None):
+        super().__init__(N, device, dtype, choose=prior(randomness))
+
+
+class Replay(Weighting):
     """Score a given trace: ``log_weights`` becomes the log joint density."""
 
-    def __init__(self, trace: dict, N: int, device, dtype=None):
-        super().__init__(N, device, dtype)
-        self.given = trace
-        self.trace = Trace(N, device)
+    observe = _WeightAccumulator.observe  # the log joint as it is (no NaN check)
 
-    def sample(self, eff: SampleEffect):
-        if eff.addr not in self.given:
-            raise PPLRuntimeError(f"the trace has no value for the choice '{eff.addr}'", eff.span)
-        value = self.given[eff.addr]
-        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == self.log_weights.shape[0] \
-                and self.log_weights.shape[0] > 1:
-            value = Batched(value.to(eff.ctx.device)[eff.ctx.idx], eff.ctx.idx)
-        self.add(eff.ctx, self.log_prob(eff.dist, value, eff.ctx))
-        self.trace.record(eff.addr, eff.ctx, value)
-        return value
+    def __init__(self, trace: dict, N: int, device, dtype=None):
+        super().__init__(N, device, dtype, choose=replay(trace))
+        self.given = trace

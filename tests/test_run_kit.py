@@ -10,7 +10,8 @@ import ppl
 from ppl.semantics.errors import PPLRuntimeError
 from ppl.semantics.interpreter import ObserveEffect, SampleEffect
 from ppl.semantics.middleware import Answer, Rewritten, condition, observed_values, rewriting, substitute
-from ppl.semantics.sampling import LikelihoodWeighting, drive
+from ppl.semantics.sampling import (LikelihoodWeighting, Suspended, Weighting, accumulate, drive, fixed,
+                                    truncate)
 from ppl.semantics.values import Particles
 
 torch.set_num_threads(1)
@@ -101,3 +102,54 @@ def test_rewriting_forwards_sends_and_thrown_errors_and_closes():
     assert next(gen).addr == "b"
     gen.close()
     assert log[-2:] == [("sent", 7), "closed"]
+
+
+# ---------------------------------------------------------------------- handler pieces
+TWO_STEPS = """
+def m():
+    x ~ normal(0, 1)
+    observe 0.5 ~ normal(x, 1)
+    y ~ normal(x, 1)
+    observe 1.5 ~ normal(y, 1)
+    return y
+"""
+
+
+def test_truncate_suspends_the_run_and_drive_carries_on_bit_for_bit():
+    m = ppl.model(TWO_STEPS)
+    ctx = Particles.all(5, "cpu")
+    torch.manual_seed(3)
+    whole = LikelihoodWeighting(5, "cpu")
+    ret = drive(m.interpreter().run(m.entry, {}, ctx), whole)
+    torch.manual_seed(3)
+    h = Weighting(5, "cpu", at_checkpoint=truncate(1))
+    gen = m.interpreter().run(m.entry, {}, ctx)
+    with pytest.raises(Suspended):
+        drive(gen, h)
+    assert set(h.trace.sites()) == {"x"}            # stopped at the first observe
+    h.at_checkpoint = accumulate
+    resumed = drive(gen, h)
+    assert torch.equal(resumed.t, ret.t) and torch.equal(h.log_weights, whole.log_weights)
+
+
+def test_the_prior_chooser_draws_through_the_randomness_and_fixed_reads_columns():
+    class Counting:
+        calls = 0
+
+        def sample(self, dist, ctx):
+            Counting.calls += 1
+            return dist.sample(ctx)
+    m = ppl.model(TWO_STEPS)
+    ctx = Particles.all(4, "cpu")
+    h = LikelihoodWeighting(4, "cpu", randomness=Counting())
+    drive(m.interpreter().run(m.entry, {}, ctx), h)
+    assert Counting.calls == 2
+    cols = {"x": torch.tensor([0.0, 1.0, 2.0, 3.0]), "y": torch.tensor([1.5, 1.5, 0.5, 0.5])}
+    h = Weighting(4, "cpu", choose=fixed(cols))
+    ret = drive(m.interpreter().run(m.entry, {}, ctx), h)
+    normal = torch.distributions.Normal
+    x, y = cols["x"].double(), cols["y"].double()
+    lik = normal(x, 1.0).log_prob(torch.tensor(0.5).double()) + normal(y, 1.0).log_prob(torch.tensor(1.5).double())
+    assert torch.equal(ret.t, cols["y"]) and torch.allclose(h.log_weights, lik, atol=1e-6, rtol=0)
+    with pytest.raises(PPLRuntimeError, match="no value for the choice 'y'"):
+        drive(m.interpreter().run(m.entry, {}, ctx), Weighting(4, "cpu", choose=fixed({"x": cols["x"]})))
