@@ -73,19 +73,21 @@ import torch
 from ..semantics import ir
 from ..semantics.errors import PPLError, PPLRuntimeError, did_you_mean
 from ..semantics.interpreter import _int_index
-from ..semantics.sampling import column, drive
+from ..semantics import gfi
+from ..semantics.gfi import ModelRun, TracedState, combine as _combine, rows_at as _has
+from ..semantics.sampling import drive
 from ..semantics.values import Batched, Particles, PerParticle, is_batched, materialize, merge_parts, rows
-from .mh import MHState, TorchMHRandomness, _as_rows, _bcast, _Run, _select
+from .mh import TorchMHRandomness
 
 BUILTIN_KERNELS = ("prior", "rw")
 
 
 # ---------------------------------------------------------------------- the trace value
 class TraceView:
-    """Every chain's trace (an ``MHState``) as a value of the language: ``trace[addr]``,
+    """Every chain's trace (a ``TracedState``) as a value of the language: ``trace[addr]``,
     ``trace["z"][i]`` and ``addr in trace`` (see the module docstring)."""
 
-    def __init__(self, state: MHState, prefix: str | None = None, which: str = "current"):
+    def __init__(self, state: TracedState, prefix: str | None = None, which: str = "current"):
         self.state, self.prefix, self.which = state, prefix, which
 
     def describe(self) -> str:
@@ -141,31 +143,7 @@ class TraceView:
         return Batched(torch.tensor(out, dtype=torch.bool, device=ctx.device), ctx.idx)
 
 
-# -------------------------------------------------------------------- the two handlers
-def _has(store, addr, idx):
-    """(presence [M], value rows or None) of ``addr`` in a state or a proposal run."""
-    if addr in store.values:
-        return store.present[addr][idx], store.values[addr][idx]
-    return torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device), None
-
-
-def _combine(parts):
-    """One value column from (mask, rows) parts with disjoint masks covering every row."""
-    out = None
-    for mask, r in parts:
-        if r is None or not bool(mask.any()):
-            continue
-        if out is None:
-            out = r
-            continue
-        if r.shape[1:] != out.shape[1:]:
-            raise PPLRuntimeError(f"a proposed value has shape {tuple(r.shape[1:])} where the model's choice "
-                                  f"has shape {tuple(out.shape[1:])}")
-        dtype = torch.promote_types(out.dtype, r.dtype)
-        out = torch.where(_bcast(mask, r), r.to(dtype), out.to(dtype))
-    return out
-
-
+# ------------------------------------------------------------------- the proposal run
 class _ProposalRun:
     """Runs the proposal: draws its choices (forward), or scores the old values given by
     ``replay(eff) -> (rows, ok)`` (reverse; rows that cannot be replayed are ``invalid``)."""
@@ -189,7 +167,7 @@ class _ProposalRun:
             r, ok = self.replay(eff)
             self.invalid[idx] |= ~ok
         value = Batched(r, idx)
-        lp = _as_rows(eff.dist.log_prob(value, ctx), ctx).double()
+        lp = eff.dist.log_prob(value, ctx).double().expand(ctx.M)
         self.log_q.index_add_(0, idx, lp)
         if eff.addr not in self.values:
             self.values[eff.addr] = torch.zeros((self.C, *r.shape[1:]), dtype=r.dtype, device=r.device)
@@ -203,28 +181,6 @@ class _ProposalRun:
                               "a proposal only proposes values: likelihood terms belong in the model")
 
     factor = condition = observe
-
-
-class _ProposedRun(_Run):
-    """Re-runs the model: the proposal's values where it made them, the old trace's
-    elsewhere, prior draws ("fresh", summed in ``fresh_lp``) where neither has one."""
-
-    def __init__(self, C, device, old: MHState, proposal: _ProposalRun, randomness):
-        super().__init__(C, device, old, {}, randomness, "prior", 1.0)
-        self.proposal = proposal
-
-    def _propose(self, dist, ctx, eff):
-        """(value rows, log prior density, its fresh part, no proposal terms): see ``_Run``."""
-        addr, idx = eff.addr, ctx.idx
-        forced, forced_rows = _has(self.proposal, addr, idx)
-        has, old_rows = _has(self.old, addr, idx)
-        reuse = has & ~forced
-        fresh = ~has & ~forced
-        new_rows = self._draw(dist, ctx, eff) if bool(fresh.any()) else None
-        value_rows = _combine([(forced, forced_rows), (reuse, old_rows), (fresh, new_rows)])
-        value = Batched(value_rows, idx)
-        lp = _as_rows(dist.log_prob(value, ctx), ctx).double()
-        return value_rows, lp, torch.where(fresh, lp, torch.zeros_like(lp)), None, None
 
 
 # --------------------------------------------------------------------------- the kernel
@@ -274,7 +230,7 @@ class ProposalKernel:
                     "its parameters are bound by name: trace, the model's data, or the current value of a choice")
 
     # -- the three runs -----------------------------------------------------------------
-    def _kwargs(self, data: dict, state: MHState, which: str) -> dict:
+    def _kwargs(self, data: dict, state: TracedState, which: str) -> dict:
         kw = {}
         trace = TraceView(state, which=which)
         ctx = Particles.all(state.log_joint.shape[0], state.log_joint.device)
@@ -302,15 +258,7 @@ class ProposalKernel:
         drive(self.interp.run(self.name, self._kwargs(data, state, which), Particles.all(C, device)), h)
         return h
 
-    def _model(self, data, old, proposal, C, device, randomness) -> MHState:
-        h = _ProposedRun(C, device, old, proposal, randomness)
-        ctx = Particles.all(C, device)
-        ret = column(drive(self.interp.run(self.entry, data, ctx), h), ctx)
-        state = MHState(h.values, h.present, h.site_lp, h.log_weights, ret, h.log_lik)
-        state._run = h
-        return state
-
-    def reverse_values(self, old: MHState, fwd: _ProposalRun, new: MHState):
+    def reverse_values(self, old: TracedState, fwd: _ProposalRun, new: TracedState):
         """The values the reverse run scores: x's at addresses of the old trace x, the
         forward run's at its auxiliary addresses (in neither trace); anything else
         cannot be replayed (the move is rejected; a placeholder keeps the run going)."""
@@ -326,31 +274,34 @@ class ProposalKernel:
             return _combine([(has_x, x_rows), (aux, f_rows), (~ok & has_n, n_rows), (lost, placeholder)]), ok
         return replay
 
-    def step(self, data: dict, state: MHState, device="cpu", randomness=None):
-        """One MH step for every chain: returns (new state, accepted mask)."""
+    def step(self, data: dict, state: TracedState, device="cpu", randomness=None):
+        """One MH step for every chain: returns (new state, accepted mask). The proposal
+        runs on x (u, q(u|x)); ``update`` puts u into the model (x', with the fresh/stale
+        prior terms); the proposal replays x's values on x' (q(u'|x')); ``metropolis``."""
         randomness = randomness or TorchMHRandomness()
         C = state.log_joint.shape[0]
         fwd = self._propose(data, state, C, device, randomness)
-        new = self._model(data, state, fwd, C, device, randomness)
+        new, log_w = gfi.update(ModelRun(self.interp, self.entry, data, device), state, fwd, randomness)
         rev = self._propose(data, new, C, device, randomness, self.reverse_values(state, fwd, new), "proposed")
-        log_alpha = new.log_joint - state.log_joint
-        if self.hastings:
-            invalid = rev.invalid.clone()
-            stale = torch.zeros(C, dtype=torch.float64, device=log_alpha.device)
-            none = torch.zeros(C, dtype=torch.bool, device=log_alpha.device)
-            for a in dict.fromkeys([*state.values, *new.values, *fwd.values, *rev.values]):
-                px, pn = state.present.get(a, none), new.present.get(a, none)
-                pf, pr = fwd.present.get(a, none), rev.present.get(a, none)
-                invalid |= (px == pn) & (pf != pr)   # kept or absent in both: proposed both ways or neither
-                invalid |= pf & px & ~pn              # the forward run proposed a choice x' drops
-                gone = px & ~pn & ~pr
-                if a in state.site_lp and bool(gone.any()):
-                    stale = stale + torch.where(gone, state.site_lp[a].double(), torch.zeros_like(stale))
-            log_alpha = log_alpha + rev.log_q - fwd.log_q + stale - new._run.fresh_lp
-            log_alpha = torch.where(invalid, torch.full_like(log_alpha, -math.inf), log_alpha)
-        log_alpha = torch.where(torch.isnan(log_alpha), torch.full_like(log_alpha, -math.inf), log_alpha)
-        accept = randomness.accept(log_alpha) & torch.isfinite(new.log_joint)
-        return _select(accept, new, state), accept
+        if not self.hastings:
+            return gfi.metropolis(state, new, new.log_joint - state.log_joint, randomness)
+        # a stale choice that the reverse run proposes is scored by q(u'|x'), not by its prior
+        log_alpha = log_w - gfi.stale_lp(state, new) + gfi.stale_lp(state, new, without=rev) \
+            + rev.log_q - fwd.log_q
+        invalid = _irreversible(state, new, fwd, rev)
+        return gfi.metropolis(state, new, log_alpha.masked_fill(invalid, -math.inf), randomness)
+
+
+def _irreversible(x, new, fwd, rev) -> torch.Tensor:
+    """Per chain: the reverse move cannot take x' back to x (see the module docstring)."""
+    invalid = rev.invalid.clone()
+    none = torch.zeros_like(invalid)
+    for a in dict.fromkeys([*x.values, *new.values, *fwd.values, *rev.values]):
+        px, pn = x.present.get(a, none), new.present.get(a, none)
+        pf, pr = fwd.present.get(a, none), rev.present.get(a, none)
+        invalid |= (px == pn) & (pf != pr)   # kept or absent in both: proposed both ways or neither
+        invalid |= pf & px & ~pn              # the forward run proposed a choice x' drops
+    return invalid
 
 
 # ------------------------------------------------------------------- static name sets

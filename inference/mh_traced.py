@@ -36,11 +36,12 @@ import warnings
 import torch
 
 from ..semantics.errors import PPLError
+from ..semantics.gfi import TracedState, unconstrained_walk
 from ..semantics.interpreter import Interpreter
 from ..semantics.sampling import _WeightAccumulator, column, drive
 from ..semantics.values import Batched, Particles, PerParticle, rows, to_bool_rows
 from ..stdlib.distributions import deferred_checks
-from .mh import MHState, TorchMHRandomness, mh_step, unconstrained_walk
+from .mh import TorchMHRandomness, mh_step
 
 
 class NotStatic(Exception):
@@ -196,7 +197,7 @@ class TracedRandomWalk:
         self.program = program  # (interpreter, entry, data): to redo a failing step
 
     @classmethod
-    def build(cls, interp: Interpreter, entry: str, data: dict, state: MHState, scale: float,
+    def build(cls, interp: Interpreter, entry: str, data: dict, state: TracedState, scale: float,
               device="cpu", why: list | None = None) -> "TracedRandomWalk | None":
         """The traced kernel for chains in ``state`` (a first run of the program), or None
         when the program is not static (then use ``mh.mh_step``); the reason is appended
@@ -290,7 +291,7 @@ class TracedRandomWalk:
                     raise NotStatic("the traced graph disagrees with the interpreter")
         return cls(fn, addrs, shapes, C, device, scale, (interp, entry, data))
 
-    def step(self, state: MHState, randomness=None) -> tuple[MHState, torch.Tensor]:
+    def step(self, state: TracedState, randomness=None) -> tuple[TracedState, torch.Tensor]:
         """One MH step for every chain (``mh.mh_step`` with kernel "rw"): the same draws
         in the same order (site, walk noise where a chain moves that site, accept)."""
         randomness = randomness or TorchMHRandomness()
@@ -307,7 +308,7 @@ class TracedRandomWalk:
         accept, bad, log_joint, log_lik, ret = out[:5]
         if bool(bad):
             return self._redo(state, pick, noise, u)
-        return MHState(dict(zip(addrs, out[5:5 + n])), state.present, dict(zip(addrs, out[5 + n:])), log_joint,
+        return TracedState(dict(zip(addrs, out[5:5 + n])), state.present, dict(zip(addrs, out[5 + n:])), log_joint,
                        ret, log_lik), accept
 
     def _redo(self, state, pick, noise, u):

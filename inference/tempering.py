@@ -16,11 +16,18 @@ random, so S steps update every choice once on average per temperature. A fixed 
 left a 42-choice mixture with ~55 distinct particles of 500 and a posterior 0.8 sd
 off. (Adaptive moves, until the population has decorrelated, are a later improvement.)
 
-Invariants: the final target is the program's posterior, unchanged by the tempering;
-the product over steps of the mean incremental weight is an unbiased estimate of the
-evidence Z (for a fixed schedule; the adaptive one is the standard, slightly biased but
-consistent choice). The moves are what lets particles cross between modes that
-likelihood weighting, which never moves a particle, would leave unbalanced.
+Invariant: the final target is the program's posterior, unchanged by the tempering; each
+move leaves the current target gamma_beta invariant (``mh.mh_step`` on the ``ModelRun``
+at ``beta``), and the population, weighted by the product over steps of the mean
+incremental weight, is proper for the program's measure: that product is an unbiased
+estimate of the evidence Z for a fixed schedule (the adaptive one is the standard,
+slightly biased but consistent choice; ``ppl.testing.validity.tempering_algorithm``
+checks the fixed one exactly). The moves are what lets particles cross between modes
+that likelihood weighting, which never moves a particle, would leave unbalanced.
+
+As a composition of the trace interface (``semantics.gfi``): ``simulate`` at beta = 0,
+then per step ``update`` to the next beta (its log weight change is the incremental
+weight), ``reindex`` by resampling, and single-site MH moves.
 """
 from __future__ import annotations
 
@@ -28,9 +35,12 @@ import math
 
 import torch
 
+from ..semantics import gfi
 from ..semantics.errors import PPLRuntimeError, ZeroEvidenceError
+from ..semantics.gfi import ModelRun
 from ..stdlib.progress import progress_bar
 from . import mh as mh_mod
+from .mh import TorchMHRandomness
 from .importance import impossible_site, rng_state
 from .resampling import ess, log_mean_exp
 
@@ -78,62 +88,69 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
     ``randomness`` (default: torch) serves the prior draws, the resampling and the moves.
     ``progress`` (``stdlib.progress``): a bar over beta in [0, 1], with the current beta
     and the number of steps so far."""
-    if not 0.0 < target_ess < 1.0:
-        raise PPLRuntimeError("target_ess must be in (0, 1)")
-    if schedule is not None:
-        schedule = [float(b) for b in schedule]
-        if not schedule or schedule[-1] != 1.0 or any(not 0.0 < b <= 1.0 for b in schedule) or \
-                any(b2 <= b1 for b1, b2 in zip(schedule, schedule[1:])):
-            raise PPLRuntimeError("a tempering schedule must increase strictly from above 0 to exactly 1",
-                                  hint="e.g. schedule=[0.1, 0.3, 1.0]")
-    randomness = randomness or mh_mod.TorchMHRandomness()
-    # prior draws (no redrawing: particles of zero likelihood get weight 0 at the first step)
-    before = rng_state(device)
-    state = mh_mod._run(interp, entry, data, particles, device, None, {}, randomness, "prior", 1.0, None, 0.0)
-    log_lik = state.log_lik
-    if not bool(torch.isfinite(log_lik).any()):  # where? replay these draws (or, failing that, draw more)
-        site = impossible_site(interp, entry, data, particles, device, before) or \
-            impossible_site(interp, entry, data, max(particles, 100), device)
-        raise ZeroEvidenceError("tempering: every prior draw has zero likelihood"
-                                + (f" ({site.message})" if site is not None else ""),
-                                site.span if site is not None else None,
-                                "the data or conditions may be impossible under the prior")
-    if moves is None:
-        moves = default_moves(float(state.sizes.mean()) if particles > 0 else 0.0)
-    info = {} if info is None else info
-    info["moves"] = moves
-    ess_history = info.setdefault("ess_history", [])
+    schedule = _checked(target_ess, schedule)
     fixed = iter(schedule) if schedule is not None else None
-    beta, log_z, schedule = 0.0, 0.0, [0.0]
+    randomness = randomness or TorchMHRandomness()
+    model = ModelRun(interp, entry, data, device)
+    state = _prior_draws(model, particles, randomness)
+    info = {} if info is None else info
+    info["moves"] = moves = default_moves(float(state.sizes.mean()) if particles > 0 else 0.0) \
+        if moves is None else moves
+    ess_history = info.setdefault("ess_history", [])
+    log_z, schedule = 0.0, [0.0]
     with progress_bar(progress, desc="tempering", total=1.0, bar_format=_BAR_FORMAT) as bar:
         for _ in range(max_steps):
+            beta = state.beta
             if beta >= 1.0:
                 break
             b = next(fixed) if fixed is not None else next_beta(beta, state.log_lik, target_ess)
-            inc = torch.where(torch.isneginf(state.log_lik), state.log_lik, (b - beta) * state.log_lik)
+            state, inc = gfi.update(model.at(beta=b), state)  # the incremental weights L^(b - beta)
             step_z = log_mean_exp(inc)
             if step_z == -math.inf:  # only possible with a fixed schedule: every weight is zero
                 raise ZeroEvidenceError("tempering: every particle has zero weight")
             log_z += step_z
             ess_history.append(ess(inc))
-            state = mh_mod.reindex(state, randomness.resample(inc, resampling, particles))
-            # the moves compare a proposal's density under gamma_b with the current state's:
-            # rescore the current state at b too (its log_joint was computed at the old beta;
-            # a stale one adds (b - beta) * log_lik(x) to the log acceptance ratio of every
-            # chain until its first accepted move, which breaks invariance: a constant in
-            # the likelihood, like Poisson's -log(c!), then biases the posterior)
-            state.log_joint = torch.where(torch.isneginf(state.log_lik), state.log_joint,
-                                          state.log_joint + (b - beta) * state.log_lik)
+            state = gfi.reindex(state, randomness.resample(inc, resampling, particles))
             bar.set_postfix_str(f"beta={b:.4g}, step {len(schedule)}", refresh=False)
             bar.update(b - beta)
-            beta = b
-            schedule.append(beta)
+            schedule.append(b)
             for _ in range(moves):
-                state, _ = mh_mod.mh_step(interp, entry, data, state, device, kernel=kernel, scale=scale, beta=beta,
+                state, _ = mh_mod.mh_step(interp, entry, data, state, device, kernel=kernel, scale=scale, beta=b,
                                           randomness=randomness)
         else:
             raise PPLRuntimeError(f"tempering did not reach beta = 1 in {max_steps} steps")
     return state, log_z, schedule
+
+
+def _checked(target_ess: float, schedule: list | None) -> list | None:
+    """The schedule as floats; an error for a target ESS outside (0, 1) or a schedule
+    that does not increase strictly from above 0 to exactly 1."""
+    if not 0.0 < target_ess < 1.0:
+        raise PPLRuntimeError("target_ess must be in (0, 1)")
+    if schedule is None:
+        return None
+    schedule = [float(b) for b in schedule]
+    if not schedule or schedule[-1] != 1.0 or any(not 0.0 < b <= 1.0 for b in schedule) or \
+            any(b2 <= b1 for b1, b2 in zip(schedule, schedule[1:])):
+        raise PPLRuntimeError("a tempering schedule must increase strictly from above 0 to exactly 1",
+                              hint="e.g. schedule=[0.1, 0.3, 1.0]")
+    return schedule
+
+
+def _prior_draws(model: ModelRun, particles: int, randomness) -> gfi.TracedState:
+    """The population at beta = 0 (no redrawing: particles of zero likelihood get weight 0
+    at the first step); an error naming the site when every draw has zero likelihood."""
+    before = rng_state(model.device)
+    state = gfi.simulate(model.at(beta=0.0), particles, randomness)
+    if not bool(torch.isfinite(state.log_lik).any()):  # where? replay these draws (or, failing that, draw more)
+        args = (model.interp, model.entry, model.data)
+        site = impossible_site(*args, particles, model.device, before) or \
+            impossible_site(*args, max(particles, 100), model.device)
+        raise ZeroEvidenceError("tempering: every prior draw has zero likelihood"
+                                + (f" ({site.message})" if site is not None else ""),
+                                site.span if site is not None else None,
+                                "the data or conditions may be impossible under the prior")
+    return state
 
 
 #: tempering's bar: the fraction of the way to beta = 1, then "beta=..., step k"

@@ -19,8 +19,8 @@ from collections import defaultdict
 
 import torch
 
-from ..inference import mh as mh_mod
 from ..inference.mh_proposals import ProposalKernel
+from ..semantics import gfi
 from .validity import EnumeratingMHRandomness, KernelCheck, _key, enumerate_outcomes, mh_kernel_check
 
 
@@ -55,16 +55,14 @@ def _traces(model, data):
 
 
 def _batch_state(interp, entry, data, traces: list[dict]):
-    """The MH state of len(traces) chains, chain c in trace c."""
-    C = len(traces)
+    """The traced state of len(traces) chains, chain c in trace c (``gfi.generate``)."""
     addrs = list(dict.fromkeys(a for t in traces for a in t))
     values, present = {}, {}
     for a in addrs:
         fill = next(t[a] for t in traces if a in t)
         values[a] = torch.tensor([t.get(a, fill) for t in traces])
         present[a] = torch.tensor([a in t for t in traces])
-    old = mh_mod.MHState(values, present, {}, torch.zeros(C, dtype=torch.float64), None)
-    return mh_mod._run(interp, entry, data, C, "cpu", old, {}, mh_mod.TorchMHRandomness(), "prior", 1.0)
+    return gfi.generate(gfi.ModelRun(interp, entry, data), gfi.Choices(values, present))[0]
 
 
 def _row_key(state, c: int) -> tuple:
