@@ -29,29 +29,27 @@ Guide families, the feature map of the data and the encoders are described in
 from __future__ import annotations
 
 import math
-import os
-import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..semantics.dist_values import ProposedDist
 from ..semantics.errors import PPLError, PPLRuntimeError, did_you_mean
-from ..semantics.interpreter import FactorEffect, ObserveEffect
+from ..semantics.middleware import Rewritten, observed_values as observed_values_rewrite
+from ..semantics.model import ModelLike
+from ..semantics.prior_predictive import PriorPredictive
 from ..semantics.sampling import LikelihoodWeighting, column, drive
-from ..semantics.values import Batched, Particles, PerParticle, rows
-from ..stdlib.files import check_fields, load_checked, save_checked
+from ..semantics.values import Batched, Particles, PerParticle, as_tensor, rows
 from ..stdlib import rng
 from ..stdlib.progress import progress_bar
 from . import objectives as O
-from .guides import FAMILIES, GuideNet, Layout, _finite_bounds, _sum_ldj, discover
+from .guides import _DEPENDS, FAMILIES, GuideNet, Layout, _depends, _finite_bounds, _sum_ldj, discover
+from .population import Population
 from .resampling import ess as resampling_ess
 from .smc import SMCHandler, smc
 
-__all__ = ["Guide", "guide", "GuideRun", "pareto_k"]
-
-FORMAT = "ppl.guide/1"
+__all__ = ["Guide", "GuideRun", "pareto_k"]
 
 
 # ======================================================================= one proposal run
@@ -251,46 +249,24 @@ class GuidedSMC(_Guided, SMCHandler):
 
 
 # =================================================================== data for training
-class _ObservedRows:
-    """An interpreter whose ``observe`` statements see per-particle values
+def _observed_rows(inner, observations: Mapping[str, torch.Tensor]) -> Rewritten:
+    """``inner`` whose ``observe`` statements see per-particle values
     ``observations[addr]`` [N, ...] (row i for particle i): B data sets in one run."""
-
-    def __init__(self, inner, observations: Mapping[str, torch.Tensor]):
-        self._inner = inner
-        self._obs = observations
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def run(self, entry, data, ctx):
-        gen = self._inner.run(entry, data, ctx)
-        try:
-            eff = next(gen)
-            while True:
-                if type(eff) is ObserveEffect:
-                    t = self._obs.get(eff.addr)
-                    if t is None:
-                        raise PPLRuntimeError(f"no data for the observation '{eff.addr}'", eff.span,
-                                              "the training data sets must observe the same sites")
-                    eff = ObserveEffect(eff.addr, eff.dist, Batched(t.index_select(0, eff.ctx.idx), eff.ctx.idx),
-                                        eff.ctx, eff.span)
-                eff = gen.send((yield eff))
-        except StopIteration as stop:
-            return stop.value
-        finally:
-            gen.close()
+    def rows_of(eff):
+        t = observations.get(eff.addr)
+        if t is None:
+            raise PPLRuntimeError(f"no data for the observation '{eff.addr}'", eff.span,
+                                  "the training data sets must observe the same sites")
+        return Batched(t.index_select(0, eff.ctx.idx), eff.ctx.idx)
+    return Rewritten(inner, observed_values_rewrite(rows_of))
 
 
-def _simulate_handler(N, device):
-    from ppl.testing.sbc import _PriorPredictive
-
-    class _Simulate(_PriorPredictive):
-        def factor(self, eff: FactorEffect):
-            raise PPLError("cannot simulate data sets from a model with `factor` statements", eff.span,
-                           "forward_kl (and amortized training on simulated data) draws latents and data from "
-                           "the model; a factor reweights the prior, so its draws would not come from the "
-                           "model: use objective='rws' or 'elbo' on the data set, with encoder=None")
-    return _Simulate(N, device)
+def _simulate_handler(N, device) -> PriorPredictive:
+    return PriorPredictive(N, device, factor_message="cannot simulate data sets from a model with `factor` statements",
+                           factor_hint="forward_kl (and amortized training on simulated data) draws latents and data "
+                                       "from the model; a factor reweights the prior, so its draws would not come "
+                                       "from the model: use objective='rws' or 'elbo' on the data set, with "
+                                       "encoder=None")
 
 
 class _Simulator:
@@ -363,7 +339,6 @@ class _RecordObserved:
         return d.sample(eff.ctx)
 
     def observe(self, eff):
-        from .guides import _DEPENDS, _depends
         if eff.addr not in self.observed:
             self.observed[eff.addr] = _DEPENDS if _depends(eff.value) else eff.value
 
@@ -375,11 +350,8 @@ class _RecordObserved:
 
 def observed_values(model, data: Mapping[str, Any], device="cpu", interp=None) -> dict:
     """observe address -> the observed value (a tensor) of ``model(**data)``."""
-    from .guides import _DEPENDS
-    from ..api import seeded
-    from ..semantics.values import as_tensor
     h = _RecordObserved()
-    with seeded(0, device), torch.no_grad():
+    with rng.run(0), torch.no_grad():
         drive((interp or model.interpreter()).run(model.entry, model.prepare_data(model.bind((), data), device),
                                                   Particles.all(1, device)), h)
     out = {}
@@ -425,71 +397,6 @@ def pareto_k(log_weights: torch.Tensor) -> float:
 
 
 # ================================================================================= Guide
-def _plain_data(data) -> Any:
-    """The data as plain Python/tensors when it can be saved, else None."""
-    if isinstance(data, torch.Tensor):
-        return data.detach().cpu()
-    if isinstance(data, (bool, int, float, str)) or data is None:
-        return data
-    if isinstance(data, (list, tuple)):
-        out = [_plain_data(x) for x in data]
-        return None if any(x is None and y is not None for x, y in zip(out, data)) else out
-    if isinstance(data, dict):
-        out = {k: _plain_data(v) for k, v in data.items()}
-        return None if any(out[k] is None and data[k] is not None for k in data) else out
-    try:
-        import numpy as np
-        if isinstance(data, np.ndarray):
-            return torch.from_numpy(data)
-    except ImportError:  # pragma: no cover
-        pass
-    return None
-
-
-def _read_guide_file(path) -> dict:
-    """The dict saved at ``path`` by ``Guide.save`` (either kind of guide), checksum
-    verified; a file saved before guides carried a checksum loads with a warning."""
-    blob, checked = load_checked(path, "guide", hint="the file must come from Guide.save")
-    if not checked:
-        warnings.warn(f"the guide file '{os.fspath(path)}' has no checksum (saved by an older ppl), so damage to "
-                      "it cannot be detected; save it again to add one", UserWarning, stacklevel=3)
-    return blob
-
-
-def _str_list(v) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-
-def _num_list(v) -> bool:
-    return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-
-
-def _tensor_dict(v) -> bool:
-    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, torch.Tensor) for k, x in v.items())
-
-
-#: the entries of a saved automatic guide and their types (``Guide.load`` checks them)
-GUIDE_FIELDS = {
-    "entry": str, "family": (lambda v: v in FAMILIES, f"one of {', '.join(FAMILIES)}"),
-    "encoder": (lambda v: v in (None, "auto", "custom"), "None, 'auto' or 'custom'"),
-    "options": dict, "sites": (lambda v: v is None or _str_list(v), "None or a list of addresses"),
-    "signature": dict, "state": (_tensor_dict, "a dict of tensors"),
-    "history": (_num_list, "a list of numbers"), "objectives": (_str_list, "a list of names"),
-    "features_set": bool, "template": object,
-}
-GUIDE_OPTION_FIELDS = {
-    "rank": int, "hidden": (lambda v: isinstance(v, list) and all(isinstance(h, int) for h in v), "a list of ints"),
-    "flow_bins": int, "autoregressive": bool, "init_scale": (lambda v: v is None or isinstance(v, (int, float)),
-                                                             "None or a number"),
-}
-#: the same for a guide written in the DSL (``ProgramGuide``)
-PROGRAM_GUIDE_FIELDS = {
-    "entry": str, "program": str, "program_entry": str, "params": (_tensor_dict, "a dict of tensors"),
-    "constraints": dict, "history": (_num_list, "a list of numbers"),
-    "objectives": (_str_list, "a list of names"), "sites": (_str_list, "a list of addresses"),
-}
-
-
 class Guide:
     """A guide q(latents | data) for a model (see the module docstring).
 
@@ -507,8 +414,7 @@ class Guide:
     def __init__(self, model, data: Mapping[str, Any] | None = None, *, family: str = "normal",
                  encoder: Any = None, rank: int = 2, hidden: Sequence[int] = (64, 64), flow_bins: int = 8,
                  autoregressive: bool = True, sites: Sequence[str] | None = None, init_scale: float | None = None):
-        from ..api import Model
-        if not isinstance(model, Model):
+        if not isinstance(model, ModelLike):
             raise PPLError(f"ppl.guide needs a ppl.Model (got {type(model).__name__})",
                            hint="compile it first: ppl.model(source)")
         if family not in FAMILIES:
@@ -540,12 +446,11 @@ class Guide:
         return self.encoder is not None
 
     def _build(self, data, seed_init: int | None = None):
-        from ..api import seeded
         data = self.model.bind((), data)
         self.layout, init = discover(self.model, data, sites=self.site_list, need_features=self.amortized)
         self.template = dict(data)
         # torch's module initialisation draws from its global generator: the run's stands in
-        with seeded(0 if seed_init is None else seed_init), rng.global_from_run():
+        with rng.run(0 if seed_init is None else seed_init), rng.global_from_run():
             self.net = GuideNet(self.layout, self.family, self.encoder, rank=self.options["rank"],
                                 hidden=self.options["hidden"], flow_bins=self.options["flow_bins"],
                                 autoregressive=self.options["autoregressive"], init=init,
@@ -615,7 +520,6 @@ class Guide:
         lower is better; see ``inference.objectives``), shown by ``plot_loss()``.
         ``progress``: a bar of steps with the loss on stderr (``stdlib.progress``: True,
         the default here, at once; None on a terminal after 2 s; False never)."""
-        from ..api import seeded
         if data is None and self.net is None and datasets:
             data = datasets[0]
         if data is None and self.net is None:
@@ -636,7 +540,7 @@ class Guide:
             assert steps >= 1
         except (TypeError, ValueError, AssertionError):
             raise PPLError(f"steps must be a positive integer (got {steps!r})") from None
-        with seeded(seed):
+        with rng.run(seed):
             self._ready(data)
             if data is not None:
                 data = self.model.bind((), data)
@@ -698,7 +602,7 @@ class Guide:
                         self._set_normalisation(feats)
                         feats = feats.repeat_interleave(K, 0)
                         obs = {a: v.repeat_interleave(K, 0) for a, v in obs.items()}
-                        interp = _ObservedRows(interp0, obs)
+                        interp = _observed_rows(interp0, obs)
                     else:
                         n, feats, interp = 1, None, interp0
                     lw, logq, logq_d = self._weights(interp, prepared, n, K, feats, reparam=obj != "rws")
@@ -742,24 +646,21 @@ class Guide:
         feats = self.features(data) if self.amortized else None
         return GuideRun(self.net, N, feats, device, reparam=False, sequential=sequential)
 
-    def posterior(self, data: Mapping[str, Any] | None = None, particles: int = 1000, seed: int | None = None):
+    def posterior(self, data: Mapping[str, Any] | None = None, particles: int = 1000,
+                  seed: int | None = None) -> Population:
         """The guide's own approximation of the posterior: ``particles`` draws from q
         (the model run with every known choice from the guide, the others from their
-        priors), all with equal weight: a ``WeightedResult`` with method "guide" (no
-        evidence: its ``log_evidence`` is 0 by construction)."""
-        from ppl.result import Site, WeightedResult
-        from ..api import seeded
+        priors), all with equal weight: a ``Population`` with method "guide" (no
+        evidence: its log weights are 0 by construction)."""
         data = self.template if data is None else self.model.bind((), data)
         N = int(particles)
-        with seeded(seed), torch.no_grad():
+        with rng.run(seed), torch.no_grad():
             run = self.proposal_run(data, N)
             h = GuidedWeighting(N, "cpu", run)
             ctx = Particles.all(N)
             ret = drive(self.model.interpreter().run(self.model.entry, self.model.prepare_data(data, "cpu"), ctx), h)
-        sites = {"return": Site(_cpu(column(ret, ctx)))}
-        sites.update({k: Site(_cpu(v), _cpu(p)) for k, (v, p) in h.trace.sites().items()})
-        return WeightedResult("guide", sites, torch.zeros(N, dtype=torch.float64),
-                              extra={"proposal": self.describe()})
+        return Population("guide", {"return": (column(ret, ctx), None), **h.trace.sites()},
+                          torch.zeros(N, dtype=torch.float64), {"proposal": self.describe()})
 
     def log_prob(self, values: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> torch.Tensor:
         """log q(values | data) [B] for ``values``: address -> B values of each site."""
@@ -789,114 +690,14 @@ class Guide:
         self.net.to(device)
         return self
 
-    # --------------------------------------------------------------------- files
-    def save(self, path: str | os.PathLike) -> None:
-        """Save the trained guide (parameters, configuration, loss history, and the data
-        it was built with when that is plain numbers) with ``torch.save``."""
-        self._ready()
-        enc = "auto" if self.encoder == "auto" else (None if self.encoder is None else "custom")
-        blob = {"format": FORMAT, "entry": self.model.entry, "family": self.family, "encoder": enc,
-                "options": self.options, "sites": self.site_list, "signature": self.layout.signature(),
-                "state": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
-                "history": list(self.history), "objectives": list(self.objectives),
-                "features_set": self.features_set, "template": _plain_data(self.template)}
-        save_checked(blob, path, "guide")
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, model, data: Mapping[str, Any] | None = None,
-             encoder: nn.Module | None = None) -> "Guide":
-        """A guide saved by ``save``, for ``model``. ``data`` (a data set of the shape the
-        guide was built for) is needed when the saved one was not plain numbers (e.g. a
-        language model); ``encoder`` (a module of the same architecture) when the guide
-        had a custom encoder."""
-        blob = _read_guide_file(path)
-        from .program_guide import FORMAT as PROGRAM_FORMAT, ProgramGuide
-        if blob.get("format") == PROGRAM_FORMAT:
-            check_fields(blob, PROGRAM_GUIDE_FIELDS, path, "guide")
-            return ProgramGuide._load(blob, model, data)
-        if blob.get("format") != FORMAT:
-            raise PPLError(f"'{path}' is not a saved ppl guide (format {blob.get('format')!r})",
-                           hint="the file must come from Guide.save")
-        check_fields(blob, GUIDE_FIELDS, path, "guide")
-        check_fields(blob["options"], GUIDE_OPTION_FIELDS, path, "guide")
-        if blob["encoder"] == "custom" and encoder is None:
-            raise PPLError("this guide was trained with a custom encoder",
-                           hint="pass a module of the same architecture: Guide.load(path, model, encoder=...)")
-        if blob["entry"] != model.entry:
-            raise PPLError(f"the guide was trained for the model '{blob['entry']}', not '{model.entry}'")
-        template = data if data is not None else blob["template"]
-        if template is None:
-            raise PPLError("the data the guide was built with could not be saved (not plain numbers)",
-                           hint="pass a data set of the same shape: Guide.load(path, model, data=...)")
-        enc = {"auto": "auto", None: None}.get(blob["encoder"], encoder)
-        o = blob["options"]
-        g = cls(model, None, family=blob["family"], encoder=enc, rank=o["rank"], hidden=o["hidden"],
-                flow_bins=o["flow_bins"], autoregressive=o["autoregressive"], sites=blob["sites"],
-                init_scale=o["init_scale"])
-        g._build(template)
-        if g.layout.signature() != blob["signature"]:
-            raise PPLError("the model's choices or observations differ from those the guide was trained for",
-                           hint=f"trained for {blob['signature'].get('sites')}; this model and data give "
-                                f"{g.layout.signature()['sites']}")
-        try:
-            g.net.load_state_dict(blob["state"])
-        except RuntimeError as e:
-            raise PPLError(f"the saved parameters do not fit this guide: {str(e).splitlines()[0]}",
-                           hint="pass the encoder architecture the guide was trained with") from None
-        g.history = list(blob["history"])
-        g.objectives = list(blob["objectives"])
-        g.features_set = bool(blob["features_set"])
-        g.net.eval()
-        return g
-
-    # --------------------------------------------------------------------- plots
-    def plot_loss(self, ax=None, smooth: int | None = None):
-        """The training loss per step (and a moving average); returns the axes."""
-        from ppl.result import _pyplot
-        if not self.history:
-            raise PPLError("the guide has no loss history yet", hint="train it with guide.fit(...)")
-        plt = _pyplot()
-        if ax is None:
-            _, ax = plt.subplots(figsize=(6, 3.5))
-        h = torch.tensor(self.history, dtype=torch.float64)
-        ax.plot(h.numpy(), lw=0.6, alpha=0.5, label="loss")
-        w = smooth or max(1, len(h) // 50)
-        if w > 1 and len(h) > w:
-            ma = torch.nn.functional.avg_pool1d(h.view(1, 1, -1), w, 1).flatten()
-            ax.plot(range(w - 1, len(h)), ma.numpy(), lw=1.5, label=f"moving average ({w})")
-        ax.set_xlabel("step")
-        ax.set_ylabel(" / ".join(dict.fromkeys(self.objectives)) or "loss")
-        ax.legend()
-        return ax
-
-
 def _missing(a):
     raise PPLError(f"a data set in `datasets` does not observe '{a}'",
                    hint="every data set must have the shape of the data the guide was built with")
 
 
-def _cpu(v):
-    return v.cpu() if isinstance(v, torch.Tensor) else v
-
-
-def guide(model, data: Mapping[str, Any] | None = None, *, program: Any = None, **options) -> Guide:
-    """``ppl.guide(model, data, family=..., encoder=...)``: an automatic ``Guide`` (see its
-    docstring); ``ppl.guide(model, data, program=source_or_model)``: a guide written in the
-    DSL with ``param`` declarations (``inference.program_guide``)."""
-    if program is not None:
-        if options:
-            raise PPLError(f"a guide program takes no option '{next(iter(options))}'",
-                           hint="family/encoder/... configure automatic guides; a guide program is its own "
-                                "family")
-        from .program_guide import ProgramGuide
-        return ProgramGuide(model, data, program)
-    return Guide(model, data, **options)
-
-
 # ================================================================== inference entry points
-def _as_guide(proposal, model, data) -> Guide:
-    if isinstance(proposal, (str, os.PathLike)):
-        return Guide.load(proposal, model, data)
+def _as_guide(proposal, model) -> Guide:
+    """``proposal`` checked: a guide for ``model`` (the face loads a saved one from its path)."""
     if not isinstance(proposal, Guide):
         raise PPLError(f"proposal must be a ppl.Guide or the path of a saved one (got {type(proposal).__name__})",
                        hint="train one with ppl.guide(model, data).fit(...)")
@@ -912,10 +713,9 @@ def _weight_extra(g: Guide, lw: torch.Tensor, N: int) -> dict:
     return {"proposal": g.describe(), "ess_fraction": ess / N, "pareto_k": pareto_k(lw64)}
 
 
-def run_guided_importance(model, data: dict, proposal, *, particles: int, device="cpu"):
+def run_guided_importance(model, data: dict, proposal, *, particles: int, device="cpu") -> Population:
     """Importance sampling with ``proposal`` (a Guide) for ``model(**data)``."""
-    from ppl.result import Site, WeightedResult
-    g = _as_guide(proposal, model, data)
+    g = _as_guide(proposal, model)
     N = int(particles)
     if g.family == "program":
         return g.importance(data, N, device)
@@ -927,25 +727,19 @@ def run_guided_importance(model, data: dict, proposal, *, particles: int, device
         sites = {"return": (column(ret, ctx), None)}
         sites.update(h.trace.sites())
     lw = h.log_weights.detach()
-    return WeightedResult("importance", {k: Site(_cpu(v), _cpu(p)) for k, (v, p) in sites.items()}, lw.cpu(),
-                          extra=_weight_extra(g, lw, N))
+    return Population("importance", sites, lw, _weight_extra(g, lw, N))
 
 
 def run_guided_smc(model, data: dict, proposal, *, particles: int, device="cpu", resampling="systematic",
-                   ess_threshold: float = 1.0, progress: bool | None = None):
+                   ess_threshold: float = 1.0, progress: bool | None = None) -> Population:
     """SMC with ``proposal`` (a mean-field Guide) proposing each choice in program order;
     ``progress`` as for ``smc``."""
-    from ppl.result import Site, WeightedResult
-    g = _as_guide(proposal, model, data)
+    g = _as_guide(proposal, model)
     N = int(particles)
     with torch.no_grad():
         run = g.proposal_run(data, N, device, sequential=True)
         sites, lw, h = smc(model.interpreter(), model.entry, model.prepare_data(data, device), N, device,
                            resampling=resampling, ess_threshold=ess_threshold,
                            handler_cls=lambda *a, **k: GuidedSMC(run, *a, **k), progress=progress)
-    extra = {"history": h.history, "resampling": resampling, "ess_threshold": ess_threshold,
-             "proposal": g.describe()}
-    res = WeightedResult("smc", {k: Site(_cpu(v), _cpu(p)) for k, (v, p) in sites.items()}, lw.detach().cpu(),
-                         extra=extra)
-    res.ess_history = [r.ess for r in h.history]
-    return res
+    return Population("smc", sites, lw.detach(), {"history": h.history, "resampling": resampling,
+                                                  "ess_threshold": ess_threshold, "proposal": g.describe()})

@@ -183,10 +183,9 @@ def discover(model, data: dict, *, sites: Sequence[str] | None = None, particles
     caller's random state is untouched) and build the guide's ``Layout``. ``sites``
     restricts the guide to those addresses (the others stay drawn from their priors).
     Also returns the unconstrained prior draws per continuous site (for initialisation)."""
-    from ..api import seeded
     prepared = model.prepare_data(model.bind((), data), device)
     h = _Discover(particles, device)
-    with seeded(0, device), torch.no_grad():
+    with rng.run(0), torch.no_grad():
         drive(model.interpreter().run(model.entry, prepared, Particles.all(particles, device)), h)
     if sites is not None:
         sites = list(sites)

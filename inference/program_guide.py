@@ -29,7 +29,6 @@ simulated observations), and guides whose choices differ between particles.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
 import torch
@@ -38,13 +37,13 @@ from torch import nn
 from ..semantics.dist_values import ProposedDist
 from ..semantics.errors import PPLError, PPLRuntimeError, did_you_mean
 from ..semantics.interpreter import Builtin, Interpreter
+from ..semantics.model import ModelLike
 from ..semantics.sampling import Replay, Trace, _WeightAccumulator, column, drive
-from ..semantics.values import Batched, Particles, PerParticle, as_tensor, is_batched
+from ..semantics.values import Batched, Particles, PerParticle
 from ..stdlib import rng
-from ..stdlib.files import save_checked
-from .amortized import Guide
+from .amortized import Guide, _weight_extra
+from .population import Population
 
-FORMAT = "ppl.program_guide/1"
 CONSTRAINTS = ("real", "positive", "unit")
 
 
@@ -180,15 +179,14 @@ class ProgramGuide(Guide):
     """A guide written in the DSL (see ``inference.program_guide``)."""
 
     def __init__(self, model, data, program):
-        from ..api import Model, model as compile_model
-        if isinstance(program, str):
-            program = compile_model(program)
-        if not isinstance(program, Model):
+        """``program``: the compiled guide program (``ModelLike``; the Python face compiles
+        source text before it comes here)."""
+        if not isinstance(program, ModelLike):
             raise PPLError(f"program must be a ppl.Model or source text (got {type(program).__name__})")
-        extra = [p for p in program.params if p not in model.params]
+        extra = [p for p in _params(program) if p not in _params(model)]
         if extra:
             raise PPLError(f"the guide program takes '{extra[0]}', which is not an input of the model",
-                           hint=f"a guide reads the model's data by name: {', '.join(model.params)}")
+                           hint=f"a guide reads the model's data by name: {', '.join(_params(model))}")
         Guide.__init__(self, model, None)
         self.family = "program"
         self.program = program
@@ -213,14 +211,15 @@ class ProgramGuide(Guide):
     # -------------------------------------------------------------- running
     def _gdata(self, data, device="cpu"):
         bound = self.model.bind((), data)
-        return self.program.prepare_data({k: v for k, v in bound.items() if k in self.program.params}, device)
+        return self.program.prepare_data({k: v for k, v in bound.items() if k in _params(self.program)}, device)
 
     def _interp(self):
         b = self.program.builtins()
         b["param"] = Builtin("param", lambda ctx, name, init, constraint="real":
                              self.net.get(name, init, constraint), (2, 3), pure=False)
-        return Interpreter(self.program.program, b, max_depth=self.program.options.get("max_depth", 200),
-                           max_iterations=self.program.options.get("max_iterations", 100_000))
+        options = getattr(self.program, "options", {})  # the guide program's compile options
+        return Interpreter(self.program.program, b, max_depth=options.get("max_depth", 200),
+                           max_iterations=options.get("max_iterations", 100_000))
 
     def _run(self, data, N, reparam, device="cpu", given=None):
         h = _RunGuide(N, device, reparam, given)
@@ -228,10 +227,9 @@ class ProgramGuide(Guide):
         return h
 
     def _build(self, data, seed_init=None):
-        from ..api import seeded
         self.net = _Params()
         self.template = dict(self.model.bind((), data))
-        with seeded(0), torch.no_grad():
+        with rng.run(0), torch.no_grad():
             h = self._run(self.template, 4, False)
         self.net.frozen = True
         sites = h.trace.sites()
@@ -273,23 +271,19 @@ class ProgramGuide(Guide):
             self.template = dict(self.model.bind((), data))
         return Guide.fit(self, data, obj, **kw)
 
-    def importance(self, data, N, device="cpu"):
-        from ppl.result import Site, WeightedResult
-        from .amortized import _cpu, _weight_extra
+    def importance(self, data, N, device="cpu") -> Population:
+        """Importance sampling of the model with this guide as the proposal."""
         with torch.no_grad():
             lw, _, _, hp, ret = self._score(data, N, False, device)
-        sites = {"return": Site(_cpu(ret))}
-        sites.update({k: Site(_cpu(v), _cpu(p)) for k, (v, p) in hp.trace.sites().items()})
-        return WeightedResult("importance", sites, lw.detach().cpu(), extra=_weight_extra(self, lw, N))
+        lw = lw.detach()
+        return Population("importance", {"return": (ret, None), **hp.trace.sites()}, lw,
+                          _weight_extra(self, lw, N))
 
-    def posterior(self, data=None, particles=1000, seed=None):
-        from ..api import seeded
+    def posterior(self, data=None, particles=1000, seed=None) -> Population:
         data = self.template if data is None else data
-        from ppl.result import WeightedResult
-        with seeded(seed):
+        with rng.run(seed):
             r = self.importance(data, int(particles))
-        return WeightedResult("guide", r.sites, torch.zeros(r.n, dtype=torch.float64),
-                              extra={"proposal": self.describe()})
+        return Population("guide", r.sites, torch.zeros(r.n, dtype=torch.float64), {"proposal": self.describe()})
 
     def log_prob(self, values, data=None):
         data = self.template if data is None else data
@@ -310,28 +304,7 @@ class ProgramGuide(Guide):
                        hint="a guide program runs as a whole before the model; use method 'importance', "
                             "or an automatic guide (ppl.guide(model, data, family='normal')) for SMC")
 
-    def save(self, path):
-        self._ready()
-        save_checked({"format": FORMAT, "entry": self.model.entry, "program": self.program.source,
-                      "program_entry": self.program.entry,
-                      "params": {k: v.detach().cpu() for k, v in self.net.values.items()},
-                      "constraints": dict(self.net.constraints), "history": list(self.history),
-                      "objectives": list(self.objectives), "sites": list(self._sites)}, path, "guide")
 
-    @classmethod
-    def _load(cls, blob, model, data):
-        from ..api import compile_source
-        if blob["entry"] != model.entry:
-            raise PPLError(f"the guide was trained for the model '{blob['entry']}', not '{model.entry}'")
-        g = cls(model, None, compile_source(blob["program"], "<guide>", entry=blob["program_entry"]))
-        g.net = _Params()
-        for k, v in blob["params"].items():
-            g.net.values[k] = nn.Parameter(v.clone())
-        g.net.constraints = dict(blob["constraints"])
-        g.net.frozen = True
-        g._sites = list(blob["sites"])
-        g.layout = None
-        g.template = dict(model.bind((), data)) if data is not None else None
-        g.history = list(blob["history"])
-        g.objectives = list(blob["objectives"])
-        return g
+def _params(model) -> list[str]:
+    """The names of the entry function's parameters of ``model``."""
+    return [p.name for p in model.program.function(model.entry).params]

@@ -7,9 +7,11 @@ intermediate representation with an exact measure semantics, and ``ppl.infer`` /
 from __future__ import annotations
 
 from .api import InferenceFunction, Model, compile_source, infer, model, python_function
-from .inference.amortized import Guide, guide
-from .inference.product import ProductOfExperts
-from .result import ExactResult, MCMCResult, Site, WeightedResult
+from .guide import Guide, guide
+from .inference import product as _product
+from .registry import register_method
+from .result import ExactResult, MCMCResult, Site, WeightedResult, as_result
+from .semantics.options import OptionSpec
 from .semantics.limits import Limits, limits, set_limits
 from .semantics.errors import (InfiniteSupportError, PPLCheckError, PPLDiagnosticWarning, PPLError,
                                PPLRecursionError, PPLRuntimeError, PPLSyntaxError, ZeroEvidenceError)
@@ -19,9 +21,19 @@ __version__ = "0.1.0"
 __all__ = [
     "model", "infer", "Model", "InferenceFunction", "compile_source", "python_function",
     "WeightedResult", "ExactResult", "MCMCResult", "Site", "ProductOfExperts", "product", "guide", "Guide",
+    "register_method", "OptionSpec",
     "PPLError", "PPLSyntaxError", "PPLCheckError", "PPLRuntimeError", "PPLRecursionError",
     "ZeroEvidenceError", "InfiniteSupportError", "PPLDiagnosticWarning", "set_limits", "limits", "Limits",
 ]
+
+
+class ProductOfExperts(_product.ProductOfExperts):
+    """p1^a * p2^b over the choices of ``m1`` (which ``m2`` must also make): see
+    ``inference.product``. ``run`` returns a result object (``WeightedResult`` for
+    "importance", ``ExactResult`` for "enumerate")."""
+
+    def run(self, *args, **kwargs):
+        return as_result(super().run(*args, **kwargs))
 
 
 def product(m1, m2, a: float = 1.0, b: float = 1.0) -> ProductOfExperts:

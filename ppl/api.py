@@ -39,6 +39,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from .inference.methods import METHODS, check_options
+from .registry import check_method_options, run_method
 from .semantics.devices import resolve_device  # noqa: F401  (part of the API)
 
 from .semantics import ir
@@ -104,6 +106,12 @@ class Model:
         return Model(transform(self.program), self.entry, source=self.source, filename=self.filename,
                      defaults=self.defaults, **self.options)
 
+    def compile_sibling(self, source: str, *, entry: str | None = None, filename: str | None = None) -> "Model":
+        """Another model from source text or a ``.ppl`` path (``ppl.model``'s rules): how
+        a guide program written in the DSL is compiled for ``inference/``, which never
+        imports the compiler (``semantics.model.ModelLike``)."""
+        return model(source, entry=entry, filename=filename)
+
     def with_entry(self, entry: str) -> "Model":
         return Model(self.program, entry, source=self.source, filename=self.filename,
                      defaults=self.defaults, **self.options)
@@ -148,20 +156,15 @@ class Model:
         the same result, also when other runs go on in other threads at the same time;
         torch's global generator is untouched). ``seed=None``: seeded from torch's global
         generator (``torch.manual_seed`` makes it repeatable). See ``ppl.api.seeded``."""
-        from .inference import METHODS
-        from .inference.methods import check_options
-        if method not in METHODS:
-            raise PPLError(f"unknown inference method '{method}'",
-                           hint=did_you_mean(method, METHODS) or f"available: {', '.join(sorted(METHODS))}")
-        _check_options(method, METHODS[method], options)
-        options = check_options(options)  # types and ranges (inference.methods.OPTION_SPECS)
+        _check_method(method)
+        options = check_method_options(method, options)  # names, types and ranges
         particles = check_options({"particles": particles})["particles"]
         seed = check_seed(seed)
         device = resolve_device(device)
         data = self.bind((), data)
         check_run_memory(self, method, particles, options)
         with seeded(seed, device), out_of_memory_as_error():
-            return METHODS[method](self, data, particles=particles, device=device, **options)
+            return run_method(method, self, data, particles=particles, device=device, **options)
 
     def enumerate(self, **data):
         """The exact posterior (finite programs)."""
@@ -273,10 +276,7 @@ def infer(model_: Any = None, *, method: str = "importance", particles: int = 10
 
     ``@ppl.infer(method="importance", particles=10_000, seed=0)`` above ``@ppl.model``,
     or ``ppl.infer(model, method="enumerate")``."""
-    from .inference import METHODS
-    if method not in METHODS:
-        raise PPLError(f"unknown inference method '{method}'",
-                       hint=did_you_mean(method, METHODS) or f"available: {', '.join(sorted(METHODS))}")
+    _check_method(method)
     opts = dict(particles=particles, seed=seed, device=device, **options)
 
     def wrap(m):
@@ -377,15 +377,11 @@ def seeded(seed: int | None, device: str = "cpu"):
         yield
 
 
-def _check_options(method: str, fn: Callable, options: dict) -> None:
-    """An option the method does not take is an error (not silently ignored)."""
-    known = [p.name for p in inspect.signature(fn).parameters.values()
-             if p.kind == p.KEYWORD_ONLY and p.name not in ("particles", "device")]
-    for key in options:
-        if key not in known:
-            raise PPLError(f"method '{method}' has no option '{key}'",
-                           hint=did_you_mean(key, known) or
-                           (f"its options are: {', '.join(known)}" if known else "it takes no options"))
+def _check_method(method: str) -> None:
+    """An unknown method name is an error with a "did you mean"."""
+    if method not in METHODS:
+        raise PPLError(f"unknown inference method '{method}'",
+                       hint=did_you_mean(method, METHODS) or f"available: {', '.join(sorted(METHODS))}")
 
 
 def _arities() -> dict:

@@ -3,7 +3,7 @@
     ppl run MODEL.ppl [--data DATA.json] [--entry NAME] [--method METHOD]
                       [-n N] [--seed S] [--device cpu|cuda|auto] [--json] [--plot OUT.png]
                       [--samples S] [--burn-in B] [--thin T] [--kernel prior|rw|NAME] [--scale X]
-                      [-o KEY=VALUE ...] [--limit KEY=VALUE ...] [--progress]
+                      [-o KEY=VALUE ...] [--limit KEY=VALUE ...] [--progress] [--plugin MODULE ...]
     ppl check MODEL.ppl [--entry NAME]
 
 ``--limit`` changes a bound of ``ppl.semantics.limits`` (max_memory, max_int_bits,
@@ -26,6 +26,12 @@ with 1000 particles and seed 0, so a run is reproducible unless asked otherwise.
 names; omitted ones keep the method's defaults). ``--kernel NAME`` runs MH with the
 proposal function NAME of the model (``ppl.inference.mh_proposals``).
 
+``--plugin MODULE`` (repeatable; also the environment variable ``PPL_PLUGINS=mod1,mod2``)
+imports the Python module MODULE before anything else, so that the inference methods it
+registers with ``ppl.register_method`` can be named with ``--method`` (a model file never
+runs Python code: only modules named here are imported). A plugin that cannot be
+imported is a user error (exit 1).
+
 ``check`` parses and statically checks the model and prints
 ``ok: MODEL.ppl (functions: a, b; entry: b(x, y=1))``.
 
@@ -38,6 +44,7 @@ evidence, a bad or missing file, an unknown entry or method), printed to stderr 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -107,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--progress", action="store_true",
                      help="show a progress bar on stderr at once (every method; without it, one appears "
                           "on a terminal after 2 s)")
+    run.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                     help="import the Python module MODULE first (repeatable; also PPL_PLUGINS=mod1,mod2): the "
+                          "inference methods it registers with ppl.register_method can be named with --method")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="parse and statically check a model",
@@ -337,6 +347,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 user error, 2 usage or
     internal error)."""
     try:
+        load_plugins(sys.argv[1:] if argv is None else list(argv))
+    except PPLError as err:
+        print(str(err), file=sys.stderr)
+        return 1
+    try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, usage errors
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
@@ -358,6 +373,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print("(this is a bug in ppl; set PPL_DEBUG=1 to see the traceback)", file=sys.stderr)
         return 2
+
+
+def load_plugins(argv: Sequence[str]) -> list[str]:
+    """Import the modules named by ``PPL_PLUGINS`` (comma-separated) and by every
+    ``--plugin MODULE`` in ``argv`` (before the parser is built, so that the methods they
+    register are known to it); returns their names. Failures are ``PPLError``s."""
+    names = [n.strip() for n in os.environ.get("PPL_PLUGINS", "").split(",") if n.strip()]
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plugin", action="append", default=[])
+    names += pre.parse_known_args(argv)[0].plugin
+    for name in names:
+        _import_plugin(name)
+    return names
+
+
+def _import_plugin(name: str) -> None:
+    hint = "a plugin is a Python module on sys.path (e.g. via PYTHONPATH) that calls ppl.register_method"
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (name == e.name or name.startswith(e.name + ".")):  # the plugin is missing
+            raise PPLError(f"cannot import the plugin '{name}': no module named '{e.name}'", hint=hint) from None
+        raise PPLError(f"the plugin '{name}' failed to import: {e}", hint=hint) from None
+    except PPLError:
+        raise
+    except Exception as e:  # the plugin's own code failed: the user's error, not ppl's
+        raise PPLError(f"the plugin '{name}' failed to import: {type(e).__name__}: {e}", hint=hint) from None
 
 
 def _silence_stdout() -> None:

@@ -8,9 +8,11 @@ depends on this protocol only, never on ``ppl.api``. The pieces:
   values, for enumeration);
 * ``builtins()``: the builtin functions the interpreter was made with;
 * ``prepare_data(data, device)``: the entry's arguments as runtime values on ``device``;
-* ``compile_sibling(source, entry)``: another model compiled with the same builtins and
-  options (how a guide program written in the DSL is compiled without importing the
-  compiler into ``inference/``).
+* ``bind(args, data)``: the entry's arguments as a dict (positional ``args``, then the
+  ``data`` keywords, then the entry's defaults), an unknown name a located error.
+
+Source text is compiled by the Python face (a guide program written in the DSL comes to
+``inference/`` already compiled), so ``inference/`` never imports the compiler.
 """
 from __future__ import annotations
 
@@ -27,3 +29,5 @@ class ModelLike(Protocol):
     def builtins(self) -> dict: ...
 
     def prepare_data(self, data: Mapping[str, Any], device) -> dict: ...
+
+    def bind(self, args: tuple = (), data: Mapping[str, Any] | None = None) -> dict: ...

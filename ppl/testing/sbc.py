@@ -65,14 +65,14 @@ import numpy as np
 import torch
 
 from ..api import Model, resolve_device, seeded
+from ..result import as_result
 from ..semantics.errors import PPLDiagnosticWarning, PPLError, PPLRuntimeError, did_you_mean
-from ..stdlib import rng as torch_rng
+from ..semantics.interpreter import ObserveEffect
+from ..semantics.middleware import Rewritten, observed_values
+from ..semantics.prior_predictive import PriorPredictive, simulate_observation  # noqa: F401  (re-exported)
+from ..semantics.sampling import column, drive
+from ..semantics.values import Particles, to_python
 from ..stdlib.progress import progress_bar
-from ..semantics.interpreter import (ConditionEffect, FactorEffect, ObserveEffect, SampleEffect,
-                                     TwistEffect)
-from ..semantics.sampling import Trace, column, drive
-from ..semantics.values import (Batched, Particles, PerParticle, as_tensor, is_batched,
-                                to_bool_rows, to_python)
 
 __all__ = ["Simulation", "prior_predictive", "observing", "ObservationRewriter", "sbc", "SBCResult",
            "posterior_draws"]
@@ -87,80 +87,6 @@ class Simulation:
     latents: dict
     observations: dict
     ret: Any
-
-
-class _PriorPredictive:
-    """Handler: choices from their priors, observed values simulated and recorded."""
-
-    def __init__(self, N: int, device):
-        self.N = N
-        self.device = device
-        self.trace = Trace(N, device)
-        self.observed = Trace(N, device)
-        self.ok = torch.ones(N, dtype=torch.bool, device=device)
-
-    def sample(self, eff: SampleEffect):
-        dist = getattr(eff.dist, "target", eff.dist)  # a custom proposal: the prior is its target
-        value = dist.sample(eff.ctx)
-        self.trace.record(eff.addr, eff.ctx, value)
-        return value
-
-    def observe(self, eff: ObserveEffect):
-        value = simulate_observation(eff.dist, eff.value, eff.ctx)
-        self.observed.record(eff.addr, eff.ctx, value)
-
-    def factor(self, eff: FactorEffect):
-        raise PPLError("SBC cannot simulate data from a model with `factor` statements", eff.span,
-                       "SBC draws the truth from the prior and the data from the observes; a factor "
-                       "reweights the prior, so the prior draws would not come from the model. "
-                       "Write the factor as `observe value ~ distribution` if it is a likelihood")
-
-    def condition(self, eff: ConditionEffect):
-        c = to_bool_rows(eff.value, eff.ctx)
-        if isinstance(c, bool):
-            if not c:
-                self.ok[eff.ctx.idx] = False
-        else:
-            self.ok[eff.ctx.idx] &= c
-
-    def twist(self, eff: TwistEffect):  # twisting does not change the program's measure
-        return None
-
-
-def simulate_observation(dist, value, ctx: Particles):
-    """One draw per particle of ctx from the observe's distribution, shaped like the
-    observed ``value`` (a scalar distribution observed on a vector: one draw per entry).
-    Raises PPLError if ``value`` depends on the particle (it is then not data)."""
-    dv = getattr(dist, "target", dist)
-    if is_batched(value) or isinstance(value, PerParticle) or \
-            (isinstance(value, (list, tuple)) and any(is_batched(x) for x in value)):
-        raise PPLError("SBC: the observed value depends on the model's random choices, so it is not data "
-                       "that can be simulated",
-                       hint="SBC needs every `observe v ~ d` to observe data (a value fixed by the inputs)")
-    if getattr(dv.spec, "index_valued", False):  # uniform_draw: items of a list
-        return dv.sample(ctx)
-    try:
-        v = as_tensor(value, ctx.device)
-    except PPLRuntimeError:
-        raise PPLError(f"SBC cannot simulate a non-numeric observed value ({type(value).__name__})",
-                       hint="SBC simulates numeric observations") from None
-    vrank = v.dim() - dv.spec.value_event_dim
-    if vrank < 0:
-        raise PPLError(f"SBC: the observed value has fewer dimensions than a {dv.spec.name} value")
-    params, batched = dv._params(ctx, vrank)
-    d = dv._make(params)
-    vbatch = tuple(v.shape[:vrank])
-    own = tuple(d.batch_shape[1:] if batched else d.batch_shape)
-    try:
-        target = tuple(torch.broadcast_shapes(own, vbatch))
-    except RuntimeError:
-        raise PPLError(f"SBC: cannot simulate a value of shape {tuple(v.shape)} from this {dv.spec.name} "
-                       f"(its batch shape is {own})") from None
-    if batched:
-        s = torch_rng.sample(d.expand(torch.Size((ctx.M, *target))) if own != target else d)
-    else:
-        s = torch_rng.sample(d.expand(torch.Size(target)) if own != target else d, (ctx.M,))
-    return Batched(dv.spec.to_value(s), ctx.idx)
 
 
 def prior_predictive(model: Model, data: Mapping[str, Any] | None = None, *, simulations: int = 1,
@@ -179,7 +105,7 @@ def prior_predictive(model: Model, data: Mapping[str, Any] | None = None, *, sim
     with seeded(seed, device):
         for _ in range(int(max_batches)):
             ctx = Particles.all(S, device)
-            h = _PriorPredictive(S, device)
+            h = PriorPredictive(S, device)
             ret = drive(model.interpreter().run(model.entry, prepared, ctx), h)
             ret = column(ret, ctx)
             latents = h.trace.sites()
@@ -214,19 +140,17 @@ def _row(sites: dict, s: int, tensors: bool = False) -> dict:
 
 
 # ========================================================================= rewriting
-class ObservationRewriter:
+class ObservationRewriter(Rewritten):
     """An interpreter whose runs yield every ``ObserveEffect`` with its value replaced by
     ``observations[addr]`` (an unbatched value: the same for every particle); everything
-    else is the wrapped interpreter's. Attribute reads fall through to it."""
+    else is the wrapped interpreter's (``semantics.middleware``'s ``observed_values``
+    rewrite). Attribute reads fall through to it."""
 
     def __init__(self, inner, observations: Mapping[str, Any], exact: bool = False):
-        self._inner = inner
+        super().__init__(inner, observed_values(self._value))
         self._observations = dict(observations)
         self._exact = exact
         self._cache: dict = {}
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
 
     def _value(self, eff: ObserveEffect):
         key = (eff.addr, str(eff.ctx.device))
@@ -245,26 +169,6 @@ class ObservationRewriter:
                 v = v.to(eff.ctx.device)
             self._cache[key] = v
         return v
-
-    def run(self, entry: str, data: dict, ctx: Particles):
-        gen = self._inner.run(entry, data, ctx)
-        try:
-            eff = next(gen)
-            while True:
-                if type(eff) is ObserveEffect:
-                    eff = ObserveEffect(eff.addr, eff.dist, self._value(eff), eff.ctx, eff.span)
-                try:
-                    reply = yield eff
-                except GeneratorExit:
-                    raise
-                except BaseException as err:  # thrown in by a driver: pass it on
-                    eff = gen.throw(err)
-                    continue
-                eff = gen.send(reply)
-        except StopIteration as stop:
-            return stop.value
-        finally:
-            gen.close()
 
 
 class _Observing(Model):
@@ -553,7 +457,8 @@ def sbc(model: Model, method: str | Callable = "importance", data: Mapping[str, 
                                    **options)
                 else:
                     with seeded(int(seeds[s]), device):
-                        result = fn(m, m.bind((), bound), particles=particles, device=device, **options)
+                        result = as_result(fn(m, m.bind((), bound), particles=particles, device=device,
+                                              **options))
             got = posterior_draws(result, names, L, rng)
             for n in names:
                 tv = sim.ret if n == "return" else sim.latents[n]
