@@ -1,9 +1,10 @@
 """Where an inference algorithm's random draws come from.
 
 Algorithms take their randomness from an object with methods ``sample(dist, ctx)``
-(a draw per particle), ``resample(log_weights, scheme, n)`` (ancestor indices) and, for
-``smc_steer``, ``select_without_replacement(log_weights, n)`` (distinct indices and their
-new log weights). The default (``TorchRandomness``) draws with the run's own
+(a draw per particle), ``resample(log_weights, scheme, n)`` (ancestor indices), for
+``smc_steer`` ``select_without_replacement(log_weights, n)`` (distinct indices and their
+new log weights), and for MCMC (MH, PMMH) ``choose(sizes)`` (a uniform index per chain),
+``normal(shape, device)`` (a random-walk step) and ``accept(log_alpha)`` (the MH test). The default (``TorchRandomness``) draws with the run's own
 ``torch.Generator`` (``ppl.stdlib.rng``: thread-safe, reproducible for a seed). ``ppl.testing.validity``
 plugs in a source that *enumerates* every possible outcome with its exact probability,
 which turns any algorithm written against this interface into a finite sum that can be
@@ -53,3 +54,21 @@ class TorchRandomness:
         (``resampling.without_replacement``)."""
         with self.drawing():
             return without_replacement(normalised(log_weights), n)
+
+    # -- MCMC ------------------------------------------------------------------------
+    def choose(self, sizes: torch.Tensor) -> torch.Tensor:
+        """A uniform index in [0, sizes[c]) per chain."""
+        u = self.uniform(sizes.shape, sizes.device)
+        return torch.minimum((u * sizes).floor().long(), (sizes - 1).clamp(min=0).long())
+
+    def normal(self, shape, device) -> torch.Tensor:
+        """Standard normal draws (float64)."""
+        return torch.randn(shape, device=device, dtype=torch.float64, generator=self.gen(device))
+
+    def uniform(self, shape, device) -> torch.Tensor:
+        """Uniform draws on [0, 1) (float64)."""
+        return torch.rand(shape, dtype=torch.float64, device=device, generator=self.gen(device))
+
+    def accept(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        """The Metropolis-Hastings test per chain: True with probability min(1, exp(log_alpha))."""
+        return torch.log(self.uniform(log_alpha.shape, log_alpha.device)) < log_alpha

@@ -31,11 +31,13 @@ import itertools
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from fractions import Fraction
 from typing import Any, Callable
 
 import torch
 
+from ..semantics.errors import ZeroEvidenceError
 from ..semantics.values import Batched, Particles, PerParticle, materialize, pack, rows, to_python
 
 
@@ -97,6 +99,29 @@ class EnumeratingRandomness:
         (idx, lw) = self._choose(list(without_replacement_distribution(w, n).items()))
         dev = log_weights.device
         return torch.tensor(idx, dtype=torch.long, device=dev), torch.tensor(lw, dtype=torch.float64, device=dev)
+
+    def choose(self, sizes: torch.Tensor) -> torch.Tensor:
+        """Joint outcomes over chains of a uniform index in [0, size_c)."""
+        ranges = [range(int(n)) for n in sizes.tolist()]
+        p = 1.0
+        for n in sizes.tolist():
+            p /= int(n)
+        pick = self._choose([(combo, p) for combo in itertools.product(*ranges)])
+        return torch.tensor(list(pick), dtype=torch.long, device=sizes.device)
+
+    def accept(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        """Joint outcomes over chains of accept/reject with probability min(1, alpha)."""
+        probs = [1.0 if a >= 0 else math.exp(a) for a in log_alpha.tolist()]
+        outcomes = []
+        for combo in itertools.product((True, False), repeat=len(probs)):
+            q = 1.0
+            for acc, p in zip(combo, probs):
+                q *= p if acc else 1.0 - p
+            outcomes.append((combo, q))
+        return torch.tensor(list(self._choose(outcomes)), dtype=torch.bool, device=log_alpha.device)
+
+    def normal(self, shape, device):
+        raise ValueError("a random-walk proposal has no finite enumeration: check kernel='prior'")
 
 
 def _row(a: Any, ctx: Particles, i: int):
@@ -447,31 +472,8 @@ def _key(v):
 
 
 # ------------------------------------------------------------------ MH: exact kernels
-class EnumeratingMHRandomness(EnumeratingRandomness):
-    """The MH kernel's draws as branch points: site choice, proposals, accept/reject."""
-
-    def choose(self, sizes: torch.Tensor) -> torch.Tensor:
-        """Joint outcomes over chains of a uniform index in [0, size_c)."""
-        ranges = [range(int(n)) for n in sizes.tolist()]
-        p = 1.0
-        for n in sizes.tolist():
-            p /= int(n)
-        pick = self._choose([(combo, p) for combo in itertools.product(*ranges)])
-        return torch.tensor(list(pick), dtype=torch.long, device=sizes.device)
-
-    def accept(self, log_alpha: torch.Tensor) -> torch.Tensor:
-        """Joint outcomes over chains of accept/reject with probability min(1, alpha)."""
-        probs = [1.0 if a >= 0 else math.exp(a) for a in log_alpha.tolist()]
-        outcomes = []
-        for combo in itertools.product((True, False), repeat=len(probs)):
-            q = 1.0
-            for acc, p in zip(combo, probs):
-                q *= p if acc else 1.0 - p
-            outcomes.append((combo, q))
-        return torch.tensor(list(self._choose(outcomes)), dtype=torch.bool, device=log_alpha.device)
-
-    def normal(self, shape, device):
-        raise ValueError("a random-walk proposal has no finite enumeration: check kernel='prior'")
+#: the MCMC draws are part of the one randomness interface (kept for older imports)
+EnumeratingMHRandomness = EnumeratingRandomness
 
 
 def _trace_key(state) -> tuple:
@@ -598,3 +600,96 @@ def tempering_algorithm(particles: int, schedule: list, moves: int = 1, resampli
 
     algorithm.randomness_cls = EnumeratingMHRandomness
     return algorithm
+
+
+# ------------------------------------------------------------------- PMMH: exact kernel
+@dataclass
+class PMMHCheck(KernelCheck):
+    """PMMH's exact kernel on the extended space (theta, trajectory x, Z_hat): ``pi`` its
+    target p(theta) P_theta(x, Z_hat) Z_hat / Z, ``posterior`` the exact posterior over
+    traces and ``marginal`` pi's marginal on them (they must agree: Z_hat unbiased, the
+    trajectory pick proper)."""
+    posterior: dict = None
+    marginal: dict = None
+
+    @property
+    def marginal_error(self) -> float:
+        keys = set(self.posterior) | set(self.marginal)
+        return max(abs(self.posterior.get(k, 0.0) - self.marginal.get(k, 0.0)) for k in keys)
+
+    def ok(self, tol: float = 1e-12) -> bool:
+        return super().ok(tol) and self.marginal_error <= tol
+
+    def __str__(self) -> str:
+        return (f"PMMH over {len(self.pi)} states (theta, trajectory, Z_hat): |pi K - pi| "
+                f"{self.invariance_error:.3g}, rows {self.row_sum_error:.3g}, marginal of pi vs the exact "
+                f"posterior {self.marginal_error:.3g}")
+
+
+def pmmh_kernel_check(model, params: list, data: dict | None = None, *, particles: int = 2,
+                      resampling: str = "systematic", ess_threshold: float = 1.0, kernel: str = "prior",
+                      step=None, estimate=None) -> PMMHCheck:
+    """Build PMMH's transition kernel exactly on a small finite program, by enumerating
+    every draw of a step (the proposal theta', SMC's prior draws and resampling given
+    theta', the trajectory pick, the accept test), from every state of the extended space
+    (theta, trajectory, Z_hat) that the target charges. The target pi is the law of PMMH's
+    own initial draw (theta ~ p(theta), then SMC given theta) reweighted by Z_hat / Z.
+    Checks pi K = pi, the rows of K, and that pi's marginal on the trajectory is the exact
+    posterior (``PMMHCheck.ok``). ``step(estimate, state, randomness) -> (state, accepted)``
+    and ``estimate(theta, randomness) -> PMMHState`` substitute modified pieces
+    (``inference.pmmh.pmmh_step`` / ``smc_estimate``)."""
+    from ..inference import pmmh as pmmh_mod
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        data = data or {}
+        exact = model.run("enumerate", data)
+        z = float(exact.evidence)
+        posterior: dict = defaultdict(float)
+        for w, vals in exact.paths:
+            posterior[_plain_key(vals)] += float(w) / z
+        interp, prepared = _compiled(model, data)
+        estimate = estimate or partial(pmmh_mod.smc_estimate, interp, model.entry, prepared, particles=particles,
+                                       resampling=resampling, ess_threshold=ess_threshold)
+        step = step or partial(pmmh_mod.pmmh_step, kernel=kernel)
+        pi, states = defaultdict(float), {}
+        for prob, state in enumerate_outcomes(lambda rnd: _estimated(estimate, params, rnd)):
+            if state is not None and math.isfinite(state.log_z):
+                pi[_pmmh_key(state)] += prob * math.exp(state.log_z) / z
+                states[_pmmh_key(state)] = state
+        K: dict = defaultdict(float)
+        for key, state in states.items():
+            for prob, (new, _) in enumerate_outcomes(lambda rnd, state=state: step(estimate, state, rnd)):
+                K[(key, _pmmh_key(new))] += prob
+    finally:
+        torch.set_default_dtype(previous)
+    pi_K: dict = defaultdict(float)
+    marginal: dict = defaultdict(float)
+    for (x, y), k in K.items():
+        pi_K[y] += pi.get(x, 0.0) * k
+    for (trajectory, _), p in pi.items():
+        marginal[trajectory] += p
+    return PMMHCheck(dict(pi), dict(K), dict(pi_K), dict(posterior), dict(marginal))
+
+
+def _estimated(estimate, params, rnd):
+    """PMMH's initial draw, None where every particle died (Z_hat = 0)."""
+    try:
+        return estimate({a: None for a in params}, rnd)
+    except ZeroEvidenceError:
+        return None
+
+
+def _plain_key(values: dict) -> tuple:
+    """A trace (address -> value, "return" included) as a hashable key, numbers as floats
+    (exact Fractions and sampled tensors alike)."""
+    def plain(v):
+        v = to_python(v) if isinstance(v, torch.Tensor) else v
+        if isinstance(v, (list, tuple)):
+            return tuple(plain(x) for x in v)
+        return float(v) if isinstance(v, (int, float, Fraction)) else v
+    return tuple(sorted((a, plain(v)) for a, v in values.items()))
+
+
+def _pmmh_key(state) -> tuple:
+    return _plain_key(state.pick), state.log_z
