@@ -1,14 +1,15 @@
 """Amortized inference: guides trained once, used as proposals for IS and SMC.
 
-    import ppl
-    m = ppl.model("examples/gaussian_mean.ppl")
-    guide = ppl.guide(m, {"ys": [0.0] * 20, "sigma": 2.0}, family="normal", encoder="auto")
-    guide.fit(objective="forward_kl", steps=2000, seed=0)   # on simulated data sets
-    res = m.run("importance", new_data, particles=1000, proposal=guide)
-    res.ess, res.pareto_k                                    # weight diagnostics
-    m.run("smc", new_data, particles=1000, proposal=guide)   # per-site proposals
-    guide.posterior(new_data).mean("mu")                     # q itself, no weights
-    guide.save("g.pt"); g2 = ppl.Guide.load("g.pt", m)
+    m.run("importance", data, particles=1000, proposal=guide)   # guide = ppl.guide(m, data).fit(...)
+    m.run("smc", data, particles=1000, proposal=guide)          # per-site proposals
+
+A composition of the run kit: ``GuideRun`` is q for one run of N particles, and
+``guided(handler, run)`` makes it the chooser of a kit handler, so guided importance
+sampling is ``guided(LikelihoodWeighting(...))`` and guided SMC ``guided(SMCHandler(...))``;
+training (``Guide.fit``) runs B data sets x K particles through the same handler, the
+data sets put in by the kit's ``observed_values`` rewrite, simulated ones drawn by
+``semantics.prior_predictive``. The Python face (``ppl/guide.py``) adds what is for
+people: ``ppl.guide``, results of ``posterior()``, the loss plot, and guide files.
 
 **Invariant.** With a guide as the proposal, every choice the guide knows is drawn from
 q and the particle's log weight gets log p(choice) - log q(choice), every other choice is
@@ -212,40 +213,27 @@ class GuideRun:
                                   hint="use the guide with the model and data shape it was built for")
 
 
-class _Guided:
-    """Handler mixin: choices the guide knows come from it, with log p - log q."""
+def guided(handler, run: GuideRun):
+    """``handler`` (a kit ``Weighting``: likelihood weighting, an ``SMCHandler``...) with the
+    guide as its chooser: a choice the guide knows is drawn from q and weighted by
+    log p - log q (in float64); any other by the handler's own chooser. The guide's run is
+    checked when the handler finishes. Returns the handler."""
+    otherwise, finish_handler = handler.choose, handler.finish
 
-    guide_run: GuideRun
-
-    def sample(self, eff):
-        r = self.guide_run.propose(eff, self)
-        if r is None:
-            return super().sample(eff)
-        value, lq = r
+    def choose(h, eff):
+        proposed = run.propose(eff, h)
+        if proposed is None:
+            return otherwise(h, eff)
+        value, lq = proposed
         target = eff.dist.target if isinstance(eff.dist, ProposedDist) else eff.dist
-        self.add(eff.ctx, target.log_prob(value, eff.ctx).to(torch.float64) - lq.to(torch.float64))  # log p - log q in float64
-        self.trace.record(eff.addr, eff.ctx, value)
+        h.add(eff.ctx, target.log_prob(value, eff.ctx).to(torch.float64) - lq.to(torch.float64))
         return value
 
-    def finish(self):
-        super().finish()
-        self.guide_run.finish()
-
-
-class GuidedWeighting(_Guided, LikelihoodWeighting):
-    """Importance sampling with a guide as the proposal."""
-
-    def __init__(self, N, device, run: GuideRun, dtype=None):
-        LikelihoodWeighting.__init__(self, N, device, dtype)
-        self.guide_run = run
-
-
-class GuidedSMC(_Guided, SMCHandler):
-    """SMC with a (mean-field) guide proposing each choice where the program makes it."""
-
-    def __init__(self, run: GuideRun, *args, **kwargs):
-        SMCHandler.__init__(self, *args, **kwargs)
-        self.guide_run = run
+    def finish():
+        finish_handler()
+        run.finish()
+    handler.choose, handler.finish = choose, finish
+    return handler
 
 
 # =================================================================== data for training
@@ -634,7 +622,7 @@ class Guide:
         the discrete choices or None), each [n, K]."""
         N = n * K
         run = GuideRun(self.net, N, feats, "cpu", reparam=reparam, track=True)
-        h = GuidedWeighting(N, "cpu", run)
+        h = guided(LikelihoodWeighting(N, "cpu"), run)
         drive(interp.run(self.model.entry, prepared, Particles.all(N)), h)
         return (h.log_weights.view(n, K), run.logq.view(n, K),
                 run.logq_discrete.view(n, K) if self.layout.L else None)
@@ -656,7 +644,7 @@ class Guide:
         N = int(particles)
         with rng.run(seed), torch.no_grad():
             run = self.proposal_run(data, N)
-            h = GuidedWeighting(N, "cpu", run)
+            h = guided(LikelihoodWeighting(N, "cpu"), run)
             ctx = Particles.all(N)
             ret = drive(self.model.interpreter().run(self.model.entry, self.model.prepare_data(data, "cpu"), ctx), h)
         return Population("guide", {"return": (column(ret, ctx), None), **h.trace.sites()},
@@ -721,7 +709,7 @@ def run_guided_importance(model, data: dict, proposal, *, particles: int, device
         return g.importance(data, N, device)
     with torch.no_grad():
         run = g.proposal_run(data, N, device)
-        h = GuidedWeighting(N, device, run)
+        h = guided(LikelihoodWeighting(N, device), run)
         ctx = Particles.all(N, device)
         ret = drive(model.interpreter().run(model.entry, model.prepare_data(data, device), ctx), h)
         sites = {"return": (column(ret, ctx), None)}
@@ -740,6 +728,6 @@ def run_guided_smc(model, data: dict, proposal, *, particles: int, device="cpu",
         run = g.proposal_run(data, N, device, sequential=True)
         sites, lw, h = smc(model.interpreter(), model.entry, model.prepare_data(data, device), N, device,
                            resampling=resampling, ess_threshold=ess_threshold,
-                           handler_cls=lambda *a, **k: GuidedSMC(run, *a, **k), progress=progress)
+                           handler_cls=lambda *a, **k: guided(SMCHandler(*a, **k), run), progress=progress)
     return Population("smc", sites, lw.detach(), {"history": h.history, "resampling": resampling,
                                                   "ess_threshold": ess_threshold, "proposal": g.describe()})
