@@ -3,7 +3,7 @@
 Every particle algorithm (importance, SMC, resample-move, tempering, steering, the
 guided and product variants) returns a ``Population``; every Markov chain algorithm (MH,
 PMMH) returns ``Chains``. They hold numbers only — no tables, plots or printing:
-``ppl.result`` wraps them into the objects people read (``ppl.result.as_result``).
+the Python face wraps them into the objects people read (``as_result``, result.py of the face).
 
 Invariant of a ``Population``: its log weights are *proper* for the program's
 unnormalised measure gamma = Z * posterior, i.e. E[(1/N) sum_i exp(lw_i) f(x_i)] =
