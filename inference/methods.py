@@ -48,7 +48,7 @@ def _option_specs() -> dict[str, OptionSpec]:
         "ess_threshold": OptionSpec("number", low=0, high=1),
         "target_ess": OptionSpec("number", low=0, high=1, low_open=True, high_open=True),
         "scale": OptionSpec("number", low=0, low_open=True),
-        "resampling": OptionSpec("choice", choices=tuple(SCHEMES)),
+        "resampling": OptionSpec("choice", choices=SCHEMES.keys()),  # live: later registrations count
         "progress": OptionSpec("flag", nullable=True),
         "traced": OptionSpec("flag", choices=("auto",)),
     }
@@ -89,19 +89,27 @@ def run_prior(model, data: dict, *, particles: int = 1000, device: str = "cpu", 
 
 
 def run_smc(model, data: dict, *, particles: int = 1000, device: str = "cpu", resampling: str = "systematic",
-            ess_threshold: float = 1.0, proposal: Any = None, progress: bool | None = None, **_) -> Population:
+            ess_threshold: float = 1.0, proposal: Any = None, progress: bool | None = None, keep: Any = None,
+            **_) -> Population:
     """SMC over the checkpoints (``inference.smc``). ``extra["history"]`` lists, per
     synchronisation checkpoint, the ESS before resampling and whether it resampled. With
     ``proposal`` (a mean-field guide) each choice it knows is proposed by it where the
     program makes it (``inference.amortized``). ``progress``: a counter of
-    synchronisation checkpoints with the current ESS."""
+    synchronisation checkpoints with the current ESS. ``keep``: the sites the result
+    keeps, a list of addresses and/or "return" (the others are absent; a name that is
+    not a site is an error), or "all"; left out, every site while N times the number of
+    choices is at most 10^7, and past that (a filter: N = 10^6 over 100 steps) the
+    return value and the last address of each choice name (``x[99]`` of ``x[0]`` ...
+    ``x[99]``), with the dropped addresses in ``extra["dropped_sites"]``."""
     if proposal is not None:
         return run_guided_smc(model, data, proposal, particles=particles, device=device, resampling=resampling,
                               ess_threshold=ess_threshold, progress=progress)
     sites, log_weights, h = smc(model.interpreter(), model.entry, model.prepare_data(data, device), int(particles),
-                                device, resampling=resampling, ess_threshold=ess_threshold, progress=progress)
+                                device, resampling=resampling, ess_threshold=ess_threshold, progress=progress,
+                                keep=keep)
     return Population("smc", sites, log_weights,
-                      {"history": h.history, "resampling": resampling, "ess_threshold": ess_threshold})
+                      {"history": h.history, "resampling": resampling, "ess_threshold": ess_threshold,
+                       **({"dropped_sites": h.trace.dropped} if h.trace.dropped else {})})
 
 
 def run_mh(model, data: dict, *, particles: int = 4, samples: int = 1000, burn_in: int = 500, thin: int = 1,

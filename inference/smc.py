@@ -33,6 +33,7 @@ import torch
 from ..semantics.errors import PPLRuntimeError, ZeroEvidenceError
 from ..semantics.interpreter import Interpreter
 from ..semantics.sampling import Weighting, column, drive, prior
+from ..semantics.trace import Trace
 from ..semantics.values import Lineage, Particles, lineage_scope
 from ..stdlib.progress import NO_BAR, progress_bar
 from .randomness import TorchRandomness
@@ -114,18 +115,23 @@ class SMCHandler(Weighting):
 
 def smc(interp: Interpreter, entry: str, data: dict, particles: int, device="cpu", *,
         resampling: str = "systematic", ess_threshold: float = 1.0, randomness=None,
-        handler_cls=None, progress: bool | None = None, label: str = "smc"):
+        handler_cls=None, progress: bool | None = None, label: str = "smc", keep=None):
     """Run SMC: returns (sites, log_weights, handler). ``log_weights`` include the
     evidence accumulated at resampling steps, so that log-mean-exp of them is the
     log-evidence estimate and their normalisation the final particle weights.
     ``progress`` (``stdlib.progress``): a counter of synchronisation checkpoints named
-    ``label``, with the ESS at the last one (their number is not known in advance)."""
+    ``label``, with the ESS at the last one (their number is not known in advance).
+    ``keep``: the sites to keep (``semantics.trace``): a list of addresses and/or
+    "return", or "all"; left out, "auto": every site for small runs, the return value
+    and the last address of each choice name past ``trace.KEEP_ALL_LIMIT`` recorded
+    values (``h.trace.dropped`` lists the rest)."""
     ctx = Particles.all(particles, device)
     with lineage_scope(Lineage(ctx.idx)) as lineage:
         h = (handler_cls or SMCHandler)(particles, device, lineage, resampling=resampling,
                                         ess_threshold=ess_threshold, randomness=randomness)
+        h.trace = Trace(particles, device, keep="auto" if keep is None else keep)
         with progress_bar(progress, desc=label, unit=" checkpoints") as h.bar:
             ret = drive(interp.run(entry, data, ctx), h)
         h.bar = NO_BAR
-        sites = {"return": (column(ret, ctx), None), **h.trace.sites()}
+        sites = {**({"return": (column(ret, ctx), None)} if h.trace.keeps("return") else {}), **h.trace.sites()}
     return sites, h.log_weights + h.log_z, h

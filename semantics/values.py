@@ -95,24 +95,35 @@ class Lineage:
 
     Batched values remember the epoch they were made in and catch up lazily when read,
     so a value held anywhere — a frame, a closure, a memo table, a suspended generator's
-    local — always describes the particles as they are now."""
+    local — always describes the particles as they are now.
 
-    __slots__ = ("ancestors", "full_idx", "N", "_suffixes", "_suffix_epoch")
+    Compaction: the lineage counts, per epoch, the values alive that were last caught up
+    then (``_live``; a value counts itself in when made or caught up, out when caught up
+    or freed). A value of epoch e needs ``ancestors[e:]`` only, so at each resampling the
+    arrays older than the oldest epoch any live value has are freed (``None``): a run
+    that keeps only current values holds one ancestor array, however long its path. A
+    value that needs a freed array would be a bug of this bookkeeping: ``follow`` raises
+    rather than answer wrongly."""
+
+    __slots__ = ("ancestors", "full_idx", "N", "_suffixes", "_suffix_epoch", "_live", "_base")
 
     def __init__(self, full_idx: torch.Tensor):
-        self.ancestors: list[torch.Tensor] = []
+        self.ancestors: list[torch.Tensor | None] = []
         self.full_idx = full_idx
         self.N = full_idx.shape[0]
         self._suffixes: list = []
         self._suffix_epoch = -1
+        self._live: list[int] = [0]  # _live[e]: values alive whose epoch is e
+        self._base = 0  # ancestors[:_base] are freed (no live value is older than _base)
 
     def _suffix(self, since: int) -> torch.Tensor:
         """a_since[a_since+1[... a_last]]: where each current particle's line was at
-        epoch ``since`` (all of them computed at once, backwards: O(epochs * N))."""
+        epoch ``since`` (all of them down to the oldest live epoch computed at once,
+        backwards: O(epochs * N))."""
         if self._suffix_epoch != self.epoch:
             out = [None] * self.epoch
             acc = None
-            for e in range(self.epoch - 1, -1, -1):
+            for e in range(self.epoch - 1, self._base - 1, -1):
                 acc = self.ancestors[e] if acc is None else self.ancestors[e].index_select(0, acc)
                 out[e] = acc
             self._suffixes, self._suffix_epoch = out, self.epoch
@@ -122,11 +133,30 @@ class Lineage:
     def epoch(self) -> int:
         return len(self.ancestors)
 
+    @property
+    def retained(self) -> int:
+        """How many ancestor arrays are held (the others were freed by compaction)."""
+        return self.epoch - self._base
+
     def resample(self, ancestors: torch.Tensor) -> None:
+        self._compact()
         self.ancestors.append(ancestors)
+        self._live.append(0)
+        self._suffixes, self._suffix_epoch = [], -1  # stale from now on: free it
+
+    def _compact(self) -> None:
+        """Free the ancestor arrays older than every live value."""
+        live, base, epoch = self._live, self._base, self.epoch
+        while base < epoch and live[base] <= 0:
+            self.ancestors[base] = None
+            base += 1
+        self._base = base
 
     def follow(self, idx: torch.Tensor, since: int):
         """For a value on particles ``idx`` at epoch ``since``: (new idx, row selector)."""
+        if since < self._base:
+            raise RuntimeError(f"internal error: a value of epoch {since} outlived the lineage's compaction "
+                               f"(oldest kept: {self._base}); please report this")
         if idx is self.full_idx:  # the common case: one gather
             if since == self.epoch - 1:
                 return idx, self.ancestors[since]
@@ -193,7 +223,16 @@ class _PerParticleValue:
         self._idx = idx
         lin = _RUN.lineage
         self._lin = lin
-        self._ep = lin.epoch if lin is not None else 0
+        if lin is None:
+            self._ep = 0
+        else:
+            self._ep = len(lin._live) - 1  # = lin.epoch
+            lin._live[-1] += 1  # counted in (see ``Lineage``: compaction)
+
+    def __del__(self):
+        lin = self._lin
+        if lin is not None:
+            lin._live[self._ep] -= 1
 
     def _select(self, sel: torch.Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -204,7 +243,9 @@ class _PerParticleValue:
             idx, sel = lin.follow(self._idx, self._ep)
             self._select(sel)
             self._idx = idx
+            lin._live[self._ep] -= 1
             self._ep = lin.epoch
+            lin._live[-1] += 1
 
     @property
     def idx(self) -> torch.Tensor:

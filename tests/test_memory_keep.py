@@ -1,0 +1,150 @@
+"""SMC memory that does not grow with the path length (issue 10, item 7).
+
+* ``keep=[...]`` keeps only the sites named (``"return"`` for the return value); the
+  kept sites are exactly what a full run gives with the same seed.
+* The lineage frees the ancestor arrays that no live value needs (compaction), so a
+  filter that keeps only current values holds a bounded number of them, however long
+  its path; values still follow resampling exactly (the other SMC tests check that too).
+* ``keep`` left out: every site for small runs; past ``trace.KEEP_ALL_LIMIT`` recorded
+  values, the return value and the last address of each choice name, and the result
+  lists what it dropped (``extra["dropped_sites"]``).
+* A name in ``keep`` that is not a site is an error with a did-you-mean.
+"""
+import pytest
+import torch
+
+import ppl
+from ppl.inference.smc import smc
+from ppl.semantics import trace as trace_module
+from ppl.semantics.errors import PPLError, PPLRuntimeError
+from ppl.semantics.values import Lineage
+from ppl.stdlib import rng
+
+torch.set_num_threads(1)
+
+SSM = """
+def ssm(ys):
+    x ~ normal(0, 1)
+    for t in range(len(ys)):
+        x ~ normal(0.9 * x, 1)
+        observe ys[t] ~ normal(x, 1)
+    return x
+"""
+
+
+def _ys(T: int) -> torch.Tensor:
+    return torch.sin(torch.arange(T, dtype=torch.float32) / 5)
+
+
+def _run(T: int, N: int, seed: int = 0, **options):
+    model = ppl.model(SSM)
+    data = model.prepare_data(model.bind((), {"ys": _ys(T)}), "cpu")
+    with rng.run(seed):
+        return smc(model.interpreter(), "ssm", data, N, "cpu", **options)
+
+
+def test_keep_return_gives_the_full_runs_return_value_and_weights():
+    full, lw_full, _ = _run(30, 200, keep="all")
+    kept, lw_kept, _ = _run(30, 200, keep=["return"])
+    assert set(full) == {"return", "x", *(f"x[{t}]" for t in range(30))}
+    assert list(kept) == ["return"]
+    assert torch.equal(kept["return"][0], full["return"][0])
+    assert torch.equal(lw_kept, lw_full)
+
+
+def test_keep_named_sites_are_the_full_runs_values():
+    full, _, _ = _run(20, 100, keep="all")
+    kept, _, _ = _run(20, 100, keep=["x[3]", "x"])
+    assert set(kept) == {"x[3]", "x"}  # no "return": it was not asked for
+    for name in kept:
+        assert torch.equal(kept[name][0], full[name][0])
+
+
+def test_model_run_keep_return_same_posterior_as_a_full_run():
+    model = ppl.model(SSM)
+    data = {"ys": _ys(15)}
+    full = model.run("smc", data, particles=300, seed=3)
+    kept = model.run("smc", data, particles=300, seed=3, keep=["return"])
+    assert set(kept.samples) == {"return"}
+    assert torch.equal(kept.samples["return"], full.samples["return"])
+    assert torch.equal(kept.weights, full.weights)
+    assert kept.mean() == full.mean() and kept.log_evidence == full.log_evidence
+    assert "dropped_sites" not in kept.extra  # asked for: nothing dropped behind the user's back
+
+
+def _retained_during(monkeypatch, T: int, **options) -> tuple[list[int], list[int]]:
+    """Run the SSM with T steps, N = 10^4; per resampling: (ancestor arrays held,
+    bytes they hold)."""
+    counts, sizes = [], []
+    resample = Lineage.resample
+
+    def recording(self, ancestors):
+        resample(self, ancestors)
+        held = [a for a in self.ancestors if a is not None]
+        counts.append(len(held))
+        sizes.append(sum(a.numel() * a.element_size() for a in held))
+
+    monkeypatch.setattr(Lineage, "resample", recording)
+    sites, _, h = _run(T, 10_000, **options)
+    assert len(counts) == T  # one resampling per observation
+    return counts, sizes, h
+
+
+def test_memory_of_keep_return_does_not_grow_with_the_path(monkeypatch):
+    counts, sizes, h = _retained_during(monkeypatch, 200, keep=["return"])
+    assert max(counts) <= 2 and counts[-1] == h.lineage.retained == 1
+    assert max(sizes) <= 2 * 10_000 * 8
+    assert h.trace.parts == {}  # the trace holds no value
+    # the same bound at a quarter of the length: nothing grows with T
+    short, _, _ = _retained_during(monkeypatch, 50, keep=["return"])
+    assert max(short) == max(counts)
+
+
+def test_a_full_run_keeps_every_ancestor_array_its_values_need(monkeypatch):
+    counts, _, h = _retained_during(monkeypatch, 40, keep="all")
+    assert counts == list(range(1, 41))  # x (epoch 0) is alive: every array is needed
+
+
+def test_keep_left_out_keeps_everything_in_small_runs():
+    sites, _, h = _run(10, 50)
+    assert set(sites) == {"return", "x", *(f"x[{t}]" for t in range(10))}
+    assert h.trace.dropped == []
+
+
+def test_keep_left_out_past_the_limit_keeps_the_return_and_last_value(monkeypatch):
+    full, lw_full, _ = _run(30, 100, keep="all")
+    monkeypatch.setattr(trace_module, "KEEP_ALL_LIMIT", 100 * 10)  # past x, x[0..8]
+    sites, lw, h = _run(30, 100)
+    assert set(sites) == {"return", "x[29]"}
+    assert h.trace.dropped == ["x", *(f"x[{t}]" for t in range(29))]
+    assert torch.equal(sites["x[29]"][0], full["x[29]"][0])
+    assert torch.equal(sites["return"][0], full["return"][0]) and torch.equal(lw, lw_full)
+    assert h.lineage.retained == 1  # the dropped values freed their ancestor arrays
+
+
+def test_model_run_records_the_sites_the_default_rule_dropped(monkeypatch):
+    monkeypatch.setattr(trace_module, "KEEP_ALL_LIMIT", 50 * 5)
+    res = ppl.model(SSM).run("smc", {"ys": _ys(12)}, particles=50, seed=0)
+    assert set(res.samples) == {"return", "x[11]"}
+    assert res.extra["dropped_sites"] == ["x", *(f"x[{t}]" for t in range(11))]
+
+
+def test_choice_names_strip_loop_indices_and_call_counters():
+    assert trace_module.choice_name("x[3]") == "x"
+    assert trace_module.choice_name("f#2/g/x[3][1]") == "f/g/x"
+    assert trace_module.choice_name("strength(alice)/sample") == "strength(alice)/sample"
+
+
+def test_an_unknown_name_in_keep_is_an_error_with_a_did_you_mean():
+    with pytest.raises(PPLRuntimeError) as e:
+        _run(5, 20, keep=["return", "x[7]"])
+    assert "x[7]" in e.value.message and "not a site" in e.value.message
+    assert "did you mean 'x[" in e.value.hint
+    with pytest.raises(PPLRuntimeError) as e:
+        _run(5, 20, keep=["retrun"])
+    assert e.value.hint == "did you mean 'return'?"
+
+
+def test_keep_must_be_names():
+    with pytest.raises(PPLError, match="keep must be a list of site names"):
+        _run(5, 20, keep=[3])
