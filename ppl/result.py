@@ -39,17 +39,22 @@ statistics. Conventions:
   vectors (and lists) become tuples. A continuous site raises :class:`PPLError`; see
   ``is_discrete``.
 * Zero-weight particles/paths are ignored everywhere (they never appear as values).
+
+Parts (``ppl.results``)
+-----------------------
+This module holds the result classes and ``as_result``; the work is done by one module
+each: ``ppl.results.values`` (values as table keys and tensors, discreteness),
+``ppl.results.stats`` (weighted and exact statistics, the per-site views built on first
+use), ``ppl.results.text`` (``summary``), ``ppl.results.export`` (``to_json``, HTML) and
+``ppl.results.plots`` (``plot``). Building a result computes only its weights, ESS and
+evidence; a site's statistics are computed when first asked for, then cached.
 """
 from __future__ import annotations
 
-import html
-import json
 import math
-import os
-import sys
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -58,25 +63,14 @@ from ppl.inference.population import Chains, Optimum, Population
 from ppl.inference.resampling import normalise_log_weights
 from ppl.semantics.errors import PPLError, PPLRuntimeError, ZeroEvidenceError, did_you_mean
 
-__all__ = ["Site", "WeightedResult", "ExactResult", "MCMCResult", "BestOfNResult", "as_result"]
+from .results import export, plots, text
+from .results.export import _json_scalar
+from .results.plots import _pyplot  # noqa: F401  (used by ppl.testing.sbc, inference.amortized)
+from .results.stats import _check_q, _View, describe, exact_view, weighted_view
+from .results.text import _fmt
+from .results.values import FLOAT_MAX_LEVELS, INTEGRAL_MAX_LEVELS, _log, _to_key  # noqa: F401
 
-# A float-valued site counts as discrete when all its values are whole numbers and it has
-# at most this many distinct values ...
-INTEGRAL_MAX_LEVELS = 1000
-# ... or when it has at most this many distinct values, each taken on average by at least
-# two particles (so a small population of continuous draws is not mistaken for a table).
-FLOAT_MAX_LEVELS = 20
-# Relative slack in weighted quantile comparisons (cumulative weights are rounded).
-_QUANTILE_TOL = 1e-12
-# summary(): at most this many sites by default, this many components per vector site,
-# and this many entries of a probability table.
-_SUMMARY_MAX_SITES = 20
-_SUMMARY_MAX_COMPONENTS = 8
-_SUMMARY_TOP_PROBS = 3
-# plot(): at most this many panels by default, bars per discrete panel, overlaid components.
-_PLOT_MAX_SITES = 6
-_PLOT_MAX_BARS = 30
-_PLOT_MAX_COMPONENTS = 6
+__all__ = ["Site", "WeightedResult", "ExactResult", "MCMCResult", "BestOfNResult", "as_result"]
 
 _ZERO_WEIGHTED_MSG = "every particle has weight zero (log evidence = -inf)"
 _ZERO_WEIGHTED_HINT = (
@@ -102,357 +96,6 @@ class Site:
 
     value: torch.Tensor | list
     present: torch.Tensor | None = None
-
-
-# ----------------------------------------------------------------------------------------
-# value conversion helpers
-# ----------------------------------------------------------------------------------------
-
-
-def _to_key(v: Any) -> Any:
-    """A hashable plain-Python version of one value: tensors and numpy values become
-    Python scalars, sequences become tuples (recursively)."""
-    if isinstance(v, torch.Tensor):
-        v = v.detach().cpu()
-        return v.item() if v.dim() == 0 else _to_key(v.tolist())
-    if isinstance(v, np.ndarray):
-        return _to_key(v.tolist())
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, (list, tuple)):
-        return tuple(_to_key(e) for e in v)
-    hash(v)  # raises TypeError for unhashable objects (dicts, sets, ...)
-    return v
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (bool, int, float, Fraction))
-
-
-def _flatten_numeric(v: Any) -> tuple[tuple[int, ...], list] | None:
-    """(shape, leaves) of a number or a rectangular nested tuple of numbers, else None."""
-    if _is_number(v):
-        return (), [v]
-    if isinstance(v, tuple) and len(v) > 0:
-        parts = [_flatten_numeric(e) for e in v]
-        if any(p is None for p in parts) or any(p[0] != parts[0][0] for p in parts):
-            return None
-        return (len(v),) + parts[0][0], [leaf for p in parts for leaf in p[1]]
-    return None
-
-
-def _nest(flat: list, shape: tuple[int, ...]) -> Any:
-    """Inverse of the flattening: nested tuples of the given shape (a scalar for ())."""
-    if not shape:
-        return flat[0]
-    step = len(flat) // shape[0]
-    return tuple(_nest(flat[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0]))
-
-
-def _objects_to_tensor(keys: list) -> torch.Tensor | None:
-    """Stack per-particle plain values into a tensor [M, ...] when they are all numbers (or
-    equally shaped tuples of numbers); None for anything else (strings, ragged, ...)."""
-    if not keys:
-        return None
-    flats = [_flatten_numeric(k) for k in keys]
-    if any(f is None for f in flats) or any(f[0] != flats[0][0] for f in flats):
-        return None
-    leaves = [leaf for f in flats for leaf in f[1]]
-    if all(isinstance(x, bool) for x in leaves):
-        dtype = torch.bool
-    elif all(isinstance(x, (bool, int)) for x in leaves):
-        dtype = torch.long
-    else:
-        dtype = torch.float64
-        leaves = [float(x) for x in leaves]
-    try:
-        t = torch.tensor(leaves, dtype=dtype)
-    except (OverflowError, RuntimeError, TypeError, ValueError):  # e.g. ints beyond int64
-        return None
-    return t.reshape((len(keys),) + flats[0][0])
-
-
-def _sort_table(table: dict) -> dict:
-    """The table with keys in ascending order when they are comparable."""
-    try:
-        return dict(sorted(table.items(), key=lambda kv: kv[0]))
-    except TypeError:
-        return dict(sorted(table.items(), key=lambda kv: (type(kv[0]).__name__, repr(kv[0]))))
-
-
-def _scalar_or_tensor(t: torch.Tensor) -> Any:
-    return t.item() if t.dim() == 0 else t
-
-
-def _as_fraction_q(q: Any) -> Fraction:
-    """A quantile level as an exact Fraction: floats are read as the decimal they print
-    as (0.05 -> 1/20), so that exact tables have no rounding surprises."""
-    if isinstance(q, Fraction):
-        return q
-    if isinstance(q, int):
-        return Fraction(q)
-    return Fraction(repr(float(q)))
-
-
-def _check_q(q: Any) -> None:
-    if isinstance(q, bool) or not isinstance(q, (int, float, Fraction)) or not (0 <= q <= 1):
-        raise PPLError(f"quantile level must be a number between 0 and 1 (got {q!r})")
-
-
-def _exact_sqrt(x: Any) -> Any:
-    """sqrt of a Fraction: a Fraction when it is exactly representable, else a float."""
-    if isinstance(x, (Fraction, int)) and not isinstance(x, bool) and x >= 0:
-        x = Fraction(x)
-        n, d = math.isqrt(x.numerator), math.isqrt(x.denominator)
-        if n * n == x.numerator and d * d == x.denominator:
-            return Fraction(n, d)
-    return math.sqrt(float(x)) if float(x) >= 0 else float("nan")
-
-
-def _log(x: Any) -> float:
-    """Natural log of a positive int/Fraction/float without overflow."""
-    if isinstance(x, Fraction):
-        return math.log(x.numerator) - math.log(x.denominator)
-    return math.log(x)
-
-
-# ----------------------------------------------------------------------------------------
-# statistics backends: a tensor sample with float weights, or an exact finite table
-# ----------------------------------------------------------------------------------------
-
-
-class _TensorStats:
-    """Weighted statistics of a sample ``x`` [M, ...] with weights ``w`` [M] (float64,
-    all > 0, summing to 1). Vectorised: no Python loops over particles."""
-
-    def __init__(self, x: torch.Tensor, w: torch.Tensor):
-        self.x = x
-        self.w = w
-        self.shape = tuple(x.shape[1:])
-
-    def _nan(self) -> Any:
-        return _scalar_or_tensor(torch.full(self.shape, float("nan"), dtype=torch.float64))
-
-    def _mean_t(self) -> torch.Tensor:
-        return torch.tensordot(self.w, self.x.to(torch.float64), dims=1)
-
-    def mean(self) -> Any:
-        if self.x.shape[0] == 0:
-            return self._nan()
-        return _scalar_or_tensor(self._mean_t())
-
-    def var(self) -> Any:
-        if self.x.shape[0] == 0:
-            return self._nan()
-        d = self.x.to(torch.float64) - self._mean_t()
-        return _scalar_or_tensor(torch.tensordot(self.w, d * d, dims=1).clamp(min=0))
-
-    def sd(self) -> Any:
-        v = self.var()
-        return math.sqrt(v) if isinstance(v, float) else v.sqrt()
-
-    def quantiles(self, qs: Sequence[float]) -> list:
-        m = self.x.shape[0]
-        if m == 0:
-            return [self._nan() for _ in qs]
-        x = self.x.long() if self.x.dtype == torch.bool else self.x
-        xs, order = torch.sort(x, dim=0)
-        cw = self.w[order].cumsum(0)  # w[order] has the shape of x: per-component weights
-        out = []
-        for q in qs:
-            idx = (cw < float(q) - _QUANTILE_TOL).sum(0, keepdim=True).clamp(max=m - 1)
-            out.append(_scalar_or_tensor(xs.gather(0, idx).squeeze(0)))
-        return out
-
-
-class _TableStats:
-    """Exact statistics of a finite table {value: probability} whose values are numbers or
-    equally shaped nested tuples of numbers. With Fraction probabilities and int/Fraction
-    values every result is an exact Fraction (sd when the variance is a perfect square)."""
-
-    def __init__(self, shape: tuple[int, ...], items: list[tuple[list, Any]]):
-        self.shape = shape
-        self.items = items  # [(flat leaves with bools as ints, probability)]
-        self.size = math.prod(shape)
-
-    @classmethod
-    def from_table(cls, table: dict) -> "_TableStats | None":
-        items, shape = [], None
-        for key, p in table.items():
-            f = _flatten_numeric(key)
-            if f is None or (shape is not None and f[0] != shape):
-                return None
-            shape = f[0]
-            items.append(([int(v) if isinstance(v, bool) else v for v in f[1]], p))
-        if shape is None:  # empty table
-            return None
-        return cls(shape, items)
-
-    def _per_component(self, fn: Callable[[list[tuple[Any, Any]]], Any]) -> Any:
-        flat = [fn([(vals[j], p) for vals, p in self.items]) for j in range(self.size)]
-        return _nest(flat, self.shape)
-
-    @staticmethod
-    def _mean1(vp: list) -> Any:
-        return sum((v * p for v, p in vp), 0)
-
-    def mean(self) -> Any:
-        return self._per_component(self._mean1)
-
-    def var(self) -> Any:
-        def var1(vp):
-            m = self._mean1(vp)
-            return sum((p * (v - m) ** 2 for v, p in vp), 0)
-
-        return self._per_component(var1)
-
-    def sd(self) -> Any:
-        v = self.var()
-        flat = _flatten_numeric(v)[1] if self.shape else [v]
-        return _nest([_exact_sqrt(x) for x in flat], self.shape)
-
-    def quantiles(self, qs: Sequence[Any]) -> list:
-        def make(q):
-            def quant1(vp):
-                vp = sorted(vp, key=lambda t: t[0])
-                exact = all(isinstance(p, Fraction) for _, p in vp)
-                level = _as_fraction_q(q) if exact else float(q) - _QUANTILE_TOL
-                cum = 0
-                for v, p in vp:
-                    cum += p
-                    if cum >= level:
-                        return v
-                return vp[-1][0]
-
-            return quant1
-
-        return [self._per_component(make(q)) for q in qs]
-
-
-class _View:
-    """Everything the shared code needs about one site, conditioned on its existence.
-
-    presence: posterior probability that the site exists.
-    discrete: whether it has a probability table.
-    stats: a _TensorStats / _TableStats, or None when the values are not numeric.
-    table: callable returning the sorted {value: probability} table.
-    typename: a word for the values' type (for error messages).
-    """
-
-    def __init__(self, presence, discrete, stats, table, typename, plot_data=None):
-        self.presence = presence
-        self.discrete = discrete
-        self.stats = stats
-        self._table_fn = table
-        self._table = None
-        self.typename = typename
-        self.plot_data = plot_data  # (x, w) tensors for histograms of continuous sites
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.stats.shape if self.stats is not None else ()
-
-    def table(self) -> dict:
-        if self._table is None:
-            self._table = self._table_fn()
-        return self._table
-
-
-# ----------------------------------------------------------------------------------------
-# formatting helpers
-# ----------------------------------------------------------------------------------------
-
-
-def _fmt(v: Any) -> str:
-    """A short human-readable number/value for summary tables."""
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, Fraction):
-        s = str(v)
-        return s if len(s) <= 9 else _fmt(float(v))
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if v.is_integer() and abs(v) < 1e15:
-            return str(int(v))
-        return f"{v:.4g}"
-    if isinstance(v, str):
-        return v
-    if isinstance(v, tuple):
-        return "(" + ", ".join(_fmt(e) for e in v) + ("," if len(v) == 1 else "") + ")"
-    return str(v)
-
-
-def _json_scalar(v: Any) -> Any:
-    """A json.dumps-able version of a statistic (NaN and infinities become None)."""
-    if v is None:
-        return None
-    if isinstance(v, torch.Tensor):
-        return _json_scalar(v.tolist())
-    if isinstance(v, (list, tuple)):
-        return [_json_scalar(e) for e in v]
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, int):
-        return v
-    f = float(v)
-    return f if math.isfinite(f) else None
-
-
-def _json_key_leaf(v: Any) -> Any:
-    """A key element inside a JSON list key: numbers stay numbers."""
-    if isinstance(v, tuple):
-        return [_json_key_leaf(e) for e in v]
-    if isinstance(v, Fraction):
-        return float(v)
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        if v.is_integer() and abs(v) < 1e15:
-            return int(v)
-    return v
-
-
-def _json_key(k: Any) -> str:
-    """JSON object key of a table entry: bool -> "true"/"false", int -> "3", str -> itself,
-    tuple -> json.dumps(list). Whole floats print as ints ("1", "[0, 1]"), a Fraction
-    as "1/3" (inside a list as a float)."""
-    if isinstance(k, bool):
-        return "true" if k else "false"
-    if isinstance(k, int):
-        return str(k)
-    if isinstance(k, str):
-        return k
-    if isinstance(k, float):
-        return str(int(k)) if k.is_integer() and abs(k) < 1e15 else repr(k)
-    if isinstance(k, Fraction):
-        return str(k)
-    if isinstance(k, tuple):
-        try:
-            return json.dumps(_json_key_leaf(k))
-        except TypeError:
-            return repr(k)
-    return str(k)
-
-
-def _pyplot():
-    """matplotlib.pyplot, switching to the Agg backend first when there is no display."""
-    import matplotlib
-
-    if (
-        "matplotlib.pyplot" not in sys.modules
-        and not os.environ.get("MPLBACKEND")
-        and sys.platform.startswith("linux")
-        and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
-    ):
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 # ----------------------------------------------------------------------------------------
@@ -579,87 +222,23 @@ class _ResultBase:
 
     probs = marginal
 
-    # -- reporting -----------------------------------------------------------------------
+
+    # -- reporting (``ppl.results``) -------------------------------------------------------
 
     def _describe(self, name: str) -> dict:
         """mean/sd/quantiles (None when not numeric), the table when discrete, presence
         (cached: results are immutable)."""
         cache = self.__dict__.setdefault("_descs", {})
         if name not in cache:
-            cache[name] = self._describe_uncached(name)
+            cache[name] = describe(self._view(name))
         return cache[name]
-
-    def _describe_uncached(self, name: str) -> dict:
-        v = self._view(name)
-        d = {"mean": None, "sd": None, "q05": None, "q50": None, "q95": None,
-             "probs": v.table() if v.discrete else None, "presence": v.presence, "shape": v.shape}
-        if v.stats is not None:
-            d["mean"], d["sd"] = v.stats.mean(), v.stats.sd()
-            d["q05"], d["q50"], d["q95"] = v.stats.quantiles([0.05, 0.5, 0.95])
-        return d
 
     def summary(self, names: str | Iterable[str] | None = None, *, show_warnings: bool = True) -> str:
         """A fixed-width table: name, mean, sd, 5%, 50%, 95% and, for discrete scalar sites,
         the most probable values. Default: "return" and the top-level sites (at most 20).
         Vector sites get one row per component (at most 8). Then a "warning: ..." line per
         diagnostic warning (``warnings``; ``show_warnings=False`` leaves them out)."""
-        chosen = self._as_names(names)
-        omitted = 0
-        if chosen is None:
-            chosen = self._top_level()
-            omitted = max(0, len(chosen) - _SUMMARY_MAX_SITES)
-            chosen = chosen[:_SUMMARY_MAX_SITES]
-        descs = [(n, self._describe(n)) for n in chosen]
-        partial = any(d["presence"] != 1 for _, d in descs)
-        rows = []
-        for name, d in descs:
-            exists = _fmt(float(d["presence"])) if partial else None
-            shape = d["shape"]
-            if not shape:
-                probs = ""
-                if d["probs"] is not None:
-                    top = sorted(d["probs"].items(), key=lambda kv: -float(kv[1]))
-                    probs = ", ".join(f"{_fmt(k)}: {_fmt(p)}" for k, p in top[:_SUMMARY_TOP_PROBS])
-                    if len(top) > _SUMMARY_TOP_PROBS:
-                        probs += f", ... ({len(top) - _SUMMARY_TOP_PROBS} more)"
-                cells = [d[k] for k in ("mean", "sd", "q05", "q50", "q95")]
-                rows.append([name] + [_fmt(c) for c in cells] + ([exists] if partial else []) + [probs])
-                continue
-            size = math.prod(shape)
-            for j in range(min(size, _SUMMARY_MAX_COMPONENTS)):
-                index = np.unravel_index(j, shape)
-                label = f"{name}[{','.join(str(int(i)) for i in index)}]"
-                cells = [self._component(d[k], index) for k in ("mean", "sd", "q05", "q50", "q95")]
-                rows.append([label] + [_fmt(c) for c in cells] + ([exists] if partial else []) + [""])
-            if size > _SUMMARY_MAX_COMPONENTS:
-                rows.append([f"{name}[...]"] + [""] * (5 + partial)
-                            + [f"({size - _SUMMARY_MAX_COMPONENTS} more components)"])
-        header = ["name", "mean", "sd", "5%", "50%", "95%"] + (["exists"] if partial else []) + ["probabilities"]
-        widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header) - 1)]
-
-        def line(r):
-            head = r[0].ljust(widths[0])
-            mid = "  ".join(c.rjust(w) for c, w in zip(r[1:-1], widths[1:]))
-            return f"{head}  {mid}  {r[-1]}".rstrip()
-
-        out = [self._header(), line(header)] + [line(r) for r in rows]
-        if omitted:
-            out.append(f"... and {omitted} more sites (pass names=[...] to choose)")
-        if partial:
-            out.append("(statistics of sites with exists < 1 are conditional on the site existing)")
-        if show_warnings:
-            out += [f"warning: {w}" for w in self.warnings]
-        return "\n".join(out)
-
-    @staticmethod
-    def _component(v: Any, index: tuple) -> Any:
-        if v is None:
-            return None
-        if isinstance(v, torch.Tensor):
-            return v[tuple(int(i) for i in index)].item()
-        for i in index:
-            v = v[int(i)]
-        return v
+        return text.summary(self, names, show_warnings=show_warnings)
 
     def __repr__(self) -> str:
         try:
@@ -668,7 +247,7 @@ class _ResultBase:
             return f"<{type(self).__name__} method={self.method!r} sites={self.names!r}>"
 
     def _repr_html_(self) -> str:
-        return f"<pre>{html.escape(repr(self))}</pre>"
+        return export.to_html(self)
 
     def to_json(self) -> dict:
         """A json.dumps-able dict: method, log_evidence, ess, n and "posterior": for
@@ -678,177 +257,18 @@ class _ResultBase:
         "warnings": the result's diagnostic warnings (``warnings``; empty when none);
         weighted results add "ess_before_resampling" and "unique_fraction" (None when
         not counted)."""
-        posterior = {}
-        for name in self._top_level():
-            d = self._describe(name)
-            entry = {k: _json_scalar(d[k]) for k in ("mean", "sd", "q05", "q50", "q95")}
-            if d["probs"] is not None:
-                probs: dict[str, float] = {}
-                for k, p in d["probs"].items():
-                    jk = _json_key(k)
-                    probs[jk] = probs.get(jk, 0.0) + float(p)
-                entry["probs"] = probs
-            if d["presence"] != 1:
-                entry["exists"] = _json_scalar(d["presence"])
-            posterior[name] = entry
-        out = {"method": self.method, "log_evidence": _json_scalar(self.log_evidence),
-               "ess": _json_scalar(self.ess), "n": self.n}
-        out.update(self._json_extra())
-        out["warnings"] = self.warnings
-        out["posterior"] = posterior
-        return out
+        return export.to_json(self)
 
     def plot(self, names: str | Iterable[str] | None = None, bins: int = 50, ax=None):
         """Weighted histograms (continuous sites) or bar charts (discrete sites), one panel
         per name. Default: "return" plus the top-level scalar sites, at most 6. ``ax``: an
         Axes (for one name) or a sequence of Axes (one per name). Returns the Figure."""
-        chosen = self._as_names(names)
-        if chosen is None:
-            chosen = [n for n in self._top_level() if n == "return" or self._view(n).shape == ()]
-            chosen = chosen[:_PLOT_MAX_SITES]
-        for n in chosen:
-            self._view(n)  # unknown names fail before anything is drawn
-        if not chosen:
-            raise PPLError("nothing to plot: this result has no sites")
-        plt = _pyplot()
-        if ax is not None:
-            axes = list(np.ravel(np.asarray(ax, dtype=object)))
-            if len(axes) != len(chosen):
-                raise PPLError(f"plot got {len(axes)} axes for {len(chosen)} sites ({', '.join(chosen)})")
-            fig = axes[0].figure
-        else:
-            ncols = min(3, len(chosen))
-            nrows = math.ceil(len(chosen) / ncols)
-            fig, grid = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
-            axes = list(grid.ravel())
-            for extra in axes[len(chosen):]:
-                extra.set_visible(False)
-        for name, a in zip(chosen, axes):
-            self._plot_site(name, a, bins)
-        if ax is None:
-            fig.tight_layout()
-        return fig
-
-    def _plot_site(self, name: str, ax, bins: int) -> None:
-        v = self._view(name)
-        title = name
-        if v.presence != 1:
-            title += f" (exists w.p. {_fmt(float(v.presence))})"
-        ax.set_title(title)
-        if v.discrete:
-            table = v.table()
-            if not table:
-                ax.text(0.5, 0.5, "no particle with positive weight", ha="center", va="center",
-                        transform=ax.transAxes)
-                return
-            items = list(table.items())
-            if len(items) > _PLOT_MAX_BARS:
-                top = sorted(items, key=lambda kv: -float(kv[1]))[:_PLOT_MAX_BARS]
-                items = list(_sort_table(dict(top)).items())
-                ax.set_title(title + f" (top {_PLOT_MAX_BARS})")
-            keys = [k for k, _ in items]
-            ps = [float(p) for _, p in items]
-            if all(_is_number(k) and not isinstance(k, bool) for k in keys):
-                xs = [float(k) for k in keys]
-                gaps = np.diff(sorted(xs))
-                width = 0.8 * (float(gaps.min()) if len(gaps) else 1.0)
-                ax.bar(xs, ps, width=width)
-            else:
-                ax.bar(range(len(keys)), ps)
-                ax.set_xticks(range(len(keys)))
-                ax.set_xticklabels([_fmt(k) for k in keys], rotation=45 if len(keys) > 6 else 0,
-                                   ha="right" if len(keys) > 6 else "center")
-            ax.set_ylabel("probability")
-            return
-        x, w = v.plot_data
-        if x.shape[0] == 0:
-            ax.text(0.5, 0.5, "no particle with positive weight", ha="center", va="center",
-                    transform=ax.transAxes)
-            return
-        xf = x.to(torch.float64).reshape(x.shape[0], -1).numpy()
-        wn = w.numpy()
-        if xf.shape[1] == 1:
-            ax.hist(xf[:, 0], bins=bins, weights=wn, density=True)
-        else:
-            for j in range(min(xf.shape[1], _PLOT_MAX_COMPONENTS)):
-                index = np.unravel_index(j, v.shape)
-                ax.hist(xf[:, j], bins=bins, weights=wn, density=True, alpha=0.5, histtype="stepfilled",
-                        label=f"{name}[{','.join(str(int(i)) for i in index)}]")
-            ax.legend(fontsize="small")
-        ax.set_ylabel("density")
+        return plots.plot(self, names, bins, ax)
 
 
 # ----------------------------------------------------------------------------------------
 # weighted particle populations
 # ----------------------------------------------------------------------------------------
-
-
-def _unique_rows(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(distinct rows [K, D] in lexicographic order, inverse indices [M]) of flat [M, D].
-
-    Vectorised: each column is ranked with a 1-d unique and the ranks are combined into one
-    int64 key (mixed radix); torch.unique(dim=0) is used only if that key would overflow."""
-    m, d = flat.shape
-    if d == 1:
-        u, inv = torch.unique(flat[:, 0], return_inverse=True)
-        return u[:, None], inv
-    key = torch.zeros(m, dtype=torch.long)
-    radix = 1
-    for j in reversed(range(d)):  # a loop over components, not particles
-        u, inv = torch.unique(flat[:, j], return_inverse=True)
-        if radix * max(len(u), 1) >= 2**62:
-            return torch.unique(flat, dim=0, return_inverse=True)
-        key += inv * radix
-        radix *= max(len(u), 1)
-    uk, inv = torch.unique(key, return_inverse=True)
-    rep = torch.zeros(len(uk), dtype=torch.long).scatter_(0, inv, torch.arange(m))
-    return flat[rep], inv
-
-
-def _distinct_rows(flat: torch.Tensor) -> int:
-    if flat.shape[1] == 1:
-        return torch.unique(flat[:, 0]).numel()
-    return _unique_rows(flat)[0].shape[0]
-
-
-def _count_levels(flat: torch.Tensor, limit: int) -> int:
-    """Number of distinct rows of flat [M, D], or limit + 1 when there are more than limit
-    (decided on a prefix first, so large continuous samples are rejected cheaply)."""
-    if flat.shape[0] > 4 * limit and _distinct_rows(flat[: 4 * limit]) > limit:
-        return limit + 1
-    return _distinct_rows(flat)
-
-
-def _is_discrete_tensor(x: torch.Tensor) -> bool:
-    """bool/int tensors are discrete; float ones when whole-valued with at most
-    INTEGRAL_MAX_LEVELS distinct values, or with at most FLOAT_MAX_LEVELS distinct values
-    each taken by two particles on average."""
-    if x.dtype == torch.bool or not (x.is_floating_point() or x.is_complex()):
-        return True
-    m = x.shape[0]
-    if m == 0:
-        return True
-    flat = x.reshape(m, -1)
-    finite = flat[torch.isfinite(flat)]
-    if bool((finite == finite.round()).all()):
-        return _count_levels(flat, INTEGRAL_MAX_LEVELS) <= INTEGRAL_MAX_LEVELS
-    levels = _count_levels(flat, FLOAT_MAX_LEVELS)
-    return levels <= FLOAT_MAX_LEVELS and 2 * levels <= m
-
-
-def _tensor_table(x: torch.Tensor, w: torch.Tensor) -> dict:
-    """{value: total weight} of the rows of x [M, ...] (keys Python scalars or tuples)."""
-    m = x.shape[0]
-    if m == 0:
-        return {}
-    if x.dim() == 1:
-        uniq, inv = torch.unique(x, return_inverse=True)
-        keys = uniq.tolist()
-    else:
-        uniq, inv = _unique_rows(x.reshape(m, -1))
-        keys = [_to_key(r) for r in uniq.reshape((uniq.shape[0],) + tuple(x.shape[1:])).tolist()]  # (rows of 0 numbers too)
-    p = torch.zeros(len(keys), dtype=torch.float64).scatter_add_(0, inv, w)
-    return _sort_table(dict(zip(keys, p.tolist())))
 
 
 class WeightedResult(_ResultBase):
@@ -945,50 +365,7 @@ class WeightedResult(_ResultBase):
                 "unique_fraction": _json_scalar(self.unique_fraction)}
 
     def _make_view(self, name: str) -> _View:
-        site = self.sites[name]
-        w = self.weights
-        mask = None
-        if site.present is not None:
-            mask = torch.as_tensor(site.present).detach().to("cpu").bool()
-        wp = w if mask is None else w[mask]
-        mass = float(wp.sum().item())
-        presence = 1.0 if mask is None else mass
-        wn = wp / mass if mass > 0 else wp
-        keep = wn > 0
-
-        value = site.value
-        if isinstance(value, torch.Tensor):
-            x_all = value.detach().to("cpu")
-            if mask is not None:
-                x_all = x_all[mask]
-            objs = None
-            typename = str(x_all.dtype).replace("torch.", "")
-        else:
-            idx = range(len(value)) if mask is None else mask.nonzero().flatten().tolist()
-            try:
-                objs = [_to_key(value[i]) for i in idx]
-            except TypeError as e:
-                raise PPLError(f"site {name!r} has values that cannot be tabulated ({e})") from None
-            x_all = _objects_to_tensor(objs)
-            types = sorted({type(o).__name__ for o in objs}) or ["no values"]
-            typename = "/".join(types)
-
-        if x_all is not None:
-            xs, ws = x_all[keep], wn[keep]
-            return _View(presence, _is_discrete_tensor(x_all), _TensorStats(xs, ws),
-                         lambda: _tensor_table(xs, ws), typename, plot_data=(xs, ws))
-
-        wl = wn.tolist()
-        keep_l = keep.tolist()
-
-        def table():
-            t: dict = {}
-            for o, p, k in zip(objs, wl, keep_l):
-                if k:
-                    t[o] = t.get(o, 0.0) + p
-            return _sort_table(t)
-
-        return _View(presence, True, None, table, typename)
+        return weighted_view(name, self.sites[name], self.weights)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1052,20 +429,7 @@ class ExactResult(_ResultBase):
         return {"evidence": str(self.evidence)}
 
     def _make_view(self, name: str) -> _View:
-        table: dict = {}
-        mass = 0
-        for w, vals in self._positive:
-            if name in vals:
-                try:
-                    key = _to_key(vals[name])
-                except TypeError as e:
-                    raise PPLError(f"site {name!r} has values that cannot be tabulated ({e})") from None
-                table[key] = table.get(key, 0) + w
-                mass += w
-        presence = mass / self.evidence
-        probs = _sort_table({k: p / mass for k, p in table.items()})
-        typename = "/".join(sorted({type(k).__name__ for k in probs}))
-        return _View(presence, True, _TableStats.from_table(probs), lambda: probs, typename)
+        return exact_view(name, self._positive, self.evidence)
 
 
 class MCMCResult(WeightedResult):
@@ -1185,3 +549,4 @@ def as_result(raw: Any) -> "_ResultBase":
         return ExactResult(raw)
     raise TypeError(f"as_result: cannot make a result of a {type(raw).__name__} "
                     "(expected a Population, Chains, Optimum, exact paths or a result)")
+
