@@ -6,7 +6,7 @@ particles are drawn from m1's prior, and each trace x is weighted by
     w(x) = p1(x)^a * p2(x)^b / prior1(x)
 
 where p1, p2 are the two models' joint densities (choices and likelihood factors) on the
-same trace (p2 by replaying x in m2). Invariant: the weighting is proper for the product
+same trace (``semantics.gfi``: x by ``simulate`` in m1, p2 by ``assess`` of x in m2). Invariant: the weighting is proper for the product
 measure gamma(dx) = p1(x)^a p2(x)^b dx: E[w f(x)] = integral f dgamma, provided m1's prior
 covers the product's support. ``exact`` computes gamma by enumeration for finite models.
 """
@@ -19,11 +19,14 @@ from typing import Any, Mapping
 
 import torch
 
+from ..semantics.devices import resolve_device
 from ..semantics.errors import PPLError, PPLRuntimeError
-from ..semantics.sampling import Replay, drive
-from ..semantics.values import Particles
-from . import mh as mh_mod
-from .methods import _result_types, check_options
+from ..semantics import gfi
+from ..semantics.gfi import ModelRun
+from ..stdlib import rng
+from .randomness import TorchRandomness
+from .methods import check_options, run_enumerate
+from .population import Population
 
 
 class ProductOfExperts:
@@ -33,24 +36,21 @@ class ProductOfExperts:
         self.m1, self.m2, self.a, self.b = m1, m2, float(a), float(b)
 
     def _weights(self, data1, data2, particles, device, randomness=None):
+        """m1's prior draws (``gfi.simulate``) and their log weights, with p2 by
+        ``gfi.assess`` of the same choices in m2."""
         m1, m2 = self.m1, self.m2
-        interp1 = m1.interpreter()
-        d1 = m1.prepare_data(m1.bind((), data1 or {}), device)
-        state = mh_mod._run(interp1, m1.entry, d1, particles, device, None, {},
-                            randomness or mh_mod.TorchMHRandomness(), "prior", 1.0)
+        expert1 = ModelRun(m1.interpreter(), m1.entry, m1.prepare_data(m1.bind((), data1 or {}), device), device)
+        state = gfi.simulate(expert1, particles, randomness or TorchRandomness())
         log_p1 = state.log_joint
         log_prior1 = state.log_joint - state.log_lik
-        trace = {addr: v for addr, v in state.values.items() if bool(state.present[addr].all())}
-        if len(trace) != len(state.values):
+        if not all(bool(m.all()) for m in state.present.values()):
             raise PPLRuntimeError("products of experts need models whose traces have a fixed set of choices")
-        d2 = m2.prepare_data(m2.bind((), data2 or {}), device)
-        h = Replay(trace, particles, device, dtype=torch.float64)
+        expert2 = ModelRun(m2.interpreter(), m2.entry, m2.prepare_data(m2.bind((), data2 or {}), device), device)
         try:
-            drive(m2.interpreter().run(m2.entry, d2, Particles.all(particles, device)), h)
+            log_p2 = gfi.assess(expert2, state)
         except PPLError as err:
             raise PPLRuntimeError(f"the second expert cannot score the first's traces: {err.message}",
                                   err.span, "both models must make the same random choices") from None
-        log_p2 = h.log_weights
         lw = torch.where(torch.isneginf(log_p1) | torch.isneginf(log_p2), torch.full_like(log_p1, -math.inf),
                          self.a * log_p1 + self.b * log_p2 - log_prior1)
         return state, lw
@@ -65,8 +65,8 @@ class ProductOfExperts:
         ``WeightedResult``) or "enumerate" (the exact product by enumerating m1's paths:
         an ``ExactResult``, finite models only). ``data`` binds m1's parameters,
         ``data2`` m2's (default: none). ``run(data1, data2)`` with dicts, the old form,
-        still works (deprecated)."""
-        from ppl.api import resolve_device, seeded
+        still works (deprecated). Returns the raw ``Population`` (or exact paths); ``ppl.product``
+        wraps it into the result object."""
         if method is None or isinstance(method, Mapping):  # the old run(data1, data2, ...)
             warnings.warn("ProductOfExperts.run(data1, data2) is deprecated: use run(method, data, data2=...)",
                           DeprecationWarning, stacklevel=2)
@@ -85,27 +85,24 @@ class ProductOfExperts:
         if method == "enumerate":
             return self._enumerate(data, data2, **options)
         device = resolve_device(device)
-        with seeded(seed, device):
+        with rng.run(seed):
             state, lw = self._weights(data, data2, particles, device)
-        _, Site, WeightedResult = _result_types()
-        sites = {"return": Site(state.ret)}
-        sites.update({a: Site(v.cpu()) for a, v in state.values.items()})
-        return WeightedResult("product", sites, lw.cpu())
+        sites = {"return": (state.ret, None)}
+        sites.update({a: (v, None) for a, v in state.values.items()})
+        return Population("product", sites, lw)
 
     def _enumerate(self, data1, data2, **options):
-        """The product measure as an ``ExactResult``: each of m1's paths x weighted by
+        """The product measure as exact paths: each of m1's paths x weighted by
         p1(x)^a p2(x)^b (float weights)."""
-        ExactResult, _, _ = _result_types()
         paths = []
         for w, vals, lp2 in self._paths(data1, data2, **options):
             weight = float(w) ** self.a * math.exp(self.b * lp2) if lp2 > -math.inf and w > 0 else 0.0
             paths.append((weight, vals))
-        return ExactResult(paths)
+        return paths
 
     def _paths(self, data1, data2, **options):
         """(p1's weight, values, log p2) for each path of m1."""
-        res = self.m1.run("enumerate", data1 or {}, **options)
-        for w, vals in res.paths:
+        for w, vals in run_enumerate(self.m1, self.m1.bind((), data1 or {}), **options):
             trace = {k: v for k, v in vals.items() if k != "return"}
             yield w, vals, float(self.m2.log_joint(trace, **(data2 or {}))[0])
 
