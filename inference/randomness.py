@@ -1,14 +1,16 @@
 """Where an inference algorithm's random draws come from.
 
 Algorithms take their randomness from an object with methods ``sample(dist, ctx)``
-(a draw per particle), ``resample(log_weights, scheme, n)`` (ancestor indices), for
+(a draw per particle), ``resample(log_weights, scheme, n)`` (ancestor indices; for a
+weighted scheme, ancestors and new log weights), for
 ``smc_steer`` ``select_without_replacement(log_weights, n)`` (distinct indices and their
 new log weights), and for MCMC (MH, PMMH) ``choose(sizes)`` (a uniform index per chain),
-``normal(shape, device)`` (a random-walk step) and ``accept(log_alpha)`` (the MH test). The default (``TorchRandomness``) draws with the run's own
-``torch.Generator`` (``ppl.stdlib.rng``: thread-safe, reproducible for a seed). ``ppl.testing.validity``
-plugs in a source that *enumerates* every possible outcome with its exact probability,
-which turns any algorithm written against this interface into a finite sum that can be
-checked exactly.
+``normal(shape, device)`` (a random-walk step) and ``accept(log_alpha)`` (the MH test).
+The default (``TorchRandomness``) draws with the run's own ``torch.Generator``
+(``stdlib.rng``: thread-safe, reproducible for a seed). The exact checker
+(testing/validity.py) plugs in a source that *enumerates* every possible outcome with its
+exact probability, which turns any algorithm written against this interface into a finite
+sum that can be checked exactly.
 """
 from __future__ import annotations
 

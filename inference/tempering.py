@@ -42,7 +42,7 @@ from ..stdlib.progress import progress_bar
 from . import mh as mh_mod
 from .mh import TorchMHRandomness
 from .importance import impossible_site, rng_state
-from .resampling import ess, log_mean_exp
+from .resampling import ess, is_weighted, log_mean_exp
 
 
 def _ess_fraction(log_w: torch.Tensor) -> float:
@@ -89,6 +89,9 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
     ``progress`` (``stdlib.progress``): a bar over beta in [0, 1], with the current beta
     and the number of steps so far."""
     schedule = _checked(target_ess, schedule)
+    if is_weighted(resampling):  # the tempered population carries no weights to put them in
+        raise PPLRuntimeError(f"tempering needs an unweighted resampling scheme ('{resampling}' returns weights)",
+                              hint="use smc or resample_move with it")
     fixed = iter(schedule) if schedule is not None else None
     randomness = randomness or TorchMHRandomness()
     model = ModelRun(interp, entry, data, device)

@@ -10,6 +10,7 @@ from .api import InferenceFunction, Model, compile_source, infer, model, python_
 from .guide import Guide, guide
 from .inference import product as _product
 from .registry import register_method
+from .semantics.resampling import register_resampling
 from .result import ExactResult, MCMCResult, Site, WeightedResult, as_result
 from .semantics.options import OptionSpec
 from .semantics.limits import Limits, limits, set_limits
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "model", "infer", "Model", "InferenceFunction", "compile_source", "python_function",
     "WeightedResult", "ExactResult", "MCMCResult", "Site", "ProductOfExperts", "product", "guide", "Guide",
-    "register_method", "OptionSpec",
+    "register_method", "register_resampling", "OptionSpec",
     "PPLError", "PPLSyntaxError", "PPLCheckError", "PPLRuntimeError", "PPLRecursionError",
     "ZeroEvidenceError", "InfiniteSupportError", "PPLDiagnosticWarning", "set_limits", "limits", "Limits",
 ]

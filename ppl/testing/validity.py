@@ -38,6 +38,7 @@ from typing import Any, Callable
 import torch
 
 from ..semantics.errors import ZeroEvidenceError
+from ..semantics.resampling import RESAMPLING, is_weighted
 from ..semantics.values import Batched, Particles, PerParticle, materialize, pack, rows, to_python
 
 
@@ -87,11 +88,16 @@ class EnumeratingRandomness:
         dtype = {"bool": torch.bool, "long": torch.long}.get(dist.spec.value_dtype, torch.get_default_dtype())
         return Batched(torch.tensor(values, dtype=dtype, device=ctx.device), ctx.idx)
 
-    def resample(self, log_weights: torch.Tensor, scheme: str, n: int) -> torch.Tensor:
+    def resample(self, log_weights: torch.Tensor, scheme: str, n: int):
+        """Every outcome of a registered scheme's exact law (ancestors; for a weighted
+        scheme, ancestors and new log weights)."""
         w = torch.softmax(log_weights.double(), 0).tolist()
-        outcomes = resampling_distribution(w, scheme, n)
-        anc = self._choose(list(outcomes.items()))
-        return torch.tensor(anc, dtype=torch.long, device=log_weights.device)
+        outcome = self._choose(list(resampling_distribution(w, scheme, n).items()))
+        dev = log_weights.device
+        if is_weighted(scheme):
+            return (torch.tensor(outcome[0], dtype=torch.long, device=dev),
+                    torch.tensor(outcome[1], dtype=torch.float64, device=dev))
+        return torch.tensor(outcome, dtype=torch.long, device=dev)
 
     def select_without_replacement(self, log_weights: torch.Tensor, n: int):
         """Every outcome of ``smc_steer``'s selection (``without_replacement_distribution``)."""
@@ -152,83 +158,12 @@ def enumerate_outcomes(run: Callable[[EnumeratingRandomness], Any], max_outcomes
 
 
 # -------------------------------------------------------------------- resampling laws
-def _cdf(w: list[float]) -> list[float]:
-    """The normalised cdf, exactly 1 from the last particle of positive weight on (a
-    rounded cdf could end below 1 and give a trailing zero-weight particle some mass)."""
-    total = math.fsum(w)
-    last = max(i for i, x in enumerate(w) if x > 0)
-    c, out = 0.0, []
-    for i, x in enumerate(w):
-        c += x
-        out.append(c / total if i < last else 1.0)
-    return out
-
-
-def _find(c: list[float], u: float) -> int:
-    for i, ci in enumerate(c):
-        if u < ci:
-            return i
-    return len(c) - 1
-
-
 def resampling_distribution(w: list[float], scheme: str, n: int) -> dict[tuple, float]:
-    """The exact law of the (sorted, where the scheme sorts) ancestor vector."""
-    N = len(w)
-    if scheme == "multinomial":
-        return _multinomial_law(w, n)
-    if scheme == "stratified":
-        c = _cdf(w)
-        marg = []
-        for k in range(n):
-            lo, hi = k / n, (k + 1) / n
-            probs = []
-            prev = 0.0
-            for i in range(N):
-                overlap = max(0.0, min(hi, c[i]) - max(lo, prev))
-                probs.append(overlap * n)
-                prev = c[i]
-            marg.append(probs)
-        out: dict = defaultdict(float)
-        for combo in itertools.product(range(N), repeat=n):
-            p = 1.0
-            for k, i in enumerate(combo):
-                p *= marg[k][i]
-            if p > 0:
-                out[combo] += p
-        return dict(out)
-    if scheme == "systematic":
-        c = _cdf(w)
-        cuts = {0.0, 1.0}
-        for ci in c:
-            for k in range(n):
-                u = n * ci - k
-                if 0.0 < u < 1.0:
-                    cuts.add(u)
-        cuts = sorted(cuts)
-        out = defaultdict(float)
-        for a, b in zip(cuts, cuts[1:]):
-            if b - a <= 0:
-                continue
-            u = (a + b) / 2
-            anc = tuple(_find(c, (k + u) / n) for k in range(n))
-            out[anc] += b - a
-        return dict(out)
-    if scheme == "residual":
-        from ..inference.resampling import residual_counts
-        counts, nw = residual_counts(torch.tensor(w, dtype=torch.float64), n)
-        counts, nw = counts.tolist(), nw.tolist()
-        base = [i for i, k in enumerate(counts) for _ in range(k)]
-        r = n - sum(counts)
-        if r == 0:
-            return {tuple(base): 1.0}
-        res = [max(0.0, x - k) for x, k in zip(nw, counts)]
-        s = sum(res)
-        law = _multinomial_law([x / s for x in res], r)
-        out = defaultdict(float)
-        for extra, p in law.items():
-            out[tuple(sorted(base + list(extra)))] += p
-        return dict(out)
-    raise ValueError(f"unknown scheme {scheme}")
+    """The exact law of a registered scheme's output (``semantics.resampling.Scheme.law``):
+    the (sorted, where the scheme sorts) ancestor vector, or (ancestors, log weights)."""
+    if scheme not in RESAMPLING:
+        raise ValueError(f"unknown resampling scheme '{scheme}' (registered: {', '.join(RESAMPLING)})")
+    return RESAMPLING[scheme].law(w, n)
 
 
 def without_replacement_distribution(w: list[float], n: int) -> dict[tuple, float]:
@@ -280,17 +215,6 @@ def without_replacement_pieces(w: list[float], n: int) -> list[tuple[float, floa
         idx = sorted(keep | set(chosen))
         out.append((lo, hi, (tuple(idx), tuple(math.log(n * (p[i] if i in keep else c)) for i in idx))))
     return out
-
-
-def _multinomial_law(w: list[float], n: int) -> dict[tuple, float]:
-    out: dict = defaultdict(float)
-    for combo in itertools.product(range(len(w)), repeat=n):
-        p = 1.0
-        for i in combo:
-            p *= w[i]
-        if p > 0:
-            out[tuple(sorted(combo))] += p
-    return dict(out)
 
 
 # ------------------------------------------------------------------------- properness
@@ -406,7 +330,6 @@ def smc_algorithm(particles: int, resampling: str = "systematic", ess_threshold:
 
 def _smc_like(particles, resampling="systematic", ess_threshold=1.0, handler=None):
     from ..inference.smc import smc
-    from ..semantics.errors import ZeroEvidenceError
 
     def algorithm(model, data, rnd):
         interp, prepared = _compiled(model, data)
@@ -431,7 +354,6 @@ def steer_algorithm(particles: int, expansion: int, ess_threshold: float = 1.0, 
     ``SteerHandler`` and ``wrap(randomness)`` another randomness source, to check a
     modified algorithm."""
     from ..inference.steer import smc_steer
-    from ..semantics.errors import ZeroEvidenceError
     M = particles * expansion
 
     def algorithm(model, data, rnd):
@@ -561,7 +483,6 @@ def resample_move_algorithm(particles: int, moves: int = 1, resampling: str = "s
     pass ``randomness_cls=EnumeratingMHRandomness`` to ``check_proper``)."""
     from ..inference.resample_move import resample_move
 
-    from ..semantics.errors import ZeroEvidenceError
 
     def algorithm(model, data, rnd):
         interp, prepared = _compiled(model, data)
@@ -584,7 +505,6 @@ def tempering_algorithm(particles: int, schedule: list, moves: int = 1, resampli
     population, each particle weighted by the evidence estimate (its prior draws,
     resampling and MH moves enumerated)."""
     from ..inference.tempering import tempered_smc
-    from ..semantics.errors import ZeroEvidenceError
 
     def algorithm(model, data, rnd):
         interp, prepared = _compiled(model, data)
