@@ -130,3 +130,26 @@ def test_pmmh_with_the_prior_kernel_samples_the_posterior(model):
     mean = float(r.sites["k"].value.double().mean())
     se = (p * (1 - p) / r.ess_per_site["k"]) ** 0.5
     assert abs(mean - p) < 4.5 * se
+
+
+# a choice inside a branch: a trajectory without it must not report a value for it
+BRANCHY = """
+def m():
+    k ~ flip(0.5)
+    b ~ flip(0.5)
+    if b:
+        c ~ flip(0.9)
+    observe True ~ bernoulli(0.6 if k else 0.3)
+    return b
+"""
+
+
+@pytest.mark.filterwarnings("ignore::ppl.PPLDiagnosticWarning")  # 30 draws: the presence, not the quality
+def test_pmmh_on_a_choice_in_a_branch_is_exact_and_marks_it_absent():
+    m = ppl.model(BRANCHY)
+    kc = pmmh_kernel_check(m, ["k"], particles=2)
+    assert len(kc.pi) == 6 and kc.ok(), kc  # (k, b, c): c only where b
+    r = m.run("pmmh", {}, params=["k"], kernel="prior", particles=4, samples=30, burn_in=0, chains=1, seed=0)
+    b = r.sites["b"].value.bool()
+    assert 0 < int(b.sum()) < 30
+    assert torch.equal(r.sites["c"].present, b)  # was: every draw "had" c (a placeholder value where b is False)
