@@ -16,20 +16,42 @@ re-execution).
 Restriction: every checkpoint must be reached by the whole population together (no
 ``observe`` inside a branch that only some particles take); otherwise the truncated
 targets would differ between particles. This is checked, with a clear error.
+
+As a composition of the run kit (``semantics.sampling``): SMC's handler whose checkpoint
+rule, after a resampling, suspends the run (``Suspended``); the moves; then the moved
+population replayed up to that checkpoint (chooser ``fixed``, rule ``truncate(k)``) and
+driven on with the same SMC handler. Twists: the replay sets the moved particles' own
+potentials (the MH target counts the potential reached before the truncation point).
 """
 from __future__ import annotations
 
 import torch
 
-from ..semantics.errors import PPLError, PPLRuntimeError
-from ..semantics.interpreter import ConditionEffect, FactorEffect, ObserveEffect, SampleEffect, TwistEffect
-from ..semantics.sampling import Trace, column
-from ..semantics.values import Batched, Lineage, Particles, set_lineage
-from . import mh as mh_mod
+from ..semantics import gfi
+from ..semantics.errors import PPLRuntimeError
+from ..semantics.sampling import Suspended, Weighting, column, drive, fixed, truncate
+from ..semantics.values import Lineage, Particles, lineage_scope
 from ..stdlib.progress import NO_BAR, progress_bar
+from . import mh as mh_mod
 from .smc import SMCHandler
 
-_CHECKPOINTS = (ObserveEffect, FactorEffect, ConditionEffect)
+
+class _SuspendAfterResampling(SMCHandler):
+    """SMC that stops the driver at each checkpoint where it resampled (for the moves),
+    and refuses checkpoints that only some particles reach."""
+
+    checkpoints = 0
+    moves = 1
+
+    def _checkpoint(self, eff):
+        if eff.ctx.M != self.N:
+            raise PPLRuntimeError("resample-move needs every observe/factor/condition to be reached by all "
+                                  "particles together", eff.span,
+                                  "this checkpoint is inside a branch taken by only some particles: use method='smc'")
+        self.checkpoints += 1
+        super()._checkpoint(eff)
+        if self.moves and self.history[-1].resampled:
+            raise Suspended(eff)
 
 
 def resample_move(interp, entry: str, data: dict, particles: int, device="cpu", *, resampling="systematic",
@@ -39,110 +61,69 @@ def resample_move(interp, entry: str, data: dict, particles: int, device="cpu", 
     ``randomness`` (default: torch) serves both the SMC and the MH draws. ``progress``: a
     counter of synchronisation checkpoints with the ESS, as for ``smc``."""
     randomness = randomness or mh_mod.TorchMHRandomness()
-    N = particles
-    ctx = Particles.all(N, device)
-    lineage = Lineage(ctx.idx)
-    h = SMCHandler(N, device, lineage, resampling=resampling, ess_threshold=ess_threshold, randomness=randomness)
-    dispatch = {SampleEffect: h.sample, ObserveEffect: h.observe, FactorEffect: h.factor,
-                ConditionEffect: h.condition, TwistEffect: h.twist}
-    acceptance = []
-    old_lineage = set_lineage(lineage)
-    bar = h.bar = progress_bar(progress, desc="resample_move", unit=" checkpoints")
-    try:
-        gen = interp.run(entry, data, ctx)
-        checkpoints = 0
-        try:
-            eff = next(gen)
-            while True:
-                reply = _answer(dispatch, eff)
-                if isinstance(eff, _CHECKPOINTS):
-                    if eff.ctx.M != N:
-                        raise PPLRuntimeError(
-                            "resample-move needs every observe/factor/condition to be reached by all "
-                            "particles together", eff.span,
-                            "this checkpoint is inside a branch taken by only some particles: use method='smc'")
-                    checkpoints += 1
-                    if moves > 0 and h.history and h.history[-1].resampled:
-                        gen, ctx, rates = _rejuvenate(interp, entry, data, h, checkpoints, N, device, moves,
-                                                      kernel, scale, randomness)
-                        acceptance.append(rates)
-                eff = gen.send(reply)
-        except StopIteration as stop:
-            ret = stop.value
-        h.finish()  # the last twist's potential out again (the measure is the untwisted one)
-        sites = {"return": (column(ret, ctx), None)}
-        sites.update(h.trace.sites())
-    finally:
-        set_lineage(old_lineage)
-        bar.close()
-        h.bar = NO_BAR
+    N, moved, acceptance = particles, None, []
+    h = _SuspendAfterResampling(N, device, None, resampling=resampling, ess_threshold=ess_threshold,
+                                randomness=randomness)
+    h.moves = moves
+    with progress_bar(progress, desc="resample_move", unit=" checkpoints") as h.bar:
+        while True:
+            ctx = Particles.all(N, device)
+            with lineage_scope(Lineage(ctx.idx)) as h.lineage:
+                gen = interp.run(entry, data, ctx)
+                if moved is not None:
+                    _replay_moved(gen, h, moved, h.checkpoints)
+                try:
+                    ret = drive(gen, h)
+                    sites = {"return": (column(ret, ctx), None), **h.trace.sites()}
+                    break
+                except Suspended:
+                    moved, rate = _move(interp, entry, data, h, N, device, moves, kernel, scale, randomness)
+                    acceptance.append(rate)
+    h.bar = NO_BAR
     return sites, h.log_weights + h.log_z, h, acceptance
 
 
-def _answer(dispatch: dict, eff):
-    """The handler's reply to an effect; a value it cannot use is a located error (as in
-    ``semantics.sampling.drive``), never a raw Python exception."""
-    try:
-        return dispatch[type(eff)](eff)
-    except PPLError as err:
-        raise err.with_span(eff.span)
-    except (TypeError, ValueError, RuntimeError, IndexError, ZeroDivisionError, OverflowError) as err:
-        msg = str(err).splitlines()[0] if str(err) else ""
-        raise PPLRuntimeError(f"{type(err).__name__}: {msg}", eff.span) from err
-
-
-def _rejuvenate(interp, entry, data, h: SMCHandler, k: int, N: int, device, moves, kernel, scale, randomness):
-    """MH-move the population's traces (target: the program up to checkpoint k), then
-    rebuild its suspended execution at checkpoint k. Returns (generator, ctx, rate)."""
+def _move(interp, entry, data, h: SMCHandler, N: int, device, moves, kernel, scale, randomness):
+    """``moves`` single-site MH steps (``mh.single_site_move`` on the trace interface) on
+    every particle's trace, whose target is the program truncated after the current
+    checkpoint: (the moved value columns, the mean acceptance rate)."""
     sites = h.trace.sites()
     values = {a: (v if isinstance(v, torch.Tensor) else _not_numeric(a)) for a, (v, _) in sites.items()}
     present = {a: (p if p is not None else torch.ones(N, dtype=torch.bool, device=device))
                for a, (_, p) in sites.items()}
-    old = mh_mod.MHState(values, present, {}, torch.zeros(N, dtype=torch.float64, device=device), None)
-    state = mh_mod._run(interp, entry, data, N, device, old, {}, mh_mod.TorchMHRandomness(), "prior", 1.0, k)
+    model = gfi.ModelRun(interp, entry, data, device, stop_after=h.checkpoints)
+    state, _ = gfi.generate(model, gfi.TracedState(values, present, {}, torch.zeros(N, dtype=torch.float64,
+                                                                                    device=device), None))
     accepted = 0.0
     for _ in range(moves):
-        state, acc = mh_mod.mh_step(interp, entry, data, state, device, kernel=kernel, scale=scale, stop_after=k,
-                                    randomness=randomness)
+        state, acc = mh_mod.single_site_move(model, state, randomness, kernel=kernel, scale=scale)
         accepted += float(acc.double().mean())
-    # rebuild: replay the moved traces up to checkpoint k, and suspend there
-    lineage = Lineage(torch.arange(N, device=device))
-    set_lineage(lineage)
-    h.lineage = lineage
-    ctx = Particles(lineage.full_idx, N, device)
-    h.trace = Trace(N, device)
-    h._twist = None  # rebuilt by the replay's twists (the moved particles' own potentials)
-    gen = interp.run(entry, data, ctx)
-    seen = 0
-    eff = next(gen)
-    while True:
-        if isinstance(eff, TwistEffect):
-            _replay_twist(h, eff)
-            eff = gen.send(None)
-            continue
-        if isinstance(eff, SampleEffect):
-            col, pres = state.values.get(eff.addr), state.present.get(eff.addr)
-            if col is None or not bool(pres[eff.ctx.idx].all()):
-                raise PPLRuntimeError(f"resample-move: replay reached a choice '{eff.addr}' the moved trace "
-                                      "does not have (internal error)", eff.span)
-            value = Batched(col[eff.ctx.idx], eff.ctx.idx)
-            h.trace.record(eff.addr, eff.ctx, value)
-            eff = gen.send(value)
-            continue
-        seen += 1
-        if seen == k:
-            return gen, ctx, accepted / max(1, moves)
-        eff = gen.send(None)
+    return state.values, accepted / moves
 
 
-def _replay_twist(h: SMCHandler, eff: TwistEffect) -> None:
-    """Set the moved particles' SMC potential to the replayed ``twist(phi)``, leaving
-    their weights alone: the MH moves targeted the twisted truncated program (``mh._Run``
-    counts the potential reached at the truncation point), which is what the resampled,
-    equally weighted population represents."""
-    weights = h.log_weights
-    h.twist(eff)
-    h.log_weights = weights
+class _Replayed(Weighting):
+    """The moved traces replayed: likelihoods are not weighted again (the resampled
+    population's weights stand); twists set each particle's potential."""
+
+    def observe(self, eff):
+        self._checkpoint(eff)
+
+    factor = condition = observe
+
+
+def _replay_moved(gen, h: SMCHandler, values: dict, k: int) -> None:
+    """Run ``gen`` (a fresh run of the program) on the moved values up to its k-th
+    checkpoint and leave it suspended there; ``h`` gets the replay's trace and twist
+    potentials."""
+    replay = _Replayed(h.N, h.log_weights.device, choose=fixed(values), at_checkpoint=truncate(k))
+    try:
+        drive(gen, replay)
+    except Suspended:
+        h.trace, h._twist = replay.trace, replay._twist
+        h._twist_ctx = getattr(replay, "_twist_ctx", None)
+        return
+    raise PPLRuntimeError("resample-move: the replay of the moved traces ended before its checkpoint "
+                          "(internal error)")
 
 
 def _not_numeric(addr):
