@@ -755,6 +755,16 @@ def _tensor_arg(v: Any, ctx: Particles) -> torch.Tensor:
 
 def binop(op: str, a: Any, b: Any, ctx: Particles, exact: bool = False) -> Any:
     """``a op b`` with per-particle semantics."""
+    ta, tb = type(a), type(b)
+    if (ta is Batched and (tb is Batched or tb is float or tb is int) or tb is Batched and (ta is float or ta is int)) \
+            and op != "in":
+        # the common case, first (a model's arithmetic per step): exactly what the general
+        # path below does for these operand types, without its checks for the others
+        va = rows(a, ctx) if ta is Batched else a
+        vb = rows(b, ctx) if tb is Batched else b
+        if ta is tb:
+            va, vb = _align_ranks(va, vb, True, True)
+        return Batched(_torch_binop(op, va, vb, lead=(ta is Batched, tb is Batched)), ctx.idx)
     if isinstance(a, DistributionValue) or isinstance(b, DistributionValue):
         d = a if isinstance(a, DistributionValue) else b
         raise not_a_value(d, "in a comparison" if op in _COMPARISONS or op == "in" else "in arithmetic")
