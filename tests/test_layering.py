@@ -110,3 +110,28 @@ def test_enumerate_returns_exact_paths():
 def test_every_builtin_method_is_covered():
     from ppl.registry import BUILTIN_METHODS
     assert BUILTIN_METHODS == set(RAW) | {"enumerate"}
+
+
+FACTOR = """
+def f(ys):
+    mu ~ normal(0, 1)
+    factor -mu * mu
+    for y in ys:
+        observe y ~ normal(mu, 1)
+    return mu
+"""
+
+
+def test_one_prior_predictive_handler_for_sbc_and_amortized_training():
+    """The prior-predictive simulator lives below inference/ (semantics/prior_predictive.py)
+    and serves SBC and forward-KL training, each refusing a `factor` in its own words, at
+    the factor."""
+    from ppl.testing.sbc import prior_predictive
+    m = ppl.model(FACTOR)
+    with pytest.raises(ppl.PPLError, match="SBC cannot simulate data from a model with `factor`") as e:
+        prior_predictive(m, {"ys": [0.0]}, simulations=2, seed=0)
+    assert "<model>:4:5" in str(e.value)
+    g = ppl.guide(m, {"ys": [0.0, 1.0]}, encoder="auto")
+    with pytest.raises(ppl.PPLError, match="cannot simulate data sets from a model with `factor`") as e:
+        g.fit(objective="forward_kl", steps=1, seed=0, progress=False)
+    assert "<model>:4:5" in str(e.value) and "forward_kl" in str(e.value)
