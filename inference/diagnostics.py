@@ -142,9 +142,9 @@ def split_r_hat(x: torch.Tensor) -> torch.Tensor:
     ``pyro.ops.stats.split_gelman_rubin``. Returns [...]."""
     half = x.shape[-1] // 2
     halves = torch.cat([x[..., :half], x[..., -half:]], -2)  # [..., 2C, half]
-    within = halves.var(-1).mean(-1)
-    between = halves.mean(-1).var(-1)
-    return (((half - 1) / half * within + between) / within).sqrt()
+    means = halves.mean(-1)
+    within = (halves - means.unsqueeze(-1)).square().sum(-1).mean(-1) / (half - 1)
+    return (((half - 1) / half * within + means.var(-1)) / within).sqrt()
 
 
 def mcmc_ess(x: torch.Tensor) -> torch.Tensor:
@@ -155,15 +155,16 @@ def mcmc_ess(x: torch.Tensor) -> torch.Tensor:
     autocovariances at lag k, sum_c sum_s x_cs x_c(s+k) / (C (S - k)) on centred chains, is
     one inverse FFT of the chains' summed power spectra. Returns [...]."""
     C, S = x.shape[-2:]
-    centred = x - x.mean(-1, keepdim=True)
+    means = x.mean(-1)
+    centred = x - means.unsqueeze(-1)
     n_fft = 2 * next_fast_len(S)
     spectrum = torch.fft.rfft(centred, n=n_fft)
     power = (spectrum.real.square() + spectrum.imag.square()).sum(-2)  # summed over chains
     lags = torch.arange(S, 0, -1, dtype=x.dtype, device=x.device)
     autocov = torch.fft.irfft(power, n=n_fft)[..., :S] / (C * lags)  # [..., S]
-    within = x.var(-1).mean(-1, keepdim=True)
+    within = centred.square().sum(-1).mean(-1, keepdim=True) / (S - 1)  # mean of the chains' variances
     if C > 1:
-        estimator = (S - 1) / S * within + x.mean(-1).var(-1).unsqueeze(-1)
+        estimator = (S - 1) / S * within + means.var(-1).unsqueeze(-1)
     else:
         within = estimator = (S - 1) / S * within
     rho = (estimator - within + autocov) / estimator
