@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 
 import torch
 from pyro.ops.stats import effective_sample_size
 
 import ppl
 from ppl.inference.mh import mh
+
+from common import now
 
 PER_POINT = """
 def mixture(ys, w, sigma):
@@ -128,9 +129,9 @@ def bench(title: str, contenders: dict, repeats: int, reference: str, target: fl
     means = {n: [] for n in contenders}
     for r in range(repeats):
         for name, fn in (fns if r % 2 == 0 else fns[::-1]):
-            t0 = time.perf_counter()
+            t0 = now()
             draws = fn()
-            dt = time.perf_counter() - t0
+            dt = now() - t0
             e = ess(draws)
             times[name].append(dt)
             esss[name].append(e)

@@ -3,12 +3,31 @@
 Contenders are timed in alternation (A, B, A, B, ...) so that a burst of load on the
 shared machine hits both, and the reported figure is the ratio of medians. torch's
 intra-op thread count is fixed for every contender (``--threads``, default 1).
+
+``clock`` is what every benchmark times with: wall-clock time by default, or the
+process's CPU time (``run.py --clock cpu``), which on a loaded shared machine leaves out
+the time the process waits for a core (with one intra-op thread the process's CPU time
+is the contender's own work; the ratios of the two clocks agree on an idle machine).
 """
 from __future__ import annotations
 
 import statistics
 import time
 from typing import Callable
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter
+
+
+def set_clock(name: str) -> None:
+    """Time every benchmark with ``CLOCKS[name]`` from now on."""
+    global clock
+    clock = CLOCKS[name]
+
+
+def now() -> float:
+    """The current reading of the benchmarks' clock (seconds)."""
+    return clock()
 
 
 def time_interleaved(contenders: dict[str, Callable[[], object]], repeats: int = 9, warmup: int = 2,
@@ -21,9 +40,9 @@ def time_interleaved(contenders: dict[str, Callable[[], object]], repeats: int =
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, fn in contenders.items():
-            t0 = time.perf_counter()
+            t0 = now()
             out = fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(now() - t0)
             if results is not None:
                 results.setdefault(name, []).append(out)
     return times
