@@ -57,6 +57,14 @@ class Particles:
     def is_full(self) -> bool:
         return self.idx is self.full.idx
 
+    @property
+    def generation(self) -> tuple:
+        """Where the run's resampling stands: (the run's lineage, its epoch). Something
+        computed per particle of these particles stays valid while this is unchanged
+        (a cache key, e.g. of a language model's next-token rows)."""
+        lin = _RUN.lineage
+        return (lin, lin.epoch if lin is not None else 0)
+
     def subset(self, mask: torch.Tensor) -> "Particles | None":
         """The particles of self where ``mask`` (bool [M]) holds, or None if none."""
         idx = self.idx[mask]

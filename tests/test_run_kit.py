@@ -201,3 +201,22 @@ def test_twist_under_resample_move_agrees_with_smc_and_enumeration():
         means[method] = _mean_se(zp)
     (a, sa), (b, sb) = means["resample_move"], means["smc"]
     assert abs(a - b) <= 4.5 * math.hypot(sa, sb), means
+
+
+# ------------------------------------------------------------------ the run's lineage
+def test_the_lineage_belongs_to_the_run_and_particles_carry_its_generation():
+    """A run installs its lineage with ``lineage_scope``; the particles' ``generation``
+    (what a per-particle cache is keyed by: the LM rows of ``stdlib.lm.dsl``) changes
+    when the run resamples, and is restored when the run ends, also on error."""
+    from ppl.semantics.values import Lineage, lineage_scope
+    ctx = Particles.all(3, "cpu")
+    assert ctx.generation == (None, 0)
+    with lineage_scope(Lineage(ctx.idx)) as lineage:
+        before = ctx.generation
+        lineage.resample(torch.tensor([0, 0, 2]))
+        assert before == (lineage, 0) and ctx.generation == (lineage, 1)
+        with pytest.raises(KeyError):
+            with lineage_scope(Lineage(ctx.idx)):
+                raise KeyError("inner run fails")
+        assert ctx.generation == (lineage, 1)
+    assert ctx.generation == (None, 0)

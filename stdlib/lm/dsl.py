@@ -659,7 +659,7 @@ class _LMDist(DistValue):
     def __init__(self, spec, lmv, context, opts, mask):
         DistValue.__init__(self, spec, (lmv, context, opts, mask, False))
         self.lmv, self.context, self.opts, self.mask = lmv, context, opts, mask
-        self._cache = None  # (ctx, idx, lineage epoch) -> computed rows
+        self._cache = None  # (ctx.idx, *ctx.generation) -> computed rows
         self._last = None   # (value, log_prob, log_mass) of the last draw
 
     def python_args(self) -> list:
@@ -683,9 +683,7 @@ class _LMDist(DistValue):
         return t if sel is None else t[sel]
 
     def _ctx_key(self, ctx):
-        from ...semantics.values import current_lineage
-        lin = current_lineage()
-        return (ctx.idx, id(lin), lin.epoch if lin is not None else 0)
+        return (ctx.idx, *ctx.generation)
 
     def _same_key(self, a, b) -> bool:
         return a is not None and b is not None and a[0] is b[0] and a[1:] == b[1:]
