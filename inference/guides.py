@@ -39,7 +39,7 @@ was built with.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -47,10 +47,9 @@ from torch import nn
 from torch.distributions import biject_to, constraints
 
 from ..semantics.dist_values import ProposedDist
-from ..semantics.errors import PPLError, PPLRuntimeError, did_you_mean
-from ..semantics.interpreter import ObserveEffect
+from ..semantics.errors import PPLError, did_you_mean
 from ..semantics.sampling import LikelihoodWeighting, drive
-from ..semantics.values import Batched, Particles, PerParticle, as_tensor, is_batched, rows
+from ..semantics.values import Particles, PerParticle, as_tensor, is_batched, rows
 from ..stdlib import rng
 
 FAMILIES = ("normal", "lowrank", "flow")

@@ -29,7 +29,7 @@ simulated observations), and guides whose choices differ between particles.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
