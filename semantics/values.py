@@ -195,14 +195,6 @@ class _ThreadRun(threading.local):
 _RUN = _ThreadRun()
 
 
-def set_lineage(lineage: "Lineage | None"):
-    """Make ``lineage`` current in this thread (values created from now on follow it);
-    returns the old one."""
-    old = _RUN.lineage
-    _RUN.lineage = lineage
-    return old
-
-
 def current_lineage() -> "Lineage | None":
     """The lineage of the run this thread executes (None: no resampling)."""
     return _RUN.lineage
@@ -213,11 +205,11 @@ def lineage_scope(lineage: "Lineage | None"):
     """Run the block with ``lineage`` as this thread's run lineage, restoring the previous
     one on exit (also on error): the one way a run installs its lineage. Batched values
     made inside follow the lineage's resamplings."""
-    old = set_lineage(lineage)
+    old, _RUN.lineage = _RUN.lineage, lineage
     try:
         yield lineage
     finally:
-        set_lineage(old)
+        _RUN.lineage = old
 
 
 # ------------------------------------------------------------------------ batched values
