@@ -4,6 +4,11 @@ Invariant: the weighted particles are *proper* for the program's unnormalised me
 gamma: for every f, E[(1/N) sum_i w_i f(x_i)] = integral f dgamma = Z * E_post[f]. In
 particular exp(log_evidence) is an unbiased estimate of Z, and the self-normalised
 estimates converge to the posterior as N grows. All N particles run as one batch.
+
+As a composition of the run kit (``semantics.sampling``): ``Weighting`` with the ``prior``
+chooser and the ``accumulate`` rule (``LikelihoodWeighting``). The zero-evidence locator
+replays the same draws with the rule ``_no_particle_left`` (and, for the joint density,
+the chooser ``_prior_scored``).
 """
 from __future__ import annotations
 
@@ -13,35 +18,35 @@ import torch
 
 from ..semantics.errors import ZeroEvidenceError
 from ..semantics.interpreter import FactorEffect, Interpreter, ObserveEffect
-from ..semantics.sampling import LikelihoodWeighting, column, drive
+from ..semantics.sampling import Weighting, accumulate, column, drive, prior
 from ..semantics.values import Particles
 from ..stdlib.progress import NO_BAR, counted, progress_bar
 from ..stdlib import rng
 
 
 def likelihood_weighting(interp: Interpreter, entry: str, data: dict, particles: int, device="cpu",
-                         handler: type = LikelihoodWeighting, progress: bool | None = None,
-                         label: str = "importance"):
+                         at_checkpoint=accumulate, progress: bool | None = None, label: str = "importance"):
     """Run ``entry(**data)`` for ``particles`` particles: returns (sites, log_weights),
     sites mapping "return" and each choice address to (values, present).
 
     If every weight is zero, the run is repeated from the same random state to find the
     first likelihood site after which no particle survived, and a ``ZeroEvidenceError``
-    pointing at it is raised. ``handler``: the weighting handler class (a subclass of
-    ``LikelihoodWeighting``, e.g. one that checks the weights as they are made).
+    pointing at it is raised. ``at_checkpoint``: the handler's checkpoint rule (e.g. one
+    that checks the weights as they are made).
 
     ``progress`` (``stdlib.progress``): all particles run as one batch, in one pass
     through the program, so the bar (named ``label``) is a counter of the sites the batch
     has executed (choices and observe/factor/condition): it moves while a long loop runs."""
     state = rng_state(device)
     ctx = Particles.all(particles, device)
-    h = handler(particles, device)
+    h = Weighting(particles, device, at_checkpoint=at_checkpoint)
     with progress_bar(progress, desc=label, unit=" sites") as bar:
         gen = interp.run(entry, data, ctx)
         ret = drive(gen if bar is NO_BAR else counted(gen, bar), h)
     if particles > 0 and bool(torch.isneginf(h.log_weights).all()):
         _set_rng_state(device, state)
-        drive(interp.run(entry, data, Particles.all(particles, device)), _Locate(particles, device))
+        drive(interp.run(entry, data, Particles.all(particles, device)),
+              Weighting(particles, device, at_checkpoint=_no_particle_left))
         raise ZeroEvidenceError("every particle has weight zero (log evidence = -inf)",
                                 hint="the observations/conditions may be impossible under the prior")
     sites = {"return": (column(ret, ctx), None)}
@@ -58,40 +63,37 @@ def impossible_site(interp: Interpreter, entry: str, data: dict, particles: int,
     if start is not None:
         _set_rng_state(device, start)
     try:
-        drive(interp.run(entry, data, Particles.all(particles, device)), _LocateJoint(particles, device))
+        drive(interp.run(entry, data, Particles.all(particles, device)),
+              Weighting(particles, device, choose=_prior_scored, at_checkpoint=_no_particle_left))
     except ZeroEvidenceError as err:
         return err
     return None
 
 
-class _Locate(LikelihoodWeighting):
-    """Likelihood weighting that stops at the first site leaving no particle alive."""
-
-    def _check(self, eff, what):
-        if bool(torch.isneginf(self.log_weights).all()):
-            raise ZeroEvidenceError(
-                f"every particle has weight zero after this {what}", eff.span,
-                f"no particle satisfies it ({self.log_weights.shape[0]} particles tried): the data or "
-                "condition may be impossible under the prior, or too unlikely; check it, or use more particles")
-
-    def _checkpoint(self, eff):
+def _no_particle_left(h, eff) -> None:
+    """Rule: stop at the first checkpoint that leaves no particle alive."""
+    if bool(torch.isneginf(h.log_weights).all()):
         what = {ObserveEffect: "observation", FactorEffect: "factor"}.get(type(eff), "condition")
-        self._check(eff, what)
+        raise ZeroEvidenceError(
+            f"every particle has weight zero after this {what}", eff.span,
+            f"no particle satisfies it ({h.log_weights.shape[0]} particles tried): the data or "
+            "condition may be impossible under the prior, or too unlikely; check it, or use more particles")
 
 
-class _LocateJoint(_Locate):
-    """``_Locate`` on the joint density: a draw's own log density counts too (a prior
-    such as beta(inf, 2) gives every draw density NaN), and NaN counts as zero."""
+_prior = prior()
 
-    def sample(self, eff):
-        value = super().sample(eff)
-        lp = torch.as_tensor(self.log_prob(eff.dist, value, eff.ctx), dtype=torch.float64)
-        self.add(eff.ctx, torch.where(torch.isnan(lp), torch.full_like(lp, -math.inf), lp))
-        if bool(torch.isneginf(self.log_weights).all()):
-            raise ZeroEvidenceError(
-                "every draw of this random choice has density zero (or NaN) under its distribution", eff.span,
-                "check the distribution's parameters (e.g. an infinite one)")
-        return value
+
+def _prior_scored(h, eff):
+    """Chooser: a prior draw whose own log density counts too (a prior such as beta(inf,
+    2) gives every draw density NaN, and NaN counts as zero); stops where none is left."""
+    value = _prior(h, eff)
+    lp = torch.as_tensor(h.log_prob(eff.dist, value, eff.ctx), dtype=torch.float64)
+    h.add(eff.ctx, torch.where(torch.isnan(lp), torch.full_like(lp, -math.inf), lp))
+    if bool(torch.isneginf(h.log_weights).all()):
+        raise ZeroEvidenceError(
+            "every draw of this random choice has density zero (or NaN) under its distribution", eff.span,
+            "check the distribution's parameters (e.g. an infinite one)")
+    return value
 
 
 def rng_state(device):

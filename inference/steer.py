@@ -43,7 +43,6 @@ import functools
 import torch
 
 from ..semantics.errors import PPLRuntimeError
-from ..semantics.sampling import LikelihoodWeighting
 from .importance import likelihood_weighting
 from .smc import SMCHandler, smc
 
@@ -93,20 +92,18 @@ def smc_steer(interp, entry: str, data: dict, particles: int, expansion: int, de
                handler_cls=cls, progress=progress, label="smc_steer")
 
 
-class _FiniteScores(LikelihoodWeighting):
-    """Likelihood weighting for ``best_of_n``: a score (total log weight) of +inf or NaN
-    is an error at the observe/factor that made it. A candidate scored +inf would win
-    whatever it is, and "score inf" would be reported as if it were an answer."""
-
-    def _checkpoint(self, eff) -> None:
-        lw = self.log_weights[eff.ctx.idx]
-        bad = torch.isposinf(lw) | torch.isnan(lw)
-        if bool(bad.any()):
-            what = "+inf" if bool(torch.isposinf(lw).any()) else "NaN"
-            raise PPLRuntimeError(
-                f"best_of_n: this makes a candidate's score {what}, so no best candidate can be chosen",
-                eff.span, "a factor of +inf (or an observed value of infinite density) outweighs everything; "
-                          "bound it (e.g. factor min(x, 1e6)) or give the value a finite density")
+def _finite_scores(h, eff) -> None:
+    """Checkpoint rule of ``best_of_n``: a score (total log weight) of +inf or NaN is an
+    error at the observe/factor that made it. A candidate scored +inf would win whatever
+    it is, and "score inf" would be reported as if it were an answer."""
+    lw = h.log_weights[eff.ctx.idx]
+    bad = torch.isposinf(lw) | torch.isnan(lw)
+    if bool(bad.any()):
+        what = "+inf" if bool(torch.isposinf(lw).any()) else "NaN"
+        raise PPLRuntimeError(
+            f"best_of_n: this makes a candidate's score {what}, so no best candidate can be chosen",
+            eff.span, "a factor of +inf (or an observed value of infinite density) outweighs everything; "
+                      "bound it (e.g. factor min(x, 1e6)) or give the value a finite density")
 
 
 def best_of_n(interp, entry: str, data: dict, particles: int, device="cpu", progress: bool | None = None):
@@ -114,7 +111,7 @@ def best_of_n(interp, entry: str, data: dict, particles: int, device="cpu", prog
     its score, all N log weights). Ties go to the lowest index. ``progress``: as for
     ``importance.likelihood_weighting``."""
     N = _positive_int(particles, "particles")
-    sites, log_weights = likelihood_weighting(interp, entry, data, N, device, handler=_FiniteScores,
+    sites, log_weights = likelihood_weighting(interp, entry, data, N, device, at_checkpoint=_finite_scores,
                                               progress=progress, label="best_of_n")
     best = int(torch.argmax(log_weights))  # the first maximum
     return sites, best, float(log_weights[best]), log_weights
