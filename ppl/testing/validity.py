@@ -37,13 +37,16 @@ from typing import Any, Callable
 
 import torch
 
+from ..inference import mh as mh_mod, pmmh as pmmh_mod
+from ..inference.population import Population
+from ..inference.resample_move import resample_move
+from ..inference.smc import smc
+from ..inference.steer import smc_steer
+from ..inference.tempering import tempered_smc
+from ..semantics import gfi
 from ..semantics.errors import ZeroEvidenceError
 from ..semantics.resampling import RESAMPLING, is_weighted
 from ..semantics.values import Batched, Particles, PerParticle, materialize, pack, rows, to_python
-
-
-class _Exhausted(Exception):
-    pass
 
 
 class EnumeratingRandomness:
@@ -292,8 +295,9 @@ def check_transformation(transform: Callable, model, data: dict | None = None) -
 
 
 def check_proper(model, algorithm: Callable, data: dict | None = None) -> ProperCheck:
-    """Check a weighted sampler exactly. ``algorithm(model, data, randomness)`` must return
-    (return values per particle: list, log_weights: tensor [N]) where the log weights
+    """Check a weighted sampler exactly. ``algorithm(model, data, randomness)`` returns a
+    ``Population`` (``checkable`` makes one from a library algorithm), or the pair (return
+    values per particle: list, log_weights: tensor [N]); either way the log weights
     already include the evidence estimate (log_mean_exp(log_weights) = log Z_hat)."""
     expected = exact_measure(model, data)
     observed: dict = defaultdict(float)
@@ -307,7 +311,8 @@ def check_proper(model, algorithm: Callable, data: dict | None = None) -> Proper
         outcomes = enumerate_outcomes(run, randomness_cls=getattr(algorithm, "randomness_cls", None))
     finally:
         torch.set_default_dtype(previous)
-    for prob, (values, lw) in outcomes:
+    for prob, out in outcomes:
+        values, lw = (_return_keys(out), out.log_weights) if isinstance(out, Population) else out
         lw = lw.double()
         n = lw.shape[0]
         z_w = torch.exp(lw) / n  # Z_hat * w_i = exp(lw_i) / N
@@ -317,34 +322,35 @@ def check_proper(model, algorithm: Callable, data: dict | None = None) -> Proper
 
 
 # ------------------------------------------------------------ the library's algorithms
-def importance_algorithm(particles: int):
-    """Likelihood weighting, as ``check_proper`` wants it."""
-    return _smc_like(particles, ess_threshold=0.0)
-
-
-def smc_algorithm(particles: int, resampling: str = "systematic", ess_threshold: float = 1.0, handler=None):
-    """SMC with the given scheme, as ``check_proper`` wants it (``handler`` substitutes a
-    handler class, to check a modified algorithm)."""
-    return _smc_like(particles, resampling=resampling, ess_threshold=ess_threshold, handler=handler)
-
-
-def _smc_like(particles, resampling="systematic", ess_threshold=1.0, handler=None):
-    from ..inference.smc import smc
-
+def checkable(run: Callable, size: int, randomness_cls=None):
+    """An algorithm as ``check_proper`` wants it, from ``run(interp, entry, data,
+    randomness)`` -> a ``Population`` of ``size`` particles. An outcome in which every
+    particle died at a checkpoint (``ZeroEvidenceError``) has Z_hat = 0 and adds nothing to
+    E[Z_hat * sum_i w_i f(x_i)]."""
     def algorithm(model, data, rnd):
         interp, prepared = _compiled(model, data)
         try:
-            sites, lw, _ = smc(interp, model.entry, prepared, particles, "cpu", resampling=resampling,
-                               ess_threshold=ess_threshold, randomness=rnd, handler_cls=handler)
+            return run(interp, model.entry, prepared, rnd)
         except ZeroEvidenceError:
-            # every particle died at a checkpoint: this outcome's Z_hat is 0 and it adds
-            # nothing to E[Z_hat * sum_i w_i f(x_i)] (the run stops there)
-            return [None] * particles, torch.full((particles,), -math.inf, dtype=torch.float64)
-        values, _ = sites["return"]
-        values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
-        return [_key(v) for v in values], lw
+            return [None] * size, torch.full((size,), -math.inf, dtype=torch.float64)
 
+    algorithm.randomness_cls = randomness_cls
     return algorithm
+
+
+def importance_algorithm(particles: int):
+    """Likelihood weighting, as ``check_proper`` wants it."""
+    return smc_algorithm(particles, ess_threshold=0.0)
+
+
+def smc_algorithm(particles: int, resampling: str = "systematic", ess_threshold: float = 1.0, handler=None):
+    """SMC with the given scheme (any registered one), as ``check_proper`` wants it
+    (``handler`` substitutes a handler class, to check a modified algorithm)."""
+    def run(interp, entry, data, rnd):
+        sites, lw, _ = smc(interp, entry, data, particles, "cpu", resampling=resampling,
+                           ess_threshold=ess_threshold, randomness=rnd, handler_cls=handler)
+        return Population("smc", sites, lw)
+    return checkable(run, particles)
 
 
 def steer_algorithm(particles: int, expansion: int, ess_threshold: float = 1.0, handler=None, wrap=None):
@@ -353,22 +359,11 @@ def steer_algorithm(particles: int, expansion: int, ess_threshold: float = 1.0, 
     the selection without replacement enumerated). ``handler`` substitutes a subclass of
     ``SteerHandler`` and ``wrap(randomness)`` another randomness source, to check a
     modified algorithm."""
-    from ..inference.steer import smc_steer
-    M = particles * expansion
-
-    def algorithm(model, data, rnd):
-        interp, prepared = _compiled(model, data)
-        try:
-            sites, lw, _ = smc_steer(interp, model.entry, prepared, particles, expansion, "cpu",
-                                     ess_threshold=ess_threshold, randomness=wrap(rnd) if wrap else rnd,
-                                     handler_cls=handler)
-        except ZeroEvidenceError:  # every slot died at a checkpoint: Z_hat = 0
-            return [None] * M, torch.full((M,), -math.inf, dtype=torch.float64)
-        values, _ = sites["return"]
-        values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
-        return [_key(v) for v in values], lw
-
-    return algorithm
+    def run(interp, entry, data, rnd):
+        sites, lw, _ = smc_steer(interp, entry, data, particles, expansion, "cpu", ess_threshold=ess_threshold,
+                                 randomness=wrap(rnd) if wrap else rnd, handler_cls=handler)
+        return Population("smc_steer", sites, lw)
+    return checkable(run, particles * expansion)
 
 
 _COMPILED: dict = {}
@@ -383,6 +378,13 @@ def _compiled(model, data):
         hit = (model, model.interpreter(), model.prepare_data(model.bind((), data), "cpu"))
         _COMPILED[key] = hit
     return hit[1], hit[2]
+
+
+def _return_keys(population: Population) -> list:
+    """The population's return values, one hashable key per particle."""
+    values, _ = population.sites["return"]
+    values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+    return [_key(v) for v in values]
 
 
 def _key(v):
@@ -433,7 +435,6 @@ def mh_kernel_check(model, data: dict | None = None, *, hastings: bool = True, s
     """Build the exact transition matrix of single-site MH (prior proposals) over the
     program's finite trace space, from the exact posterior: pi K = pi must hold.
     ``step(interp, entry, data, state, randomness)`` substitutes a modified kernel."""
-    from ..inference import mh as mh_mod
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
@@ -451,7 +452,7 @@ def mh_kernel_check(model, data: dict | None = None, *, hastings: bool = True, s
         prepared = model.prepare_data(model.bind((), data), "cpu")
         K: dict = defaultdict(float)
         for key, trace in traces.items():
-            state = _state_of(mh_mod, interp, model.entry, prepared, trace)
+            state = _state_of(interp, model.entry, prepared, trace)
 
             def run(rnd, state=state):
                 if step is not None:
@@ -470,33 +471,19 @@ def mh_kernel_check(model, data: dict | None = None, *, hastings: bool = True, s
     return KernelCheck(dict(pi), dict(K), dict(pi_K))
 
 
-def _state_of(mh_mod, interp, entry, data, trace: dict):
-    """The MH state (one chain) of a given trace: values, log prior per site, joint."""
-    values = {a: torch.tensor([v]) for a, v in trace.items()}
-    present = {a: torch.ones(1, dtype=torch.bool) for a in trace}
-    old = mh_mod.MHState(values, present, {}, torch.zeros(1, dtype=torch.float64), None)
-    return mh_mod._run(interp, entry, data, 1, "cpu", old, {}, mh_mod.TorchMHRandomness(), "prior", 1.0)
+def _state_of(interp, entry, data, trace: dict):
+    """The traced state (one chain) of a given complete trace."""
+    choices = gfi.Choices.of({a: torch.tensor([v]) for a, v in trace.items()})
+    return gfi.generate(gfi.ModelRun(interp, entry, data), choices)[0]
 
 
 def resample_move_algorithm(particles: int, moves: int = 1, resampling: str = "systematic"):
-    """Resample-move SMC as ``check_proper`` wants it (its SMC and MH draws enumerated:
-    pass ``randomness_cls=EnumeratingMHRandomness`` to ``check_proper``)."""
-    from ..inference.resample_move import resample_move
-
-
-    def algorithm(model, data, rnd):
-        interp, prepared = _compiled(model, data)
-        try:
-            sites, lw, _, _ = resample_move(interp, model.entry, prepared, particles, "cpu",
-                                            resampling=resampling, moves=moves, randomness=rnd)
-        except ZeroEvidenceError:  # this outcome's Z_hat is 0
-            return [None] * particles, torch.full((particles,), -math.inf, dtype=torch.float64)
-        values, _ = sites["return"]
-        values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
-        return [_key(v) for v in values], lw
-
-    algorithm.randomness_cls = EnumeratingMHRandomness
-    return algorithm
+    """Resample-move SMC as ``check_proper`` wants it (its SMC and MH draws enumerated)."""
+    def run(interp, entry, data, rnd):
+        sites, lw, _, _ = resample_move(interp, entry, data, particles, "cpu", resampling=resampling, moves=moves,
+                                        randomness=rnd)
+        return Population("resample_move", sites, lw)
+    return checkable(run, particles)
 
 
 def tempering_algorithm(particles: int, schedule: list, moves: int = 1, resampling: str = "systematic",
@@ -504,22 +491,12 @@ def tempering_algorithm(particles: int, schedule: list, moves: int = 1, resampli
     """Tempered SMC with a fixed schedule as ``check_proper`` wants it: the final
     population, each particle weighted by the evidence estimate (its prior draws,
     resampling and MH moves enumerated)."""
-    from ..inference.tempering import tempered_smc
-
-    def algorithm(model, data, rnd):
-        interp, prepared = _compiled(model, data)
-        try:
-            state, log_z, _ = tempered_smc(interp, model.entry, prepared, particles, "cpu", moves=moves,
-                                           kernel=kernel, resampling=resampling, schedule=schedule,
-                                           randomness=rnd)
-        except ZeroEvidenceError:  # this outcome's Z_hat is 0
-            return [None] * particles, torch.full((particles,), -math.inf, dtype=torch.float64)
-        ret = state.ret
-        values = ret.tolist() if isinstance(ret, torch.Tensor) else list(ret)
-        return [_key(v) for v in values], torch.full((particles,), float(log_z), dtype=torch.float64)
-
-    algorithm.randomness_cls = EnumeratingMHRandomness
-    return algorithm
+    def run(interp, entry, data, rnd):
+        state, log_z, _ = tempered_smc(interp, entry, data, particles, "cpu", moves=moves, kernel=kernel,
+                                       resampling=resampling, schedule=schedule, randomness=rnd)
+        return Population("tempering", {"return": (state.ret, None)},
+                          torch.full((particles,), float(log_z), dtype=torch.float64))
+    return checkable(run, particles)
 
 
 # ------------------------------------------------------------------- PMMH: exact kernel
@@ -558,7 +535,6 @@ def pmmh_kernel_check(model, params: list, data: dict | None = None, *, particle
     posterior (``PMMHCheck.ok``). ``step(estimate, state, randomness) -> (state, accepted)``
     and ``estimate(theta, randomness) -> PMMHState`` substitute modified pieces
     (``inference.pmmh.pmmh_step`` / ``smc_estimate``)."""
-    from ..inference import pmmh as pmmh_mod
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
