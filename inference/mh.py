@@ -15,13 +15,16 @@ likelihood factors and q_s the proposal at the chosen site (its prior, or a symm
 walk for which the q terms cancel). The |x|/|x'| and fresh/stale terms are the Hastings
 correction for traces that change shape under random control flow.
 
-A proposal outside the support (of a choice, or of a ``condition``) has joint density
-zero and is rejected; the run that scores it never raises for the parameters such a
-proposal makes invalid (``semantics.sampling``: chains of weight zero never raise).
+As a composition of the trace interface (``semantics.gfi``): ``single_site_move`` picks
+the site (``randomness.choose``), ``gfi.regenerate``s it (the re-run, with the q and
+fresh/stale terms), adds log |x|/|x'| and calls ``gfi.metropolis``. The target is the
+``ModelRun``'s: the whole program, or truncated (``stop_after``, resample-move) or
+tempered (``beta``, tempering). A proposal outside the support has joint density zero
+and is rejected (chains of weight zero never raise: ``semantics.sampling``).
 
 Invariant: the kernel leaves the posterior invariant (pi K = pi), and satisfies detailed
-balance. ``ppl.testing.validity.mh_transition_matrix`` builds K exactly for finite
-programs, enumerating every site choice, proposal and accept/reject outcome.
+balance. The exact checker (testing/validity.py, ``mh_kernel_check``) builds K exactly
+for finite programs, enumerating every site choice, proposal and accept/reject outcome.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ MHState = TracedState
 
 class TorchMHRandomness(TorchRandomness):
     """Draws for MH with torch generators (the run's: see ``TorchRandomness``;
-    ``ppl.testing.validity`` enumerates them)."""
+    the exact checker, testing/validity.py, enumerates them)."""
 
     def choose(self, sizes: torch.Tensor) -> torch.Tensor:
         """A uniform index in [0, sizes[c]) per chain."""

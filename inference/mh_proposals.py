@@ -61,7 +61,7 @@ the reverse run none of x' that x lacks. Under these conditions (x, u, fresh val
 
 **Invariant:** the kernel satisfies detailed balance with respect to the posterior,
 pi(x) K(x, x') = pi(x') K(x', x), hence leaves it invariant (pi K = pi).
-``ppl.testing.proposal_check`` builds K exactly for finite programs (every draw of the
+The exact checker (testing/proposal_check.py) builds K exactly for finite programs (every draw of the
 proposal, every accept/reject) and checks both.
 """
 from __future__ import annotations

@@ -6,9 +6,9 @@ particles are drawn from m1's prior, and each trace x is weighted by
     w(x) = p1(x)^a * p2(x)^b / prior1(x)
 
 where p1, p2 are the two models' joint densities (choices and likelihood factors) on the
-same trace (``semantics.gfi``: x by ``simulate`` in m1, p2 by ``assess`` of x in m2). Invariant: the weighting is proper for the product
-measure gamma(dx) = p1(x)^a p2(x)^b dx: E[w f(x)] = integral f dgamma, provided m1's prior
-covers the product's support. ``exact`` computes gamma by enumeration for finite models.
+same trace (``semantics.gfi``: x by ``simulate`` in m1, p2 by ``assess`` of x in m2).
+Invariant: the weighting is proper for the product measure gamma(dx) = p1(x)^a p2(x)^b dx:
+E[w f(x)] = integral f dgamma, provided m1's prior covers the product's support. ``exact`` computes gamma by enumeration for finite models.
 """
 from __future__ import annotations
 

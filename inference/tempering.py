@@ -21,7 +21,7 @@ move leaves the current target gamma_beta invariant (``mh.mh_step`` on the ``Mod
 at ``beta``), and the population, weighted by the product over steps of the mean
 incremental weight, is proper for the program's measure: that product is an unbiased
 estimate of the evidence Z for a fixed schedule (the adaptive one is the standard,
-slightly biased but consistent choice; ``ppl.testing.validity.tempering_algorithm``
+slightly biased but consistent choice; testing/validity.py's ``tempering_algorithm``
 checks the fixed one exactly). The moves are what lets particles cross between modes
 that likelihood weighting, which never moves a particle, would leave unbalanced.
 
@@ -84,7 +84,7 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
 
     ``schedule``: fixed betas 0 < b_1 < ... < b_K = 1 instead of the adaptive choice (with
     a fixed schedule the evidence estimate is exactly unbiased, and the population is a
-    proper weighting: ``ppl.testing.validity.tempering_algorithm`` checks it exactly).
+    proper weighting: testing/validity.py's ``tempering_algorithm`` checks it exactly).
     ``randomness`` (default: torch) serves the prior draws, the resampling and the moves.
     ``progress`` (``stdlib.progress``): a bar over beta in [0, 1], with the current beta
     and the number of steps so far."""

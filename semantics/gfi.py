@@ -38,10 +38,10 @@ states), ``reindex(state, ancestors)`` (after resampling) and ``metropolis(state
 log_alpha, randomness)`` (accept per chain with probability min(1, alpha)).
 
 Every random number comes from the ``randomness`` object passed in (``sample(dist,
-ctx)``, ``normal(shape, device)``, ``accept(log_alpha)``: ``inference.randomness`` and
-``inference.mh.TorchMHRandomness`` draw with the run's generators, the exact checker
-``ppl.testing.validity`` enumerates them), so anything composed from these operations
-can be checked exactly on finite programs (``tests/test_gfi.py`` checks the laws).
+ctx)``, ``normal(shape, device)``, ``accept(log_alpha)``: ``inference.randomness``
+draws with the run's generators, the exact checker (testing/validity.py) enumerates
+them), so anything composed from these operations can be checked exactly on finite
+programs (``tests/test_gfi.py`` checks the laws).
 
 Chains of weight zero never raise (``semantics.sampling``): a proposal outside the
 support, of a choice or of a ``condition``, has log joint -inf and is rejected.
