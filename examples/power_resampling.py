@@ -19,7 +19,9 @@ E[Z_hat sum_i w_i 1{x_i = v}] with the program's exact measure, to float roundin
    proper: the check passes to ~1e-16;
 2. "power_unweighted", the same ancestors without the compensating weights (a common
    slip), is caught: the check is off by ~0.03;
-3. SMC with ``resampling="power"`` through ``Model.run``, against the exact posterior.
+3. ``check_resampling_draws`` ties the torch draw to the registered law (``check_proper``
+   checks the law itself);
+4. SMC with ``resampling="power"`` through ``Model.run``, against the exact posterior.
 
 From the command line, ``--plugin`` imports a module that registers schemes:
 ``python -m ppl run model.ppl --plugin examples.power_resampling -o resampling=power``
@@ -33,7 +35,7 @@ import torch
 
 import ppl
 from ppl.inference.resampling import systematic, systematic_law
-from ppl.testing.validity import check_proper, smc_algorithm
+from ppl.testing.validity import check_proper, check_resampling_draws, smc_algorithm
 
 ALPHA = 0.5
 
@@ -94,6 +96,8 @@ if __name__ == "__main__":
     for name in ("power", "power_unweighted"):
         result = check(name)
         print(f"{name}: {'proper' if result.ok() else 'NOT PROPER'}\n{result}\n")
+    draws = check_resampling_draws("power", [0.05, 0.15, 0.35, 0.45], 4)
+    print(f"power's draws follow its law: {draws.ok()} (chi-square p = {draws.p_value:.3f})\n")
     exact = MODEL.run("enumerate", {})
     smc = MODEL.run("smc", {}, particles=4000, resampling="power", seed=0)
     print(f"P(z | data): exact {float(exact.mean('return')):.4f}, smc with power resampling "

@@ -25,7 +25,7 @@ import torch
 import ppl
 from ppl.inference.methods import OPTION_SPECS
 from ppl.inference.resampling import RESAMPLING, SCHEMES, systematic, systematic_law, unregister_resampling
-from ppl.testing.validity import check_proper, resampling_distribution, smc_algorithm
+from ppl.testing.validity import check_proper, check_resampling_draws, resampling_distribution, smc_algorithm
 
 torch.set_num_threads(1)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -111,3 +111,23 @@ def test_tempering_refuses_a_weighted_scheme(example):
     m = ppl.model("def m():\n    mu ~ normal(0, 1)\n    observe 1.0 ~ normal(mu, 1)\n    return mu\n")
     with pytest.raises(ppl.PPLError, match="tempering needs an unweighted resampling scheme"):
         m.run("tempering", {}, particles=50, resampling="power", seed=0)
+
+
+@pytest.mark.parametrize("scheme", ["power", "multinomial", "stratified", "systematic", "residual"])
+def test_the_draws_follow_the_registered_law(example, scheme):
+    for w in ([0.1, 0.0, 0.6, 0.3], [0.05, 0.15, 0.35, 0.45]):
+        result = check_resampling_draws(scheme, w, 4, draws=2000, seed=3)
+        assert result.ok(), (scheme, w, result.unexpected[:3], result.weight_error, result.p_value)
+
+
+def test_a_law_that_does_not_describe_its_draw_is_caught(example):
+    """Power resampling's draw registered with systematic resampling's law on w (not on
+    w^alpha): check_proper would pass it (that law is proper), the draw check does not."""
+    ppl.register_resampling("mislabelled", example.power_draw,
+                            lambda w, n: {(a, tuple(0.0 for _ in a)): p for a, p in systematic_law(w, n).items()},
+                            weighted=True)
+    try:
+        result = check_resampling_draws("mislabelled", [0.05, 0.15, 0.35, 0.45], 4, draws=2000, seed=3)
+        assert not result.ok() and (result.unexpected or result.weight_error > 1e-3)
+    finally:
+        unregister_resampling("mislabelled")

@@ -35,6 +35,7 @@ from functools import partial
 from fractions import Fraction
 from typing import Any, Callable
 
+import scipy.stats
 import torch
 
 from ..inference import mh as mh_mod, pmmh as pmmh_mod
@@ -46,6 +47,7 @@ from ..inference.tempering import tempered_smc
 from ..semantics import gfi
 from ..semantics.errors import ZeroEvidenceError
 from ..semantics.resampling import RESAMPLING, is_weighted
+from ..stdlib import rng
 from ..semantics.values import Batched, Particles, PerParticle, materialize, pack, rows, to_python
 
 
@@ -167,6 +169,66 @@ def resampling_distribution(w: list[float], scheme: str, n: int) -> dict[tuple, 
     if scheme not in RESAMPLING:
         raise ValueError(f"unknown resampling scheme '{scheme}' (registered: {', '.join(RESAMPLING)})")
     return RESAMPLING[scheme].law(w, n)
+
+
+@dataclass
+class DrawCheck:
+    """A registered scheme's torch draws against its registered law (``check_resampling_draws``)."""
+    law: dict          # ancestors -> probability (a weighted scheme's outcomes keyed by their ancestors)
+    seen: dict         # ancestors -> times drawn
+    unexpected: list   # ancestor vectors drawn that the law gives probability 0
+    weight_error: float  # weighted schemes: max |log weight drawn - the law's| for the same ancestors
+    p_value: float     # chi-square goodness of fit (outcomes expected fewer than 5 times pooled)
+
+    def ok(self, alpha: float = 1e-4) -> bool:
+        return not self.unexpected and self.weight_error <= 1e-9 and self.p_value >= alpha
+
+
+def check_resampling_draws(scheme: str, weights: list[float], n: int, draws: int = 2000,
+                           seed: int = 0) -> DrawCheck:
+    """Does the scheme's ``draw`` follow its registered ``law``? ``draws`` draws from
+    normalised ``weights`` (seeded): no outcome outside the law, a weighted scheme's log
+    weights equal to the law's, and the frequencies by a chi-square test. (``check_proper``
+    checks the law; this ties the draw to it.)"""
+    w = torch.tensor(weights, dtype=torch.float64)
+    w = w / w.sum()
+    weighted = is_weighted(scheme)
+    law_weights = {}
+    law: dict = defaultdict(float)
+    for outcome, p in resampling_distribution(w.tolist(), scheme, n).items():
+        anc = outcome[0] if weighted else outcome
+        law[anc] += p
+        law_weights[anc] = outcome[1] if weighted else None
+    seen: dict = defaultdict(int)
+    unexpected, weight_error = [], 0.0
+    with rng.run(seed):
+        for _ in range(draws):
+            out = RESAMPLING[scheme].draw(w, n)
+            anc, lw = (out[0], out[1]) if weighted else (out, None)
+            key = tuple(anc.tolist())
+            seen[key] += 1
+            if key not in law:
+                unexpected.append(key)
+            elif weighted:
+                weight_error = max([weight_error] + [abs(a - b) for a, b in zip(lw.tolist(), law_weights[key])])
+    return DrawCheck(dict(law), dict(seen), unexpected, weight_error, _chi_square(law, seen, draws))
+
+
+def _chi_square(law: dict, seen: dict, draws: int) -> float:
+    observed, expected, pooled_o, pooled_e = [], [], 0, 0.0
+    for key, p in law.items():
+        if p * draws < 5:
+            pooled_o, pooled_e = pooled_o + seen.get(key, 0), pooled_e + p * draws
+        else:
+            observed.append(seen.get(key, 0))
+            expected.append(p * draws)
+    if pooled_e > 0:
+        observed.append(pooled_o)
+        expected.append(pooled_e)
+    if len(observed) < 2:
+        return 1.0
+    stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected))
+    return float(scipy.stats.chi2.sf(stat, len(observed) - 1))
 
 
 def without_replacement_distribution(w: list[float], n: int) -> dict[tuple, float]:
