@@ -30,6 +30,7 @@ from .values import Batched, Particles, batch_rows, is_batched, is_numeric, mate
 #: 100 choices, or 10^6 over 10, are kept in full: ~40 MB of float32 values)
 KEEP_ALL_LIMIT = 10_000_000
 
+_SEEN_LIMIT = 10_000
 _INDICES = re.compile(r"\[[^\]]*\]|#\d+")
 
 
@@ -61,7 +62,10 @@ class Trace:
         self.keep = keep_names(keep)
         self.dropped: list[str] = []  # addresses the "auto" rule dropped, in the order drawn
         self._dropped: set[str] = set()
-        self._seen: set[str] = set()  # addresses drawn that a list of names did not keep
+        # addresses drawn that a list of names did not keep, for a did-you-mean: the first
+        # _SEEN_LIMIT of them and the last of each choice name (bounded on a long path)
+        self._seen: set[str] = set()
+        self._seen_last: dict[str, str] = {}
         self._held = 0  # per-particle values recorded (for "auto")
         self._last: dict[str, str] | None = None  # choice name -> its last address, once "auto" trims
 
@@ -72,7 +76,9 @@ class Trace:
     def record(self, addr: str, ctx: Particles, value: Any):
         if isinstance(self.keep, frozenset):
             if addr not in self.keep:
-                self._seen.add(addr)
+                if len(self._seen) < _SEEN_LIMIT:
+                    self._seen.add(addr)
+                self._seen_last[choice_name(addr)] = addr
                 return
         elif self.keep == "auto" and not self._auto(addr, ctx):
             return
@@ -115,7 +121,7 @@ class Trace:
         if not isinstance(self.keep, frozenset):
             return
         for name in sorted(self.keep - {"return"} - set(self.parts)):
-            known = ["return", *self.parts, *self._seen]
+            known = ["return", *self.parts, *self._seen, *self._seen_last.values()]
             raise PPLRuntimeError(f"keep names '{name}', which is not a site of this run",
                                   hint=did_you_mean(name, known) or
                                   f"the sites are 'return' and the addresses of the choices drawn, "

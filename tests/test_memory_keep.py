@@ -194,3 +194,10 @@ def test_a_value_made_before_the_path_still_follows_resampling_exactly(monkeypat
     # and the full run's own z agrees with its return value, particle by particle
     z = full[0]["z"][0]
     assert [r[0] for r in full[0]["return"][0]] == z.tolist()
+
+
+def test_the_did_you_mean_also_knows_the_last_addresses_of_a_long_path(monkeypatch):
+    monkeypatch.setattr(trace_module, "_SEEN_LIMIT", 3)  # remembers x, x[0], x[1] and the last x[...]
+    with pytest.raises(PPLRuntimeError) as e:
+        _run(30, 10, keep=["x[290]"])  # x[0] or x[1] would be a worse guess
+    assert e.value.hint == "did you mean 'x[29]'?"
