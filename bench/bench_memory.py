@@ -64,7 +64,6 @@ def _one(config: dict) -> dict:
     import ppl
     from bench_importance import SSM, kalman_log_evidence
     from bench_smc import hand_pf
-    from ppl.inference.resampling import log_mean_exp
     ys = _data(config["T"])
     torch.manual_seed(1)
     if config["kind"] == "ppl":

@@ -18,7 +18,7 @@ the ``"auto"`` rule dropped, so a result can say so.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
