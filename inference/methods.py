@@ -106,7 +106,7 @@ def run_smc(model, data: dict, *, particles: int = 1000, device: str = "cpu", re
                               ess_threshold=ess_threshold, progress=progress)
     sites, log_weights, h = smc(model.interpreter(), model.entry, model.prepare_data(data, device), int(particles),
                                 device, resampling=resampling, ess_threshold=ess_threshold, progress=progress,
-                                keep=keep)
+                                keep="auto" if keep is None else keep)
     return Population("smc", sites, log_weights,
                       {"history": h.history, "resampling": resampling, "ess_threshold": ess_threshold,
                        **({"dropped_sites": h.trace.dropped} if h.trace.dropped else {})})

@@ -122,14 +122,14 @@ def smc(interp: Interpreter, entry: str, data: dict, particles: int, device="cpu
     ``progress`` (``stdlib.progress``): a counter of synchronisation checkpoints named
     ``label``, with the ESS at the last one (their number is not known in advance).
     ``keep``: the sites to keep (``semantics.trace``): a list of addresses and/or
-    "return", or "all"; left out, "auto": every site for small runs, the return value
-    and the last address of each choice name past ``trace.KEEP_ALL_LIMIT`` recorded
-    values (``h.trace.dropped`` lists the rest)."""
+    "return"; None or "all": every site; "auto" (the ``smc`` method's default): every
+    site for small runs, the return value and the last address of each choice name
+    past ``trace.KEEP_ALL_LIMIT`` recorded values (``h.trace.dropped`` lists the rest)."""
     ctx = Particles.all(particles, device)
     with lineage_scope(Lineage(ctx.idx)) as lineage:
         h = (handler_cls or SMCHandler)(particles, device, lineage, resampling=resampling,
                                         ess_threshold=ess_threshold, randomness=randomness)
-        h.trace = Trace(particles, device, keep="auto" if keep is None else keep)
+        h.trace = Trace(particles, device, keep=keep)
         with progress_bar(progress, desc=label, unit=" checkpoints") as h.bar:
             ret = drive(interp.run(entry, data, ctx), h)
         h.bar = NO_BAR

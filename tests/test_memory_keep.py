@@ -5,9 +5,10 @@
 * The lineage frees the ancestor arrays that no live value needs (compaction), so a
   filter that keeps only current values holds a bounded number of them, however long
   its path; values still follow resampling exactly (the other SMC tests check that too).
-* ``keep`` left out: every site for small runs; past ``trace.KEEP_ALL_LIMIT`` recorded
-  values, the return value and the last address of each choice name, and the result
-  lists what it dropped (``extra["dropped_sites"]``).
+* ``keep`` left out (the ``smc`` method; ``keep="auto"`` of ``inference.smc.smc``):
+  every site for small runs; past ``trace.KEEP_ALL_LIMIT`` recorded values, the return
+  value and the last address of each choice name, and the result lists what it dropped
+  (``extra["dropped_sites"]``).
 * A name in ``keep`` that is not a site is an error with a did-you-mean.
 """
 import pytest
@@ -106,15 +107,24 @@ def test_a_full_run_keeps_every_ancestor_array_its_values_need(monkeypatch):
 
 
 def test_keep_left_out_keeps_everything_in_small_runs():
-    sites, _, h = _run(10, 50)
+    sites, _, h = _run(10, 50, keep="auto")
     assert set(sites) == {"return", "x", *(f"x[{t}]" for t in range(10))}
     assert h.trace.dropped == []
+    res = ppl.model(SSM).run("smc", {"ys": _ys(10)}, particles=50, seed=0)
+    assert set(res.samples) == set(sites) and "dropped_sites" not in res.extra
+
+
+def test_the_interpreter_entry_point_keeps_every_site_by_default(monkeypatch):
+    """``inference.smc.smc`` (used by pmmh, smc_steer, guided SMC) keeps what it kept."""
+    monkeypatch.setattr(trace_module, "KEEP_ALL_LIMIT", 10)
+    sites, _, h = _run(10, 50)
+    assert len(sites) == 12 and h.trace.dropped == []
 
 
 def test_keep_left_out_past_the_limit_keeps_the_return_and_last_value(monkeypatch):
     full, lw_full, _ = _run(30, 100, keep="all")
     monkeypatch.setattr(trace_module, "KEEP_ALL_LIMIT", 100 * 10)  # past x, x[0..8]
-    sites, lw, h = _run(30, 100)
+    sites, lw, h = _run(30, 100, keep="auto")
     assert set(sites) == {"return", "x[29]"}
     assert h.trace.dropped == ["x", *(f"x[{t}]" for t in range(29))]
     assert torch.equal(sites["x[29]"][0], full["x[29]"][0])
