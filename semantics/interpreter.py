@@ -160,7 +160,7 @@ class Frame:
     def address(self, name: str) -> str:
         """A fresh address for ``name`` in this frame: loop indices appended, and
         '#k' when the same name is reached again at the same indices."""
-        key = name + "".join(f"[{i}]" for i in self.loops)
+        key = name + "".join([f"[{i}]" for i in self.loops]) if self.loops else name
         k = self.counters.get(key, 0)
         self.counters[key] = k + 1
         return self.path + (key if k == 0 else f"{key}#{k}")

@@ -320,6 +320,10 @@ def _positions_of(v_idx: torch.Tensor, ctx: Particles) -> torch.Tensor:
 
 def rows(v: Batched | PerParticle, ctx: Particles):
     """The rows of a batched value for the particles of ``ctx`` (tensor or list)."""
+    if type(v) is Batched:  # the common case first: one catch-up, no property calls
+        v._fresh()
+        if v._idx is ctx.idx:
+            return v._t
     if v.idx is ctx.idx:
         return v.t if isinstance(v, Batched) else v.items
     pos = _positions_of(v.idx, ctx)
