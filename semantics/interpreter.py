@@ -35,7 +35,7 @@ from . import ir, limits
 from .dist_values import DistValue, ProposedDist
 from .errors import PPLError, PPLRecursionError, PPLRuntimeError, did_you_mean
 from .values import (Batched, Particles, PerParticle, Undefined, batch_rows, binop,
-                     describe, is_batched, is_numeric, materialize, merge_parts, pack,
+                     deep_batched, describe, is_batched, is_numeric, materialize, merge_parts, pack,
                      reject_distribution, restrict, rows, to_bool_rows, truthy, unop, as_tensor)
 
 
@@ -861,6 +861,8 @@ def _only_for(v, ctx: Particles):
     """A value that exists only for the particles of ctx."""
     if is_numeric(v) and not isinstance(v, torch.Tensor):
         return Batched(batch_rows(v, ctx), ctx.idx)
+    if deep_batched(v):  # a list holding per-particle values: each particle's own list
+        return PerParticle(materialize(v, ctx), ctx.idx)
     return PerParticle([v] * ctx.M, ctx.idx)
 
 

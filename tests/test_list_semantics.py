@@ -311,3 +311,19 @@ def test_fraction_data_is_a_vector_and_a_huge_integer_is_an_error():
     for method in ("enumerate", "importance"):
         with pytest.raises(ppl.PPLError, match="data 'a' holds an integer that does not fit in 64 bits"):
             m.run(method, {"a": [1, 2 ** 70]}, particles=10, seed=0)
+
+
+@pytest.mark.parametrize("method", ["importance", "smc"])
+def test_a_list_with_a_per_particle_element_made_in_one_branch_is_each_particles_own_list(method):
+    """`w = [z, 1]` on one branch, `w = "none"` on the other: each particle that took the
+    first branch returns its own [z_i, 1] (it returned the internal batched object before),
+    and the others "none"."""
+    m = ppl.model("def main():\n    z ~ normal(0, 1)\n    b ~ flip(0.5)\n    if b:\n        w = [z, 1]\n"
+                  "    else:\n        w = 'none'\n    return w\n")
+    r = m.run(method, particles=50, seed=0)
+    z, b, ret = r.sites["z"].value, r.sites["b"].value, r.sites["return"].value
+    for i in range(50):
+        if bool(b[i]):
+            assert ret[i] == (pytest.approx(float(z[i])), 1)
+        else:
+            assert ret[i] == "none"
