@@ -153,3 +153,24 @@ def test_pmmh_on_a_choice_in_a_branch_is_exact_and_marks_it_absent():
     b = r.sites["b"].value.bool()
     assert 0 < int(b.sum()) < 30
     assert torch.equal(r.sites["c"].present, b)  # was: every draw "had" c (a placeholder value where b is False)
+
+
+def test_a_parameter_whose_prior_depends_on_a_latent_choice_is_a_located_error():
+    """p(theta) must be one number for the whole population: a prior depending on a
+    choice that is not a parameter (drawn per particle) would make PMMH's target wrong."""
+    m = ppl.model("""
+def m():
+    x ~ normal(0, 1)
+    mu ~ normal(x, 1)
+    observe 0.5 ~ normal(mu, 1)
+    return mu
+""")
+    with pytest.raises(PPLError) as e:
+        m.run("pmmh", {}, params=["mu"], particles=4, samples=5, burn_in=0, chains=1, seed=0)
+    assert "'mu' has a different prior in different particles" in str(e.value) and ":4:" in str(e.value)
+
+
+def test_an_unknown_kernel_is_an_error_naming_the_kernels(model):
+    with pytest.raises(PPLError, match="PMMH has no kernel 'gibbs'") as e:
+        model.run("pmmh", {}, params=["k"], kernel="gibbs", particles=2, samples=5, burn_in=0, chains=1, seed=0)
+    assert "rw, prior" in str(e.value)
