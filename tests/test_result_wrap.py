@@ -94,3 +94,27 @@ def test_a_result_passes_through_unchanged():
 def test_anything_else_is_a_type_error():
     with pytest.raises(TypeError, match="cannot make a result of a dict"):
         as_result({"return": 1})
+
+
+def test_ppl_result_still_offers_every_name_after_the_split():
+    """ppl/result.py was split into ppl.results.{values,stats,text,export,plots}: the names
+    other modules import from ppl.result are still there, and are the parts' own objects."""
+    import ppl.result as result
+    from ppl.results import plots, values
+    for name in ("Site", "WeightedResult", "ExactResult", "MCMCResult", "BestOfNResult", "as_result",
+                 "INTEGRAL_MAX_LEVELS", "FLOAT_MAX_LEVELS", "_to_key", "_pyplot"):
+        assert hasattr(result, name), name
+    assert result._to_key is values._to_key and result._pyplot is plots._pyplot
+    assert (result.INTEGRAL_MAX_LEVELS, result.FLOAT_MAX_LEVELS) == (1000, 20)
+
+
+def test_parts_do_not_import_the_result_classes():
+    """The parts have one job each and never reach back into ppl.result (no cycle)."""
+    import ast
+    import pathlib
+    import ppl.results
+    for path in pathlib.Path(ppl.results.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {("." * n.level) + (n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not {"ppl.result", "ppl.api", "ppl", "..result", "..api", ".."} & imported, path.name
