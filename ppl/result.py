@@ -145,6 +145,12 @@ class _ResultBase:
         cache = self.__dict__.setdefault("_views", {})
         if name not in cache:
             if not isinstance(name, str) or name not in self.names:
+                dropped = getattr(self, "extra", {}).get("dropped_sites") or ()
+                if name in dropped:
+                    raise PPLError(f"the site {name!r} was not kept by this run",
+                                   hint=f"a long SMC run keeps the return value and the last value of each "
+                                        f"choice by default ({len(dropped)} sites left out); pass "
+                                        f"keep=[{name!r}, ...] (or keep='all') to keep it")
                 hint = did_you_mean(str(name), self.names)
                 if hint is None:
                     shown = ", ".join(repr(n) for n in self.names[:12])

@@ -137,6 +137,11 @@ def test_model_run_records_the_sites_the_default_rule_dropped(monkeypatch):
     res = ppl.model(SSM).run("smc", {"ys": _ys(12)}, particles=50, seed=0)
     assert set(res.samples) == {"return", "x[11]"}
     assert res.extra["dropped_sites"] == ["x", *(f"x[{t}]" for t in range(11))]
+    # never silent: the summary says sites were left out, and asking for one says how to keep it
+    assert "12 earlier sites of this long run were not kept" in res.summary()
+    with pytest.raises(ppl.PPLError) as e:
+        res.mean("x[3]")
+    assert "was not kept" in str(e.value) and "keep=['x[3]'" in str(e.value)
 
 
 def test_choice_names_strip_loop_indices_and_call_counters():

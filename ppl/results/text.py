@@ -89,6 +89,10 @@ def summary(result, names: str | Iterable[str] | None = None, *, show_warnings: 
         out.append(f"... and {omitted} more sites (pass names=[...] to choose)")
     if partial:
         out.append("(statistics of sites with exists < 1 are conditional on the site existing)")
+    dropped = getattr(result, "extra", {}).get("dropped_sites")
+    if dropped:
+        out.append(f"({len(dropped)} earlier sites of this long run were not kept: pass keep=[...] or "
+                   "keep='all' to keep them)")
     if show_warnings:
         out += [f"warning: {w}" for w in result.warnings]
     return "\n".join(out)
