@@ -19,8 +19,21 @@ from typing import Any
 import torch
 
 
+class _Unpackable:
+    """Algorithms returned tuples before they returned this type (``smc``: ``(sites,
+    log_weights, handler)``, ``mh``: ``(kept states, acceptance rate)``, ...). Code written
+    against those keeps working: unpacking the object gives the old tuple, kept in
+    ``legacy`` (not part of the value: excluded from ``repr`` and ``==``). New code reads
+    the fields."""
+
+    def __iter__(self):
+        if self.legacy is None:
+            raise TypeError(f"a {type(self).__name__} is not a tuple: read its fields")
+        return iter(self.legacy)
+
+
 @dataclass
-class Population:
+class Population(_Unpackable):
     """N weighted particles. ``sites``: address (and "return") -> (values, present):
     values a tensor [N, ...] or a list of N plain values, present a bool tensor [N] or
     None when every particle has that choice. ``extra``: what the algorithm adds
@@ -30,6 +43,7 @@ class Population:
     sites: dict
     log_weights: torch.Tensor
     extra: dict = field(default_factory=dict)
+    legacy: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -44,7 +58,7 @@ class Population:
 
 
 @dataclass
-class Chains:
+class Chains(_Unpackable):
     """C Markov chains of S kept draws each. ``sites``: address -> (values, present) with
     values [C * S, ...] in chain-major order (chain c's draws are rows c*S .. c*S+S-1);
     ``r_hat`` and ``ess`` per site (split R-hat and bulk ESS over the chains)."""
@@ -57,6 +71,7 @@ class Chains:
     r_hat: dict = field(default_factory=dict)
     ess: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    legacy: tuple | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
