@@ -22,8 +22,9 @@ INFERENCE = sorted((ROOT / "inference").glob("*.py"))
 ALLOWED = ("ppl.inference", "ppl.semantics", "ppl.stdlib")
 
 
-def _imports(path: Path):
-    """(line, absolute module name) of every import in the file, at any depth."""
+def _imports(path: Path, package: str = "inference"):
+    """(line, absolute module name) of every import in the file, at any depth
+    (``package``: the folder's name under ``ppl``, to resolve relative imports)."""
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -32,7 +33,7 @@ def _imports(path: Path):
             if node.level == 0:
                 yield node.lineno, node.module or ""
             else:  # inference/x.py: "." is ppl.inference, ".." is ppl
-                base = ["ppl", "inference"][:3 - node.level] if node.level <= 2 else []
+                base = ["ppl", package][:3 - node.level] if node.level <= 2 else []
                 mod = ".".join(base + ([node.module] if node.module else []))
                 if node.module is None:  # from .. import x: each name is a module
                     for alias in node.names:
@@ -48,6 +49,23 @@ def test_inference_imports_nothing_above_it():
             if (mod == "ppl" or mod.startswith("ppl.")) and not mod.startswith(ALLOWED):
                 bad.append(f"{path.name}:{line}: {mod}")
     assert not bad, "inference/ imports the layer above it:\n" + "\n".join(bad)
+
+
+#: for each lower layer, what it may import from ppl (compiler -> semantics <- inference <- ppl)
+LOWER_LAYERS = {
+    "semantics": ("ppl.semantics", "ppl.stdlib"),
+    "compiler": ("ppl.compiler", "ppl.semantics", "ppl.stdlib"),
+}
+
+
+@pytest.mark.parametrize("package", sorted(LOWER_LAYERS))
+def test_the_lower_layers_import_nothing_above_them(package):
+    """semantics/ never imports the compiler, inference or the face; the compiler never
+    imports inference or the face (not even inside a function)."""
+    bad = [f"{path.name}:{line}: {mod}" for path in sorted((ROOT / package).glob("*.py"))
+           for line, mod in _imports(path, package)
+           if (mod == "ppl" or mod.startswith("ppl.")) and not mod.startswith(LOWER_LAYERS[package])]
+    assert not bad, f"{package}/ imports a layer above it:\n" + "\n".join(bad)
 
 
 def test_the_issue_grep_finds_nothing():
