@@ -22,12 +22,14 @@ from ..semantics.sampling import Weighting, accumulate, column, drive, prior
 from ..semantics.values import Particles
 from ..stdlib.progress import NO_BAR, counted, progress_bar
 from ..stdlib import rng
+from .population import Population
 
 
 def likelihood_weighting(interp: Interpreter, entry: str, data: dict, particles: int, device="cpu",
                          at_checkpoint=accumulate, progress: bool | None = None, label: str = "importance"):
-    """Run ``entry(**data)`` for ``particles`` particles: returns (sites, log_weights),
-    sites mapping "return" and each choice address to (values, present).
+    """Run ``entry(**data)`` for ``particles`` particles: a ``Population`` named ``label``
+    (unpacking to the older (sites, log_weights)), its sites mapping "return" and each
+    choice address to (values, present).
 
     If every weight is zero, the run is repeated from the same random state to find the
     first likelihood site after which no particle survived, and a ``ZeroEvidenceError``
@@ -49,9 +51,8 @@ def likelihood_weighting(interp: Interpreter, entry: str, data: dict, particles:
               Weighting(particles, device, at_checkpoint=_no_particle_left))
         raise ZeroEvidenceError("every particle has weight zero (log evidence = -inf)",
                                 hint="the observations/conditions may be impossible under the prior")
-    sites = {"return": (column(ret, ctx), None)}
-    sites.update(h.trace.sites())
-    return sites, h.log_weights
+    sites = {"return": (column(ret, ctx), None), **h.trace.sites()}
+    return Population(label, sites, h.log_weights, legacy=(sites, h.log_weights))
 
 
 def impossible_site(interp: Interpreter, entry: str, data: dict, particles: int, device="cpu", start=None):

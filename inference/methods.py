@@ -21,13 +21,13 @@ from ..semantics.errors import PPLRuntimeError
 from ..semantics.exact import DEFAULT_MAX_PATHS, DEFAULT_MAX_SECONDS, enumerate_paths
 from ..semantics.options import OptionSpec
 from .amortized import run_guided_importance, run_guided_smc
-from .diagnostics import chain_diagnostics, draw_diagnostics
+from .diagnostics import chain_diagnostics
 from .importance import likelihood_weighting
 from .mh import mh
 from .pmmh import pmmh
 from .population import Chains, Optimum, Population
 from .resample_move import resample_move
-from .resampling import SCHEMES, log_mean_exp
+from .resampling import SCHEMES
 from .smc import smc
 from .steer import best_of_n, smc_steer
 from .tempering import tempered_smc
@@ -74,18 +74,17 @@ def run_importance(model, data: dict, *, particles: int = 1000, device: str = "c
     run (without ``proposal``)."""
     if proposal is not None:
         return run_guided_importance(model, data, proposal, particles=particles, device=device)
-    sites, log_weights = likelihood_weighting(model.interpreter(), model.entry, model.prepare_data(data, device),
-                                              int(particles), device, progress=progress)
-    return Population("importance", sites, log_weights)
+    return likelihood_weighting(model.interpreter(), model.entry, model.prepare_data(data, device), int(particles),
+                                device, progress=progress)
 
 
 def run_prior(model, data: dict, *, particles: int = 1000, device: str = "cpu", progress: bool | None = None,
               **_) -> Population:
     """Prior draws: likelihood weighting's particles with weights ignored. ``progress``:
     a counter of the sites the batch has run."""
-    sites, log_weights = likelihood_weighting(model.interpreter(), model.entry, model.prepare_data(data, device),
-                                              int(particles), device, progress=progress, label="prior")
-    return Population("prior", sites, torch.zeros_like(log_weights))
+    draws = likelihood_weighting(model.interpreter(), model.entry, model.prepare_data(data, device), int(particles),
+                                 device, progress=progress, label="prior")
+    return Population("prior", draws.sites, torch.zeros_like(draws.log_weights))
 
 
 def run_smc(model, data: dict, *, particles: int = 1000, device: str = "cpu", resampling: str = "systematic",
@@ -104,12 +103,9 @@ def run_smc(model, data: dict, *, particles: int = 1000, device: str = "cpu", re
     if proposal is not None:
         return run_guided_smc(model, data, proposal, particles=particles, device=device, resampling=resampling,
                               ess_threshold=ess_threshold, progress=progress)
-    sites, log_weights, h = smc(model.interpreter(), model.entry, model.prepare_data(data, device), int(particles),
-                                device, resampling=resampling, ess_threshold=ess_threshold, progress=progress,
-                                keep="auto" if keep is None else keep)
-    return Population("smc", sites, log_weights,
-                      {"history": h.history, "resampling": resampling, "ess_threshold": ess_threshold,
-                       **({"dropped_sites": h.trace.dropped} if h.trace.dropped else {})})
+    return smc(model.interpreter(), model.entry, model.prepare_data(data, device), int(particles), device,
+               resampling=resampling, ess_threshold=ess_threshold, progress=progress,
+               keep="auto" if keep is None else keep)
 
 
 def run_mh(model, data: dict, *, particles: int = 4, samples: int = 1000, burn_in: int = 500, thin: int = 1,
@@ -144,11 +140,9 @@ def run_resample_move(model, data: dict, *, particles: int = 1000, device: str =
     """Resample-move SMC (``inference.resample_move``): SMC with ``moves`` MH steps per
     particle after each resampling. ``extra["acceptance"]`` lists the MH acceptance rate
     at each rejuvenation. ``progress``: a counter of checkpoints with the ESS."""
-    sites, log_weights, h, acc = resample_move(
-        model.interpreter(), model.entry, model.prepare_data(data, device), int(particles), device,
-        resampling=resampling, ess_threshold=ess_threshold, moves=int(moves), kernel=kernel, scale=float(scale),
-        progress=progress)
-    return Population("resample_move", sites, log_weights, {"history": h.history, "acceptance": acc, "moves": moves})
+    return resample_move(model.interpreter(), model.entry, model.prepare_data(data, device), int(particles), device,
+                         resampling=resampling, ess_threshold=ess_threshold, moves=int(moves), kernel=kernel,
+                         scale=float(scale), progress=progress)
 
 
 def run_pmmh(model, data: dict, *, params=None, particles: int = 100, samples: int = 500, burn_in: int = 100,
@@ -161,18 +155,10 @@ def run_pmmh(model, data: dict, *, params=None, particles: int = 100, samples: i
     random walk of size ``scale``) or "prior" (independent prior draws: discrete params)."""
     if isinstance(params, str):
         params = [p.strip() for p in params.split(",") if p.strip()]
-    interp = model.interpreter()
-    prepared = model.prepare_data(data, device)
-    runs, rates = [], []
-    for _ in range(int(chains)):
-        draws, rate = pmmh(interp, model.entry, prepared, list(params or []), particles=int(particles),
-                           samples=int(samples), burn_in=int(burn_in), scale=float(scale), kernel=kernel,
-                           device=device, resampling=resampling, ess_threshold=ess_threshold, progress=progress)
-        runs.append(draws)
-        rates.append(rate)
-    sites, r_hat, ess = draw_diagnostics(runs)
-    return Chains("pmmh", sites, int(chains), int(samples), sum(rates) / len(rates), r_hat, ess,
-                  {"params": params, "particles": particles})
+    return pmmh(model.interpreter(), model.entry, model.prepare_data(data, device), list(params or []),
+                particles=int(particles), samples=int(samples), burn_in=int(burn_in), chains=int(chains),
+                scale=float(scale), kernel=kernel, device=device, resampling=resampling,
+                ess_threshold=ess_threshold, progress=progress)
 
 
 def run_tempering(model, data: dict, *, particles: int = 1000, device: str = "cpu", target_ess: float = 0.5,
@@ -216,12 +202,8 @@ def run_smc_steer(model, data: dict, *, particles: int = 100, expansion: int = 4
     the particles*expansion children is below that fraction). The population holds all
     particles*expansion weighted slots; ``extra["history"]`` is as for ``smc``.
     ``progress``: a counter of checkpoints with the ESS."""
-    sites, log_weights, h = smc_steer(model.interpreter(), model.entry, model.prepare_data(data, device),
-                                      particles, expansion, device, ess_threshold=ess_threshold,
-                                      progress=progress)
-    return Population("smc_steer", sites, log_weights,
-                      {"history": h.history, "parents": h.parents, "expansion": h.expansion,
-                       "ess_threshold": ess_threshold})
+    return smc_steer(model.interpreter(), model.entry, model.prepare_data(data, device), particles, expansion, device,
+                     ess_threshold=ess_threshold, progress=progress)
 
 
 def run_best_of_n(model, data: dict, *, particles: int = 100, device: str = "cpu", progress: bool | None = None,
@@ -229,14 +211,8 @@ def run_best_of_n(model, data: dict, *, particles: int = 100, device: str = "cpu
     """Best-of-N (``inference.steer.best_of_n``): the highest-scoring of ``particles``
     prior draws, as an ``Optimum`` (one particle; an optimum, not a posterior).
     ``progress``: a counter of the sites the batch has run."""
-    sites, best, score, log_weights = best_of_n(model.interpreter(), model.entry,
-                                                model.prepare_data(data, device), particles, device,
-                                                progress=progress)
-    one = {}
-    for name, (v, present) in sites.items():
-        v = v[best:best + 1] if isinstance(v, torch.Tensor) else [v[best]]
-        one[name] = (v, None if present is None else present[best:best + 1])
-    return Optimum("best_of_n", one, score, int(particles), log_mean_exp(log_weights))
+    return best_of_n(model.interpreter(), model.entry, model.prepare_data(data, device), particles, device,
+                     progress=progress)
 
 
 def run_enumerate(model, data: dict, *, max_paths: int = DEFAULT_MAX_PATHS,

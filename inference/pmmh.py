@@ -34,6 +34,8 @@ import torch
 from ..semantics.errors import PPLRuntimeError, ZeroEvidenceError
 from ..semantics.values import Batched, Particles, rows
 from ..stdlib.progress import progress_bar
+from .diagnostics import draw_diagnostics
+from .population import Chains
 from .randomness import TorchRandomness
 from .smc import SMCHandler, smc
 
@@ -151,9 +153,11 @@ def initial_state(estimate, params: list, randomness, tries: int = 100) -> PMMHS
 
 
 def pmmh(interp, entry: str, data: dict, params: list, *, particles: int = 100, samples: int = 500,
-         burn_in: int = 100, scale: float = 0.2, kernel: str = "rw", device="cpu", resampling="systematic",
-         ess_threshold=1.0, progress: bool | None = None, randomness=None):
-    """Run one PMMH chain: returns (draws: list of dicts address -> value, acceptance rate)."""
+         burn_in: int = 100, chains: int = 1, scale: float = 0.2, kernel: str = "rw", device="cpu",
+         resampling="systematic", ess_threshold=1.0, progress: bool | None = None, randomness=None) -> Chains:
+    """Run ``chains`` PMMH chains one after the other: ``Chains`` of their kept draws
+    (``extra``: "params", "particles"); one chain unpacks to the older (draws: list of
+    dicts address -> value, acceptance rate)."""
     if not params:
         raise PPLRuntimeError("PMMH needs params=[...]: the addresses of the choices to run MH on")
     if kernel not in KERNELS:
@@ -161,13 +165,19 @@ def pmmh(interp, entry: str, data: dict, params: list, *, particles: int = 100, 
     randomness = randomness or TorchRandomness()
     estimate = partial(smc_estimate, interp, entry, data, particles=particles, device=device,
                        resampling=resampling, ess_threshold=ess_threshold)
-    state = initial_state(estimate, params, randomness)
-    draws, accepted = [], 0
-    with progress_bar(progress, desc="PMMH", unit=" steps", total=burn_in + samples) as bar:
-        for i in range(burn_in + samples):
-            state, ok = pmmh_step(estimate, state, randomness, kernel=kernel, scale=scale)
-            if i >= burn_in:
-                accepted += ok
-                draws.append(state.pick)
-            bar.update(1)
-    return draws, accepted / max(1, samples)
+    runs, rates = [], []
+    for _ in range(chains):
+        state = initial_state(estimate, params, randomness)
+        draws, accepted = [], 0
+        with progress_bar(progress, desc="PMMH", unit=" steps", total=burn_in + samples) as bar:
+            for i in range(burn_in + samples):
+                state, ok = pmmh_step(estimate, state, randomness, kernel=kernel, scale=scale)
+                if i >= burn_in:
+                    accepted += ok
+                    draws.append(state.pick)
+                bar.update(1)
+        runs.append(draws)
+        rates.append(accepted / max(1, samples))
+    sites, r_hat, ess = draw_diagnostics(runs)
+    return Chains("pmmh", sites, chains, samples, sum(rates) / len(rates), r_hat, ess,
+                  {"params": params, "particles": particles}, legacy=(draws, rates[0]) if chains == 1 else None)

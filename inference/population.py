@@ -23,13 +23,16 @@ class _Unpackable:
     """Algorithms returned tuples before they returned this type (``smc``: ``(sites,
     log_weights, handler)``, ``mh``: ``(kept states, acceptance rate)``, ...). Code written
     against those keeps working: unpacking the object gives the old tuple, kept in
-    ``legacy`` (not part of the value: excluded from ``repr`` and ``==``). New code reads
-    the fields."""
+    ``legacy`` (not part of the value: excluded from ``repr`` and ``==``); indexing
+    (``smc(...)[0]``) too. New code reads the fields."""
 
     def __iter__(self):
         if self.legacy is None:
             raise TypeError(f"a {type(self).__name__} is not a tuple: read its fields")
         return iter(self.legacy)
+
+    def __getitem__(self, i):
+        return tuple(self)[i]
 
 
 @dataclass

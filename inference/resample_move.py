@@ -33,6 +33,7 @@ from ..semantics.sampling import Suspended, Weighting, column, drive, fixed, tru
 from ..semantics.values import Lineage, Particles, lineage_scope
 from ..stdlib.progress import NO_BAR, progress_bar
 from . import mh as mh_mod
+from .population import Population
 from .smc import SMCHandler
 
 
@@ -57,8 +58,9 @@ class _SuspendAfterResampling(SMCHandler):
 def resample_move(interp, entry: str, data: dict, particles: int, device="cpu", *, resampling="systematic",
                   ess_threshold: float = 1.0, moves: int = 1, kernel: str = "prior", scale: float = 0.5,
                   randomness=None, progress: bool | None = None):
-    """Run resample-move SMC: returns (sites, log_weights, handler, acceptance rates).
-    ``randomness`` (default: torch) serves both the SMC and the MH draws. ``progress``: a
+    """Run resample-move SMC: a ``Population`` (unpacking to the older (sites, log_weights,
+    handler, acceptance rates)); ``extra``: "history" as for ``smc``, "acceptance" (the
+    MH acceptance rate at each rejuvenation), "moves". ``randomness`` (default: torch) serves both the SMC and the MH draws. ``progress``: a
     counter of synchronisation checkpoints with the ESS, as for ``smc``."""
     randomness = randomness or mh_mod.TorchMHRandomness()
     N, moved, acceptance = particles, None, []
@@ -80,7 +82,9 @@ def resample_move(interp, entry: str, data: dict, particles: int, device="cpu", 
                     moved, rate = _move(interp, entry, data, h, N, device, moves, kernel, scale, randomness)
                     acceptance.append(rate)
     h.bar = NO_BAR
-    return sites, h.log_weights + h.log_z, h, acceptance
+    lw = h.log_weights + h.log_z
+    return Population("resample_move", sites, lw, {"history": h.history, "acceptance": acceptance, "moves": moves},
+                      legacy=(sites, lw, h, acceptance))
 
 
 def _move(interp, entry, data, h: SMCHandler, N: int, device, moves, kernel, scale, randomness):

@@ -36,6 +36,7 @@ from ..semantics.sampling import Weighting, column, drive, prior
 from ..semantics.trace import Trace
 from ..semantics.values import Lineage, Particles, lineage_scope
 from ..stdlib.progress import NO_BAR, progress_bar
+from .population import Population
 from .randomness import TorchRandomness
 from .resampling import SCHEMES, log_mean_exp
 
@@ -116,9 +117,11 @@ class SMCHandler(Weighting):
 def smc(interp: Interpreter, entry: str, data: dict, particles: int, device="cpu", *,
         resampling: str = "systematic", ess_threshold: float = 1.0, randomness=None,
         handler_cls=None, progress: bool | None = None, label: str = "smc", keep=None):
-    """Run SMC: returns (sites, log_weights, handler). ``log_weights`` include the
-    evidence accumulated at resampling steps, so that log-mean-exp of them is the
-    log-evidence estimate and their normalisation the final particle weights.
+    """Run SMC: a ``Population`` named ``label`` (unpacking to the older (sites,
+    log_weights, handler)) whose ``log_weights`` include the evidence accumulated at
+    resampling steps, so that log-mean-exp of them is the log-evidence estimate and their
+    normalisation the final particle weights; ``extra``: "history" (a ``StepRecord`` per
+    synchronisation checkpoint), "resampling", "ess_threshold" and "dropped_sites" (if any).
     ``progress`` (``stdlib.progress``): a counter of synchronisation checkpoints named
     ``label``, with the ESS at the last one (their number is not known in advance).
     ``keep``: the sites to keep (``semantics.trace``): a list of addresses and/or
@@ -134,4 +137,7 @@ def smc(interp: Interpreter, entry: str, data: dict, particles: int, device="cpu
             ret = drive(interp.run(entry, data, ctx), h)
         h.bar = NO_BAR
         sites = {**({"return": (column(ret, ctx), None)} if h.trace.keeps("return") else {}), **h.trace.sites()}
-    return sites, h.log_weights + h.log_z, h
+    lw = h.log_weights + h.log_z
+    extra = {"history": h.history, "resampling": resampling, "ess_threshold": ess_threshold,
+             **({"dropped_sites": h.trace.dropped} if h.trace.dropped else {})}
+    return Population(label, sites, lw, extra, legacy=(sites, lw, h))

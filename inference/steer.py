@@ -44,6 +44,8 @@ import torch
 
 from ..semantics.errors import PPLRuntimeError
 from .importance import likelihood_weighting
+from .population import Optimum
+from .resampling import log_mean_exp
 from .smc import SMCHandler, smc
 
 
@@ -77,9 +79,10 @@ def _positive_int(value, what: str) -> int:
 
 def smc_steer(interp, entry: str, data: dict, particles: int, expansion: int, device="cpu", *,
               ess_threshold: float = 1.0, randomness=None, handler_cls=None, progress: bool | None = None):
-    """Run ``smc_steer`` with ``particles`` parents, each extended ``expansion`` ways:
-    returns (sites, log_weights, handler) for the particles*expansion slots, like
-    ``inference.smc.smc`` (log-mean-exp of the log weights is log Z_hat). ``randomness``
+    """Run ``smc_steer`` with ``particles`` parents, each extended ``expansion`` ways: a
+    ``Population`` of the particles*expansion slots, like ``inference.smc.smc``'s
+    (log-mean-exp of the log weights is log Z_hat; ``extra``: "history", "parents",
+    "expansion", "ess_threshold"). ``randomness``
     must have ``sample`` and ``select_without_replacement``; ``handler_cls`` substitutes
     a subclass of ``SteerHandler`` (to check a modified algorithm). ``progress``: as for
     ``smc``, a counter of checkpoints with the ESS of the particles*expansion slots."""
@@ -88,8 +91,10 @@ def smc_steer(interp, entry: str, data: dict, particles: int, expansion: int, de
     if not 0.0 <= float(ess_threshold) <= 1.0:
         raise PPLRuntimeError(f"ess_threshold must be in [0, 1] (got {ess_threshold!r})")
     cls = functools.partial(handler_cls or SteerHandler, expansion=K)
-    return smc(interp, entry, data, N * K, device, ess_threshold=ess_threshold, randomness=randomness,
-               handler_cls=cls, progress=progress, label="smc_steer")
+    pop = smc(interp, entry, data, N * K, device, ess_threshold=ess_threshold, randomness=randomness,
+              handler_cls=cls, progress=progress, label="smc_steer")
+    pop.extra = {"history": pop.extra["history"], "parents": N, "expansion": K, "ess_threshold": ess_threshold}
+    return pop
 
 
 def _finite_scores(h, eff) -> None:
@@ -107,11 +112,13 @@ def _finite_scores(h, eff) -> None:
 
 
 def best_of_n(interp, entry: str, data: dict, particles: int, device="cpu", progress: bool | None = None):
-    """N prior draws, scored by their total log weight: returns (sites, index of the best,
-    its score, all N log weights). Ties go to the lowest index. ``progress``: as for
-    ``importance.likelihood_weighting``."""
+    """N prior draws, scored by their total log weight: the best as an ``Optimum`` (one
+    particle, its score, and the N draws' importance estimate of log Z). Ties go to the
+    lowest index. ``progress``: as for ``importance.likelihood_weighting``."""
     N = _positive_int(particles, "particles")
-    sites, log_weights = likelihood_weighting(interp, entry, data, N, device, at_checkpoint=_finite_scores,
-                                              progress=progress, label="best_of_n")
-    best = int(torch.argmax(log_weights))  # the first maximum
-    return sites, best, float(log_weights[best]), log_weights
+    pop = likelihood_weighting(interp, entry, data, N, device, at_checkpoint=_finite_scores, progress=progress,
+                               label="best_of_n")
+    best = int(torch.argmax(pop.log_weights))  # the first maximum
+    one = {name: (v[best:best + 1] if isinstance(v, torch.Tensor) else [v[best]],
+                  None if present is None else present[best:best + 1]) for name, (v, present) in pop.sites.items()}
+    return Optimum("best_of_n", one, float(pop.log_weights[best]), N, log_mean_exp(pop.log_weights))

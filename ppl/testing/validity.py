@@ -409,9 +409,8 @@ def smc_algorithm(particles: int, resampling: str = "systematic", ess_threshold:
     """SMC with the given scheme (any registered one), as ``check_proper`` wants it
     (``handler`` substitutes a handler class, to check a modified algorithm)."""
     def run(interp, entry, data, rnd):
-        sites, lw, _ = smc(interp, entry, data, particles, "cpu", resampling=resampling,
-                           ess_threshold=ess_threshold, randomness=rnd, handler_cls=handler)
-        return Population("smc", sites, lw)
+        return smc(interp, entry, data, particles, "cpu", resampling=resampling, ess_threshold=ess_threshold,
+                   randomness=rnd, handler_cls=handler)
     return checkable(run, particles)
 
 
@@ -422,9 +421,8 @@ def steer_algorithm(particles: int, expansion: int, ess_threshold: float = 1.0, 
     ``SteerHandler`` and ``wrap(randomness)`` another randomness source, to check a
     modified algorithm."""
     def run(interp, entry, data, rnd):
-        sites, lw, _ = smc_steer(interp, entry, data, particles, expansion, "cpu", ess_threshold=ess_threshold,
-                                 randomness=wrap(rnd) if wrap else rnd, handler_cls=handler)
-        return Population("smc_steer", sites, lw)
+        return smc_steer(interp, entry, data, particles, expansion, "cpu", ess_threshold=ess_threshold,
+                         randomness=wrap(rnd) if wrap else rnd, handler_cls=handler)
     return checkable(run, particles * expansion)
 
 
@@ -542,9 +540,8 @@ def _state_of(interp, entry, data, trace: dict):
 def resample_move_algorithm(particles: int, moves: int = 1, resampling: str = "systematic"):
     """Resample-move SMC as ``check_proper`` wants it (its SMC and MH draws enumerated)."""
     def run(interp, entry, data, rnd):
-        sites, lw, _, _ = resample_move(interp, entry, data, particles, "cpu", resampling=resampling, moves=moves,
-                                        randomness=rnd)
-        return Population("resample_move", sites, lw)
+        return resample_move(interp, entry, data, particles, "cpu", resampling=resampling, moves=moves,
+                             randomness=rnd)
     return checkable(run, particles)
 
 
