@@ -28,13 +28,11 @@ for finite programs, enumerating every site choice, proposal and accept/reject o
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..semantics import gfi
 from ..semantics.errors import PPLRuntimeError
-from ..semantics.gfi import ModelRun, TracedState, reindex, support_bijection, unconstrained_walk  # noqa: F401
+from ..semantics.gfi import ModelRun, TracedState
 from ..semantics.interpreter import Interpreter
 from ..stdlib.progress import progress_bar
 from .importance import impossible_site
@@ -44,30 +42,15 @@ from .randomness import TorchRandomness
 MHState = TracedState
 
 
-class TorchMHRandomness(TorchRandomness):
-    """Draws for MH with torch generators (the run's: see ``TorchRandomness``;
-    the exact checker, testing/validity.py, enumerates them)."""
-
-    def choose(self, sizes: torch.Tensor) -> torch.Tensor:
-        """A uniform index in [0, sizes[c]) per chain."""
-        u = torch.rand(sizes.shape, dtype=torch.float64, device=sizes.device, generator=self.gen(sizes.device))
-        return torch.minimum((u * sizes).floor().long(), (sizes - 1).clamp(min=0).long())
-
-    def normal(self, shape, device) -> torch.Tensor:
-        return torch.randn(shape, device=device, dtype=torch.float64, generator=self.gen(device))
-
-    def uniform(self, shape, device) -> torch.Tensor:
-        return torch.rand(shape, dtype=torch.float64, device=device, generator=self.gen(device))
-
-    def accept(self, log_alpha: torch.Tensor) -> torch.Tensor:
-        return torch.log(self.uniform(log_alpha.shape, log_alpha.device)) < log_alpha
+#: the randomness of MH under its old name (``TorchRandomness`` draws MCMC's choose/normal/accept)
+TorchMHRandomness = TorchRandomness
 
 
 def initial_state(interp: Interpreter, entry: str, data: dict, chains: int, device="cpu", randomness=None,
                   tries: int = 100) -> TracedState:
     """Draw each chain's first trace from the prior, redrawing chains whose joint density
     is zero (so that every chain starts inside the support of the posterior)."""
-    randomness = randomness or TorchMHRandomness()
+    randomness = randomness or TorchRandomness()
     model = ModelRun(interp, entry, data, device)
     state = gfi.simulate(model, chains, randomness)
     for _ in range(tries):
@@ -93,14 +76,6 @@ def _blame(interp, entry, data, chains, device, tries: int = 10):
         if site is not None:
             return site
     return None
-
-
-def _run(interp, entry, data, C, device, old, chosen, randomness, kernel, scale, stop_after=None, beta=1.0):
-    """Deprecated: ``gfi.generate`` (old given) or ``gfi.simulate``, kept for callers not yet moved."""
-    model = ModelRun(interp, entry, data, device, stop_after, beta)
-    if old is None:
-        return gfi.simulate(model, C, randomness)
-    return gfi.generate(model, old, randomness)[0]
 
 
 def single_site_selection(state: TracedState, pick: torch.Tensor) -> gfi.Selection:
@@ -135,10 +110,7 @@ def mh_step(interp: Interpreter, entry: str, data: dict, state: TracedState, dev
     accepted mask). With ``stop_after`` = k the target is the program truncated after its
     k-th checkpoint (SMC's k-th target); ``beta`` tempers the likelihood."""
     return single_site_move(ModelRun(interp, entry, data, device, stop_after, beta), state,
-                            randomness or TorchMHRandomness(), kernel=kernel, scale=scale, hastings=hastings)
-
-
-_select = gfi.select  # the old private name (``mh_proposals`` and others used it)
+                            randomness or TorchRandomness(), kernel=kernel, scale=scale, hastings=hastings)
 
 
 def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples: int = 1000, burn_in: int = 500,

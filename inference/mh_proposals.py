@@ -77,7 +77,7 @@ from ..semantics import gfi
 from ..semantics.gfi import ModelRun, TracedState, combine as _combine, rows_at as _has
 from ..semantics.sampling import drive
 from ..semantics.values import Batched, Particles, PerParticle, is_batched, materialize, merge_parts, rows
-from .mh import TorchMHRandomness
+from .randomness import TorchRandomness
 
 BUILTIN_KERNELS = ("prior", "rw")
 
@@ -278,7 +278,7 @@ class ProposalKernel:
         """One MH step for every chain: returns (new state, accepted mask). The proposal
         runs on x (u, q(u|x)); ``update`` puts u into the model (x', with the fresh/stale
         prior terms); the proposal replays x's values on x' (q(u'|x')); ``metropolis``."""
-        randomness = randomness or TorchMHRandomness()
+        randomness = randomness or TorchRandomness()
         C = state.log_joint.shape[0]
         fwd = self._propose(data, state, C, device, randomness)
         new, log_w = gfi.update(ModelRun(self.interp, self.entry, data, device), state, fwd, randomness)

@@ -41,7 +41,8 @@ from ..semantics.interpreter import Interpreter
 from ..semantics.sampling import _WeightAccumulator, column, drive
 from ..semantics.values import Batched, Particles, PerParticle, rows, to_bool_rows
 from ..stdlib.distributions import deferred_checks
-from .mh import TorchMHRandomness, mh_step
+from .mh import mh_step
+from .randomness import TorchRandomness
 
 
 class NotStatic(Exception):
@@ -294,9 +295,9 @@ class TracedRandomWalk:
     def step(self, state: TracedState, randomness=None) -> tuple[TracedState, torch.Tensor]:
         """One MH step for every chain (``mh.mh_step`` with kernel "rw"): the same draws
         in the same order (site, walk noise where a chain moves that site, accept)."""
-        randomness = randomness or TorchMHRandomness()
+        randomness = randomness or TorchRandomness()
         n = len(self.addrs)
-        # TorchMHRandomness.choose for n sites in every chain, in fewer operations
+        # TorchRandomness.choose for n sites in every chain, in fewer operations
         pick = torch.clamp_max((randomness.uniform((self.C,), self.device) * float(n)).long(), n - 1)
         moved = torch.bincount(pick, minlength=n).tolist()
         noise = tuple(randomness.normal(shape, self.device) if moved[k] else self.zero_noise[k]
@@ -322,7 +323,7 @@ class TracedRandomWalk:
         return mh_step(interp, entry, data, state, self.device, randomness=replay, kernel="rw", scale=self.scale)
 
 
-class _ReplayDraws(TorchMHRandomness):
+class _ReplayDraws(TorchRandomness):
     """Gives back the draws of a traced step (to redo it with the interpreter): the
     chosen sites, the walk noise, the accept uniforms."""
 

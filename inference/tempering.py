@@ -5,29 +5,22 @@ is reached through the path of intermediate targets
 
     gamma_beta(x) = prior(x) * L(x)^beta,     0 = beta_0 < beta_1 < ... < beta_K = 1,
 
-(hard ``condition``s are kept at every beta). Particles start as prior draws; each step
-chooses the next beta by bisection so that the effective sample size of the incremental
-weights L(x)^(beta' - beta) is ``target_ess`` * N (adaptive schedule), reweights,
-resamples, and applies ``moves`` single-site MH steps that leave gamma_beta' invariant.
+(hard ``condition``s are kept at every beta), as a composition of the trace interface
+(``semantics.gfi``): ``simulate`` at beta = 0; then per step choose the next beta (by
+bisection, so that the ESS of the incremental weights L(x)^(beta' - beta) is
+``target_ess`` * N, or from a fixed ``schedule``), ``update`` the population to beta' (its
+log weight change *is* the incremental weight), ``reindex`` it by resampling, and apply
+``moves`` single-site MH steps (``mh.mh_step`` at beta') that leave gamma_beta' invariant.
+Default moves: max(2, S) for S choices (the prior draws' mean trace size), so every choice
+is updated about once per temperature (a fixed 2 left a 42-choice mixture with ~55
+distinct particles of 500 and a posterior 0.8 sd off).
 
-Default moves: ``default_moves(S)`` = max(2, S) for a model with S choices (the mean
-trace size of the prior draws): each single-site step updates one choice picked at
-random, so S steps update every choice once on average per temperature. A fixed 2 moves
-left a 42-choice mixture with ~55 distinct particles of 500 and a posterior 0.8 sd
-off. (Adaptive moves, until the population has decorrelated, are a later improvement.)
-
-Invariant: the final target is the program's posterior, unchanged by the tempering; each
-move leaves the current target gamma_beta invariant (``mh.mh_step`` on the ``ModelRun``
-at ``beta``), and the population, weighted by the product over steps of the mean
-incremental weight, is proper for the program's measure: that product is an unbiased
-estimate of the evidence Z for a fixed schedule (the adaptive one is the standard,
-slightly biased but consistent choice; testing/validity.py's ``tempering_algorithm``
-checks the fixed one exactly). The moves are what lets particles cross between modes
-that likelihood weighting, which never moves a particle, would leave unbalanced.
-
-As a composition of the trace interface (``semantics.gfi``): ``simulate`` at beta = 0,
-then per step ``update`` to the next beta (its log weight change is the incremental
-weight), ``reindex`` by resampling, and single-site MH moves.
+Invariant: the final target is the program's posterior, unchanged by the tempering; the
+population weighted by the product over steps of the mean incremental weight is proper
+for the program's measure, and that product is an unbiased estimate of the evidence Z for
+a fixed schedule (the adaptive one is the standard, slightly biased but consistent
+choice; testing/validity.py's ``tempering_algorithm`` checks the fixed one exactly). The
+moves let particles cross between modes that likelihood weighting would leave unbalanced.
 """
 from __future__ import annotations
 
@@ -40,7 +33,7 @@ from ..semantics.errors import PPLRuntimeError, ZeroEvidenceError
 from ..semantics.gfi import ModelRun
 from ..stdlib.progress import progress_bar
 from . import mh as mh_mod
-from .mh import TorchMHRandomness
+from .randomness import TorchRandomness
 from .importance import impossible_site, rng_state
 from .resampling import ess, is_weighted, log_mean_exp
 
@@ -93,7 +86,7 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
         raise PPLRuntimeError(f"tempering needs an unweighted resampling scheme ('{resampling}' returns weights)",
                               hint="use smc or resample_move with it")
     fixed = iter(schedule) if schedule is not None else None
-    randomness = randomness or TorchMHRandomness()
+    randomness = randomness or TorchRandomness()
     model = ModelRun(interp, entry, data, device)
     state = _prior_draws(model, particles, randomness)
     info = {} if info is None else info

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import ppl
-from ppl.inference.mh import TorchMHRandomness, single_site_selection
+from ppl.inference.mh import single_site_selection
+from ppl.inference.randomness import TorchRandomness
 from ppl.semantics import gfi
 from ppl.semantics.errors import PPLRuntimeError
 from ppl.testing.validity import mh_kernel_check
@@ -119,7 +120,7 @@ def test_assess_of_every_trace_is_its_exact_density(src):
 def test_assess_of_a_simulated_trace_is_its_log_joint():
     model = _model_run(BRANCHES)
     torch.manual_seed(0)
-    state = gfi.simulate(model, 64, TorchMHRandomness())
+    state = gfi.simulate(model, 64, TorchRandomness())
     assert bool(state.present["b"].any()) and bool(state.present["c"].any())  # both branches
     assert torch.equal(gfi.assess(model, state), state.log_joint)
     again, weight = gfi.generate(model, state)  # all choices given: the weight is the log joint
@@ -130,7 +131,7 @@ def test_generate_draws_the_missing_choices_and_weights_by_the_given_part():
     model = _model_run(BRANCHES)
     torch.manual_seed(1)
     given = gfi.Choices.of({"a": torch.tensor([True, False, True, False])})
-    state, weight = gfi.generate(model, given, TorchMHRandomness())
+    state, weight = gfi.generate(model, given, TorchRandomness())
     assert state.values["a"].tolist() == [True, False, True, False]
     drawn = sum(torch.where(state.present[a], state.site_lp[a], torch.zeros(4, dtype=torch.float64))
                 for a in ("b", "c", "d"))
@@ -149,9 +150,9 @@ def test_assess_names_a_missing_choice():
 def test_regenerate_with_an_empty_selection_is_the_identity():
     model = _model_run(BRANCHES)
     torch.manual_seed(2)
-    state = gfi.simulate(model, 32, TorchMHRandomness())
+    state = gfi.simulate(model, 32, TorchRandomness())
     for selection in ({}, {"a": torch.zeros(32, dtype=torch.bool)}):
-        new, log_w = gfi.regenerate(model, state, selection, TorchMHRandomness())
+        new, log_w = gfi.regenerate(model, state, selection, TorchRandomness())
         assert torch.equal(log_w, torch.zeros(32, dtype=torch.float64))
         assert torch.equal(new.log_joint, state.log_joint)
         for a in state.values:
@@ -162,7 +163,7 @@ def test_regenerate_with_an_empty_selection_is_the_identity():
 def test_update_without_change_is_the_identity_and_a_beta_change_is_a_closed_form_rescore():
     model = _model_run(TEMPERED)
     torch.manual_seed(3)
-    state = gfi.simulate(model.at(beta=0.0), 16, TorchMHRandomness())
+    state = gfi.simulate(model.at(beta=0.0), 16, TorchRandomness())
     same, w = gfi.update(model.at(beta=0.0), state)
     assert torch.equal(same.log_joint, state.log_joint) and torch.equal(w, torch.zeros(16, dtype=torch.float64))
     closed, w_closed = gfi.update(model.at(beta=0.5), state)
@@ -177,7 +178,7 @@ def test_update_weight_is_the_density_ratio_with_fresh_and_stale_terms():
     """Flip a in every trace of BRANCHES: the branch changes, so the old branch's choices
     are stale and the new branch's fresh; the weight is log p(x')/p(x) - fresh + stale."""
     model = _model_run(BRANCHES)
-    rnd = TorchMHRandomness()
+    rnd = TorchRandomness()
     torch.manual_seed(4)
     for _, choices in _exact_paths(BRANCHES):
         state, _ = gfi.generate(model, choices)
