@@ -163,8 +163,10 @@ def update(model: ModelRun, state: TracedState, constraints=None, randomness=Non
         -> tuple[TracedState, torch.Tensor]:
     """The constraints' values (``Choices``-like: ``values``, ``present``) where they have
     them, the state's elsewhere, prior draws for fresh choices: (new state, log p(x') -
-    log p(x) - fresh + stale). ``constraints`` None and only ``beta`` changed: the
-    likelihood rescaled in closed form."""
+    log p(x) - fresh + stale). ``constraints`` None: ``model`` must be the state's own
+    program; at the state's ``stop_after`` only its ``beta`` can differ, and the
+    likelihood is rescaled in closed form (a zero likelihood keeps weight -inf), else
+    the program is re-run with every choice reused."""
     if constraints is None and model.stop_after == state.stop_after:
         return _retemper(state, model.beta)
     run = _execute(model, state.chains, state, {}, randomness, constraints=constraints or Choices({}, {}))
