@@ -239,3 +239,21 @@ def test_mh_on_a_tempered_target_leaves_it_invariant():
     _assert_exact(mh_kernel_check(half, step=_mh_from_regenerate(_model_run(TEMPERED, beta=0.5))))
     # the moves at beta = 1 instead (tempering's classic bug) do not leave it invariant
     assert mh_kernel_check(half, step=_mh_from_regenerate(_model_run(TEMPERED))).invariance_error > 1e-3
+
+
+def test_update_to_a_longer_target_weights_by_the_new_likelihood_and_twist():
+    """A state of TWISTED's first SMC target (stop_after=1) updated to the whole program:
+    the choices after the checkpoint are fresh, and the weight is log p(x') - log p_1(x)
+    - fresh: the likelihood after the checkpoint minus the twist potential reached."""
+    first, whole = _model_run(TWISTED, stop_after=1), _model_run(TWISTED)
+    torch.manual_seed(5)
+    state = gfi.simulate(first, 64, TorchRandomness())
+    assert "c" not in state.values and state.stop_after == 1
+    new, weight = gfi.update(whole, state, None, TorchRandomness())
+    assert bool(new.present["c"].all()) and new.stop_after is None
+    assert torch.allclose(weight, gfi.assess(whole, new) - gfi.assess(first, state) - new.site_lp["c"],
+                          atol=EXACT, rtol=0)
+    a, b, c = new.values["a"], new.values["b"], new.values["c"]
+    twist = torch.where(a, torch.where(b, 1.5, -0.5), 0.0).double()
+    second = torch.log(torch.where(c, torch.where(a, 0.7, 0.1), torch.where(a, 0.3, 0.9))).double()
+    assert torch.allclose(weight, second - twist, atol=EXACT, rtol=0)
