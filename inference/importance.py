@@ -28,8 +28,7 @@ from .population import Population
 def likelihood_weighting(interp: Interpreter, entry: str, data: dict, particles: int, device="cpu",
                          at_checkpoint=accumulate, progress: bool | None = None, label: str = "importance"):
     """Run ``entry(**data)`` for ``particles`` particles: a ``Population`` named ``label``
-    (unpacking to the older (sites, log_weights)), its sites mapping "return" and each
-    choice address to (values, present).
+    (it unpacks to (sites, log_weights)) with "return" and every choice address.
 
     If every weight is zero, the run is repeated from the same random state to find the
     first likelihood site after which no particle survived, and a ``ZeroEvidenceError``

@@ -66,6 +66,11 @@ def check_options(options: dict) -> dict:
     return {k: OPTION_SPECS[k].check(k, v) if k in OPTION_SPECS else v for k, v in options.items()}
 
 
+def _program(model, data: dict, device):
+    """What every algorithm runs: (interpreter, entry point, data prepared for ``device``)."""
+    return model.interpreter(), model.entry, model.prepare_data(data, device)
+
+
 def run_importance(model, data: dict, *, particles: int = 1000, device: str = "cpu", proposal: Any = None,
                    progress: bool | None = None, **_) -> Population:
     """Likelihood weighting; with ``proposal`` (a guide, ``inference.amortized``) the guide
@@ -74,17 +79,15 @@ def run_importance(model, data: dict, *, particles: int = 1000, device: str = "c
     run (without ``proposal``)."""
     if proposal is not None:
         return run_guided_importance(model, data, proposal, particles=particles, device=device)
-    return likelihood_weighting(model.interpreter(), model.entry, model.prepare_data(data, device), int(particles),
-                                device, progress=progress)
+    return likelihood_weighting(*_program(model, data, device), int(particles), device, progress=progress)
 
 
 def run_prior(model, data: dict, *, particles: int = 1000, device: str = "cpu", progress: bool | None = None,
               **_) -> Population:
     """Prior draws: likelihood weighting's particles with weights ignored. ``progress``:
     a counter of the sites the batch has run."""
-    draws = likelihood_weighting(model.interpreter(), model.entry, model.prepare_data(data, device), int(particles),
-                                 device, progress=progress, label="prior")
-    return Population("prior", draws.sites, torch.zeros_like(draws.log_weights))
+    pop = likelihood_weighting(*_program(model, data, device), int(particles), device, progress=progress, label="prior")
+    return Population("prior", pop.sites, torch.zeros_like(pop.log_weights))
 
 
 def run_smc(model, data: dict, *, particles: int = 1000, device: str = "cpu", resampling: str = "systematic",
@@ -103,9 +106,8 @@ def run_smc(model, data: dict, *, particles: int = 1000, device: str = "cpu", re
     if proposal is not None:
         return run_guided_smc(model, data, proposal, particles=particles, device=device, resampling=resampling,
                               ess_threshold=ess_threshold, progress=progress)
-    return smc(model.interpreter(), model.entry, model.prepare_data(data, device), int(particles), device,
-               resampling=resampling, ess_threshold=ess_threshold, progress=progress,
-               keep="auto" if keep is None else keep)
+    return smc(*_program(model, data, device), int(particles), device, resampling=resampling,
+               ess_threshold=ess_threshold, progress=progress, keep="auto" if keep is None else keep)
 
 
 def run_mh(model, data: dict, *, particles: int = 4, samples: int = 1000, burn_in: int = 500, thin: int = 1,
@@ -140,9 +142,9 @@ def run_resample_move(model, data: dict, *, particles: int = 1000, device: str =
     """Resample-move SMC (``inference.resample_move``): SMC with ``moves`` MH steps per
     particle after each resampling. ``extra["acceptance"]`` lists the MH acceptance rate
     at each rejuvenation. ``progress``: a counter of checkpoints with the ESS."""
-    return resample_move(model.interpreter(), model.entry, model.prepare_data(data, device), int(particles), device,
-                         resampling=resampling, ess_threshold=ess_threshold, moves=int(moves), kernel=kernel,
-                         scale=float(scale), progress=progress)
+    return resample_move(*_program(model, data, device), int(particles), device, resampling=resampling,
+                         ess_threshold=ess_threshold, moves=int(moves), kernel=kernel, scale=float(scale),
+                         progress=progress)
 
 
 def run_pmmh(model, data: dict, *, params=None, particles: int = 100, samples: int = 500, burn_in: int = 100,
@@ -155,10 +157,9 @@ def run_pmmh(model, data: dict, *, params=None, particles: int = 100, samples: i
     random walk of size ``scale``) or "prior" (independent prior draws: discrete params)."""
     if isinstance(params, str):
         params = [p.strip() for p in params.split(",") if p.strip()]
-    return pmmh(model.interpreter(), model.entry, model.prepare_data(data, device), list(params or []),
-                particles=int(particles), samples=int(samples), burn_in=int(burn_in), chains=int(chains),
-                scale=float(scale), kernel=kernel, device=device, resampling=resampling,
-                ess_threshold=ess_threshold, progress=progress)
+    return pmmh(*_program(model, data, device), list(params or []), particles=int(particles), samples=int(samples),
+                burn_in=int(burn_in), chains=int(chains), scale=float(scale), kernel=kernel, device=device,
+                resampling=resampling, ess_threshold=ess_threshold, progress=progress)
 
 
 def run_tempering(model, data: dict, *, particles: int = 1000, device: str = "cpu", target_ess: float = 0.5,
@@ -202,8 +203,8 @@ def run_smc_steer(model, data: dict, *, particles: int = 100, expansion: int = 4
     the particles*expansion children is below that fraction). The population holds all
     particles*expansion weighted slots; ``extra["history"]`` is as for ``smc``.
     ``progress``: a counter of checkpoints with the ESS."""
-    return smc_steer(model.interpreter(), model.entry, model.prepare_data(data, device), particles, expansion, device,
-                     ess_threshold=ess_threshold, progress=progress)
+    return smc_steer(*_program(model, data, device), particles, expansion, device, ess_threshold=ess_threshold,
+                     progress=progress)
 
 
 def run_best_of_n(model, data: dict, *, particles: int = 100, device: str = "cpu", progress: bool | None = None,
@@ -211,8 +212,7 @@ def run_best_of_n(model, data: dict, *, particles: int = 100, device: str = "cpu
     """Best-of-N (``inference.steer.best_of_n``): the highest-scoring of ``particles``
     prior draws, as an ``Optimum`` (one particle; an optimum, not a posterior).
     ``progress``: a counter of the sites the batch has run."""
-    return best_of_n(model.interpreter(), model.entry, model.prepare_data(data, device), particles, device,
-                     progress=progress)
+    return best_of_n(*_program(model, data, device), particles, device, progress=progress)
 
 
 def run_enumerate(model, data: dict, *, max_paths: int = DEFAULT_MAX_PATHS,

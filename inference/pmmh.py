@@ -155,9 +155,8 @@ def initial_state(estimate, params: list, randomness, tries: int = 100) -> PMMHS
 def pmmh(interp, entry: str, data: dict, params: list, *, particles: int = 100, samples: int = 500,
          burn_in: int = 100, chains: int = 1, scale: float = 0.2, kernel: str = "rw", device="cpu",
          resampling="systematic", ess_threshold=1.0, progress: bool | None = None, randomness=None) -> Chains:
-    """Run ``chains`` PMMH chains one after the other: ``Chains`` of their kept draws
-    (``extra``: "params", "particles"); one chain unpacks to the older (draws: list of
-    dicts address -> value, acceptance rate)."""
+    """Run ``chains`` PMMH chains one after the other: ``Chains`` (one chain unpacks to
+    (draws: list of dicts address -> value, acceptance rate))."""
     if not params:
         raise PPLRuntimeError("PMMH needs params=[...]: the addresses of the choices to run MH on")
     if kernel not in KERNELS:

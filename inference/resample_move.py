@@ -58,10 +58,9 @@ class _SuspendAfterResampling(SMCHandler):
 def resample_move(interp, entry: str, data: dict, particles: int, device="cpu", *, resampling="systematic",
                   ess_threshold: float = 1.0, moves: int = 1, kernel: str = "prior", scale: float = 0.5,
                   randomness=None, progress: bool | None = None):
-    """Run resample-move SMC: a ``Population`` (unpacking to the older (sites, log_weights,
-    handler, acceptance rates)); ``extra``: "history" as for ``smc``, "acceptance" (the
-    MH acceptance rate at each rejuvenation), "moves". ``randomness`` (default: torch) serves both the SMC and the MH draws. ``progress``: a
-    counter of synchronisation checkpoints with the ESS, as for ``smc``."""
+    """Run resample-move SMC: a ``Population`` (it unpacks to (sites, log_weights, handler,
+    acceptance rates)). ``randomness`` (default: torch) serves both the SMC and the MH
+    draws. ``progress``: a counter of synchronisation checkpoints with the ESS, as for ``smc``."""
     randomness = randomness or mh_mod.TorchMHRandomness()
     N, moved, acceptance = particles, None, []
     h = _SuspendAfterResampling(N, device, None, resampling=resampling, ess_threshold=ess_threshold,

@@ -117,11 +117,9 @@ class SMCHandler(Weighting):
 def smc(interp: Interpreter, entry: str, data: dict, particles: int, device="cpu", *,
         resampling: str = "systematic", ess_threshold: float = 1.0, randomness=None,
         handler_cls=None, progress: bool | None = None, label: str = "smc", keep=None):
-    """Run SMC: a ``Population`` named ``label`` (unpacking to the older (sites,
-    log_weights, handler)) whose ``log_weights`` include the evidence accumulated at
-    resampling steps, so that log-mean-exp of them is the log-evidence estimate and their
-    normalisation the final particle weights; ``extra``: "history" (a ``StepRecord`` per
-    synchronisation checkpoint), "resampling", "ess_threshold" and "dropped_sites" (if any).
+    """Run SMC: a ``Population`` (it unpacks to (sites, log_weights, handler)) whose log
+    weights include the evidence accumulated at resampling steps, so that log-mean-exp of
+    them is the log-evidence estimate and their normalisation the final particle weights.
     ``progress`` (``stdlib.progress``): a counter of synchronisation checkpoints named
     ``label``, with the ESS at the last one (their number is not known in advance).
     ``keep``: the sites to keep (``semantics.trace``): a list of addresses and/or

@@ -81,8 +81,7 @@ def smc_steer(interp, entry: str, data: dict, particles: int, expansion: int, de
               ess_threshold: float = 1.0, randomness=None, handler_cls=None, progress: bool | None = None):
     """Run ``smc_steer`` with ``particles`` parents, each extended ``expansion`` ways: a
     ``Population`` of the particles*expansion slots, like ``inference.smc.smc``'s
-    (log-mean-exp of the log weights is log Z_hat; ``extra``: "history", "parents",
-    "expansion", "ess_threshold"). ``randomness``
+    (log-mean-exp of the log weights is log Z_hat). ``randomness``
     must have ``sample`` and ``select_without_replacement``; ``handler_cls`` substitutes
     a subclass of ``SteerHandler`` (to check a modified algorithm). ``progress``: as for
     ``smc``, a counter of checkpoints with the ESS of the particles*expansion slots."""
