@@ -239,7 +239,7 @@ class _PerParticleValue:
 
     def _fresh(self) -> None:
         lin = self._lin
-        if lin is not None and self._ep != lin.epoch:
+        if lin is not None and self._ep != len(lin.ancestors):  # (= lin.epoch, without a property call)
             idx, sel = lin.follow(self._idx, self._ep)
             self._select(sel)
             self._idx = idx
