@@ -69,23 +69,51 @@ class SMCHandler(Weighting):
         self.history: list[StepRecord] = []
         self.bar = NO_BAR  # a progress counter of synchronisation checkpoints (``smc(progress=...)``)
 
+    _unchecked = None  # (log weights before, log density) of an observe whose NaN test is pending
+
+    def observe(self, eff):
+        """``Weighting.observe``; at a synchronisation point its NaN test waits for the
+        checkpoint's one sync (a NaN log density makes the maximum weight NaN)."""
+        if eff.ctx.M != self.N:
+            return Weighting.observe(self, eff)
+        lp = self.log_prob(eff.dist, eff.value, eff.ctx)
+        self._unchecked = (self.log_weights, lp)
+        try:
+            self.add(eff.ctx, lp)
+            self._checkpoint(eff)
+        finally:
+            self._unchecked = None
+
+    def _weighed(self):
+        """(log weights, max, exp(lw - max), their sum, and as floats from one sync: the
+        max, the ESS and log_mean_exp(lw)): one exp serves the ESS, the evidence and the
+        normalised weights."""
+        lw = self.log_weights
+        m = lw.max()
+        w = torch.exp(lw - m)
+        s = w.sum()
+        m_f, ess, lme = torch.stack([m, s ** 2 / (w * w).sum(), m + torch.log(s / lw.shape[0])]).tolist()
+        return lw, m, w, s, m_f, ess, lme
+
     def _checkpoint(self, eff):
         """The resampling rule: at a synchronisation point, when the ESS is below the
         threshold, keep the mean weight in ``log_z`` and resample (or select, for a
         weighted resampler) by appending the ancestors to the run's lineage."""
         if eff.ctx.M != self.N:
             return  # only some particles are here: not a synchronisation point
-        lw = self.log_weights
-        m = lw.max()
-        if not math.isfinite(float(m)):  # one sync; same test as torch.isfinite(m)
+        lw, m, w, s, m_f, ess, lme = self._weighed()
+        if math.isnan(m_f) and self._unchecked is not None:  # the observe's NaN test, now
+            before, lp = self._unchecked
+            self._unchecked = None
+            self.log_weights = before
+            nan = isinstance(lp, torch.Tensor) and bool(torch.isnan(lp).any())
+            self.add(eff.ctx, self._nan_observation(lp, eff) if nan else lp)
+            lw, m, w, s, m_f, ess, lme = self._weighed()
+        if not math.isfinite(m_f):  # same test as torch.isfinite(m)
             raise ZeroEvidenceError("every particle has weight zero at this checkpoint", eff.span,
                                     "the observation/condition may be impossible, or too unlikely for "
                                     f"{self.N} particles")
-        w = torch.exp(lw - m)  # one exp serves the ESS, the evidence and the normalised weights
-        s = w.sum()
-        ess = float(s ** 2 / (w * w).sum())
         resample = ess < self.ess_threshold * self.N or self.ess_threshold >= 1.0
-        lme = float(m + torch.log(s / lw.shape[0]))  # log_mean_exp(lw), from the same w
         if resample:
             self.log_z += lme
             ancestors = self._resample(lw, w, s)

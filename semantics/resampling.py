@@ -26,6 +26,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..stdlib import rng
@@ -76,13 +77,24 @@ def _search(w: torch.Tensor, u: torch.Tensor, evenly_spread: bool = False) -> to
     if evenly_spread and v.shape[0] >= _COUNT_MIN and v.device.type == "cpu":  # measured on CPU only
         idx = _count_search(w, cdf, v)
     if idx is None:
-        idx = torch.searchsorted(cdf, v, right=True)
+        idx = _sorted_search(cdf, v)
     # the last particle of positive weight (usually the last one: no search needed)
     last = w.shape[0] - 1 if float(w[-1]) > 0 else int(torch.nonzero(w > 0).max())
     return idx.clamp_(max=last)
 
 
-_COUNT_MIN = 3072  # below this, torch's binary search is as fast
+def _sorted_search(cdf: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``torch.searchsorted(cdf, v, right=True)``. On the CPU (float64, no gradients)
+    numpy's searchsorted gives the same indices, faster for sorted queries: it starts each
+    binary search from the previous query's answer, torch's does not (N = 1,000
+    systematic queries: ~14 vs ~40 us, measured here; bench/smc_step_cost.py)."""
+    if cdf.device.type == "cpu" and cdf.dtype == v.dtype == torch.float64 and not (cdf.requires_grad or
+                                                                                   v.requires_grad):
+        return torch.from_numpy(np.searchsorted(cdf.numpy(), v.numpy(), side="right"))
+    return torch.searchsorted(cdf, v, right=True)
+
+
+_COUNT_MIN = 3072  # below this, a binary search is as fast
 _ENDS: dict = {}
 
 

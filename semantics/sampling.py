@@ -345,11 +345,16 @@ class Weighting(_WeightAccumulator):
         value or parameter) is an error at the observe, not a NaN weight found later."""
         lp = self.log_prob(eff.dist, eff.value, eff.ctx)
         if isinstance(lp, torch.Tensor) and bool(torch.isnan(lp).any()):
-            lp = self._nan_on_dead(lp, eff, "the observation's log density is NaN",
-                                   "the observed value or a parameter of its distribution is NaN or "
-                                   "infinite (e.g. inf - inf, 0 * inf); check them")
+            lp = self._nan_observation(lp, eff)
         self.add(eff.ctx, lp)
         self._checkpoint(eff)
+
+    def _nan_observation(self, lp: torch.Tensor, eff) -> torch.Tensor:
+        """An observation's log density with a NaN: -inf where only particles of weight
+        zero have it, else an error at the observe."""
+        return self._nan_on_dead(lp, eff, "the observation's log density is NaN",
+                                 "the observed value or a parameter of its distribution is NaN or "
+                                 "infinite (e.g. inf - inf, 0 * inf); check them")
 
     def _checkpoint(self, eff) -> None:
         self.at_checkpoint(self, eff)
