@@ -44,6 +44,8 @@ class TorchRandomness:
         return self.generator if self.generator is not None else rng.generator(device)
 
     def sample(self, dist, ctx):
+        if self.generator is None:  # the run's generators: nothing to switch to
+            return dist.sample(ctx)
         with self.drawing():
             return dist.sample(ctx)
 

@@ -67,27 +67,29 @@ class DistValue(DistributionValue):
         value_rank: the per-particle batch rank a value needs (for log_prob of an
         observed vector under a scalar distribution)."""
         spec = self.spec
-        raw = []
+        raw = []  # (parameter, batched, its per-particle batch rank)
         on_cpu = str(ctx.device) == "cpu"
+        any_batched, rank = False, value_rank
         for i, (a, ev) in enumerate(zip(self.args, spec.param_event_dims)):
             if on_cpu and (type(a) is float or type(a) is int):  # the common constant: no tensor
-                raw.append((a, False, ev))
+                raw.append((a, False, -ev))
+                rank = max(rank, -ev)
                 continue
-            batched = deep_batched(a)  # a nested list of per-particle numbers is one batched tensor
-            t = batch_rows(a, ctx) if batched else as_tensor(a, ctx.device)
+            if type(a) is Batched:  # (what batch_rows does with it)
+                batched, t = True, rows(a, ctx)
+            else:
+                batched = deep_batched(a)  # a nested list of per-particle numbers is one batched tensor
+                t = batch_rows(a, ctx) if batched else as_tensor(a, ctx.device)
             if ev == 0 and t.numel() == 0:  # normal(0, []): no distribution at all, not an empty one
                 raise empty_parameter_error(spec, spec.params[i], list(t.shape))
             if t.dtype in (torch.bool, torch.long, torch.int32):
                 t = t.to(torch.get_default_dtype())
-            raw.append((t, batched, ev))
-        any_batched = any(b for _, b, _ in raw)
-        rank = max([value_rank] + [_dim(t) - b - ev for t, b, ev in raw])
-        params = []
-        for t, b, ev in raw:
-            r = _dim(t) - b - ev
-            if b and r < rank:
-                t = t.reshape(t.shape[0], *([1] * (rank - r)), *t.shape[1:])
-            params.append(t)
+            r = t.dim() - batched - ev
+            raw.append((t, batched, r))
+            any_batched = any_batched or batched
+            rank = max(rank, r)
+        params = [t.reshape(t.shape[0], *([1] * (rank - r)), *t.shape[1:]) if b and r < rank else t
+                  for t, b, r in raw]
         return params, any_batched
 
     def _make(self, params):
@@ -180,7 +182,8 @@ class DistValue(DistributionValue):
         it: ``observe y ~ normal(mu, sigma)`` with a scalar y and sigma = [2, 3, 4] would
         count y three times (a silently wrong likelihood). (Not while torch.jit traces a
         static program: its sizes are tensors then, and its eager run checked them.)"""
-        if not torch.jit.is_tracing() and math.prod(scored_shape) > math.prod(value_shape):
+        if scored_shape != value_shape and not torch.jit.is_tracing() and \
+                math.prod(scored_shape) > math.prod(value_shape):
             raise broadcast_value_error(self.spec, list(value_shape), list(scored_shape))
 
     def _log_prob_ragged(self, value, ctx: Particles) -> torch.Tensor:

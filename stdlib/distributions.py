@@ -406,6 +406,11 @@ class DistSpec:
     _support: Callable | None = field(default=None, repr=False, compare=False)
     _exact_defaults: dict = field(default_factory=dict, repr=False, compare=False)
     _cross_check: Callable | None = field(default=None, repr=False, compare=False)
+    # (name, constraint, event dims) of each parameter: what ``make`` checks, zipped once
+    _checks: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_checks", tuple(zip(self.params, self._constraints, self.param_event_dims)))
 
     # ---------------------------------------------------------------- shape/arity info
 
@@ -442,16 +447,17 @@ class DistSpec:
 
     def make(self, *params) -> torch.distributions.Distribution:
         """A validated torch (pyro) distribution for these parameter tensors."""
-        self.check_arity(len(params))
-        params = list(params) + [self.defaults[p] for p in self.params[len(params):]]
-        constant = [type(raw) in (int, float) and ev == 0 and con.py_ok is not None
-                    for raw, con, ev in zip(params, self._constraints, self.param_event_dims)]
-        for pname, con, raw, is_constant in zip(self.params, self._constraints, params, constant):
+        if len(params) != len(self.params):  # (every parameter given: the arity is right)
+            self.check_arity(len(params))
+            params = params + tuple(self.defaults[p] for p in self.params[len(params):])
+        checks = self._checks
+        constant = [(type(raw) is float or type(raw) is int) and ev == 0 and con.py_ok is not None
+                    for raw, (_, con, ev) in zip(params, checks)]
+        for (pname, con, _), raw, is_constant in zip(checks, params, constant):
             if is_constant and not con.py_ok(raw):  # a Python constant: checked without tensor ops
                 raise self._err(pname, con.text, raw)  # (before a 10 ** 400 overflows a tensor)
         tensors = self._to_tensors(params)
-        for pname, con, ev, t, is_constant in zip(self.params, self._constraints, self.param_event_dims,
-                                                  tensors, constant):
+        for (pname, con, ev), t, is_constant in zip(checks, tensors, constant):
             if not is_constant:
                 self._check_tensor(pname, con, ev, t)
         if self._cross_check is not None:
@@ -494,12 +500,11 @@ class DistSpec:
             if not t.is_floating_point():
                 t = t.to(torch.get_default_dtype())
             out.append(t)
-        floats = [t for t, c in zip(out, self._constraints) if c is not ITEMS]
-        if floats:
-            dtype = floats[0].dtype
-            for t in floats[1:]:
-                if t.dtype != dtype:
-                    dtype = torch.promote_types(dtype, t.dtype)
+        dtype = None  # the parameters' common float dtype
+        for t, c in zip(out, self._constraints):
+            if c is not ITEMS and t.dtype != dtype:
+                dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+        if dtype is not None and any(c is not ITEMS and t.dtype != dtype for t, c in zip(out, self._constraints)):
             out = [t if c is ITEMS or t.dtype == dtype else t.to(dtype) for t, c in zip(out, self._constraints)]
         return out
 
@@ -510,9 +515,11 @@ class DistSpec:
         if ev == 0 and t.is_floating_point() and t.numel() > 0:
             # fast passes of the common checks (one reduction, one sync); anything they
             # do not clear goes through the full check below, which reports the error
-            if con is REAL and not math.isnan(float(t.detach().sum())):
+            if t.requires_grad:
+                t = t.detach()
+            if con is REAL and not math.isnan(float(t.sum())):
                 return  # a NaN makes the sum NaN (the sum can also be NaN without one)
-            if con is POSITIVE and float(t.detach().min()) > 0:
+            if con is POSITIVE and float(t.min()) > 0:
                 return  # min propagates NaN, which fails the test
         if t.dim() < ev:
             kind = "a vector" if ev == 1 else "a matrix"

@@ -389,7 +389,9 @@ def _same_samplers(cls: type, base: type) -> bool:
 
 
 def _draw(d, shape: torch.Size, gen, method: str):
-    fn = _resolve(type(d), method)
+    fn = _RESOLVED.get((type(d), method), _resolve)  # (resolved once per class)
+    if fn is _resolve:
+        fn = _resolve(type(d), method)
     return None if fn is None else fn(d, shape, gen)
 
 
