@@ -72,6 +72,8 @@ from typing import Any, Callable, Sequence
 
 import pyro.distributions as pdist
 import torch
+import torch.distributions as td
+from pyro.distributions.distribution import COERCIONS
 from torch.distributions import constraints as tc
 
 from ppl.semantics.errors import (
@@ -302,7 +304,36 @@ def _build(cls: type, *args, **kwargs):
     # Parameters were validated by DistSpec.make (with the DSL's names in the message);
     # values are checked against the support in the safe log_prob. Skipping torch's own
     # re-validation of both halves the cost of a small distribution.
+    direct = _DIRECT.get(cls)
+    if direct is not None and not kwargs and not COERCIONS:
+        return direct(*args)
     return _SAFE[cls](*args, validate_args=False, **kwargs)
+
+
+def _direct_builder(cls: type, names: tuple[str, str]) -> Callable | None:
+    """For a torch class whose ``__init__`` (given two tensors) is: the two parameters
+    broadcast together, stored as ``names``, then ``Distribution.__init__`` with their
+    shape as the batch shape: the safe class's instance built by doing just that, without
+    the generic argument handling (half the cost of the constructor; the same object:
+    tests/test_fastpath.py). None when pyro's class has an ``__init__`` of its own."""
+    if cls.__init__ is not getattr(td, cls.__name__).__init__:
+        return None
+    safe = _SAFE[cls]
+    a, b = names
+
+    def build(p: torch.Tensor, q: torch.Tensor):
+        d = safe.__new__(safe)
+        pb, qb = torch.broadcast_tensors(p, q)
+        setattr(d, a, pb)
+        setattr(d, b, qb)
+        td.Distribution.__init__(d, pb.size(), validate_args=False)
+        return d
+    return build
+
+
+_DIRECT = {cls: fn for cls, names in [(pdist.Normal, ("loc", "scale")), (pdist.Cauchy, ("loc", "scale")),
+                                      (pdist.Laplace, ("loc", "scale")), (pdist.Gamma, ("concentration", "rate"))]
+           if (fn := _direct_builder(cls, names)) is not None}
 
 
 # ---------------------------------------------------------------- python-value helpers
@@ -451,11 +482,12 @@ class DistSpec:
             self.check_arity(len(params))
             params = params + tuple(self.defaults[p] for p in self.params[len(params):])
         checks = self._checks
-        constant = [(type(raw) is float or type(raw) is int) and ev == 0 and con.py_ok is not None
-                    for raw, (_, con, ev) in zip(params, checks)]
-        for (pname, con, _), raw, is_constant in zip(checks, params, constant):
+        constant = []
+        for (pname, con, ev), raw in zip(checks, params):
+            is_constant = (type(raw) is float or type(raw) is int) and ev == 0 and con.py_ok is not None
             if is_constant and not con.py_ok(raw):  # a Python constant: checked without tensor ops
                 raise self._err(pname, con.text, raw)  # (before a 10 ** 400 overflows a tensor)
+            constant.append(is_constant)
         tensors = self._to_tensors(params)
         for (pname, con, ev), t, is_constant in zip(checks, tensors, constant):
             if not is_constant:
@@ -500,11 +532,12 @@ class DistSpec:
             if not t.is_floating_point():
                 t = t.to(torch.get_default_dtype())
             out.append(t)
-        dtype = None  # the parameters' common float dtype
+        dtype, mixed = None, False  # the parameters' common float dtype; whether they differ
         for t, c in zip(out, self._constraints):
             if c is not ITEMS and t.dtype != dtype:
+                mixed = dtype is not None
                 dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
-        if dtype is not None and any(c is not ITEMS and t.dtype != dtype for t, c in zip(out, self._constraints)):
+        if mixed:
             out = [t if c is ITEMS or t.dtype == dtype else t.to(dtype) for t, c in zip(out, self._constraints)]
         return out
 
