@@ -137,6 +137,8 @@ class SMCHandler(Weighting):
         (``inference.steer``)."""
         if type(self.randomness) is TorchRandomness:
             # what TorchRandomness.resample computes, without normalising again
+            if self.randomness.generator is None:  # the run's generators: nothing to switch to
+                return SCHEMES[self.resampling](w / s, self.N)
             with self.randomness.drawing():
                 return SCHEMES[self.resampling](w / s, self.N)
         return self.randomness.resample(lw, self.resampling, self.N)
