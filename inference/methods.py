@@ -21,7 +21,6 @@ from ..semantics.errors import PPLRuntimeError
 from ..semantics.exact import DEFAULT_MAX_PATHS, DEFAULT_MAX_SECONDS, enumerate_paths
 from ..semantics.options import OptionSpec
 from .amortized import run_guided_importance, run_guided_smc
-from .diagnostics import chain_diagnostics
 from .importance import likelihood_weighting
 from .mh import mh
 from .pmmh import pmmh
@@ -118,15 +117,9 @@ def run_mh(model, data: dict, *, particles: int = 4, samples: int = 1000, burn_i
     the random-walk kernel a static program runs as a traced graph
     (``inference.mh_traced``; ``traced=False`` turns that off); ``extra["traced"]``
     says which ran."""
-    C = int(chains if chains is not None else particles)
-    info: dict = {}
-    kept, rate = mh(model.interpreter(), model.entry, model.prepare_data(data, device), chains=C,
-                    samples=int(samples), burn_in=int(burn_in), thin=int(thin), device=device, kernel=kernel,
-                    scale=float(scale), progress=progress, traced=_flag(traced), info=info)
-    sites, r_hat, ess = chain_diagnostics(kept)
-    return Chains("mh", sites, C, len(kept), rate, r_hat, ess,
-                  {"kernel": kernel, "burn_in": burn_in, "thin": thin, "traced": info["traced"],
-                   **({"why_not_traced": info["why_not_traced"]} if "why_not_traced" in info else {})})
+    return mh(*_program(model, data, device), chains=int(chains if chains is not None else particles),
+              samples=int(samples), burn_in=int(burn_in), thin=int(thin), device=device, kernel=kernel,
+              scale=float(scale), progress=progress, traced=_flag(traced))
 
 
 def _flag(value):
@@ -171,19 +164,9 @@ def run_tempering(model, data: dict, *, particles: int = 1000, device: str = "cp
     ``extra["moves"]`` the MH moves per temperature (default: max(2, number of choices),
     ``tempering.default_moves``), ``extra["ess_history"]`` the ESS of each step's
     incremental weights before resampling. ``progress``: a bar over beta in [0, 1]."""
-    info: dict = {}
-    state, log_z, schedule = tempered_smc(model.interpreter(), model.entry, model.prepare_data(data, device),
-                                          int(particles), device, target_ess=float(target_ess),
-                                          moves=None if moves is None else int(moves),
-                                          kernel=kernel, scale=float(scale), resampling=resampling,
-                                          schedule=_betas(schedule), info=info, progress=progress)
-    sites = {"return": (state.ret, None)}
-    for a, v in state.values.items():
-        p = state.present[a]
-        sites[a] = (v, None if bool(p.all()) else p)
-    lw = torch.full((int(particles),), float(log_z), dtype=torch.float64)
-    return Population("tempering", sites, lw, {"schedule": schedule, "moves": info["moves"],
-                                               "ess_history": info["ess_history"]})
+    return tempered_smc(*_program(model, data, device), int(particles), device, target_ess=float(target_ess),
+                        moves=None if moves is None else int(moves), kernel=kernel, scale=float(scale),
+                        resampling=resampling, schedule=_betas(schedule), progress=progress)
 
 
 def _betas(schedule):

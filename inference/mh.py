@@ -35,7 +35,9 @@ from ..semantics.errors import PPLRuntimeError
 from ..semantics.gfi import ModelRun, TracedState
 from ..semantics.interpreter import Interpreter
 from ..stdlib.progress import progress_bar
+from .diagnostics import chain_diagnostics
 from .importance import impossible_site
+from .population import Chains
 from .randomness import TorchRandomness
 
 #: the traced state of ``semantics.gfi`` under its old name
@@ -116,7 +118,9 @@ def mh_step(interp: Interpreter, entry: str, data: dict, state: TracedState, dev
 def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples: int = 1000, burn_in: int = 500,
        thin: int = 1, device="cpu", kernel: str = "prior", scale: float = 0.5, progress: bool | None = None,
        traced: bool | str = "auto", info: dict | None = None):
-    """Run ``chains`` chains: returns (kept states, acceptance rate).
+    """Run ``chains`` chains: ``Chains`` of the kept draws (it unpacks to (kept states,
+    acceptance rate)); ``extra``: "kernel", "burn_in", "thin", "traced" (which ran) and,
+    when tracing failed, "why_not_traced".
 
     ``kernel`` is "prior", "rw", or the name of a proposal function of the model
     (``inference.mh_proposals``: custom kernels written in the DSL).
@@ -124,7 +128,7 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
     With ``kernel="rw"`` and ``traced="auto"`` (the default) a static program (see
     ``inference.mh_traced``) runs the same kernel as a traced torch graph; ``traced=False``
     always re-runs the interpreter; ``traced=True`` requires the traced kernel. ``info``,
-    if given, receives ``{"traced": bool}`` and, when tracing failed, ``"why_not_traced"``."""
+    if given, receives "traced" and "why_not_traced" too."""
     custom = None
     if kernel not in ("prior", "rw"):  # the name of a proposal function (``inference.mh_proposals``)
         from .mh_proposals import ProposalKernel
@@ -132,20 +136,18 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
     if traced not in (True, False, "auto"):
         raise PPLRuntimeError(f"traced must be True, False or 'auto', not {traced!r}")
     state = initial_state(interp, entry, data, chains, device)
-    fast = None
+    fast, why = None, []
     if kernel == "rw" and traced:
         from .mh_traced import TracedRandomWalk
-        why: list = []
         fast = TracedRandomWalk.build(interp, entry, data, state, scale, device, why)
-        if info is not None and why:
-            info["why_not_traced"] = why[0]
         if fast is None and traced is True:
             raise PPLRuntimeError(f"traced=True: this program cannot be traced ({why[0] if why else 'unknown'})",
                                   hint="use traced='auto' to fall back to the interpreter")
     if kernel != "rw" and traced is True:
         raise PPLRuntimeError("traced=True needs kernel='rw'")
+    how = {"traced": fast is not None, **({"why_not_traced": why[0]} if why else {})}
     if info is not None:
-        info["traced"] = fast is not None
+        info.update(how)
     kept: list[TracedState] = []
     accepted = 0.0
     total = burn_in + samples * thin
@@ -163,4 +165,6 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
                     kept.append(state)
             bar.update(1)
     rate = accepted / max(1, total - burn_in)
-    return kept, rate
+    sites, r_hat, ess = chain_diagnostics(kept)
+    return Chains("mh", sites, chains, len(kept), rate, r_hat, ess,
+                  {"kernel": kernel, "burn_in": burn_in, "thin": thin, **how}, legacy=(kept, rate))

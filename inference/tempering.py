@@ -35,6 +35,7 @@ from ..stdlib.progress import progress_bar
 from . import mh as mh_mod
 from .randomness import TorchRandomness
 from .importance import impossible_site, rng_state
+from .population import Population
 from .resampling import ess, is_weighted, log_mean_exp
 
 
@@ -67,13 +68,15 @@ def default_moves(sites: float) -> int:
 
 def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *, target_ess: float = 0.5,
                  moves: int | None = None, kernel: str = "rw", scale: float = 0.5, resampling: str = "systematic",
-                 max_steps: int = 1000, schedule: list | None = None, randomness=None, info: dict | None = None,
-                 progress: bool | None = None):
-    """Returns (final MH state of the population, log-evidence estimate, schedule).
+                 max_steps: int = 1000, schedule: list | None = None, randomness=None,
+                 progress: bool | None = None) -> Population:
+    """The final population, each particle weighted by the log-evidence estimate (it
+    unpacks to (final MH state, log-evidence estimate, schedule)); ``extra``: "schedule",
+    "moves" (the number used), "ess_history" (per step, the ESS of the incremental
+    weights, before resampling).
 
     ``moves``: MH steps per temperature; None: ``default_moves`` of the prior draws' mean
-    number of choices. ``info`` (a dict, optional) receives "moves" (the number used) and
-    "ess_history" (per step, the ESS of the incremental weights, before resampling).
+    number of choices.
 
     ``schedule``: fixed betas 0 < b_1 < ... < b_K = 1 instead of the adaptive choice (with
     a fixed schedule the evidence estimate is exactly unbiased, and the population is a
@@ -89,11 +92,8 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
     randomness = randomness or TorchRandomness()
     model = ModelRun(interp, entry, data, device)
     state = _prior_draws(model, particles, randomness)
-    info = {} if info is None else info
-    info["moves"] = moves = default_moves(float(state.sizes.mean()) if particles > 0 else 0.0) \
-        if moves is None else moves
-    ess_history = info.setdefault("ess_history", [])
-    log_z, schedule = 0.0, [0.0]
+    moves = default_moves(float(state.sizes.mean()) if particles > 0 else 0.0) if moves is None else moves
+    log_z, schedule, ess_history = 0.0, [0.0], []
     with progress_bar(progress, desc="tempering", total=1.0, bar_format=_BAR_FORMAT) as bar:
         for _ in range(max_steps):
             beta = state.beta
@@ -115,7 +115,12 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
                                           randomness=randomness)
         else:
             raise PPLRuntimeError(f"tempering did not reach beta = 1 in {max_steps} steps")
-    return state, log_z, schedule
+    sites = {"return": (state.ret, None)}
+    for a, v in state.values.items():
+        sites[a] = (v, None if bool(state.present[a].all()) else state.present[a])
+    return Population("tempering", sites, torch.full((particles,), float(log_z), dtype=torch.float64),
+                      {"schedule": schedule, "moves": moves, "ess_history": ess_history},
+                      legacy=(state, log_z, schedule))
 
 
 def _checked(target_ess: float, schedule: list | None) -> list | None:

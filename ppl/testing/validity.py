@@ -551,10 +551,8 @@ def tempering_algorithm(particles: int, schedule: list, moves: int = 1, resampli
     population, each particle weighted by the evidence estimate (its prior draws,
     resampling and MH moves enumerated)."""
     def run(interp, entry, data, rnd):
-        state, log_z, _ = tempered_smc(interp, entry, data, particles, "cpu", moves=moves, kernel=kernel,
-                                       resampling=resampling, schedule=schedule, randomness=rnd)
-        return Population("tempering", {"return": (state.ret, None)},
-                          torch.full((particles,), float(log_z), dtype=torch.float64))
+        return tempered_smc(interp, entry, data, particles, "cpu", moves=moves, kernel=kernel, resampling=resampling,
+                            schedule=schedule, randomness=rnd)
     return checkable(run, particles)
 
 
