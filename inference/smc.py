@@ -74,7 +74,7 @@ class SMCHandler(Weighting):
     def observe(self, eff):
         """``Weighting.observe``; at a synchronisation point its NaN test waits for the
         checkpoint's one sync (a NaN log density makes the maximum weight NaN)."""
-        if eff.ctx.M != self.N:
+        if eff.ctx.idx.shape[0] != self.N:  # (= eff.ctx.M, without a property call)
             return Weighting.observe(self, eff)
         lp = self.log_prob(eff.dist, eff.value, eff.ctx)
         self._unchecked = (self.log_weights, lp)
@@ -99,7 +99,7 @@ class SMCHandler(Weighting):
         """The resampling rule: at a synchronisation point, when the ESS is below the
         threshold, keep the mean weight in ``log_z`` and resample (or select, for a
         weighted resampler) by appending the ancestors to the run's lineage."""
-        if eff.ctx.M != self.N:
+        if eff.ctx.idx.shape[0] != self.N:  # (= eff.ctx.M, without a property call)
             return  # only some particles are here: not a synchronisation point
         lw, m, w, s, m_f, ess, lme = self._weighed()
         if math.isnan(m_f) and self._unchecked is not None:  # the observe's NaN test, now

@@ -252,12 +252,14 @@ class Interpreter:
     def pv(self, e: ir.Expr, fr: Frame, ctx: Particles) -> Any:
         """Evaluate a pure expression (no effects possible): a plain function call."""
         t = type(e)
-        if t is ir.Var:
-            try:
-                return fr.lookup(e.name)
-            except KeyError:
-                raise PPLRuntimeError(f"name '{e.name}' is not defined", e.span,
-                                      did_you_mean(e.name, fr.all_names())) from None
+        if t is ir.Var:  # = fr.lookup(e.name), inlined (the most frequent expression)
+            name, f = e.name, fr
+            while f is not None:
+                v = f.vars.get(name, _MISSING)
+                if v is not _MISSING:
+                    return v
+                f = f.parent
+            raise PPLRuntimeError(f"name '{name}' is not defined", e.span, did_you_mean(name, fr.all_names()))
         if t is ir.Const:
             v = e.value
             if self.exact and isinstance(v, float) and math.isfinite(v):

@@ -112,7 +112,8 @@ class _WeightAccumulator:
 
     def add(self, ctx: Particles, lp):
         lw = self.log_weights
-        if ctx.is_full and ctx.M == lw.shape[0] and type(lp) is torch.Tensor and lp.device == lw.device \
+        # (ctx.is_full and ctx.M, without property calls)
+        if ctx.idx is ctx.full.idx and ctx.idx.shape[0] == lw.shape[0] and type(lp) is torch.Tensor and lp.device == lw.device \
                 and (lp.dtype == lw.dtype or (lp.dtype == torch.float32 and lw.dtype == torch.float64)):
             # the common case: float32 -> float64 is exact, so the add's own type promotion
             # gives the same bits as converting first, without the extra copy

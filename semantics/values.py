@@ -128,13 +128,14 @@ class Lineage:
         """a_since[a_since+1[... a_last]]: where each current particle's line was at
         epoch ``since`` (all of them down to the oldest live epoch computed at once,
         backwards: O(epochs * N))."""
-        if self._suffix_epoch != self.epoch:
-            out = [None] * self.epoch
+        epoch = len(self.ancestors)  # = self.epoch (no property call on the per-step path)
+        if self._suffix_epoch != epoch:
+            out = [None] * epoch
             acc = None
-            for e in range(self.epoch - 1, self._base - 1, -1):
+            for e in range(epoch - 1, self._base - 1, -1):
                 acc = self.ancestors[e] if acc is None else self.ancestors[e].index_select(0, acc)
                 out[e] = acc
-            self._suffixes, self._suffix_epoch = out, self.epoch
+            self._suffixes, self._suffix_epoch = out, epoch
         return self._suffixes[since]
 
     @property
@@ -154,7 +155,7 @@ class Lineage:
 
     def _compact(self) -> None:
         """Free the ancestor arrays older than every live value."""
-        live, base, epoch = self._live, self._base, self.epoch
+        live, base, epoch = self._live, self._base, len(self.ancestors)  # (= self.epoch)
         while base < epoch and live[base] <= 0:
             self.ancestors[base] = None
             base += 1
@@ -166,7 +167,7 @@ class Lineage:
             raise RuntimeError(f"internal error: a value of epoch {since} outlived the lineage's compaction "
                                f"(oldest kept: {self._base}); please report this")
         if idx is self.full_idx:  # the common case: one gather
-            if since == self.epoch - 1:
+            if since == len(self.ancestors) - 1:  # (= self.epoch - 1)
                 return idx, self.ancestors[since]
             return idx, self._suffix(since)
         sel = None
@@ -244,7 +245,7 @@ class _PerParticleValue:
             self._select(sel)
             self._idx = idx
             lin._live[self._ep] -= 1
-            self._ep = lin.epoch
+            self._ep = len(lin.ancestors)  # (= lin.epoch)
             lin._live[-1] += 1
 
     @property
