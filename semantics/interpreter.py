@@ -160,7 +160,13 @@ class Frame:
     def address(self, name: str) -> str:
         """A fresh address for ``name`` in this frame: loop indices appended, and
         '#k' when the same name is reached again at the same indices."""
-        key = name + "".join([f"[{i}]" for i in self.loops]) if self.loops else name
+        loops = self.loops
+        if not loops:
+            key = name
+        elif len(loops) == 1:  # the common case, without building a list
+            key = f"{name}[{loops[0]}]"
+        else:
+            key = name + "".join([f"[{i}]" for i in loops])
         k = self.counters.get(key, 0)
         self.counters[key] = k + 1
         return self.path + (key if k == 0 else f"{key}#{k}")
@@ -270,7 +276,7 @@ class Interpreter:
         if t is ir.Call:
             f = self.pv(e.func, fr, ctx)
             args = [self.pv(a, fr, ctx) for a in e.args]
-            kwargs = {k.name: self.pv(k.value, fr, ctx) for k in e.kwargs}
+            kwargs = {k.name: self.pv(k.value, fr, ctx) for k in e.kwargs} if e.kwargs else {}
             return self._call_builtin(f, args, kwargs, ctx, e.span)
         if t is ir.UnaryOp:
             return self._guard(unop, e.span, e.op, self.pv(e.operand, fr, ctx), ctx)
@@ -924,7 +930,7 @@ def _index(v, i, ctx: Particles):
         if isinstance(v, (list, tuple, str, torch.Tensor)):
             return v[lo:hi]
         raise PPLRuntimeError(f"cannot slice {describe(v)}")
-    if not is_batched(v) and not is_batched(i):
+    if not isinstance(v, (Batched, PerParticle)) and not isinstance(i, (Batched, PerParticle)):  # (is_batched)
         if isinstance(v, (list, tuple, str)):
             k = _int_index(i)
             _check_range(k, len(v))

@@ -322,7 +322,9 @@ def _positions_of(v_idx: torch.Tensor, ctx: Particles) -> torch.Tensor:
 def rows(v: Batched | PerParticle, ctx: Particles):
     """The rows of a batched value for the particles of ``ctx`` (tensor or list)."""
     if type(v) is Batched:  # the common case first: one catch-up, no property calls
-        v._fresh()
+        lin = v._lin
+        if lin is not None and v._ep != len(lin.ancestors):  # (= v._fresh()'s own test)
+            v._fresh()
         if v._idx is ctx.idx:
             return v._t
     if v.idx is ctx.idx:
