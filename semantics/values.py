@@ -844,7 +844,8 @@ def _torch_binop(op: str, a: Any, b: Any, lead: tuple = (False, False)) -> torch
         b = (b.long() if isinstance(b, torch.Tensor) else int(b)) if _is_bool(b) else b
     if op in ("/", "//", "%") and isinstance(b, (int, float)) and b == 0 and op != "/":
         raise PPLRuntimeError("division by zero")
-    a, b = _fit_int64(a, b), _fit_int64(b, a)
+    if type(a) is int or type(b) is int:  # (_fit_int64 returns anything else as is)
+        a, b = _fit_int64(a, b), _fit_int64(b, a)
     if not isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and op in _COMPARISONS:
         a = torch.as_tensor(a, device=b.device)  # torch.gt(3, t) has no (Number, Tensor) form
     try:
