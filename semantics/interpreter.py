@@ -899,6 +899,8 @@ def _label(a) -> str:
 
 
 def _int_index(i) -> int:
+    if type(i) is int:  # the common case (and no isinstance test against the Fraction ABC)
+        return i
     if isinstance(i, torch.Tensor):
         if i.numel() != 1 or i.is_floating_point():
             raise PPLRuntimeError(f"an index must be an integer, got {describe(i)}")
