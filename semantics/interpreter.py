@@ -272,7 +272,11 @@ class Interpreter:
                 return Fraction(repr(v))
             return v
         if t is ir.BinOp:
-            return self._binop(e, self.pv(e.left, fr, ctx), self.pv(e.right, fr, ctx), ctx)
+            a, b = self.pv(e.left, fr, ctx), self.pv(e.right, fr, ctx)
+            try:  # (= self._binop, inlined: the most frequent operation)
+                return binop(e.op, a, b, ctx, self.exact)
+            except PPLError as err:
+                raise err.with_span(e.span)
         if t is ir.Call:
             f = self.pv(e.func, fr, ctx)
             args = [self.pv(a, fr, ctx) for a in e.args]
@@ -281,7 +285,12 @@ class Interpreter:
         if t is ir.UnaryOp:
             return self._guard(unop, e.span, e.op, self.pv(e.operand, fr, ctx), ctx)
         if t is ir.Index:
-            return self._index(self.pv(e.value, fr, ctx), self._index_arg(e.index, fr, ctx), ctx, e.span)
+            v = self.pv(e.value, fr, ctx)
+            i = self._slice(e.index, fr, ctx) if isinstance(e.index, ir.Slice) else self.pv(e.index, fr, ctx)
+            try:  # (= self._index(v, i, ctx, e.span), inlined)
+                return _index(v, i, ctx)
+            except PPLError as err:
+                raise err.with_span(e.span)
         if t is ir.ListExpr:
             return [self.pv(x, fr, ctx) for x in e.items]
         if t is ir.TupleExpr:

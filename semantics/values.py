@@ -747,7 +747,7 @@ def deep_batched(v: Any) -> bool:
     """Whether ``v`` is batched or a (nested) list/tuple with a batched element."""
     if isinstance(v, (list, tuple)):
         return any(deep_batched(x) for x in v)
-    return is_batched(v)
+    return isinstance(v, (Batched, PerParticle))  # (= is_batched(v))
 
 
 def _tensor_arg(v: Any, ctx: Particles) -> torch.Tensor:
