@@ -719,15 +719,14 @@ def run_guided_importance(model, data: dict, proposal, *, particles: int, device
 
 
 def run_guided_smc(model, data: dict, proposal, *, particles: int, device="cpu", resampling="systematic",
-                   ess_threshold: float = 1.0, progress: bool | None = None) -> Population:
+                   ess_threshold: float = 1.0, progress: bool | None = None, keep=None) -> Population:
     """SMC with ``proposal`` (a mean-field Guide) proposing each choice in program order;
-    ``progress`` as for ``smc``."""
+    ``progress`` and ``keep`` as for ``smc``."""
     g = _as_guide(proposal, model)
     N = int(particles)
     with torch.no_grad():
         run = g.proposal_run(data, N, device, sequential=True)
-        sites, lw, h = smc(model.interpreter(), model.entry, model.prepare_data(data, device), N, device,
-                           resampling=resampling, ess_threshold=ess_threshold,
-                           handler_cls=lambda *a, **k: guided(SMCHandler(*a, **k), run), progress=progress)
-    return Population("smc", sites, lw.detach(), {"history": h.history, "resampling": resampling,
-                                                  "ess_threshold": ess_threshold, "proposal": g.describe()})
+        pop = smc(model.interpreter(), model.entry, model.prepare_data(data, device), N, device,
+                  resampling=resampling, ess_threshold=ess_threshold, keep=keep,
+                  handler_cls=lambda *a, **k: guided(SMCHandler(*a, **k), run), progress=progress)
+    return Population("smc", pop.sites, pop.log_weights.detach(), {**pop.extra, "proposal": g.describe()})

@@ -104,7 +104,7 @@ def run_smc(model, data: dict, *, particles: int = 1000, device: str = "cpu", re
     ``x[99]``), with the dropped addresses in ``extra["dropped_sites"]``."""
     if proposal is not None:
         return run_guided_smc(model, data, proposal, particles=particles, device=device, resampling=resampling,
-                              ess_threshold=ess_threshold, progress=progress)
+                              ess_threshold=ess_threshold, progress=progress, keep="auto" if keep is None else keep)
     return smc(*_program(model, data, device), int(particles), device, resampling=resampling,
                ess_threshold=ess_threshold, progress=progress, keep="auto" if keep is None else keep)
 

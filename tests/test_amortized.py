@@ -132,6 +132,10 @@ def test_smc_with_the_guide_as_proposal(gaussian):
     # example's header); SMC's log Z_hat has sd ~ 1/sqrt(ESS) at the first step
     assert abs(r.log_evidence - (-45.7969)) < 0.3
     assert r.extra["proposal"] == "guide(normal, amortized)"
+    # keep= applies with a proposal too: the same run keeping only the return value
+    kept = m.run("smc", data, particles=4000, seed=3, proposal=g, keep=["return"])
+    assert set(kept.samples) == {"return"} and kept.log_evidence == r.log_evidence
+    assert kept.extra["proposal"] == r.extra["proposal"]
 
 
 def test_save_load_round_trip(gaussian, tmp_path):
