@@ -57,7 +57,7 @@ import torch
 
 from .errors import PPLRuntimeError
 from .interpreter import Interpreter
-from .sampling import _WeightAccumulator, column, drive, spread
+from .sampling import Suspended, _WeightAccumulator, column, drive, spread
 from .values import Batched, Particles, batch_rows, rows
 
 
@@ -205,10 +205,6 @@ def _retemper(state: TracedState, beta: float) -> tuple[TracedState, torch.Tenso
 
 
 # ----------------------------------------------------------------- the re-execution
-class _Truncated(Exception):
-    """Stops a run at the end of a truncated program (the target of an SMC step)."""
-
-
 def _chains(choices) -> int:
     lj = getattr(choices, "log_joint", None)
     if lj is not None:
@@ -226,7 +222,7 @@ def _execute(model: ModelRun, C: int, old, selection, randomness, proposal="prio
                     constraints)
     try:
         h.ret = column(drive(model.interp.run(model.entry, model.data, ctx), h), ctx)
-    except _Truncated:
+    except Suspended:  # the end of the truncated program (the target of an SMC step)
         h.ret = torch.zeros(C)
     return h
 
@@ -422,7 +418,7 @@ class ReExecution(_WeightAccumulator):
                 eff.span, "this checkpoint is inside a branch taken by only some particles: use method='smc'")
         self.checkpoints += 1
         if self.checkpoints >= self.stop_after:
-            raise _Truncated()
+            raise Suspended(eff)
 
     def _draw(self, dist, ctx, eff):
         if self.randomness is None:

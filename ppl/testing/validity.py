@@ -27,6 +27,7 @@ resampling, a missing correction) fails with the size of the discrepancy.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections import defaultdict
@@ -133,6 +134,18 @@ class EnumeratingRandomness:
 
     def normal(self, shape, device):
         raise ValueError("a random-walk proposal has no finite enumeration: check kernel='prior'")
+
+
+@contextlib.contextmanager
+def _float64():
+    """Run the block with float64 as torch's default dtype (the checks are finite sums,
+    exact to ~1e-15 in float64), restoring the previous default on exit."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _row(a: Any, ctx: Particles, i: int):
@@ -367,12 +380,8 @@ def check_proper(model, algorithm: Callable, data: dict | None = None) -> Proper
     def run(rnd):
         return algorithm(model, data or {}, rnd)
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # a finite sum: make it exact to ~1e-15
-    try:
+    with _float64():  # a finite sum: make it exact to ~1e-15
         outcomes = enumerate_outcomes(run, randomness_cls=getattr(algorithm, "randomness_cls", None))
-    finally:
-        torch.set_default_dtype(previous)
     for prob, out in outcomes:
         values, lw = (_return_keys(out), out.log_weights) if isinstance(out, Population) else out
         lw = lw.double()
@@ -495,9 +504,7 @@ def mh_kernel_check(model, data: dict | None = None, *, hastings: bool = True, s
     """Build the exact transition matrix of single-site MH (prior proposals) over the
     program's finite trace space, from the exact posterior: pi K = pi must hold.
     ``step(interp, entry, data, state, randomness)`` substitutes a modified kernel."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with _float64():
         data = data or {}
         exact = model.run("enumerate", data)
         z = float(exact.evidence)
@@ -523,8 +530,6 @@ def mh_kernel_check(model, data: dict | None = None, *, hastings: bool = True, s
 
             for prob, new in enumerate_outcomes(run, randomness_cls=EnumeratingMHRandomness):
                 K[(key, _trace_key(new))] += prob
-    finally:
-        torch.set_default_dtype(previous)
     pi_K: dict = defaultdict(float)
     for (x, y), k in K.items():
         pi_K[y] += pi.get(x, 0.0) * k
@@ -592,9 +597,7 @@ def pmmh_kernel_check(model, params: list, data: dict | None = None, *, particle
     posterior (``PMMHCheck.ok``). ``step(estimate, state, randomness) -> (state, accepted)``
     and ``estimate(theta, randomness) -> PMMHState`` substitute modified pieces
     (``inference.pmmh.pmmh_step`` / ``smc_estimate``)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with _float64():
         data = data or {}
         exact = model.run("enumerate", data)
         z = float(exact.evidence)
@@ -614,8 +617,6 @@ def pmmh_kernel_check(model, params: list, data: dict | None = None, *, particle
         for key, state in states.items():
             for prob, (new, _) in enumerate_outcomes(lambda rnd, state=state: step(estimate, state, rnd)):
                 K[(key, _pmmh_key(new))] += prob
-    finally:
-        torch.set_default_dtype(previous)
     pi_K: dict = defaultdict(float)
     marginal: dict = defaultdict(float)
     for (x, y), k in K.items():
