@@ -46,9 +46,7 @@ class _SuspendAfterResampling(SMCHandler):
 
     def _checkpoint(self, eff):
         if eff.ctx.M != self.N:
-            raise PPLRuntimeError("resample-move needs every observe/factor/condition to be reached by all "
-                                  "particles together", eff.span,
-                                  "this checkpoint is inside a branch taken by only some particles: use method='smc'")
+            raise gfi.unsynchronised_checkpoint(eff)
         self.checkpoints += 1
         super()._checkpoint(eff)
         if self.moves and self.history[-1].resampled:

@@ -205,6 +205,14 @@ def _retemper(state: TracedState, beta: float) -> tuple[TracedState, torch.Tenso
 
 
 # ----------------------------------------------------------------- the re-execution
+def unsynchronised_checkpoint(eff) -> PPLRuntimeError:
+    """The error for a truncated target (resample-move's) at a checkpoint that only some
+    particles reach: the k-th target would differ between particles."""
+    return PPLRuntimeError("resample-move needs every observe/factor/condition to be reached by all particles "
+                           "together", eff.span,
+                           "this checkpoint is inside a branch taken by only some particles: use method='smc'")
+
+
 def _chains(choices) -> int:
     lj = getattr(choices, "log_joint", None)
     if lj is not None:
@@ -413,9 +421,7 @@ class ReExecution(_WeightAccumulator):
         if self.stop_after is None:
             return
         if eff.ctx.M != self.C:
-            raise PPLRuntimeError(
-                "resample-move needs every observe/factor/condition to be reached by all particles together",
-                eff.span, "this checkpoint is inside a branch taken by only some particles: use method='smc'")
+            raise unsynchronised_checkpoint(eff)
         self.checkpoints += 1
         if self.checkpoints >= self.stop_after:
             raise Suspended(eff)
