@@ -21,6 +21,7 @@ from ..semantics.errors import PPLRuntimeError
 from ..semantics.exact import DEFAULT_MAX_PATHS, DEFAULT_MAX_SECONDS, enumerate_paths
 from ..semantics.options import OptionSpec
 from .amortized import run_guided_importance, run_guided_smc
+from .gradient_mcmc import gradient_mcmc
 from .importance import likelihood_weighting
 from .mh import mh
 from .pmmh import pmmh
@@ -50,6 +51,15 @@ def _option_specs() -> dict[str, OptionSpec]:
         "resampling": OptionSpec("choice", choices=SCHEMES.keys()),  # live: later registrations count
         "progress": OptionSpec("flag", nullable=True),
         "traced": OptionSpec("flag", choices=("auto",)),
+        "adapt": OptionSpec("flag", nullable=True),  # None: the method's default (mh: tune rw scales unless scale=)
+        "max_moves": positive_int,
+        "decorrelation": OptionSpec("number", low=0, high=1, low_open=True, high_open=True),
+        "warmup": OptionSpec("int", low=0, nullable=True),
+        "target_accept": OptionSpec("number", low=0, high=1, low_open=True, high_open=True),
+        "max_tree_depth": OptionSpec("int", low=1, high=30),
+        "dense_mass": OptionSpec("flag"),
+        "num_steps": OptionSpec("int", low=1, nullable=True),
+        "step_size": OptionSpec("number", low=0, low_open=True, nullable=True),
     }
 
 
@@ -110,16 +120,41 @@ def run_smc(model, data: dict, *, particles: int = 1000, device: str = "cpu", re
 
 
 def run_mh(model, data: dict, *, particles: int = 4, samples: int = 1000, burn_in: int = 500, thin: int = 1,
-           device: str = "cpu", kernel: str = "prior", scale: float = 0.5, chains: int | None = None,
-           progress: bool | None = None, traced: bool | str = "auto", **_) -> Chains:
+           device: str = "cpu", kernel: str = "prior", scale: float | None = None, adapt: bool | None = None,
+           chains: int | None = None, progress: bool | None = None, traced: bool | str = "auto", **_) -> Chains:
     """Single-site trace MH (``inference.mh``) with ``chains`` chains run as one batch
     (``particles`` is accepted as a synonym of ``chains`` for the CLI's ``-n``). With
     the random-walk kernel a static program runs as a traced graph
     (``inference.mh_traced``; ``traced=False`` turns that off); ``extra["traced"]``
-    says which ran."""
+    says which ran. With ``kernel="rw"`` and no ``scale`` each site's scale is tuned
+    during burn-in (``adapt``: see ``inference.mh.mh``); ``extra["scales"]`` holds them."""
     return mh(*_program(model, data, device), chains=int(chains if chains is not None else particles),
               samples=int(samples), burn_in=int(burn_in), thin=int(thin), device=device, kernel=kernel,
-              scale=float(scale), progress=progress, traced=_flag(traced))
+              scale=None if scale is None else float(scale), adapt=_flag(adapt), progress=progress,
+              traced=_flag(traced))
+
+
+def run_nuts(model, data: dict, *, particles: int = 4, samples: int = 1000, burn_in: int = 1000,
+             warmup: int | None = None, chains: int | None = None, device: str = "cpu", kernel: str = "nuts",
+             target_accept: float = 0.8, max_tree_depth: int = 10, dense_mass: bool = False,
+             num_steps: int | None = None, step_size: float | None = None, traced: bool | str = "auto",
+             progress: bool | None = None, **_) -> Chains:
+    """NUTS (``inference.gradient_mcmc``) with ``chains`` chains as one batch (``particles``
+    is the CLI's ``-n``), ``samples`` draws each after ``burn_in`` (= ``warmup``)
+    iterations of Stan's windowed adaptation."""
+    return gradient_mcmc(*_program(model, data, device), kernel=kernel,
+                         chains=int(chains if chains is not None else particles), samples=int(samples),
+                         warmup=int(warmup if warmup is not None else burn_in), device=device,
+                         target_accept=float(target_accept), max_tree_depth=int(max_tree_depth),
+                         dense_mass=bool(_flag(dense_mass)), num_steps=None if num_steps is None else int(num_steps),
+                         step_size=None if step_size is None else float(step_size), traced=_flag(traced),
+                         progress=progress)
+
+
+def run_hmc(model, data: dict, *, num_steps: int | None = 10, **options) -> Chains:
+    """HMC with ``num_steps`` leapfrog steps per transition (default 10; step size and
+    mass matrix adapted as for NUTS)."""
+    return run_nuts(model, data, kernel="hmc", num_steps=num_steps, **options)
 
 
 def _flag(value):
@@ -157,16 +192,21 @@ def run_pmmh(model, data: dict, *, params=None, particles: int = 100, samples: i
 
 def run_tempering(model, data: dict, *, particles: int = 1000, device: str = "cpu", target_ess: float = 0.5,
                   moves: int | None = None, kernel: str = "rw", scale: float = 0.5, resampling: str = "systematic",
-                  schedule: Any = None, progress: bool | None = None, **_) -> Population:
+                  schedule: Any = None, progress: bool | None = None, adapt: bool = False, max_moves: int = 100,
+                  decorrelation: float = 0.1, **_) -> Population:
     """Tempered SMC (``inference.tempering``): an adaptive path prior -> posterior with MH
     moves (or the fixed inverse temperatures ``schedule``, e.g. [0.1, 0.5, 1]; text
     "0.1,0.5,1" from the CLI). ``extra["schedule"]`` is the sequence used,
     ``extra["moves"]`` the MH moves per temperature (default: max(2, number of choices),
     ``tempering.default_moves``), ``extra["ess_history"]`` the ESS of each step's
-    incremental weights before resampling. ``progress``: a bar over beta in [0, 1]."""
+    incremental weights before resampling. ``progress``: a bar over beta in [0, 1].
+    ``adapt=True``: moves scaled by the population (``inference.population_moves``),
+    repeated until the particles decorrelate (below ``decorrelation``) or ``max_moves``;
+    ``extra["moves"]`` is then the list of moves per step."""
     return tempered_smc(*_program(model, data, device), int(particles), device, target_ess=float(target_ess),
                         moves=None if moves is None else int(moves), kernel=kernel, scale=float(scale),
-                        resampling=resampling, schedule=_betas(schedule), progress=progress)
+                        resampling=resampling, schedule=_betas(schedule), progress=progress, adapt=_flag(adapt),
+                        max_moves=int(max_moves), decorrelation=float(decorrelation))
 
 
 def _betas(schedule):
@@ -216,6 +256,8 @@ METHODS: dict[str, Callable] = {
     "prior": run_prior,
     "smc": run_smc,
     "mh": run_mh,
+    "nuts": run_nuts,
+    "hmc": run_hmc,
     "resample_move": run_resample_move,
     "pmmh": run_pmmh,
     "tempering": run_tempering,

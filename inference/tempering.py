@@ -33,6 +33,7 @@ from ..semantics.errors import PPLRuntimeError, ZeroEvidenceError
 from ..semantics.gfi import ModelRun
 from ..stdlib.progress import progress_bar
 from . import mh as mh_mod
+from . import population_moves
 from .randomness import TorchRandomness
 from .importance import impossible_site, rng_state
 from .population import Population
@@ -69,7 +70,8 @@ def default_moves(sites: float) -> int:
 def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *, target_ess: float = 0.5,
                  moves: int | None = None, kernel: str = "rw", scale: float = 0.5, resampling: str = "systematic",
                  max_steps: int = 1000, schedule: list | None = None, randomness=None,
-                 progress: bool | None = None) -> Population:
+                 progress: bool | None = None, adapt: bool = False, max_moves: int = 100,
+                 decorrelation: float = 0.1) -> Population:
     """The final population, each particle weighted by the log-evidence estimate (it
     unpacks to (final MH state, log-evidence estimate, schedule)); ``extra``: "schedule",
     "moves" (the number used), "ess_history" (per step, the ESS of the incremental
@@ -83,7 +85,16 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
     proper weighting: testing/validity.py's ``tempering_algorithm`` checks it exactly).
     ``randomness`` (default: torch) serves the prior draws, the resampling and the moves.
     ``progress`` (``stdlib.progress``): a bar over beta in [0, 1], with the current beta
-    and the number of steps so far."""
+    and the number of steps so far.
+
+    ``adapt=True``: the moves are ``inference.population_moves``' instead: a block random
+    walk on the continuous choices with the covariance of the population (weighted by
+    the step's incremental weights, before resampling) and a scale adapted from step to
+    step, plus single-site prior moves on the other choices, repeated until the
+    particles have decorrelated from the step's start (correlation below ``decorrelation``)
+    or ``max_moves`` (a warning); a given ``moves`` fixes the count. ``extra`` then also
+    has "moves" as the list of moves per step, "acceptance" (the block walk's, per step),
+    "site_acceptance", "correlation" and "proposal_scale" per step."""
     schedule = _checked(target_ess, schedule)
     if is_weighted(resampling):  # the tempered population carries no weights to put them in
         raise PPLRuntimeError(f"tempering needs an unweighted resampling scheme ('{resampling}' returns weights)",
@@ -92,6 +103,10 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
     randomness = randomness or TorchRandomness()
     model = ModelRun(interp, entry, data, device)
     state = _prior_draws(model, particles, randomness)
+    if adapt:
+        return _adaptive(model, state, particles, randomness, target_ess=target_ess, moves=moves, kernel=kernel,
+                         resampling=resampling, max_steps=max_steps, fixed=fixed, progress=progress,
+                         max_moves=max_moves, decorrelation=decorrelation)
     moves = default_moves(float(state.sizes.mean()) if particles > 0 else 0.0) if moves is None else moves
     log_z, schedule, ess_history = 0.0, [0.0], []
     with progress_bar(progress, desc="tempering", total=1.0, bar_format=_BAR_FORMAT) as bar:
@@ -115,12 +130,63 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
                                           randomness=randomness)
         else:
             raise PPLRuntimeError(f"tempering did not reach beta = 1 in {max_steps} steps")
+    return _population(state, particles, log_z, schedule,
+                       {"schedule": schedule, "moves": moves, "ess_history": ess_history})
+
+
+def _adaptive(model: ModelRun, state: gfi.TracedState, particles: int, randomness, *, target_ess, moves, kernel,
+              resampling, max_steps, fixed, progress, max_moves, decorrelation) -> Population:
+    """``tempered_smc`` with ``adapt=True``: the same path of targets and weights, the
+    moves of ``population_moves`` (see ``tempered_smc``)."""
+    if kernel not in ADAPTIVE_KERNELS:
+        raise PPLRuntimeError(f"tempering with adapt=True moves by kernel 'rw' (a population random walk), "
+                              f"not '{kernel}'", hint="kernel='rw'")
+    state, coords = population_moves.coordinates(model.at(beta=0.0), state, randomness)
+    tuning = population_moves.Tuning()
+    log_z, schedule, ess_history, reports = 0.0, [0.0], [], []
+    with progress_bar(progress, desc="tempering", total=1.0, bar_format=_BAR_FORMAT) as bar:
+        for _ in range(max_steps):
+            beta = state.beta
+            if beta >= 1.0:
+                break
+            b = next(fixed) if fixed is not None else next_beta(beta, state.log_lik, target_ess)
+            state, inc = gfi.update(model.at(beta=b), state)
+            step_z = log_mean_exp(inc)
+            if step_z == -math.inf:
+                raise ZeroEvidenceError("tempering: every particle has zero weight")
+            log_z += step_z
+            ess_history.append(ess(inc))
+            covariance = population_moves.population_covariance(coords.flat(), inc) if coords.block else None
+            ancestors = randomness.resample(inc, resampling, particles)
+            state, coords = gfi.reindex(state, ancestors), coords.reindex(ancestors)
+            bar.set_postfix_str(f"beta={b:.4g}, step {len(schedule)}", refresh=False)
+            bar.update(b - beta)
+            schedule.append(b)
+            state, coords, report = population_moves.move_population(
+                model.at(beta=b), state, coords, randomness, tuning, covariance=covariance, moves=moves,
+                max_moves=max_moves, decorrelation=decorrelation,
+                label=f"tempering (step {len(schedule) - 1}, beta={b:.3g})")
+            reports.append(report)
+        else:
+            raise PPLRuntimeError(f"tempering did not reach beta = 1 in {max_steps} steps")
+    extra = {"schedule": schedule, "moves": [r.moves for r in reports], "ess_history": ess_history,
+             "adapt": True, "kernel": kernel, "acceptance": [r.block_acceptance for r in reports],
+             "site_acceptance": [r.site_acceptance for r in reports],
+             "correlation": [r.correlation for r in reports], "proposal_scale": [r.scale for r in reports]}
+    return _population(state, particles, log_z, schedule, extra)
+
+
+def _population(state: gfi.TracedState, particles: int, log_z: float, schedule: list, extra: dict) -> Population:
+    """The final population, each particle weighted by the evidence estimate."""
     sites = {"return": (state.ret, None)}
     for a, v in state.values.items():
         sites[a] = (v, None if bool(state.present[a].all()) else state.present[a])
-    return Population("tempering", sites, torch.full((particles,), float(log_z), dtype=torch.float64),
-                      {"schedule": schedule, "moves": moves, "ess_history": ess_history},
+    return Population("tempering", sites, torch.full((particles,), float(log_z), dtype=torch.float64), extra,
                       legacy=(state, log_z, schedule))
+
+
+#: the kernels of the adaptive moves' block (``adapt=True``)
+ADAPTIVE_KERNELS = ("rw",)
 
 
 def _checked(target_ess: float, schedule: list | None) -> list | None:

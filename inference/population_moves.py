@@ -1,0 +1,414 @@
+"""MH moves adapted to a particle population: what tempered SMC and resample-move use to
+rejuvenate their particles when ``adapt=True``.
+
+One *move* of the population is the composition of two MH kernels, each leaving the
+current target (a ``gfi.ModelRun``: tempered by ``beta`` or truncated after a checkpoint)
+invariant for every particle on its own:
+
+* a **block random walk** on the *block*: the continuous choices that every particle has
+  at the start of the SMC step (a floating value with a bijection from the real line onto
+  its support, ``gfi.support_bijection``). Each particle's block is mapped to unconstrained
+  coordinates y (site by site, y_k = T_k^-1(x_k) with T_k from the particle's own values of
+  the earlier choices), moved by y' = y + L eps (eps standard normal), mapped back and the
+  program re-run (choices outside the block reused, choices it reaches for the first time
+  drawn from their prior). L L^T = s^2 Sigma, Sigma the weighted covariance of the
+  population's y, s = 2.38 / sqrt(D) to begin with and then adapted from step to step
+  towards an acceptance of 0.234 (as PyMC's and BlackJAX's SMC samplers do). The
+  acceptance ratio is
+
+      pi(x') |dT/dy|(y') q(fresh of x) / (pi(x) |dT/dy|(y) q(fresh of x'))
+
+  (the walk is symmetric in y); a particle whose new trace lacks a block choice, or whose
+  trace lacked one at the start, stays where it is.
+* a **single-site move** on the other choices (discrete ones, and continuous ones only
+  some particles have): one of them, chosen uniformly, regenerated from its prior
+  (``mh.single_site_move``'s kernel with the site chosen among the non-block sites; the
+  Hastings factor counts those).
+
+**Invariant.** L and s depend only on the population *before* the step's moves (and on
+earlier steps), never on the particle being moved nor on the moves' own outcomes, so
+within a step every move is an exact MH kernel of the current target: the moves change
+neither the weights nor the properness of an SMC population. The number of moves is
+chosen by the population (stop once every coordinate's correlation between the start of
+the step and now is below ``decorrelation``, or at ``max_moves`` with a warning): the usual,
+consistent heuristic of adaptive SMC samplers (PyMC's correlation rule); a fixed
+``moves`` keeps the count fixed.
+
+Every random number comes from the ``randomness`` object (``normal``, ``choose``,
+``accept``, ``sample``), as in ``semantics.gfi``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..semantics.gfi import ModelRun, ReExecution, TracedState, metropolis, select, stale_lp, support_bijection
+from ..semantics.sampling import Suspended, column, drive
+from ..semantics.values import Batched, Particles, rows
+from .diagnostics import emit
+
+#: the acceptance rate the block walk's scale is adapted towards (Roberts, Gelman & Gilks 1997)
+TARGET_ACCEPTANCE = 0.234
+
+
+# --------------------------------------------------------------- unconstrained coordinates
+@dataclass
+class Coordinates:
+    """Per block choice, each particle's unconstrained coordinates y [C, *shape] (float64)
+    and log |dT/dy| at y [C] (T from that particle's own earlier choices); ``ok`` [C]: the
+    particle has every block choice (only those move in the block walk)."""
+    y: dict
+    logj: dict
+    ok: torch.Tensor
+
+    @property
+    def block(self) -> tuple:
+        return tuple(self.y)
+
+    def flat(self) -> torch.Tensor:
+        """All block coordinates side by side: [C, D] float64."""
+        C = self.ok.shape[0]
+        if not self.y:
+            return torch.zeros(C, 0, dtype=torch.float64, device=self.ok.device)
+        return torch.cat([v.reshape(C, -1) for v in self.y.values()], 1)
+
+    def split(self, flat: torch.Tensor) -> dict:
+        """A [C, D] matrix cut back into the block's coordinate shapes."""
+        out, start = {}, 0
+        for a, v in self.y.items():
+            d = int(math.prod(v.shape[1:]))
+            out[a] = flat[:, start:start + d].reshape(flat.shape[0], *v.shape[1:])
+            start += d
+        return out
+
+    def choose(self, mask: torch.Tensor, other: "Coordinates") -> "Coordinates":
+        """Per particle, these coordinates where ``mask`` holds, else ``other``'s."""
+        def pick(a, b):
+            return torch.where(mask.reshape(-1, *([1] * (a.dim() - 1))), a, b)
+        return Coordinates({a: pick(v, other.y[a]) for a, v in self.y.items()},
+                           {a: pick(v, other.logj[a]) for a, v in self.logj.items()},
+                           torch.where(mask, self.ok, other.ok))
+
+    def reindex(self, ancestors: torch.Tensor) -> "Coordinates":
+        return Coordinates({a: v[ancestors] for a, v in self.y.items()},
+                           {a: v[ancestors] for a, v in self.logj.items()}, self.ok[ancestors])
+
+
+class _CoordinateRun(ReExecution):
+    """``gfi``'s re-execution that also records the unconstrained coordinates of the
+    block choices and, with ``walk`` set, proposes the block by the walk y' = y + delta
+    (``walk``: (moving [C], the old ``Coordinates``, delta per block address))."""
+
+    def __init__(self, *args, block: tuple = (), walk=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.block = frozenset(block)
+        self.walk = walk
+        self.y: dict = {}
+        self.logj: dict = {}
+        self.seen: dict = {}
+        self.unmapped: set = set()   # block candidates without a bijection (not continuous)
+        self.broken = torch.zeros(self.C, dtype=torch.bool, device=self.log_lik.device)
+
+    def sample(self, eff):
+        out = super().sample(eff)
+        if eff.addr in self.block:
+            self._coordinates(eff, out)
+        return out
+
+    def _coordinates(self, eff, out):
+        ctx, addr = eff.ctx, eff.addr
+        T = support_bijection(eff.dist, ctx)
+        if T is None:
+            self.unmapped.add(addr)
+            return
+        x = rows(out, ctx).double()
+        y = T.inv(x)
+        logj = _logdet(T, y, x)
+        if addr not in self.y:
+            self.y[addr] = torch.zeros((self.C, *y.shape[1:]), dtype=torch.float64, device=y.device)
+            self.logj[addr] = torch.zeros(self.C, dtype=torch.float64, device=y.device)
+            self.seen[addr] = torch.zeros(self.C, dtype=torch.bool, device=y.device)
+        if tuple(y.shape[1:]) != tuple(self.y[addr].shape[1:]):
+            self.unmapped.add(addr)
+            return
+        self.y[addr][ctx.idx] = y
+        self.logj[addr][ctx.idx] = logj
+        self.seen[addr][ctx.idx] = True
+
+    def _propose(self, dist, ctx, eff):
+        addr = eff.addr
+        if self.walk is None or addr not in self.block or addr not in self.old.values:
+            return super()._propose(dist, ctx, eff)
+        moving, old_coords, delta = self.walk
+        idx = ctx.idx
+        has = self.old.present[addr][idx]
+        moving = moving[idx] & has
+        old_rows = self.old.values[addr][idx]
+        new_rows = self._draw(dist, ctx, eff) if bool((~has).any()) else old_rows
+        T = support_bijection(dist, ctx)
+        zero = torch.zeros(ctx.M, dtype=torch.float64, device=idx.device)
+        y2 = old_coords.y[addr][idx] + delta[addr][idx]
+        try:
+            x2 = T(y2)
+            logj2 = _logdet(T, y2, x2)
+            if tuple(x2.shape) != tuple(old_rows.shape):
+                raise ValueError("shape")
+        except (TypeError, ValueError, RuntimeError):  # another kind of choice here now: no walk
+            self.broken[idx[moving]] = True
+            x2, logj2, moving = old_rows, zero, moving & False
+        value = torch.where(_bcast(moving, old_rows), x2.to(old_rows.dtype),
+                            torch.where(_bcast(has, old_rows), old_rows, new_rows.to(old_rows.dtype)))
+        lp = dist.log_prob(Batched(value, idx), ctx)
+        lp = (lp.expand(ctx.M) if lp.dim() == 0 else lp).double()
+        fresh = torch.where(~has, lp, zero)
+        fwd = torch.where(moving, -logj2, zero)
+        rev = torch.where(moving, -old_coords.logj[addr][idx], zero)
+        return value, lp, fresh, fwd, rev
+
+    def coordinates(self, block: tuple) -> Coordinates:
+        """The recorded coordinates of ``block`` (a particle lacking one is not ``ok``)."""
+        ok = torch.ones(self.C, dtype=torch.bool, device=self.broken.device)
+        for a in block:
+            ok = ok & self.seen[a]
+        return Coordinates({a: self.y[a] for a in block}, {a: self.logj[a] for a in block}, ok & ~self.broken)
+
+
+def _logdet(T, y, x) -> torch.Tensor:
+    """log |dT/dy| per row, summed over the value's elements."""
+    j = T.log_abs_det_jacobian(y, x)
+    if j.dim() == 0:
+        return j.expand(y.shape[0]).double()
+    return (j.reshape(j.shape[0], -1).sum(1) if j.dim() > 1 else j).double()
+
+
+def _bcast(mask, like):
+    return mask.reshape(mask.shape + (1,) * (like.dim() - 1))
+
+
+def _execute(model: ModelRun, state: TracedState, randomness, *, block: tuple, selection=None, walk=None) \
+        -> _CoordinateRun:
+    """One run of the program for every particle, reusing ``state`` (as ``gfi``'s own
+    re-execution does), recording the block's coordinates."""
+    C = state.chains
+    ctx = Particles.all(C, model.device)
+    h = _CoordinateRun(C, model.device, state, selection or {}, randomness, "prior", 0.5, model.stop_after,
+                       model.beta, None, block=block, walk=walk)
+    try:
+        h.ret = column(drive(model.interp.run(model.entry, model.data, ctx), h), ctx)
+    except Suspended:  # the end of the truncated program (resample-move's target)
+        h.ret = torch.zeros(C)
+    return h
+
+
+def block_candidates(state: TracedState) -> tuple:
+    """The choices every particle has with a floating value: the block, unless one has no
+    bijection onto its support (``coordinates`` drops those)."""
+    return tuple(a for a, v in state.values.items()
+                 if v.is_floating_point() and bool(state.present[a].all()))
+
+
+def coordinates(model: ModelRun, state: TracedState, randomness=None) -> tuple[TracedState, Coordinates]:
+    """The population re-run unchanged, with its block's coordinates: (state, coordinates)."""
+    h = _execute(model, state, randomness, block=block_candidates(state))
+    block = tuple(a for a in h.y if a not in h.unmapped and bool(h.seen[a].all()))
+    return h.state(), h.coordinates(block)
+
+
+# ------------------------------------------------------------------ the proposal
+@dataclass
+class Tuning:
+    """The block walk's scale factor s (times the population's covariance), carried from
+    one SMC step to the next and adapted towards ``TARGET_ACCEPTANCE``; None until the
+    first step sets it to 2.38 / sqrt(D)."""
+    scale: float | None = None
+    history: list = field(default_factory=list)
+
+    def start(self, D: int) -> float:
+        if self.scale is None:
+            self.scale = 2.38 / math.sqrt(max(D, 1))
+        return self.scale
+
+    def adapt(self, acceptance: float, D: int) -> None:
+        """s <- s exp(acceptance - 0.234), kept within [0.01, 3] x 2.38 / sqrt(D)."""
+        base = 2.38 / math.sqrt(max(D, 1))
+        self.scale = min(3 * base, max(0.01 * base, self.scale * math.exp(acceptance - TARGET_ACCEPTANCE)))
+
+
+def population_covariance(flat: torch.Tensor, log_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The weighted covariance [D, D] of the rows of ``flat`` (rows of weight zero or with
+    non-finite coordinates left out)."""
+    C = flat.shape[0]
+    lw = torch.zeros(C, dtype=torch.float64, device=flat.device) if log_weights is None else log_weights.double()
+    good = torch.isfinite(flat).all(1) & torch.isfinite(lw)
+    if not bool(good.any()):
+        return torch.eye(flat.shape[1], dtype=torch.float64, device=flat.device)
+    x, lw = flat[good], lw[good]
+    w = torch.exp(lw - lw.max())
+    w = w / w.sum()
+    mean = (w[:, None] * x).sum(0)
+    dx = x - mean
+    return (w[:, None] * dx).T @ dx
+
+
+def proposal_factor(cov: torch.Tensor, scale: float) -> torch.Tensor:
+    """L with L L^T = scale^2 S (R + 1e-9 I) S, where cov = S R S (S the sds, R the
+    correlations): a ridge relative to each coordinate's own variance, so that a
+    correlation of -0.99999 between coordinates of very different scales survives it;
+    a coordinate of variance zero gets a tiny one, and a failing Cholesky falls back
+    to the diagonal."""
+    D = cov.shape[0]
+    var = torch.diagonal(cov).clone()
+    top = float(var.max()) if D else 0.0
+    floor = max(1e-12 * top, 1e-300) if math.isfinite(top) and top > 0 else 1.0
+    sd = torch.sqrt(torch.clamp(var, min=floor))
+    corr = cov / (sd[:, None] * sd[None, :])
+    corr = torch.where(torch.isfinite(corr), corr, torch.zeros_like(corr))
+    corr = corr.clamp(-1.0, 1.0)
+    corr.fill_diagonal_(1.0)
+    try:
+        chol = torch.linalg.cholesky(corr + 1e-9 * torch.eye(D, dtype=cov.dtype, device=cov.device))
+    except RuntimeError:
+        chol = torch.eye(D, dtype=cov.dtype, device=cov.device)
+    return scale * sd[:, None] * chol
+
+
+# ------------------------------------------------------------------ the two kernels
+def block_move(model: ModelRun, state: TracedState, coords: Coordinates, factor: torch.Tensor, randomness):
+    """One block random walk y' = y + factor eps on every particle that has the whole
+    block: (state, coordinates, accepted [C])."""
+    C = state.chains
+    eps = randomness.normal((C, factor.shape[0]), state.log_joint.device)
+    delta = coords.split(eps @ factor.T)
+    h = _execute(model, state, randomness, block=coords.block, walk=(coords.ok, coords, delta))
+    new = h.state()
+    new_coords = h.coordinates(coords.block)
+    log_alpha = new.log_joint - state.log_joint + h.rev_q - h.fwd_q + stale_lp(state, new) - h.fresh_lp
+    log_alpha = torch.where(coords.ok & new_coords.ok, log_alpha, torch.full_like(log_alpha, -math.inf))
+    state2, accepted = metropolis(state, new, log_alpha, randomness)
+    return state2, new_coords.choose(accepted, coords), accepted
+
+
+def other_sites(state: TracedState, block: tuple) -> torch.Tensor:
+    """Per particle, the number of its choices outside the block."""
+    n = torch.zeros_like(state.log_joint)
+    for a, m in state.present.items():
+        if a not in block:
+            n = n + m.to(n.dtype)
+    return n
+
+
+def site_move(model: ModelRun, state: TracedState, coords: Coordinates, randomness):
+    """One single-site MH step on the choices outside the block (a site chosen uniformly
+    among the particle's own, regenerated from its prior): (state, coordinates, accepted).
+    A particle with no such choice stays."""
+    block = coords.block
+    sizes = other_sites(state, block)
+    pick = randomness.choose(sizes)
+    selection, rank = {}, torch.zeros_like(pick)
+    for a, m in state.present.items():
+        if a in block:
+            continue
+        selection[a] = m & (rank == pick)
+        rank = rank + m.long()
+    h = _execute(model, state, randomness, block=block, selection=selection)
+    new = h.state()
+    log_alpha = new.log_joint - state.log_joint + h.rev_q - h.fwd_q + stale_lp(state, new) - h.fresh_lp \
+        + torch.log(sizes.double()) - torch.log(other_sites(new, block).double())
+    log_alpha = torch.where(sizes > 0, log_alpha, torch.full_like(log_alpha, -math.inf))
+    state2, accepted = metropolis(state, new, log_alpha, randomness)
+    return state2, h.coordinates(block).choose(accepted, coords), accepted
+
+
+# ------------------------------------------------------------- the stopping rule
+def features(state: TracedState, coords: Coordinates) -> torch.Tensor:
+    """What the stopping rule watches: the block's coordinates and the numeric values of
+    the other choices every particle has, [C, F] float64."""
+    cols = [coords.flat()]
+    for a, v in state.values.items():
+        if a not in coords.y and bool(state.present[a].all()):
+            cols.append(v.reshape(v.shape[0], -1).double())
+    return torch.cat(cols, 1) if cols else torch.zeros(state.chains, 0, dtype=torch.float64)
+
+
+def max_correlation(start: torch.Tensor, now: torch.Tensor) -> float:
+    """The largest correlation over the particles, coordinate by coordinate, between the
+    start of the moves and now (coordinates that do not vary in both are left out; 0.0
+    when none varies)."""
+    good = torch.isfinite(start).all(1) & torch.isfinite(now).all(1)
+    a, b = start[good], now[good]
+    if a.shape[0] < 3 or a.shape[1] == 0:
+        return 0.0
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    sa, sb = a.pow(2).sum(0).sqrt(), b.pow(2).sum(0).sqrt()
+    tiny = 1e-12 * torch.maximum(a.abs().amax(0), b.abs().amax(0)).clamp(min=1e-300)
+    varies = (sa > tiny * math.sqrt(a.shape[0])) & (sb > tiny * math.sqrt(a.shape[0]))
+    if not bool(varies.any()):
+        return 0.0
+    r = (a * b).sum(0)[varies] / (sa[varies] * sb[varies])
+    return float(r.max())
+
+
+def noise_floor(particles: int, dims: int) -> float:
+    """The correlation that N independent pairs reach by chance in the largest of F
+    coordinates (about (1.5 + sqrt(2 log F)) / sqrt(N)): the stopping threshold is never
+    set below it."""
+    return (1.5 + math.sqrt(2 * math.log(max(dims, 1)))) / math.sqrt(max(particles, 1))
+
+
+@dataclass
+class MoveReport:
+    """What one step's moves did: the number of moves, the mean acceptance of the block
+    walk and of the single-site moves (None: no such kernel), the final correlation with
+    the start and the walk's scale factor."""
+    moves: int
+    block_acceptance: float | None
+    site_acceptance: float | None
+    correlation: float
+    scale: float | None
+    hit_max: bool = False
+
+
+def move_population(model: ModelRun, state: TracedState, coords: Coordinates, randomness, tuning: Tuning, *,
+                    covariance: torch.Tensor | None = None, moves: int | None = None, max_moves: int = 100,
+                    decorrelation: float = 0.1, label: str = "SMC") -> tuple[TracedState, Coordinates, MoveReport]:
+    """Move every particle (block walk then single-site move, per move) until the
+    population has decorrelated from where it started (or ``moves`` times exactly):
+    (state, coordinates, report). The walk's covariance: ``covariance`` (e.g. the
+    weighted population's before resampling: ``population_covariance``), else the
+    population's as it is; a warning when ``max_moves`` did not suffice."""
+    flat = coords.flat()
+    D = flat.shape[1]
+    if D and covariance is None:
+        covariance = population_covariance(flat)
+    factor = proposal_factor(covariance, tuning.start(D)) if D else None
+    has_others = bool((other_sites(state, coords.block) > 0).any())
+    start = features(state, coords)
+    floor = max(decorrelation, noise_floor(state.chains, start.shape[1]))
+    limit = max_moves if moves is None else moves
+    block_acc, site_acc, r, done = [], [], 1.0, 0
+    for done in range(1, limit + 1):
+        if factor is not None:
+            state, coords, acc = block_move(model, state, coords, factor, randomness)
+            block_acc.append(float(acc.double().mean()))
+        if has_others:
+            state, coords, acc = site_move(model, state, coords, randomness)
+            site_acc.append(float(acc.double().mean()))
+        if factor is None and not has_others:
+            break
+        if moves is None:
+            r = max_correlation(start, features(state, coords))
+            if r < floor:
+                break
+    hit = moves is None and done >= limit and r >= floor and limit > 0
+    if hit:
+        emit([f"{label}: the particles were still correlated with their start (correlation {r:.2f} >= "
+              f"{floor:.2f}) after max_moves={max_moves} moves; the population may not have mixed (raise "
+              "max_moves)"], stacklevel=3)
+    mean = (lambda xs: sum(xs) / len(xs) if xs else None)
+    report = MoveReport(done, mean(block_acc), mean(site_acc), r, tuning.scale if D else None, hit)
+    if D and block_acc:
+        tuning.adapt(report.block_acceptance, D)
+    return state, coords, report
