@@ -11,6 +11,9 @@ Warnings (``PPLDiagnosticWarning``; the messages are also a result's ``warnings`
 
 * MCMC: split R-hat above ``R_HAT_MAX`` = 1.01 at any site (the chains disagree), or an
   effective sample size below ``MCMC_ESS_MIN`` = 100 at any site.
+* HMC/NUTS, besides: any divergent transition after warm-up, more than 1% of the draws at
+  the maximum tree depth, an energy BFMI below ``BFMI_MIN`` = 0.3 in some chain (Stan's
+  rules).
 * Weighted populations: an ESS below ``ess_floor(N)`` = 1% of N, at least 10 (N/10 when
   N < 100) and at most 100 -- for resampling methods the ESS measured *before* the last
   resampling (the ESS after it reads N whatever happened); a Pareto k above
@@ -36,6 +39,8 @@ R_HAT_MAX = 1.01
 MCMC_ESS_MIN = 100.0
 PARETO_K_MAX = 0.7
 UNIQUE_MIN_FRACTION = 0.25
+BFMI_MIN = 0.3
+MAX_DEPTH_FRACTION = 0.01
 MOVING_METHODS = ("tempering", "resample_move")
 
 
@@ -102,6 +107,31 @@ def mcmc_warnings(method: str, r_hat: dict, ess_per_site: dict) -> list[str]:
     return out
 
 
+def gradient_warnings(method: str, extra: dict) -> list[str]:
+    """The warnings of HMC/NUTS draws (Stan's): divergent transitions after warm-up, draws
+    that hit the maximum tree depth (more than ``MAX_DEPTH_FRACTION`` of them), a chain
+    whose energy BFMI is below ``BFMI_MIN``."""
+    out = []
+    divergences = int(extra.get("divergences") or 0)
+    if divergences > 0:
+        out.append(f"{method}: {divergences} divergent transition{'s' if divergences != 1 else ''} after warm-up: "
+                   "the sampler cannot follow the posterior's curvature there, so the draws may be biased. "
+                   "Reparameterise (e.g. a non-centred hierarchical model) or raise target_accept "
+                   "(-o target_accept=0.95)")
+    hit = extra.get("hit_max_tree_depth")
+    if hit is not None and hit > MAX_DEPTH_FRACTION:
+        out.append(f"{method}: {hit:.1%} of the draws hit the maximum tree depth ({extra.get('max_tree_depth')}): "
+                   "the trajectories were cut short, the chains explore slowly. Raise max_tree_depth or "
+                   "reparameterise")
+    low = [(c, b) for c, b in enumerate(extra.get("bfmi") or ()) if math.isfinite(b) and b < BFMI_MIN]
+    if low:
+        c, b = min(low, key=lambda cb: cb[1])
+        out.append(f"{method}: the energy BFMI of chain {c} is {b:.2f} (below {BFMI_MIN}): the momentum "
+                   "resampling cannot move the energy enough; the chain may not explore the tails. "
+                   "Reparameterise, or use a dense mass matrix (-o dense_mass=true)")
+    return out
+
+
 def count_distinct(sites: dict, present: dict | None = None) -> int | None:
     """The number of distinct particles by the values of their *continuous* choices
     (float sites, other than "return", with a value that is not a whole number; ``sites``:
@@ -133,6 +163,49 @@ def emit(messages: list[str], stacklevel: int = 3) -> None:
     """Each message as a ``PPLDiagnosticWarning``."""
     for msg in messages:
         warnings.warn(msg, PPLDiagnosticWarning, stacklevel=stacklevel + 1)
+
+
+def site_diagnostics(sites: dict, C: int, S: int, *, components: bool = False) -> tuple[dict, dict]:
+    """(split R-hat, bulk ESS) per scalar numeric site that every draw has (``sites``: name
+    -> (values [C * S, ...] chain-major, present)); with ``components``, also per
+    component of a vector or matrix site, named like its summary row (``"eta[0]"``,
+    ``"L[1,0]"``; a name that is already a site is skipped). Sites with fewer than 4 draws
+    per chain, and constant ones, have neither."""
+    r_hat, ess = {}, {}
+    if S < 4:
+        return r_hat, ess
+    for name, (v, present) in sites.items():
+        if present is not None or not isinstance(v, torch.Tensor):
+            continue
+        if v.dim() == 1:
+            x = v.reshape(C, S).double()
+            if bool((x == x[0, 0]).all()):
+                continue  # a constant site has no variance to diagnose
+            ess[name] = float(mcmc_ess(x))
+            if C >= 2:
+                r_hat[name] = float(split_r_hat(x))
+        elif components and v.dim() > 1 and v.dtype != torch.bool:
+            shape = tuple(v.shape[1:])
+            x = v.reshape(C, S, -1).double().permute(2, 0, 1)  # [K, C, S]
+            varies = ~(x == x[:, :1, :1]).reshape(x.shape[0], -1).all(1)
+            e = mcmc_ess(x).tolist()
+            r = split_r_hat(x).tolist() if C >= 2 else None
+            for k in range(x.shape[0]):
+                label = f"{name}[{','.join(str(int(i)) for i in _unravel(k, shape))}]"
+                if label in sites or not bool(varies[k]):
+                    continue
+                ess[label] = e[k]
+                if r is not None:
+                    r_hat[label] = r[k]
+    return r_hat, ess
+
+
+def _unravel(k: int, shape: tuple) -> tuple:
+    index = []
+    for n in reversed(shape):
+        index.append(k % n)
+        k //= n
+    return tuple(reversed(index))
 
 
 def split_r_hat(x: torch.Tensor) -> torch.Tensor:
@@ -202,18 +275,7 @@ def chain_diagnostics(kept: list):
         pres = torch.stack([k.present[a] if a in k.present else nowhere for k in kept], 1)
         present = pres.reshape(C * S)
         sites[a] = (vals.reshape(C * S, *vals.shape[2:]), None if bool(present.all()) else present)
-    r_hat, ess = {}, {}
-    for name, (v, present) in sites.items():
-        if present is not None or not isinstance(v, torch.Tensor) or v.dim() != 1:
-            continue
-        x = v.reshape(C, S).double()
-        if S < 4:
-            continue
-        if bool((x == x[0, 0]).all()):
-            continue  # a constant site has no variance to diagnose
-        ess[name] = float(mcmc_ess(x))
-        if C >= 2:
-            r_hat[name] = float(split_r_hat(x))
+    r_hat, ess = site_diagnostics(sites, C, S)
     return sites, r_hat, ess
 
 

@@ -333,9 +333,9 @@ def check_run_memory(model: "Model", method: str, particles: int, options: dict)
     from .semantics.limits import check_memory
     sites = sum(1 for node in ir.walk(model.program) if isinstance(node, (ir.Sample, ir.Observe, ir.Factor,
                                                                              ir.Condition)))
-    if method in ("mh", "pmmh"):
-        chains = options.get("chains") or (particles if method == "mh" else 2)
-        samples = options.get("samples", 1000 if method == "mh" else 500)
+    if method in ("mh", "pmmh", "nuts", "hmc"):
+        chains = options.get("chains") or (2 if method == "pmmh" else particles)
+        samples = options.get("samples", 500 if method == "pmmh" else 1000)
         inner = particles if method == "pmmh" else 1
         check_memory(max(chains * samples * (sites + 1), chains * inner * (sites + 4)) * 8,
                      f"{method} with {chains:,} chains of {samples:,} draws",

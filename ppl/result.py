@@ -438,6 +438,11 @@ class ExactResult(_ResultBase):
         return exact_view(name, self._positive, self.evidence)
 
 
+#: what HMC/NUTS add to a result's JSON (``inference.gradient_mcmc``)
+_GRADIENT_FIELDS = ("divergences", "divergences_per_chain", "warmup_divergences", "step_size", "tree_depth_mean",
+                    "hit_max_tree_depth", "max_tree_depth", "bfmi", "leapfrog_steps")
+
+
 class MCMCResult(WeightedResult):
     """Draws of Markov chains (``mh``): every kept draw of every chain, equally weighted.
 
@@ -460,20 +465,26 @@ class MCMCResult(WeightedResult):
         self.log_evidence = None
 
     def _diagnose(self) -> list[str]:
-        from ppl.inference.diagnostics import mcmc_warnings
-        return mcmc_warnings(self.method, self.r_hat, self.ess_per_site)
+        from ppl.inference.diagnostics import gradient_warnings, mcmc_warnings
+        return mcmc_warnings(self.method, self.r_hat, self.ess_per_site) + gradient_warnings(self.method, self.extra)
 
     def _json_extra(self) -> dict:
         """The chain layout and diagnostics (per-site split R-hat and ESS)."""
         return {"chains": self.chains, "draws": self.draws,
                 "acceptance_rate": _json_scalar(self.acceptance_rate),
                 "r_hat": {k: _json_scalar(v) for k, v in self.r_hat.items()},
-                "ess_per_site": {k: _json_scalar(v) for k, v in self.ess_per_site.items()}}
+                "ess_per_site": {k: _json_scalar(v) for k, v in self.ess_per_site.items()},
+                **{k: self.extra[k] for k in _GRADIENT_FIELDS if k in self.extra}}
 
     def _header(self) -> str:
         worst = max(self.r_hat.values()) if self.r_hat else float("nan")
-        return (f"{self.method}: {self.chains} chains x {self.draws} draws, acceptance {self.acceptance_rate:.2f}, "
+        head = (f"{self.method}: {self.chains} chains x {self.draws} draws, acceptance {self.acceptance_rate:.2f}, "
                 f"ESS={self.ess:.1f}, max split R-hat={worst:.3f}")
+        if "divergences" in self.extra:
+            e = self.extra
+            head += (f", divergences={e['divergences']}, mean tree depth={e['tree_depth_mean']:.2f}, "
+                     f"min E-BFMI={min(e['bfmi']):.2f}")
+        return head
 
 
 class BestOfNResult(WeightedResult):

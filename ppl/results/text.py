@@ -41,8 +41,9 @@ def _fmt(v: Any) -> str:
 
 
 def summary(result, names: str | Iterable[str] | None = None, *, show_warnings: bool = True) -> str:
-    """A fixed-width table: name, mean, sd, 5%, 50%, 95% and, for discrete scalar sites,
-    the most probable values. Default: "return" and the top-level sites (at most 20).
+    """A fixed-width table: name, mean, sd, 5%, 50%, 95%, for MCMC draws the bulk ESS and
+    split R-hat of each scalar site or component, and, for discrete scalar sites, the most
+    probable values. Default: "return" and the top-level sites (at most 20).
     Vector sites get one row per component (at most 8). Then a "warning: ..." line per
     diagnostic warning (``warnings``; ``show_warnings=False`` leaves them out)."""
     chosen = result._as_names(names)
@@ -53,7 +54,16 @@ def summary(result, names: str | Iterable[str] | None = None, *, show_warnings: 
         chosen = chosen[:_SUMMARY_MAX_SITES]
     descs = [(n, result._describe(n)) for n in chosen]
     partial = any(d["presence"] != 1 for _, d in descs)
+    chains = getattr(result, "r_hat", None) is not None  # MCMC: per-site ESS and split R-hat columns
     rows = []
+
+    def diagnostics(label):
+        if not chains:
+            return []
+        ess, r_hat = result.ess_per_site.get(label), result.r_hat.get(label)
+        return [f"{ess:.0f}" if ess is not None and math.isfinite(ess) else "-",
+                f"{r_hat:.3f}" if r_hat is not None and math.isfinite(r_hat) else "-"]
+
     for name, d in descs:
         exists = _fmt(float(d["presence"])) if partial else None
         shape = d["shape"]
@@ -65,18 +75,21 @@ def summary(result, names: str | Iterable[str] | None = None, *, show_warnings: 
                 if len(top) > _SUMMARY_TOP_PROBS:
                     probs += f", ... ({len(top) - _SUMMARY_TOP_PROBS} more)"
             cells = [d[k] for k in ("mean", "sd", "q05", "q50", "q95")]
-            rows.append([name] + [_fmt(c) for c in cells] + ([exists] if partial else []) + [probs])
+            rows.append([name] + [_fmt(c) for c in cells] + ([exists] if partial else []) + diagnostics(name)
+                        + [probs])
             continue
         size = math.prod(shape)
         for j in range(min(size, _SUMMARY_MAX_COMPONENTS)):
             index = np.unravel_index(j, shape)
             label = f"{name}[{','.join(str(int(i)) for i in index)}]"
             cells = [_component(d[k], index) for k in ("mean", "sd", "q05", "q50", "q95")]
-            rows.append([label] + [_fmt(c) for c in cells] + ([exists] if partial else []) + [""])
+            rows.append([label] + [_fmt(c) for c in cells] + ([exists] if partial else []) + diagnostics(label)
+                        + [""])
         if size > _SUMMARY_MAX_COMPONENTS:
-            rows.append([f"{name}[...]"] + [""] * (5 + partial)
+            rows.append([f"{name}[...]"] + [""] * (5 + partial + 2 * chains)
                         + [f"({size - _SUMMARY_MAX_COMPONENTS} more components)"])
-    header = ["name", "mean", "sd", "5%", "50%", "95%"] + (["exists"] if partial else []) + ["probabilities"]
+    header = ["name", "mean", "sd", "5%", "50%", "95%"] + (["exists"] if partial else []) + \
+        (["ess", "r_hat"] if chains else []) + ["probabilities"]
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header) - 1)]
 
     def line(r):

@@ -1,0 +1,419 @@
+"""A program's log density on unconstrained space, with its gradient: what HMC, NUTS and
+MALA move on.
+
+The continuous choices x_1..x_n of a program (each with a support S_k that torch maps
+from the real line by ``T_k = biject_to(S_k)``: ``gfi.support_bijection``) are laid out
+flat as z = (T_1^-1(x_1), ..., T_n^-1(x_n)) in R^D, one row per chain ([C, D]). The
+*potential* of C chains is
+
+    log pi(z) = sum_k [ log p_k(T_k(z_k) | ...) + log |det dT_k/dz_k| ]
+                + sum_j log p_j(d_j | ...)            (discrete choices, held fixed)
+                + beta * log L(x, d)                  (observe / factor / condition)
+
+Invariant: exp(log pi) is the density of the push-forward of the program's unnormalised
+posterior (tempered by ``beta``: prior * L^beta, an impossible likelihood stays
+impossible) under x -> T^-1(x), for the discrete choices held at ``given``; so a kernel
+that leaves pi invariant on z leaves the posterior invariant on x once z is mapped back
+(``constrain``). Log densities are float64; a point of density zero (outside a
+``condition``, an invalid parameter, a NaN) has log pi = -inf and gradient 0, never an
+error: a kernel rejects it.
+
+Two evaluators compute the same function:
+
+* **traced** (a *static* program: its control flow and shapes do not depend on z; see
+  ``inference.mh_traced``): the program's run is recorded once with ``torch.jit.trace``
+  as a graph z -> (log prior, log likelihood) and replayed; autograd runs through it.
+* **eager**: the interpreter runs the program at every evaluation, autograd through it.
+
+``build_potential`` picks the traced one when the program is static and checks that the
+two agree; the eager one otherwise (``Potential.traced`` says which, ``why_not_traced``
+why). A continuous choice that some chains make and others do not (random structure)
+cannot be moved by these kernels: an error names it.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ..semantics.errors import PPLError, PPLRuntimeError
+from ..semantics.gfi import ModelRun, TracedState, support_bijection
+from ..semantics.sampling import Suspended, _WeightAccumulator, column, drive
+from ..semantics.values import Batched, Particles, PerParticle, rows, to_bool_rows
+from ..stdlib.distributions import deferred_checks
+from .compiled import record
+from .mh_traced import NotStatic, _taint
+
+_IDENTITY = torch.distributions.transforms.identity_transform
+
+
+@dataclass(frozen=True)
+class Site:
+    """A continuous choice's place in z: columns [start, stop) hold T^-1(x) flattened
+    (unconstrained shape ``shape``; the value itself has shape ``value_shape``)."""
+    addr: str
+    start: int
+    stop: int
+    shape: tuple
+    value_shape: tuple
+
+
+class RandomStructure(PPLRuntimeError):
+    """A continuous choice exists in some chains only, or the choices differ from run to run."""
+
+
+class _AtPoint(_WeightAccumulator):
+    """One run of the program in which continuous choice k takes the value T_k(z_k) and
+    discrete choice a the value ``given[a]`` (per chain); sums the log prior (with the log
+    |Jacobian|) and the log likelihood separately, with no Python decision on a value of
+    z (so the run can be traced). ``strict``: every continuous choice must be reached by
+    every chain (kernels moving z need that)."""
+
+    def __init__(self, C: int, device, sites: dict, z: torch.Tensor, given: dict, *, deferred_nan: bool = True):
+        super().__init__(C, device, dtype=torch.float64)
+        self.C, self.sites, self.z, self.given = C, sites, z, given
+        self.log_prior = torch.zeros(C, dtype=torch.float64, device=device)
+        self.log_lik = torch.zeros(C, dtype=torch.float64, device=device)
+        self.values: dict = {}
+        self.seen: set = set()
+        self.full_idx = None
+
+    def _full(self, ctx, what: str, span=None):
+        if ctx.idx is not self.full_idx and ctx.M != self.C:
+            raise RandomStructure(f"{what} is reached by only some chains: gradient-based kernels need every chain "
+                                  "to make the same continuous choices", span,
+                                  "use mh, tempering or smc for a program whose continuous choices depend on its "
+                                  "random path")
+
+    def sample(self, eff):
+        ctx, addr = eff.ctx, eff.addr
+        if addr in self.given:
+            col = self.given[addr]
+            value = Batched(col if ctx.M == self.C else col[ctx.idx], ctx.idx)
+            self._prior(ctx, eff.dist.log_prob(value, ctx))
+            return value
+        site = self.sites.get(addr)
+        if site is None or addr in self.seen:
+            raise RandomStructure(f"the choice '{addr}' was not made by the first run (or made twice): the program's "
+                                  "continuous choices change from run to run", eff.span,
+                                  "gradient-based kernels need a fixed set of continuous choices")
+        self._full(ctx, f"the choice '{addr}'", eff.span)
+        self.seen.add(addr)
+        T = support_bijection(eff.dist, ctx)
+        if T is None:
+            raise RandomStructure(f"the choice '{addr}' is not continuous here", eff.span)
+        y = self.z[:, site.start:site.stop].reshape((self.C,) + site.shape)
+        if T == _IDENTITY:
+            x, logdet = y, None
+        else:
+            x = T(y)
+            j = T.log_abs_det_jacobian(y, x)
+            logdet = j.reshape(self.C, -1).sum(1) if j.dim() > 1 else j.expand(self.C) if j.dim() == 0 else j
+        value = Batched(x, ctx.idx)
+        lp = eff.dist.log_prob(value, ctx)
+        self._prior(ctx, lp if logdet is None else lp + logdet)
+        self.values[addr] = x
+        return value
+
+    def _as_rows(self, lp, ctx):
+        if not isinstance(lp, torch.Tensor):
+            lp = torch.as_tensor(float(lp), dtype=torch.float64, device=self.log_prior.device)
+        if lp.dtype != torch.float64:
+            lp = lp.double()
+        return lp.expand(ctx.M) if lp.dim() == 0 else lp
+
+    def _prior(self, ctx, lp):
+        lp = self._as_rows(lp, ctx)
+        self.log_prior = self.log_prior + lp if ctx.M == self.C else self.log_prior.index_add(0, ctx.idx, lp)
+
+    def _likelihood(self, ctx, lp):
+        lp = self._as_rows(lp, ctx)
+        self.log_lik = self.log_lik + lp if ctx.M == self.C else self.log_lik.index_add(0, ctx.idx, lp)
+
+    add = _likelihood
+
+    def observe(self, eff):
+        self._likelihood(eff.ctx, eff.dist.log_prob(eff.value, eff.ctx))
+
+    def condition(self, eff):
+        c = to_bool_rows(eff.value, eff.ctx)
+        if isinstance(c, bool):
+            self._likelihood(eff.ctx, 0.0 if c else -math.inf)
+        else:
+            self._likelihood(eff.ctx, torch.where(c, 0.0, -math.inf))
+
+    def factor(self, eff):
+        v = eff.value
+        if isinstance(v, Batched):
+            lp = rows(v, eff.ctx)
+            if lp.dim() != 1:
+                raise PPLRuntimeError("factor needs one number per particle", eff.span)
+        elif isinstance(v, PerParticle):
+            raise PPLRuntimeError("factor needs a number", eff.span)
+        else:
+            lp = torch.as_tensor(float(v))
+        self._likelihood(eff.ctx, lp)
+
+    def twist(self, eff):  # the whole program's measure does not depend on twist potentials
+        return None
+
+
+def _finite_or_neginf(lp: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isnan(lp), torch.full_like(lp, -math.inf), lp)
+
+
+class Potential:
+    """log pi (see the module docstring) of C chains of a program, as a function of z
+    [C, D] float64, with its gradient. ``given``: the discrete choices' values per chain
+    (address -> [C, ...]); set it (``set_given``) to move the continuous part of a Gibbs
+    sweep."""
+
+    def __init__(self, model: ModelRun, C: int, sites: tuple, discrete: tuple, given: dict):
+        self.model, self.C, self.sites = model, C, sites
+        self.by_addr = {s.addr: s for s in sites}
+        self.discrete = discrete
+        self.given = given
+        self.D = sites[-1].stop if sites else 0
+        self.device = model.device
+        self.traced = False
+        self.why_not_traced: str | None = None
+        self._graph = None
+        self.evaluations = 0
+
+    # ---------------------------------------------------------------- one evaluation
+    def _run(self, z: torch.Tensor, given: dict, C: int | None = None):
+        """(log prior [C], log likelihood [C], values, return column, parameter checks) by
+        running the interpreter once at z."""
+        C = C or self.C
+        m = self.model
+        ctx = Particles.all(C, m.device)
+        h = _AtPoint(C, m.device, self.by_addr, z, given)
+        h.full_idx = ctx.idx
+        with deferred_checks() as checks:
+            try:
+                ret = column(drive(m.interp.run(m.entry, m.data, ctx), h), ctx)
+            except Suspended:  # pragma: no cover - no truncation here
+                ret = None
+        missing = [s.addr for s in self.sites if s.addr not in h.seen]
+        if missing:
+            raise RandomStructure(f"the choice '{missing[0]}' of the first run was not made: the program's continuous "
+                                  "choices change from run to run")
+        return h.log_prior, h.log_lik, h.values, ret, list(checks)
+
+    def _value_and_grad(self, z: torch.Tensor, beta: torch.Tensor, *given):
+        """(log pi [C], its gradient [C, D], parameters valid?) by running the interpreter,
+        autograd through it; rows of density zero get -inf and gradient 0. The traced
+        graph records exactly this function."""
+        def total(z):
+            lp, ll, _, _, checks = self._run(z, dict(zip(self.discrete, given)))
+            ok = torch.ones((), dtype=torch.bool, device=z.device)
+            for c in checks:
+                ok = ok & c
+            t = _combine(lp, ll, beta)
+            return torch.where(torch.isfinite(t), t, torch.zeros_like(t)).sum(), (t, ok)
+
+        g, (t, ok) = torch.func.grad(total, has_aux=True)(z)
+        good = torch.isfinite(t) & torch.isfinite(g).all(1)
+        t = torch.where(good, t, torch.full_like(t, -math.inf))
+        g = torch.where(good.unsqueeze(1), g, torch.zeros_like(g))
+        return t, g, ok
+
+    def value_and_grad(self, z: torch.Tensor, beta: float = 1.0):
+        """(log pi(z) [C], grad log pi(z) [C, D]), float64; rows of density zero (an
+        impossible point, a NaN, an invalid parameter): -inf and 0."""
+        self.evaluations += 1
+        z = z.detach()
+        b = torch.as_tensor(beta, dtype=torch.float64, device=z.device)
+        given = tuple(self.given[a] for a in self.discrete)
+        fn = self._graph if self._graph is not None else self._value_and_grad
+        t, g, ok = fn(z, b, *given)
+        if not bool(ok):  # an invalid parameter in some chain: find which, row by row
+            return self._row_by_row(z, beta)
+        return t, g
+
+    def log_density(self, z: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+        """log pi(z) [C] (float64; -inf where impossible)."""
+        return self.value_and_grad(z, beta)[0]
+
+    def _row_by_row(self, z, beta):
+        """log pi and its gradient chain by chain, with the interpreter's own parameter
+        checks: a chain whose parameters are invalid there has density zero."""
+        out = torch.full((self.C,), -math.inf, dtype=torch.float64, device=z.device)
+        grad = torch.zeros_like(z)
+        b = torch.as_tensor(beta, dtype=torch.float64, device=z.device)
+        one = Potential(self.model, 1, self.sites, self.discrete, {})
+        for c in range(self.C):
+            try:
+                t, g, _ = one._value_and_grad(z[c:c + 1], b, *(self.given[a][c:c + 1] for a in self.discrete))
+            except PPLError:
+                continue
+            out[c], grad[c] = t[0], g[0]
+        return out, grad
+
+    # ------------------------------------------------------------ to and from values
+    def constrain(self, z: torch.Tensor, given: dict | None = None) -> tuple[dict, object]:
+        """(address -> values [M, ...] of every choice, return column) at M points z [M, D]
+        (M may differ from C: e.g. all kept draws at once), in one run of the interpreter."""
+        M = z.shape[0]
+        given = self.given if given is None else given
+        with torch.no_grad():
+            _, _, values, ret, _ = self._run(z.detach(), given, M)
+        values = dict(values)
+        for a in self.discrete:
+            values[a] = given[a]
+        return values, ret
+
+    def unconstrain(self, values: dict) -> torch.Tensor:
+        """z [C, D] for the continuous choices' values (address -> [C, ...])."""
+        m = self.model
+        z = torch.zeros(self.C, self.D, dtype=torch.float64, device=m.device)
+        probe = _SupportProbe(self.C, m.device, values)
+        ctx = Particles.all(self.C, m.device)
+        with deferred_checks():
+            try:
+                drive(m.interp.run(m.entry, m.data, ctx), probe)
+            except Suspended:  # pragma: no cover
+                pass
+        for s in self.sites:
+            T = probe.bijections[s.addr]
+            z[:, s.start:s.stop] = T.inv(values[s.addr].double()).reshape(self.C, -1)
+        return z
+
+    def initial(self, randomness, radius: float = 2.0, tries: int = 100) -> torch.Tensor:
+        """Stan's initialisation: z uniform on (-radius, radius)^D per chain, redrawn where
+        the density or its gradient is not finite (an error after ``tries`` rounds)."""
+        z = (randomness.uniform((self.C, self.D), self.device) * 2 - 1) * radius
+        for _ in range(tries):
+            lp, g = self.value_and_grad(z)
+            bad = ~torch.isfinite(lp)
+            if not bool(bad.any()):
+                return z
+            fresh = (randomness.uniform((self.C, self.D), self.device) * 2 - 1) * radius
+            z = torch.where(bad.unsqueeze(1), fresh, z)
+        raise PPLRuntimeError(f"no initial point of positive density found for {int(bad.sum())} of {self.C} chains "
+                              f"in {tries} tries (uniform on (-{radius:g}, {radius:g}) in unconstrained space)",
+                              hint="the data may be impossible under the prior, or a condition very unlikely")
+
+    def set_given(self, given: dict) -> None:
+        """Hold the discrete choices at new values (a Gibbs sweep's continuous half)."""
+        self.given = given
+
+
+def _combine(log_prior, log_lik, beta: torch.Tensor):
+    """log prior + beta * log likelihood, NaN -> -inf; an impossible likelihood stays
+    impossible at beta = 0."""
+    log_lik = torch.where(torch.isneginf(log_lik), log_lik, beta * log_lik)
+    return _finite_or_neginf(log_prior + log_lik)
+
+
+class _SupportProbe(_WeightAccumulator):
+    """A run at given values that records each choice's support bijection (and whether the
+    choice is continuous: it has one)."""
+
+    def __init__(self, C, device, values: dict):
+        super().__init__(C, device, dtype=torch.float64)
+        self.C, self.values = C, values
+        self.bijections: dict = {}
+        self.order: list = []
+        self.partial: set = set()
+
+    def sample(self, eff):
+        ctx, addr = eff.ctx, eff.addr
+        if addr not in self.values:
+            raise RandomStructure(f"the choice '{addr}' has no value in the initial trace", eff.span)
+        if ctx.M != self.C:
+            self.partial.add(addr)
+        if addr not in self.bijections:
+            self.order.append(addr)
+            self.bijections[addr] = support_bijection(eff.dist, ctx)
+        col = self.values[addr]
+        return Batched(col[ctx.idx], ctx.idx)
+
+    def observe(self, eff):
+        return None
+
+    def factor(self, eff):
+        return None
+
+    def condition(self, eff):
+        return None
+
+    def twist(self, eff):
+        return None
+
+
+def _is_continuous(T, value: torch.Tensor) -> bool:
+    return T is not None and value.is_floating_point()
+
+
+def build_potential(model: ModelRun, state: TracedState, *, traced: bool | str = "auto") -> Potential:
+    """The potential of ``state.chains`` chains of ``model`` (``state``: a first trace of
+    each chain, e.g. ``mh.initial_state``): its continuous choices are laid out in z in
+    the order the program makes them; its other choices are held at the state's values.
+    ``traced``: "auto" (trace a static program, else eager), True (an error if the program
+    cannot be traced), False (eager)."""
+    C = state.chains
+    values = {a: v for a, v in state.values.items()}
+    probe = _SupportProbe(C, model.device, values)
+    ctx = Particles.all(C, model.device)
+    with deferred_checks():
+        try:
+            drive(model.interp.run(model.entry, model.data, ctx), probe)
+        except Suspended:  # pragma: no cover
+            pass
+    sites, discrete, start = [], [], 0
+    for addr in probe.order:
+        T, v = probe.bijections[addr], values[addr]
+        if not _is_continuous(T, v):
+            discrete.append(addr)
+            continue
+        if addr in probe.partial or not bool(state.present[addr].all()):
+            raise RandomStructure(f"the continuous choice '{addr}' is made by only some chains: gradient-based "
+                                  "kernels need every chain to make the same continuous choices",
+                                  hint="use mh, tempering or smc for a program whose continuous choices depend "
+                                       "on its random path")
+        y = T.inv(v.double())
+        shape = tuple(y.shape[1:])
+        n = int(math.prod(shape))
+        sites.append(Site(addr, start, start + n, shape, tuple(v.shape[1:])))
+        start += n
+    if not sites:
+        raise PPLRuntimeError("the program has no continuous choice: gradient-based kernels have nothing to move",
+                              hint="use enumerate, mh or smc")
+    given = {a: values[a] for a in discrete}
+    p = Potential(model, C, tuple(sites), tuple(discrete), given)
+    if traced:
+        try:
+            p._graph = _trace(p)
+            p.traced = True
+        except (NotStatic, PPLError, RuntimeError, TypeError, ValueError, IndexError, AttributeError) as e:
+            p.why_not_traced = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if traced is True:
+                raise PPLRuntimeError(f"traced=True: this program cannot be traced ({p.why_not_traced})",
+                                      hint="use traced='auto' to fall back to the interpreter") from None
+    return p
+
+
+def _trace(p: Potential):
+    """The recorded graph (z, beta, *given) -> (log pi, gradient, parameters valid?) of a
+    static program (``inference.compiled``); NotStatic if the program is not static or the
+    graph disagrees with the interpreter."""
+    given = tuple(p.given[a] for a in p.discrete)
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def example(beta=1.0):
+        z = torch.rand(p.C, p.D, generator=g, dtype=torch.float64).to(p.device) * 4 - 2
+        return (z, torch.tensor(beta, dtype=torch.float64, device=p.device), *given)
+
+    with torch.no_grad():  # static? (raises NotStatic at a Python decision on z)
+        p._run(*_taint((example()[0],)), dict(zip(p.discrete, _taint(given))))
+    graph = record(p._value_and_grad, example())
+    for args in (example(), example(0.5), example(0.0)):
+        eager, traced = p._value_and_grad(*args), graph(*args)
+        for e, t in zip(eager, traced):
+            if e.shape != t.shape or not torch.allclose(e.double(), t.double(), rtol=1e-9, atol=1e-12,
+                                                        equal_nan=True):
+                raise NotStatic("the traced graph disagrees with the interpreter")
+    return graph
