@@ -38,8 +38,9 @@ def main() -> int:
     import bench_lm
     import bench_memory
     import bench_mh
+    import bench_nuts
     import bench_smc
-    for mod in [bench_importance, bench_smc, bench_mh, bench_lm, bench_amortized, bench_memory]:
+    for mod in [bench_importance, bench_smc, bench_mh, bench_lm, bench_amortized, bench_memory, bench_nuts]:
         if args.only and args.only not in mod.__name__:
             continue
         mod.run(repeats=args.repeats, quick=args.quick)
