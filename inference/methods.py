@@ -165,14 +165,18 @@ def _flag(value):
 
 
 def run_resample_move(model, data: dict, *, particles: int = 1000, device: str = "cpu",
-                      resampling: str = "systematic", ess_threshold: float = 1.0, moves: int = 1,
-                      kernel: str = "prior", scale: float = 0.5, progress: bool | None = None, **_) -> Population:
-    """Resample-move SMC (``inference.resample_move``): SMC with ``moves`` MH steps per
-    particle after each resampling. ``extra["acceptance"]`` lists the MH acceptance rate
-    at each rejuvenation. ``progress``: a counter of checkpoints with the ESS."""
+                      resampling: str = "systematic", ess_threshold: float = 1.0, moves: int | None = None,
+                      kernel: str = "prior", scale: float = 0.5, progress: bool | None = None, adapt: bool = False,
+                      max_moves: int = 100, decorrelation: float = 0.1, **_) -> Population:
+    """Resample-move SMC (``inference.resample_move``): SMC with ``moves`` MH steps (default
+    1) per particle after each resampling. ``extra["acceptance"]`` lists the MH acceptance
+    rate at each rejuvenation. ``progress``: a counter of checkpoints with the ESS.
+    ``adapt=True``: moves scaled by the population (``inference.population_moves``),
+    repeated until the particles decorrelate (below ``decorrelation``) or ``max_moves``."""
     return resample_move(*_program(model, data, device), int(particles), device, resampling=resampling,
-                         ess_threshold=ess_threshold, moves=int(moves), kernel=kernel, scale=float(scale),
-                         progress=progress)
+                         ess_threshold=ess_threshold, moves=None if moves is None else int(moves), kernel=kernel,
+                         scale=float(scale), progress=progress, adapt=_flag(adapt), max_moves=int(max_moves),
+                         decorrelation=float(decorrelation))
 
 
 def run_pmmh(model, data: dict, *, params=None, particles: int = 100, samples: int = 500, burn_in: int = 100,

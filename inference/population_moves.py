@@ -30,7 +30,8 @@ earlier steps), never on the particle being moved nor on the moves' own outcomes
 within a step every move is an exact MH kernel of the current target: the moves change
 neither the weights nor the properness of an SMC population. The number of moves is
 chosen by the population (stop once every coordinate's correlation between the start of
-the step and now is below ``decorrelation``, or at ``max_moves`` with a warning): the usual,
+the step and now is below ``decorrelation`` and 90% of the particles have accepted a
+move, or at ``max_moves`` with a warning): the usual,
 consistent heuristic of adaptive SMC samplers (PyMC's correlation rule); a fixed
 ``moves`` keeps the count fixed.
 
@@ -51,6 +52,11 @@ from .diagnostics import emit
 
 #: the acceptance rate the block walk's scale is adapted towards (Roberts, Gelman & Gilks 1997)
 TARGET_ACCEPTANCE = 0.234
+
+#: the moves go on until at least this fraction of the particles has accepted a move
+#: (what decides when the population started without spread, so that no correlation
+#: with the start can be measured)
+MOVED_FRACTION = 0.9
 
 
 # --------------------------------------------------------------- unconstrained coordinates
@@ -219,21 +225,17 @@ def coordinates(model: ModelRun, state: TracedState, randomness=None) -> tuple[T
 # ------------------------------------------------------------------ the proposal
 @dataclass
 class Tuning:
-    """The block walk's scale factor s (times the population's covariance), carried from
-    one SMC step to the next and adapted towards ``TARGET_ACCEPTANCE``; None until the
-    first step sets it to 2.38 / sqrt(D)."""
-    scale: float | None = None
-    history: list = field(default_factory=list)
+    """The block walk's scale, s = ``factor`` x 2.38 / sqrt(D) (times the population's
+    covariance), carried from one SMC step to the next (D may change between steps) and
+    adapted towards ``TARGET_ACCEPTANCE``."""
+    factor: float = 1.0
 
-    def start(self, D: int) -> float:
-        if self.scale is None:
-            self.scale = 2.38 / math.sqrt(max(D, 1))
-        return self.scale
+    def scale(self, D: int) -> float:
+        return self.factor * 2.38 / math.sqrt(max(D, 1))
 
-    def adapt(self, acceptance: float, D: int) -> None:
-        """s <- s exp(acceptance - 0.234), kept within [0.01, 3] x 2.38 / sqrt(D)."""
-        base = 2.38 / math.sqrt(max(D, 1))
-        self.scale = min(3 * base, max(0.01 * base, self.scale * math.exp(acceptance - TARGET_ACCEPTANCE)))
+    def adapt(self, acceptance: float) -> None:
+        """factor <- factor exp(acceptance - 0.234), kept within [0.01, 3]."""
+        self.factor = min(3.0, max(0.01, self.factor * math.exp(acceptance - TARGET_ACCEPTANCE)))
 
 
 def population_covariance(flat: torch.Tensor, log_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -383,32 +385,37 @@ def move_population(model: ModelRun, state: TracedState, coords: Coordinates, ra
     D = flat.shape[1]
     if D and covariance is None:
         covariance = population_covariance(flat)
-    factor = proposal_factor(covariance, tuning.start(D)) if D else None
+    factor = proposal_factor(covariance, tuning.scale(D)) if D else None
     has_others = bool((other_sites(state, coords.block) > 0).any())
     start = features(state, coords)
     floor = max(decorrelation, noise_floor(state.chains, start.shape[1]))
     limit = max_moves if moves is None else moves
     block_acc, site_acc, r, done = [], [], 1.0, 0
+    moved = torch.zeros(state.chains, dtype=torch.bool, device=state.log_joint.device)
     for done in range(1, limit + 1):
         if factor is not None:
             state, coords, acc = block_move(model, state, coords, factor, randomness)
             block_acc.append(float(acc.double().mean()))
+            moved = moved | acc
         if has_others:
             state, coords, acc = site_move(model, state, coords, randomness)
             site_acc.append(float(acc.double().mean()))
+            moved = moved | acc
         if factor is None and not has_others:
             break
         if moves is None:
             r = max_correlation(start, features(state, coords))
-            if r < floor:
+            if r < floor and float(moved.double().mean()) >= MOVED_FRACTION:
                 break
-    hit = moves is None and done >= limit and r >= floor and limit > 0
+    hit = moves is None and done >= limit and limit > 0 and \
+        (r >= floor or float(moved.double().mean()) < MOVED_FRACTION)
     if hit:
-        emit([f"{label}: the particles were still correlated with their start (correlation {r:.2f} >= "
-              f"{floor:.2f}) after max_moves={max_moves} moves; the population may not have mixed (raise "
-              "max_moves)"], stacklevel=3)
+        emit([f"{label}: after max_moves={max_moves} moves the particles were still correlated with their start "
+              f"(correlation {r:.2f}, threshold {floor:.2f}) or {100 * float(moved.double().mean()):.0f}% had "
+              f"moved (needed {100 * MOVED_FRACTION:.0f}%); the population may not have mixed (raise max_moves)"],
+             stacklevel=3)
     mean = (lambda xs: sum(xs) / len(xs) if xs else None)
-    report = MoveReport(done, mean(block_acc), mean(site_acc), r, tuning.scale if D else None, hit)
+    report = MoveReport(done, mean(block_acc), mean(site_acc), r, tuning.scale(D) if D else None, hit)
     if D and block_acc:
-        tuning.adapt(report.block_acceptance, D)
+        tuning.adapt(report.block_acceptance)
     return state, coords, report

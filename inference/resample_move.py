@@ -33,6 +33,7 @@ from ..semantics.sampling import Suspended, Weighting, column, drive, fixed, tru
 from ..semantics.values import Lineage, Particles, lineage_scope
 from ..stdlib.progress import NO_BAR, progress_bar
 from . import mh as mh_mod
+from . import population_moves
 from .population import Population
 from .smc import SMCHandler
 
@@ -54,16 +55,32 @@ class _SuspendAfterResampling(SMCHandler):
 
 
 def resample_move(interp, entry: str, data: dict, particles: int, device="cpu", *, resampling="systematic",
-                  ess_threshold: float = 1.0, moves: int = 1, kernel: str = "prior", scale: float = 0.5,
-                  randomness=None, progress: bool | None = None):
+                  ess_threshold: float = 1.0, moves: int | None = None, kernel: str = "prior", scale: float = 0.5,
+                  randomness=None, progress: bool | None = None, adapt: bool = False, max_moves: int = 100,
+                  decorrelation: float = 0.1):
     """Run resample-move SMC: a ``Population`` (it unpacks to (sites, log_weights, handler,
     acceptance rates)). ``randomness`` (default: torch) serves both the SMC and the MH
-    draws. ``progress``: a counter of synchronisation checkpoints with the ESS, as for ``smc``."""
+    draws. ``progress``: a counter of synchronisation checkpoints with the ESS, as for ``smc``.
+    ``moves``: MH steps per rejuvenation (None: 1).
+
+    ``adapt=True``: the rejuvenation moves are ``inference.population_moves``' (a block
+    random walk on the continuous choices every particle has, with the population's
+    covariance and a scale adapted from one rejuvenation to the next, plus single-site
+    prior moves on the other choices), repeated until the particles decorrelate from
+    where they started (correlation below ``decorrelation``) or ``max_moves`` (a
+    warning); a given ``moves`` fixes the count. ``extra["moves"]`` is then the list of
+    moves per rejuvenation, ``extra["acceptance"]`` the block walk's acceptance (the
+    single-site moves' where there is no block), ``extra["correlation"]`` and
+    ``extra["proposal_scale"]`` per rejuvenation."""
+    if adapt and kernel not in ADAPTIVE_KERNELS:
+        raise PPLRuntimeError(f"resample_move with adapt=True moves the continuous choices by a population random "
+                              f"walk (kernel 'rw' or 'prior', the default), not '{kernel}'", hint="kernel='rw'")
     randomness = randomness or mh_mod.TorchMHRandomness()
     N, moved, acceptance = particles, None, []
+    tuning, reports = population_moves.Tuning(), []
     h = _SuspendAfterResampling(N, device, None, resampling=resampling, ess_threshold=ess_threshold,
                                 randomness=randomness)
-    h.moves = moves
+    h.moves = (1 if moves is None else moves) if not adapt else (moves if moves is not None else max_moves)
     with progress_bar(progress, desc="resample_move", unit=" checkpoints") as h.bar:
         while True:
             ctx = Particles.all(N, device)
@@ -76,25 +93,58 @@ def resample_move(interp, entry: str, data: dict, particles: int, device="cpu", 
                     sites = {"return": (column(ret, ctx), None), **h.trace.sites()}
                     break
                 except Suspended:
-                    moved, rate = _move(interp, entry, data, h, N, device, moves, kernel, scale, randomness)
+                    if adapt:
+                        moved, report = _adaptive_move(interp, entry, data, h, N, device, moves, max_moves,
+                                                       decorrelation, tuning, randomness)
+                        reports.append(report)
+                        rate = report.block_acceptance if report.block_acceptance is not None else \
+                            report.site_acceptance
+                    else:
+                        moved, rate = _move(interp, entry, data, h, N, device, 1 if moves is None else moves, kernel,
+                                            scale, randomness)
                     acceptance.append(rate)
     h.bar = NO_BAR
     lw = h.log_weights + h.log_z
-    return Population("resample_move", sites, lw, {"history": h.history, "acceptance": acceptance, "moves": moves},
-                      legacy=(sites, lw, h, acceptance))
+    extra = {"history": h.history, "acceptance": acceptance, "moves": 1 if moves is None else moves}
+    if adapt:
+        extra.update({"moves": [r.moves for r in reports], "adapt": True,
+                      "site_acceptance": [r.site_acceptance for r in reports],
+                      "correlation": [r.correlation for r in reports], "proposal_scale": [r.scale for r in reports]})
+    return Population("resample_move", sites, lw, extra, legacy=(sites, lw, h, acceptance))
+
+
+#: the kernels ``adapt=True`` accepts ("prior", the default, and "rw": the population walk)
+ADAPTIVE_KERNELS = ("prior", "rw")
+
+
+def _traces(h: SMCHandler, N: int, device) -> gfi.TracedState:
+    """The population's traces so far (values and presence; scores to be computed)."""
+    sites = h.trace.sites()
+    values = {a: (v if isinstance(v, torch.Tensor) else _not_numeric(a)) for a, (v, _) in sites.items()}
+    present = {a: (p if p is not None else torch.ones(N, dtype=torch.bool, device=device))
+               for a, (_, p) in sites.items()}
+    return gfi.TracedState(values, present, {}, torch.zeros(N, dtype=torch.float64, device=device), None)
+
+
+def _adaptive_move(interp, entry, data, h: SMCHandler, N: int, device, moves, max_moves, decorrelation, tuning,
+                   randomness):
+    """``population_moves.move_population`` on every particle's trace (the target: the
+    program truncated after the current checkpoint; the population is equally weighted
+    after resampling): (the moved value columns, the moves' report)."""
+    model = gfi.ModelRun(interp, entry, data, device, stop_after=h.checkpoints)
+    state, coords = population_moves.coordinates(model, _traces(h, N, device), randomness)
+    state, _, report = population_moves.move_population(
+        model, state, coords, randomness, tuning, moves=moves, max_moves=max_moves, decorrelation=decorrelation,
+        label=f"resample_move (checkpoint {h.checkpoints})")
+    return state.values, report
 
 
 def _move(interp, entry, data, h: SMCHandler, N: int, device, moves, kernel, scale, randomness):
     """``moves`` single-site MH steps (``mh.single_site_move`` on the trace interface) on
     every particle's trace, whose target is the program truncated after the current
     checkpoint: (the moved value columns, the mean acceptance rate)."""
-    sites = h.trace.sites()
-    values = {a: (v if isinstance(v, torch.Tensor) else _not_numeric(a)) for a, (v, _) in sites.items()}
-    present = {a: (p if p is not None else torch.ones(N, dtype=torch.bool, device=device))
-               for a, (_, p) in sites.items()}
     model = gfi.ModelRun(interp, entry, data, device, stop_after=h.checkpoints)
-    state, _ = gfi.generate(model, gfi.TracedState(values, present, {}, torch.zeros(N, dtype=torch.float64,
-                                                                                    device=device), None))
+    state, _ = gfi.generate(model, _traces(h, N, device))
     accepted = 0.0
     for _ in range(moves):
         state, acc = mh_mod.single_site_move(model, state, randomness, kernel=kernel, scale=scale)
