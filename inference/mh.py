@@ -28,6 +28,9 @@ for finite programs, enumerating every site choice, proposal and accept/reject o
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import NamedTuple
+
 import torch
 
 from ..semantics import gfi
@@ -37,6 +40,7 @@ from ..semantics.interpreter import Interpreter
 from ..stdlib.progress import progress_bar
 from .diagnostics import chain_diagnostics
 from .importance import impossible_site
+from .mh_adapt import (DEFAULT_SCALE, MIN_ADAPT_BURN_IN, AcceptanceBySite, ScaleAdaptation)
 from .population import Chains
 from .randomness import TorchRandomness
 
@@ -91,39 +95,71 @@ def single_site_selection(state: TracedState, pick: torch.Tensor) -> gfi.Selecti
 
 
 def single_site_move(model: ModelRun, state: TracedState, randomness, *, kernel: str = "prior",
-                     scale: float = 0.5, hastings: bool = True):
+                     scale: float | Mapping[str, float] = 0.5, hastings: bool = True):
     """One single-site MH step for every chain: pick a site uniformly, ``regenerate`` it,
     accept with the regenerate term times |x| / |x'| (the odds of picking that site).
+    ``scale``: the random walk's, one number or address -> scale (``gfi.scale_at``).
     ``hastings=False`` keeps only p(x')/p(x) (a broken kernel, for the checker's tests)."""
+    new, accepted, _ = site_move(model, state, randomness, kernel=kernel, scale=scale, hastings=hastings)
+    return new, accepted
+
+
+class MoveStats(NamedTuple):
+    """What adaptation needs to know of one single-site step besides the accepted mask:
+    per address the chains that moved it (``selection``) and the unconstrained dimension
+    of the sites moved by a walk (``walks``)."""
+    selection: dict
+    walks: dict
+
+
+def site_move(model: ModelRun, state: TracedState, randomness, *, kernel: str = "prior",
+              scale: float | Mapping[str, float] = 0.5, hastings: bool = True):
+    """``single_site_move`` that also returns its ``MoveStats``: (state, accepted, stats)."""
     sizes = state.sizes
     selection = single_site_selection(state, randomness.choose(sizes))
-    new, log_w = gfi.regenerate(model, state, selection, randomness, proposal=kernel, scale=scale)
+    walks: dict = {}
+    new, log_w = gfi.regenerate(model, state, selection, randomness, proposal=kernel, scale=scale, walks=walks)
     if hastings:
         log_alpha = log_w + torch.log(sizes.double()) - torch.log(new.sizes.double())
     else:
         log_alpha = new.log_joint - state.log_joint
-    return gfi.metropolis(state, new, log_alpha, randomness)
+    out, accepted = gfi.metropolis(state, new, log_alpha, randomness)
+    return out, accepted, MoveStats(selection, walks)
 
 
 def mh_step(interp: Interpreter, entry: str, data: dict, state: TracedState, device="cpu", *, randomness=None,
-            kernel: str = "prior", scale: float = 0.5, hastings: bool = True, stop_after: int | None = None,
-            beta: float = 1.0):
+            kernel: str = "prior", scale: float | Mapping[str, float] = 0.5, hastings: bool = True,
+            stop_after: int | None = None, beta: float = 1.0):
     """``single_site_move`` on the program's target (``ModelRun``): returns (new state,
     accepted mask). With ``stop_after`` = k the target is the program truncated after its
-    k-th checkpoint (SMC's k-th target); ``beta`` tempers the likelihood."""
+    k-th checkpoint (SMC's k-th target); ``beta`` tempers the likelihood. ``scale``: one
+    number, or per-site scales (address -> scale)."""
     return single_site_move(ModelRun(interp, entry, data, device, stop_after, beta), state,
                             randomness or TorchRandomness(), kernel=kernel, scale=scale, hastings=hastings)
 
 
 def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples: int = 1000, burn_in: int = 500,
-       thin: int = 1, device="cpu", kernel: str = "prior", scale: float = 0.5, progress: bool | None = None,
-       traced: bool | str = "auto", info: dict | None = None):
+       thin: int = 1, device="cpu", kernel: str = "prior", scale: float | None = None, adapt: bool | None = None,
+       progress: bool | None = None, traced: bool | str = "auto", info: dict | None = None):
     """Run ``chains`` chains: ``Chains`` of the kept draws (it unpacks to (kept states,
     acceptance rate)); ``extra``: "kernel", "burn_in", "thin", "traced" (which ran) and,
-    when tracing failed, "why_not_traced".
+    when tracing failed, "why_not_traced"; with ``kernel="rw"`` also "adapted" (whether
+    the scales were tuned), "scales" (address -> the walk's scale the kept draws used)
+    and "site_acceptance" (address -> acceptance rate of the kept steps at that site).
 
     ``kernel`` is "prior", "rw", or the name of a proposal function of the model
     (``inference.mh_proposals``: custom kernels written in the DSL).
+
+    Random-walk scales (``inference.mh_adapt``), as a Stan or PyMC user expects them:
+    with ``kernel="rw"`` and no ``scale`` given, each site's scale is tuned during
+    burn-in (pooled over the chains) toward an acceptance of 0.44 (0.234 for a
+    vector-valued site), starting from 0.5, when ``burn_in`` is at least 20
+    (``MIN_ADAPT_BURN_IN``; a shorter burn-in keeps the fixed 0.5). The tuning stops at
+    the end of burn-in: the kept draws come from the MH kernel with those fixed per-site
+    scales, exactly invariant. A ``scale`` given explicitly is a fixed scale for every
+    site (no tuning), unless ``adapt=True``: then it is the starting scale.
+    ``adapt=True`` always tunes (it needs ``kernel="rw"`` and ``burn_in`` > 0);
+    ``adapt=False`` never does (scale 0.5 when not given).
 
     With ``kernel="rw"`` and ``traced="auto"`` (the default) a static program (see
     ``inference.mh_traced``) runs the same kernel as a traced torch graph; ``traced=False``
@@ -135,11 +171,13 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
         custom = ProposalKernel(interp, entry, kernel)
     if traced not in (True, False, "auto"):
         raise PPLRuntimeError(f"traced must be True, False or 'auto', not {traced!r}")
+    adaptation = _adaptation(kernel, scale, adapt, burn_in, chains, device)
+    scales = adaptation.scales if adaptation is not None else (DEFAULT_SCALE if scale is None else float(scale))
     state = initial_state(interp, entry, data, chains, device)
     fast, why = None, []
     if kernel == "rw" and traced:
         from .mh_traced import TracedRandomWalk
-        fast = TracedRandomWalk.build(interp, entry, data, state, scale, device, why)
+        fast = TracedRandomWalk.build(interp, entry, data, state, scales, device, why)
         if fast is None and traced is True:
             raise PPLRuntimeError(f"traced=True: this program cannot be traced ({why[0] if why else 'unknown'})",
                                   hint="use traced='auto' to fall back to the interpreter")
@@ -148,23 +186,55 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
     how = {"traced": fast is not None, **({"why_not_traced": why[0]} if why else {})}
     if info is not None:
         info.update(how)
+    model = ModelRun(interp, entry, data, device)
     kept: list[TracedState] = []
     accepted = 0.0
+    by_site = AcceptanceBySite()
+    walked: dict = {}
     total = burn_in + samples * thin
     with progress_bar(progress, desc="MH", unit=" steps", total=total) as bar:
         for i in range(total):
+            if i == burn_in and adaptation is not None:
+                scales = adaptation.freeze()  # from here on the kernel is fixed: exactly invariant
+            stats = None
             if fast is not None:
-                state, acc = fast.step(state)
+                state, acc, stats = fast.step_with_stats(state, scales=scales)
             elif custom is not None:
                 state, acc = custom.step(data, state, device)
             else:
-                state, acc = mh_step(interp, entry, data, state, device, kernel=kernel, scale=scale)
+                state, acc, stats = site_move(model, state, TorchRandomness(), kernel=kernel, scale=scales)
+            if stats is not None:
+                walked.update(stats.walks)
+            if i < burn_in and adaptation is not None:
+                adaptation.update(stats.selection, acc, stats.walks)
             if i >= burn_in:
                 accepted += float(acc.double().mean())
+                if stats is not None:
+                    by_site.add(stats.selection, acc)
                 if (i - burn_in) % thin == 0:
                     kept.append(state)
             bar.update(1)
     rate = accepted / max(1, total - burn_in)
     sites, r_hat, ess = chain_diagnostics(kept)
-    return Chains("mh", sites, chains, len(kept), rate, r_hat, ess,
-                  {"kernel": kernel, "burn_in": burn_in, "thin": thin, **how}, legacy=(kept, rate))
+    extra = {"kernel": kernel, "burn_in": burn_in, "thin": thin, **how}
+    if kernel == "rw":
+        extra.update(adapted=adaptation is not None, scales={a: float(gfi.scale_at(scales, a)) for a in walked},
+                     site_acceptance=by_site.rates())
+    return Chains("mh", sites, chains, len(kept), rate, r_hat, ess, extra, legacy=(kept, rate))
+
+
+def _adaptation(kernel: str, scale: float | None, adapt: bool | None, burn_in: int, chains: int,
+                device) -> ScaleAdaptation | None:
+    """The per-site scale adaptation ``mh`` runs during burn-in, or None (fixed scale):
+    see ``mh``'s docstring for the rule."""
+    if adapt is None:
+        adapt = kernel == "rw" and scale is None and burn_in >= MIN_ADAPT_BURN_IN
+    elif adapt and kernel != "rw":
+        raise PPLRuntimeError(f"adapt=True tunes the random walk's scales: it needs kernel='rw', not {kernel!r}",
+                              hint="use kernel='rw', or leave adapt out")
+    elif adapt and burn_in < 1:
+        raise PPLRuntimeError("adapt=True tunes the scales during burn-in: give burn_in > 0",
+                              hint=f"at least {MIN_ADAPT_BURN_IN} burn-in steps, or adapt=False")
+    if not adapt:
+        return None
+    return ScaleAdaptation(chains, DEFAULT_SCALE if scale is None else float(scale), device)

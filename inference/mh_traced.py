@@ -36,12 +36,12 @@ import warnings
 import torch
 
 from ..semantics.errors import PPLError
-from ..semantics.gfi import TracedState, unconstrained_walk
+from ..semantics.gfi import TracedState, scale_at, unconstrained_walk
 from ..semantics.interpreter import Interpreter
 from ..semantics.sampling import _WeightAccumulator, column, drive
 from ..semantics.values import Batched, Particles, PerParticle, rows, to_bool_rows
 from ..stdlib.distributions import deferred_checks
-from .mh import mh_step
+from .mh import MoveStats, mh_step
 from .randomness import TorchRandomness
 
 
@@ -99,10 +99,11 @@ class _WalkAtEverySite(_WeightAccumulator):
     scoring of the proposed trace, with no draws (the noise comes in as data) and no
     Python decision that depends on a value."""
 
-    def __init__(self, C: int, device, addrs: tuple, old: tuple, noise: tuple, chosen: tuple, scale: float):
+    def __init__(self, C: int, device, addrs: tuple, old: tuple, noise: tuple, chosen, scales):
         super().__init__(C, device, dtype=torch.float64)
         self.C = C
-        self.addrs, self.old, self.noise, self.chosen, self.scale = addrs, old, noise, chosen, scale
+        # chosen: bool [n, C] (row k: the chains that move site k); scales: float64 [n, C]
+        self.addrs, self.old, self.noise, self.chosen, self.scales = addrs, old, noise, chosen, scales
         self.index = {a: k for k, a in enumerate(addrs)}
         self.seen = [False] * len(addrs)
         self.values, self.site_lp = [None] * len(addrs), [None] * len(addrs)
@@ -129,7 +130,8 @@ class _WalkAtEverySite(_WeightAccumulator):
         ctx = eff.ctx
         k = self._site(eff)
         noise = self.noise[k]
-        out = unconstrained_walk(eff.dist, ctx, self.old[k], self.chosen[k], lambda shape, device: noise, self.scale)
+        out = unconstrained_walk(eff.dist, ctx, self.old[k], self.chosen[k], lambda shape, device: noise,
+                                 self.scales[k])
         if out is None:
             raise NotStatic(f"the choice '{eff.addr}' has no bijection to the real line")
         x2, rev, fwd = out
@@ -187,22 +189,26 @@ class _WalkAtEverySite(_WeightAccumulator):
 class TracedRandomWalk:
     """The ``rw`` MH kernel of a static program as a traced graph (see the module doc)."""
 
-    def __init__(self, fn, addrs: tuple, walk_shapes: tuple, C: int, device, scale: float, program: tuple):
+    def __init__(self, fn, addrs: tuple, walk_shapes: tuple, C: int, device, scale, program: tuple):
         self.fn = fn
         self.addrs = addrs
         self.walk_shapes = walk_shapes
+        # the unconstrained dimension of each site (what adaptation targets depend on)
+        self.walks = {a: math.prod(shape[1:]) for a, shape in zip(addrs, walk_shapes)}
         self.C = C
         self.device = device
-        self.scale = scale
+        self.scale = scale  # the default scale(s) of ``step``: a number or address -> scale
         self.zero_noise = tuple(torch.zeros(s, dtype=torch.float64, device=device) for s in walk_shapes)
         self.program = program  # (interpreter, entry, data): to redo a failing step
 
     @classmethod
-    def build(cls, interp: Interpreter, entry: str, data: dict, state: TracedState, scale: float,
+    def build(cls, interp: Interpreter, entry: str, data: dict, state: TracedState, scale=0.5,
               device="cpu", why: list | None = None) -> "TracedRandomWalk | None":
         """The traced kernel for chains in ``state`` (a first run of the program), or None
         when the program is not static (then use ``mh.mh_step``); the reason is appended
-        to ``why``. Never raises for a program the interpreter can run."""
+        to ``why``. Never raises for a program the interpreter can run. ``scale`` (a
+        number or address -> scale) is only the default of ``step``: the graph takes the
+        per-site scales as an input, so adapted scales need no new trace."""
         try:
             return cls._build(interp, entry, data, state, scale, device)
         except (NotStatic, PPLError, RuntimeError, TypeError, ValueError, IndexError, AttributeError) as e:
@@ -221,11 +227,12 @@ class TracedRandomWalk:
                 raise NotStatic(f"'{a}' is not a real-valued choice of every chain")
         n = len(addrs)
 
-        def step(old, old_lp, old_joint, old_lik, old_ret, noise, pick, u):
-            """Propose, score, accept: the body of ``mh_step`` for a static program."""
-            chosen = tuple(pick == k for k in range(n))
+        def step(old, old_lp, old_joint, old_lik, old_ret, noise, chosen, u, scales):
+            """Propose, score, accept: the body of ``mh_step`` for a static program
+            (``chosen`` bool [n, C]: which chains move which site; ``scales`` [n, C]: each
+            site's scale in each chain)."""
             ctx = Particles.all(C, device)
-            h = _WalkAtEverySite(C, device, addrs, old, noise, chosen, scale)
+            h = _WalkAtEverySite(C, device, addrs, old, noise, chosen, scales)
             h.full_idx = ctx.idx
             with deferred_checks() as checks:
                 ret = column(drive(interp.run(entry, data, ctx), h), ctx)
@@ -259,7 +266,7 @@ class TracedRandomWalk:
         current = (old, old_lp, state.log_joint.double(), state.log_lik.double(), state.ret)
         # the shapes of the walks (unconstrained space), from a run with no move
         ctx = Particles.all(C, device)
-        h = _ShapeProbe(C, device, addrs, old, scale)
+        h = _ShapeProbe(C, device, addrs, old)
         h.full_idx = ctx.idx
         drive(interp.run(entry, data, ctx), h)
         if not all(h.seen):
@@ -271,7 +278,8 @@ class TracedRandomWalk:
             noise = tuple(torch.randn(s, generator=g, dtype=torch.float64).to(device) for s in shapes)
             pick = ((torch.arange(C) + shift) % n).to(device)
             u = torch.rand(C, generator=g, dtype=torch.float64).to(device)
-            return (*current, noise, pick, u)
+            scales = (0.5 + torch.rand(n, C, generator=g, dtype=torch.float64)).to(device)
+            return (*current, noise, _chosen(pick, n), u, scales)
 
         # static? one eager run in which every value derived from the inputs is tainted
         step(*_taint(example(0, 0)))
@@ -292,10 +300,18 @@ class TracedRandomWalk:
                     raise NotStatic("the traced graph disagrees with the interpreter")
         return cls(fn, addrs, shapes, C, device, scale, (interp, entry, data))
 
-    def step(self, state: TracedState, randomness=None) -> tuple[TracedState, torch.Tensor]:
+    def step(self, state: TracedState, randomness=None, scales=None) -> tuple[TracedState, torch.Tensor]:
         """One MH step for every chain (``mh.mh_step`` with kernel "rw"): the same draws
-        in the same order (site, walk noise where a chain moves that site, accept)."""
+        in the same order (site, walk noise where a chain moves that site, accept).
+        ``scales``: a number or address -> scale (default: the one given to ``build``)."""
+        new, accept, _ = self.step_with_stats(state, randomness, scales)
+        return new, accept
+
+    def step_with_stats(self, state: TracedState, randomness=None, scales=None):
+        """``step`` that also returns the step's ``mh.MoveStats`` (which chains moved
+        which site, the sites' unconstrained dimensions): (state, accepted, stats)."""
         randomness = randomness or TorchRandomness()
+        scales = self.scale if scales is None else scales
         n = len(self.addrs)
         # TorchRandomness.choose for n sites in every chain, in fewer operations
         pick = torch.clamp_max((randomness.uniform((self.C,), self.device) * float(n)).long(), n - 1)
@@ -304,15 +320,20 @@ class TracedRandomWalk:
                       for k, shape in enumerate(self.walk_shapes))
         u = randomness.uniform((self.C,), self.device)
         addrs = self.addrs
+        chosen = _chosen(pick, n)
+        stats = MoveStats(dict(zip(addrs, chosen)), self.walks)
+        scale_matrix = torch.stack([torch.as_tensor(scale_at(scales, a), dtype=torch.float64, device=self.device)
+                                    .expand(self.C) for a in addrs])
         out = self.fn(tuple(state.values[a] for a in addrs), tuple(state.site_lp[a] for a in addrs),
-                      state.log_joint, state.log_lik, state.ret, noise, pick, u)
+                      state.log_joint, state.log_lik, state.ret, noise, chosen, u, scale_matrix)
         accept, bad, log_joint, log_lik, ret = out[:5]
         if bool(bad):
-            return self._redo(state, pick, noise, u)
+            new, accept = self._redo(state, pick, noise, u, scales)
+            return new, accept, stats
         return TracedState(dict(zip(addrs, out[5:5 + n])), state.present, dict(zip(addrs, out[5 + n:])), log_joint,
-                       ret, log_lik), accept
+                           ret, log_lik), accept, stats
 
-    def _redo(self, state, pick, noise, u):
+    def _redo(self, state, pick, noise, u, scales):
         """A factor was NaN or a parameter invalid somewhere in the step: redo it with the
         interpreter and the same draws. That raises the error at its source, unless every
         failure was in a chain of weight zero (a proposal outside the support, rejected
@@ -320,7 +341,12 @@ class TracedRandomWalk:
         interp, entry, data = self.program
         chosen = tuple(pick == k for k in range(len(self.addrs)))
         replay = _ReplayDraws(iter(n for n, c in zip(noise, chosen) if bool(c.any())), pick, u)
-        return mh_step(interp, entry, data, state, self.device, randomness=replay, kernel="rw", scale=self.scale)
+        return mh_step(interp, entry, data, state, self.device, randomness=replay, kernel="rw", scale=scales)
+
+
+def _chosen(pick: torch.Tensor, n: int) -> torch.Tensor:
+    """bool [n, C]: row k marks the chains whose ``pick`` is site k."""
+    return pick.unsqueeze(0) == torch.arange(n, device=pick.device).unsqueeze(1)
 
 
 class _ReplayDraws(TorchRandomness):
@@ -343,8 +369,8 @@ class _ReplayDraws(TorchRandomness):
 class _ShapeProbe(_WalkAtEverySite):
     """A run that records the shape of each site's walk (the noise it asks for)."""
 
-    def __init__(self, C, device, addrs, old, scale):
-        super().__init__(C, device, addrs, old, (), (), scale)
+    def __init__(self, C, device, addrs, old):
+        super().__init__(C, device, addrs, old, (), (), ())
         self.shapes = [None] * len(addrs)
 
     def sample(self, eff):
@@ -355,6 +381,6 @@ class _ShapeProbe(_WalkAtEverySite):
             self.shapes[k] = tuple(shape)
             return torch.zeros(shape, dtype=torch.float64, device=device)
 
-        if unconstrained_walk(eff.dist, eff.ctx, self.old[k], none, normal, self.scale) is None:
+        if unconstrained_walk(eff.dist, eff.ctx, self.old[k], none, normal, 1.0) is None:
             raise NotStatic(f"the choice '{eff.addr}' has no bijection to the real line")
         return Batched(self.old[k], eff.ctx.idx)

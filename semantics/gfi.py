@@ -51,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -149,11 +150,18 @@ def assess(model: ModelRun, choices) -> torch.Tensor:
 
 
 def regenerate(model: ModelRun, state: TracedState, selection: Selection, randomness, *, proposal: str = "prior",
-               scale: float = 0.5) -> tuple[TracedState, torch.Tensor]:
+               scale: "float | Mapping[str, float]" = 0.5, walks: dict | None = None) \
+        -> tuple[TracedState, torch.Tensor]:
     """Re-propose the selected addresses (see the module docstring): (new state, log
     acceptance term). ``proposal`` "prior" or "rw" (a walk of ``scale`` in
-    unconstrained space, for real-valued choices; prior draws for the others)."""
+    unconstrained space, for real-valued choices; prior draws for the others).
+    ``scale`` is one number for every site or a mapping address -> scale (per-site
+    scales, e.g. adapted ones: ``inference.mh_adapt``; ``scale_at`` reads it).
+    ``walks``, if given, receives address -> number of unconstrained dimensions of one
+    chain's value for every site that some chain moved by a random walk."""
     run = _execute(model, state.chains, state, selection, randomness, proposal, scale)
+    if walks is not None:
+        walks.update(run.walks)
     new = run.state()
     log_w = new.log_joint - state.log_joint + run.rev_q + stale_lp(state, new) - run.fwd_q - run.fresh_lp
     return new, log_w
@@ -263,6 +271,7 @@ class ReExecution(_WeightAccumulator):
         self.fresh_lp = torch.zeros(C, dtype=torch.float64, device=device)
         self.fwd_q = torch.zeros(C, dtype=torch.float64, device=device)
         self.rev_q = torch.zeros(C, dtype=torch.float64, device=device)
+        self.walks: dict = {}         # address -> unconstrained dimension, for the sites walked
 
     def state(self) -> TracedState:
         """The traced state this run made."""
@@ -334,7 +343,7 @@ class ReExecution(_WeightAccumulator):
             chosen = self.chosen.get(addr)
             chosen = chosen[idx] & has if chosen is not None else torch.zeros_like(has)
             reuse = has & ~chosen
-            walked = self._walk(dist, ctx, old_rows, chosen) if self.kernel == "rw" and \
+            walked = self._walk(dist, ctx, old_rows, chosen, addr) if self.kernel == "rw" and \
                 old_rows.is_floating_point() and bool(chosen.any()) else None
             walk, walk_rev, walk_fwd = walked if walked is not None else (None, None, None)
             # draw only when some chain needs a prior draw here: not when every other chain
@@ -438,13 +447,40 @@ class ReExecution(_WeightAccumulator):
                                   "use importance sampling or SMC for models with string-valued choices")
         return rows(draw, ctx)
 
-    def _walk(self, dist, ctx, old_rows, chosen):
-        """The random-walk proposal at this site (see ``unconstrained_walk``)."""
-        return unconstrained_walk(dist, ctx, old_rows, chosen, self.randomness.normal, self.scale)
+    def _walk(self, dist, ctx, old_rows, chosen, addr):
+        """The random-walk proposal at this site (see ``unconstrained_walk``), of this
+        site's scale (``scale_at``)."""
+        shapes = []
+
+        def normal(shape, device):
+            shapes.append(shape)
+            return self.randomness.normal(shape, device)
+
+        scale = scale_at(self.scale, addr)
+        if isinstance(scale, torch.Tensor) and scale.dim() == 1:  # one per chain: this run's rows
+            scale = scale[ctx.idx]
+        walk = unconstrained_walk(dist, ctx, old_rows, chosen, normal, scale)
+        if shapes:
+            self.walks[addr] = math.prod(shapes[0][1:])
+        return walk
 
 
 # ------------------------------------------------------------ the random-walk proposal
 _IDENTITY = torch.distributions.transforms.identity_transform
+
+
+def scale_at(scale, addr: str):
+    """The random-walk scale of the site ``addr``: ``scale`` itself when it is a number,
+    else ``scale[addr]`` (a mapping address -> scale; a ``defaultdict``-like mapping
+    gives sites it does not list a default). A scale is a number, or a float64 tensor
+    [C] of one scale per chain (adaptation during burn-in)."""
+    if isinstance(scale, Mapping):
+        try:
+            return scale[addr]
+        except KeyError:
+            raise PPLRuntimeError(f"no random-walk scale for the site '{addr}'",
+                                  hint="give per-site scales for every real-valued choice") from None
+    return scale
 
 
 def support_bijection(dist, ctx):
@@ -462,16 +498,17 @@ def unconstrained_walk(dist, ctx, old_rows, chosen, normal, scale):
     device)``. The walk is symmetric in y, so its Hastings ratio is the ratio of the
     Jacobians |dT/dy| at y' and y: returned as (x', reverse term, forward term) with
     the terms -log|dT/dy| at y and at y' on the ``chosen`` rows (0 elsewhere; both None
-    when T is the identity). None if the support has no bijection."""
+    when T is the identity). None if the support has no bijection. ``scale``: a number,
+    or a tensor [M] of one scale per row."""
     T = support_bijection(dist, ctx)
     if T is None:
         return None
     if T == _IDENTITY:  # a real-valued choice: a plain walk, no Jacobian terms (None)
         x = old_rows.double()
-        return (x + scale * normal(x.shape, x.device)).to(old_rows.dtype), None, None
+        return (x + _per_row(scale, x) * normal(x.shape, x.device)).to(old_rows.dtype), None, None
     x = old_rows.double()
     y = T.inv(x)
-    y2 = y + scale * normal(y.shape, y.device)
+    y2 = y + _per_row(scale, y) * normal(y.shape, y.device)
     x2 = T(y2)
 
     def logdet(yy, xx):
@@ -482,6 +519,13 @@ def unconstrained_walk(dist, ctx, old_rows, chosen, normal, scale):
     rev = torch.where(chosen, -logdet(y, x), zero)
     fwd = torch.where(chosen, -logdet(y2, x2), zero)
     return x2.to(old_rows.dtype), rev, fwd
+
+
+def _per_row(scale, like):
+    """A scale per row [M] shaped to broadcast against ``like`` [M, ...]; a number as it is."""
+    if isinstance(scale, torch.Tensor) and scale.dim() == 1:
+        return scale.reshape(scale.shape + (1,) * (like.dim() - 1))
+    return scale
 
 
 # ------------------------------------------------------------- population plumbing
