@@ -97,6 +97,8 @@ JAX_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                       "/jax/core/compile/backend_compile_duration")
 
 CONTENDERS = ("ppl nuts", "ppl tempering", "pyro nuts", "numpyro nuts")
+#: issue 11: tempered SMC gives every posterior mean within 0.1 posterior sd
+TEMPERING_MEAN_ERR = 0.1
 TARGETS = {"pyro nuts": 10.0, "numpyro (compile counted)": 1.0, "numpyro (compile excluded)": 1.0 / 3.0}
 
 
@@ -273,12 +275,14 @@ def child_numpyro(model: BenchModel, proto: Protocol, seed: int, clock: Callable
     t_warm = clock() - t0
     c_warm = timer.take()
     t0 = clock()
-    m.run(m.post_warmup_state.rng_key, **data)
+    m.run(m.post_warmup_state.rng_key, **data, extra_fields=("num_steps",))
     split = draws(m)
     t_sample = clock() - t0
     c_sample = timer.take()
+    steps = float(np.mean(np.asarray(m.get_extra_fields()["num_steps"])))
     times = {"import": t_import, "total": t_user, "compile_total": c_user, "warmup_b": t_warm,
-             "compile_warmup_b": c_warm, "sampling": t_sample, "compile_sampling": c_sample}
+             "compile_warmup_b": c_warm, "sampling": t_sample, "compile_sampling": c_sample,
+             "leapfrog_per_draw": steps}
     out = {"a/" + k: v for k, v in user.items()}
     out.update({"b/" + k: v for k, v in split.items()})
     return times, out
@@ -340,7 +344,11 @@ def child_ppl_nuts(model: BenchModel, proto: Protocol, seed: int, clock: Callabl
     key = "cpu" if clock is time.process_time else "wall"
     sampling = float(phases["sampling"][key]) if phases else None
     info = {"import": t_import, "total": total, "sampling": sampling,
-            "divergences": _total(extra.get("divergences")), "warnings": [str(w) for w in res.warnings]}
+            "divergences": _total(extra.get("divergences")), "warnings": [str(w) for w in res.warnings],
+            "traced": extra.get("traced"), "why_not_traced": extra.get("why_not_traced"),
+            "leapfrog_per_draw": (extra["leapfrog_steps"] / (proto.chains * proto.samples)
+                                  if "leapfrog_steps" in extra else None),
+            "tree_depth_mean": extra.get("tree_depth_mean"), "step_size": extra.get("step_size")}
     return info, model.spec.columns(ppl_draws(res))
 
 
@@ -484,6 +492,7 @@ def numpyro_figures(info: dict, model: BenchModel) -> dict:
     excluded["rate_incl"] = counted["min_ess"] / excluded["seconds"]
     excluded["rate_excl"] = split["min_ess"] / excluded["sampling_seconds"]
     for row in (counted, excluded):
+        row["leapfrog_per_draw"] = info.get("leapfrog_per_draw")
         row["compile_seconds"] = info["compile_total"]
         row["compile_sampling_seconds"] = info["compile_sampling"]
         row["split_min_ess"] = split["min_ess"]
@@ -497,7 +506,8 @@ def figures(contender: str, info: dict, model: BenchModel) -> dict:
     if contender == "ppl tempering":
         return {contender: tempering_figures(info, model)}
     row = mcmc_figures(info["draws"], model, info["total"], info.get("sampling"))
-    for k in ("divergences", "warnings"):
+    for k in ("divergences", "warnings", "traced", "why_not_traced", "leapfrog_per_draw", "tree_depth_mean",
+              "step_size"):
         if k in info:
             row[k] = info[k]
     return {contender: row}
@@ -546,12 +556,14 @@ def bench_model(model: BenchModel, proto: Protocol, repeats: int, pyro_repeats: 
             "repeats": len(runs),
             **{k: _median([x.get(k) for x in runs]) for k in
                ("min_ess", "seconds", "sampling_seconds", "rate_incl", "rate_excl", "mean_err", "sd_err",
-                "compile_seconds", "import_seconds")},
+                "compile_seconds", "import_seconds", "leapfrog_per_draw")},
             "mean_err_site": runs[-1]["mean_err_site"], "sd_err_site": runs[-1]["sd_err_site"],
             "min_ess_site": runs[-1]["min_ess_site"], "runs": runs,
         }
         if name == "ppl nuts":
             summary[name]["divergences"] = [x.get("divergences") for x in runs]
+            summary[name]["traced"] = [x.get("traced") for x in runs]
+            summary[name]["why_not_traced"] = runs[-1].get("why_not_traced")
         if name in ("ppl nuts", "ppl tempering"):
             summary[name]["warnings"] = runs[-1].get("warnings", [])
     return {"summary": summary, "errors": errors, "ratios": ratios(summary, available)}
@@ -585,7 +597,7 @@ def print_model(model: BenchModel, result: dict, available: dict, proto: Protoco
           f"(tempering: {proto.chains * proto.samples} particles), clock {clock}, medians over repeats; "
           f"reference: {model.reference_method}")
     print(f"  {'contender':<27} {'n':>2} {'min ESS':>8} {'s total':>8} {'s sampl.':>8} {'ESS/s incl':>10} "
-          f"{'ESS/s excl':>10} {'mean err':>8} {'sd err':>7}  notes")
+          f"{'ESS/s excl':>10} {'mean err':>8} {'sd err':>7} {'lf/draw':>7}  notes")
     summary = result["summary"]
     for row in ROWS:
         contender = next(c for c, rows in ROW_OF.items() if row in rows)
@@ -600,11 +612,14 @@ def print_model(model: BenchModel, result: dict, available: dict, proto: Protoco
             note.append(f"JAX compile {s['compile_seconds']:.2f} s")
         if row == "ppl nuts" and s.get("divergences") and any(d for d in s["divergences"] if d):
             note.append(f"divergences {s['divergences']}")
+        if row == "ppl nuts" and not all(s.get("traced") or [True]):
+            note.append(f"not traced: {s.get('why_not_traced')}")
         if s.get("warnings"):
             note.append(f"{len(s['warnings'])} warning(s) (in the JSON)")
         print(f"  {row:<27} {s['repeats']:>2} {s['min_ess']:>7.0f}{dagger} {s['seconds']:>8.2f} "
               f"{_fmt(s['sampling_seconds'], '.2f'):>8} {s['rate_incl']:>10.1f} {_fmt(s['rate_excl']):>10} "
-              f"{_fmt(s['mean_err'], '.3f'):>8} {_fmt(s['sd_err'], '.3f'):>7}  {'; '.join(note)}")
+              f"{_fmt(s['mean_err'], '.3f'):>8} {_fmt(s['sd_err'], '.3f'):>7} "
+              f"{_fmt(s.get('leapfrog_per_draw'), '.1f', ''):>7}  {'; '.join(note)}")
     for peer, entry in result["ratios"].items():
         parts = []
         for kind, label in (("rate_incl", "warm-up incl."), ("rate_excl", "warm-up excl.")):
@@ -612,6 +627,46 @@ def print_model(model: BenchModel, result: dict, available: dict, proto: Protoco
             parts.append(f"{label} {_fmt(e['ratio'], '.2f')}x {e['verdict']}" if e["ratio"] is not None
                          else f"{label} {e['verdict']}")
         print(f"  ppl nuts / {peer:<26} (target >= {entry['target']:.2g}x): " + ", ".join(parts))
+    temp = summary.get("ppl tempering")
+    if temp and temp.get("mean_err") is not None:
+        verdict = "PASS" if temp["mean_err"] <= TEMPERING_MEAN_ERR else "FAIL"
+        print(f"  ppl tempering: max |mean error| {temp['mean_err']:.3f} sd at {temp['mean_err_site']} "
+              f"(target <= {TEMPERING_MEAN_ERR} sd): {verdict}")
+
+
+SHORT = {"ppl nuts": "nuts", "ppl tempering": "temper.", "pyro nuts": "pyro", "numpyro (compile counted)": "np+comp",
+         "numpyro (compile excluded)": "np-comp"}
+
+
+def print_overview(report: dict) -> None:
+    """One line per model: ESS/s (warm-up included) of every row, ppl nuts' ratios and
+    the max mean errors; then how many models meet each target."""
+    models = report["models"]
+    if not models:
+        return
+    print("\nOverview: min bulk-ESS/s, warm-up included (excluded in brackets); ppl nuts' ratios; "
+          "max |mean error| in reference sds")
+    head = "".join(f"{SHORT[r]:>17}" for r in ROWS)
+    print(f"  {'model':<20}{head}   {'/pyro':>6} {'/np+comp':>8} {'/np-comp':>8}   mean err (" +
+          ", ".join(SHORT[r] for r in ROWS[:4]) + ")")
+    met = {peer: [0, 0] for peer in TARGETS}
+    for name, result in models.items():
+        cells = []
+        for r in ROWS:
+            s = result["summary"].get(r)
+            cells.append(f"{s['rate_incl']:>8.1f} ({_fmt(s['rate_excl'], '.0f'):>6})" if s else f"{'-':>17}")
+        ratio_cells = []
+        for peer in TARGETS:
+            e = result["ratios"][peer]["rate_incl"]
+            ratio_cells.append(_fmt(e["ratio"], ".2f", "-"))
+            if e["ratio"] is not None:
+                met[peer][1] += 1
+                met[peer][0] += e["verdict"] == "PASS"
+        errs = [_fmt((result["summary"].get(r) or {}).get("mean_err"), ".2f", "-") for r in ROWS[:4]]
+        print(f"  {name:<20}{''.join(f'{c:>17}' for c in cells)}   {ratio_cells[0]:>6} {ratio_cells[1]:>8} "
+              f"{ratio_cells[2]:>8}   {', '.join(errs)}")
+    print("  targets (warm-up included): " + "; ".join(
+        f"ppl nuts / {peer} >= {TARGETS[peer]:.2g}x on {k} of {n} models" for peer, (k, n) in met.items()))
 
 
 def run(repeats: int = 5, quick: bool = False, *, clock: str | None = None, models: list[str] | None = None,
@@ -649,6 +704,7 @@ def run(repeats: int = 5, quick: bool = False, *, clock: str | None = None, mode
         result = bench_model(model, proto, repeats, pyro_repeats, clock, available, timeout)
         print_model(model, result, available, proto, clock)
         report["models"][model.name] = result
+    print_overview(report)
     report["load_end"] = loadavg()
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     print(f"\n  load average at the end: {report['load_end']}")
