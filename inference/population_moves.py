@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..semantics.gfi import ModelRun, ReExecution, TracedState, metropolis, select, stale_lp, support_bijection
+from ..semantics.gfi import (Choices, ModelRun, ReExecution, TracedState, generate, metropolis, stale_lp,
+                             support_bijection)
 from ..semantics.sampling import Suspended, column, drive
 from ..semantics.values import Batched, Particles, rows
 from .diagnostics import emit
@@ -419,3 +420,105 @@ def move_population(model: ModelRun, state: TracedState, coords: Coordinates, ra
     if D and block_acc:
         tuning.adapt(report.block_acceptance)
     return state, coords, report
+
+
+# ------------------------------------------------------- gradient kernels (HMC, MALA)
+#: per gradient kernel: (the trajectory length in the population's whitened coordinates,
+#: None: one leapfrog step; the acceptance its step size is adapted to). pi/2 is a quarter
+#: period of a unit-variance Gaussian (where a move decorrelates most); a trajectory near a
+#: whole period would bring the particles back where they started
+GRADIENT_KERNELS = {"hmc": (math.pi / 2, 0.65), "mala": (None, 0.574)}
+
+
+@dataclass
+class GradientTuning:
+    """The gradient kernel's step size, ``factor`` x D^(-1/4) (HMC) or D^(-1/3) (MALA) in
+    the population's whitened coordinates, carried from one SMC step to the next and
+    adapted towards the kernel's target acceptance."""
+    kernel: str
+    factor: float = 1.0
+
+    def step_size(self, D: int) -> float:
+        """At most 1.2: the leapfrog integrator of a whitened (unit-variance) Gaussian is
+        unstable from a step of 2 on."""
+        return min(1.2, self.factor * max(D, 1) ** (-0.25 if self.kernel == "hmc" else -1 / 3))
+
+    def adapt(self, acceptance: float) -> None:
+        """factor <- factor exp(acceptance - target), kept within [0.001, 1.5]."""
+        target = GRADIENT_KERNELS[self.kernel][1]
+        self.factor = min(1.5, max(0.001, self.factor * math.exp(acceptance - target)))
+
+
+def gradient_moves(model: ModelRun, state: TracedState, potential, randomness, tuning: GradientTuning, *,
+                   covariance: torch.Tensor | None = None, z: torch.Tensor | None = None, moves: int | None = None,
+                   max_moves: int = 100, decorrelation: float = 0.1, label: str = "SMC") \
+        -> tuple[TracedState, MoveReport]:
+    """``move_population`` with an HMC or MALA kernel (``inference.hmc``) on the continuous
+    choices (all in z, ``potential``: ``inference.potential.Potential`` of the program,
+    tempered at ``model.beta``), its inverse mass matrix the population's covariance of z
+    (``covariance``, else the current population's), the step size from ``tuning``; the
+    discrete choices (held by the potential) move by ``site_move`` after each gradient
+    move. ``z``: the population's unconstrained values if known. Returns (state, report)."""
+    from . import hmc  # the gradient kernels
+    C = state.chains
+    discrete = tuple(potential.discrete)
+    potential.set_given({a: state.values[a] for a in discrete})
+    z = potential.unconstrain(state.values) if z is None else z
+    D = z.shape[1]
+    cov = population_covariance(z) if covariance is None else covariance
+    root = proposal_factor(cov, 1.0)
+    metric = hmc.Metric((root @ root.T).expand(C, D, D).contiguous())
+    target = hmc.Tempered(potential, model.beta)
+    length, _ = GRADIENT_KERNELS[tuning.kernel]
+    eps0 = tuning.step_size(D)
+    current = hmc.init_state(target, z)
+    start = _gradient_features(current.z, state, discrete)
+    floor = max(decorrelation, noise_floor(C, start.shape[1]))
+    limit = max_moves if moves is None else moves
+    grad_acc, site_acc, r, done = [], [], 1.0, 0
+    moved = torch.zeros(C, dtype=torch.bool, device=z.device)
+    for done in range(1, limit + 1):
+        # each chain's step size jittered by U(0.8, 1.2) (drawn independently of its state,
+        # so each move is a mixture of exact kernels): no trajectory stays periodic
+        eps = eps0 * (0.8 + 0.4 * randomness.uniform((C,), z.device))
+        if length is None:
+            current, info = hmc.hmc_step(target, current, eps, metric, randomness, num_steps=1)
+        else:
+            current, info = hmc.hmc_step(target, current, eps, metric, randomness, trajectory_length=length)
+        grad_acc.append(float(info.accept_stat.double().mean()))
+        moved = moved | info.accepted
+        if discrete:
+            state = _at(model, potential, current.z)
+            coords = Coordinates({}, {}, torch.ones(C, dtype=torch.bool, device=z.device))
+            state, _, acc = site_move(model, state, coords, randomness)
+            site_acc.append(float(acc.double().mean()))
+            moved = moved | acc
+            potential.set_given({a: state.values[a] for a in discrete})
+            current = hmc.init_state(target, potential.unconstrain(state.values))
+        if moves is None:
+            r = max_correlation(start, _gradient_features(current.z, state, discrete))
+            if r < floor and float(moved.double().mean()) >= MOVED_FRACTION:
+                break
+    hit = moves is None and done >= limit and limit > 0 and \
+        (r >= floor or float(moved.double().mean()) < MOVED_FRACTION)
+    if hit:
+        emit([f"{label}: after max_moves={max_moves} {tuning.kernel} moves the particles were still correlated with "
+              f"their start (correlation {r:.2f}, threshold {floor:.2f}) or too few had moved; the population may "
+              "not have mixed (raise max_moves)"], stacklevel=3)
+    state = _at(model, potential, current.z)
+    mean = (lambda xs: sum(xs) / len(xs) if xs else None)
+    report = MoveReport(done, mean(grad_acc), mean(site_acc), r, eps0, hit)
+    tuning.adapt(report.block_acceptance)
+    return state, report
+
+
+def _gradient_features(z: torch.Tensor, state: TracedState, discrete: tuple) -> torch.Tensor:
+    cols = [z] + [state.values[a].reshape(state.chains, -1).double() for a in discrete]
+    return torch.cat(cols, 1)
+
+
+def _at(model: ModelRun, potential, z: torch.Tensor) -> TracedState:
+    """The traced state of the population at unconstrained values z (the potential's
+    discrete choices as they are), scored under ``model``'s target."""
+    values, _ = potential.constrain(z)
+    return generate(model, Choices.of(values))[0]

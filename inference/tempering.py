@@ -37,6 +37,7 @@ from . import population_moves
 from .randomness import TorchRandomness
 from .importance import impossible_site, rng_state
 from .population import Population
+from .potential import build_potential
 from .resampling import ess, is_weighted, log_mean_exp
 
 
@@ -94,7 +95,11 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
     particles have decorrelated from the step's start (correlation below ``decorrelation``)
     or ``max_moves`` (a warning); a given ``moves`` fixes the count. ``extra`` then also
     has "moves" as the list of moves per step, "acceptance" (the block walk's, per step),
-    "site_acceptance", "correlation" and "proposal_scale" per step."""
+    "site_acceptance", "correlation" and "proposal_scale" per step. ``kernel="hmc"`` or
+    ``"mala"`` with ``adapt=True``: the continuous choices move by HMC (10 leapfrog steps)
+    or MALA (``inference.hmc``) on the tempered potential (``inference.potential``), the
+    population's covariance as inverse mass matrix, the step size adapted from step to
+    step (programs whose continuous choices are the same in every run)."""
     schedule = _checked(target_ess, schedule)
     if is_weighted(resampling):  # the tempered population carries no weights to put them in
         raise PPLRuntimeError(f"tempering needs an unweighted resampling scheme ('{resampling}' returns weights)",
@@ -139,10 +144,15 @@ def _adaptive(model: ModelRun, state: gfi.TracedState, particles: int, randomnes
     """``tempered_smc`` with ``adapt=True``: the same path of targets and weights, the
     moves of ``population_moves`` (see ``tempered_smc``)."""
     if kernel not in ADAPTIVE_KERNELS:
-        raise PPLRuntimeError(f"tempering with adapt=True moves by kernel 'rw' (a population random walk), "
-                              f"not '{kernel}'", hint="kernel='rw'")
-    state, coords = population_moves.coordinates(model.at(beta=0.0), state, randomness)
-    tuning = population_moves.Tuning()
+        raise PPLRuntimeError(f"tempering with adapt=True moves by kernel 'rw' (a population random walk), 'hmc' "
+                              f"or 'mala', not '{kernel}'", hint="kernel='rw'")
+    gradient = kernel in population_moves.GRADIENT_KERNELS
+    if gradient:
+        potential = build_potential(model.at(beta=1.0), state)
+        tuning = population_moves.GradientTuning(kernel)
+    else:
+        state, coords = population_moves.coordinates(model.at(beta=0.0), state, randomness)
+        tuning = population_moves.Tuning()
     log_z, schedule, ess_history, reports = 0.0, [0.0], [], []
     with progress_bar(progress, desc="tempering", total=1.0, bar_format=_BAR_FORMAT) as bar:
         for _ in range(max_steps):
@@ -156,16 +166,26 @@ def _adaptive(model: ModelRun, state: gfi.TracedState, particles: int, randomnes
                 raise ZeroEvidenceError("tempering: every particle has zero weight")
             log_z += step_z
             ess_history.append(ess(inc))
-            covariance = population_moves.population_covariance(coords.flat(), inc) if coords.block else None
+            if gradient:  # the population's unconstrained values before resampling
+                potential.set_given({a: state.values[a] for a in potential.discrete})
+                flat = potential.unconstrain(state.values)
+            else:
+                flat = coords.flat()
+            covariance = population_moves.population_covariance(flat, inc) if flat.shape[1] else None
             ancestors = randomness.resample(inc, resampling, particles)
-            state, coords = gfi.reindex(state, ancestors), coords.reindex(ancestors)
+            state = gfi.reindex(state, ancestors)
             bar.set_postfix_str(f"beta={b:.4g}, step {len(schedule)}", refresh=False)
             bar.update(b - beta)
             schedule.append(b)
-            state, coords, report = population_moves.move_population(
-                model.at(beta=b), state, coords, randomness, tuning, covariance=covariance, moves=moves,
-                max_moves=max_moves, decorrelation=decorrelation,
-                label=f"tempering (step {len(schedule) - 1}, beta={b:.3g})")
+            label = f"tempering (step {len(schedule) - 1}, beta={b:.3g})"
+            if gradient:
+                state, report = population_moves.gradient_moves(
+                    model.at(beta=b), state, potential, randomness, tuning, covariance=covariance,
+                    z=flat[ancestors], moves=moves, max_moves=max_moves, decorrelation=decorrelation, label=label)
+            else:
+                state, coords, report = population_moves.move_population(
+                    model.at(beta=b), state, coords.reindex(ancestors), randomness, tuning, covariance=covariance,
+                    moves=moves, max_moves=max_moves, decorrelation=decorrelation, label=label)
             reports.append(report)
         else:
             raise PPLRuntimeError(f"tempering did not reach beta = 1 in {max_steps} steps")
@@ -185,8 +205,9 @@ def _population(state: gfi.TracedState, particles: int, log_z: float, schedule: 
                       legacy=(state, log_z, schedule))
 
 
-#: the kernels of the adaptive moves' block (``adapt=True``)
-ADAPTIVE_KERNELS = ("rw",)
+#: the kernels of the adaptive moves' block (``adapt=True``): the population walk, or a
+#: gradient kernel (``population_moves.gradient_moves``)
+ADAPTIVE_KERNELS = ("rw", "hmc", "mala")
 
 
 def _checked(target_ess: float, schedule: list | None) -> list | None:
