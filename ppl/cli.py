@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     mcmc.add_argument("--kernel", metavar="{prior,rw,NAME}",
                       help="proposal: prior (default), rw (random walk in unconstrained space), or the name "
                            "of a proposal function defined in the model")
-    mcmc.add_argument("--scale", type=float, metavar="X", help="random-walk step size (default: 0.5)")
+    mcmc.add_argument("--scale", type=float, metavar="X",
+                      help="random-walk step size, fixed for every site (default with --kernel rw: tuned per "
+                      "site during a burn-in of at least 20 steps, from 0.5; -o adapt=true|false)")
     run.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                      help="any other option of the method, e.g. -o resampling=stratified -o ess_threshold=0.5, "
                           "-o moves=2 (resample_move), -o params=q,r (pmmh), -o target_ess=0.3 (tempering); "

@@ -278,3 +278,36 @@ def test_calendar_year_regression_warns_for_single_site_walks():
         assert r.extra["adapted"] == (not options)
         off = max(abs(float(r.mean(s)) - mean[k]) / math.sqrt(cov[k, k]) for k, s in enumerate(("a", "b")))
         assert off > 3 and any("R-hat" in w for w in warned), (options, off, warned)
+
+
+def test_cli_adapt_option(tmp_path):
+    """``-o adapt=false`` reaches mh through OPTION_SPECS (the same run as adapt=False in
+    Python); a value that is not a flag is an error naming the option."""
+    import contextlib
+    import io
+    import json
+
+    from ppl import cli
+
+    src = tmp_path / "coin.ppl"
+    src.write_text("def coin(flips):\n    p ~ beta(2, 3)\n    observe flips ~ bernoulli(p)\n    return p\n")
+    data = tmp_path / "coin.json"
+    data.write_text(json.dumps({"flips": [1, 1, 0, 1]}))
+    argv = ["run", str(src), "--data", str(data), "--method", "mh", "-n", "4", "--samples", "20", "--burn-in", "30",
+            "--kernel", "rw", "--seed", "4", "--json"]
+    means = {}
+    for flag in ("false", "true"):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), warnings.catch_warnings():
+            warnings.simplefilter("ignore", PPLDiagnosticWarning)
+            assert cli.main(argv + ["-o", f"adapt={flag}"]) == 0
+        means[flag] = json.loads(out.getvalue())["posterior"]["p"]["mean"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PPLDiagnosticWarning)
+        r = ppl.model(src.read_text()).run("mh", {"flips": [1, 1, 0, 1]}, chains=4, samples=20, burn_in=30,
+                                           kernel="rw", adapt=False, seed=4)
+    assert means["false"] == pytest.approx(float(r.mean("p")), abs=1e-12) and means["true"] != means["false"]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(argv + ["-o", "adapt=sometimes"]) != 0
+    assert "adapt must be" in err.getvalue()
