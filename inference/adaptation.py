@@ -1,0 +1,186 @@
+"""Stan-style warm-up for the gradient kernels: a step size by dual averaging and an
+inverse mass matrix from the chain's own draws, each chain adapting its own (as NumPyro's
+vectorised chains do).
+
+Pure tensor arithmetic on C chains at once: nothing here evaluates a potential (the
+kernels and the driver live in ``inference/hmc.py``). The pieces follow Stan's
+``stepsize_adaptation``, ``windowed_adaptation`` and ``welford_var_estimator`` /
+``welford_covar_estimator`` line by line:
+
+* ``DualAveraging``: Nesterov's dual averaging of log(step size) towards a target mean
+  acceptance statistic (Hoffman and Gelman 2014, Algorithm 5; gamma=0.05, t0=10,
+  kappa=0.75, mu = log(10 eps0)).
+* ``Welford``: a running (co)variance per chain, regularised as Stan does:
+  (n/(n+5)) var + 1e-3 (5/(n+5)).
+* ``warmup_windows``: the iterations at which a slow window ends (init buffer 75, windows
+  doubling from 25, term buffer 50; for a warm-up shorter than 150 iterations the
+  buffers are 15% / 10% of it and one window fills the rest; under 20 iterations no mass
+  matrix is adapted).
+* ``WindowedAdaptation``: the three combined, iteration by iteration.
+
+Invariant of the whole: adaptation only happens during warm-up; afterwards the step size
+and the mass matrix are fixed, so the kept chain runs an exactly invariant kernel.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class DualAveraging:
+    """Dual averaging of the log step size, one per chain ([C] tensors).
+
+    ``update(accept_stat)`` after each warm-up transition returns the step size to use
+    next (exp(x)); ``final()`` the step size to keep after warm-up (exp(x_bar))."""
+
+    def __init__(self, step_size: torch.Tensor, target_accept: float = 0.8, *, gamma: float = 0.05,
+                 t0: float = 10.0, kappa: float = 0.75):
+        self.target = float(target_accept)
+        self.gamma, self.t0, self.kappa = float(gamma), float(t0), float(kappa)
+        self.restart(step_size)
+
+    def restart(self, step_size: torch.Tensor) -> None:
+        """Start again from ``step_size`` [C] (mu = log(10 step_size)), as Stan does after
+        each mass matrix update."""
+        step_size = step_size.to(torch.float64)
+        self.mu = torch.log(10 * step_size)
+        self.counter = 0
+        self.s_bar = torch.zeros_like(step_size)
+        self.x_bar = torch.zeros_like(step_size)
+        self.x = torch.log(step_size)
+
+    def update(self, accept_stat: torch.Tensor) -> torch.Tensor:
+        """Learn from one transition's acceptance statistic [C] (NaN counts as 0);
+        returns the next step size [C]."""
+        stat = torch.nan_to_num(accept_stat.to(torch.float64), nan=0.0).clamp(max=1.0)
+        self.counter += 1
+        eta = 1.0 / (self.counter + self.t0)
+        self.s_bar = (1 - eta) * self.s_bar + eta * (self.target - stat)
+        self.x = self.mu - self.s_bar * (math.sqrt(self.counter) / self.gamma)
+        x_eta = self.counter ** (-self.kappa)
+        self.x_bar = (1 - x_eta) * self.x_bar + x_eta * self.x
+        return self.x.exp()
+
+    def current(self) -> torch.Tensor:
+        """The step size of the latest iterate, exp(x) [C]."""
+        return self.x.exp()
+
+    def final(self) -> torch.Tensor:
+        """The step size to keep, exp(x_bar) [C] (the current one before any update)."""
+        return self.x_bar.exp() if self.counter else self.x.exp()
+
+
+class Welford:
+    """Running mean and (co)variance of C chains' draws z [C, D] (float64)."""
+
+    def __init__(self, C: int, D: int, *, dense: bool = False, device=None):
+        self.C, self.D, self.dense, self.device = C, D, dense, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.n = 0
+        self.mean = torch.zeros(self.C, self.D, dtype=torch.float64, device=self.device)
+        shape = (self.C, self.D, self.D) if self.dense else (self.C, self.D)
+        self.m2 = torch.zeros(shape, dtype=torch.float64, device=self.device)
+
+    def update(self, z: torch.Tensor) -> None:
+        self.n += 1
+        delta = z - self.mean
+        self.mean = self.mean + delta / self.n
+        after = z - self.mean
+        if self.dense:
+            self.m2 = self.m2 + delta.unsqueeze(-1) * after.unsqueeze(-2)
+        else:
+            self.m2 = self.m2 + delta * after
+
+    def inverse_mass(self) -> torch.Tensor:
+        """Stan's regularised estimate: (n/(n+5)) var + 1e-3 (5/(n+5)) (on the diagonal
+        for a dense one); var is the unbiased sample (co)variance. Needs n >= 2."""
+        n = float(self.n)
+        var = self.m2 / max(n - 1.0, 1.0)
+        shrink = 1e-3 * 5.0 / (n + 5.0)
+        if self.dense:
+            var = 0.5 * (var + var.transpose(-1, -2))
+            eye = torch.eye(self.D, dtype=torch.float64, device=var.device)
+            return (n / (n + 5.0)) * var + shrink * eye
+        return (n / (n + 5.0)) * var + shrink
+
+
+def warmup_buffers(num_warmup: int, init_buffer: int = 75, term_buffer: int = 50,
+                   base_window: int = 25) -> tuple[int, int, int] | None:
+    """(init buffer, base window, term buffer) as Stan sizes them for ``num_warmup``
+    iterations; None when no mass matrix is adapted (fewer than 20 iterations)."""
+    if num_warmup < 20:
+        return None
+    if init_buffer + base_window + term_buffer > num_warmup:
+        init_buffer = int(0.15 * num_warmup)
+        term_buffer = int(0.1 * num_warmup)
+        base_window = num_warmup - (init_buffer + term_buffer)
+    return init_buffer, base_window, term_buffer
+
+
+def warmup_windows(num_warmup: int, init_buffer: int = 75, term_buffer: int = 50,
+                   base_window: int = 25) -> list[int]:
+    """The (0-based) warm-up iterations at which a slow window ends and the mass matrix is
+    updated, following Stan's ``windowed_adaptation::compute_next_window``: windows of
+    base_window, 2 base_window, ... after the init buffer, the last one stretched to end
+    term_buffer iterations before the end of warm-up. [] under 20 iterations."""
+    sizes = warmup_buffers(num_warmup, init_buffer, term_buffer, base_window)
+    if sizes is None:
+        return []
+    init_buffer, window, term_buffer = sizes
+    last = num_warmup - term_buffer - 1
+    ends = []
+    end = init_buffer + window - 1
+    while True:
+        ends.append(end)
+        if end >= last:
+            break
+        window *= 2
+        end = end + window
+        if end != last and end + 2 * window >= num_warmup - term_buffer:
+            end = last
+    return ends
+
+
+class WindowedAdaptation:
+    """Stan's warm-up, per chain: dual averaging at every iteration; the chain's draws in
+    each slow window feed a Welford estimate that becomes the inverse mass matrix at the
+    window's end, after which the step size is searched again (``restart_step_size``,
+    supplied by the kernel's owner) and dual averaging restarts from it.
+
+    ``update(i, z, accept_stat)`` after warm-up iteration i (0-based) with the chain's
+    state z [C, D] returns (step size to use next [C], the new inverse mass or None when
+    it did not change). After the last iteration, ``final_step_size()`` is the one kept."""
+
+    def __init__(self, num_warmup: int, step_size: torch.Tensor, *, C: int, D: int,
+                 target_accept: float = 0.8, dense: bool = False, adapt_mass: bool = True,
+                 device=None):
+        self.num_warmup = num_warmup
+        self.dual = DualAveraging(step_size, target_accept)
+        sizes = warmup_buffers(num_warmup) if adapt_mass else None
+        self.window_ends = set(warmup_windows(num_warmup)) if sizes else set()
+        self.first = sizes[0] if sizes else num_warmup
+        self.last = num_warmup - sizes[2] if sizes else num_warmup  # exclusive
+        self.welford = Welford(C, D, dense=dense, device=device)
+
+    def in_window(self, i: int) -> bool:
+        return self.first <= i < self.last
+
+    def update(self, i: int, z: torch.Tensor, accept_stat: torch.Tensor):
+        step_size = self.dual.update(accept_stat)
+        if self.in_window(i):
+            self.welford.update(z)
+        if i in self.window_ends and self.welford.n >= 2:
+            inverse_mass = self.welford.inverse_mass()
+            self.welford.reset()
+            return step_size, inverse_mass
+        return step_size, None
+
+    def restart_step_size(self, step_size: torch.Tensor) -> None:
+        """After a mass matrix update: dual averaging starts again from ``step_size``."""
+        self.dual.restart(step_size)
+
+    def final_step_size(self) -> torch.Tensor:
+        return self.dual.final()
