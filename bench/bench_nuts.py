@@ -301,7 +301,7 @@ def child_pyro(model: BenchModel, proto: Protocol, seed: int, clock: Callable[[]
     warmup_done: list[float] = []
 
     def hook(kernel, samples, stage, i):
-        if stage == "Warmup" and i == proto.warmup - 1:
+        if stage.startswith("Warmup") and i == proto.warmup - 1:
             warmup_done.append(clock())
 
     chains = []
@@ -525,7 +525,7 @@ def _median(xs):
 
 
 def bench_model(model: BenchModel, proto: Protocol, repeats: int, pyro_repeats: int, clock: str,
-                available: dict, timeout: float, log=print) -> dict:
+                available: dict, timeout: float, pyro_timeout: float | None = None, log=print) -> dict:
     """Every available contender on one model, repeats interleaved; the medians."""
     order = [c for c in CONTENDERS if available.get(c) is None]
     per_row: dict[str, list[dict]] = {r: [] for r in ROWS}
@@ -535,7 +535,8 @@ def bench_model(model: BenchModel, proto: Protocol, repeats: int, pyro_repeats: 
         for contender in (order if r % 2 == 0 else order[::-1]):
             if contender == "pyro nuts" and r >= pyro_repeats:
                 continue
-            info = run_child(contender, model.name, proto, seed=r + 1, clock=clock, timeout=timeout)
+            limit = pyro_timeout if contender == "pyro nuts" and pyro_timeout else timeout
+            info = run_child(contender, model.name, proto, seed=r + 1, clock=clock, timeout=limit)
             if "error" in info:
                 errors.setdefault(contender, []).append(info["error"])
                 log(f"    [{model.name}] {contender} repeat {r + 1}: ERROR {info['error']}")
@@ -671,7 +672,7 @@ def print_overview(report: dict) -> None:
 
 def run(repeats: int = 5, quick: bool = False, *, clock: str | None = None, models: list[str] | None = None,
         protocol: Protocol | None = None, pyro_repeats: int = 1, json_path: str | None = RESULTS,
-        contenders: list[str] | None = None, timeout: float = 3600.0) -> dict:
+        contenders: list[str] | None = None, timeout: float = 3600.0, pyro_timeout: float | None = None) -> dict:
     """The benchmark (``bench/run.py`` calls this with its --repeats/--quick; the clock is
     the one ``common`` was set to)."""
     if clock is None:
@@ -697,23 +698,31 @@ def run(repeats: int = 5, quick: bool = False, *, clock: str | None = None, mode
     for c in CONTENDERS:
         if available.get(c):
             print(f"  {c}: {available[c]}")
-    report = {"started": started, "protocol": vars(proto), "repeats": repeats,
+    report = {"started": started, "protocol": vars(proto), "repeats": repeats, "timeout_s": timeout,
+              "pyro_timeout_s": pyro_timeout or timeout,
               "pyro_repeats": min(pyro_repeats, repeats), "clock": clock, "targets": TARGETS,
               "availability": available, "load_start": loadavg(), "models": {}}
     for model in chosen:
-        result = bench_model(model, proto, repeats, pyro_repeats, clock, available, timeout)
+        result = bench_model(model, proto, repeats, pyro_repeats, clock, available, timeout, pyro_timeout)
         print_model(model, result, available, proto, clock)
         report["models"][model.name] = result
+        _write(report, json_path)  # after every model: an interrupted run keeps what it measured
     print_overview(report)
     report["load_end"] = loadavg()
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     print(f"\n  load average at the end: {report['load_end']}")
-    if json_path:
-        os.makedirs(os.path.dirname(json_path), exist_ok=True)
-        with open(json_path, "w") as fh:
-            json.dump(report, fh, indent=1, default=_json_default)
+    if _write(report, json_path):
         print(f"  results written to {json_path}")
     return report
+
+
+def _write(report: dict, json_path: str | None) -> bool:
+    if not json_path:
+        return False
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, "w") as fh:
+        json.dump(report, fh, indent=1, default=_json_default)
+    return True
 
 
 def _json_default(x):
@@ -735,18 +744,31 @@ def main(argv=None) -> int:
     ap.add_argument("--models", help="comma-separated model names (default: all)")
     ap.add_argument("--contenders", help=f"comma-separated, of: {', '.join(CONTENDERS)}")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per contender process")
+    ap.add_argument("--pyro-timeout", type=float, help="seconds per Pyro process (default: --timeout)")
+    ap.add_argument("--overview", nargs="+", metavar="JSON", help="print the overview of saved results and stop")
     ap.add_argument("--json", default=RESULTS, help="where to write the results ('' for nowhere)")
     ap.add_argument("--child", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         return child_main(*args.child)
+    if args.overview:
+        merged = {"models": {}}
+        for path in args.overview:
+            with open(path) as fh:
+                saved = json.load(fh)
+            print(f"{path}: protocol {saved['protocol']}, repeats {saved['repeats']}, clock {saved['clock']}, "
+                  f"{saved['started']} .. {saved.get('finished', 'unfinished')}, load {saved['load_start']} .. "
+                  f"{saved.get('load_end')}")
+            merged["models"].update(saved["models"])
+        print_overview(merged)
+        return 0
     base = QUICK if args.quick else Protocol()
     proto = Protocol(chains=args.chains or base.chains, warmup=args.warmup if args.warmup is not None else base.warmup,
                      samples=args.samples or base.samples)
     run(args.repeats, args.quick, clock=args.clock, protocol=proto, pyro_repeats=args.pyro_repeats,
         models=args.models.split(",") if args.models else None, json_path=args.json or None,
         contenders=[c.strip() for c in args.contenders.split(",")] if args.contenders else None,
-        timeout=args.timeout)
+        timeout=args.timeout, pyro_timeout=args.pyro_timeout)
     return 0
 
 
