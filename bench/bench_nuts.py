@@ -452,11 +452,10 @@ def run_child(contender: str, model: str, proto: Protocol, seed: int, clock: str
 def mcmc_figures(draws: dict, model: BenchModel, total: float, sampling: float | None) -> dict:
     """One MCMC repeat: min bulk ESS over the latent columns, ESS/s, errors."""
     ess, column = min_bulk_ess(draws, model.latent)
-    columns = list(model.reference or {})
-    means, sds = chain_moments(draws, columns)
+    means, sds = chain_moments(draws, [c for c in draws if not c.startswith("__")])
     return {"min_ess": ess, "min_ess_site": column, "seconds": total, "sampling_seconds": sampling,
             "rate_incl": ess / total, "rate_excl": (ess / sampling) if sampling else None,
-            **posterior_errors(means, sds, model.reference)}
+            **posterior_errors(means, sds, model.reference), "means": means, "sds": sds}
 
 
 def tempering_figures(info: dict, model: BenchModel) -> dict:
@@ -465,7 +464,7 @@ def tempering_figures(info: dict, model: BenchModel) -> dict:
     import numpy as np
     draws = info["draws"]
     w = draws["__weights__"]
-    columns = list(model.reference or {})
+    columns = [c for c in draws if not c.startswith("__")]
     means = {c: float(np.sum(w * draws[c])) for c in columns}
     sds = {c: float(math.sqrt(max(np.sum(w * (draws[c] - means[c]) ** 2), 0.0))) for c in columns}
     per_column = {c: min(info["kish_ess"], info["distinct"][c]) for c in model.latent}
@@ -474,7 +473,7 @@ def tempering_figures(info: dict, model: BenchModel) -> dict:
     return {"min_ess": ess, "min_ess_site": column, "ess_kind": "min(Kish ESS, distinct values): an upper bound",
             "seconds": info["total"], "sampling_seconds": info["total"], "rate_incl": ess / info["total"],
             "rate_excl": ess / info["total"], "warnings": info.get("warnings", []),
-            **posterior_errors(means, sds, model.reference)}
+            **posterior_errors(means, sds, model.reference), "means": means, "sds": sds}
 
 
 def numpyro_figures(info: dict, model: BenchModel) -> dict:
@@ -732,6 +731,21 @@ def _json_default(x):
         return str(x)
 
 
+def rescore(saved: dict, path: str = REFERENCES) -> dict:
+    """Saved results with their errors recomputed against ``references.json`` as it is
+    now (each run keeps its posterior means and sds of every column)."""
+    refs = load_references(path)
+    for name, result in saved["models"].items():
+        ref = refs.get(name, (None, ""))[0]
+        for row in result["summary"].values():
+            for run in row["runs"]:
+                if "means" in run:
+                    run.update(posterior_errors(run["means"], run["sds"], ref))
+            row["mean_err"] = _median([r.get("mean_err") for r in row["runs"]])
+            row["sd_err"] = _median([r.get("sd_err") for r in row["runs"]])
+    return saved
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 x 150 x 150, eight schools, 1 repeat")
@@ -755,7 +769,7 @@ def main(argv=None) -> int:
         merged = {"models": {}}
         for path in args.overview:
             with open(path) as fh:
-                saved = json.load(fh)
+                saved = rescore(json.load(fh))
             print(f"{path}: protocol {saved['protocol']}, repeats {saved['repeats']}, clock {saved['clock']}, "
                   f"{saved['started']} .. {saved.get('finished', 'unfinished')}, load {saved['load_start']} .. "
                   f"{saved.get('load_end')}")
