@@ -49,7 +49,6 @@ from ..semantics.gfi import (Choices, ModelRun, ReExecution, TracedState, genera
                              support_bijection)
 from ..semantics.sampling import Suspended, column, drive
 from ..semantics.values import Batched, Particles, rows
-from .diagnostics import emit
 
 #: the acceptance rate the block walk's scale is adapted towards (Roberts, Gelman & Gilks 1997)
 TARGET_ACCEPTANCE = 0.234
@@ -361,17 +360,36 @@ def noise_floor(particles: int, dims: int) -> float:
     return (1.5 + math.sqrt(2 * math.log(max(dims, 1)))) / math.sqrt(max(particles, 1))
 
 
+def _unmixed(label: str, r: float, floor: float, moved: float) -> str:
+    """What is wrong with a step whose moves stopped at ``max_moves``."""
+    return (f"{label}: correlation {r:.2f} with the start (needed below {floor:.2f}), {100 * moved:.0f}% of the "
+            f"particles moved (needed {100 * MOVED_FRACTION:.0f}%)")
+
+
+def unmixed_warning(method: str, reports: list, max_moves: int) -> list[str]:
+    """One warning for the steps whose moves stopped at ``max_moves`` before the particles
+    decorrelated (none: [])."""
+    bad = [r.warning for r in reports if r.warning]
+    if not bad:
+        return []
+    return [f"{method}: at {len(bad)} of {len(reports)} steps the adaptive moves stopped at max_moves={max_moves} "
+            f"before the particles decorrelated (first: {bad[0]}); the population may not have mixed and the "
+            "estimates may be wrong: raise max_moves (-o max_moves=...)"]
+
+
 @dataclass
 class MoveReport:
     """What one step's moves did: the number of moves, the mean acceptance of the block
     walk and of the single-site moves (None: no such kernel), the final correlation with
-    the start and the walk's scale factor."""
+    the start, the walk's scale factor (the gradient kernel's step size); ``warning``: the
+    message when ``max_moves`` did not suffice (the SMC algorithm puts it in
+    ``extra["move_warnings"]``, which the result's warnings include)."""
     moves: int
     block_acceptance: float | None
     site_acceptance: float | None
     correlation: float
     scale: float | None
-    hit_max: bool = False
+    warning: str | None = None
 
 
 def move_population(model: ModelRun, state: TracedState, coords: Coordinates, randomness, tuning: Tuning, *,
@@ -381,7 +399,7 @@ def move_population(model: ModelRun, state: TracedState, coords: Coordinates, ra
     population has decorrelated from where it started (or ``moves`` times exactly):
     (state, coordinates, report). The walk's covariance: ``covariance`` (e.g. the
     weighted population's before resampling: ``population_covariance``), else the
-    population's as it is; a warning when ``max_moves`` did not suffice."""
+    population's as it is; ``report.warning`` says when ``max_moves`` did not suffice."""
     flat = coords.flat()
     D = flat.shape[1]
     if D and covariance is None:
@@ -410,13 +428,9 @@ def move_population(model: ModelRun, state: TracedState, coords: Coordinates, ra
                 break
     hit = moves is None and done >= limit and limit > 0 and \
         (r >= floor or float(moved.double().mean()) < MOVED_FRACTION)
-    if hit:
-        emit([f"{label}: after max_moves={max_moves} moves the particles were still correlated with their start "
-              f"(correlation {r:.2f}, threshold {floor:.2f}) or {100 * float(moved.double().mean()):.0f}% had "
-              f"moved (needed {100 * MOVED_FRACTION:.0f}%); the population may not have mixed (raise max_moves)"],
-             stacklevel=3)
+    warning = _unmixed(label, r, floor, float(moved.double().mean())) if hit else None
     mean = (lambda xs: sum(xs) / len(xs) if xs else None)
-    report = MoveReport(done, mean(block_acc), mean(site_acc), r, tuning.scale(D) if D else None, hit)
+    report = MoveReport(done, mean(block_acc), mean(site_acc), r, tuning.scale(D) if D else None, warning)
     if D and block_acc:
         tuning.adapt(report.block_acceptance)
     return state, coords, report
@@ -501,13 +515,10 @@ def gradient_moves(model: ModelRun, state: TracedState, potential, randomness, t
                 break
     hit = moves is None and done >= limit and limit > 0 and \
         (r >= floor or float(moved.double().mean()) < MOVED_FRACTION)
-    if hit:
-        emit([f"{label}: after max_moves={max_moves} {tuning.kernel} moves the particles were still correlated with "
-              f"their start (correlation {r:.2f}, threshold {floor:.2f}) or too few had moved; the population may "
-              "not have mixed (raise max_moves)"], stacklevel=3)
+    warning = _unmixed(label, r, floor, float(moved.double().mean())) if hit else None
     state = _at(model, potential, current.z)
     mean = (lambda xs: sum(xs) / len(xs) if xs else None)
-    report = MoveReport(done, mean(grad_acc), mean(site_acc), r, eps0, hit)
+    report = MoveReport(done, mean(grad_acc), mean(site_acc), r, eps0, warning)
     tuning.adapt(report.block_acceptance)
     return state, report
 

@@ -109,7 +109,8 @@ def resample_move(interp, entry: str, data: dict, particles: int, device="cpu", 
     if adapt:
         extra.update({"moves": [r.moves for r in reports], "adapt": True,
                       "site_acceptance": [r.site_acceptance for r in reports],
-                      "correlation": [r.correlation for r in reports], "proposal_scale": [r.scale for r in reports]})
+                      "correlation": [r.correlation for r in reports], "proposal_scale": [r.scale for r in reports],
+                      "move_warnings": population_moves.unmixed_warning("resample_move", reports, max_moves)})
     return Population("resample_move", sites, lw, extra, legacy=(sites, lw, h, acceptance))
 
 

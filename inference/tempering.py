@@ -192,7 +192,8 @@ def _adaptive(model: ModelRun, state: gfi.TracedState, particles: int, randomnes
     extra = {"schedule": schedule, "moves": [r.moves for r in reports], "ess_history": ess_history,
              "adapt": True, "kernel": kernel, "acceptance": [r.block_acceptance for r in reports],
              "site_acceptance": [r.site_acceptance for r in reports],
-             "correlation": [r.correlation for r in reports], "proposal_scale": [r.scale for r in reports]}
+             "correlation": [r.correlation for r in reports], "proposal_scale": [r.scale for r in reports],
+             "move_warnings": population_moves.unmixed_warning("tempering", reports, max_moves)}
     return _population(state, particles, log_z, schedule, extra)
 
 

@@ -364,7 +364,8 @@ class WeightedResult(_ResultBase):
             k = self.pareto_k
         unique = None if self.unique_fraction is None else int(round(self.unique_fraction * self.n))
         return weighted_warnings(self.method, self.n, min(self.ess, self.ess_before_resampling),
-                                 resampled=self.resampled, pareto_k=k, unique=unique)
+                                 resampled=self.resampled, pareto_k=k, unique=unique) + \
+            list(self.extra.get("move_warnings", []))  # adaptive SMC moves that hit max_moves
 
     def _json_extra(self) -> dict:
         return {"ess_before_resampling": _json_scalar(self.ess_before_resampling),

@@ -225,9 +225,10 @@ def test_adaptive_tempering_reports_its_moves_and_warns_at_max_moves():
     """``extra`` records the moves per step; a cap too low to decorrelate the particles
     warns (a result that may be wrong says so)."""
     m = ppl.model(REGRESSION)
-    with pytest.warns(ppl.PPLDiagnosticWarning, match="max_moves=1 moves"):
+    with pytest.warns(ppl.PPLDiagnosticWarning, match="stopped at max_moves=1 before the particles decorrelated"):
         r = m.run("tempering", calendar_year_data(), particles=200, seed=0, adapt=True, max_moves=1)
     assert r.extra["moves"] == [1] * (len(r.extra["schedule"]) - 1)
+    assert len(r.warnings) == 1 + any("collapsed" in w for w in r.warnings)
     r = m.run("tempering", calendar_year_data(), particles=200, seed=0, adapt=True, moves=3)
     assert r.extra["moves"] == [3] * (len(r.extra["schedule"]) - 1)
     assert len(r.extra["acceptance"]) == len(r.extra["correlation"]) == len(r.extra["proposal_scale"])
