@@ -6,11 +6,20 @@ How to run (from the repository root; ``bench`` extra: ``pip install numpyro jax
     .venv/bin/python bench/run.py --only bench_nuts --clock cpu --quick   # a smoke run (~1-2 min)
     .venv/bin/python bench/bench_nuts.py --help                           # standalone, more options:
     .venv/bin/python bench/bench_nuts.py --clock cpu --models eight_schools --repeats 3 \\
-        --chains 4 --warmup 1000 --samples 1000 --pyro-repeats 1 --json bench/results/bench_nuts.json
+        --chains 4 --warmup 1000 --samples 1000 --pyro-repeats 1 --pyro-timeout 900 \\
+        --json bench/results/bench_nuts.json
+    .venv/bin/python bench/bench_nuts.py --overview bench/results/bench_nuts*.json  # saved runs, one table,
+                                          # errors recomputed against bench/references.json as it is now
 
-What is measured, per model family (``bench/nuts_models.py``, written with its NumPyro and
-Pyro twins and reference posteriors in ``bench/references.json``; when that module is
-missing, eight schools non-centred defined here stands in), side by side in one run:
+Every contender runs with one thread whatever ``run.py --threads`` says; ``run.py``'s
+``--repeats`` is capped at 5 here. The JSON (default ``bench/results/bench_nuts.json``,
+written after every model) holds the protocol, every repeat's raw figures (with the
+posterior mean and sd of every column, so errors can be rescored), the medians, the
+ratios and verdicts, and the load averages.
+
+What is measured, per model family (``bench/nuts_models.py``: each ppl example with its
+NumPyro and Pyro twins, same sites and parameterisation; reference posteriors in
+``bench/references.json``, errors "n/a" where it has none), side by side in one run:
 
 * contenders: ppl ``nuts`` (all chains as one batch), ppl ``tempering`` (adaptive tempered
   SMC), Pyro NUTS (its default ``MCMC``/``NUTS``; the chains one after the other in the
@@ -32,9 +41,10 @@ missing, eight schools non-centred defined here stands in), side by side in one 
 * time: ``--clock cpu`` (the process's CPU time: on this shared 2-core machine the wall
   clock counts the time a process waits for a core) or ``wall``.
 * min bulk ESS: ``inference.diagnostics.mcmc_ess`` on the [chains, draws] array of every
-  scalar site of the reference (vector sites split into their components), the minimum
-  over sites; computed in this process the same way for every MCMC contender. Tempering
-  returns a weighted population, not chains: its "ESS" is min over sites of
+  scalar column of the latent sites (``NutsModel.columns``: vector sites split into their
+  components; the return value left out), the minimum over columns; computed in the
+  parent process the same way for every MCMC contender. Tempering
+  returns a weighted population, not chains: its "ESS" is min over columns of
   min(Kish ESS 1 / sum w^2, the number of distinct values of the site) -- an upper bound
   of its effective sample size, marked with a dagger in the table, not a bulk ESS.
 * ESS/s with warm-up included (the whole inference call) and excluded (the sampling
@@ -48,20 +58,24 @@ missing, eight schools non-centred defined here stands in), side by side in one 
   lowering, backend compilation -- taking the union of the nested spans; with ``--clock
   cpu`` the CPU time between the outermost span's start and end). The compile time is
   printed apart.
-* accuracy: per contender, max over sites of |posterior mean - reference mean| / reference sd
-  and of |posterior sd - reference sd| / reference sd (median over repeats).
+* accuracy: per contender, max over the reference's columns (latent and return) of
+  |posterior mean - reference mean| / reference sd and of |posterior sd - reference sd| /
+  reference sd (median over repeats). Tempering's target (issue 11: every mean within
+  0.1 posterior sd) is printed with PASS/FAIL.
+* "lf/draw": leapfrog steps per draw in the sampling phase (ppl nuts, NumPyro), to tell a
+  slower gradient from a longer trajectory.
 * ratios of ppl nuts' ESS/s (medians over repeats, measured in the same run) to Pyro NUTS,
   NumPyro compile counted and NumPyro compile excluded, against the targets of issue 11:
   >= 10x Pyro, >= 1x NumPyro compile counted, >= 1/3x NumPyro compile excluded; PASS/FAIL
   is printed for warm-up included (the headline: the time a user waits) and excluded.
 * repeats: medians of ``--repeats`` (capped at 5 in ``run``); the contenders' order
-  alternates each round; Pyro, much slower, runs ``--pyro-repeats`` times (default 1).
-  ``/proc/loadavg`` is recorded before every process.
+  alternates each round; Pyro, much slower, runs ``--pyro-repeats`` times (default 1),
+  each process stopped after ``--pyro-timeout`` seconds (wall clock; reported as timed
+  out, no figure). ``/proc/loadavg`` is recorded before every process.
 
 A contender that is not available (ppl ``nuts`` before it is registered, NumPyro not
-installed) is printed as "not available" with the reason; no number is made up for it.
-The JSON (default ``bench/results/bench_nuts.json``) holds the protocol, every repeat's
-raw figures, the medians, the ratios and verdicts, and the load averages.
+installed), fails, or times out is printed as such with the reason; no number is made up
+for it, and a ratio without both figures is "n/a".
 """
 from __future__ import annotations
 
