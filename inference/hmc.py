@@ -296,7 +296,7 @@ def nuts_step(potential, state: State, step_size: torch.Tensor, metric: Metric, 
         leaf = _choose_leaf(weights, log_w_s, u_sub[:, d])
         rows = torch.stack((leaf, leaf + n))
         # biased progressive sampling at the top level
-        take = valid & (u_top[:, d] < torch.exp(log_w_s - log_w))
+        take = valid & _biased_take(log_w_s, log_w, u_top[:, d])
         prop_zg = torch.where(take.unsqueeze(-1), zg[rows, chain], prop_zg)
         prop_lw = torch.where(take, lw[rows, chain], prop_lw)
         moved = moved | take
@@ -319,6 +319,12 @@ def _choose_leaf(weights: torch.Tensor, log_total: torch.Tensor, u: torch.Tensor
     distribution at the uniform u [C]. Returns leaf indices [C]."""
     cdf = (weights - log_total).exp().cumsum(0)
     return (cdf < u).sum(0).clamp(max=weights.shape[0] - 1)
+
+
+def _biased_take(log_w_new: torch.Tensor, log_w_old: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The top-level (biased progressive) choice: the new sub-tree's state replaces the
+    current proposal with probability min(1, W_new / W_old) [C]."""
+    return u < torch.exp(log_w_new - log_w_old)
 
 
 def _subtree(potential, metric, H0, active, d, eps, sync_every, zc, pc, gc, vc):
