@@ -8,6 +8,8 @@ backward pass all disappear; only tensor operations remain), then simplifies it:
 * **constant folding**: every operation whose inputs are all constants (the data, the
   program's literals: ``log(sigma)``, a prior's ``scale**2``, the parameter checks of
   constant parameters) is computed once, at record time;
+* **identities** (``x * 1``, ``x + 0``, ``x ** 1``, a view, expand or copy to the same
+  shape and dtype) are dropped;
 * **common subexpressions** are computed once, dead code removed;
 
 and hands it to TorchScript (``torch.jit.trace``), whose interpreter runs a graph with
@@ -29,8 +31,11 @@ FOLD_MAX_ELEMENTS = 1_000_000  # constants larger than this are recomputed, not 
 
 def record(fn, example_inputs: tuple):
     """``fn`` (tensors -> tuple of tensors) as a simplified TorchScript graph."""
-    gm = make_fx(fn)(*example_inputs)
+    # values read into Python are constants here (the caller has checked that no decision
+    # depends on an input), so they may be baked into the graph
+    gm = make_fx(fn, _error_on_data_dependent_ops=False)(*example_inputs)
     fold_constants(gm)
+    drop_identities(gm)
     eliminate_common_subexpressions(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
@@ -84,6 +89,50 @@ def fold_constants(gm: torch.fx.GraphModule) -> int:
     graph.eliminate_dead_code()
     gm.recompile()
     return folded
+
+
+_aten = torch.ops.aten
+_UNIT = {_aten.mul.Tensor: 1, _aten.mul.Scalar: 1, _aten.div.Tensor: 1, _aten.div.Scalar: 1,
+         _aten.add.Tensor: 0, _aten.add.Scalar: 0, _aten.sub.Tensor: 0, _aten.sub.Scalar: 0,
+         _aten.pow.Tensor_Scalar: 1}
+_SAME = (_aten.view.default, _aten.expand.default, _aten.alias.default, _aten._to_copy.default,
+         _aten.reshape.default, _aten.clone.default)
+
+
+def drop_identities(gm: torch.fx.GraphModule) -> int:
+    """Replace each operation that returns its input unchanged (same values, shape and
+    dtype: ``x * 1``, ``x + 0``, ``x ** 1``, a view/expand/copy to the same shape and
+    dtype) by that input; the number dropped. Nothing that is mutated, or whose input is,
+    is touched (an alias must not change what a copy protected)."""
+    mutated = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and _mutating(node):
+            mutated.update(node.all_input_nodes)
+            mutated.add(node)
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node in mutated or not node.args:
+            continue
+        x = node.args[0]
+        if not isinstance(x, torch.fx.Node) or x in mutated:
+            continue
+        out, inp = node.meta.get("val"), x.meta.get("val")
+        if not (isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor)):
+            continue
+        if out.shape != inp.shape or out.dtype != inp.dtype or out.device != inp.device:
+            continue
+        if node.target in _UNIT:
+            if len(node.args) != 2 or isinstance(node.args[1], torch.fx.Node) or node.kwargs.get("alpha", 1) != 1:
+                continue
+            if not (isinstance(node.args[1], (int, float)) and node.args[1] == _UNIT[node.target]):
+                continue
+        elif node.target not in _SAME:
+            continue
+        node.replace_all_uses_with(x)
+        gm.graph.erase_node(node)
+        dropped += 1
+    gm.recompile()
+    return dropped
 
 
 def _attr(gm, target: str):

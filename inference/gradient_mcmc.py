@@ -32,7 +32,7 @@ from .adaptation import WindowedAdaptation
 from .diagnostics import site_diagnostics
 from .mh import initial_state
 from .population import Chains
-from .potential import Potential, build_potential
+from .potential import Potential, RandomStructure, build_potential
 from .randomness import TorchRandomness
 
 KERNELS = ("nuts", "hmc")
@@ -108,7 +108,45 @@ def _repeat(given: dict, S: int) -> dict:
 
 def _gibbs(model: ModelRun, potential: Potential, z0, randomness, *, kernel, samples, warmup, target_accept,
            max_tree_depth, dense_mass, num_steps, progress):
-    """Alternate single-site MH on the discrete choices with one NUTS/HMC transition on
-    the continuous ones (see the module docstring)."""
-    raise PPLRuntimeError("gradient-based MCMC on programs with discrete choices is not available yet",
-                          hint="use mh or tempering")
+    """Alternate a systematic scan of single-site MH on the discrete choices (each
+    regenerated from its prior, accepted with its Metropolis-Hastings ratio) with one
+    NUTS/HMC transition on the continuous ones given the discrete ones. Returns the
+    continuous draws and the discrete values of each kept draw ([C, S, ...])."""
+    kept: list = []
+    calls = 0
+
+    def discrete_sweep(hstate):
+        nonlocal calls
+        values, _ = potential.constrain(hstate.z)
+        present = {a: torch.ones(potential.C, dtype=torch.bool, device=potential.device) for a in values}
+        state, _ = gfi.generate(model, Choices(values, present))
+        for addr in potential.discrete:
+            new, log_alpha = gfi.regenerate(model, state, {addr: state.present[addr]}, randomness)
+            state, _ = gfi.metropolis(state, new, log_alpha, randomness)
+        _check_structure(potential, state)
+        potential.set_given({a: state.values[a] for a in potential.discrete})
+        if calls >= warmup:
+            kept.append(dict(potential.given))
+        calls += 1
+        return kernels.init_state(potential, hstate.z)
+
+    draws = kernels.sample_nuts(potential, z0, samples=samples, warmup=warmup, kernel=kernel, randomness=randomness,
+                                target_accept=target_accept, max_tree_depth=max_tree_depth, dense_mass=dense_mass,
+                                num_steps=num_steps, progress=progress, between=discrete_sweep)
+    given = {a: torch.stack([g[a] for g in kept], 1) for a in potential.discrete}  # [C, S, ...]
+    return draws, given
+
+
+def _check_structure(potential: Potential, state) -> None:
+    """The discrete moves kept every chain's choices the ones the potential knows:
+    every continuous choice in every chain, no new choice."""
+    known = set(potential.by_addr) | set(potential.discrete)
+    for addr, present in state.present.items():
+        if addr not in known and bool(present.any()):
+            raise RandomStructure(f"after a move of the discrete choices some chain makes the choice '{addr}', "
+                                  "which the first trace did not make: gradient-based kernels need a fixed set of "
+                                  "continuous choices", hint="use mh or tempering for this program")
+        if addr in potential.by_addr and not bool(present.all()):
+            raise RandomStructure(f"after a move of the discrete choices the continuous choice '{addr}' is made by "
+                                  "only some chains: gradient-based kernels need every chain to make it",
+                                  hint="use mh or tempering for this program")
