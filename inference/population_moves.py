@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..semantics.gfi import (Choices, ModelRun, ReExecution, TracedState, generate, metropolis, stale_lp,
-                             support_bijection)
+from ..semantics.gfi import ModelRun, ReExecution, TracedState, metropolis, select, stale_lp, support_bijection
+from ..semantics.errors import PPLRuntimeError
 from ..semantics.sampling import Suspended, column, drive
 from ..semantics.values import Batched, Particles, rows
 
@@ -90,11 +90,14 @@ class Coordinates:
         return out
 
     def choose(self, mask: torch.Tensor, other: "Coordinates") -> "Coordinates":
-        """Per particle, these coordinates where ``mask`` holds, else ``other``'s."""
-        def pick(a, b):
-            return torch.where(mask.reshape(-1, *([1] * (a.dim() - 1))), a, b)
-        return Coordinates({a: pick(v, other.y[a]) for a, v in self.y.items()},
-                           {a: pick(v, other.logj[a]) for a, v in self.logj.items()},
+        """Per particle, these coordinates where ``mask`` holds, else ``other``'s (on
+        ``other``'s block; an address these lack keeps ``other``'s values)."""
+        def pick(mine, theirs):
+            if mine is None:
+                return theirs
+            return torch.where(mask.reshape(-1, *([1] * (theirs.dim() - 1))), mine, theirs)
+        return Coordinates({a: pick(self.y.get(a), v) for a, v in other.y.items()},
+                           {a: pick(self.logj.get(a), v) for a, v in other.logj.items()},
                            torch.where(mask, self.ok, other.ok))
 
     def reindex(self, ancestors: torch.Tensor) -> "Coordinates":
@@ -107,7 +110,7 @@ class _CoordinateRun(ReExecution):
     block choices and, with ``walk`` set, proposes the block by the walk y' = y + delta
     (``walk``: (moving [C], the old ``Coordinates``, delta per block address))."""
 
-    def __init__(self, *args, block: tuple = (), walk=None, **kwargs):
+    def __init__(self, *args, block: tuple = (), walk=None, tolerant: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.block = frozenset(block)
         self.walk = walk
@@ -116,6 +119,39 @@ class _CoordinateRun(ReExecution):
         self.seen: dict = {}
         self.unmapped: set = set()   # block candidates without a bijection (not continuous)
         self.broken = torch.zeros(self.C, dtype=torch.bool, device=self.log_lik.device)
+        # the particles that propose something in this run (their errors reject the proposal)
+        self.proposing_rows = walk[0] if walk is not None else torch.zeros_like(self.broken)
+        for m in (self.chosen or {}).values():
+            self.proposing_rows = self.proposing_rows | m
+        if tolerant:  # every particle's values are proposed ones (``gradient_moves``)
+            self.proposing_rows = torch.ones_like(self.broken)
+        self.proposing = bool(self.proposing_rows.any())
+
+    def log_prob(self, dist, value, ctx):
+        """The likelihood's log density; where it raises (an invalid parameter, e.g. a
+        covariance that is not positive definite) at some proposed particles, those score
+        -inf (the proposal is rejected, as a proposal outside the support is), found by
+        bisection. An error at a particle that proposes nothing is the model's: raised."""
+        try:
+            return super().log_prob(dist, value, ctx)
+        except PPLRuntimeError:
+            if not self.proposing:
+                raise
+        lp = torch.full((ctx.M,), -math.inf, dtype=torch.float64, device=ctx.device)
+        self._score_rows(dist, value, ctx, torch.arange(ctx.M, device=ctx.device), lp)
+        return lp
+
+    def _score_rows(self, dist, value, ctx, pos: torch.Tensor, lp: torch.Tensor) -> None:
+        sub = ctx.subset(torch.zeros(ctx.M, dtype=torch.bool, device=ctx.device).index_fill_(0, pos, True))
+        try:
+            lp[pos] = torch.as_tensor(dist.log_prob(value, sub)).to(torch.float64).expand(pos.shape[0])
+        except PPLRuntimeError:
+            if pos.shape[0] > 1:
+                half = pos.shape[0] // 2
+                self._score_rows(dist, value, ctx, pos[:half], lp)
+                self._score_rows(dist, value, ctx, pos[half:], lp)
+            elif not bool(self.proposing_rows[ctx.idx[pos]].all()):
+                raise
 
     def sample(self, eff):
         out = super().sample(eff)
@@ -124,12 +160,24 @@ class _CoordinateRun(ReExecution):
         return out
 
     def _coordinates(self, eff, out):
+        """Record y = T^-1(x) and log |dT/dy| at this block choice for the particles of
+        non-zero weight (T from their own distribution here); the others are marked
+        ``broken`` (their move is rejected anyway). A choice with no bijection onto its
+        support is ``unmapped`` (not continuous: out of the block)."""
         ctx, addr = eff.ctx, eff.addr
-        T = support_bijection(eff.dist, ctx)
-        if T is None:
-            self.unmapped.add(addr)
+        live = self.live(ctx)
+        if live is None:
+            self.broken[ctx.idx] = True
             return
         x = rows(out, ctx).double()
+        if live is not ctx:
+            self.broken[ctx.idx] = True  # the live ones are cleared below
+            x = x[ctx.positions(live.idx)]
+        T = support_bijection(eff.dist, live)
+        if T is None:
+            if live is ctx:
+                self.unmapped.add(addr)
+            return
         y = T.inv(x)
         logj = _logdet(T, y, x)
         if addr not in self.y:
@@ -139,9 +187,11 @@ class _CoordinateRun(ReExecution):
         if tuple(y.shape[1:]) != tuple(self.y[addr].shape[1:]):
             self.unmapped.add(addr)
             return
-        self.y[addr][ctx.idx] = y
-        self.logj[addr][ctx.idx] = logj
-        self.seen[addr][ctx.idx] = True
+        self.y[addr][live.idx] = y
+        self.logj[addr][live.idx] = logj
+        self.seen[addr][live.idx] = True
+        if live is not ctx:
+            self.broken[live.idx] = False
 
     def _propose(self, dist, ctx, eff):
         addr = eff.addr
@@ -154,6 +204,8 @@ class _CoordinateRun(ReExecution):
         old_rows = self.old.values[addr][idx]
         new_rows = self._draw(dist, ctx, eff) if bool((~has).any()) else old_rows
         T = support_bijection(dist, ctx)
+        if T is None and self.live(ctx) is not ctx:  # invalid parameters of dead particles: the live ones walk
+            raise PPLRuntimeError(f"no bijection onto the support of '{addr}' for every particle", eff.span)
         zero = torch.zeros(ctx.M, dtype=torch.float64, device=idx.device)
         y2 = old_coords.y[addr][idx] + delta[addr][idx]
         try:
@@ -175,10 +227,15 @@ class _CoordinateRun(ReExecution):
 
     def coordinates(self, block: tuple) -> Coordinates:
         """The recorded coordinates of ``block`` (a particle lacking one is not ``ok``)."""
-        ok = torch.ones(self.C, dtype=torch.bool, device=self.broken.device)
+        ok = ~self.broken
+        y, logj = {}, {}
         for a in block:
+            if a not in self.seen:  # no particle recorded it in this run
+                ok = ok & False
+                continue
             ok = ok & self.seen[a]
-        return Coordinates({a: self.y[a] for a in block}, {a: self.logj[a] for a in block}, ok & ~self.broken)
+            y[a], logj[a] = self.y[a], self.logj[a]
+        return Coordinates(y, logj, ok)
 
 
 def _logdet(T, y, x) -> torch.Tensor:
@@ -193,14 +250,14 @@ def _bcast(mask, like):
     return mask.reshape(mask.shape + (1,) * (like.dim() - 1))
 
 
-def _execute(model: ModelRun, state: TracedState, randomness, *, block: tuple, selection=None, walk=None) \
-        -> _CoordinateRun:
+def _execute(model: ModelRun, state: TracedState, randomness, *, block: tuple, selection=None, walk=None,
+             tolerant: bool = False) -> _CoordinateRun:
     """One run of the program for every particle, reusing ``state`` (as ``gfi``'s own
     re-execution does), recording the block's coordinates."""
     C = state.chains
     ctx = Particles.all(C, model.device)
     h = _CoordinateRun(C, model.device, state, selection or {}, randomness, "prior", 0.5, model.stop_after,
-                       model.beta, None, block=block, walk=walk)
+                       model.beta, None, block=block, walk=walk, tolerant=tolerant)
     try:
         h.ret = column(drive(model.interp.run(model.entry, model.data, ctx), h), ctx)
     except Suspended:  # the end of the truncated program (resample-move's target)
@@ -502,7 +559,7 @@ def gradient_moves(model: ModelRun, state: TracedState, potential, randomness, t
         grad_acc.append(float(info.accept_stat.double().mean()))
         moved = moved | info.accepted
         if discrete:
-            state = _at(model, potential, current.z)
+            state = _at(model, potential, current.z, state)
             coords = Coordinates({}, {}, torch.ones(C, dtype=torch.bool, device=z.device))
             state, _, acc = site_move(model, state, coords, randomness)
             site_acc.append(float(acc.double().mean()))
@@ -516,7 +573,7 @@ def gradient_moves(model: ModelRun, state: TracedState, potential, randomness, t
     hit = moves is None and done >= limit and limit > 0 and \
         (r >= floor or float(moved.double().mean()) < MOVED_FRACTION)
     warning = _unmixed(label, r, floor, float(moved.double().mean())) if hit else None
-    state = _at(model, potential, current.z)
+    state = _at(model, potential, current.z, state)
     mean = (lambda xs: sum(xs) / len(xs) if xs else None)
     report = MoveReport(done, mean(grad_acc), mean(site_acc), r, eps0, warning)
     tuning.adapt(report.block_acceptance)
@@ -528,8 +585,16 @@ def _gradient_features(z: torch.Tensor, state: TracedState, discrete: tuple) -> 
     return torch.cat(cols, 1)
 
 
-def _at(model: ModelRun, potential, z: torch.Tensor) -> TracedState:
+def _at(model: ModelRun, potential, z: torch.Tensor, before: TracedState) -> TracedState:
     """The traced state of the population at unconstrained values z (the potential's
-    discrete choices as they are), scored under ``model``'s target."""
+    discrete choices as they are), scored under ``model``'s target. A particle whose
+    values the interpreter finds impossible although the potential did not (a covariance
+    at the edge of positive definiteness, decided by rounding) keeps its state
+    ``before`` (as if every move of this step had been rejected; counted in the report)."""
     values, _ = potential.constrain(z)
-    return generate(model, Choices.of(values))[0]
+    C = before.chains
+    present = {a: torch.ones(C, dtype=torch.bool, device=z.device) for a in values}
+    trial = TracedState(values, present, {}, torch.zeros(C, dtype=torch.float64, device=z.device), None)
+    new = _execute(model, trial, None, block=(), tolerant=True).state()
+    good = torch.isfinite(new.log_joint) | ~torch.isfinite(before.log_joint)
+    return new if bool(good.all()) else select(good, new, before)
