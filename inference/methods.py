@@ -52,6 +52,7 @@ def _option_specs() -> dict[str, OptionSpec]:
         "progress": OptionSpec("flag", nullable=True),
         "traced": OptionSpec("flag", choices=("auto",)),
         "adapt": OptionSpec("flag", nullable=True),  # None: the method's default (mh: tune rw scales unless scale=)
+        "block": OptionSpec("flag"),
         "max_moves": positive_int,
         "decorrelation": OptionSpec("number", low=0, high=1, low_open=True, high_open=True),
         "warmup": OptionSpec("int", low=0, nullable=True),
@@ -121,16 +122,19 @@ def run_smc(model, data: dict, *, particles: int = 1000, device: str = "cpu", re
 
 def run_mh(model, data: dict, *, particles: int = 4, samples: int = 1000, burn_in: int = 500, thin: int = 1,
            device: str = "cpu", kernel: str = "prior", scale: float | None = None, adapt: bool | None = None,
-           chains: int | None = None, progress: bool | None = None, traced: bool | str = "auto", **_) -> Chains:
+           block: bool = False, chains: int | None = None, progress: bool | None = None, traced: bool | str = "auto",
+           **_) -> Chains:
     """Single-site trace MH (``inference.mh``) with ``chains`` chains run as one batch
     (``particles`` is accepted as a synonym of ``chains`` for the CLI's ``-n``). With
     the random-walk kernel a static program runs as a traced graph
     (``inference.mh_traced``; ``traced=False`` turns that off); ``extra["traced"]``
     says which ran. With ``kernel="rw"`` and no ``scale`` each site's scale is tuned
-    during burn-in (``adapt``: see ``inference.mh.mh``); ``extra["scales"]`` holds them."""
+    during burn-in (``adapt``: see ``inference.mh.mh``); ``extra["scales"]`` holds them.
+    ``block=True`` adds a population-covariance block walk (strongly correlated posteriors)."""
     return mh(*_program(model, data, device), chains=int(chains if chains is not None else particles),
               samples=int(samples), burn_in=int(burn_in), thin=int(thin), device=device, kernel=kernel,
-              scale=None if scale is None else float(scale), adapt=_flag(adapt), progress=progress,
+              scale=None if scale is None else float(scale), adapt=_flag(adapt), block=bool(_flag(block)),
+              progress=progress,
               traced=_flag(traced))
 
 

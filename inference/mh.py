@@ -40,7 +40,8 @@ from ..semantics.interpreter import Interpreter
 from ..stdlib.progress import progress_bar
 from .diagnostics import chain_diagnostics
 from .importance import impossible_site
-from .mh_adapt import (DEFAULT_SCALE, MIN_ADAPT_BURN_IN, AcceptanceBySite, ScaleAdaptation)
+from .mh_adapt import (DEFAULT_SCALE, MIN_ADAPT_BURN_IN, AcceptanceBySite, PopulationBlock,
+                       ScaleAdaptation)
 from .population import Chains
 from .randomness import TorchRandomness
 
@@ -140,7 +141,7 @@ def mh_step(interp: Interpreter, entry: str, data: dict, state: TracedState, dev
 
 def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples: int = 1000, burn_in: int = 500,
        thin: int = 1, device="cpu", kernel: str = "prior", scale: float | None = None, adapt: bool | None = None,
-       progress: bool | None = None, traced: bool | str = "auto", info: dict | None = None):
+       block: bool = False, progress: bool | None = None, traced: bool | str = "auto", info: dict | None = None):
     """Run ``chains`` chains: ``Chains`` of the kept draws (it unpacks to (kept states,
     acceptance rate)); ``extra``: "kernel", "burn_in", "thin", "traced" (which ran) and,
     when tracing failed, "why_not_traced"; with ``kernel="rw"`` also "adapted" (whether
@@ -161,6 +162,14 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
     ``adapt=True`` always tunes (it needs ``kernel="rw"`` and ``burn_in`` > 0);
     ``adapt=False`` never does (scale 0.5 when not given).
 
+    ``block=True`` (with adaptation) follows every single-site step by a block random
+    walk of all the continuous choices shaped by the chains' population covariance,
+    tuned during burn-in and frozen after it (``mh_adapt.PopulationBlock``; during
+    burn-in, chains left far out in a tail restart from good ones): for strongly
+    correlated posteriors, e.g. a regression on calendar years, which single-site moves
+    cannot cross. ``extra["block_acceptance"]``: its acceptance over the kept steps. It
+    runs the interpreter (two runs more per step).
+
     With ``kernel="rw"`` and ``traced="auto"`` (the default) a static program (see
     ``inference.mh_traced``) runs the same kernel as a traced torch graph; ``traced=False``
     always re-runs the interpreter; ``traced=True`` requires the traced kernel. ``info``,
@@ -172,6 +181,10 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
     if traced not in (True, False, "auto"):
         raise PPLRuntimeError(f"traced must be True, False or 'auto', not {traced!r}")
     adaptation = _adaptation(kernel, scale, adapt, burn_in, chains, device)
+    if block and adaptation is None:
+        raise PPLRuntimeError("block=True tunes a block walk during burn-in: it needs kernel='rw' with adaptation",
+                              hint=f"kernel='rw', burn_in >= {MIN_ADAPT_BURN_IN}, and no scale= (or adapt=True)")
+    population_block = PopulationBlock(ModelRun(interp, entry, data, device)) if block else None
     scales = adaptation.scales if adaptation is not None else (DEFAULT_SCALE if scale is None else float(scale))
     state = initial_state(interp, entry, data, chains, device)
     fast, why = None, []
@@ -196,6 +209,8 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
         for i in range(total):
             if i == burn_in and adaptation is not None:
                 scales = adaptation.freeze()  # from here on the kernel is fixed: exactly invariant
+                if population_block is not None:
+                    population_block.freeze(state)
             stats = None
             if fast is not None:
                 state, acc, stats = fast.step_with_stats(state, scales=scales)
@@ -207,6 +222,11 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
                 walked.update(stats.walks)
             if i < burn_in and adaptation is not None:
                 adaptation.update(stats.selection, acc, stats.walks)
+            if population_block is not None:
+                state = population_block.move(state, TorchRandomness(), adapting=i < burn_in)
+                if i + 1 in (burn_in // 4, burn_in // 2):  # burn-in: stragglers restart from good chains
+                    state, ancestors = population_block.replace_outliers(state, TorchRandomness())
+                    adaptation.reindex(ancestors)
             if i >= burn_in:
                 accepted += float(acc.double().mean())
                 if stats is not None:
@@ -220,6 +240,8 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
     if kernel == "rw":
         extra.update(adapted=adaptation is not None, scales={a: float(gfi.scale_at(scales, a)) for a in walked},
                      site_acceptance=by_site.rates())
+    if population_block is not None:
+        extra["block_acceptance"] = population_block.acceptance()
     return Chains("mh", sites, chains, len(kept), rate, r_hat, ess, extra, legacy=(kept, rate))
 
 

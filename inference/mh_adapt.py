@@ -39,6 +39,9 @@ from collections.abc import Mapping
 
 import torch
 
+from ..semantics import gfi
+from .population_moves import block_move, coordinates, population_covariance
+
 #: the acceptance rate targeted for a site of one unconstrained dimension
 TARGET_SCALAR = 0.44
 #: the acceptance rate targeted for a vector-valued site (all its dimensions move together)
@@ -108,6 +111,14 @@ class ScaleAdaptation:
             log_s = self._log(addr) + torch.where(moved, step, torch.zeros_like(step))
             self.log_scales[addr] = torch.clamp(log_s, _LOG_MIN, _LOG_MAX)
 
+    def reindex(self, ancestors: torch.Tensor) -> None:
+        """Chain j takes chain ancestors[j]'s scales (after ``PopulationBlock.replace_outliers``)
+        and the adaptation starts a new window (gains from the start again, as Stan
+        restarts its step size adaptation per window): the scales learnt while chains
+        were far out need not fit the bulk."""
+        self.log_scales = {a: ls[ancestors] for a, ls in self.log_scales.items()}
+        self.updates = {}
+
     def freeze(self) -> SiteScales:
         """One fixed scale per site for the kept chain: the median over chains of the
         adapted scales (a chain still far out in a tail at the end of burn-in, with its
@@ -148,3 +159,119 @@ class AcceptanceBySite:
     def rates(self) -> dict:
         """Address -> acceptance rate (sites never moved are left out)."""
         return {a: float(self.accepted[a]) / float(m) for a, m in self.moves.items() if float(m) > 0}
+
+
+class PopulationBlock:
+    """A block random walk on every continuous choice all chains have, shaped by the
+    chains' population (``mh(..., block=True)``): y' = y + L eps in unconstrained
+    coordinates (``population_moves.block_move``: Jacobian terms, symmetric walk),
+    L L^T = lambda (2.38^2 / D) Sigma. During burn-in, at every step, Sigma is the
+    covariance of the chains at or above the median log joint (stragglers far out in a
+    tail would dominate it) and lambda follows Robbins-Monro on log lambda toward an
+    acceptance of 0.234 over those chains; a quarter and half way through burn-in,
+    straggling chains restart from good ones (``replace_outliers``). At the end of
+    burn-in L is frozen (``freeze``): the kept kernel, the single-site walk and then
+    ``block_step`` with that L, both of fixed scales, is exactly invariant. For
+    posteriors whose coordinates are strongly correlated (a regression on calendar
+    years: correlation -0.999995), which single-site moves cannot cross."""
+
+    def __init__(self, model):
+        self.model = model
+        self.log_lambda = 0.0
+        self.updates = 0
+        self.factor = None      # L, frozen at the end of burn-in
+        self.block = None       # the addresses L is for
+        self.moves = 0
+        self.accepted = 0
+
+    def move(self, state, randomness, adapting: bool):
+        """One block move of every chain: during burn-in with L from the population (and
+        lambda updated), after it ``block_step`` with the frozen L."""
+        if not adapting:
+            state, accepted, moved = block_step(self.model, state, self.factor, self.block, randomness)
+            self.moves += int(moved.sum())
+            self.accepted += int((accepted & moved).sum())
+            return state
+        state, coords, elite = self._population(state)
+        D = coords.flat().shape[1]
+        if D == 0:
+            return state
+        factor = walk_factor(population_covariance(coords.flat()[elite]), self._scale(D))
+        state, _, accepted = block_move(self.model, state, coords, factor, randomness)
+        self.updates += 1
+        rate = float((accepted & elite).sum()) / max(1, int(elite.sum()))
+        self.log_lambda += _GAIN * self.updates ** -_DECAY * (rate - TARGET_BLOCK)
+        self.log_lambda = min(max(self.log_lambda, _LOG_MIN), _LOG_MAX)
+        return state
+
+    def _population(self, state):
+        """(state, its block coordinates, the chains at or above the median log joint)."""
+        state, coords = coordinates(self.model, state)
+        elite = coords.ok & (state.log_joint >= torch.median(state.log_joint))
+        return state, coords, elite
+
+    def _scale(self, D: int) -> float:
+        return math.exp(self.log_lambda / 2) * 2.38 / math.sqrt(D)
+
+    def replace_outliers(self, state, randomness):
+        """Burn-in only: a chain whose log joint is more than 25 + 5 D below the chains'
+        median (a straggler far out in a tail, where walks sized for the bulk cannot
+        bring it in; a chain in the bulk of a D-dimensional Gaussian posterior is that far
+        below the median with probability ~e^-25) restarts from a chain drawn uniformly
+        among those at or above the median (the outlier-chain rule of DREAM, Vrugt et al.
+        2009). Returns (state, ancestors)."""
+        lj = state.log_joint.double()
+        C = lj.shape[0]
+        D = sum(math.prod(v.shape[1:]) for v in state.values.values() if v.is_floating_point())
+        median = torch.median(lj)
+        good = torch.nonzero(lj >= median).flatten()
+        outlier = ~(lj >= median - (25.0 + 5.0 * D))
+        u = randomness.uniform((C,), lj.device)
+        pick = good[torch.clamp_max((u * good.shape[0]).long(), good.shape[0] - 1)]
+        ancestors = torch.where(outlier, pick, torch.arange(C, device=lj.device))
+        self.updates = 0  # a new window for lambda too
+        return gfi.reindex(state, ancestors), ancestors
+
+    def freeze(self, state) -> None:
+        """Fix L from the population at the end of burn-in."""
+        state, coords, elite = self._population(state)
+        self.block = coords.block
+        D = coords.flat().shape[1]
+        if D:
+            self.factor = walk_factor(population_covariance(coords.flat()[elite]), self._scale(D))
+
+    def acceptance(self) -> float | None:
+        """The block walk's acceptance over the kept steps."""
+        return self.accepted / self.moves if self.moves else None
+
+
+def block_step(model, state, factor, block: tuple, randomness):
+    """The kept block kernel: every chain whose block coordinates are ``block`` moves by
+    y' = y + factor eps (a fixed factor: an exact MH kernel of the model's target):
+    (state, accepted [C], moved [C])."""
+    state, coords = coordinates(model, state)
+    if factor is None or coords.block != block:
+        none = torch.zeros_like(coords.ok)
+        return state, none, none
+    state, _, accepted = block_move(model, state, coords, factor, randomness)
+    return state, accepted, coords.ok
+
+
+def walk_factor(cov: torch.Tensor, scale: float) -> torch.Tensor:
+    """L with L L^T = scale^2 S (R + 1e-14 I) S, cov = S R S (S the sds, R the
+    correlations). The ridge is tiny on purpose: chains spread far along a ridge of
+    correlation 1 - 1e-12 (a calendar-year regression during burn-in) must keep its
+    direction, or every block proposal steps off it. A failing Cholesky: the diagonal."""
+    D = cov.shape[0]
+    var = torch.diagonal(cov)
+    top = float(var.max()) if D else 0.0
+    floor = max(1e-24 * top, 1e-300) if math.isfinite(top) and top > 0 else 1.0
+    sd = torch.sqrt(torch.clamp(var, min=floor))
+    corr = (cov / (sd[:, None] * sd[None, :])).clamp(-1.0, 1.0)
+    corr = torch.where(torch.isfinite(corr), corr, torch.zeros_like(corr))
+    corr.fill_diagonal_(1.0)
+    try:
+        chol = torch.linalg.cholesky(corr + 1e-14 * torch.eye(D, dtype=cov.dtype, device=cov.device))
+    except RuntimeError:
+        chol = torch.eye(D, dtype=cov.dtype, device=cov.device)
+    return scale * sd[:, None] * chol
