@@ -168,7 +168,8 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
     burn-in, chains left far out in a tail restart from good ones): for strongly
     correlated posteriors, e.g. a regression on calendar years, which single-site moves
     cannot cross. ``extra["block_acceptance"]``: its acceptance over the kept steps. It
-    runs the interpreter (two runs more per step).
+    runs the interpreter (two runs more per step) and needs a static program (the same
+    continuous choices in every run; otherwise an error).
 
     With ``kernel="rw"`` and ``traced="auto"`` (the default) a static program (see
     ``inference.mh_traced``) runs the same kernel as a traced torch graph; ``traced=False``
@@ -196,6 +197,8 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
                                   hint="use traced='auto' to fall back to the interpreter")
     if kernel != "rw" and traced is True:
         raise PPLRuntimeError("traced=True needs kernel='rw'")
+    if block and fast is None:
+        _require_static(interp, entry, data, state, device)
     how = {"traced": fast is not None, **({"why_not_traced": why[0]} if why else {})}
     if info is not None:
         info.update(how)
@@ -243,6 +246,18 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
     if population_block is not None:
         extra["block_acceptance"] = population_block.acceptance()
     return Chains("mh", sites, chains, len(kept), rate, r_hat, ess, extra, legacy=(kept, rate))
+
+
+def _require_static(interp: Interpreter, entry: str, data: dict, state: TracedState, device) -> None:
+    """``block=True`` needs every chain to have the same continuous choices in every run
+    (a static program, ``inference.mh_traced``): the frozen block walk is then one fixed
+    MH kernel per chain. Raises otherwise."""
+    from .mh_traced import TracedRandomWalk
+    why: list = []
+    if TracedRandomWalk.build(interp, entry, data, state, DEFAULT_SCALE, device, why) is None:
+        raise PPLRuntimeError(f"block=True needs a program whose continuous choices are the same in every run "
+                              f"({why[0] if why else 'this one is not'})",
+                              hint="leave block out: the per-site scales are adapted without it")
 
 
 def _adaptation(kernel: str, scale: float | None, adapt: bool | None, burn_in: int, chains: int,

@@ -284,6 +284,9 @@ def test_when_mh_adapts():
             model.run("mh", data, chains=2, samples=5, burn_in=0, kernel="rw", adapt=True)
         with pytest.raises(PPLError, match="block=True"):
             model.run("mh", data, chains=2, samples=5, burn_in=50, kernel="rw", scale=0.3, block=True)
+        with pytest.raises(PPLError, match="block=True needs a program"):
+            ppl.model("def m():\n    x ~ normal(0, 1)\n    if x > 0:\n        y ~ normal(0, 1)\n    return x\n").run(
+                "mh", {}, chains=2, samples=5, burn_in=50, kernel="rw", block=True)
         with pytest.raises(PPLError, match="adapt must be"):
             model.run("mh", data, chains=2, samples=5, kernel="rw", adapt="sometimes")
 
