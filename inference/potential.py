@@ -227,8 +227,13 @@ class Potential:
         z = z.detach()
         b = torch.as_tensor(beta, dtype=torch.float64, device=z.device)
         given = tuple(self.given[a] for a in self.discrete)
-        fn = self._graph if self._graph is not None else self._value_and_grad
-        t, g, ok = fn(z, b, *given)
+        if self._graph is not None:
+            t, g, ok = self._graph(z, b, *given)
+        else:
+            try:
+                t, g, ok = self._value_and_grad(z, b, *given)
+            except PPLError:  # e.g. a covariance that is not positive definite in some chain
+                return self._row_by_row(z, beta)
         if not bool(ok):  # an invalid parameter in some chain: find which, row by row
             return self._row_by_row(z, beta)
         return t, g
@@ -244,12 +249,17 @@ class Potential:
         grad = torch.zeros_like(z)
         b = torch.as_tensor(beta, dtype=torch.float64, device=z.device)
         one = Potential(self.model, 1, self.sites, self.discrete, {})
+        first_error = None
         for c in range(self.C):
             try:
                 t, g, _ = one._value_and_grad(z[c:c + 1], b, *(self.given[a][c:c + 1] for a in self.discrete))
-            except PPLError:
+            except PPLError as err:
+                first_error = first_error or err
                 continue
             out[c], grad[c] = t[0], g[0]
+        if first_error is not None and first_error is not None and len(first_error.args) and \
+                not bool(torch.isfinite(out).any()) and self.C > 1:
+            raise first_error  # every chain fails: the program's error, not a point outside the support
         return out, grad
 
     # ------------------------------------------------------------ to and from values
@@ -402,9 +412,10 @@ def _trace(p: Potential):
     graph disagrees with the interpreter."""
     given = tuple(p.given[a] for a in p.discrete)
     g = torch.Generator(device="cpu").manual_seed(0)
+    valid = _valid_points(p, g)
 
     def example(beta=1.0):
-        z = torch.rand(p.C, p.D, generator=g, dtype=torch.float64).to(p.device) * 4 - 2
+        z = valid + 0.01 * torch.randn(p.C, p.D, generator=g, dtype=torch.float64).to(p.device)
         return (z, torch.tensor(beta, dtype=torch.float64, device=p.device), *given)
 
     with torch.no_grad():  # static? (raises NotStatic at a Python decision on z)
@@ -417,3 +428,25 @@ def _trace(p: Potential):
                                                         equal_nan=True):
                 raise NotStatic("the traced graph disagrees with the interpreter")
     return graph
+
+
+def _valid_points(p: Potential, g: torch.Generator, tries: int = 20) -> torch.Tensor:
+    """Points z [C, D] of positive density where possible (uniform on (-2, 2), redrawn by
+    rows), to record the graph at: a run at an invalid point may raise on the way (a
+    covariance that is not positive definite) and record nothing."""
+    def uniform():
+        return torch.rand(p.C, p.D, generator=g, dtype=torch.float64).to(p.device) * 4 - 2
+
+    z = uniform()
+    for _ in range(tries):
+        with torch.no_grad():
+            try:
+                lp = p._value_and_grad(z, torch.tensor(1.0, dtype=torch.float64, device=p.device),
+                                       *(p.given[a] for a in p.discrete))[0]
+            except PPLError:
+                lp = p._row_by_row(z, 1.0)[0]
+        bad = ~torch.isfinite(lp)
+        if not bool(bad.any()):
+            break
+        z = torch.where(bad.unsqueeze(1), uniform(), z)
+    return z

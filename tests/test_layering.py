@@ -103,6 +103,7 @@ RAW = {
     "smc_steer": ({"expansion": 2}, Population), "best_of_n": ({}, Optimum),
     "mh": ({"samples": 10, "burn_in": 2}, Chains),
     "pmmh": ({"params": "p", "samples": 5, "burn_in": 1}, Chains),
+    "nuts": ({"samples": 10, "burn_in": 5}, Chains), "hmc": ({"samples": 10, "burn_in": 5}, Chains),
 }
 
 

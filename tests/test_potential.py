@@ -141,3 +141,24 @@ def test_initial_points_have_finite_density():
     with pytest.raises(ppl.PPLError, match="no initial point"):
         _potential("def m():\n    x ~ normal(0, 1)\n    condition x > 2.2\n", {}, chains=2).initial(
             TorchRandomness(torch.Generator().manual_seed(0)), tries=3)
+
+
+@pytest.mark.parametrize("traced", ["auto", False])
+def test_a_covariance_that_is_not_positive_definite_in_some_chain_is_density_zero_there(traced):
+    src = """
+def m():
+    r ~ uniform(-2, 2)
+    condition abs(r) < 1
+    observe [0.5, -0.5] ~ mv_normal([0.0, 0.0], [[1.0, r], [r, 1.0]])
+"""
+    p = _potential(src, {}, chains=2, traced=traced)
+    assert p.traced is (traced == "auto")  # the positive-definiteness check traces
+    z = torch.tensor([[math.log(7.0)], [math.log(0.575 / 0.425)]], dtype=torch.float64)  # r = 1.5, 0.3
+    lp, g = p.value_and_grad(z)
+    assert torch.isneginf(lp[0]) and g[0, 0] == 0 and torch.isfinite(lp[1])
+    cov = torch.tensor([[1.0, 0.3], [0.3, 1.0]], dtype=torch.float64)
+    x = torch.tensor([0.5, -0.5], dtype=torch.float64)
+    s = torch.sigmoid(z[1, 0])
+    ref = torch.distributions.MultivariateNormal(torch.zeros(2, dtype=torch.float64), cov).log_prob(x) + \
+        math.log(1 / 4) + torch.log(4 * s * (1 - s))
+    assert torch.allclose(lp[1], ref, atol=1e-5)
