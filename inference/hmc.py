@@ -130,8 +130,8 @@ def evaluate(potential, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp [C], grad [C, D]) with an impossible row (non-finite logp or gradient) as
     logp = -inf, grad = 0."""
     logp, grad = potential.value_and_grad(z)
-    logp = logp.to(_F64)
-    grad = grad.to(_F64)
+    if logp.dtype != _F64 or grad.dtype != _F64:
+        logp, grad = logp.to(_F64), grad.to(_F64)
     ok = torch.isfinite(logp + grad.sum(-1))
     return torch.where(ok, logp, -math.inf), torch.where(ok.unsqueeze(-1), grad, 0.0)
 
@@ -224,14 +224,13 @@ def mala_step(potential, state: State, step_size: torch.Tensor, randomness, metr
 
 # -- NUTS -------------------------------------------------------------------------------
 
-def _merged_no_uturn(a_far_v, a_near_v, a_near_p, rho_a, b_near_v, b_near_p, b_far_v, rho_b):
+def _merged_no_uturn(a_far_v, a_near_v, a_near_p, rho_a, b_near_v, b_near_p, b_far_v, rho_b, whole):
     """Stan's U-turn checks when two adjacent trajectories A and B are merged, per chain
     (``near``: the ends where they meet; the criterion is symmetric, so A may be before or
-    after B in time): the whole (momentum sum rho_a + rho_b between the far ends), A
-    extended by B's near state, and B extended by A's near state. A check passes when both
-    end velocities have a positive inner product with the momentum sum (Betancourt 2017,
-    A.4.2)."""
-    whole = rho_a + rho_b
+    after B in time): the whole (momentum sum ``whole`` = rho_a + rho_b between the far
+    ends), A extended by B's near state, and B extended by A's near state. A check passes
+    when both end velocities have a positive inner product with the momentum sum
+    (Betancourt 2017, A.4.2)."""
     a_ext = rho_a + b_near_p
     b_ext = rho_b + a_near_p
     v = torch.stack((a_far_v, b_far_v, a_far_v, b_near_v, a_near_v, b_far_v))
@@ -246,70 +245,67 @@ def nuts_step(potential, state: State, step_size: torch.Tensor, metric: Metric, 
     leaves of min(1, exp(H0 - H)), tree_depth = doublings, n_steps = leapfrog steps,
     divergent, energy = H at the kept state (its own momentum)."""
     C, D = state.z.shape
+    K = max_tree_depth
     device = state.z.device
-    step_size = step_size.to(_F64).unsqueeze(-1)
     p0 = metric.sample_momentum(randomness)
-    u = randomness.uniform((C, 3 * max_tree_depth), device)
-    go_right = u[:, :max_tree_depth] < 0.5
-    u_sub = u[:, max_tree_depth:2 * max_tree_depth]
-    u_top = u[:, 2 * max_tree_depth:]
+    u = randomness.uniform((C, 3 * K), device).T  # per level: direction, sub-tree choice, top choice
+    go_right = u[:K] < 0.5  # [K, C]
+    signed = torch.where(go_right, 1.0, -1.0).unsqueeze(-1) * step_size.to(_F64).unsqueeze(-1)
+    eps_at, half_at = signed.unbind(0), (0.5 * signed).unbind(0)
+    near_at = go_right.long().unbind(0)  # which end ([C, 2, ...]: 0 left, 1 right) grows
+    far_at = (~go_right).long().unbind(0)
+    grows_at = torch.stack((~go_right, go_right), -1).unbind(0)  # [C, 2] one-hot per level
+    u_sub, u_top = u[K:2 * K].unbind(0), u[2 * K:].unbind(0)
     v0 = metric.velocity(p0)
     H0 = 0.5 * torch.linalg.vecdot(p0, v0) - state.logp
     chain = torch.arange(C, device=device)
 
-    # the trajectory: its two ends in time ([C, 4, D]: z, p, grad, velocity), momentum sum,
-    # log weight, and the proposal (z and grad [2, C, D]; logp and log weight H0 - H [2, C])
-    left = right_end = torch.stack((state.z, p0, state.grad, v0), 1)
+    # the trajectory's two ends in time ([C, 2, 4, D]: left/right x z, p, grad, velocity),
+    # momentum sum, log weight; the proposal (z, grad [2, C, D]; logp, log weight [2, C])
+    start = torch.stack((state.z, p0, state.grad, v0), 1)
+    ends = torch.stack((start, start), 1)
     rho = p0
     log_w = torch.zeros(C, dtype=_F64, device=device)
     prop_zg = torch.stack((state.z, state.grad))
     prop_lw = torch.stack((state.logp, log_w))
     moved = torch.zeros(C, dtype=torch.bool, device=device)
-
     active = torch.ones(C, dtype=torch.bool, device=device)
-    divergent = torch.zeros(C, dtype=torch.bool, device=device)
     depth = torch.zeros(C, dtype=torch.int64, device=device)
-    n_steps = torch.zeros(C, dtype=torch.int64, device=device)
-    sum_accept = torch.zeros(C, dtype=_F64, device=device)
+    all_weights, all_building = [], []
     sync_every = 1 if device.type == "cpu" else 8
 
-    for d in range(max_tree_depth):
+    for d in range(K):
         if d and not bool(active.any()):
             break
-        right = go_right[:, d]
-        rcol = right.unsqueeze(-1)
-        eps = torch.where(rcol, step_size, -step_size)
         depth = depth + active
-        rcol3 = rcol.unsqueeze(-1)
-        near = torch.where(rcol3, right_end, left)  # the sub-tree grows from here
-        far = torch.where(rcol3, left, right_end)
-        z_near, p_near, g_near, v_near = near.unbind(1)
-        valid, last, first_vp, rho_s, zg, lw, building = _subtree(
-            potential, metric, H0, active, d, eps, sync_every, z_near, p_near, g_near, v_near)
+        z_near, p_near, g_near, v_near = ends[chain, near_at[d]].unbind(1)
+        valid, last, v_last, v_first, p_first, rho_s, zg, lw, building = _subtree(
+            potential, metric, H0, active, d, eps_at[d], half_at[d], sync_every, z_near, p_near, g_near, v_near)
         n = building.shape[0]
         weights = lw[n:]
-        # the sub-tree's statistics and its multinomial choice (one uniform per chain)
-        n_steps = n_steps + building.sum(0)
-        sum_accept = sum_accept + torch.where(building, weights.clamp(max=0.0).exp(), 0.0).sum(0)
-        divergent = divergent | (building & (weights < -MAX_DELTA_ENERGY)).any(0)
+        all_weights.append(weights), all_building.append(building)
+        # the sub-tree's multinomial choice, then the biased progressive choice at the top
         log_w_s = torch.logsumexp(weights, 0)
-        leaf = _choose_leaf(weights, log_w_s, u_sub[:, d])
+        leaf = _choose_leaf(weights, log_w_s, u_sub[d])
+        take = valid & _biased_take(log_w_s, log_w, u_top[d])
         rows = torch.stack((leaf, leaf + n))
-        # biased progressive sampling at the top level
-        take = valid & _biased_take(log_w_s, log_w, u_top[:, d])
         prop_zg = torch.where(take.unsqueeze(-1), zg[rows, chain], prop_zg)
         prop_lw = torch.where(take, lw[rows, chain], prop_lw)
         moved = moved | take
         log_w = torch.where(valid, torch.logaddexp(log_w, log_w_s), log_w)
         # the U-turn checks of the merged trajectory: old part (far .. near), new sub-tree
-        ok = _merged_no_uturn(far[:, 3], v_near, p_near, rho, first_vp[0], first_vp[1], last[:, 3], rho_s)
-        rho = torch.where(valid.unsqueeze(-1), rho + rho_s, rho)
-        right_end = torch.where((valid & right)[:, None, None], last, right_end)
-        left = torch.where((valid & ~right)[:, None, None], last, left)
+        whole = rho + rho_s
+        ok = _merged_no_uturn(ends[chain, far_at[d], 3], v_near, p_near, rho, v_first, p_first, v_last,
+                              rho_s, whole)
+        rho = torch.where(valid.unsqueeze(-1), whole, rho)
+        ends = torch.where((grows_at[d] & valid.unsqueeze(-1))[:, :, None, None], last.unsqueeze(1), ends)
         active = valid & ok
 
+    weights, building = torch.cat(all_weights), torch.cat(all_building)
+    n_steps = building.sum(0)
+    accept_stat = torch.where(building, weights.clamp(max=0.0).exp(), 0.0).sum(0) / n_steps.clamp(min=1)
+    divergent = (building & (weights < -MAX_DELTA_ENERGY)).any(0)
     new = State(prop_zg[0], prop_lw[0], prop_zg[1])
-    accept_stat = sum_accept / n_steps.clamp(min=1)
     return new, StepInfo(accept_stat, divergent, H0 - prop_lw[1], n_steps, depth, moved)
 
 
@@ -327,15 +323,15 @@ def _biased_take(log_w_new: torch.Tensor, log_w_old: torch.Tensor, u: torch.Tens
     return u < torch.exp(log_w_new - log_w_old)
 
 
-def _subtree(potential, metric, H0, active, d, eps, sync_every, zc, pc, gc, vc):
+def _subtree(potential, metric, H0, active, d, eps, half, sync_every, zc, pc, gc, vc):
     """Build a sub-tree of 2^d leapfrog steps of size ``eps`` [C, 1] from (zc, pc, gc, vc)
     for the ``active`` chains. A chain stops building at a divergence or when a block of
     2^k leaves ending at the current leaf (k = 1..d) fails Stan's merged U-turn checks;
     its position is then frozen. Returns (valid [C]: built whole without stopping, the
-    last leaf [C, 4, D] (z, p, grad, v), the first leaf's (v, p), the momentum sum
-    [C, D], positions and gradients of the n leaves [2n, C, D], their logp and log weight
-    H0 - H [2n, C], whether each chain was building when each leaf was made [n, C])."""
-    half = 0.5 * eps
+    last leaf [C, 4, D] (z, p, grad, v) and its v, the first leaf's v and p, the momentum
+    sum [C, D], positions and gradients of the n leaves made [2n, C, D], their logp and
+    log weight H0 - H [2n, C], whether each chain was building when each leaf was made
+    [n, C])."""
     building = active
     rho_s = torch.zeros_like(pc)
     v_prev, p_prev = vc, pc
@@ -345,9 +341,9 @@ def _subtree(potential, metric, H0, active, d, eps, sync_every, zc, pc, gc, vc):
     for n in range(n_leaves):
         z1, p1, logp1, g1 = _leapfrog(potential, zc, pc, gc, eps, half, metric)
         v1 = metric.velocity(p1)
-        w1 = H0 - (0.5 * torch.linalg.vecdot(p1, v1) - logp1)
+        w1 = torch.sub(logp1 + H0, torch.linalg.vecdot(p1, v1), alpha=0.5)  # H0 - H
         zs.append(z1), gs.append(g1), logps.append(logp1), ws.append(w1), masks.append(building)
-        stop = ~(w1 >= -MAX_DELTA_ENERGY)  # a divergence (NaN included)
+        ok = w1 >= -MAX_DELTA_ENERGY  # not a divergence (a NaN is one)
         for level in range(d + 1):
             if n % (1 << level):
                 break
@@ -357,9 +353,9 @@ def _subtree(potential, metric, H0, active, d, eps, sync_every, zc, pc, gc, vc):
         while level <= d and (n + 1) % (1 << level) == 0:
             vb, _, _, _, rho_b = starts[level]
             vm, pm, vmp, pmp, rho_m = starts[level - 1]
-            stop = stop | ~_merged_no_uturn(vb, vmp, pmp, rho_m - rho_b, vm, pm, v1, rho_s - rho_m)
+            ok = ok & _merged_no_uturn(vb, vmp, pmp, rho_m - rho_b, vm, pm, v1, rho_s - rho_m, rho_s - rho_b)
             level += 1
-        building = building & ~stop
+        building = building & ok
         keep = building.unsqueeze(-1)
         zc = torch.where(keep, z1, zc)
         pc = torch.where(keep, p1, pc)
@@ -367,9 +363,8 @@ def _subtree(potential, metric, H0, active, d, eps, sync_every, zc, pc, gc, vc):
         v_prev, p_prev = v1, p1
         if n + 1 < n_leaves and (n + 1) % sync_every == 0 and not bool(building.any()):
             break
-    lw = torch.nan_to_num(torch.stack(logps + ws), nan=-math.inf)
-    last = torch.stack((zc, pc, gc, vc), 1)
-    return (building, last, starts[d][:2], rho_s, torch.stack(zs + gs), lw, torch.stack(masks))
+    return (building, torch.stack((zc, pc, gc, vc), 1), vc, starts[d][0], starts[d][1], rho_s,
+            torch.stack(zs + gs), torch.nan_to_num(torch.stack(logps + ws), nan=-math.inf), torch.stack(masks))
 
 
 # -- step size search -------------------------------------------------------------------

@@ -150,11 +150,11 @@ def test_dense_mass_whitens_a_correlated_gaussian():
 # -- divergences and density zero --------------------------------------------------------
 
 def test_funnel_centred_diverges_and_non_centred_does_not():
-    centred = run(Funnel(centred=True), 10, samples=150, warmup=150, seed=7, max_tree_depth=6)
-    non_centred = run(Funnel(centred=False), 10, samples=150, warmup=150, seed=7, max_tree_depth=6)
+    centred = run(Funnel(centred=True), 10, samples=100, warmup=150, seed=0, C=8, max_tree_depth=6)
+    non_centred = run(Funnel(centred=False), 10, samples=100, warmup=150, seed=0, C=8, max_tree_depth=6)
     assert int(centred.divergences().sum()) > 0
     assert int(non_centred.divergences().sum()) == 0
-    assert non_centred.warmup_divergences.shape == (4,)
+    assert non_centred.warmup_divergences.shape == (8,)
 
 
 def test_impossible_half_space_is_divergent_never_raises():
