@@ -25,23 +25,35 @@ invariant for every particle on its own:
   (``mh.single_site_move``'s kernel with the site chosen among the non-block sites; the
   Hastings factor counts those).
 
-**Invariant.** L and s depend only on the population *before* the step's moves (and on
-earlier steps), never on the particle being moved nor on the moves' own outcomes, so
-within a step every move is an exact MH kernel of the current target: the moves change
-neither the weights nor the properness of an SMC population. The number of moves is
+**Invariant.** L and s are fixed for the whole step: they depend on the population
+*before* the step's moves (and on earlier steps), never on the moves' outcomes, so given
+them every move is an exact MH kernel of the current target and the moves change neither
+the weights nor the target of the SMC population. (Each particle's own value enters the
+covariance with weight ~1/N: the usual O(1/N) approximation of adaptive SMC samplers,
+consistent as N grows; with an exact check on a finite program -- no block -- the kernel
+is exact.) The number of moves is
 chosen by the population (stop once every coordinate's correlation between the start of
 the step and now is below ``decorrelation`` and 90% of the particles have accepted a
 move, or at ``max_moves`` with a warning): the usual,
 consistent heuristic of adaptive SMC samplers (PyMC's correlation rule); a fixed
 ``moves`` keeps the count fixed.
 
+A proposal at which the program raises (a likelihood whose parameters are invalid there,
+e.g. a covariance that is not positive definite) is rejected like one outside the support;
+the particles concerned are found by bisection.
+
+``gradient_moves`` replaces the block walk by HMC or MALA (``inference.hmc``) on the
+tempered potential of the continuous choices (``inference.potential``), with the
+population's covariance as inverse mass matrix and a step size adapted from step to step
+(the same invariant: the metric and step size are fixed within a step).
+
 Every random number comes from the ``randomness`` object (``normal``, ``choose``,
-``accept``, ``sample``), as in ``semantics.gfi``.
+``accept``, ``sample``, ``uniform``), as in ``semantics.gfi``.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
