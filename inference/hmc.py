@@ -127,13 +127,15 @@ class Tempered:
 
 
 def evaluate(potential, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp [C], grad [C, D]) with an impossible row (non-finite logp or gradient) as
-    logp = -inf, grad = 0."""
+    """(logp [C], grad [C, D]) with a non-finite logp as -inf (density zero: rejected) and
+    a non-finite gradient entry as 0. The kernels stay exact whatever the gradient is (a
+    leapfrog step with any deterministic "gradient" is reversible and volume preserving);
+    a NaN in it would only poison the trajectory."""
     logp, grad = potential.value_and_grad(z)
     if logp.dtype != _F64 or grad.dtype != _F64:
         logp, grad = logp.to(_F64), grad.to(_F64)
-    ok = torch.isfinite(logp + grad.sum(-1))
-    return torch.where(ok, logp, -math.inf), torch.where(ok.unsqueeze(-1), grad, 0.0)
+    return (torch.nan_to_num(logp, nan=-math.inf, posinf=-math.inf, neginf=-math.inf),
+            torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0))
 
 
 def init_state(potential, z: torch.Tensor) -> State:

@@ -332,3 +332,30 @@ def test_hmc_without_metropolis_correction_is_caught():
 
     assert z_scores(chain(correct), torch.zeros(5), torch.ones(5)) < Z_MAX
     assert z_scores(chain(no_mh), torch.zeros(5), torch.ones(5)) > Z_MAX
+
+
+def test_nan_density_or_gradient_never_raises():
+    """NaN log densities are density zero (divergent, rejected); NaN gradient entries do
+    not poison the chains, and moves stay within the finite region."""
+
+    class Broken(Gaussian):
+        def value_and_grad(self, z):
+            lp, grad = super().value_and_grad(z)
+            lp = torch.where(z[:, 0] < -1.0, math.nan, lp)
+            grad = torch.where((z[:, 1] > 1.0).unsqueeze(-1), math.nan, grad)
+            return lp, grad
+
+    target = Broken([1.0, 1.0])
+    gen = torch.Generator().manual_seed(15)
+    state = init_state(target, torch.zeros(4, 2, dtype=F64))
+    rand = TorchRandomness(gen)
+    divergent = 0
+    for kernel in (nuts_step, hmc_step):
+        for _ in range(40):
+            options = {"num_steps": 4} if kernel is hmc_step else {}
+            state, info = kernel(target, state, torch.full((4,), 0.8, dtype=F64), Metric.identity(4, 2), rand,
+                                 **options)
+            divergent += int(info.divergent.sum())
+            assert torch.isfinite(state.logp).all() and torch.isfinite(state.z).all()
+            assert (state.z[:, 0] >= -1.0).all()
+    assert divergent > 0
