@@ -193,12 +193,14 @@ def hmc_step(potential, state: State, step_size: torch.Tensor, metric: Metric, r
     impossible = torch.zeros(C, dtype=torch.bool, device=device)  # a step into density zero
     for i in range(most):
         z1, p1, logp1, grad1 = _leapfrog(potential, z, p, grad, eps, half, metric)
-        impossible = impossible | (logp1 == -math.inf) if num_steps is not None else \
-            impossible | ((logp1 == -math.inf) & (i < steps))
-        if num_steps is None:
-            go = (i < steps).unsqueeze(-1)
+        reached = logp1 == -math.inf
+        if num_steps is None:  # a chain whose trajectory is complete stays where it is
+            going = i < steps
+            reached = reached & going
+            go = going.unsqueeze(-1)
             z1, p1, grad1 = torch.where(go, z1, z), torch.where(go, p1, p), torch.where(go, grad1, grad)
-            logp1 = torch.where(go.squeeze(-1), logp1, logp)
+            logp1 = torch.where(going, logp1, logp)
+        impossible = impossible | reached
         z, p, logp, grad = z1, p1, logp1, grad1
     H, delta = _energy_error(metric, p, logp, H0)
     # a trajectory through density zero is rejected (the event is symmetric under reversal)
