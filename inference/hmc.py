@@ -19,18 +19,19 @@ Invariants (for a fixed step size and metric, i.e. after warm-up):
   for any of its sub-trees (Stan's criterion including the checks across each pair of
   merged sub-trees), a leaf diverges (energy error > 1000) or the depth reaches
   ``max_tree_depth``. Within a new sub-tree a state is drawn in proportion to its weight
-  exp(-H) (progressive uniform sampling); at the top level the new sub-tree's state
+  exp(-H) (one multinomial draw once the sub-tree is complete: the same distribution as
+  Stan's progressive uniform sampling); at the top level the new sub-tree's state
   replaces the current one with probability min(1, W_new / W_old) (biased progressive
   sampling). A sub-tree that fails a check or diverges is discarded whole.
 
 Batching: every chain takes its leapfrog steps in lockstep (tensor ops on [C, D]); a chain
 whose tree has terminated is masked (its state frozen, its statistics no longer counted)
-while the others continue, and the loop runs until every chain is done. Each transition
+while the others continue, and the loop runs until every chain is done (it asks "is any
+chain still going?" once per doubling, and within a sub-tree after every leaf on a CPU,
+where that costs nothing, or every 8 leaves on an accelerator, where it is a sync). Each transition
 draws a fixed set of random numbers per chain (the momentum, and for NUTS 3 uniforms per
-possible doubling: the direction, one uniform that drives all progressive choices within
-the sub-tree -- after each choice it is rescaled to a fresh uniform given the choice,
-exact in distribution -- and one for the top-level choice), so a chain's draws do not
-depend on which other chains share its batch.
+possible doubling: the direction, the choice within the sub-tree, the top-level choice),
+so a chain's draws do not depend on which other chains share its batch.
 """
 from __future__ import annotations
 
