@@ -13,7 +13,10 @@ backward pass all disappear; only tensor operations remain), then simplifies it:
 * **common subexpressions** are computed once, dead code removed;
 
 and hands it to TorchScript (``torch.jit.trace``), whose interpreter runs a graph with
-about a microsecond of overhead per operation instead of Python's tens.
+about a microsecond of overhead per operation instead of Python's tens, or to
+TorchInductor (``torch.compile``), which fuses it into native code (measured on eight
+schools' value and gradient, one thread: ~30 us per call against ~235 us for TorchScript,
+after ~5 s of compilation; compiled graphs are cached on disk across processes).
 
 Invariant: the replayed graph computes the same function as ``fn`` on every input of the
 example's shapes and dtypes *for which ``fn`` takes the same path* (the caller checks the
@@ -29,8 +32,11 @@ from torch.fx.experimental.proxy_tensor import make_fx
 FOLD_MAX_ELEMENTS = 1_000_000  # constants larger than this are recomputed, not stored
 
 
-def record(fn, example_inputs: tuple):
-    """``fn`` (tensors -> tuple of tensors) as a simplified TorchScript graph."""
+def record(fn, example_inputs: tuple, backend: str = "jit"):
+    """``fn`` (tensors -> tuple of tensors) as a simplified graph, replayed by TorchScript
+    (``backend="jit"``: ready at once) or compiled to fused native code by TorchInductor
+    (``"inductor"``: ``torch.compile``; seconds of compilation, then several times faster
+    for a graph of many small operations)."""
     # values read into Python are constants here (the caller has checked that no decision
     # depends on an input), so they may be baked into the graph
     gm = make_fx(fn, _error_on_data_dependent_ops=False)(*example_inputs)
@@ -39,6 +45,15 @@ def record(fn, example_inputs: tuple):
     eliminate_common_subexpressions(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
+    if backend == "inductor":
+        # Inductor straight on the ATen graph: torch.compile would re-trace it with Dynamo
+        # and guard every call (~10x the run time of this small graph)
+        from torch._inductor.compile_fx import compile_fx
+        compiled = compile_fx(gm, list(example_inputs))
+
+        def run(*args):
+            return tuple(compiled(*args))
+        return run
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.jit.trace(gm, example_inputs, check_trace=False, strict=False)

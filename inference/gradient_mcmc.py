@@ -36,22 +36,28 @@ from .potential import Potential, RandomStructure, build_potential
 from .randomness import TorchRandomness
 
 KERNELS = ("nuts", "hmc")
+COMPILE_FROM = 1500  # iterations (warm-up + draws) from which compile="auto" compiles the potential
 
 
 def gradient_mcmc(interp, entry: str, data: dict, *, kernel: str = "nuts", chains: int = 4, samples: int = 1000,
                   warmup: int = 1000, device="cpu", target_accept: float = 0.8, max_tree_depth: int = 10,
                   dense_mass: bool = False, num_steps: int | None = None, step_size: float | None = None,
-                  traced: bool | str = "auto", progress: bool | None = None, randomness=None) -> Chains:
+                  traced: bool | str = "auto", compile: bool | str = "auto", progress: bool | None = None,
+                  randomness=None) -> Chains:
     """``chains`` chains of NUTS (``kernel="nuts"``) or HMC (``"hmc"``, ``num_steps``
     leapfrog steps, default 10) as one batch: ``Chains`` of ``samples`` draws each after
     ``warmup`` adaptation iterations. ``extra``: per-chain step size, divergences (warm-up
-    and sampling), tree depths, E-BFMI, and whether the potential ran as a traced graph."""
+    and sampling), tree depths, E-BFMI, and whether the potential ran as a traced graph
+    (``traced``) compiled by TorchInductor (``compile``: True, False, or "auto" = when the
+    run has at least ``COMPILE_FROM`` iterations, where seconds of compilation pay off)."""
     if kernel not in KERNELS:
         raise PPLRuntimeError(f"unknown gradient kernel {kernel!r}", hint=f"one of {', '.join(KERNELS)}")
     randomness = randomness or TorchRandomness()
     model = ModelRun(interp, entry, data, device)
     state = initial_state(interp, entry, data, chains, device, randomness)
-    potential = build_potential(model, state, traced=traced)
+    if compile == "auto":
+        compile = warmup + samples >= COMPILE_FROM
+    potential = build_potential(model, state, traced=traced, compile=bool(compile))
     z0 = potential.initial(randomness)
     started = time.perf_counter()
     if potential.discrete:
@@ -93,6 +99,8 @@ def _as_chains(kernel: str, potential: Potential, draws, given_draws, seconds: f
         "leapfrog_steps": int(draws.n_steps.sum()),
         "bfmi": draws.bfmi().tolist(),
         "traced": potential.traced,
+        "compiled": potential.compiled,
+        **({"why_not_compiled": potential.why_not_compiled} if potential.why_not_compiled else {}),
         "seconds": seconds,
         "phase_seconds": draws.phase_seconds,
         **({"why_not_traced": potential.why_not_traced} if potential.why_not_traced else {}),

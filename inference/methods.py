@@ -61,6 +61,7 @@ def _option_specs() -> dict[str, OptionSpec]:
         "dense_mass": OptionSpec("flag"),
         "num_steps": OptionSpec("int", low=1, nullable=True),
         "step_size": OptionSpec("number", low=0, low_open=True, nullable=True),
+        "compile": OptionSpec("flag", choices=("auto",)),
     }
 
 
@@ -142,28 +143,31 @@ def run_nuts(model, data: dict, *, particles: int = 4, samples: int = 1000, burn
              warmup: int | None = None, chains: int | None = None, device: str = "cpu", kernel: str = "nuts",
              target_accept: float = 0.8, max_tree_depth: int = 10, dense_mass: bool = False,
              num_steps: int | None = None, step_size: float | None = None, traced: bool | str = "auto",
-             progress: bool | None = None, **_) -> Chains:
+             compile: bool | str = "auto", progress: bool | None = None, **_) -> Chains:
     """NUTS (``inference.gradient_mcmc``) with ``chains`` chains as one batch (``particles``
     is the CLI's ``-n``), ``samples`` draws each after ``burn_in`` (= ``warmup``)
-    iterations of Stan's windowed adaptation."""
+    iterations of Stan's windowed adaptation. ``compile``: TorchInductor for the potential
+    (default "auto": runs of 1500 iterations or more)."""
     return gradient_mcmc(*_program(model, data, device), kernel=kernel,
                          chains=int(chains if chains is not None else particles), samples=int(samples),
                          warmup=int(warmup if warmup is not None else burn_in), device=device,
                          target_accept=float(target_accept), max_tree_depth=int(max_tree_depth),
                          dense_mass=bool(_flag(dense_mass)), num_steps=None if num_steps is None else int(num_steps),
                          step_size=None if step_size is None else float(step_size), traced=_flag(traced),
-                         progress=progress)
+                         compile=_flag(compile), progress=progress)
 
 
 def run_hmc(model, data: dict, *, particles: int = 4, samples: int = 1000, burn_in: int = 1000,
             warmup: int | None = None, chains: int | None = None, device: str = "cpu", num_steps: int = 10,
             target_accept: float = 0.8, dense_mass: bool = False, step_size: float | None = None,
-            traced: bool | str = "auto", progress: bool | None = None, **_) -> Chains:
+            traced: bool | str = "auto", compile: bool | str = "auto", progress: bool | None = None,
+            **_) -> Chains:
     """HMC with ``num_steps`` leapfrog steps per transition (default 10); the step size and
     mass matrix are adapted during warm-up as for NUTS."""
     return run_nuts(model, data, kernel="hmc", particles=particles, samples=samples, burn_in=burn_in,
                     warmup=warmup, chains=chains, device=device, num_steps=num_steps, target_accept=target_accept,
-                    dense_mass=dense_mass, step_size=step_size, traced=traced, progress=progress)
+                    dense_mass=dense_mass, step_size=step_size, traced=traced, compile=compile,
+                    progress=progress)
 
 
 def _flag(value):

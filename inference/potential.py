@@ -179,6 +179,8 @@ class Potential:
         self.device = model.device
         self.traced = False
         self.why_not_traced: str | None = None
+        self.compiled = False
+        self.why_not_compiled: str | None = None
         self._graph = None
         self.evaluations = 0
 
@@ -358,12 +360,15 @@ def _is_continuous(T, value: torch.Tensor) -> bool:
     return T is not None and value.is_floating_point()
 
 
-def build_potential(model: ModelRun, state: TracedState, *, traced: bool | str = "auto") -> Potential:
+def build_potential(model: ModelRun, state: TracedState, *, traced: bool | str = "auto",
+                    compile: bool = False) -> Potential:
     """The potential of ``state.chains`` chains of ``model`` (``state``: a first trace of
     each chain, e.g. ``mh.initial_state``): its continuous choices are laid out in z in
     the order the program makes them; its other choices are held at the state's values.
     ``traced``: "auto" (trace a static program, else eager), True (an error if the program
-    cannot be traced), False (eager)."""
+    cannot be traced), False (eager). ``compile``: compile the traced graph with
+    TorchInductor (``inference.compiled``; on failure the TorchScript graph is used and
+    ``why_not_compiled`` says why)."""
     C = state.chains
     values = {a: v for a, v in state.values.items()}
     probe = _SupportProbe(C, model.device, values)
@@ -396,8 +401,11 @@ def build_potential(model: ModelRun, state: TracedState, *, traced: bool | str =
     p = Potential(model, C, tuple(sites), tuple(discrete), given)
     if traced:
         try:
-            p._graph = _trace(p)
+            p._graph = _trace(p, "inductor" if compile else "jit")
             p.traced = True
+            p.compiled = bool(compile)
+        except _CompileFailed as e:
+            p._graph, p.traced, p.why_not_compiled = e.graph, True, e.why
         except (NotStatic, PPLError, RuntimeError, TypeError, ValueError, IndexError, AttributeError) as e:
             p.why_not_traced = str(e).splitlines()[0] if str(e) else type(e).__name__
             if traced is True:
@@ -406,7 +414,15 @@ def build_potential(model: ModelRun, state: TracedState, *, traced: bool | str =
     return p
 
 
-def _trace(p: Potential):
+class _CompileFailed(Exception):
+    """TorchInductor could not compile the graph (no C++ compiler, ...): use ``graph``."""
+
+    def __init__(self, graph, why: str):
+        super().__init__(why)
+        self.graph, self.why = graph, why
+
+
+def _trace(p: Potential, backend: str = "jit"):
     """The recorded graph (z, beta, *given) -> (log pi, gradient, parameters valid?) of a
     static program (``inference.compiled``); NotStatic if the program is not static or the
     graph disagrees with the interpreter."""
@@ -421,13 +437,25 @@ def _trace(p: Potential):
     with torch.no_grad():  # static? (raises NotStatic at a Python decision on z)
         p._run(*_taint((example()[0],)), dict(zip(p.discrete, _taint(given))))
     graph = record(p._value_and_grad, example())
+    _agrees(p, graph, example)
+    if backend == "jit":
+        return graph
+    try:
+        fast = record(p._value_and_grad, example(), backend)
+        _agrees(p, fast, example)
+    except Exception as e:  # noqa: BLE001 - any compiler failure leaves the TorchScript graph
+        raise _CompileFailed(graph, (str(e).splitlines() or [type(e).__name__])[0]) from None
+    return fast
+
+
+def _agrees(p: Potential, graph, example) -> None:
+    """NotStatic unless ``graph`` and the interpreter agree at fresh points and betas."""
     for args in (example(), example(0.5), example(0.0)):
         eager, traced = p._value_and_grad(*args), graph(*args)
         for e, t in zip(eager, traced):
             if e.shape != t.shape or not torch.allclose(e.double(), t.double(), rtol=1e-9, atol=1e-12,
                                                         equal_nan=True):
                 raise NotStatic("the traced graph disagrees with the interpreter")
-    return graph
 
 
 def _valid_points(p: Potential, g: torch.Generator, tries: int = 20) -> torch.Tensor:
