@@ -658,8 +658,9 @@ def print_overview(report: dict) -> None:
     models = report["models"]
     if not models:
         return
-    print("\nOverview: min bulk-ESS/s, warm-up included (excluded in brackets); ppl nuts' ratios; "
-          "max |mean error| in reference sds")
+    print("\nOverview: min bulk-ESS/s, warm-up included (excluded in brackets); ppl nuts' ratios (warm-up "
+          "included); max |mean error| in reference sds. np+comp / np-comp: NumPyro with its JAX compilation "
+          "counted / excluded; temper.: ESS an upper bound (min(Kish, distinct))")
     head = "".join(f"{SHORT[r]:>17}" for r in ROWS)
     print(f"  {'model':<20}{head}   {'/pyro':>6} {'/np+comp':>8} {'/np-comp':>8}   mean err (" +
           ", ".join(SHORT[r] for r in ROWS[:4]) + ")")
