@@ -23,7 +23,10 @@ with 1000 particles and seed 0, so a run is reproducible unless asked otherwise.
 ``--method`` accepts every name in ``ppl.inference.METHODS``. For ``--method mh``,
 ``-n`` is the number of chains, and ``--samples``, ``--burn-in``, ``--thin``,
 ``--kernel`` and ``--scale`` set the MH options (``Model.run``'s keywords of the same
-names; omitted ones keep the method's defaults). ``--kernel NAME`` runs MH with the
+names; omitted ones keep the method's defaults). For ``--method nuts``/``hmc``, ``-n``
+is the number of chains (one batch) and ``--burn-in`` the warm-up (Stan's windowed
+adaptation); ``-o target_accept=0.95``, ``-o max_tree_depth=12``, ``-o dense_mass=true``,
+``-o compile=true`` set the sampler. ``--kernel NAME`` runs MH with the
 proposal function NAME of the model (``ppl.inference.mh_proposals``).
 
 ``--plugin MODULE`` (repeatable; also the environment variable ``PPL_PLUGINS=mod1,mod2``)
@@ -96,9 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true",
                      help="print one JSON object instead of the summary table")
     run.add_argument("--plot", metavar="OUT.png", help="also save a plot of the posterior")
-    mcmc = run.add_argument_group("MCMC options (--method mh; -n is the number of chains)")
+    mcmc = run.add_argument_group("MCMC options (--method mh, nuts, hmc, pmmh; -n is the number of chains)")
     mcmc.add_argument("--samples", type=int, metavar="S", help="draws kept per chain (default: 1000)")
-    mcmc.add_argument("--burn-in", type=int, metavar="B", help="steps discarded first (default: 500)")
+    mcmc.add_argument("--burn-in", type=int, metavar="B",
+                      help="steps discarded first (default: 500; nuts/hmc: the warm-up that adapts the step size and "
+                           "mass matrix, default 1000)")
     mcmc.add_argument("--thin", type=int, metavar="T", help="keep every T-th step (default: 1)")
     mcmc.add_argument("--kernel", metavar="{prior,rw,NAME}",
                       help="proposal: prior (default), rw (random walk in unconstrained space), or the name "
