@@ -182,6 +182,7 @@ class Potential:
         self.compiled = False
         self.why_not_compiled: str | None = None
         self._graph = None
+        self._betas: dict = {}  # beta -> its tensor (a graph input)
         self.evaluations = 0
 
     # ---------------------------------------------------------------- one evaluation
@@ -227,7 +228,12 @@ class Potential:
         impossible point, a NaN, an invalid parameter): -inf and 0."""
         self.evaluations += 1
         z = z.detach()
-        b = torch.as_tensor(beta, dtype=torch.float64, device=z.device)
+        if isinstance(beta, (int, float)):
+            b = self._betas.get(beta)
+            if b is None:
+                b = self._betas[beta] = torch.tensor(float(beta), dtype=torch.float64, device=z.device)
+        else:
+            b = torch.as_tensor(beta, dtype=torch.float64, device=z.device)
         given = tuple(self.given[a] for a in self.discrete)
         if self._graph is not None:
             t, g, ok = self._graph(z, b, *given)
