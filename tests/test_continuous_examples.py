@@ -11,7 +11,9 @@ their NumPyro/Pyro twins (bench/nuts_models.py).
 * the calendar-year regression's posterior is the closed form its header states: ppl's
   log joint minus the closed-form log posterior is the same number (log evidence) at
   every point, and the reference (exact rational arithmetic) equals a float64 solve;
-* the references cover every column, and each header states its reference;
+* the references cover every column, and each header states its reference, its run
+  command (valid for the CLI; the logistic regression's, shortened, is run) and the
+  README lists it;
 * eight schools under importance sampling (20,000 particles) agrees with its
   quadrature reference within 4.5 Monte Carlo standard errors (sd / sqrt(ESS));
 * ppl ``nuts`` agrees with the references within 4.5 combined MCSEs (ppl's from its
@@ -20,8 +22,12 @@ their NumPyro/Pyro twins (bench/nuts_models.py).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import re
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -31,6 +37,7 @@ import pytest
 import torch
 
 import ppl
+from ppl import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -124,6 +131,48 @@ def test_example_runs_under_tempering_with_the_twins_sites(name):
     assert np.allclose(ret, mine, rtol=1e-5, atol=1e-5), "the twins' return value is the program's"
 
 
+# ------------------------------------------------------------------ headers, commands, README
+def _header(spec) -> str:
+    return "\n".join(line for line in spec.ppl_file.read_text().splitlines() if line.startswith("#"))
+
+
+def _header_command(spec) -> list[str]:
+    """The argv (after `python -m ppl`) of the header's run command."""
+    cmds = [shlex.split(m.group(1)) for m in re.finditer(r"#\s+python -m ppl (run .*)", _header(spec))]
+    assert len(cmds) == 1, spec.name
+    return cmds[0]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_example_has_header_command_and_readme_entry(name):
+    spec, model, data = _load(name)
+    header = _header(spec)
+    assert "Expected answer" in header and "Run:" in header
+    argv = _header_command(spec)
+    assert argv[:4] == ["run", f"examples/{name}.ppl", "--data", f"examples/{name}.json"]
+    args = cli.build_parser().parse_args(argv)
+    assert args.method == "nuts"
+    assert f"({name}.ppl)" in (ROOT / "examples" / "README.md").read_text()
+    assert set(data) <= set(model.params)
+
+
+def test_header_command_runs_through_the_cli(monkeypatch):
+    """The logistic regression's header command, shortened (2 chains x 30 draws), runs
+    through the CLI and its --json names the columns the references name."""
+    spec = MODELS["logistic_regression"]
+    argv = _header_command(spec)
+    for flag, value in (("-n", "2"), ("--samples", "30"), ("--burn-in", "30")):
+        argv[argv.index(flag) + 1] = value
+    monkeypatch.chdir(ROOT)
+    out = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(out):
+        warnings.simplefilter("ignore")    # 30 draws: R-hat/ESS warnings expected
+        assert cli.main(argv + ["--json"]) == 0
+    result = json.loads(out.getvalue())
+    assert result["method"] == "nuts" and result["chains"] == 2 and result["draws"] == 30
+    assert set(result["ess_per_site"]) == set(spec.column_names())
+
+
 # ------------------------------------------------------------------ calendar-year regression: closed form
 def _calendar_closed_form(d):
     """Posterior N(m, C) of (intercept, slope) in float64, and its precision P."""
@@ -163,7 +212,7 @@ def test_reference_covers_every_column_and_the_header_states_it(name):
     spec = MODELS[name]
     ref = REFERENCES[name]
     assert list(ref["columns"]) == spec.column_names()
-    header = "\n".join(line for line in spec.ppl_file.read_text().splitlines() if line.startswith("#"))
+    header = _header(spec)
     for col, e in ref["columns"].items():
         assert e["sd"] > 0 and e["mcse_mean"] >= 0 and e["mcse_sd"] >= 0
         if spec.closed_form:
