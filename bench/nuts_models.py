@@ -92,8 +92,8 @@ class NutsModel:
     def columns(self, draws: dict) -> dict[str, np.ndarray]:
         """Scalar columns named as ppl's summary names them, from site -> [..., *shape]."""
         arrays = {name: _as_numpy(draws[name]) for name in self.sites}
-        out: dict[str, np.ndarray] = {}
-        out.update(_flatten("return", self.returned(arrays), _return_shape(self, arrays)))
+        returned = np.asarray(self.returned(arrays), dtype=np.float64)
+        out = _flatten("return", returned, _per_draw_shape(self, arrays, returned))
         for name, shape in self.sites.items():
             out.update(_flatten(name, arrays[name], shape))
         return out
@@ -110,11 +110,11 @@ def _as_numpy(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _return_shape(spec: NutsModel, arrays: dict) -> tuple[int, ...]:
-    """The per-draw shape of the return value (arrays carry leading dims of one site)."""
+def _per_draw_shape(spec: NutsModel, arrays: dict, value: np.ndarray) -> tuple[int, ...]:
+    """The per-draw shape of ``value``, which has the leading dims of the sites' arrays."""
     name, shape = next(iter(spec.sites.items()))
     lead = arrays[name].ndim - len(shape)
-    return tuple(np.shape(spec.returned(arrays))[lead:])
+    return tuple(value.shape[lead:])
 
 
 def _flatten(name: str, values: np.ndarray, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -131,10 +131,9 @@ def ppl_draws(result) -> dict[str, np.ndarray]:
     """A ppl MCMCResult's latent sites as site -> [chains, draws, *shape] (chain-major)."""
     out = {}
     for name, tensor in result.samples.items():
-        if name == "return":
-            continue
-        t = tensor.detach().cpu().to(dtype=__import__("torch").float64).numpy()
-        out[name] = t.reshape((result.chains, result.draws) + t.shape[1:])
+        if name != "return":
+            t = _as_numpy(tensor)
+            out[name] = t.reshape((result.chains, result.draws) + t.shape[1:])
     return out
 
 
