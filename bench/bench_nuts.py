@@ -592,8 +592,8 @@ def ratios(summary: dict, available: dict) -> dict:
         entry = {"target": target}
         for kind in ("rate_incl", "rate_excl"):
             if nuts is None or peer_row is None or not nuts.get(kind) or not peer_row.get(kind):
-                why = available.get("ppl nuts") if nuts is None else (
-                    "no figure" if peer_row is None else "no warm-up-excluded time")
+                why = (available.get("ppl nuts") or "ppl nuts has no result") if nuts is None else (
+                    f"no figure for {peer}" if peer_row is None else "no warm-up-excluded time")
                 entry[kind] = {"ratio": None, "verdict": f"n/a ({why})"}
                 continue
             ratio = nuts[kind] / peer_row[kind]

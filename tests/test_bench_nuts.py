@@ -80,6 +80,8 @@ def test_ratios_pass_fail_and_missing_contender():
     assert r["numpyro (compile excluded)"]["rate_incl"]["ratio"] is None
     missing = bench_nuts.ratios({"pyro nuts": {"rate_incl": 5.0}}, {"ppl nuts": "not available: x"})
     assert missing["pyro nuts"]["rate_incl"] == {"ratio": None, "verdict": "n/a (not available: x)"}
+    failed = bench_nuts.ratios({"pyro nuts": {"rate_incl": 5.0}}, {"ppl nuts": None})  # ran, but no result
+    assert failed["pyro nuts"]["rate_incl"] == {"ratio": None, "verdict": "n/a (ppl nuts has no result)"}
 
 
 def test_unavailable_contender_is_printed_as_such(capsys):
