@@ -236,7 +236,10 @@ class Potential:
             b = torch.as_tensor(beta, dtype=torch.float64, device=z.device)
         given = tuple(self.given[a] for a in self.discrete)
         if self._graph is not None:
-            t, g, ok = self._graph(z, b, *given)
+            try:
+                t, g, ok = self._graph(z, b, *given)
+            except RuntimeError:  # a compiled kernel that raises (a Cholesky of a matrix that is not
+                return self._row_by_row(z, beta)  # positive definite): the interpreter, chain by chain
         else:
             try:
                 t, g, ok = self._value_and_grad(z, b, *given)

@@ -162,3 +162,28 @@ def m():
     ref = torch.distributions.MultivariateNormal(torch.zeros(2, dtype=torch.float64), cov).log_prob(x) + \
         math.log(1 / 4) + torch.log(4 * s * (1 - s))
     assert torch.allclose(lp[1], ref, atol=1e-5)
+
+
+def test_a_compiled_graph_that_raises_falls_back_to_the_interpreter_chain_by_chain():
+    """TorchInductor's Cholesky raises on a covariance that is not positive definite, where
+    TorchScript's returns an error code: the potential then scores chain by chain, and
+    the bad chain has density zero (examples/gp_regression.ppl, a chain with a huge
+    length scale and amplitude and no noise)."""
+    import json
+    m = ppl.model(open("examples/gp_regression.ppl").read(), filename="examples/gp_regression.ppl")
+    d = m.prepare_data(json.load(open("examples/gp_regression.json")), "cpu")
+    interp = m.interpreter()
+    with ppl.api.seeded(0):
+        state = initial_state(interp, m.entry, d, 4)
+    p = build_potential(ModelRun(interp, m.entry, d), state)
+    z = p.unconstrain({"rho": torch.tensor([1.0, 1e6, 1.5, 2.0], dtype=torch.float64),
+                       "alpha": torch.tensor([0.7, 30.0, 0.5, 1.0], dtype=torch.float64),
+                       "sigma": torch.tensor([0.3, 1e-12, 0.2, 0.4], dtype=torch.float64)})
+
+    def raising(*args):
+        raise RuntimeError("linalg.cholesky: The factorization could not be completed")
+    p._graph = raising  # what the compiled kernel does
+    lp, g = p.value_and_grad(z)
+    assert torch.isneginf(lp[1]) and bool(torch.isfinite(lp[[0, 2, 3]]).all()) and bool((g[1] == 0).all())
+    eager = build_potential(ModelRun(interp, m.entry, d), state, traced=False)
+    assert torch.allclose(lp[[0, 2, 3]], eager.value_and_grad(z)[0][[0, 2, 3]])
