@@ -32,11 +32,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 FOLD_MAX_ELEMENTS = 1_000_000  # constants larger than this are recomputed, not stored
 
 
-def record(fn, example_inputs: tuple, backend: str = "jit"):
-    """``fn`` (tensors -> tuple of tensors) as a simplified graph, replayed by TorchScript
-    (``backend="jit"``: ready at once) or compiled to fused native code by TorchInductor
-    (``"inductor"``: ``torch.compile``; seconds of compilation, then several times faster
-    for a graph of many small operations)."""
+def record(fn, example_inputs: tuple):
+    """``fn`` (tensors -> tuple of tensors) as a simplified ATen graph (a GraphModule), to
+    hand to ``replay``."""
     # values read into Python are constants here (the caller has checked that no decision
     # depends on an input), so they may be baked into the graph
     gm = make_fx(fn, _error_on_data_dependent_ops=False)(*example_inputs)
@@ -45,6 +43,14 @@ def record(fn, example_inputs: tuple, backend: str = "jit"):
     eliminate_common_subexpressions(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
+    return gm
+
+
+def replay(gm: torch.fx.GraphModule, example_inputs: tuple, backend: str = "jit"):
+    """The recorded graph as a fast function: replayed by TorchScript (``backend="jit"``:
+    ready at once) or compiled to fused native code by TorchInductor (``"inductor"``:
+    seconds of compilation, then several times faster for a graph of many small
+    operations)."""
     if backend == "inductor":
         # Inductor straight on the ATen graph: torch.compile would re-trace it with Dynamo
         # and guard every call (~10x the run time of this small graph)

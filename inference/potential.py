@@ -43,7 +43,7 @@ from ..semantics.gfi import ModelRun, TracedState, support_bijection
 from ..semantics.sampling import Suspended, _WeightAccumulator, column, drive
 from ..semantics.values import Batched, Particles, PerParticle, rows, to_bool_rows
 from ..stdlib.distributions import deferred_checks
-from .compiled import record
+from .compiled import record, replay
 from .mh_traced import NotStatic, _taint
 
 _IDENTITY = torch.distributions.transforms.identity_transform
@@ -445,12 +445,13 @@ def _trace(p: Potential, backend: str = "jit"):
 
     with torch.no_grad():  # static? (raises NotStatic at a Python decision on z)
         p._run(*_taint((example()[0],)), dict(zip(p.discrete, _taint(given))))
-    graph = record(p._value_and_grad, example())
+    gm = record(p._value_and_grad, example())
+    graph = replay(gm, example())
     _agrees(p, graph, example)
     if backend == "jit":
         return graph
     try:
-        fast = record(p._value_and_grad, example(), backend)
+        fast = replay(gm, example(), backend)
         _agrees(p, fast, example)
     except Exception as e:  # noqa: BLE001 - any compiler failure leaves the TorchScript graph
         raise _CompileFailed(graph, (str(e).splitlines() or [type(e).__name__])[0]) from None
