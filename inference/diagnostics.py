@@ -121,7 +121,8 @@ def gradient_warnings(method: str, extra: dict) -> list[str]:
     hit = extra.get("hit_max_tree_depth")
     if hit is not None and hit > MAX_DEPTH_FRACTION:
         out.append(f"{method}: {hit:.1%} of the draws hit the maximum tree depth ({extra.get('max_tree_depth')}): "
-                   "the trajectories were cut short, the chains explore slowly. Raise max_tree_depth or "
+                   "the trajectories were cut short, the chains explore slowly. For strongly correlated "
+                   "parameters use a dense mass matrix (-o dense_mass=true); else raise max_tree_depth or "
                    "reparameterise")
     low = [(c, b) for c, b in enumerate(extra.get("bfmi") or ()) if math.isfinite(b) and b < BFMI_MIN]
     if low:
