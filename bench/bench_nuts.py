@@ -385,7 +385,7 @@ def child_ppl_tempering(model: BenchModel, proto: Protocol, seed: int,
     m = _ppl_model(model)
     data = model.spec.data()
     t0 = clock()
-    res = m.run("tempering", data, particles=proto.chains * proto.samples, seed=seed)
+    res = m.run("tempering", data, particles=proto.chains * proto.samples, seed=seed, adapt=True)
     total = clock() - t0
     w = res.weights.double().numpy()
     sites = {k: torch.as_tensor(res.samples[k]).double().numpy()[None] for k in model.spec.sites}  # [1, N, ...]
