@@ -35,7 +35,7 @@ import math
 import warnings
 import torch
 
-from ..semantics.errors import PPLError
+from ..semantics.errors import PPLError, PPLRuntimeError
 from ..semantics.gfi import TracedState, scale_at, unconstrained_walk
 from ..semantics.interpreter import Interpreter
 from ..semantics.sampling import _WeightAccumulator, column, drive
@@ -91,6 +91,36 @@ def _taint(args):
     if isinstance(args, tuple):
         return tuple(_taint(a) for a in args)
     return args.as_subclass(_Tainted) if isinstance(args, torch.Tensor) else args
+
+
+class LikelihoodTerms:
+    """``observe`` and ``condition`` for a handler that sums every likelihood term through
+    ``self._likelihood(ctx, lp)`` with no Python decision on a value (so that its run can
+    be traced)."""
+
+    def observe(self, eff):
+        self._likelihood(eff.ctx, eff.dist.log_prob(eff.value, eff.ctx))
+
+    def condition(self, eff):
+        c = to_bool_rows(eff.value, eff.ctx)
+        if isinstance(c, bool):
+            self._likelihood(eff.ctx, 0.0 if c else -math.inf)
+        else:
+            self._likelihood(eff.ctx, torch.where(c, 0.0, -math.inf))
+
+
+def factor_rows(eff, error=PPLRuntimeError) -> torch.Tensor:
+    """A ``factor``'s value as one number per particle of its context (a tensor), or
+    ``error`` when it is not a number or not one per particle."""
+    v = eff.value
+    if isinstance(v, Batched):
+        lp = rows(v, eff.ctx)
+        if lp.dim() != 1:
+            raise error("factor needs one number per particle", eff.span)
+        return lp
+    if isinstance(v, PerParticle):
+        raise error("factor needs a number", eff.span)
+    return torch.as_tensor(float(v))
 
 
 class _WalkAtEverySite(_WeightAccumulator):
@@ -159,26 +189,10 @@ class _WalkAtEverySite(_WeightAccumulator):
 
     add = _likelihood  # twist() adds through here too
 
-    def observe(self, eff):
-        self._likelihood(eff.ctx, eff.dist.log_prob(eff.value, eff.ctx))
-
-    def condition(self, eff):
-        c = to_bool_rows(eff.value, eff.ctx)
-        if isinstance(c, bool):
-            self._likelihood(eff.ctx, 0.0 if c else -math.inf)
-        else:
-            self._likelihood(eff.ctx, torch.where(c, 0.0, -math.inf))
+    observe, condition = LikelihoodTerms.observe, LikelihoodTerms.condition
 
     def factor(self, eff):
-        v = eff.value
-        if isinstance(v, Batched):
-            lp = rows(v, eff.ctx)
-            if lp.dim() != 1:
-                raise NotStatic("factor of a non-scalar")  # the interpreter gives the error
-        elif isinstance(v, PerParticle):
-            raise NotStatic("factor of a non-number")
-        else:
-            lp = torch.as_tensor(float(v))
+        lp = factor_rows(eff, lambda message, span: NotStatic(message))  # (the interpreter gives the error)
         # NaN is reported after the step (the interpreter raises on it)
         if lp.dtype != torch.float64:
             lp = lp.double()

@@ -33,7 +33,6 @@ cannot be moved by these kernels: an error names it.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -41,10 +40,10 @@ import torch
 from ..semantics.errors import PPLError, PPLRuntimeError
 from ..semantics.gfi import ModelRun, TracedState, support_bijection
 from ..semantics.sampling import Suspended, _WeightAccumulator, column, drive
-from ..semantics.values import Batched, Particles, PerParticle, rows, to_bool_rows
+from ..semantics.values import Batched, Particles
 from ..stdlib.distributions import deferred_checks
 from .compiled import record, replay
-from .mh_traced import NotStatic, _taint
+from .mh_traced import LikelihoodTerms, NotStatic, _taint, factor_rows
 
 _IDENTITY = torch.distributions.transforms.identity_transform
 
@@ -134,27 +133,10 @@ class _AtPoint(_WeightAccumulator):
 
     add = _likelihood
 
-    def observe(self, eff):
-        self._likelihood(eff.ctx, eff.dist.log_prob(eff.value, eff.ctx))
-
-    def condition(self, eff):
-        c = to_bool_rows(eff.value, eff.ctx)
-        if isinstance(c, bool):
-            self._likelihood(eff.ctx, 0.0 if c else -math.inf)
-        else:
-            self._likelihood(eff.ctx, torch.where(c, 0.0, -math.inf))
+    observe, condition = LikelihoodTerms.observe, LikelihoodTerms.condition
 
     def factor(self, eff):
-        v = eff.value
-        if isinstance(v, Batched):
-            lp = rows(v, eff.ctx)
-            if lp.dim() != 1:
-                raise PPLRuntimeError("factor needs one number per particle", eff.span)
-        elif isinstance(v, PerParticle):
-            raise PPLRuntimeError("factor needs a number", eff.span)
-        else:
-            lp = torch.as_tensor(float(v))
-        self._likelihood(eff.ctx, lp)
+        self._likelihood(eff.ctx, factor_rows(eff))
 
     def twist(self, eff):  # the whole program's measure does not depend on twist potentials
         return None
