@@ -147,7 +147,7 @@ def run_nuts(model, data: dict, *, particles: int = 4, samples: int = 1000, burn
     """NUTS (``inference.gradient_mcmc``) with ``chains`` chains as one batch (``particles``
     is the CLI's ``-n``), ``samples`` draws each after ``burn_in`` (= ``warmup``)
     iterations of Stan's windowed adaptation. ``compile``: TorchInductor for the potential
-    (default "auto": runs of 1500 iterations or more)."""
+    (default "auto": when its measured savings on the run exceed its cost)."""
     return gradient_mcmc(*_program(model, data, device), kernel=kernel,
                          chains=int(chains if chains is not None else particles), samples=int(samples),
                          warmup=int(warmup if warmup is not None else burn_in), device=device,

@@ -33,6 +33,7 @@ cannot be moved by these kernels: an error names it.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -163,6 +164,9 @@ class Potential:
         self.why_not_traced: str | None = None
         self.compiled = False
         self.why_not_compiled: str | None = None
+        self._recorded = None      # (ATen graph, example inputs) while it may still be compiled
+        self.build_seconds = 0.0   # CPU seconds spent recording the graph
+        self.graph_seconds = 0.0   # seconds spent in the graph's evaluations (``evaluations`` of them)
         self._graph = None
         self._betas: dict = {}  # beta -> its tensor (a graph input)
         self.evaluations = 0
@@ -218,8 +222,10 @@ class Potential:
             b = torch.as_tensor(beta, dtype=torch.float64, device=z.device)
         given = tuple(self.given[a] for a in self.discrete)
         if self._graph is not None:
+            started = time.perf_counter()
             try:
                 t, g, ok = self._graph(z, b, *given)
+                self.graph_seconds += time.perf_counter() - started
             except RuntimeError:  # a compiled kernel that raises (a Cholesky of a matrix that is not
                 return self._row_by_row(z, beta)  # positive definite): the interpreter, chain by chain
         else:
@@ -298,6 +304,23 @@ class Potential:
         raise PPLRuntimeError(f"no initial point of positive density found for {int(bad.sum())} of {self.C} chains "
                               f"in {tries} tries (uniform on (-{radius:g}, {radius:g}) in unconstrained space)",
                               hint="the data may be impossible under the prior, or a condition very unlikely")
+
+    def compile_now(self) -> bool:
+        """Compile the recorded graph with TorchInductor now (``inference.compiled``), if it
+        is traced and not compiled yet; whether the potential is compiled afterwards (a
+        compiler failure keeps the TorchScript graph and says why in ``why_not_compiled``)."""
+        if self.compiled or self._recorded is None:
+            return self.compiled
+        gm, example = self._recorded
+        try:
+            fast = replay(gm, example(), "inductor")
+            _agrees(self, fast, example)
+        except Exception as e:  # noqa: BLE001 - any compiler failure leaves the TorchScript graph
+            self.why_not_compiled = (str(e).splitlines() or [type(e).__name__])[0]
+            self._recorded = None
+            return False
+        self._graph, self.compiled, self._recorded = fast, True, None
+        return True
 
     def set_given(self, given: dict) -> None:
         """Hold the discrete choices at new values (a Gibbs sweep's continuous half)."""
@@ -391,6 +414,7 @@ def build_potential(model: ModelRun, state: TracedState, *, traced: bool | str =
     given = {a: values[a] for a in discrete}
     p = Potential(model, C, tuple(sites), tuple(discrete), given)
     if traced:
+        started = time.process_time()
         try:
             p._graph = _trace(p, "inductor" if compile else "jit")
             p.traced = True
@@ -402,6 +426,7 @@ def build_potential(model: ModelRun, state: TracedState, *, traced: bool | str =
             if traced is True:
                 raise PPLRuntimeError(f"traced=True: this program cannot be traced ({p.why_not_traced})",
                                       hint="use traced='auto' to fall back to the interpreter") from None
+        p.build_seconds = time.process_time() - started
     return p
 
 
@@ -430,6 +455,7 @@ def _trace(p: Potential, backend: str = "jit"):
     gm = record(p._value_and_grad, example())
     graph = replay(gm, example())
     _agrees(p, graph, example)
+    p._recorded = (gm, example)
     if backend == "jit":
         return graph
     try:
