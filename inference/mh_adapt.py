@@ -45,7 +45,7 @@ from collections.abc import Mapping
 import torch
 
 from ..semantics import gfi
-from .population_moves import block_move, coordinates, population_covariance
+from .population_moves import block_move, coordinates, population_covariance, proposal_factor
 
 #: the acceptance rate targeted for a site of one unconstrained dimension
 TARGET_SCALAR = 0.44
@@ -263,20 +263,8 @@ def block_step(model, state, factor, block: tuple, randomness):
 
 
 def walk_factor(cov: torch.Tensor, scale: float) -> torch.Tensor:
-    """L with L L^T = scale^2 S (R + 1e-14 I) S, cov = S R S (S the sds, R the
-    correlations). The ridge is tiny on purpose: chains spread far along a ridge of
-    correlation 1 - 1e-12 (a calendar-year regression during burn-in) must keep its
-    direction, or every block proposal steps off it. A failing Cholesky: the diagonal."""
-    D = cov.shape[0]
-    var = torch.diagonal(cov)
-    top = float(var.max()) if D else 0.0
-    floor = max(1e-24 * top, 1e-300) if math.isfinite(top) and top > 0 else 1.0
-    sd = torch.sqrt(torch.clamp(var, min=floor))
-    corr = (cov / (sd[:, None] * sd[None, :])).clamp(-1.0, 1.0)
-    corr = torch.where(torch.isfinite(corr), corr, torch.zeros_like(corr))
-    corr.fill_diagonal_(1.0)
-    try:
-        chol = torch.linalg.cholesky(corr + 1e-14 * torch.eye(D, dtype=cov.dtype, device=cov.device))
-    except RuntimeError:
-        chol = torch.eye(D, dtype=cov.dtype, device=cov.device)
-    return scale * sd[:, None] * chol
+    """``population_moves.proposal_factor`` with a tiny ridge (1e-14) and floor (1e-24) on
+    purpose: chains spread far along a ridge of correlation 1 - 1e-12 (a calendar-year
+    regression during burn-in) must keep its direction, or every block proposal steps
+    off it."""
+    return proposal_factor(cov, scale, ridge=1e-14, floor=1e-24)

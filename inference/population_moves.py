@@ -323,23 +323,23 @@ def population_covariance(flat: torch.Tensor, log_weights: torch.Tensor | None =
     return (w[:, None] * dx).T @ dx
 
 
-def proposal_factor(cov: torch.Tensor, scale: float) -> torch.Tensor:
-    """L with L L^T = scale^2 S (R + 1e-9 I) S, where cov = S R S (S the sds, R the
+def proposal_factor(cov: torch.Tensor, scale: float, *, ridge: float = 1e-9, floor: float = 1e-12) -> torch.Tensor:
+    """L with L L^T = scale^2 S (R + ridge I) S, where cov = S R S (S the sds, R the
     correlations): a ridge relative to each coordinate's own variance, so that a
     correlation of -0.99999 between coordinates of very different scales survives it;
-    a coordinate of variance zero gets a tiny one, and a failing Cholesky falls back
-    to the diagonal."""
+    a coordinate of variance zero gets ``floor`` times the largest variance, and a
+    failing Cholesky falls back to the diagonal."""
     D = cov.shape[0]
     var = torch.diagonal(cov).clone()
     top = float(var.max()) if D else 0.0
-    floor = max(1e-12 * top, 1e-300) if math.isfinite(top) and top > 0 else 1.0
-    sd = torch.sqrt(torch.clamp(var, min=floor))
+    least = max(floor * top, 1e-300) if math.isfinite(top) and top > 0 else 1.0
+    sd = torch.sqrt(torch.clamp(var, min=least))
     corr = cov / (sd[:, None] * sd[None, :])
     corr = torch.where(torch.isfinite(corr), corr, torch.zeros_like(corr))
     corr = corr.clamp(-1.0, 1.0)
     corr.fill_diagonal_(1.0)
     try:
-        chol = torch.linalg.cholesky(corr + 1e-9 * torch.eye(D, dtype=cov.dtype, device=cov.device))
+        chol = torch.linalg.cholesky(corr + ridge * torch.eye(D, dtype=cov.dtype, device=cov.device))
     except RuntimeError:
         chol = torch.eye(D, dtype=cov.dtype, device=cov.device)
     return scale * sd[:, None] * chol

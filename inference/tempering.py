@@ -113,6 +113,29 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
                          resampling=resampling, max_steps=max_steps, fixed=fixed, progress=progress,
                          max_moves=max_moves, decorrelation=decorrelation)
     moves = default_moves(float(state.sizes.mean()) if particles > 0 else 0.0) if moves is None else moves
+
+    def mh_moves(state, inc, ancestors, b, step):
+        state = gfi.reindex(state, ancestors)
+        for _ in range(moves):
+            state, _ = mh_mod.mh_step(interp, entry, data, state, device, kernel=kernel, scale=scale, beta=b,
+                                      randomness=randomness)
+        return state
+
+    state, log_z, schedule, ess_history = _temper(model, state, particles, randomness, resampling=resampling,
+                                                  target_ess=target_ess, max_steps=max_steps, fixed=fixed,
+                                                  progress=progress, move=mh_moves)
+    return _population(state, particles, log_z, schedule,
+                       {"schedule": schedule, "moves": moves, "ess_history": ess_history})
+
+
+def _temper(model: ModelRun, state: gfi.TracedState, particles: int, randomness, *, resampling, target_ess,
+            max_steps, fixed, progress, move):
+    """The path of targets prior * L^beta from beta = 0 to 1: per step the next beta
+    (``fixed`` schedule, or ``next_beta``), the incremental weights L^(b - beta) (their
+    log-mean-exp adds to the log-evidence estimate), the resampling's ancestors, then
+    ``move(state, weights, ancestors, b, step)``, which returns the resampled population
+    moved at the new target (``state`` is the one before resampling, for moves that learn
+    from the weighted population). Returns (state, log_z, schedule, ess_history)."""
     log_z, schedule, ess_history = 0.0, [0.0], []
     with progress_bar(progress, desc="tempering", total=1.0, bar_format=_BAR_FORMAT) as bar:
         for _ in range(max_steps):
@@ -126,17 +149,14 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
                 raise ZeroEvidenceError("tempering: every particle has zero weight")
             log_z += step_z
             ess_history.append(ess(inc))
-            state = gfi.reindex(state, randomness.resample(inc, resampling, particles))
+            ancestors = randomness.resample(inc, resampling, particles)
             bar.set_postfix_str(f"beta={b:.4g}, step {len(schedule)}", refresh=False)
             bar.update(b - beta)
             schedule.append(b)
-            for _ in range(moves):
-                state, _ = mh_mod.mh_step(interp, entry, data, state, device, kernel=kernel, scale=scale, beta=b,
-                                          randomness=randomness)
+            state = move(state, inc, ancestors, b, len(schedule) - 1)
         else:
             raise PPLRuntimeError(f"tempering did not reach beta = 1 in {max_steps} steps")
-    return _population(state, particles, log_z, schedule,
-                       {"schedule": schedule, "moves": moves, "ess_history": ess_history})
+    return state, log_z, schedule, ess_history
 
 
 def _adaptive(model: ModelRun, state: gfi.TracedState, particles: int, randomness, *, target_ess, moves, kernel,
@@ -147,48 +167,39 @@ def _adaptive(model: ModelRun, state: gfi.TracedState, particles: int, randomnes
         raise PPLRuntimeError(f"tempering with adapt=True moves by kernel 'rw' (a population random walk), 'hmc' "
                               f"or 'mala', not '{kernel}'", hint="kernel='rw'")
     gradient = kernel in population_moves.GRADIENT_KERNELS
+    coords = None
     if gradient:
         potential = build_potential(model.at(beta=1.0), state)
         tuning = population_moves.GradientTuning(kernel)
     else:
         state, coords = population_moves.coordinates(model.at(beta=0.0), state, randomness)
         tuning = population_moves.Tuning()
-    log_z, schedule, ess_history, reports = 0.0, [0.0], [], []
-    with progress_bar(progress, desc="tempering", total=1.0, bar_format=_BAR_FORMAT) as bar:
-        for _ in range(max_steps):
-            beta = state.beta
-            if beta >= 1.0:
-                break
-            b = next(fixed) if fixed is not None else next_beta(beta, state.log_lik, target_ess)
-            state, inc = gfi.update(model.at(beta=b), state)
-            step_z = log_mean_exp(inc)
-            if step_z == -math.inf:
-                raise ZeroEvidenceError("tempering: every particle has zero weight")
-            log_z += step_z
-            ess_history.append(ess(inc))
-            if gradient:  # the population's unconstrained values before resampling
-                potential.set_given({a: state.values[a] for a in potential.discrete})
-                flat = potential.unconstrain(state.values)
-            else:
-                flat = coords.flat()
-            covariance = population_moves.population_covariance(flat, inc) if flat.shape[1] else None
-            ancestors = randomness.resample(inc, resampling, particles)
-            state = gfi.reindex(state, ancestors)
-            bar.set_postfix_str(f"beta={b:.4g}, step {len(schedule)}", refresh=False)
-            bar.update(b - beta)
-            schedule.append(b)
-            label = f"tempering (step {len(schedule) - 1}, beta={b:.3g})"
-            if gradient:
-                state, report = population_moves.gradient_moves(
-                    model.at(beta=b), state, potential, randomness, tuning, covariance=covariance,
-                    z=flat[ancestors], moves=moves, max_moves=max_moves, decorrelation=decorrelation, label=label)
-            else:
-                state, coords, report = population_moves.move_population(
-                    model.at(beta=b), state, coords.reindex(ancestors), randomness, tuning, covariance=covariance,
-                    moves=moves, max_moves=max_moves, decorrelation=decorrelation, label=label)
-            reports.append(report)
+    reports = []
+
+    def adaptive_moves(state, inc, ancestors, b, step):
+        nonlocal coords
+        if gradient:  # the population's unconstrained values before resampling
+            potential.set_given({a: state.values[a] for a in potential.discrete})
+            flat = potential.unconstrain(state.values)
         else:
-            raise PPLRuntimeError(f"tempering did not reach beta = 1 in {max_steps} steps")
+            flat = coords.flat()
+        covariance = population_moves.population_covariance(flat, inc) if flat.shape[1] else None
+        state = gfi.reindex(state, ancestors)
+        label = f"tempering (step {step}, beta={b:.3g})"
+        if gradient:
+            state, report = population_moves.gradient_moves(
+                model.at(beta=b), state, potential, randomness, tuning, covariance=covariance,
+                z=flat[ancestors], moves=moves, max_moves=max_moves, decorrelation=decorrelation, label=label)
+        else:
+            state, coords, report = population_moves.move_population(
+                model.at(beta=b), state, coords.reindex(ancestors), randomness, tuning, covariance=covariance,
+                moves=moves, max_moves=max_moves, decorrelation=decorrelation, label=label)
+        reports.append(report)
+        return state
+
+    state, log_z, schedule, ess_history = _temper(model, state, particles, randomness, resampling=resampling,
+                                                  target_ess=target_ess, max_steps=max_steps, fixed=fixed,
+                                                  progress=progress, move=adaptive_moves)
     extra = {"schedule": schedule, "moves": [r.moves for r in reports], "ess_history": ess_history,
              "adapt": True, "kernel": kernel, "acceptance": [r.block_acceptance for r in reports],
              "site_acceptance": [r.site_acceptance for r in reports],
