@@ -40,7 +40,7 @@ import torch
 
 from ..semantics.errors import PPLError, PPLRuntimeError
 from ..semantics.gfi import ModelRun, TracedState, support_bijection
-from ..semantics.sampling import Suspended, _WeightAccumulator, column, drive
+from ..semantics.sampling import _WeightAccumulator, column, drive
 from ..semantics.values import Batched, Particles
 from ..stdlib.distributions import deferred_checks
 from .compiled import record, replay
@@ -71,7 +71,7 @@ class _AtPoint(_WeightAccumulator):
     z (so the run can be traced). ``strict``: every continuous choice must be reached by
     every chain (kernels moving z need that)."""
 
-    def __init__(self, C: int, device, sites: dict, z: torch.Tensor, given: dict, *, deferred_nan: bool = True):
+    def __init__(self, C: int, device, sites: dict, z: torch.Tensor, given: dict):
         super().__init__(C, device, dtype=torch.float64)
         self.C, self.sites, self.z, self.given = C, sites, z, given
         self.log_prior = torch.zeros(C, dtype=torch.float64, device=device)
@@ -181,10 +181,7 @@ class Potential:
         h = _AtPoint(C, m.device, self.by_addr, z, given)
         h.full_idx = ctx.idx
         with deferred_checks() as checks:
-            try:
-                ret = column(drive(m.interp.run(m.entry, m.data, ctx), h), ctx)
-            except Suspended:  # pragma: no cover - no truncation here
-                ret = None
+            ret = column(drive(m.interp.run(m.entry, m.data, ctx), h), ctx)
         missing = [s.addr for s in self.sites if s.addr not in h.seen]
         if missing:
             raise RandomStructure(f"the choice '{missing[0]}' of the first run was not made: the program's continuous "
@@ -256,8 +253,7 @@ class Potential:
                 first_error = first_error or err
                 continue
             out[c], grad[c] = t[0], g[0]
-        if first_error is not None and first_error is not None and len(first_error.args) and \
-                not bool(torch.isfinite(out).any()) and self.C > 1:
+        if first_error is not None and self.C > 1 and not bool(torch.isfinite(out).any()):
             raise first_error  # every chain fails: the program's error, not a point outside the support
         return out, grad
 
@@ -278,13 +274,7 @@ class Potential:
         """z [C, D] for the continuous choices' values (address -> [C, ...])."""
         m = self.model
         z = torch.zeros(self.C, self.D, dtype=torch.float64, device=m.device)
-        probe = _SupportProbe(self.C, m.device, values)
-        ctx = Particles.all(self.C, m.device)
-        with deferred_checks():
-            try:
-                drive(m.interp.run(m.entry, m.data, ctx), probe)
-            except Suspended:  # pragma: no cover
-                pass
+        probe = _SupportProbe.run(m, self.C, values)
         for s in self.sites:
             T = probe.bijections[s.addr]
             z[:, s.start:s.stop] = T.inv(values[s.addr].double()).reshape(self.C, -1)
@@ -338,6 +328,14 @@ class _SupportProbe(_WeightAccumulator):
     """A run at given values that records each choice's support bijection (and whether the
     choice is continuous: it has one)."""
 
+    @classmethod
+    def run(cls, model: ModelRun, C: int, values: dict) -> "_SupportProbe":
+        """The probe after one run of ``model`` for C chains at ``values``."""
+        probe = cls(C, model.device, values)
+        with deferred_checks():
+            drive(model.interp.run(model.entry, model.data, Particles.all(C, model.device)), probe)
+        return probe
+
     def __init__(self, C, device, values: dict):
         super().__init__(C, device, dtype=torch.float64)
         self.C, self.values = C, values
@@ -385,13 +383,7 @@ def build_potential(model: ModelRun, state: TracedState, *, traced: bool | str =
     ``why_not_compiled`` says why)."""
     C = state.chains
     values = {a: v for a, v in state.values.items()}
-    probe = _SupportProbe(C, model.device, values)
-    ctx = Particles.all(C, model.device)
-    with deferred_checks():
-        try:
-            drive(model.interp.run(model.entry, model.data, ctx), probe)
-        except Suspended:  # pragma: no cover
-            pass
+    probe = _SupportProbe.run(model, C, values)
     sites, discrete, start = [], [], 0
     for addr in probe.order:
         T, v = probe.bijections[addr], values[addr]
