@@ -107,6 +107,14 @@ class Lower(Transformer):
                        "to condition on data, write 'observe <value> ~ <distribution>'")
         return ir.Sample(c[0].name, c[1], span=self._span(meta))
 
+    def sample_annotated(self, meta, c):
+        """``x ~ d @enumerate``: the one annotation of a choice (sum it out where the method can)."""
+        s = self.sample(meta, c[:2])
+        if str(c[2]) != "enumerate":
+            self._fail(f"unknown annotation '@{c[2]}' of a random choice", self._span(meta),
+                       "the one annotation is '@enumerate': `z ~ categorical(w) @enumerate`")
+        return ir.Sample(s.target, s.dist, True, span=s.span)
+
     def observe(self, meta, c):
         return ir.Observe(c[0], c[1], span=self._span(meta))
 

@@ -285,6 +285,8 @@ def _convert(e: UnexpectedInput, source: SourceFile) -> PPLSyntaxError:
         hint = "this line is indented more than the block it is in"
     elif "~" in expected and first == "observe":
         hint = "write 'observe <value> ~ <distribution>'"
+    elif tok.value == "@":
+        hint = "decorators are not supported; '@' only annotates a random choice: `z ~ flip(0.5) @enumerate`"
     elif tok.value == "~":
         hint = "'~' makes a random choice; write 'x ~ dist' as a statement of its own"
     elif expected == {"NAME"}:

@@ -34,6 +34,7 @@ import torch
 from . import ir, limits
 from .dist_values import DistValue, ProposedDist
 from .errors import PPLError, PPLRecursionError, PPLRuntimeError, did_you_mean
+from .lazy import LIVE, Lazy, lazy_call_args
 from .values import (Batched, Particles, PerParticle, Undefined, batch_rows, binop,
                      deep_batched, describe, is_batched, is_numeric, materialize, merge_parts, pack,
                      reject_distribution, restrict, rows, to_bool_rows, truthy, unop, as_tensor)
@@ -46,6 +47,7 @@ class SampleEffect:
     dist: DistValue
     ctx: Particles
     span: Any
+    enumerate: bool = False  # marked ``@enumerate`` (``semantics.enumerate_sites`` may sum it out)
 
 
 @dataclass
@@ -299,6 +301,8 @@ class Interpreter:
             return Closure("lambda", tuple(ir.Param(p) for p in e.params), e.body, fr, e.span)
         if t is ir.IfExp:
             c = self.pv(e.cond, fr, ctx)
+            if isinstance(c, Lazy):  # (semantics.lazy: both branches, for every particle)
+                return self._guard(c.where, e.span, self.pv(e.then, fr, ctx), self.pv(e.orelse, fr, ctx), ctx)
             tc, fc = self.split(c, ctx, e.cond.span)
             if fc is None:
                 return self.pv(e.then, fr, tc)
@@ -368,6 +372,8 @@ class Interpreter:
             return out if t is ir.ListExpr else tuple(out)
         if t is ir.IfExp:
             c = yield from self.ev(e.cond, fr, ctx)
+            if isinstance(c, Lazy) and self.pure(e.then) and self.pure(e.orelse):  # (semantics.lazy)
+                return self._guard(c.where, e.span, self.pv(e.then, fr, ctx), self.pv(e.orelse, fr, ctx), ctx)
             tc, fc = self.split(c, ctx, e.cond.span)
             if fc is None:
                 return (yield from self.ev(e.then, fr, tc))
@@ -479,7 +485,7 @@ class Interpreter:
         d = self.pv(s.dist, fr, ctx) if self.pure(s.dist) else (yield from self.ev(s.dist, fr, ctx))
         if type(d) is not DistValue:  # (the common case needs no _as_dist call)
             d = self._as_dist(d, s.dist)
-        v = yield SampleEffect(fr.address(s.target), d, ctx, s.span)
+        v = yield SampleEffect(fr.address(s.target), d, ctx, s.span, s.enumerate)
         self.assign(fr, s.target, v, ctx)
         if not self.exact and getattr(getattr(d, "target", d), "log_mass", None) is not None:  # (mass_factor's test)
             yield from self.mass_factor(d, v, fr, ctx, s.span)
@@ -694,6 +700,8 @@ class Interpreter:
     def _call_builtin(self, f, args, kwargs, ctx, span):
         if not isinstance(f, Builtin):
             raise PPLRuntimeError(f"{describe(f)} is not callable here", span)
+        if LIVE[0] and (any(isinstance(a, Lazy) for a in args) or any(isinstance(a, Lazy) for a in kwargs.values())):
+            args, kwargs = self._guard(lazy_call_args, span, f.name, args, kwargs, ctx, getattr(f.fn, "accepts_lazy", False))
         try:
             return f.fn(ctx, *args, **kwargs)
         except PPLError as err:
@@ -932,7 +940,10 @@ def _check_range(i: int, n: int):
 
 def _index(v, i, ctx: Particles):
     """``v[i]`` with per-particle semantics (objects with ``ppl_index(i, ctx)``, such as
-    an MH proposal's ``trace``, index themselves)."""
+    an MH proposal's ``trace``, index themselves; a lazy index, ``semantics.lazy``, indexes
+    with ``index_of``)."""
+    if isinstance(i, Lazy):
+        return i.index_of(v, ctx)
     if not isinstance(v, (list, tuple, str, torch.Tensor, Batched, PerParticle)):
         hook = getattr(v, "ppl_index", None)
         if hook is not None:

@@ -164,10 +164,14 @@ class Assign(Stmt):
 
 @dataclass(frozen=True)
 class Sample(Stmt):
-    """``name ~ dist``: a random choice addressed by ``name`` (plus loop indices)."""
+    """``name ~ dist``: a random choice addressed by ``name`` (plus loop indices).
+    ``enumerate`` (``name ~ dist @enumerate``): sampling methods that can (importance,
+    smc, nuts) sum the choice out exactly instead of drawing it (``semantics.enumerate_sites``);
+    the program's meaning is the same."""
 
     target: str
     dist: Expr
+    enumerate: bool = False
     span: Span = _span()
 
 

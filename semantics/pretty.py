@@ -68,7 +68,7 @@ def _simple(s: ir.Stmt) -> str:
     if isinstance(s, ir.Assign):
         return f"{_target(s.target)} = {expr(s.value)}"
     if isinstance(s, ir.Sample):
-        return f"{s.target} ~ {expr(s.dist)}"
+        return f"{s.target} ~ {expr(s.dist)}" + (" @enumerate" if s.enumerate else "")
     if isinstance(s, ir.Observe):
         return f"observe {expr(s.value)} ~ {expr(s.dist)}"
     if isinstance(s, ir.Factor):

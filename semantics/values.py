@@ -31,6 +31,7 @@ import torch
 
 from . import limits
 from .errors import PPLRuntimeError, distribution_as_value
+from .lazy import Lazy, lazy_binop
 
 
 # ----------------------------------------------------------------------------- particles
@@ -596,6 +597,8 @@ def to_bool_rows(v: Any, ctx: Particles) -> torch.Tensor | bool:
         return t if t.dtype == torch.bool else t != 0
     if isinstance(v, PerParticle):
         return torch.tensor([bool(truthy(x)) for x in rows(v, ctx)], device=ctx.device)
+    if isinstance(v, Lazy):  # (semantics.lazy)
+        return v.truth(ctx)
     return bool(truthy(v))
 
 
@@ -772,6 +775,8 @@ def binop(op: str, a: Any, b: Any, ctx: Particles, exact: bool = False) -> Any:
         if ta is tb:
             va, vb = _align_ranks(va, vb, True, True)
         return Batched(_torch_binop(op, va, vb, lead=(ta is Batched, tb is Batched)), ctx.idx)
+    if isinstance(a, Lazy) or isinstance(b, Lazy):  # (semantics.lazy: an enumerated or delayed value)
+        return lazy_binop(op, a, b, ctx)
     if isinstance(a, DistributionValue) or isinstance(b, DistributionValue):
         d = a if isinstance(a, DistributionValue) else b
         raise not_a_value(d, "in a comparison" if op in _COMPARISONS or op == "in" else "in arithmetic")
@@ -886,6 +891,8 @@ def _is_bool(x: Any) -> bool:
 
 
 def unop(op: str, a: Any, ctx: Particles) -> Any:
+    if isinstance(a, Lazy):  # (semantics.lazy)
+        return a.unop(op, ctx)
     if op == "not":
         if isinstance(a, Batched):
             t = to_bool_rows(a, ctx)  # one truth value per particle: `not` of a vector is an error, as unbatched
@@ -1015,6 +1022,9 @@ def merge_parts(parts: Sequence[tuple[torch.Tensor, Any]], target: Particles) ->
         return first
     if len(parts) == 1 and is_batched(first):
         return restrict(first, target) if _covers(first, target) else first
+    for v in vals:
+        if isinstance(v, Lazy):  # (semantics.lazy)
+            return type(v).merge(parts, target)
     if all(is_numeric(v) for v in vals):
         pieces = [batch_rows(v, Particles(idx, target.N, target.device, target.full)) for idx, v in parts]
         # one tensor only when every part has the same per-particle shape: broadcasting a

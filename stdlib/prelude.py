@@ -749,6 +749,7 @@ def _dist_builtin(spec) -> Builtin:
             return DistValue(spec, args, nothing_defaulted)
         return _bind_dist(_dist_variant(spec, args, kwargs), args, kwargs)
 
+    make.accepts_lazy = True  # lazy parameters (semantics.lazy) are kept as they are
     return Builtin(spec.name, make, (required, len(names)))
 
 

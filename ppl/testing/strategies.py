@@ -89,7 +89,7 @@ def ir_statements(exprs=None, max_leaves: int = 8) -> st.SearchStrategy[ir.Stmt]
     exprs = exprs if exprs is not None else ir_expressions(6)
     simple = st.one_of(
         st.builds(ir.Assign, _targets(), exprs),
-        st.builds(ir.Sample, names(), exprs),
+        st.builds(ir.Sample, names(), exprs, st.booleans()),
         st.builds(ir.Observe, exprs, exprs),
         st.builds(ir.Factor, exprs),
         st.builds(ir.Condition, exprs),
