@@ -176,6 +176,33 @@ class Model:
     def prior(self, particles: int = 1000, seed: int | None = None, device: str = "cpu", **data):
         return self.run("prior", data, particles=particles, seed=seed, device=device)
 
+    # ------------------------------------------------------------------ structure (ppl.structure)
+    def graph(self, data: Mapping[str, Any] | None = None, *, collapse: bool = False,
+              deterministic: bool = False, **kwdata):
+        """The dependency graph on ``data``: a ``networkx.DiGraph`` of random choices,
+        observations, factors, conditions and the data they read (``ppl.structure``);
+        ``collapse=True`` shows each loop's copies as one node with its plate."""
+        from .structure import graph
+        return graph(self, data, collapse=collapse, deterministic=deterministic, **kwdata)
+
+    def independent(self, a, b, given=(), data: Mapping[str, Any] | None = None, *, observed: bool = True,
+                    **kwdata) -> bool:
+        """Whether sites ``a`` and ``b`` (addresses or plate names) are independent given
+        ``given`` by d-separation (with every observation when ``observed``: the posterior)."""
+        from .structure import independent
+        return independent(self, a, b, given, data, observed=observed, **kwdata)
+
+    def markov_blanket(self, x, data: Mapping[str, Any] | None = None, *, collapse: bool = False, **kwdata) -> set:
+        """The Markov blanket of site ``x``: parents, children, the children's other parents."""
+        from .structure import blanket
+        return blanket(self, x, data, collapse=collapse, **kwdata)
+
+    def draw(self, data: Mapping[str, Any] | None = None, path=None, *, collapse: bool = True, **kwdata):
+        """The dependency graph as a matplotlib Figure (plates as boxes, observations shaded),
+        saved to ``path`` when given."""
+        from .structure import draw
+        return draw(self, data, path, collapse=collapse, **kwdata)
+
     def log_joint(self, trace: Mapping[str, Any], **data) -> torch.Tensor:
         """log p(trace, data): the sum of the log densities of every choice in ``trace``
         (address -> value; a tensor with a leading dim scores a batch of traces) and of
