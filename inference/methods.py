@@ -17,10 +17,13 @@ from typing import Any, Callable
 
 import torch
 
+from ..semantics import enumerate_sites
 from ..semantics.errors import PPLRuntimeError
 from ..semantics.exact import DEFAULT_MAX_PATHS, DEFAULT_MAX_SECONDS, enumerate_paths
+from ..semantics.exact_elimination import STRATEGIES, EliminationResult, enumerate_exact
 from ..semantics.options import OptionSpec
 from .amortized import run_guided_importance, run_guided_smc
+from .delayed import delayed_importance, delayed_smc
 from .gradient_mcmc import gradient_mcmc
 from .importance import likelihood_weighting
 from .mh import mh
@@ -62,6 +65,8 @@ def _option_specs() -> dict[str, OptionSpec]:
         "num_steps": OptionSpec("int", low=1, nullable=True),
         "step_size": OptionSpec("number", low=0, low_open=True, nullable=True),
         "compile": OptionSpec("flag", choices=("auto",)),
+        "delayed": OptionSpec("flag"),  # importance/smc: delayed sampling (inference.delayed)
+        "strategy": OptionSpec("choice", choices=STRATEGIES),
     }
 
 
@@ -77,20 +82,32 @@ def check_options(options: dict) -> dict:
     return {k: OPTION_SPECS[k].check(k, v) if k in OPTION_SPECS else v for k, v in options.items()}
 
 
-def _program(model, data: dict, device):
-    """What every algorithm runs: (interpreter, entry point, data prepared for ``device``)."""
-    return model.interpreter(), model.entry, model.prepare_data(data, device)
+def _program(model, data: dict, device, enumerate: Any = None, enumerating: bool = False):
+    """What every algorithm runs: (interpreter, entry point, data prepared for ``device``).
+    ``enumerating``: the method sums out the choices marked ``@enumerate`` and those named
+    in ``enumerate`` (``semantics.enumerate_sites``)."""
+    interp = model.interpreter()
+    if enumerating:
+        interp = enumerate_sites.enumerating(interp, model.program, enumerate)
+    return interp, model.entry, model.prepare_data(data, device)
 
 
 def run_importance(model, data: dict, *, particles: int = 1000, device: str = "cpu", proposal: Any = None,
-                   progress: bool | None = None, **_) -> Population:
+                   progress: bool | None = None, delayed: bool = False, enumerate: Any = None,
+                   **_) -> Population:
     """Likelihood weighting; with ``proposal`` (a guide, ``inference.amortized``) the guide
     proposes the choices it knows, weighted by log p - log q (``extra`` holds
     ``ess_fraction`` and ``pareto_k``). ``progress``: a counter of the sites the batch has
-    run (without ``proposal``)."""
+    run (without ``proposal``). ``delayed=True``: conjugate choices are marginalised
+    (delayed sampling, ``inference.delayed``). ``enumerate``: choices summed out (names or
+    address prefixes; with the ones marked ``@enumerate``: ``semantics.enumerate_sites``)."""
+    if delayed:
+        _no_proposal_with_delayed(proposal)
+        return delayed_importance(*_program(model, data, device), int(particles), device)
     if proposal is not None:
         return run_guided_importance(model, data, proposal, particles=particles, device=device)
-    return likelihood_weighting(*_program(model, data, device), int(particles), device, progress=progress)
+    return likelihood_weighting(*_program(model, data, device, enumerate, enumerating=True), int(particles), device,
+                                progress=progress)
 
 
 def run_prior(model, data: dict, *, particles: int = 1000, device: str = "cpu", progress: bool | None = None,
@@ -103,7 +120,7 @@ def run_prior(model, data: dict, *, particles: int = 1000, device: str = "cpu", 
 
 def run_smc(model, data: dict, *, particles: int = 1000, device: str = "cpu", resampling: str = "systematic",
             ess_threshold: float = 1.0, proposal: Any = None, progress: bool | None = None, keep: Any = None,
-            **_) -> Population:
+            delayed: bool = False, enumerate: Any = None, **_) -> Population:
     """SMC over the checkpoints (``inference.smc``). ``extra["history"]`` lists, per
     synchronisation checkpoint, the ESS before resampling and whether it resampled. With
     ``proposal`` (a mean-field guide) each choice it knows is proposed by it where the
@@ -113,12 +130,25 @@ def run_smc(model, data: dict, *, particles: int = 1000, device: str = "cpu", re
     not a site is an error), or "all"; left out, every site while N times the number of
     choices is at most 10^7, and past that (a filter: N = 10^6 over 100 steps) the
     return value and the last address of each choice name (``x[99]`` of ``x[0]`` ...
-    ``x[99]``), with the dropped addresses in ``extra["dropped_sites"]``."""
+    ``x[99]``), with the dropped addresses in ``extra["dropped_sites"]``. ``delayed=True``:
+    conjugate choices are marginalised (delayed sampling, ``inference.delayed``: a
+    linear-Gaussian state-space model is Kalman-filtered, exactly with one particle)."""
+    if delayed:
+        _no_proposal_with_delayed(proposal)
+        return delayed_smc(*_program(model, data, device), int(particles), device, resampling=resampling,
+                           ess_threshold=ess_threshold, progress=progress, keep="auto" if keep is None else keep)
     if proposal is not None:
         return run_guided_smc(model, data, proposal, particles=particles, device=device, resampling=resampling,
                               ess_threshold=ess_threshold, progress=progress, keep="auto" if keep is None else keep)
-    return smc(*_program(model, data, device), int(particles), device, resampling=resampling,
-               ess_threshold=ess_threshold, progress=progress, keep="auto" if keep is None else keep)
+    return smc(*_program(model, data, device, enumerate, enumerating=True), int(particles), device,
+               resampling=resampling, ess_threshold=ess_threshold, progress=progress,
+               keep="auto" if keep is None else keep)
+
+
+def _no_proposal_with_delayed(proposal: Any) -> None:
+    if proposal is not None:
+        raise PPLRuntimeError("delayed=True cannot be combined with proposal=",
+                              hint="a guide proposes the choices that delayed sampling would marginalise: use one of them")
 
 
 def run_mh(model, data: dict, *, particles: int = 4, samples: int = 1000, burn_in: int = 500, thin: int = 1,
@@ -256,13 +286,22 @@ def run_best_of_n(model, data: dict, *, particles: int = 100, device: str = "cpu
 
 
 def run_enumerate(model, data: dict, *, max_paths: int = DEFAULT_MAX_PATHS,
-                  max_seconds: float | None = DEFAULT_MAX_SECONDS, progress: bool | None = None, **_) -> list:
+                  max_seconds: float | None = DEFAULT_MAX_SECONDS, progress: bool | None = None,
+                  strategy: str = "auto", **_) -> list | EliminationResult:
     """Exact enumeration (``semantics.exact``), bounded by ``max_paths`` paths and
     ``max_seconds`` seconds (None: no time bound); ``progress``: a path counter on stderr
-    (default: on a terminal, after 2 s). The list of (weight, values) paths."""
-    return enumerate_paths(model.program, model.builtins(), model.entry, model.prepare_data(data, None),
-                           max_paths=max_paths, interp=model.interpreter(exact=True),
-                           max_seconds=max_seconds, progress=progress)
+    (default: on a terminal, after 2 s). The list of (weight, values) paths, or, for a
+    model of static structure with more than a thousand paths, the same measure by
+    variable elimination (``semantics.exact_elimination``: an ``EliminationResult``, in
+    time linear in a chain's length). ``strategy``: "auto" (that choice), "paths" or
+    "elimination" (an error where it does not apply)."""
+    prepared = model.prepare_data(data, None)
+    interp = model.interpreter(exact=True)
+
+    def paths() -> list:
+        return enumerate_paths(model.program, model.builtins(), model.entry, prepared, max_paths=max_paths,
+                               interp=interp, max_seconds=max_seconds, progress=progress)
+    return enumerate_exact(model, data, prepared, interp, paths, strategy=strategy)
 
 
 #: ``method=`` name -> entry point (see the module docstring); ``ppl.register_method`` adds
