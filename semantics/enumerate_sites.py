@@ -377,22 +377,24 @@ class Enumerating:
     choice (besides ``@enumerate`` ones); ``recover``: draw the enumerated choices from
     their conditional at the end of the run (they enter the trace and the return value)."""
 
-    def __init__(self, inner, select: Callable[[str], bool] = lambda addr: False, recover: bool = True):
+    def __init__(self, inner, select: Callable[[str], bool] = lambda addr: False, recover: bool = True,
+                 run_cls: type | None = None):
         self._inner = inner
         self._select = select
         self.recover = recover
+        self._run_cls = run_cls or EnumRun  # (a test substitutes a broken one)
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
     def without_recovery(self) -> "Enumerating":
-        return Enumerating(self._inner, self._select, recover=False)
+        return Enumerating(self._inner, self._select, recover=False, run_cls=self._run_cls)
 
     def run(self, entry: str, data: dict, ctx) -> Any:
-        return _EnumRun(self, ctx).run(self._inner.run(entry, data, ctx))
+        return self._run_cls(self, ctx).run(self._inner.run(entry, data, ctx))
 
 
-class _EnumRun:
+class EnumRun:
     """One run of ``Enumerating``."""
 
     def __init__(self, owner: Enumerating, ctx):
@@ -467,10 +469,15 @@ class _EnumRun:
         K = values.shape[0]
         v = self.graph.new_var(eff.addr, K, values, eff.span, ctx)
         dims = dims + (v,)
-        self.graph.add(dims, self.graph.full_rows(logp, dims, ctx, pad_prior_of=v))
+        self.add_prior(v, dims, logp, ctx)
         shape = (ctx.M, *([1] * (len(dims) - 1)), K)
         return EnumValue(values.reshape(1, *([1] * (len(dims) - 1)), K).expand(shape), dims, ctx.idx)
         yield  # pragma: no cover  (a generator like the other handlers)
+
+    def add_prior(self, v: EnumVar, dims: tuple, logp: torch.Tensor, ctx) -> None:
+        """v's log prior table (over its parents and v) joins the factor graph (it sums to
+        one over v: no change of log Z)."""
+        self.graph.add(dims, self.graph.full_rows(logp, dims, ctx, pad_prior_of=v))
 
     def draw_parents(self, args, eff):
         """Draw the enumerated choices ``args`` depend on (a choice that is not enumerated

@@ -46,7 +46,8 @@ from ..inference.smc import smc
 from ..inference.steer import smc_steer
 from ..inference.tempering import tempered_smc
 from ..semantics import gfi
-from ..semantics.errors import ZeroEvidenceError
+from ..semantics.choice_map import ChoiceMap
+from ..semantics.errors import InfiniteSupportError, ZeroEvidenceError
 from ..semantics.resampling import RESAMPLING, is_weighted
 from ..stdlib import rng
 from ..semantics.values import Batched, Particles, PerParticle, materialize, pack, rows, to_python
@@ -360,13 +361,35 @@ class TransformCheck:
         return f"measure on return values ({kind}; max difference {self.max_error:.3g}):\n" + "\n".join(rows)
 
 
-def check_transformation(transform: Callable, model, data: dict | None = None) -> TransformCheck:
+def check_transformation(transform: Callable, model, data: dict | None = None, *, choice_map=None,
+                         traces: int = 20, seed: int = 0):
     """Exact check that ``transform`` (IR program -> IR program) preserves the measure:
     enumerate ``model`` and ``model.transformed(transform)`` and compare their measures on
     return values (``TransformCheck.ok``: exactly, in rationals, when both are
     rational). A transformation that changes the evidence or any posterior probability of
-    the return value fails, by the size of the change."""
-    return TransformCheck(exact_measure(model, data), exact_measure(model.transformed(transform), data))
+    the return value fails, by the size of the change.
+
+    A continuous program (``InfiniteSupportError`` when enumerated) is checked by its joint
+    density instead (``ppl.testing.density_check``; a ``DensityCheck`` with the same
+    ``ok``/``max_error``/``str``): through ``choice_map`` (a ``ChoiceMap``), else the
+    transform's own ``choice_map`` attribute (a ``ChoiceMap``, or a function of the
+    program giving one), else the identity; symbolically where both programs are static,
+    else at ``traces`` prior traces of the new program (``seed``)."""
+    new = model.transformed(transform)
+    try:
+        before = exact_measure(model, data)
+    except InfiniteSupportError:
+        from .density_check import check_density_transformation
+        return check_density_transformation(model, new, data, _declared_map(transform, model, choice_map),
+                                            traces=traces, seed=seed)
+    return TransformCheck(before, exact_measure(new, data))
+
+
+def _declared_map(transform, model, choice_map) -> ChoiceMap:
+    declared = choice_map if choice_map is not None else getattr(transform, "choice_map", None)
+    if declared is None:
+        return ChoiceMap.identity()
+    return declared if isinstance(declared, ChoiceMap) else declared(model.program)
 
 
 def check_proper(model, algorithm: Callable, data: dict | None = None) -> ProperCheck:
@@ -420,6 +443,21 @@ def smc_algorithm(particles: int, resampling: str = "systematic", ess_threshold:
     def run(interp, entry, data, rnd):
         return smc(interp, entry, data, particles, "cpu", resampling=resampling, ess_threshold=ess_threshold,
                    randomness=rnd, handler_cls=handler)
+    return checkable(run, particles)
+
+
+def enumerating_algorithm(particles: int, names=None, resampling: str = "systematic", ess_threshold: float = 1.0,
+                          run_cls=None):
+    """SMC (importance sampling with ``ess_threshold=0``) with the choices marked ``@enumerate``
+    and those ``names`` selects summed out (``semantics.enumerate_sites``), as ``check_proper``
+    wants it: the invariant is that the weighting is proper for the marginalised program, and,
+    with the choices drawn back from their conditionals at the end, for the original one.
+    ``run_cls`` substitutes the run class (to check a broken variant)."""
+    from ppl.semantics.enumerate_sites import Enumerating, site_selector
+
+    def run(interp, entry, data, rnd):
+        return smc(Enumerating(interp, site_selector(names), run_cls=run_cls), entry, data, particles, "cpu",
+                   resampling=resampling, ess_threshold=ess_threshold, randomness=rnd)
     return checkable(run, particles)
 
 
