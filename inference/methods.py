@@ -82,13 +82,14 @@ def check_options(options: dict) -> dict:
     return {k: OPTION_SPECS[k].check(k, v) if k in OPTION_SPECS else v for k, v in options.items()}
 
 
-def _program(model, data: dict, device, enumerate: Any = None, enumerating: bool = False):
+def _program(model, data: dict, device, enumerate: Any = None, enumerating: bool = False, recover: bool = True):
     """What every algorithm runs: (interpreter, entry point, data prepared for ``device``).
     ``enumerating``: the method sums out the choices marked ``@enumerate`` and those named
-    in ``enumerate`` (``semantics.enumerate_sites``)."""
+    in ``enumerate`` (``semantics.enumerate_sites``; ``recover``: and draws them back from
+    their conditionals at the end of each run)."""
     interp = model.interpreter()
     if enumerating:
-        interp = enumerate_sites.enumerating(interp, model.program, enumerate)
+        interp = enumerate_sites.enumerating(interp, model.program, enumerate, recover=recover)
     return interp, model.entry, model.prepare_data(data, device)
 
 
@@ -173,12 +174,14 @@ def run_nuts(model, data: dict, *, particles: int = 4, samples: int = 1000, burn
              warmup: int | None = None, chains: int | None = None, device: str = "cpu", kernel: str = "nuts",
              target_accept: float = 0.8, max_tree_depth: int = 10, dense_mass: bool = False,
              num_steps: int | None = None, step_size: float | None = None, traced: bool | str = "auto",
-             compile: bool | str = "auto", progress: bool | None = None, **_) -> Chains:
+             compile: bool | str = "auto", progress: bool | None = None, enumerate: Any = None, **_) -> Chains:
     """NUTS (``inference.gradient_mcmc``) with ``chains`` chains as one batch (``particles``
     is the CLI's ``-n``), ``samples`` draws each after ``burn_in`` (= ``warmup``)
     iterations of Stan's windowed adaptation. ``compile``: TorchInductor for the potential
-    (default "auto": when its measured savings on the run exceed its cost)."""
-    return gradient_mcmc(*_program(model, data, device), kernel=kernel,
+    (default "auto": when its measured savings on the run exceed its cost). ``enumerate``:
+    discrete choices summed out in the potential (with those marked ``@enumerate``; they are
+    not in the draws)."""
+    return gradient_mcmc(*_program(model, data, device, enumerate, enumerating=True, recover=False), kernel=kernel,
                          chains=int(chains if chains is not None else particles), samples=int(samples),
                          warmup=int(warmup if warmup is not None else burn_in), device=device,
                          target_accept=float(target_accept), max_tree_depth=int(max_tree_depth),
@@ -197,7 +200,7 @@ def run_hmc(model, data: dict, *, particles: int = 4, samples: int = 1000, burn_
     return run_nuts(model, data, kernel="hmc", particles=particles, samples=samples, burn_in=burn_in,
                     warmup=warmup, chains=chains, device=device, num_steps=num_steps, target_accept=target_accept,
                     dense_mass=dense_mass, step_size=step_size, traced=traced, compile=compile,
-                    progress=progress)
+                    progress=progress, enumerate=_.get("enumerate"))
 
 
 def _flag(value):
@@ -294,13 +297,17 @@ def run_enumerate(model, data: dict, *, max_paths: int = DEFAULT_MAX_PATHS,
     model of static structure with more than a thousand paths, the same measure by
     variable elimination (``semantics.exact_elimination``: an ``EliminationResult``, in
     time linear in a chain's length). ``strategy``: "auto" (that choice), "paths" or
-    "elimination" (an error where it does not apply)."""
+    "elimination" (an error where it does not apply). Under "auto", a bound other than
+    the default on ``max_paths`` or ``max_seconds`` asks for bounded path enumeration,
+    so paths are enumerated."""
     prepared = model.prepare_data(data, None)
     interp = model.interpreter(exact=True)
 
     def paths() -> list:
         return enumerate_paths(model.program, model.builtins(), model.entry, prepared, max_paths=max_paths,
                                interp=interp, max_seconds=max_seconds, progress=progress)
+    if strategy == "auto" and (max_paths != DEFAULT_MAX_PATHS or max_seconds != DEFAULT_MAX_SECONDS):
+        strategy = "paths"
     return enumerate_exact(model, data, prepared, interp, paths, strategy=strategy)
 
 

@@ -23,6 +23,7 @@ from .inference.methods import METHODS, check_options
 from .inference.population import Chains, Optimum, Population
 from .result import ExactResult, WeightedResult, as_result
 from .semantics.errors import PPLError, did_you_mean
+from .semantics.exact_elimination import EliminationResult
 from .semantics.options import OptionSpec
 
 __all__ = ["register_method", "run_method", "method_options", "check_method_options", "OptionSpec"]
@@ -121,7 +122,8 @@ def run_method(method: str, model, data: dict, **options) -> Any:
     if options.get("proposal") is not None:  # the path of a saved guide: loaded here, in the face
         options["proposal"] = load_proposal(options["proposal"], model, data)
     raw = METHODS[method](model, data, **options)
-    if not isinstance(raw, (Population, Chains, Optimum, list, tuple, WeightedResult, ExactResult)):
+    if not isinstance(raw, (Population, Chains, Optimum, list, tuple, WeightedResult, ExactResult,
+                            EliminationResult)):
         raise PPLError(f"the inference method '{method}' returned a {type(raw).__name__}",
                        hint="a method returns a ppl.inference Population or Chains, exact paths, or a result")
     res = as_result(raw)

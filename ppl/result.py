@@ -61,6 +61,7 @@ import torch
 
 from ppl.inference.population import Chains, Optimum, Population
 from ppl.inference.resampling import normalise_log_weights
+from ppl.semantics.exact_elimination import EliminationResult
 from ppl.semantics.errors import PPLError, PPLRuntimeError, ZeroEvidenceError, did_you_mean
 
 from .results import export, plots, text
@@ -70,7 +71,7 @@ from .results.stats import _check_q, _View, describe, exact_view, weighted_view
 from .results.text import _fmt
 from .results.values import FLOAT_MAX_LEVELS, INTEGRAL_MAX_LEVELS, _log, _to_key  # noqa: F401
 
-__all__ = ["Site", "WeightedResult", "ExactResult", "MCMCResult", "BestOfNResult", "as_result"]
+__all__ = ["Site", "WeightedResult", "ExactResult", "EliminatedResult", "MCMCResult", "BestOfNResult", "as_result"]
 
 _ZERO_WEIGHTED_MSG = "every particle has weight zero (log evidence = -inf)"
 _ZERO_WEIGHTED_HINT = (
@@ -395,6 +396,8 @@ class ExactResult(_ResultBase):
     """
 
     method = "enumerate"
+    #: how the measure was computed: "paths" here, "elimination" for ``EliminatedResult``
+    strategy = "paths"
 
     def __init__(self, paths: list[tuple[Any, dict[str, Any]]]):
         self.paths = list(paths)
@@ -437,6 +440,51 @@ class ExactResult(_ResultBase):
 
     def _make_view(self, name: str) -> _View:
         return exact_view(name, self._positive, self.evidence)
+
+
+class EliminatedResult(ExactResult):
+    """The exact posterior computed by variable elimination (``enumerate`` on a model of
+    static structure: ``semantics.exact_elimination``), with the interface of
+    :class:`ExactResult`: the same evidence and return-value table (Fractions when exact),
+    per-site marginals of every choice, ``n`` (the number of positive-weight paths,
+    counted by the same elimination). ``strategy`` is "elimination". ``paths`` is the path
+    list, enumerated on first use (one run per path: slow for a long chain)."""
+
+    strategy = "elimination"
+
+    def __init__(self, raw: EliminationResult):
+        self._raw = raw
+        exact = all(isinstance(w, (int, Fraction)) for w in raw.returns.values())
+        self.evidence = Fraction(raw.evidence) if exact else float(raw.evidence)
+        if self.evidence == 0:
+            raise ZeroEvidenceError(_ZERO_EXACT_MSG, hint=_ZERO_EXACT_HINT)
+        self.log_evidence = _log(self.evidence)
+        self.ess = None
+        self.names = list(raw.names)
+
+    @property
+    def n(self) -> int:
+        """The number of execution paths of positive weight."""
+        return self._raw.count_paths()
+
+    @property
+    def paths(self) -> list:
+        cached = self.__dict__.get("_paths")
+        if cached is None:
+            cached = self.__dict__["_paths"] = list(self._raw.enumerate_paths())
+        return cached
+
+    def _header(self) -> str:
+        ev = _fmt(self.evidence)
+        return (f"{self.method}: {self.n} paths (by variable elimination), evidence={ev}, "
+                f"log evidence={self.log_evidence:.4f}")
+
+    def _json_extra(self) -> dict:
+        return {"evidence": str(self.evidence), "strategy": self.strategy}
+
+    def _make_view(self, name: str) -> _View:
+        weights = self._raw.marginal_weights(name)
+        return exact_view(name, [(w, {name: v}) for v, w in weights.items() if w > 0], self.evidence)
 
 
 #: what HMC/NUTS add to a result's JSON (``inference.gradient_mcmc``)
@@ -565,6 +613,8 @@ def as_result(raw: Any) -> "_ResultBase":
                              importance_log_evidence=raw.importance_log_evidence, extra=raw.extra)
     if isinstance(raw, (list, tuple)):
         return ExactResult(raw)
+    if isinstance(raw, EliminationResult):
+        return EliminatedResult(raw)
     raise TypeError(f"as_result: cannot make a result of a {type(raw).__name__} "
                     "(expected a Population, Chains, Optimum, exact paths or a result)")
 

@@ -1,0 +1,294 @@
+"""Exact sum-product variable elimination over factor tables, and elimination orders.
+
+A *factor* is a table over a tuple of variables: ``Factor(vars, table)`` where ``table``
+maps a tuple of values (one per variable, in order) to a non-negative weight; a missing
+key weighs 0. Weights are ``Fraction``s, ints or floats; the arithmetic is Python's, so
+the answers are exact Fractions when every entry is one (a float anywhere makes the
+answers that touch it floats). ``domains`` maps each variable to the tuple of its values.
+
+The measure the factors denote is ``w(x) = prod_f f(x|vars(f))`` on assignments ``x`` of
+every variable the factors mention to a value of its domain (an order lists exactly those).
+
+**Invariant (what a transformation built on this must preserve).** For any order of the
+variables, ``sum_product(factors, domains, order, keep)`` is the table over ``keep`` of
+``sum_{x : x|keep = k} w(x)``, the same numbers the brute-force sum over all assignments
+gives (exactly, in Fractions): summing a variable out of the product of the factors that
+mention it is the distributive law. The order changes only the cost, which is the product
+of the domain sizes of the largest scope formed (the induced width); ``elimination_order``
+chooses one with networkx's treewidth heuristics (minimum fill-in or minimum degree). A
+chain or a tree has induced width 1, so its cost is linear in its length.
+
+:class:`BucketTree` keeps the forward pass's messages so that the marginal of every
+variable (and of a set of variables that share a bucket) comes from one backward pass:
+two passes give all marginals instead of one elimination per variable.
+
+Used by ``semantics.exact_elimination`` (``enumerate`` by dynamic programming); the order
+function is shared with the batched enumeration inside sampling methods.
+"""
+from __future__ import annotations
+
+import itertools
+from fractions import Fraction
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+from networkx.algorithms.approximation import treewidth as _tw
+
+__all__ = ["Factor", "elimination_order", "interaction_graph", "sum_product", "BucketTree", "induced_width",
+           "TableTooLarge"]
+
+
+class TableTooLarge(Exception):
+    """An intermediate table would exceed the size limit (the caller falls back)."""
+
+
+@dataclass(frozen=True)
+class Factor:
+    """A table over ``vars``: value tuple -> weight (missing keys weigh 0)."""
+    vars: tuple
+    table: dict
+
+    def scalar(self) -> Any:
+        """The weight of a factor over no variables."""
+        return self.table.get((), 0)
+
+
+# ----------------------------------------------------------------------------------------
+# elimination orders
+# ----------------------------------------------------------------------------------------
+
+
+def interaction_graph(scopes: Iterable[Iterable[Hashable]]) -> nx.Graph:
+    """The undirected graph with an edge between every two variables that share a scope
+    (the moral graph of a factorisation)."""
+    g = nx.Graph()
+    for scope in scopes:
+        scope = list(dict.fromkeys(scope))
+        g.add_nodes_from(scope)
+        g.add_edges_from(itertools.combinations(scope, 2))
+    return g
+
+
+class _Candidates(Mapping):
+    """The elimination graph seen by networkx's heuristics with some nodes held back: the
+    heuristic picks among ``candidates`` but reads every node's neighbours."""
+
+    def __init__(self, graph: dict, candidates: dict):
+        self.graph, self.candidates = graph, candidates
+
+    def __getitem__(self, node):
+        return self.graph[node]
+
+    def __iter__(self):
+        return iter(self.candidates)
+
+    def __len__(self):
+        return len(self.graph)
+
+
+def elimination_order(scopes: Iterable[Iterable[Hashable]], *, last: Iterable[Hashable] = (),
+                      heuristic: str = "min_fill") -> list:
+    """An order in which to sum out the variables of factors with these ``scopes``
+    (every variable that occurs, and every variable of ``last``), chosen greedily on the
+    interaction graph by networkx's treewidth heuristic (``"min_fill"``: fewest fill-in
+    edges, ``networkx...treewidth.min_fill_in_heuristic``; ``"min_degree"``: fewest
+    neighbours, ``MinDegreeHeuristic``). The variables of ``last`` (e.g. the ones whose
+    joint is wanted) come last, in the order given. Ties break by first appearance, so
+    the order is deterministic."""
+    last = list(dict.fromkeys(last))
+    g = interaction_graph(scopes)
+    g.add_nodes_from(last)
+    graph = {n: set(g[n]) - {n} for n in g}
+    held = set(last)
+    candidates = {n: None for n in g if n not in held}
+    order = []
+    pick = _picker(heuristic, graph)
+    while candidates:
+        node = pick(_Candidates(graph, candidates))
+        if node is None:  # the rest is one clique: any order is as good
+            order.extend(candidates)
+            break
+        order.append(node)
+        del candidates[node]
+        _eliminate_node(graph, node)
+    return order + last
+
+
+def _picker(heuristic: str, graph: dict):
+    if heuristic == "min_fill":
+        return _tw.min_fill_in_heuristic
+    if heuristic == "min_degree":  # networkx's MinDegreeHeuristic's rule; its heap cannot hold nodes back
+        return lambda view: min(view.candidates, key=lambda n: len(view.graph[n]))
+    raise ValueError(f"unknown elimination heuristic {heuristic!r} (min_fill or min_degree)")
+
+
+def _eliminate_node(graph: dict, node) -> None:
+    nbrs = graph.pop(node)
+    for u in nbrs:
+        graph[u].discard(node)
+        graph[u].update(nbrs - {u})
+
+
+def induced_width(scopes: Iterable[Iterable[Hashable]], order: list) -> int:
+    """The largest number of neighbours a variable has when it is eliminated in ``order``
+    (1 for a chain in its natural order)."""
+    g = interaction_graph(scopes)
+    graph = {n: set(g[n]) - {n} for n in g}
+    width = 0
+    for node in order:
+        if node in graph:
+            width = max(width, len(graph[node]))
+            _eliminate_node(graph, node)
+    return width
+
+
+# ----------------------------------------------------------------------------------------
+# products and sums of tables
+# ----------------------------------------------------------------------------------------
+
+
+def _product_sum(factors: list[Factor], domains: Mapping, out_vars: tuple, sum_vars: tuple,
+                 max_table: int | None) -> Factor:
+    """sum over ``sum_vars`` of the product of ``factors``, as a table over ``out_vars``
+    (``out_vars + sum_vars`` covers every factor's variables). Zero products are skipped."""
+    scope = out_vars + sum_vars
+    size = 1
+    for v in scope:
+        size *= len(domains[v])
+    if max_table is not None and size > max_table:
+        raise TableTooLarge(f"a table over {len(scope)} variables has {size} entries (limit {max_table})")
+    pos = {v: i for i, v in enumerate(scope)}
+    lookups = [(f.table, tuple(pos[v] for v in f.vars)) for f in factors]
+    n_out = len(out_vars)
+    out: dict = {}
+    for assignment in itertools.product(*(domains[v] for v in scope)):
+        w = 1
+        for table, idx in lookups:
+            w = w * table.get(tuple(assignment[i] for i in idx), 0)
+            if not w:
+                break
+        if w:
+            key = assignment[:n_out]
+            out[key] = out[key] + w if key in out else w
+    return Factor(out_vars, out)
+
+
+def _ordered_union(factors: Iterable[Factor]) -> tuple:
+    return tuple(dict.fromkeys(v for f in factors for v in f.vars))
+
+
+def sum_product(factors: Iterable[Factor], domains: Mapping, order: list, keep: Iterable[Hashable] = (),
+                *, max_table: int | None = None) -> Factor:
+    """The table over ``keep`` of the sum, over every other variable, of the product of
+    ``factors`` (see the module's invariant), eliminating in ``order`` (variables of
+    ``keep`` in it are skipped). ``keep=()``: a factor over no variables whose scalar is
+    the total mass Z. ``max_table``: a bound on the entries of any table formed
+    (``TableTooLarge`` beyond it)."""
+    keep = tuple(dict.fromkeys(keep))
+    kept = set(keep)
+    pending = list(factors)
+    for var in order:
+        if var in kept:
+            continue
+        touching = [f for f in pending if var in f.vars]
+        if not touching:
+            continue
+        pending = [f for f in pending if var not in f.vars]
+        rest = tuple(v for v in _ordered_union(touching) if v != var)
+        pending.append(_product_sum(touching, domains, rest, (var,), max_table))
+    leftover = tuple(v for v in _ordered_union(pending) if v not in kept)
+    if leftover:
+        raise ValueError(f"variables not in the order: {leftover!r}")
+    return _product_sum(pending, domains, keep, (), max_table)
+
+
+class BucketTree:
+    """Variable elimination that keeps its messages, for every marginal in two passes.
+
+    Bucket i belongs to ``order[i]``: it holds the factors whose first variable in the
+    order is ``order[i]`` and the messages of its children; its message (the product
+    summed over ``order[i]``) goes to the bucket of the first remaining variable in the
+    order (its parent), or, over no variables, multiplies the total mass. The backward
+    pass sends each bucket the product of everything outside its subtree, so that a
+    bucket's belief (its product times that message) is the unnormalised marginal of its
+    scope within its connected component."""
+
+    def __init__(self, factors: Iterable[Factor], domains: Mapping, order: list, *, max_table: int | None = None):
+        self.domains, self.order, self.max_table = domains, list(order), max_table
+        self.position = {v: i for i, v in enumerate(self.order)}
+        n = len(self.order)
+        self.own: list[list[Factor]] = [[] for _ in range(n)]
+        self.constants: list[Factor] = []
+        for f in factors:
+            if f.vars:
+                self.own[min(self.position[v] for v in f.vars)].append(f)
+            else:
+                self.constants.append(f)
+        self.children: list[list[int]] = [[] for _ in range(n)]
+        self.parent: list[int | None] = [None] * n
+        self.message: list[Factor | None] = [None] * n
+        self._down: list[Factor | None] = [None] * n
+        self._forward()
+
+    def _scope(self, i: int) -> tuple:
+        """The variables of bucket i's product (its own variable first)."""
+        parts = self.own[i] + [self.message[c] for c in self.children[i]]
+        rest = tuple(v for v in _ordered_union(parts) if v != self.order[i])
+        return (self.order[i],) + rest
+
+    def _forward(self) -> None:
+        roots = []
+        for i, var in enumerate(self.order):
+            parts = self.own[i] + [self.message[c] for c in self.children[i]]
+            rest = self._scope(i)[1:]
+            self.message[i] = _product_sum(parts, self.domains, rest, (var,), self.max_table)
+            if rest:
+                p = min(self.position[v] for v in rest)
+                self.parent[i] = p
+                self.children[p].append(i)
+            else:
+                roots.append(i)
+        self.roots = roots
+        z = 1
+        for f in self.constants + [self.message[r] for r in roots]:
+            z = z * f.scalar()
+        self.total = z
+
+    def _down_message(self, i: int) -> Factor:
+        """The product of every factor outside bucket i's subtree, summed down to the
+        variables bucket i shares with its parent (over no variables at a root: 1)."""
+        if self._down[i] is None:
+            p = self.parent[i]
+            if p is None:
+                self._down[i] = Factor((), {(): 1})
+            else:
+                parts = self.own[p] + [self.message[c] for c in self.children[p] if c != i] + [self._down_message(p)]
+                sep = self.message[i].vars
+                others = tuple(v for v in self._scope(p) if v not in sep)
+                self._down[i] = _product_sum(parts, self.domains, sep, others, self.max_table)
+        return self._down[i]
+
+    def marginal(self, variables: Iterable[Hashable]) -> dict:
+        """The normalised joint table {value tuple: probability} of ``variables``, which
+        must lie in one bucket's scope (a single variable always does)."""
+        variables = tuple(variables)
+        for i in sorted({self.position[v] for v in variables}):
+            scope = self._scope(i)
+            if set(variables) <= set(scope):
+                break
+        else:
+            raise ValueError(f"{variables!r} share no bucket")
+        parts = self.own[i] + [self.message[c] for c in self.children[i]] + [self._down_message(i)]
+        others = tuple(v for v in scope if v not in variables)
+        belief = _product_sum(parts, self.domains, variables, others, self.max_table).table
+        mass = sum(belief.values())
+        return {k: _ratio(w, mass) for k, w in belief.items()}
+
+
+def _ratio(a, b):
+    """a / b, a Fraction when both are exact."""
+    if isinstance(a, int) and isinstance(b, int):
+        return Fraction(a, b)
+    return a / b

@@ -1,0 +1,415 @@
+"""``enumerate`` by dynamic programming: a finite program's exact measure by variable
+elimination instead of one re-execution per path.
+
+Path enumeration (``semantics.exact``) costs one run per execution path: 2^k runs for a
+chain of k binary choices. When the program's structure is *static* on its finite-support
+choices (which sites exist does not depend on random values) and the parents of every
+site are known (``semantics.dependencies``), the measure factorises:
+
+    w(x) = prod_choices p(x_c | x_pa(c)) * prod_likelihood-sites l_s(x_pa(s)),
+    return value = r(x_pa(return)),
+
+so it is enough to know each factor as a table over its parents' values. The tables come
+from running the program in exact mode with every choice FIXED (``_FixedRun``: a chooser
+that answers each choice with a given value and records the choice's exact support, and
+records every observe/factor/condition's weight, 0 included, without stopping the run) on
+a small set of assignments that together cover every combination of every site's parents'
+values (``covering_assignments``; for a chain, all-first and all-second values). The
+choice's own value need not be covered: its row comes from its distribution's exact
+support. ``semantics.elimination`` then sums the factors out (Z and the joint of the
+return value's parents, pushed through the tabulated return value), and per-site marginals
+come from a bucket tree's two passes on demand. Cost: (number of covering runs) x (one run)
+plus tables of the size of the parents' joint domains: linear in a chain's or tree's length.
+
+**Invariant** (checked by ``tests/test_elimination.py`` on random finite programs against
+path enumeration, and a broken variant that forgets a prior factor is caught): the measure
+on return values, and Z, equal the path sum, as identical Fractions when exact.
+
+**Where it does not apply, paths are enumerated** (``strategy`` says which was used):
+the structure is not static or a site's parents are unknown, a table or the joint of the
+return value's parents would exceed ``max_table`` entries, a covering run fails (e.g. an
+error only reachable at an impossible assignment), the runs disagree with the declared
+structure (a site appears or vanishes, or a factor changes while its parents do not), or
+Z = 0 (path enumeration then gives the located error). Small programs (an upper bound of
+at most ``path_threshold`` paths) keep the path form, whose per-path data some callers read.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Callable
+
+from .elimination import BucketTree, Factor, TableTooLarge, elimination_order, sum_product
+from .errors import InfiniteSupportError, PPLError, PPLRuntimeError
+from .exact import _hashable, _observe_prob, exact_data
+from .sampling import drive
+from .values import Particles, to_python, to_vector, truthy
+
+__all__ = ["Structure", "EliminationResult", "NotApplicable", "eliminate_program", "covering_assignments"]
+
+DEFAULT_MAX_TABLE = 1 << 16
+
+
+class NotApplicable(Exception):
+    """Variable elimination does not apply to this program (the reason is the message)."""
+
+
+@dataclass
+class Structure:
+    """What the elimination needs to know of a program: whether its set of sites is static
+    on the finite choices, and each site's parent choices (address -> addresses; the
+    return value under "return"). Likelihood sites are keyed by their run-time address."""
+    static: bool
+    parents: dict[str, tuple]
+
+
+# ----------------------------------------------------------------------------------------
+# running the program with every choice fixed
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Site:
+    addr: str
+    kind: str          # "choice" or "likelihood"
+    support: list | None = None   # a choice's [(hashable value, probability)]
+    weight: Any = 1               # a likelihood site's weight
+    span: Any = None
+
+
+class _FixedRun:
+    """A handler that answers each choice with ``assignment[addr]`` (its first support
+    value when unassigned) and records every site: a choice's exact support, a likelihood
+    site's weight (0 for a failed condition or an impossible observation: the run goes on)."""
+
+    def __init__(self, assignment: dict, originals: dict):
+        self.assignment, self.originals = assignment, originals
+        self.sites: list[_Site] = []
+        self.chosen: dict = {}  # addr -> the (hashable) value each choice was given
+
+    def sample(self, eff):
+        try:
+            support = eff.dist.exact_support()
+        except InfiniteSupportError as err:
+            raise err.with_span(eff.span)
+        table: dict = {}
+        for v, p in support:
+            if p != 0:
+                key = _hashable(v)
+                self.originals.setdefault(key, v)
+                table[key] = table.get(key, 0) + p
+        if not table:
+            raise NotApplicable(f"{eff.addr}: a choice with no value of positive mass")
+        self.sites.append(_Site(eff.addr, "choice", list(table.items()), span=eff.span))
+        key = self.assignment.get(eff.addr, next(iter(table)))
+        self.chosen[eff.addr] = key
+        value = self.originals[key]
+        if getattr(getattr(eff.dist, "spec", None), "value_event_dim", 0) >= 1 and isinstance(value, (list, tuple)):
+            value = to_vector(value)
+        return value
+
+    def _record(self, eff, w):
+        if w != w:
+            raise PPLRuntimeError("a likelihood or factor is NaN", eff.span)
+        self.sites.append(_Site(eff.addr, "likelihood", weight=w, span=eff.span))
+
+    def observe(self, eff):
+        self._record(eff, _observe_prob(eff.dist.spec, to_python(eff.value), eff.dist.python_args()))
+
+    def factor(self, eff):
+        v = to_python(eff.value)
+        if not isinstance(v, (int, float, Fraction)) or v != v:
+            raise NotApplicable("a factor that is not a number")  # paths give the located error
+        if v == 0:
+            w = 1
+        elif v == -math.inf:
+            w = 0
+        else:
+            w = math.exp(float(v))
+            if w == math.inf:
+                raise NotApplicable("a factor that overflows")
+        self._record(eff, w)
+
+    def condition(self, eff):
+        self._record(eff, 1 if truthy(eff.value) else 0)
+
+
+def _run_fixed(interp, entry: str, data: dict, assignment: dict, originals: dict):
+    h = _FixedRun(assignment, originals)
+    try:
+        ret = drive(interp.run(entry, data, Particles.all(1)), h)
+    except NotApplicable:
+        raise
+    except (PPLError, RecursionError) as err:  # e.g. reachable only at an impossible assignment
+        raise NotApplicable(f"a covering run failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    return h.sites, _hashable(ret), h.chosen
+
+
+# ----------------------------------------------------------------------------------------
+# covering designs
+# ----------------------------------------------------------------------------------------
+
+
+def covering_assignments(requirements: list[dict]) -> list[dict]:
+    """Few assignments such that every requirement (a partial assignment) is contained in
+    one of them: greedy first fit, merging each requirement into the first assignment
+    that does not contradict it. For a chain of binary choices this gives two."""
+    out: list[dict] = []
+    for req in requirements:
+        for a in out:
+            if all(a.get(k, v) == v for k, v in req.items()):
+                a.update(req)
+                break
+        else:
+            out.append(dict(req))
+    return out
+
+
+def _requirements(parent_sets: list[tuple], domains: dict) -> list[dict]:
+    import itertools
+    reqs, seen = [], set()
+    for parents in parent_sets:
+        for combo in itertools.product(*(domains[p] for p in parents)):
+            key = tuple(zip(parents, combo))
+            if key not in seen:
+                seen.add(key)
+                reqs.append(dict(key))
+    return reqs
+
+
+# ----------------------------------------------------------------------------------------
+# tabulation
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Tables:
+    order: list[str]                      # site addresses in program order
+    kinds: dict[str, str]
+    domains: dict[str, tuple]             # choice -> its values (hashable)
+    rows: dict[str, dict]                 # site -> {parents' values: support list | weight}
+    returns: dict                         # return parents' values -> return value
+    originals: dict = field(default_factory=dict)
+
+
+def _tabulate(interp, entry: str, data: dict, structure: Structure, max_table: int) -> _Tables:
+    originals: dict = {}
+    probe, _, _ = _run_fixed(interp, entry, data, {}, originals)
+    order = [s.addr for s in probe]
+    kinds = {s.addr: s.kind for s in probe}
+    if len(set(order)) != len(order):
+        raise NotApplicable("a site address repeats within a run")
+    parents = structure.parents
+    missing = [a for a in order + ["return"] if a not in parents]
+    if missing:
+        raise NotApplicable(f"no parents known for {missing[0]!r}")
+    for a in order + ["return"]:
+        bad = [p for p in parents[a] if kinds.get(p) != "choice"]
+        if bad:
+            raise NotApplicable(f"{a!r} depends on {bad[0]!r}, which is not a choice of this run")
+    domains = {s.addr: tuple(k for k, _ in s.support) for s in probe if s.kind == "choice"}
+    for _ in range(8):  # extend the domains until every support seen is inside them
+        _check_sizes(order, parents, domains, max_table)
+        reqs = _requirements([tuple(parents[a]) for a in order + ["return"]], domains)
+        runs = [_run_fixed(interp, entry, data, a, originals) for a in covering_assignments(reqs)]
+        grown = False
+        for sites, _, _ in runs:
+            if [s.addr for s in sites] != order:
+                raise NotApplicable("the sites differ between runs: the structure is not static")
+            for s in sites:
+                if s.kind == "choice":
+                    new = [k for k, _ in s.support if k not in domains[s.addr]]
+                    if new:
+                        domains[s.addr] = domains[s.addr] + tuple(new)
+                        grown = True
+        if not grown:
+            break
+    else:
+        raise NotApplicable("the choices' domains did not settle")
+    rows: dict[str, dict] = {a: {} for a in order}
+    returns: dict = {}
+    for sites, value, full in runs:
+        for s in sites:
+            key = tuple(full[p] for p in parents[s.addr])
+            entry_ = s.support if s.kind == "choice" else s.weight
+            _put(rows[s.addr], key, entry_, s.addr)
+        _put(returns, tuple(full[p] for p in parents["return"]), value, "return")
+    return _Tables(order, kinds, domains, rows, returns, originals)
+
+
+def _check_sizes(order, parents, domains, max_table):
+    for a in order + ["return"]:
+        size = len(domains[a]) if a in domains else 1
+        for p in parents[a]:
+            size *= len(domains[p])
+        if size > max_table:
+            raise NotApplicable(f"the table of {a!r} would have {size} entries (max_table={max_table})")
+
+
+def _put(table: dict, key: tuple, value, addr: str) -> None:
+    """Record a site's row; the same parents' values giving another row means the site
+    depends on something outside its declared parents."""
+    if key in table:
+        old = table[key]
+        same = (dict(old) == dict(value)) if isinstance(value, list) else _same(old, value)
+        if not same:
+            raise NotApplicable(f"{addr!r} changed while its declared parents did not")
+    else:
+        table[key] = value
+
+
+def _same(a, b) -> bool:
+    return a == b and type(a) is type(b)
+
+
+def _factors(t: _Tables, parents: dict) -> list[Factor]:
+    out = []
+    for a in t.order:
+        pa = tuple(parents[a])
+        if t.kinds[a] == "choice":
+            table = {}
+            for key, support in t.rows[a].items():
+                for v, p in support:
+                    table[key + (v,)] = p
+            out.append(Factor(pa + (a,), table))
+        else:
+            out.append(Factor(pa, {k: w for k, w in t.rows[a].items() if w != 0}))
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# the result
+# ----------------------------------------------------------------------------------------
+
+
+class EliminationResult:
+    """The exact measure of a program computed by variable elimination.
+
+    ``evidence`` (Z: a Fraction when exact), ``returns`` ({return value: weight}, weights
+    summing to Z), ``names`` ("return", then the choice addresses in program order),
+    ``marginal_weights(name)`` ({value: weight}, summing to Z: every site exists on every
+    path of a static program), ``count_paths()`` (the number of execution paths of
+    positive weight, by the same elimination with 0/1 entries), ``strategy``
+    ("elimination"), and ``enumerate_paths()`` (today's path list, computed on demand)."""
+
+    strategy = "elimination"
+
+    def __init__(self, tables: _Tables, factors: list[Factor], structure: Structure, evidence, returns: dict,
+                 order: list, max_table: int, enumerate_paths: Callable[[], list]):
+        self._tables, self._factors, self._order, self._max_table = tables, factors, order, max_table
+        self._parents = structure.parents
+        self.evidence, self.returns = evidence, returns
+        self.names = ["return"] + [a for a in tables.order if tables.kinds[a] == "choice"]
+        self.enumerate_paths = enumerate_paths
+        self._tree: BucketTree | None = None
+        self._count: int | None = None
+
+    def marginal_weights(self, name: str) -> dict:
+        if name == "return":
+            return dict(self.returns)
+        if self._tree is None:
+            self._tree = BucketTree(self._factors, self._tables.domains, self._order, max_table=self._max_table)
+        return {k[0]: p * self.evidence for k, p in self._tree.marginal([name]).items() if p != 0}
+
+    def count_paths(self) -> int:
+        if self._count is None:
+            ones = [Factor(f.vars, {k: 1 for k, w in f.table.items() if w > 0}) for f in self._factors]
+            self._count = sum_product(ones, self._tables.domains, self._order, max_table=self._max_table).scalar()
+        return self._count
+
+
+def eliminate_program(interp, entry: str, data: dict, structure: Structure, *,
+                      max_table: int = DEFAULT_MAX_TABLE,
+                      enumerate_paths: Callable[[], list] | None = None) -> EliminationResult:
+    """The exact measure of ``entry(**data)`` by variable elimination over factor tables
+    tabulated from covering runs (module docstring). ``NotApplicable`` when it does not
+    apply (the caller enumerates paths instead)."""
+    if not structure.static:
+        raise NotApplicable("the structure is not static")
+    data = exact_data(data)
+    t = _tabulate(interp, entry, data, structure, max_table)
+    parents = structure.parents
+    factors = _factors(t, parents)
+    query = tuple(parents["return"])
+    order = elimination_order([f.vars for f in factors], last=query)
+    try:
+        joint = sum_product(factors, t.domains, order, keep=query, max_table=max_table)
+    except TableTooLarge as err:
+        raise NotApplicable(str(err)) from None
+    returns: dict = {}
+    for key, w in joint.table.items():
+        v = t.returns[key]
+        returns[v] = returns[v] + w if v in returns else w
+    evidence = sum(returns.values(), 0)
+    if evidence == 0:
+        raise NotApplicable("zero evidence")  # paths give the located error
+    return EliminationResult(t, factors, structure, evidence, returns, order, max_table,
+                             enumerate_paths or (lambda: []))
+
+
+# ----------------------------------------------------------------------------------------
+# the choice between elimination and paths
+# ----------------------------------------------------------------------------------------
+
+#: ``strategy="auto"`` enumerates paths when an upper bound on their number (the product
+#: of the support sizes met on one run) is at most this: the per-path form is kept for
+#: small programs, whose enumeration takes well under a second
+DEFAULT_PATH_THRESHOLD = 1024
+STRATEGIES = ("auto", "elimination", "paths")
+
+
+def structure_of(model, data: dict) -> Structure:
+    """The ``Structure`` of ``model`` (a ``ModelLike``) on ``data`` from the dependency
+    analysis (``semantics.dependencies.analyse``)."""
+    from .dependencies import analyse
+    deps = analyse(model, data)
+    parents = {s.address: tuple(sorted(s.parents)) for s in (*deps.sites, *deps.values)}
+    return Structure(deps.is_static, parents)
+
+
+def _path_bound(interp, entry: str, data: dict) -> int:
+    """The product of the support sizes on one run (each choice at its first value)."""
+    sites, _, _ = _run_fixed(interp, entry, exact_data(data), {}, {})
+    bound = 1
+    for s in sites:
+        if s.kind == "choice":
+            bound *= len(s.support)
+    return bound
+
+
+def enumerate_exact(model, data: dict, prepared: dict, interp, enumerate_paths: Callable[[], list], *,
+                    strategy: str = "auto", max_table: int = DEFAULT_MAX_TABLE, path_threshold: int | None = None):
+    """The exact measure of ``model`` on ``data`` (``prepared``: the entry's arguments):
+    an ``EliminationResult``, or the path list of ``enumerate_paths()``.
+
+    ``strategy``: "paths" (always enumerate paths), "elimination" (variable elimination or
+    an error saying why it does not apply), "auto" (elimination where it applies and the
+    program has more than ``path_threshold`` (default ``DEFAULT_PATH_THRESHOLD``) paths; otherwise paths, which also give the
+    located errors of programs that fail)."""
+    if strategy not in STRATEGIES:
+        raise PPLError(f"unknown enumeration strategy {strategy!r}", hint="one of " + ", ".join(STRATEGIES))
+    if strategy == "paths":
+        return enumerate_paths()
+    if path_threshold is None:
+        path_threshold = DEFAULT_PATH_THRESHOLD
+    try:
+        if strategy == "auto" and _path_bound(interp, model.entry, prepared) <= path_threshold:
+            return enumerate_paths()
+        structure = _analyse(model, data)
+        return eliminate_program(interp, model.entry, prepared, structure, max_table=max_table,
+                                 enumerate_paths=enumerate_paths)
+    except (NotApplicable, PPLError, RecursionError) as why:
+        if strategy == "elimination":
+            raise PPLError(f"variable elimination does not apply to this model: {why}",
+                           hint="use strategy='auto' (elimination where it applies, else paths) or 'paths'") from None
+        return enumerate_paths()
+
+
+def _analyse(model, data: dict) -> Structure:
+    try:
+        return structure_of(model, data)
+    except PPLError:
+        raise
+    except Exception as err:  # the analysis failed: paths remain correct
+        raise NotApplicable(f"the dependency analysis failed ({type(err).__name__}: {err})") from None
