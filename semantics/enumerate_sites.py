@@ -423,7 +423,10 @@ class EnumRun:
                 for v in self.graph.vars:
                     if v.forced is None:
                         yield from self.draw(v)
-            return _resolve(ret, self.graph.full, self.owner.recover)
+            ret = _resolve(ret, self.graph.full, self.owner.recover)
+            if not self.owner.recover and has_lazy(ret):
+                return None  # (the value depends on choices that were summed out and not drawn back)
+            return ret
 
     # -- effects
     def handle(self, eff):

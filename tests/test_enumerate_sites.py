@@ -182,8 +182,9 @@ def test_nuts_mixture_with_z_enumerated():
     with the grid integration (E[mu1] = -2.6004 sd 0.597, E[mu2] = 1.3281 sd 0.605)."""
     model = ppl.model((EXAMPLES / "mixture_enumerated.ppl").read_text())
     data = json.loads((EXAMPLES / "mixture.json").read_text())
-    r = model.run("nuts", data, chains=4, samples=400, burn_in=300, seed=0)
-    assert not any(k.startswith("z") for k in r.sites if k != "return") or True
-    ess1 = max(r.ess("mu1") if callable(getattr(r, "ess", None)) else 400, 50)
-    assert abs(r.mean("mu1") - -2.6004) < 5 * 0.597 / math.sqrt(ess1)
-    assert abs(r.mean("mu2") - 1.3281) < 5 * 0.6052 / math.sqrt(ess1)
+    r = model.run("nuts", data, chains=4, samples=200, burn_in=150, seed=0)
+    assert not [a for a in r.sites if a.startswith("z")]  # the assignments are not in the state
+    ess = r.ess  # the smallest ESS over the sites (autocorrelation-aware)
+    assert ess > 100
+    assert abs(r.mean("mu1") - -2.6004) < 5 * 0.597 / math.sqrt(ess)
+    assert abs(r.mean("mu2") - 1.3281) < 5 * 0.6052 / math.sqrt(ess)
