@@ -46,6 +46,17 @@ def state_space():
     write("state_space", {"ys": r4(ys), "a": a, "q": q, "r": r, "x0_sd": x0_sd})
 
 
+def lgssm():
+    rng = np.random.default_rng(100)
+    a, q, r, x0_sd, T = 0.95, 0.5, 1.0, 2.0, 100
+    x = rng.normal(0, x0_sd)
+    ys = []
+    for _ in range(T):
+        x = rng.normal(a * x, q)
+        ys.append(rng.normal(x, r))
+    write("lgssm", {"ys": r4(ys), "a": a, "q": q, "r": r, "x0_sd": x0_sd})
+
+
 def mixture():
     # two components, means -2 (weight w) and 2, sd 1; z = True picks the first
     rng = np.random.default_rng(3)
@@ -59,4 +70,5 @@ if __name__ == "__main__":
     gaussian_mean()
     linear_regression()
     state_space()
+    lgssm()
     mixture()

@@ -1,0 +1,369 @@
+"""Delayed sampling for importance sampling and SMC (``delayed=True``).
+
+A choice with a conjugate prior (normal, beta, gamma, dirichlet) is answered with a lazy
+value (``semantics.delayed.Affine`` over a node of the run's ``DelayedGraph``) instead
+of a draw: the node holds the choice's marginal given the observations so far. Then:
+
+* ``x ~ normal(c * node + d, s)`` makes x a Gaussian child node (linear-Gaussian chains;
+  ``x = a * x + eps`` with ``eps ~ normal(0, q)`` too, by absorbing the fresh eps);
+* ``observe y ~ normal(c * node + d, s)``, ``observe y ~ bernoulli/flip/binomial(n, node)``
+  (beta node), ``poisson(node)`` (gamma), ``categorical(node)`` (dirichlet) add the log
+  *predictive* density of y to the particle's weight and condition the node;
+* every other use of the value (control flow, a nonlinear operation, an index, another
+  distribution's parameter, the return value) realises the node: a draw from its
+  current marginal, after which its parent is conditioned on the drawn value;
+* at the end of the run every node still delayed is realised, so the trace and the
+  return value are concrete; ``extra["delayed"]["return_mean"/"return_var"]`` keep the
+  marginal of a Gaussian return value just before that (per particle: with one
+  particle on a linear-Gaussian state-space model, the Kalman filter's mean).
+
+Invariant (``semantics.delayed``): each particle's weight is the product of predictive
+densities, and its values are drawn from the conditional law given them, so the weighted
+population is proper for the program's measure, E[w f(x)] = Z E_post[f], as without
+delay; SMC's evidence estimate stays unbiased. A model without conjugate structure runs
+exactly as it would without the option (every lazy value is realised where it is used).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..semantics.delayed import F64, PRIOR_FAMILIES, Affine, DelayedGraph, Node, _constant_rows
+from ..semantics.dist_values import DistValue
+from ..semantics.errors import PPLRuntimeError, ZeroEvidenceError
+from ..semantics.interpreter import ConditionEffect, FactorEffect, ObserveEffect, SampleEffect, TwistEffect
+from ..semantics.lazy import Lazy, live_run
+from ..semantics.sampling import Weighting, column, drive
+from ..semantics.values import Batched, Particles, rows
+from .population import Population
+from .smc import SMCHandler, smc
+
+#: observation families whose parameter may be a node: (name, params) -> (kind, the node's family,
+#: position of the node's parameter)
+OBSERVED = {("normal", ("loc", "scale")): ("normal", "normal", 0),
+            ("bernoulli", ("p",)): ("bernoulli", "beta", 0), ("flip", ("p",)): ("bernoulli", "beta", 0),
+            ("binomial", ("n", "p")): ("binomial", "beta", 1),
+            ("poisson", ("rate",)): ("poisson", "gamma", 0),
+            ("categorical", ("probs",)): ("categorical", "dirichlet", 0)}
+
+
+class DelayedSampling:
+    """Mixin for a ``Weighting`` handler (importance or SMC): conjugate choices delayed
+    (module docstring). Call ``start_delayed`` from the constructor."""
+
+    def start_delayed(self, N: int, device, full_idx: torch.Tensor):
+        self.graph = DelayedGraph(N, device, self._draw_rows, full_idx)
+        self.delayed_sites: list[tuple[str, Node]] = []
+        self.delayed_summary: dict = {"delayed": 0, "marginal_observes": 0}
+
+    def _draw_rows(self, dist, ctx: Particles) -> torch.Tensor:
+        randomness = getattr(self, "randomness", None)
+        v = self.draw(dist, ctx, None if randomness is None else randomness.sample)
+        return rows(v, ctx) if isinstance(v, Batched) else torch.as_tensor(v).expand(ctx.M)
+
+    # ---------------------------------------------------------------- choices
+    def sample(self, eff: SampleEffect):
+        dist = eff.dist
+        if type(dist) is DistValue:
+            node = self._node_for(dist, eff)
+            if node is not None:
+                self.delayed_sites.append((eff.addr, node))
+                self.delayed_summary["delayed"] += 1
+                return Affine.of(node, eff.ctx)
+            concrete = _concrete_dist(dist, eff.ctx)
+            if concrete is not dist:
+                eff = SampleEffect(eff.addr, concrete, eff.ctx, eff.span)
+        return super().sample(eff)
+
+    def _node_for(self, dist: DistValue, eff) -> Node | None:
+        """A node for a choice with a conjugate prior, or None (drawn as usual)."""
+        family = PRIOR_FAMILIES.get((dist.spec.name, dist.spec.params))
+        if family is None:
+            return None
+        ctx, r = eff.ctx, eff.ctx.idx
+        if family == "normal":
+            loc, scale = dist.args
+            if isinstance(scale, Lazy):
+                return None
+            s2 = _variance(dist.spec, scale, ctx)
+            if s2 is None:
+                return None
+            if isinstance(loc, Affine) and loc.gaussian:
+                node, c, d = loc.single(ctx)
+                if node is not None:
+                    return node.child_normal(r, c, d, s2, eff.addr)
+                loc_rows = d
+            elif isinstance(loc, Lazy):
+                return None
+            else:
+                loc_rows = _constant_rows(loc, ctx)
+                if loc_rows is None:
+                    return None
+            return self.graph.node("normal", {"m": loc_rows, "v": s2}, r, eff.addr)
+        if any(isinstance(a, Lazy) for a in dist.args):
+            return None
+        params = _torch_params(dist, ctx, family)
+        if params is None:
+            return None
+        return self.graph.node(family, params, r, eff.addr)
+
+    # ---------------------------------------------------------------- likelihood sites
+    def observe(self, eff: ObserveEffect):
+        dist = eff.dist
+        value = eff.value
+        if isinstance(value, Lazy):
+            value = value.force(eff.ctx, "as an observed value")
+        lp = self._marginal_observe(dist, value, eff) if type(dist) is DistValue else None
+        if lp is None:
+            concrete = _concrete_dist(dist, eff.ctx) if type(dist) is DistValue else dist
+            if concrete is not dist or value is not eff.value:
+                eff = ObserveEffect(eff.addr, concrete, value, eff.ctx, eff.span)
+            return super().observe(eff)
+        self.delayed_summary["marginal_observes"] += 1
+        if bool(torch.isnan(lp).any()):
+            lp = self._nan_observation(lp, eff)
+        self.add(eff.ctx, lp)
+        self._checkpoint(eff)
+
+    def _marginal_observe(self, dist: DistValue, value, eff) -> torch.Tensor | None:
+        """The predictive log density of an observation whose parameter is a node (the
+        node conditioned on it), or None when it is not one."""
+        entry = OBSERVED.get((dist.spec.name, dist.spec.params))
+        if entry is None:
+            return None
+        kind, family, pos = entry
+        param = dist.args[pos]
+        if not isinstance(param, Affine):
+            return None
+        others = [a for i, a in enumerate(dist.args) if i != pos]
+        if any(isinstance(a, Lazy) for a in others):
+            return None
+        ctx, r = eff.ctx, eff.ctx.idx
+        y = _observed_rows(value, ctx)
+        if y is None:
+            return None
+        if kind == "normal":
+            if not param.gaussian:
+                return None
+            s2 = _variance(dist.spec, others[0], ctx)
+            if s2 is None:
+                return None
+            node, c, d = param.single(ctx)
+            if node is None:
+                return None  # nothing delayed any more: a plain observation
+            lp = torch.zeros(ctx.M, dtype=F64, device=ctx.device)
+            for k in range(y.shape[1]):
+                lp = lp + node.observe_normal(r, c, d, s2, y[:, k])
+            return lp
+        terms, const = param.at(ctx)
+        if len(terms) != 1 or terms[0][0].family != family:
+            return None
+        node = terms[0][0]
+        n = None
+        if kind == "binomial":
+            n = _constant_rows(others[0], ctx)
+            if n is None:
+                return None
+        _check_support(kind, y, n, node, r, eff)
+        lp = torch.zeros(ctx.M, dtype=F64, device=ctx.device)
+        for k in range(y.shape[1]):
+            lp = lp + node.observe_conjugate(kind, r, y[:, k], n)
+        return lp
+
+    def factor(self, eff: FactorEffect):
+        return super().factor(_forced(eff))
+
+    def condition(self, eff: ConditionEffect):
+        return super().condition(_forced(eff))
+
+    def twist(self, eff: TwistEffect):
+        return super().twist(_forced(eff))
+
+    # ---------------------------------------------------------------- end of the run
+    def complete(self, ret: Any, ctx: Particles) -> Any:
+        """The end of the run: the return value's marginal noted, every node realised,
+        the delayed choices recorded in the trace; the concrete return value."""
+        if isinstance(ret, Affine) and ret.gaussian:
+            terms, const = ret.at(ctx)
+            mean, var = const.clone(), torch.zeros_like(const)
+            if len(terms) == 1:
+                node, c = terms[0]
+                p = node.marginal(ctx.idx)
+                mean, var = mean + c * p["m"], c * c * p["v"]
+            if len(terms) <= 1:
+                self.delayed_summary["return_mean"], self.delayed_summary["return_var"] = mean, var
+        self.graph.realise_all()
+        full = self.graph.full_idx
+        for addr, node in self.delayed_sites:
+            t = node.rows()
+            have = full[t["exists"]]
+            if have.shape[0] == 0:
+                continue
+            value = t["value"][have].to(torch.get_default_dtype())
+            self.trace.record(addr, Particles(have, self.graph.N, self.graph.device, ctx.full), Batched(value, have))
+        return _concrete(ret, ctx)
+
+
+def _forced(eff):
+    if isinstance(eff.value, Lazy):
+        return type(eff)(eff.addr, eff.value.force(eff.ctx, "here"), eff.ctx, eff.span)
+    return eff
+
+
+def _concrete(v: Any, ctx: Particles) -> Any:
+    """v with every lazy value (also inside lists and tuples) realised."""
+    if isinstance(v, Lazy):
+        return v.force(ctx, "as the return value")
+    if isinstance(v, list):
+        return [_concrete(x, ctx) for x in v]
+    if isinstance(v, tuple):
+        return tuple(_concrete(x, ctx) for x in v)
+    return v
+
+
+def _concrete_dist(dist: DistValue, ctx: Particles) -> DistValue:
+    """The distribution with its lazy parameters realised (itself when it has none)."""
+    if not any(isinstance(a, Lazy) for a in dist.args):
+        return dist
+    args = tuple(a.force(ctx, f"as a parameter of {dist.spec.name}") if isinstance(a, Lazy) else a for a in dist.args)
+    return DistValue(dist.spec, args, dist.defaulted)
+
+
+def _variance(spec, scale, ctx: Particles) -> torch.Tensor | None:
+    """The variance rows [M] of a normal's concrete scale (checked as the spec checks
+    it), or None when it is not one number per particle."""
+    s = _constant_rows(scale, ctx)
+    if s is None:
+        return None
+    if not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
+        DistValue(spec, (0.0, scale)).torch_dist(ctx)  # the spec's own error
+        return None
+    return s * s
+
+
+def _torch_params(dist: DistValue, ctx: Particles, family: str) -> dict | None:
+    """The prior's parameters as float64 rows (checked by the spec first), or None when
+    they are not one number (a vector, for a Dirichlet) per particle."""
+    try:
+        dist.torch_dist(ctx)  # the spec's checks (a float32 copy: the values are read below)
+    except PPLRuntimeError:
+        return None  # (e.g. only particles of weight zero have invalid ones: drawn as usual)
+    if family == "dirichlet":
+        alpha = _float64_rows(dist.args[0], ctx)
+        return {"alpha": alpha} if alpha is not None and alpha.dim() == 2 else None
+    rows_ = [_constant_rows(a, ctx) for a in dist.args]
+    if any(t is None for t in rows_):
+        return None
+    names = {"beta": ("a", "b"), "gamma": ("k", "r")}[family]
+    return dict(zip(names, rows_))
+
+
+def _float64_rows(v, ctx: Particles) -> torch.Tensor | None:
+    """A (per-particle or shared) vector as float64 rows [M, K]."""
+    if isinstance(v, Batched):
+        t = rows(v, ctx).to(F64)
+    elif isinstance(v, (list, tuple, torch.Tensor)):
+        try:
+            t = torch.as_tensor(v, dtype=F64, device=ctx.device)
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        t = t.expand(ctx.M, *t.shape)
+    else:
+        return None
+    return t if t.dim() == 2 else None
+
+
+def _observed_rows(value, ctx: Particles) -> torch.Tensor | None:
+    """The observed value as float64 [M, K] (K observations per particle of a scalar
+    distribution, observed one after the other), or None."""
+    if isinstance(value, Batched):
+        y = rows(value, ctx)
+    elif isinstance(value, (bool, int, float, torch.Tensor)):
+        y = torch.as_tensor(value, device=ctx.device)
+        y = y.reshape(1, *y.shape).expand(ctx.M, *y.shape)
+    else:
+        return None
+    if y.dtype == torch.bool or not y.is_floating_point():
+        y = y.to(F64)
+    return y.to(F64).reshape(ctx.M, -1)
+
+
+def _check_support(kind: str, y, n, node: Node, r, eff) -> None:
+    """A value outside the observation's support scores -inf as it would without delay:
+    refuse the ones the predictive formulas cannot take (a located error)."""
+    ok = torch.isfinite(y).all() & (y >= 0).all() & (y == y.round()).all()
+    if kind == "bernoulli":
+        ok = ok & (y <= 1).all()
+    elif kind == "binomial":
+        ok = ok & (y <= n.unsqueeze(-1)).all()
+    elif kind == "categorical":
+        ok = ok & (y < node.rows()["alpha"].shape[-1]).all()
+    if not bool(ok):
+        raise PPLRuntimeError(f"delayed sampling: an observed value outside the support of {kind}", eff.span,
+                              "observe values the distribution can take, or run without delayed=True")
+
+
+class DelayedWeighting(DelayedSampling, Weighting):
+    """Likelihood weighting with delayed sampling."""
+
+    def __init__(self, N: int, device, full_idx: torch.Tensor):
+        Weighting.__init__(self, N, device)
+        self.start_delayed(N, device, full_idx)
+
+
+def _ending(gen, handler, ctx):
+    """The interpreter's generator, with ``handler.complete`` applied to its return value
+    before the run ends (before ``drive`` calls ``finish``)."""
+    ret = yield from gen
+    return handler.complete(ret, ctx)
+
+
+def delayed_importance(interp, entry: str, data: dict, particles: int, device="cpu") -> Population:
+    """Likelihood weighting with delayed sampling: a ``Population`` ("importance")."""
+    ctx = Particles.all(particles, device)
+    h = DelayedWeighting(particles, device, ctx.idx)
+    with live_run():
+        ret = drive(_ending(interp.run(entry, data, ctx), h, ctx), h)
+    if particles > 0 and bool(torch.isneginf(h.log_weights).all()):
+        raise ZeroEvidenceError("every particle has weight zero (log evidence = -inf)",
+                                hint="the observations/conditions may be impossible under the prior")
+    sites = {"return": (column(ret, ctx), None), **h.trace.sites()}
+    return Population("importance", sites, h.log_weights, {"delayed": h.delayed_summary},
+                      legacy=(sites, h.log_weights))
+
+
+class _EndingInterpreter:
+    """An interpreter whose runs end with the delayed handler's ``complete``."""
+
+    def __init__(self, interp):
+        self.interp = interp
+        self.handler = None
+
+    def run(self, entry, data, ctx):
+        return _ending(self.interp.run(entry, data, ctx), _Deferred(self), ctx)
+
+
+class _Deferred:
+    def __init__(self, owner):
+        self.owner = owner
+
+    def complete(self, ret, ctx):
+        return self.owner.handler.complete(ret, ctx)
+
+
+def delayed_smc(interp, entry: str, data: dict, particles: int, device="cpu", **options) -> Population:
+    """SMC (``inference.smc``) with delayed sampling: a ``Population`` ("smc")."""
+    wrapped = _EndingInterpreter(interp)
+
+    class Handler(DelayedSampling, SMCHandler):
+        def __init__(self, N, dev, lineage, **kw):
+            SMCHandler.__init__(self, N, dev, lineage, **kw)
+            self.start_delayed(N, dev, lineage.full_idx)
+            wrapped.handler = self
+
+    with live_run():
+        pop = smc(wrapped, entry, data, particles, device, handler_cls=Handler, **options)
+    pop.extra["delayed"] = wrapped.handler.delayed_summary
+    return pop
