@@ -103,7 +103,7 @@ def run_importance(model, data: dict, *, particles: int = 1000, device: str = "c
     (delayed sampling, ``inference.delayed``). ``enumerate``: choices summed out (names or
     address prefixes; with the ones marked ``@enumerate``: ``semantics.enumerate_sites``)."""
     if delayed:
-        _no_proposal_with_delayed(proposal)
+        _check_delayed(model, proposal, enumerate)
         return delayed_importance(*_program(model, data, device), int(particles), device)
     if proposal is not None:
         return run_guided_importance(model, data, proposal, particles=particles, device=device)
@@ -135,7 +135,7 @@ def run_smc(model, data: dict, *, particles: int = 1000, device: str = "cpu", re
     conjugate choices are marginalised (delayed sampling, ``inference.delayed``: a
     linear-Gaussian state-space model is Kalman-filtered, exactly with one particle)."""
     if delayed:
-        _no_proposal_with_delayed(proposal)
+        _check_delayed(model, proposal, enumerate)
         return delayed_smc(*_program(model, data, device), int(particles), device, resampling=resampling,
                            ess_threshold=ess_threshold, progress=progress, keep="auto" if keep is None else keep)
     if proposal is not None:
@@ -146,10 +146,14 @@ def run_smc(model, data: dict, *, particles: int = 1000, device: str = "cpu", re
                keep="auto" if keep is None else keep)
 
 
-def _no_proposal_with_delayed(proposal: Any) -> None:
+def _check_delayed(model, proposal: Any, enumerate: Any) -> None:
+    """delayed=True runs alone: not with a guide, nor with enumerated choices."""
     if proposal is not None:
         raise PPLRuntimeError("delayed=True cannot be combined with proposal=",
                               hint="a guide proposes the choices that delayed sampling would marginalise: use one of them")
+    if enumerate or enumerate_sites.marks_enumeration(model.program):
+        raise PPLRuntimeError("delayed=True cannot be combined with enumerated choices (enumerate= or @enumerate)",
+                              hint="use one of them: enumerate the discrete choices, or delay the conjugate ones")
 
 
 def run_mh(model, data: dict, *, particles: int = 4, samples: int = 1000, burn_in: int = 500, thin: int = 1,

@@ -317,6 +317,22 @@ def test_delayed_with_a_proposal_is_a_located_error():
                                       proposal=object())
 
 
+def test_delayed_with_enumerated_choices_is_an_error():
+    src = """
+def m(ys):
+    mu ~ normal(2, 3)
+    for y in ys:
+        z ~ flip(0.3) @enumerate
+        observe y ~ normal(mu, 1.0 if z else 2.0)
+    return mu
+"""
+    with pytest.raises(ppl.PPLError, match="cannot be combined with enumerated choices"):
+        ppl.model(src).run("importance", {"ys": [1.0]}, particles=2, delayed=True)
+    with pytest.raises(ppl.PPLError, match="cannot be combined with enumerated choices"):
+        ppl.model(BETA_BERNOULLI).run("smc", {"flips": [True], "a": 1.0, "b": 1.0}, particles=2, delayed=True,
+                                      enumerate=["p"])
+
+
 def test_the_lgssm_example_states_its_answer():
     text = (EXAMPLES / "lgssm.ppl").read_text()
     data = json.loads((EXAMPLES / "lgssm.json").read_text())
