@@ -237,3 +237,77 @@ def _map_exprs(node: Any, fn: Callable[[ir.Expr], ir.Expr]) -> Any:
                                   dataclasses.replace(x, value=fn(x.value)) if isinstance(x, ir.Keyword) else x
                                   for x in v)
     return dataclasses.replace(node, **changes) if changes else node
+
+
+# ------------------------------------------------------------------------ non-centring
+class NonCentre:
+    """The non-centring reparameterisation of one choice: ``x ~ normal(m, s)`` becomes
+
+        x_raw ~ normal(0 * (m) + 0 * (s), 1)     # standard normal, of x's shape
+        x = m + s * x_raw
+
+    Invariant (a change of variables, not a rewrite of the measure on traces): the
+    program's measure on return values is unchanged, and the joint densities satisfy
+    log p_old(T(z)) + log |det dT/dz| = log p_new(z) with T(z) = z except x = m + s * x_raw
+    (|det dT/dx_raw| = s^n). The pass declares T as its ``choice_map`` (a function of the
+    program: the map reads m and s), which ``ppl.testing.validity.check_transformation``
+    checks on continuous programs. ``x`` must be a choice of a ``normal`` at the top level
+    of a function's body (not in a loop or branch: its address is then ``x``)."""
+
+    def __init__(self, site: str):
+        self.site = site
+        self.raw = f"{site}_raw"
+        self.__name__ = f"non_centre({site})"
+
+    def __call__(self, program: ir.Program) -> ir.Program:
+        f, k, m, s = self._find(program)
+        span = f.body[k].span
+        zero = ir.Const(0, span=span)
+        shape = ir.BinOp("+", ir.BinOp("*", zero, m, span=span), ir.BinOp("*", zero, s, span=span), span=span)
+        raw = ir.Sample(self.raw, ir.Call(ir.Var("normal", span=span), (shape, ir.Const(1, span=span)), span=span),
+                        span=span)
+        value = ir.Assign(self.site, self.value(m, s, ir.Var(self.raw, span=span), span), span=span)
+        body = f.body[:k] + (raw, value) + f.body[k + 1:]
+        functions = tuple(dataclasses.replace(g, body=body) if g is f else g for g in program.functions)
+        return dataclasses.replace(program, functions=functions)
+
+    def value(self, m, s, raw, span) -> ir.Expr:
+        """x's value from the standard-normal choice: m + s * x_raw."""
+        return ir.BinOp("+", m, ir.BinOp("*", s, raw, span=span), span=span)
+
+    def choice_map(self, program: ir.Program):
+        """The declared change of variables: x = m + s * x_raw."""
+        from ..semantics.choice_map import ChoiceMap
+        from ..semantics.pretty import expr as pretty_expr
+        _, _, m, s = self._find(program)
+        raw = ir.Var(self.raw)
+        return ChoiceMap.reparameterisation({self.site: pretty_expr(self.value(m, s, raw, m.span))},
+                                            new=(self.raw,))
+
+    def _find(self, program: ir.Program):
+        """(function, position, mean, scale) of ``site ~ normal(mean, scale)``."""
+        found = []
+        for f in program.functions:
+            for k, st in enumerate(f.body):
+                if isinstance(st, ir.Sample) and st.target == self.site:
+                    found.append((f, k, st))
+        if not found:
+            raise PPLError(f"non_centre: no choice `{self.site} ~ normal(...)` at the top level of a function",
+                           hint="the site must be drawn outside loops and branches")
+        if len(found) > 1:
+            raise PPLError(f"non_centre: the choice `{self.site}` is drawn more than once", found[1][2].span)
+        f, k, st = found[0]
+        d = st.dist
+        if not (isinstance(d, ir.Call) and isinstance(d.func, ir.Var) and d.func.name == "normal"
+                and len(d.args) == 2 and not d.kwargs):
+            raise PPLError(f"non_centre: `{self.site}` is not drawn from normal(mean, scale)", st.span)
+        if any(isinstance(n, ir.Var) and n.name == self.raw for g in program.functions for n in ir.walk(g)) or \
+                any(isinstance(n, (ir.Sample, ir.Assign)) and self.raw in ir.assigned_names(n.target)
+                    for g in program.functions for n in ir.walk(g)):
+            raise PPLError(f"non_centre: the name `{self.raw}` is already used", st.span)
+        return f, k, d.args[0], d.args[1]
+
+
+def non_centre(site: str) -> NonCentre:
+    """The non-centring pass for the choice ``site`` (see ``NonCentre``)."""
+    return NonCentre(site)

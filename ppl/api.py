@@ -216,6 +216,22 @@ class Model:
         drive(self.interpreter().run(self.entry, self.prepare_data(self.bind((), data), "cpu"), ctx), h)
         return h.log_weights
 
+    def density(self, data: Mapping[str, Any] | None = None, *, symbolic_data: bool = False, **kwdata):
+        """log p(choices, data) as a sympy expression, for a static program (control flow
+        decided by data, not by random choices): one symbol per choice (``theta[i]`` for
+        loop and vector sites), loops over data unrolled, or, with ``symbolic_data=True``,
+        the data as symbols and loops over them as ``Sum(..., (i, 0, N - 1))``.
+        ``semantics.symbolic.density`` gives the full result (symbols, a numeric function)."""
+        from .semantics import symbolic
+        return symbolic.density(self.program, self.entry, self.bind((), {**(data or {}), **kwdata}),
+                                symbolic_data).expr
+
+    def latex(self, data: Mapping[str, Any] | None = None, *, symbolic_data: bool = True, **kwdata) -> str:
+        """The joint density as LaTeX: ``\\log p(\\mu, \\tau, \\theta \\mid y, \\sigma) = ...``
+        (data as symbols and loops as sums unless ``symbolic_data=False``)."""
+        from .semantics import symbolic
+        return symbolic.latex(self.program, self.entry, self.bind((), {**(data or {}), **kwdata}), symbolic_data)
+
 
 # ----------------------------------------------------------------------------- building
 def model(source: Any = None, *, entry: str | None = None, filename: str | None = None, **options):
