@@ -34,13 +34,16 @@ def main() -> int:
     print(f"torch {torch.__version__}, {args.threads} intra-op thread(s), python {platform.python_version()}, "
           f"{os.cpu_count()} cpus, clock: {args.clock}, load average: {_loadavg()}")
     import bench_amortized
+    import bench_delayed
+    import bench_enumerate
     import bench_importance
     import bench_lm
     import bench_memory
     import bench_mh
     import bench_nuts
     import bench_smc
-    for mod in [bench_importance, bench_smc, bench_mh, bench_lm, bench_amortized, bench_memory, bench_nuts]:
+    for mod in [bench_importance, bench_smc, bench_mh, bench_lm, bench_amortized, bench_memory, bench_nuts,
+                bench_delayed, bench_enumerate]:
         if args.only and args.only not in mod.__name__:
             continue
         mod.run(repeats=args.repeats, quick=args.quick)

@@ -234,10 +234,12 @@ def _concrete_dist(dist: DistValue, ctx: Particles) -> DistValue:
 def _variance(spec, scale, ctx: Particles) -> torch.Tensor | None:
     """The variance rows [M] of a normal's concrete scale (checked as the spec checks
     it), or None when it is not one number per particle."""
+    if type(scale) is float and 0 < scale < math.inf:  # the common constant: checked in Python
+        return torch.full((ctx.M,), scale * scale, dtype=F64, device=ctx.device)
     s = _constant_rows(scale, ctx)
     if s is None:
         return None
-    if not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
+    if not bool(((s > 0) & torch.isfinite(s)).all()):
         DistValue(spec, (0.0, scale)).torch_dist(ctx)  # the spec's own error
         return None
     return s * s

@@ -92,12 +92,13 @@ class Node(_PerParticleValue):
         self.parent: Node | None = None
         self.children: list[Node] = []
         self.alias: list = []  # [(node, coef [N])...], const [N] per row where "aliased": absorbed
+        # whether any row may be realised / absorbed / a pending child of the parent (so the
+        # common case skips the per-row tests)
+        self.any_realised = self.any_aliased = self.any_linked = False
         N, dev = graph.N, graph.device
         self.t = {"exists": torch.zeros(N, dtype=torch.bool, device=dev),
                   "realised": torch.zeros(N, dtype=torch.bool, device=dev),
                   "linked": torch.zeros(N, dtype=torch.bool, device=dev),  # a pending child of parent
-                  "aliased": torch.zeros(N, dtype=torch.bool, device=dev),
-                  "alias_const": torch.zeros(N, dtype=F64, device=dev),
                   "value": torch.zeros(N, dtype=F64, device=dev)}
 
     def _select(self, sel: torch.Tensor) -> None:
@@ -119,13 +120,15 @@ class Node(_PerParticleValue):
         t = self.rows()
         if self.family != "normal" or self.parent is not None:
             return False
-        if bool((t["realised"][r] | t["aliased"][r]).any()):
+        if self.any_realised and bool(t["realised"][r].any()) or self.any_aliased and bool(t["aliased"][r].any()):
             return False
-        return not any(bool(c.rows()["linked"][r].any()) for c in self.children)
+        return not any(c.any_linked and bool(c.rows()["linked"][r].any()) for c in self.children)
 
     def prune(self, r: torch.Tensor) -> None:
         """Realise the pending children on rows r (so that this marginal is up to date)."""
         for c in self.children:
+            if not c.any_linked:
+                continue
             lk = c.rows()["linked"][r]
             if bool(lk.any()):
                 c.realise(r[lk])
@@ -142,11 +145,11 @@ class Node(_PerParticleValue):
         """Give rows r a value: from the alias where absorbed, else drawn from the
         marginal (children first), then condition the parent on it."""
         t = self.rows()
-        r = r[t["exists"][r] & ~t["realised"][r]]
+        r = r[t["exists"][r] & ~t["realised"][r]] if self.any_realised else r[t["exists"][r]]
         if r.shape[0] == 0:
             return
-        al = t["aliased"][r]
-        if bool(al.any()):
+        al = t["aliased"][r] if self.any_aliased else None
+        if al is not None and bool(al.any()):
             self._realise_alias(r[al])
             r = r[~al]
             if r.shape[0] == 0:
@@ -156,12 +159,15 @@ class Node(_PerParticleValue):
         t = self.rows()
         t["value"][r] = value.to(F64)
         t["realised"][r] = True
+        self.any_realised = True
         self._tell_parent(r)
 
     def _tell_parent(self, r: torch.Tensor) -> None:
+        if self.parent is None or not self.any_linked:
+            return
         t = self.rows()
         lk = t["linked"][r]
-        if self.parent is not None and bool(lk.any()):
+        if bool(lk.any()):
             rl = r[lk]
             self.parent.condition_on_child(rl, t["ca"][rl], t["cb"][rl], t["cq"][rl], t["value"][rl])
             t = self.rows()
@@ -179,6 +185,7 @@ class Node(_PerParticleValue):
         t = self.rows()
         t["value"][r] = value
         t["realised"][r] = True
+        self.any_realised = True
 
     def _dist(self, p: dict, r: torch.Tensor) -> DistValue:
         idx = r
@@ -205,6 +212,13 @@ class Node(_PerParticleValue):
         density (float64 [len(r)]), and the Kalman update of the marginal."""
         p = self.marginal(r)
         t = self.rows()
+        if not self.any_realised:  # the common case: every row delayed
+            m, v = p["m"], p["v"]
+            mean, s = c * m + d, c * c * v + s2
+            lp = -0.5 * (math.log(2 * math.pi) + torch.log(s) + (y - mean) ** 2 / s)
+            t["m"][r] = m + v * c * (y - mean) / s
+            t["v"][r] = v * s2 / s
+            return lp
         real = t["realised"][r]
         mean = torch.where(real, c * t["value"][r] + d, c * p["m"] + d)
         var = torch.where(real, s2, c * c * p["v"] + s2)
@@ -224,11 +238,15 @@ class Node(_PerParticleValue):
         not realised (its marginal N(c m + d, c^2 v + s2)), a root N(c x + d, s2) where it is."""
         p = self.marginal(r)
         t = self.rows()
-        real = t["realised"][r]
-        m = torch.where(real, c * t["value"][r] + d, c * p["m"] + d)
-        v = torch.where(real, s2, c * c * p["v"] + s2)
+        if self.any_realised:
+            real = t["realised"][r]
+            m = torch.where(real, c * t["value"][r] + d, c * p["m"] + d)
+            v = torch.where(real, s2, c * c * p["v"] + s2)
+        else:
+            real, m, v = None, c * p["m"] + d, c * c * p["v"] + s2
         z = self.graph.node("normal", {"m": m, "v": v, "ca": c, "cb": d, "cq": s2}, r, addr)
-        z.rows()["linked"][r] = ~real
+        z.rows()["linked"][r] = True if real is None else ~real
+        z.any_linked = True
         z.parent = self
         self.children.append(z)
         return z
@@ -240,8 +258,11 @@ class Node(_PerParticleValue):
         Where the node is realised, the plain log density of y."""
         p = self.marginal(r)
         t = self.rows()
-        real = t["realised"][r]
         lp = self._predictive(kind, p, y, n)
+        if not self.any_realised:
+            self._update(kind, r, p, y, n)
+            return lp
+        real = t["realised"][r]
         if bool(real.any()):
             rr = r[real]
             exact = self._likelihood(kind, t["value"][rr], y[real], None if n is None else n[real])
@@ -447,16 +468,20 @@ def _resolve(terms: list, const: torch.Tensor, r: torch.Tensor) -> tuple[list, t
         if n.family != "normal":  # alone, coef 1 (see Affine)
             out.append((n, c))
             continue
+        if not (n.any_realised or n.any_aliased):  # the common case: nothing to replace
+            out = _merge(out, [(n, c)])
+            continue
         t = n.rows()
-        al = t["aliased"][r] & ~t["realised"][r]
         real = t["realised"][r]
+        al = t["aliased"][r] & ~real if n.any_aliased else torch.zeros_like(real)
         if bool(real.any()):
             const = const + torch.where(real, c * t["value"][r], torch.zeros_like(c))
             c = torch.where(real, torch.zeros_like(c), c)
         if bool(al.any()):
             zero = torch.zeros_like(c)
             const = const + torch.where(al, c * t["alias_const"][r], zero)
-            sub, _ = _resolve([(m, torch.where(al, c * mc[r], zero)) for m, mc in n.alias], zero.clone(), r)
+            sub, sub_const = _resolve([(m, torch.where(al, c * mc[r], zero)) for m, mc in n.alias], zero.clone(), r)
+            const = const + sub_const
             c = torch.where(al, zero, c)
             out = _merge(out, sub)
         if bool((c != 0).any()):
@@ -491,6 +516,10 @@ def _absorb(x: Node, c1, e: Node, c2, d, r):
     full = lambda rowvals: torch.zeros(N, dtype=F64, device=r.device).index_copy(0, r, rowvals)  # noqa: E731
     e.alias.append((z, full(1.0 / c2)))
     e.alias.append((x, full(-c1 / c2)))
+    if not e.any_aliased:
+        te["aliased"] = torch.zeros(N, dtype=torch.bool, device=r.device)
+        te["alias_const"] = torch.zeros(N, dtype=F64, device=r.device)
+        e.any_aliased = True
     te["alias_const"][r] = -d / c2
     te["aliased"][r] = True
     one = torch.ones_like(c1)
