@@ -119,7 +119,7 @@ def draw(model, data=None, path=None, *, collapse: bool = True, deterministic: b
         from matplotlib.patches import FancyBboxPatch
     except ImportError:
         raise PPLError("Model.draw needs matplotlib, which is not installed",
-                       hint="pip install 'ppl[plot]'  (or: pip install matplotlib)") from None
+                       hint="pip install matplotlib  (a dependency of ppl: reinstalling ppl brings it back)") from None
     g = graph(model, data, collapse=collapse, deterministic=deterministic, **kwdata)
     pos = _layout(g)
     xs = [p[0] for p in pos.values()] or [0]
