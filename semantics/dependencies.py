@@ -296,6 +296,10 @@ class _Analysis:
                     return True
             except PPLError as err:
                 raise err.with_span(s.span)
+            except (TypeError, ValueError, RuntimeError, IndexError, ZeroDivisionError, OverflowError) as err:
+                # as the interpreter: a user value the operation cannot use, never a raw Python error
+                msg = str(err).splitlines()[0] if str(err) else ""
+                raise PPLRuntimeError(f"{type(err).__name__}: {msg}", s.span) from err
         return False
 
     def exec_stmt(self, s, fr: _AFrame) -> bool:
@@ -345,10 +349,10 @@ class _Analysis:
         n_returns = len(fr.returns)
         fr.pc, fr.conditional = saved_pc | cdeps, True
         fr.vars, fr.counters = dict(saved_vars), dict(saved_counters)
-        ret_t = self.exec_block(s.then, fr)
+        ret_t = self.on_some_paths(lambda: self.exec_block(s.then, fr))
         vars_t, counters_t = fr.vars, fr.counters
         fr.vars, fr.counters = dict(saved_vars), dict(saved_counters)
-        ret_f = self.exec_block(s.orelse, fr)
+        ret_f = self.on_some_paths(lambda: self.exec_block(s.orelse, fr))
         vars_f = fr.vars
         for k, n in counters_t.items():  # addresses stay unique on both paths (as the interpreter)
             fr.counters[k] = max(n, fr.counters.get(k, 0))
@@ -535,14 +539,24 @@ class _Analysis:
         b = self.conditionally(fr, cdeps, lambda: self.eval(e.orelse, fr))
         return _unknown(c, a, b, dist=a.dist if a.dist == b.dist else None)
 
-    @staticmethod
-    def conditionally(fr: _AFrame, cdeps: frozenset, run):
+    @classmethod
+    def conditionally(cls, fr: _AFrame, cdeps: frozenset, run):
         saved = fr.pc, fr.conditional
         fr.pc, fr.conditional = fr.pc | cdeps, True
         try:
-            return run()
+            return cls.on_some_paths(run)
         finally:
             fr.pc, fr.conditional = saved
+
+    @staticmethod
+    def on_some_paths(run):
+        """Run code that executes on some paths only: an error there may be on a path the
+        model never takes (the traces decide; a real error is raised by them)."""
+        try:
+            return run()
+        except PPLError as err:
+            raise _Undecidable(f"code under a branch on a random value fails in the analysis ({err.message})",
+                               err.span) from None
 
     def eval_index(self, e: ir.Index, fr: _AFrame) -> AV:
         v = self.eval(e.value, fr)

@@ -345,3 +345,35 @@ def test_draw_graphs_example_writes_pngs(tmp_path):
     assert {p.name for p in written} == {"eight_schools.png", "twisted_hmm.png", "hmm_unrolled.png"}
     for p in written:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+
+
+def test_an_error_on_a_branch_never_taken_falls_back_to_traces():
+    m = ppl.model("""
+def m(xs):
+    k ~ categorical([1, 1])
+    if k > 5:
+        y ~ normal(xs[10], 1)
+    return k
+""")
+    deps = analyse(m, {"xs": [1.0, 2.0]})
+    assert deps.from_traces and "fails in the analysis" in deps.reason
+    assert deps.addresses == ("k",)
+
+
+def test_a_data_error_is_the_models_located_error():
+    m = ppl.model("""
+def m(xs):
+    k ~ flip(0.5)
+    y ~ normal(xs[10], 1)
+    return k
+""")
+    with pytest.raises(ppl.PPLError) as err:
+        analyse(m, {"xs": [1.0, 2.0]})
+    assert err.value.span is not None and err.value.span.line == 4
+
+
+def test_draw_without_matplotlib_is_an_error_that_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ppl.PPLError, match="needs matplotlib") as err:
+        ppl.model(CHAIN).draw()
+    assert "pip install matplotlib" in err.value.hint
