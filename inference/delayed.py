@@ -166,11 +166,13 @@ class DelayedSampling:
             n = _constant_rows(others[0], ctx)
             if n is None:
                 return None
-        _check_support(kind, y, n, node, r, eff)
+        outside = _outside_support(kind, y, n, node)
+        if outside is not None:  # density zero there, as without delay (a placeholder value is used)
+            y = torch.where(outside.unsqueeze(-1), torch.zeros_like(y), y)
         lp = torch.zeros(ctx.M, dtype=F64, device=ctx.device)
         for k in range(y.shape[1]):
             lp = lp + node.observe_conjugate(kind, r, y[:, k], n)
-        return lp
+        return lp if outside is None else torch.where(outside, torch.full_like(lp, -math.inf), lp)
 
     def factor(self, eff: FactorEffect):
         return super().factor(_forced(eff))
@@ -232,15 +234,15 @@ def _concrete_dist(dist: DistValue, ctx: Particles) -> DistValue:
 
 
 def _variance(spec, scale, ctx: Particles) -> torch.Tensor | None:
-    """The variance rows [M] of a normal's concrete scale (checked as the spec checks
-    it), or None when it is not one number per particle."""
+    """The variance rows [M] of a normal's concrete scale, or None when it is not one
+    valid number per particle (the choice or observation then goes the usual way, which
+    reports an invalid scale, or ignores it on particles of weight zero)."""
     if type(scale) is float and 0 < scale < math.inf:  # the common constant: checked in Python
         return torch.full((ctx.M,), scale * scale, dtype=F64, device=ctx.device)
     s = _constant_rows(scale, ctx)
     if s is None:
         return None
     if not bool(((s > 0) & torch.isfinite(s)).all()):
-        DistValue(spec, (0.0, scale)).torch_dist(ctx)  # the spec's own error
         return None
     return s * s
 
@@ -292,19 +294,18 @@ def _observed_rows(value, ctx: Particles) -> torch.Tensor | None:
     return y.to(F64).reshape(ctx.M, -1)
 
 
-def _check_support(kind: str, y, n, node: Node, r, eff) -> None:
-    """A value outside the observation's support scores -inf as it would without delay:
-    refuse the ones the predictive formulas cannot take (a located error)."""
-    ok = torch.isfinite(y).all() & (y >= 0).all() & (y == y.round()).all()
+def _outside_support(kind: str, y, n, node: Node) -> torch.Tensor | None:
+    """The particles whose observed values lie outside the observation's support (bool
+    [M]), or None when there are none."""
+    ok = torch.isfinite(y) & (y >= 0) & (y == y.round())
     if kind == "bernoulli":
-        ok = ok & (y <= 1).all()
+        ok = ok & (y <= 1)
     elif kind == "binomial":
-        ok = ok & (y <= n.unsqueeze(-1)).all()
+        ok = ok & (y <= n.unsqueeze(-1))
     elif kind == "categorical":
-        ok = ok & (y < node.rows()["alpha"].shape[-1]).all()
-    if not bool(ok):
-        raise PPLRuntimeError(f"delayed sampling: an observed value outside the support of {kind}", eff.span,
-                              "observe values the distribution can take, or run without delayed=True")
+        ok = ok & (y < node.rows()["alpha"].shape[-1])
+    bad = ~ok.all(-1)
+    return bad if bool(bad.any()) else None
 
 
 class DelayedWeighting(DelayedSampling, Weighting):

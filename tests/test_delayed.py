@@ -367,3 +367,31 @@ def test_the_lgssm_example_states_its_answer():
     assert abs(res.log_evidence - want_ll) < 1e-6
     assert f"log evidence = {want_ll:.4f}" in text
     assert f"E[x_T | ys] = {means[-1]:.4f}" in text
+
+
+def test_the_cli_takes_delayed_as_an_option(capsys):
+    from ppl import cli
+    code = cli.main(["run", str(EXAMPLES / "lgssm.ppl"), "--data", str(EXAMPLES / "lgssm.json"), "--method", "smc",
+                     "-n", "1", "--option", "delayed=true", "--seed", "0", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    data = json.loads((EXAMPLES / "lgssm.json").read_text())
+    ys = torch.tensor(data["ys"], dtype=torch.float32).double().tolist()
+    assert code == 0
+    assert abs(out["log_evidence"] - kalman(ys, data["a"], data["q"], data["r"], data["x0_sd"])[0]) < 1e-6
+
+
+@pytest.mark.parametrize("prior, observe", [("beta(2, 2)", "observe 3 ~ bernoulli(p)"),
+                                            ("dirichlet([1.0, 1.0])", "observe 2 ~ categorical(p)"),
+                                            ("gamma(2, 1)", "observe 1.5 ~ poisson(p)")])
+def test_an_observation_outside_the_support_has_density_zero_as_without_delay(prior, observe):
+    src = f"def m():\n    p ~ {prior}\n    {observe}\n    return 1\n"
+    for delayed in (False, True):
+        with pytest.raises(ppl.PPLError, match="every particle has weight zero"):
+            ppl.model(src).run("smc", {}, particles=4, delayed=delayed, seed=0)
+
+
+def test_an_invalid_scale_is_the_usual_located_error():
+    src = "def m():\n    x ~ normal(0, 1)\n    observe 1.0 ~ normal(x, -1)\n    return x\n"
+    with pytest.raises(ppl.PPLError, match="parameter 'scale' must be positive") as err:
+        ppl.model(src).run("importance", {}, particles=4, delayed=True)
+    assert ":3:" in str(err.value)
