@@ -280,7 +280,7 @@ class _Analysis:
         if not deps:
             return
         idx = "".join(f"[{i}]" for i in fr.loops)
-        addr = fr.path + name + idx
+        addr = "value:" + fr.path + name + idx  # (never a site's address)
         old = self.values.get(addr)
         if old is not None:
             deps = deps | old.parents

@@ -377,3 +377,38 @@ def test_draw_without_matplotlib_is_an_error_that_says_how_to_install(monkeypatc
     with pytest.raises(ppl.PPLError, match="needs matplotlib") as err:
         ppl.model(CHAIN).draw()
     assert "pip install matplotlib" in err.value.hint
+
+
+EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("*.ppl"))
+FROM_TRACES = {"dice": "while", "geometric": "recursion"}
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_every_example_is_analysed_with_the_interpreters_addresses(name):
+    import json
+    m = ppl.model(str(ROOT / f"examples/{name}.ppl"))
+    path = ROOT / f"examples/{name}.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data = {k: v for k, v in data.items() if k in m.params}
+    deps = analyse(m, data)
+    assert deps.from_traces == (name in FROM_TRACES), deps.reason
+    if deps.from_traces:
+        assert FROM_TRACES[name] in deps.reason
+        return
+    r = m.prior(particles=64, seed=0, **data)
+    sampled = {k for k in r.sites if k != "return"}
+    assert sampled <= set(deps.choices)
+    assert {s.address for s in deps.sites if s.kind == "choice" and s.static} <= sampled
+
+
+def test_deterministic_values_are_nodes_of_their_own():
+    m = ppl.model("""
+def m():
+    x ~ normal(0, 1)
+    x = x + 1
+    observe 0.0 ~ normal(x, 1)
+    return x
+""")
+    g = m.graph(deterministic=True)
+    assert g.nodes["value:x"]["kind"] == "deterministic" and g.nodes["x"]["kind"] == "choice"
+    assert ("x", "value:x") in g.edges and ("x", "obs@5:5") in g.edges
