@@ -25,6 +25,7 @@ from ..semantics.options import OptionSpec
 from .amortized import run_guided_importance, run_guided_smc
 from .delayed import delayed_importance, delayed_smc
 from .gradient_mcmc import gradient_mcmc
+from .infer_discrete import recover_discrete
 from .importance import likelihood_weighting
 from .mh import mh
 from .pmmh import pmmh
@@ -184,14 +185,17 @@ def run_nuts(model, data: dict, *, particles: int = 4, samples: int = 1000, burn
     iterations of Stan's windowed adaptation. ``compile``: TorchInductor for the potential
     (default "auto": when its measured savings on the run exceed its cost). ``enumerate``:
     discrete choices summed out in the potential (with those marked ``@enumerate``; they are
-    not in the draws)."""
-    return gradient_mcmc(*_program(model, data, device, enumerate, enumerating=True, recover=False), kernel=kernel,
+    not in the state; each kept draw gets them drawn from their conditional afterwards,
+    ``inference.infer_discrete``)."""
+    program = _program(model, data, device, enumerate, enumerating=True, recover=False)
+    chains = gradient_mcmc(*program, kernel=kernel,
                          chains=int(chains if chains is not None else particles), samples=int(samples),
                          warmup=int(warmup if warmup is not None else burn_in), device=device,
                          target_accept=float(target_accept), max_tree_depth=int(max_tree_depth),
                          dense_mass=bool(_flag(dense_mass)), num_steps=None if num_steps is None else int(num_steps),
                          step_size=None if step_size is None else float(step_size), traced=_flag(traced),
                          compile=_flag(compile), progress=progress)
+    return recover_discrete(chains, *program, device=device)
 
 
 def run_hmc(model, data: dict, *, particles: int = 4, samples: int = 1000, burn_in: int = 1000,
