@@ -37,6 +37,7 @@ from ..semantics.interpreter import ConditionEffect, FactorEffect, ObserveEffect
 from ..semantics.lazy import Lazy, live_run
 from ..semantics.sampling import Weighting, column, drive
 from ..semantics.values import Batched, Particles, rows
+from ..stdlib import distributions as _dists
 from .population import Population
 from .smc import SMCHandler, smc
 
@@ -52,6 +53,11 @@ OBSERVED = {("normal", ("loc", "scale")): ("normal", "normal", 0),
 class DelayedSampling:
     """Mixin for a ``Weighting`` handler (importance or SMC): conjugate choices delayed
     (module docstring). Call ``start_delayed`` from the constructor."""
+
+    #: realise every node at the end of the run (so the trace holds every choice); the exact
+    #: checker turns it off: those draws are continuous and change neither the weights nor a
+    #: concrete return value
+    realise_at_end = True
 
     def start_delayed(self, N: int, device, full_idx: torch.Tensor):
         self.graph = DelayedGraph(N, device, self._draw_rows, full_idx)
@@ -72,10 +78,43 @@ class DelayedSampling:
                 self.delayed_sites.append((eff.addr, node))
                 self.delayed_summary["delayed"] += 1
                 return Affine.of(node, eff.ctx)
+            child = self._predictive_child(dist, eff)
+            if child is not None:
+                return child
             concrete = _concrete_dist(dist, eff.ctx)
             if concrete is not dist:
                 eff = SampleEffect(eff.addr, concrete, eff.ctx, eff.span)
         return super().sample(eff)
+
+    def _predictive_child(self, dist: DistValue, eff):
+        """``z ~ bernoulli/flip/binomial(n, p)`` with p a beta node, or ``categorical(w)``
+        with w a Dirichlet node: z drawn from its predictive (the node's marginal
+        integrated out) and the node conditioned on it; the node stays delayed. None when
+        the choice is not one of these."""
+        entry = OBSERVED.get((dist.spec.name, dist.spec.params))
+        if entry is None or entry[0] in ("normal", "poisson"):
+            return None
+        kind, family, pos = entry
+        param = dist.args[pos]
+        if not isinstance(param, Affine) or any(isinstance(a, Lazy) for i, a in enumerate(dist.args) if i != pos):
+            return None
+        ctx, r = eff.ctx, eff.ctx.idx
+        terms, _ = param.at(ctx)
+        if len(terms) != 1 or terms[0][0].family != family:
+            return None
+        node = terms[0][0]
+        n = _constant_rows(dist.args[0], ctx) if kind == "binomial" else None
+        if kind == "binomial" and (n is None or not bool((n >= 0).all() & (n == n.round()).all())):
+            return None
+        if node.any_realised and bool(node.rows()["realised"][r].any()):
+            return None  # (a realised parameter: drawn the usual way)
+        predictive = _predictive_dist(kind, dist, node.marginal(r), n, r)
+        value = self.choose(self, SampleEffect(eff.addr, predictive, ctx, eff.span))
+        y = rows(value, ctx).to(F64).reshape(ctx.M, -1)
+        node.observe_conjugate(kind, r, y[:, 0], n)
+        self.trace.record(eff.addr, ctx, value)
+        self.delayed_summary["predictive_draws"] = self.delayed_summary.get("predictive_draws", 0) + 1
+        return value
 
     def _node_for(self, dist: DistValue, eff) -> Node | None:
         """A node for a choice with a conjugate prior, or None (drawn as usual)."""
@@ -196,6 +235,8 @@ class DelayedSampling:
                 mean, var = mean + c * p["m"], c * c * p["v"]
             if len(terms) <= 1:
                 self.delayed_summary["return_mean"], self.delayed_summary["return_var"] = mean, var
+        if not self.realise_at_end:
+            return ret
         self.graph.realise_all()
         full = self.graph.full_idx
         for addr, node in self.delayed_sites:
@@ -206,6 +247,16 @@ class DelayedSampling:
             value = t["value"][have].to(torch.get_default_dtype())
             self.trace.record(addr, Particles(have, self.graph.N, self.graph.device, ctx.full), Batched(value, have))
         return _concrete(ret, ctx)
+
+
+def _predictive_dist(kind: str, dist: DistValue, p: dict, n, r) -> DistValue:
+    """The predictive distribution of a child of a node with marginal parameters p."""
+    if kind == "bernoulli":
+        return DistValue(dist.spec, (Batched(p["a"] / (p["a"] + p["b"]), r),))
+    if kind == "binomial":
+        return DistValue(_dists.get("beta_binomial"), (Batched(n.long(), r), Batched(p["a"], r), Batched(p["b"], r)))
+    alpha = p["alpha"]
+    return DistValue(dist.spec, (Batched(alpha / alpha.sum(-1, keepdim=True), r),))
 
 
 def _forced(eff):
@@ -356,14 +407,19 @@ class _Deferred:
         return self.owner.handler.complete(ret, ctx)
 
 
-def delayed_smc(interp, entry: str, data: dict, particles: int, device="cpu", **options) -> Population:
-    """SMC (``inference.smc``) with delayed sampling: a ``Population`` ("smc")."""
+def delayed_smc(interp, entry: str, data: dict, particles: int, device="cpu", *, realise_at_end: bool = True,
+                handler_base=None, **options) -> Population:
+    """SMC (``inference.smc``) with delayed sampling: a ``Population`` ("smc").
+    ``realise_at_end=False`` leaves the nodes unrealised at the end (their sites are then
+    absent; for the exact checker); ``handler_base`` substitutes the mixin (to check a
+    broken variant)."""
     wrapped = _EndingInterpreter(interp)
 
-    class Handler(DelayedSampling, SMCHandler):
+    class Handler(handler_base or DelayedSampling, SMCHandler):
         def __init__(self, N, dev, lineage, **kw):
             SMCHandler.__init__(self, N, dev, lineage, **kw)
             self.start_delayed(N, dev, lineage.full_idx)
+            self.realise_at_end = realise_at_end
             wrapped.handler = self
 
     with live_run():

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from scipy.special import betaln, gammaln
 
 import ppl
+from ppl.inference import delayed as delayed_mod
 from ppl.inference.delayed import delayed_smc
 from ppl.semantics import delayed as nodes
 from ppl.testing.strategies import conjugate_programs, finite_programs
@@ -233,6 +234,75 @@ def test_delayed_smc_is_proper_on_random_finite_programs(source):
     proper weighting (exactly, by enumerating every draw)."""
     check = check_proper(ppl.model(source), _delayed_smc_algorithm(2))
     assert check.ok, check
+
+
+DISCRETE_CHILDREN = """
+def m(flips):
+    p ~ beta(2, 3)
+    z ~ flip(p)
+    k ~ binomial(2, p)
+    for f in flips:
+        observe f ~ flip(p)
+    return 2 * k + (1 if z else 0)
+"""
+
+
+def _children_measure(flips):
+    """The exact measure of DISCRETE_CHILDREN's return value (beta integrals)."""
+    h, n = sum(flips), len(flips)
+    out = {}
+    for z in (0, 1):
+        for k in (0, 1, 2):
+            ones, zeros = h + z + k, (n - h) + (1 - z) + (2 - k)
+            out[2 * k + z] = math.comb(2, k) * math.exp(betaln(2 + ones, 3 + zeros) - betaln(2, 3))
+    return out
+
+
+def _delayed_measure(flips, particles, base=None):
+    """E[Z_hat sum_i w_i 1{ret_i = v}] of delayed SMC, by enumerating every draw (the
+    predictive draws of z and k and the resampling) with the exact checker's randomness."""
+    from ppl.testing.validity import EnumeratingRandomness, _float64, enumerate_outcomes
+    model = ppl.model(DISCRETE_CHILDREN)
+    interp, entry = model.interpreter(), model.entry
+    measure: dict = {}
+    with _float64():
+        data = model.prepare_data({"flips": flips}, "cpu")
+        outcomes = enumerate_outcomes(lambda rnd: delayed_smc(interp, entry, data, particles, "cpu", randomness=rnd,
+                                                              realise_at_end=False, handler_base=base))
+        for prob, pop in outcomes:
+            values = pop.sites["return"][0].tolist()
+            for v, lw in zip(values, pop.log_weights.tolist()):
+                measure[int(v)] = measure.get(int(v), 0.0) + prob * math.exp(lw) / particles
+    return measure
+
+
+@pytest.mark.parametrize("particles", [1, 2])
+def test_discrete_children_of_a_node_are_drawn_from_the_predictive_exactly_properly(particles):
+    """``z ~ flip(p)``, ``k ~ binomial(2, p)`` with p ~ beta delayed: z and k are drawn
+    from their predictives and p conditioned on them, so every draw is discrete and the
+    exact checker enumerates them all (with resampling for N = 2): E[Z_hat sum_i w_i
+    1{ret_i = v}] equals the exact measure (beta integrals) to 1e-12."""
+    flips = [True, False, True]
+    want = _children_measure(flips)
+    got = _delayed_measure(flips, particles)
+    assert set(got) == set(want)
+    for v in want:
+        assert got[v] == pytest.approx(want[v], rel=1e-12, abs=1e-15)
+
+
+def test_a_predictive_draw_that_forgets_to_condition_the_node_is_caught():
+    class Forgetful(delayed_mod.DelayedSampling):
+        def _predictive_child(self, dist, eff):
+            node_update = nodes.Node.observe_conjugate
+            nodes.Node.observe_conjugate = lambda *a, **k: None  # draws z but leaves p as it was
+            try:
+                return super()._predictive_child(dist, eff)
+            finally:
+                nodes.Node.observe_conjugate = node_update
+    flips = [True, False, True]
+    want = _children_measure(flips)
+    got = _delayed_measure(flips, 1, base=Forgetful)
+    assert max(abs(got[v] - want[v]) for v in want) > 1e-4
 
 
 def test_a_broken_delayed_observe_is_caught(monkeypatch):
