@@ -44,6 +44,7 @@ from .elimination import BucketTree, Factor, TableTooLarge, elimination_order, s
 from .errors import InfiniteSupportError, PPLError, PPLRuntimeError
 from .exact import _hashable, _observe_prob, exact_data
 from .sampling import drive
+from .dist_values import DistValue
 from .values import Particles, to_python, to_vector, truthy
 
 __all__ = ["Structure", "EliminationResult", "NotApplicable", "eliminate_program", "covering_assignments"]
@@ -83,22 +84,34 @@ class _FixedRun:
     value when unassigned) and records every site: a choice's exact support, a likelihood
     site's weight (0 for a failed condition or an impossible observation: the run goes on)."""
 
-    def __init__(self, assignment: dict, originals: dict):
-        self.assignment, self.originals = assignment, originals
+    def __init__(self, assignment: dict, originals: dict, supports: dict):
+        self.assignment, self.originals, self.supports = assignment, originals, supports
         self.sites: list[_Site] = []
         self.chosen: dict = {}  # addr -> the (hashable) value each choice was given
 
+    def _support(self, dist) -> dict:
+        """{hashable value: probability > 0} of ``dist``, cached by its distribution and
+        arguments (the same table for the same parameters in every run)."""
+        key = _dist_key(dist)
+        table = self.supports.get(key) if key is not None else None
+        if table is None:
+            try:
+                support = dist.exact_support()
+            except InfiniteSupportError as err:
+                raise err.with_span(self._span)
+            table = {}
+            for v, p in support:
+                if p != 0:
+                    k = _hashable(v)
+                    self.originals.setdefault(k, v)
+                    table[k] = table.get(k, 0) + p
+            if key is not None:
+                self.supports[key] = table
+        return table
+
     def sample(self, eff):
-        try:
-            support = eff.dist.exact_support()
-        except InfiniteSupportError as err:
-            raise err.with_span(eff.span)
-        table: dict = {}
-        for v, p in support:
-            if p != 0:
-                key = _hashable(v)
-                self.originals.setdefault(key, v)
-                table[key] = table.get(key, 0) + p
+        self._span = eff.span
+        table = self._support(eff.dist)
         if not table:
             raise NotApplicable(f"{eff.addr}: a choice with no value of positive mass")
         self.sites.append(_Site(eff.addr, "choice", list(table.items()), span=eff.span))
@@ -135,15 +148,64 @@ class _FixedRun:
         self._record(eff, 1 if truthy(eff.value) else 0)
 
 
-def _run_fixed(interp, entry: str, data: dict, assignment: dict, originals: dict):
-    h = _FixedRun(assignment, originals)
+def _dist_key(dist):
+    """A key that determines ``dist``'s exact support (its spec and its arguments, with
+    their types: 1/2 and 0.5 differ), or None when it cannot be formed."""
+    if type(dist) is not DistValue:
+        return None
     try:
-        ret = drive(interp.run(entry, data, Particles.all(1)), h)
-    except NotApplicable:
-        raise
-    except (PPLError, RecursionError) as err:  # e.g. reachable only at an impossible assignment
-        raise NotApplicable(f"a covering run failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
-    return h.sites, _hashable(ret), h.chosen
+        key = (id(dist.spec), _typed(dist.python_args()))  # specs live in the module's table
+        hash(key)
+    except (TypeError, PPLError):
+        return None
+    return key
+
+
+def _typed(v):
+    if isinstance(v, (list, tuple)):
+        return (type(v).__name__,) + tuple(_typed(x) for x in v)
+    if isinstance(v, (bool, int, float, Fraction, str)) or v is None:
+        return (type(v).__name__, v)
+    raise TypeError("not a plain value")
+
+
+class _Runner:
+    """Runs of ``entry(**data)`` with every choice fixed, sharing the supports met (by
+    distribution and arguments) and the first run (``probe``: each choice at its first
+    value), which answers any later assignment it already contains."""
+
+    def __init__(self, interp, entry: str, data: dict):
+        self.interp, self.entry, self.data = interp, entry, data
+        self.originals: dict = {}   # hashable value -> the value the program gets
+        self.supports: dict = {}
+        self._probe = None
+
+    @property
+    def probe(self):
+        if self._probe is None:
+            self._probe = self._run({})
+        return self._probe
+
+    def run(self, assignment: dict):
+        """(sites, hashable return value, {choice: hashable value it was given})."""
+        chosen = self.probe[2]
+        if all(chosen.get(k, _MISSING) == v for k, v in assignment.items()):
+            return self.probe
+        return self._run(assignment)
+
+    def _run(self, assignment: dict):
+        h = _FixedRun(assignment, self.originals, self.supports)
+        try:
+            ret = drive(self.interp.run(self.entry, self.data, Particles.all(1)), h)
+        except NotApplicable:
+            raise
+        except (PPLError, RecursionError) as err:  # e.g. reachable only at an impossible assignment
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise NotApplicable(f"a covering run failed: {first}") from None
+        return h.sites, _hashable(ret), h.chosen
+
+
+_MISSING = object()
 
 
 # ----------------------------------------------------------------------------------------
@@ -193,9 +255,8 @@ class _Tables:
     originals: dict = field(default_factory=dict)
 
 
-def _tabulate(interp, entry: str, data: dict, structure: Structure, max_table: int) -> _Tables:
-    originals: dict = {}
-    probe, _, _ = _run_fixed(interp, entry, data, {}, originals)
+def _tabulate(runner: _Runner, structure: Structure, max_table: int) -> _Tables:
+    probe = runner.probe[0]
     order = [s.addr for s in probe]
     kinds = {s.addr: s.kind for s in probe}
     if len(set(order)) != len(order):
@@ -212,7 +273,7 @@ def _tabulate(interp, entry: str, data: dict, structure: Structure, max_table: i
     for _ in range(8):  # extend the domains until every support seen is inside them
         _check_sizes(order, parents, domains, max_table)
         reqs = _requirements([tuple(parents[a]) for a in order + ["return"]], domains)
-        runs = [_run_fixed(interp, entry, data, a, originals) for a in covering_assignments(reqs)]
+        runs = [runner.run(a) for a in covering_assignments(reqs)]
         grown = False
         for sites, _, _ in runs:
             if [s.addr for s in sites] != order:
@@ -235,7 +296,7 @@ def _tabulate(interp, entry: str, data: dict, structure: Structure, max_table: i
             entry_ = s.support if s.kind == "choice" else s.weight
             _put(rows[s.addr], key, entry_, s.addr)
         _put(returns, tuple(full[p] for p in parents["return"]), value, "return")
-    return _Tables(order, kinds, domains, rows, returns, originals)
+    return _Tables(order, kinds, domains, rows, returns, runner.originals)
 
 
 def _check_sizes(order, parents, domains, max_table):
@@ -320,15 +381,15 @@ class EliminationResult:
 
 
 def eliminate_program(interp, entry: str, data: dict, structure: Structure, *,
-                      max_table: int = DEFAULT_MAX_TABLE,
-                      enumerate_paths: Callable[[], list] | None = None) -> EliminationResult:
+                      max_table: int = DEFAULT_MAX_TABLE, enumerate_paths: Callable[[], list] | None = None,
+                      runner: _Runner | None = None) -> EliminationResult:
     """The exact measure of ``entry(**data)`` by variable elimination over factor tables
     tabulated from covering runs (module docstring). ``NotApplicable`` when it does not
-    apply (the caller enumerates paths instead)."""
+    apply (the caller enumerates paths instead). ``runner``: the runs so far (``_Runner``
+    over the same program and ``exact_data(data)``)."""
     if not structure.static:
         raise NotApplicable("the structure is not static")
-    data = exact_data(data)
-    t = _tabulate(interp, entry, data, structure, max_table)
+    t = _tabulate(runner or _Runner(interp, entry, exact_data(data)), structure, max_table)
     parents = structure.parents
     factors = _factors(t, parents)
     query = tuple(parents["return"])
@@ -368,9 +429,9 @@ def structure_of(model, data: dict) -> Structure:
     return Structure(deps.is_static, parents)
 
 
-def _path_bound(interp, entry: str, data: dict) -> int:
+def _path_bound(runner: _Runner) -> int:
     """The product of the support sizes on one run (each choice at its first value)."""
-    sites, _, _ = _run_fixed(interp, entry, exact_data(data), {}, {})
+    sites = runner.probe[0]
     bound = 1
     for s in sites:
         if s.kind == "choice":
@@ -393,12 +454,13 @@ def enumerate_exact(model, data: dict, prepared: dict, interp, enumerate_paths: 
         return enumerate_paths()
     if path_threshold is None:
         path_threshold = DEFAULT_PATH_THRESHOLD
+    runner = _Runner(interp, model.entry, exact_data(prepared))
     try:
-        if strategy == "auto" and _path_bound(interp, model.entry, prepared) <= path_threshold:
+        if strategy == "auto" and _path_bound(runner) <= path_threshold:
             return enumerate_paths()
         structure = _analyse(model, data)
         return eliminate_program(interp, model.entry, prepared, structure, max_table=max_table,
-                                 enumerate_paths=enumerate_paths)
+                                 enumerate_paths=enumerate_paths, runner=runner)
     except (NotApplicable, PPLError, RecursionError) as why:
         if strategy == "elimination":
             raise PPLError(f"variable elimination does not apply to this model: {why}",
