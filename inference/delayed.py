@@ -14,8 +14,9 @@ of a draw: the node holds the choice's marginal given the observations so far. T
   current marginal, after which its parent is conditioned on the drawn value;
 * at the end of the run every node still delayed is realised, so the trace and the
   return value are concrete; ``extra["delayed"]["return_mean"/"return_var"]`` keep the
-  marginal of a Gaussian return value just before that (per particle: with one
-  particle on a linear-Gaussian state-space model, the Kalman filter's mean).
+  marginal of a Gaussian return value just before that, given the observations and the
+  particle's realised values (with one particle on a linear-Gaussian state-space model
+  returning its last state: the Kalman filter's mean and variance).
 
 Invariant (``semantics.delayed``): each particle's weight is the product of predictive
 densities, and its values are drawn from the conditional law given them, so the weighted

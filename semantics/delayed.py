@@ -125,13 +125,20 @@ class Node(_PerParticleValue):
         return not any(c.any_linked and bool(c.rows()["linked"][r].any()) for c in self.children)
 
     def prune(self, r: torch.Tensor) -> None:
-        """Realise the pending children on rows r (so that this marginal is up to date)."""
-        for c in self.children:
-            if not c.any_linked:
-                continue
-            lk = c.rows()["linked"][r]
-            if bool(lk.any()):
-                c.realise(r[lk])
+        """Realise the pending descendants on rows r, deepest first (so that this marginal
+        is up to date); iterative, so a chain of any length needs no deep recursion."""
+        pending, stack = [], [(self, r)]
+        while stack:
+            node, rows_ = stack.pop()
+            for c in node.children:
+                if not c.any_linked:
+                    continue
+                lk = c.rows()["linked"][rows_]
+                if bool(lk.any()):
+                    pending.append((c, rows_[lk]))
+                    stack.append((c, rows_[lk]))
+        for c, rows_ in reversed(pending):
+            c.realise(rows_)
 
     def marginal(self, r: torch.Tensor) -> dict:
         """The current marginal parameters on rows r (pending children realised first)."""
