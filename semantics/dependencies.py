@@ -25,7 +25,8 @@ memoised call's argument that depends on a random value; recursion on a random v
 it falls back to the sites of executed traces: the sampling interpreter runs the model
 from the prior for a batch of particles and the sites reached are united; a site's
 parents are then every choice that ran before it on some particle's path (sound, since
-a value can only depend on choices made before it). Such an analysis says so:
+a value can only depend on choices made before it), and ``static`` means "reached by
+every particle of that batch". Such an analysis says so:
 ``from_traces`` is True, ``reason`` says why, and every site carries ``from_traces``.
 """
 from __future__ import annotations
