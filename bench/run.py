@@ -34,6 +34,7 @@ def main() -> int:
     print(f"torch {torch.__version__}, {args.threads} intra-op thread(s), python {platform.python_version()}, "
           f"{os.cpu_count()} cpus, clock: {args.clock}, load average: {_loadavg()}")
     import bench_amortized
+    import bench_enumerate_sites
     import bench_delayed
     import bench_enumerate
     import bench_importance
@@ -43,7 +44,7 @@ def main() -> int:
     import bench_nuts
     import bench_smc
     for mod in [bench_importance, bench_smc, bench_mh, bench_lm, bench_amortized, bench_memory, bench_nuts,
-                bench_delayed, bench_enumerate]:
+                bench_delayed, bench_enumerate, bench_enumerate_sites]:
         if args.only and args.only not in mod.__name__:
             continue
         mod.run(repeats=args.repeats, quick=args.quick)

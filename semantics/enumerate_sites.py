@@ -287,6 +287,9 @@ class FactorGraph:
     def _insert(self, cid, dims, table):
         factors = self.comps[cid]
         for j, (fd, ft) in enumerate(factors):
+            if fd == dims:  # (the common case: another factor on the same choices)
+                factors[j] = (fd, Batched(ft.t + table, self.full.idx))
+                return
             if set(dims) <= set(fd):  # merge into a factor that covers it (keeps tables few)
                 (a, b), _ = _lift_all([EnumValue(ft.t, fd, self.full.idx), EnumValue(table, dims, self.full.idx)],
                                       self.full)
@@ -307,6 +310,13 @@ class FactorGraph:
         """log sum over the component's free choices of the product of its factors: [N]
         (or [N, K] over ``keep``), by variable elimination."""
         factors = self._tables(cid)
+        N = self.full.N
+        if len(factors) == 1:  # (the common case: one table; no elimination order needed)
+            dims, t = factors[0]
+            if keep is None:
+                return t.reshape(N, -1).logsumexp(1) if dims else t.reshape(N)
+            if dims == (keep,):
+                return t
         free = []
         for dims, _ in factors:
             free.extend(d for d in dims if d not in free)
@@ -320,7 +330,6 @@ class FactorGraph:
             total = sum(tabs[1:], tabs[0])
             ax = 1 + dims.index(v)
             factors.append((tuple(d for d in dims if d is not v), torch.logsumexp(total, dim=ax)))
-        N = self.full.N
         out = torch.zeros((N, keep.K) if keep is not None else (N,), dtype=torch.float64, device=self.full.device)
         for dims, t in factors:
             if keep is not None and dims:
@@ -400,6 +409,7 @@ class EnumRun:
     def __init__(self, owner: Enumerating, ctx):
         self.owner = owner
         self.graph = FactorGraph(ctx.full)
+        self._last_support = None
 
     def run(self, gen):
         with live_run():
@@ -468,7 +478,7 @@ class EnumRun:
             raise PPLRuntimeError(f"only a discrete choice of finite support can be enumerated ({eff.addr} is "
                                   f"{getattr(d, 'describe', lambda: 'not one')()})", eff.span,
                                   _DROP_HINT.format(name=eff.addr))
-        values, logp, dims = _support_table(d, ctx, eff)
+        values, logp, dims = self.support_table(d, ctx, eff)
         K = values.shape[0]
         v = self.graph.new_var(eff.addr, K, values, eff.span, ctx)
         dims = dims + (v,)
@@ -476,6 +486,20 @@ class EnumRun:
         shape = (ctx.M, *([1] * (len(dims) - 1)), K)
         return EnumValue(values.reshape(1, *([1] * (len(dims) - 1)), K).expand(shape), dims, ctx.idx)
         yield  # pragma: no cover  (a generator like the other handlers)
+
+    def support_table(self, d: DistValue, ctx, eff):
+        """``_support_table``, remembered for the last distribution (a choice in a loop,
+        ``z ~ flip(w)``, has the same one at every iteration while the particles stay)."""
+        key = (d.spec, ctx.idx, ctx.generation)
+        last = self._last_support
+        if last is not None and all(a is b for a, b in zip(last[0][:2], key[:2])) and last[0][2] == key[2] and \
+                len(last[1]) == len(d.args) and \
+                all(a is b for a, b in zip(last[1], d.args)) and all(
+                    type(a) in (int, float, bool, Batched) for a in d.args):
+            return last[2]
+        out = _support_table(d, ctx, eff)
+        self._last_support = (key, d.args, out)
+        return out
 
     def add_prior(self, v: EnumVar, dims: tuple, logp: torch.Tensor, ctx) -> None:
         """v's log prior table (over its parents and v) joins the factor graph (it sums to
