@@ -76,6 +76,8 @@ class Site:
     distribution: Optional[str] = None
     from_traces: bool = False
     name: str = ""
+    spans: tuple = field(default=(), compare=False)  # every statement with this address
+                                                     # (two branches of an unknown `if` may share one)
 
 
 @dataclass
@@ -268,11 +270,13 @@ class _Analysis:
     # ------------------------------------------------------------------------- recording
     def record(self, fr: _AFrame, kind: str, addr: str, parents: frozenset, data: frozenset, span,
                dist: Optional[str], name: str) -> None:
-        site = Site(addr, kind, parents, data, span, tuple(fr.plates), not fr.conditional, dist, False, name)
+        site = Site(addr, kind, parents, data, span, tuple(fr.plates), not fr.conditional, dist, False, name,
+                    (span,))
         old = self.sites.get(addr)
         if old is not None:  # the same address on two branches of an unknown `if`
             site = replace(old, parents=old.parents | parents, data=old.data | data, static=False,
-                           distribution=old.distribution if old.distribution == dist else None)
+                           distribution=old.distribution if old.distribution == dist else None,
+                           spans=old.spans + tuple(x for x in (span,) if x not in old.spans))
         self.sites[addr] = site
 
     def record_value(self, fr: _AFrame, name: str, v: AV, span) -> None:
