@@ -74,11 +74,9 @@ class DelayedSampling:
     def sample(self, eff: SampleEffect):
         dist = eff.dist
         if type(dist) is DistValue:
-            node = self._node_for(dist, eff)
-            if node is not None:
-                self.delayed_sites.append((eff.addr, node))
-                self.delayed_summary["delayed"] += 1
-                return Affine.of(node, eff.ctx)
+            value = self._delayed_choice(dist, eff)
+            if value is not None:
+                return value
             child = self._predictive_child(dist, eff)
             if child is not None:
                 return child
@@ -117,37 +115,53 @@ class DelayedSampling:
         self.delayed_summary["predictive_draws"] = self.delayed_summary.get("predictive_draws", 0) + 1
         return value
 
-    def _node_for(self, dist: DistValue, eff) -> Node | None:
-        """A node for a choice with a conjugate prior, or None (drawn as usual)."""
+    def _delayed_choice(self, dist: DistValue, eff) -> Affine | None:
+        """The lazy value of a choice with a conjugate prior (its new nodes noted as the
+        choice's), or None (drawn as usual)."""
         family = PRIOR_FAMILIES.get((dist.spec.name, dist.spec.params))
         if family is None:
             return None
         ctx, r = eff.ctx, eff.ctx.idx
-        if family == "normal":
-            loc, scale = dist.args
-            if isinstance(scale, Lazy):
+        if family != "normal":
+            if any(isinstance(a, Lazy) for a in dist.args):
                 return None
-            s2 = _variance(dist.spec, scale, ctx)
-            if s2 is None:
+            params = _torch_params(dist, ctx, family)
+            if params is None:
                 return None
-            if isinstance(loc, Affine) and loc.gaussian:
-                node, c, d = loc.single(ctx)
-                if node is not None:
-                    return node.child_normal(r, c, d, s2, eff.addr)
-                loc_rows = d
-            elif isinstance(loc, Lazy):
-                return None
-            else:
-                loc_rows = _constant_rows(loc, ctx)
-                if loc_rows is None:
-                    return None
-            return self.graph.node("normal", {"m": loc_rows, "v": s2}, r, eff.addr)
-        if any(isinstance(a, Lazy) for a in dist.args):
+            return self._delayed(eff, [(torch.arange(ctx.M, device=ctx.device),
+                                        self.graph.node(family, params, r, eff.addr))])
+        loc, scale = dist.args
+        if isinstance(scale, Lazy):
             return None
-        params = _torch_params(dist, ctx, family)
-        if params is None:
+        s2 = _variance(dist.spec, scale, ctx)
+        if s2 is None:
             return None
-        return self.graph.node(family, params, r, eff.addr)
+        if isinstance(loc, Affine) and loc.gaussian:
+            made = []
+            for pos, node, c, d in loc.groups(ctx):  # a child of the node each particle's mean depends on
+                if node is None:
+                    made.append((pos, self.graph.node("normal", {"m": d, "v": s2[pos]}, r[pos], eff.addr)))
+                else:
+                    made.append((pos, node.child_normal(r[pos], c, d, s2[pos], eff.addr)))
+            return self._delayed(eff, made)
+        if isinstance(loc, Lazy):
+            return None
+        loc_rows = _constant_rows(loc, ctx)
+        if loc_rows is None:
+            return None
+        return self._delayed(eff, [(torch.arange(ctx.M, device=ctx.device),
+                                    self.graph.node("normal", {"m": loc_rows, "v": s2}, r, eff.addr))])
+
+    def _delayed(self, eff, made: list) -> Affine:
+        """The lazy value of a choice whose particles got the nodes ``made`` [(positions, node)]."""
+        ctx = eff.ctx
+        for _, node in made:
+            self.delayed_sites.append((eff.addr, node))
+        self.delayed_summary["delayed"] += 1
+        if len(made) == 1:
+            return Affine.of(made[0][1], ctx)
+        terms = [(node, torch.zeros(ctx.M, dtype=F64, device=ctx.device).index_fill(0, pos, 1.0)) for pos, node in made]
+        return Affine(terms, torch.zeros(ctx.M, dtype=F64, device=ctx.device), ctx.idx)
 
     # ---------------------------------------------------------------- likelihood sites
     def observe(self, eff: ObserveEffect):
@@ -190,12 +204,18 @@ class DelayedSampling:
             s2 = _variance(dist.spec, others[0], ctx)
             if s2 is None:
                 return None
-            node, c, d = param.single(ctx)
-            if node is None:
+            groups = param.groups(ctx)
+            if all(node is None for _, node, _, _ in groups):
                 return None  # nothing delayed any more: a plain observation
             lp = torch.zeros(ctx.M, dtype=F64, device=ctx.device)
-            for k in range(y.shape[1]):
-                lp = lp + node.observe_normal(r, c, d, s2, y[:, k])
+            for pos, node, c, d in groups:  # the particles whose mean depends on one node (or none)
+                v, part = s2[pos], torch.zeros(pos.shape[0], dtype=F64, device=ctx.device)
+                for k in range(y.shape[1]):
+                    if node is None:
+                        part = part - 0.5 * (math.log(2 * math.pi) + torch.log(v) + (y[pos, k] - d) ** 2 / v)
+                    else:
+                        part = part + node.observe_normal(r[pos], c, d, v, y[pos, k])
+                lp = lp.index_copy(0, pos, part) if len(groups) > 1 else part
             return lp
         terms, const = param.at(ctx)
         if len(terms) != 1 or terms[0][0].family != family:

@@ -395,6 +395,53 @@ class Affine(_PerParticleValue, Lazy):
         terms, const = self.at(ctx)
         return _single(terms, const, ctx)
 
+    def groups(self, ctx: Particles) -> list:
+        """[(positions within ctx, node or None, c, d)]: the particles of ctx split by the
+        one node their value depends on (c * node + d there), e.g. after branches that
+        assigned different nodes (``merge``); where several nodes meet on one particle,
+        ``single``."""
+        terms, const = self.at(ctx)
+        every = torch.arange(ctx.M, device=ctx.device)
+        if len(terms) >= 2:
+            nonzero = torch.stack([c != 0 for _, c in terms])
+            if bool((nonzero.sum(0) <= 1).all()):
+                out = []
+                for (node, c), nz in zip(terms, nonzero):
+                    pos = every[nz]
+                    if pos.shape[0]:
+                        out.append((pos, node, c[pos], const[pos]))
+                rest = every[~nonzero.any(0)]
+                if rest.shape[0]:
+                    out.append((rest, None, None, const[rest]))
+                return out
+        node, c, d = _single(terms, const, ctx)
+        return [(every, node, c, d)]
+
+    @classmethod
+    def merge(cls, parts, target: Particles) -> Any:
+        """The join of branches (later parts win where they overlap): one affine value
+        whose terms are zero on the particles of the other branches, so a state assigned
+        differently on each branch stays delayed; anything else is realised (``Lazy.merge``)."""
+        M = target.M
+        const = torch.zeros(M, dtype=F64, device=target.device)
+        terms: list = []
+        for idx, v in parts:
+            sub = Particles(idx, target.N, target.device, target.full)
+            if isinstance(v, Affine) and v.gaussian:
+                t, c = v.at(sub)
+            elif isinstance(v, Lazy):
+                return super().merge(parts, target)
+            else:
+                t, c = [], _constant_rows(v, sub)
+                if c is None:
+                    return super().merge(parts, target)
+            pos = target.positions(idx)
+            terms = [(n, co.index_fill(0, pos, 0.0)) for n, co in terms]
+            const = const.index_copy(0, pos, c)
+            terms = _merge(terms, [(n, torch.zeros(M, dtype=F64, device=target.device).index_copy(0, pos, co))
+                                   for n, co in t])
+        return Affine([(n, c) for n, c in terms if bool((c != 0).any())], const, target.idx)
+
     def binop(self, op: str, other: Any, ctx: Particles, swapped: bool = False) -> Any:
         """``self op other`` (``other op self`` when swapped): affine when it stays so,
         else computed on the realised value (``Lazy.binop``)."""

@@ -305,6 +305,58 @@ def test_a_predictive_draw_that_forgets_to_condition_the_node_is_caught():
     assert max(abs(got[v] - want[v]) for v in want) > 1e-4
 
 
+SWITCHING = """
+def m(ys):
+    x ~ normal(0, 1)
+    ups = 0
+    for y in ys:
+        c ~ flip(0.3)
+        if c:
+            x ~ normal(0.9 * x + 0.5, 0.5)
+            ups = ups + 1
+        else:
+            x ~ normal(-0.5 * x, 1.0)
+        observe y ~ normal(x, 0.8)
+    return ups
+"""
+
+
+def test_a_switching_state_space_model_is_exactly_rao_blackwellised():
+    """A state assigned on both branches of an ``if`` stays delayed (the join is one
+    affine value with a node per branch), so given the switches c_1..T every particle is
+    an exact Kalman filter: enumerating the switches' draws (N = 1, and SMC with N = 2 and
+    its resampling), E[Z_hat sum_i w_i 1{ups_i = v}] equals the sum over switch sequences
+    of P(c) times that sequence's Kalman evidence, to 1e-12."""
+    import itertools
+    from ppl.testing.validity import _float64, enumerate_outcomes
+    ys = [0.4, -0.9, 1.3]
+    want: dict = {}
+    for cs in itertools.product((0, 1), repeat=len(ys)):
+        m, v, ll = 0.0, 1.0, 0.0
+        for c, y in zip(cs, ys):
+            a, b, q = (0.9, 0.5, 0.5) if c else (-0.5, 0.0, 1.0)
+            m, v = a * m + b, a * a * v + q * q
+            s_ = v + 0.64
+            ll += -0.5 * (math.log(2 * math.pi * s_) + (y - m) ** 2 / s_)
+            m, v = m + v * (y - m) / s_, v * 0.64 / s_
+        p = math.prod(0.3 if c else 0.7 for c in cs)
+        want[sum(cs)] = want.get(sum(cs), 0.0) + p * math.exp(ll)
+    model = ppl.model(SWITCHING)
+    interp, entry = model.interpreter(), model.entry
+    for particles in (1, 2):
+        got: dict = {}
+        with _float64():
+            data = model.prepare_data({"ys": ys}, "cpu")
+            for prob, pop in enumerate_outcomes(lambda rnd: delayed_smc(interp, entry, data, particles, "cpu",
+                                                                        randomness=rnd, realise_at_end=False)):
+                assert pop.extra["delayed"]["marginal_observes"] == len(ys)
+                for v, lw in zip(pop.sites["return"][0].tolist(), pop.log_weights.tolist()):
+                    got[int(v)] = got.get(int(v), 0.0) + prob * math.exp(lw) / particles
+        assert set(got) == set(want)
+        for v in want:
+            assert got[v] == pytest.approx(want[v], rel=1e-12), (particles, v)
+
+
 def test_a_broken_delayed_observe_is_caught(monkeypatch):
     """Conditioning the node but adding the likelihood at the prior mean instead of the
     predictive density: the one-particle evidence is then wrong, which the closed form
