@@ -76,7 +76,7 @@ def blanket(model, x, data=None, *, collapse: bool = False, **kwdata) -> set:
 
 # ------------------------------------------------------------------------------ drawing
 _STYLE = {  # kind -> (marker, size)
-    "choice": ("o", 3600), "observe": ("o", 3600), "factor": ("s", 900), "condition": ("s", 900),
+    "choice": ("o", 4400), "observe": ("o", 4400), "factor": ("s", 900), "condition": ("s", 900),
     "deterministic": ("D", 1400), "data": ("s", 1100),
 }
 
@@ -97,12 +97,13 @@ def _label(node: str, attrs: dict) -> str:
     kind = attrs["kind"]
     if kind == "data":
         return attrs["name"]
+    shape = attrs.get("shape")
+    size = f" [{'x'.join(map(str, shape))}]" if shape else ""  # a vectorised site
     if kind in ("observe", "factor", "condition"):
         head = {"observe": "observe", "factor": "factor", "condition": "condition"}[kind]
-        return f"{head}\n{attrs['distribution']}" if attrs.get("distribution") else head
-    name = node
+        return f"{head}{size}\n{attrs['distribution']}" if attrs.get("distribution") else head
     dist = attrs.get("distribution")
-    return f"{name}\n{dist}" if dist else name
+    return f"{node}{size}\n{dist}" if dist else f"{node}{size}"
 
 
 def draw(model, data=None, path=None, *, collapse: bool = True, deterministic: bool = False,
@@ -134,14 +135,14 @@ def draw(model, data=None, path=None, *, collapse: bool = True, deterministic: b
                                                                  else "white")
         nx.draw_networkx_nodes(g, pos, nodelist=nodes, node_shape=marker, node_size=size, node_color=colour,
                                edgecolors="black", linewidths=1.5, ax=ax)
-    nx.draw_networkx_edges(g, pos, ax=ax, arrows=True, arrowsize=18, node_size=3600, width=1.3,
+    nx.draw_networkx_edges(g, pos, ax=ax, arrows=True, arrowsize=18, node_size=4400, width=1.3,
                            connectionstyle="arc3,rad=0.05")
     labels = {n: _label(n, a) for n, a in g.nodes(data=True)}
     for n, (x, y) in pos.items():
         kind = g.nodes[n]["kind"]
         below = kind in ("factor", "condition", "data")
         ax.text(x, y - (0.45 if below else 0), labels[n], ha="center", va="top" if below else "center",
-                fontsize=10, color="black")
+                fontsize=9, color="black")
         if g.nodes[n].get("recurrent"):
             ax.annotate("", xy=(x + 0.25, y + 0.3), xytext=(x - 0.25, y + 0.3),
                         arrowprops=dict(arrowstyle="->", connectionstyle="arc3,rad=-1.2", lw=1.3))
@@ -157,11 +158,15 @@ def draw(model, data=None, path=None, *, collapse: bool = True, deterministic: b
 
 
 def _draw_plates(ax, g: nx.DiGraph, pos: dict, box) -> None:
-    """A rounded box around the nodes of each plate, labelled ``var = 1..size``."""
+    """A rounded box around the nodes of each plate, labelled ``var = 1..size`` (``× n``
+    around vectorised sites of n elements)."""
     plates: dict = {}
     for n, plate in g.nodes(data="plate"):
         for depth in range(1, len(plate or ()) + 1):
             plates.setdefault(tuple(plate[:depth]), []).append(n)
+        shape = g.nodes[n].get("shape")
+        if shape and g.nodes[n]["kind"] != "data":  # a vectorised site: a plate of its own size
+            plates.setdefault(tuple(plate or ()) + (("×", shape[0]),), []).append(n)
     for key, nodes in sorted(plates.items(), key=lambda kv: -len(kv[0])):
         pad = 0.6 + 0.25 * (3 - min(len(key), 3))
         x0 = min(pos[n][0] for n in nodes) - pad
@@ -171,5 +176,6 @@ def _draw_plates(ax, g: nx.DiGraph, pos: dict, box) -> None:
         ax.add_patch(box((x0, y0), x1 - x0, y1 - y0, boxstyle="round,pad=0.02,rounding_size=0.2",
                          fill=False, linewidth=1.3, edgecolor="#555555"))
         var, size = key[-1]
-        ax.text(x1 - 0.1, y0 + 0.1, f"{var} = 1..{size}" if size is not None else f"{var}", ha="right",
+        text = f"{var} {size}" if var == "×" else f"{var} = 1..{size}" if size is not None else f"{var}"
+        ax.text(x1 - 0.1, y0 + 0.1, text, ha="right",
                 va="bottom", fontsize=10, color="#333333")

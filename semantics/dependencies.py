@@ -76,6 +76,7 @@ class Site:
     distribution: Optional[str] = None
     from_traces: bool = False
     name: str = ""
+    shape: Optional[tuple] = field(default=None, compare=False)  # one draw's / observation's shape
     spans: tuple = field(default=(), compare=False)  # every statement with this address
                                                      # (two branches of an unknown `if` may share one)
 
@@ -271,7 +272,7 @@ class _Analysis:
     def record(self, fr: _AFrame, kind: str, addr: str, parents: frozenset, data: frozenset, span,
                dist: Optional[str], name: str) -> None:
         site = Site(addr, kind, parents, data, span, tuple(fr.plates), not fr.conditional, dist, False, name,
-                    (span,))
+                    spans=(span,))
         old = self.sites.get(addr)
         if old is not None:  # the same address on two branches of an unknown `if`
             site = replace(old, parents=old.parents | parents, data=old.data | data, static=False,
@@ -852,6 +853,55 @@ def _from_traces(interp: Interpreter, entry: str, data: Mapping[str, Any], why: 
     return Dependencies(tuple(sites), (), tuple(data), True, why)
 
 
+def _value_shape(v: Any) -> Optional[tuple]:
+    """The shape one particle sees of a runtime value (None if it has none)."""
+    from .values import Batched
+    if isinstance(v, Batched):
+        return tuple(v._t.shape[1:])
+    if isinstance(v, torch.Tensor):
+        return tuple(v.shape)
+    if isinstance(v, (int, float, bool)):
+        return ()
+    return None
+
+
+class _Shapes:
+    """A handler that draws from the prior (one particle) and notes each site's shape."""
+
+    def __init__(self, inner):
+        self.inner, self.shapes = inner, {}
+
+    def sample(self, eff):
+        v = self.inner.sample(eff)
+        self.shapes[eff.addr] = _value_shape(v)
+        return v
+
+    def observe(self, eff):
+        self.shapes[eff.addr] = _value_shape(eff.value)
+        return self.inner.observe(eff)
+
+    def factor(self, eff):
+        return self.inner.factor(eff)
+
+    def condition(self, eff):
+        return self.inner.condition(eff)
+
+
+def _with_shapes(interp: Interpreter, entry: str, data: Mapping[str, Any], sites: tuple) -> tuple:
+    """The sites with the shapes of one prior run's values (vectorised choices and
+    observations: ``(8,)``); a run that fails leaves them None."""
+    from ..stdlib import rng
+    from .sampling import LikelihoodWeighting, drive
+    from .values import Lineage, lineage_scope
+    h = _Shapes(LikelihoodWeighting(1, "cpu"))
+    try:
+        with rng.run(0), lineage_scope(Lineage(torch.arange(1))):
+            drive(interp.run(entry, dict(data), Particles.all(1)), h)
+    except PPLError:
+        pass
+    return tuple(replace(s, shape=h.shapes.get(s.address)) for s in sites)
+
+
 # ------------------------------------------------------------------------------ the API
 def analyse(model: Any, data: Optional[Mapping[str, Any]] = None, *, entry: Optional[str] = None,
             builtins: Optional[dict] = None) -> Dependencies:
@@ -878,4 +928,5 @@ def analyse(model: Any, data: Optional[Mapping[str, Any]] = None, *, entry: Opti
     except _Undecidable as why:
         where = f" (line {why.span.line})" if why.span is not None and getattr(why.span, "line", 0) else ""
         return _from_traces(interp, entry, args, why.why + where)
-    return Dependencies(tuple(an.sites.values()), tuple(an.values.values()), tuple(args), False, None)
+    sites = _with_shapes(interp, entry, args, tuple(an.sites.values()))
+    return Dependencies(sites, tuple(an.values.values()), tuple(args), False, None)

@@ -7,7 +7,8 @@ an edge from each parent choice to the site, optionally the named deterministic 
 Node attributes: ``kind``, ``observed`` (observations, factors and conditions are the
 evidence the model conditions on), ``distribution``, ``span`` ("line:col"), ``name``
 (the source name), ``plate`` (the enclosing loops as ``((var, size), ...)``, outermost
-first; ``()`` outside loops), ``index`` (the loop indices), ``static``, ``from_traces``.
+first; ``()`` outside loops), ``index`` (the loop indices), ``static``, ``from_traces``, ``shape`` (of one draw or observation:
+``(8,)`` for a vectorised site; None when unknown).
 Graph attributes: ``from_traces`` and ``reason`` (see ``dependencies``).
 
 ``collapse=True`` draws each plate's copies as one node (``z[3]`` -> ``z[t]``): a node's
@@ -57,7 +58,7 @@ def _node_attrs(s: Site) -> dict:
     return dict(kind=s.kind, observed=s.kind in EVIDENCE_KINDS, distribution=s.distribution, span=span,
                 name=s.name, plate=tuple((p.name, p.size) for p in s.loops),
                 index=tuple(p.index for p in s.loops), static=s.static, from_traces=s.from_traces,
-                data=tuple(sorted(s.data)))
+                data=tuple(sorted(s.data)), shape=s.shape)
 
 
 def build_graph(deps: Dependencies, *, deterministic: bool = False, data: bool = True,

@@ -419,3 +419,13 @@ def m():
     g = m.graph(deterministic=True)
     assert g.nodes["value:x"]["kind"] == "deterministic" and g.nodes["x"]["kind"] == "choice"
     assert ("x", "value:x") in g.edges and ("x", "obs@5:5") in g.edges
+
+
+def test_eight_schools_vectorised_sites_have_shapes():
+    import json
+    m = ppl.model(str(ROOT / "examples/eight_schools.ppl"))
+    data = json.loads((ROOT / "examples/eight_schools.json").read_text())
+    g = m.graph(data)
+    assert g.nodes["theta_tilde"]["shape"] == (8,) and g.nodes["mu"]["shape"] == ()
+    assert set(g.predecessors("obs@48:5")) == {"mu", "tau", "theta_tilde", "data:y", "data:sigma"}
+    assert m.independent("mu", "tau", data=data, observed=False) and not m.independent("mu", "tau", data=data)
