@@ -62,7 +62,7 @@ def independent(model, a, b, given: Iterable[str] = (), data=None, *, observed: 
     prior. True is a guarantee; False means the graph allows a dependence."""
     g = graph(model, data, **kwdata)
     xs, ys = resolve(g, a, "independent"), resolve(g, b, "independent")
-    zs = resolve(g, list(given), "independent: given") if given else set()
+    zs = resolve(g, [given] if isinstance(given, str) else list(given), "independent: given") if given else set()
     return d_separated(g, xs, ys, zs, observed=observed)
 
 

@@ -225,6 +225,8 @@ def m(n):
     assert not m.independent("x[0]", "x[2]", data={"n": 3})
     assert m.markov_blanket("mu", data={"n": 3}) == {"x[0]", "x[1]", "x[2]"}
     assert m.markov_blanket("mu", data={"n": 3}, collapse=True) == {"x[i]"}
+    assert m.independent("x[0]", "x[1]", given="mu", n=2)  # data as keywords, one name as a string
+    assert set(m.graph(n=2)) == {"mu", "x[0]", "x[1]", "obs@6:9[0]", "obs@6:9[1]"}
 
 
 def test_data_flow_through_lists_and_helpers():
