@@ -105,6 +105,30 @@ class EnumValue(Lazy, _PerParticleValue):
             dims = tuple(keep)
         return t, dims
 
+    @classmethod
+    def merge(cls, parts, target):
+        """One value over ``target`` from values on parts of it (a write on a branch):
+        every part over the union of the enumerated choices; rows keep their own values."""
+        subs = [(Particles(idx, target.N, target.device, target.full), v) for idx, v in parts]
+        ops = [_operand(v, sub) for sub, v in subs]
+        dims: list = []
+        for _, ds, _, _ in ops:
+            dims.extend(d for d in ds if d not in dims)
+        r = max(op[2] for op in ops)
+        shapes = {tuple(t.shape[1 + len(ds):]) if b else tuple(t.shape) for t, ds, _, b in ops}
+        if len(shapes) != 1:
+            raise PPLRuntimeError("the branches of an `if` give an enumerated variable values of different shapes")
+        s = shapes.pop()
+        full = (*[d.K for d in dims], *([1] * (r - len(s))), *s)
+        pieces = [_expand(t, ds, dims, rs, r, b) for t, ds, rs, b in ops]
+        dtype = pieces[0].dtype
+        for p in pieces[1:]:
+            dtype = torch.promote_types(dtype, p.dtype)
+        out = torch.empty((target.M, *full), dtype=dtype, device=target.device)
+        for (sub, _), p in zip(subs, pieces):
+            out[target.positions(sub.idx)] = p.to(dtype).expand(sub.M, *full)
+        return _make(out, tuple(dims), target)
+
     # -- the operations the enumeration supports lazily
     def binop(self, op, other, ctx, swapped):
         if op == "in":

@@ -658,7 +658,7 @@ class Interpreter:
             # defined on this path only: reading it on another path is an error
             fr.vars[name] = v if is_batched(v) else _only_for(v, ctx)
             return
-        base_idx = old.idx if is_batched(old) else fr.particles.idx
+        base_idx = old.idx if is_batched(old) or isinstance(old, Lazy) and hasattr(old, "idx") else fr.particles.idx
         target = _union(base_idx, ctx.idx, ctx)
         fr.vars[name] = merge_parts([(base_idx, old), (ctx.idx, v)], target)
 
@@ -888,6 +888,8 @@ def _union(a: torch.Tensor, b: torch.Tensor, ctx: Particles) -> Particles:
 
 def _only_for(v, ctx: Particles):
     """A value that exists only for the particles of ctx."""
+    if isinstance(v, Lazy):  # (semantics.lazy: it knows its own particles)
+        return v
     if is_numeric(v) and not isinstance(v, torch.Tensor):
         return Batched(batch_rows(v, ctx), ctx.idx)
     if deep_batched(v):  # a list holding per-particle values: each particle's own list

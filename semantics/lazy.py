@@ -19,6 +19,8 @@ the common case (a program without lazy values pays nothing measurable):
                      -> ``Lazy.merge(parts, target)`` of the first lazy part's class;
 * ``interpreter._index`` -> ``v.getitem(i, ctx)`` (``v[i]``, v lazy) or ``i.index_of(v, ctx)``
                         (``v[i]``, the index lazy);
+* ``interpreter._only_for`` (a variable first assigned on one branch): a lazy value is kept as
+  it is (it must know its own particles, and refuse to be read for others);
 * ``IfExp`` (``a if c else b``, c lazy, both branches pure) -> ``c.where(a, b, ctx)`` with
   both branches evaluated for every particle of ctx;
 * a call of a built-in function with a lazy argument (``_call_builtin``, checked only while

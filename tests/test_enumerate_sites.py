@@ -101,11 +101,17 @@ def enumerable_programs(draw):
             lines.append(f"factor z * {draw(st.sampled_from([0.5, -0.5, 1]))} + (0.25 if x else 0)")
         else:
             lines.append("condition z + c + x < 3")
-    lines.append(draw(st.sampled_from(["return z", "return (z, c)", "return x", "return z + x"])))
+    if draw(st.booleans()):  # an enumerated choice and its factors on one branch of a sampled one
+        lines += ["if x:", "    b ~ categorical([0.5, 0.25, 0.25]) @enumerate",
+                  f"    observe {draw(st.integers(0, 1))} ~ bernoulli([0.9, 0.3, 0.5][b] * (0.5 if c else 1))",
+                  "    y = b + z", "else:", "    y = z"]
+    else:
+        lines.append("y = z")
+    lines.append(draw(st.sampled_from(["return z", "return (z, c)", "return x", "return z + x", "return y"])))
     return "def model():\n" + "".join(f"    {line}\n" for line in lines)
 
 
-@settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=10, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(enumerable_programs(), st.sampled_from([0.0, 1.0]))
 def test_random_enumerable_programs_are_proper(source, ess):
     check = check_proper(ppl.model(source), enumerating_algorithm(2, ess_threshold=ess))
