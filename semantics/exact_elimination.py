@@ -102,7 +102,7 @@ class _FixedRun:
             table = {}
             for v, p in support:
                 if p != 0:
-                    k = _hashable(v)
+                    k = _typed_key(v)
                     self.originals.setdefault(k, v)
                     table[k] = table.get(k, 0) + p
             if key is not None:
@@ -176,7 +176,7 @@ class _Runner:
 
     def __init__(self, interp, entry: str, data: dict):
         self.interp, self.entry, self.data = interp, entry, data
-        self.originals: dict = {}   # hashable value -> the value the program gets
+        self.originals: dict = {}   # typed key (``_typed_key``) -> the value the program gets
         self.supports: dict = {}
         self._probe = None
 
@@ -202,10 +202,26 @@ class _Runner:
         except (PPLError, RecursionError) as err:  # e.g. reachable only at an impossible assignment
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise NotApplicable(f"a covering run failed: {first}") from None
-        return h.sites, _hashable(ret), h.chosen
+        return h.sites, _typed_key(ret), h.chosen
 
 
 _MISSING = object()
+
+
+def _typed_key(v):
+    """A hashable key of a value that keeps its type (True, 1 and 1.0 are different choices
+    and return values here, though equal as dict keys)."""
+    v = _hashable(v)
+    if isinstance(v, tuple):
+        return ("tuple",) + tuple(_typed_key(x) for x in v)
+    return (type(v).__name__, v)
+
+
+def _plain(key):
+    """The plain value (as path enumeration records it) of a ``_typed_key``."""
+    if key[0] == "tuple":
+        return tuple(_plain(x) for x in key[1:])
+    return key[1]
 
 
 # ----------------------------------------------------------------------------------------
@@ -313,15 +329,11 @@ def _put(table: dict, key: tuple, value, addr: str) -> None:
     depends on something outside its declared parents."""
     if key in table:
         old = table[key]
-        same = (dict(old) == dict(value)) if isinstance(value, list) else _same(old, value)
+        same = (dict(old) == dict(value)) if isinstance(value, list) else old == value
         if not same:
             raise NotApplicable(f"{addr!r} changed while its declared parents did not")
     else:
         table[key] = value
-
-
-def _same(a, b) -> bool:
-    return a == b and type(a) is type(b)
 
 
 def _factors(t: _Tables, parents: dict) -> list[Factor]:
@@ -348,7 +360,7 @@ class EliminationResult:
     """The exact measure of a program computed by variable elimination.
 
     ``evidence`` (Z: a Fraction when exact), ``returns`` ({return value: weight}, weights
-    summing to Z), ``names`` ("return", then the choice addresses in program order),
+    summing to Z), ``names`` (the choice addresses in program order, then "return"),
     ``marginal_weights(name)`` ({value: weight}, summing to Z: every site exists on every
     path of a static program), ``count_paths()`` (the number of execution paths of
     positive weight, by the same elimination with 0/1 entries), ``strategy``
@@ -361,7 +373,7 @@ class EliminationResult:
         self._tables, self._factors, self._order, self._max_table = tables, factors, order, max_table
         self._parents = structure.parents
         self.evidence, self.returns = evidence, returns
-        self.names = ["return"] + [a for a in tables.order if tables.kinds[a] == "choice"]
+        self.names = [a for a in tables.order if tables.kinds[a] == "choice"] + ["return"]  # as paths list them
         self.enumerate_paths = enumerate_paths
         self._tree: BucketTree | None = None
         self._count: int | None = None
@@ -371,7 +383,12 @@ class EliminationResult:
             return dict(self.returns)
         if self._tree is None:
             self._tree = BucketTree(self._factors, self._tables.domains, self._order, max_table=self._max_table)
-        return {k[0]: p * self.evidence for k, p in self._tree.marginal([name]).items() if p != 0}
+        out: dict = {}
+        for k, p in self._tree.marginal([name]).items():
+            if p != 0:
+                v = _plain(k[0])
+                out[v] = out[v] + p * self.evidence if v in out else p * self.evidence
+        return out
 
     def count_paths(self) -> int:
         if self._count is None:
@@ -400,7 +417,7 @@ def eliminate_program(interp, entry: str, data: dict, structure: Structure, *,
         raise NotApplicable(str(err)) from None
     returns: dict = {}
     for key, w in joint.table.items():
-        v = t.returns[key]
+        v = _plain(t.returns[key])
         returns[v] = returns[v] + w if v in returns else w
     evidence = sum(returns.values(), 0)
     if evidence == 0:

@@ -295,3 +295,18 @@ def m():
 def test_strategy_is_an_option_checked_like_the_others():
     with pytest.raises(PPLError, match="strategy"):
         ppl.model(CHAIN).run("enumerate", {"k": 2}, strategy="dp")
+
+
+def test_values_equal_as_keys_keep_their_types():
+    """True and 1 are equal dict keys; a choice's value keeps its own type in the runs."""
+    src = """
+def m(k):
+    a ~ categorical([1, 1])
+    b ~ flip(0.5)
+    for i in range(k):
+        c ~ flip(0.5)
+    return str(a) + str(b)
+"""
+    ve, paths = _both(src, {"k": 2})
+    assert ve is not None and ve.probs() == paths.probs() == {"0False": F(1, 4), "0True": F(1, 4),
+                                                              "1False": F(1, 4), "1True": F(1, 4)}
