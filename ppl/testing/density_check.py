@@ -169,16 +169,15 @@ def _summed(before, cmap: ChoiceMap, lhs: sp.Expr) -> sp.Expr:
 def _is_zero(difference: sp.Expr) -> bool:
     """Whether sympy can show the difference is 0 (expanding logs of products first)."""
     try:
-        d = sp.expand(sp.expand_log(sp.expand(difference), force=True))
-        if d == 0:
-            return True
-        return sp.simplify(d) == 0 if sp.count_ops(d) < 400 else False
+        return sp.expand(sp.expand_log(sp.expand(difference), force=True)) == 0  # (simplify: too slow)
     except Exception:  # noqa: BLE001 -- sympy failing to simplify proves nothing either way
         return False
 
 
 def _numeric(density, expr: sp.Expr):
     """expr as a function of a trace of the program ``density`` was made from."""
+    if expr.has(sp.zoo, sp.nan):  # e.g. log|det J| of a map with a zero Jacobian: no change of variables
+        return lambda point: math.nan
     syms = density.symbols()
     dummies = [sp.Dummy() for _ in syms]
     f = sp.lambdify(dummies, expr.xreplace(dict(zip(syms, dummies))),
@@ -208,7 +207,7 @@ def _by_traces(old, new, data, cmap: ChoiceMap, points) -> DensityCheck:
             old_trace[address] = numbers if isinstance(value, (list, tuple)) else numbers[0]
         new_symbols = [s for a in cmap.new for s in _flat(_symbol_of(a, z[a]))]
         log_det = _log_abs_det(mapped, new_symbols)
-        values.append((_log_joint(old, old_trace, data) + float(log_det.xreplace(subs)), rhs))
+        values.append((_log_joint(old, old_trace, data) + _number(log_det.xreplace(subs)), rhs))
     return DensityCheck(cmap.kind, "traces", [_relative(a, b) for a, b in values], values)
 
 
@@ -267,6 +266,14 @@ def _flat(v) -> list:
     if isinstance(v, (list, tuple)):
         return [x for item in v for x in _flat(item)]
     return [v]
+
+
+def _number(x: sp.Expr) -> float:
+    """A float; nan for sympy's complex infinity (log 0 of a zero Jacobian) and the like."""
+    try:
+        return float(x)
+    except TypeError:
+        return math.nan
 
 
 def _relative(a: float, b: float) -> float:
