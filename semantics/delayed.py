@@ -337,6 +337,8 @@ class Affine(_PerParticleValue, Lazy):
     coef 1 and const 0. Arithmetic that stays affine (+, - with another such value; +, -,
     *, / with a per-particle number) stays lazy; every other use realises the nodes."""
 
+    force_in_containers = True  # (a built-in that cannot use it inside a list gets its value)
+
     def __init__(self, terms: list, const: torch.Tensor, idx: torch.Tensor):
         _PerParticleValue.__init__(self, idx)
         self.terms = terms  # [(node, coef [M])]

@@ -34,7 +34,7 @@ import torch
 from . import ir, limits
 from .dist_values import DistValue, ProposedDist
 from .errors import PPLError, PPLRecursionError, PPLRuntimeError, did_you_mean
-from .lazy import LIVE, Lazy, lazy_call_args
+from .lazy import LIVE, Lazy, forced_in_containers, lazy_call_args
 from .values import (Batched, Particles, PerParticle, Undefined, batch_rows, binop,
                      deep_batched, describe, is_batched, is_numeric, materialize, merge_parts, pack,
                      reject_distribution, restrict, rows, to_bool_rows, truthy, unop, as_tensor)
@@ -705,8 +705,14 @@ class Interpreter:
         try:
             return f.fn(ctx, *args, **kwargs)
         except PPLError as err:
+            forced = forced_in_containers(args, kwargs, f.name, ctx) if LIVE[0] else None
+            if forced is not None:  # (semantics.lazy: lazy values in a list the built-in cannot use)
+                return self._call_builtin(f, forced[0], forced[1], ctx, span)
             raise err.with_span(span)
         except TypeError as err:
+            forced = forced_in_containers(args, kwargs, f.name, ctx) if LIVE[0] else None
+            if forced is not None:
+                return self._call_builtin(f, forced[0], forced[1], ctx, span)
             msg = str(err)
             if "argument" in msg:
                 raise PPLRuntimeError(f"{f.name}(): wrong arguments ({msg.split(') ', 1)[-1]})", span) from None

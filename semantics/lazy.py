@@ -62,6 +62,10 @@ class Lazy:
 
     __slots__ = ()
 
+    #: whether a built-in that failed on a list/tuple holding this value is called again with
+    #: it forced (``forced_in_containers``; delayed values say yes, enumerated ones no)
+    force_in_containers = False
+
     # -- what a subclass must say
     def describe(self) -> str:
         return "lazy value"
@@ -137,6 +141,25 @@ def lazy_call_args(name: str, args: list, kwargs: dict, ctx, accepts_lazy: bool)
     args = [a.call_arg(name, ctx) if isinstance(a, Lazy) else a for a in args]
     kwargs = {k: (v.call_arg(name, ctx) if isinstance(v, Lazy) else v) for k, v in kwargs.items()}
     return args, kwargs
+
+
+def forced_in_containers(args: list, kwargs: dict, name: str, ctx):
+    """(args, kwargs) with every lazy value inside a list or tuple whose class has
+    ``force_in_containers`` forced (``call_arg``), or None when there is none: for a
+    built-in that failed on such a list (``max([a, b])``); one that can use them as they
+    are (``sum``, through ``binop``) never gets here."""
+    found = [False]
+
+    def walk(v):
+        if isinstance(v, Lazy) and type(v).force_in_containers:
+            found[0] = True
+            return v.call_arg(name, ctx)
+        if isinstance(v, (list, tuple)) and has_lazy(v):
+            return type(v)(walk(x) for x in v)
+        return v
+    args = [walk(a) if isinstance(a, (list, tuple)) else a for a in args]
+    kwargs = {k: walk(v) if isinstance(v, (list, tuple)) else v for k, v in kwargs.items()}
+    return (args, kwargs) if found[0] else None
 
 
 def has_lazy(v: Any) -> bool:

@@ -517,3 +517,22 @@ def test_an_invalid_scale_is_the_usual_located_error():
     with pytest.raises(ppl.PPLError, match="parameter 'scale' must be positive") as err:
         ppl.model(src).run("importance", {}, particles=4, delayed=True)
     assert ":3:" in str(err.value)
+
+
+def test_a_builtin_that_cannot_take_a_delayed_value_in_a_list_gets_it_realised():
+    """``max([a, b])``, ``logsumexp([a, b])``: the built-in fails on the lazy values inside
+    the list, and is called again with them realised (semantics.lazy.forced_in_containers);
+    the evidence estimate then matches plain importance sampling's within 4 standard errors."""
+    src = """
+def m():
+    a ~ normal(0, 1)
+    b ~ normal(1, 1)
+    observe 0.5 ~ normal(max([a, b]) + logsumexp([a, b]), 1)
+    return a
+"""
+    N = 20000
+    res = ppl.model(src).run("importance", {}, particles=N, delayed=True, seed=2)
+    ref = ppl.model(src).run("importance", {}, particles=N, seed=3)
+    w = torch.exp(ref.log_weights - ref.log_weights.max())
+    se = float(w.std() / w.mean()) / math.sqrt(N)
+    assert abs(res.log_evidence - ref.log_evidence) < 4 * math.sqrt(2) * se
