@@ -544,11 +544,9 @@ class SymbolicRun:
 
     def _e_IfExp(self, e, frame):
         c = self.ev(e.cond, frame)
-        try:
-            return self.ev(e.then if self.decided(c, e, "") else e.orelse, frame)
-        except PPLError as err:
-            if not err.message.startswith("symbolic density: "):
-                raise
+        if not (_is_boolean(c) and not isinstance(c, sp.logic.boolalg.BooleanAtom)) and \
+                not (isinstance(c, sp.Expr) and not c.is_number):
+            return self.ev(e.then if self.decided(c, e, "a conditional expression") else e.orelse, frame)
         n = len(self.terms)
         then, orelse = self.ev(e.then, frame), self.ev(e.orelse, frame)
         if len(self.terms) != n or any(isinstance(v, (Vec, LazyVec, list, Dist)) for v in (then, orelse)):
@@ -816,7 +814,8 @@ def _length(run, node, frame, v):
         return v.length
     if isinstance(v, (list, tuple, str)):
         return sp.Integer(len(v))
-    raise _err("symbolic density: len() of this value", node)
+    raise _err("symbolic density: len() of a value that is not a list", node,
+               hint="pass the data (Model.density(data) / latex(data)): their values tell which are vectors")
 
 
 def _range(run, node, frame, *args):

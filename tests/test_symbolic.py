@@ -222,3 +222,14 @@ def test_symbolic_loop_that_carries_state_is_an_error():
         model.density({"ys": [1.0, 2.0]}, symbolic_data=True)
     assert "cannot be written as a Sum" in e.value.message and e.value.span.line == 3
     assert model.density({"ys": [1.0, 2.0]}) is not None  # unrolled: fine
+
+
+def test_conditional_expression_on_a_choice_is_a_piecewise(float64):
+    model = ppl.model("def m(y):\n    mu ~ normal(0, 3)\n    z ~ flip(0.3)\n"
+                      "    observe y ~ normal(mu if z else -mu, 1)\n    return mu\n")
+    d = symbolic.density(model.program, model.entry, {"y": 1.1})
+    assert d.expr.has(sp.Piecewise)
+    f = d.function()
+    for z in (True, False):
+        trace = {"mu": 0.4, "z": z}
+        assert f(trace) == pytest.approx(_log_joints(model, {"y": 1.1}, [trace] * 2)[0], rel=1e-12)
