@@ -39,7 +39,9 @@ from ..semantics.lazy import Lazy, live_run
 from ..semantics.sampling import Weighting, column, drive
 from ..semantics.values import Batched, Particles, rows
 from ..stdlib import distributions as _dists
+from ..stdlib import rng
 from .population import Population
+from .randomness import TorchRandomness
 from .smc import SMCHandler, smc
 
 #: observation families whose parameter may be a node: (name, params) -> (kind, the node's family,
@@ -67,6 +69,12 @@ class DelayedSampling:
 
     def _draw_rows(self, dist, ctx: Particles) -> torch.Tensor:
         randomness = getattr(self, "randomness", None)
+        if dist.spec.name == "normal" and (randomness is None or type(randomness) is TorchRandomness):
+            # a node's marginal (valid float64 rows): one standard normal draw per particle from
+            # the run's generator, without building a distribution object
+            gen = rng.generator(ctx.device) if randomness is None else randomness.gen(ctx.device)
+            m, sd = dist.args[0].t, dist.args[1].t
+            return m + sd * torch.randn(m.shape, dtype=F64, device=ctx.device, generator=gen)
         v = self.draw(dist, ctx, None if randomness is None else randomness.sample)
         return rows(v, ctx) if isinstance(v, Batched) else torch.as_tensor(v).expand(ctx.M)
 

@@ -65,10 +65,14 @@ class DelayedGraph:
 
     def node(self, family: str, params: dict, rows: torch.Tensor, addr: str | None = None) -> "Node":
         n = Node(self, family, addr)
+        whole = rows is self.full_idx  # (every particle, in order)
         for name, value in params.items():
-            full = torch.zeros((self.N, *value.shape[1:]), dtype=F64, device=self.device)
-            full[rows] = value.to(F64)
-            n.t[name] = full
+            if whole:
+                n.t[name] = value.to(F64).clone()
+            else:
+                full = torch.zeros((self.N, *value.shape[1:]), dtype=F64, device=self.device)
+                full[rows] = value.to(F64)
+                n.t[name] = full
         n.t["exists"][rows] = True
         if family == "dirichlet":
             n.t["value"] = torch.zeros((self.N, params["alpha"].shape[-1]), dtype=F64, device=self.device)
