@@ -844,6 +844,11 @@ class Interpreter:
                 n = lens.pop()
                 return [pack([x[k] for x in items], ctx) for k in range(n)]
             return None
+        if isinstance(it, Lazy):  # (semantics.lazy: a concrete value, or its located refusal)
+            try:
+                return self.iter_items(it.force(ctx, "as the iterable of a loop"), ctx, span)
+            except PPLError as err:
+                raise err.with_span(span)
         raise PPLRuntimeError(f"cannot iterate over {describe(it)}", span)
 
     def ragged(self, it, ctx):
