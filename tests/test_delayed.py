@@ -358,22 +358,23 @@ def test_a_switching_state_space_model_is_exactly_rao_blackwellised():
 
 
 def test_a_broken_delayed_observe_is_caught(monkeypatch):
-    """Conditioning the node but adding the likelihood at the prior mean instead of the
-    predictive density: the one-particle evidence is then wrong, which the closed form
-    catches (so the check above can fail)."""
-    flips = [True, True, False, True]
-    want = betaln(2.0 + 3, 3.5 + 1) - betaln(2.0, 3.5)
+    """Conditioning the node but adding the density of the observation at the node's mean
+    instead of the predictive density (Poisson at E[lam] instead of the negative binomial):
+    the one-particle evidence is then wrong, which the closed form catches (so the checks
+    above can fail). (For a bernoulli observation the two coincide: P(y = 1) = E[p].)"""
+    cs, k, r = [3, 0, 7, 2], 2.5, 1.5
+    k2, r2 = k + sum(cs), r + len(cs)
+    want = k * math.log(r) - gammaln(k) + gammaln(k2) - k2 * math.log(r2) - sum(gammaln(c + 1) for c in cs)
 
     def at_the_mean(kind, p, y, n):
-        mean = p["a"] / (p["a"] + p["b"])
-        return torch.where(y > 0.5, torch.log(mean), torch.log1p(-mean)) if kind == "bernoulli" else None
+        mean = p["k"] / p["r"]
+        return y * torch.log(mean) - mean - torch.lgamma(y + 1)
 
-    good, _ = _evidence(BETA_BERNOULLI, {"flips": flips, "a": 2.0, "b": 3.5})
+    good, _ = _evidence(GAMMA_POISSON, {"cs": cs, "k": k, "r": r})
     assert good == pytest.approx(want, abs=1e-12)
-    monkeypatch.setattr(nodes.Node, "_predictive", staticmethod(at_the_mean))
-    monkeypatch.setattr(nodes.Node, "_update", lambda self, kind, r, p, y, n: None)  # no conditioning either
-    broken, _ = _evidence(BETA_BERNOULLI, {"flips": flips, "a": 2.0, "b": 3.5})
-    assert abs(broken - want) > 1e-3
+    monkeypatch.setattr(nodes.Node, "_predictive", staticmethod(at_the_mean))  # (the node is still conditioned)
+    broken, _ = _evidence(GAMMA_POISSON, {"cs": cs, "k": k, "r": r})
+    assert abs(broken - want) > 1e-2
 
 
 # ------------------------------------------------------------ realisation
