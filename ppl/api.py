@@ -226,9 +226,10 @@ class Model:
         return symbolic.density(self.program, self.entry, self.bind((), {**(data or {}), **kwdata}),
                                 symbolic_data).expr
 
-    def latex(self, data: Mapping[str, Any] | None = None, *, symbolic_data: bool = True, **kwdata) -> str:
+    def latex(self, data: Mapping[str, Any] | None = None, *, symbolic_data: bool | None = None, **kwdata) -> str:
         """The joint density as LaTeX: ``\\log p(\\mu, \\tau, \\theta \\mid y, \\sigma) = ...``
-        (data as symbols and loops as sums unless ``symbolic_data=False``)."""
+        (data as symbols and loops as sums where the program allows it, else unrolled;
+        ``symbolic_data=True``/``False`` insists on one)."""
         from .semantics import symbolic
         return symbolic.latex(self.program, self.entry, self.bind((), {**(data or {}), **kwdata}), symbolic_data)
 

@@ -220,6 +220,7 @@ class SymbolicRun:
         self.data_symbols: dict = {}
         self.lengths: dict = {}
         self.bases: dict = {}
+        self.coins: set = set()
         self.depth = 0  # nesting of Sums: their index is named by it (i, j, k, ...)
         self.globals = Frame()
         for f in program.functions:
@@ -413,7 +414,14 @@ class SymbolicRun:
 
     # -- choices -----------------------------------------------------------------
     def choice(self, address, base, loops, d: Dist, node):
-        """The symbol(s) of a new choice of distribution d."""
+        """The symbol(s) of a new choice of distribution d (bernoulli/flip ones are
+        remembered as coins: 0/1 values)."""
+        value = self.new_choice(address, base, loops, d, node)
+        if d.name.split(".")[0] in ("bernoulli", "flip"):
+            self.coins.update(value if isinstance(value, Vec) else [value] if isinstance(value, sp.Basic) else [])
+        return value
+
+    def new_choice(self, address, base, loops, d: Dist, node):
         assumptions = _ASSUMPTIONS.get(d.name, {"real": True})
         shape = self.batch_length(d, node)
         self.support[address] = (d.name, _finite_support(d))
@@ -552,7 +560,13 @@ class SymbolicRun:
         if len(self.terms) != n or any(isinstance(v, (Vec, LazyVec, list, Dist)) for v in (then, orelse)):
             raise _err("symbolic density: a conditional expression on a random value whose branches are "
                        "not plain numbers", e, hint=_STATIC_HINT)
+        if self.is_coin(c):  # a 0/1 choice: a if z else b is b + (a - b) z, exactly
+            return _sym(then) * c + _sym(orelse) * (1 - c)
         return sp.Piecewise((_sym(then), _boolean(c, e)), (_sym(orelse), True))
+
+    def is_coin(self, v) -> bool:
+        """Whether v is the symbol of a bernoulli/flip choice (values 0 and 1)."""
+        return isinstance(v, (sp.Symbol, sp.Indexed)) and v in self.coins
 
     def _e_Index(self, e, frame):
         v = self.ev(e.value, frame)
@@ -819,6 +833,8 @@ def _length(run, node, frame, v):
 
 
 def _range(run, node, frame, *args):
+    if len(args) == 1 and isinstance(args[0], sp.Expr) and not args[0].is_number:
+        return LazyVec(lambda i: i, args[0])  # range(N) of a symbolic length
     ints = []
     for a in args:
         if isinstance(a, sp.Integer):
@@ -904,7 +920,15 @@ def _to_list(run, node, frame, v):
     return list(run.items(v, node))
 
 
+def _twist(run, node, frame, potential):
+    """An SMC twisting potential: it reweights intermediate targets only and leaves the
+    program's joint density unchanged (it consumes an address, as the interpreter's)."""
+    frame.address("twist")
+    return None
+
+
 _FUNCTIONS = {
+    "twist": _twist,
     "exp": _unary(sp.exp), "log": _unary(sp.log), "sqrt": _unary(sp.sqrt), "abs": _unary(sp.Abs),
     "log1p": _unary(lambda x: sp.log(1 + x)), "expm1": _unary(lambda x: sp.exp(x) - 1),
     "sigmoid": _unary(lambda x: 1 / (1 + sp.exp(-x))), "logit": _unary(lambda x: sp.log(x / (1 - x))),
@@ -1104,9 +1128,17 @@ def evaluate(program: ir.Program, expr: ir.Expr, env: dict):
     return value
 
 
-def latex(program: ir.Program, entry: str, data: dict | None = None, symbolic_data: bool = True) -> str:
-    """``\\log p(choices \\mid data) = ...`` as LaTeX (sympy.latex of ``density``)."""
-    d = density(program, entry, data, symbolic_data)
+def latex(program: ir.Program, entry: str, data: dict | None = None, symbolic_data: bool | None = None) -> str:
+    """``\\log p(choices \\mid data) = ...`` as LaTeX (sympy.latex of ``density``).
+    ``symbolic_data`` None: the data as symbols with sums where the program allows it
+    (loops that carry no state), else unrolled."""
+    if symbolic_data is None:
+        try:
+            d = density(program, entry, data, True)
+        except PPLError:
+            d = density(program, entry, data, False)
+    else:
+        d = density(program, entry, data, symbolic_data)
     choices = _latex_names(d.choices)
     given = [sp.latex(sp.Symbol(p)) for p in d.params]
     lhs = r"\log p(" + ", ".join(choices) + (r" \mid " + ", ".join(given) if given else "") + ")"

@@ -224,12 +224,33 @@ def test_symbolic_loop_that_carries_state_is_an_error():
     assert model.density({"ys": [1.0, 2.0]}) is not None  # unrolled: fine
 
 
-def test_conditional_expression_on_a_choice_is_a_piecewise(float64):
+def test_conditional_expression_on_a_choice(float64):
+    """On a coin z: b + (a - b) z; on another condition: a Piecewise."""
     model = ppl.model("def m(y):\n    mu ~ normal(0, 3)\n    z ~ flip(0.3)\n"
-                      "    observe y ~ normal(mu if z else -mu, 1)\n    return mu\n")
+                      "    observe y ~ normal(mu if z else -mu, 1)\n    observe y ~ normal(1 if mu > 0 else 2, 1)\n"
+                      "    return mu\n")
     d = symbolic.density(model.program, model.entry, {"y": 1.1})
-    assert d.expr.has(sp.Piecewise)
+    mu, z = sp.Symbol("mu", real=True), sp.Symbol("z", integer=True, nonnegative=True)
+    assert d.expr.has(sp.Piecewise) and d.expr.has(mu * z)
     f = d.function()
-    for z in (True, False):
-        trace = {"mu": 0.4, "z": z}
+    for trace in ({"mu": 0.4, "z": True}, {"mu": 0.4, "z": False}, {"mu": -0.3, "z": True}):
         assert f(trace) == pytest.approx(_log_joints(model, {"y": 1.1}, [trace] * 2)[0], rel=1e-12)
+
+
+def test_hmm_density_is_log_joint_and_twists_add_nothing(float64):
+    model, data = _example("twisted_hmm")
+    d, _ = assert_density_is_log_joint(model, data)
+    assert len(d.choices) == 1 + len(data["ys"])  # z, z[0..11]
+    z = sp.IndexedBase("z", integer=True, nonnegative=True)
+    assert not d.expr.has(sp.Piecewise) and z[3] in d.expr.free_symbols  # `3 if z else 0` is 3 z
+    assert r"\sum" not in model.latex(data)  # the loop carries z: unrolled, not a Sum
+
+
+def test_draw_densities_writes_png(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("draw_densities", EXAMPLES / "draw_densities.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    paths = module.main(tmp_path)
+    assert [p.name for p in paths] == ["eight_schools_density.png", "twisted_hmm_density.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
