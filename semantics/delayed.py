@@ -82,7 +82,7 @@ class DelayedGraph:
     def realise_all(self) -> None:
         """Realise every node on every particle that has it (the end of a run), newest first."""
         for n in reversed(self.nodes):
-            n.realise(self.full_idx[n.t["exists"]])
+            n.realise(self.full_idx[n.rows()["exists"]])  # (rows(): caught up with resampling)
 
 
 class Node(_PerParticleValue):

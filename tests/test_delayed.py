@@ -537,3 +537,22 @@ def m():
     w = torch.exp(ref.log_weights - ref.log_weights.max())
     se = float(w.std() / w.mean()) / math.sqrt(N)
     assert abs(res.log_evidence - ref.log_evidence) < 4 * math.sqrt(2) * se
+
+
+def test_a_node_made_on_some_particles_is_realised_on_their_descendants_after_resampling():
+    """A delayed choice made inside a branch, never used, then resampled (the weights
+    depend on the branch): at the end every particle that has it, by descent, holds a
+    draw from its law (a stale ``exists`` mask once left copies at 0)."""
+    src = """
+def m():
+    c ~ flip(0.5)
+    if c:
+        x ~ normal(5, 1)
+    observe 2.0 ~ normal(3.0 if c else 0.0, 1)
+    observe 2.0 ~ normal(3.0 if c else 0.0, 1)
+    return c
+"""
+    res = ppl.model(src).run("smc", {}, particles=400, delayed=True, seed=1)
+    assert res.mean("return") > 0.8  # most particles descend from c = true ones
+    assert abs(res.mean("x") - 5) < 4.5 / math.sqrt(300)
+    assert res.quantile(0.001, "x") > 1.0
