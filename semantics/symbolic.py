@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -53,8 +54,8 @@ class SymbolicDensity:
 
     ``expr``: the sympy expression; ``choices``: address -> its symbol (a ``Symbol`` or
     ``Indexed``) or, for a vector-valued choice, the list of its elements' symbols;
-    ``support``: address -> ``(kind, finite values or None)`` of the choice's
-    distribution; ``data_symbols``: datum name -> its symbol (symbolic data only);
+    ``support``: address -> ``(distribution, finite values or None, (low, high) bounds or
+    None)`` of the choice (outside them the density is 0: ``function`` gives -inf); ``data_symbols``: datum name -> its symbol (symbolic data only);
     ``lengths``: length symbol -> the concrete length it stands for; ``env``: the entry
     function's variables when it returned (symbols and expressions)."""
 
@@ -88,6 +89,22 @@ class SymbolicDensity:
                 subs[sym] = _scalar(v)
         return subs
 
+    def in_support(self, subs: dict) -> bool:
+        """Whether the choices' values (symbol -> number) lie in their supports (the
+        expression is the density on the support; outside it the density is 0)."""
+        for address, sym in self.choices.items():
+            entry = self.support.get(address)
+            if entry is None or isinstance(sym, LazyVec):
+                continue
+            _, finite, interval = entry
+            for s in (sym if isinstance(sym, list) else [sym]):
+                x = float(subs[s])
+                if finite is not None and x not in finite:
+                    return False
+                if interval is not None and not (interval[0] <= x <= interval[1]):
+                    return False
+        return True
+
     def function(self) -> Callable[[dict], float]:
         """A fast numeric version (``sympy.lambdify`` on numpy/scipy): trace -> log
         density as a float."""
@@ -98,6 +115,8 @@ class SymbolicDensity:
 
         def log_density(trace: dict) -> float:
             subs = self.values_of(trace)
+            if not self.in_support(subs):
+                return -math.inf
             with np.errstate(divide="ignore"):  # log 0 = -inf: an impossible trace
                 return float(f(*[float(subs[s]) for s in syms]))
         return log_density
@@ -424,7 +443,7 @@ class SymbolicRun:
     def new_choice(self, address, base, loops, d: Dist, node):
         assumptions = _ASSUMPTIONS.get(d.name, {"real": True})
         shape = self.batch_length(d, node)
-        self.support[address] = (d.name, _finite_support(d))
+        self.support[address] = (d.name, _finite_support(d), _interval(d))
         if not loops and shape is None:
             s = sp.Symbol(address, **assumptions)
             self.choices[address] = s
@@ -707,6 +726,25 @@ def _at(v, j, node):
     if isinstance(v, (Vec, list)):
         return v[j] if len(v) > 1 else v[0]
     return v
+
+
+_HALF_LINE = ("lognormal", "half_normal", "half_cauchy", "exponential", "gamma", "inverse_gamma", "chi2",
+              "poisson", "geometric")
+
+
+def _interval(d: Dist):
+    """(low, high) bounds of a scalar choice's support where they are numbers, else None
+    (a choice outside them has density 0: ``SymbolicDensity.function`` gives -inf)."""
+    base = d.name.split(".")[0]
+    if base in _HALF_LINE:
+        return (0.0, math.inf)
+    if base == "beta":
+        return (0.0, 1.0)
+    if base == "uniform":
+        low, high = d.params.get("low"), d.params.get("high")
+        if isinstance(low, sp.Basic) and isinstance(high, sp.Basic) and low.is_number and high.is_number:
+            return (float(low), float(high))
+    return None
 
 
 def _finite_support(d: Dist):

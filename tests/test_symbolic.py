@@ -254,3 +254,13 @@ def test_draw_densities_writes_png(tmp_path):
     paths = module.main(tmp_path)
     assert [p.name for p in paths] == ["eight_schools_density.png", "twisted_hmm_density.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+def test_a_choice_outside_its_support_scores_minus_infinity(float64):
+    model = ppl.model("def m():\n    s ~ half_normal(1)\n    p ~ beta(2, 2)\n    u ~ uniform(-1, 1)\n    return s\n")
+    f = symbolic.density(model.program, model.entry).function()
+    good = {"s": 0.5, "p": 0.3, "u": 0.2}
+    assert f(good) == pytest.approx(_log_joints(model, {}, [good] * 2)[0], rel=1e-12)
+    for bad in ({"s": -0.5}, {"p": 1.3}, {"u": 1.5}):
+        trace = {**good, **bad}
+        assert f(trace) == -math.inf == _log_joints(model, {}, [trace] * 2)[0]
