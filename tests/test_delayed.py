@@ -321,9 +321,25 @@ def m(ys):
 """
 
 
-def test_a_switching_state_space_model_is_exactly_rao_blackwellised():
-    """A state assigned on both branches of an ``if`` stays delayed (the join is one
-    affine value with a node per branch), so given the switches c_1..T every particle is
+STICKY = """
+def m(ys):
+    x ~ normal(0, 1)
+    ups = 0
+    for y in ys:
+        c ~ flip(0.3)
+        if c:
+            x ~ normal(0.9 * x + 0.5, 0.5)
+            ups = ups + 1
+        observe y ~ normal(x, 0.8)
+    return ups
+"""
+
+
+@pytest.mark.parametrize("source, other", [(SWITCHING, (-0.5, 0.0, 1.0)), (STICKY, (1.0, 0.0, 0.0))])
+def test_a_switching_state_space_model_is_exactly_rao_blackwellised(source, other):
+    """A state assigned on both branches of an ``if`` (or on one: the other keeps the
+    previous node) stays delayed (the join is one affine value with a node per branch),
+    so given the switches c_1..T every particle is
     an exact Kalman filter: enumerating the switches' draws (N = 1, and SMC with N = 2 and
     its resampling), E[Z_hat sum_i w_i 1{ups_i = v}] equals the sum over switch sequences
     of P(c) times that sequence's Kalman evidence, to 1e-12."""
@@ -334,14 +350,14 @@ def test_a_switching_state_space_model_is_exactly_rao_blackwellised():
     for cs in itertools.product((0, 1), repeat=len(ys)):
         m, v, ll = 0.0, 1.0, 0.0
         for c, y in zip(cs, ys):
-            a, b, q = (0.9, 0.5, 0.5) if c else (-0.5, 0.0, 1.0)
+            a, b, q = (0.9, 0.5, 0.5) if c else other
             m, v = a * m + b, a * a * v + q * q
             s_ = v + 0.64
             ll += -0.5 * (math.log(2 * math.pi * s_) + (y - m) ** 2 / s_)
             m, v = m + v * (y - m) / s_, v * 0.64 / s_
         p = math.prod(0.3 if c else 0.7 for c in cs)
         want[sum(cs)] = want.get(sum(cs), 0.0) + p * math.exp(ll)
-    model = ppl.model(SWITCHING)
+    model = ppl.model(source)
     interp, entry = model.interpreter(), model.entry
     for particles in (1, 2):
         got: dict = {}
