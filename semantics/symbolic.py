@@ -33,8 +33,6 @@ tests/test_symbolic.py).
 """
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable

@@ -25,7 +25,7 @@ the log density), in float64.
 """
 from __future__ import annotations
 
-import contextlib
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,9 +37,11 @@ import torch
 from ..compiler import parse_program
 from ..inference.randomness import TorchRandomness
 from ..semantics import gfi, ir, symbolic
+from ..semantics.symbolic import _flat
 from ..semantics.choice_map import ChoiceMap
 from ..semantics.errors import PPLError
 from ..stdlib import rng
+from .validity import _float64
 
 
 @dataclass
@@ -160,7 +162,6 @@ def _summed(before, cmap: ChoiceMap, lhs: sp.Expr) -> sp.Expr:
                            hint="marginalisation is checked for bernoulli/flip/categorical/binomial choices")
         symbols.append(before.choices[address])
         supports.append(values)
-    import itertools
     terms = [sp.exp(lhs.xreplace(dict(zip(symbols, map(sp.Integer, combo)))))
              for combo in itertools.product(*supports)]
     return sp.log(sp.Add(*terms))
@@ -262,12 +263,6 @@ def _choice_env(choices: dict) -> dict:
     return {a: (symbolic.Vec(s) if isinstance(s, list) else s) for a, s in choices.items() if a.isidentifier()}
 
 
-def _flat(v) -> list:
-    if isinstance(v, (list, tuple)):
-        return [x for item in v for x in _flat(item)]
-    return [v]
-
-
 def _number(x: sp.Expr) -> float:
     """A float; nan for sympy's complex infinity (log 0 of a zero Jacobian) and the like."""
     try:
@@ -283,12 +278,3 @@ def _relative(a: float, b: float) -> float:
         return math.inf
     return abs(a - b) / max(1.0, abs(b))
 
-
-@contextlib.contextmanager
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
