@@ -94,12 +94,13 @@ class DelayedSampling:
         return super().sample(eff)
 
     def _predictive_child(self, dist: DistValue, eff):
-        """``z ~ bernoulli/flip/binomial(n, p)`` with p a beta node, or ``categorical(w)``
-        with w a Dirichlet node: z drawn from its predictive (the node's marginal
-        integrated out) and the node conditioned on it; the node stays delayed. None when
-        the choice is not one of these."""
+        """``z ~ bernoulli/flip/binomial(n, p)`` with p a beta node, ``poisson(lam)`` with
+        lam a gamma node, or ``categorical(w)`` with w a Dirichlet node: z drawn from its
+        predictive (the node's marginal integrated out: beta-binomial, negative binomial,
+        categorical(alpha / sum alpha)) and the node conditioned on it; the node stays
+        delayed. None when the choice is not one of these."""
         entry = OBSERVED.get((dist.spec.name, dist.spec.params))
-        if entry is None or entry[0] in ("normal", "poisson"):
+        if entry is None or entry[0] == "normal":
             return None
         kind, family, pos = entry
         param = dist.args[pos]
@@ -284,6 +285,8 @@ def _predictive_dist(kind: str, dist: DistValue, p: dict, n, r) -> DistValue:
         return DistValue(dist.spec, (Batched(p["a"] / (p["a"] + p["b"]), r),))
     if kind == "binomial":
         return DistValue(_dists.get("beta_binomial"), (Batched(n.long(), r), Batched(p["a"], r), Batched(p["b"], r)))
+    if kind == "poisson":  # gamma(k, rate b) mixed: successes before k failures, success probability 1 / (b + 1)
+        return DistValue(_dists.get("negative_binomial"), (Batched(p["k"], r), Batched(1.0 / (p["r"] + 1.0), r)))
     alpha = p["alpha"]
     return DistValue(dist.spec, (Batched(alpha / alpha.sum(-1, keepdim=True), r),))
 

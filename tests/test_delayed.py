@@ -572,3 +572,22 @@ def m():
     assert res.mean("return") > 0.8  # most particles descend from c = true ones
     assert abs(res.mean("x") - 5) < 4.5 / math.sqrt(300)
     assert res.quantile(0.001, "x") > 1.0
+
+
+def test_a_poisson_child_of_a_gamma_node_is_drawn_from_the_negative_binomial_predictive():
+    """``z ~ poisson(lam)`` with lam ~ gamma(3, 2) delayed: z from the negative binomial,
+    lam conditioned on it. E[z | cs] = E[lam | cs] = 8/5, Var = 8/5 + 8/25: the weighted
+    mean within 4 MCSE."""
+    src = """
+def m(cs):
+    lam ~ gamma(3, 2)
+    z ~ poisson(lam)
+    for c in cs:
+        observe c ~ poisson(lam)
+    return z
+"""
+    res = ppl.model(src).run("importance", {"cs": [2, 0, 3]}, particles=20000, delayed=True, seed=4)
+    assert res.extra["delayed"]["predictive_draws"] == 1 and res.extra["delayed"]["marginal_observes"] == 3
+    w = torch.exp(res.log_weights - res.log_weights.max())
+    ess = float(w.sum() ** 2 / (w * w).sum())
+    assert abs(res.mean("return") - 1.6) < 4 * math.sqrt((1.6 + 0.32) / ess)
