@@ -63,11 +63,14 @@ class DelayedSampling:
     realise_at_end = True
 
     def start_delayed(self, N: int, device, full_idx: torch.Tensor):
+        """The run's (empty) graph of nodes, and what the result will report."""
         self.graph = DelayedGraph(N, device, self._draw_rows, full_idx)
         self.delayed_sites: list[tuple[str, Node]] = []
         self.delayed_summary: dict = {"delayed": 0, "marginal_observes": 0}
 
     def _draw_rows(self, dist, ctx: Particles) -> torch.Tensor:
+        """A realisation: one draw per particle of ctx from a node's marginal ``dist``
+        (float64 rows), through the handler's randomness."""
         randomness = getattr(self, "randomness", None)
         if dist.spec.name == "normal" and (randomness is None or type(randomness) is TorchRandomness):
             # a node's marginal (valid float64 rows): one standard normal draw per particle from

@@ -587,6 +587,8 @@ def _absorb(x: Node, c1, e: Node, c2, d, r):
 
 
 def _single(terms: list, const: torch.Tensor, ctx: Particles):
+    """(node, c, d) with sum(terms) + const = c * node + d on ctx: the fresh nodes
+    absorbed, any other extra node realised (``Affine.single``)."""
     if not terms:
         return None, None, const
     if len(terms) >= 2:

@@ -261,7 +261,7 @@ def _children_measure(flips):
 def _delayed_measure(flips, particles, base=None):
     """E[Z_hat sum_i w_i 1{ret_i = v}] of delayed SMC, by enumerating every draw (the
     predictive draws of z and k and the resampling) with the exact checker's randomness."""
-    from ppl.testing.validity import EnumeratingRandomness, _float64, enumerate_outcomes
+    from ppl.testing.validity import _float64, enumerate_outcomes
     model = ppl.model(DISCRETE_CHILDREN)
     interp, entry = model.interpreter(), model.entry
     measure: dict = {}
