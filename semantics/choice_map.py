@@ -14,7 +14,8 @@ measures over return values). Three kinds:
   numbers as they replace). Every other choice is kept as it is. The invariant:
   log p_old(T(z)) + log |det dT/dz_new| = log p_new(z) for every z.
 * ``ChoiceMap.marginalisation(("z",))``: the old choices named are summed out (finite,
-  discrete support): log p_new(rest) = log sum_z p_old(rest, z).
+  discrete support) or integrated out (continuous; checked by quadrature, at most three
+  numbers): log p_new(rest) = log sum_z p_old(rest, z).
 
 This module holds only the declaration (no sympy, no checking), so that passes in
 ``compiler/`` can declare their maps without importing ``ppl.testing``.

@@ -204,3 +204,52 @@ def test_undeclared_replaced_choice_is_an_error():
                              ChoiceMap.identity())
     with pytest.raises(PPLError, match="'theta' is not in the new program"):
         check_transformation(undeclared, ppl.model(CENTRED), DATA)
+
+
+# ------------------------------------------- integrating out continuous choices (quadrature)
+NORMAL_NORMAL = """def model(y):
+    s ~ half_normal(1)
+    mu ~ normal(0, 2)
+    observe y ~ normal(mu, s)
+    return s
+"""
+
+NORMAL_MARGINAL = """def model(y):
+    s ~ half_normal(1)
+    observe y ~ normal(0, sqrt(4 + s ** 2))
+    return s
+"""
+
+
+def test_integrating_out_a_normal_mean_passes():
+    summed = replaced_by(NORMAL_MARGINAL, ChoiceMap.marginalisation(["mu"]))
+    check = check_transformation(summed, ppl.model(NORMAL_NORMAL), {"y": 1.3}, traces=6)
+    assert check.method == "symbolic+quadrature" and check.ok() and check.max_error < 1e-10
+
+
+def test_integrating_out_that_forgets_the_observation_noise_is_caught():
+    summed = replaced_by(NORMAL_MARGINAL.replace("sqrt(4 + s ** 2)", "2"), ChoiceMap.marginalisation(["mu"]))
+    assert not check_transformation(summed, ppl.model(NORMAL_NORMAL), {"y": 1.3}, traces=6).ok()
+
+
+BETA_BERNOULLI = """def model(f0, f1):
+    p ~ beta(2, 3)
+    observe f0 ~ bernoulli(p)
+    observe f1 ~ bernoulli(p)
+    return f1
+"""
+
+PREDICTIVE = """def model(f0, f1):
+    observe f0 ~ bernoulli(2 / 5)
+    observe f1 ~ bernoulli((2 + f0) / 6)
+    return f1
+"""
+
+
+def test_integrating_out_a_beta_probability_passes():
+    summed = replaced_by(PREDICTIVE, ChoiceMap.marginalisation(["p"]))
+    for f0, f1 in ((True, False), (False, False), (True, True)):
+        check = check_transformation(summed, ppl.model(BETA_BERNOULLI), {"f0": f0, "f1": f1}, traces=1)
+        assert check.ok(), check
+    broken = replaced_by(PREDICTIVE.replace("(2 + f0) / 6", "2 / 5"), ChoiceMap.marginalisation(["p"]))
+    assert not check_transformation(broken, ppl.model(BETA_BERNOULLI), {"f0": True, "f1": True}, traces=1).ok()

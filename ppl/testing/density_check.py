@@ -7,7 +7,9 @@ change of variables the transformation declares (``semantics.choice_map.ChoiceMa
 
 * identity: log p_new(z) = log p_old(z);
 * reparameterisation z -> T(z): log p_old(T(z)) + log |det dT/dz_new| = log p_new(z);
-* marginalisation of finite discrete choices u: log p_new(z) = log sum_u p_old(z, u).
+* marginalisation of choices u: log p_new(z) = log sum_u p_old(z, u) (finite discrete u
+  summed by sympy; up to three continuous numbers u integrated by adaptive quadrature at
+  each trace, on the real line or the choice's fixed interval).
 
 Equal joint densities (with the Jacobian) imply the same measure on everything the
 programs compute from their choices, return values included; unequal ones are caught even
@@ -66,7 +68,9 @@ class DensityCheck:
         head = (f"joint densities ({self.kind}, {self.method}"
                 f"{'; sympy proves them equal' if self.proved else ''}): max relative difference "
                 f"{self.max_error:.3g} over {len(self.errors)} traces")
-        rows = [f"  log p_old(T(z)) + log|J| = {a:.12g}   log p_new(z) = {b:.12g}" for a, b in self.values[:5]]
+        old = {"identity": "log p_old(z)", "reparameterisation": "log p_old(T(z)) + log|J|",
+               "marginalisation": "log sum_u p_old(z, u)"}[self.kind]
+        rows = [f"  {old} = {a:.12g}   log p_new(z) = {b:.12g}" for a, b in self.values[:5]]
         tail = [f"  difference: {self.difference}"] if self.difference is not None and not self.proved else []
         return "\n".join([head] + rows + tail + ([f"  ({self.reason})"] if self.reason else []))
 
@@ -100,7 +104,9 @@ def _symbolically(old, new, before, after, cmap: ChoiceMap, points) -> DensityCh
                             for s, v in zip(_flat(before.choices[address]), _flat(value))})
         lhs = lhs + _log_abs_det(mapped, [s for a in cmap.new for s in _flat(after.choices[a])])
     elif cmap.kind == "marginalisation":
-        lhs = _summed(before, cmap, lhs)
+        lhs, integrated = _summed(before, cmap, lhs)
+        if integrated:
+            return _integrated(after, lhs, integrated, points)
     missing = {str(s) for s in lhs.free_symbols} - {str(s) for s in after.expr.free_symbols} - \
         {str(s) for s in after.symbols()}
     if missing:
@@ -152,19 +158,57 @@ def _log_abs_det(mapped: dict, new_symbols: list) -> sp.Expr:
     return sp.log(sp.Abs(jacobian.det()))
 
 
-def _summed(before, cmap: ChoiceMap, lhs: sp.Expr) -> sp.Expr:
-    """log of the old density summed over the finite supports of the summed-out choices."""
-    symbols, supports = [], []
+def _summed(before, cmap: ChoiceMap, lhs: sp.Expr):
+    """(log of the old density summed over the finite supports of the discrete
+    summed-out choices, [(symbol, (low, high))] of the continuous ones, left to integrate)."""
+    symbols, supports, integrated = [], [], []
     for address in cmap.summed_out:
-        values = before.support.get(address, (None, None))[1]
-        if address not in before.choices or values is None:
-            raise PPLError(f"cannot sum out '{address}': not a discrete choice with a finite support",
-                           hint="marginalisation is checked for bernoulli/flip/categorical/binomial choices")
-        symbols.append(before.choices[address])
-        supports.append(values)
+        if address not in before.choices:
+            raise PPLError(f"cannot sum out '{address}': the old program has no such choice",
+                           hint=f"its choices are: {', '.join(before.choices)}")
+        name, values, interval = before.support[address]
+        if values is not None:
+            symbols.append(before.choices[address])
+            supports.append(values)
+        elif interval is not None or name in _REAL_LINE:
+            low, high = interval or (-math.inf, math.inf)
+            integrated += [(s, (low, high)) for s in _flat(before.choices[address])]
+        else:
+            raise PPLError(f"cannot integrate out '{address}' ({name}): its support is not a known interval",
+                           hint="marginalisation is checked for finite discrete choices and continuous ones on "
+                                "the real line or a fixed interval")
+    if len(integrated) > 3:
+        raise PPLError(f"cannot integrate out {len(integrated)} numbers by quadrature (at most 3)")
     terms = [sp.exp(lhs.xreplace(dict(zip(symbols, map(sp.Integer, combo)))))
              for combo in itertools.product(*supports)]
-    return sp.log(sp.Add(*terms))
+    return sp.log(sp.Add(*terms)), integrated
+
+
+_REAL_LINE = ("normal", "cauchy", "student_t", "laplace")
+
+
+def _integrated(after, lhs: sp.Expr, integrated: list, points) -> DensityCheck:
+    """A marginalisation of continuous choices u: log p_new(z) against
+    log of the integral of p_old(z, u) du, by adaptive quadrature at each trace z (the
+    integrand scaled by p_new(z), so that it is of order one where the two agree)."""
+    from scipy import integrate
+
+    syms = after.symbols()
+    us = [u for u, _ in integrated]
+    dummies = [sp.Dummy() for _ in syms + us]
+    g = sp.lambdify(dummies, lhs.xreplace(dict(zip(syms + us, dummies))),
+                    modules=[{"softplus": symbolic._np_softplus}, "scipy", "numpy"], docstring_limit=0)
+    f_rhs = _numeric(after, after.expr)
+    values = []
+    for point in points:
+        rhs = f_rhs(point)
+        subs = after.values_of(point)
+        args = [float(subs[s]) for s in syms]
+        with np.errstate(all="ignore"):
+            mass, _ = integrate.nquad(lambda *u: math.exp(min(700.0, float(g(*args, *u)) - rhs)),
+                                      [r for _, r in integrated], opts={"epsabs": 0.0, "epsrel": 1e-12, "limit": 200})
+        values.append((rhs + math.log(mass) if mass > 0 else -math.inf, rhs))
+    return DensityCheck("marginalisation", "symbolic+quadrature", [_relative(a, b) for a, b in values], values)
 
 
 def _is_zero(difference: sp.Expr) -> bool:
