@@ -98,7 +98,7 @@ def test_importance_with_many_particles_has_equal_weights_and_filtering_draws():
     assert torch.allclose(res.log_weights, torch.full_like(res.log_weights, want_ll), atol=1e-6)
     mcse = math.sqrt(variances[-1] / 4000)
     assert abs(res.mean("return") - means[-1]) < 4 * mcse
-    assert abs(res.sd("return") - math.sqrt(variances[-1])) < 0.05
+    assert abs(res.sd("return") / math.sqrt(variances[-1]) - 1) < 4 / math.sqrt(2 * 4000)  # (sd of a normal sd)
 
 
 def test_every_choice_of_the_eps_form_is_an_exact_smoothing_draw():
@@ -123,7 +123,7 @@ def test_every_choice_of_the_eps_form_is_an_exact_smoothing_draw():
     assert float(res.log_weights.max() - res.log_weights.min()) < 1e-9
     for k, addr in enumerate(["x"] + [f"eps[{t}]" for t in range(T)]):
         assert abs(res.mean(addr) - mean[k]) < 4.5 * math.sqrt(cov[k, k] / N), addr
-        assert abs(res.sd(addr) / math.sqrt(cov[k, k]) - 1) < 0.1, addr
+        assert abs(res.sd(addr) / math.sqrt(cov[k, k]) - 1) < 4.5 / math.sqrt(2 * N), addr  # (sd of a normal sd)
 
 
 # ------------------------------------------------------------ the other conjugate pairs
