@@ -282,3 +282,28 @@ def test_cli_option_enumerate_and_json(capsys):
     # log Z = -15.135 (grid integration of the marginal density over [-15, 15]^2, step 0.02); an estimate with
     # ESS ~200 is within a few tenths
     assert abs(out["log_evidence"] - -15.13) < 0.3
+
+
+HMM = """
+def model():
+    s ~ categorical([0.6, 0.4]) @enumerate
+    ys = [1, 0, 1, 1]
+    trans = [[0.8, 0.2], [0.3, 0.7]]
+    emit = [0.2, 0.9]
+    for t in range(4):
+        s ~ categorical(trans[s]) @enumerate
+        observe ys[t] ~ bernoulli(emit[s])
+    return s
+"""
+
+
+def test_hmm_chain_of_enumerated_states_is_the_forward_algorithm():
+    """A chain of five enumerated states (each one's distribution indexed by the last):
+    variable elimination over the chain; one particle gives the exact evidence (the forward
+    algorithm), and the final state drawn back is exactly proper."""
+    model = ppl.model(HMM)
+    exact = model.run("enumerate", {})
+    r = model.run("smc", {}, particles=1, seed=0)
+    assert abs(r.log_evidence - exact.log_evidence) < 1e-6
+    check = check_proper(model, enumerating_algorithm(1, ess_threshold=0.0))
+    assert check.ok(), check
