@@ -260,14 +260,7 @@ class DelayedSampling:
         """The end of the run: the return value's marginal noted, every node realised,
         the delayed choices recorded in the trace; the concrete return value."""
         if isinstance(ret, Affine) and ret.gaussian:
-            terms, const = ret.at(ctx)
-            mean, var = const.clone(), torch.zeros_like(const)
-            if len(terms) == 1:
-                node, c = terms[0]
-                p = node.marginal(ctx.idx)
-                mean, var = mean + c * p["m"], c * c * p["v"]
-            if len(terms) <= 1:
-                self.delayed_summary["return_mean"], self.delayed_summary["return_var"] = mean, var
+            self.delayed_summary["return_mean"], self.delayed_summary["return_var"] = _marginal_of(ret, ctx)
         if not self.realise_at_end:
             return ret
         self.graph.realise_all()
@@ -292,6 +285,19 @@ def _predictive_dist(kind: str, dist: DistValue, p: dict, n, r) -> DistValue:
         return DistValue(_dists.get("negative_binomial"), (Batched(p["k"], r), Batched(1.0 / (p["r"] + 1.0), r)))
     alpha = p["alpha"]
     return DistValue(dist.spec, (Batched(alpha / alpha.sum(-1, keepdim=True), r),))
+
+
+def _marginal_of(value: Affine, ctx: Particles) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and variance rows of a Gaussian lazy value (per particle: c * node + d)."""
+    mean = torch.zeros(ctx.M, dtype=F64, device=ctx.device)
+    var = torch.zeros(ctx.M, dtype=F64, device=ctx.device)
+    for pos, node, c, d in value.groups(ctx):
+        if node is None:
+            mean[pos] = d
+        else:
+            p = node.marginal(ctx.idx[pos])
+            mean[pos], var[pos] = c * p["m"] + d, c * c * p["v"]
+    return mean, var
 
 
 def _forced(eff):

@@ -591,3 +591,22 @@ def m(cs):
     w = torch.exp(res.log_weights - res.log_weights.max())
     ess = float(w.sum() ** 2 / (w * w).sum())
     assert abs(res.mean("return") - 1.6) < 4 * math.sqrt((1.6 + 0.32) / ess)
+
+
+def test_the_return_marginal_of_a_switching_model_is_the_kalman_filter_given_the_switches():
+    src = SWITCHING.replace("return ups", "return x")
+    ys = [0.4, -0.9, 1.3, 0.2]
+    for seed in range(3):
+        res = ppl.model(src).run("importance", {"ys": ys}, particles=1, delayed=True, seed=seed)
+        cs = [bool(res.mean(f"c[{t}]")) for t in range(len(ys))]
+        m, v, ll = 0.0, 1.0, 0.0
+        for c, y in zip(cs, torch.tensor(ys, dtype=torch.float32).double().tolist()):  # (the data as ppl reads it)
+            a, b, q = (0.9, 0.5, 0.5) if c else (-0.5, 0.0, 1.0)
+            m, v = a * m + b, a * a * v + q * q
+            s_ = v + 0.64
+            ll += -0.5 * (math.log(2 * math.pi * s_) + (y - m) ** 2 / s_)
+            m, v = m + v * (y - m) / s_, v * 0.64 / s_
+        got = res.extra["delayed"]
+        assert float(got["return_mean"][0]) == pytest.approx(m, abs=1e-9)
+        assert float(got["return_var"][0]) == pytest.approx(v, abs=1e-9)
+        assert res.log_evidence == pytest.approx(ll, abs=1e-9)
