@@ -2,39 +2,46 @@
 elimination instead of one re-execution per path.
 
 Path enumeration (``semantics.exact``) costs one run per execution path: 2^k runs for a
-chain of k binary choices. When the program's structure is *static* on its finite-support
-choices (which sites exist does not depend on random values) and the parents of every
-site are known (``semantics.dependencies``), the measure factorises:
+chain of k binary choices. When the dependency analysis (``semantics.dependencies``)
+decides the program's sites and the parents of each (the choices its distribution or
+weight, and its existence, depend on: control dependencies included), the measure
+factorises:
 
     w(x) = prod_choices p(x_c | x_pa(c)) * prod_likelihood-sites l_s(x_pa(s)),
     return value = r(x_pa(return)),
 
-so it is enough to know each factor as a table over its parents' values. The tables come
-from running the program in exact mode with every choice FIXED (``_FixedRun``: a chooser
-that answers each choice with a given value and records the choice's exact support, and
-records every observe/factor/condition's weight, 0 included, without stopping the run) on
-a small set of assignments that together cover every combination of every site's parents'
-values (``covering_assignments``; for a chain, all-first and all-second values). The
-choice's own value need not be covered: its row comes from its distribution's exact
-support. ``semantics.elimination`` then sums the factors out (Z and the joint of the
-return value's parents, pushed through the tabulated return value), and per-site marginals
-come from a bucket tree's two passes on demand. Cost: (number of covering runs) x (one run)
-plus tables of the size of the parents' joint domains: linear in a chain's or tree's length.
+so it is enough to know each factor as a table over its parents' values. A site that
+exists on some paths only (under a branch on a random value) has the value ABSENT where
+its parents make it absent, with factor 1 there. The tables come from running the program
+in exact mode with every choice FIXED (``_FixedRun``: a chooser that answers each choice
+with a given value and records the choice's exact support, and records every
+observe/factor/condition's weight, 0 included, without stopping the run) on a small set of
+assignments that together cover every combination of every site's parents' values
+(``covering_assignments``; for a chain, all-first and all-second values). The choice's own
+value need not be covered: its row comes from its distribution's exact support.
+``semantics.elimination`` then sums the factors out (Z and the joint of the return value's
+parents, pushed through the tabulated return value), and per-site marginals come from a
+bucket tree's two passes on demand. Cost: (number of covering runs) x (one run) plus tables
+of the size of the parents' joint domains: linear in a chain's or tree's length.
 
 **Invariant** (checked by ``tests/test_elimination.py`` on random finite programs against
 path enumeration, and a broken variant that forgets a prior factor is caught): the measure
 on return values, and Z, equal the path sum, as identical Fractions when exact.
 
 **Where it does not apply, paths are enumerated** (``strategy`` says which was used):
-the structure is not static or a site's parents are unknown, a table or the joint of the
+the analysis could not decide the structure (a random loop bound, recursion or ``while``
+on random values), a memoised choice exists on some paths only (its existence depends on
+every call, not on its parents), a site's parents are unknown, a table or the joint of the
 return value's parents would exceed ``max_table`` entries, a covering run fails (e.g. an
 error only reachable at an impossible assignment), the runs disagree with the declared
-structure (a site appears or vanishes, or a factor changes while its parents do not), or
+structure (an unknown site appears, a static one vanishes, or a factor or a site's
+existence changes while its parents do not), or
 Z = 0 (path enumeration then gives the located error). Small programs (an upper bound of
 at most ``path_threshold`` paths) keep the path form, whose per-path data some callers read.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -58,11 +65,28 @@ class NotApplicable(Exception):
 
 @dataclass
 class Structure:
-    """What the elimination needs to know of a program: whether its set of sites is static
-    on the finite choices, and each site's parent choices (address -> addresses; the
-    return value under "return"). Likelihood sites are keyed by their run-time address."""
-    static: bool
+    """What the elimination needs to know of a program, from the dependency analysis:
+
+    * ``decided``: the analysis found the sites itself (not from executed traces);
+    * ``sites``: every site that may exist, address -> "choice" or "likelihood", in order;
+    * ``parents``: each site's parent choices (a superset of what its distribution or
+      weight, and its existence, depend on), the return value's under "return";
+    * ``conditional``: the sites that exist on some paths only;
+    * ``spans``: where each site's statement is (a run's site at the same address but
+      another place is not the site the analysis describes: the runs check it).
+
+    Addresses are the interpreter's run-time addresses."""
+    decided: bool
+    sites: dict[str, str]
     parents: dict[str, tuple]
+    conditional: frozenset = frozenset()
+    #: address -> where its statement is (``_where``); a run's site elsewhere is another site
+    spans: dict = field(default_factory=dict)
+
+    @property
+    def static(self) -> bool:
+        """Every site exists on every path."""
+        return self.decided and not self.conditional
 
 
 # ----------------------------------------------------------------------------------------
@@ -245,11 +269,13 @@ def covering_assignments(requirements: list[dict]) -> list[dict]:
 
 
 def _requirements(parent_sets: list[tuple], domains: dict) -> list[dict]:
-    import itertools
+    """Every combination of every parent set's values, as partial assignments. ABSENT is
+    left out (it cannot be assigned: a choice is absent where its own parents, also among
+    the parents of whoever reads it, make it so)."""
     reqs, seen = [], set()
     for parents in parent_sets:
         for combo in itertools.product(*(domains[p] for p in parents)):
-            key = tuple(zip(parents, combo))
+            key = tuple((p, v) for p, v in zip(parents, combo) if v is not ABSENT)
             if key not in seen:
                 seen.add(key)
                 reqs.append(dict(key))
@@ -271,52 +297,94 @@ class _Tables:
     originals: dict = field(default_factory=dict)
 
 
+#: the value of a choice on a path where it does not exist (its factor is 1 there)
+ABSENT = ("<absent>",)
+
+
 def _tabulate(runner: _Runner, structure: Structure, max_table: int) -> _Tables:
-    probe = runner.probe[0]
-    order = [s.addr for s in probe]
-    kinds = {s.addr: s.kind for s in probe}
-    if len(set(order)) != len(order):
-        raise NotApplicable("a site address repeats within a run")
-    parents = structure.parents
-    missing = [a for a in order + ["return"] if a not in parents]
-    if missing:
-        raise NotApplicable(f"no parents known for {missing[0]!r}")
-    for a in order + ["return"]:
-        bad = [p for p in parents[a] if kinds.get(p) != "choice"]
-        if bad:
-            raise NotApplicable(f"{a!r} depends on {bad[0]!r}, which is not a choice of this run")
-    domains = {s.addr: tuple(k for k, _ in s.support) for s in probe if s.kind == "choice"}
-    for _ in range(8):  # extend the domains until every support seen is inside them
-        _check_sizes(order, parents, domains, max_table)
-        reqs = _requirements([tuple(parents[a]) for a in order + ["return"]], domains)
+    """Run covering assignments until every choice's domain (the values its supports
+    gave, and ABSENT where it did not exist) is settled; then each site's rows over its
+    parents' values. A conditional site exists or not as a function of its parents (they
+    include its control dependencies), so ABSENT is just one more value; a memoised
+    site's existence is not (it depends on every call of the memoised function), so a
+    conditional memoised site is not tabulated."""
+    sites, parents = structure.sites, structure.parents
+    memoised = [a for a in structure.conditional if "(" in a]  # `f(args)/x`: a memoised call's label
+    if memoised:
+        raise NotApplicable(f"the memoised site {memoised[0]!r} exists on some paths only")
+    choices = [a for a, kind in sites.items() if kind == "choice"]
+    for a in list(sites) + ["return"]:
+        bad = [p for p in parents.get(a, ()) if sites.get(p) != "choice"]
+        if a not in parents or bad:
+            raise NotApplicable(f"the parents of {a!r} are unknown" if a not in parents else
+                                f"{a!r} depends on {bad[0]!r}, which is not a choice")
+    domains = {c: () for c in choices}
+    _grow(domains, runner.probe[0], structure)
+    for _ in range(12):  # extend the domains until every support and absence seen is inside them
+        _check_sizes(sites, parents, domains, max_table)
+        reqs = _requirements([tuple(parents[a]) for a in list(sites) + ["return"]],
+                             {c: d or (ABSENT,) for c, d in domains.items()})
         runs = [runner.run(a) for a in covering_assignments(reqs)]
         grown = False
-        for sites, _, _ in runs:
-            if [s.addr for s in sites] != order:
-                raise NotApplicable("the sites differ between runs: the structure is not static")
-            for s in sites:
-                if s.kind == "choice":
-                    new = [k for k, _ in s.support if k not in domains[s.addr]]
-                    if new:
-                        domains[s.addr] = domains[s.addr] + tuple(new)
-                        grown = True
+        for run_sites, _, _ in runs:
+            grown = _grow(domains, run_sites, structure) or grown
         if not grown:
             break
     else:
         raise NotApplicable("the choices' domains did not settle")
-    rows: dict[str, dict] = {a: {} for a in order}
+    rows: dict[str, dict] = {a: {} for a in sites}
     returns: dict = {}
-    for sites, value, full in runs:
-        for s in sites:
-            key = tuple(full[p] for p in parents[s.addr])
-            entry_ = s.support if s.kind == "choice" else s.weight
-            _put(rows[s.addr], key, entry_, s.addr)
+    for run_sites, value, chosen in runs:
+        present = {s.addr: s for s in run_sites}
+        full = {c: chosen.get(c, ABSENT) for c in choices}
+        for a in sites:
+            key = tuple(full[p] for p in parents[a])
+            s = present.get(a)
+            row = ABSENT if s is None else s.support if s.kind == "choice" else s.weight
+            _put(rows[a], key, row, a)
         _put(returns, tuple(full[p] for p in parents["return"]), value, "return")
-    return _Tables(order, kinds, domains, rows, returns, runner.originals)
+    order = list(sites)
+    return _Tables(order, dict(sites), {c: d or (ABSENT,) for c, d in domains.items()}, rows, returns,
+                   runner.originals)
 
 
-def _check_sizes(order, parents, domains, max_table):
-    for a in order + ["return"]:
+def _where(span) -> tuple | None:
+    return None if span is None else (span.line, span.col, span.end_line, span.end_col)
+
+
+def _grow(domains: dict, run_sites: list, structure: Structure) -> bool:
+    """Add the values and absences of one run to the domains; whether any was new. A site
+    the analysis does not know (or knows at another place), or one it called static that
+    is missing, ends the attempt."""
+    sites, conditional = structure.sites, structure.conditional
+    grown = False
+    present = set()
+    for s in run_sites:
+        if s.addr in present:
+            raise NotApplicable(f"the address {s.addr!r} repeats within a run")
+        present.add(s.addr)
+        if sites.get(s.addr) != s.kind:
+            raise NotApplicable(f"the run has a site the dependency analysis does not know: {s.addr!r}")
+        if structure.spans and structure.spans.get(s.addr) != _where(s.span):
+            raise NotApplicable(f"the address {s.addr!r} names another statement in a run than in the "
+                                f"dependency analysis")
+        if s.kind == "choice":
+            new = tuple(k for k, _ in s.support if k not in domains[s.addr])
+            if new:
+                domains[s.addr] += new
+                grown = True
+    for a, kind in sites.items():
+        if a not in present:
+            if a not in conditional:
+                raise NotApplicable(f"the site {a!r} is missing from a run, though the analysis calls it static")
+            if kind == "choice" and ABSENT not in domains[a]:
+                domains[a] += (ABSENT,)
+                grown = True
+    return grown
+
+
+def _check_sizes(sites, parents, domains, max_table):
+    for a in list(sites) + ["return"]:
         size = len(domains[a]) if a in domains else 1
         for p in parents[a]:
             size *= len(domains[p])
@@ -329,7 +397,8 @@ def _put(table: dict, key: tuple, value, addr: str) -> None:
     depends on something outside its declared parents."""
     if key in table:
         old = table[key]
-        same = (dict(old) == dict(value)) if isinstance(value, list) else old == value
+        same = (dict(old) == dict(value)) if isinstance(value, list) and isinstance(old, list) else \
+            old == value and (old is ABSENT) == (value is ABSENT)
         if not same:
             raise NotApplicable(f"{addr!r} changed while its declared parents did not")
     else:
@@ -337,17 +406,20 @@ def _put(table: dict, key: tuple, value, addr: str) -> None:
 
 
 def _factors(t: _Tables, parents: dict) -> list[Factor]:
+    """One factor per site: a choice's over its parents and itself (its probabilities, or
+    1 at ABSENT where it does not exist), a likelihood site's over its parents (its weight,
+    1 where it does not exist)."""
     out = []
     for a in t.order:
         pa = tuple(parents[a])
         if t.kinds[a] == "choice":
             table = {}
             for key, support in t.rows[a].items():
-                for v, p in support:
+                for v, p in ([(ABSENT, 1)] if support is ABSENT else support):
                     table[key + (v,)] = p
             out.append(Factor(pa + (a,), table))
         else:
-            out.append(Factor(pa, {k: w for k, w in t.rows[a].items() if w != 0}))
+            out.append(Factor(pa, {k: (1 if w is ABSENT else w) for k, w in t.rows[a].items() if w != 0}))
     return out
 
 
@@ -373,7 +445,8 @@ class EliminationResult:
         self._tables, self._factors, self._order, self._max_table = tables, factors, order, max_table
         self._parents = structure.parents
         self.evidence, self.returns = evidence, returns
-        self.names = [a for a in tables.order if tables.kinds[a] == "choice"] + ["return"]  # as paths list them
+        self.names = [a for a in tables.order if tables.kinds[a] == "choice"
+                      and any(v is not ABSENT for v in tables.domains[a])] + ["return"]  # as paths list them
         self.enumerate_paths = enumerate_paths
         self._tree: BucketTree | None = None
         self._count: int | None = None
@@ -385,7 +458,7 @@ class EliminationResult:
             self._tree = BucketTree(self._factors, self._tables.domains, self._order, max_table=self._max_table)
         out: dict = {}
         for k, p in self._tree.marginal([name]).items():
-            if p != 0:
+            if p != 0 and k[0] is not ABSENT:
                 v = _plain(k[0])
                 out[v] = out[v] + p * self.evidence if v in out else p * self.evidence
         return out
@@ -404,8 +477,8 @@ def eliminate_program(interp, entry: str, data: dict, structure: Structure, *,
     tabulated from covering runs (module docstring). ``NotApplicable`` when it does not
     apply (the caller enumerates paths instead). ``runner``: the runs so far (``_Runner``
     over the same program and ``exact_data(data)``)."""
-    if not structure.static:
-        raise NotApplicable("the structure is not static")
+    if not structure.decided:
+        raise NotApplicable("the dependency analysis could not decide the structure")
     t = _tabulate(runner or _Runner(interp, entry, exact_data(data)), structure, max_table)
     parents = structure.parents
     factors = _factors(t, parents)
@@ -443,7 +516,10 @@ def structure_of(model, data: dict) -> Structure:
     from .dependencies import analyse
     deps = analyse(model, data)
     parents = {s.address: tuple(sorted(s.parents)) for s in (*deps.sites, *deps.values)}
-    return Structure(deps.is_static, parents)
+    sites = {s.address: "choice" if s.kind == "choice" else "likelihood" for s in deps.sites}
+    conditional = frozenset(s.address for s in deps.sites if not s.static)
+    spans = {s.address: _where(s.span) for s in deps.sites}
+    return Structure(not deps.from_traces, sites, parents, conditional, spans)
 
 
 def _path_bound(runner: _Runner) -> int:
