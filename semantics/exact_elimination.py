@@ -490,6 +490,8 @@ def eliminate_program(interp, entry: str, data: dict, structure: Structure, *,
         raise NotApplicable(str(err)) from None
     returns: dict = {}
     for key, w in joint.table.items():
+        if key not in t.returns:  # the covering runs realise every possible key: a broken structure
+            raise NotApplicable("an assignment of positive weight was never run")
         v = _plain(t.returns[key])
         returns[v] = returns[v] + w if v in returns else w
     evidence = sum(returns.values(), 0)
