@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from . import limits
 from .dist_values import DistValue
 from .errors import PPLError, PPLRuntimeError
 from .interpreter import ConditionEffect, FactorEffect, ObserveEffect, SampleEffect
@@ -235,6 +236,11 @@ def _lift_all(vals: list, ctx) -> tuple[list, tuple]:
     for _, ds, _, _ in ops:
         dims.extend(d for d in ds if d not in dims)
     r = max(op[2] for op in ops)
+    if len(dims) > 1:  # the result's table has one axis per enumerated choice: refuse one too large
+        limits.check_memory(8 * ctx.M * math.prod(d.K for d in dims),
+                            f"a value over {len(dims)} enumerated choices ({', '.join(d.addr for d in dims[:4])}"
+                            f"{', ...' if len(dims) > 4 else ''})",
+                            "enumerate fewer choices (drop @enumerate on some), or combine them less")
     return [_expand(t, ds, dims, rs, r, b) for t, ds, rs, b in ops], tuple(dims)
 
 
@@ -350,6 +356,10 @@ class FactorGraph:
                 continue
             touching = [f for f in factors if v in f[0]]
             factors = [f for f in factors if v not in f[0]]
+            scope = {d for dd, _ in touching for d in dd}
+            limits.check_memory(8 * N * math.prod(d.K for d in scope),
+                                f"eliminating {v.addr} joins a table over {len(scope)} enumerated choices, which",
+                                "enumerate fewer choices (drop @enumerate on some), or ones that interact less")
             (tabs, dims) = _lift_all([EnumValue(t, d, self.full.idx) for d, t in touching], self.full)
             total = sum(tabs[1:], tabs[0])
             ax = 1 + dims.index(v)
@@ -464,6 +474,12 @@ class EnumRun:
 
     # -- effects
     def handle(self, eff):
+        try:
+            return (yield from self._handle(eff))
+        except PPLError as err:
+            raise err.with_span(eff.span)
+
+    def _handle(self, eff):
         t = type(eff)
         if t is SampleEffect:
             if eff.enumerate or self.owner._select(eff.addr):
@@ -505,10 +521,8 @@ class EnumRun:
         values, logp, dims = self.support_table(d, ctx, eff)
         K = values.shape[0]
         v = self.graph.new_var(eff.addr, K, values, eff.span, ctx)
-        dims = dims + (v,)
-        self.add_prior(v, dims, logp, ctx)
-        shape = (ctx.M, *([1] * (len(dims) - 1)), K)
-        return EnumValue(values.reshape(1, *([1] * (len(dims) - 1)), K).expand(shape), dims, ctx.idx)
+        self.add_prior(v, dims + (v,), logp, ctx)
+        return EnumValue(values.reshape(1, K).expand(ctx.M, K), (v,), ctx.idx)  # (its value is its own index)
         yield  # pragma: no cover  (a generator like the other handlers)
 
     def support_table(self, d: DistValue, ctx, eff):

@@ -307,3 +307,35 @@ def test_hmm_chain_of_enumerated_states_is_the_forward_algorithm():
     assert abs(r.log_evidence - exact.log_evidence) < 1e-6
     check = check_proper(model, enumerating_algorithm(1, ess_threshold=0.0))
     assert check.ok(), check
+
+
+def test_a_table_over_too_many_enumerated_choices_is_refused_before_it_is_made():
+    """acc = z0 + z1 + ... over 40 enumerated flips would be a table of 2^40 entries per
+    particle: a located error under the memory budget, not an out-of-memory kill."""
+    src = ("def m():\n    acc = 0\n    for i in range(40):\n        z ~ flip(0.5) @enumerate\n"
+           "        acc = acc + z\n    factor acc * 0.1\n    return 0\n")
+    with pytest.raises(PPLError) as err:
+        ppl.model(src).run("importance", {}, particles=100, seed=0)
+    assert "<model>:5" in str(err.value) and "max_memory" in str(err.value) and "@enumerate" in err.value.hint
+
+
+def test_hmm_cost_grows_with_the_chain_not_exponentially():
+    """The value of s[t] carries only its own dimension (not its parents'): every table in a
+    chain of 30 enumerated states has at most two enumerated dimensions."""
+    import ppl.semantics.enumerate_sites as es
+    src = ("def model(ys):\n    s ~ categorical([0.6, 0.4]) @enumerate\n    for t in range(len(ys)):\n"
+           "        s ~ categorical([[0.8, 0.2], [0.3, 0.7]][s]) @enumerate\n"
+           "        observe ys[t] ~ bernoulli([0.2, 0.9][s])\n    return s\n")
+    widest = [0]
+    original = es._lift_all
+
+    def lift(vals, ctx):
+        out, dims = original(vals, ctx)
+        widest[0] = max(widest[0], len(dims))
+        return out, dims
+    es._lift_all = lift
+    try:
+        r = ppl.model(src).run("smc", {"ys": [1, 0] * 15}, particles=10, seed=0)
+    finally:
+        es._lift_all = original
+    assert widest[0] <= 2 and math.isfinite(r.log_evidence)
