@@ -46,12 +46,14 @@ class EnumVar:
     """One enumerated choice: its address, support size K, values [K] (bool or long:
     value k is the support's k-th element) and, once drawn, its index per particle."""
 
-    __slots__ = ("id", "addr", "K", "values", "span", "present", "forced")
+    __slots__ = ("id", "addr", "K", "values", "span", "present", "forced", "live", "bucket")
 
     def __init__(self, vid: int, addr: str, K: int, values: torch.Tensor, span, present: Batched):
         self.id, self.addr, self.K, self.values, self.span = vid, addr, K, values, span
         self.present = present  # bool [N] (all particles; follows resampling): where the choice was made
         self.forced: Batched | None = None  # long [N]: the drawn index (0 where absent)
+        self.live = 0  # how many EnumValues over this choice exist (0: no new factor can involve it)
+        self.bucket: tuple | None = None  # once summed out early: (dims, log table) of its factors
 
     def __repr__(self) -> str:
         return f"EnumVar({self.addr}, K={self.K})"
@@ -70,6 +72,13 @@ class EnumValue(Lazy, _PerParticleValue):
     def __init__(self, table: torch.Tensor, dims: tuple, idx: torch.Tensor):
         _PerParticleValue.__init__(self, idx)
         self._t, self.dims = table, dims
+        for d in dims:
+            d.live += 1
+
+    def __del__(self):
+        for d in getattr(self, "dims", ()):
+            d.live -= 1
+        _PerParticleValue.__del__(self)
 
     def _select(self, sel):
         self._t = self._t.index_select(0, sel)
@@ -270,6 +279,8 @@ class FactorGraph:
         self.comp_of: dict[EnumVar, int] = {}
         self.comps: dict[int, list] = {}  # component id -> [(dims, Batched table)]
         self.reported: dict[int, Batched] = {}  # component id -> log Z [N] already in the weights
+        self.members: dict[int, list] = {}  # component id -> its choices not summed out yet
+        self.eliminated: list[EnumVar] = []  # choices summed out early, in order
         self._next = 0
 
     # -- building
@@ -282,6 +293,7 @@ class FactorGraph:
         self._next += 1
         self.comp_of[v] = cid
         self.comps[cid] = []
+        self.members[cid] = [v]
         self.reported[cid] = Batched(torch.zeros(self.full.N, dtype=torch.float64, device=self.full.device),
                                      self.full.idx)
         return v
@@ -306,13 +318,35 @@ class FactorGraph:
         for c in cids[1:]:
             self.comps[cid].extend(self.comps.pop(c))
             del self.reported[c]
-            for v, cc in self.comp_of.items():
-                if cc == c:
-                    self.comp_of[v] = cid
+            for v in self.members.pop(c):
+                self.comp_of[v] = cid
+                self.members[cid].append(v)
         self._insert(cid, dims, table)
         new = self.log_z(cid)
         self.reported[cid] = Batched(new, self.full.idx)
+        self.sum_out_dead(cid)
         return new - old
+
+    def sum_out_dead(self, cid) -> None:
+        """Sum out, once and for all, the component's choices that no value refers to any
+        more (no later factor can involve them): their factors become one message on
+        their neighbours (log Z is unchanged), and their table is kept (``bucket``) to draw
+        them back at the end, given their neighbours (forward filtering, backward
+        sampling). A chain then costs time linear in its length."""
+        for v in [v for v in self.members[cid] if v.live == 0 and v.forced is None]:
+            factors = self.comps[cid]
+            touching = [f for f in factors if v in f[0]]
+            self.members[cid].remove(v)
+            if not touching:
+                continue
+            (tabs, dims) = _lift_all([EnumValue(ft.t, fd, self.full.idx) for fd, ft in touching], self.full)
+            total = sum(tabs[1:], tabs[0])
+            total = total.expand(self.full.N, *[d.K for d in dims])
+            v.bucket = (dims, Batched(total, self.full.idx))
+            message = torch.logsumexp(total, dim=1 + dims.index(v))
+            self.comps[cid] = [f for f in factors if v not in f[0]] + \
+                [(tuple(d for d in dims if d is not v), Batched(message, self.full.idx))]
+            self.eliminated.append(v)
 
     def _insert(self, cid, dims, table):
         factors = self.comps[cid]
@@ -373,16 +407,31 @@ class FactorGraph:
         return out
 
     def conditional(self, v: EnumVar) -> torch.Tensor:
-        """log p(v | the factors so far, the drawn choices) [N, K], normalised."""
-        m = self.log_z(self.comp_of[v], keep=v)
+        """log p(v | the factors so far, the drawn choices) [N, K], normalised (a choice
+        summed out early: given its drawn neighbours, from its bucket)."""
+        if v.bucket is not None:
+            bdims, bt = v.bucket
+            m, dims = EnumValue(bt.t, bdims, self.full.idx).table(self.full)
+            for d in reversed(dims):  # (neighbours not drawn: none when drawn in reverse order)
+                if d is not v:
+                    m = torch.logsumexp(m, dim=1 + dims.index(d))
+            m = m.reshape(self.full.N, v.K)
+        else:
+            m = self.log_z(self.comp_of[v], keep=v)
         return m - torch.logsumexp(m, dim=1, keepdim=True)
+
+    def recovery_order(self) -> list:
+        """The order to draw every choice back: those still in the graph, then those
+        summed out early, last summed out first."""
+        return [v for v in self.vars if v.bucket is None] + self.eliminated[::-1]
 
     def set_drawn(self, v: EnumVar, k_full: torch.Tensor) -> None:
         """v takes index k (long [N]); the component's log Z baseline becomes the
         conditioned one (the draw was from the conditional: no change of weight)."""
         v.forced = Batched(k_full, self.full.idx)
-        cid = self.comp_of[v]
-        self.reported[cid] = Batched(self.log_z(cid), self.full.idx)
+        if v.bucket is None:  # (one summed out early is in no factor any more)
+            cid = self.comp_of[v]
+            self.reported[cid] = Batched(self.log_z(cid), self.full.idx)
 
 
 def _order(scopes: list, keep) -> list:
@@ -464,7 +513,7 @@ class EnumRun:
             finally:
                 gen.close()
             if self.owner.recover:
-                for v in self.graph.vars:
+                for v in self.graph.recovery_order():
                     if v.forced is None:
                         yield from self.draw(v)
             ret = _resolve(ret, self.graph.full, self.owner.recover)
@@ -521,8 +570,9 @@ class EnumRun:
         values, logp, dims = self.support_table(d, ctx, eff)
         K = values.shape[0]
         v = self.graph.new_var(eff.addr, K, values, eff.span, ctx)
+        value = EnumValue(values.reshape(1, K).expand(ctx.M, K), (v,), ctx.idx)  # (its value is its own index)
         self.add_prior(v, dims + (v,), logp, ctx)
-        return EnumValue(values.reshape(1, K).expand(ctx.M, K), (v,), ctx.idx)  # (its value is its own index)
+        return value
         yield  # pragma: no cover  (a generator like the other handlers)
 
     def support_table(self, d: DistValue, ctx, eff):
@@ -536,7 +586,8 @@ class EnumRun:
                     type(a) in (int, float, bool, Batched) for a in d.args):
             return last[2]
         out = _support_table(d, ctx, eff)
-        self._last_support = (key, d.args, out)
+        if all(type(a) in (int, float, bool, Batched) for a in d.args):  # (never an enumerated value: kept alive)
+            self._last_support = (key, d.args, out)
         return out
 
     def add_prior(self, v: EnumVar, dims: tuple, logp: torch.Tensor, ctx) -> None:

@@ -339,3 +339,16 @@ def test_hmm_cost_grows_with_the_chain_not_exponentially():
     finally:
         es._lift_all = original
     assert widest[0] <= 2 and math.isfinite(r.log_evidence)
+
+
+def test_hmm_states_drawn_back_have_the_exact_smoothing_marginals():
+    """Each state of the chain is summed out as soon as no value refers to it (its table is
+    kept), and drawn back at the end last-first (forward filtering, backward sampling): the
+    marginal of every s[t] is the exact smoothing marginal (within the binomial MCSE; the
+    particles all have the same weight, so the ESS is N)."""
+    model = ppl.model(HMM)
+    exact = model.run("enumerate", {})
+    r = model.run("importance", {}, particles=4000, seed=0)
+    for t in range(4):
+        p = float(exact.marginal(f"s[{t}]").get(1, 0))
+        assert abs(r.mean(f"s[{t}]") - p) < 5 * math.sqrt(p * (1 - p) / r.ess) + 1e-9, t
