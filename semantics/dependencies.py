@@ -230,6 +230,7 @@ class _AFrame:
         self.conditional = conditional
         self.returns: list = []
         self.return_pc = EMPTY  # the choices on which a return taken so far depended
+        self.return_musts: list = []  # the memoised calls made on every path to each return
         self.label = label  # a memoised call's fixed address (interpreter's _Renamed)
 
     address = Frame.address
@@ -258,6 +259,12 @@ class _Analysis:
             else:
                 self.globals.vars[name] = AV(v)
         self.stack: list = []  # the bodies of the closures being called
+        # memoised calls made on every path reaching the current point (a forward "must"
+        # analysis: an unknown `if` keeps what both branches call); at the end a memoised
+        # call's sites are static where the call is made on every path, wherever it was first
+        self.must: set = set()
+        self.memo_sites: dict = {}    # memo key -> addresses recorded during its first call
+        self.memo_implies: dict = {}  # memo key -> memo keys its body calls on every path
 
     # ---------------------------------------------------------------------------- entry
     def run(self, entry: str, data: Mapping[str, Any]) -> None:
@@ -265,8 +272,21 @@ class _Analysis:
         fr = _AFrame(self.globals, "", 1)
         args = {k: AV(v, EMPTY, frozenset([k])) for k, v in data.items()}
         out = self.call_closure(f, [], args, f.span, fr, top=True)
+        self.demote_conditional_memo_sites()
         self.values["return"] = Site("return", "return", out.all_deps(), out.all_data(), f.span,
                                      (), True, out.dist, False, "return")
+
+    def demote_conditional_memo_sites(self) -> None:
+        """A memoised call's sites were recorded as if the call were made on every path
+        (``call_mem``); where it is not (no call on some path: ``self.must`` at the end
+        lacks it), they exist on some paths only."""
+        for key, (sites, values) in self.memo_sites.items():
+            if key in self.must:
+                continue
+            for addr in sites:
+                self.sites[addr] = replace(self.sites[addr], static=False)
+            for addr in values:
+                self.values[addr] = replace(self.values[addr], static=False)
 
     # ------------------------------------------------------------------------- recording
     def record(self, fr: _AFrame, kind: str, addr: str, parents: frozenset, data: frozenset, span,
@@ -339,6 +359,7 @@ class _Analysis:
             v = self.eval(s.value, fr) if s.value is not None else AV(None)
             fr.returns.append(v.with_deps(fr.pc))
             fr.return_pc |= fr.pc
+            fr.return_musts.append(set(self.must))
             return True
         elif t is ir.ExprStmt:
             self.eval(s.expr, fr)
@@ -353,13 +374,18 @@ class _Analysis:
         cdeps = c.all_deps()
         saved_vars, saved_counters, saved_pc, saved_cond = fr.vars, fr.counters, fr.pc, fr.conditional
         n_returns = len(fr.returns)
+        must_before = self.must
         fr.pc, fr.conditional = saved_pc | cdeps, True
         fr.vars, fr.counters = dict(saved_vars), dict(saved_counters)
+        self.must = set(must_before)
         ret_t = self.on_some_paths(lambda: self.exec_block(s.then, fr))
-        vars_t, counters_t = fr.vars, fr.counters
+        vars_t, counters_t, must_t = fr.vars, fr.counters, self.must
         fr.vars, fr.counters = dict(saved_vars), dict(saved_counters)
+        self.must = set(must_before)
         ret_f = self.on_some_paths(lambda: self.exec_block(s.orelse, fr))
-        vars_f = fr.vars
+        vars_f, must_f = fr.vars, self.must
+        # the paths that go on past the `if`: those of the branches that did not return
+        self.must = must_f if ret_t and not ret_f else must_t if ret_f and not ret_t else must_t & must_f
         for k, n in counters_t.items():  # addresses stay unique on both paths (as the interpreter)
             fr.counters[k] = max(n, fr.counters.get(k, 0))
         fr.vars = self.join_vars(saved_vars, vars_t, vars_f, cdeps, ret_t, ret_f)
@@ -533,7 +559,10 @@ class _Analysis:
         if left.known:
             decided = self.truth(left, e.left) == (e.op == "or")
             return left if decided else self.eval(e.right, fr)
+        must_before = self.must
+        self.must = set(must_before)
         right = self.conditionally(fr, left.all_deps(), lambda: self.eval(e.right, fr))
+        self.must = must_before  # the right operand runs on some paths only
         return _unknown(left, right)
 
     def eval_ifexp(self, e: ir.IfExp, fr: _AFrame) -> AV:
@@ -541,8 +570,12 @@ class _Analysis:
         if c.known:
             return self.eval(e.then if self.truth(c, e.cond) else e.orelse, fr)
         cdeps = c.all_deps()
+        must_before = self.must
+        self.must = set(must_before)
         a = self.conditionally(fr, cdeps, lambda: self.eval(e.then, fr))
+        must_a, self.must = self.must, set(must_before)
         b = self.conditionally(fr, cdeps, lambda: self.eval(e.orelse, fr))
+        self.must = must_a & self.must  # the calls both branches make
         return _unknown(c, a, b, dist=a.dist if a.dist == b.dist else None)
 
     @classmethod
@@ -654,6 +687,8 @@ class _Analysis:
         outs = list(fr.returns)
         if not returned:
             outs.append(AV(None).with_deps(fr.pc))
+        if fr.return_musts:  # the paths out of the call: each return, and the end of the body
+            self.must = set.intersection(*fr.return_musts, *(() if returned else (self.must,)))
         if len(outs) == 1:
             return outs[0]
         return _unknown(*outs, dist=outs[0].dist if len({o.dist for o in outs}) == 1 else None)
@@ -665,13 +700,25 @@ class _Analysis:
         vals = [a.concrete() for a in args]
         from .interpreter import _hashable
         key = _hashable(tuple(vals))
+        memo = (id(m), key)
         if key not in m.table:
             label = f"{m.name}({', '.join(_label(a) for a in vals)})"
             # a memoised value is a function of its arguments alone, whichever path first
-            # computes it: its sites do not depend on the caller's control context
-            renamed = _AFrame(None, fr.path, fr.depth, EMPTY, fr.conditional, label=label)
+            # computes it: its sites do not depend on the caller's control context, and
+            # they exist on every path where the call is made on every path (decided at
+            # the end: ``demote_conditional_memo_sites``)
+            renamed = _AFrame(None, fr.path, fr.depth, EMPTY, False, label=label)
             renamed.plates = fr.plates
-            m.table[key] = self.call(m.fn, args, {}, span, renamed)
+            sites_before, values_before, must_before = set(self.sites), set(self.values), self.must
+            self.must = set()
+            try:
+                m.table[key] = self.call(m.fn, args, {}, span, renamed)
+                self.memo_implies[memo] = self.must
+            finally:
+                self.must = must_before
+            self.memo_sites[memo] = ([a for a in self.sites if a not in sites_before],
+                                     [a for a in self.values if a not in values_before])
+        self.must |= {memo} | self.memo_implies.get(memo, set())
         return m.table[key]
 
 

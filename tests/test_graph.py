@@ -431,3 +431,53 @@ def test_eight_schools_vectorised_sites_have_shapes():
     assert g.nodes["theta_tilde"]["shape"] == (8,) and g.nodes["mu"]["shape"] == ()
     assert set(g.predecessors("obs@48:5")) == {"mu", "tau", "theta_tilde", "data:y", "data:sigma"}
     assert m.independent("mu", "tau", data=data, observed=False) and not m.independent("mu", "tau", data=data)
+
+
+# ------------------------------------------------------- memoised calls made on every path
+_MEMO_HEAD = """
+def m():
+    f = mem(lambda i: sample(flip(0.5)))
+    g = mem(lambda i: f(i) or f(i + 1))
+    a ~ flip(0.5)
+"""
+
+
+def _early(body: str) -> str:
+    """The model with ``body`` in a helper function ``h`` it returns the result of."""
+    return _MEMO_HEAD + "    def h():\n" + "\n".join("        " + line for line in body.splitlines()) + \
+        "\n    return h()\n"
+
+
+@pytest.mark.parametrize("body, static, conditional", [
+    # both branches of an `if` statement / an `x if c else y` call f(1): on every path
+    ("    if a:\n        x = f(1)\n    else:\n        x = not f(1)\n    return x", ["f(1)/sample"], []),
+    ("    return f(1) if a else f(1) and a", ["f(1)/sample"], []),
+    # first called under a branch, then unconditionally
+    ("    x = f(1) if a else False\n    return f(1) or x", ["f(1)/sample"], []),
+    # one branch only; the right operand of `and`
+    ("    return f(1) if a else False", [], ["f(1)/sample"]),
+    ("    return a and f(1)", [], ["f(1)/sample"]),
+    # g(1) on both branches calls f(1) on every path (the second call of g is memoised);
+    # f(2) is called by g only where f(1) is false
+    ("    return g(1) if a else not g(1)", ["f(1)/sample"], ["f(2)/sample"]),
+])
+def test_memoised_sites_are_static_where_the_call_is_made_on_every_path(body, static, conditional):
+    m = ppl.model(_MEMO_HEAD + body + "\n")
+    deps = analyse(m)
+    assert not deps.from_traces, deps.reason
+    r = m.run("enumerate", strategy="paths")  # no conditions: presence 1 <=> on every path
+    for addr in static:
+        assert deps.site(addr).static and r.presence(addr) == 1
+    for addr in conditional:
+        assert not deps.site(addr).static and r.presence(addr) < 1
+    for s in deps.sites:  # the analysis never calls a site static that is missing on a path
+        assert not s.static or r.presence(s.address) == 1, s.address
+
+
+def test_a_memoised_call_after_an_early_return_on_some_paths_is_conditional():
+    m = ppl.model(_early("if a:\n    return True\nreturn f(1)"))
+    deps = analyse(m)
+    assert not deps.site("f(1)/sample").static
+    assert m.run("enumerate", strategy="paths").presence("f(1)/sample") == Fraction(1, 2)
+    m = ppl.model(_early("if a:\n    x = f(1)\n    return x\nreturn not f(1)"))  # called before both returns
+    assert analyse(m).site("f(1)/sample").static
