@@ -353,8 +353,37 @@ class WeightedResult(_ResultBase):
 
     def _header(self) -> str:
         before = f" (before the last resampling {self.ess_before_resampling:.1f})" if self.resampled else ""
-        return (f"{self.method}: N={self.n}, ESS={self.ess:.1f}{before}, "
+        head = (f"{self.method}: N={self.n}, ESS={self.ess:.1f}{before}, "
                 f"log evidence={self.log_evidence:.4f}")
+        delayed = self.delayed_summary()
+        if delayed is None:
+            return head
+        line = (f"delayed sampling: {delayed['marginal_observes']} observations scored by their "
+                f"marginal likelihood")
+        if "return_mean" in delayed:
+            line += (f"; the return value's marginal (Rao-Blackwellised): mean={delayed['return_mean']:.4g}, "
+                     f"sd={delayed['return_sd']:.4g}")
+        return head + "\n" + line
+
+    def delayed_summary(self) -> dict | None:
+        """What delayed sampling did (``delayed=True``), or None: node and marginalised
+        observation counts, and, where the return value was still a delayed Gaussian at the
+        end, its marginal mixed over the particles' weights (``return_mean``, ``return_sd``):
+        with one particle on a linear-Gaussian model, the exact Kalman filtering mean and sd.
+        The ``return`` site itself holds one draw per particle from that marginal."""
+        raw = self.extra.get("delayed")
+        if not raw:
+            return None
+        out = {k: int(v) for k, v in raw.items() if not isinstance(v, torch.Tensor)}
+        if isinstance(raw.get("return_mean"), torch.Tensor):
+            w = self.weights.to(torch.float64).cpu()
+            m = raw["return_mean"].to(torch.float64).cpu().reshape(-1)
+            v = raw["return_var"].to(torch.float64).cpu().reshape(-1)
+            if m.shape == w.shape:
+                mean = float((w * m).sum())
+                variance = float((w * (v + m * m)).sum()) - mean * mean  # the mixture's law of total variance
+                out["return_mean"], out["return_sd"] = mean, max(variance, 0.0) ** 0.5
+        return out
 
     def _diagnose(self) -> list[str]:
         from ppl.inference.diagnostics import weighted_warnings
@@ -369,8 +398,12 @@ class WeightedResult(_ResultBase):
             list(self.extra.get("move_warnings", []))  # adaptive SMC moves that hit max_moves
 
     def _json_extra(self) -> dict:
-        return {"ess_before_resampling": _json_scalar(self.ess_before_resampling),
-                "unique_fraction": _json_scalar(self.unique_fraction)}
+        out = {"ess_before_resampling": _json_scalar(self.ess_before_resampling),
+               "unique_fraction": _json_scalar(self.unique_fraction)}
+        delayed = self.delayed_summary()
+        if delayed is not None:
+            out["delayed"] = delayed
+        return out
 
     def _make_view(self, name: str) -> _View:
         return weighted_view(name, self.sites[name], self.weights)

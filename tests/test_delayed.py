@@ -610,3 +610,21 @@ def test_the_return_marginal_of_a_switching_model_is_the_kalman_filter_given_the
         assert float(got["return_mean"][0]) == pytest.approx(m, abs=1e-9)
         assert float(got["return_var"][0]) == pytest.approx(v, abs=1e-9)
         assert res.log_evidence == pytest.approx(ll, abs=1e-9)
+
+
+def test_the_result_shows_and_exports_the_kalman_filtering_marginal():
+    """The Rao-Blackwellised return marginal is shown in the header and the JSON, not
+    only stored: with one particle on the LGSSM it is the Kalman filtering mean and sd."""
+    data = _data()
+    _, means, variances = kalman(data["ys"], data["a"], data["q"], data["r"], data["x0_sd"])
+    res = ppl.model(EPS_FORM).run("smc", data, particles=1, delayed=True, seed=2)
+    summary = res.delayed_summary()
+    assert abs(summary["return_mean"] - means[-1]) < 1e-6
+    assert abs(summary["return_sd"] - variances[-1] ** 0.5) < 1e-6
+    assert summary["marginal_observes"] == len(data["ys"])
+    assert f"mean={means[-1]:.4g}" in str(res) and "delayed sampling" in str(res)
+    assert res.to_json()["delayed"]["return_sd"] == pytest.approx(variances[-1] ** 0.5, abs=1e-6)
+    # mixed over particles by their weights (law of total variance): many particles, same answer
+    many = ppl.model(EPS_FORM).run("importance", data, particles=50, delayed=True, seed=2)
+    assert abs(many.delayed_summary()["return_mean"] - means[-1]) < 1e-6
+    assert ppl.model(EPS_FORM).run("smc", data, particles=5, seed=2).delayed_summary() is None
