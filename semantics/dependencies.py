@@ -951,13 +951,14 @@ def _with_shapes(interp: Interpreter, entry: str, data: Mapping[str, Any], sites
 
 # ------------------------------------------------------------------------------ the API
 def analyse(model: Any, data: Optional[Mapping[str, Any]] = None, *, entry: Optional[str] = None,
-            builtins: Optional[dict] = None) -> Dependencies:
+            builtins: Optional[dict] = None, shapes: bool = True) -> Dependencies:
     """The dependency analysis of one call of the model's entry on ``data``.
 
     ``model``: anything with the ``semantics.model.ModelLike`` protocol (``ppl.Model``),
     whose ``bind``/``prepare_data`` turn ``data`` into the entry's arguments; or an
     ``ir.Program`` with ``entry`` (default: its last function) and ``builtins`` (default:
-    the prelude), ``data`` then being runtime values already."""
+    the prelude), ``data`` then being runtime values already. ``shapes=False`` leaves
+    every site's ``shape`` None (it costs one prior run of the model)."""
     if isinstance(model, ir.Program):
         if builtins is None:
             from ..stdlib.prelude import builtins as prelude
@@ -975,5 +976,7 @@ def analyse(model: Any, data: Optional[Mapping[str, Any]] = None, *, entry: Opti
     except _Undecidable as why:
         where = f" (line {why.span.line})" if why.span is not None and getattr(why.span, "line", 0) else ""
         return _from_traces(interp, entry, args, why.why + where)
-    sites = _with_shapes(interp, entry, args, tuple(an.sites.values()))
+    sites = tuple(an.sites.values())
+    if shapes:
+        sites = _with_shapes(interp, entry, args, sites)
     return Dependencies(sites, tuple(an.values.values()), tuple(args), False, None)

@@ -28,6 +28,7 @@ function is shared with the batched enumeration inside sampling methods.
 from __future__ import annotations
 
 import itertools
+import operator
 from fractions import Fraction
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
@@ -179,19 +180,33 @@ def _product_sum(factors: list[Factor], domains: Mapping, out_vars: tuple, sum_v
     if max_table is not None and size > max_table:
         raise TableTooLarge(f"a table over {len(scope)} variables has {size} entries (limit {max_table})")
     pos = {v: i for i, v in enumerate(scope)}
-    lookups = [(f.table, tuple(pos[v] for v in f.vars)) for f in factors]
+    lookups = [(f.table.get, _key_of(tuple(pos[v] for v in f.vars))) for f in factors]
     n_out = len(out_vars)
     out: dict = {}
     for assignment in itertools.product(*(domains[v] for v in scope)):
-        w = 1
-        for table, idx in lookups:
-            w = w * table.get(tuple(assignment[i] for i in idx), 0)
-            if not w:
+        w = None  # (no `1 *`: a product of Fractions makes one Fraction per factor only)
+        for get, key_of in lookups:
+            x = get(key_of(assignment), 0)
+            if not x:
                 break
-        if w:
+            w = x if w is None else w * x
+        else:
+            if w is None:
+                w = 1
             key = assignment[:n_out]
             out[key] = out[key] + w if key in out else w
     return Factor(out_vars, out)
+
+
+def _key_of(idx: tuple):
+    """A function from an assignment (a tuple over a scope) to the tuple of its entries
+    at ``idx`` (a factor's key)."""
+    if len(idx) >= 2:
+        return operator.itemgetter(*idx)
+    if len(idx) == 1:
+        i = idx[0]
+        return lambda assignment: (assignment[i],)
+    return lambda assignment: ()
 
 
 def _ordered_union(factors: Iterable[Factor]) -> tuple:

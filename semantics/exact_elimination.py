@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable
@@ -256,15 +257,33 @@ def _plain(key):
 def covering_assignments(requirements: list[dict]) -> list[dict]:
     """Few assignments such that every requirement (a partial assignment) is contained in
     one of them: greedy first fit, merging each requirement into the first assignment
-    that does not contradict it. For a chain of binary choices this gives two."""
+    that does not contradict it. For a chain of binary choices this gives two.
+
+    The first fit is found with bit sets (Python ints over the assignments' indices):
+    the assignments that agree with ``k = v`` are those that give ``k`` the value ``v``
+    (``having[k, v]``) or do not assign ``k`` (``everyone & ~assigned[k]``); a
+    requirement fits the lowest index in the intersection of those sets."""
     out: list[dict] = []
+    having: dict = {}    # (variable, value) -> bit set of the assignments giving it that value
+    assigned: dict = {}  # variable -> bit set of the assignments that give it a value
+    everyone = 0
     for req in requirements:
-        for a in out:
-            if all(a.get(k, v) == v for k, v in req.items()):
-                a.update(req)
+        fits = everyone
+        for k, v in req.items():
+            fits &= having.get((k, v), 0) | (everyone & ~assigned.get(k, 0))
+            if not fits:
                 break
+        if fits:
+            i = (fits & -fits).bit_length() - 1
+            out[i].update(req)
         else:
+            i = len(out)
             out.append(dict(req))
+            everyone |= 1 << i
+        bit = 1 << i
+        for k, v in req.items():
+            having[k, v] = having.get((k, v), 0) | bit
+            assigned[k] = assigned.get(k, 0) | bit
     return out
 
 
@@ -516,7 +535,7 @@ def structure_of(model, data: dict) -> Structure:
     """The ``Structure`` of ``model`` (a ``ModelLike``) on ``data`` from the dependency
     analysis (``semantics.dependencies.analyse``)."""
     from .dependencies import analyse
-    deps = analyse(model, data)
+    deps = analyse(model, data, shapes=False)  # (the shapes of values are not needed here)
     parents = {s.address: tuple(sorted(s.parents)) for s in (*deps.sites, *deps.values)}
     sites = {s.address: "choice" if s.kind == "choice" else "likelihood" for s in deps.sites}
     conditional = frozenset(s.address for s in deps.sites if not s.static)
@@ -553,7 +572,7 @@ def enumerate_exact(model, data: dict, prepared: dict, interp, enumerate_paths: 
     try:
         if strategy == "auto" and _path_bound(runner) <= path_threshold:
             return enumerate_paths()
-        structure = _analyse(model, data)
+        structure = _analyse(model, data, interp)
         return eliminate_program(interp, model.entry, prepared, structure, max_table=max_table,
                                  enumerate_paths=enumerate_paths, runner=runner)
     except (NotApplicable, PPLError, RecursionError) as why:
@@ -563,10 +582,41 @@ def enumerate_exact(model, data: dict, prepared: dict, interp, enumerate_paths: 
         return enumerate_paths()
 
 
-def _analyse(model, data: dict) -> Structure:
+def _analyse(model, data: dict, interp) -> Structure:
+    key = _structure_key(model, data, interp)
+    cache = _STRUCTURES.get(model) if key is not None else None
+    if cache is not None and key in cache and cache[key][0] is model.program:
+        return cache[key][1]
     try:
-        return structure_of(model, data)
+        structure = structure_of(model, data)
     except PPLError:
         raise
     except Exception as err:  # the analysis failed: paths remain correct
         raise NotApplicable(f"the dependency analysis failed ({type(err).__name__}: {err})") from None
+    if key is not None:
+        cache = _STRUCTURES.setdefault(model, {})
+        if len(cache) >= _CACHED_PER_MODEL:
+            del cache[next(iter(cache))]  # the oldest
+        cache[key] = (model.program, structure)  # (holding the program keeps its id unique)
+    return structure
+
+
+#: model -> {``_structure_key``: (its program, its ``Structure``)}: the analysis of a model on
+#: the same data is the same (the program is immutable IR, the prelude fixed), so repeated
+#: ``enumerate`` runs skip it. Only plain Python data is a key (``_typed``); a tensor or any
+#: other value is analysed every time.
+_STRUCTURES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CACHED_PER_MODEL = 16
+
+
+def _structure_key(model, data: dict, interp):
+    """What the analysis of ``model`` on ``data`` depends on, as a hashable key (the
+    program object's identity, its entry, the interpreter's limits, the bound data's plain
+    values with their types), or None where it cannot be formed."""
+    try:
+        weakref.ref(model)
+        bound = model.bind((), dict(data or {}))
+        return (id(model.program), model.entry, interp.max_depth, interp.max_iterations,
+                _typed(tuple(sorted(bound.items()))))
+    except (TypeError, AttributeError, PPLError):
+        return None

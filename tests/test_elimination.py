@@ -16,6 +16,7 @@ import time
 from fractions import Fraction as F
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -480,3 +481,21 @@ def test_tug_of_war_on_the_examples_matches_is_eliminated_quickly():
     r = ppl.model(TUG).run("enumerate", {"matches": TUG_MATCHES})
     assert r.strategy == "elimination" and time.perf_counter() - t0 < 20
     assert r.probs() == tug_by_hand(TUG_MATCHES)
+
+
+def test_the_analysis_is_reused_for_the_same_model_and_data_only(monkeypatch):
+    """Repeated ``enumerate`` runs on the same model and plain data skip the dependency
+    analysis; other data (or data that is not plain Python) is analysed afresh."""
+    calls = []
+    real = exact_elimination.structure_of
+    monkeypatch.setattr(exact_elimination, "structure_of", lambda *a: calls.append(a[1]) or real(*a))
+    m = ppl.model(CHAIN)
+    for k in (12, 12, 13, 12):
+        r = m.run("enumerate", {"k": k})
+        z, top = forward_chain(k)
+        assert r.strategy == "elimination" and r.evidence == z and r.probs()[True] == top / z
+    assert calls == [{"k": 12}, {"k": 13}]
+    m2 = ppl.model(CHAIN)  # another model (the same source): its own analysis
+    m2.run("enumerate", {"k": 12})
+    assert len(calls) == 3
+    assert exact_elimination._structure_key(m, {"k": torch.tensor(3)}, m.interpreter(exact=True)) is None
