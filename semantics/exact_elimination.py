@@ -83,6 +83,9 @@ class Structure:
     conditional: frozenset = frozenset()
     #: address -> where its statement is (``_where``); a run's site elsewhere is another site
     spans: dict = field(default_factory=dict)
+    #: the elimination order of the factors' scopes (one per site: they follow from
+    #: ``sites`` and ``parents`` alone), computed once per structure (``eliminate_program``)
+    orders: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def static(self) -> bool:
@@ -502,7 +505,10 @@ def eliminate_program(interp, entry: str, data: dict, structure: Structure, *,
     parents = structure.parents
     factors = _factors(t, parents)
     query = tuple(parents["return"])
-    order = elimination_order([f.vars for f in factors], last=query)
+    scopes = (tuple(f.vars for f in factors), query)
+    order = structure.orders.get(scopes)
+    if order is None:
+        order = structure.orders[scopes] = elimination_order(scopes[0], last=query)
     try:
         joint = sum_product(factors, t.domains, order, keep=query, max_table=max_table)
     except TableTooLarge as err:
