@@ -68,3 +68,29 @@ def test_the_fuzzer_runs_from_the_command_line(capsys):
     assert fuzz.main(["--cases", "20", "--seed", "3"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("20 cases in ") and ": 0 failures" in out.splitlines()[0]
+
+
+def test_a_case_is_bounded_by_cpu_time_with_a_wall_clock_backstop(monkeypatch):
+    """A busy case stops after CASE_SECONDS of CPU time; a case that only waits (a loaded
+    machine, a blocked call) is not charged for waiting but stops at the wall backstop."""
+    import time
+    import ppl
+    monkeypatch.setattr(fuzz, "CASE_SECONDS", 1)
+    monkeypatch.setattr(fuzz, "CASE_WALL_SECONDS", 3)
+
+    def busy(*args, **kwargs):
+        while True:
+            sum(range(1000))
+    monkeypatch.setattr(ppl.Model, "run", busy)
+    started = time.monotonic()
+    report = fuzz.fuzz(1, seed=1)  # (its one case compiles)
+    assert [f.stage for f in report.failures] == ["importance"] and "CPU time" in report.failures[0].error
+    assert time.monotonic() - started < 2.9  # the CPU timer, not the backstop
+
+    def waiting(*args, **kwargs):
+        time.sleep(30)
+    monkeypatch.setattr(ppl.Model, "run", waiting)
+    started = time.monotonic()
+    report = fuzz.fuzz(1, seed=1)  # (its one case compiles)
+    assert [f.stage for f in report.failures] == ["importance"]
+    assert 2.5 < time.monotonic() - started < 10  # waiting is not CPU time: the backstop stopped it

@@ -50,7 +50,10 @@ RUN_OPTIONS = {"max_iterations": 500, "max_depth": 60}
 LIMITS = {"max_memory": "256MB", "regex_timeout": 0.2}
 PARTICLES = 8
 ENUMERATE = {"max_paths": 30, "max_seconds": 0.3}
-CASE_SECONDS = 30  # a case running longer than this is a failure (a hang)
+CASE_SECONDS = 30  # a case using more CPU time than this is a failure (a hang)
+#: wall-clock backstop for a case in this process (CPU time is what counts: on a loaded
+#: machine a case can wait for a core much longer than it runs)
+CASE_WALL_SECONDS = 4 * CASE_SECONDS
 
 _TOKEN = re.compile(r"""\d+\.\d*(?:[eE][-+]?\d+)?|\d+(?:[eE][-+]?\d+)?|[A-Za-z_]\w*|'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*"|\*\*|//|==|!=|<=|>=|[-+*/%<>=~()\[\],:.]""")
 
@@ -287,7 +290,8 @@ def run_case(case: Case, data: dict, require_location: bool = False) -> tuple[st
                           traceback.format_exc(limit=-8)) if require_location else None
         return type(e).__name__, failure, pattern
     except _Hang:
-        return "failure", Failure(case, stage, f"no answer in {CASE_SECONDS} s", ""), None
+        return "failure", Failure(case, stage, f"no answer within {CASE_SECONDS} s of CPU time "
+                                               f"(or {CASE_WALL_SECONDS} s of wall clock)", ""), None
     except RecursionError as e:  # (a subclass of RuntimeError: report it as itself)
         return "failure", Failure(case, stage, f"RecursionError: {e}", traceback.format_exc(limit=-8)), None
     except Exception as e:  # noqa: BLE001 - exactly what the fuzzer looks for
@@ -354,16 +358,25 @@ def fuzz(n: int, seed: int = 0, corpus=None, progress: bool = False,
     start = time.monotonic()
     use_alarm = hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
     old_handler = signal.signal(signal.SIGALRM, _on_alarm) if use_alarm else None
+    # in-process cases are bounded by CPU time (SIGPROF) with a wall-clock backstop; a CLI case
+    # runs in a child process whose CPU time this process does not see: wall clock only
+    use_cpu_timer = use_alarm and not cli and hasattr(signal, "SIGPROF")
+    old_prof = signal.signal(signal.SIGPROF, _on_alarm) if use_cpu_timer else None
     try:
         with _limits.limits(**LIMITS), warnings.catch_warnings(), tempfile.TemporaryDirectory() as folder:
             warnings.simplefilter("ignore")
             for case, data in cases(n, seed, corpus):
-                if use_alarm:
+                if use_cpu_timer:
+                    signal.setitimer(signal.ITIMER_PROF, CASE_SECONDS)
+                    signal.alarm(CASE_WALL_SECONDS)
+                elif use_alarm:
                     signal.alarm(CASE_SECONDS)
                 try:
                     outcome, failure, unlocated = run_cli_case(case, data, Path(folder), require_location) \
                         if cli else run_case(case, data, require_location)
                 finally:
+                    if use_cpu_timer:
+                        signal.setitimer(signal.ITIMER_PROF, 0)
                     if use_alarm:
                         signal.alarm(0)
                 report.cases += 1
@@ -376,6 +389,8 @@ def fuzz(n: int, seed: int = 0, corpus=None, progress: bool = False,
                     print(f"{report.cases} cases, {len(report.failures)} failures, "
                           f"{time.monotonic() - start:.0f} s", file=sys.stderr)
     finally:
+        if use_cpu_timer:
+            signal.signal(signal.SIGPROF, old_prof)
         if use_alarm:
             signal.signal(signal.SIGALRM, old_handler)
     report.seconds = time.monotonic() - start
