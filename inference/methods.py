@@ -23,6 +23,7 @@ from ..semantics.exact import DEFAULT_MAX_PATHS, DEFAULT_MAX_SECONDS, enumerate_
 from ..semantics.exact_elimination import STRATEGIES, EliminationResult, enumerate_exact
 from ..semantics.options import OptionSpec
 from .amortized import run_guided_importance, run_guided_smc
+from .auto_enumerate import with_enumeration
 from .delayed import delayed_importance, delayed_smc
 from .gradient_mcmc import gradient_mcmc
 from .infer_discrete import recover_discrete
@@ -102,14 +103,15 @@ def run_importance(model, data: dict, *, particles: int = 1000, device: str = "c
     ``ess_fraction`` and ``pareto_k``). ``progress``: a counter of the sites the batch has
     run (without ``proposal``). ``delayed=True``: conjugate choices are marginalised
     (delayed sampling, ``inference.delayed``). ``enumerate``: choices summed out (names or
-    address prefixes; with the ones marked ``@enumerate``: ``semantics.enumerate_sites``)."""
+    address prefixes; with the ones marked ``@enumerate``: ``semantics.enumerate_sites``), or
+    "auto": those the dependency analysis finds can be (``inference.auto_enumerate``)."""
     if delayed:
         _check_delayed(model, proposal, enumerate)
         return delayed_importance(*_program(model, data, device), int(particles), device)
     if proposal is not None:
         return run_guided_importance(model, data, proposal, particles=particles, device=device)
-    return likelihood_weighting(*_program(model, data, device, enumerate, enumerating=True), int(particles), device,
-                                progress=progress)
+    return with_enumeration(model, data, enumerate, int(particles), lambda chosen: likelihood_weighting(
+        *_program(model, data, device, chosen, enumerating=True), int(particles), device, progress=progress))
 
 
 def run_prior(model, data: dict, *, particles: int = 1000, device: str = "cpu", progress: bool | None = None,
@@ -142,9 +144,9 @@ def run_smc(model, data: dict, *, particles: int = 1000, device: str = "cpu", re
     if proposal is not None:
         return run_guided_smc(model, data, proposal, particles=particles, device=device, resampling=resampling,
                               ess_threshold=ess_threshold, progress=progress, keep="auto" if keep is None else keep)
-    return smc(*_program(model, data, device, enumerate, enumerating=True), int(particles), device,
-               resampling=resampling, ess_threshold=ess_threshold, progress=progress,
-               keep="auto" if keep is None else keep)
+    return with_enumeration(model, data, enumerate, int(particles), lambda chosen: smc(
+        *_program(model, data, device, chosen, enumerating=True), int(particles), device, resampling=resampling,
+        ess_threshold=ess_threshold, progress=progress, keep="auto" if keep is None else keep))
 
 
 def _check_delayed(model, proposal: Any, enumerate: Any) -> None:
@@ -184,18 +186,22 @@ def run_nuts(model, data: dict, *, particles: int = 4, samples: int = 1000, burn
     is the CLI's ``-n``), ``samples`` draws each after ``burn_in`` (= ``warmup``)
     iterations of Stan's windowed adaptation. ``compile``: TorchInductor for the potential
     (default "auto": when its measured savings on the run exceed its cost). ``enumerate``:
-    discrete choices summed out in the potential (with those marked ``@enumerate``; they are
+    discrete choices summed out in the potential (names, or "auto" as for importance; with
+    those marked ``@enumerate``; they are
     not in the state; each kept draw gets them drawn from their conditional afterwards,
     ``inference.infer_discrete``)."""
-    program = _program(model, data, device, enumerate, enumerating=True, recover=False)
-    chains = gradient_mcmc(*program, kernel=kernel,
-                         chains=int(chains if chains is not None else particles), samples=int(samples),
-                         warmup=int(warmup if warmup is not None else burn_in), device=device,
-                         target_accept=float(target_accept), max_tree_depth=int(max_tree_depth),
-                         dense_mass=bool(_flag(dense_mass)), num_steps=None if num_steps is None else int(num_steps),
-                         step_size=None if step_size is None else float(step_size), traced=_flag(traced),
-                         compile=_flag(compile), progress=progress)
-    return recover_discrete(chains, *program, device=device)
+    n_chains = int(chains if chains is not None else particles)
+
+    def attempt(chosen):
+        program = _program(model, data, device, chosen, enumerating=True, recover=False)
+        out = gradient_mcmc(*program, kernel=kernel, chains=n_chains, samples=int(samples),
+                            warmup=int(warmup if warmup is not None else burn_in), device=device,
+                            target_accept=float(target_accept), max_tree_depth=int(max_tree_depth),
+                            dense_mass=bool(_flag(dense_mass)), num_steps=None if num_steps is None else int(num_steps),
+                            step_size=None if step_size is None else float(step_size), traced=_flag(traced),
+                            compile=_flag(compile), progress=progress)
+        return recover_discrete(out, *program, device=device)
+    return with_enumeration(model, data, enumerate, n_chains * int(samples), attempt)
 
 
 def run_hmc(model, data: dict, *, particles: int = 4, samples: int = 1000, burn_in: int = 1000,

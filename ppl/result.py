@@ -61,6 +61,7 @@ import torch
 
 from ppl.inference.population import Chains, Optimum, Population
 from ppl.inference.resampling import normalise_log_weights
+from ppl.semantics import enumerate_auto
 from ppl.semantics.exact_elimination import EliminationResult
 from ppl.semantics.errors import PPLError, PPLRuntimeError, ZeroEvidenceError, did_you_mean
 
@@ -355,6 +356,9 @@ class WeightedResult(_ResultBase):
         before = f" (before the last resampling {self.ess_before_resampling:.1f})" if self.resampled else ""
         head = (f"{self.method}: N={self.n}, ESS={self.ess:.1f}{before}, "
                 f"log evidence={self.log_evidence:.4f}")
+        auto = enumerate_auto.summary_line(self.extra)
+        if auto is not None:
+            head += "\n" + auto
         delayed = self.delayed_summary()
         if delayed is None:
             return head
@@ -403,6 +407,7 @@ class WeightedResult(_ResultBase):
         delayed = self.delayed_summary()
         if delayed is not None:
             out["delayed"] = delayed
+        out.update(_enumerated_json(self.extra))
         return out
 
     def _make_view(self, name: str) -> _View:
@@ -520,6 +525,14 @@ class EliminatedResult(ExactResult):
         return exact_view(name, [(w, {name: v}) for v, w in weights.items() if w > 0], self.evidence)
 
 
+def _enumerated_json(extra: dict) -> dict:
+    """What ``enumerate="auto"`` adds to a result's JSON: the choices summed out and those
+    left sampled with why (``semantics.enumerate_auto``)."""
+    if "enumerated" not in extra:
+        return {}
+    return {"enumerated": list(extra["enumerated"]), "enumerate_sampled": dict(extra.get("enumerate_sampled") or {})}
+
+
 #: what HMC/NUTS add to a result's JSON (``inference.gradient_mcmc``)
 _GRADIENT_FIELDS = ("divergences", "divergences_per_chain", "warmup_divergences", "step_size", "tree_depth_mean",
                     "hit_max_tree_depth", "max_tree_depth", "bfmi", "leapfrog_steps")
@@ -556,7 +569,7 @@ class MCMCResult(WeightedResult):
                 "acceptance_rate": _json_scalar(self.acceptance_rate),
                 "r_hat": {k: _json_scalar(v) for k, v in self.r_hat.items()},
                 "ess_per_site": {k: _json_scalar(v) for k, v in self.ess_per_site.items()},
-                **{k: self.extra[k] for k in _GRADIENT_FIELDS if k in self.extra}}
+                **{k: self.extra[k] for k in _GRADIENT_FIELDS if k in self.extra}, **_enumerated_json(self.extra)}
 
     def _header(self) -> str:
         worst = max(self.r_hat.values()) if self.r_hat else float("nan")
@@ -566,7 +579,8 @@ class MCMCResult(WeightedResult):
             e = self.extra
             head += (f", divergences={e['divergences']}, mean tree depth={e['tree_depth_mean']:.2f}, "
                      f"min E-BFMI={min(e['bfmi']):.2f}")
-        return head
+        auto = enumerate_auto.summary_line(self.extra)
+        return head if auto is None else head + "\n" + auto
 
 
 class BestOfNResult(WeightedResult):

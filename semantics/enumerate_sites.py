@@ -42,6 +42,20 @@ from .values import (Batched, Particles, _PerParticleValue, _positions_of, _torc
 _DROP_HINT = "drop @enumerate on {name} (or leave it out of enumerate=[...]) to draw it instead"
 
 
+def blame(err: PPLError, choices: Iterable[str]) -> PPLError:
+    """Note on ``err`` the enumerated choices (addresses) it is about, as
+    ``err.enumerated`` (kept if already set): ``enumerate="auto"`` leaves them sampled
+    and runs again (``semantics.enumerate_auto``)."""
+    if getattr(err, "enumerated", None) is None:
+        err.enumerated = tuple(choices)
+    return err
+
+
+class ExactAddresses(frozenset):
+    """``enumerate=`` as a set of exact addresses (what ``enumerate="auto"`` chose), not
+    names: ``z`` selects the site ``z`` only, not ``z[3]`` nor ``f/z``."""
+
+
 class EnumVar:
     """One enumerated choice: its address, support size K, values [K] (bool or long:
     value k is the support's k-th element) and, once drawn, its index per particle."""
@@ -91,10 +105,10 @@ class EnumValue(Lazy, _PerParticleValue):
         if not dims:
             return Batched(t, ctx.idx)
         names = ", ".join(d.addr for d in dims)
-        raise PPLRuntimeError(f"the enumerated choice {names} is used {use}, which needs its value",
-                              hint=_DROP_HINT.format(name=dims[0].name) +
-                              "; enumerated choices can be computed with (+, ==, a if z else b, xs[z]) "
-                              "and be a distribution's parameter")
+        raise blame(PPLRuntimeError(f"the enumerated choice {names} is used {use}, which needs its value",
+                                    hint=_DROP_HINT.format(name=dims[0].name) +
+                                    "; enumerated choices can be computed with (+, ==, a if z else b, xs[z]) "
+                                    "and be a distribution's parameter"), [d.addr for d in dims])
 
     def table(self, ctx) -> tuple[torch.Tensor, tuple]:
         """(rows for ctx [M, K..., *s], the dims still enumerated): drawn choices are read
@@ -171,8 +185,9 @@ class EnumValue(Lazy, _PerParticleValue):
         if k.dim() != 1 + nd:
             raise PPLRuntimeError(f"an index must be an integer, got a vector ({self.describe()})")
         if isinstance(container, EnumValue) or has_lazy(container):
-            raise PPLRuntimeError("indexing an enumerated value by an enumerated value is not supported",
-                                  hint=_DROP_HINT.format(name=dims[0].name if dims else "z"))
+            raise blame(PPLRuntimeError("indexing an enumerated value by an enumerated value is not supported",
+                                        hint=_DROP_HINT.format(name=dims[0].name if dims else "z")),
+                        [d.addr for d in dims])
         if isinstance(container, (list, tuple)) and deep_batched(container) or isinstance(container, Batched):
             table = batch_rows(list(container) if isinstance(container, (list, tuple)) else container, ctx)
             n = table.shape[1]
@@ -246,10 +261,13 @@ def _lift_all(vals: list, ctx) -> tuple[list, tuple]:
         dims.extend(d for d in ds if d not in dims)
     r = max(op[2] for op in ops)
     if len(dims) > 1:  # the result's table has one axis per enumerated choice: refuse one too large
-        limits.check_memory(8 * ctx.M * math.prod(d.K for d in dims),
-                            f"a value over {len(dims)} enumerated choices ({', '.join(d.addr for d in dims[:4])}"
-                            f"{', ...' if len(dims) > 4 else ''})",
-                            "enumerate fewer choices (drop @enumerate on some), or combine them less")
+        try:
+            limits.check_memory(8 * ctx.M * math.prod(d.K for d in dims),
+                                f"a value over {len(dims)} enumerated choices ({', '.join(d.addr for d in dims[:4])}"
+                                f"{', ...' if len(dims) > 4 else ''})",
+                                "enumerate fewer choices (drop @enumerate on some), or combine them less")
+        except PPLError as err:
+            raise blame(err, [d.addr for d in dims])
     return [_expand(t, ds, dims, rs, r, b) for t, ds, rs, b in ops], tuple(dims)
 
 
@@ -391,9 +409,12 @@ class FactorGraph:
             touching = [f for f in factors if v in f[0]]
             factors = [f for f in factors if v not in f[0]]
             scope = {d for dd, _ in touching for d in dd}
-            limits.check_memory(8 * N * math.prod(d.K for d in scope),
-                                f"eliminating {v.addr} joins a table over {len(scope)} enumerated choices, which",
-                                "enumerate fewer choices (drop @enumerate on some), or ones that interact less")
+            try:
+                limits.check_memory(8 * N * math.prod(d.K for d in scope),
+                                    f"eliminating {v.addr} joins a table over {len(scope)} enumerated choices, which",
+                                    "enumerate fewer choices (drop @enumerate on some), or ones that interact less")
+            except PPLError as err:
+                raise blame(err, [d.addr for d in scope])
             (tabs, dims) = _lift_all([EnumValue(t, d, self.full.idx) for d, t in touching], self.full)
             total = sum(tabs[1:], tabs[0])
             ax = 1 + dims.index(v)
@@ -451,7 +472,9 @@ def _order(scopes: list, keep) -> list:
 # ------------------------------------------------------------------------------ the middleware
 def site_selector(names: Iterable[str] | None) -> Callable[[str], bool]:
     """``enumerate=[...]`` as a test of an address: a name (``z`` selects ``z``, ``z[3]``,
-    ``f/z[0]``) or an address prefix (``f/`` , ``z[3]``)."""
+    ``f/z[0]``) or an address prefix (``f/`` , ``z[3]``); ``ExactAddresses``: those addresses only."""
+    if isinstance(names, ExactAddresses):
+        return names.__contains__
     names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names or []) if n and n.strip()]
     if not names:
         return lambda addr: False
@@ -564,10 +587,13 @@ class EnumRun:
         """Answer an enumerated choice with its EnumValue (no effect reaches the handler)."""
         d, ctx = eff.dist, eff.ctx
         if not isinstance(d, DistValue) or not d.spec.discrete:
-            raise PPLRuntimeError(f"only a discrete choice of finite support can be enumerated ({eff.addr} is "
-                                  f"{getattr(d, 'describe', lambda: 'not one')()})", eff.span,
-                                  _DROP_HINT.format(name=eff.addr))
-        values, logp, dims = self.support_table(d, ctx, eff)
+            raise blame(PPLRuntimeError(f"only a discrete choice of finite support can be enumerated ({eff.addr} is "
+                                        f"{getattr(d, 'describe', lambda: 'not one')()})", eff.span,
+                                        _DROP_HINT.format(name=eff.addr)), [eff.addr])
+        try:
+            values, logp, dims = self.support_table(d, ctx, eff)
+        except PPLError as err:
+            raise blame(err, [eff.addr])
         K = values.shape[0]
         v = self.graph.new_var(eff.addr, K, values, eff.span, ctx)
         value = EnumValue(values.reshape(1, K).expand(ctx.M, K), (v,), ctx.idx)  # (its value is its own index)
@@ -718,6 +744,7 @@ def _support_table(d: DistValue, ctx, eff):
                                   _DROP_HINT.format(name=eff.addr))
         values = as_tensor(list(items), ctx.device)
         K = values.shape[0]
+        _check_table(ctx.M * K, eff)
         if values.dim() != 1 or values.is_floating_point() or not torch.equal(values.long(), torch.arange(K, device=ctx.device)):
             raise PPLRuntimeError("an enumerated uniform_draw needs the items 0, 1, ..., K-1 (a range(K))", eff.span,
                                   "write uniform_draw(range(K)) and index your items by the choice: items[z]")
@@ -736,6 +763,7 @@ def _support_table(d: DistValue, ctx, eff):
         raise PPLRuntimeError(f"{d.spec.name}: its support differs between particles and cannot be enumerated",
                               eff.span, _DROP_HINT.format(name=eff.addr)) from None
     K = support.shape[0]
+    _check_table(fake.M * K, eff)
     lp = td.log_prob(support.reshape(K, *([1] * len(td.batch_shape)))).to(torch.float64)  # [K, (M*P)]
     lp = lp.reshape(K, -1).expand(K, fake.M).transpose(0, 1)
     values = d.spec.to_value(support)
@@ -745,6 +773,12 @@ def _support_table(d: DistValue, ctx, eff):
     if values.dtype != torch.bool:
         values = values.long()
     return values, lp.reshape(ctx.M, *[v.K for v in dims], K), dims
+
+
+def _check_table(entries: int, eff) -> None:
+    """Refuse an enumerated choice's prior table too large for the memory budget."""
+    limits.check_memory(8 * entries, f"the table of the enumerated choice {eff.addr} ({entries:,} entries)",
+                        _DROP_HINT.format(name=eff.addr))
 
 
 def marks_enumeration(program) -> bool:
