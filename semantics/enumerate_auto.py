@@ -168,7 +168,7 @@ def select(model, data, batch: int = 1) -> AutoSelection:
         if container & sel.chosen and index & sel.chosen:
             sel = sel.without(index & sel.chosen, f"it indexes a list of summed-out choices, line {line}")
     budget = limits.current().max_memory
-    for deps in [s.parents for s in sites] + [v.parents for v in an.values.values()]:
+    for deps in [s.parents for s in sites] + list(an.joint):
         hit = deps & sel.chosen
         if hit and 8 * batch * 2.0 ** len(hit) > budget:
             sel = sel.without(hit, f"a table over {len(hit)} summed-out choices would exceed the memory budget")
@@ -192,8 +192,10 @@ def _marked_spans(program) -> set:
 # --------------------------------------------------------------------- the use analysis
 class _UseAnalysis(_Analysis):
     """The dependency analysis, recording the uses the enumeration cannot carry lazily:
-    ``uses`` [(choices the used value depends on, what the use is)] and ``index_pairs``
-    [(a container's choices, its index's choices, line)]."""
+    ``uses`` [(choices the used value depends on, what the use is)], ``index_pairs``
+    [(a container's choices, its index's choices, line)] and ``joint`` (the choices each
+    computed number depends on: an enumerated value's table is over those summed out; a
+    list keeps one table per element, so its union is no table)."""
 
     def __init__(self, interp, data_names):
         super().__init__(interp, data_names)
@@ -202,6 +204,7 @@ class _UseAnalysis(_Analysis):
         self._roles: dict = {}   # id(expression) -> what its value is used for
         self._parts: dict = {}   # id(expression) -> (id(index expression), "container" | "index")
         self._seen: dict = {}    # (id(index expression), part) -> choices
+        self.joint: set = set()
 
     def _note(self, e: ir.Expr, what: str) -> None:
         line = getattr(e.span, "line", 0)
@@ -240,6 +243,8 @@ class _UseAnalysis(_Analysis):
             c, i = self._seen.pop((id(e), "container"), EMPTY), self._seen.pop((id(e), "index"), EMPTY)
             if c and i:
                 self.index_pairs.append((c, i, getattr(e.span, "line", 0)))
+        if t in _COMPUTED and v.items is None and len(v.deps) > 1:
+            self.joint.add(v.deps)
         return v
 
     def call(self, f, args, kwargs, span, fr):
@@ -256,6 +261,10 @@ class _UseAnalysis(_Analysis):
             line = getattr(span, "line", 0)
             self.uses.append((v.all_deps(), "unpacked" + (f", line {line}" if line else "")))
         super().bind(fr, target, v, span)
+
+
+#: expressions whose value is one table over the enumerated choices it depends on
+_COMPUTED = (ir.BinOp, ir.UnaryOp, ir.IfExp, ir.Index, ir.BoolOp)
 
 
 def _is_distribution(name: str) -> bool:
@@ -296,5 +305,10 @@ def _compact(addresses) -> str:
             out.append(f"{stem}[{idx[0]}..{idx[-1]}]")
         else:
             out.extend(a for _, a in items)
-    text = ", ".join(out[:8])
-    return text + (f", ... ({len(out)} in all)" if len(out) > 8 else "")
+    shown = []
+    for a in out[:8]:
+        if shown and sum(len(x) + 2 for x in shown) + len(a) > 80:
+            break
+        shown.append(a)
+    text = ", ".join(shown)
+    return text + (f", ... ({len(out)} in all)" if len(shown) < len(out) else "")

@@ -215,3 +215,14 @@ def test_errors_that_are_not_the_automatic_choice_are_raised():
     with pytest.raises(PPLError) as err:
         ppl.model(broken).run("smc", {}, particles=10, seed=0, enumerate="auto")
     assert "<model>:5" in str(err.value) and "out of range" in str(err.value)
+
+
+def test_auto_on_an_unmarked_hmm_is_the_forward_algorithm():
+    """test_enumerate_sites' HMM without its marks: every state is chosen (a chain of
+    choices, each indexing the transition matrix by the last), and one particle gives the
+    exact evidence."""
+    from test_enumerate_sites import HMM
+    model = ppl.model(HMM.replace(" @enumerate", ""))
+    r = model.run("smc", {}, particles=1, seed=0, enumerate="auto")
+    assert r.extra["enumerated"] == ["s"] + [f"s[{t}]" for t in range(4)]
+    assert abs(r.log_evidence - model.run("enumerate", {}).log_evidence) < 1e-6
