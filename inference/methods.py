@@ -208,13 +208,13 @@ def run_hmc(model, data: dict, *, particles: int = 4, samples: int = 1000, burn_
             warmup: int | None = None, chains: int | None = None, device: str = "cpu", num_steps: int = 10,
             target_accept: float = 0.8, dense_mass: bool = False, step_size: float | None = None,
             traced: bool | str = "auto", compile: bool | str = "auto", progress: bool | None = None,
-            **_) -> Chains:
+            enumerate: Any = None, **_) -> Chains:
     """HMC with ``num_steps`` leapfrog steps per transition (default 10); the step size and
-    mass matrix are adapted during warm-up as for NUTS."""
+    mass matrix are adapted during warm-up as for NUTS (``enumerate`` as for NUTS)."""
     return run_nuts(model, data, kernel="hmc", particles=particles, samples=samples, burn_in=burn_in,
                     warmup=warmup, chains=chains, device=device, num_steps=num_steps, target_accept=target_accept,
                     dense_mass=dense_mass, step_size=step_size, traced=traced, compile=compile,
-                    progress=progress, enumerate=_.get("enumerate"))
+                    progress=progress, enumerate=enumerate)
 
 
 def _flag(value):

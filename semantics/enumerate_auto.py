@@ -141,6 +141,8 @@ def select(model, data, batch: int = 1) -> AutoSelection:
             sites, traced = _from_traces(interp, model.entry, args, why.why).sites, True
     except PPLError as err:  # (the method's run will say what is wrong, located)
         return AutoSelection(ExactAddresses(), {"*": f"the dependency analysis failed: {err.message}"})
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as err:  # (an analysis limitation)
+        return AutoSelection(ExactAddresses(), {"*": f"the dependency analysis failed: {type(err).__name__}: {err}"})
     marked = _marked_spans(model.program)
     left: dict = {}
     cands: dict = {}

@@ -226,3 +226,11 @@ def test_auto_on_an_unmarked_hmm_is_the_forward_algorithm():
     r = model.run("smc", {}, particles=1, seed=0, enumerate="auto")
     assert r.extra["enumerated"] == ["s"] + [f"s[{t}]" for t in range(4)]
     assert abs(r.log_evidence - model.run("enumerate", {}).log_evidence) < 1e-6
+
+
+def test_hmc_takes_the_option():
+    """hmc declares enumerate= (it was refused by the option check before)."""
+    model, data = _load("mixture")
+    r = model.run("hmc", data, chains=2, samples=20, burn_in=20, seed=0, enumerate="auto")
+    assert r.extra["enumerated"] == [f"z[{i}]" for i in range(6)]
+    assert r.extra["recovered"] == [f"z[{i}]" for i in range(6)]
