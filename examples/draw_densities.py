@@ -35,11 +35,17 @@ def density_lines(model, data, symbolic_data: bool) -> list[str]:
     """``\\log p(...) =`` and then one term of the density per line (mathtext)."""
     d = symbolic.density(model.program, model.entry, data, symbolic_data)
     head = model.latex(data, symbolic_data=symbolic_data).split(" = ")[0] + " ="
-    terms = sorted(sp.Add.make_args(d.expr), key=lambda t: (not t.has(sp.Sum), sp.default_sort_key(t)))
+    terms = sp.Add.make_args(d.expr)
+    constant = sp.Add(*[t for t in terms if not t.free_symbols])  # normalising constants: one line
+    terms = sorted((t for t in terms if t.free_symbols), key=lambda t: (not t.has(sp.Sum), sp.default_sort_key(t)))
+    if constant != 0:
+        terms.append(constant)
     return [head] + [_signed(t, first=k == 0) for k, t in enumerate(terms)]
 
 
 def _signed(term, first: bool) -> str:
+    if isinstance(term, sp.Add):  # (the constants' line: a sum, kept whole in parentheses)
+        return ("" if first else "+ ") + r"\left(" + sp.latex(term) + r"\right)"
     if term.could_extract_minus_sign():
         return "- " + sp.latex(-term)
     return ("" if first else "+ ") + sp.latex(term)
