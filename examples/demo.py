@@ -128,6 +128,14 @@ def demo_state_space():
     compare("E[x_T | ys]", r.mean(), mean, sd / math.sqrt(r.ess))
     compare("sd[x_T | ys]", r.sd(), sd)
     compare("log evidence", r.log_evidence, ll, math.sqrt((r.n / r.ess - 1) / r.n))
+    # delayed sampling (automatic conjugacy): x stays a Gaussian until it must be sampled, so
+    # SMC with ONE particle is the Kalman filter itself
+    one = model.run("smc", data, particles=1, delayed=True, seed=0)
+    marginal = one.delayed_summary()
+    print("smc with one particle and delayed=True (the Kalman filter, computed by the program):")
+    compare("E[x_T | ys]", marginal["return_mean"], mean)
+    compare("sd[x_T | ys]", marginal["return_sd"], sd)
+    compare("log evidence", one.log_evidence, ll)
     return r, (mean, sd)
 
 
