@@ -227,16 +227,20 @@ def _flag(value):
 def run_resample_move(model, data: dict, *, particles: int = 1000, device: str = "cpu",
                       resampling: str = "systematic", ess_threshold: float = 1.0, moves: int | None = None,
                       kernel: str = "prior", scale: float = 0.5, progress: bool | None = None, adapt: bool = False,
-                      max_moves: int = 100, decorrelation: float = 0.1, **_) -> Population:
+                      max_moves: int = 100, decorrelation: float = 0.1, enumerate: Any = None,
+                      **_) -> Population:
     """Resample-move SMC (``inference.resample_move``): SMC with ``moves`` MH steps (default
     1) per particle after each resampling. ``extra["acceptance"]`` lists the MH acceptance
     rate at each rejuvenation. ``progress``: a counter of checkpoints with the ESS.
     ``adapt=True``: moves scaled by the population (``inference.population_moves``),
-    repeated until the particles decorrelate (below ``decorrelation``) or ``max_moves``."""
-    return resample_move(*_program(model, data, device), int(particles), device, resampling=resampling,
-                         ess_threshold=ess_threshold, moves=None if moves is None else int(moves), kernel=kernel,
-                         scale=float(scale), progress=progress, adapt=_flag(adapt), max_moves=int(max_moves),
-                         decorrelation=float(decorrelation))
+    repeated until the particles decorrelate (below ``decorrelation``) or ``max_moves``.
+    ``enumerate`` as for SMC: the SMC targets and the moves' targets (the program
+    truncated after a checkpoint) have those choices summed out."""
+    return with_enumeration(model, data, enumerate, int(particles), lambda chosen: resample_move(
+        *_program(model, data, device, chosen, enumerating=True), int(particles), device, resampling=resampling,
+        ess_threshold=ess_threshold, moves=None if moves is None else int(moves), kernel=kernel,
+        scale=float(scale), progress=progress, adapt=_flag(adapt), max_moves=int(max_moves),
+        decorrelation=float(decorrelation)))
 
 
 def run_pmmh(model, data: dict, *, params=None, particles: int = 100, samples: int = 500, burn_in: int = 100,
@@ -257,7 +261,7 @@ def run_pmmh(model, data: dict, *, params=None, particles: int = 100, samples: i
 def run_tempering(model, data: dict, *, particles: int = 1000, device: str = "cpu", target_ess: float = 0.5,
                   moves: int | None = None, kernel: str = "rw", scale: float = 0.5, resampling: str = "systematic",
                   schedule: Any = None, progress: bool | None = None, adapt: bool = False, max_moves: int = 100,
-                  decorrelation: float = 0.1, **_) -> Population:
+                  decorrelation: float = 0.1, enumerate: Any = None, **_) -> Population:
     """Tempered SMC (``inference.tempering``): an adaptive path prior -> posterior with MH
     moves (or the fixed inverse temperatures ``schedule``, e.g. [0.1, 0.5, 1]; text
     "0.1,0.5,1" from the CLI). ``extra["schedule"]`` is the sequence used,
@@ -266,11 +270,14 @@ def run_tempering(model, data: dict, *, particles: int = 1000, device: str = "cp
     incremental weights before resampling. ``progress``: a bar over beta in [0, 1].
     ``adapt=True``: moves scaled by the population (``inference.population_moves``),
     repeated until the particles decorrelate (below ``decorrelation``) or ``max_moves``;
-    ``extra["moves"]`` is then the list of moves per step."""
-    return tempered_smc(*_program(model, data, device), int(particles), device, target_ess=float(target_ess),
-                        moves=None if moves is None else int(moves), kernel=kernel, scale=float(scale),
-                        resampling=resampling, schedule=_betas(schedule), progress=progress, adapt=_flag(adapt),
-                        max_moves=int(max_moves), decorrelation=float(decorrelation))
+    ``extra["moves"]`` is then the list of moves per step. ``enumerate`` as for SMC: every
+    target is prior * (likelihood with those choices summed out)^beta, the moves move the
+    other choices, and the summed-out ones are drawn back at the end."""
+    return with_enumeration(model, data, enumerate, int(particles), lambda chosen: tempered_smc(
+        *_program(model, data, device, chosen, enumerating=True), int(particles), device,
+        target_ess=float(target_ess), moves=None if moves is None else int(moves), kernel=kernel,
+        scale=float(scale), resampling=resampling, schedule=_betas(schedule), progress=progress,
+        adapt=_flag(adapt), max_moves=int(max_moves), decorrelation=float(decorrelation)))
 
 
 def _betas(schedule):

@@ -29,6 +29,7 @@ import math
 import torch
 
 from ..semantics import gfi
+from ..semantics.enumerate_sites import Enumerating
 from ..semantics.errors import PPLRuntimeError, ZeroEvidenceError
 from ..semantics.gfi import ModelRun
 from ..stdlib.progress import progress_bar
@@ -106,12 +107,14 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
                               hint="use smc or resample_move with it")
     fixed = iter(schedule) if schedule is not None else None
     randomness = randomness or TorchRandomness()
+    interp, recovering = _moves_interpreter(interp)
     model = ModelRun(interp, entry, data, device)
+    draw_back = None if recovering is None else ModelRun(recovering, entry, data, device)
     state = _prior_draws(model, particles, randomness)
     if adapt:
         return _adaptive(model, state, particles, randomness, target_ess=target_ess, moves=moves, kernel=kernel,
                          resampling=resampling, max_steps=max_steps, fixed=fixed, progress=progress,
-                         max_moves=max_moves, decorrelation=decorrelation)
+                         max_moves=max_moves, decorrelation=decorrelation, draw_back=draw_back)
     moves = default_moves(float(state.sizes.mean()) if particles > 0 else 0.0) if moves is None else moves
 
     def mh_moves(state, inc, ancestors, b, step):
@@ -124,8 +127,31 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
     state, log_z, schedule, ess_history = _temper(model, state, particles, randomness, resampling=resampling,
                                                   target_ess=target_ess, max_steps=max_steps, fixed=fixed,
                                                   progress=progress, move=mh_moves)
+    state = _drawn_back(draw_back, state, randomness)
     return _population(state, particles, log_z, schedule,
                        {"schedule": schedule, "moves": moves, "ess_history": ess_history})
+
+
+def _moves_interpreter(interp):
+    """(the interpreter the path of targets and the moves run, the one that draws the
+    summed-out choices back or None). With choices summed out (``Enumerating``), the
+    targets are prior * (marginal likelihood)^beta on the remaining choices: the moves'
+    re-executions must not draw the summed-out choices back (a drawn-back z in the trace
+    would be held fixed while the other choices move: the sampled model's moves again),
+    so they run without recovery, and the final population draws them once at the end."""
+    if isinstance(interp, Enumerating) and interp.recover:
+        return interp.without_recovery(), interp
+    return interp, None
+
+
+def _drawn_back(draw_back: ModelRun | None, state: gfi.TracedState, randomness) -> gfi.TracedState:
+    """The final population (at beta = 1) with the summed-out choices drawn from their
+    conditionals given each particle's other choices (the other choices are reused: the
+    weights are unchanged), as SMC does at the end of its run."""
+    if draw_back is None:
+        return state
+    drawn, _ = gfi.generate(draw_back, state, randomness)
+    return drawn
 
 
 def _temper(model: ModelRun, state: gfi.TracedState, particles: int, randomness, *, resampling, target_ess,
@@ -160,7 +186,7 @@ def _temper(model: ModelRun, state: gfi.TracedState, particles: int, randomness,
 
 
 def _adaptive(model: ModelRun, state: gfi.TracedState, particles: int, randomness, *, target_ess, moves, kernel,
-              resampling, max_steps, fixed, progress, max_moves, decorrelation) -> Population:
+              resampling, max_steps, fixed, progress, max_moves, decorrelation, draw_back=None) -> Population:
     """``tempered_smc`` with ``adapt=True``: the same path of targets and weights, the
     moves of ``population_moves`` (see ``tempered_smc``)."""
     if kernel not in ADAPTIVE_KERNELS:
@@ -200,6 +226,7 @@ def _adaptive(model: ModelRun, state: gfi.TracedState, particles: int, randomnes
     state, log_z, schedule, ess_history = _temper(model, state, particles, randomness, resampling=resampling,
                                                   target_ess=target_ess, max_steps=max_steps, fixed=fixed,
                                                   progress=progress, move=adaptive_moves)
+    state = _drawn_back(draw_back, state, randomness)
     extra = {"schedule": schedule, "moves": [r.moves for r in reports], "ess_history": ess_history,
              "adapt": True, "kernel": kernel, "acceptance": [r.block_acceptance for r in reports],
              "site_acceptance": [r.site_acceptance for r in reports],
