@@ -59,3 +59,26 @@ def test_mixture_with_z_summed_out_matches_the_reference(method, options):
     assert abs(r.mean("mu1") + 2.6004) < 5 * 0.597 / ess ** 0.5
     assert abs(r.mean("mu2") - 1.3281) < 5 * 0.605 / ess ** 0.5
     assert abs(r.mean("z[4]") - 0.9397) < 5 * (0.9397 * 0.0603 / ess) ** 0.5
+
+
+@pytest.mark.parametrize("method,options", [("tempering", {"particles": 2000}),
+                                            ("resample_move", {"particles": 4000, "kernel": "rw"})])
+def test_changepoint_with_tau_summed_out_matches_the_exact_answer(method, options):
+    """changepoint_enumerated.ppl: log Z = -51.175 and P(tau = 11) = 0.765 (exact, the
+    references of tests/test_enumerate_sites.py). Tolerances: 5 MCSE with ESS a quarter of
+    the particles for P(tau = 11); 0.25 on log Z (the evidence estimates of 2000-4000
+    particles with a 2-parameter model: measured within 0.08)."""
+    model = ppl.model((EXAMPLES / "changepoint_enumerated.ppl").read_text())
+    data = json.loads((EXAMPLES / "changepoint.json").read_text())
+    r = model.run(method, data, seed=0, **options)
+    ess = options["particles"] / 4
+    assert abs(r.log_evidence - -51.175) < 0.25
+    assert abs(r.marginal("return").get(11, 0.0) - 0.765) < 5 * (0.765 * 0.235 / ess) ** 0.5
+
+
+@pytest.mark.parametrize("method", ["tempering", "resample_move"])
+def test_auto_sums_out_the_assignments_of_the_unmarked_mixture(method):
+    model, data = _load("mixture")
+    r = model.run(method, data, particles=2000, seed=1, enumerate="auto")
+    assert r.extra["enumerated"] == [f"z[{i}]" for i in range(6)]
+    assert abs(r.mean("mu1") + 2.6004) < 5 * 0.597 / 500 ** 0.5
