@@ -8,13 +8,15 @@ marginal densities), and the summed-out choices are drawn back at the end."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 import ppl
 from ppl.inference.tempering import tempered_smc
-from ppl.semantics.enumerate_sites import Enumerating, site_selector
+from ppl.semantics.enumerate_sites import Enumerating, EnumRun, site_selector
 from ppl.testing.validity import check_proper, checkable
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -31,11 +33,19 @@ def _load(name):
     return ppl.model((EXAMPLES / f"{name}.ppl").read_text()), json.loads((EXAMPLES / f"{name}.json").read_text())
 
 
-def _enumerated_tempering(particles, schedule, moves=1):
+def _enumerated_tempering(particles, schedule, moves=1, run_cls=None):
     def run(interp, entry, data, rnd):
-        return tempered_smc(Enumerating(interp, site_selector(None)), entry, data, particles, "cpu", moves=moves,
-                            kernel="prior", schedule=schedule, randomness=rnd)
+        return tempered_smc(Enumerating(interp, site_selector(None), run_cls=run_cls), entry, data, particles, "cpu",
+                            moves=moves, kernel="prior", schedule=schedule, randomness=rnd)
     return checkable(run, particles)
+
+
+class _NoPrior(EnumRun):
+    """Broken: the summed-out choice's prior is never a factor (z summed uniformly), in the
+    tempered targets and in the moves' densities alike."""
+
+    def add_prior(self, v, dims, logp, ctx):
+        super().add_prior(v, dims, torch.zeros_like(logp) - math.log(v.K), ctx)
 
 
 # ---------------------------------------------------------------- exact checks
@@ -44,6 +54,11 @@ def test_enumerated_tempering_is_proper_exactly():
     end: E[Z_hat sum w f] equals the exact measure of the program."""
     check = check_proper(ppl.model(FINITE), _enumerated_tempering(2, [0.5, 1.0]))
     assert check.ok(), check
+
+
+def test_a_broken_enumeration_inside_tempering_is_caught():
+    check = check_proper(ppl.model(FINITE), _enumerated_tempering(2, [0.5, 1.0], run_cls=_NoPrior))
+    assert not check.ok(), check
 
 
 @pytest.mark.parametrize("method,options", [("tempering", {"particles": 2000}),
