@@ -37,7 +37,7 @@ def recover_discrete(chains: Chains, interp, entry: str, data: dict, device="cpu
     h = Weighting(n, device, choose=choose)
     ctx = Particles.all(n, device)
     with lineage_scope(None):
-        ret = drive(Enumerating(interp._inner, interp._select, recover=True).run(entry, data, ctx), h)
+        ret = drive(interp.with_recovery().run(entry, data, ctx), h)
     new = {a: s for a, s in h.trace.sites().items() if a not in chains.sites}
     if not new:
         return chains

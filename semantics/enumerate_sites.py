@@ -502,8 +502,12 @@ class Enumerating:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
+    def with_recovery(self, recover: bool = True) -> "Enumerating":
+        """The same enumeration, drawing the summed-out choices back at the end or not."""
+        return Enumerating(self._inner, self._select, recover=recover, run_cls=self._run_cls)
+
     def without_recovery(self) -> "Enumerating":
-        return Enumerating(self._inner, self._select, recover=False, run_cls=self._run_cls)
+        return self.with_recovery(False)
 
     def run(self, entry: str, data: dict, ctx) -> Any:
         return self._run_cls(self, ctx).run(self._inner.run(entry, data, ctx))
