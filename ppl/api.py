@@ -204,15 +204,30 @@ class Model:
         return draw(self, data, path, collapse=collapse, **kwdata)
 
     def log_joint(self, trace: Mapping[str, Any], **data) -> torch.Tensor:
-        """log p(trace, data): the sum of the log densities of every choice in ``trace``
-        (address -> value; a tensor with a leading dim scores a batch of traces) and of
-        every likelihood factor. -inf where the trace is impossible."""
-        n = 1
-        for v in trace.values():
+        """log p(trace, data) [n]: the sum of the log densities of every choice in
+        ``trace`` (address -> value) and of every likelihood factor; -inf where a trace is
+        impossible.
+
+        The rule for batches: every tensor with at least one dimension holds one row per
+        trace (its leading dimension is the number of traces n, the same for all such
+        tensors); Python numbers, bools, lists and 0-d tensors are one value for every
+        trace (n = 1 when there is no tensor). So one trace of a vector choice is a list
+        (``{"theta": [0.1, 0.2]}``) or a tensor with a leading dimension of 1
+        (``{"theta": torch.tensor([[0.1, 0.2]])}``), and n traces of it are a tensor
+        [n, 2]. A value whose shape (per row) is not the choice's is a located error, as
+        are tensors with different numbers of rows."""
+        n, first = 1, None
+        for addr, v in trace.items():
             if isinstance(v, torch.Tensor) and v.dim() >= 1:
-                n = max(n, v.shape[0])
+                if first is not None and v.shape[0] != n:
+                    raise PPLRuntimeError(
+                        f"log_joint: the trace's tensors have different numbers of rows ('{first}': {n}, "
+                        f"'{addr}': {v.shape[0]})",
+                        hint="every tensor with a leading dimension holds one row per trace; give a value shared "
+                             "by all traces as a number or a list")
+                n, first = v.shape[0], addr
         ctx = Particles.all(n)
-        h = Replay(dict(trace), n, "cpu")
+        h = Replay(dict(trace), n, "cpu", rows=True)
         drive(self.interpreter().run(self.entry, self.prepare_data(self.bind((), data), "cpu"), ctx), h)
         return h.log_weights
 

@@ -284,19 +284,52 @@ def prior(randomness=None):
     return choose
 
 
-def replay(given: dict):
+def replay(given: dict, rows: bool = False):
     """Chooser: the value of ``given[addr]`` (a tensor with one row per particle, or one
-    value for all), weighted by its log density; a choice it lacks is an error."""
+    value for all), weighted by its log density; a choice it lacks is an error.
+
+    ``rows=False``: a tensor whose leading dimension is N > 1 holds one row per particle;
+    anything else is one value for all (with N = 1 a tensor is the one particle's value).
+    ``rows=True`` (``Model.log_joint``'s rule, no guessing): every tensor with at least one
+    dimension holds one row per particle, also when N = 1, and each value (a row, or a
+    value for all) must have the choice's own shape, else a located error."""
     def choose(h, eff):
         if eff.addr not in given:
             raise PPLRuntimeError(f"the trace has no value for the choice '{eff.addr}'", eff.span)
         value = given[eff.addr]
         N = h.log_weights.shape[0]
-        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == N and N > 1:
+        batched = isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == N
+        if rows:
+            _check_value_shape(eff, value, batched)
+        if batched and (N > 1 or rows):
             value = Batched(value.to(eff.ctx.device)[eff.ctx.idx], eff.ctx.idx)
         h.add(eff.ctx, h.log_prob(eff.dist, value, eff.ctx))
         return value
     return choose
+
+
+def _check_value_shape(eff, value, batched: bool) -> None:
+    """A located error unless ``value`` (rows of a batch, or one value for all) has the
+    shape of a draw of the choice ``eff`` (skipped where that shape is not known)."""
+    place = eff.dist.placeholder(eff.ctx) if hasattr(eff.dist, "placeholder") else None
+    want = getattr(place, "t", None)
+    if not isinstance(want, torch.Tensor):
+        return
+    want = tuple(want.shape[1:])
+    if batched:
+        got = tuple(value.shape[1:])
+    else:
+        try:
+            got = tuple(torch.as_tensor(value).shape)
+        except (TypeError, ValueError, RuntimeError):
+            return
+    if got != want:
+        shape = "a number" if not want else f"shape {list(want)}"
+        gave = f"rows of shape {list(got)}" if batched else f"a value of shape {list(got)}"
+        raise PPLRuntimeError(
+            f"the trace's value for the choice '{eff.addr}' has {gave}, but the choice takes {shape}", eff.span,
+            "every tensor with a leading dimension holds one row per trace (all the same number of rows): "
+            f"for one trace give '{eff.addr}' as a list or a tensor of shape {[1, *want]}")
 
 
 def fixed(columns: dict):
@@ -374,6 +407,6 @@ class Replay(Weighting):
 
     observe = _WeightAccumulator.observe  # the log joint as it is (no NaN check)
 
-    def __init__(self, trace: dict, N: int, device, dtype=None):
-        super().__init__(N, device, dtype, choose=replay(trace))
+    def __init__(self, trace: dict, N: int, device, dtype=None, rows: bool = False):
+        super().__init__(N, device, dtype, choose=replay(trace, rows))
         self.given = trace
