@@ -42,7 +42,7 @@ from .interpreter import Builtin, Closure, Frame, Interpreter, _label
 from .source import Span
 from .values import Particles, binop, truthy, unop
 
-__all__ = ["analyse", "Dependencies", "Site", "Plate", "SITE_KINDS"]
+__all__ = ["analyse", "Dependencies", "Site", "Plate", "Recipe", "SITE_KINDS"]
 
 SITE_KINDS = ("choice", "observe", "factor", "condition")
 _LIKELIHOOD_PREFIX = {"observe": "obs", "factor": "factor", "condition": "cond"}
@@ -91,6 +91,9 @@ class Dependencies:
     from_traces: bool = False
     reason: Optional[str] = None
     _by_address: dict = field(default_factory=dict, repr=False)
+    #: address -> ``Recipe`` of each site (and "return") whose statement can be evaluated
+    #: on its own from its parents' values (``Recipe``); sites without one are absent
+    recipes: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         self._by_address = {s.address: s for s in (*self.sites, *self.values)}
@@ -141,6 +144,9 @@ class AV:
     items: Optional[tuple] = None
     is_tuple: bool = False
     dist: Optional[str] = None
+    #: the address of the choice whose value this is, exactly (a variable bound by
+    #: ``x ~ d`` and not rebound since); None for any value computed from it
+    choice: Optional[str] = None
 
     @property
     def known(self) -> bool:
@@ -173,7 +179,9 @@ class AV:
                 items = tuple(AV(x, EMPTY, self.data) for x in self.value)
                 return AV(UNKNOWN, deps, self.data | data, items=items, is_tuple=isinstance(self.value, tuple))
             return AV(UNKNOWN, self.deps | deps, self.data | data, dist=self.dist)
-        return replace(self, deps=self.deps | deps, data=self.data | data)
+        # (a control dependency added: the value may be undefined on some paths, so it is
+        # no longer known to be exactly its choice's value)
+        return replace(self, deps=self.deps | deps, data=self.data | data, choice=None if deps else self.choice)
 
 
 def _unknown(*parts: AV, extra: frozenset = EMPTY, dist: Optional[str] = None) -> AV:
@@ -195,6 +203,26 @@ class _Undecidable(Exception):
         super().__init__(why)
         self.why = why
         self.span = span
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to evaluate one site's statement on its own, given its parents' values: its
+    expressions (a choice's distribution; an observe's value and distribution; a factor's
+    or condition's expression; the entry's return value) and the local variables they read,
+    each either the value of a choice (``("choice", address)``) or a data-only value the
+    same on every path (``("value", v)``: a bool, int, str or None). Names not in ``env``
+    are the interpreter's globals (builtins, top-level functions). Recorded only for
+    expressions without a lambda, reading only such variables."""
+
+    kind: str   # "choice", "observe", "factor", "condition" or "return"
+    exprs: tuple
+    env: tuple  # ((name, "choice" | "value", address | value), ...)
+
+
+#: the types of data-only values a recipe may hold: the same under the analysis' sampling
+#: interpreter and under exact enumeration (a float literal is a Fraction there)
+_RECIPE_VALUE_TYPES = (bool, int, str, type(None))
 
 
 @dataclass
@@ -265,6 +293,9 @@ class _Analysis:
         self.must: set = set()
         self.memo_sites: dict = {}    # memo key -> addresses recorded during its first call
         self.memo_implies: dict = {}  # memo key -> memo keys its body calls on every path
+        self.recipes: dict = {}       # address -> Recipe (``recipe``); None: none for that address
+        self.entry_frame: Optional[_AFrame] = None
+        self.entry_returns: list = []  # the entry's return statements' recipes (None: none)
 
     # ---------------------------------------------------------------------------- entry
     def run(self, entry: str, data: Mapping[str, Any]) -> None:
@@ -273,6 +304,8 @@ class _Analysis:
         args = {k: AV(v, EMPTY, frozenset([k])) for k, v in data.items()}
         out = self.call_closure(f, [], args, f.span, fr, top=True)
         self.demote_conditional_memo_sites()
+        if len(self.entry_returns) == 1 and self.entry_returns[0] is not None:
+            self.recipes["return"] = self.entry_returns[0]
         self.values["return"] = Site("return", "return", out.all_deps(), out.all_data(), f.span,
                                      (), True, out.dist, False, "return")
 
@@ -313,6 +346,44 @@ class _Analysis:
         self.values[addr] = Site(addr, "deterministic", deps, v.all_data(), span, tuple(fr.plates),
                                  not fr.conditional, None, False, name)
 
+    def record_recipe(self, addr: str, kind: str, exprs: tuple, fr: _AFrame) -> None:
+        """Keep the ``Recipe`` of the site at ``addr`` (None where it has none, or where
+        the address is met twice: two branches of an unknown ``if``)."""
+        self.recipes[addr] = None if addr in self.recipes else self.recipe(kind, exprs, fr)
+
+    def recipe(self, kind: str, exprs: tuple, fr: _AFrame) -> Optional[Recipe]:
+        """The ``Recipe`` of ``exprs`` evaluated in ``fr``, or None: an expression with a
+        lambda, or reading a local variable that is neither exactly a choice's value nor a
+        data-only bool/int/str/None."""
+        env = {}
+        for e in exprs:
+            for node in ir.walk(e):
+                if isinstance(node, ir.Lambda):
+                    return None
+                if isinstance(node, ir.Var) and node.name not in env:
+                    where = self.binding(node.name, fr)
+                    if where is None:
+                        return None
+                    if where is not self.globals:
+                        v = where.vars[node.name]
+                        if v.choice is not None and v.value is UNKNOWN and v.items is None:
+                            env[node.name] = ("choice", v.choice)
+                        elif v.items is None and type(v.value) in _RECIPE_VALUE_TYPES:
+                            env[node.name] = ("value", v.value)
+                        else:
+                            return None
+        return Recipe(kind, tuple(exprs), tuple((name, how, x) for name, (how, x) in env.items()))
+
+    @staticmethod
+    def binding(name: str, fr: _AFrame) -> Optional[_AFrame]:
+        """The frame whose variable ``name`` is (None when undefined)."""
+        f = fr
+        while f is not None:
+            if name in f.vars:
+                return f
+            f = f.parent
+        return None
+
     # ------------------------------------------------------------------------ statements
     def exec_block(self, stmts, fr: _AFrame) -> bool:
         """Run statements; True when the block certainly returned."""
@@ -337,18 +408,21 @@ class _Analysis:
             d = self.eval(s.dist, fr)
             addr = fr.address(s.target)
             self.record(fr, "choice", addr, d.all_deps() | fr.pc, d.all_data(), s.span, d.dist, s.target)
-            fr.vars[s.target] = AV(UNKNOWN, frozenset([addr]))
+            self.record_recipe(addr, "choice", (s.dist,), fr)
+            fr.vars[s.target] = AV(UNKNOWN, frozenset([addr]), choice=addr)
         elif t is ir.Observe:
             v, d = self.eval(s.value, fr), self.eval(s.dist, fr)
             addr = fr.address(f"obs@{s.span.line}:{s.span.col}")
             self.record(fr, "observe", addr, v.all_deps() | d.all_deps() | fr.pc, v.all_data() | d.all_data(),
                         s.span, d.dist, "obs")
+            self.record_recipe(addr, "observe", (s.value, s.dist), fr)
         elif t is ir.Factor or t is ir.Condition:
             v = self.eval(s.expr, fr)
             kind = "factor" if t is ir.Factor else "condition"
             addr = fr.address(f"{_LIKELIHOOD_PREFIX[kind]}@{s.span.line}:{s.span.col}")
             self.record(fr, kind, addr, v.all_deps() | fr.pc, v.all_data(), s.span, None,
                         _LIKELIHOOD_PREFIX[kind])
+            self.record_recipe(addr, kind, (s.expr,), fr)
         elif t is ir.If:
             return self.exec_if(s, fr)
         elif t is ir.For:
@@ -357,6 +431,9 @@ class _Analysis:
             return self.exec_while(s, fr)
         elif t is ir.Return:
             v = self.eval(s.value, fr) if s.value is not None else AV(None)
+            if fr is self.entry_frame:
+                self.entry_returns.append(None if fr.pc else
+                                          self.recipe("return", (s.value,) if s.value is not None else (), fr))
             fr.returns.append(v.with_deps(fr.pc))
             fr.return_pc |= fr.pc
             fr.return_musts.append(set(self.must))
@@ -663,6 +740,8 @@ class _Analysis:
             path = "" if top else caller.address(f.name) + "/"
         fr = _AFrame(f.env, path, depth, caller.pc, caller.conditional)
         fr.plates = list(caller.plates)
+        if top:
+            self.entry_frame = fr
         params = f.params
         if len(args) > len(params):
             raise PPLRuntimeError(f"{f.name}() takes {len(params)} arguments but {len(args)} were given", span)
@@ -979,4 +1058,5 @@ def analyse(model: Any, data: Optional[Mapping[str, Any]] = None, *, entry: Opti
     sites = tuple(an.sites.values())
     if shapes:
         sites = _with_shapes(interp, entry, args, sites)
-    return Dependencies(sites, tuple(an.values.values()), tuple(args), False, None)
+    recipes = {a: r for a, r in an.recipes.items() if r is not None}
+    return Dependencies(sites, tuple(an.values.values()), tuple(args), False, None, recipes=recipes)

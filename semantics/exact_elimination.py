@@ -48,12 +48,13 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable
 
-from .elimination import BucketTree, Factor, TableTooLarge, elimination_order, sum_product
+from .elimination import BucketTree, Factor, TableTooLarge, elimination_order, exact_sum_product, sum_product
 from .errors import InfiniteSupportError, PPLError, PPLRuntimeError
 from .exact import _hashable, _observe_prob, exact_data
 from .sampling import drive
 from .dist_values import DistValue
-from .values import Particles, to_python, to_vector, truthy
+from .interpreter import Frame
+from .values import DistributionValue, Particles, to_python, to_vector, truthy
 
 __all__ = ["Structure", "EliminationResult", "NotApplicable", "eliminate_program", "covering_assignments"]
 
@@ -86,6 +87,9 @@ class Structure:
     #: the elimination order of the factors' scopes (one per site: they follow from
     #: ``sites`` and ``parents`` alone), computed once per structure (``eliminate_program``)
     orders: dict = field(default_factory=dict, compare=False, repr=False)
+    #: address (and "return") -> ``dependencies.Recipe``: how to evaluate each site on its
+    #: own from its parents' values (``_direct_tables``); sites without one are absent
+    recipes: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def static(self) -> bool:
@@ -117,29 +121,8 @@ class _FixedRun:
         self.sites: list[_Site] = []
         self.chosen: dict = {}  # addr -> the (hashable) value each choice was given
 
-    def _support(self, dist) -> dict:
-        """{hashable value: probability > 0} of ``dist``, cached by its distribution and
-        arguments (the same table for the same parameters in every run)."""
-        key = _dist_key(dist)
-        table = self.supports.get(key) if key is not None else None
-        if table is None:
-            try:
-                support = dist.exact_support()
-            except InfiniteSupportError as err:
-                raise err.with_span(self._span)
-            table = {}
-            for v, p in support:
-                if p != 0:
-                    k = _typed_key(v)
-                    self.originals.setdefault(k, v)
-                    table[k] = table.get(k, 0) + p
-            if key is not None:
-                self.supports[key] = table
-        return table
-
     def sample(self, eff):
-        self._span = eff.span
-        table = self._support(eff.dist)
+        table = _support_table(eff.dist, self.originals, self.supports, eff.span)
         if not table:
             raise NotApplicable(f"{eff.addr}: a choice with no value of positive mass")
         self.sites.append(_Site(eff.addr, "choice", list(table.items()), span=eff.span))
@@ -159,21 +142,48 @@ class _FixedRun:
         self._record(eff, _observe_prob(eff.dist.spec, to_python(eff.value), eff.dist.python_args()))
 
     def factor(self, eff):
-        v = to_python(eff.value)
-        if not isinstance(v, (int, float, Fraction)) or v != v:
-            raise NotApplicable("a factor that is not a number")  # paths give the located error
-        if v == 0:
-            w = 1
-        elif v == -math.inf:
-            w = 0
-        else:
-            w = math.exp(float(v))
-            if w == math.inf:
-                raise NotApplicable("a factor that overflows")
-        self._record(eff, w)
+        self._record(eff, _factor_weight(eff.value))
 
     def condition(self, eff):
         self._record(eff, 1 if truthy(eff.value) else 0)
+
+
+def _support_table(dist, originals: dict, supports: dict, span) -> dict:
+    """{typed value (``_typed_key``): probability > 0} of ``dist``, cached in ``supports``
+    by its distribution and arguments (the same table for the same parameters in every
+    run); ``originals`` gets each typed value's value as the program sees it."""
+    key = _dist_key(dist)
+    table = supports.get(key) if key is not None else None
+    if table is None:
+        try:
+            support = dist.exact_support()
+        except InfiniteSupportError as err:
+            raise err.with_span(span)
+        table = {}
+        for v, p in support:
+            if p != 0:
+                k = _typed_key(v)
+                originals.setdefault(k, v)
+                table[k] = table.get(k, 0) + p
+        if key is not None:
+            supports[key] = table
+    return table
+
+
+def _factor_weight(value):
+    """The weight exp(v) of ``factor v`` (exactly 1 at 0, 0 at -inf); ``NotApplicable`` for
+    a value that is not a number or overflows (paths give the located error)."""
+    v = to_python(value)
+    if not isinstance(v, (int, float, Fraction)) or v != v:
+        raise NotApplicable("a factor that is not a number")
+    if v == 0:
+        return 1
+    if v == -math.inf:
+        return 0
+    w = math.exp(float(v))
+    if w == math.inf:
+        raise NotApplicable("a factor that overflows")
+    return w
 
 
 def _dist_key(dist):
@@ -181,12 +191,20 @@ def _dist_key(dist):
     their types: 1/2 and 0.5 differ), or None when it cannot be formed."""
     if type(dist) is not DistValue:
         return None
+    args = dist.args
+    if all(type(a) in _PLAIN_ARGS for a in args):  # (the common case: its own arguments are the key)
+        return (id(dist.spec), tuple((type(a), a) for a in args))
     try:
         key = (id(dist.spec), _typed(dist.python_args()))  # specs live in the module's table
         hash(key)
     except (TypeError, PPLError):
         return None
     return key
+
+
+#: argument types that ``DistValue.python_args`` passes through unchanged (a float may be a
+#: defaulted literal it reads as a Fraction: it takes the general path)
+_PLAIN_ARGS = frozenset((bool, int, Fraction, str))
 
 
 def _typed(v):
@@ -317,6 +335,7 @@ class _Tables:
     rows: dict[str, dict]                 # site -> {parents' values: support list | weight}
     returns: dict                         # return parents' values -> return value
     originals: dict = field(default_factory=dict)
+    parents: dict = field(default_factory=dict)  # site (and "return") -> the variables of its rows
 
 
 #: the value of a choice on a path where it does not exist (its factor is 1 there)
@@ -367,7 +386,7 @@ def _tabulate(runner: _Runner, structure: Structure, max_table: int) -> _Tables:
         _put(returns, tuple(full[p] for p in parents["return"]), value, "return")
     order = list(sites)
     return _Tables(order, dict(sites), {c: d or (ABSENT,) for c, d in domains.items()}, rows, returns,
-                   runner.originals)
+                   runner.originals, parents)
 
 
 def _where(span) -> tuple | None:
@@ -427,6 +446,154 @@ def _put(table: dict, key: tuple, value, addr: str) -> None:
         table[key] = value
 
 
+# ----------------------------------------------------------------------------------------
+# tabulation from the recipes, without running the program
+# ----------------------------------------------------------------------------------------
+
+
+def _direct_tables(interp, structure: Structure, max_table: int, originals: dict, supports: dict) -> _Tables:
+    """The tables of a static program computed site by site from the analysis' recipes
+    (``dependencies.Recipe``): each site's statement evaluated with the interpreter's own
+    expression evaluator for every combination of the values of the choices it reads,
+    in program order (a choice's domain is the union of its supports over its parents'
+    values, known before any later site reads it). No program run: the choices' values
+    reach an expression only through variables bound to them (the recipe says which), so
+    the statement sees exactly what a run with those values fixed would show it. The
+    rows are over the choices each recipe reads (a subset of the site's parents).
+    ``NotApplicable`` where a site has no recipe or an evaluation fails (the caller then
+    tabulates from covering runs, which give any located error)."""
+    if not structure.static:
+        raise NotApplicable("some sites exist on some paths only")
+    sites, recipes = structure.sites, structure.recipes
+    missing = [a for a in (*sites, "return") if a not in recipes]
+    if missing:
+        raise NotApplicable(f"{missing[0]!r} cannot be evaluated on its own")
+    evaluator = _RecipeEvaluator(interp, originals, supports)
+    domains: dict = {}
+    rows: dict = {}
+    scopes: dict = {}
+    for a, kind in sites.items():
+        scopes[a] = scope = _recipe_scope(recipes[a], structure.parents[a], domains, max_table, a)
+        rows[a] = {key: evaluator.row(recipes[a], dict(zip(scope, key))) for key in _keys(scope, domains)}
+        if kind == "choice":
+            domains[a] = tuple(dict.fromkeys(v for support in rows[a].values() for v, _ in support))
+            if len(domains[a]) * _size(scope, domains) > max_table:
+                raise NotApplicable(f"the table of {a!r} would exceed max_table={max_table} entries")
+    scopes["return"] = scope = _recipe_scope(recipes["return"], structure.parents["return"], domains, max_table,
+                                             "return")
+    returns = {key: evaluator.row(recipes["return"], dict(zip(scope, key))) for key in _keys(scope, domains)}
+    return _Tables(list(sites), dict(sites), domains, rows, returns, originals, scopes)
+
+
+def _recipe_scope(recipe, parents: tuple, domains: dict, max_table: int, addr: str) -> tuple:
+    """The choices ``recipe`` reads, in the order of ``parents`` (which must hold them all,
+    each with a domain already); ``NotApplicable`` otherwise or past ``max_table`` rows."""
+    read = {x for _, kind, x in recipe.env if kind == "choice"}
+    if not read <= set(parents) or not read <= set(domains):
+        raise NotApplicable(f"{addr!r} reads a choice the analysis does not list before it")
+    scope = tuple(p for p in parents if p in read)
+    if _size(scope, domains) > max_table:
+        raise NotApplicable(f"the table of {addr!r} would exceed max_table={max_table} entries")
+    return scope
+
+
+def _size(scope: tuple, domains: dict) -> int:
+    n = 1
+    for p in scope:
+        n *= len(domains[p])
+    return n
+
+
+def _keys(scope: tuple, domains: dict):
+    return itertools.product(*(domains[p] for p in scope))
+
+
+class _RecipeEvaluator:
+    """Evaluates recipes' expressions (``Interpreter.pv``) in a frame holding the recipe's
+    variables, for one particle; the choices' values are given as typed keys and become
+    the values the program sees (``originals``), as ``_FixedRun`` gives them. Any error is
+    ``NotApplicable``."""
+
+    def __init__(self, interp, originals: dict, supports: dict):
+        self.interp, self.originals, self.supports = interp, originals, supports
+        self.ctx = Particles.all(1)
+        self._rows: dict = {}
+
+    def row(self, recipe, assignment: dict):
+        """The site's row at ``assignment`` (a choice's support, a likelihood site's weight,
+        the return value's typed key), memoised by the recipe's expressions (their
+        identity) and the values its variables hold: pure expressions evaluated with the
+        same variables give the same value (a chain's sites share one statement: two
+        evaluations in all)."""
+        key = (recipe.kind, tuple(map(id, recipe.exprs)),
+               tuple((name, type(x), x) if how == "value" else (name, assignment[x]) for name, how, x in recipe.env))
+        hit = self._rows.get(key, _MISSING)
+        if hit is _MISSING:
+            evaluate = self.choice_row if recipe.kind == "choice" else \
+                self.return_key if recipe.kind == "return" else self.likelihood_weight
+            hit = self._rows[key] = evaluate(recipe, assignment)
+        return hit
+
+    def _values(self, recipe, assignment: dict) -> list:
+        """The values of the recipe's expressions with its variables bound."""
+        fr = Frame(self.interp.globals, self.ctx)
+        for name, kind, x in recipe.env:
+            if kind == "value":
+                fr.vars[name] = x
+            else:
+                fr.vars[name] = self.originals[assignment[x]]
+        try:
+            out = []
+            for e in recipe.exprs:
+                if not self.interp.pure(e):
+                    raise NotApplicable("an expression that calls model code")
+                out.append(self.interp.pv(e, fr, self.ctx))
+            return out
+        except NotApplicable:
+            raise
+        except (PPLError, ArithmeticError, TypeError, ValueError, LookupError, RecursionError) as err:
+            raise NotApplicable(f"a site's evaluation failed: {type(err).__name__}") from None
+
+    @staticmethod
+    def _dist(value):
+        if type(value) is not DistValue:
+            raise NotApplicable("a distribution that is not a plain one")
+        return value
+
+    def choice_row(self, recipe, assignment: dict) -> list:
+        """A choice's support [(typed value, probability)] at ``assignment``."""
+        d = self._values(recipe, assignment)[0]
+        if self._dist(d).spec.value_event_dim >= 1:
+            raise NotApplicable("a vector-valued choice")  # (its value is made a Vector: runs do that)
+        table = _support_table(d, self.originals, self.supports, None)
+        if not table:
+            raise NotApplicable("a choice with no value of positive mass")
+        return list(table.items())
+
+    def likelihood_weight(self, recipe, assignment: dict):
+        """An observe's probability, a factor's exp(value) or a condition's 1/0 at ``assignment``."""
+        values = self._values(recipe, assignment)
+        if recipe.kind == "observe":
+            d = self._dist(values[1])
+            w = _observe_prob(d.spec, to_python(values[0]), d.python_args())
+        elif isinstance(values[0], DistributionValue):
+            raise NotApplicable("a distribution used as a number")
+        elif recipe.kind == "factor":
+            w = _factor_weight(values[0])
+        else:
+            w = 1 if truthy(values[0]) else 0
+        if w != w:
+            raise NotApplicable("a likelihood that is NaN")
+        return w
+
+    def return_key(self, recipe, assignment: dict):
+        """The typed key of the return value at ``assignment``."""
+        value = self._values(recipe, assignment)[0] if recipe.exprs else None
+        if isinstance(value, DistributionValue):
+            raise NotApplicable("a distribution returned")
+        return _typed_key(value)
+
+
 def _factors(t: _Tables, parents: dict) -> list[Factor]:
     """One factor per site: a choice's over its parents and itself (its probabilities, or
     1 at ABSENT where it does not exist), a likelihood site's over its parents (its weight,
@@ -462,10 +629,9 @@ class EliminationResult:
 
     strategy = "elimination"
 
-    def __init__(self, tables: _Tables, factors: list[Factor], structure: Structure, evidence, returns: dict,
-                 order: list, max_table: int, enumerate_paths: Callable[[], list]):
+    def __init__(self, tables: _Tables, factors: list[Factor], evidence, returns: dict, order: list,
+                 max_table: int, enumerate_paths: Callable[[], list]):
         self._tables, self._factors, self._order, self._max_table = tables, factors, order, max_table
-        self._parents = structure.parents
         self.evidence, self.returns = evidence, returns
         self.names = [a for a in tables.order if tables.kinds[a] == "choice"
                       and any(v is not ABSENT for v in tables.domains[a])] + ["return"]  # as paths list them
@@ -494,15 +660,16 @@ class EliminationResult:
 
 def eliminate_program(interp, entry: str, data: dict, structure: Structure, *,
                       max_table: int = DEFAULT_MAX_TABLE, enumerate_paths: Callable[[], list] | None = None,
-                      runner: _Runner | None = None) -> EliminationResult:
+                      runner: _Runner | None = None, tables: _Tables | None = None) -> EliminationResult:
     """The exact measure of ``entry(**data)`` by variable elimination over factor tables
     tabulated from covering runs (module docstring). ``NotApplicable`` when it does not
     apply (the caller enumerates paths instead). ``runner``: the runs so far (``_Runner``
-    over the same program and ``exact_data(data)``)."""
+    over the same program and ``exact_data(data)``); ``tables``: the tables already made
+    (``_direct_tables``), so no run is needed."""
     if not structure.decided:
         raise NotApplicable("the dependency analysis could not decide the structure")
-    t = _tabulate(runner or _Runner(interp, entry, exact_data(data)), structure, max_table)
-    parents = structure.parents
+    t = tables or _tabulate(runner or _Runner(interp, entry, exact_data(data)), structure, max_table)
+    parents = t.parents
     factors = _factors(t, parents)
     query = tuple(parents["return"])
     scopes = (tuple(f.vars for f in factors), query)
@@ -510,7 +677,7 @@ def eliminate_program(interp, entry: str, data: dict, structure: Structure, *,
     if order is None:
         order = structure.orders[scopes] = elimination_order(scopes[0], last=query)
     try:
-        joint = sum_product(factors, t.domains, order, keep=query, max_table=max_table)
+        joint = exact_sum_product(factors, t.domains, order, keep=query, max_table=max_table)
     except TableTooLarge as err:
         raise NotApplicable(str(err)) from None
     returns: dict = {}
@@ -522,8 +689,7 @@ def eliminate_program(interp, entry: str, data: dict, structure: Structure, *,
     evidence = sum(returns.values(), 0)
     if evidence == 0:
         raise NotApplicable("zero evidence")  # paths give the located error
-    return EliminationResult(t, factors, structure, evidence, returns, order, max_table,
-                             enumerate_paths or (lambda: []))
+    return EliminationResult(t, factors, evidence, returns, order, max_table, enumerate_paths or (lambda: []))
 
 
 # ----------------------------------------------------------------------------------------
@@ -546,7 +712,7 @@ def structure_of(model, data: dict) -> Structure:
     sites = {s.address: "choice" if s.kind == "choice" else "likelihood" for s in deps.sites}
     conditional = frozenset(s.address for s in deps.sites if not s.static)
     spans = {s.address: _where(s.span) for s in deps.sites}
-    return Structure(not deps.from_traces, sites, parents, conditional, spans)
+    return Structure(not deps.from_traces, sites, parents, conditional, spans, recipes=dict(deps.recipes))
 
 
 def _path_bound(runner: _Runner) -> int:
@@ -576,11 +742,17 @@ def enumerate_exact(model, data: dict, prepared: dict, interp, enumerate_paths: 
         path_threshold = DEFAULT_PATH_THRESHOLD
     runner = _Runner(interp, model.entry, exact_data(prepared))
     try:
-        if strategy == "auto" and _path_bound(runner) <= path_threshold:
+        structure = _cached_structure(model, data, interp)
+        if strategy == "auto" and structure is None and _path_bound(runner) <= path_threshold:
+            return enumerate_paths()  # (a small program is not analysed: one run tells)
+        if structure is None:
+            structure = _analyse(model, data, interp)
+        tables = _tables_without_runs(interp, structure, max_table, runner)
+        if strategy == "auto" and (_path_bound(runner) if tables is None else _tables_path_bound(tables)) \
+                <= path_threshold:
             return enumerate_paths()
-        structure = _analyse(model, data, interp)
         return eliminate_program(interp, model.entry, prepared, structure, max_table=max_table,
-                                 enumerate_paths=enumerate_paths, runner=runner)
+                                 enumerate_paths=enumerate_paths, runner=runner, tables=tables)
     except (NotApplicable, PPLError, RecursionError) as why:
         if strategy == "elimination":
             raise PPLError(f"variable elimination does not apply to this model: {why}",
@@ -588,11 +760,43 @@ def enumerate_exact(model, data: dict, prepared: dict, interp, enumerate_paths: 
         return enumerate_paths()
 
 
-def _analyse(model, data: dict, interp) -> Structure:
+def _tables_without_runs(interp, structure: Structure, max_table: int, runner: _Runner) -> _Tables | None:
+    """``_direct_tables`` (sharing the runner's supports), or None where they do not apply."""
+    if not structure.decided:
+        return None
+    try:
+        return _direct_tables(interp, structure, max_table, runner.originals, runner.supports)
+    except (NotApplicable, PPLError, RecursionError):
+        return None
+
+
+def _tables_path_bound(t: _Tables) -> int:
+    """``_path_bound`` from tables: the product of the support sizes along the assignment
+    that gives each choice its first value (the probe run's)."""
+    first: dict = {}
+    bound = 1
+    for a in t.order:
+        if t.kinds[a] == "choice":
+            support = t.rows[a][tuple(first[p] for p in t.parents[a])]
+            first[a] = support[0][0]
+            bound *= len(support)
+    return bound
+
+
+def _cached_structure(model, data: dict, interp) -> Structure | None:
+    """The ``Structure`` of an earlier ``_analyse`` of ``model`` on the same data, or None."""
     key = _structure_key(model, data, interp)
     cache = _STRUCTURES.get(model) if key is not None else None
     if cache is not None and key in cache and cache[key][0] is model.program:
         return cache[key][1]
+    return None
+
+
+def _analyse(model, data: dict, interp) -> Structure:
+    structure = _cached_structure(model, data, interp)
+    if structure is not None:
+        return structure
+    key = _structure_key(model, data, interp)
     try:
         structure = structure_of(model, data)
     except PPLError:

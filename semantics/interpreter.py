@@ -270,8 +270,8 @@ class Interpreter:
             raise PPLRuntimeError(f"name '{name}' is not defined", e.span, did_you_mean(name, fr.all_names()))
         if t is ir.Const:
             v = e.value
-            if self.exact and isinstance(v, float) and math.isfinite(v):
-                return Fraction(repr(v))
+            if self.exact and isinstance(v, float):
+                return _exact_literal(v)
             return v
         if t is ir.BinOp:
             a, b = self.pv(e.left, fr, ctx), self.pv(e.right, fr, ctx)
@@ -1034,8 +1034,42 @@ def per_particle_slice(v, s: _SliceValue, ctx):
                         (v, s.lo, s.hi), ctx)
 
 
-def _bound_names(program: ir.Program) -> set:
-    """Every name a program binds anywhere (parameters, assignments, loop targets)."""
+def _exact_literal(v: float):
+    """The exact rational a finite float literal spells (``0.9`` -> 9/10; ``Fraction``s are
+    immutable, so one per literal value is shared), the float itself otherwise."""
+    r = _EXACT_LITERALS.get(v)
+    if r is None:
+        if not math.isfinite(v):
+            return v
+        r = Fraction(repr(v))
+        if len(_EXACT_LITERALS) < 4096:
+            _EXACT_LITERALS[v] = r
+    return r
+
+
+#: float literal -> ``Fraction(repr(v))`` (0.0 and -0.0 share an entry: both spell 0)
+_EXACT_LITERALS: dict = {}
+
+
+def _bound_names(program: ir.Program) -> frozenset:
+    """Every name a program binds anywhere (parameters, assignments, loop targets); cached
+    per program object (the IR is immutable)."""
+    hit = _BOUND_NAMES.get(id(program))
+    if hit is not None and hit[0] is program:
+        return hit[1]
+    out = _walk_bound_names(program)
+    if len(_BOUND_NAMES) >= 64:
+        del _BOUND_NAMES[next(iter(_BOUND_NAMES))]  # the oldest
+    _BOUND_NAMES[id(program)] = (program, out)  # (holding the program keeps its id unique)
+    return out
+
+
+#: id(program) -> (program, its bound names)
+_BOUND_NAMES: dict = {}
+
+
+def _walk_bound_names(program: ir.Program) -> frozenset:
+    """``_bound_names`` without the cache."""
     out = set(program.names)
     for node in ir.walk(program):
         if isinstance(node, (ir.Assign, ir.For)):
@@ -1048,4 +1082,4 @@ def _bound_names(program: ir.Program) -> set:
             out.update(node.params)
         elif isinstance(node, ir.FunctionDef):
             out.add(node.name)
-    return out
+    return frozenset(out)
