@@ -85,15 +85,20 @@ class SMCHandler(Weighting):
             self._unchecked = None
 
     def _weighed(self):
-        """(log weights, max, exp(lw - max), their sum, and as floats from one sync: the
-        max, the ESS and log_mean_exp(lw)): one exp serves the ESS, the evidence and the
-        normalised weights."""
+        """(log weights, exp(lw - max), their sum, and as floats: the max, the ESS and
+        log_mean_exp(lw)): one exp serves the ESS, the evidence and the normalised weights.
+        The three sums come back in one sync and the scalar arithmetic is done on Python
+        floats (float64, as the tensors were): a torch op on a 0-d tensor costs a few us,
+        one with a Python number (``s ** 2``, ``s / n``) about 9 us on CPU."""
         lw = self.log_weights
         m = lw.max()
         w = torch.exp(lw - m)
         s = w.sum()
-        m_f, ess, lme = torch.stack([m, s ** 2 / (w * w).sum(), m + torch.log(s / lw.shape[0])]).tolist()
-        return lw, m, w, s, m_f, ess, lme
+        m_f, s_f, w2_f = torch.stack([m, s, torch.dot(w, w)]).tolist()  # dot = (w * w).sum(), one op
+        # not finite (every weight zero, or a NaN): m_f says so, and the caller stops there
+        ess = s_f * s_f / w2_f if w2_f > 0 else math.nan
+        lme = m_f + math.log(s_f / lw.shape[0]) if s_f > 0 else math.nan
+        return lw, w, s, m_f, ess, lme
 
     def _checkpoint(self, eff):
         """The resampling rule: at a synchronisation point, when the ESS is below the
@@ -101,14 +106,14 @@ class SMCHandler(Weighting):
         weighted resampler) by appending the ancestors to the run's lineage."""
         if eff.ctx.idx.shape[0] != self.N:  # (= eff.ctx.M, without a property call)
             return  # only some particles are here: not a synchronisation point
-        lw, m, w, s, m_f, ess, lme = self._weighed()
+        lw, w, s, m_f, ess, lme = self._weighed()
         if math.isnan(m_f) and self._unchecked is not None:  # the observe's NaN test, now
             before, lp = self._unchecked
             self._unchecked = None
             self.log_weights = before
             nan = isinstance(lp, torch.Tensor) and bool(torch.isnan(lp).any())
             self.add(eff.ctx, self._nan_observation(lp, eff) if nan else lp)
-            lw, m, w, s, m_f, ess, lme = self._weighed()
+            lw, w, s, m_f, ess, lme = self._weighed()
         if not math.isfinite(m_f):  # same test as torch.isfinite(m)
             raise ZeroEvidenceError("every particle has weight zero at this checkpoint", eff.span,
                                     "the observation/condition may be impossible, or too unlikely for "

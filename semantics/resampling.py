@@ -70,28 +70,43 @@ def ess(log_weights: torch.Tensor) -> float:
 def _search(w: torch.Tensor, u: torch.Tensor, evenly_spread: bool = False) -> torch.Tensor:
     """Indices i with cdf_{i-1} <= u < cdf_i for uniforms u in [0, 1). ``evenly_spread``:
     u is non-decreasing with about one value per 1/n (systematic, stratified), which
-    allows the same indices to be found by counting instead of binary search."""
+    allows the same indices to be found by counting instead of binary search. Any
+    overshoot (u * total rounded up to the total) is clamped to the last particle of
+    positive weight."""
     cdf = torch.cumsum(w, 0)
     v = u * cdf[-1]
-    idx = None
     if evenly_spread and v.shape[0] >= _COUNT_MIN and v.device.type == "cpu":  # measured on CPU only
         idx = _count_search(w, cdf, v)
-    if idx is None:
-        idx = _sorted_search(cdf, v)
-    # the last particle of positive weight (usually the last one: no search needed)
-    last = w.shape[0] - 1 if float(w[-1]) > 0 else int(torch.nonzero(w > 0).max())
-    return idx.clamp_(max=last)
+        if idx is not None:
+            return idx.clamp_(max=_last_positive(w))
+    return _sorted_search(cdf, v, w)
 
 
-def _sorted_search(cdf: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``torch.searchsorted(cdf, v, right=True)``. On the CPU (float64, no gradients)
-    numpy's searchsorted gives the same indices, faster for sorted queries: it starts each
-    binary search from the previous query's answer, torch's does not (N = 1,000
-    systematic queries: ~14 vs ~40 us, measured here; bench/smc_step_cost.py)."""
+def _last_positive(w: torch.Tensor) -> int:
+    """The index of the last particle of positive weight (usually the last one: no search
+    needed)."""
+    return w.shape[0] - 1 if float(w[-1]) > 0 else int(torch.nonzero(w > 0).max())
+
+
+def _sorted_search(cdf: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.searchsorted(cdf, v, right=True)``; given the weights w (cdf = cumsum(w)),
+    clamped to ``_last_positive(w)``. On the CPU (float64, no gradients) numpy's
+    searchsorted gives the same indices, faster for sorted queries: it starts each binary
+    search from the previous query's answer, torch's does not (N = 1,000 systematic
+    queries: ~14 vs ~40 us, measured here; bench/smc_step_cost.py); the clamp and the
+    last weight's test are then done on the arrays too (a torch op with a Python number
+    costs a few us: SMC's fixed cost per step)."""
     if cdf.device.type == "cpu" and cdf.dtype == v.dtype == torch.float64 and not (cdf.requires_grad or
                                                                                    v.requires_grad):
-        return torch.from_numpy(np.searchsorted(cdf.numpy(), v.numpy(), side="right"))
-    return torch.searchsorted(cdf, v, right=True)
+        # (the array's own method: np.searchsorted adds three Python calls around it)
+        idx = cdf.numpy().searchsorted(v.numpy(), side="right")
+        if w is not None:  # (w, like its cumsum, is float64 without gradients)
+            wn = w.numpy()
+            last = w.shape[0] - 1 if wn[-1] > 0 else int(np.flatnonzero(wn > 0).max())
+            np.minimum(idx, last, out=idx)
+        return torch.from_numpy(idx)
+    idx = torch.searchsorted(cdf, v, right=True)
+    return idx if w is None else idx.clamp_(max=_last_positive(w))
 
 
 _COUNT_MIN = 3072  # below this, a binary search is as fast
@@ -128,17 +143,20 @@ def _count_search(w: torch.Tensor, cdf: torch.Tensor, v: torch.Tensor) -> torch.
     return None
 
 
-_ARANGE: dict = {}
+_GRIDS: dict = {}
 
 
-def _arange(n: int, device) -> torch.Tensor:
-    """torch.arange(n) in float64 on ``device``, cached (never written to)."""
+def _grid(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(torch.arange(n), n as a 0-d tensor), float64 on ``device``, cached (never written
+    to). Dividing by the 0-d tensor gives the same bits as dividing by the Python number
+    n, without torch wrapping the number into a tensor on every call (~4 us on CPU)."""
     key = (n, device)
-    t = _ARANGE.get(key)
+    t = _GRIDS.get(key)
     if t is None:
-        if len(_ARANGE) >= 16:
-            _ARANGE.clear()
-        t = _ARANGE[key] = torch.arange(n, dtype=torch.float64, device=device)
+        if len(_GRIDS) >= 16:
+            _GRIDS.clear()
+        t = _GRIDS[key] = (torch.arange(n, dtype=torch.float64, device=device),
+                            torch.tensor(float(n), dtype=torch.float64, device=device))
     return t
 
 
@@ -150,13 +168,15 @@ def multinomial(w: torch.Tensor, n: int) -> torch.Tensor:
 
 def stratified(w: torch.Tensor, n: int) -> torch.Tensor:
     """One uniform in each stratum [k/n, (k+1)/n)."""
-    u = (_arange(n, w.device) + rng.rand(n, dtype=torch.float64, device=w.device)) / n
+    grid, n_t = _grid(n, w.device)
+    u = (grid + rng.rand(n, dtype=torch.float64, device=w.device)) / n_t
     return _search(w, u, evenly_spread=True)
 
 
 def systematic(w: torch.Tensor, n: int) -> torch.Tensor:
     """One shared uniform offset: u_k = (k + U) / n."""
-    u = (_arange(n, w.device) + rng.rand((), dtype=torch.float64, device=w.device)) / n
+    grid, n_t = _grid(n, w.device)
+    u = (grid + rng.rand((), dtype=torch.float64, device=w.device)) / n_t
     return _search(w, u, evenly_spread=True)
 
 

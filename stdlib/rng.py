@@ -182,6 +182,11 @@ _RSAMPLERS: dict[type, _Sampler] = {}
 _RESOLVED: dict[tuple, _Sampler | None] = {}
 
 
+def _no_generator(device) -> None:
+    """The source outside a run: torch's global generator (``generator=None``)."""
+    return None
+
+
 def _normal(d, shape, gen):
     shape = d._extended_shape(shape)
     return torch.normal(d.loc.expand(shape), d.scale.expand(shape), generator=gen(d.loc.device))
@@ -428,6 +433,14 @@ def sample(dist: td.Distribution, sample_shape=torch.Size(), generator: torch.Ge
     """``dist.sample(sample_shape)`` drawn with ``generator`` (default: the current
     run's; outside a run, torch's global generator)."""
     gen = _gen_of(generator)
+    fn = _RESOLVED.get((type(dist), "sample"), _resolve)
+    if fn is _resolve:
+        fn = _resolve(type(dist), "sample")
+    if fn is _normal and not (dist.loc.requires_grad or dist.scale.requires_grad):
+        # the most common draw, on parameters without gradients: the torch.normal call of
+        # Normal.sample (same draws, from the same generator), without its no_grad context
+        # (~10 Python calls per draw: SMC's fixed cost per step, bench/smc_step_cost.py)
+        return _normal(dist, torch.Size(sample_shape), gen or _no_generator)
     if gen is None:
         return dist.sample(sample_shape)
     with torch.no_grad():
