@@ -955,6 +955,11 @@ def _index(v, i, ctx: Particles):
     """``v[i]`` with per-particle semantics (objects with ``ppl_index(i, ctx)``, such as
     an MH proposal's ``trace``, index themselves; a lazy index, ``semantics.lazy``, indexes
     with ``index_of``)."""
+    if type(i) is int:  # data indexed by a loop counter (``ys[t]``): the general path's answer, first
+        tv = type(v)
+        n = len(v) if tv is list or tv is tuple else v.shape[0] if tv is torch.Tensor and v.dim() > 0 else None
+        if n is not None and -n <= i < n:  # (Tensor.__len__ is a Python method: shape[0] instead)
+            return v[i]
     if isinstance(i, Lazy):
         return i.index_of(v, ctx)
     if not isinstance(v, (list, tuple, str, torch.Tensor, Batched, PerParticle)):

@@ -310,6 +310,9 @@ def _build(cls: type, *args, **kwargs):
     return _SAFE[cls](*args, validate_args=False, **kwargs)
 
 
+_broadcast_tensors = torch._C._VariableFunctions.broadcast_tensors  # what torch.broadcast_tensors calls
+
+
 def _direct_builder(cls: type, names: tuple[str, str]) -> Callable | None:
     """For a torch class whose ``__init__`` (given two tensors) is: the two parameters
     broadcast together, stored as ``names``, then ``Distribution.__init__`` with their
@@ -323,7 +326,12 @@ def _direct_builder(cls: type, names: tuple[str, str]) -> Callable | None:
 
     def build(p: torch.Tensor, q: torch.Tensor):
         d = safe.__new__(safe)
-        pb, qb = torch.broadcast_tensors(p, q)
+        if type(p) is torch.Tensor and type(q) is torch.Tensor:
+            # the op itself: torch.broadcast_tensors' Python wrapper (a __torch_function__
+            # test, a module __getattr__) costs as much as the op (SMC's fixed cost per step)
+            pb, qb = _broadcast_tensors([p, q])
+        else:
+            pb, qb = torch.broadcast_tensors(p, q)
         setattr(d, a, pb)
         setattr(d, b, qb)
         td.Distribution.__init__(d, pb.size(), validate_args=False)
