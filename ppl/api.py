@@ -384,14 +384,29 @@ def check_seed(seed: Any) -> int | None:
     return int(seed)
 
 
+def _sites_in_text(program: ir.Program) -> int:
+    """The number of sample/observe/factor/condition statements in ``program`` (counted
+    once per program object: the IR is immutable)."""
+    hit = _SITE_COUNTS.get(id(program))
+    if hit is None or hit[0] is not program:
+        n = sum(1 for node in ir.walk(program) if isinstance(node, (ir.Sample, ir.Observe, ir.Factor, ir.Condition)))
+        if len(_SITE_COUNTS) >= 64:
+            del _SITE_COUNTS[next(iter(_SITE_COUNTS))]  # the oldest
+        hit = _SITE_COUNTS[id(program)] = (program, n)  # (holding the program keeps its id unique)
+    return hit[1]
+
+
+#: id(program) -> (program, its number of sites in the text)
+_SITE_COUNTS: dict = {}
+
+
 def check_run_memory(model: "Model", method: str, particles: int, options: dict) -> None:
     """Refuse a run whose particle tensors alone would exceed the memory budget: about
     particles x (sites + 4) x 8 bytes for a population (weights, indices, one value per
     site), chains x kept draws x (sites + 1) x 8 for MCMC. Sites are counted in the
     program text (a loop counts once, so this is a lower bound)."""
     from .semantics.limits import check_memory
-    sites = sum(1 for node in ir.walk(model.program) if isinstance(node, (ir.Sample, ir.Observe, ir.Factor,
-                                                                             ir.Condition)))
+    sites = _sites_in_text(model.program)
     if method in ("mh", "pmmh", "nuts", "hmc"):
         chains = options.get("chains") or (2 if method == "pmmh" else particles)
         samples = options.get("samples", 500 if method == "pmmh" else 1000)

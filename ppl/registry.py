@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import weakref
 from typing import Any, Callable, Mapping
 
 from .guide import load_proposal
@@ -85,10 +86,25 @@ def register_method(name: str, fn: Callable, *, options: Mapping[str, OptionSpec
 
 
 def _parameters(fn: Callable) -> dict[str, inspect.Parameter]:
+    """``fn``'s parameters by name (its signature, read once per function object)."""
     try:
-        return dict(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):  # a builtin without a signature: assume it takes anything
-        return {"options": inspect.Parameter("options", inspect.Parameter.VAR_KEYWORD)}
+        hit = _SIGNATURES.get(fn)
+    except TypeError:  # (not hashable or not weakly referable)
+        hit = None
+    if hit is None:
+        try:
+            hit = dict(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):  # a builtin without a signature: assume it takes anything
+            hit = {"options": inspect.Parameter("options", inspect.Parameter.VAR_KEYWORD)}
+        try:
+            _SIGNATURES[fn] = hit
+        except TypeError:  # (not weakly referable: read every time)
+            pass
+    return dict(hit)
+
+
+#: method function -> its parameters (``_parameters``)
+_SIGNATURES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def method_options(method: str) -> list[str]:

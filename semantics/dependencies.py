@@ -212,8 +212,9 @@ class Recipe:
     or condition's expression; the entry's return value) and the local variables they read,
     each either the value of a choice (``("choice", address)``) or a data-only value the
     same on every path (``("value", v)``: a bool, int, str or None). Names not in ``env``
-    are the interpreter's globals (builtins, top-level functions). Recorded only for
-    expressions without a lambda, reading only such variables."""
+    are the interpreter's globals (builtins, top-level functions). Recorded only for pure
+    expressions (``Interpreter.pure``: no call into model code) without a lambda, reading
+    only such variables."""
 
     kind: str   # "choice", "observe", "factor", "condition" or "return"
     exprs: tuple
@@ -357,6 +358,8 @@ class _Analysis:
         data-only bool/int/str/None."""
         env = {}
         for e in exprs:
+            if not self.interp.pure(e):  # (it calls model code)
+                return None
             for node in ir.walk(e):
                 if isinstance(node, ir.Lambda):
                     return None

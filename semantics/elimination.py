@@ -39,7 +39,7 @@ import networkx as nx
 from networkx.algorithms.approximation import treewidth as _tw
 
 __all__ = ["Factor", "elimination_order", "interaction_graph", "sum_product", "exact_sum_product", "BucketTree",
-           "induced_width", "TableTooLarge", "integer_tables"]
+           "induced_width", "TableTooLarge", "integer_tables", "EliminationPlan"]
 
 
 class TableTooLarge(Exception):
@@ -174,29 +174,8 @@ def _product_sum(factors: list[Factor], domains: Mapping, out_vars: tuple, sum_v
                  max_table: int | None) -> Factor:
     """sum over ``sum_vars`` of the product of ``factors``, as a table over ``out_vars``
     (``out_vars + sum_vars`` covers every factor's variables). Zero products are skipped."""
-    scope = out_vars + sum_vars
-    size = 1
-    for v in scope:
-        size *= len(domains[v])
-    if max_table is not None and size > max_table:
-        raise TableTooLarge(f"a table over {len(scope)} variables has {size} entries (limit {max_table})")
-    pos = {v: i for i, v in enumerate(scope)}
-    lookups = [(f.table.get, _key_of(tuple(pos[v] for v in f.vars))) for f in factors]
-    n_out = len(out_vars)
-    out: dict = {}
-    for assignment in itertools.product(*(domains[v] for v in scope)):
-        w = None  # (no `1 *`: a product of Fractions makes one Fraction per factor only)
-        for get, key_of in lookups:
-            x = get(key_of(assignment), 0)
-            if not x:
-                break
-            w = x if w is None else w * x
-        else:
-            if w is None:
-                w = 1
-            key = assignment[:n_out]
-            out[key] = out[key] + w if key in out else w
-    return Factor(out_vars, out)
+    step = _Step(list(range(len(factors))), [f.vars for f in factors], out_vars, sum_vars)
+    return Factor(out_vars, step.run([f.table for f in factors], domains, max_table))
 
 
 def _key_of(idx: tuple):
@@ -220,37 +199,120 @@ def sum_product(factors: Iterable[Factor], domains: Mapping, order: list, keep: 
     ``factors`` (see the module's invariant), eliminating in ``order`` (variables of
     ``keep`` in it are skipped). ``keep=()``: a factor over no variables whose scalar is
     the total mass Z. ``max_table``: a bound on the entries of any table formed
-    (``TableTooLarge`` beyond it).
+    (``TableTooLarge`` beyond it). (``EliminationPlan`` + ``run``: the plan can be kept
+    for other tables over the same scopes.)"""
+    factors = list(factors)
+    plan = EliminationPlan([f.vars for f in factors], order, keep)
+    return plan.run([f.table for f in factors], domains, max_table=max_table)
 
-    Each factor waits in the bucket of its first variable in the order; eliminating that
-    variable multiplies its bucket, sums the variable out and puts the result in the
-    bucket of its next variable (the last bucket: what remains over ``keep``)."""
-    keep = tuple(dict.fromkeys(keep))
-    kept = set(keep)
-    eliminated = [v for v in order if v not in kept]
-    position = {v: i for i, v in enumerate(eliminated)}
-    final = len(eliminated)
-    buckets: list[list[Factor]] = [[] for _ in range(final + 1)]
 
-    def put(f: Factor) -> None:
-        try:
-            first = min((position[v] for v in f.vars if v not in kept), default=final)
-        except KeyError as missing:
-            raise ValueError(f"variable not in the order: {missing.args[0]!r}") from None
-        buckets[first].append(f)
+class EliminationPlan:
+    """The symbolic part of ``sum_product`` for factors over given scopes, worked out once:
+    each factor waits in the bucket of its first variable in the order; eliminating that
+    variable multiplies its bucket, sums the variable out and puts the result (a
+    message) in the bucket of its next variable; the last bucket holds what remains over
+    ``keep``. ``run`` does the arithmetic on any tables over those scopes."""
 
-    for f in factors:
-        put(f)
-    for i, var in enumerate(eliminated):
-        touching = buckets[i]
-        if touching:
-            rest = tuple(v for v in _ordered_union(touching) if v != var)
-            put(_product_sum(touching, domains, rest, (var,), max_table))
-    return _product_sum(buckets[final], domains, keep, (), max_table)
+    def __init__(self, scopes: list[tuple], order: list, keep: Iterable[Hashable] = ()):
+        self.keep = keep = tuple(dict.fromkeys(keep))
+        kept = set(keep)
+        eliminated = [v for v in order if v not in kept]
+        position = {v: i for i, v in enumerate(eliminated)}
+        final = len(eliminated)
+        buckets: list[list[int]] = [[] for _ in range(final + 1)]
+        self.n_factors = len(scopes)
+        self.scopes = [tuple(vs) for vs in scopes]
+        slot_vars = list(self.scopes)  # slot i: factor i, then each step's message
+
+        def put(slot: int) -> None:
+            try:
+                first = min((position[v] for v in slot_vars[slot] if v not in kept), default=final)
+            except KeyError as missing:
+                raise ValueError(f"variable not in the order: {missing.args[0]!r}") from None
+            buckets[first].append(slot)
+
+        for i in range(len(scopes)):
+            put(i)
+        self.steps: list[_Step] = []
+        for i, var in enumerate(eliminated):
+            if buckets[i]:
+                rest = tuple(v for v in dict.fromkeys(v for j in buckets[i] for v in slot_vars[j]) if v != var)
+                self.steps.append(_Step(buckets[i], [slot_vars[j] for j in buckets[i]], rest, (var,)))
+                slot_vars.append(rest)
+                put(len(slot_vars) - 1)
+        self.last = _Step(buckets[final], [slot_vars[j] for j in buckets[final]], keep, ())
+
+    def run(self, tables: list[dict], domains: Mapping, *, max_table: int | None = None) -> Factor:
+        """The table over ``keep`` for factor tables over the plan's scopes (in order)."""
+        if len(tables) != self.n_factors:
+            raise ValueError(f"{len(tables)} tables for a plan of {self.n_factors} factors")
+        slots = list(tables)
+        for step in self.steps:
+            slots.append(step.run(slots, domains, max_table))
+        return Factor(self.keep, self.last.run(slots, domains, max_table))
+
+
+class _Step:
+    """One bucket of an ``EliminationPlan``: the sum over ``sum_vars`` of the product of
+    the tables in ``inputs`` (slot numbers), as a table over ``out_vars``, with the key
+    functions worked out once. Where one input spans the whole scope its nonzero entries
+    are iterated (each looked up in the others) instead of every assignment of the
+    scope; zero products are skipped either way."""
+
+    def __init__(self, inputs: list[int], input_vars: list[tuple], out_vars: tuple, sum_vars: tuple):
+        self.out_vars, self.scope = out_vars, out_vars + sum_vars
+        widest = max(range(len(inputs)), key=lambda j: len(input_vars[j]), default=None)
+        if widest is not None and len(input_vars[widest]) == len(self.scope):
+            self.widest = inputs[widest]
+            pos = {v: i for i, v in enumerate(input_vars[widest])}
+            others = [j for j in range(len(inputs)) if j != widest]
+            self.out_key = _key_of(tuple(pos[v] for v in out_vars))
+        else:
+            self.widest = None
+            pos = {v: i for i, v in enumerate(self.scope)}
+            others = range(len(inputs))
+        self.lookups = [(inputs[j], _key_of(tuple(pos[v] for v in input_vars[j]))) for j in others]
+
+    def run(self, slots: list, domains: Mapping, max_table: int | None) -> dict:
+        size = 1
+        for v in self.scope:
+            size *= len(domains[v])
+        if max_table is not None and size > max_table:
+            raise TableTooLarge(f"a table over {len(self.scope)} variables has {size} entries (limit {max_table})")
+        lookups = [(slots[j].get, key_of) for j, key_of in self.lookups]
+        out: dict = {}
+        if self.widest is not None:
+            out_key = self.out_key
+            for assignment, w in slots[self.widest].items():
+                if not w:
+                    continue
+                for get, key_of in lookups:
+                    x = get(key_of(assignment), 0)
+                    if not x:
+                        break
+                    w = w * x
+                else:
+                    key = out_key(assignment)
+                    out[key] = out[key] + w if key in out else w
+            return out
+        n_out = len(self.out_vars)
+        for assignment in itertools.product(*(domains[v] for v in self.scope)):
+            w = None  # (no `1 *`: a product of Fractions makes one Fraction per factor only)
+            for get, key_of in lookups:
+                x = get(key_of(assignment), 0)
+                if not x:
+                    break
+                w = x if w is None else w * x
+            else:
+                if w is None:
+                    w = 1
+                key = assignment[:n_out]
+                out[key] = out[key] + w if key in out else w
+        return out
 
 
 def exact_sum_product(factors: Iterable[Factor], domains: Mapping, order: list, keep: Iterable[Hashable] = (),
-                      *, max_table: int | None = None) -> Factor:
+                      *, max_table: int | None = None, plan: EliminationPlan | None = None) -> Factor:
     """``sum_product`` with the arithmetic on integers where every weight is exact: each
     factor's table is scaled to integers by the least common multiple of its
     denominators (``integer_tables``), the elimination multiplies and adds Python ints
@@ -258,13 +320,16 @@ def exact_sum_product(factors: Iterable[Factor], domains: Mapping, order: list, 
     the result is divided by the product of the scales once at the end. Each factor
     enters every product exactly once, so that product is the result's one common
     denominator: the answers are the same Fractions ``sum_product`` gives. With a float
-    weight anywhere this is ``sum_product`` itself."""
+    weight anywhere this is ``sum_product`` itself. ``plan``: an ``EliminationPlan`` of
+    these factors' scopes, ``order`` and ``keep`` (made here when not given)."""
     factors = list(factors)
+    if plan is None:
+        plan = EliminationPlan([f.vars for f in factors], order, keep)
     scaled = integer_tables(factors)
     if scaled is None:
-        return sum_product(factors, domains, order, keep, max_table=max_table)
+        return plan.run([f.table for f in factors], domains, max_table=max_table)
     ints, denominator = scaled
-    out = sum_product(ints, domains, order, keep, max_table=max_table)
+    out = plan.run([f.table for f in ints], domains, max_table=max_table)
     return Factor(out.vars, {k: Fraction(w, denominator) for k, w in out.table.items()})
 
 
@@ -275,23 +340,21 @@ def integer_tables(factors: list[Factor]) -> tuple[list[Factor], int] | None:
     Fraction (plain ints need no scaling)."""
     out, denominator, any_fraction = [], 1, False
     for f in factors:
-        scale = 1
-        for w in f.table.values():
-            t = type(w)
-            if t is Fraction:
-                any_fraction = True
-                d = w.denominator
-                if scale % d:
-                    scale = scale * d // math.gcd(scale, d)
-            elif t is not int:
-                return None
-        if scale == 1:
-            out.append(Factor(f.vars, {k: int(w) for k, w in f.table.items()}))
-        else:
-            out.append(Factor(f.vars, {k: w.numerator * (scale // w.denominator) if type(w) is Fraction else w * scale
-                                       for k, w in f.table.items()}))
+        table = f.table
+        types = set(map(type, table.values()))
+        if not types <= _EXACT_TYPES:
+            return None
+        if Fraction not in types:
+            out.append(f)
+            continue
+        any_fraction = True
+        scale = math.lcm(*{w.denominator for w in table.values()})
+        out.append(Factor(f.vars, {k: w.numerator * (scale // w.denominator) for k, w in table.items()}))
         denominator *= scale
     return (out, denominator) if any_fraction else None
+
+
+_EXACT_TYPES = frozenset((int, Fraction))
 
 
 class BucketTree:

@@ -48,7 +48,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable
 
-from .elimination import BucketTree, Factor, TableTooLarge, elimination_order, exact_sum_product, sum_product
+from .elimination import (BucketTree, EliminationPlan, Factor, TableTooLarge, elimination_order, exact_sum_product,
+                          sum_product)
 from .errors import InfiniteSupportError, PPLError, PPLRuntimeError
 from .exact import _hashable, _observe_prob, exact_data
 from .sampling import drive
@@ -84,12 +85,14 @@ class Structure:
     conditional: frozenset = frozenset()
     #: address -> where its statement is (``_where``); a run's site elsewhere is another site
     spans: dict = field(default_factory=dict)
-    #: the elimination order of the factors' scopes (one per site: they follow from
+    #: the elimination order of the factors' scopes and its ``EliminationPlan`` (one per site: they follow from
     #: ``sites`` and ``parents`` alone), computed once per structure (``eliminate_program``)
     orders: dict = field(default_factory=dict, compare=False, repr=False)
     #: address (and "return") -> ``dependencies.Recipe``: how to evaluate each site on its
     #: own from its parents' values (``_direct_tables``); sites without one are absent
     recipes: dict = field(default_factory=dict, compare=False, repr=False)
+    #: ``_site_plans``' answer, computed once per structure (None: not yet)
+    plans: Any = field(default=None, compare=False, repr=False)
 
     @property
     def static(self) -> bool:
@@ -139,7 +142,7 @@ class _FixedRun:
         self.sites.append(_Site(eff.addr, "likelihood", weight=w, span=eff.span))
 
     def observe(self, eff):
-        self._record(eff, _observe_prob(eff.dist.spec, to_python(eff.value), eff.dist.python_args()))
+        self._record(eff, _observe_weight(eff.dist, eff.value))
 
     def factor(self, eff):
         self._record(eff, _factor_weight(eff.value))
@@ -151,10 +154,17 @@ class _FixedRun:
 def _support_table(dist, originals: dict, supports: dict, span) -> dict:
     """{typed value (``_typed_key``): probability > 0} of ``dist``, cached in ``supports``
     by its distribution and arguments (the same table for the same parameters in every
-    run); ``originals`` gets each typed value's value as the program sees it."""
+    run); ``originals`` gets each typed value's value as the program sees it. A table of
+    scalar values is also kept process-wide (``_KNOWN_SUPPORTS``)."""
     key = _dist_key(dist)
     table = supports.get(key) if key is not None else None
-    if table is None:
+    if table is not None:
+        return table
+    table = _KNOWN_SUPPORTS.get(key) if key is not None else None
+    if table is not None:
+        for k in table:
+            originals.setdefault(k, k[1])  # (a scalar's typed key holds the value itself)
+    else:
         try:
             support = dist.exact_support()
         except InfiniteSupportError as err:
@@ -165,9 +175,43 @@ def _support_table(dist, originals: dict, supports: dict, span) -> dict:
                 k = _typed_key(v)
                 originals.setdefault(k, v)
                 table[k] = table.get(k, 0) + p
-        if key is not None:
-            supports[key] = table
+        if key is not None and all(type(k[1]) in _SCALARS and k[0] != "tuple" for k in table):
+            _remember(_KNOWN_SUPPORTS, key, table)
+    if key is not None:
+        supports[key] = table
     return table
+
+
+def _observe_weight(dist, value):
+    """P(value) under ``dist`` (``exact._observe_prob``), kept process-wide for a scalar
+    value of a distribution with plain arguments (``_KNOWN_OBSERVATIONS``)."""
+    dist_key = _dist_key(dist)
+    v = to_python(value)
+    key = (dist_key, type(v), v) if dist_key is not None and type(v) in _SCALARS else None
+    w = _KNOWN_OBSERVATIONS.get(key) if key is not None else None
+    if w is None:
+        w = _observe_prob(dist.spec, v, dist.python_args())
+        if key is not None:
+            _remember(_KNOWN_OBSERVATIONS, key, w)
+    return w
+
+
+def _remember(memo: dict, key, value, limit: int = 4096) -> None:
+    """memo[key] = value, dropping the oldest entry past ``limit`` entries."""
+    if len(memo) >= limit:
+        try:
+            del memo[next(iter(memo))]
+        except (StopIteration, KeyError, RuntimeError):  # (another thread got there first)
+            pass
+    memo[key] = value
+
+
+#: the exact support and the observation probabilities of distributions with given plain
+#: arguments (``_dist_key``), over scalar values: pure functions of their keys, kept across
+#: runs (``flip(9/10)``'s table is computed once per process). Tables are never mutated.
+_KNOWN_SUPPORTS: dict = {}
+_KNOWN_OBSERVATIONS: dict = {}
+_SCALARS = frozenset((bool, int, str, Fraction, float, type(None)))
 
 
 def _factor_weight(value):
@@ -462,39 +506,71 @@ def _direct_tables(interp, structure: Structure, max_table: int, originals: dict
     rows are over the choices each recipe reads (a subset of the site's parents).
     ``NotApplicable`` where a site has no recipe or an evaluation fails (the caller then
     tabulates from covering runs, which give any located error)."""
-    if not structure.static:
-        raise NotApplicable("some sites exist on some paths only")
-    sites, recipes = structure.sites, structure.recipes
-    missing = [a for a in (*sites, "return") if a not in recipes]
-    if missing:
-        raise NotApplicable(f"{missing[0]!r} cannot be evaluated on its own")
+    plans = _site_plans(structure)
     evaluator = _RecipeEvaluator(interp, originals, supports)
     domains: dict = {}
     rows: dict = {}
-    scopes: dict = {}
-    for a, kind in sites.items():
-        scopes[a] = scope = _recipe_scope(recipes[a], structure.parents[a], domains, max_table, a)
-        rows[a] = {key: evaluator.row(recipes[a], dict(zip(scope, key))) for key in _keys(scope, domains)}
-        if kind == "choice":
+    for a, plan in plans.items():
+        if _size(plan.scope, domains) > max_table:
+            raise NotApplicable(f"the table of {a!r} would exceed max_table={max_table} entries")
+        rows[a] = evaluator.rows(plan, domains)
+        if plan.recipe.kind == "choice":
             domains[a] = tuple(dict.fromkeys(v for support in rows[a].values() for v, _ in support))
-            if len(domains[a]) * _size(scope, domains) > max_table:
+            if len(domains[a]) * _size(plan.scope, domains) > max_table:
                 raise NotApplicable(f"the table of {a!r} would exceed max_table={max_table} entries")
-    scopes["return"] = scope = _recipe_scope(recipes["return"], structure.parents["return"], domains, max_table,
-                                             "return")
-    returns = {key: evaluator.row(recipes["return"], dict(zip(scope, key))) for key in _keys(scope, domains)}
-    return _Tables(list(sites), dict(sites), domains, rows, returns, originals, scopes)
+    returns = rows.pop("return")
+    sites = structure.sites
+    return _Tables(list(sites), dict(sites), domains, rows, returns, originals,
+                   {a: plan.scope for a, plan in plans.items()})
 
 
-def _recipe_scope(recipe, parents: tuple, domains: dict, max_table: int, addr: str) -> tuple:
-    """The choices ``recipe`` reads, in the order of ``parents`` (which must hold them all,
-    each with a domain already); ``NotApplicable`` otherwise or past ``max_table`` rows."""
-    read = {x for _, kind, x in recipe.env if kind == "choice"}
-    if not read <= set(parents) or not read <= set(domains):
-        raise NotApplicable(f"{addr!r} reads a choice the analysis does not list before it")
-    scope = tuple(p for p in parents if p in read)
-    if _size(scope, domains) > max_table:
-        raise NotApplicable(f"the table of {addr!r} would exceed max_table={max_table} entries")
-    return scope
+@dataclass(frozen=True)
+class _SitePlan:
+    """What ``_direct_tables`` needs of one site's (or the return value's) recipe."""
+    recipe: Any        # its ``dependencies.Recipe``
+    scope: tuple       # the choices it reads, in the order of the site's parents
+    read: tuple | None  # the position in ``scope`` of each choice variable of the recipe (env
+                        # order); None when that is the scope itself
+    memo: int          # the same number for sites of the same kind, expressions (their
+                       # identities) and data-only variables: their rows are the same
+
+
+def _site_plans(structure: Structure) -> dict:
+    """address (then "return") -> ``_SitePlan``, made once per structure; ``NotApplicable``
+    where some site exists on some paths only, has no recipe, or reads a choice that is
+    not among its parents and earlier in the program."""
+    if structure.plans is None:
+        try:
+            structure.plans = _make_site_plans(structure)
+        except NotApplicable as why:
+            structure.plans = str(why)
+    if isinstance(structure.plans, str):
+        raise NotApplicable(structure.plans)
+    return structure.plans
+
+
+def _make_site_plans(structure: Structure) -> dict:
+    if not structure.static:
+        raise NotApplicable("some sites exist on some paths only")
+    plans: dict = {}
+    earlier: set = set()
+    memos: dict = {}
+    for a in (*structure.sites, "return"):
+        recipe = structure.recipes.get(a)
+        if recipe is None:
+            raise NotApplicable(f"{a!r} cannot be evaluated on its own")
+        choices = [x for _, how, x in recipe.env if how == "choice"]
+        if not set(choices) <= set(structure.parents[a]) & earlier:
+            raise NotApplicable(f"{a!r} reads a choice the analysis does not list before it")
+        scope = tuple(p for p in structure.parents[a] if p in choices)
+        memo = memos.setdefault((recipe.kind, tuple(map(id, recipe.exprs)),
+                                 tuple((name, type(x), x) for name, how, x in recipe.env if how == "value")),
+                                len(memos))
+        read = tuple(scope.index(x) for x in choices)
+        plans[a] = _SitePlan(recipe, scope, None if read == tuple(range(len(scope))) else read, memo)
+        if structure.sites.get(a) == "choice":
+            earlier.add(a)
+    return plans
 
 
 def _size(scope: tuple, domains: dict) -> int:
@@ -519,20 +595,23 @@ class _RecipeEvaluator:
         self.ctx = Particles.all(1)
         self._rows: dict = {}
 
-    def row(self, recipe, assignment: dict):
-        """The site's row at ``assignment`` (a choice's support, a likelihood site's weight,
-        the return value's typed key), memoised by the recipe's expressions (their
-        identity) and the values its variables hold: pure expressions evaluated with the
-        same variables give the same value (a chain's sites share one statement: two
-        evaluations in all)."""
-        key = (recipe.kind, tuple(map(id, recipe.exprs)),
-               tuple((name, type(x), x) if how == "value" else (name, assignment[x]) for name, how, x in recipe.env))
-        hit = self._rows.get(key, _MISSING)
-        if hit is _MISSING:
-            evaluate = self.choice_row if recipe.kind == "choice" else \
-                self.return_key if recipe.kind == "return" else self.likelihood_weight
-            hit = self._rows[key] = evaluate(recipe, assignment)
-        return hit
+    def rows(self, plan: "_SitePlan", domains: dict) -> dict:
+        """{values of the plan's scope: the site's row there} (a choice's support, a
+        likelihood site's weight, the return value's typed key), memoised by the recipe's
+        expressions (their identity) and the values its variables hold: pure expressions
+        evaluated with the same variables give the same value (a chain's sites share one
+        statement: two evaluations in all)."""
+        recipe, scope, read = plan.recipe, plan.scope, plan.read
+        evaluate = self.choice_row if recipe.kind == "choice" else \
+            self.return_key if recipe.kind == "return" else self.likelihood_weight
+        out = {}
+        for key in _keys(scope, domains):
+            memo = (plan.memo, key if read is None else tuple([key[i] for i in read]))
+            row = self._rows.get(memo, _MISSING)
+            if row is _MISSING:
+                row = self._rows[memo] = evaluate(recipe, dict(zip(scope, key)))
+            out[key] = row
+        return out
 
     def _values(self, recipe, assignment: dict) -> list:
         """The values of the recipe's expressions with its variables bound."""
@@ -542,15 +621,8 @@ class _RecipeEvaluator:
                 fr.vars[name] = x
             else:
                 fr.vars[name] = self.originals[assignment[x]]
-        try:
-            out = []
-            for e in recipe.exprs:
-                if not self.interp.pure(e):
-                    raise NotApplicable("an expression that calls model code")
-                out.append(self.interp.pv(e, fr, self.ctx))
-            return out
-        except NotApplicable:
-            raise
+        try:  # (recipes hold pure expressions only)
+            return [self.interp.pv(e, fr, self.ctx) for e in recipe.exprs]
         except (PPLError, ArithmeticError, TypeError, ValueError, LookupError, RecursionError) as err:
             raise NotApplicable(f"a site's evaluation failed: {type(err).__name__}") from None
 
@@ -574,8 +646,7 @@ class _RecipeEvaluator:
         """An observe's probability, a factor's exp(value) or a condition's 1/0 at ``assignment``."""
         values = self._values(recipe, assignment)
         if recipe.kind == "observe":
-            d = self._dist(values[1])
-            w = _observe_prob(d.spec, to_python(values[0]), d.python_args())
+            w = _observe_weight(self._dist(values[1]), values[0])
         elif isinstance(values[0], DistributionValue):
             raise NotApplicable("a distribution used as a number")
         elif recipe.kind == "factor":
@@ -658,6 +729,21 @@ class EliminationResult:
         return self._count
 
 
+def _order_and_plan(structure: Structure, factors: list[Factor], query: tuple, direct: bool):
+    """The elimination order of the factors' scopes (keeping ``query``) and its
+    ``EliminationPlan``, made once per structure and scopes (``structure.orders``). The
+    scopes of tables made from recipes follow from the structure alone: they are kept
+    under one key and compared, instead of hashing every scope."""
+    scopes = [f.vars for f in factors]
+    key = ("direct", query) if direct else (tuple(scopes), query)
+    hit = structure.orders.get(key)
+    if hit is not None and (not direct or hit[1].scopes == scopes):
+        return hit
+    order = elimination_order(scopes, last=query)
+    structure.orders[key] = hit = (order, EliminationPlan(scopes, order, query))
+    return hit
+
+
 def eliminate_program(interp, entry: str, data: dict, structure: Structure, *,
                       max_table: int = DEFAULT_MAX_TABLE, enumerate_paths: Callable[[], list] | None = None,
                       runner: _Runner | None = None, tables: _Tables | None = None) -> EliminationResult:
@@ -672,12 +758,9 @@ def eliminate_program(interp, entry: str, data: dict, structure: Structure, *,
     parents = t.parents
     factors = _factors(t, parents)
     query = tuple(parents["return"])
-    scopes = (tuple(f.vars for f in factors), query)
-    order = structure.orders.get(scopes)
-    if order is None:
-        order = structure.orders[scopes] = elimination_order(scopes[0], last=query)
+    order, plan = _order_and_plan(structure, factors, query, direct=tables is not None)
     try:
-        joint = exact_sum_product(factors, t.domains, order, keep=query, max_table=max_table)
+        joint = exact_sum_product(factors, t.domains, order, keep=query, max_table=max_table, plan=plan)
     except TableTooLarge as err:
         raise NotApplicable(str(err)) from None
     returns: dict = {}

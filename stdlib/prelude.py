@@ -808,7 +808,22 @@ def _param(ctx, name, init, constraint="real"):
 
 # ---------------------------------------------------------------------------- the table
 def builtins() -> dict[str, Any]:
-    """name -> value of everything in the prelude (fresh ``Builtin`` objects)."""
+    """name -> value of everything in the prelude: a new dict (callers may add to it) of
+    ``Builtin`` objects made once per torch default dtype (``float`` converts to it) and
+    shared, as they hold no state."""
+    dtype = torch.get_default_dtype()
+    table = _BUILTINS.get(dtype)
+    if table is None:
+        table = _BUILTINS[dtype] = _make_builtins()
+    return dict(table)
+
+
+#: torch default dtype -> the prelude's table (``builtins``)
+_BUILTINS: dict = {}
+
+
+def _make_builtins() -> dict[str, Any]:
+    """``builtins`` made afresh."""
     out: dict[str, Any] = {}
     for name, (tf, pf) in _UNARY.items():
         out[name] = _unary(name, tf, pf)
