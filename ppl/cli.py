@@ -314,10 +314,10 @@ def _method_options(args) -> dict:
             options[key] = json.loads(raw)
         except ValueError:
             options[key] = raw
-    if args.progress:
+    if args.progress or args.json:  # --json: no bar unless --progress asks for one
         from inspect import signature
         if "progress" in signature(_methods()[args.method]).parameters:
-            options.setdefault("progress", True)
+            options.setdefault("progress", bool(args.progress))
     for flag, name, least in (("--samples", "samples", 1), ("--burn-in", "burn_in", 0), ("--thin", "thin", 1)):
         v = getattr(args, name)
         if v is not None:

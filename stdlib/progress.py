@@ -2,10 +2,16 @@
 
 ``progress`` (an option of every method, ``--progress`` in the CLI):
 
-* ``None`` (the default): a bar on stderr only when stderr is a terminal, and only once
-  the run has taken ``AUTO_DELAY`` seconds, so short runs, logs and pipes stay clean;
-* ``True``: a bar on stderr at once, terminal or not;
-* ``False``: never.
+* ``None`` (the default): a bar only where someone watches -- stderr is a terminal, or the
+  code runs in a Jupyter (IPython kernel) notebook -- and only once the run has taken
+  ``AUTO_DELAY`` seconds, so short runs, logs, pipes and tests stay clean;
+* ``True``: a bar at once, terminal or not;
+* ``False``: never (the CLI's ``--json`` passes it unless ``--progress`` is given).
+
+In a notebook the bar is tqdm's widget (``tqdm.notebook``, which needs ``ipywidgets``);
+without ``ipywidgets`` it is the text bar on stderr, which the notebook shows under the
+cell. ``decide(progress, terminal=..., notebook=...)`` is the whole decision, a pure
+function (tested without timing).
 
 A bar is a context manager. Leaving the block, normally or by an exception (Ctrl-C's
 ``KeyboardInterrupt`` included), closes it, and a closed bar is erased (``leave=False``):
@@ -17,6 +23,7 @@ bar and without one.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Generator
 
 #: seconds a run takes before its bar appears on a terminal (progress=None)
@@ -47,21 +54,71 @@ class _NoBar:
 NO_BAR = _NoBar()
 
 
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (an IPython kernel app is running): the
+    place where stderr is no terminal but a person still watches the output."""
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    try:
+        shell = ipython.get_ipython()
+    except Exception:  # pragma: no cover - a broken IPython install
+        return False
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+def stderr_is_terminal() -> bool:
+    """Whether stderr is an interactive terminal."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
+def decide(progress: bool | None, *, terminal: bool, notebook: bool) -> tuple[str | None, float]:
+    """Where a bar goes and after how many seconds: ``(None, 0)`` for no bar,
+    ``("notebook", delay)`` for the notebook's bar, ``("terminal", delay)`` for the text
+    bar on stderr. ``progress`` as in the module docstring."""
+    if progress is False:
+        return None, 0.0
+    delay = 0.0 if progress else AUTO_DELAY
+    if notebook:
+        return "notebook", delay
+    if terminal or progress:
+        return "terminal", delay
+    return None, 0.0
+
+
+def _notebook_tqdm():
+    """tqdm's widget bar class, or None where ``ipywidgets`` is missing."""
+    try:
+        import ipywidgets  # noqa: F401 - tqdm.notebook draws with it
+        from tqdm.notebook import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
 def progress_bar(progress: bool | None, *, desc: str, unit: str = "it", total: float | None = None,
                  **options: Any):
-    """A tqdm bar on stderr following ``progress`` (see the module docstring), or
-    ``NO_BAR`` where none is shown. ``total`` None: a counter (the number of steps is not
-    known in advance). ``options`` go to tqdm (e.g. ``bar_format``)."""
-    if progress is False:
+    """A tqdm bar following ``progress`` (see the module docstring), or ``NO_BAR`` where
+    none is shown. ``total`` None: a counter (the number of steps is not known in
+    advance). ``options`` go to tqdm (e.g. ``bar_format``)."""
+    where, delay = decide(progress, terminal=stderr_is_terminal(), notebook=progress is not False and in_notebook())
+    if where is None:
         return NO_BAR
     try:
-        from tqdm.auto import tqdm
+        from tqdm.std import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return NO_BAR
-    options = {"leave": False, "mininterval": 0.5, "delay": 0 if progress else AUTO_DELAY,
-               "disable": None if progress is None else False, **options}
+    if where == "notebook":
+        tqdm = _notebook_tqdm() or tqdm
+    options = {"leave": False, "mininterval": 0.5, "delay": delay, "disable": False, "file": sys.stderr,
+               **options}
+    if tqdm.__module__ == "tqdm.notebook":
+        options.pop("file")
     bar = tqdm(desc=desc, unit=unit, total=total, **options)
-    return NO_BAR if bar.disable else bar  # tqdm disables itself (progress=None) off a terminal
+    return NO_BAR if bar.disable else bar
 
 
 def counted(gen: Generator, bar) -> Generator:

@@ -1,0 +1,70 @@
+"""Where progress bars appear (stdlib.progress.decide): terminals and notebooks, never in
+pipes, tests or under the CLI's --json. The decision is tested, not the timing."""
+from __future__ import annotations
+
+import pytest
+
+from ppl.stdlib import progress
+from ppl.stdlib.progress import AUTO_DELAY, NO_BAR, decide, progress_bar
+
+
+@pytest.mark.parametrize("terminal,notebook,expected", [
+    (False, False, (None, 0.0)),                 # a pipe, a log file, pytest: silent
+    (True, False, ("terminal", AUTO_DELAY)),     # a terminal: after AUTO_DELAY
+    (False, True, ("notebook", AUTO_DELAY)),     # a Jupyter kernel: after AUTO_DELAY too
+    (True, True, ("notebook", AUTO_DELAY)),
+])
+def test_default_shows_where_someone_watches(terminal, notebook, expected):
+    assert decide(None, terminal=terminal, notebook=notebook) == expected
+
+
+def test_true_shows_at_once_and_false_never():
+    assert decide(True, terminal=False, notebook=False) == ("terminal", 0.0)
+    assert decide(True, terminal=False, notebook=True) == ("notebook", 0.0)
+    for terminal in (False, True):
+        for notebook in (False, True):
+            assert decide(False, terminal=terminal, notebook=notebook) == (None, 0.0)
+
+
+def test_no_bar_in_tests_and_no_bar_when_false():
+    assert progress_bar(None, desc="x") is NO_BAR  # pytest captures stderr: no terminal, no kernel
+    assert progress_bar(False, desc="x") is NO_BAR
+    assert not progress.in_notebook()
+
+
+def test_notebook_detected_from_an_ipython_kernel(monkeypatch):
+    ipython = pytest.importorskip("IPython")
+
+    class Kernel:
+        config = {"IPKernelApp": {}}
+
+    class Terminal:
+        config = {}
+    monkeypatch.setattr(ipython, "get_ipython", lambda: Kernel())
+    assert progress.in_notebook()
+    monkeypatch.setattr(ipython, "get_ipython", lambda: Terminal())
+    assert not progress.in_notebook()  # IPython in a terminal: the terminal rule decides
+    monkeypatch.setattr(ipython, "get_ipython", lambda: None)
+    assert not progress.in_notebook()
+
+
+def test_notebook_bar_is_made_in_a_kernel(monkeypatch):
+    """In a kernel the bar exists (widget, or the stderr text bar without ipywidgets)
+    although stderr is no terminal; it is erased on exit."""
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    with progress_bar(None, desc="enumerate", unit=" paths") as bar:
+        assert bar is not NO_BAR
+        assert bar.delay == AUTO_DELAY
+        bar.update(3)
+        assert bar.n == 3
+
+
+def test_cli_json_passes_progress_false():
+    """Under --json no bar is asked for (the method receives progress=False)."""
+    from ppl import cli
+    args = cli.build_parser().parse_args(["run", "m.ppl", "--json", "--method", "importance"])
+    assert cli._method_options(args)["progress"] is False
+    args = cli.build_parser().parse_args(["run", "m.ppl", "--json", "--progress"])
+    assert cli._method_options(args)["progress"] is True
+    args = cli.build_parser().parse_args(["run", "m.ppl"])
+    assert "progress" not in cli._method_options(args)
