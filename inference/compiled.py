@@ -37,7 +37,8 @@ def record(fn, example_inputs: tuple):
     hand to ``replay``."""
     # values read into Python are constants here (the caller has checked that no decision
     # depends on an input), so they may be baked into the graph
-    gm = make_fx(fn, _error_on_data_dependent_ops=False)(*example_inputs)
+    with _one_fake_mode():
+        gm = make_fx(fn, _error_on_data_dependent_ops=False)(*example_inputs)
     fold_constants(gm)
     drop_identities(gm)
     eliminate_common_subexpressions(gm)
@@ -46,16 +47,32 @@ def record(fn, example_inputs: tuple):
     return gm
 
 
-def replay(gm: torch.fx.GraphModule, example_inputs: tuple, backend: str = "jit"):
+def _one_fake_mode():
+    """A tracing context with one fake-tensor mode for the whole recording. Without it
+    ``make_fx`` (real tensors) describes each recorded value's shape with a new
+    ``FakeTensorMode``, and each of those captures the Python stack at creation: with the
+    interpreter's deep stack that was ~2/3 of the recording's time (GARCH's 150-step loop:
+    ~5,000 values, ~3 ms each)."""
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    return tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True)))
+
+
+def replay(gm: torch.fx.GraphModule, example_inputs: tuple, backend: str = "jit", *,
+           size_asserts: bool = True):
     """The recorded graph as a fast function: replayed by TorchScript (``backend="jit"``:
     ready at once) or compiled to fused native code by TorchInductor (``"inductor"``:
     seconds of compilation, then several times faster for a graph of many small
-    operations)."""
+    operations). ``size_asserts=False``: Inductor's code does not check each input's
+    sizes and strides on every call (~0.6 us an input); the caller must then pass
+    contiguous inputs of the example's shapes."""
     if backend == "inductor":
         # Inductor straight on the ATen graph: torch.compile would re-trace it with Dynamo
         # and guard every call (~10x the run time of this small graph)
+        from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
-        compiled = compile_fx(gm, list(example_inputs))
+        with inductor_config.patch(size_asserts=size_asserts):
+            compiled = compile_fx(gm, list(example_inputs))
 
         def run(*args):
             return tuple(compiled(*args))

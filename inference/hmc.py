@@ -36,7 +36,9 @@ so a chain's draws do not depend on which other chains share its batch.
 from __future__ import annotations
 
 import math
+import os
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -278,6 +280,7 @@ def nuts_step(potential, state: State, step_size: torch.Tensor, metric: Metric, 
     depth = torch.zeros(C, dtype=torch.int64, device=device)
     all_weights, all_building = [], []
     sync_every = 1 if device.type == "cpu" else 8
+    leaves = _Leaves(potential, metric, H0, K, state.z)
 
     for d in range(K):
         if d and not bool(active.any()):
@@ -285,7 +288,7 @@ def nuts_step(potential, state: State, step_size: torch.Tensor, metric: Metric, 
         depth = depth + active
         z_near, p_near, g_near, v_near = ends[chain, near_at[d]].unbind(1)
         valid, last, v_last, v_first, p_first, rho_s, zg, lw, building = _subtree(
-            potential, metric, H0, active, d, eps_at[d], half_at[d], sync_every, z_near, p_near, g_near, v_near)
+            leaves, active, d, eps_at[d], half_at[d], sync_every, z_near, p_near, g_near, v_near)
         n = building.shape[0]
         weights = lw[n:]
         all_weights.append(weights), all_building.append(building)
@@ -328,48 +331,296 @@ def _biased_take(log_w_new: torch.Tensor, log_w_old: torch.Tensor, u: torch.Tens
     return u < torch.exp(log_w_new - log_w_old)
 
 
-def _subtree(potential, metric, H0, active, d, eps, half, sync_every, zc, pc, gc, vc):
+def _subtree(leaf, active, d, eps, half, sync_every, zc, pc, gc, vc):
     """Build a sub-tree of 2^d leapfrog steps of size ``eps`` [C, 1] from (zc, pc, gc, vc)
-    for the ``active`` chains. A chain stops building at a divergence or when a block of
-    2^k leaves ending at the current leaf (k = 1..d) fails Stan's merged U-turn checks;
-    its position is then frozen. Returns (valid [C]: built whole without stopping, the
-    last leaf [C, 4, D] (z, p, grad, v) and its v, the first leaf's v and p, the momentum
-    sum [C, D], positions and gradients of the n leaves made [2n, C, D], their logp and
-    log weight H0 - H [2n, C], whether each chain was building when each leaf was made
-    [n, C])."""
-    building = active
+    for the ``active`` chains, one ``leaf`` (``_Leaves``) call per step. A chain stops
+    building at a divergence or when a block of 2^k leaves ending at the current leaf
+    (k = 1..d) fails Stan's merged U-turn checks; its position is then frozen. Returns
+    (valid [C]: built whole without stopping, the last leaf [C, 4, D] (z, p, grad, v) and
+    its v, the first leaf's v and p, the momentum sum [C, D], positions and gradients of
+    the n leaves made [2n, C, D], their logp and log weight H0 - H [2n, C], whether each
+    chain was building when each leaf was made [n, C])."""
+    zc, pc, gc, vc, eps, half, building = leaf.inputs(zc, pc, gc, vc, eps, half, active)
     rho_s = torch.zeros_like(pc)
-    v_prev, p_prev = vc, pc
-    starts: dict[int, tuple] = {}  # level -> (v, p at the block's first leaf, v, p before it, rho before it)
+    marks = leaf.marks(d, pc)
     zs, gs, logps, ws, masks = [], [], [], [], []
     n_leaves = 1 << d
     for n in range(n_leaves):
-        z1, p1, logp1, g1 = _leapfrog(potential, zc, pc, gc, eps, half, metric)
-        v1 = metric.velocity(p1)
-        w1 = torch.sub(logp1 + H0, torch.linalg.vecdot(p1, v1), alpha=0.5)  # H0 - H
-        zs.append(z1), gs.append(g1), logps.append(logp1), ws.append(w1), masks.append(building)
-        ok = w1 >= -MAX_DELTA_ENERGY  # not a divergence (a NaN is one)
-        for level in range(d + 1):
-            if n % (1 << level):
-                break
-            starts[level] = (v1, p1, v_prev, p_prev, rho_s)
-        rho_s = rho_s + p1
-        level = 1
-        while level <= d and (n + 1) % (1 << level) == 0:
-            vb, _, _, _, rho_b = starts[level]
-            vm, pm, vmp, pmp, rho_m = starts[level - 1]
-            ok = ok & _merged_no_uturn(vb, vmp, pmp, rho_m - rho_b, vm, pm, v1, rho_s - rho_m, rho_s - rho_b)
-            level += 1
-        building = building & ok
-        keep = building.unsqueeze(-1)
-        zc = torch.where(keep, z1, zc)
-        pc = torch.where(keep, p1, pc)
-        gc, vc = g1, v1
-        v_prev, p_prev = v1, p1
+        masks.append(building)
+        z1, g1, logp1, w1, building, zc, pc, vc, marks, rho_s = leaf(
+            zc, pc, gc, vc, eps, half, building, marks, rho_s, n, d)
+        gc = g1
+        zs.append(z1), gs.append(g1), logps.append(logp1), ws.append(w1)
         if n + 1 < n_leaves and (n + 1) % sync_every == 0 and not bool(building.any()):
             break
-    return (building, torch.stack((zc, pc, gc, vc), 1), vc, starts[d][0], starts[d][1], rho_s,
+    return (building, torch.stack((zc, pc, gc, vc), 1), vc, marks[d][0], marks[d][1], rho_s,
             torch.stack(zs + gs), torch.nan_to_num(torch.stack(logps + ws), nan=-math.inf), torch.stack(masks))
+
+
+# -- one leaf of a sub-tree: eager, or as one recorded graph ------------------------------
+#
+# Both forms keep, per level k of the sub-tree, the values at the first leaf of the current
+# block of 2^k leaves (its v and p, the v and p of the leaf before it, the momentum sum
+# before it: "marks"), and at a leaf that ends blocks of 2^k leaves (k >= 1) run Stan's
+# merged U-turn checks of their two halves. The eager form keeps the marks in a dict and
+# runs only the checks due (the fewest operations); the recorded form keeps them in one
+# tensor [L, 5, C, D] and runs every level's check, masked (one graph for every leaf).
+# (v, p "before" a leaf are vc, pc: the same as Stan's wherever the chain still builds,
+# and a chain that has stopped is no longer checked.)
+
+def _eager_leaf(potential, metric: Metric, H0, zc, pc, gc, vc, eps, half, building, marks: dict, rho_s,
+                n: int, d: int):
+    """Leaf n of a sub-tree of depth d for every chain, operation by operation: a leapfrog
+    step from (zc, pc, gc) of size ``eps`` [C, 1], its log weight H0 - H, the U-turn checks
+    it completes, the bookkeeping. ``marks``: level -> (v, p at the block's first leaf, v,
+    p before it, momentum sum before it), updated in place. Returns (z1, grad1, logp1, log
+    weight (NaN as -inf), building, zc, pc (frozen where the chain stopped), v1, marks,
+    momentum sum)."""
+    z1, p1, logp1, g1 = _leapfrog(potential, zc, pc, gc, eps, half, metric)
+    v1 = metric.velocity(p1)
+    w1 = torch.sub(logp1 + H0, torch.linalg.vecdot(p1, v1), alpha=0.5)  # H0 - H
+    ok = w1 >= -MAX_DELTA_ENERGY  # not a divergence (a NaN is one)
+    for level in range(d + 1):
+        if n % (1 << level):
+            break
+        marks[level] = (v1, p1, vc, pc, rho_s)
+    rho_s = rho_s + p1
+    level = 1
+    while level <= d and (n + 1) % (1 << level) == 0:
+        vb, _, _, _, rho_b = marks[level]
+        vm, pm, vmp, pmp, rho_m = marks[level - 1]
+        ok = ok & _merged_no_uturn(vb, vmp, pmp, rho_m - rho_b, vm, pm, v1, rho_s - rho_m, rho_s - rho_b)
+        level += 1
+    building = building & ok
+    keep = building.unsqueeze(-1)
+    zc, pc = torch.where(keep, z1, zc), torch.where(keep, p1, pc)
+    return z1, g1, logp1, w1, building, zc, pc, v1, marks, rho_s
+
+
+def _leaf_step(evaluate_at, zc, pc, gc, vc, eps, half, inv_mass, H0, building, marks, rho_s, set_at, check_at):
+    """``_eager_leaf`` in the form that is recorded into one graph: ``marks`` [L, 5, C, D]
+    (level k: the five values), ``set_at`` [L] (bool): the levels whose block starts at
+    this leaf, ``check_at`` [L]: the levels whose block ends at it (every level's check
+    is computed, those not due are masked). ``evaluate_at(z) -> (logp, grad)``. Returns
+    what ``_eager_leaf`` returns, with the marks tensor."""
+    dense = inv_mass.dim() == 3
+
+    def velocity(p):
+        return torch.matmul(inv_mass, p.unsqueeze(-1)).squeeze(-1) if dense else inv_mass * p
+
+    p = torch.addcmul(pc, half, gc)
+    z1 = torch.addcmul(zc, eps, velocity(p))
+    logp1, g1 = evaluate_at(z1)
+    p1 = torch.addcmul(p, half, g1)
+    v1 = velocity(p1)
+    w1 = torch.sub(logp1 + H0, torch.linalg.vecdot(p1, v1), alpha=0.5)  # H0 - H
+    ok = w1 >= -MAX_DELTA_ENERGY  # not a divergence (a NaN is one)
+    marks = torch.where(set_at[:, None, None, None], torch.stack((v1, p1, vc, pc, rho_s)), marks)
+    rho_s = rho_s + p1
+    vm, pm, vmp, pmp, rho_m = marks[:-1].unbind(1)  # level k - 1: the second half's start
+    vb, rho_b = marks[1:, 0], marks[1:, 4]          # level k: the block's start
+    v1s, rho_ss = v1.expand_as(vb), rho_s.expand_as(vb)
+    passed = _merged_no_uturn(vb, vmp, pmp, rho_m - rho_b, vm, pm, v1s, rho_ss - rho_m, rho_ss - rho_b)
+    ok = ok & (passed | ~check_at[1:, None]).all(0)
+    building = building & ok
+    keep = building.unsqueeze(-1)
+    zc, pc = torch.where(keep, z1, zc), torch.where(keep, p1, pc)
+    return (z1, g1, logp1, w1, building, zc, pc, v1, marks, rho_s)
+
+
+class _Leaves:
+    """The leaf step of one NUTS transition, with the potential, metric and H0 bound:
+    ``_eager_leaf``, or -- for a potential that offers its recorded graph
+    (``recorded_graph()``, as ``inference.potential.Potential`` does for a static
+    program) -- the leapfrog step, the potential and the bookkeeping recorded into ONE
+    graph (``_FusedLeaf``), one call per leaf. A leaf the graph hands back (an invalid
+    parameter, a kernel that raises) is made again by ``_leaf_step`` with the potential's
+    own ``value_and_grad``."""
+
+    def __init__(self, potential, metric: Metric, H0, max_tree_depth: int, z: torch.Tensor):
+        self.potential, self.metric, self.H0 = potential, metric, H0
+        self.fused = _fused_leaf(potential, metric, max_tree_depth, z)
+        if self.fused is not None:  # (its inputs: contiguous, as its compiled code reads them)
+            self.size = max_tree_depth
+            self.inv_mass, self.H0 = metric.inv_mass.contiguous(), H0.contiguous()
+            self.args = tuple(a.contiguous() for a in potential.graph_inputs())
+
+    def inputs(self, *tensors) -> tuple:
+        """Tensors a sub-tree starts from, as the leaf takes them (contiguous for the fused
+        graph, whose compiled code reads them so)."""
+        return tensors if self.fused is None else tuple(t.contiguous() for t in tensors)
+
+    def marks(self, d: int, pc: torch.Tensor):
+        """Empty level marks for a sub-tree of depth d: a dict (eager) or a tensor
+        [L, 5, C, D] (the fused graph's fixed L)."""
+        return {} if self.fused is None else pc.new_zeros((self.size, 5, *pc.shape))
+
+    def __call__(self, zc, pc, gc, vc, eps, half, building, marks, rho_s, n: int, d: int):
+        if self.fused is None:
+            return _eager_leaf(self.potential, self.metric, self.H0, zc, pc, gc, vc, eps, half, building, marks,
+                               rho_s, n, d)
+        inputs = (zc, pc, gc, vc, eps, half, self.inv_mass, self.H0, building, marks, rho_s,
+                  *_level_masks(n, d, self.size, zc.device))
+        out = self.fused(self.potential, inputs, self.args)
+        if out is not None:
+            return out
+        return _leaf_step(self._evaluate, *inputs)
+
+    def _evaluate(self, z):
+        return evaluate(self.potential, z)
+
+
+_LEVEL_MASKS: dict = {}
+
+
+def _level_masks(n: int, d: int, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(set_at, check_at) [size] for leaf n of a sub-tree of depth d: the levels k <= d
+    whose block of 2^k leaves starts at leaf n (all, at n = 0), and the levels 1 <= k <= d
+    whose block ends at it."""
+    key = (n, d, size, str(device))
+    masks = _LEVEL_MASKS.get(key)
+    if masks is None:
+        set_at = [k <= d and n % (1 << k) == 0 for k in range(size)]
+        check_at = [1 <= k <= d and (n + 1) % (1 << k) == 0 for k in range(size)]
+        masks = _LEVEL_MASKS[key] = (torch.tensor(set_at, device=device), torch.tensor(check_at, device=device))
+    return masks
+
+
+#: potential -> {graph key: _FusedLeaf, or None where it could not be built}
+_FUSED_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _fused_leaf(potential, metric: Metric, max_tree_depth: int, z: torch.Tensor):
+    """The fused leaf graph for this potential, metric shape and depth (built on first use,
+    then cached), or None: the potential offers no recorded graph, or the graph could not
+    be built or disagreed with the eager leaf. ``PPL_NUTS_FUSED``: "auto" (default: fuse
+    where the potential runs on TorchInductor; a TorchScript replay of the fused graph is
+    no faster than the eager leaf around the TorchScript potential), "1" (fuse also a
+    TorchScript potential), "0" (never)."""
+    offer = getattr(potential, "recorded_graph", None)
+    mode = os.environ.get("PPL_NUTS_FUSED", "auto")
+    if offer is None or mode == "0":
+        return None
+    recorded = offer()
+    if recorded is None or (recorded[1] != "inductor" and mode != "1"):
+        return None
+    gm, backend = recorded
+    args = potential.graph_inputs()
+    key = (id(gm), backend, tuple(metric.inv_mass.shape), max_tree_depth,
+           tuple((tuple(a.shape), a.dtype) for a in args))
+    try:
+        cache = _FUSED_CACHE.setdefault(potential, {})
+    except TypeError:  # not weakly referenceable
+        return None
+    if key not in cache:
+        cache[key] = _FusedLeaf.build(potential, gm, backend, metric, max_tree_depth, z)
+    return cache[key]
+
+
+class _FusedLeaf:
+    """``_leaf_step`` with the potential's recorded graph inside, recorded once with
+    ``make_fx`` into one ATen graph (``inference.compiled.record``) and replayed by the
+    potential's own backend (TorchScript, or TorchInductor's fused native code). Checked
+    against the eager leaf at fresh points before use. A call returns None where the
+    graph reports an invalid parameter or its kernel raises: the caller then runs the
+    eager leaf (whose potential handles those rows)."""
+
+    why_not: dict = {}  # backend -> the last reason a fused leaf could not be built (for diagnosis)
+
+    def __init__(self, run, gm, nodes: int):
+        self.run, self.gm, self.nodes = run, gm, nodes
+
+    @classmethod
+    def build(cls, potential, gm, backend: str, metric: Metric, max_tree_depth: int, z: torch.Tensor):
+        from .compiled import record, replay
+        try:
+            example = _leaf_example(potential, metric, max_tree_depth, z)
+            recorded = record(_with_flag(gm), example)
+            # no size and stride checks on every call (a third of its time on eight schools):
+            # the inputs are contiguous by construction (``_subtree``, ``_Leaves``), and the
+            # outputs fed back are checked contiguous here (``_check``)
+            run = replay(recorded, example, backend, size_asserts=False)
+            leaf = cls(run, recorded, len(recorded.graph.nodes))
+            leaf._check(potential, metric, max_tree_depth, z)
+            return leaf
+        except Exception as e:  # noqa: BLE001 - any failure keeps the eager leaf
+            cls.why_not[backend] = (str(e).splitlines() or [type(e).__name__])[0]
+            return None
+
+    def __call__(self, potential, inputs, args):
+        started = time.perf_counter()
+        try:
+            out = self.run(*inputs, *args)
+        except (RuntimeError, AssertionError):  # a compiled kernel that raises (e.g. a Cholesky; an
+            return None                          # input of other strides): the eager leaf
+        potential.count_graph_call(time.perf_counter() - started)
+        if not bool(out[-1]):  # an invalid parameter in some chain: the eager leaf finds which
+            return None
+        return tuple(out[:-1])
+
+    def _check(self, potential, metric, max_tree_depth, z) -> None:
+        """ValueError unless the graph and the eager leaf agree at fresh points."""
+        for seed in (1, 2):
+            inputs = _leaf_example(potential, metric, max_tree_depth, z, seed)
+            fused = self(potential, inputs[:13], inputs[13:])
+            eager = _leaf_step(lambda z: evaluate(potential, z), *inputs[:13])
+            if fused is None:
+                raise ValueError("the fused leaf reports an invalid parameter at a check point")
+            if not all(t.is_contiguous() for t in fused):
+                raise ValueError("the fused leaf returns a tensor that is not contiguous")
+            for f, e in zip(fused, eager):
+                same = (torch.equal(f, e) if f.dtype == torch.bool else
+                        f.shape == e.shape and torch.allclose(f, e, rtol=1e-9, atol=1e-12, equal_nan=True))
+                if not same:
+                    raise ValueError("the fused leaf disagrees with the eager leaf")
+
+
+def _with_flag(gm):
+    """The fused leaf as a function of (leaf inputs..., beta, *given) -> (the leaf's
+    outputs..., the potential's parameters-valid flag)."""
+    def fused(*inputs):
+        leaf_inputs, pot_args = inputs[:13], inputs[13:]
+        flag = []
+
+        def evaluate_at(z):
+            logp, grad, ok = gm(z, *pot_args)
+            flag.append(ok)
+            return _finite_logp(logp), _finite_grad(grad)
+        out = _leaf_step(evaluate_at, *leaf_inputs)
+        return (*out, flag[0])
+    return fused
+
+
+def _finite_logp(logp):
+    return torch.nan_to_num(logp.to(_F64), nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+
+
+def _finite_grad(grad):
+    return torch.nan_to_num(grad.to(_F64), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _leaf_example(potential, metric: Metric, max_tree_depth: int, z: torch.Tensor, seed: int = 0) -> tuple:
+    """Leaf inputs at fresh points (positions near z, the chains' current positions; random
+    momenta, marks and masks) followed by the potential's graph inputs."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    C, D = metric.shape
+    device = metric.inv_mass.device
+
+    def normal(*shape):
+        return torch.randn(*shape, generator=g, dtype=_F64).to(device)
+
+    def coin(*shape):
+        return (torch.rand(*shape, generator=g) < 0.5).to(device)
+
+    zc = z + 0.01 * normal(C, D)
+    logp, gc = evaluate(potential, zc)
+    pc = normal(C, D)
+    eps = (0.05 + 0.1 * torch.rand(C, 1, generator=g, dtype=_F64).to(device)) * torch.where(coin(C, 1), 1.0, -1.0)
+    H0 = metric.kinetic(pc) - logp + normal(C)
+    return tuple(t.contiguous() for t in (
+        zc, pc, gc, metric.velocity(pc), eps, 0.5 * eps, metric.inv_mass, H0, coin(C),
+        normal(max_tree_depth, 5, C, D), normal(C, D), coin(max_tree_depth), coin(max_tree_depth),
+        *potential.graph_inputs()))
 
 
 # -- step size search -------------------------------------------------------------------
@@ -478,7 +729,8 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
     (each chain its own step size and mass matrix), then ``samples`` draws with both
     fixed. ``kernel``: "nuts", "hmc" (``num_steps``, default 10, or
     ``trajectory_length``) or "mala". ``step_size`` / ``inverse_mass``: where adaptation
-    starts (default: Stan's step size search, the identity). ``between``: a function
+    starts (default: Stan's step size search, the identity; the mass estimates are
+    regularised towards a small multiple of ``inverse_mass``, Stan's of the identity). ``between``: a function
     State -> State called before every transition (warm-up and sampling), e.g. the other
     half of a Gibbs sweep (it may change the potential; it returns the state re-scored)."""
     z0 = z0.to(_F64)
@@ -502,7 +754,8 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
     else:
         step = torch.as_tensor(step_size, dtype=_F64, device=device).expand(C).clone()
     adapt = WindowedAdaptation(warmup, step, C=C, D=D, target_accept=target_accept, dense=dense_mass,
-                               adapt_mass=adapt_mass, device=device)
+                               adapt_mass=adapt_mass, device=device,
+                               shrink_towards=None if inverse_mass is None else metric.inv_mass.clone())
     warm_div = torch.zeros(C, dtype=torch.int64, device=device)
     out_z = torch.empty(samples, C, D, dtype=_F64, device=device)
     stats = {k: torch.empty(samples, C, dtype=t, device=device)

@@ -45,6 +45,9 @@ from ..semantics.values import Batched, Particles
 from ..stdlib.distributions import deferred_checks
 from .compiled import record, replay
 from .mh_traced import LikelihoodTerms, NotStatic, _taint, factor_rows
+from .observe_groups import ObserveGroups
+
+GROUP_OBSERVES = True  # score a loop's repeated observes as one vectorised term (``inference.observe_groups``)
 
 _IDENTITY = torch.distributions.transforms.identity_transform
 
@@ -79,6 +82,7 @@ class _AtPoint(_WeightAccumulator):
         self.values: dict = {}
         self.seen: set = set()
         self.full_idx = None
+        self.groups = ObserveGroups(C) if GROUP_OBSERVES else None
 
     def _full(self, ctx, what: str, span=None):
         if ctx.idx is not self.full_idx and ctx.M != self.C:
@@ -134,7 +138,19 @@ class _AtPoint(_WeightAccumulator):
 
     add = _likelihood
 
-    observe, condition = LikelihoodTerms.observe, LikelihoodTerms.condition
+    condition = LikelihoodTerms.condition
+
+    def observe(self, eff):
+        """A loop's repeated observes are collected and scored as one term at the end
+        (``inference.observe_groups``); any other observe is scored now."""
+        if self.groups is None or not self.groups.add(eff, self.full_idx):
+            LikelihoodTerms.observe(self, eff)
+
+    def score_grouped_observes(self, ctx) -> None:
+        """Add the collected observes' log densities (call at the end of the run)."""
+        if self.groups is not None:
+            for lp in self.groups.log_densities():
+                self._likelihood(ctx, lp)
 
     def factor(self, eff):
         self._likelihood(eff.ctx, factor_rows(eff))
@@ -165,6 +181,7 @@ class Potential:
         self.compiled = False
         self.why_not_compiled: str | None = None
         self._recorded = None      # (ATen graph, example inputs) while it may still be compiled
+        self._aten = None          # the recorded ATen graph (kept to fuse into a kernel's graph)
         self.build_seconds = 0.0   # CPU seconds spent recording the graph
         self.graph_seconds = 0.0   # seconds spent in the graph's evaluations (``evaluations`` of them)
         self._graph = None
@@ -182,6 +199,7 @@ class Potential:
         h.full_idx = ctx.idx
         with deferred_checks() as checks:
             ret = column(drive(m.interp.run(m.entry, m.data, ctx), h), ctx)
+            h.score_grouped_observes(ctx)
         missing = [s.addr for s in self.sites if s.addr not in h.seen]
         if missing:
             raise RandomStructure(f"the choice '{missing[0]}' of the first run was not made: the program's continuous "
@@ -316,6 +334,29 @@ class Potential:
         """Hold the discrete choices at new values (a Gibbs sweep's continuous half)."""
         self.given = given
 
+    # ------------------------------------------------- for kernels that fuse the graph
+    def recorded_graph(self):
+        """(the recorded ATen graph (z, beta, *given) -> (log pi, gradient, parameters
+        valid?), the backend this potential replays it with: "jit" or "inductor"), for a
+        kernel that records it into a bigger graph of its own (``inference.hmc``'s NUTS
+        leaf); None when the program is not traced."""
+        if self._aten is None or self._graph is None:
+            return None
+        return self._aten, ("inductor" if self.compiled else "jit")
+
+    def graph_inputs(self, beta: float = 1.0) -> tuple:
+        """The recorded graph's inputs after z: (beta, *the discrete choices' values)."""
+        b = self._betas.get(beta)
+        if b is None:
+            b = self._betas[beta] = torch.tensor(float(beta), dtype=torch.float64, device=self.device)
+        return (b, *(self.given[a] for a in self.discrete))
+
+    def count_graph_call(self, seconds: float) -> None:
+        """Count one evaluation made inside a kernel's fused graph (for ``compile="auto"``'s
+        measurements: ``evaluations``, ``graph_seconds``)."""
+        self.evaluations += 1
+        self.graph_seconds += seconds
+
 
 def _combine(log_prior, log_lik, beta: torch.Tensor):
     """log prior + beta * log likelihood, NaN -> -inf; an impossible likelihood stays
@@ -448,6 +489,7 @@ def _trace(p: Potential, backend: str = "jit"):
     graph = replay(gm, example())
     _agrees(p, graph, example)
     p._recorded = (gm, example)
+    p._aten = gm
     if backend == "jit":
         return graph
     try:
