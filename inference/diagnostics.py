@@ -122,7 +122,8 @@ def gradient_warnings(method: str, extra: dict) -> list[str]:
     if hit is not None and hit > MAX_DEPTH_FRACTION:
         out.append(f"{method}: {hit:.1%} of the draws hit the maximum tree depth ({extra.get('max_tree_depth')}): "
                    "the trajectories were cut short, the chains explore slowly. For strongly correlated "
-                   "parameters use a dense mass matrix (-o dense_mass=true); else raise max_tree_depth or "
+                   "parameters use a dense mass matrix (-o dense_mass=auto: dense for up to 10 parameters, "
+                   "started from the posterior's curvature; or -o dense_mass=true); else raise max_tree_depth or "
                    "reparameterise")
     low = [(c, b) for c, b in enumerate(extra.get("bfmi") or ()) if math.isfinite(b) and b < BFMI_MIN]
     if low:

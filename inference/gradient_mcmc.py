@@ -37,13 +37,18 @@ from .randomness import TorchRandomness
 
 KERNELS = ("nuts", "hmc")
 COMPILE_CHECK = 100  # compile="auto" decides after this many iterations (see _compile_when_it_pays)
+DENSE_AUTO_MAX_DIM = 10  # dense_mass="auto": a dense mass matrix up to this many unconstrained dimensions
 COMPILE_SAVES = 0.85  # the fraction of the TorchScript graph's time TorchInductor saves (~6-15x faster)
 COMPILE_COST = 4.0    # Inductor's compilation / the recording's time (measured: 3-4x)
+# ... and per operation of the graph: Inductor's CPU seconds measured (one thread, load 5-7) on
+# GARCH's graphs: 56 s for 7,693 operations, 33 s for 4,032; eight schools' ~130: ~5 s
+COMPILE_FIXED = 4.0        # seconds
+COMPILE_PER_OP = 0.008     # seconds per graph operation
 
 
 def gradient_mcmc(interp, entry: str, data: dict, *, kernel: str = "nuts", chains: int = 4, samples: int = 1000,
                   warmup: int = 1000, device="cpu", target_accept: float = 0.8, max_tree_depth: int = 10,
-                  dense_mass: bool = False, num_steps: int | None = None, step_size: float | None = None,
+                  dense_mass: bool | str = False, num_steps: int | None = None, step_size: float | None = None,
                   traced: bool | str = "auto", compile: bool | str = "auto", progress: bool | None = None,
                   randomness=None) -> Chains:
     """``chains`` chains of NUTS (``kernel="nuts"``) or HMC (``"hmc"``, ``num_steps``
@@ -52,7 +57,10 @@ def gradient_mcmc(interp, entry: str, data: dict, *, kernel: str = "nuts", chain
     and sampling), tree depths, E-BFMI, and whether the potential ran as a traced graph
     (``traced``) compiled by TorchInductor (``compile``: True, False, or "auto" = after
     ``COMPILE_CHECK`` iterations, when the time it would save on the rest of the run
-    exceeds its cost: ``_compile_when_it_pays``)."""
+    exceeds its cost: ``_compile_when_it_pays``). ``dense_mass``: True, False, or "auto" = a
+    dense mass matrix when the potential has at most ``DENSE_AUTO_MAX_DIM`` dimensions,
+    starting from each chain's ``initial_inverse_mass`` (the inverse curvature at its
+    initial point) instead of the identity."""
     if kernel not in KERNELS:
         raise PPLRuntimeError(f"unknown gradient kernel {kernel!r}", hint=f"one of {', '.join(KERNELS)}")
     randomness = randomness or TorchRandomness()
@@ -60,20 +68,60 @@ def gradient_mcmc(interp, entry: str, data: dict, *, kernel: str = "nuts", chain
     state = initial_state(interp, entry, data, chains, device, randomness)
     potential = build_potential(model, state, traced=traced, compile=compile is True)
     z0 = potential.initial(randomness)
+    dense_mass, inverse_mass = _mass_matrix(potential, z0, dense_mass)
     started = time.perf_counter()
     decide = _compile_when_it_pays(potential, warmup + samples) if compile == "auto" else None
     if potential.discrete:
         draws, given_draws = _gibbs(model, potential, z0, randomness, kernel=kernel, samples=samples, warmup=warmup,
                                     target_accept=target_accept, max_tree_depth=max_tree_depth,
-                                    dense_mass=dense_mass, num_steps=num_steps, progress=progress, also=decide)
+                                    dense_mass=dense_mass, num_steps=num_steps, progress=progress, also=decide,
+                                    inverse_mass=inverse_mass)
     else:
         draws = kernels.sample_nuts(potential, z0, samples=samples, warmup=warmup, kernel=kernel,
                                     randomness=randomness, target_accept=target_accept,
                                     max_tree_depth=max_tree_depth, dense_mass=dense_mass, num_steps=num_steps,
-                                    step_size=step_size, progress=progress, between=decide)
+                                    step_size=step_size, progress=progress, between=decide,
+                                    inverse_mass=inverse_mass)
         given_draws = None
     seconds = time.perf_counter() - started
-    return _as_chains(kernel, potential, draws, given_draws, seconds)
+    out = _as_chains(kernel, potential, draws, given_draws, seconds)
+    out.extra["dense_mass"] = bool(dense_mass)
+    return out
+
+
+def _mass_matrix(potential: Potential, z0: torch.Tensor, dense_mass):
+    """(dense?, the initial inverse mass matrix or None for the identity) for the option
+    ``dense_mass`` (True, False or "auto")."""
+    if dense_mass != "auto":
+        return bool(dense_mass), None
+    if potential.D > DENSE_AUTO_MAX_DIM:
+        return False, None
+    return True, initial_inverse_mass(potential, z0)
+
+
+def initial_inverse_mass(potential: Potential, z: torch.Tensor, h: float = 1e-2) -> torch.Tensor:
+    """Each chain's inverse mass matrix [C, D, D] to start adaptation from: the inverse of
+    the negative Hessian of log pi at its point z [C, D] (central differences of the
+    gradient, 2D evaluations of the batch; exact for a Gaussian posterior, whatever h),
+    where that is finite and positive definite; the identity for the other chains. A
+    strongly correlated posterior (a regression on calendar years: correlation -0.999995)
+    is then nearly round from the first warm-up iteration instead of after the first
+    window of maximum-depth trees."""
+    C, D = z.shape
+    hess = torch.empty(C, D, D, dtype=torch.float64, device=z.device)
+    for i in range(D):
+        step = torch.zeros_like(z)
+        step[:, i] = h
+        up, down = potential.value_and_grad(z + step)[1], potential.value_and_grad(z - step)[1]
+        hess[:, :, i] = (up - down) / (2 * h)
+    precision = -(hess + hess.transpose(1, 2)) / 2
+    eye = torch.eye(D, dtype=torch.float64, device=z.device).expand(C, D, D)
+    values, vectors = torch.linalg.eigh(torch.where(torch.isfinite(precision), precision, eye))
+    good = torch.isfinite(precision).all(2).all(1) & (values > 0).all(1) & \
+        (values.min(1).values > 1e-12 * values.max(1).values.abs())
+    inverse = vectors @ torch.diag_embed(1 / values.clamp_min(1e-300)) @ vectors.transpose(1, 2)
+    inverse = (inverse + inverse.transpose(1, 2)) / 2
+    return torch.where(good.view(C, 1, 1), inverse, eye)
 
 
 def _as_chains(kernel: str, potential: Potential, draws, given_draws, seconds: float) -> Chains:
@@ -106,9 +154,30 @@ def _as_chains(kernel: str, potential: Potential, draws, given_draws, seconds: f
         "seconds": seconds,
         "phase_seconds": draws.phase_seconds,
         **({"why_not_traced": potential.why_not_traced} if potential.why_not_traced else {}),
+        "draw_stats": draw_stats(draws),
     }
     accept = float(draws.accept_stat.double().mean())
     return Chains(kernel, sites, C, S, accept, r_hat, ess, extra)
+
+
+def draw_stats(draws) -> dict:
+    """Stan's per-draw statistics, each [C, S] on the CPU (ArviZ's ``sample_stats``):
+    diverging, accept_stat (the tree's mean acceptance probability), tree_depth, n_steps
+    (leapfrog steps), energy (the Hamiltonian), step_size (fixed after warm-up)."""
+    C, S = draws.divergent.shape
+    return {"diverging": draws.divergent.cpu(), "accept_stat": draws.accept_stat.cpu(),
+            "tree_depth": draws.tree_depth.cpu(), "n_steps": draws.n_steps.cpu(), "energy": draws.energy.cpu(),
+            "step_size": draws.step_size.cpu().reshape(C, 1).expand(C, S)}
+
+
+def compile_cost(potential: Potential) -> float:
+    """Estimated CPU seconds TorchInductor takes to compile the potential's graph: the
+    larger of ~``COMPILE_COST`` x the seconds recording it took and ``COMPILE_FIXED`` +
+    ``COMPILE_PER_OP`` per operation (a long graph, e.g. a loop of 150 steps unrolled,
+    costs seconds per thousand operations however fast it was recorded)."""
+    recorded = getattr(potential, "_recorded", None)
+    ops = len(recorded[0].graph.nodes) if recorded else 0
+    return max(COMPILE_COST * potential.build_seconds, COMPILE_FIXED + COMPILE_PER_OP * ops)
 
 
 def _compile_when_it_pays(potential: Potential, iterations: int):
@@ -116,8 +185,9 @@ def _compile_when_it_pays(potential: Potential, iterations: int):
     TorchScript graph, compile it with TorchInductor when the time it would save on the
     remaining iterations (measured: graph seconds per iteration over the second half of
     those iterations, of which Inductor saves
-    ~``COMPILE_SAVES``) exceeds its cost (~``COMPILE_COST`` x the seconds recording the
-    graph took, as measured here on graphs of 130 to 7,400 operations)."""
+    ~``COMPILE_SAVES``) exceeds its estimated cost (``compile_cost``: from the recording's
+    time and the graph's size). The recording itself is spent before this decision (it
+    pays for itself against the interpreter within a few hundred evaluations)."""
     done, at_half = 0, 0.0
 
     def hook(state):
@@ -128,8 +198,13 @@ def _compile_when_it_pays(potential: Potential, iterations: int):
         if done == COMPILE_CHECK and potential.traced and not potential.compiled:
             per_iteration = (potential.graph_seconds - at_half) / (COMPILE_CHECK - COMPILE_CHECK // 2)
             saved = COMPILE_SAVES * per_iteration * (iterations - COMPILE_CHECK)
-            if saved > COMPILE_COST * potential.build_seconds + 1.0:
+            cost = compile_cost(potential)
+            if saved > cost + 1.0:
                 potential.compile_now()
+            else:
+                potential.why_not_compiled = (f"compile='auto': compiling would cost ~{cost:.0f} s and save "
+                                              f"~{saved:.0f} s on the remaining {iterations - COMPILE_CHECK} "
+                                              "iterations")
         return state
     return hook
 
@@ -140,7 +215,7 @@ def _repeat(given: dict, S: int) -> dict:
 
 
 def _gibbs(model: ModelRun, potential: Potential, z0, randomness, *, kernel, samples, warmup, target_accept,
-           max_tree_depth, dense_mass, num_steps, progress, also=None):
+           max_tree_depth, dense_mass, num_steps, progress, also=None, inverse_mass=None):
     """Alternate a systematic scan of single-site MH on the discrete choices (each
     regenerated from its prior, accepted with its Metropolis-Hastings ratio) with one
     NUTS/HMC transition on the continuous ones given the discrete ones. Returns the
@@ -168,7 +243,8 @@ def _gibbs(model: ModelRun, potential: Potential, z0, randomness, *, kernel, sam
 
     draws = kernels.sample_nuts(potential, z0, samples=samples, warmup=warmup, kernel=kernel, randomness=randomness,
                                 target_accept=target_accept, max_tree_depth=max_tree_depth, dense_mass=dense_mass,
-                                num_steps=num_steps, progress=progress, between=discrete_sweep)
+                                num_steps=num_steps, progress=progress, between=discrete_sweep,
+                                inverse_mass=inverse_mass)
     given = {a: torch.stack([g[a] for g in kept], 1) for a in potential.discrete}  # [C, S, ...]
     return draws, given
 

@@ -63,7 +63,7 @@ def _option_specs() -> dict[str, OptionSpec]:
         "warmup": OptionSpec("int", low=0, nullable=True),
         "target_accept": OptionSpec("number", low=0, high=1, low_open=True, high_open=True),
         "max_tree_depth": OptionSpec("int", low=1, high=30),
-        "dense_mass": OptionSpec("flag"),
+        "dense_mass": OptionSpec("flag", choices=("auto",)),
         "num_steps": OptionSpec("int", low=1, nullable=True),
         "step_size": OptionSpec("number", low=0, low_open=True, nullable=True),
         "compile": OptionSpec("flag", choices=("auto",)),
@@ -179,12 +179,14 @@ def run_mh(model, data: dict, *, particles: int = 4, samples: int = 1000, burn_i
 
 def run_nuts(model, data: dict, *, particles: int = 4, samples: int = 1000, burn_in: int = 1000,
              warmup: int | None = None, chains: int | None = None, device: str = "cpu", kernel: str = "nuts",
-             target_accept: float = 0.8, max_tree_depth: int = 10, dense_mass: bool = False,
+             target_accept: float = 0.8, max_tree_depth: int = 10, dense_mass: bool | str = False,
              num_steps: int | None = None, step_size: float | None = None, traced: bool | str = "auto",
              compile: bool | str = "auto", progress: bool | None = None, enumerate: Any = None, **_) -> Chains:
     """NUTS (``inference.gradient_mcmc``) with ``chains`` chains as one batch (``particles``
     is the CLI's ``-n``), ``samples`` draws each after ``burn_in`` (= ``warmup``)
-    iterations of Stan's windowed adaptation. ``compile``: TorchInductor for the potential
+    iterations of Stan's windowed adaptation. ``dense_mass``: False (diagonal), True, or
+    "auto" (dense up to 10 dimensions, from the inverse curvature at each chain's start).
+    ``compile``: TorchInductor for the potential
     (default "auto": when its measured savings on the run exceed its cost). ``enumerate``:
     discrete choices summed out in the potential (names, or "auto" as for importance; with
     those marked ``@enumerate``; they are
@@ -197,7 +199,7 @@ def run_nuts(model, data: dict, *, particles: int = 4, samples: int = 1000, burn
         out = gradient_mcmc(*program, kernel=kernel, chains=n_chains, samples=int(samples),
                             warmup=int(warmup if warmup is not None else burn_in), device=device,
                             target_accept=float(target_accept), max_tree_depth=int(max_tree_depth),
-                            dense_mass=bool(_flag(dense_mass)), num_steps=None if num_steps is None else int(num_steps),
+                            dense_mass=_dense_mass(dense_mass), num_steps=None if num_steps is None else int(num_steps),
                             step_size=None if step_size is None else float(step_size), traced=_flag(traced),
                             compile=_flag(compile), progress=progress)
         return recover_discrete(out, *program, device=device)
@@ -215,6 +217,12 @@ def run_hmc(model, data: dict, *, particles: int = 4, samples: int = 1000, burn_
                     warmup=warmup, chains=chains, device=device, num_steps=num_steps, target_accept=target_accept,
                     dense_mass=dense_mass, step_size=step_size, traced=traced, compile=compile,
                     progress=progress, enumerate=enumerate)
+
+
+def _dense_mass(value):
+    """The ``dense_mass`` option: True, False or "auto" (``inference.gradient_mcmc``)."""
+    value = _flag(value)
+    return "auto" if isinstance(value, str) and value.lower() == "auto" else bool(value)
 
 
 def _flag(value):
