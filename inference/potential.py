@@ -182,7 +182,6 @@ class Potential:
         self.why_not_compiled: str | None = None
         self._recorded = None      # (ATen graph, example inputs) while it may still be compiled
         self._aten = None          # the recorded ATen graph (kept to fuse into a kernel's graph)
-        self._aten = None          # the recorded ATen graph (kept to fuse into a kernel's graph)
         self.build_seconds = 0.0   # CPU seconds spent recording the graph
         self.graph_seconds = 0.0   # seconds spent in the graph's evaluations (``evaluations`` of them)
         self._graph = None
@@ -359,30 +358,6 @@ class Potential:
         self.graph_seconds += seconds
 
 
-    # ------------------------------------------------- for kernels that fuse the graph
-    def recorded_graph(self):
-        """(the recorded ATen graph (z, beta, *given) -> (log pi, gradient, parameters
-        valid?), the backend this potential replays it with: "jit" or "inductor"), for a
-        kernel that records it into a bigger graph of its own (``inference.hmc``'s NUTS
-        leaf); None when the program is not traced."""
-        if self._aten is None or self._graph is None:
-            return None
-        return self._aten, ("inductor" if self.compiled else "jit")
-
-    def graph_inputs(self, beta: float = 1.0) -> tuple:
-        """The recorded graph's inputs after z: (beta, *the discrete choices' values)."""
-        b = self._betas.get(beta)
-        if b is None:
-            b = self._betas[beta] = torch.tensor(float(beta), dtype=torch.float64, device=self.device)
-        return (b, *(self.given[a] for a in self.discrete))
-
-    def count_graph_call(self, seconds: float) -> None:
-        """Count one evaluation made inside a kernel's fused graph (for ``compile="auto"``'s
-        measurements: ``evaluations``, ``graph_seconds``)."""
-        self.evaluations += 1
-        self.graph_seconds += seconds
-
-
 def _combine(log_prior, log_lik, beta: torch.Tensor):
     """log prior + beta * log likelihood, NaN -> -inf; an impossible likelihood stays
     impossible at beta = 0."""
@@ -514,7 +489,6 @@ def _trace(p: Potential, backend: str = "jit"):
     graph = replay(gm, example())
     _agrees(p, graph, example)
     p._recorded = (gm, example)
-    p._aten = gm
     p._aten = gm
     if backend == "jit":
         return graph
