@@ -21,6 +21,7 @@ from ..semantics import enumerate_sites
 from ..semantics.errors import PPLRuntimeError
 from ..semantics.exact import DEFAULT_MAX_PATHS, DEFAULT_MAX_SECONDS, enumerate_paths
 from ..semantics.exact_elimination import STRATEGIES, EliminationResult, enumerate_exact
+from ..stdlib import printing
 from ..semantics.options import OptionSpec
 from .amortized import run_guided_importance, run_guided_smc
 from .auto_enumerate import with_enumeration
@@ -333,11 +334,17 @@ def run_enumerate(model, data: dict, *, max_paths: int = DEFAULT_MAX_PATHS,
     interp = model.interpreter(exact=True)
 
     def paths() -> list:
-        return enumerate_paths(model.program, model.builtins(), model.entry, prepared, max_paths=max_paths,
-                               interp=interp, max_seconds=max_seconds, progress=progress)
+        with printing.unsilenced():  # print(...) per path (stdlib.printing)
+            return enumerate_paths(model.program, model.builtins(), model.entry, prepared, max_paths=max_paths,
+                                   interp=interp, max_seconds=max_seconds, progress=progress)
     if strategy == "auto" and (max_paths != DEFAULT_MAX_PATHS or max_seconds != DEFAULT_MAX_SECONDS):
         strategy = "paths"
-    return enumerate_exact(model, data, prepared, interp, paths, strategy=strategy)
+    with printing.silenced():  # elimination's tabulating runs are not executions of the model
+        out = enumerate_exact(model, data, prepared, interp, paths, strategy=strategy)
+    if isinstance(out, EliminationResult) and printing.active():
+        printing.current().write_note("[print] enumerate ran by variable elimination: the model's print output is "
+                                      "not shown (strategy='paths' shows it per path)")
+    return out
 
 
 #: ``method=`` name -> entry point (see the module docstring); ``ppl.register_method`` adds

@@ -47,6 +47,7 @@ evidence, a bad or missing file, an unknown entry or method), printed to stderr 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -58,6 +59,7 @@ from typing import Any, Sequence
 
 from .semantics.errors import PPLDiagnosticWarning, PPLError, did_you_mean
 from .semantics.source import SourceFile, Span
+from .stdlib import printing
 
 DEFAULT_METHOD = "importance"
 DEFAULT_PARTICLES = 1000
@@ -263,8 +265,10 @@ def cmd_run(args) -> int:
     with warnings.catch_warnings():  # shown once, below, as "warning: ..." lines on stderr
         warnings.simplefilter("ignore", PPLDiagnosticWarning)
         try:
-            result = model.run(args.method, data, particles=args.particles, seed=args.seed, device=args.device,
-                               **options)
+            # --json: stdout holds the one JSON object, so print(...) in the model writes to stderr
+            with printing.redirected(sys.stderr) if args.json else contextlib.nullcontext():
+                result = model.run(args.method, data, particles=args.particles, seed=args.seed,
+                                   device=args.device, **options)
         except PPLError as err:
             raise _in_data_file(err, data, args.data) from None
     for message in result.warnings:

@@ -26,6 +26,7 @@ from .result import ExactResult, WeightedResult, as_result
 from .semantics.errors import PPLError, did_you_mean
 from .semantics.exact_elimination import EliminationResult
 from .semantics.options import OptionSpec
+from .stdlib import printing
 
 __all__ = ["register_method", "run_method", "method_options", "check_method_options", "OptionSpec"]
 
@@ -137,7 +138,8 @@ def run_method(method: str, model, data: dict, **options) -> Any:
     caller of ``Model.run``). ``options`` are already checked."""
     if options.get("proposal") is not None:  # the path of a saved guide: loaded here, in the face
         options["proposal"] = load_proposal(options["proposal"], model, data)
-    raw = METHODS[method](model, data, **options)
+    with printing.run_output(_prints(model)):  # print(...) in the model: bounded output (stdlib.printing)
+        raw = METHODS[method](model, data, **options)
     if not isinstance(raw, (Population, Chains, Optimum, list, tuple, WeightedResult, ExactResult,
                             EliminationResult)):
         raise PPLError(f"the inference method '{method}' returned a {type(raw).__name__}",
@@ -146,6 +148,16 @@ def run_method(method: str, model, data: dict, **options) -> Any:
     population_diagnostics(res)
     emit(getattr(res, "warnings", []), stacklevel=3)
     return res
+
+
+def _prints(model) -> bool:
+    """Whether the model's source may call ``print`` (a cheap test on the text: a run of
+    a model that never prints opens no output log)."""
+    source = getattr(model, "source", None)
+    if not source:
+        program = getattr(model, "program", None)
+        return program is None or "print" in repr(program)
+    return "print" in source
 
 
 def population_diagnostics(res) -> None:

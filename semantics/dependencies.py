@@ -39,6 +39,7 @@ import torch
 from . import ir
 from .errors import PPLError, PPLRuntimeError
 from .interpreter import Builtin, Closure, Frame, Interpreter, _label
+from ..stdlib.printing import silent as _silent
 from .source import Span
 from .values import Particles, binop, truthy, unop
 
@@ -1032,6 +1033,7 @@ def _with_shapes(interp: Interpreter, entry: str, data: Mapping[str, Any], sites
 
 
 # ------------------------------------------------------------------------------ the API
+@_silent  # the analysis' own runs print nothing (stdlib.printing)
 def analyse(model: Any, data: Optional[Mapping[str, Any]] = None, *, entry: Optional[str] = None,
             builtins: Optional[dict] = None, shapes: bool = True) -> Dependencies:
     """The dependency analysis of one call of the model's entry on ``data``.

@@ -32,6 +32,7 @@ from .interpreter import Interpreter
 from .sampling import drive
 from .values import Particles, Vector, to_python, to_vector, truthy
 from ..stdlib.progress import progress_bar
+from ..stdlib import printing
 
 
 class _Pruned(Exception):
@@ -191,13 +192,18 @@ def enumerate_paths(program: ir.Program, builtins: dict, entry: str, data: dict,
     visited = 0
     cuts: Counter = Counter()  # where zero-weight paths were cut
     start = time.monotonic()
-    with progress_bar(progress, desc="enumerate", unit=" paths") as bar:  # a counter of visited paths
-        while stack:
-            prefix = stack.pop()
-            visited += 1
-            _check_bounds(visited, len(stack), start, max_paths, max_seconds)
-            bar.update(1)
-            _visit(interp, entry, data, ctx, prefix, stack, paths, cuts)
+    printed = printing.path_output()  # None unless the model prints (stdlib.printing)
+    try:
+        with progress_bar(progress, desc="enumerate", unit=" paths") as bar:  # a counter of visited paths
+            while stack:
+                prefix = stack.pop()
+                visited += 1
+                _check_bounds(visited, len(stack), start, max_paths, max_seconds)
+                bar.update(1)
+                _visit(interp, entry, data, ctx, prefix, stack, paths, cuts, printed)
+    finally:  # (also when a path fails: its output helps to see why)
+        if printed is not None:
+            printed.emit(_probability_text)
     if not paths:
         span, k = cuts.most_common(1)[0] if cuts else (None, 0)
         where = f"all {visited} paths were cut here" if k == visited else \
@@ -207,6 +213,13 @@ def enumerate_paths(program: ir.Program, builtins: dict, entry: str, data: dict,
             "every path has weight zero: the conditions/observations are impossible", span,
             where + "; check the data and the conditions")
     return paths
+
+
+def _probability_text(p) -> str:
+    """A path's probability as printed: a short fraction, else 4 significant digits."""
+    if isinstance(p, Fraction) and len(str(p)) <= 9:
+        return str(p)
+    return f"{float(p):.4g}"
 
 
 def _check_bounds(visited: int, pending: int, start: float, max_paths: int, max_seconds: float | None) -> None:
@@ -223,16 +236,22 @@ def _check_bounds(visited: int, pending: int, start: float, max_paths: int, max_
                 hint=_ALTERNATIVES.format(what="max_seconds (-o max_seconds=S)"))
 
 
-def _visit(interp, entry, data, ctx, prefix, stack, paths, cuts) -> None:
+def _visit(interp, entry, data, ctx, prefix, stack, paths, cuts, printed=None) -> None:
     """Run the path ``prefix`` (the rest at index 0): record it, or where it was cut,
-    and push the unexplored alternatives of every choice it made beyond the prefix."""
+    and push the unexplored alternatives of every choice it made beyond the prefix.
+    ``printed``: the ``printing.PathOutput`` collecting the path's ``print`` lines."""
     h = _PathHandler(prefix)
+    if printed is not None:
+        printed.begin()
     try:
         ret = drive(interp.run(entry, data, ctx), h)
         h.values["return"] = _hashable(ret)
         paths.append((h.weight, {k: _hashable(v) for k, v in h.values.items()}))
     except _Pruned as cut:
         cuts[cut.span] += 1
+    finally:
+        if printed is not None:
+            printed.end(h.weight if h.weight != 0 else None)
     # push the unexplored alternatives of every choice made beyond the prefix
     for j in range(len(prefix), len(h.taken)):
         for alt in range(h.sizes[j] - 1, 0, -1):

@@ -21,12 +21,14 @@ from ..semantics import limits
 from ..semantics.dist_values import DistValue
 from ..semantics.errors import PPLRuntimeError, did_you_mean
 from ..semantics.interpreter import Builtin, Closure, MemFn, RaggedRange, _int_index
+from ..semantics.lazy import Lazy
 from ..semantics.values import _align_ranks  # the per-particle broadcasting of binop
 from ..semantics.values import _no_broadcast  # binop's error when shapes do not broadcast
 from ..semantics.values import (Batched, PerParticle, Vector, as_tensor, batch_rows, binop, describe,
                                 is_batched, is_numeric, materialize, pack, per_particle, rows,
                                 to_bool_rows, boolop_or, to_vector, truthy, vector_apply, vector_map)
 from . import distributions as _dists
+from . import printing as _printing
 
 
 def _has_batched(x) -> bool:
@@ -806,6 +808,83 @@ def _param(ctx, name, init, constraint="real"):
                                "program: ppl.guide(model, data, program=its source)")
 
 
+# --------------------------------------------------------------------------- print
+def _print(ctx, *args):
+    """``print(a, b, ...)``: the values, per particle for the first few particles, into
+    the run's output (``stdlib.printing``: bounded, labelled, silent outside a run).
+    Returns None; reads values only (draws nothing, forces no lazy value)."""
+    log = _printing.current()
+    if log is None or log.silenced:
+        return None
+    try:
+        lines = _print_lines(ctx, args, log)
+    except Exception:  # noqa: BLE001 - a value that cannot be read here (a traced graph): never fail
+        lines = ["<...>"]
+    for text in lines:
+        log.line(text)
+    return None
+
+
+_print.accepts_lazy = True  # a delayed/enumerated value is shown, never forced (no draw)
+
+
+def _print_lines(ctx, args, log) -> list[str]:
+    if log.in_path or not any(_has_batched(a) for a in args):
+        text = " ".join(_shown(a) for a in args)
+        if log.in_path:
+            return [text]
+        m = ctx.M
+        return [f"[particle {int(ctx.idx[0])}] {text}" if m == 1 else f"[{m} particles] {text}"]
+    k = min(ctx.M, log.max_particles)
+    indices = ctx.idx[:k].tolist()
+    per_arg = [_first_rows(a, ctx, k) for a in args]
+    lines = [f"[particle {i}] " + " ".join(_shown(row[j]) for row in per_arg) for j, i in enumerate(indices)]
+    if ctx.M > k:
+        lines.append(f"... ({ctx.M - k} more particles)")
+    return lines
+
+
+def _first_rows(v, ctx, k: int) -> list:
+    """The values of the first ``k`` particles of ``ctx`` in ``v``."""
+    if is_batched(v):
+        r = rows(v, ctx)
+        return [r[j] for j in range(k)]
+    if isinstance(v, (list, tuple)) and _has_batched(v):
+        columns = [_first_rows(e, ctx, k) for e in v]
+        return [type(v)(c[j] for c in columns) for j in range(k)]
+    return [v] * k
+
+
+_PRINT_MAX_CHARS = 200
+
+
+def _shown(v) -> str:
+    """A short, readable text of a value (strings as they are)."""
+    if isinstance(v, str):
+        text = v
+    elif isinstance(v, torch.Tensor):
+        text = _shown(v.detach().cpu().tolist()) if v.dim() else _shown(v.item())
+    elif isinstance(v, bool) or v is None:
+        text = str(v)
+    elif isinstance(v, float):
+        text = f"{v:.6g}"
+    elif isinstance(v, (int, Fraction)):
+        text = str(v)
+    elif isinstance(v, Vector):
+        text = _shown(list(v))
+    elif isinstance(v, list):
+        text = "[" + ", ".join(_shown(e) for e in v) + "]"
+    elif isinstance(v, tuple):
+        text = "(" + ", ".join(_shown(e) for e in v) + ("," if len(v) == 1 else "") + ")"
+    elif isinstance(v, DistValue):
+        text = f"<distribution {v.spec.name}>"
+    elif isinstance(v, Lazy):  # delayed sampling / an enumerated choice: printing must not draw it
+        text = f"<{type(v).__name__}: not drawn yet>"
+    else:
+        text = f"<{type(v).__name__}>"
+    return text if len(text) <= _PRINT_MAX_CHARS else text[:_PRINT_MAX_CHARS - 3] + "..."
+
+
 # ---------------------------------------------------------------------------- the table
 def builtins() -> dict[str, Any]:
     """name -> value of everything in the prelude: a new dict (callers may add to it) of
@@ -856,6 +935,7 @@ def _make_builtins() -> dict[str, Any]:
     out["twist"] = Builtin("twist", _twist, (1, 1), higher_order=True)
     out["propose"] = Builtin("propose", _propose, (2, 2))
     out["param"] = Builtin("param", _param, (2, 3), pure=False)  # learnable; only in guide programs
+    out["print"] = Builtin("print", _print, (0, None), pure=False)  # output only (stdlib.printing)
     out.update(_string_builtins())
     out["toy_lm"] = Builtin("toy_lm", _toy_lm, (0, 0))        # the toy language model (stdlib.lm.toy)
     out["toy_reward"] = Builtin("toy_reward", _toy_reward, (0, 0))
