@@ -176,6 +176,26 @@ class Frame:
 
 _MISSING = object()
 
+_STMT_ERRORS = (PPLError, RecursionError, MemoryError, TypeError, ValueError, RuntimeError, IndexError,
+                ZeroDivisionError, OverflowError)
+
+
+def _located(err: BaseException, span) -> PPLError:
+    """The error a statement at ``span`` raises for ``err`` (one of ``_STMT_ERRORS``): the
+    project's own, located; a Python error is never shown raw."""
+    if isinstance(err, PPLError):
+        return err.with_span(span)
+    if isinstance(err, RecursionError):
+        out = PPLRecursionError("recursion too deep", span, "check that the recursion terminates, or lower its depth")
+    elif isinstance(err, MemoryError):
+        out = PPLRuntimeError("out of memory", span, limits.MEMORY_HINT)
+    else:
+        out = PPLRuntimeError(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", span)
+        out.__cause__, out.__suppress_context__ = err, True  # (raise ... from err)
+        return out
+    out.__cause__, out.__suppress_context__ = None, True  # (raise ... from None)
+    return out
+
 
 class _SliceValue:
     __slots__ = ("lo", "hi")
@@ -449,7 +469,10 @@ class Interpreter:
     def exec_block(self, stmts, fr: Frame, ctx: Particles) -> Generator:
         """Run statements; returns the particles still running (None if all returned)."""
         for s in stmts:
-            live = yield from self.exec_stmt(s, fr, ctx)
+            try:  # (= yield from self.exec_stmt(s, fr, ctx), inlined: one generator less per statement)
+                live = yield from self._STMTS[type(s)](self, s, fr, ctx)
+            except _STMT_ERRORS as err:
+                raise _located(err, s.span)
             if live is None:
                 return None
             if live is not ctx and ctx is fr.particles:
@@ -460,16 +483,8 @@ class Interpreter:
     def exec_stmt(self, s: ir.Stmt, fr: Frame, ctx: Particles) -> Generator:
         try:
             return (yield from self._STMTS[type(s)](self, s, fr, ctx))
-        except PPLError as err:
-            raise err.with_span(s.span)
-        except RecursionError:
-            raise PPLRecursionError("recursion too deep", s.span,
-                                    "check that the recursion terminates, or lower its depth") from None
-        except MemoryError:
-            raise PPLRuntimeError("out of memory", s.span, limits.MEMORY_HINT) from None
-        except (TypeError, ValueError, RuntimeError, IndexError, ZeroDivisionError, OverflowError) as err:
-            raise PPLRuntimeError(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-                                  s.span) from err
+        except _STMT_ERRORS as err:
+            raise _located(err, s.span)
 
     def _eval(self, e, fr, ctx):
         if self.pure(e):

@@ -31,6 +31,7 @@ import torch
 
 from . import limits
 from .errors import PPLRuntimeError, distribution_as_value
+from ..stdlib.operands import number_operand
 from .lazy import Lazy, lazy_binop
 
 
@@ -774,6 +775,11 @@ def binop(op: str, a: Any, b: Any, ctx: Particles, exact: bool = False) -> Any:
         vb = rows(b, ctx) if tb is Batched else b
         if ta is tb:
             va, vb = _align_ranks(va, vb, True, True)
+        elif op in _NUMBER_OPS:  # a float next to a tensor: a cached 0-d tensor, the same bits (stdlib.operands)
+            if ta is float:
+                va = number_operand(va, vb)
+            elif tb is float:
+                vb = number_operand(vb, va)
         return Batched(_torch_binop(op, va, vb, lead=(ta is Batched, tb is Batched)), ctx.idx)
     if isinstance(a, Lazy) or isinstance(b, Lazy):  # (semantics.lazy: an enumerated or delayed value)
         return lazy_binop(op, a, b, ctx)
@@ -837,6 +843,7 @@ def _number_next_to_list(v: Any, other: Any) -> Any:
 
 
 _COMPARISONS = frozenset(("==", "!=", "<", "<=", ">", ">="))
+_NUMBER_OPS = frozenset(("+", "-", "*", "/"))  # where a 0-d tensor may stand for a float (stdlib.operands)
 
 
 def _torch_binop(op: str, a: Any, b: Any, lead: tuple = (False, False)) -> torch.Tensor:

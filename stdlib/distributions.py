@@ -84,6 +84,7 @@ from ppl.semantics.errors import (
 )
 
 from . import dist_classes as _dc
+from .operands import number_operand
 
 __all__ = ["DistSpec", "DISTRIBUTIONS", "get", "names"]
 
@@ -268,17 +269,40 @@ _FILLS: dict[type, Callable] = {
 }
 
 
+_LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
+
+
+def _normal_log_prob(d, value: torch.Tensor) -> torch.Tensor:
+    """torch's ``Normal.log_prob``, op for op (the same bits: tests/test_smcfast.py), with
+    the tensor methods called directly (``x ** 2`` goes through a Python wrapper of
+    torch's), ``2 * var`` as ``var + var`` (both exact) and the constant as a cached
+    tensor: each costs ~5 us on CPU, and SMC scores a normal observation per step."""
+    scale = d.scale
+    if d._validate_args or not isinstance(scale, torch.Tensor):
+        return td.Normal.log_prob(d, value)
+    var = scale.pow(2)
+    lp = -((value - d.loc).pow(2)) / (var + var) - scale.log()
+    return lp - number_operand(_LOG_SQRT_2PI, lp)
+
+
+# class -> (the torch method replicated, the replica): used while the class's log_prob is
+# still that method (pyro could give it one of its own)
+_OWN_LOG_PROB = {pdist.Normal: (td.Normal.log_prob, _normal_log_prob)}
+
+
 def _safe_class(base: type) -> type:
     """A subclass of ``base`` whose ``log_prob`` is ``-inf`` outside the support instead of
     raising.  Everything else (sampling, expand, pyro's mixin methods) is inherited."""
     fill = _FILLS[base]
+    replicated, replica = _OWN_LOG_PROB.get(base, (None, None))
+    real_log_prob = replica if base.log_prob is replicated else base.log_prob
 
     def log_prob(self, value):
         if not isinstance(value, torch.Tensor):
             value = torch.as_tensor(value, dtype=torch.get_default_dtype())
         support = self.support
         if support is tc.real or type(support) is type(tc.real):  # nothing can be outside
-            return base.log_prob(self, value)
+            return real_log_prob(self, value)
         try:
             ok = support.check(value)
         except NotImplementedError:  # pragma: no cover - every support used here is checkable
