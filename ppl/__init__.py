@@ -37,6 +37,12 @@ class ProductOfExperts(_product.ProductOfExperts):
         return as_result(super().run(*args, **kwargs))
 
 
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext ppl`` in IPython/Jupyter: the ``%%ppl`` cell magic (``ppl.notebook``)."""
+    from .notebook import load_ipython_extension as load
+    load(ipython)
+
+
 def product(m1, m2, a: float = 1.0, b: float = 1.0) -> ProductOfExperts:
     """The product of experts p1^a * p2^b of two models over the same choices."""
     return ProductOfExperts(m1, m2, a, b)

@@ -119,6 +119,16 @@ class Model:
     def __repr__(self) -> str:
         return f"<ppl.Model {self.entry}({', '.join(self.params)}) from {self.filename}>"
 
+    def html(self, data: Mapping[str, Any] | None = None, *, graph: bool = True, **kwdata) -> str:
+        """The model as HTML (``ppl.notebook.model_html``): highlighted source, entry and
+        parameters, the sites with their distributions and the dependency graph on
+        ``data`` (the defaults when none), drawn inline when small."""
+        from .notebook import model_html
+        return model_html(self, {**(data or {}), **kwdata}, graph=graph)
+
+    def _repr_html_(self) -> str:
+        return self.html()
+
     # ------------------------------------------------------------------------- running
     def builtins(self) -> dict:
         from .stdlib.prelude import builtins

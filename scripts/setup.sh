@@ -34,7 +34,7 @@ fi
 if ! "$PY" -c "import ppl, lark, pyro, hypothesis, pytest" >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.ppl-installed ]; then
   echo "[setup] installing ppl (editable) and its dependencies"
-  "$PY" -m pip install -q -e ".[test,lm]"
+  "$PY" -m pip install -q -e ".[test,lm,notebook]"
   touch .venv/.ppl-installed
 fi
 "$PY" -c "import torch, ppl; print('[setup] ok: torch', torch.__version__, '| cuda:', torch.cuda.is_available())"

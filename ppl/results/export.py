@@ -91,6 +91,64 @@ def to_json(result) -> dict:
     return out
 
 
-def to_html(result) -> str:
-    """The summary (``repr``) as an HTML ``<pre>`` block."""
-    return f"<pre>{html.escape(repr(result))}</pre>"
+#: inline styles of the HTML summary (notebooks drop <style> blocks in some viewers)
+_TABLE = "border-collapse:collapse;font-family:monospace;font-size:12px;margin:4px 0"
+_HEAD_CELL = "border-bottom:1px solid #888;padding:2px 8px;text-align:right"
+_CELL = "padding:2px 8px;text-align:right"
+_NAME_CELL = "padding:2px 8px;text-align:left;font-weight:bold"
+_WARNINGS = ("border:1px solid #e0a030;border-left:6px solid #e07b00;background:#fff6e5;color:#5a3700;"
+             "padding:6px 10px;margin:6px 0;font-family:sans-serif;font-size:13px")
+_NOTE = "color:#666;font-size:12px;margin:2px 0"
+
+
+def to_html(result, *, plot: bool = True) -> str:
+    """The summary as HTML for notebooks (``_repr_html_``): the header line (a ``<pre>``
+    block first), the diagnostic warnings in a highlighted box, the table of
+    ``summary()`` (the same cells: ``text.summary_table``) with its notes, and, when
+    ``plot``, ``result.plot()`` inline as a PNG (left out where plotting fails or the
+    picture is too large). Never raises: on any failure it is ``repr`` in a ``<pre>``."""
+    try:
+        parts = [f"<pre>{html.escape(result._header())}</pre>", warnings_html(result.warnings),
+                 table_html(result)]
+        if plot:
+            parts.append(plot_html(result))
+        return "".join(parts)
+    except Exception:  # never fail in a notebook
+        return f"<pre>{html.escape(repr(result))}</pre>"
+
+
+def warnings_html(warnings: list[str]) -> str:
+    """The diagnostic warnings as one highlighted box ("" when there are none)."""
+    if not warnings:
+        return ""
+    items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+    title = "warning" if len(warnings) == 1 else f"{len(warnings)} warnings"
+    return (f'<div class="ppl-warnings" style="{_WARNINGS}"><b>&#9888; {title}: this result may be '
+            f'unreliable</b><ul style="margin:4px 0 0 0;padding-left:20px">{items}</ul></div>')
+
+
+def table_html(result) -> str:
+    """``summary()``'s table as an HTML table, then its notes."""
+    from .text import summary_table
+    header, rows, notes = summary_table(result)
+    head = "".join(f'<th style="{_HEAD_CELL}">{html.escape(h)}</th>' for h in header)
+    body = []
+    for row in rows:
+        cells = [f'<td style="{_NAME_CELL}">{html.escape(row[0])}</td>']
+        cells += [f'<td style="{_CELL}">{html.escape(c)}</td>' for c in row[1:-1]]
+        cells.append(f'<td style="{_CELL};text-align:left">{html.escape(row[-1])}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    out = f'<table class="ppl-summary" style="{_TABLE}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return out + "".join(f'<p style="{_NOTE}">{html.escape(n)}</p>' for n in notes)
+
+
+def plot_html(result) -> str:
+    """``result.plot()`` as an inline ``<img>`` ("" where plotting fails or is too large)."""
+    from .plots import figure_data_uri
+    try:
+        uri = figure_data_uri(result.plot())
+    except Exception:  # a site that cannot be plotted, no matplotlib: the table is enough
+        return ""
+    if uri is None:
+        return ""
+    return f'<img class="ppl-plot" alt="posterior plot" style="max-width:100%" src="{uri}"/>'

@@ -115,3 +115,24 @@ def _plot_site(result, name: str, ax, bins: int) -> None:
                     label=f"{name}[{','.join(str(int(i)) for i in index)}]")
         ax.legend(fontsize="small")
     ax.set_ylabel("density")
+
+
+#: an inline picture (``figure_data_uri``) is left out when its PNG is larger than this
+MAX_INLINE_PNG_BYTES = 400_000
+
+
+def figure_data_uri(fig, *, dpi: int = 72, max_bytes: int = MAX_INLINE_PNG_BYTES) -> str | None:
+    """``fig`` as a ``data:image/png;base64,...`` URI for inline HTML, or None when the
+    PNG would exceed ``max_bytes``. The figure is closed either way, so a notebook does not
+    draw it a second time."""
+    import base64
+    import io
+    try:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        _pyplot().close(fig)
+    data = buffer.getvalue()
+    if len(data) > max_bytes:
+        return None
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")

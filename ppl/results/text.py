@@ -46,6 +46,25 @@ def summary(result, names: str | Iterable[str] | None = None, *, show_warnings: 
     probable values. Default: "return" and the top-level sites (at most 20).
     Vector sites get one row per component (at most 8). Then a "warning: ..." line per
     diagnostic warning (``warnings``; ``show_warnings=False`` leaves them out)."""
+    header, rows, notes = summary_table(result, names)
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header) - 1)]
+
+    def line(r):
+        head = r[0].ljust(widths[0])
+        mid = "  ".join(c.rjust(w) for c, w in zip(r[1:-1], widths[1:]))
+        return f"{head}  {mid}  {r[-1]}".rstrip()
+
+    out = [result._header(), line(header)] + [line(r) for r in rows] + notes
+    if show_warnings:
+        out += [f"warning: {w}" for w in result.warnings]
+    return "\n".join(out)
+
+
+def summary_table(result, names: str | Iterable[str] | None = None) -> tuple[list[str], list[list[str]], list[str]]:
+    """The cells of ``summary``'s table, formatted: (header, rows, notes). Every row has
+    the header's length; the last column is the probabilities (or a remark); ``notes``
+    are the lines printed under the table (omitted sites, conditional statistics). The
+    text summary and the HTML one (``results.export.to_html``) show these same cells."""
     chosen = result._as_names(names)
     omitted = 0
     if chosen is None:
@@ -90,25 +109,16 @@ def summary(result, names: str | Iterable[str] | None = None, *, show_warnings: 
                         + [f"({size - _SUMMARY_MAX_COMPONENTS} more components)"])
     header = ["name", "mean", "sd", "5%", "50%", "95%"] + (["exists"] if partial else []) + \
         (["ess", "r_hat"] if chains else []) + ["probabilities"]
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header) - 1)]
-
-    def line(r):
-        head = r[0].ljust(widths[0])
-        mid = "  ".join(c.rjust(w) for c, w in zip(r[1:-1], widths[1:]))
-        return f"{head}  {mid}  {r[-1]}".rstrip()
-
-    out = [result._header(), line(header)] + [line(r) for r in rows]
+    notes = []
     if omitted:
-        out.append(f"... and {omitted} more sites (pass names=[...] to choose)")
+        notes.append(f"... and {omitted} more sites (pass names=[...] to choose)")
     if partial:
-        out.append("(statistics of sites with exists < 1 are conditional on the site existing)")
+        notes.append("(statistics of sites with exists < 1 are conditional on the site existing)")
     dropped = getattr(result, "extra", {}).get("dropped_sites")
     if dropped:
-        out.append(f"({len(dropped)} earlier sites of this long run were not kept: pass keep=[...] or "
-                   "keep='all' to keep them)")
-    if show_warnings:
-        out += [f"warning: {w}" for w in result.warnings]
-    return "\n".join(out)
+        notes.append(f"({len(dropped)} earlier sites of this long run were not kept: pass keep=[...] or "
+                     "keep='all' to keep them)")
+    return header, rows, notes
 
 
 def _component(v: Any, index: tuple) -> Any:
