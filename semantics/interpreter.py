@@ -819,6 +819,7 @@ class Interpreter:
             raise err.with_span(span)
 
     def _attr(self, v, e: ir.Attr):
+        v = joined_distribution(v)
         get = getattr(v, "ppl_attribute", None)
         if get is None or e.name.startswith("_"):
             hint = "a language model (passed as data, or toy_lm()) has next_token and generate" \
@@ -827,6 +828,7 @@ class Interpreter:
         return get(e.name)
 
     def _as_dist(self, d, e):
+        d = joined_distribution(d)
         if not isinstance(d, (DistValue, ProposedDist)):
             raise PPLRuntimeError(f"expected a distribution after '~', got {describe(d)}", e.span,
                                   "write e.g. `x ~ normal(0, 1)`")
@@ -902,6 +904,18 @@ class _Renamed:
 
     def address(self, name: str) -> str:
         return self._label
+
+
+def joined_distribution(d):
+    """A per-particle value holding a distribution that can join per-particle copies of
+    itself (``semantics.nested.MarginalDist.joined``: the branches of an ``if`` or the
+    groups of a memoised call, each with its own ``infer`` result) as that one
+    distribution; anything else as it is."""
+    if type(d) is PerParticle and d.items:
+        join = getattr(type(d.items[0]), "joined", None)
+        if join is not None and all(type(x) is type(d.items[0]) for x in d.items):
+            return join(d)
+    return d
 
 
 def _union(a: torch.Tensor, b: torch.Tensor, ctx: Particles) -> Particles:

@@ -600,8 +600,9 @@ def _ragged_apply(interp, ctx, fr, span, lists, body):
 def _sample(interp, ctx, fr, span, d, name="sample"):
     """``sample(d)``: a random choice as an expression (for lambdas), addressed by
     ``name`` in the calling frame."""
-    from ..semantics.interpreter import SampleEffect
+    from ..semantics.interpreter import SampleEffect, joined_distribution
     from ..semantics.dist_values import ProposedDist
+    d = joined_distribution(d)  # (per-particle results of infer(): one distribution)
     if not isinstance(d, (DistValue, ProposedDist)):
         raise PPLRuntimeError(f"sample() expects a distribution, got {describe(d)}", span)
     if not isinstance(name, str):
@@ -627,6 +628,13 @@ def _propose(ctx, target, proposal):
             raise PPLRuntimeError(f"propose(): the {what} must be a distribution, got {describe(d)}",
                                   hint="x ~ propose(normal(a * x, q), normal(y, 1))")
     return ProposedDist(target, proposal)
+
+
+def _infer(interp, ctx, fr, span, *args, **kwargs):
+    """``infer(thunk, method="enumerate", particles=N, ...)``: nested inference, the
+    marginal distribution of the thunk's return value (``semantics.nested``)."""
+    from ..semantics.nested import infer_builtin
+    return (yield from infer_builtin(interp, ctx, fr, span, *args, **kwargs))
 
 
 def _mem(ctx, f):
@@ -933,6 +941,7 @@ def _make_builtins() -> dict[str, Any]:
     out["fold"] = Builtin("fold", _fold, (3, 3), higher_order=True)
     out["sample"] = Builtin("sample", _sample, (1, 2), higher_order=True)
     out["twist"] = Builtin("twist", _twist, (1, 1), higher_order=True)
+    out["infer"] = Builtin("infer", _infer, (1, 5), higher_order=True)  # nested inference
     out["propose"] = Builtin("propose", _propose, (2, 2))
     out["param"] = Builtin("param", _param, (2, 3), pure=False)  # learnable; only in guide programs
     out["print"] = Builtin("print", _print, (0, None), pure=False)  # output only (stdlib.printing)
