@@ -213,6 +213,19 @@ class Model:
         from .structure import draw
         return draw(self, data, path, collapse=collapse, **kwdata)
 
+    def predictive(self, result=None, data: Mapping[str, Any] | None = None, *, n: int | None = None,
+                   seed: int | None = 0):
+        """Replicated observations for predictive checks (``ppl.predictive``): with ``result``
+        None, the prior predictive (``n`` draws, default 1000); with a result, the posterior
+        predictive (each draw's latent values replayed: every kept MCMC draw, or ``n``
+        (default N) particles resampled by weight). Every ``observe v ~ d`` gets fresh values
+        from ``d`` in place of ``v``. ``data``: the model's inputs (default: the result's).
+        Returns a ``Predictive``: ``pred["y"]`` is an array n x the observed shape,
+        ``pred.plot(stat=("mean", "sd"))`` the check's figure, and
+        ``result.to_arviz(predictive=pred)`` puts it in ArviZ's predictive groups."""
+        from .predictive import predictive
+        return predictive(self, result, data, n=n, seed=seed)
+
     def log_joint(self, trace: Mapping[str, Any], **data) -> torch.Tensor:
         """log p(trace, data) [n]: the sum of the log densities of every choice in
         ``trace`` (address -> value) and of every likelihood factor; -inf where a trace is

@@ -145,6 +145,8 @@ def run_method(method: str, model, data: dict, **options) -> Any:
         raise PPLError(f"the inference method '{method}' returned a {type(raw).__name__}",
                        hint="a method returns a ppl.inference Population or Chains, exact paths, or a result")
     res = as_result(raw)
+    if isinstance(res, (WeightedResult, ExactResult)) and getattr(res, "model", None) is None:
+        res.model, res.data = model, dict(data)  # (to_arviz and Model.predictive re-run the model on its draws)
     population_diagnostics(res)
     emit(getattr(res, "warnings", []), stacklevel=3)
     return res

@@ -273,6 +273,48 @@ class _ResultBase:
         Axes (for one name) or a sequence of Axes (one per name). Returns the Figure."""
         return plots.plot(self, names, bins, ax)
 
+    # -- ArviZ (``ppl.results.arviz``; arviz is imported on first use) -----------------------
+
+    #: the model and the data of the run (set by ``Model.run``; None for a result built by hand)
+    model = None
+    data = None
+
+    def to_arviz(self, *, model=None, data=None, draws: int | None = None, seed: int = 0,
+                 log_likelihood: bool | None = None, predictive=None):
+        """This result as an ``arviz.InferenceData``: ``posterior`` (chain, draw, ...),
+        ``sample_stats`` (``lp``; NUTS/HMC: diverging, acceptance_rate, tree_depth, n_steps,
+        energy, step_size), ``log_likelihood`` (pointwise, per observed element, by
+        re-scoring each draw's trace with the model: ``az.loo``/``az.waic``/``az.compare``
+        work), ``observed_data``, and with ``predictive=`` (``Model.predictive``'s result,
+        or a list of a prior and a posterior one) ``prior_predictive``/``posterior_predictive``.
+
+        MCMC results keep their chains and draws. A weighted population (importance, smc,
+        tempering, ...) is *resampled*: one chain of ``draws`` (default N) particles drawn
+        multinomially by weight with ``numpy.random.default_rng(seed)`` (equal weights:
+        the particles as they are); an exact result gives ``draws`` (default 1000) paths
+        drawn by probability. ``model``/``data``: for a result not made by ``Model.run``;
+        ``log_likelihood``: None = when the model is known, False = leave out (no
+        re-scoring). Details: ``ppl.results.arviz``."""
+        from .results.arviz import to_arviz
+        return to_arviz(self, model=model, data=data, draws=draws, seed=seed, log_likelihood=log_likelihood,
+                        predictive=predictive)
+
+    def plot_trace(self, **kwargs):
+        """``az.plot_trace(result.to_arviz(), **kwargs)`` (default: "return" and the top-level
+        sites); the Figure. Divergences of NUTS/HMC are marked."""
+        from .results.arviz import plot
+        return plot(self, "trace", **kwargs)
+
+    def plot_rank(self, **kwargs):
+        """``az.plot_rank(result.to_arviz(), **kwargs)``: rank histograms per chain; the Figure."""
+        from .results.arviz import plot
+        return plot(self, "rank", **kwargs)
+
+    def plot_pair(self, **kwargs):
+        """``az.plot_pair(result.to_arviz(), **kwargs)`` (divergences marked); the Figure."""
+        from .results.arviz import plot
+        return plot(self, "pair", **kwargs)
+
 
 # ----------------------------------------------------------------------------------------
 # weighted particle populations
