@@ -95,6 +95,9 @@ class Dependencies:
     #: address -> ``Recipe`` of each site (and "return") whose statement can be evaluated
     #: on its own from its parents' values (``Recipe``); sites without one are absent
     recipes: dict = field(default_factory=dict, repr=False, compare=False)
+    #: a call was numbered (``f#1``) on some paths only: a later call of the same function
+    #: may have another address on another path than the one given here
+    numbered_on_some_paths: bool = False
 
     def __post_init__(self):
         self._by_address = {s.address: s for s in (*self.sites, *self.values)}
@@ -298,6 +301,10 @@ class _Analysis:
         self.recipes: dict = {}       # address -> Recipe (``recipe``); None: none for that address
         self.entry_frame: Optional[_AFrame] = None
         self.entry_returns: list = []  # the entry's return statements' recipes (None: none)
+        # a call numbered (``#k``) on some paths only: later calls of the same function may
+        # be numbered differently on different paths, so no address is certain to be the
+        # run's, and recipes (which no run checks) are not given
+        self.numbered_on_some_paths = False
 
     # ---------------------------------------------------------------------------- entry
     def run(self, entry: str, data: Mapping[str, Any]) -> None:
@@ -742,6 +749,7 @@ class _Analysis:
             path = caller.label + "/"
         else:
             path = "" if top else caller.address(f.name) + "/"
+            self.numbered_on_some_paths = self.numbered_on_some_paths or (caller.conditional and not top)
         fr = _AFrame(f.env, path, depth, caller.pc, caller.conditional)
         fr.plates = list(caller.plates)
         if top:
@@ -1063,5 +1071,6 @@ def analyse(model: Any, data: Optional[Mapping[str, Any]] = None, *, entry: Opti
     sites = tuple(an.sites.values())
     if shapes:
         sites = _with_shapes(interp, entry, args, sites)
-    recipes = {a: r for a, r in an.recipes.items() if r is not None}
-    return Dependencies(sites, tuple(an.values.values()), tuple(args), False, None, recipes=recipes)
+    recipes = {} if an.numbered_on_some_paths else {a: r for a, r in an.recipes.items() if r is not None}
+    return Dependencies(sites, tuple(an.values.values()), tuple(args), False, None, recipes=recipes,
+                        numbered_on_some_paths=an.numbered_on_some_paths)

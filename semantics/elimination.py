@@ -325,11 +325,12 @@ def exact_sum_product(factors: Iterable[Factor], domains: Mapping, order: list, 
     factors = list(factors)
     if plan is None:
         plan = EliminationPlan([f.vars for f in factors], order, keep)
-    scaled = integer_tables(factors)
+    tables = [f.table for f in factors]
+    scaled = _integer_tables(tables)
     if scaled is None:
-        return plan.run([f.table for f in factors], domains, max_table=max_table)
+        return plan.run(tables, domains, max_table=max_table)
     ints, denominator = scaled
-    out = plan.run([f.table for f in ints], domains, max_table=max_table)
+    out = plan.run(ints, domains, max_table=max_table)
     return Factor(out.vars, {k: Fraction(w, denominator) for k, w in out.table.items()})
 
 
@@ -338,20 +339,39 @@ def integer_tables(factors: list[Factor]) -> tuple[list[Factor], int] | None:
     scales), where a factor's scale is the least common multiple of its weights'
     denominators; None when a weight is not an int or a Fraction, or when no weight is a
     Fraction (plain ints need no scaling)."""
+    scaled = _integer_tables([f.table for f in factors])
+    if scaled is None:
+        return None
+    return [Factor(f.vars, t) for f, t in zip(factors, scaled[0])], scaled[1]
+
+
+def _integer_tables(tables: list[dict]) -> tuple[list[dict], int] | None:
+    """``integer_tables`` on the tables alone."""
     out, denominator, any_fraction = [], 1, False
-    for f in factors:
-        table = f.table
-        types = set(map(type, table.values()))
-        if not types <= _EXACT_TYPES:
-            return None
-        if Fraction not in types:
-            out.append(f)
-            continue
-        any_fraction = True
-        scale = math.lcm(*{w.denominator for w in table.values()})
-        out.append(Factor(f.vars, {k: w.numerator * (scale // w.denominator) for k, w in table.items()}))
-        denominator *= scale
+    done: dict = {}  # id of a table shared by several factors -> (its integer table, its scale)
+    for table in tables:
+        hit = done.get(id(table))
+        if hit is None:
+            hit = done[id(table)] = _integer_table(table)
+            if hit is None:
+                return None
+        out.append(hit[0])
+        if hit[1] is not None:
+            any_fraction = True
+            denominator *= hit[1]
     return (out, denominator) if any_fraction else None
+
+
+def _integer_table(table: dict) -> tuple[dict, int | None] | None:
+    """(the table times its scale, the scale: the lcm of its Fractions' denominators), or
+    (the table, None) when it holds ints only, or None when it holds anything else."""
+    types = set(map(type, table.values()))
+    if not types <= _EXACT_TYPES:
+        return None
+    if Fraction not in types:
+        return table, None
+    scale = math.lcm(*{w.denominator for w in table.values()})
+    return {k: w.numerator * (scale // w.denominator) for k, w in table.items()}, scale
 
 
 _EXACT_TYPES = frozenset((int, Fraction))

@@ -91,6 +91,9 @@ class Structure:
     #: address (and "return") -> ``dependencies.Recipe``: how to evaluate each site on its
     #: own from its parents' values (``_direct_tables``); sites without one are absent
     recipes: dict = field(default_factory=dict, compare=False, repr=False)
+    #: a call is numbered on some paths only (``Dependencies.numbered_on_some_paths``): the
+    #: addresses of later calls may differ between paths, which covering runs need not meet
+    numbered_on_some_paths: bool = False
     #: ``_site_plans``' answer, computed once per structure (None: not yet)
     plans: Any = field(default=None, compare=False, repr=False)
 
@@ -510,13 +513,22 @@ def _direct_tables(interp, structure: Structure, max_table: int, originals: dict
     evaluator = _RecipeEvaluator(interp, originals, supports)
     domains: dict = {}
     rows: dict = {}
+    shared: dict = {}  # (plan's memo number, its reading, its scope's domains) -> (rows, domain)
     for a, plan in plans.items():
-        if _size(plan.scope, domains) > max_table:
-            raise NotApplicable(f"the table of {a!r} would exceed max_table={max_table} entries")
-        rows[a] = evaluator.rows(plan, domains)
-        if plan.recipe.kind == "choice":
-            domains[a] = tuple(dict.fromkeys(v for support in rows[a].values() for v, _ in support))
-            if len(domains[a]) * _size(plan.scope, domains) > max_table:
+        scope_domains = tuple([domains[p] for p in plan.scope])
+        key = (plan.memo, plan.read, scope_domains)
+        hit = shared.get(key)
+        if hit is None:
+            if math.prod(map(len, scope_domains)) > max_table:
+                raise NotApplicable(f"the table of {a!r} would exceed max_table={max_table} entries")
+            table = evaluator.rows(plan, domains)
+            domain = tuple(dict.fromkeys(v for support in table.values() for v, _ in support)) \
+                if plan.recipe.kind == "choice" else None
+            hit = shared[key] = (table, domain)
+        rows[a] = hit[0]  # (one dict for sites with the same rows: ``_factors`` shares their tables)
+        if hit[1] is not None:
+            domains[a] = hit[1]
+            if len(hit[1]) * math.prod(map(len, scope_domains)) > max_table:
                 raise NotApplicable(f"the table of {a!r} would exceed max_table={max_table} entries")
     returns = rows.pop("return")
     sites = structure.sites
@@ -584,6 +596,17 @@ def _keys(scope: tuple, domains: dict):
     return itertools.product(*(domains[p] for p in scope))
 
 
+def _one_particle() -> Particles:
+    """The context of one particle on the CPU (made once: expressions only read it)."""
+    global _ONE
+    if _ONE is None:
+        _ONE = Particles.all(1)
+    return _ONE
+
+
+_ONE: Particles | None = None
+
+
 class _RecipeEvaluator:
     """Evaluates recipes' expressions (``Interpreter.pv``) in a frame holding the recipe's
     variables, for one particle; the choices' values are given as typed keys and become
@@ -592,7 +615,7 @@ class _RecipeEvaluator:
 
     def __init__(self, interp, originals: dict, supports: dict):
         self.interp, self.originals, self.supports = interp, originals, supports
-        self.ctx = Particles.all(1)
+        self.ctx = _one_particle()
         self._rows: dict = {}
 
     def rows(self, plan: "_SitePlan", domains: dict) -> dict:
@@ -670,16 +693,22 @@ def _factors(t: _Tables, parents: dict) -> list[Factor]:
     1 at ABSENT where it does not exist), a likelihood site's over its parents (its weight,
     1 where it does not exist)."""
     out = []
+    tables: dict = {}  # id of a rows dict shared by several sites (``_direct_tables``) -> its table
     for a in t.order:
         pa = tuple(parents[a])
+        rows = t.rows[a]
+        table = tables.get(id(rows))
         if t.kinds[a] == "choice":
-            table = {}
-            for key, support in t.rows[a].items():
-                for v, p in ([(ABSENT, 1)] if support is ABSENT else support):
-                    table[key + (v,)] = p
+            if table is None:
+                table = tables[id(rows)] = {}
+                for key, support in rows.items():
+                    for v, p in ([(ABSENT, 1)] if support is ABSENT else support):
+                        table[key + (v,)] = p
             out.append(Factor(pa + (a,), table))
         else:
-            out.append(Factor(pa, {k: (1 if w is ABSENT else w) for k, w in t.rows[a].items() if w != 0}))
+            if table is None:
+                table = tables[id(rows)] = {k: (1 if w is ABSENT else w) for k, w in rows.items() if w != 0}
+            out.append(Factor(pa, table))
     return out
 
 
@@ -705,7 +734,8 @@ class EliminationResult:
         self._tables, self._factors, self._order, self._max_table = tables, factors, order, max_table
         self.evidence, self.returns = evidence, returns
         self.names = [a for a in tables.order if tables.kinds[a] == "choice"
-                      and any(v is not ABSENT for v in tables.domains[a])] + ["return"]  # as paths list them
+                      and (len(tables.domains[a]) > 1 or tables.domains[a][0] is not ABSENT)] + ["return"]
+        # (as paths list them: the choices that exist on some path)
         self.enumerate_paths = enumerate_paths
         self._tree: BucketTree | None = None
         self._count: int | None = None
@@ -754,6 +784,8 @@ def eliminate_program(interp, entry: str, data: dict, structure: Structure, *,
     (``_direct_tables``), so no run is needed."""
     if not structure.decided:
         raise NotApplicable("the dependency analysis could not decide the structure")
+    if structure.numbered_on_some_paths:
+        raise NotApplicable("a call is numbered on some paths only: later addresses may differ between paths")
     t = tables or _tabulate(runner or _Runner(interp, entry, exact_data(data)), structure, max_table)
     parents = t.parents
     factors = _factors(t, parents)
@@ -795,7 +827,8 @@ def structure_of(model, data: dict) -> Structure:
     sites = {s.address: "choice" if s.kind == "choice" else "likelihood" for s in deps.sites}
     conditional = frozenset(s.address for s in deps.sites if not s.static)
     spans = {s.address: _where(s.span) for s in deps.sites}
-    return Structure(not deps.from_traces, sites, parents, conditional, spans, recipes=dict(deps.recipes))
+    return Structure(not deps.from_traces, sites, parents, conditional, spans, recipes=dict(deps.recipes),
+                     numbered_on_some_paths=deps.numbered_on_some_paths)
 
 
 def _path_bound(runner: _Runner) -> int:

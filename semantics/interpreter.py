@@ -249,8 +249,8 @@ class Interpreter:
         self.globals.vars.update(builtins)
         for f in program.functions:
             self.globals.vars[f.name] = Closure(f.name, f.params, f.body, self.globals, f.span)
-        bound = _bound_names(program)
-        self._pure_builtins = {n for n, b in builtins.items() if isinstance(b, Builtin) and b.pure} - bound
+        self._purity_inputs = (dict(builtins), _bound_names(program))  # (``_pure_builtins``, made on first use)
+        self._pure_names: set | None = None
         self._pure_cache: dict[int, bool] = {}
         if sys.getrecursionlimit() < 20_000:
             sys.setrecursionlimit(20_000)
@@ -262,6 +262,15 @@ class Interpreter:
         return (yield from self.call_closure(f, [], dict(data), ctx, f.span, self.globals, top=True))
 
     # --------------------------------------------------------------------------- purity
+    @property
+    def _pure_builtins(self) -> set:
+        """The names of the pure builtins the program does not rebind (made on first use:
+        a run that evaluates no effect-free expression through ``pure`` never needs them)."""
+        if self._pure_names is None:
+            builtins, bound = self._purity_inputs
+            self._pure_names = {n for n, b in builtins.items() if isinstance(b, Builtin) and b.pure} - bound
+        return self._pure_names
+
     def pure(self, e: ir.Expr) -> bool:
         """Whether evaluating e can yield no effect (no call into model code)."""
         r = self._pure_cache.get(id(e))
