@@ -28,6 +28,8 @@ from .semantics.errors import PPLError
 MAX_DRAWN_NODES = 30
 #: at most this many sites are listed
 MAX_LISTED_SITES = 40
+#: the automatic view analyses the model only on data of at most this many numbers
+MAX_DATA_ELEMENTS = 5_000
 
 _BOX = "font-family:sans-serif;font-size:13px;margin:4px 0"
 _TABLE = "border-collapse:collapse;font-family:monospace;font-size:12px;margin:4px 0"
@@ -67,12 +69,31 @@ def _structure_html(model, data: Mapping[str, Any] | None) -> str:
     if missing:
         return (f'<p style="{_NOTE}">sites and graph: pass the data ({", ".join(missing)}) to '
                 f'<code>model.html(data)</code> or <code>model.graph(data)</code></p>')
+    size = sum(_elements(v) for v in arguments.values())
+    if size > MAX_DATA_ELEMENTS:
+        return (f'<p style="{_NOTE}">no graph in this view: the data hold {size:,} numbers (more than '
+                f'{MAX_DATA_ELEMENTS:,}); <code>model.draw(data)</code> draws it</p>')
     try:
         g = model.graph(arguments, collapse=True)
     except Exception as err:  # noqa: BLE001 - the analysis' limits: the source alone
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         return f'<p style="{_NOTE}">no graph: {html.escape(reason)}</p>'
     return _sites_table(g) + _graph_picture(model, arguments, g)
+
+
+def _elements(v: Any) -> int:
+    """How many numbers a datum holds (lists, tuples, arrays, tensors; 1 otherwise)."""
+    numel = getattr(v, "numel", None) or getattr(v, "size", None)
+    if callable(numel):
+        try:
+            return int(numel())
+        except Exception:  # noqa: BLE001
+            return 1
+    if isinstance(numel, int):
+        return numel
+    if isinstance(v, (list, tuple)):
+        return sum(_elements(e) for e in v)
+    return 1
 
 
 def _sites_table(g) -> str:

@@ -164,3 +164,12 @@ def test_magic_line_errors_are_usage_errors(shell, capsys):
     assert isinstance(res.error_in_exec, UsageError)
     res = shell.run_cell("%%ppl 3m\ndef f():\n    return 1\n")
     assert isinstance(res.error_in_exec, UsageError)
+
+
+def test_model_html_skips_the_analysis_on_large_data(monkeypatch):
+    from ppl import notebook
+    monkeypatch.setattr(notebook, "MAX_DATA_ELEMENTS", 10)
+    h = ppl.model(COIN).html({"flips": [1, 0] * 6})
+    assert "ppl-source" in h and "ppl-sites" not in h and "the data hold 12 numbers" in h
+    import numpy as np
+    assert notebook._elements(np.zeros((3, 4))) == 12 and notebook._elements([[1, 2], [3]]) == 3
