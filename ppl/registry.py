@@ -138,7 +138,8 @@ def run_method(method: str, model, data: dict, **options) -> Any:
     caller of ``Model.run``). ``options`` are already checked."""
     if options.get("proposal") is not None:  # the path of a saved guide: loaded here, in the face
         options["proposal"] = load_proposal(options["proposal"], model, data)
-    with printing.run_output(_prints(model)):  # print(...) in the model: bounded output (stdlib.printing)
+    with printing.run_output(_prints(model), unit="chain" if method in _CHAIN_METHODS else "particle"):
+        # (print(...) in the model: bounded output, stdlib.printing)
         raw = METHODS[method](model, data, **options)
     if not isinstance(raw, (Population, Chains, Optimum, list, tuple, WeightedResult, ExactResult,
                             EliminationResult)):
@@ -150,6 +151,10 @@ def run_method(method: str, model, data: dict, **options) -> Any:
     population_diagnostics(res)
     emit(getattr(res, "warnings", []), stacklevel=3)
     return res
+
+
+#: methods whose batch rows are Markov chains (print(...) labels them "chain")
+_CHAIN_METHODS = frozenset({"mh", "nuts", "hmc"})
 
 
 def _prints(model) -> bool:

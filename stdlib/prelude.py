@@ -842,13 +842,13 @@ def _print_lines(ctx, args, log) -> list[str]:
         if log.in_path:
             return [text]
         m = ctx.M
-        return [f"[particle {int(ctx.idx[0])}] {text}" if m == 1 else f"[{m} particles] {text}"]
+        return [f"[{log.unit} {int(ctx.idx[0])}] {text}" if m == 1 else f"[{m} {log.unit}s] {text}"]
     k = min(ctx.M, log.max_particles)
     indices = ctx.idx[:k].tolist()
     per_arg = [_first_rows(a, ctx, k) for a in args]
-    lines = [f"[particle {i}] " + " ".join(_shown(row[j]) for row in per_arg) for j, i in enumerate(indices)]
+    lines = [f"[{log.unit} {i}] " + " ".join(_shown(row[j]) for row in per_arg) for j, i in enumerate(indices)]
     if ctx.M > k:
-        lines.append(f"... ({ctx.M - k} more particles)")
+        lines.append(f"... ({ctx.M - k} more {log.unit}s)")
     return lines
 
 

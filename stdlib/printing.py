@@ -9,7 +9,9 @@ the run's ``RunLog``; this module decides where they go and how many:
 * **Batched methods** (importance, smc, MCMC, ...): a ``print`` reached by M particles
   writes one line per particle for the first ``MAX_PARTICLES`` of them,
   ``[particle 3] x = 1.25``, then ``... (M - K more particles)``; a value every particle
-  shares is written once, ``[1000 particles] ...``.
+  shares is written once, ``[1000 particles] ...``. MCMC methods say ``chain`` (every
+  evaluation of the model prints: each MH step, each leapfrog step of NUTS, until the
+  run's budget is spent).
 * **Exact enumeration by paths**: each path's lines are kept until the enumeration ends
   and written with the path's number and posterior probability, ``[path 2 | p=1/4] ...``
   (a path cut by a zero-probability condition or observation: ``p=0, cut``). A path is a
@@ -45,8 +47,9 @@ class RunLog:
     """The printed output of one run: a line budget, and the paths' buffers during exact
     enumeration."""
 
-    def __init__(self, stream: TextIO | None, max_lines: int, max_particles: int):
+    def __init__(self, stream: TextIO | None, max_lines: int, max_particles: int, unit: str = "particle"):
         self.stream = stream
+        self.unit = unit  # what a batch row is: "particle", or "chain" for MCMC
         self.max_lines = max_lines
         self.max_particles = max_particles
         self.written = 0
@@ -107,15 +110,16 @@ def active() -> bool:
 
 @contextmanager
 def run_output(enabled: bool = True, *, stream: TextIO | None = None, max_lines: int | None = None,
-               max_particles: int | None = None) -> Iterator[RunLog | None]:
+               max_particles: int | None = None, unit: str = "particle") -> Iterator[RunLog | None]:
     """The log of one run (``Model.run`` opens it when the model calls ``print``). A run
-    inside another's (nested inference) writes into the outer run's log."""
+    inside another's (nested inference) writes into the outer run's log. ``unit``: the
+    label of a batch row ("particle"; "chain" for MCMC methods)."""
     outer = current()
     if not enabled or outer is not None:
         yield outer
         return
     log = RunLog(stream, MAX_LINES if max_lines is None else max_lines,
-                 MAX_PARTICLES if max_particles is None else max_particles)
+                 MAX_PARTICLES if max_particles is None else max_particles, unit)
     _local.log = log
     try:
         yield log

@@ -63,6 +63,8 @@ def test_a_shared_value_is_printed_once(capsys):
     ("importance", {"particles": 200}),
     ("smc", {"particles": 200}),
     ("mh", {"particles": 2, "samples": 50, "burn_in": 10}),
+    ("tempering", {"particles": 100}),
+    ("resample_move", {"particles": 100}),
     ("importance", {"particles": 200, "delayed": True}),  # a delayed (lazy) value is shown, not realised
 ])
 def test_results_are_the_same_with_and_without_print(method, options, capsys):
@@ -129,3 +131,10 @@ def test_cli_json_keeps_stdout_json_and_prints_to_stderr(tmp_path, capsys):
 def test_print_is_a_checked_builtin():
     with pytest.raises(ppl.PPLError):
         ppl.model("def f():\n    x ~ flip(0.5)\n    return prnt(x)\n")
+
+
+@pytest.mark.filterwarnings("ignore::ppl.PPLDiagnosticWarning")
+def test_mcmc_labels_chains(capsys):
+    _model('print("mu", mu)').run("mh", {"ys": [1.0]}, particles=2, seed=0, samples=2, burn_in=0)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[chain 0] mu ") and lines[1].startswith("[chain 1] mu ")
