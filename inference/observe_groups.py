@@ -75,12 +75,22 @@ class ObserveGroups:
     def log_densities(self):
         """The summed log density [C] (float64) of each group, one ``log_prob`` a group."""
         for spec, params, values in self.groups.values():
-            stacked = [self._stack(column) for column in params]
-            d = spec.make(*stacked)
-            lp = d.log_prob(spec.from_value(self._stack_values(values)))
+            try:
+                lp = spec.make(*[self._stack(column) for column in params]).log_prob(
+                    spec.from_value(self._stack_values(values)))
+            except (TypeError, ValueError, RuntimeError):  # a spec that wants its parameters otherwise:
+                yield from self._one_by_one(spec, params, values)  # score the entries as they came
+                continue
             yield lp.reshape(self.C, -1).sum(1, dtype=torch.float64) if lp.dim() == 2 else \
                 lp.sum(dtype=torch.float64).expand(self.C)
         self.groups.clear()
+
+    def _one_by_one(self, spec, params, values):
+        """Each collected observe's log density [C] on its own."""
+        for k, value in enumerate(values):
+            lp = spec.make(*[column[k] for column in params]).log_prob(
+                spec.from_value(torch.as_tensor(value)))
+            yield torch.as_tensor(lp, dtype=torch.float64).expand(self.C)
 
     def _stack_values(self, column: list) -> torch.Tensor:
         """The observed values: 0-d tensors of one dtype (data: counts stay integers, as a

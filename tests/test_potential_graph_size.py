@@ -178,3 +178,20 @@ def test_compile_auto_counts_the_graphs_size():
     assert _decide(_StubPotential(4000, 3.0, 0.03), 5000).compiles == 1
     # a small graph whose recording was slow: the recording's time still bounds the cost
     assert gradient_mcmc.compile_cost(_StubPotential(100, 2.0, 0.01)) == pytest.approx(8.0)
+
+
+def test_a_group_that_cannot_be_stacked_is_scored_one_by_one(monkeypatch):
+    """If a distribution refuses the stacked parameters, the collected observes are scored
+    as they came: the same density as without grouping."""
+    from ppl.inference import observe_groups
+    data = {"ys": _ys(8, seed=2)}
+    z = torch.tensor([[0.3, -0.2], [1.1, 0.4], [-0.7, 0.0]], dtype=torch.float64)
+    monkeypatch.setattr(potential_module, "GROUP_OBSERVES", False)
+    want = _potential(LOOP, data, traced=False).value_and_grad(z)
+    monkeypatch.setattr(potential_module, "GROUP_OBSERVES", True)
+
+    def refuse(self, column):
+        raise RuntimeError("no stacking")
+    monkeypatch.setattr(observe_groups.ObserveGroups, "_stack", refuse)
+    got = _potential(LOOP, data, traced=False).value_and_grad(z)
+    assert torch.allclose(got[0], want[0], rtol=1e-13, atol=0) and torch.allclose(got[1], want[1], rtol=1e-12)
