@@ -30,7 +30,11 @@ from .sampling import Weighting
 from .trace import Trace
 from .values import Batched, PerParticle, Particles, as_tensor, batch_rows, deep_batched
 
-__all__ = ["ReplicatingPrior", "PosteriorPredictive", "PointwiseLikelihood", "replay_columns", "pointwise_log_prob"]
+__all__ = ["MissingChoiceError", "ReplicatingPrior", "PosteriorPredictive", "PointwiseLikelihood", "replay_columns", "pointwise_log_prob"]
+
+
+class MissingChoiceError(PPLRuntimeError):
+    """The draws lack a choice the program makes (not kept by the run, or another model)."""
 
 
 def replay_columns(columns: dict, eff: SampleEffect):
@@ -38,7 +42,7 @@ def replay_columns(columns: dict, eff: SampleEffect):
     (address -> tensor [N, ...] or list of N objects). A missing address is an error."""
     col = columns.get(eff.addr)
     if col is None:
-        raise PPLRuntimeError(
+        raise MissingChoiceError(
             f"the draws have no value for the choice '{eff.addr}'", eff.span,
             "the result did not keep this choice (a long SMC run keeps only the last value of each choice "
             "by default: run with keep='all'), or it comes from another model or other data")

@@ -229,3 +229,24 @@ def test_trace_rank_and_pair_plots(nuts_regression):
     fig = nuts_regression.plot_pair(var_names=["w0", "w1"])
     assert len(fig.axes) == 1
     plt.close(fig)
+
+
+def test_smc_population_and_sites_the_run_did_not_keep(monkeypatch):
+    lgssm = ppl.model(str(EXAMPLES / "lgssm.ppl"))
+    data = json.loads((EXAMPLES / "lgssm.json").read_text())
+    r = lgssm.run("smc", data, particles=200, seed=0)
+    idata = r.to_arviz()
+    assert idata.posterior["x[5]"].shape == (1, 200) and idata.log_likelihood["y"].shape == (1, 200, 100)
+    assert "equal weights" in idata.posterior.attrs["draws"]  # resampled at the last observe
+    kept = lgssm.run("smc", data, particles=200, seed=0, keep=["return", "x[99]"])
+    with pytest.warns(ppl.PPLDiagnosticWarning, match="no value for the choice"):
+        idata = kept.to_arviz()
+    assert list(idata.groups()) == ["posterior"]
+    with pytest.raises(PPLError, match="no value for the choice"):
+        kept.to_arviz(log_likelihood=True)
+    from ppl.semantics import trace
+    monkeypatch.setattr(trace, "KEEP_ALL_LIMIT", 1000)  # a long run: the "auto" rule drops old states
+    dropped = lgssm.run("smc", data, particles=200, seed=0)
+    assert dropped.extra.get("dropped_sites")
+    with pytest.warns(ppl.PPLDiagnosticWarning, match="did not keep"):
+        assert "log_likelihood" not in dropped.to_arviz().groups()

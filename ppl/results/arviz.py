@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from ppl.semantics.errors import PPLDiagnosticWarning, PPLError
-from ppl.semantics.predictive import PointwiseLikelihood
+from ppl.semantics.predictive import MissingChoiceError, PointwiseLikelihood
 from ppl.semantics.sampling import drive
 from ppl.semantics.values import Particles, is_batched
 
@@ -188,10 +188,26 @@ def to_arviz(result, *, model=None, data=None, draws: int | None = None, seed: i
     if log_likelihood and model is None:
         raise PPLError("to_arviz(log_likelihood=True) needs the model and its data",
                        hint="pass model= and data= (results from Model.run know them)")
+    if d.dropped and log_likelihood is not False:
+        message = (f"to_arviz: the run did not keep {len(d.dropped)} sites (e.g. '{d.dropped[0]}'), so its draws "
+                   "cannot be re-scored for the log-likelihood")
+        if log_likelihood:
+            raise PPLError(message, hint="run with keep='all' (or pass log_likelihood=False)")
+        warnings.warn(PPLDiagnosticWarning(message + ": log_likelihood, lp and observed_data left out; run with "
+                                           "keep='all' for them"), stacklevel=3)
+        log_likelihood = False
     lp = loglik = observed = None
     if model is not None and log_likelihood is not False:
-        lp, pointwise, observed_values = rescore(model, data, d)
-        loglik, observed = log_likelihood_and_observed(model, pointwise, observed_values, d)
+        try:
+            lp, pointwise, observed_values = rescore(model, data, d)
+        except MissingChoiceError as err:
+            if log_likelihood:
+                raise
+            warnings.warn(PPLDiagnosticWarning(f"to_arviz: {err.message}; "
+                                               "log_likelihood, lp and observed_data left out (run with keep='all' "
+                                               "for them)"), stacklevel=3)
+        else:
+            loglik, observed = log_likelihood_and_observed(model, pointwise, observed_values, d)
     stats, attrs = sample_stats(result, d, lp)
     groups: dict[str, Any] = {"posterior": posterior, "sample_stats": stats or None,
                               "log_likelihood": loglik or None, "observed_data": observed or None}
