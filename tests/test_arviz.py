@@ -250,3 +250,30 @@ def test_smc_population_and_sites_the_run_did_not_keep(monkeypatch):
     assert dropped.extra.get("dropped_sites")
     with pytest.warns(ppl.PPLDiagnosticWarning, match="did not keep"):
         assert "log_likelihood" not in dropped.to_arviz().groups()
+
+
+def test_observed_variables_are_named_after_what_they_observe():
+    m = ppl.model("""
+def obs(y, mu):
+    observe y ~ normal(mu, 1)
+
+def m(ys, zs):
+    mu ~ normal(0, 1)
+    for i in range(len(ys)):
+        observe ys[i] ~ normal(mu, 1)
+    for z in zs:
+        obs(z, mu)
+    observe zs ~ normal(mu, 2)
+    return mu
+""")
+    r = m.run("importance", {"ys": [1.0, 2.0], "zs": [0.5, 0.7, 0.9]}, particles=200, seed=0)
+    idata = r.to_arviz(draws=10)
+    shapes = {k: v.shape for k, v in idata.log_likelihood.data_vars.items()}
+    assert shapes == {"ys": (1, 10, 2), "obs/y": (1, 10, 3), "zs": (1, 10, 3)}
+    np.testing.assert_allclose(idata.observed_data["obs/y"].values, [0.5, 0.7, 0.9], rtol=1e-6)
+    mu = idata.posterior["mu"].values[0]
+    np.testing.assert_allclose(idata.log_likelihood["zs"].values[0, :, 1],
+                               [_normal_logpdf(0.7, u, 2) for u in mu], rtol=1e-5)
+    with pytest.raises(Exception, match="several log likelihood arrays|var_name"):
+        az.loo(idata)  # ArviZ's rule with several observed variables: name one
+    assert np.isfinite(az.loo(idata, var_name="zs").elpd_loo)
