@@ -180,13 +180,13 @@ def _product_sum(factors: list[Factor], domains: Mapping, out_vars: tuple, sum_v
 
 def _key_of(idx: tuple):
     """A function from an assignment (a tuple over a scope) to the tuple of its entries
-    at ``idx`` (a factor's key)."""
-    if len(idx) >= 2:
-        return operator.itemgetter(*idx)
-    if len(idx) == 1:
-        i = idx[0]
-        return lambda assignment: (assignment[i],)
-    return lambda assignment: ()
+    at ``idx`` (a factor's key): a slice where the positions are consecutive (one
+    position, or none, included), else ``itemgetter`` (both run in C)."""
+    if not idx:
+        return operator.itemgetter(slice(0, 0))
+    if idx == tuple(range(idx[0], idx[0] + len(idx))):
+        return operator.itemgetter(slice(idx[0], idx[0] + len(idx)))
+    return operator.itemgetter(*idx)
 
 
 def _ordered_union(factors: Iterable[Factor]) -> tuple:

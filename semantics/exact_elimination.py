@@ -240,7 +240,8 @@ def _dist_key(dist):
         return None
     args = dist.args
     if all(type(a) in _PLAIN_ARGS for a in args):  # (the common case: its own arguments are the key)
-        return (id(dist.spec), tuple((type(a), a) for a in args))
+        return (id(dist.spec), tuple((Fraction, a.numerator, a.denominator) if type(a) is Fraction else (type(a), a)
+                                     for a in args))  # (a Fraction by its two ints: hashing one costs a pow)
     try:
         key = (id(dist.spec), _typed(dist.python_args()))  # specs live in the module's table
         hash(key)
