@@ -22,6 +22,7 @@ from ..semantics.errors import PPLRuntimeError
 from ..semantics.exact import DEFAULT_MAX_PATHS, DEFAULT_MAX_SECONDS, enumerate_paths
 from ..semantics.exact_elimination import STRATEGIES, EliminationResult, enumerate_exact
 from ..stdlib import printing
+from ..stdlib.progress import ticking
 from ..semantics.options import OptionSpec
 from .amortized import run_guided_importance, run_guided_smc
 from .auto_enumerate import with_enumeration
@@ -333,14 +334,18 @@ def run_enumerate(model, data: dict, *, max_paths: int = DEFAULT_MAX_PATHS,
     prepared = model.prepare_data(data, None)
     interp = model.interpreter(exact=True)
 
-    def paths() -> list:
-        with printing.unsilenced():  # print(...) per path (stdlib.printing)
-            return enumerate_paths(model.program, model.builtins(), model.entry, prepared, max_paths=max_paths,
-                                   interp=interp, max_seconds=max_seconds, progress=progress)
     if strategy == "auto" and (max_paths != DEFAULT_MAX_PATHS or max_seconds != DEFAULT_MAX_SECONDS):
         strategy = "paths"
-    with printing.silenced():  # elimination's tabulating runs are not executions of the model
-        out = enumerate_exact(model, data, prepared, interp, paths, strategy=strategy)
+    # the analysis and elimination have no steps to count: a bar with the elapsed time, until
+    # paths are enumerated (which count themselves)
+    with ticking(progress if strategy != "paths" else False, desc="enumerate (elimination)") as clock:
+        def paths() -> list:
+            clock.stop()
+            with printing.unsilenced():  # print(...) per path (stdlib.printing)
+                return enumerate_paths(model.program, model.builtins(), model.entry, prepared, max_paths=max_paths,
+                                       interp=interp, max_seconds=max_seconds, progress=progress)
+        with printing.silenced():  # elimination's tabulating runs are not executions of the model
+            out = enumerate_exact(model, data, prepared, interp, paths, strategy=strategy)
     if isinstance(out, EliminationResult) and printing.active():
         printing.current().write_note("[print] enumerate ran by variable elimination: the model's print output is "
                                       "not shown (strategy='paths' shows it per path)")

@@ -121,6 +121,56 @@ def progress_bar(progress: bool | None, *, desc: str, unit: str = "it", total: f
     return NO_BAR if bar.disable else bar
 
 
+class Ticking:
+    """A bar for work without steps to count (``ticking``): a background thread redraws
+    it every ``interval`` seconds once ``delay`` has passed, showing the elapsed time.
+    ``stop()`` (idempotent, also on leaving the block) ends the thread and erases the bar."""
+
+    def __init__(self, bar, delay: float, interval: float = 0.5):
+        import threading
+        self.bar, self.delay, self.interval = bar, delay, interval
+        self._done = threading.Event()
+        self._thread = None
+        self.shown = False
+        if bar is not NO_BAR:
+            self._thread = threading.Thread(target=self._run, name="ppl-progress", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        import time
+        start = time.monotonic()
+        while not self._done.wait(self.interval):
+            if time.monotonic() - start >= self.delay:
+                self.bar.refresh()
+                self.shown = True
+
+    def stop(self) -> None:
+        if self._done.is_set():
+            return
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.shown:
+            self.bar.delay = 0  # (tqdm erases only a bar it knows was drawn)
+        self.bar.close()
+
+    def __enter__(self) -> "Ticking":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.stop()
+        return False
+
+
+def ticking(progress: bool | None, *, desc: str) -> Ticking:
+    """A bar showing the elapsed time of one long step (``progress`` as for
+    ``progress_bar``): for work that has no count, e.g. enumerate's variable elimination."""
+    where, delay = decide(progress, terminal=stderr_is_terminal(), notebook=progress is not False and in_notebook())
+    bar = progress_bar(progress, desc=desc, bar_format="{desc}: {elapsed}", delay=float("inf")) \
+        if where is not None else NO_BAR
+    return Ticking(bar, delay)
+
+
 def counted(gen: Generator, bar) -> Generator:
     """``gen`` (a generator driven with ``send``) with each item it yields counted on
     ``bar``; its return value is passed on."""

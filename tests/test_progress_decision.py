@@ -68,3 +68,33 @@ def test_cli_json_passes_progress_false():
     assert cli._method_options(args)["progress"] is True
     args = cli.build_parser().parse_args(["run", "m.ppl"])
     assert "progress" not in cli._method_options(args)
+
+
+def test_ticking_bar_for_work_without_steps(monkeypatch):
+    """enumerate's elimination has no steps to count: a bar redrawn by a thread with the
+    elapsed time, shown after the delay, stopped (idempotently) when paths take over."""
+    import time
+    assert progress.ticking(None, desc="x").bar is NO_BAR  # in tests: none, and no thread
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    clock = progress.ticking(True, desc="enumerate (elimination)")
+    assert clock.bar is not NO_BAR and clock.delay == 0.0 and clock._thread.is_alive()
+    refreshed = []
+    monkeypatch.setattr(clock.bar, "refresh", lambda *a, **k: refreshed.append(1))
+    time.sleep(0.03)
+    clock.interval = 0.01
+    deadline = time.monotonic() + 5
+    while not refreshed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    clock.stop()
+    clock.stop()
+    assert refreshed and not clock._thread.is_alive()
+
+
+def test_enumerate_by_elimination_and_by_paths_give_the_same_with_a_bar(monkeypatch):
+    import ppl
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)  # bars on (made, never timed)
+    m = ppl.model("def c(n):\n    x ~ flip(0.5)\n    for i in range(n):\n        x ~ flip(0.9 if x else 0.2)\n"
+                  "    return x\n")
+    a = m.run("enumerate", {"n": 12}, strategy="elimination", progress=True)
+    b = m.run("enumerate", {"n": 12}, strategy="paths", progress=True)
+    assert a.strategy == "elimination" and a.marginal() == b.marginal()
