@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..semantics.errors import PPLRuntimeError
-from ..stdlib.progress import progress_bar
+from ..stdlib.progress import NO_BAR, progress_bar
 from .adaptation import WindowedAdaptation
 
 #: an energy error above this is a divergence (Stan's max_deltaH)
@@ -757,6 +757,10 @@ def _transition(kernel: str, *, max_tree_depth: int, num_steps: int | None, traj
     raise ValueError(f"unknown kernel {kernel!r} (nuts, hmc, mala)")
 
 
+#: a shown bar's acceptance and divergences are refreshed every this many iterations (one sync)
+_POSTFIX_EVERY = 25
+
+
 def _clock() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
@@ -821,6 +825,8 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
                 step = find_reasonable_step_size(potential, state, metric, randomness, step)
                 adapt.restart_step_size(step)
             bar.update(1)
+            if bar is not NO_BAR and (i % _POSTFIX_EVERY == 0 or i == warmup - 1):
+                bar.set_postfix_str(f"warm-up, divergences {int(warm_div.sum())}", refresh=False)
         if warmup:
             step = adapt.final_step_size()
         phases["warmup"] = _since(start)
@@ -837,6 +843,9 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
             stats["accept_stat"][s] = info.accept_stat
             stats["energy"][s] = info.energy
             bar.update(1)
+            if bar is not NO_BAR and (s % _POSTFIX_EVERY == 0 or s == samples - 1):
+                bar.set_postfix_str(f"acceptance {float(stats['accept_stat'][:s + 1].mean()):.2f}, divergences "
+                                    f"{int(stats['divergent'][:s + 1].sum())}", refresh=False)
         phases["sampling"] = _since(start)
     per_chain = {k: v.transpose(0, 1).contiguous() for k, v in stats.items()}
     return NUTSResult(out_z.transpose(0, 1).contiguous(), step_size=step, inverse_mass=metric.inv_mass,

@@ -37,7 +37,7 @@ from ..semantics import gfi
 from ..semantics.errors import PPLRuntimeError
 from ..semantics.gfi import ModelRun, TracedState
 from ..semantics.interpreter import Interpreter
-from ..stdlib.progress import progress_bar
+from ..stdlib.progress import NO_BAR, progress_bar
 from .diagnostics import chain_diagnostics
 from .importance import impossible_site
 from .mh_adapt import (DEFAULT_SCALE, MIN_ADAPT_BURN_IN, AcceptanceBySite, PopulationBlock,
@@ -237,6 +237,8 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
                 if (i - burn_in) % thin == 0:
                     kept.append(state)
             bar.update(1)
+            if bar is not NO_BAR and i >= burn_in and ((i - burn_in) % 25 == 0 or i == total - 1):
+                bar.set_postfix_str(f"acceptance {accepted / (i - burn_in + 1):.2f}", refresh=False)
     rate = accepted / max(1, total - burn_in)
     sites, r_hat, ess = chain_diagnostics(kept)
     extra = {"kernel": kernel, "burn_in": burn_in, "thin": thin, **how}

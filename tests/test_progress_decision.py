@@ -2,6 +2,8 @@
 pipes, tests or under the CLI's --json. The decision is tested, not the timing."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from ppl.stdlib import progress
@@ -98,3 +100,28 @@ def test_enumerate_by_elimination_and_by_paths_give_the_same_with_a_bar(monkeypa
     a = m.run("enumerate", {"n": 12}, strategy="elimination", progress=True)
     b = m.run("enumerate", {"n": 12}, strategy="paths", progress=True)
     assert a.strategy == "elimination" and a.marginal() == b.marginal()
+
+
+@pytest.mark.filterwarnings("ignore::ppl.PPLDiagnosticWarning")
+def test_mcmc_bars_show_acceptance_and_divergences(monkeypatch):
+    """MCMC bars (drawn here at every update) show the acceptance rate, and NUTS the
+    divergences; the draws are the same with and without the bar."""
+    import io
+    import torch
+    import ppl
+    import ppl.inference.hmc as hmc_mod
+    import ppl.inference.mh as mh_mod
+    out = io.StringIO()
+
+    def drawn_at_every_update(progress, **options):
+        return progress_bar(progress, file=out, mininterval=0, miniters=1, **options)
+    monkeypatch.setattr(hmc_mod, "progress_bar", drawn_at_every_update)
+    monkeypatch.setattr(mh_mod, "progress_bar", drawn_at_every_update)
+    m = ppl.model("def g(y):\n    mu ~ normal(0, 1)\n    observe y ~ normal(mu, 1)\n    return mu\n")
+    for method, options in (("nuts", {"warmup": 10, "samples": 10}), ("mh", {"burn_in": 5, "samples": 30})):
+        shown = m.run(method, {"y": 1.0}, particles=2, seed=3, progress=True, **options)
+        hidden = m.run(method, {"y": 1.0}, particles=2, seed=3, progress=False, **options)
+        assert torch.equal(shown.sites["mu"].value, hidden.sites["mu"].value)
+    text = out.getvalue()
+    assert "warm-up, divergences 0" in text and re.search(r"NUTS: .*acceptance \d\.\d\d, divergences \d+", text)
+    assert re.search(r"MH: .*acceptance \d\.\d\d", text)
