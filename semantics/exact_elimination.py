@@ -54,6 +54,7 @@ from .errors import InfiniteSupportError, PPLError, PPLRuntimeError
 from .exact import _hashable, _observe_prob, exact_data
 from .sampling import drive
 from .dist_values import DistValue
+from . import ir
 from .interpreter import Frame
 from .values import DistributionValue, Particles, to_python, to_vector, truthy
 
@@ -514,10 +515,10 @@ def _direct_tables(interp, structure: Structure, max_table: int, originals: dict
     evaluator = _RecipeEvaluator(interp, originals, supports)
     domains: dict = {}
     rows: dict = {}
-    shared: dict = {}  # (plan's memo number, its reading, its scope's domains) -> (rows, domain)
+    shared: dict = {}  # (plan's memo number, its reading, its scope's domains' ids) -> (rows, domain)
     for a, plan in plans.items():
-        scope_domains = tuple([domains[p] for p in plan.scope])
-        key = (plan.memo, plan.read, scope_domains)
+        scope_domains = [domains[p] for p in plan.scope]
+        key = (plan.memo, plan.read, tuple([id(d) for d in scope_domains]))  # (the domains live in ``domains``)
         hit = shared.get(key)
         if hit is None:
             if math.prod(map(len, scope_domains)) > max_table:
@@ -638,7 +639,11 @@ class _RecipeEvaluator:
         return out
 
     def _values(self, recipe, assignment: dict) -> list:
-        """The values of the recipe's expressions with its variables bound."""
+        """The values of the recipe's expressions with its variables bound (a bare variable
+        holding a choice is that choice's value: no frame needed)."""
+        exprs = recipe.exprs
+        if len(exprs) == 1 and type(exprs[0]) is ir.Var and len(recipe.env) == 1 and recipe.env[0][1] == "choice":
+            return [self.originals[assignment[recipe.env[0][2]]]]  # (e.g. ``return x``)
         fr = Frame(self.interp.globals, self.ctx)
         for name, kind, x in recipe.env:
             if kind == "value":
