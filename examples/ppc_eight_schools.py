@@ -4,11 +4,12 @@ NUTS draws the posterior; ``Model.predictive`` replays each draw's mu, tau and t
 and draws fresh school effects y_rep[j] ~ normal(theta[j], sigma[j]); the figure compares
 the observed mean and sd of the eight estimates with their replicated distributions (a
 p-value near 0 or 1 would say the model misses that aspect of the data). Then the same
-draws go to ArviZ: ``az.plot_ppc`` of the replicated data and the LOO cross-validation.
+draws go to ArviZ: ``az.plot_ppc`` of the replicated data, the trace plot (divergences
+marked) and the LOO cross-validation.
 
 Run:
-    python examples/ppc_eight_schools.py            # writes docs/ppc_eight_schools.png
-                                                    # and docs/ppc_eight_schools_arviz.png
+    python examples/ppc_eight_schools.py    # writes docs/ppc_eight_schools.png,
+                                            # docs/ppc_eight_schools_arviz.png, docs/trace_eight_schools.png
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ def check(out_dir: Path, samples: int = 1000, burn_in: int = 1000, seed: int = 0
     axes_fig = (axes.ravel()[0] if hasattr(axes, "ravel") else axes).figure
     axes_fig.savefig(out_dir / "ppc_eight_schools_arviz.png", dpi=100)
     plt.close(axes_fig)
+    trace = result.plot_trace(var_names=["mu", "tau", "theta_tilde"])
+    trace.savefig(out_dir / "trace_eight_schools.png", dpi=80)
+    plt.close(trace)
     return result, replicated, fig, idata
 
 

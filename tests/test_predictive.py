@@ -171,6 +171,7 @@ def test_eight_schools_posterior_predictive_check_figure(tmp_path):
     result, pred, fig, idata = check(tmp_path, samples=150, burn_in=150)
     assert (tmp_path / "ppc_eight_schools.png").stat().st_size > 10_000
     assert (tmp_path / "ppc_eight_schools_arviz.png").stat().st_size > 10_000
+    assert (tmp_path / "trace_eight_schools.png").stat().st_size > 10_000
     y = np.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
     assert pred["y"].shape == (600, 8)
     assert [ax.get_lines()[0].get_xdata()[0] for ax in fig.axes] == pytest.approx([y.mean(), y.std(), y.max()])

@@ -245,5 +245,9 @@ def plot(result, kind: str, **kwargs):
     if kind == "pair":
         kwargs.setdefault("divergences", "diverging" in getattr(idata, "sample_stats", {}))
     axes = getattr(az, f"plot_{kind}")(idata, var_names=var_names, **kwargs)
-    first = np.ravel(np.asarray(axes, dtype=object))[0]
-    return first.figure
+    fig = np.ravel(np.asarray(axes, dtype=object))[0].figure
+    if fig.get_layout_engine() is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fig.tight_layout()  # (ArviZ's trace plot otherwise sets titles over the panels above)
+    return fig
