@@ -173,3 +173,12 @@ def test_model_html_skips_the_analysis_on_large_data(monkeypatch):
     assert "ppl-source" in h and "ppl-sites" not in h and "the data hold 12 numbers" in h
     import numpy as np
     assert notebook._elements(np.zeros((3, 4))) == 12 and notebook._elements([[1, 2], [3]]) == 3
+
+
+@pytest.mark.filterwarnings("ignore::ppl.PPLDiagnosticWarning")
+def test_mcmc_result_html_has_ess_and_r_hat_columns():
+    from ppl.results.text import summary_table
+    r = ppl.model(COIN).run("mh", {"flips": [1, 0, 1]}, particles=2, samples=40, seed=1)
+    header, rows, _ = summary_table(r)
+    assert header[6:8] == ["ess", "r_hat"]
+    assert _cells(r._repr_html_()) == [header] + rows
