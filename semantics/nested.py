@@ -318,7 +318,7 @@ def infer_builtin(interp: Interpreter, ctx: Particles, fr, span, thunk=None, met
     driven here, and never reach the outer handler)."""
     opts = _options(thunk, method, particles, max_paths, max_seconds, span)
     cache = _cache(interp)
-    groups = _groups(interp, thunk, ctx)
+    groups = _groups(interp, thunk, ctx, span)
     parts = []
     for sub, values in groups:
         parts.append((sub, _solve(interp, thunk, values, opts, cache, fr, span)))
@@ -438,6 +438,9 @@ def _leaves(thunk: Closure) -> list:
             stack.extend(val for _, val in _captured(v))
         elif isinstance(v, MemFn):
             stack.append(v.fn)
+            for key, entry in list(v.table.items()):
+                memo = _MemoEntry(v, key, entry)
+                leaves[id(memo)] = memo
         elif isinstance(v, MarginalDist):
             if isinstance(v.table, PerParticle):
                 leaves[id(v.table)] = v.table
@@ -450,19 +453,62 @@ def _leaves(thunk: Closure) -> list:
     return list(leaves.values())
 
 
-def _groups(interp, thunk, ctx: Particles) -> list:
+class _MemoEntry:
+    """One entry of a memoised function's table, as a per-particle value: (whether the
+    particle has computed it, its value there). Inner runs start from the values the
+    outer particle already has (as WebPPL's ``mem`` inside ``Infer``)."""
+
+    __slots__ = ("memfn", "key", "mark", "value")
+
+    def __init__(self, memfn, key, entry):
+        self.memfn, self.key = memfn, key
+        self.mark, self.value = entry
+
+    def column(self, ctx: Particles) -> list:
+        have = torch.zeros(ctx.N, dtype=torch.bool, device=ctx.device)
+        have[self.mark.idx] = True
+        covered = have[ctx.idx]
+        out = [(False, None)] * ctx.M
+        sub = ctx.subset(covered)
+        if sub is not None:
+            vals = materialize(self.value, sub) if is_batched(self.value) or deep_batched(self.value) \
+                else [self.value] * sub.M
+            for pos, v in zip(ctx.positions(sub.idx).tolist(), vals):
+                out[pos] = (True, v)
+        return out
+
+
+def _refuse_gradients(leaves, ctx, span) -> None:
+    """A captured value that carries a gradient (a continuous choice under nuts/hmc): the
+    inner tables are numbers without gradients, so the potential's gradient would silently
+    miss infer's dependence on it; an error instead."""
+    for leaf in leaves:
+        t = getattr(leaf, "t", None) if isinstance(leaf, Batched) else None
+        if isinstance(t, torch.Tensor) and (t.requires_grad or type(t) is not torch.Tensor):
+            raise PPLRuntimeError("infer() of a function that depends on a continuous choice cannot run under a "
+                                  "gradient-based method: its distribution has no gradient", span,
+                                  "use mh, smc, importance or tempering for this model, or pass the choice's "
+                                  "value in data")
+
+
+def _groups(interp, thunk, ctx: Particles, span=None) -> list:
     """[(particles, {id(leaf): its value for them})]: the particles of ctx grouped by the
     values of the batched values the thunk reaches."""
     leaves = _leaves(thunk)
     if not leaves:
         return [(ctx, {})]
-    cols = [materialize(leaf, ctx) for leaf in leaves]
+    _refuse_gradients(leaves, ctx, span)
+    cols = [leaf.column(ctx) if isinstance(leaf, _MemoEntry) else materialize(leaf, ctx) for leaf in leaves]
     keys = [tuple(_group_key(c[i]) for c in cols) for i in range(ctx.M)]
     out = []
     for key, sub in interp.split_by_key(keys, ctx):
         first = int(ctx.positions(sub.idx[:1])[0])
-        out.append((sub, {id(leaf): col[first] for leaf, col in zip(leaves, cols)}))
+        out.append((sub, {_leaf_id(leaf): col[first] for leaf, col in zip(leaves, cols)}))
     return out
+
+
+def _leaf_id(leaf):
+    return ("memo", id(leaf.memfn), leaf.key) if isinstance(leaf, _MemoEntry) else id(leaf)
 
 
 def _group_key(v):
@@ -485,12 +531,13 @@ class _Freezer:
     ``key`` is a hashable description of the copy (None when some value cannot be
     described safely), for the result cache."""
 
-    def __init__(self, values: dict, exact: bool, device):
-        self.values, self.exact, self.device = values, exact, device
+    def __init__(self, values: dict, exact: bool, device, inner_n: int = 1):
+        self.values, self.exact, self.device, self.inner_n = values, exact, device, inner_n
         self.memo: dict = {}
         self.keys: dict = {}
         self.keep: list = []  # objects whose ids are in keys (kept alive with the cache entry)
         self.safe = True
+        self.memo_tables: list = []  # (copied MemFn, its initial table)
 
     def closure(self, f: Closure) -> Closure:
         got = self.memo.get(id(f))
@@ -509,14 +556,41 @@ class _Freezer:
         self.keys[id(f)] = ("fn", id(f.body), tuple(items))
         return copy
 
+    def memo_fn(self, m: MemFn):
+        """A fresh memoised function over the frozen function, holding the values the
+        group's particle has already computed (``_MemoEntry``)."""
+        got = self.memo.get(id(m))
+        if got is not None:
+            return got, self.keys[id(m)]
+        copy = MemFn(None, m.name)
+        self.memo[id(m)] = copy
+        self.keys[id(m)] = ("mem", id(m), "rec")
+        copy.fn, fk = self.value(m.fn)
+        entries = []
+        for key in list(m.table):
+            have, v = self.values.get(("memo", id(m), key), (False, None))
+            if have:
+                fv, kv = self.value(v)
+                mark = Batched(torch.ones(self.inner_n, dtype=torch.bool), torch.arange(self.inner_n))
+                copy.table[key] = (mark, fv)
+                entries.append((key, kv))
+        self.keys[id(m)] = ("mem", fk, tuple(entries))
+        self.memo_tables.append((copy, dict(copy.table)))
+        return copy, self.keys[id(m)]
+
+    def reset(self) -> None:
+        """Every copied memoised function back to its initial table: each inner path (and
+        each sampling run) draws its own values."""
+        for copy, table in self.memo_tables:
+            copy.table = dict(table)
+
     def value(self, v):
         """(the value for the inner run, its key)."""
         if isinstance(v, Closure):
             c = self.closure(v)
             return c, self.keys[id(v)]
         if isinstance(v, MemFn):
-            fn, k = self.value(v.fn)
-            return MemFn(fn, v.name), ("mem", k)
+            return self.memo_fn(v)
         if isinstance(v, Builtin):
             return v, ("builtin", v.name, id(v))
         if isinstance(v, MarginalDist):
@@ -617,7 +691,7 @@ def _solve(interp, thunk, values, opts, cache, fr, span) -> Marginal:
     exact = method == "enumerate"
     inner = _inner_interpreter(interp, exact)
     device = "cpu"
-    freezer = _Freezer(values, exact, device)
+    freezer = _Freezer(values, exact, device, 1 if exact else particles)
     frozen = freezer.closure(thunk)
     key = None
     if freezer.safe:
@@ -633,8 +707,9 @@ def _solve(interp, thunk, values, opts, cache, fr, span) -> Marginal:
             return hit[0]
     depth = getattr(fr, "depth", 0)
     if exact:
-        table = _enumerate(inner, frozen, depth, max_paths, max_seconds, span)
+        table = _enumerate(inner, frozen, depth, max_paths, max_seconds, span, freezer.reset)
     else:
+        freezer.reset()
         table = _sample(inner, frozen, depth, method, particles, max_seconds, span)
         _warn_nested_estimate(interp, method, particles, span)
     interp._nested_stats.solved += 1
@@ -650,7 +725,7 @@ def _run_thunk(interp, thunk, ctx, depth, span):
     return interp.call_closure(thunk, [], {}, ctx, span, caller)
 
 
-def _enumerate(interp, thunk, depth, max_paths, max_seconds, span) -> Marginal:
+def _enumerate(interp, thunk, depth, max_paths, max_seconds, span, reset) -> Marginal:
     """Every path of the thunk (``semantics.exact``'s re-execution), normalised."""
     ctx = Particles.all(1)
     stack: list = [[]]
@@ -669,6 +744,7 @@ def _enumerate(interp, thunk, depth, max_paths, max_seconds, span) -> Marginal:
                                   f"({visited:,} paths)", span,
                                   "raise it with infer(..., max_seconds=S), or use method='importance'")
         h = _PathHandler(prefix)
+        reset()
         try:
             ret = drive(_run_thunk(interp, thunk, ctx, depth, span), h)
             value = _result_value(ret, span)

@@ -415,3 +415,54 @@ def test_rsa_example_header_command(monkeypatch):
     got = json.loads(out.getvalue())
     assert got["evidence"] == "9/16"
     assert got["posterior"]["return"]["probs"] == {"1": 4 / 9, "2": 4 / 9, "3": 1 / 9}
+
+
+# ------------------------------------------------------------- mem and gradients
+def test_outer_memoised_values_are_seen_inside_and_new_ones_drawn_per_path():
+    """`strength("a")` drawn outside is the same value inside infer (as WebPPL's mem);
+    `strength("b")`, first called inside, is drawn afresh on every inner path:
+    d = P(a and b | a) = 0.3 when a, else 0; y ~ d."""
+    src = '''
+def main():
+    strength = mem(lambda p: sample(flip(0.3)))
+    a = strength("a")
+    d = infer(lambda: strength("a") and strength("b"))
+    y ~ d
+    return [a, y, d.prob(True)]
+'''
+    m = ppl.model(src, entry="main")
+    want = {(False, False, 0): F(7, 10), (True, False, F(3, 10)): F(21, 100), (True, True, F(3, 10)): F(9, 100)}
+    got = m.run("enumerate", {}).marginal()
+    assert got.keys() == want.keys() and all(float(got[k]) == pytest.approx(float(v), rel=1e-15)
+                                             for k, v in want.items())
+    r = m.run("importance", {}, particles=4000, seed=0)
+    p = r.marginal()
+    n = 4000
+    for k, v in want.items():
+        got = sum(q for kk, q in p.items() if (kk[0], kk[1]) == (k[0], k[1]))
+        assert abs(got - float(v)) < 4 * math.sqrt(float(v) * (1 - float(v)) / n)
+
+
+def test_gradient_methods_refuse_infer_of_a_continuous_choice():
+    src = '''
+def inner(mu):
+    b ~ flip(0.5)
+    condition b or mu > 0
+    return b
+
+def main():
+    mu ~ normal(0, 1)
+    d = infer(lambda: inner(mu))
+    observe True ~ d
+    return mu
+'''
+    m = ppl.model(src, entry="main", filename=FILE)
+    with pytest.raises(PPLRuntimeError) as info:
+        m.run("nuts", {}, samples=5, burn_in=5, seed=0)
+    _points_at(str(info.value), 9, 9, "    d = infer(lambda: inner(mu))")
+    assert "gradient" in str(info.value) and "use mh, smc" in str(info.value)
+    # under importance sampling it runs: d(True) = 1/2 for mu > 0 and 1 for mu <= 0, so
+    # E[mu | data] = (-phi(0) + phi(0)/2) / (1/2 + 1/4) = -2 / (3 sqrt(2 pi))
+    r = m.run("importance", {}, particles=4000, seed=0)
+    exact = -2 / (3 * math.sqrt(2 * math.pi))
+    assert abs(r.mean() - exact) < 4 * r.sd() / math.sqrt(r.ess)
