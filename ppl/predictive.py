@@ -22,7 +22,6 @@ puts them in ``prior_predictive``/``posterior_predictive``.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -33,8 +32,7 @@ from .semantics.predictive import PosteriorPredictive, ReplicatingPrior
 from .semantics.sampling import drive
 from .semantics.values import Particles
 
-from .results.arviz import _numpy
-from .results.draws import observation_variables, posterior_draws, stack
+from .results.draws import data_array, observation_variables, posterior_draws, stack
 
 #: the statistics ``Predictive.plot`` and ``p_value`` know by name (over all elements of a draw)
 STATISTICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -221,7 +219,7 @@ def _assemble(kind: str, model, sites: dict, data_values: dict, chains: int, dra
                        hint="a predictive check replicates the values of `observe` statements (factor and "
                             "condition are not observations)")
     M = chains * draws
-    observed_values = {a: _numpy(v) for a, v in data_values.items()}
+    observed_values = {a: data_array(v) for a, v in data_values.items()}
     by_address, samples, observed, addresses = {}, {}, {}, {}
     for var, addrs in observation_variables(model.program, list(sites)).items():
         partial = [a for a in addrs if sites[a][1] is not None]

@@ -43,9 +43,9 @@ import torch
 from ppl.semantics.errors import PPLDiagnosticWarning, PPLError
 from ppl.semantics.predictive import MissingChoiceError, PointwiseLikelihood
 from ppl.semantics.sampling import drive
-from ppl.semantics.values import Particles, is_batched
+from ppl.semantics.values import Particles
 
-from .draws import Draws, observation_variables, posterior_draws, result_kind, stack
+from .draws import Draws, data_array, observation_variables, posterior_draws, result_kind, stack
 
 #: per-draw NUTS/HMC statistics (``inference.gradient_mcmc``: extra["draw_stats"]) -> ArviZ names
 _DRAW_STATS = {"diverging": "diverging", "accept_stat": "acceptance_rate", "tree_depth": "tree_depth",
@@ -81,17 +81,6 @@ def rescore(model, data: dict, d: Draws):
     return h.log_weights, h.pointwise.sites(), h.observed
 
 
-def _numpy(value: Any) -> np.ndarray | None:
-    """A data value as a numpy array (None when it is not numeric data)."""
-    if is_batched(value):
-        return None
-    try:
-        t = torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError):
-        return None
-    return t.detach().cpu().numpy()
-
-
 def log_likelihood_and_observed(model, pointwise: dict, observed: dict, d: Draws) -> tuple[dict, dict]:
     """({variable: [chains, draws, *shape]}, {variable: observed array}) from re-scoring."""
     groups = observation_variables(model.program, list(pointwise))
@@ -103,7 +92,7 @@ def log_likelihood_and_observed(model, pointwise: dict, observed: dict, d: Draws
                 f"to_arviz: the observation '{partial[0]}' is made by only some draws (random control flow), "
                 f"so '{var}' has no pointwise log-likelihood: left out of log_likelihood"), stacklevel=4)
             continue
-        values = [_numpy(observed.get(a)) for a in addrs]
+        values = [data_array(observed.get(a)) for a in addrs]
         arrays = [pointwise[a][0].numpy() for a in addrs]
         if all(v is not None and v.size == a.shape[1] for v, a in zip(values, arrays)):
             arrays = [a.reshape(d.M, *v.shape) for v, a in zip(values, arrays)]

@@ -24,6 +24,7 @@ import torch
 from ppl.semantics import ir
 from ppl.semantics.errors import PPLError
 from ppl.semantics.trace import choice_name
+from ppl.semantics.values import is_batched
 
 from .values import _objects_to_tensor, _to_key
 
@@ -150,6 +151,18 @@ def _observed_name(e: Any) -> str | None:
     while isinstance(e, ir.Index):
         e = e.value
     return e.name if isinstance(e, ir.Var) else None
+
+
+def data_array(value: Any) -> np.ndarray | None:
+    """An observed value as a numpy array (None when it is not numeric data: a value that
+    depends on the draw, strings, ragged lists)."""
+    if is_batched(value):
+        return None
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return t.detach().cpu().numpy()
 
 
 def stack(arrays: list[np.ndarray], leading: int) -> np.ndarray | None:
