@@ -26,9 +26,11 @@ of the functions it calls, transitively) is *captured*. A captured value that di
 between the outer particles (a batched value) splits the outer particles into groups of
 equal captured values, and each distinct inner problem is solved once; the distribution
 is then one table per particle (``PerParticle``), which ``x ~ d`` samples per particle.
-A memoised function the thunk reaches is given a fresh, empty memo table inside the inner
-runs (a memoised *random* function of the outer model is redrawn inside ``infer``: pass
-the values it needs as arguments instead).
+A memoised function the thunk reaches is copied for the inner runs with the values the
+outer particle has already computed (so ``strength("a")`` drawn outside is the same value
+inside, as with WebPPL's ``mem``); arguments first met inside are drawn afresh on every
+inner path and never reach the outer model. A captured value that carries a gradient
+(a continuous choice under ``nuts``/``hmc``) is refused: the inner tables have no gradient.
 
 Caching: results are kept per (thunk's code, captured values, method and options) on the
 interpreter (so across the re-executions of an outer enumeration), at most
