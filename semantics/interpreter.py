@@ -249,7 +249,7 @@ class Interpreter:
         self.globals.vars.update(builtins)
         for f in program.functions:
             self.globals.vars[f.name] = Closure(f.name, f.params, f.body, self.globals, f.span)
-        self._purity_inputs = (dict(builtins), _bound_names(program))  # (``_pure_builtins``, made on first use)
+        self._purity_inputs = (builtins, _bound_names(program))  # (``_pure_builtins``, made on first use)
         self._pure_names: set | None = None
         self._pure_cache: dict[int, bool] = {}
         if sys.getrecursionlimit() < 20_000:
