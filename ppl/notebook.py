@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import html
 import shlex
+import warnings
 from typing import Any, Mapping
 
 from .compiler.highlight import to_html as highlighted
@@ -54,10 +55,21 @@ def _source(model) -> str:
 
 
 def _title(model) -> str:
-    params = ", ".join(model.params)
+    params = ", ".join(_parameter(model, p) for p in model.program.function(model.entry).params)
     where = "" if model.filename in ("<model>", "") else f" from {html.escape(model.filename)}"
     return (f"<div><b>ppl model</b> &mdash; entry <code>{html.escape(model.entry)}({html.escape(params)})"
             f"</code>{where}</div>")
+
+
+def _parameter(model, p) -> str:
+    """``name``, or ``name=default`` (the DSL's default, or the decorated function's)."""
+    if p.name in model.defaults:
+        text = repr(model.defaults[p.name])
+        return f"{p.name}={text if len(text) <= 20 else text[:17] + '...'}"
+    if p.default is not None:
+        from .semantics.pretty import expr
+        return f"{p.name}={expr(p.default)}"
+    return p.name
 
 
 def _structure_html(model, data: Mapping[str, Any] | None) -> str:
@@ -119,7 +131,9 @@ def _graph_picture(model, arguments: dict, g) -> str:
         return ""
     try:
         from .results.plots import figure_data_uri
-        uri = figure_data_uri(model.draw(arguments))
+        with warnings.catch_warnings():  # (matplotlib's layout remarks are not the user's business here)
+            warnings.simplefilter("ignore")
+            uri = figure_data_uri(model.draw(arguments))
     except Exception:  # noqa: BLE001 - no matplotlib, a drawing failure: the table is enough
         return ""
     return "" if uri is None else \

@@ -43,7 +43,7 @@ def test_highlighter_never_fails_on_text_the_language_lacks():
 def test_model_html_has_highlighted_source_entry_sites_and_graph():
     m = ppl.model(COIN)
     h = m.html({"flips": [1, 0, 1]})
-    assert "entry <code>coin(flips, a)</code>" in h
+    assert "entry <code>coin(flips, a=1)</code>" in h
     assert '<span class="ppl-distribution" style="color:#067d17">beta</span>' in h
     assert '<span class="ppl-keyword" style="color:#0033b3;font-weight:bold">observe</span>' in h
     rows = re.findall(r"<tr>(.*?)</tr>", h.split('class="ppl-sites"')[1])
@@ -182,3 +182,14 @@ def test_mcmc_result_html_has_ess_and_r_hat_columns():
     header, rows, _ = summary_table(r)
     assert header[6:8] == ["ess", "r_hat"]
     assert _cells(r._repr_html_()) == [header] + rows
+
+
+def test_model_html_of_a_decorated_function_shows_its_python_defaults():
+    @ppl.model
+    def tosses(n=3):
+        """
+        k ~ binomial(n, 0.5)
+        return k
+        """
+    h = tosses._repr_html_()
+    assert "entry <code>tosses(n=3)</code>" in h and "ppl-sites" in h  # the defaults are data enough
