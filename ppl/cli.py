@@ -5,6 +5,8 @@
                       [--samples S] [--burn-in B] [--thin T] [--kernel prior|rw|NAME] [--scale X]
                       [-o KEY=VALUE ...] [--limit KEY=VALUE ...] [--progress] [--plugin MODULE ...]
     ppl check MODEL.ppl [--entry NAME]
+    ppl playground [--port P] [--host 127.0.0.1] [--no-browser] [--time-limit S]
+                   [--max-particles N] [--max-samples N] [--workers N]
 
 ``--limit`` changes a bound of ``ppl.semantics.limits`` (max_memory, max_int_bits,
 regex_timeout, max_iterations, max_depth); ``--progress`` shows the method's progress bar
@@ -37,6 +39,9 @@ imported is a user error (exit 1).
 
 ``check`` parses and statically checks the model and prints
 ``ok: MODEL.ppl (functions: a, b; entry: b(x, y=1))``.
+
+``playground`` serves a local page (``ppl.playground``) to edit and run models in a
+browser, with the examples gallery; runs are bounded by a time limit and caps.
 
 Exit codes: 0 success; 1 a user error (any ``PPLError``: syntax, check, runtime, zero
 evidence, a bad or missing file, an unknown entry or method), printed to stderr as
@@ -133,6 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("model", metavar="MODEL.ppl", help="the model file")
     check.add_argument("--entry", metavar="NAME", help="the entry function (default: the last def)")
     check.set_defaults(func=cmd_check)
+
+    play = sub.add_parser("playground", help="serve a local page to write and run models in a browser",
+                          description="Serve the playground: an editor, a data box, a method picker and the "
+                                      "examples gallery, on a local page (nothing from the internet).")
+    play.add_argument("--port", type=int, default=8765, help="the port (default: 8765; 0 picks a free one)")
+    play.add_argument("--host", default="127.0.0.1",
+                      help="the address to listen on (default: 127.0.0.1, this machine only)")
+    play.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    play.add_argument("--time-limit", type=float, default=30.0, metavar="SECONDS",
+                      help="the longest a run may take before it is stopped (default: 30)")
+    play.add_argument("--max-particles", type=int, default=100_000, metavar="N",
+                      help="the most particles (or chains) a run may ask for (default: 100000)")
+    play.add_argument("--max-samples", type=int, default=10_000, metavar="N",
+                      help="the most MCMC samples or burn-in steps per chain (default: 10000)")
+    play.add_argument("--workers", type=int, default=1, metavar="N",
+                      help="runs at the same time (default: 1; one run per model in any case)")
+    play.set_defaults(func=cmd_playground)
     return parser
 
 
@@ -149,7 +171,12 @@ def load_data(path: str | None) -> dict:
     if path is None:
         return {}
     from .api import read_text_file
-    text = read_text_file(path, "data file")
+    return parse_data(read_text_file(path, "data file"), path)
+
+
+def parse_data(text: str, path: str) -> dict:
+    """Data as JSON text (a data file's, named ``path`` in errors; the playground's data
+    box) -> a dict; every failure is a ``PPLError`` located in the text."""
     _check_json_numbers(text, path)
     try:
         data = json.loads(text)
@@ -287,6 +314,17 @@ def cmd_run(args) -> int:
     else:
         print(result.summary(show_warnings=False))
     return 0
+
+
+def cmd_playground(args) -> int:
+    from .playground import Limits, main as serve_playground
+    for flag, v in (("--time-limit", args.time_limit), ("--max-particles", args.max_particles),
+                    ("--max-samples", args.max_samples), ("--workers", args.workers)):
+        if not v > 0 or v == float("inf"):
+            raise PPLError(f"{flag} must be a positive number (got {v})")
+    limits = Limits(time_limit=args.time_limit, max_particles=args.max_particles, max_samples=args.max_samples,
+                    workers=args.workers)
+    return serve_playground(args.host, args.port, open_browser=not args.no_browser, limits=limits)
 
 
 #: Model.run's own arguments, which have flags of their own
