@@ -463,6 +463,39 @@ def main():
     assert "gradient" in str(info.value) and "use mh, smc" in str(info.value)
     # under importance sampling it runs: d(True) = 1/2 for mu > 0 and 1 for mu <= 0, so
     # E[mu | data] = (-phi(0) + phi(0)/2) / (1/2 + 1/4) = -2 / (3 sqrt(2 pi))
-    r = m.run("importance", {}, particles=4000, seed=0)
+    r = m.run("importance", {}, particles=1000, seed=0)  # (1,000 distinct mu: 1,000 inner problems)
     exact = -2 / (3 * math.sqrt(2 * math.pi))
     assert abs(r.mean() - exact) < 4 * r.sd() / math.sqrt(r.ess)
+
+
+@pytest.mark.parametrize("method", ["importance", "smc", "mh"])
+def test_outer_particles_grouped_each_inner_problem_solved_once(method, monkeypatch):
+    """500 outer particles (8 MH chains x 60 steps) with a per-particle state: the speaker's
+    problem is solved once per state (4) and the literal listener once per utterance (3)."""
+    solved = []
+    original = nested._enumerate
+    monkeypatch.setattr(nested, "_enumerate", lambda *a, **k: solved.append(1) or original(*a, **k))
+    m = ppl.model(RSA_MEM.replace("INNER", ""), entry="main")
+    options = {"chains": 8, "samples": 50, "burn_in": 10} if method == "mh" else {"particles": 500}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PPLDiagnosticWarning)  # (MH's short-run R-hat)
+        m.run(method, {"utt": "some"}, seed=0, **options)
+    assert len(solved) == 7
+
+
+def test_error_inner_time_bound():
+    src = '''
+def many():
+    n = 0
+    for i in range(12):
+        b ~ flip(0.5)
+        n = n + b
+    return n
+
+def main():
+    y ~ infer(lambda: many(), max_seconds=0.000001)
+    return y
+'''
+    text = _run_error(src, PPLRuntimeError)
+    _points_at(text, 10, 9, "    y ~ infer(lambda: many(), max_seconds=0.000001)")
+    assert "ran longer than 1e-06 s" in text and "max_seconds=S" in text
