@@ -56,6 +56,7 @@ from .dist_values import DistValue
 from .errors import PPLDiagnosticWarning, PPLRuntimeError, ZeroEvidenceError, did_you_mean
 from .exact import _PathHandler, _Pruned, _hashable as _exact_hashable, exact_data
 from .interpreter import Builtin, Closure, Frame, Interpreter, MemFn
+from .lazy import Lazy
 from .resampling import log_mean_exp, normalise_log_weights, resample
 from .sampling import LikelihoodWeighting, Weighting, drive, prior
 from .values import (Batched, Lineage, Particles, PerParticle, Vector, deep_batched, describe,
@@ -446,7 +447,7 @@ def _leaves(thunk: Closure) -> list:
         elif isinstance(v, MarginalDist):
             if isinstance(v.table, PerParticle):
                 leaves[id(v.table)] = v.table
-        elif deep_batched(v):
+        elif deep_batched(v) or isinstance(v, Lazy):
             leaves[id(v)] = v
         elif isinstance(v, (list, tuple)):
             stack.extend(v)
@@ -500,13 +501,26 @@ def _groups(interp, thunk, ctx: Particles, span=None) -> list:
     if not leaves:
         return [(ctx, {})]
     _refuse_gradients(leaves, ctx, span)
-    cols = [leaf.column(ctx) if isinstance(leaf, _MemoEntry) else materialize(leaf, ctx) for leaf in leaves]
+    cols = [_column(leaf, ctx, span) for leaf in leaves]
     keys = [tuple(_group_key(c[i]) for c in cols) for i in range(ctx.M)]
     out = []
     for key, sub in interp.split_by_key(keys, ctx):
         first = int(ctx.positions(sub.idx[:1])[0])
         out.append((sub, {_leaf_id(leaf): col[first] for leaf, col in zip(leaves, cols)}))
     return out
+
+
+def _column(leaf, ctx: Particles, span) -> list:
+    """The per-particle values of a captured leaf (a lazy value is made concrete, as any
+    other use of it would)."""
+    if isinstance(leaf, _MemoEntry):
+        return leaf.column(ctx)
+    if isinstance(leaf, Lazy):
+        try:
+            leaf = leaf.force(ctx, "as a value captured by infer()")
+        except PPLRuntimeError as err:
+            raise err.with_span(span)
+    return materialize(leaf, ctx)
 
 
 def _leaf_id(leaf):
