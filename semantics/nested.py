@@ -54,7 +54,7 @@ import torch
 from . import ir
 from .dist_values import DistValue
 from .errors import PPLDiagnosticWarning, PPLRuntimeError, ZeroEvidenceError, did_you_mean
-from .exact import _PathHandler, _Pruned, _hashable as _exact_hashable, exact_data
+from .exact import _PathHandler, _Pruned, _hashable as _exact_hashable
 from .interpreter import Builtin, Closure, Frame, Interpreter, MemFn
 from .lazy import Lazy
 from .resampling import log_mean_exp, normalise_log_weights, resample
@@ -354,10 +354,11 @@ def _options(thunk, method, particles, max_paths, max_seconds, span) -> tuple:
                                   "exact enumeration visits every path; drop particles=")
         return (method, None, _count(max_paths, DEFAULT_MAX_PATHS, "max_paths", span),
                 DEFAULT_MAX_SECONDS if max_seconds is None else _positive(max_seconds, "max_seconds", span))
-    if max_paths is not None:
-        raise PPLRuntimeError(f"infer(): max_paths= is for method='enumerate', not {method!r}", span)
-    return (method, _count(particles, DEFAULT_PARTICLES, "particles", span), None,
-            None if max_seconds is None else _positive(max_seconds, "max_seconds", span))
+    for name, given in (("max_paths", max_paths), ("max_seconds", max_seconds)):
+        if given is not None:
+            raise PPLRuntimeError(f"infer(): {name}= bounds method='enumerate', not {method!r}", span,
+                                  "a sampling method's work is bounded by particles=")
+    return (method, _count(particles, DEFAULT_PARTICLES, "particles", span), None, None)
 
 
 def _count(v, default, name, span) -> int:
@@ -726,7 +727,7 @@ def _solve(interp, thunk, values, opts, cache, fr, span) -> Marginal:
         table = _enumerate(inner, frozen, depth, max_paths, max_seconds, span, freezer.reset)
     else:
         freezer.reset()
-        table = _sample(inner, frozen, depth, method, particles, max_seconds, span)
+        table = _sample(inner, frozen, depth, method, particles, span)
         _warn_nested_estimate(interp, method, particles, span)
     interp._nested_stats.solved += 1
     if key is not None and CACHE_SIZE > 0:
@@ -790,7 +791,7 @@ def _result_value(ret, span):
     return _exact_hashable(to_python(ret))
 
 
-def _sample(interp, thunk, depth, method, particles, max_seconds, span) -> Marginal:
+def _sample(interp, thunk, depth, method, particles, span) -> Marginal:
     """Likelihood weighting (``importance``) or SMC (``smc``: systematic resampling at
     each checkpoint all particles reach) of the thunk: the empirical distribution."""
     ctx = Particles.all(particles)

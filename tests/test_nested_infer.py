@@ -339,6 +339,7 @@ def main():
     ('infer(lambda: f(), method="enumerat")', "unknown method 'enumerat'", "did you mean 'enumerate'"),
     ('infer(lambda: f(), method="importance", particles=0)', "particles must be a positive integer", None),
     ('infer(lambda: f(), particles=10)', "particles= is for method='importance' or 'smc'", "drop particles="),
+    ('infer(lambda: f(), method="smc", max_paths=10)', "max_paths= bounds method='enumerate'", "particles="),
     ('infer(3)', "expects a function of no arguments", "infer(lambda: model())"),
     ('infer(lambda a: f())', "needs a", "bind the arguments in a lambda"),
     ('infer(lambda: flip(0.5))', "returned a distribution", "sample(flip(0.5))"),
