@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     play.add_argument("--host", default="127.0.0.1",
                       help="the address to listen on (default: 127.0.0.1, this machine only)")
     play.add_argument("--no-browser", action="store_true", help="do not open a browser")
-    play.add_argument("--time-limit", type=float, default=30.0, metavar="SECONDS",
-                      help="the longest a run may take before it is stopped (default: 30)")
+    play.add_argument("--time-limit", type=float, default=60.0, metavar="SECONDS",
+                      help="the longest a run may take before it is stopped (default: 60)")
     play.add_argument("--max-particles", type=int, default=100_000, metavar="N",
                       help="the most particles (or chains) a run may ask for (default: 100000)")
     play.add_argument("--max-samples", type=int, default=10_000, metavar="N",

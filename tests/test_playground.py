@@ -170,6 +170,8 @@ def test_check_job_caps_chains_and_rejects_bad_numbers():
         check_job({"source": "  "}, limits)
     job = check_job({"source": TWO_COINS, "method": "mh", "particles": "4", "samples": "100", "burn_in": ""}, limits)
     assert job["particles"] == 4 and job["options"] == {"samples": 100}
+    job = check_job({"source": TWO_COINS, "particles": None, "seed": ""}, Limits())  # empty fields: defaults
+    assert (job["method"], job["particles"], job["seed"]) == ("importance", 1000, 0)
 
 
 def test_busy_and_the_time_limit(server):
@@ -205,7 +207,7 @@ def test_the_gallery_lists_the_examples_with_their_data_and_settings(server):
     status, r = get(server, "/api/examples")
     names = {e["name"]: e for e in r["examples"]}
     assert status == 200 and set(names) == {p.stem for p in EXAMPLES.glob("*.ppl")}
-    assert names["coin"]["has_data"] and "coin" in names["coin"]["title"].lower() or names["coin"]["title"]
+    assert names["coin"]["has_data"] and names["coin"]["title"] == "how biased is this coin?"
     status, coin = get(server, "/api/examples/coin")
     assert coin["source"] == (EXAMPLES / "coin.ppl").read_text()
     assert json.loads(coin["data"]) == json.loads((EXAMPLES / "coin.json").read_text())
@@ -217,6 +219,18 @@ def test_the_gallery_lists_the_examples_with_their_data_and_settings(server):
     for bad in ("nope", "..%2Fpyproject", "coin.ppl"):
         status, r = get(server, "/api/examples/" + bad)
         assert status == 404 and r["ok"] is False
+
+
+@pytest.mark.parametrize("name", ["medical", "trick_coin"])
+def test_a_gallery_example_runs_as_model_run_does(server, name):
+    """The page's Run on an example with its own settings answers what Model.run answers."""
+    import ppl
+    status, ex = get(server, "/api/examples/" + name)
+    body = {k: ex.get(k) for k in ("source", "data", "method", "particles", "seed", "options")}
+    status, r = post(server, "/api/run", {**body, "plot": False, "graph": False})
+    assert status == 200 and r["ok"], r
+    direct = ppl.model(str(EXAMPLES / f"{name}.ppl")).run(ex["method"], json.loads(ex["data"])).to_json()
+    assert r["result"]["posterior"] == direct["posterior"] and r["result"]["log_evidence"] == direct["log_evidence"]
 
 
 def test_highlight_info_page_and_origin(server):
@@ -235,6 +249,11 @@ def test_highlight_info_page_and_origin(server):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=30)
     assert err.value.code == 403
+    req = urllib.request.Request(server.url + "api/highlight", data=b"{}",
+                                 headers={"Host": "rebound.example", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 403 and "rebound.example" in json.load(err.value)["error"]["message"]
 
 
 def test_cli_playground_serves_and_stops():

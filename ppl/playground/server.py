@@ -44,6 +44,7 @@ _STATIC_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
 DEFAULT_EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 #: the methods the picker offers first (every registered method is offered)
 PREFERRED_METHODS = ("enumerate", "importance", "smc", "mh", "nuts", "hmc", "tempering", "resample_move", "prior")
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 #: Model.run's MCMC options that count draws; capped by ``max_samples``
 _SAMPLE_OPTIONS = ("samples", "burn_in", "warmup")
 
@@ -52,7 +53,7 @@ _SAMPLE_OPTIONS = ("samples", "burn_in", "warmup")
 class Limits:
     """The playground's bounds on one run (each named in the error that enforces it)."""
 
-    time_limit: float = 30.0  # seconds of one run (the worker is killed after it)
+    time_limit: float = 60.0  # seconds of one run (the worker is killed after it)
     max_particles: int = 100_000  # particles, or chains for MCMC
     max_samples: int = 10_000  # MCMC draws per chain, burn-in, warm-up
     max_body: int = 1_000_000  # bytes of a request body
@@ -225,7 +226,7 @@ def check_job(body: Any, limits: Limits) -> dict:
         options = _parse_options(options)
     if not isinstance(options, dict):
         raise PlaygroundError(400, "error", "options must be a JSON object", 'e.g. {"resampling": "stratified"}')
-    particles = _integer(body.get("particles", 1000), "particles", 1)
+    particles = _integer(_given(body, "particles", 1000), "particles", 1)
     for name in _SAMPLE_OPTIONS:
         if body.get(name) not in (None, ""):
             options[name] = _integer(body[name], name.replace("_", "-"), 0 if name != "samples" else 1)
@@ -241,13 +242,19 @@ def check_job(body: Any, limits: Limits) -> dict:
         if isinstance(v, int) and v > limits.max_samples:
             raise PlaygroundError(422, "limit", f"{name.replace('_', '-')}={v:,} is above the playground's cap of "
                                   f"{limits.max_samples:,}", "use fewer (the cap is `ppl playground --max-samples N`)")
-    seed = _integer(body.get("seed", 0), "seed", 0)
+    seed = _integer(_given(body, "seed", 0), "seed", 0)
     entry = body.get("entry") or None
     if entry is not None and not (isinstance(entry, str) and entry.isidentifier()):
         raise PlaygroundError(400, "error", f"the entry must be a function name (got {entry!r})")
     return {"source": source, "data": data, "method": method, "particles": particles, "seed": seed,
             "entry": entry, "options": options, "plot": body.get("plot", True) is not False,
             "graph": body.get("graph", True) is not False}
+
+
+def _given(body: dict, name: str, default: Any) -> Any:
+    """``body[name]``, or ``default`` where it is missing, null or an empty field."""
+    v = body.get(name)
+    return default if v is None or (isinstance(v, str) and not v.strip()) else v
 
 
 def _integer(v: Any, name: str, least: int) -> int:
@@ -410,7 +417,12 @@ class Handler(BaseHTTPRequestHandler):
             self._json(500, PlaygroundError(500, "internal error", f"{type(err).__name__}: {err}").json())
 
     def _check_origin(self) -> None:
-        """A page of another site may not post here (a browser sends its Origin)."""
+        """A page of another site may not post here (a browser sends its Origin); on a
+        loopback address the Host must be a loopback name too (no DNS rebinding)."""
+        if self.server.server_address[0] in _LOOPBACK:
+            host = urlsplit("//" + (self.headers.get("Host") or "")).hostname
+            if host not in _LOOPBACK:
+                raise PlaygroundError(403, "error", f"requests for the host {host!r} are not accepted")
         origin = self.headers.get("Origin")
         if origin and urlsplit(origin).netloc != self.headers.get("Host"):
             raise PlaygroundError(403, "error", f"requests from {origin} are not accepted")
