@@ -203,6 +203,27 @@ def test_busy_and_the_time_limit(server):
     assert status == 200 and r["result"]["posterior"]["return"]["probs"]["1"] == pytest.approx(2 / 3)
 
 
+def test_a_worker_that_dies_is_an_error_and_is_replaced(server):
+    """A worker killed mid-run (out of memory, say) is a clear error, and the next run works."""
+    answers = {}
+    worker = server.runner.workers[0]
+    worker.ensure_started()
+    thread = threading.Thread(target=lambda: answers.update(
+        slow=post(server, "/api/run", {"source": SLOW, "method": "importance", "particles": 1})))
+    thread.start()
+    deadline = time.time() + 10
+    while not server.runner.running and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    worker.process.kill()
+    thread.join(60)
+    status, r = answers["slow"]
+    assert status == 500 and r["error"]["kind"] == "internal error"
+    assert "ended without an answer" in r["error"]["message"]
+    status, r = post(server, "/api/run", {"source": TWO_COINS, "method": "enumerate", "plot": False, "graph": False})
+    assert status == 200 and r["ok"]
+
+
 def test_the_gallery_lists_the_examples_with_their_data_and_settings(server):
     status, r = get(server, "/api/examples")
     names = {e["name"]: e for e in r["examples"]}
