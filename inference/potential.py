@@ -242,15 +242,45 @@ class Potential:
                 t, g, ok = self._graph(z, b, *given)
                 self.graph_seconds += time.perf_counter() - started
             except RuntimeError:  # a compiled kernel that raises (a Cholesky of a matrix that is not
-                return self._row_by_row(z, beta)  # positive definite): the interpreter, chain by chain
-        else:
-            try:
-                t, g, ok = self._value_and_grad(z, b, *given)
-            except PPLError:  # e.g. a covariance that is not positive definite in some chain
-                return self._row_by_row(z, beta)
+                return self._rows_through_graph(z, b, given, beta)  # positive definite): chain by chain
+            if not bool(ok):  # an invalid parameter in some chain: find which, row by row
+                return self._rows_through_graph(z, b, given, beta)
+            if not self.discrete:
+                self._good = z  # every row valid: a background for _rows_through_graph
+            return t, g
+        try:
+            t, g, ok = self._value_and_grad(z, b, *given)
+        except PPLError:  # e.g. a covariance that is not positive definite in some chain
+            return self._row_by_row(z, beta)
         if not bool(ok):  # an invalid parameter in some chain: find which, row by row
             return self._row_by_row(z, beta)
         return t, g
+
+    def _rows_through_graph(self, z, b, given, beta):
+        """log pi and its gradient chain by chain through the graph (a few ms a chain,
+        where the interpreter takes tens): chain c's row of z put into the last batch whose
+        rows were all valid (the graph's rows do not interact), so that a raising kernel or
+        a failed parameter check belongs to chain c, which then has density zero. When no
+        such batch is known (or the program has discrete choices, which change the batch's
+        validity), or no chain is valid, the interpreter decides row by row (and raises the
+        program's error if every chain fails)."""
+        background = getattr(self, "_good", None)
+        if background is None or self.discrete:
+            return self._row_by_row(z, beta)
+        out = torch.full((self.C,), -math.inf, dtype=torch.float64, device=z.device)
+        grad = torch.zeros_like(z)
+        for c in range(self.C):
+            probe = background.clone()
+            probe[c] = z[c]
+            try:
+                t, g, ok = self._graph(probe, b, *given)
+            except RuntimeError:
+                continue
+            if bool(ok):
+                out[c], grad[c] = t[c], g[c]
+        if not bool(torch.isfinite(out).any()):
+            return self._row_by_row(z, beta)
+        return out, grad
 
     def log_density(self, z: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
         """log pi(z) [C] (float64; -inf where impossible)."""
