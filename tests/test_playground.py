@@ -296,6 +296,20 @@ def test_cli_playground_serves_and_stops():
     assert bad.returncode == 1 and "--time-limit must be a positive number" in bad.stderr
 
 
+def test_worker_notes_keep_ppl_warnings_and_drop_library_deprecations():
+    import warnings as w
+    from ppl.playground.worker import _messages, error_json
+    from ppl.semantics.errors import ZeroEvidenceError
+    caught = [w.WarningMessage("torch.jit.script is deprecated", UserWarning, "/x/site-packages/torch/jit.py", 1),
+              w.WarningMessage("old", DeprecationWarning, "/work/ppl/api.py", 1),
+              w.WarningMessage("proposal ignored", UserWarning, "/work/ppl/inference/smc.py", 1),
+              w.WarningMessage("proposal ignored", UserWarning, "/work/ppl/inference/smc.py", 2)]
+    assert _messages(caught) == ["proposal ignored"]
+    e = error_json(ZeroEvidenceError("every particle has weight zero", hint="check the conditions"))
+    assert e == {"kind": "runtime error", "message": "every particle has weight zero", "hint": "check the conditions",
+                 "text": "runtime error: every particle has weight zero\nhint: check the conditions"}
+
+
 # ------------------------------------------------------------------------- the browser
 def _browser():
     if CHROMIUM is None:

@@ -111,10 +111,18 @@ def _in_data_box(err, text: str):
     return err
 
 
+#: warnings of the libraries underneath (torch's deprecations, ...) say nothing to a student
+_LIBRARY_DIRS = ("/torch/", "/pyro/", "/matplotlib/", "/numpy/", "/scipy/", "/networkx/")
+
+
 def _messages(caught) -> list[str]:
-    """The other warnings of the run (deduplicated, in order)."""
+    """The run's other warnings: ppl's own, deduplicated, in order (the libraries'
+    deprecation notes are left out)."""
     seen: list[str] = []
     for w in caught:
+        if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)) or \
+                any(d in str(w.filename).replace("\\", "/") for d in _LIBRARY_DIRS):
+            continue
         text = str(w.message)
         if text not in seen:
             seen.append(text)
