@@ -339,6 +339,8 @@ def test_in_a_headless_browser_type_run_read_the_table_and_see_an_error(server):
             assert not page.is_visible("#particles") and not page.is_visible("#samples")  # exact: no sizes
             page.select_option("#method", "nuts")
             assert page.text_content("#particles-name") == "Chains" and page.is_visible("#samples")
+            page.select_option("#method", "pmmh")  # particles per likelihood estimate, and samples
+            assert page.text_content("#particles-name") == "Particles" and page.is_visible("#samples")
             # type a model, pick a method, run, read the table
             page.fill("#source", "")
             page.click("#source")

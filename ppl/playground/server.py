@@ -341,7 +341,9 @@ def _run_line(source: str, limits: Limits) -> dict:
 def info(limits: Limits) -> dict:
     from ..inference import METHODS
     methods = [m for m in PREFERRED_METHODS if m in METHODS] + [m for m in METHODS if m not in PREFERRED_METHODS]
+    # "mcmc": the methods with samples and burn-in; "chains": those whose particles are chains
     return {"methods": methods, "mcmc": [m for m in ("mh", "nuts", "hmc", "pmmh") if m in METHODS],
+            "chains": [m for m in ("mh", "nuts", "hmc") if m in METHODS],
             "limits": {"time_limit": limits.time_limit, "max_particles": limits.max_particles,
                        "max_samples": limits.max_samples, "max_body": limits.max_body}}
 

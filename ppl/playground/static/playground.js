@@ -6,7 +6,7 @@
 const $ = (id) => document.getElementById(id);
 const source = $("source"), highlight = $("highlight"), dataBox = $("data"), errorMark = $("error-mark");
 const LINE_HEIGHT = 20, PADDING_TOP = 8;
-let info = { methods: ["importance"], mcmc: [], limits: {} };
+let info = { methods: ["importance"], mcmc: [], chains: [], limits: {} };
 let highlightTimer = null, errorLine = null, loadedSource = null;
 
 // ------------------------------------------------------------------ editor
@@ -115,7 +115,7 @@ function methodChanged() {
   const m = $("method").value, mcmc = info.mcmc.includes(m);
   for (const el of document.querySelectorAll(".mcmc")) el.hidden = !mcmc;
   $("particles-label").hidden = (m === "enumerate");
-  $("particles-name").textContent = mcmc ? "Chains" : "Particles";
+  $("particles-name").textContent = (info.chains || []).includes(m) ? "Chains" : "Particles";
 }
 
 function applySettings(s) {
