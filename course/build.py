@@ -50,6 +50,20 @@ prior = first.run("prior", {"p": 0.5}, particles=5000, seed=0)
 print(prior.mean(), prior.sd())
 plt.hist(prior.samples["return"], bins=60, density=True)
 plt.title("forward samples of a + b + x"); plt.show()''',
+    """md:## Models in cells: `%%ppl`
+
+`%load_ext ppl` adds a cell magic: `%%ppl NAME` compiles the cell into a model bound to `NAME`
+(an error points at its line in the cell). A model shows itself as its source, its random
+choices and its graph.""",
+    "%load_ext ppl",
+    '''%%ppl coin
+def coin(flips):
+    p ~ beta(1, 1)
+    for f in flips:
+        observe f ~ flip(p)
+    return p''',
+    "coin      # the model: source, choices, graph (as HTML in Jupyter)",
+    '''coin.run("importance", {"flips": [True, True, False]}, particles=4000, seed=0)''',
     """md:## Functions, recursion and `mem`
 
 Helper functions are ordinary `def`s; a choice inside a function is addressed by the call
@@ -213,6 +227,9 @@ the model can reproduce the data (predictive checks), compare models (LOO).""",
     '''es = ppl.model("examples/eight_schools.ppl")
 data = json.load(open("examples/eight_schools.json"))
 es''',
+    """md:Its joint log density, as sympy reads it from the program (`Model.latex`, `Model.density`):""",
+    '''from IPython.display import Math
+Math(es.latex(data))''',
     '''r = es.run("nuts", data, particles=2, samples=200, burn_in=200, seed=0, progress=False)
 print(r.summary())
 print("split R-hat of tau:", round(r.r_hat["tau"], 3), " ESS of tau:", round(r.ess_per_site["tau"]))''',
