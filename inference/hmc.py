@@ -393,11 +393,11 @@ def _subtree(leaf, active, d, eps, half, sync_every, zc, pc, gc, vc):
     n_leaves = 1 << d
     for n in range(n_leaves):
         masks.append(building)
-        z1, g1, logp1, w1, building, zc, pc, vc, marks, rho_s = leaf(
+        (z1, g1, logp1, w1, building, zc, pc, vc, marks, rho_s), going = leaf(
             zc, pc, gc, vc, eps, half, building, marks, rho_s, n, d)
         gc = g1
         zs.append(z1), gs.append(g1), logps.append(logp1), ws.append(w1)
-        if n + 1 < n_leaves and (n + 1) % sync_every == 0 and not bool(building.any()):
+        if n + 1 < n_leaves and (n + 1) % sync_every == 0 and not (bool(building.any()) if going is None else going):
             break
     return (building, torch.stack((zc, pc, gc, vc), 1), vc, marks[d][0], marks[d][1], rho_s,
             torch.stack(zs + gs), torch.nan_to_num(torch.stack(logps + ws), nan=-math.inf), torch.stack(masks))
@@ -481,7 +481,8 @@ class _Leaves:
     program) -- the leapfrog step, the potential and the bookkeeping recorded into ONE
     graph (``_FusedLeaf``), one call per leaf. A leaf the graph hands back (an invalid
     parameter, a kernel that raises) is made again by ``_leaf_step`` with the potential's
-    own ``value_and_grad``."""
+    own ``value_and_grad``. A call returns (the leaf's outputs, whether any chain still
+    builds: a bool where the fused graph says so, else None)."""
 
     def __init__(self, potential, metric: Metric, H0, max_tree_depth: int, z: torch.Tensor):
         self.potential, self.metric, self.H0 = potential, metric, H0
@@ -504,13 +505,13 @@ class _Leaves:
     def __call__(self, zc, pc, gc, vc, eps, half, building, marks, rho_s, n: int, d: int):
         if self.fused is None:
             return _eager_leaf(self.potential, self.metric, self.H0, zc, pc, gc, vc, eps, half, building, marks,
-                               rho_s, n, d)
+                               rho_s, n, d), None
         inputs = (zc, pc, gc, vc, eps, half, self.inv_mass, self.H0, building, marks, rho_s,
                   *_level_masks(n, d, self.size, zc.device))
         out = self.fused(self.potential, inputs, self.args)
         if out is not None:
             return out
-        return _leaf_step(self._evaluate, *inputs)
+        return _leaf_step(self._evaluate, *inputs), None
 
     def _evaluate(self, z):
         return evaluate(self.potential, z)
@@ -523,7 +524,7 @@ def _level_masks(n: int, d: int, size: int, device) -> tuple[torch.Tensor, torch
     """(set_at, check_at) [size] for leaf n of a sub-tree of depth d: the levels k <= d
     whose block of 2^k leaves starts at leaf n (all, at n = 0), and the levels 1 <= k <= d
     whose block ends at it."""
-    key = (n, d, size, str(device))
+    key = (n, d, size, device)
     masks = _LEVEL_MASKS.get(key)
     if masks is None:
         set_at = [k <= d and n % (1 << k) == 0 for k in range(size)]
@@ -573,8 +574,9 @@ class _FusedLeaf:
 
     why_not: dict = {}  # backend -> the last reason a fused leaf could not be built (for diagnosis)
 
-    def __init__(self, run, gm, nodes: int):
+    def __init__(self, run, gm, nodes: int, timed: bool):
         self.run, self.gm, self.nodes = run, gm, nodes
+        self.timed = timed  # count the potential's evaluations and time (compile="auto" reads them on TorchScript)
 
     @classmethod
     def build(cls, potential, gm, backend: str, metric: Metric, max_tree_depth: int, z: torch.Tensor):
@@ -586,7 +588,7 @@ class _FusedLeaf:
             # the inputs are contiguous by construction (``_subtree``, ``_Leaves``), and the
             # outputs fed back are checked contiguous here (``_check``)
             run = replay(recorded, example, backend, size_asserts=False)
-            leaf = cls(run, recorded, len(recorded.graph.nodes))
+            leaf = cls(run, recorded, len(recorded.graph.nodes), backend != "inductor")
             leaf._check(potential, metric, max_tree_depth, z)
             return leaf
         except Exception as e:  # noqa: BLE001 - any failure keeps the eager leaf
@@ -594,24 +596,31 @@ class _FusedLeaf:
             return None
 
     def __call__(self, potential, inputs, args):
-        started = time.perf_counter()
+        """(the leaf's outputs, whether any chain still builds), or None: the eager leaf
+        must make this leaf."""
+        started = time.perf_counter() if self.timed else 0.0
         try:
             out = self.run(*inputs, *args)
         except (RuntimeError, AssertionError):  # a compiled kernel that raises (e.g. a Cholesky; an
             return None                          # input of other strides): the eager leaf
-        potential.count_graph_call(time.perf_counter() - started)
-        if not bool(out[-1]):  # an invalid parameter in some chain: the eager leaf finds which
+        if self.timed:
+            potential.count_graph_call(time.perf_counter() - started)
+        valid, going = out[-1].tolist()  # (one read of the graph's flags)
+        if not valid:  # an invalid parameter in some chain: the eager leaf finds which
             return None
-        return tuple(out[:-1])
+        return tuple(out[:-1]), going
 
     def _check(self, potential, metric, max_tree_depth, z) -> None:
         """ValueError unless the graph and the eager leaf agree at fresh points."""
         for seed in (1, 2):
             inputs = _leaf_example(potential, metric, max_tree_depth, z, seed)
-            fused = self(potential, inputs[:13], inputs[13:])
+            answer = self(potential, inputs[:13], inputs[13:])
             eager = _leaf_step(lambda z: evaluate(potential, z), *inputs[:13])
-            if fused is None:
+            if answer is None:
                 raise ValueError("the fused leaf reports an invalid parameter at a check point")
+            fused, going = answer
+            if going != bool(eager[4].any()):
+                raise ValueError("the fused leaf disagrees with the eager leaf")
             if not all(t.is_contiguous() for t in fused):
                 raise ValueError("the fused leaf returns a tensor that is not contiguous")
             for f, e in zip(fused, eager):
@@ -623,7 +632,7 @@ class _FusedLeaf:
 
 def _with_flag(gm):
     """The fused leaf as a function of (leaf inputs..., beta, *given) -> (the leaf's
-    outputs..., the potential's parameters-valid flag)."""
+    outputs..., flags [2]: the potential's parameters are valid, a chain still builds)."""
     def fused(*inputs):
         leaf_inputs, pot_args = inputs[:13], inputs[13:]
         flag = []
@@ -633,7 +642,7 @@ def _with_flag(gm):
             flag.append(ok)
             return _finite_logp(logp), _finite_grad(grad)
         out = _leaf_step(evaluate_at, *leaf_inputs)
-        return (*out, flag[0])
+        return (*out, torch.stack([flag[0], out[4].any()]))
     return fused
 
 
