@@ -37,7 +37,7 @@ times (*forward sampling*) shows the distribution it denotes.""",
     SETUP,
     """md:## A first model
 
-`flip(p)` is True with probability p, `gaussian`/`normal(mu, sd)` is a real number. A model is a
+`flip(p)` is True with probability p; `normal(mu, sd)` (a Gaussian) is a real number. A model is a
 `def`; its parameters are the data.""",
     '''first = ppl.model("""
 def first(p):
@@ -132,7 +132,7 @@ prior, t1, t2 = F(1, 100), (F(9, 10), F(8, 100)), (F(8, 10), F(5, 100))
 ill = prior * t1[0] * t2[0]
 healthy = (1 - prior) * t1[1] * t2[1]
 print("by hand: P(disease | +, +) =", ill / (ill + healthy), "  evidence =", ill + healthy)
-print("paths of the enumeration (weight, values):")
+print("paths of the enumeration (weight = prior x likelihood, unnormalised; disease):")
 for weight, values in exact.paths:
     print("  ", weight, values["disease"])''',
     """md:## `condition`: rejection made exact
