@@ -126,6 +126,7 @@ def test_nuts_on_a_traced_program_runs_the_fused_leaf_with_the_same_draws(monkey
         r = m.run("nuts", data, particles=2, samples=20, burn_in=20, seed=4, compile=False)
         return r.extra, {k: torch.as_tensor(v) for k, v in r.samples.items()}
 
+    monkeypatch.setattr(hmc, "FUSE_MIN_ITERATIONS", 0)  # (a short run: fuse anyway)
     built = []
     original = hmc._FusedLeaf.build.__func__
 
@@ -150,3 +151,15 @@ def test_level_masks_follow_the_blocks_of_the_tree(d, n):
     set_at, check_at = hmc._level_masks(n, d, 5, "cpu")
     assert set_at.tolist() == [k <= d and n % 2 ** k == 0 for k in range(5)]
     assert check_at.tolist() == [1 <= k <= d and (n + 1) % 2 ** k == 0 for k in range(5)]
+
+
+def test_a_short_run_does_not_build_the_fused_leaf(monkeypatch):
+    """Fewer transitions left than ``FUSE_MIN_ITERATIONS``: no fused leaf is built (its
+    compilation would cost more than it saves); the eager leaf runs."""
+    built = []
+    monkeypatch.setattr(hmc._FusedLeaf, "build", classmethod(lambda cls, *args: built.append(args)))
+    target = RecordedGaussian([1.0, 3.0, 0.2])
+    z0 = torch.zeros(3, 3, dtype=F64)
+    hmc.sample_nuts(target, z0, samples=5, warmup=5, randomness=TorchRandomness(torch.Generator().manual_seed(0)),
+                    progress=False)
+    assert hmc.FUSE_MIN_ITERATIONS > 10 and not built and target.graph_calls == 0
