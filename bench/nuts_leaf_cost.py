@@ -1,14 +1,16 @@
 """Per-leapfrog cost of ppl's NUTS on the benchmark's models (CPU time, one thread).
 
 `.venv/bin/python bench/nuts_leaf_cost.py [--models eight_schools,ar,logistic_regression]
-[--chains 4] [--warmup 300] [--samples 300] [--repeats 3] [--fused auto|off]`
+[--chains 4] [--warmup 300] [--samples 300] [--repeats 3] [--fused auto|on|off]`
 
 For each model: ``Model.run("nuts", compile=True)`` (the potential compiled by
 TorchInductor from the start, so that the figure is not the compile="auto" decision's),
 then the sampling phase's CPU seconds / its leapfrog steps per chain (all chains advance
 in lockstep, so this is the cost of one batched step of every chain, a slight
 overestimate since the batch runs as long as its longest tree). ``--fused off`` sets
-``PPL_NUTS_FUSED=0`` (the per-op leaf, for a before/after on one checkout). Medians of
+``PPL_NUTS_FUSED=0`` (the per-op leaf, for a before/after on one checkout); ``on``
+builds the fused leaf whatever the run's length (``hmc.FUSE_MIN_ITERATIONS = 0``);
+``auto`` is the default behaviour (no fused leaf on runs this short). Medians of
 ``--repeats`` runs in one process; the load average is printed.
 """
 from __future__ import annotations
@@ -30,14 +32,17 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--samples", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--fused", choices=("auto", "off"), default="auto")
+    ap.add_argument("--fused", choices=("auto", "on", "off"), default="auto")
     args = ap.parse_args()
     if args.fused == "off":
         os.environ["PPL_NUTS_FUSED"] = "0"
     import torch
     torch.set_num_threads(1)
     import ppl
+    from ppl.inference import hmc
     from nuts_models import MODELS
+    if args.fused == "on":
+        hmc.FUSE_MIN_ITERATIONS = 0
     print(f"load average: {open('/proc/loadavg').read().split()[:3]}  fused={args.fused}")
     for name in args.models.split(","):
         spec = MODELS[name]
