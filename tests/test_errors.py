@@ -263,6 +263,21 @@ def test_bad_factor_values(method):
     assert "factor received NaN" in str(err)
 
 
+@pytest.mark.parametrize("method", ["importance", "smc"])
+def test_a_factor_of_plus_infinity_is_located(method):
+    """Found by the fuzzer: +inf as a log weight used to surface as an unlocated "log weight
+    is NaN" when the result normalised the weights; per particle, and only where alive."""
+    src = "def m():\n    x ~ normal(0, 1)\n    factor x - 0.5 * log(2 * 0)\n    return x\n"
+    err = run_error(src, method, kind=PPLRuntimeError)
+    assert_points_at(err, 3, 5, "    factor x - 0.5 * log(2 * 0)", hint="log(0) under a minus sign")
+    assert "factor received +inf" in str(err)
+    # +inf only on particles already ruled out is no error
+    ok = ppl.model("def m():\n    x ~ normal(0, 1)\n    condition x > 0\n"
+                   "    factor 0 - log(x) if x > 0 else 0 - log(0)\n    return x\n")
+    r = ok.run(method, particles=200, seed=0)
+    assert r.mean("x") > 0
+
+
 def test_huge_factor_under_enumeration():
     err = run_error("def m():\n    b ~ bernoulli(0.5)\n    factor 1000\n    return b\n", "enumerate",
                     kind=PPLRuntimeError)
