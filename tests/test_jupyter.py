@@ -193,3 +193,39 @@ def test_model_html_of_a_decorated_function_shows_its_python_defaults():
         """
     h = tosses._repr_html_()
     assert "entry <code>tosses(n=3)</code>" in h and "ppl-sites" in h  # the defaults are data enough
+
+
+def test_a_notebook_result_renders_in_a_browser_and_is_saved_under_docs():
+    """What a notebook shows for a model and a result (their ``_repr_html_``), rendered by
+    the system's Chromium through Playwright (as tests/test_playground.py does): the
+    highlighted source, the sites table, the summary table with its numbers, and the
+    warnings box are visible; the screenshot is docs/notebook_result.png."""
+    import shutil
+    from pathlib import Path
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no system Chromium (apt-get install chromium); .ci/run installs it")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright; the `playground` extra)")
+    m = ppl.model("def f(y):\n    mu ~ normal(0, 10)\n    observe y ~ normal(mu, 0.01)\n    return mu\n")
+    with pytest.warns(ppl.PPLDiagnosticWarning):
+        r = m.run("importance", {"y": 3.0}, particles=50, seed=0)
+    page_html = ("<html><body style='font-family: sans-serif; max-width: 1100px'>"
+                 "<div class='cell'>" + m.html({"y": 3.0}) + "</div><hr>"
+                 "<div class='cell'>" + r._repr_html_() + "</div></body></html>")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1150, "height": 900})
+            page.set_content(page_html)
+            assert page.is_visible(".ppl-warnings")
+            assert "this result may be unreliable" in page.text_content(".ppl-warnings")
+            tables = page.eval_on_selector_all("table", "ts => ts.map(t => t.innerText)")
+            assert any("mu" in t and "mean" in t for t in tables)
+            assert page.is_visible("img.ppl-plot")
+            docs = Path(__file__).resolve().parent.parent / "docs"
+            page.screenshot(path=str(docs / "notebook_result.png"), full_page=True)
+        finally:
+            browser.close()
