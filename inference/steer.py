@@ -110,6 +110,9 @@ def _finite_scores(h, eff) -> None:
                       "bound it (e.g. factor min(x, 1e6)) or give the value a finite density")
 
 
+_finite_scores.reports_infinite = True  # (the handler leaves a factor of +inf to this rule's error)
+
+
 def best_of_n(interp, entry: str, data: dict, particles: int, device="cpu", progress: bool | None = None):
     """N prior draws, scored by their total log weight: the best as an ``Optimum`` (one
     particle, its score, and the N draws' importance estimate of log Z). Ties go to the

@@ -226,7 +226,9 @@ class _WeightAccumulator:
                 raise PPLRuntimeError(f"factor needs a number, got {v!r}", eff.span) from None
         if torch.isnan(lp).any():
             lp = self._nan_on_dead(lp, eff)
-        if torch.isposinf(lp).any():  # (+inf is no log weight: it would turn every weight into NaN)
+        if torch.isposinf(lp).any() and not getattr(getattr(self, "at_checkpoint", None), "reports_infinite", False):
+            # (+inf is no log weight: it would turn every weight into NaN; a checkpoint rule
+            # with ``reports_infinite`` set, best_of_n's, says so in its own words)
             lp = self._nan_on_dead(torch.where(torch.isposinf(lp), math.nan, lp), eff, "factor received +inf",
                                    "a factor is a log weight: a number, or -inf to rule the particle out; "
                                    "check the expression for log(0) under a minus sign or a division by zero")
