@@ -461,18 +461,7 @@ class Interpreter:
 
     def split_by_key(self, keys: list, ctx: Particles):
         """Group the particles of ctx by a per-particle Python key: [(key, particles)]."""
-        groups: dict = {}
-        for pos, k in enumerate(keys):
-            groups.setdefault(_hashable(k), (k, []))[1].append(pos)
-        out = []
-        for k, positions in groups.values():
-            if len(positions) == ctx.M:
-                out.append((k, ctx))
-            else:
-                mask = torch.zeros(ctx.M, dtype=torch.bool, device=ctx.device)
-                mask[torch.tensor(positions, device=ctx.device)] = True
-                out.append((k, ctx.subset(mask)))
-        return out
+        return ctx.split(keys, _hashable)
 
     # ------------------------------------------------------------------------ statements
     def exec_block(self, stmts, fr: Frame, ctx: Particles) -> Generator:

@@ -177,19 +177,7 @@ class MarginalDist(DistValue):
         t = self.table
         if not isinstance(t, PerParticle):
             return [(t, ctx)]
-        tables = rows(t, ctx)
-        by_id: dict = {}
-        for pos, tab in enumerate(tables):
-            by_id.setdefault(id(tab), (tab, []))[1].append(pos)
-        out = []
-        for tab, positions in by_id.values():
-            if len(positions) == ctx.M:
-                out.append((tab, ctx))
-            else:
-                mask = torch.zeros(ctx.M, dtype=torch.bool, device=ctx.device)
-                mask[torch.tensor(positions, device=ctx.device)] = True
-                out.append((tab, ctx.subset(mask)))
-        return out
+        return ctx.split(rows(t, ctx), id)  # (a table is one object per inner problem)
 
     # ------------------------------------------------------------------ sampling semantics
     def sample(self, ctx: Particles, generator: torch.Generator | None = None):

@@ -74,6 +74,23 @@ class Particles:
             return None
         return Particles(idx, self.N, self.device, self.full)
 
+    def split(self, keys: list, key=lambda k: k) -> list:
+        """The particles of self grouped by a per-particle Python value (``keys[i]`` for the
+        i-th): [(the first value of a group, its particles)], in order of first appearance;
+        ``key`` maps a value to what identifies its group (hashable)."""
+        groups: dict = {}
+        for pos, k in enumerate(keys):
+            groups.setdefault(key(k), (k, []))[1].append(pos)
+        out = []
+        for k, positions in groups.values():
+            if len(positions) == self.M:
+                out.append((k, self))
+            else:
+                mask = torch.zeros(self.M, dtype=torch.bool, device=self.device)
+                mask[torch.tensor(positions, device=self.device)] = True
+                out.append((k, self.subset(mask)))
+        return out
+
     def union(self, parts: Iterable["Particles | None"]) -> "Particles | None":
         """The particles of self that belong to any of ``parts``, in self's order."""
         parts = [p for p in parts if p is not None]

@@ -361,15 +361,18 @@ def main():
         assert hint in text
 
 
-def test_error_inner_path_bound():
-    src = '''
+MANY = '''
 def many():
     n = 0
     for i in range(12):
         b ~ flip(0.5)
         n = n + b
     return n
+'''  # 2^12 paths: a thunk over it runs into the bounds below
 
+
+def test_error_inner_path_bound():
+    src = MANY + '''
 def main():
     y ~ infer(lambda: many(), max_paths=100)
     return y
@@ -485,14 +488,7 @@ def test_outer_particles_grouped_each_inner_problem_solved_once(method, monkeypa
 
 
 def test_error_inner_time_bound():
-    src = '''
-def many():
-    n = 0
-    for i in range(12):
-        b ~ flip(0.5)
-        n = n + b
-    return n
-
+    src = MANY + '''
 def main():
     y ~ infer(lambda: many(), max_seconds=0.000001)
     return y
