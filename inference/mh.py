@@ -44,6 +44,7 @@ from .mh_adapt import (DEFAULT_SCALE, MIN_ADAPT_BURN_IN, AcceptanceBySite, Popul
                        ScaleAdaptation)
 from .population import Chains
 from .randomness import TorchRandomness
+from . import token_moves
 
 #: the traced state of ``semantics.gfi`` under its old name
 MHState = TracedState
@@ -148,8 +149,10 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
     the scales were tuned), "scales" (address -> the walk's scale the kept draws used)
     and "site_acceptance" (address -> acceptance rate of the kept steps at that site).
 
-    ``kernel`` is "prior", "rw", or the name of a proposal function of the model
-    (``inference.mh_proposals``: custom kernels written in the DSL).
+    ``kernel`` is "prior", "rw", "suffix" (programs with language-model choices: an
+    ``lm.generate`` completion's suffix regenerated from a random cut, other choices
+    from their priors, ``inference.token_moves``), or the name of a proposal function of
+    the model (``inference.mh_proposals``: custom kernels written in the DSL).
 
     Random-walk scales (``inference.mh_adapt``), as a Stan or PyMC user expects them:
     with ``kernel="rw"`` and no ``scale`` given, each site's scale is tuned during
@@ -175,6 +178,10 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
     ``inference.mh_traced``) runs the same kernel as a traced torch graph; ``traced=False``
     always re-runs the interpreter; ``traced=True`` requires the traced kernel. ``info``,
     if given, receives "traced" and "why_not_traced" too."""
+    if kernel in token_moves.KERNELS:  # moves on language-model choices (``inference.token_moves``)
+        _token_kernel_options(kernel, scale, adapt, block, traced)
+        return token_moves.token_mh(interp, entry, data, chains=chains, samples=samples, burn_in=burn_in, thin=thin,
+                                    device=device, progress=progress)
     custom = None
     if kernel not in ("prior", "rw"):  # the name of a proposal function (``inference.mh_proposals``)
         from .mh_proposals import ProposalKernel
@@ -248,6 +255,15 @@ def mh(interp: Interpreter, entry: str, data: dict, *, chains: int = 4, samples:
     if population_block is not None:
         extra["block_acceptance"] = population_block.acceptance()
     return Chains("mh", sites, chains, len(kept), rate, r_hat, ess, extra, legacy=(kept, rate))
+
+
+def _token_kernel_options(kernel: str, scale, adapt, block: bool, traced) -> None:
+    """The options the suffix kernel (``inference.token_moves``) has no use for are errors."""
+    for name, given in (("scale", scale is not None), ("adapt", bool(adapt)), ("block", bool(block)),
+                        ("traced", traced is True)):
+        if given:
+            raise PPLRuntimeError(f"kernel='{kernel}' regenerates token suffixes and prior draws: it takes no {name}=",
+                                  hint=f"leave {name} out, or use kernel='rw' for continuous choices")
 
 
 def _require_static(interp: Interpreter, entry: str, data: dict, state: TracedState, device) -> None:

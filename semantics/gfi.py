@@ -444,7 +444,8 @@ class ReExecution(_WeightAccumulator):
             return batch_rows(draw, ctx).clone()
         if not isinstance(draw, Batched):
             raise PPLRuntimeError("MH supports numeric random choices only (this one is not)", eff.span,
-                                  "use importance sampling or SMC for models with string-valued choices")
+                                  "use kernel='suffix' (moves on language-model choices), or importance sampling or "
+                                  "SMC, for models with string-valued choices")
         return rows(draw, ctx)
 
     def _walk(self, dist, ctx, old_rows, chosen, addr):

@@ -339,12 +339,16 @@ def _check_value_shape(eff, value, batched: bool) -> None:
 
 
 def fixed(columns: dict):
-    """Chooser: row i of ``columns[addr]`` (a tensor over all N particles) for particle i,
-    unweighted (a population rebuilt from moved traces)."""
+    """Chooser: row i of ``columns[addr]`` (a tensor over all N particles, or a list of N
+    values such as tokens) for particle i, unweighted (a population rebuilt from moved
+    traces)."""
     def choose(h, eff):
         if eff.addr not in columns:
             raise PPLRuntimeError(f"no value for the choice '{eff.addr}'", eff.span)
-        return Batched(columns[eff.addr][eff.ctx.idx], eff.ctx.idx)
+        col = columns[eff.addr]
+        if isinstance(col, list):
+            return PerParticle([col[i] for i in eff.ctx.idx.tolist()], eff.ctx.idx)
+        return Batched(col[eff.ctx.idx], eff.ctx.idx)
     return choose
 
 

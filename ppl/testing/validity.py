@@ -685,3 +685,47 @@ def _plain_key(values: dict) -> tuple:
 
 def _pmmh_key(state) -> tuple:
     return _plain_key(state.pick), state.log_z
+
+
+# ------------------------------------------------------- MH on token choices: exact kernel
+def _token_trace_key(values: dict) -> tuple:
+    """A trace with token/completion values as a hashable key (texts as they are)."""
+    return tuple(sorted((a, _key(v.tolist() if isinstance(v, torch.Tensor) else v)) for a, v in values.items()))
+
+
+def token_kernel_check(model, data: dict | None = None, *, hastings: bool = True, cut_odds: bool = True,
+                       step=None) -> KernelCheck:
+    """``mh_kernel_check`` for the suffix kernel of ``inference.token_moves`` (MH on
+    language-model choices): its exact transition matrix over the program's finite trace
+    space, every site pick, cut, regenerated suffix and accept test enumerated. ``hastings``
+    / ``cut_odds`` False check the broken kernels; ``step(run_model, state, randomness) ->
+    state`` substitutes another kernel on ``token_moves.TokenTraces``."""
+    from ..inference import token_moves
+    with _float64():
+        data = data or {}
+        exact = model.run("enumerate", data)
+        z = float(exact.evidence)
+        pi: dict = defaultdict(float)
+        traces = {}
+        for w, vals in exact.paths:
+            trace = {a: v for a, v in vals.items() if a != "return"}
+            key = _token_trace_key(trace)
+            pi[key] += float(w) / z
+            traces[key] = trace
+        interp, prepared = _compiled(model, data)
+        target = gfi.ModelRun(interp, model.entry, prepared)
+        K: dict = defaultdict(float)
+        for key, trace in traces.items():
+            state = token_moves.assess_traces(target, [trace])
+
+            def run(rnd, state=state):
+                if step is not None:
+                    return step(target, state, rnd)
+                return token_moves.suffix_move(target, state, rnd, hastings=hastings, cut_odds=cut_odds)[0]
+
+            for prob, new in enumerate_outcomes(run):
+                K[(key, _token_trace_key(new.values[0]))] += prob
+    pi_K: dict = defaultdict(float)
+    for (x, y), k in K.items():
+        pi_K[y] += pi.get(x, 0.0) * k
+    return KernelCheck(dict(pi), dict(K), dict(pi_K))
