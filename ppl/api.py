@@ -445,20 +445,25 @@ def check_run_memory(model: "Model", method: str, particles: int, options: dict)
                  "or --limit max_memory=...")
 
 
-@contextlib.contextmanager
-def out_of_memory_as_error():
+class out_of_memory_as_error:
     """An allocation that fails during a run (``MemoryError``, torch's "can't allocate",
-    CUDA out of memory) becomes a ``PPLError`` naming the memory budget."""
-    from .semantics.limits import MEMORY_HINT
-    try:
-        yield
-    except MemoryError:
-        raise PPLError("out of memory", hint=MEMORY_HINT) from None
-    except RuntimeError as e:
-        text = str(e)
-        if "allocate" in text or "out of memory" in text.lower():
-            raise PPLError(f"out of memory: {text.splitlines()[0]}", hint=MEMORY_HINT) from None
-        raise
+    CUDA out of memory) becomes a ``PPLError`` naming the memory budget (a context
+    manager; a class rather than a generator: it wraps every run)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if kind is None:
+            return False
+        from .semantics.limits import MEMORY_HINT
+        if issubclass(kind, MemoryError):
+            raise PPLError("out of memory", hint=MEMORY_HINT) from None
+        if issubclass(kind, RuntimeError):
+            text = str(error)
+            if "allocate" in text or "out of memory" in text.lower():
+                raise PPLError(f"out of memory: {text.splitlines()[0]}", hint=MEMORY_HINT) from None
+        return False
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ then runs through ``Model.run``, ``@ppl.infer`` and the CLI (``ppl run --plugin 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 import weakref
@@ -120,7 +121,7 @@ def method_options(method: str) -> list[str]:
 def check_method_options(method: str, options: dict) -> dict:
     """``options`` checked for ``method``: an unknown option is an error, and each value is
     checked against the method's registered spec, else ``OPTION_SPECS``."""
-    known = method_options(method)
+    known = method_options(method) if options else ()  # (no options: nothing to look up)
     for key in options:
         if key not in known:
             raise PPLError(f"method '{method}' has no option '{key}'",
@@ -138,8 +139,9 @@ def run_method(method: str, model, data: dict, **options) -> Any:
     caller of ``Model.run``). ``options`` are already checked."""
     if options.get("proposal") is not None:  # the path of a saved guide: loaded here, in the face
         options["proposal"] = load_proposal(options["proposal"], model, data)
-    with printing.run_output(_prints(model), unit="chain" if method in _CHAIN_METHODS else "particle"):
-        # (print(...) in the model: bounded output, stdlib.printing)
+    output = printing.run_output(unit="chain" if method in _CHAIN_METHODS else "particle") if _prints(model) \
+        else contextlib.nullcontext()  # (= run_output(False): a model that never prints opens no log)
+    with output:  # (print(...) in the model: bounded output, stdlib.printing)
         raw = METHODS[method](model, data, **options)
     if not isinstance(raw, (Population, Chains, Optimum, list, tuple, WeightedResult, ExactResult,
                             EliminationResult)):

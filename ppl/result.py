@@ -68,7 +68,7 @@ from ppl.semantics.errors import PPLError, PPLRuntimeError, ZeroEvidenceError, d
 from .results import export, plots, text
 from .results.export import _json_scalar
 from .results.plots import _pyplot  # noqa: F401  (used by ppl.testing.sbc, inference.amortized)
-from .results.stats import _check_q, _View, describe, exact_view, weighted_view
+from .results.stats import _check_q, _View, describe, exact_integer_view, exact_view, weighted_view
 from .results.text import _fmt
 from .results.values import FLOAT_MAX_LEVELS, INTEGRAL_MAX_LEVELS, _log, _to_key  # noqa: F401
 
@@ -563,6 +563,14 @@ class EliminatedResult(ExactResult):
         return {"evidence": str(self.evidence), "strategy": self.strategy}
 
     def _make_view(self, name: str) -> _View:
+        scaled = getattr(self._raw, "scaled_returns", None)
+        if name == "return" and scaled is not None:  # (integer weights: one Fraction per value)
+            counts: dict = {}
+            for v, w in scaled[0].items():
+                if w > 0:
+                    key = _to_key(v)
+                    counts[key] = counts.get(key, 0) + w
+            return exact_integer_view(counts, sum(counts.values()))
         weights = self._raw.marginal_weights(name)
         return exact_view(name, [(w, {name: v}) for v, w in weights.items() if w > 0], self.evidence)
 

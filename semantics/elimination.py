@@ -39,7 +39,7 @@ import networkx as nx
 from networkx.algorithms.approximation import treewidth as _tw
 
 __all__ = ["Factor", "elimination_order", "interaction_graph", "sum_product", "exact_sum_product", "BucketTree",
-           "induced_width", "TableTooLarge", "integer_tables", "EliminationPlan"]
+           "induced_width", "TableTooLarge", "integer_tables", "EliminationPlan", "scaled_sum_product"]
 
 
 class TableTooLarge(Exception):
@@ -274,15 +274,26 @@ class _Step:
         self.lookups = [(inputs[j], _key_of(tuple(pos[v] for v in input_vars[j]))) for j in others]
 
     def run(self, slots: list, domains: Mapping, max_table: int | None) -> dict:
-        size = 1
-        for v in self.scope:
-            size *= len(domains[v])
-        if max_table is not None and size > max_table:
-            raise TableTooLarge(f"a table over {len(self.scope)} variables has {size} entries (limit {max_table})")
-        lookups = [(slots[j].get, key_of) for j, key_of in self.lookups]
+        if max_table is not None:
+            size = 1
+            for v in self.scope:
+                size *= len(domains[v])
+            if size > max_table:
+                raise TableTooLarge(f"a table over {len(self.scope)} variables has {size} entries (limit {max_table})")
         out: dict = {}
         if self.widest is not None:
             out_key = self.out_key
+            if len(self.lookups) == 1:  # (the common case, e.g. a chain's link times the message before it)
+                j, key_of = self.lookups[0]
+                get = slots[j].get
+                for assignment, w in slots[self.widest].items():
+                    if w:
+                        x = get(key_of(assignment), 0)
+                        if x:
+                            key, w = out_key(assignment), w * x
+                            out[key] = out[key] + w if key in out else w
+                return out
+            lookups = [(slots[j].get, key_of) for j, key_of in self.lookups]
             for assignment, w in slots[self.widest].items():
                 if not w:
                     continue
@@ -295,6 +306,7 @@ class _Step:
                     key = out_key(assignment)
                     out[key] = out[key] + w if key in out else w
             return out
+        lookups = [(slots[j].get, key_of) for j, key_of in self.lookups]
         n_out = len(self.out_vars)
         for assignment in itertools.product(*(domains[v] for v in self.scope)):
             w = None  # (no `1 *`: a product of Fractions makes one Fraction per factor only)
@@ -325,13 +337,23 @@ def exact_sum_product(factors: Iterable[Factor], domains: Mapping, order: list, 
     factors = list(factors)
     if plan is None:
         plan = EliminationPlan([f.vars for f in factors], order, keep)
-    tables = [f.table for f in factors]
+    table, denominator = scaled_sum_product([f.table for f in factors], domains, plan, max_table=max_table)
+    if denominator is None:
+        return Factor(plan.keep, table)
+    return Factor(plan.keep, {k: Fraction(w, denominator) for k, w in table.items()})
+
+
+def scaled_sum_product(tables: list[dict], domains: Mapping, plan: "EliminationPlan", *,
+                       max_table: int | None = None) -> tuple[dict, int | None]:
+    """``exact_sum_product`` before its final division: (the table over ``plan.keep``
+    of integers, their common denominator), or (the plain table, None) when no weight
+    is a Fraction or some weight is not exact (the table is then ``plan.run``'s).
+    ``tables``: the factors' tables over the plan's scopes."""
     scaled = _integer_tables(tables)
     if scaled is None:
-        return plan.run(tables, domains, max_table=max_table)
+        return plan.run(tables, domains, max_table=max_table).table, None
     ints, denominator = scaled
-    out = plan.run(ints, domains, max_table=max_table)
-    return Factor(out.vars, {k: Fraction(w, denominator) for k, w in out.table.items()})
+    return plan.run(ints, domains, max_table=max_table).table, denominator
 
 
 def integer_tables(factors: list[Factor]) -> tuple[list[Factor], int] | None:

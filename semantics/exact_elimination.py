@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable
 
-from .elimination import (BucketTree, EliminationPlan, Factor, TableTooLarge, elimination_order, exact_sum_product,
+from .elimination import (BucketTree, EliminationPlan, Factor, TableTooLarge, elimination_order, scaled_sum_product,
                           sum_product)
 from .errors import InfiniteSupportError, PPLError, PPLRuntimeError
 from .exact import _hashable, _observe_prob, exact_data
@@ -516,22 +516,26 @@ def _direct_tables(interp, structure: Structure, max_table: int, originals: dict
     domains: dict = {}
     rows: dict = {}
     shared: dict = {}  # (plan's memo number, its reading, its scope's domains' ids) -> (rows, domain)
+    canonical: dict = {}  # a domain -> the one tuple object holding it (equal domains, one identity)
     for a, plan in plans.items():
         scope_domains = [domains[p] for p in plan.scope]
-        key = (plan.memo, plan.read, tuple([id(d) for d in scope_domains]))  # (the domains live in ``domains``)
+        key = (plan.memo, plan.read, *map(id, scope_domains))  # (the domains live in ``domains``)
         hit = shared.get(key)
-        if hit is None:
-            if math.prod(map(len, scope_domains)) > max_table:
+        if hit is None:  # (a hit has the same domains, so the same sizes: checked once, here)
+            size = math.prod(map(len, scope_domains))
+            if size > max_table:
                 raise NotApplicable(f"the table of {a!r} would exceed max_table={max_table} entries")
             table = evaluator.rows(plan, domains)
-            domain = tuple(dict.fromkeys(v for support in table.values() for v, _ in support)) \
-                if plan.recipe.kind == "choice" else None
+            domain = None
+            if plan.recipe.kind == "choice":  # (one object per domain: sites reading equal domains share rows)
+                domain = tuple(dict.fromkeys(v for support in table.values() for v, _ in support))
+                domain = canonical.setdefault(domain, domain)
+                if len(domain) * size > max_table:
+                    raise NotApplicable(f"the table of {a!r} would exceed max_table={max_table} entries")
             hit = shared[key] = (table, domain)
         rows[a] = hit[0]  # (one dict for sites with the same rows: ``_factors`` shares their tables)
         if hit[1] is not None:
             domains[a] = hit[1]
-            if len(hit[1]) * math.prod(map(len, scope_domains)) > max_table:
-                raise NotApplicable(f"the table of {a!r} would exceed max_table={max_table} entries")
     returns = rows.pop("return")
     sites = structure.sites
     return _Tables(list(sites), dict(sites), domains, rows, returns, originals,
@@ -736,9 +740,12 @@ class EliminationResult:
     strategy = "elimination"
 
     def __init__(self, tables: _Tables, factors: list[Factor], evidence, returns: dict, order: list,
-                 max_table: int, enumerate_paths: Callable[[], list]):
+                 max_table: int, enumerate_paths: Callable[[], list], scaled_returns: tuple | None = None):
         self._tables, self._factors, self._order, self._max_table = tables, factors, order, max_table
         self.evidence, self.returns = evidence, returns
+        #: ({return value: integer weight}, their sum): ``returns`` times a common
+        #: denominator, when exact (None otherwise); the normalised table is w / sum
+        self.scaled_returns = scaled_returns
         self.names = [a for a in tables.order if tables.kinds[a] == "choice"
                       and (len(tables.domains[a]) > 1 or tables.domains[a][0] is not ABSENT)] + ["return"]
         # (as paths list them: the choices that exist on some path)
@@ -797,20 +804,28 @@ def eliminate_program(interp, entry: str, data: dict, structure: Structure, *,
     factors = _factors(t, parents)
     query = tuple(parents["return"])
     order, plan = _order_and_plan(structure, factors, query, direct=tables is not None)
-    try:
-        joint = exact_sum_product(factors, t.domains, order, keep=query, max_table=max_table, plan=plan)
+    try:  # (integers over a common denominator where every weight is exact: ``exact_sum_product``)
+        joint, denominator = scaled_sum_product([f.table for f in factors], t.domains, plan, max_table=max_table)
     except TableTooLarge as err:
         raise NotApplicable(str(err)) from None
     returns: dict = {}
-    for key, w in joint.table.items():
+    for key, w in joint.items():
         if key not in t.returns:  # the covering runs realise every possible key: a broken structure
             raise NotApplicable("an assignment of positive weight was never run")
         v = _plain(t.returns[key])
         returns[v] = returns[v] + w if v in returns else w
-    evidence = sum(returns.values(), 0)
+    scaled = None
+    if denominator is None:
+        evidence = sum(returns.values(), 0)
+    else:  # (one division per value: the same Fractions as summing the divided entries)
+        total = sum(returns.values())
+        scaled = (returns, total)
+        evidence = Fraction(total, denominator)
+        returns = {v: Fraction(w, denominator) for v, w in returns.items()}
     if evidence == 0:
         raise NotApplicable("zero evidence")  # paths give the located error
-    return EliminationResult(t, factors, evidence, returns, order, max_table, enumerate_paths or (lambda: []))
+    return EliminationResult(t, factors, evidence, returns, order, max_table, enumerate_paths or (lambda: []),
+                             scaled_returns=scaled)
 
 
 # ----------------------------------------------------------------------------------------
@@ -897,9 +912,10 @@ def _tables_path_bound(t: _Tables) -> int:
     that gives each choice its first value (the probe run's)."""
     first: dict = {}
     bound = 1
+    kinds, rows, parents = t.kinds, t.rows, t.parents
     for a in t.order:
-        if t.kinds[a] == "choice":
-            support = t.rows[a][tuple(first[p] for p in t.parents[a])]
+        if kinds[a] == "choice":
+            support = rows[a][tuple([first[p] for p in parents[a]])]
             first[a] = support[0][0]
             bound *= len(support)
     return bound

@@ -798,6 +798,8 @@ def binop(op: str, a: Any, b: Any, ctx: Particles, exact: bool = False) -> Any:
             elif tb is float:
                 vb = number_operand(vb, va)
         return Batched(_torch_binop(op, va, vb, lead=(ta is Batched, tb is Batched)), ctx.idx)
+    if ta in _PY_NUMBERS and tb in _PY_NUMBERS and op != "in":
+        return _py_binop(op, a, b, exact)  # (plain numbers: where the checks below would lead)
     if isinstance(a, Lazy) or isinstance(b, Lazy):  # (semantics.lazy: an enumerated or delayed value)
         return lazy_binop(op, a, b, ctx)
     if isinstance(a, DistributionValue) or isinstance(b, DistributionValue):
@@ -860,6 +862,7 @@ def _number_next_to_list(v: Any, other: Any) -> Any:
 
 
 _COMPARISONS = frozenset(("==", "!=", "<", "<=", ">", ">="))
+_PY_NUMBERS = frozenset((bool, int, float, Fraction))  # (plain Python numbers: ``binop``'s scalar path)
 _NUMBER_OPS = frozenset(("+", "-", "*", "/"))  # where a 0-d tensor may stand for a float (stdlib.operands)
 
 

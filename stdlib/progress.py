@@ -129,10 +129,11 @@ class Ticking:
     def __init__(self, bar, delay: float, interval: float = 0.5):
         import threading
         self.bar, self.delay, self.interval = bar, delay, interval
-        self._done = threading.Event()
+        self._done = None  # (no bar: no thread to stop, and no Event made)
         self._thread = None
         self.shown = False
         if bar is not NO_BAR:
+            self._done = threading.Event()
             self._thread = threading.Thread(target=self._run, name="ppl-progress", daemon=True)
             self._thread.start()
 
@@ -145,6 +146,8 @@ class Ticking:
                 self.shown = True
 
     def stop(self) -> None:
+        if self._done is None:  # (NO_BAR: nothing runs, nothing to erase)
+            return
         if self._done.is_set():
             return
         self._done.set()

@@ -244,8 +244,20 @@ def exact_view(name: str, positive: list, evidence: Any) -> _View:
                 raise PPLError(f"site {name!r} has values that cannot be tabulated ({e})") from None
             table[key] = table.get(key, 0) + w
             mass += w
-    presence = mass / evidence
-    probs = _sort_table({k: p / mass for k, p in table.items()})
+    return _table_view(table, mass, mass / evidence, lambda p: p / mass)
+
+
+def exact_integer_view(counts: dict, total: int) -> _View:
+    """``exact_view`` of a site present on every path from its integer weights
+    ({value: int > 0}, values already keys: ``_to_key``) summing to ``total``: the same
+    Fractions (each w / total), one ``Fraction(w, total)`` each instead of Fraction
+    arithmetic."""
+    return _table_view(counts, total, Fraction(1), lambda p: Fraction(p, total))
+
+
+def _table_view(table: dict, mass, presence, normalise) -> _View:
+    """The view of an exact table {key: weight > 0} of total ``mass``."""
+    probs = _sort_table({k: normalise(p) for k, p in table.items()})
     typename = "/".join(sorted({type(k).__name__ for k in probs}))
     return _View(presence, True, _TableStats.from_table(probs), lambda: probs, typename)
 
