@@ -4,7 +4,7 @@
 (anything with the ``semantics.model.ModelLike`` protocol) and returns the raw type of the
 inference layer (``inference.population``): a ``Population`` of weighted particles
 (importance, prior, smc, resample_move, tempering, smc_steer), ``Chains`` (mh, pmmh), an
-``Optimum`` (best_of_n), or the exact paths of ``semantics.exact`` (enumerate). The
+``Optimum`` (best_of_n, beam), or the exact paths of ``semantics.exact`` (enumerate). The
 Python face turns them into result objects and emits their diagnostic warnings.
 
 Every method takes ``progress`` (``stdlib.progress``): None (the default) shows a progress
@@ -26,6 +26,7 @@ from ..stdlib.progress import ticking
 from ..semantics.options import OptionSpec
 from .amortized import run_guided_importance, run_guided_smc
 from .auto_enumerate import with_enumeration
+from .beam import beam_search
 from .delayed import delayed_importance, delayed_smc
 from .gradient_mcmc import gradient_mcmc
 from .infer_discrete import recover_discrete
@@ -71,6 +72,10 @@ def _option_specs() -> dict[str, OptionSpec]:
         "compile": OptionSpec("flag", choices=("auto",)),
         "delayed": OptionSpec("flag"),  # importance/smc: delayed sampling (inference.delayed)
         "strategy": OptionSpec("choice", choices=STRATEGIES),
+        "beam_width": OptionSpec("int", low=1, nullable=True),  # beam: the beams kept (None: particles)
+        "expand": OptionSpec("int", low=1, nullable=True),
+        "groups": positive_int,
+        "diversity": OptionSpec("number", low=0),
     }
 
 
@@ -319,6 +324,20 @@ def run_best_of_n(model, data: dict, *, particles: int = 100, device: str = "cpu
     return best_of_n(*_program(model, data, device), particles, device, progress=progress)
 
 
+def run_beam(model, data: dict, *, particles: int = 4, beam_width: int | None = None, expand: int | None = None,
+             groups: int = 1, diversity: float = 0.0, device: str = "cpu", progress: bool | None = None,
+             **_) -> Optimum:
+    """Beam search (``inference.beam``): ``beam_width`` beams (``particles``, the CLI's
+    ``-n``, when not given), each extended by its ``expand`` most probable values (default
+    min(``beam_width``, 16)) at every finite choice (language-model tokens included), the best
+    kept by their log joint density; ``groups`` > 1 with ``diversity`` > 0: diverse beam
+    search. An ``Optimum`` like best-of-N's (the best beam; ``extra["beams"]`` all of
+    them, best first, with their scores). ``progress`` is accepted (no bar)."""
+    width = int(beam_width if beam_width is not None else particles)
+    return beam_search(*_program(model, data, device), width, device, expand=None if expand is None else int(expand),
+                       groups=int(groups), diversity=float(diversity))
+
+
 def run_enumerate(model, data: dict, *, max_paths: int = DEFAULT_MAX_PATHS,
                   max_seconds: float | None = DEFAULT_MAX_SECONDS, progress: bool | None = None,
                   strategy: str = "auto", **_) -> list | EliminationResult:
@@ -367,4 +386,5 @@ METHODS: dict[str, Callable] = {
     "tempering": run_tempering,
     "smc_steer": run_smc_steer,
     "best_of_n": run_best_of_n,
+    "beam": run_beam,
 }

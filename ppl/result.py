@@ -654,11 +654,20 @@ class BestOfNResult(WeightedResult):
         return []  # an optimum: no weights to diagnose
 
     def _json_extra(self) -> dict:
-        return {"score": _json_scalar(self.score), "candidates": self.candidates,
-                "importance_log_evidence": _json_scalar(self.extra["importance_log_evidence"]),
-                "not_a_posterior": True}
+        out = {"score": _json_scalar(self.score), "candidates": self.candidates,
+               "importance_log_evidence": _json_scalar(self.extra["importance_log_evidence"]),
+               "not_a_posterior": True}
+        if "beams" in self.extra:  # beam search (``inference.beam``): every final beam, best first
+            out["beams"] = [{"score": _json_scalar(b["score"]), "return": b["return"]} for b in self.extra["beams"]]
+            out.update({k: self.extra[k] for k in ("beam_width", "expand", "groups", "diversity")})
+        return out
 
     def _header(self) -> str:
+        if "beams" in self.extra:
+            e = self.extra
+            return (f"{self.method}: the best of {len(e['beams'])} beams (width {e['beam_width']}, "
+                    f"{self.candidates} extensions scored), score (log joint density) {self.score:.4f}; "
+                    f"an optimum, not a posterior sample (no evidence estimate)")
         return (f"{self.method}: the best of {self.candidates} prior draws, score (total log weight) "
                 f"{self.score:.4f}; an optimum, not a posterior sample (no evidence estimate)")
 

@@ -100,7 +100,7 @@ def finite(x):
 RAW = {
     "importance": ({}, Population), "prior": ({}, Population), "smc": ({}, Population),
     "resample_move": ({}, Population), "tempering": ({"schedule": [0.5, 1.0]}, Population),
-    "smc_steer": ({"expansion": 2}, Population), "best_of_n": ({}, Optimum),
+    "smc_steer": ({"expansion": 2}, Population), "best_of_n": ({}, Optimum), "beam": ({"beam_width": 4}, Optimum),
     "mh": ({"samples": 10, "burn_in": 2}, Chains),
     "pmmh": ({"params": "p", "samples": 5, "burn_in": 1}, Chains),
     "nuts": ({"samples": 10, "burn_in": 5}, Chains), "hmc": ({"samples": 10, "burn_in": 5}, Chains),
