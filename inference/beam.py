@@ -38,6 +38,13 @@ it, at this step, whose last value is the same (Hamming diversity). Every group 
 from the empty run, so with diversity 0 they coincide; the reported scores are never
 penalised.
 
+Stochastic beam search (``sample=True``): each beam is extended by E distinct values
+drawn from its choice's distribution without replacement (Gumbel-top-k: the values
+ordered by log p + Gumbel noise) instead of its E most probable; the selection is
+unchanged. With E at least the support size it is the deterministic search; with B = E = 1
+it is ancestral sampling (the program's prior draw of those choices; a condition then
+rules the one beam out rather than steering it).
+
 Every expanded choice must be reached by all beams together (not inside a branch taken by
 some of them only): otherwise an error names the choice.
 """
@@ -75,8 +82,9 @@ class BeamHandler(Weighting):
     of each parent its k-th most probable value; likelihood terms accumulate."""
 
     def __init__(self, width: int, expand: int, groups: int, diversity: float, device, lineage: Lineage,
-                 randomness=None):
+                 randomness=None, sample: bool = False):
         self.B, self.E, self.G = width, expand, groups
+        self.sampled = sample
         self.M = width * expand
         super().__init__(self.M, device, torch.float64)
         self.diversity = float(diversity)
@@ -142,16 +150,28 @@ class BeamHandler(Weighting):
     def _expand(self, dist, ctx, ranked):
         """Copy k of each parent takes its k-th value (log density -inf when it has
         fewer): (the choice's value, log densities [M], the values' keys)."""
-        items, lps = [], []
+        items, lps, orders = [], [], {}
         for slot, (values, logps) in enumerate(ranked):
-            k = slot // self.B
-            items.append(values[min(k, len(values) - 1)])
-            lps.append(logps[k] if k < len(values) else -math.inf)
+            r, k = slot % self.B, slot // self.B
+            if r not in orders:  # one order per parent, shared by its copies
+                orders[r] = self._order(logps)
+            order = orders[r]
+            items.append(values[order[min(k, len(order) - 1)]])
+            lps.append(logps[order[k]] if k < len(order) else -math.inf)
         value = _pack(items, ctx, dist)
         lp = torch.as_tensor(dist.log_prob(value, ctx), dtype=torch.float64).expand(ctx.M).clone()
         dead = torch.tensor([math.isinf(x) and x < 0 for x in lps], device=lp.device)
         lp = torch.where(dead, torch.full_like(lp, -math.inf), lp)
         return value, lp, [_key(x) for x in items]
+
+    def _order(self, logps: list) -> list:
+        """The order in which a parent's copies take its values: most probable first, or
+        (``sample``) a draw without replacement (Gumbel-top-k)."""
+        if not self.sampled:
+            return list(range(len(logps)))
+        u = self.randomness.uniform((len(logps),), "cpu").clamp(min=1e-300)
+        keys = torch.tensor(logps, dtype=torch.float64) - torch.log(-torch.log(u))
+        return torch.sort(keys, descending=True, stable=True).indices.tolist()
 
     def _expand_tokens(self, dist: TokenDist, ctx):
         """``_expand`` for a next-token choice: the next-token rows of the B parents only
@@ -160,7 +180,13 @@ class BeamHandler(Weighting):
         B, E = self.B, self.E
         parents = ctx.subset(torch.arange(self.M, device=ctx.device) < B)
         draw, logz = dist._rows(parents)
-        vals, ids = torch.sort(draw.double(), dim=-1, descending=True, stable=True)
+        draw = draw.double()
+        if self.sampled:  # Gumbel-top-k: E distinct tokens drawn without replacement
+            gumbel = -torch.log(-torch.log(self.randomness.uniform(draw.shape, draw.device).clamp(min=1e-300)))
+            ids = torch.sort(draw + gumbel, dim=-1, descending=True, stable=True).indices
+            vals = draw.gather(1, ids)
+        else:
+            vals, ids = torch.sort(draw, dim=-1, descending=True, stable=True)
         width = min(E, vals.shape[1])
         vals, ids = vals[:, :width], ids[:, :width]
         if width < E:  # fewer tokens than copies: the rest are dead
@@ -257,7 +283,7 @@ def _pack(items: list, ctx: Particles, dist):
 
 
 def beam_search(interp, entry: str, data: dict, width: int, device="cpu", *, expand: int | None = None,
-                groups: int = 1, diversity: float = 0.0, randomness=None) -> Optimum:
+                groups: int = 1, diversity: float = 0.0, sample: bool = False, randomness=None) -> Optimum:
     """Beam search (see the module docstring): an ``Optimum`` holding the best beam (its
     sites; ``score`` its log joint density), ``candidates`` the number of extensions
     scored, and in ``extra``: "beams" (the final beams, best first: {"score", "return"}),
@@ -274,7 +300,7 @@ def beam_search(interp, entry: str, data: dict, width: int, device="cpu", *, exp
     M = B * E
     ctx = Particles.all(M, device)
     with lineage_scope(Lineage(ctx.idx)) as lineage:
-        h = BeamHandler(B, E, G, diversity, device, lineage, randomness)
+        h = BeamHandler(B, E, G, diversity, device, lineage, randomness, bool(sample))
         h.trace = Trace(M, device)
         ret = drive(interp.run(entry, data, ctx), h)
         sites = {"return": (column(ret, ctx), None), **h.trace.sites()}
@@ -289,7 +315,8 @@ def beam_search(interp, entry: str, data: dict, width: int, device="cpu", *, exp
     one = {name: (v[best:best + 1] if isinstance(v, torch.Tensor) else [v[best]],
                   None if present is None else present[best:best + 1]) for name, (v, present) in sites.items()}
     extra = {"beams": [{"score": s, "return": _plain(ret_list[slot])} for slot, s in beams], "beam_width": B,
-             "expand": E, "groups": G, "diversity": float(diversity), "expansions": h.expansions}
+             "expand": E, "groups": G, "diversity": float(diversity), "sample": bool(sample),
+             "expansions": h.expansions}
     return Optimum("beam", one, beams[0][1], h.candidates, None, extra)
 
 

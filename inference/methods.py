@@ -76,6 +76,7 @@ def _option_specs() -> dict[str, OptionSpec]:
         "expand": OptionSpec("int", low=1, nullable=True),
         "groups": positive_int,
         "diversity": OptionSpec("number", low=0),
+        "sample": OptionSpec("flag"),
     }
 
 
@@ -325,17 +326,18 @@ def run_best_of_n(model, data: dict, *, particles: int = 100, device: str = "cpu
 
 
 def run_beam(model, data: dict, *, particles: int = 4, beam_width: int | None = None, expand: int | None = None,
-             groups: int = 1, diversity: float = 0.0, device: str = "cpu", progress: bool | None = None,
-             **_) -> Optimum:
+             groups: int = 1, diversity: float = 0.0, sample: bool = False, device: str = "cpu",
+             progress: bool | None = None, **_) -> Optimum:
     """Beam search (``inference.beam``): ``beam_width`` beams (``particles``, the CLI's
     ``-n``, when not given), each extended by its ``expand`` most probable values (default
     min(``beam_width``, 16)) at every finite choice (language-model tokens included), the best
     kept by their log joint density; ``groups`` > 1 with ``diversity`` > 0: diverse beam
-    search. An ``Optimum`` like best-of-N's (the best beam; ``extra["beams"]`` all of
-    them, best first, with their scores). ``progress`` is accepted (no bar)."""
+    search; ``sample=True``: stochastic beam search (each beam's values drawn without
+    replacement instead of its most probable). An ``Optimum`` like best-of-N's (the best
+    beam; ``extra["beams"]`` all of them, best first, with their scores). ``progress`` is accepted (no bar)."""
     width = int(beam_width if beam_width is not None else particles)
     return beam_search(*_program(model, data, device), width, device, expand=None if expand is None else int(expand),
-                       groups=int(groups), diversity=float(diversity))
+                       groups=int(groups), diversity=float(diversity), sample=bool(_flag(sample)))
 
 
 def run_enumerate(model, data: dict, *, max_paths: int = DEFAULT_MAX_PATHS,

@@ -659,7 +659,8 @@ class BestOfNResult(WeightedResult):
                "not_a_posterior": True}
         if "beams" in self.extra:  # beam search (``inference.beam``): every final beam, best first
             out["beams"] = [{"score": _json_scalar(b["score"]), "return": b["return"]} for b in self.extra["beams"]]
-            out.update({k: self.extra[k] for k in ("beam_width", "expand", "groups", "diversity")})
+            out.update({k: self.extra[k] for k in ("beam_width", "expand", "groups", "diversity", "sample")
+                        if k in self.extra})
         return out
 
     def _header(self) -> str:

@@ -6,7 +6,9 @@
 * Width 1 is greedy decoding, and width 2 finds the better path greedy misses (hand
   computation on a table without ties).
 * Diverse beam search (groups and a Hamming diversity penalty) returns distinct beams
-  where plain groups coincide.
+  where plain groups coincide. Stochastic beam search (values drawn without replacement)
+  with enough values per beam is the exhaustive search, and with one beam of one value
+  ancestral sampling (frequencies within 5 binomial SEs of the model's).
 * The CLI runs ``--method beam``; its ``--json`` has best_of_n's keys (plus the beams).
 * Errors: ``lm.generate``, a choice inside a branch, a width that groups do not divide.
 """
@@ -112,6 +114,30 @@ def test_diverse_groups_find_distinct_beams():
     diverse = m.run("beam", {"lm": lm}, beam_width=2, groups=2, diversity=10.0)
     assert [b["return"] for b in diverse.extra["beams"]] == [" b z", " a x"]
     assert diverse.extra["beams"][0]["score"] == pytest.approx(math.log(0.36), abs=1e-6)  # never penalised
+
+
+def test_stochastic_beam_with_enough_values_is_the_exhaustive_search():
+    m = ppl.model(REWARDED)
+    data = {"lm": LM, "rm": RM}
+    exhaustive = m.run("beam", data, beam_width=28).extra["beams"]
+    sampled = m.run("beam", data, beam_width=28, sample=True, seed=3).extra
+    assert sampled["sample"] is True
+    assert sorted((b["return"], round(b["score"], 6)) for b in sampled["beams"]) == \
+        sorted((b["return"], round(b["score"], 6)) for b in exhaustive)
+
+
+def test_stochastic_beam_of_one_value_is_ancestral_sampling():
+    lm = ToyLM(TABLE)
+    m = ppl.model(TWO_STEPS)
+    exact = {" a x": 0.30, " a y": 0.18, " a": 0.12, " b z": 0.36, " b": 0.04}
+    R = 400
+    seen = {}
+    for seed in range(R):
+        text = m.run("beam", {"lm": lm}, beam_width=1, expand=1, sample=True, seed=seed).extra["beams"][0]["return"]
+        seen[text] = seen.get(text, 0) + 1
+    assert set(seen) <= set(exact)
+    for text, p in exact.items():
+        assert abs(seen.get(text, 0) / R - p) < 5 * math.sqrt(p * (1 - p) / R), (text, seen.get(text, 0) / R, p)
 
 
 def test_beam_draws_continuous_choices_from_the_prior():

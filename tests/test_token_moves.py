@@ -4,7 +4,8 @@
   by enumerating the site pick, the cut, every regenerated suffix and the accept test
   (``token_kernel_check``), satisfies pi K = pi and detailed balance on programs with a
   ``generate`` choice of varying length (``allowed=`` mask, ``stop=``, temperature,
-  top_k), a ``next_token`` choice and a flip, under condition/factor (posterior != prior).
+  top_k, top_p), a ``next_token`` choice and a flip, under condition/factor (posterior !=
+  prior), and a trace whose shape changes with the text (fresh and stale choices).
 * The broken kernels are caught by the same check: without the 1/n : 1/n' odds of the
   cut (completions of different lengths), and without the proposal ratio.
 * ``method="mh", kernel="suffix"`` and ``method="resample_move", kernel="suffix"`` run
@@ -45,6 +46,19 @@ def m(lm):
     return text
 """
 
+#: the trace changes shape with the text (fresh and stale choices), a stop string, top_p
+STRUCTURE = """
+def m(lm):
+    text ~ lm.generate(" a", max_tokens=3, stop="s")
+    if "cat" in text:
+        tok ~ lm.next_token(lm.encode(text), top_p=0.6)
+        factor 1.0 if tok == "s" else 0.0
+    else:
+        b ~ flip(0.3)
+        condition b or "dog" in text
+    return text
+"""
+
 
 def _posterior(model):
     r = model.run("enumerate", {"lm": LM})
@@ -55,7 +69,7 @@ def _posterior(model):
     return out
 
 
-@pytest.mark.parametrize("src", [LENGTHS, OPTIONS], ids=["lengths", "options"])
+@pytest.mark.parametrize("src", [LENGTHS, OPTIONS, STRUCTURE], ids=["lengths", "options", "structure"])
 def test_suffix_kernel_is_exactly_invariant(src):
     check = token_kernel_check(ppl.model(src), {"lm": LM})
     assert len(check.pi) >= 10
