@@ -33,7 +33,7 @@ from ..semantics.sampling import Suspended, Weighting, column, drive, fixed, tru
 from ..semantics.values import Lineage, Particles, lineage_scope
 from ..stdlib.progress import NO_BAR, progress_bar
 from . import mh as mh_mod
-from . import population_moves
+from . import population_moves, token_moves
 from .population import Population
 from .smc import SMCHandler
 
@@ -145,6 +145,8 @@ def _move(interp, entry, data, h: SMCHandler, N: int, device, moves, kernel, sca
     every particle's trace, whose target is the program truncated after the current
     checkpoint: (the moved value columns, the mean acceptance rate)."""
     model = gfi.ModelRun(interp, entry, data, device, stop_after=h.checkpoints)
+    if kernel in token_moves.KERNELS:  # moves on language-model choices (``inference.token_moves``)
+        return token_moves.rejuvenate(model, h.trace.sites(), N, moves, randomness)
     state, _ = gfi.generate(model, _traces(h, N, device))
     accepted = 0.0
     for _ in range(moves):
@@ -180,4 +182,4 @@ def _replay_moved(gen, h: SMCHandler, values: dict, k: int) -> None:
 
 def _not_numeric(addr):
     raise PPLRuntimeError(f"resample-move supports numeric choices only ('{addr}' is not)",
-                          hint="use method='smc' for models with string-valued choices")
+                          hint="kernel='suffix' moves language-model choices; or use method='smc'")
