@@ -57,7 +57,8 @@ def gradient_mcmc(interp, entry: str, data: dict, *, kernel: str = "nuts", chain
     and sampling), tree depths, E-BFMI, and whether the potential ran as a traced graph
     (``traced``) compiled by TorchInductor (``compile``: True, False, or "auto" = after
     ``COMPILE_CHECK`` iterations, when the time it would save on the rest of the run
-    exceeds its cost: ``_compile_when_it_pays``). ``dense_mass``: True, False, or "auto" = a
+    exceeds its cost: ``_compile_when_it_pays``; at once when this graph was compiled on
+    this machine before: Inductor's disk cache then loads it in a fraction of a second). ``dense_mass``: True, False, or "auto" = a
     dense mass matrix when the potential has at most ``DENSE_AUTO_MAX_DIM`` dimensions,
     starting from each chain's ``initial_inverse_mass`` (the inverse curvature at its
     initial point) instead of the identity."""
@@ -67,6 +68,8 @@ def gradient_mcmc(interp, entry: str, data: dict, *, kernel: str = "nuts", chain
     model = ModelRun(interp, entry, data, device)
     state = initial_state(interp, entry, data, chains, device, randomness)
     potential = build_potential(model, state, traced=traced, compile=compile is True)
+    if compile == "auto" and potential.compiled_before():
+        potential.compile_now()  # loaded from Inductor's disk cache: a fraction of a second
     z0 = potential.initial(randomness)
     dense_mass, inverse_mass = _mass_matrix(potential, z0, dense_mass)
     started = time.perf_counter()

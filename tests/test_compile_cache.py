@@ -1,0 +1,109 @@
+"""TorchInductor's on-disk cache for the potential's graph (issue 11, warm-up cost).
+
+``inference.compiled.replay(..., "inductor")`` used to call ``compile_fx`` without a shape
+environment, so Inductor bypassed its FX graph cache ("No shape env") and every process
+compiled the graph afresh (eight schools: ~2.4 s CPU per run, cached: ~0.35 s). Now the
+cache is used, a marker records which graphs were compiled on this machine
+(``compiled.compiled_before``), and NUTS with ``compile="auto"`` compiles such a graph at
+once instead of running its first ``COMPILE_CHECK`` iterations on TorchScript and then
+deciding (a short run, which would otherwise never compile, compiles too)."""
+import shutil
+import uuid
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import ppl
+from ppl.inference import compiled, gradient_mcmc
+from ppl.inference.potential import Potential
+
+torch.set_num_threads(1)
+
+needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                                    reason="TorchInductor needs a C++ compiler")
+
+SOURCE = """
+def model(ys):
+    mu ~ normal(0, 10)
+    sigma ~ half_normal(2)
+    observe ys ~ normal(mu, sigma)
+    return mu
+"""
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    return tmp_path
+
+
+def _graph(constant=2.5):
+    def f(x, y):
+        return ((x.sin() * y).exp().sum(-1), x * constant)
+    example = (torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64))
+    return compiled.record(f, example), example
+
+
+@needs_compiler
+def test_the_compiled_graph_goes_through_inductors_disk_cache():
+    # Inductor's own cache directory (a fresh one would rebuild its CPU probes: tens of
+    # seconds under load); a constant of this run's own makes the graph new to it
+    constant = 2.0 + uuid.uuid4().int % 10 ** 9 / 10 ** 9
+    gm, example = _graph(constant)
+    assert not compiled.compiled_before(gm, example)
+    before = dict(counters["inductor"])
+    fast = compiled.replay(gm, example, "inductor")
+    assert counters["inductor"]["fxgraph_cache_bypass"] == before.get("fxgraph_cache_bypass", 0)
+    assert counters["inductor"]["fxgraph_cache_miss"] == before.get("fxgraph_cache_miss", 0) + 1
+    assert compiled.compiled_before(gm, example)
+    # the same graph recorded again (as a new process would) is loaded, not compiled
+    gm2, _ = _graph(constant)
+    assert compiled.compiled_before(gm2, example)
+    again = compiled.replay(gm2, example, "inductor")
+    assert counters["inductor"]["fxgraph_cache_hit"] == before.get("fxgraph_cache_hit", 0) + 1
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    for a, b, c in zip(fast(x, y), again(x, y), gm(x, y)):
+        assert torch.allclose(a, c, rtol=1e-12) and torch.allclose(b, c, rtol=1e-12)
+
+
+def test_the_marker_depends_on_the_graphs_constants_and_input_shapes(fresh_cache):
+    gm, example = _graph()
+    compiled._mark_compiled(gm, example, True)
+    assert compiled.compiled_before(gm, example)
+    assert not compiled.compiled_before(gm, example, size_asserts=False)
+    wider = (torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64))
+    assert not compiled.compiled_before(gm, wider)
+
+    def g(x, y):
+        return ((x.sin() * y).exp().sum(-1), x * 3.5)  # another constant
+    assert not compiled.compiled_before(compiled.record(g, example), example)
+
+
+def test_compile_auto_compiles_at_once_a_graph_compiled_before(fresh_cache, monkeypatch):
+    compiles, potentials = [], []
+
+    def compile_now(self):  # the decision only: Inductor itself is tested above
+        compiles.append(self)
+        self.compiled, self._recorded = True, None
+        return True
+
+    def build_potential(*args, **kwargs):
+        potentials.append(build(*args, **kwargs))
+        return potentials[-1]
+    build = gradient_mcmc.build_potential
+    monkeypatch.setattr(Potential, "compile_now", compile_now)
+    monkeypatch.setattr(gradient_mcmc, "build_potential", build_potential)
+    m = ppl.compile_source(SOURCE)
+    data = {"ys": [0.3, 1.2, -0.4, 0.8, 2.1]}
+    # 2 x 10 x 10: far below COMPILE_CHECK iterations, so "auto" decides nothing and stays on
+    # TorchScript while the graph is unknown
+    short = dict(particles=2, samples=10, burn_in=10, seed=3)
+    first = m.run("nuts", data, **short)
+    assert first.extra["traced"] and not first.extra["compiled"] and not compiles
+    gm, example = potentials[-1]._recorded
+    compiled._mark_compiled(gm, example(), True)  # as replay(..., "inductor") does
+    known = m.run("nuts", data, **short)
+    assert known.extra["compiled"] and len(compiles) == 1
+    other = m.run("nuts", {"ys": [0.3, 1.2, -0.4, 0.8, 2.0]}, **short)  # other data: another graph
+    assert not other.extra["compiled"] and len(compiles) == 1
