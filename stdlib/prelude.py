@@ -948,6 +948,8 @@ def _make_builtins() -> dict[str, Any]:
     out.update(_string_builtins())
     out["toy_lm"] = Builtin("toy_lm", _toy_lm, (0, 0))        # the toy language model (stdlib.lm.toy)
     out["toy_reward"] = Builtin("toy_reward", _toy_reward, (0, 0))
+    from .lm.constraints import prelude_builtins as _constraints  # regex(), grammar(), json_schema() for allowed=
+    out.update(_constraints())
     for name, spec in _dists.DISTRIBUTIONS.items():
         out[name] = _dist_builtin(spec)
     out["pi"] = math.pi

@@ -70,6 +70,7 @@ from ...semantics.values import (Batched, Particles, PerParticle, is_batched, ma
 from .. import rng
 from ..prelude import bind_arguments
 from .base import LanguageModel, RewardModel
+from .constraints import Constraint, ConstraintMask
 
 _MISSING = object()
 
@@ -148,6 +149,8 @@ def _mask_ids(mask) -> frozenset | None:
         return None
     if isinstance(mask, _Mask):
         return mask.ids
+    if isinstance(mask, ConstraintMask):  # depends on the prefix: ask it per step
+        return None
     if isinstance(mask, torch.Tensor):
         mask = mask.tolist()
     return frozenset(i for i, b in enumerate(mask) if b)
@@ -377,6 +380,8 @@ class LMValue:
         if isinstance(allowed, str):
             raise PPLRuntimeError(f"{where}: allowed= must be a list of tokens or a predicate, not a string",
                                   hint='write allowed=[" cat", " dog"] or allowed=lambda t: "e" not in t')
+        if isinstance(allowed, Constraint):  # regex(), grammar(), json_schema(): masks per prefix
+            return allowed.bind(self)
         if isinstance(allowed, (Builtin, Closure)):
             return self._predicate_mask(where, allowed, interp, ctx, fr, span)
         if isinstance(allowed, (list, tuple, PerParticle)):
@@ -624,7 +629,7 @@ def _step_exact(lmv: LMValue, context: tuple, opts: _Opts, allowed: frozenset | 
         return [(i, p) for i, p in kept if p > 0]
     z = sum(p for _, p in kept)
     if z == 0:
-        return [(i, Fraction(1, len(kept))) for i, _ in kept]
+        return [(i, Fraction(1, len(kept))) for i, _ in kept] if kept else []
     return [(i, p / z) for i, p in kept if p > 0]
 
 
@@ -679,6 +684,8 @@ class _LMDist(DistValue):
             return None
         if isinstance(m, _Mask):
             return m.tensor(ctx.device)
+        if isinstance(m, ConstraintMask):  # rows per prefix: the callers ask it step by step
+            return m
         t = rows(m, ctx)
         return t if sel is None else t[sel]
 
@@ -725,6 +732,7 @@ def _draw_rows(lmv: LMValue, contexts: list, opts: _Opts, mask_rows, device):
     empty = torch.isneginf(logz)
     draw = masked - torch.where(empty, torch.zeros_like(logz), logz)[:, None]
     if bool(empty.any()):  # mass zero: draw uniformly from the allowed set (weight 0 anyway)
+        m = m | ~m.any(-1, keepdim=True)  # (a constraint that allows nothing here: any token)
         uniform = torch.where(m, -torch.log(m.sum(-1, keepdim=True).to(lp.dtype)), torch.full_like(lp, -math.inf))
         draw = torch.where(empty[:, None], uniform, draw)
     logz = torch.where(fin, torch.zeros_like(logz), logz)
@@ -753,7 +761,9 @@ class TokenDist(_LMDist):
         if self._cache is not None and self._same_key(self._cache[0], key):
             return self._cache[1]
         contexts = self.lmv.contexts(self.context, ctx)
-        draw, logz = _draw_rows(self.lmv, contexts, self.opts, self._mask_rows(ctx), ctx.device)
+        m = self.mask.next_token_rows(contexts, ctx.device) if isinstance(self.mask, ConstraintMask) \
+            else self._mask_rows(ctx)
+        draw, logz = _draw_rows(self.lmv, contexts, self.opts, m, ctx.device)
         self._cache = (key, (draw, logz))
         return draw, logz
 
@@ -803,16 +813,17 @@ class TokenDist(_LMDist):
 
 def _token_support(lmv, context, opts, mask, fold):
     ids = lmv.ids_of(context)
-    allowed = _mask_ids(mask)
+    allowed = mask.next_token_ids(ids) if isinstance(mask, ConstraintMask) else _mask_ids(mask)
     out = [(lmv.token(i), p) for i, p in _step_exact(lmv, ids, opts, allowed, fold)]
     if not out:  # a constraint of mass zero here: the choice has weight 0
-        out = [(lmv.token(i), 0) for i in sorted(allowed)[:1]]
+        out = [(lmv.token(i), 0) for i in (sorted(allowed)[:1] or [lmv.eos_id or 0])]
     return out
 
 
 def _token_prob(value, lmv, context, opts, mask, fold):
     ids = lmv.ids_of(context)
-    step = dict(_step_exact(lmv, ids, opts, _mask_ids(mask), fold))
+    allowed = mask.next_token_ids(ids) if isinstance(mask, ConstraintMask) else _mask_ids(mask)
+    step = dict(_step_exact(lmv, ids, opts, allowed, fold))
     if isinstance(value, Token) and value.lm is lmv.lm:
         return step.get(value.id, 0)
     if isinstance(value, str):
@@ -858,7 +869,8 @@ class GenerateDist(_LMDist):
             if not act:
                 break
             sel = torch.tensor(act, dtype=torch.long, device=ctx.device)
-            m = None if mask is None else (mask if mask.dim() == 1 else mask[sel])
+            m = None if mask is None else mask.generate_rows([gen[r] for r in act], opts, ctx.device) \
+                if isinstance(mask, ConstraintMask) else (mask if mask.dim() == 1 else mask[sel])
             draw, logz = _draw_rows(lmv, [prompts[r] + tuple(gen[r]) for r in act], opts, m, ctx.device)
             ids = _sample_rows(draw)
             lp[sel] += draw.gather(1, ids[:, None]).squeeze(1).to(dtype)
@@ -923,7 +935,8 @@ class GenerateDist(_LMDist):
         for k in range(max((len(s) for s in steps), default=0)):
             act = [r for r in range(M) if len(steps[r]) > k]
             sel = torch.tensor(act, dtype=torch.long, device=ctx.device)
-            m = None if mask is None else (mask if mask.dim() == 1 else mask[sel])
+            m = None if mask is None else mask.generate_rows([steps[r][:k] for r in act], self.opts, ctx.device) \
+                if isinstance(mask, ConstraintMask) else (mask if mask.dim() == 1 else mask[sel])
             draw, logz = _draw_rows(lmv, [prompts[r] + tuple(steps[r][:k]) for r in act], self.opts, m, ctx.device)
             tok = torch.tensor([steps[r][k] for r in act], dtype=torch.long, device=ctx.device)
             lp[sel] += draw.gather(1, tok[:, None]).squeeze(1).to(dtype)
@@ -951,7 +964,8 @@ def _generate_support(lmv, prompt, opts, mask, fold):
         if len(ids) == opts.max_tokens:
             out.append((lmv.completion(ids), prob))
             return
-        for t, p in _step_exact(lmv, prompt_ids + tuple(ids), opts, allowed, fold):
+        here = mask.generate_ids(tuple(ids), opts) if isinstance(mask, ConstraintMask) else allowed
+        for t, p in _step_exact(lmv, prompt_ids + tuple(ids), opts, here, fold):
             if t == lmv.eos_id:
                 out.append((lmv.completion(ids), prob * p))
             elif stopped(ids + [t]):
@@ -975,7 +989,8 @@ def _generate_prob(value, lmv, prompt, opts, mask, fold):
     allowed = _mask_ids(mask)
     p = 1
     for k, t in enumerate(steps):
-        step = dict(_step_exact(lmv, prompt_ids + tuple(steps[:k]), opts, allowed, fold))
+        here = mask.generate_ids(tuple(steps[:k]), opts) if isinstance(mask, ConstraintMask) else allowed
+        step = dict(_step_exact(lmv, prompt_ids + tuple(steps[:k]), opts, here, fold))
         p = p * step.get(t, 0)
         if p == 0:
             return 0
