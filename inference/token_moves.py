@@ -134,6 +134,17 @@ class _SuffixRow:
         self.prompt, self.prefix, self.allowed = prompt, prefix, allowed
 
 
+def _per_prefix(mask) -> bool:
+    """Whether an ``allowed=`` mask is a constraint whose allowed tokens depend on the
+    completion so far (``stdlib.lm.constraints``: it answers ``generate_rows``/``generate_ids``)."""
+    return hasattr(mask, "generate_rows")
+
+
+def _allowed_after(allowed, ids: list, opts):
+    """The allowed ids after the generated ``ids``: a fixed set, None, or a per-prefix constraint's."""
+    return allowed.generate_ids(tuple(ids), opts) if _per_prefix(allowed) else allowed
+
+
 class _SuffixSpec:
     """What the randomness interface reads: the exact law of one row's completion."""
     index_valued = True
@@ -154,7 +165,8 @@ class _SuffixSpec:
             if len(ids) == opts.max_tokens:
                 out.append((lmv.completion(ids), prob))
                 return
-            for t, p in _step_exact(lmv, row.prompt + tuple(ids), opts, row.allowed, False):
+            here = _allowed_after(row.allowed, ids, opts)
+            for t, p in _step_exact(lmv, row.prompt + tuple(ids), opts, here, False):
                 if t == lmv.eos_id:
                     out.append((lmv.completion(ids), prob * p))
                 elif gen._stopped(ids + [t]):
@@ -175,8 +187,10 @@ class SuffixProposal:
         self.gen = gen
         prompts = gen.lmv.contexts(gen.context, ctx, "prompt")
         mask = gen._mask_rows(ctx)
-        allowed = [None] * ctx.M if mask is None else \
-            [_mask_ids(mask if mask.dim() == 1 else mask[r]) for r in range(ctx.M)]
+        if mask is None or _per_prefix(mask):
+            allowed = [mask] * ctx.M
+        else:
+            allowed = [_mask_ids(mask if mask.dim() == 1 else mask[r]) for r in range(ctx.M)]
         self.rows = [_SuffixRow(tuple(p), tuple(x), a) for p, x, a in zip(prompts, prefixes, allowed)]
         self.mask = mask
         self.spec = _SuffixSpec(gen)
@@ -190,7 +204,7 @@ class SuffixProposal:
         done = [len(x) >= gen.opts.max_tokens for x in ids]
         while not all(done):
             act = [r for r in range(M) if not done[r]]
-            m = None if self.mask is None else (self.mask if self.mask.dim() == 1 else self.mask[act])
+            m = self._step_mask([ids[r] for r in act], act, ctx.device)
             draw, _ = _draw_rows(lmv, [self.rows[r].prompt + tuple(ids[r]) for r in act], gen.opts, m, ctx.device)
             for r, t in zip(act, _sample_rows(draw).tolist()):
                 if t == lmv.eos_id:
@@ -199,6 +213,16 @@ class SuffixProposal:
                 ids[r].append(t)
                 done[r] = len(ids[r]) >= gen.opts.max_tokens or gen._stopped(ids[r])
         return PerParticle([lmv.completion(x) for x in ids], ctx.idx)
+
+    def _step_mask(self, gens: list, act: list, device):
+        """The allowed= mask of one step for the rows ``act`` (their generated ids so far
+        ``gens``): as the choice's own sampler computes it."""
+        mask = self.mask
+        if mask is None:
+            return None
+        if _per_prefix(mask):  # a constraint whose mask depends on the text so far (a grammar)
+            return mask.generate_rows(gens, self.gen.opts, device)
+        return mask if mask.dim() == 1 else mask[act]
 
     def log_q(self, steps: list, cuts: list, device) -> torch.Tensor:
         """Per row, log q of the draws ``steps[r][cuts[r]:]`` given the row's prefix
@@ -209,7 +233,7 @@ class SuffixProposal:
             act = [r for r in range(len(steps)) if cuts[r] <= k < len(steps[r])]
             if not act:
                 continue
-            m = None if self.mask is None else (self.mask if self.mask.dim() == 1 else self.mask[act])
+            m = self._step_mask([steps[r][:k] for r in act], act, device)
             draw, _ = _draw_rows(self.gen.lmv, [self.rows[r].prompt + tuple(steps[r][:k]) for r in act],
                                  self.gen.opts, m, device)
             tok = torch.tensor([steps[r][k] for r in act], dtype=torch.long, device=device)
