@@ -950,6 +950,8 @@ def _make_builtins() -> dict[str, Any]:
     out["toy_reward"] = Builtin("toy_reward", _toy_reward, (0, 0))
     from .lm.constraints import prelude_builtins as _constraints  # regex(), grammar(), json_schema() for allowed=
     out.update(_constraints())
+    from .lm.masks import prelude_builtins as _token_predicates  # text_lacks(...) etc. for allowed=
+    out.update(_token_predicates())
     for name, spec in _dists.DISTRIBUTIONS.items():
         out[name] = _dist_builtin(spec)
     out["pi"] = math.pi

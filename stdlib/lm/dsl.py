@@ -69,6 +69,7 @@ from ...semantics.values import (Batched, Particles, PerParticle, is_batched, ma
                                  to_bool_rows, describe)
 from .. import rng
 from ..prelude import bind_arguments
+from . import masks as _masks
 from .base import LanguageModel, RewardModel
 from .constraints import Constraint, ConstraintMask
 
@@ -173,6 +174,8 @@ class LMValue:
         self._by_text: dict[str, tuple] | None = None
         self._encoded: dict[str, tuple] = {}
         self._masks: dict = {}
+        self._all_tokens: list | None = None
+        self._ctx_memo: tuple | None = None  # (entries, full idx, lineage, per-particle tuples)
         self._methods = {
             "next_token": Builtin("next_token", self._next_token, (1, 5), higher_order=True),
             "generate": Builtin("generate", self._generate, (1, 7), higher_order=True),
@@ -265,12 +268,45 @@ class LMValue:
     def contexts(self, value, ctx: Particles, what: str = "context") -> list:
         """Per particle of ctx: the context as a tuple of ids."""
         if isinstance(value, list) and _deep_batched(value):
+            out = self._grown_contexts(value, ctx)
+            if out is not None:
+                return out
             cols = self._token_columns(value, ctx)
             if cols is not None:
-                return list(zip(*cols))
+                out = list(zip(*cols))
+                self._remember_contexts(value, ctx, out)
+                return out
         if _deep_batched(value):
             return [self.ids_of(x, what) for x in materialize(value, ctx)]
         return [self.ids_of(value, what)] * ctx.M
+
+    def _grown_contexts(self, value: list, ctx: Particles) -> list | None:
+        """The contexts of a token list that extends, by one entry, the list whose
+        contexts were computed last (``toks = toks + [tok]`` in a loop): the remembered
+        tuples (kept as a per-particle value, so they follow the run's resamplings) plus
+        the new entry's ids, instead of re-reading every entry. None when the list is
+        not such an extension (same entries, by identity, in the same run)."""
+        memo = self._ctx_memo
+        if memo is None or not ctx.is_full:
+            return None
+        cols, full, lineage, tuples = memo
+        n = len(cols)
+        if full is not ctx.full.idx or lineage is not ctx.generation[0] or len(value) not in (n, n + 1) \
+                or not all(a is b for a, b in zip(cols, value)):
+            return None
+        prev = rows(tuples, ctx)
+        if len(value) == n:  # the same list again (e.g. scored after drawn)
+            return prev
+        last = self._token_columns(value[n:], ctx)
+        if last is None:
+            return None
+        out = [p + (i,) for p, i in zip(prev, last[0])]
+        self._remember_contexts(value, ctx, out)
+        return out
+
+    def _remember_contexts(self, value: list, ctx: Particles, out: list) -> None:
+        if ctx.is_full:
+            self._ctx_memo = (tuple(value), ctx.full.idx, ctx.generation[0], PerParticle(out, ctx.idx))
 
     def _token_columns(self, value: list, ctx: Particles) -> list | None:
         """A token list built step by step (``toks + [tok]``) is stored column-wise: one
@@ -307,6 +343,14 @@ class LMValue:
         for the distinct unfinished contexts (finished ones: the end-of-sequence token)."""
         R = len(contexts)
         dtype = torch.get_default_dtype()
+        eos = self.eos_id
+        if R and (eos is None or not any(c and c[-1] == eos for c in contexts)):  # the common case: none finished
+            todo = {}
+            slots = [todo.setdefault(c, len(todo)) for c in contexts]
+            lp = self._ask(list(todo), device, dtype)
+            if len(todo) == R:
+                return lp
+            return lp.index_select(0, torch.tensor(slots, dtype=torch.long, device=device))
         out = torch.full((R, self.V), -math.inf, dtype=dtype, device=device)
         todo: dict[tuple, int] = {}
         where = []
@@ -316,16 +360,20 @@ class LMValue:
                 continue
             where.append((r, todo.setdefault(c, len(todo))))
         if todo:
-            lp = self.lm.next_logprobs(list(todo))
-            if not isinstance(lp, torch.Tensor) or lp.shape != (len(todo), self.V):
-                raise PPLRuntimeError(f"{self.name}: next_logprobs returned "
-                                      f"{tuple(lp.shape) if isinstance(lp, torch.Tensor) else type(lp).__name__}, "
-                                      f"expected a tensor of shape {(len(todo), self.V)}")
-            lp = lp.to(device=device, dtype=dtype)
+            lp = self._ask(list(todo), device, dtype)
             r_idx = torch.tensor([r for r, _ in where], dtype=torch.long, device=device)
             u_idx = torch.tensor([u for _, u in where], dtype=torch.long, device=device)
             out[r_idx] = lp.index_select(0, u_idx)
         return out
+
+    def _ask(self, todo: list, device, dtype) -> torch.Tensor:
+        """The backend's ``next_logprobs`` for the distinct contexts ``todo``, checked."""
+        lp = self.lm.next_logprobs(todo)
+        if not isinstance(lp, torch.Tensor) or lp.shape != (len(todo), self.V):
+            raise PPLRuntimeError(f"{self.name}: next_logprobs returned "
+                                  f"{tuple(lp.shape) if isinstance(lp, torch.Tensor) else type(lp).__name__}, "
+                                  f"expected a tensor of shape {(len(todo), self.V)}")
+        return lp.to(device=device, dtype=dtype)
 
     def exact_probs(self, context: tuple) -> list:
         """The next-token probabilities of one context: exact rationals when the backend
@@ -421,11 +469,24 @@ class LMValue:
         return ids
 
     def _predicate_mask(self, where, pred, interp, ctx, fr, span):
-        key = _predicate_key(pred)
-        anchor = pred.body if isinstance(pred, Closure) else pred  # kept alive by the cache
-        hit = self._masks.get(key) if key is not None else None
-        if hit is not None and hit[0] is anchor:
-            return hit[1]
+        """A predicate's mask: computed once over the whole vocabulary and cached when the
+        predicate depends on the token alone (``masks.pure_key``), else evaluated token by
+        token for every particle (it may read per-particle values)."""
+        pure = _masks.pure_key(pred, lambda v: isinstance(v, LMValue))
+        if pure is not None:
+            key, anchors = pure
+            hit = self._masks.get(key)
+            if hit is not None and len(hit[0]) == len(anchors) and all(a is b for a, b in zip(hit[0], anchors)):
+                return hit[1]
+            ok = _masks.evaluate_batched(interp, pred, self.all_tokens(), span, getattr(fr, "path", ""),
+                                         getattr(fr, "depth", 0))
+            if ok is not None:
+                mask = self._mask_of_bools(where, ok.tolist(), span)
+                if len(self._masks) >= 64:  # bounded: drop the oldest
+                    self._masks.pop(next(iter(self._masks)))
+                self._masks[key] = (anchors, mask)
+                return mask
+        # token by token (also where the batched call failed: this gives the located error)
         cols = []
         batched = False
         caller = Frame(None, ctx, getattr(fr, "path", ""), getattr(fr, "depth", 0))  # the calls' addresses touch no real frame
@@ -451,14 +512,9 @@ class LMValue:
             batched = batched or not isinstance(c, bool)
             cols.append(c)
         if not batched:
-            ids = {i for i, c in enumerate(cols) if c}
-            if not ids:
-                raise PPLRuntimeError(f"{where}: the allowed= predicate allows no token", span)
-            mask = _Mask(ids, self.V)
-            if key is not None:
-                if len(self._masks) >= 64:  # bounded: drop the oldest
-                    self._masks.pop(next(iter(self._masks)))
-                self._masks[key] = (anchor, mask)
+            mask = self._mask_of_bools(where, cols, span)
+            if pure is not None:  # (the batched call failed, this one did not)
+                self._masks[pure[0]] = (pure[1], mask)
             return mask
         t = torch.stack([c if isinstance(c, torch.Tensor) else torch.full((ctx.M,), c, device=ctx.device)
                          for c in cols], 1).to(torch.bool)
@@ -466,29 +522,19 @@ class LMValue:
             raise PPLRuntimeError(f"{where}: the allowed= predicate allows no token (for some particles)", span)
         return Batched(t, ctx.idx)
 
+    def _mask_of_bools(self, where, bools: list, span) -> "_Mask":
+        ids = [i for i, c in enumerate(bools) if c]
+        if not ids:
+            raise PPLRuntimeError(f"{where}: the allowed= predicate allows no token", span)
+        return _Mask(ids, self.V)
 
-def _predicate_key(pred):
-    """A cache key for a predicate's mask, or None when it may change: prelude and
-    Python functions are fixed; a DSL function is keyed by its code and the values of
-    the names it reads from its scope, when those are plain constants."""
-    if isinstance(pred, Builtin):
-        return ("builtin", id(pred))
-    from ...semantics import ir
-    body = pred.body
-    params = {p.name for p in pred.params}
-    nodes = ir.walk(body) if isinstance(body, ir.Expr) else (n for s in body for n in ir.walk(s))
-    free = []
-    for n in nodes:
-        if isinstance(n, ir.Var) and n.name not in params:
-            try:
-                v = pred.env.lookup(n.name)
-            except KeyError:
-                continue
-            if isinstance(v, Builtin) or v is None or isinstance(v, (bool, int, float, str, Fraction)):
-                free.append((n.name, ("id", id(v)) if isinstance(v, Builtin) else (type(v).__name__, v)))
-            else:
-                return None
-    return ("closure", id(body), tuple(sorted(set(free))))
+    def all_tokens(self) -> list:
+        """Every token of the vocabulary, by id (``Token`` values; the end-of-sequence
+        token's text is ""), made once."""
+        toks = self._all_tokens
+        if toks is None:
+            toks = self._all_tokens = [self.token(i) for i in range(self.V)]
+        return toks
 
 
 # ------------------------------------------------------------------- argument parsing
@@ -719,15 +765,21 @@ class _LMDist(DistValue):
 def _draw_rows(lmv: LMValue, contexts: list, opts: _Opts, mask_rows, device):
     """Rows of the draw law and the constraint's log mass: (log q [R, V], log Z [R])."""
     base = lmv.base_logprobs(contexts, device)
-    fin = torch.tensor([lmv.finished(c) for c in contexts], dtype=torch.bool, device=device)
+    finished = [lmv.finished(c) for c in contexts]
+    any_finished = any(finished)
+    fin = torch.tensor(finished, dtype=torch.bool, device=device)
     lp = base if opts.plain else decode_logprobs(base, opts)
-    if bool(fin.any()) and not opts.plain:
+    if any_finished and not opts.plain:
         lp = torch.where(fin[:, None], base, lp)
     if mask_rows is None:
         return lp, torch.zeros(len(contexts), dtype=lp.dtype, device=device)
-    m = mask_rows.expand(lp.shape) if mask_rows.dim() == 1 else mask_rows
-    m = m | fin[:, None]  # after the end: the end-of-sequence token, unconstrained
-    masked = torch.where(m, lp, torch.full_like(lp, -math.inf))
+    if mask_rows.dim() == 1 and not any_finished:  # one mask for every row: one pass, nothing [R, V] built
+        m = mask_rows.expand(lp.shape)
+        masked = lp.masked_fill(~mask_rows, -math.inf)  # (= the torch.where below, bit for bit)
+    else:
+        m = mask_rows.expand(lp.shape) if mask_rows.dim() == 1 else mask_rows
+        m = m | fin[:, None]  # after the end: the end-of-sequence token, unconstrained
+        masked = torch.where(m, lp, torch.full_like(lp, -math.inf))
     logz = torch.logsumexp(masked, -1)
     empty = torch.isneginf(logz)
     draw = masked - torch.where(empty, torch.zeros_like(logz), logz)[:, None]
