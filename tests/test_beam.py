@@ -190,3 +190,20 @@ def test_beam_errors_are_located(src, message, line):
 def test_groups_must_divide_the_width():
     with pytest.raises(PPLError, match="multiple of groups"):
         ppl.model(TWO_STEPS).run("beam", {"lm": LM}, beam_width=3, groups=2)
+
+
+def test_beam_under_a_regex_constraint_finds_every_path():
+    """``allowed=regex(...)`` on next_token (issue 14 item 1): the mask's mass is part of the score."""
+    pytest.importorskip("ppl.stdlib.lm.constraints")
+    m = ppl.model("""
+def m(lm):
+    toks = []
+    for i in range(3):
+        tok ~ lm.next_token(toks, allowed=regex("( the| a)( cat| dog)s?"))
+        toks = toks + [tok]
+    return lm.decode(toks)
+""")
+    exact = _exact_paths(m, {"lm": LM})
+    assert len(exact) == 8
+    beams = m.run("beam", {"lm": LM}, beam_width=8).extra["beams"]
+    assert {b["return"]: pytest.approx(b["score"], abs=1e-5) for b in beams} == {t: lw for lw, t in exact}
