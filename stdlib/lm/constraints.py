@@ -56,9 +56,11 @@ from .vocab_trie import vocab_trie_of
 #: compiled matchers, by (kind, source): a constraint written inside a loop compiles once
 _MATCHERS: dict = {}
 _MAX_MATCHERS = 256
-#: cached masks and prefix states per bound constraint
+#: cached masks per bound constraint: at most this many, and at most MASK_BYTES of them
 MAX_MASKS = 4096
-MAX_PREFIXES = 200_000
+MASK_BYTES = 64_000_000
+#: cached prefix states per bound constraint (keys are tuples of ids)
+MAX_PREFIXES = 50_000
 _MISSING = object()
 
 
@@ -253,6 +255,7 @@ class ConstraintMask:
         self._stop_masks: dict = {}
         self._prompt_text = None
         self._prompt_ids = None
+        self._max_masks = max(16, min(MAX_MASKS, MASK_BYTES // (2 * max(self.V, 1))))
         if constraint.prompt is not None:
             ids = lmv.ids_of(constraint.prompt, "prompt")
             self._prompt_ids = ids
@@ -308,7 +311,7 @@ class ConstraintMask:
             else:
                 viable, complete = self.trie.walk(self.matcher.step, self.matcher.accepting, s)
                 hit = (self.trie.mask(viable), self.trie.mask(complete), self.matcher.accepting(s))
-            if len(self._masks) >= MAX_MASKS:
+            if len(self._masks) >= self._max_masks:
                 self._masks.pop(next(iter(self._masks)))
             self._masks[s] = hit
         return hit
@@ -354,7 +357,7 @@ class ConstraintMask:
             if ends:
                 e = torch.tensor(ends, dtype=torch.long)
                 hit[e] = complete[e]
-            if len(self._stop_masks) >= MAX_MASKS:
+            if len(self._stop_masks) >= self._max_masks:
                 self._stop_masks.pop(next(iter(self._stop_masks)))
             self._stop_masks[key] = hit
         return hit

@@ -39,6 +39,17 @@ optimal proposal) and weight by Z_A: a factor right after the choice (a checkpoi
 SMC resamples); exact enumeration uses the masses p(v) directly. In ``generate`` the mask
 applies at every step and the weight is the product of the steps' Z_A.
 
+Constraints on the text (``constraints.py``): ``allowed=regex(pattern)``,
+``allowed=grammar(lark_source)`` (Lark, LALR) and ``allowed=json_schema(schema)``. At each
+step the allowed tokens are those after which the text is still a viable prefix of the
+language (checked character by character, so a boundary inside a token is exact), the
+end-of-sequence token where the text is a sentence, and, on a draw after which
+``generate`` ends (the ``max_tokens``-th, or one completing a ``stop`` string), only the
+tokens that make the text a sentence. So ``text ~ lm.generate(p, allowed=c)`` is ``text ~
+lm.generate(p)`` followed by ``condition c.accepts(text)``, in law. In ``next_token`` the
+text is the context's, less the constraint's ``prompt=``. One step's mask is one walk of
+the vocabulary trie (``vocab_trie.py``), cached by the matcher's state.
+
 ``generate``: tokens are drawn one by one, at most ``max_tokens`` draws (the
 end-of-sequence token counts as a draw); it stops at the end-of-sequence token (not part
 of the text), or once the completion's text contains one of the ``stop`` strings (the
