@@ -28,7 +28,6 @@ called with tensors, one row per particle).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import os
@@ -466,7 +465,6 @@ class out_of_memory_as_error:
         return False
 
 
-@contextlib.contextmanager
 def seeded(seed: int | None, device: str = "cpu"):
     """Run the block as one run with generators of its own (``ppl.stdlib.rng``): one
     ``torch.Generator`` per device, seeded with ``seed``, from which every draw ppl makes
@@ -474,9 +472,9 @@ def seeded(seed: int | None, device: str = "cpu"):
     global generator is neither read nor changed by a seeded run. ``seed`` None: inside
     another run, that run's generators; else generators seeded from torch's global
     generator (so ``torch.manual_seed`` still makes the run repeatable). ``device`` is
-    kept for callers; each device's generator is made when first used."""
-    with rng.run(seed):
-        yield
+    kept for callers; each device's generator is made when first used. (A context
+    manager: ``rng.run``'s.)"""
+    return rng.run(seed)
 
 
 def _check_method(method: str) -> None:

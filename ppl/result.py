@@ -534,7 +534,8 @@ class EliminatedResult(ExactResult):
 
     def __init__(self, raw: EliminationResult):
         self._raw = raw
-        exact = all(isinstance(w, (int, Fraction)) for w in raw.returns.values())
+        exact = getattr(raw, "scaled_returns", None) is not None or \
+            all(isinstance(w, (int, Fraction)) for w in raw.returns.values())  # (scaled: every weight exact)
         self.evidence = Fraction(raw.evidence) if exact else float(raw.evidence)
         if self.evidence == 0:
             raise ZeroEvidenceError(_ZERO_EXACT_MSG, hint=_ZERO_EXACT_HINT)

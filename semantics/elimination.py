@@ -241,11 +241,15 @@ class EliminationPlan:
                 slot_vars.append(rest)
                 put(len(slot_vars) - 1)
         self.last = _Step(buckets[final], [slot_vars[j] for j in buckets[final]], keep, ())
+        #: the most variables any step's table spans
+        self.widest = max(len(step.scope) for step in (*self.steps, self.last))
 
     def run(self, tables: list[dict], domains: Mapping, *, max_table: int | None = None) -> Factor:
         """The table over ``keep`` for factor tables over the plan's scopes (in order)."""
         if len(tables) != self.n_factors:
             raise ValueError(f"{len(tables)} tables for a plan of {self.n_factors} factors")
+        if max_table is not None and domains and max(map(len, domains.values())) ** self.widest <= max_table:
+            max_table = None  # (no step's table can exceed it: no step need count its entries)
         slots = list(tables)
         for step in self.steps:
             slots.append(step.run(slots, domains, max_table))

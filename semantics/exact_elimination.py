@@ -239,10 +239,17 @@ def _dist_key(dist):
     their types: 1/2 and 0.5 differ), or None when it cannot be formed."""
     if type(dist) is not DistValue:
         return None
-    args = dist.args
-    if all(type(a) in _PLAIN_ARGS for a in args):  # (the common case: its own arguments are the key)
-        return (id(dist.spec), tuple((Fraction, a.numerator, a.denominator) if type(a) is Fraction else (type(a), a)
-                                     for a in args))  # (a Fraction by its two ints: hashing one costs a pow)
+    parts = []
+    for a in dist.args:  # (the common case: its own arguments are the key)
+        t = type(a)
+        if t is Fraction:
+            parts.append((Fraction, a.numerator, a.denominator))  # (by its two ints: hashing one costs a pow)
+        elif t in _PLAIN_ARGS:
+            parts.append((t, a))
+        else:
+            break
+    else:
+        return (id(dist.spec), tuple(parts))
     try:
         key = (id(dist.spec), _typed(dist.python_args()))  # specs live in the module's table
         hash(key)
@@ -385,6 +392,8 @@ class _Tables:
     returns: dict                         # return parents' values -> return value
     originals: dict = field(default_factory=dict)
     parents: dict = field(default_factory=dict)  # site (and "return") -> the variables of its rows
+    #: a lower bound on ``_tables_path_bound`` (each choice's fewest values in any row; 0: unknown)
+    fewest_paths: int = 0
 
 
 #: the value of a choice on a path where it does not exist (its factor is 1 there)
@@ -515,8 +524,9 @@ def _direct_tables(interp, structure: Structure, max_table: int, originals: dict
     evaluator = _RecipeEvaluator(interp, originals, supports)
     domains: dict = {}
     rows: dict = {}
-    shared: dict = {}  # (plan's memo number, its reading, its scope's domains' ids) -> (rows, domain)
+    shared: dict = {}  # (plan's memo number, its reading, its scope's domains' ids) -> (rows, domain, fewest)
     canonical: dict = {}  # a domain -> the one tuple object holding it (equal domains, one identity)
+    fewest_paths = 1  # the product of each choice's fewest values in a row (``_Tables.fewest_paths``)
     for a, plan in plans.items():
         scope_domains = [domains[p] for p in plan.scope]
         key = (plan.memo, plan.read, *map(id, scope_domains))  # (the domains live in ``domains``)
@@ -526,20 +536,22 @@ def _direct_tables(interp, structure: Structure, max_table: int, originals: dict
             if size > max_table:
                 raise NotApplicable(f"the table of {a!r} would exceed max_table={max_table} entries")
             table = evaluator.rows(plan, domains)
-            domain = None
+            domain, fewest = None, 1
             if plan.recipe.kind == "choice":  # (one object per domain: sites reading equal domains share rows)
                 domain = tuple(dict.fromkeys(v for support in table.values() for v, _ in support))
                 domain = canonical.setdefault(domain, domain)
                 if len(domain) * size > max_table:
                     raise NotApplicable(f"the table of {a!r} would exceed max_table={max_table} entries")
-            hit = shared[key] = (table, domain)
+                fewest = min(map(len, table.values()))
+            hit = shared[key] = (table, domain, fewest)
         rows[a] = hit[0]  # (one dict for sites with the same rows: ``_factors`` shares their tables)
         if hit[1] is not None:
             domains[a] = hit[1]
+            fewest_paths *= hit[2]
     returns = rows.pop("return")
     sites = structure.sites
     return _Tables(list(sites), dict(sites), domains, rows, returns, originals,
-                   {a: plan.scope for a, plan in plans.items()})
+                   {a: plan.scope for a, plan in plans.items()}, fewest_paths)
 
 
 @dataclass(frozen=True)
@@ -622,6 +634,7 @@ class _RecipeEvaluator:
     def __init__(self, interp, originals: dict, supports: dict):
         self.interp, self.originals, self.supports = interp, originals, supports
         self.ctx = _one_particle()
+        self.frame = Frame(interp.globals, self.ctx)
         self._rows: dict = {}
 
     def rows(self, plan: "_SitePlan", domains: dict) -> dict:
@@ -648,12 +661,8 @@ class _RecipeEvaluator:
         exprs = recipe.exprs
         if len(exprs) == 1 and type(exprs[0]) is ir.Var and len(recipe.env) == 1 and recipe.env[0][1] == "choice":
             return [self.originals[assignment[recipe.env[0][2]]]]  # (e.g. ``return x``)
-        fr = Frame(self.interp.globals, self.ctx)
-        for name, kind, x in recipe.env:
-            if kind == "value":
-                fr.vars[name] = x
-            else:
-                fr.vars[name] = self.originals[assignment[x]]
+        fr = self.frame  # (one frame, its variables replaced: pure, lambda-free expressions keep no frame)
+        fr.vars = {name: x if kind == "value" else self.originals[assignment[x]] for name, kind, x in recipe.env}
         try:  # (recipes hold pure expressions only)
             return [self.interp.pv(e, fr, self.ctx) for e in recipe.exprs]
         except (PPLError, ArithmeticError, TypeError, ValueError, LookupError, RecursionError) as err:
@@ -704,11 +713,12 @@ def _factors(t: _Tables, parents: dict) -> list[Factor]:
     1 where it does not exist)."""
     out = []
     tables: dict = {}  # id of a rows dict shared by several sites (``_direct_tables``) -> its table
+    kinds, rows_of = t.kinds, t.rows
     for a in t.order:
         pa = tuple(parents[a])
-        rows = t.rows[a]
+        rows = rows_of[a]
         table = tables.get(id(rows))
-        if t.kinds[a] == "choice":
+        if kinds[a] == "choice":
             if table is None:
                 table = tables[id(rows)] = {}
                 for key, support in rows.items():
@@ -885,8 +895,9 @@ def enumerate_exact(model, data: dict, prepared: dict, interp, enumerate_paths: 
         if structure is None:
             structure = _analyse(model, data, interp)
         tables = _tables_without_runs(interp, structure, max_table, runner)
-        if strategy == "auto" and (_path_bound(runner) if tables is None else _tables_path_bound(tables)) \
-                <= path_threshold:
+        if strategy == "auto" and (_path_bound(runner) <= path_threshold if tables is None else
+                                   tables.fewest_paths <= path_threshold and  # (else the bound exceeds it too)
+                                   _tables_path_bound(tables) <= path_threshold):
             return enumerate_paths()
         return eliminate_program(interp, model.entry, prepared, structure, max_table=max_table,
                                  enumerate_paths=enumerate_paths, runner=runner, tables=tables)
@@ -963,8 +974,8 @@ def _structure_key(model, data: dict, interp):
     values with their types), or None where it cannot be formed."""
     try:
         weakref.ref(model)
-        bound = model.bind((), dict(data or {}))
+        bound = model.bind((), data or {})
         return (id(model.program), model.entry, interp.max_depth, interp.max_iterations,
-                _typed(tuple(sorted(bound.items()))))
+                tuple([(k, type(v), v) if type(v) in _SCALARS else (k, _typed(v)) for k, v in sorted(bound.items())]))
     except (TypeError, AttributeError, PPLError):
         return None

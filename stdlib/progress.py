@@ -127,12 +127,12 @@ class Ticking:
     ``stop()`` (idempotent, also on leaving the block) ends the thread and erases the bar."""
 
     def __init__(self, bar, delay: float, interval: float = 0.5):
-        import threading
         self.bar, self.delay, self.interval = bar, delay, interval
         self._done = None  # (no bar: no thread to stop, and no Event made)
         self._thread = None
         self.shown = False
         if bar is not NO_BAR:
+            import threading
             self._done = threading.Event()
             self._thread = threading.Thread(target=self._run, name="ppl-progress", daemon=True)
             self._thread.start()
