@@ -55,7 +55,7 @@ from .exact import _hashable, _observe_prob, exact_data
 from .sampling import drive
 from .dist_values import DistValue
 from . import ir
-from .interpreter import Frame
+from .interpreter import Frame, Interpreter
 from .values import DistributionValue, Particles, to_python, to_vector, truthy
 
 __all__ = ["Structure", "EliminationResult", "NotApplicable", "eliminate_program", "covering_assignments"]
@@ -909,8 +909,11 @@ def enumerate_exact(model, data: dict, prepared: dict, interp, enumerate_paths: 
 
 
 def _tables_without_runs(interp, structure: Structure, max_table: int, runner: _Runner) -> _Tables | None:
-    """``_direct_tables`` (sharing the runner's supports), or None where they do not apply."""
-    if not structure.decided:
+    """``_direct_tables`` (sharing the runner's supports), or None where they do not apply:
+    the recipes evaluate the program's own statements, so an interpreter wrapped to change
+    what its runs' effects see (``middleware.Rewritten``, e.g. SBC's ``observing``) is left
+    to the covering runs, which go through it."""
+    if not structure.decided or type(interp) is not Interpreter:
         return None
     try:
         return _direct_tables(interp, structure, max_table, runner.originals, runner.supports)

@@ -193,3 +193,20 @@ def test_integer_scaled_sum_product_equals_the_plain_one(weights):
         other = [Factor(f.vars, {k: rng.choice(weights) for k in f.table}) for f in factors]
         assert plan.run([f.table for f in other], domains).table == \
             sum_product(other, domains, order, keep).table
+
+
+def test_an_interpreter_that_rewrites_observations_is_not_bypassed_by_recipes():
+    """``observing`` (SBC) wraps the interpreter so that each observe sees a given value;
+    the recipes evaluate the program's own statements, so they would ignore it (they did:
+    a silent wrong answer). Elimination then tabulates by covering runs, which go through
+    the wrapper: the same Fractions as the paths."""
+    from ppl.testing.sbc import observing
+    m = ppl.model(CHAIN)
+    plain = m.run("enumerate", {"k": 6}, strategy="elimination")
+    structure = exact_elimination._cached_structure(m, {"k": 6}, m.interpreter(exact=True))
+    [site] = [a for a, kind in structure.sites.items() if kind == "likelihood"]
+    observed = observing(m, {site: False})
+    got = observed.run("enumerate", {"k": 6}, strategy="elimination")
+    want = observed.run("enumerate", {"k": 6}, strategy="paths")
+    assert got.strategy == "elimination" and got.evidence == want.evidence and got.probs() == want.probs()
+    assert got.probs() != plain.probs()
