@@ -105,6 +105,19 @@ def test_regex_matcher_viable_prefixes_and_sentences():
     assert RegexMatcher("a|b").viable("c") is False
 
 
+def test_regex_matcher_agrees_with_python_re_ascii():
+    """On random short texts (ASCII and not): accepts == re.fullmatch(pattern, text, re.ASCII)."""
+    import random
+    rnd = random.Random(0)
+    alphabet = ["a", "b", "c", "x", "y", "1", "2", " ", "\n", "é", "A", "Z", ".", "-", "@", "_", "\t", "ß", "٣"]
+    for p in [r"\w+", r"\d{2,3}", r"\s*x", r"[^a-c]+", r"(ab|a)*b?", r"a.c", r"(?i:abc)", r"x{0,2}y+",
+              r"[\w.-]+@[\w-]+\.(com|org)", r"-?(0|[1-9][0-9]*)(\.[0-9]+)?", r"\S+ \S"]:
+        m, r = RegexMatcher(p), re.compile(p, re.ASCII)
+        for _ in range(300):
+            s = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 6)))
+            assert m.accepts(s) == bool(r.fullmatch(s)), (p, s)
+
+
 def test_grammar_matcher_agrees_with_lark():
     from lark import Lark
     src = r'''

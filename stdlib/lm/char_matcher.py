@@ -18,7 +18,9 @@ Two matchers:
 ``re.fullmatch``). The pattern is compiled to a deterministic automaton by ``interegular``
 (the regex-to-automaton library Lark itself uses when it is installed); states that
 cannot reach an accepting state are dead, so ``step`` returns None exactly when no
-continuation can match. Look-arounds and back-references are not regular: an error.
+continuation can match. The classes ``\\w``, ``\\d`` and ``\\s`` are the ASCII ones (as with
+``re.ASCII``: ``\\w`` does not match ``"é"``), and ``\\uXXXX`` escapes are not supported (write
+the character itself). Look-arounds and back-references are not regular: an error.
 
 ``GrammarMatcher(lark_source)``: a Lark grammar compiled for the LALR parser. Its
 language: a text is a sentence when it splits into a sequence of pieces, each matching
