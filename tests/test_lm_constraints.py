@@ -272,12 +272,25 @@ def m(lm):
     return lm.decode(toks)
 """, {"lm": LM})
     assert a == {" the cats": Fraction(1, 2) * Fraction(1, 4), " the dogs": Fraction(1, 4) * Fraction(1, 4)}
-    with pytest.raises(PPLError, match="does not begin with the constraint's prompt"):
+    with pytest.raises(PPLError, match="does not begin with the constraint's prompt") as err:
         exact_measure("""
 def m(lm):
     tok ~ lm.next_token([" a"], allowed=regex(" cat", prompt=" the"))
     return tok
 """, {"lm": LM})
+    assert err.value.span.line == 3 and err.value.hint
+
+
+def test_too_many_ways_to_split_is_a_located_error(monkeypatch):
+    import ppl.stdlib.lm.char_matcher as cm
+    monkeypatch.setattr(cm, "MAX_CONFIGURATIONS", 1)
+    with pytest.raises(PPLRuntimeError, match="ways to split the text") as err:
+        ppl.model("""
+def m(lm):
+    text ~ lm.generate("", max_tokens=2, allowed=grammar('start: W+\\nW: /[a-z ]+/'))
+    return text
+""").run("importance", {"lm": LM}, particles=4, seed=0)
+    assert err.value.span.line == 3 and "delimiter" in err.value.hint
 
 
 # ------------------------------------------------------------------ sampling
