@@ -67,6 +67,7 @@ with the distinct contexts of the particles that need it.
 """
 from __future__ import annotations
 
+import array
 import math
 from fractions import Fraction
 from typing import Any, Sequence
@@ -135,6 +136,9 @@ class _GenOpts(_Opts):
         self.max_tokens, self.stop = max_tokens, stop
 
 
+_ADDITIVE: dict = {}  # id(a _Mask's bool tensor [V]) -> (that tensor, dtype, its additive form: 0 / -inf)
+
+
 class _Mask:
     """An allowed set of token ids, the same for every particle."""
 
@@ -152,6 +156,9 @@ class _Mask:
             t[torch.tensor(sorted(self.ids), dtype=torch.long)] = True
             t = t.to(device)
             self._tensors[str(device)] = t
+            if len(_ADDITIVE) >= 64:  # bounded: drop the oldest
+                _ADDITIVE.pop(next(iter(_ADDITIVE)))
+            _ADDITIVE[id(t)] = (t, None, None)  # its additive form is made on first use (_additive)
         return t
 
 
@@ -361,7 +368,7 @@ class LMValue:
             lp = self._ask(list(todo), device, dtype)
             if len(todo) == R:
                 return lp
-            return lp.index_select(0, torch.tensor(slots, dtype=torch.long, device=device))
+            return lp.index_select(0, _long_tensor(slots, device))
         out = torch.full((R, self.V), -math.inf, dtype=dtype, device=device)
         todo: dict[tuple, int] = {}
         where = []
@@ -428,7 +435,7 @@ class LMValue:
 
     def _decode_fn(self, ctx, tokens):
         if _deep_batched(tokens):
-            return _pack_strs([self.decode(self.ids_of(t)) for t in materialize(tokens, ctx)], ctx)
+            return _pack_strs([self.decode(ids) for ids in self.contexts(tokens, ctx)], ctx)
         return self.decode(self.ids_of(tokens))
 
     # ------------------------------------------------------------------ allowed=
@@ -778,7 +785,7 @@ def _draw_rows(lmv: LMValue, contexts: list, opts: _Opts, mask_rows, device):
     base = lmv.base_logprobs(contexts, device)
     finished = [lmv.finished(c) for c in contexts]
     any_finished = any(finished)
-    fin = torch.tensor(finished, dtype=torch.bool, device=device)
+    fin = torch.tensor(finished, dtype=torch.bool, device=device) if any_finished else None
     lp = base if opts.plain else decode_logprobs(base, opts)
     if any_finished and not opts.plain:
         lp = torch.where(fin[:, None], base, lp)
@@ -786,20 +793,42 @@ def _draw_rows(lmv: LMValue, contexts: list, opts: _Opts, mask_rows, device):
         return lp, torch.zeros(len(contexts), dtype=lp.dtype, device=device)
     if mask_rows.dim() == 1 and not any_finished:  # one mask for every row: one pass, nothing [R, V] built
         m = mask_rows.expand(lp.shape)
-        masked = lp.masked_fill(~mask_rows, -math.inf)  # (= the torch.where below, bit for bit)
+        masked = lp + _additive(mask_rows, lp.dtype)  # (= the torch.where below: + 0 or + -inf)
     else:
         m = mask_rows.expand(lp.shape) if mask_rows.dim() == 1 else mask_rows
-        m = m | fin[:, None]  # after the end: the end-of-sequence token, unconstrained
+        if any_finished:
+            m = m | fin[:, None]  # after the end: the end-of-sequence token, unconstrained
         masked = torch.where(m, lp, torch.full_like(lp, -math.inf))
     logz = torch.logsumexp(masked, -1)
     empty = torch.isneginf(logz)
-    draw = masked - torch.where(empty, torch.zeros_like(logz), logz)[:, None]
     if bool(empty.any()):  # mass zero: draw uniformly from the allowed set (weight 0 anyway)
+        draw = masked - torch.where(empty, torch.zeros_like(logz), logz)[:, None]
         m = m | ~m.any(-1, keepdim=True)  # (a constraint that allows nothing here: any token)
         uniform = torch.where(m, -torch.log(m.sum(-1, keepdim=True).to(lp.dtype)), torch.full_like(lp, -math.inf))
         draw = torch.where(empty[:, None], uniform, draw)
-    logz = torch.where(fin, torch.zeros_like(logz), logz)
+    else:  # (the same values as above, two ops fewer)
+        draw = masked - logz[:, None]
+    if any_finished:
+        logz = torch.where(fin, torch.zeros_like(logz), logz)
     return draw, logz
+
+
+def _long_tensor(items: list, device) -> torch.Tensor:
+    """A LongTensor of a list of ints (from a buffer: ~5x faster than torch.tensor(list))."""
+    t = torch.frombuffer(array.array("q", items), dtype=torch.long) if items else torch.zeros(0, dtype=torch.long)
+    return t if str(device) == "cpu" else t.to(device)
+
+
+def _additive(mask: torch.Tensor, dtype) -> torch.Tensor:
+    """A shared bool mask [V] as a float row to add to log-probabilities (cached: the
+    masks of ``_Mask.tensor`` live as long as their ``_Mask``)."""
+    hit = _ADDITIVE.get(id(mask))
+    if hit is not None and hit[0] is mask and hit[1] == dtype:
+        return hit[2]
+    add = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
+    if hit is not None and hit[0] is mask:  # a _Mask's tensor (registered by _Mask.tensor): keep it
+        _ADDITIVE[id(mask)] = (mask, dtype, add)
+    return add
 
 
 def _sample_rows(draw: torch.Tensor) -> torch.Tensor:
