@@ -46,15 +46,22 @@ class TableTooLarge(Exception):
     """An intermediate table would exceed the size limit (the caller falls back)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Factor:
     """A table over ``vars``: value tuple -> weight (missing keys weigh 0)."""
     vars: tuple
     table: dict
 
+    def __init__(self, vars: tuple, table: dict):
+        _set_vars(self, vars)  # (the slots' own setters: a frozen dataclass's __init__ costs a
+        _set_table(self, table)  # generic setattr per field, and elimination makes one per site)
+
     def scalar(self) -> Any:
         """The weight of a factor over no variables."""
         return self.table.get((), 0)
+
+
+_set_vars, _set_table = Factor.vars.__set__, Factor.table.__set__
 
 
 # ----------------------------------------------------------------------------------------
@@ -252,7 +259,20 @@ class EliminationPlan:
             max_table = None  # (no step's table can exceed it: no step need count its entries)
         slots = list(tables)
         for step in self.steps:
-            slots.append(step.run(slots, domains, max_table))
+            single = step.single
+            if single is None or max_table is not None:
+                slots.append(step.run(slots, domains, max_table))
+                continue
+            widest, j, key_of, out_key = single  # (``_Step.run``'s one-lookup case, inlined: a chain's steps)
+            get = slots[j].get
+            out: dict = {}
+            for assignment, w in slots[widest].items():
+                if w:
+                    x = get(key_of(assignment), 0)
+                    if x:
+                        key, w = out_key(assignment), w * x
+                        out[key] = out[key] + w if key in out else w
+            slots.append(out)
         return Factor(self.keep, self.last.run(slots, domains, max_table))
 
 
@@ -276,6 +296,10 @@ class _Step:
             pos = {v: i for i, v in enumerate(self.scope)}
             others = range(len(inputs))
         self.lookups = [(inputs[j], _key_of(tuple(pos[v] for v in input_vars[j]))) for j in others]
+        #: (widest slot, the other slot, its key function, the output key function) where the
+        #: widest input spans the scope and one other input is looked up in it; else None
+        self.single = (self.widest, *self.lookups[0], self.out_key) \
+            if self.widest is not None and len(self.lookups) == 1 else None
 
     def run(self, slots: list, domains: Mapping, max_table: int | None) -> dict:
         if max_table is not None:

@@ -527,12 +527,12 @@ def _direct_tables(interp, structure: Structure, max_table: int, originals: dict
     shared: dict = {}  # (plan's memo number, its reading, its scope's domains' ids) -> (rows, domain, fewest)
     canonical: dict = {}  # a domain -> the one tuple object holding it (equal domains, one identity)
     fewest_paths = 1  # the product of each choice's fewest values in a row (``_Tables.fewest_paths``)
+    domain_of = domains.__getitem__
     for a, plan in plans.items():
-        scope_domains = [domains[p] for p in plan.scope]
-        key = (plan.memo, plan.read, *map(id, scope_domains))  # (the domains live in ``domains``)
+        key = (plan.memo, plan.read, *map(id, map(domain_of, plan.scope)))  # (the domains live in ``domains``)
         hit = shared.get(key)
         if hit is None:  # (a hit has the same domains, so the same sizes: checked once, here)
-            size = math.prod(map(len, scope_domains))
+            size = math.prod([len(domains[p]) for p in plan.scope])
             if size > max_table:
                 raise NotApplicable(f"the table of {a!r} would exceed max_table={max_table} entries")
             table = evaluator.rows(plan, domains)

@@ -257,9 +257,32 @@ def exact_integer_view(counts: dict, total: int) -> _View:
 
 def _table_view(table: dict, mass, presence, normalise) -> _View:
     """The view of an exact table {key: weight > 0} of total ``mass``."""
-    probs = _sort_table({k: normalise(p) for k, p in table.items()})
-    typename = "/".join(sorted({type(k).__name__ for k in probs}))
-    return _View(presence, True, _TableStats.from_table(probs), lambda: probs, typename)
+    return _ExactTableView(presence, _sort_table({k: normalise(p) for k, p in table.items()}))
+
+
+class _ExactTableView(_View):
+    """The ``_View`` of an exact probability table, its statistics and type name made on
+    first use (``probs()`` reads the table only)."""
+
+    def __init__(self, presence, probs: dict):
+        self.presence, self.discrete, self.plot_data = presence, True, None
+        self._table_fn, self._table = None, probs
+        self._stats = self._typename = _UNSET
+
+    @property
+    def stats(self):
+        if self._stats is _UNSET:
+            self._stats = _TableStats.from_table(self._table)
+        return self._stats
+
+    @property
+    def typename(self) -> str:
+        if self._typename is _UNSET:
+            self._typename = "/".join(sorted({type(k).__name__ for k in self._table}))
+        return self._typename
+
+
+_UNSET = object()
 
 
 def describe(v: _View) -> dict:
