@@ -184,6 +184,132 @@ class NoisyPRM(RewardModel):
         return torch.tensor([self.score_one(p, t) for p, t in zip(prompts, texts)], dtype=torch.float64)
 
 
+class LearnedPRM(RewardModel):
+    """A small trained scorer: a character GRU read over prompt + partial solution whose
+    output at each step's terminator is the logit of P(that step is right). Trained on
+    the exact checker's verdicts of the task LM's own samples (``train_learned_prm``), so
+    its errors are whatever it failed to learn, not injected noise. ``score`` = the sum
+    over completed steps of log P(step right): the log-probability it gives that every
+    step so far is right (0 for a text with no completed step)."""
+
+    def __init__(self, chars: str = "0123456789+=:;.", hidden: int = 64, seed: int = 0):
+        from torch import nn
+        self.chars = chars
+        self.stoi = {c: i + 1 for i, c in enumerate(chars)}  # 0: padding / unknown
+        self.hidden = hidden
+        g = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=g)))
+            self.emb = nn.Embedding(len(chars) + 1, 16)
+            self.gru = nn.GRU(16, hidden, batch_first=True)
+            self.head = nn.Linear(hidden, 1)
+        self.name = "learned-prm"
+        self.info: dict = {}
+
+    def modules(self):
+        return [self.emb, self.gru, self.head]
+
+    def _logits(self, strings: Sequence[str]) -> list[torch.Tensor]:
+        """Per string, the logits at every position (one forward pass for the batch)."""
+        from torch import nn
+        ids = [[self.stoi.get(c, 0) for c in s] or [0] for s in strings]
+        L = max(len(x) for x in ids)
+        x = torch.zeros(len(ids), L, dtype=torch.long)
+        for i, row in enumerate(ids):
+            x[i, :len(row)] = torch.tensor(row)
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb(x), torch.tensor([len(r) for r in ids]),
+                                                   batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=L)
+        logits = self.head(out).squeeze(-1)
+        return [logits[i, :len(r)] for i, r in enumerate(ids)]
+
+    @staticmethod
+    def _ends(prompt: str, text: str) -> list[int]:
+        """Positions (in prompt + text) of the completed steps' terminators."""
+        return [len(prompt) + i for i, ch in enumerate(str(text)) if ch in ";."]
+
+    def step_probs(self, prompt: str, text: str) -> list[float]:
+        with torch.no_grad():
+            lg = self._logits([str(prompt) + str(text)])[0]
+        return [float(torch.sigmoid(lg[j])) for j in self._ends(prompt, text)]
+
+    def score(self, prompts: Sequence[str], texts: Sequence[str]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = self._logits([str(p) + str(t) for p, t in zip(prompts, texts)])
+        out = []
+        for lg, p, t in zip(logits, prompts, texts):
+            ends = self._ends(p, t)
+            out.append(float(torch.nn.functional.logsigmoid(lg[ends]).sum()) if ends else 0.0)
+        return torch.tensor(out, dtype=torch.float64)
+
+
+def sampled_solutions(lm, prompts: Sequence[str], per_prompt: int, seed: int) -> list[tuple[str, str]]:
+    """(prompt, solution) pairs: ``per_prompt`` samples of the task LM per prompt (the
+    ``plain`` DSL model, ``importance``)."""
+    model = ppl.model(SOURCE, entry="plain")
+    out = []
+    for i, p in enumerate(prompts):
+        res = model.run("importance", {"lm": lm, "prompt": p, "max_steps": DIGITS + 2,
+                                       "step_tokens": STEP_MAX_TOKENS}, particles=per_prompt, seed=seed + i)
+        out += [(p, str(t)) for t in res.samples["return"]]
+    return out
+
+
+def train_learned_prm(lm, cache, n_problems: int = 400, per_problem: int = 8, steps: int = 600, seed: int = 0,
+                      verbose: bool = True) -> LearnedPRM:
+    """Train (or load from ``cache``) the learned PRM on the exact verdicts of the task
+    LM's samples for ``n_problems`` training problems (another seed than the test
+    problems'); its step accuracy on samples for 200 held-out problems goes in
+    ``prm.info``."""
+    path = pathlib.Path(cache) / f"learned_prm_n{n_problems}x{per_problem}_s{steps}_seed{seed}.pt"
+    prm = LearnedPRM(seed=seed)
+    t0 = time.process_time()
+    if path.exists():
+        blob = torch.load(path, weights_only=True)
+        for m, sd in zip(prm.modules(), blob["modules"]):
+            m.load_state_dict(sd)
+        prm.info = dict(blob["info"])
+        how = "loaded"
+    else:
+        def labelled(pairs):
+            return [(p + t, LearnedPRM._ends(p, t), exact_verdicts(p, t)) for p, t in pairs if LearnedPRM._ends(p, t)]
+        train_set = labelled(sampled_solutions(lm, [problem_prompt(a, b) for a, b in problems(n_problems, seed + 777)],
+                                               per_problem, seed))
+        held = labelled(sampled_solutions(lm, [problem_prompt(a, b) for a, b in problems(200, seed + 888)], 4, seed))
+        params = [q for m in prm.modules() for q in m.parameters()]
+        opt = torch.optim.Adam(params, lr=1e-2)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            batch = [train_set[int(i)] for i in torch.randint(0, len(train_set), (64,), generator=g)]
+            logits = prm._logits([s for s, _, _ in batch])
+            lg = torch.cat([l[e] for l, (_, e, _) in zip(logits, batch)])
+            y = torch.tensor([float(v) for _, _, vs in batch for v in vs])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(lg, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            logits = prm._logits([s for s, _, _ in held])
+        pred = [bool(l[e_] > 0) for l, (_, e, _) in zip(logits, held) for e_ in e]
+        truth = [v for _, _, vs in held for v in vs]
+        wrong_called_right = sum(p and not t for p, t in zip(pred, truth)) / max(1, sum(not t for t in truth))
+        right_called_wrong = sum(t and not p for p, t in zip(pred, truth)) / max(1, sum(truth))
+        prm.info = {"step_accuracy": sum(p == t for p, t in zip(pred, truth)) / len(truth),
+                    "right_share": sum(truth) / len(truth),
+                    "wrong_called_right": wrong_called_right, "right_called_wrong": right_called_wrong,
+                    "held_out_steps": len(truth), "train_steps_labelled": sum(len(vs) for _, _, vs in train_set),
+                    "last_loss": float(loss.detach())}
+        torch.save({"modules": [m.state_dict() for m in prm.modules()], "info": prm.info}, path)
+        how = f"trained ({steps} steps)"
+    if verbose:
+        i = prm.info
+        print(f"learned PRM: {how} {path.name} in {time.process_time() - t0:.1f} s CPU; on {i['held_out_steps']} "
+              f"held-out steps: accuracy {i['step_accuracy']:.3f}, wrong steps called right "
+              f"{i['wrong_called_right']:.3f}, right steps called wrong {i['right_called_wrong']:.3f}")
+    return prm
+
+
 # ------------------------------------------------------------------------ the LM
 class CountingLM(LanguageModel):
     """A language model that counts the rows (contexts) it is asked about: the compute
@@ -314,6 +440,14 @@ def counting_value(lm: CountingLM):
 # ------------------------------------------------------------------------ the study
 BUDGETS = (1, 2, 4, 8, 16, 32, 64)
 EPSILONS = (0.0, 0.2)
+LEARNED = "learned"  # the verifier key of the learned PRM (the others are eps values)
+
+
+def verifier_name(v) -> str:
+    """'eps = 0.2', 'learned PRM', or 'none' (majority vote)."""
+    return "none" if v is None else "learned PRM" if v == LEARNED else f"eps = {v:g}"
+
+
 LABELS = {"best_of_n": "best-of-N (PRM)", "majority": "majority vote", "weighted_majority": "PRM-weighted vote",
           "smc": "SMC, PRM twist", "smc_steer": "SMC steer (x4), PRM twist", "beam": "beam search (PRM)"}
 
@@ -332,14 +466,20 @@ def heaviest_answer(texts, weights) -> str | None:
 class Study:
     """The models, the LM with its counters, and one run of a method on one problem."""
 
-    def __init__(self, lm, lam: float, seed: int = 0, prm_seed: int = 0):
+    def __init__(self, lm, lam: float, seed: int = 0, prm_seed: int = 0, learned: LearnedPRM | None = None):
         self.lm = counting_value(CountingLM(lm))
+        self.learned = learned
         self.lam, self.seed, self.prm_seed = lam, seed, prm_seed
         self.models = {e: ppl.model(SOURCE, entry=e) for e in ("plain", "outcome_scored", "prm_twisted", "prm_tokens")}
         self.prms = {}
         self.has_beam = _has_method("beam")
 
-    def prm(self, eps: float) -> NoisyPRM:
+    def prm(self, eps) -> RewardModel:
+        """The verifier ``eps``: NoisyPRM(eps), or the learned PRM for ``LEARNED``."""
+        if eps == LEARNED:
+            if self.learned is None:
+                raise ValueError("lm_scaling: no learned PRM was given to this Study")
+            return self.learned
         if eps not in self.prms:
             self.prms[eps] = NoisyPRM(eps, self.prm_seed)
         return self.prms[eps]
@@ -393,12 +533,14 @@ def _has_method(name: str) -> bool:
 
 
 def run_study(lm, n_problems: int, budgets=BUDGETS, epsilons=EPSILONS, lam: float = 3.0, seed: int = 0,
-              methods=("best_of_n", "majority", "smc", "smc_steer", "beam"), verbose: bool = True) -> dict:
+              methods=("best_of_n", "majority", "smc", "smc_steer", "beam"), verbose: bool = True,
+              learned: LearnedPRM | None = None) -> dict:
     """Every method at every budget and verifier error rate on ``n_problems`` problems
-    (seed ``seed``; problem i's runs use seed ``seed + 1000 * i + N``). Returns
+    (seed ``seed``; problem i's runs use seed ``seed + 1000 * i + N``); ``epsilons``
+    may include ``LEARNED`` (the ``learned`` PRM). Returns
     {"runs": {(method, eps, N): [per-problem records]}, ...}; majority vote's unweighted
     vote is stored as ("majority", None, N)."""
-    study = Study(lm, lam, seed)
+    study = Study(lm, lam, seed, learned=learned)
     if "beam" in methods and not study.has_beam:
         methods = tuple(m for m in methods if m != "beam")
         if verbose:
@@ -418,7 +560,7 @@ def run_study(lm, n_problems: int, budgets=BUDGETS, epsilons=EPSILONS, lam: floa
                     else:
                         runs.setdefault((method, eps, n), []).append(_one(r, 0))
             if verbose:
-                print(f"  {LABELS[method]:<28} eps = {eps:<4g} done ({time.process_time() - t0:6.1f} s CPU)", flush=True)
+                print(f"  {LABELS[method]:<28} {verifier_name(eps):<12} done ({time.process_time() - t0:6.1f} s CPU)", flush=True)
     return {"runs": runs, "problems": probs, "budgets": list(budgets), "epsilons": list(epsilons), "lam": lam,
             "cpu_s": time.process_time() - t0}
 
@@ -475,9 +617,9 @@ def markdown_table(summary: dict, budgets, epsilons) -> str:
     for eps in epsilons:
         for m, e in rows_for(summary, eps):
             cells = [f"{summary[(m, e, b)]['acc']:.3f} +- {summary[(m, e, b)]['acc_se']:.3f}" for b in budgets]
-            ver = "none" if e is None else f"eps = {e:g}"
+            ver = verifier_name(e)
             lines.append(f"| {ver} | {LABELS[m]} | " + " | ".join(cells) + " |")
-    lines += ["", "Compute per problem (mean over problems and both eps): tokens drawn by the particles / "
+    lines += ["", "Compute per problem (mean over problems and verifiers): tokens drawn by the particles / "
               "distinct next-token rows the LM computed:", "",
               "| method | " + " | ".join(f"N = {b}" for b in budgets) + " |", "|" + "---|" * (len(budgets) + 1)]
     for m in METHOD_ORDER:
@@ -509,7 +651,8 @@ def plot(summary: dict, budgets, epsilons, path, title: str = "") -> None:
                         fontsize=7, color="0.4")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens drawn per problem (all particles)")
-        ax.set_title(f"verifier error rate eps = {eps:g}" if eps else "exact verifier (eps = 0)")
+        ax.set_title("learned PRM (a small trained GRU)" if eps == LEARNED else
+                     f"noisy verifier, error rate eps = {eps:g}" if eps else "exact verifier (eps = 0)")
         ax.grid(alpha=0.3)
         ax.set_ylim(0, 1.02)
     axes[0][0].set_ylabel("accuracy (share of problems right)")
@@ -542,7 +685,7 @@ def findings(summary: dict, budgets, epsilons, paired: dict) -> list[str]:
     (from the middle budget to the largest it gains no more than 2 SE)."""
     out = []
     for eps in epsilons:
-        for m in ("smc", "smc_steer", "beam"):
+        for m in ("smc", "smc_steer", "beam", "weighted_majority"):
             if (m, eps, budgets[0]) not in summary or ("best_of_n", eps, budgets[0]) not in summary:
                 continue
             wins = []
@@ -551,15 +694,17 @@ def findings(summary: dict, budgets, epsilons, paired: dict) -> list[str]:
                 wins.append((b, d, se))
             better = [f"N={b} (+{d:.3f} +- {se:.3f})" for b, d, se in wins if se > 0 and d > 2 * se]
             worse = [f"N={b} ({d:.3f} +- {se:.3f})" for b, d, se in wins if se > 0 and d < -2 * se]
-            out.append(f"eps={eps:g}: {LABELS[m]} vs best-of-N: better by > 2 SE at "
+            out.append(f"{verifier_name(eps)}: {LABELS[m]} vs best-of-N: better by > 2 SE at "
                        f"{', '.join(better) or 'no budget'}; worse by > 2 SE at {', '.join(worse) or 'no budget'}")
         for m, e in rows_for(summary, eps):
+            if e is None and eps != epsilons[0]:
+                continue  # majority vote: once
             accs = [summary[(m, e, b)] for b in budgets]
             half = accs[len(accs) // 2]
             last = accs[-1]
             gain, se = last["acc"] - half["acc"], math.hypot(last["acc_se"], half["acc_se"])
             if gain <= 2 * se:
-                out.append(f"eps={'-' if e is None else f'{e:g}'}: {LABELS[m]} stops helping: from N={budgets[len(accs) // 2]} "
+                out.append(f"{verifier_name(e)}: {LABELS[m]} stops helping: from N={budgets[len(accs) // 2]} "
                            f"({half['acc']:.3f}) to N={budgets[-1]} ({last['acc']:.3f}) it gains {gain:+.3f} +- {se:.3f}")
     return out
 
@@ -570,6 +715,8 @@ def main(argv=None) -> dict:
     p.add_argument("--problems", type=int, default=None, help="problems per point (default 200; --quick 16)")
     p.add_argument("--budgets", type=int, nargs="+", default=None, help="N values (default 1 2 4 ... 64; --quick 1 2 4 8)")
     p.add_argument("--eps", type=float, nargs="+", default=list(EPSILONS), help="verifier error rates (default 0 0.2)")
+    p.add_argument("--no-learned", action="store_true", help="leave out the learned PRM")
+    p.add_argument("--prm-steps", type=int, default=None, help="training steps of the learned PRM (default 600; --quick 300)")
     p.add_argument("--lam", type=float, default=3.0, help="PRM weight: potential lam * score (default 3)")
     p.add_argument("--methods", nargs="+", default=None, help=f"subset of {', '.join(METHOD_ORDER[:1] + ('majority', 'smc', 'smc_steer', 'beam'))}")
     p.add_argument("--seed", type=int, default=0)
@@ -586,31 +733,41 @@ def main(argv=None) -> dict:
     from ppl.semantics.errors import PPLDiagnosticWarning
     t0 = time.process_time()
     lm = task_lm(args.cache, args.train_steps, seed=args.seed)
+    verifiers = list(args.eps)
+    learned = None
+    if not args.no_learned:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PPLDiagnosticWarning)
+            learned = train_learned_prm(lm, args.cache, n_problems=150 if args.quick else 400,
+                                        steps=args.prm_steps or (300 if args.quick else 600), seed=args.seed)
+        verifiers.append(LEARNED)
     print(f"task: {DIGITS}-digit addition in steps, e.g. {problem_prompt(37, 45)!r} -> "
-          f"{''.join(worked_steps(37, 45))!r}; {problems_n} problems, N in {list(budgets)}, eps in {args.eps}, "
+          f"{''.join(worked_steps(37, 45))!r}; {problems_n} problems, N in {list(budgets)}, verifiers {verifiers}, "
           f"lam = {args.lam:g}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PPLDiagnosticWarning)  # importance's low-ESS notes: expected here
-        study = run_study(lm, problems_n, budgets, tuple(args.eps), args.lam, args.seed, methods)
+        study = run_study(lm, problems_n, budgets, tuple(verifiers), args.lam, args.seed, methods, learned=learned)
     summary = summarise(study)
-    table = markdown_table(summary, budgets, args.eps)
+    table = markdown_table(summary, budgets, verifiers)
     print("\n" + table + "\n")
-    notes = findings(summary, budgets, args.eps, paired_differences(study))
+    paired = paired_differences(study)
+    notes = findings(summary, budgets, verifiers, paired)
     for line in notes:
         print("  " + line)
     cpu = time.process_time() - t0
     print(f"\nCPU time: {cpu:.1f} s in all ({study['cpu_s']:.1f} s the study); load average {_loadavg()}")
     if args.plot:
         pathlib.Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        plot(summary, budgets, args.eps, args.plot,
+        plot(summary, budgets, verifiers, args.plot,
              f"{DIGITS}-digit addition in steps, small GRU LM, {problems_n} problems per point (+- 1 SE)")
         print(f"plot: {args.plot}")
     out = {"summary": summary, "table": table, "findings": notes, "study": study, "cpu_s": cpu,
-           "budgets": list(budgets), "epsilons": list(args.eps)}
+           "budgets": list(budgets), "verifiers": verifiers, "learned_prm": None if learned is None else learned.info}
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"summary": {f"{m}|{e}|{b}": v for (m, e, b), v in summary.items()}, "table": table,
-                       "findings": notes, "cpu_s": cpu}, f, indent=1)
+                       "findings": notes, "cpu_s": cpu,
+                       "paired_vs_best_of_n": {f"{m}|{e}|{b}": v for (m, e, b), v in paired.items()}, "learned_prm": out["learned_prm"]}, f, indent=1)
     return out
 
 

@@ -134,17 +134,35 @@ def test_best_of_n_with_exact_verifier_is_right_iff_a_candidate_is(study):
         assert r["correct"][0] == any(S.is_correct(prompt, str(t)) for t in res.samples["return"])
 
 
+def test_learned_prm_scores_steps_and_beats_the_base_rate(cache, study):
+    """The learned PRM: one probability per completed step, score = their log sum (0 with
+    no completed step), and on held-out samples it calls steps right or wrong better than
+    always answering the more common verdict."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        prm = S.train_learned_prm(study.lm, cache, n_problems=150, per_problem=8, steps=200)
+    p = "37+45:"
+    texts = ["7+5=12;3+4+1=8;=82.", "7+5=12;3+", ""]
+    probs = [prm.step_probs(p, t) for t in texts]
+    assert [len(x) for x in probs] == [3, 1, 0] and all(0 < q < 1 for x in probs for q in x)
+    scores = prm.score([p] * 3, texts).tolist()
+    for sc, x in zip(scores, probs):
+        assert sc == pytest.approx(sum(math.log(q) for q in x), abs=1e-5)
+    info = prm.info
+    assert info["step_accuracy"] > max(info["right_share"], 1 - info["right_share"]) + 0.05, info
+
+
 # ------------------------------------------------------------------- the quick study
 def test_quick_study(cache, tmp_path):
     buf = io.StringIO()
     png = tmp_path / "scaling.png"
     with contextlib.redirect_stdout(buf):
         out = S.main(["--quick", "--problems", "10", "--cache", str(cache), "--train-steps", str(TRAIN_STEPS),
-                      "--plot", str(png)])
+                      "--prm-steps", "200", "--plot", str(png)])
     s, budgets = out["summary"], out["budgets"]
     assert budgets == [1, 2, 4, 8] and png.stat().st_size > 10_000
     nmax = budgets[-1]
-    for eps in (0.0, 0.2):
+    assert out["verifiers"] == [0.0, 0.2, S.LEARNED]
+    for eps in out["verifiers"]:
         for m in ("best_of_n", "smc", "smc_steer", "weighted_majority") + (("beam",) if S._has_method("beam") else ()):
             assert (m, eps, nmax) in s and s[(m, eps, nmax)]["n"] == 10
     # with the exact verifier more candidates cannot hurt best-of-N on the same problems:
