@@ -1,13 +1,15 @@
 """Resample-move SMC: SMC whose particles are rejuvenated by MH after each resampling.
 
 After the population is resampled at its k-th checkpoint, every particle's trace (its
-choices so far) is moved by ``moves`` single-site MH steps whose target is the program
-*truncated after its k-th checkpoint* — the prior times the first k likelihood factors,
-which is exactly the distribution the resampled population represents. Then the
+choices so far) is moved by the rejuvenation kernel (``rejuvenation.MoveKernel``:
+``moves`` single-site MH steps, or with ``adapt=True`` the population's adaptive moves)
+whose target is the program *truncated after its k-th checkpoint* — the prior times the
+first k likelihood factors, which is exactly the distribution the resampled population
+represents. Then the
 population's suspended execution is rebuilt from the moved traces (the program is
 replayed up to checkpoint k) and SMC carries on.
 
-Invariant: each MH step leaves the k-th SMC target invariant, so the moves change
+Invariant: each move leaves the k-th SMC target invariant, so the moves change
 neither the weights nor the properness of the population (E[Z_hat f] is unchanged); they
 only restore diversity lost to resampling. Rebuilding costs a replay of the prefix, so a
 run is O(T^2) in the number of checkpoints (as in other PPLs that rejuvenate by
@@ -33,8 +35,9 @@ from ..semantics.sampling import Suspended, Weighting, column, drive, fixed, tru
 from ..semantics.values import Lineage, Particles, lineage_scope
 from ..stdlib.progress import NO_BAR, progress_bar
 from . import mh as mh_mod
-from . import population_moves, token_moves
+from . import rejuvenation, token_moves
 from .population import Population
+from .rejuvenation import MoveKernel
 from .smc import SMCHandler
 
 
@@ -72,15 +75,13 @@ def resample_move(interp, entry: str, data: dict, particles: int, device="cpu", 
     moves per rejuvenation, ``extra["acceptance"]`` the block walk's acceptance (the
     single-site moves' where there is no block), ``extra["correlation"]`` and
     ``extra["proposal_scale"]`` per rejuvenation."""
-    if adapt and kernel not in ADAPTIVE_KERNELS:
-        raise PPLRuntimeError(f"resample_move with adapt=True moves the continuous choices by a population random "
-                              f"walk (kernel 'rw' or 'prior', the default), not '{kernel}'", hint="kernel='rw'")
     randomness = randomness or mh_mod.TorchMHRandomness()
-    N, moved, acceptance = particles, None, []
-    tuning, reports = population_moves.Tuning(), []
+    move = MoveKernel("resample_move", adapt=adapt, kernel=kernel, moves=1 if moves is None and not adapt else moves,
+                      scale=scale, max_moves=max_moves, decorrelation=decorrelation)
+    N, moved = particles, None
     h = _SuspendAfterResampling(N, device, None, resampling=resampling, ess_threshold=ess_threshold,
                                 randomness=randomness)
-    h.moves = (1 if moves is None else moves) if not adapt else (moves if moves is not None else max_moves)
+    h.moves = move.active
     with progress_bar(progress, desc="resample_move", unit=" checkpoints") as h.bar:
         while True:
             ctx = Particles.all(N, device)
@@ -92,30 +93,22 @@ def resample_move(interp, entry: str, data: dict, particles: int, device="cpu", 
                     ret = drive(gen, h)
                     sites = {"return": (column(ret, ctx), None), **h.trace.sites()}
                     break
-                except Suspended:
-                    if adapt:
-                        moved, report = _adaptive_move(interp, entry, data, h, N, device, moves, max_moves,
-                                                       decorrelation, tuning, randomness)
-                        reports.append(report)
-                        rate = report.block_acceptance if report.block_acceptance is not None else \
-                            report.site_acceptance
-                    else:
-                        moved, rate = _move(interp, entry, data, h, N, device, 1 if moves is None else moves, kernel,
-                                            scale, randomness)
-                    acceptance.append(rate)
+                except Suspended:  # resampled at checkpoint k: move the traces at the k-th target
+                    model = gfi.ModelRun(interp, entry, data, device, stop_after=h.checkpoints)
+                    if kernel in token_moves.KERNELS:  # moves on language-model choices (``inference.token_moves``)
+                        moved, rate = token_moves.rejuvenate(model, h.trace.sites(), N, move.moves, randomness)
+                        move.acceptance.append(rate)
+                        continue
+                    state = move.begin(model, _traces(h, N, device), randomness, scored=False)
+                    moved = move(model, state, randomness, label=f"resample_move (checkpoint {h.checkpoints})").values
     h.bar = NO_BAR
     lw = h.log_weights + h.log_z
-    extra = {"history": h.history, "acceptance": acceptance, "moves": 1 if moves is None else moves}
-    if adapt:
-        extra.update({"moves": [r.moves for r in reports], "adapt": True,
-                      "site_acceptance": [r.site_acceptance for r in reports],
-                      "correlation": [r.correlation for r in reports], "proposal_scale": [r.scale for r in reports],
-                      "move_warnings": population_moves.unmixed_warning("resample_move", reports, max_moves)})
-    return Population("resample_move", sites, lw, extra, legacy=(sites, lw, h, acceptance))
+    extra = {"history": h.history, "acceptance": move.acceptance, **move.extra()}
+    return Population("resample_move", sites, lw, extra, legacy=(sites, lw, h, move.acceptance))
 
 
 #: the kernels ``adapt=True`` accepts ("prior", the default, and "rw": the population walk)
-ADAPTIVE_KERNELS = ("prior", "rw")
+ADAPTIVE_KERNELS = rejuvenation.ADAPTIVE_KERNELS["resample_move"]
 
 
 def _traces(h: SMCHandler, N: int, device) -> gfi.TracedState:
@@ -125,34 +118,6 @@ def _traces(h: SMCHandler, N: int, device) -> gfi.TracedState:
     present = {a: (p if p is not None else torch.ones(N, dtype=torch.bool, device=device))
                for a, (_, p) in sites.items()}
     return gfi.TracedState(values, present, {}, torch.zeros(N, dtype=torch.float64, device=device), None)
-
-
-def _adaptive_move(interp, entry, data, h: SMCHandler, N: int, device, moves, max_moves, decorrelation, tuning,
-                   randomness):
-    """``population_moves.move_population`` on every particle's trace (the target: the
-    program truncated after the current checkpoint; the population is equally weighted
-    after resampling): (the moved value columns, the moves' report)."""
-    model = gfi.ModelRun(interp, entry, data, device, stop_after=h.checkpoints)
-    state, coords = population_moves.coordinates(model, _traces(h, N, device), randomness)
-    state, _, report = population_moves.move_population(
-        model, state, coords, randomness, tuning, moves=moves, max_moves=max_moves, decorrelation=decorrelation,
-        label=f"resample_move (checkpoint {h.checkpoints})")
-    return state.values, report
-
-
-def _move(interp, entry, data, h: SMCHandler, N: int, device, moves, kernel, scale, randomness):
-    """``moves`` single-site MH steps (``mh.single_site_move`` on the trace interface) on
-    every particle's trace, whose target is the program truncated after the current
-    checkpoint: (the moved value columns, the mean acceptance rate)."""
-    model = gfi.ModelRun(interp, entry, data, device, stop_after=h.checkpoints)
-    if kernel in token_moves.KERNELS:  # moves on language-model choices (``inference.token_moves``)
-        return token_moves.rejuvenate(model, h.trace.sites(), N, moves, randomness)
-    state, _ = gfi.generate(model, _traces(h, N, device))
-    accepted = 0.0
-    for _ in range(moves):
-        state, acc = mh_mod.single_site_move(model, state, randomness, kernel=kernel, scale=scale)
-        accepted += float(acc.double().mean())
-    return state.values, accepted / moves
 
 
 class _Replayed(Weighting):

@@ -9,8 +9,9 @@ is reached through the path of intermediate targets
 (``semantics.gfi``): ``simulate`` at beta = 0; then per step choose the next beta (by
 bisection, so that the ESS of the incremental weights L(x)^(beta' - beta) is
 ``target_ess`` * N, or from a fixed ``schedule``), ``update`` the population to beta' (its
-log weight change *is* the incremental weight), ``reindex`` it by resampling, and apply
-``moves`` single-site MH steps (``mh.mh_step`` at beta') that leave gamma_beta' invariant.
+log weight change *is* the incremental weight), resample it, and move it at beta' with
+the rejuvenation kernel (``rejuvenation.MoveKernel``: ``moves`` single-site MH steps, or
+with ``adapt=True`` the population's adaptive moves), which leaves gamma_beta' invariant.
 Default moves: max(2, S) for S choices (the prior draws' mean trace size), so every choice
 is updated about once per temperature (a fixed 2 left a 42-choice mixture with ~55
 distinct particles of 500 and a posterior 0.8 sd off).
@@ -33,12 +34,11 @@ from ..semantics.enumerate_sites import Enumerating
 from ..semantics.errors import PPLRuntimeError, ZeroEvidenceError
 from ..semantics.gfi import ModelRun
 from ..stdlib.progress import progress_bar
-from . import mh as mh_mod
-from . import population_moves
-from .randomness import TorchRandomness
+from . import rejuvenation
 from .importance import impossible_site, rng_state
 from .population import Population
-from .potential import build_potential
+from .randomness import TorchRandomness
+from .rejuvenation import MoveKernel
 from .resampling import ess, is_weighted, log_mean_exp
 
 
@@ -89,16 +89,17 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
     ``progress`` (``stdlib.progress``): a bar over beta in [0, 1], with the current beta
     and the number of steps so far.
 
-    ``adapt=True``: the moves are ``inference.population_moves``' instead: a block random
-    walk on the continuous choices with the covariance of the population (weighted by
-    the step's incremental weights, before resampling) and a scale adapted from step to
-    step, plus single-site prior moves on the other choices, repeated until the
-    particles have decorrelated from the step's start (correlation below ``decorrelation``)
-    or ``max_moves`` (a warning); a given ``moves`` fixes the count. ``extra`` then also
-    has "moves" as the list of moves per step, "acceptance" (the block walk's, per step),
-    "site_acceptance", "correlation" and "proposal_scale" per step. ``kernel="hmc"`` or
-    ``"mala"`` with ``adapt=True``: the continuous choices move by HMC (10 leapfrog steps)
-    or MALA (``inference.hmc``) on the tempered potential (``inference.potential``), the
+    ``adapt=True``: the moves are ``inference.population_moves``' (``rejuvenation.MoveKernel``):
+    a block random walk on the continuous choices with the covariance of the population
+    (weighted by the step's incremental weights, before resampling) and a scale adapted
+    from step to step, plus single-site prior moves on the other choices, repeated until
+    the particles have decorrelated from the step's start (correlation below
+    ``decorrelation``) or ``max_moves`` (a warning); a given ``moves`` fixes the count.
+    ``extra`` then also has "moves" as the list of moves per step, "acceptance" (the block
+    walk's, per step; the single-site moves' where there is no block), "site_acceptance",
+    "correlation" and "proposal_scale" per step. ``kernel="hmc"`` or ``"mala"`` with
+    ``adapt=True``: the continuous choices move by HMC (10 leapfrog steps) or MALA
+    (``inference.hmc``) on the tempered potential (``inference.potential``), the
     population's covariance as inverse mass matrix, the step size adapted from step to
     step (programs whose continuous choices are the same in every run)."""
     schedule = _checked(target_ess, schedule)
@@ -109,59 +110,12 @@ def tempered_smc(interp, entry: str, data: dict, particles: int, device="cpu", *
     randomness = randomness or TorchRandomness()
     interp, recovering = _moves_interpreter(interp)
     model = ModelRun(interp, entry, data, device)
-    draw_back = None if recovering is None else ModelRun(recovering, entry, data, device)
     state = _prior_draws(model, particles, randomness)
-    if adapt:
-        return _adaptive(model, state, particles, randomness, target_ess=target_ess, moves=moves, kernel=kernel,
-                         resampling=resampling, max_steps=max_steps, fixed=fixed, progress=progress,
-                         max_moves=max_moves, decorrelation=decorrelation, draw_back=draw_back)
-    moves = default_moves(float(state.sizes.mean()) if particles > 0 else 0.0) if moves is None else moves
-
-    def mh_moves(state, inc, ancestors, b, step):
-        state = gfi.reindex(state, ancestors)
-        for _ in range(moves):
-            state, _ = mh_mod.mh_step(interp, entry, data, state, device, kernel=kernel, scale=scale, beta=b,
-                                      randomness=randomness)
-        return state
-
-    state, log_z, schedule, ess_history = _temper(model, state, particles, randomness, resampling=resampling,
-                                                  target_ess=target_ess, max_steps=max_steps, fixed=fixed,
-                                                  progress=progress, move=mh_moves)
-    state = _drawn_back(draw_back, state, randomness)
-    return _population(state, particles, log_z, schedule,
-                       {"schedule": schedule, "moves": moves, "ess_history": ess_history})
-
-
-def _moves_interpreter(interp):
-    """(the interpreter the path of targets and the moves run, the one that draws the
-    summed-out choices back or None). With choices summed out (``Enumerating``), the
-    targets are prior * (marginal likelihood)^beta on the remaining choices: the moves'
-    re-executions must not draw the summed-out choices back (a drawn-back z in the trace
-    would be held fixed while the other choices move: the sampled model's moves again),
-    so they run without recovery, and the final population draws them once at the end."""
-    if isinstance(interp, Enumerating) and interp.recover:
-        return interp.without_recovery(), interp
-    return interp, None
-
-
-def _drawn_back(draw_back: ModelRun | None, state: gfi.TracedState, randomness) -> gfi.TracedState:
-    """The final population (at beta = 1) with the summed-out choices drawn from their
-    conditionals given each particle's other choices (the other choices are reused: the
-    weights are unchanged), as SMC does at the end of its run."""
-    if draw_back is None:
-        return state
-    drawn, _ = gfi.generate(draw_back, state, randomness)
-    return drawn
-
-
-def _temper(model: ModelRun, state: gfi.TracedState, particles: int, randomness, *, resampling, target_ess,
-            max_steps, fixed, progress, move):
-    """The path of targets prior * L^beta from beta = 0 to 1: per step the next beta
-    (``fixed`` schedule, or ``next_beta``), the incremental weights L^(b - beta) (their
-    log-mean-exp adds to the log-evidence estimate), the resampling's ancestors, then
-    ``move(state, weights, ancestors, b, step)``, which returns the resampled population
-    moved at the new target (``state`` is the one before resampling, for moves that learn
-    from the weighted population). Returns (state, log_z, schedule, ess_history)."""
+    if moves is None and not adapt:
+        moves = default_moves(float(state.sizes.mean()) if particles > 0 else 0.0)
+    move = MoveKernel("tempering", adapt=adapt, kernel=kernel, moves=moves, scale=scale, max_moves=max_moves,
+                      decorrelation=decorrelation)
+    state = move.begin(model.at(beta=0.0), state, randomness)
     log_z, schedule, ess_history = 0.0, [0.0], []
     with progress_bar(progress, desc="tempering", total=1.0, bar_format=_BAR_FORMAT) as bar:
         for _ in range(max_steps):
@@ -178,61 +132,28 @@ def _temper(model: ModelRun, state: gfi.TracedState, particles: int, randomness,
             ancestors = randomness.resample(inc, resampling, particles)
             bar.set_postfix_str(f"beta={b:.4g}, step {len(schedule)}", refresh=False)
             bar.update(b - beta)
-            schedule.append(b)
-            state = move(state, inc, ancestors, b, len(schedule) - 1)
+            schedule.append(b)  # resampled, then moved at the new target
+            state = move(model.at(beta=b), state, randomness, weights=inc, ancestors=ancestors,
+                         label=f"tempering (step {len(schedule) - 1}, beta={b:.3g})")
         else:
             raise PPLRuntimeError(f"tempering did not reach beta = 1 in {max_steps} steps")
-    return state, log_z, schedule, ess_history
-
-
-def _adaptive(model: ModelRun, state: gfi.TracedState, particles: int, randomness, *, target_ess, moves, kernel,
-              resampling, max_steps, fixed, progress, max_moves, decorrelation, draw_back=None) -> Population:
-    """``tempered_smc`` with ``adapt=True``: the same path of targets and weights, the
-    moves of ``population_moves`` (see ``tempered_smc``)."""
-    if kernel not in ADAPTIVE_KERNELS:
-        raise PPLRuntimeError(f"tempering with adapt=True moves by kernel 'rw' (a population random walk), 'hmc' "
-                              f"or 'mala', not '{kernel}'", hint="kernel='rw'")
-    gradient = kernel in population_moves.GRADIENT_KERNELS
-    coords = None
-    if gradient:
-        potential = build_potential(model.at(beta=1.0), state)
-        tuning = population_moves.GradientTuning(kernel)
-    else:
-        state, coords = population_moves.coordinates(model.at(beta=0.0), state, randomness)
-        tuning = population_moves.Tuning()
-    reports = []
-
-    def adaptive_moves(state, inc, ancestors, b, step):
-        nonlocal coords
-        if gradient:  # the population's unconstrained values before resampling
-            potential.set_given({a: state.values[a] for a in potential.discrete})
-            flat = potential.unconstrain(state.values)
-        else:
-            flat = coords.flat()
-        covariance = population_moves.population_covariance(flat, inc) if flat.shape[1] else None
-        state = gfi.reindex(state, ancestors)
-        label = f"tempering (step {step}, beta={b:.3g})"
-        if gradient:
-            state, report = population_moves.gradient_moves(
-                model.at(beta=b), state, potential, randomness, tuning, covariance=covariance,
-                z=flat[ancestors], moves=moves, max_moves=max_moves, decorrelation=decorrelation, label=label)
-        else:
-            state, coords, report = population_moves.move_population(
-                model.at(beta=b), state, coords.reindex(ancestors), randomness, tuning, covariance=covariance,
-                moves=moves, max_moves=max_moves, decorrelation=decorrelation, label=label)
-        reports.append(report)
-        return state
-
-    state, log_z, schedule, ess_history = _temper(model, state, particles, randomness, resampling=resampling,
-                                                  target_ess=target_ess, max_steps=max_steps, fixed=fixed,
-                                                  progress=progress, move=adaptive_moves)
-    state = _drawn_back(draw_back, state, randomness)
-    extra = {"schedule": schedule, "moves": [r.moves for r in reports], "ess_history": ess_history,
-             "adapt": True, "kernel": kernel, "acceptance": [r.block_acceptance for r in reports],
-             "site_acceptance": [r.site_acceptance for r in reports],
-             "correlation": [r.correlation for r in reports], "proposal_scale": [r.scale for r in reports],
-             "move_warnings": population_moves.unmixed_warning("tempering", reports, max_moves)}
+    if recovering is not None:  # the summed-out choices drawn back at beta = 1 (the weights are unchanged)
+        state, _ = gfi.generate(ModelRun(recovering, entry, data, device), state, randomness)
+    extra = {"schedule": schedule, "moves": moves, "ess_history": ess_history}
+    extra.update(move.extra())
     return _population(state, particles, log_z, schedule, extra)
+
+
+def _moves_interpreter(interp):
+    """(the interpreter the path of targets and the moves run, the one that draws the
+    summed-out choices back or None). With choices summed out (``Enumerating``), the
+    targets are prior * (marginal likelihood)^beta on the remaining choices: the moves'
+    re-executions must not draw the summed-out choices back (a drawn-back z in the trace
+    would be held fixed while the other choices move: the sampled model's moves again),
+    so they run without recovery, and the final population draws them once at the end."""
+    if isinstance(interp, Enumerating) and interp.recover:
+        return interp.without_recovery(), interp
+    return interp, None
 
 
 def _population(state: gfi.TracedState, particles: int, log_z: float, schedule: list, extra: dict) -> Population:
@@ -244,9 +165,8 @@ def _population(state: gfi.TracedState, particles: int, log_z: float, schedule: 
                       legacy=(state, log_z, schedule))
 
 
-#: the kernels of the adaptive moves' block (``adapt=True``): the population walk, or a
-#: gradient kernel (``population_moves.gradient_moves``)
-ADAPTIVE_KERNELS = ("rw", "hmc", "mala")
+#: the kernels of the adaptive moves' block (``adapt=True``): the population walk, HMC or MALA
+ADAPTIVE_KERNELS = rejuvenation.ADAPTIVE_KERNELS["tempering"]
 
 
 def _checked(target_ess: float, schedule: list | None) -> list | None:
