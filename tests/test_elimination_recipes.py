@@ -210,3 +210,47 @@ def test_an_interpreter_that_rewrites_observations_is_not_bypassed_by_recipes():
     want = observed.run("enumerate", {"k": 6}, strategy="paths")
     assert got.strategy == "elimination" and got.evidence == want.evidence and got.probs() == want.probs()
     assert got.probs() != plain.probs()
+
+
+def test_the_return_summary_from_integer_weights_equals_the_paths():
+    """The return value's view of an eliminated result is made from the integer weights
+    (``EliminationResult.scaled_returns``: one ``Fraction(w, total)`` per value): its
+    table, presence, mean, sd, quantiles and type name are the path enumeration's."""
+    tuple_return = CHAIN.replace("    return x", "    return (x, 2 if x else 5)")
+    str_return = CHAIN.replace("    return x", "    return 'yes' if x else 'no'")
+    for src in (CHAIN, tuple_return, str_return):
+        m = ppl.model(src)
+        ve = m.run("enumerate", {"k": 6}, strategy="elimination")
+        paths = m.run("enumerate", {"k": 6}, strategy="paths")
+        assert ve._raw.scaled_returns is not None
+        assert ve._describe("return") == paths._describe("return"), src
+        assert ve._view("return").typename == paths._view("return").typename
+        assert type(ve._view("return").presence) is type(paths._view("return").presence)
+
+
+def test_the_path_bound_is_skipped_only_where_it_exceeds_the_threshold(monkeypatch):
+    """``strategy="auto"`` enumerates paths when the probe's path bound is at most the
+    threshold; the tables' lower bound (``_Tables.fewest_paths``: each choice's fewest
+    values in a row) skips computing it only where even the lower bound exceeds the
+    threshold. On random programs the lower bound never exceeds the bound, and on the
+    chain the decision flips exactly at 2^(k+1) > 1024."""
+    real = exact_elimination._direct_tables
+    seen = []
+
+    def recording(*args, **kwargs):
+        t = real(*args, **kwargs)
+        seen.append((t.fewest_paths, exact_elimination._tables_path_bound(t)))
+        return t
+    monkeypatch.setattr(exact_elimination, "_direct_tables", recording)
+
+    @settings(SETTINGS, max_examples=60)
+    @given(finite_programs(factors=False))
+    def check(src):
+        try:
+            ppl.model(src).run("enumerate", strategy="elimination")
+        except PPLError:
+            pass
+    check()
+    assert len(seen) >= 10 and all(1 <= low <= bound for low, bound in seen), seen
+    m = ppl.model(CHAIN)
+    assert [m.run("enumerate", {"k": k}).strategy for k in (8, 9, 10)] == ["paths", "paths", "elimination"]
