@@ -122,18 +122,36 @@ def seed_from_global() -> int:
         return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
 
 
-@contextlib.contextmanager
-def run(seed: int | None):
-    """A run's randomness: its own generators seeded with ``seed`` inside the block.
-    ``seed=None``: inside another run, that run's generators; else seeded from torch's
-    global generator."""
-    if seed is None:
-        if current() is not None:
-            yield current()
-            return
-        seed = seed_from_global()
-    with using(RunGenerators(int(seed))) as source:
-        yield source
+class run:
+    """A run's randomness: its own generators seeded with ``seed`` inside the block (a
+    context manager; ``as`` gives the source). ``seed=None``: inside another run, that
+    run's generators; else seeded from torch's global generator. (A class, not a
+    generator: it wraps every ``Model.run``.)"""
+
+    __slots__ = ("seed", "_saved")
+
+    def __init__(self, seed: int | None):
+        self.seed, self._saved = seed, _OUTER
+
+    def __enter__(self):
+        seed = self.seed
+        if seed is None:
+            source = current()
+            if source is not None:
+                return source  # (the outer run's: nothing to restore)
+            seed = seed_from_global()
+        source = RunGenerators(int(seed))
+        self._saved = _local.source  # (= ``using(source)``)
+        _local.source = source
+        return source
+
+    def __exit__(self, *exc) -> bool:
+        if self._saved is not _OUTER:
+            _local.source, self._saved = self._saved, _OUTER
+        return False
+
+
+_OUTER = object()  # ``run._saved`` when the block did not change the thread's source
 
 
 def _default_generator(device: torch.device) -> torch.Generator:
