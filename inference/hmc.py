@@ -270,6 +270,13 @@ def nuts_step(potential, state: State, step_size: torch.Tensor, metric: Metric, 
     device = state.z.device
     p0 = metric.sample_momentum(randomness)
     u = randomness.uniform((C, 3 * K), device).T  # per level: direction, sub-tree choice, top choice
+    whole = _compiled_transition(potential, metric, K, state, fuse)
+    if whole is not None:  # the whole transition as one compiled program (``inference.nuts_loop``)
+        out = whole(state.z, state.logp, state.grad, p0, u, step_size.to(_F64), metric.inv_mass,
+                    potential.graph_inputs(), randomness)
+        if out is not None:
+            z, logp, grad, energy, accept_stat, divergent, n_steps, depth, moved = out
+            return State(z, logp, grad), StepInfo(accept_stat, divergent, energy, n_steps, depth, moved)
     go_right = u[:K] < 0.5  # [K, C]
     signed = torch.where(go_right, 1.0, -1.0).unsqueeze(-1) * step_size.to(_F64).unsqueeze(-1)
     eps_at, half_at = signed.unbind(0), (0.5 * signed).unbind(0)
@@ -539,6 +546,53 @@ def _level_masks(n: int, d: int, size: int, device) -> tuple[torch.Tensor, torch
         check_at = [1 <= k <= d and (n + 1) % (1 << k) == 0 for k in range(size)]
         masks = _LEVEL_MASKS[key] = (torch.tensor(set_at, device=device), torch.tensor(check_at, device=device))
     return masks
+
+
+#: potential -> {graph key: nuts_loop.CompiledTransition, or None where it could not be built}
+_LOOP_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled_transition(potential, metric: Metric, max_tree_depth: int, state: State, build: bool = True):
+    """The whole NUTS transition as one compiled program (``inference.nuts_loop``) for this
+    potential, metric shape and depth (built on first use where ``build``, then cached), or
+    None: the potential offers no recorded graph, none is built yet and ``build`` is False,
+    or it could not be built or disagreed with the eager transition. ``PPL_NUTS_LOOP``:
+    "auto" (default: where the potential runs on TorchInductor), "1" (also a TorchScript
+    potential), "0" (never). Its kernel is ``nuts_step``'s; the state chosen within a
+    sub-tree is drawn progressively (same law, other random numbers: see nuts_loop)."""
+    offer = getattr(potential, "recorded_graph", None)
+    mode = os.environ.get("PPL_NUTS_LOOP", "auto")
+    if offer is None or mode == "0" or os.environ.get("PPL_NUTS_FUSED") == "0":
+        return None
+    recorded = offer()
+    if recorded is None or (recorded[1] != "inductor" and mode != "1"):
+        return None
+    gm, backend = recorded
+    args = potential.graph_inputs()
+    key = (id(gm), tuple(metric.inv_mass.shape), max_tree_depth, tuple((tuple(a.shape), a.dtype) for a in args))
+    try:
+        cache = _LOOP_CACHE.setdefault(potential, {})
+    except TypeError:  # not weakly referenceable
+        return None
+    if key not in cache:
+        if not build:
+            return None
+        cache[key] = _build_transition(potential, gm, metric, max_tree_depth, state)
+    return cache[key]
+
+
+def _build_transition(potential, gm, metric: Metric, max_tree_depth: int, state: State):
+    from .nuts_loop import CompiledTransition
+
+    def evaluate_graph(z, *args):
+        logp, grad, ok = gm(z, *args)
+        return _finite_logp(logp), _finite_grad(grad), ok
+    try:
+        return CompiledTransition.build(evaluate_graph, potential.graph_inputs(), lambda z: evaluate(potential, z),
+                                        state.z, state.logp, state.grad, metric.inv_mass, max_tree_depth)
+    except Exception as e:  # noqa: BLE001 - any failure keeps the eager transition
+        _FusedLeaf.why_not["loop"] = (str(e).splitlines() or [type(e).__name__])[0]
+        return None
 
 
 #: potential -> {graph key: _FusedLeaf, or None where it could not be built}

@@ -1,0 +1,348 @@
+"""One whole NUTS transition -- every leaf of every doubling, all chains -- as ONE compiled
+program: the tree-building loops are ``torch._higher_order_ops.while_loop`` (a loop over
+doublings around a loop over the leaves of a sub-tree), compiled by TorchInductor with its
+C++ wrapper, so the loops themselves run in C++ and Python is entered once per transition
+(as XLA runs NumPyro's iterative NUTS). ``inference.hmc`` uses it for a potential that
+offers its recorded ATen graph and runs on Inductor (``PPL_NUTS_FUSED``).
+
+The kernel is ``hmc.nuts_step``'s: the same trajectory from the same momentum and
+directions, the same U-turn checks (Stan's, with the checks across merged sub-trees), the
+same divergence rule, the same biased progressive choice at the top level with the same
+uniforms, the same per-draw statistics. One part differs in *how*, not in law: the choice
+of a state within a new sub-tree. ``nuts_step`` keeps every leaf of the sub-tree and
+inverts the cumulative distribution of the leaves' weights at one uniform; a compiled loop
+cannot keep a growing list (a fixed buffer of 2^(K-1) leaves would be copied at every
+leaf), so here each new leaf n >= 1 of a sub-tree replaces the sub-tree's candidate with
+probability w_n / (w_0 + ... + w_n) (progressive sampling, as NumPyro's iterative NUTS
+does), with one fresh uniform per leaf. Both choose leaf i with probability
+w_i / sum w, independently of everything else given the trajectory, so the transition
+kernel is the same. The uniforms per leaf, ``u_leaf`` [L, C], are shared by the sub-trees of
+one transition (only the last sub-tree taken at the top level supplies the new state, so
+the choices of different sub-trees never meet); a sub-tree longer than the uniforms
+supplied stops the program with a flag and the caller runs it again with more (same
+momentum, directions and the first uniforms: the same transition).
+
+Invariant: ``transition`` (run eagerly, as plain Python loops, or compiled) returns, for
+every chain, what ``nuts_step`` returns except for the state chosen within a sub-tree,
+which has the same distribution; tests/test_nuts_loop.py checks the statistics
+draw-by-draw and the choice in law.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch._higher_order_ops.while_loop import while_loop
+
+#: an energy error above this is a divergence (Stan's max_deltaH; hmc.MAX_DELTA_ENERGY)
+MAX_DELTA_ENERGY = 1000.0
+
+
+def _vecdot(a, b):
+    return (a * b).sum(-1)
+
+
+def _merged_no_uturn(a_far_v, a_near_v, a_near_p, rho_a, b_near_v, b_near_p, b_far_v, rho_b, whole):
+    """``hmc._merged_no_uturn``: Stan's three U-turn checks of two merged trajectories
+    (written as six separate inner products, which the compiler fuses without building
+    the stacked operands)."""
+    a_ext = rho_a + b_near_p
+    b_ext = rho_b + a_near_p
+    return ((_vecdot(a_far_v, whole) > 0) & (_vecdot(b_far_v, whole) > 0)
+            & (_vecdot(a_far_v, a_ext) > 0) & (_vecdot(b_near_v, a_ext) > 0)
+            & (_vecdot(a_near_v, b_ext) > 0) & (_vecdot(b_far_v, b_ext) > 0))
+
+
+def python_loop(cond, body, carried):
+    """``while_loop``'s meaning as a plain Python loop."""
+    while bool(cond(*carried)):
+        carried = body(*carried)
+    return carried
+
+
+def _at(x, i):
+    """x[i] for a 0-d integer tensor i (an index the compiled loop reads in place)."""
+    return x.index_select(0, i.reshape(1)).squeeze(0)
+
+
+def transition(evaluate_at, z, logp, grad, p0, u, u_leaf, step, inv_mass, fresh, max_tree_depth: int,
+               loop=while_loop):
+    """One NUTS transition for C chains.
+
+    ``evaluate_at(z) -> (logp [C], grad [C, D], parameters valid? [])``, with a non-finite
+    logp as -inf and a non-finite gradient entry as 0 (``hmc.evaluate``). ``z``, ``grad``,
+    ``p0`` (the momentum) [C, D]; ``logp`` [C]; ``u`` [3K, C]: per level the direction,
+    the (unused here) sub-tree uniform and the top-level uniform, as ``nuts_step`` draws
+    them; ``u_leaf`` [L, C]: the uniforms of leaves 1..L-1 of a sub-tree (row n for leaf
+    n), of which the first ``fresh`` rows ([] int64) may be used; ``step`` [C];
+    ``inv_mass`` [C, D] or [C, D, D].
+
+    ``loop``: ``while_loop`` (recorded as one operation) or ``python_loop`` (plain Python,
+    for any ``evaluate_at``).
+
+    Returns (z, logp, grad, energy, accept_stat, divergent, n_steps, tree_depth, moved,
+    flags [2] bool: every parameter valid, enough leaf uniforms)."""
+    K = max_tree_depth
+    C, D = z.shape
+    dense = inv_mass.dim() == 3
+    device, f64, i64 = z.device, z.dtype, torch.int64
+
+    def velocity(p):
+        return torch.matmul(inv_mass, p.unsqueeze(-1)).squeeze(-1) if dense else inv_mass * p
+
+    chain = torch.arange(C, device=device)
+    levels = torch.arange(K, device=device)
+    blocks = torch.tensor([1 << k for k in range(K)], dtype=i64, device=device)  # 2^k leaves in a block of level k
+    go_right = u[:K] < 0.5
+    signed = torch.where(go_right, 1.0, -1.0).to(f64) * step  # [K, C]
+    u_top = u[2 * K:]
+    v0 = velocity(p0)
+    H0 = 0.5 * _vecdot(p0, v0) - logp
+    start = torch.stack((z, p0, grad, v0), 1)
+    zero = torch.zeros(C, dtype=f64, device=device)
+    no = torch.zeros(C, dtype=torch.bool, device=device)
+
+    # What the loops carry, packed into few tensors (each carried tensor costs an allocation
+    # and a copy per iteration in the compiled loop):
+    #   doublings: ends [C, 2 (left, right), 4 (z, p, grad, v), D]; vectors [3, C, D]: the
+    #   momentum sum rho, the proposal's z and grad; rows [6, C]: the trajectory's log
+    #   weight, the proposal's logp and log weight H0 - H, the sum of the leaves' acceptance
+    #   probabilities, the leapfrog steps, the tree depth; marks [3, C] bool: moved, still
+    #   active, divergent; flags [2]: every parameter valid, enough leaf uniforms.
+    doubling_state = (torch.zeros((), dtype=i64, device=device), torch.stack((start, start), 1),
+                      torch.stack((p0, z, grad)), torch.stack((zero, logp, zero, zero, zero, zero)),
+                      torch.stack((no, ~no, no)), torch.ones(2, dtype=torch.bool, device=device))
+
+    def more_doublings(d, ends, vectors, rows, marks, flags):
+        return (d < K) & marks[1].any() & flags.all()
+
+    def doubling(d, ends, vectors, rows, marks, flags):
+        rho, pz, pg = vectors.unbind(0)
+        log_w, plp, pw, acc, steps, depth = rows.unbind(0)
+        moved, active, div = marks.unbind(0)
+        depth = depth + active.to(f64)
+        right = _at(go_right, d)
+        eps = _at(signed, d).unsqueeze(-1)
+        half = 0.5 * eps
+        near = ends[chain, right.to(i64)]
+        z_near, p_near, g_near, v_near = near.unbind(1)
+        n_leaves = _at(blocks, d)
+        set_levels = levels <= d
+        check_levels = (levels >= 1) & set_levels
+        #   leaves: traj [7, C, D]: the current z, p, grad, v, the sub-tree's momentum sum,
+        #   its candidate's z and grad; checks [K, 5, C, D]: per level k, the v and p of the
+        #   first leaf of the current block of 2^k leaves, v and p before it, the momentum
+        #   sum before it; rows [5, C]: the sub-tree's log weight, the candidate's logp and
+        #   log weight, the acceptance sum, the steps; marks [2, C]: building, divergent.
+        leaf_state = (torch.zeros((), dtype=i64, device=device),
+                      torch.stack((z_near, p_near, g_near, v_near, torch.zeros_like(p_near), z_near, g_near)),
+                      torch.zeros((K, 5, C, D), dtype=f64, device=device),
+                      torch.stack((torch.full_like(zero, -math.inf), zero, zero, acc, steps)),
+                      torch.stack((active, div)), flags.clone())
+
+        def more_leaves(n, traj, checks, rows, marks, flags):
+            return (n < n_leaves) & marks[0].any() & flags.all()
+
+        def leaf(n, traj, checks, rows, marks, flags):
+            zc, pc, gc, vc, rho_s, cz, cg = traj.unbind(0)
+            lw_s, clp, cw, acc, steps = rows.unbind(0)
+            building, div = marks.unbind(0)
+            p = torch.addcmul(pc, half, gc)
+            z1 = torch.addcmul(zc, eps, velocity(p))
+            logp1, g1, ok_par = evaluate_at(z1)
+            p1 = torch.addcmul(p, half, g1)
+            v1 = velocity(p1)
+            w1 = torch.sub(logp1 + H0, _vecdot(p1, v1), alpha=0.5)  # H0 - H
+            ok = w1 >= -MAX_DELTA_ENERGY  # not a divergence (a NaN is one)
+            w1 = torch.nan_to_num(w1, nan=-math.inf)
+            # Stan's statistics over the leaves made while the chain builds
+            acc = acc + torch.where(building, w1.clamp(max=0.0).exp(), 0.0)
+            steps = steps + building.to(f64)
+            div = div | (building & (w1 < -MAX_DELTA_ENERGY))
+            # the U-turn checks of the blocks of 2^k leaves that end here (``hmc._leaf_step``)
+            set_at = set_levels & (n % blocks == 0)
+            check_at = check_levels & ((n + 1) % blocks == 0)
+            checks = torch.where(set_at[:, None, None, None], torch.stack((v1, p1, vc, pc, rho_s)), checks)
+            rho_s = rho_s + p1
+            vm, pm, vmp, pmp, rho_m = checks[:-1].unbind(1)
+            vb, rho_b = checks[1:, 0], checks[1:, 4]
+            v1s, rho_ss = v1.expand_as(vb), rho_s.expand_as(vb)
+            passed = _merged_no_uturn(vb, vmp, pmp, rho_m - rho_b, vm, pm, v1s, rho_ss - rho_m, rho_ss - rho_b)
+            ok = ok & (passed | ~check_at[1:, None]).all(0)
+            # progressive choice within the sub-tree: leaf n replaces the candidate with
+            # probability w_n / (w_0 + ... + w_n) (leaf 0 always)
+            lw_new = torch.logaddexp(lw_s, w1)
+            u_n = _at(u_leaf, n.clamp(max=u_leaf.shape[0] - 1))
+            take = (n == 0) | (u_n < torch.exp(w1 - lw_new))
+            tk = take.unsqueeze(-1)
+            cz, cg = torch.where(tk, z1, cz), torch.where(tk, g1, cg)
+            clp, cw = torch.where(take, logp1, clp), torch.where(take, w1, cw)
+            building = building & ok
+            keep = building.unsqueeze(-1)
+            zc, pc = torch.where(keep, z1, zc), torch.where(keep, p1, pc)
+            enough = flags[1] & ((n + 1 >= n_leaves) | (n + 1 < fresh) | ~building.any())
+            return (n + 1, torch.stack((zc, pc, g1, v1, rho_s, cz, cg)), checks,
+                    torch.stack((lw_new, clp, cw, acc, steps)), torch.stack((building, div)),
+                    torch.stack((flags[0] & ok_par, enough)))
+
+        n, traj, checks, leaf_rows, leaf_marks, flags = loop(more_leaves, leaf, leaf_state)
+        zc, pc, gc, vc, rho_s, cz, cg = traj.unbind(0)
+        lw_s, clp, cw, acc, steps = leaf_rows.unbind(0)
+        building, div = leaf_marks.unbind(0)
+        valid = building & (n >= n_leaves)
+        v_first, p_first = _at(checks, d).unbind(0)[:2]
+        last = torch.stack((zc, pc, gc, vc), 1)
+        # the biased progressive choice at the top level and the merged U-turn checks (``hmc._merge``)
+        take = valid & (_at(u_top, d) < torch.exp(lw_s - log_w))
+        tk = take.unsqueeze(-1)
+        pz, pg = torch.where(tk, cz, pz), torch.where(tk, cg, pg)
+        plp, pw = torch.where(take, clp, plp), torch.where(take, cw, pw)
+        moved = moved | take
+        log_w = torch.where(valid, torch.logaddexp(log_w, lw_s), log_w)
+        whole = rho + rho_s
+        far_v = ends[chain, (~right).to(i64), 3]
+        ok = _merged_no_uturn(far_v, v_near, p_near, rho, v_first, p_first, vc, rho_s, whole)
+        rho = torch.where(valid.unsqueeze(-1), whole, rho)
+        grows = torch.stack((~right, right), -1) & valid.unsqueeze(-1)
+        ends = torch.where(grows[:, :, None, None], last.unsqueeze(1), ends)
+        return (d + 1, ends, torch.stack((rho, pz, pg)), torch.stack((log_w, plp, pw, acc, steps, depth)),
+                torch.stack((moved, valid & ok, div)), flags)
+
+    d, ends, vectors, rows, marks, flags = loop(more_doublings, doubling, doubling_state)
+    rho, pz, pg = vectors.unbind(0)
+    log_w, plp, pw, acc, steps, depth = rows.unbind(0)
+    moved, active, div = marks.unbind(0)
+    accept_stat = acc / steps.clamp(min=1)
+    return (pz, plp, pg, H0 - pw, accept_stat, div, steps.to(i64), depth.to(i64), moved, flags)
+
+
+# -- the compiled program -------------------------------------------------------------
+
+class CompiledTransition:
+    """``transition`` with a potential's recorded ATen graph inside, recorded with
+    ``make_fx`` (the loops stay loops: ``while_loop`` is traced as one operation with its
+    body as a sub-graph) and compiled by TorchInductor with its C++ wrapper. Built by
+    ``build``, which checks it against ``transition`` run eagerly on the potential's own
+    ``value_and_grad`` before it is used. A call returns the transition's outputs, or None
+    where the eager kernel must make this transition (an invalid parameter in some chain,
+    a compiled kernel that raises)."""
+
+    def __init__(self, run, C: int, max_tree_depth: int, device):
+        self.run = run
+        self.K = max_tree_depth
+        self.L = 1 << (max_tree_depth - 1)  # the most leaves of one sub-tree
+        self.u_leaf = torch.zeros(self.L, C, dtype=torch.float64, device=device)
+        self.recent_depths: list[int] = []  # the deepest tree of each recent transition
+        self.redone = 0                     # transitions run again with more leaf uniforms
+
+    @classmethod
+    def build(cls, evaluate_graph, graph_args: tuple, evaluate_eager, z, logp, grad, inv_mass,
+              max_tree_depth: int):
+        """Record and compile the transition for chains at (z, logp, grad) [C, D] and a
+        metric of ``inv_mass``'s shape. ``evaluate_graph(z, *graph_args) -> (logp, grad,
+        valid)``: the potential's graph (non-finite values already mapped as
+        ``hmc.evaluate`` maps them); ``evaluate_eager(z) -> (logp, grad)``: the potential
+        itself, for the check. Raises where it cannot be built or disagrees."""
+        from torch._guards import TracingContext, tracing
+        from torch._inductor import config as inductor_config
+        from torch._inductor.compile_fx import compile_fx
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.proxy_tensor import make_fx
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        K = max_tree_depth
+
+        def program(z, logp, grad, p0, u, u_leaf, step, inv_mass, fresh, *args):
+            return transition(lambda x: evaluate_graph(x, *args), z, logp, grad, p0, u, u_leaf, step, inv_mass,
+                              fresh, K)
+
+        example = _example(z, logp, grad, inv_mass, K, seed=0)
+        inputs = (*example, *graph_args)
+        # one fake-tensor mode with a shape environment for the whole recording (Inductor's
+        # lowering of while_loop asks for it)
+        with tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True, shape_env=ShapeEnv()))):
+            gm = make_fx(program)(*inputs)
+        with inductor_config.patch(cpp_wrapper=True, size_asserts=False):
+            compiled = compile_fx(gm, list(inputs))
+        C = z.shape[0]
+        built = cls(lambda *a: compiled(*a), C, K, z.device)
+        built._check(evaluate_eager, graph_args, z, logp, grad, inv_mass)
+        return built
+
+    def _check(self, evaluate_eager, graph_args, z, logp, grad, inv_mass) -> None:
+        """ValueError unless the compiled program and ``transition`` run eagerly on the
+        potential's own evaluation agree on fresh random numbers."""
+        def eager_at(x):
+            lp, g = evaluate_eager(x)
+            return lp, g, torch.ones((), dtype=torch.bool, device=x.device)
+
+        for seed in (1, 2):
+            example = _example(z, logp, grad, inv_mass, self.K, seed)
+            fast = self.run(*example, *graph_args)
+            slow = transition(eager_at, *example, self.K, loop=python_loop)
+            if not bool(fast[-1].all()):
+                raise ValueError("the compiled transition reports an invalid parameter at a check point")
+            for f, e in zip(fast[:-1], slow[:-1]):
+                same = (torch.equal(f, e) if f.dtype in (torch.bool, torch.int64) else
+                        f.shape == e.shape and torch.allclose(f, e, rtol=1e-9, atol=1e-12, equal_nan=True))
+                if not same:
+                    raise ValueError("the compiled transition disagrees with the eager one")
+
+    def fresh_rows(self) -> int:
+        """How many leaf uniforms to draw: enough for one doubling more than the deepest
+        tree of the recent transitions (a longer sub-tree makes the program stop and run
+        again with all of them)."""
+        deepest = max(self.recent_depths, default=self.K)
+        return min(self.L, 1 << deepest)
+
+    def __call__(self, z, logp, grad, p0, u, step, inv_mass, graph_args: tuple, randomness):
+        """(z, logp, grad, energy, accept_stat, divergent, n_steps, tree_depth, moved) of
+        one transition from the momentum p0 [C, D] and the uniforms u [3K, C] (as
+        ``hmc.nuts_step`` draws them; the leaf uniforms are drawn here), or None: the
+        eager kernel must make it."""
+        C = z.shape[0]
+        fresh = self.fresh_rows()
+        self.u_leaf[:fresh] = randomness.uniform((fresh, C), z.device)
+        inputs = [t.contiguous() for t in (z, logp, grad, p0, u, self.u_leaf)]
+        rest = [step.contiguous(), inv_mass.contiguous()]
+        out = self._run(inputs, rest, fresh, graph_args)
+        if out is None:
+            return None
+        valid, enough = out[-1].tolist()
+        if valid and not enough:  # a sub-tree longer than the uniforms drawn: the same
+            # transition again (same momentum, directions, first uniforms) with all of them
+            self.redone += 1
+            self.u_leaf[fresh:] = randomness.uniform((self.L - fresh, C), z.device)
+            out = self._run(inputs, rest, self.L, graph_args)
+            if out is None:
+                return None
+            valid, enough = out[-1].tolist()
+        if not (valid and enough):
+            return None
+        self.recent_depths.append(int(out[7].max()))
+        del self.recent_depths[:-50]
+        return out[:-1]
+
+    def _run(self, inputs, rest, fresh: int, graph_args):
+        fresh_t = torch.tensor(fresh, dtype=torch.int64)
+        try:
+            return self.run(*inputs, *rest, fresh_t, *graph_args)
+        except (RuntimeError, AssertionError):  # a compiled kernel that raises (e.g. a Cholesky)
+            return None
+
+
+def _example(z, logp, grad, inv_mass, max_tree_depth: int, seed: int) -> tuple:
+    """Inputs of ``transition`` (after ``evaluate_at``, before the depth) at the chains'
+    state, with random momenta, directions, step sizes and leaf uniforms."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    C, D = z.shape
+    K = max_tree_depth
+    L = 1 << (K - 1)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, dtype=torch.float64).to(z.device)
+
+    p0 = torch.randn(C, D, generator=g, dtype=torch.float64).to(z.device)
+    step = 0.05 + 0.2 * rand(C)
+    return tuple(t.contiguous() for t in (z, logp, grad, p0, rand(3 * K, C), rand(L, C), step, inv_mass)) + (
+        torch.tensor(L, dtype=torch.int64),)
