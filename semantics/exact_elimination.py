@@ -97,6 +97,8 @@ class Structure:
     numbered_on_some_paths: bool = False
     #: ``_site_plans``' answer, computed once per structure (None: not yet)
     plans: Any = field(default=None, compare=False, repr=False)
+    #: whether a recipe names a function of the program (``_reads_functions``; None: not yet)
+    reads_functions: Any = field(default=None, compare=False, repr=False)
 
     @property
     def static(self) -> bool:
@@ -521,7 +523,9 @@ def _direct_tables(interp, structure: Structure, max_table: int, originals: dict
     ``NotApplicable`` where a site has no recipe or an evaluation fails (the caller then
     tabulates from covering runs, which give any located error)."""
     plans = _site_plans(structure)
-    evaluator = _RecipeEvaluator(interp, originals, supports)
+    if structure.reads_functions is None:  # (the structure belongs to one program)
+        structure.reads_functions = _reads_functions(plans, interp.program)
+    evaluator = _RecipeEvaluator(interp, originals, supports, structure.reads_functions)
     domains: dict = {}
     rows: dict = {}
     shared: dict = {}  # (plan's memo number, its reading, its scope's domains' ids) -> (rows, domain, fewest)
@@ -563,6 +567,7 @@ class _SitePlan:
                         # order); None when that is the scope itself
     memo: int          # the same number for sites of the same kind, expressions (their
                        # identities) and data-only variables: their rows are the same
+    names: frozenset = frozenset()  # the names its expressions read besides its variables
 
 
 def _site_plans(structure: Structure) -> dict:
@@ -597,10 +602,21 @@ def _make_site_plans(structure: Structure) -> dict:
                                  tuple((name, type(x), x) for name, how, x in recipe.env if how == "value")),
                                 len(memos))
         read = tuple(scope.index(x) for x in choices)
-        plans[a] = _SitePlan(recipe, scope, None if read == tuple(range(len(scope))) else read, memo)
+        own = {name for name, _, _ in recipe.env}
+        names = frozenset(n.name for e in recipe.exprs for n in ir.walk(e) if type(n) is ir.Var and n.name not in own)
+        plans[a] = _SitePlan(recipe, scope, None if read == tuple(range(len(scope))) else read, memo, names)
         if structure.sites.get(a) == "choice":
             earlier.add(a)
     return plans
+
+
+def _reads_functions(plans: dict, program) -> bool:
+    """Whether some recipe names a function of ``program`` (then it is evaluated in the
+    interpreter's ``globals``, where the function shadows any builtin of its name; else
+    among the builtins alone, with nothing copied). Recipes call builtins only, so this is
+    rare: a function named as a value."""
+    names = {f.name for f in program.functions}
+    return any(not names.isdisjoint(plan.names) for plan in plans.values())
 
 
 def _size(scope: tuple, domains: dict) -> int:
@@ -631,10 +647,10 @@ class _RecipeEvaluator:
     the values the program sees (``originals``), as ``_FixedRun`` gives them. Any error is
     ``NotApplicable``."""
 
-    def __init__(self, interp, originals: dict, supports: dict):
+    def __init__(self, interp, originals: dict, supports: dict, reads_functions: bool = True):
         self.interp, self.originals, self.supports = interp, originals, supports
         self.ctx = _one_particle()
-        self.frame = Frame(interp.globals, self.ctx)
+        self.frame = Frame(interp.globals if reads_functions else interp.builtins_frame(), self.ctx)
         self._rows: dict = {}
 
     def rows(self, plan: "_SitePlan", domains: dict) -> dict:

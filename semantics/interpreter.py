@@ -245,15 +245,32 @@ class Interpreter:
         bounds = limits.current()  # None: the process-wide limits (semantics.limits)
         self.max_depth = bounds.max_depth if max_depth is None else max_depth
         self.max_iterations = bounds.max_iterations if max_iterations is None else max_iterations
-        self.globals = Frame(None, None)
-        self.globals.vars.update(builtins)
-        for f in program.functions:
-            self.globals.vars[f.name] = Closure(f.name, f.params, f.body, self.globals, f.span)
+        # (``globals``, the frame of the builtins and the program's functions, is made on first use:
+        # ``__getattr__``; exact enumeration by recipes never needs it)
         self._purity_inputs = (builtins, _bound_names(program))  # (``_pure_builtins``, made on first use)
         self._pure_names: set | None = None
         self._pure_cache: dict[int, bool] = {}
         if sys.getrecursionlimit() < 20_000:
             sys.setrecursionlimit(20_000)
+
+    def __getattr__(self, name: str):
+        """``globals`` (made here on first use, then an ordinary attribute)."""
+        if name != "globals":
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        g = Frame(None, None)
+        g.vars.update(self._purity_inputs[0])
+        for f in self.program.functions:
+            g.vars[f.name] = Closure(f.name, f.params, f.body, g, f.span)
+        self.globals = g
+        return g
+
+    def builtins_frame(self) -> Frame:
+        """A frame of the builtins alone (the dict the interpreter was given, not copied):
+        for evaluating pure expressions that read no function of the program (in
+        ``globals`` a function shadows a builtin of its name). Nothing may write to it."""
+        fr = Frame(None, None)
+        fr.vars = self._purity_inputs[0]
+        return fr
 
     # ----------------------------------------------------------------------------- entry
     def run(self, entry: str, data: dict, ctx: Particles) -> Generator:
