@@ -68,6 +68,12 @@ NumPyro and Pyro twins, same sites and parameterisation; reference posteriors in
   NumPyro compile counted and NumPyro compile excluded, against the targets of issue 11:
   >= 10x Pyro, >= 1x NumPyro compile counted, >= 1/3x NumPyro compile excluded; PASS/FAIL
   is printed for warm-up included (the headline: the time a user waits) and excluded.
+* compilation cache: ppl compiles the potential's graph with TorchInductor, whose on-disk
+  cache keeps a compiled graph for later processes (``inference.compiled``); by default it
+  is shared, so a model compiled by an earlier run or repeat is loaded (~0.3-1.5 s), not
+  compiled (2-40 s). ``--cold-compile-cache`` gives each ppl process an empty cache (the
+  first run of a model on a machine). NumPyro's JAX cache is off (its default): every
+  NumPyro process compiles.
 * repeats: medians of ``--repeats`` (capped at 5 in ``run``); the contenders' order
   alternates each round; Pyro, much slower, runs ``--pyro-repeats`` times (default 1),
   each process stopped after ``--pyro-timeout`` seconds (wall clock; reported as timed
@@ -113,6 +119,10 @@ JAX_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
 CONTENDERS = ("ppl nuts", "ppl tempering", "pyro nuts", "numpyro nuts")
 #: issue 11: tempered SMC gives every posterior mean within 0.1 posterior sd
 TEMPERING_MEAN_ERR = 0.1
+#: --cold-compile-cache: each ppl process gets an empty TorchInductor cache directory (as
+#: the first run of a model on a machine); otherwise Inductor's on-disk cache is shared by
+#: every run, and a graph compiled by an earlier run or repeat is loaded, not compiled
+FRESH_COMPILE_CACHE = {"on": False}
 TARGETS = {"pyro nuts": 10.0, "numpyro (compile counted)": 1.0, "numpyro (compile excluded)": 1.0 / 3.0}
 
 
@@ -444,6 +454,8 @@ def run_child(contender: str, model: str, proto: Protocol, seed: int, clock: str
     spec = {"contender": contender, "model": model, "protocol": vars(proto), "seed": seed, "clock": clock}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "draws.npz")
+        if FRESH_COMPILE_CACHE["on"] and contender.startswith("ppl"):
+            env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tmp, "inductor")
         load = loadavg()
         try:
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec), out],
@@ -686,9 +698,11 @@ def print_overview(report: dict) -> None:
 
 def run(repeats: int = 5, quick: bool = False, *, clock: str | None = None, models: list[str] | None = None,
         protocol: Protocol | None = None, pyro_repeats: int = 1, json_path: str | None = RESULTS,
-        contenders: list[str] | None = None, timeout: float = 3600.0, pyro_timeout: float | None = None) -> dict:
+        contenders: list[str] | None = None, timeout: float = 3600.0, pyro_timeout: float | None = None,
+        cold_compile_cache: bool = False) -> dict:
     """The benchmark (``bench/run.py`` calls this with its --repeats/--quick; the clock is
-    the one ``common`` was set to)."""
+    the one ``common`` was set to). ``cold_compile_cache``: see ``FRESH_COMPILE_CACHE``."""
+    FRESH_COMPILE_CACHE["on"] = bool(cold_compile_cache)
     if clock is None:
         import common
         clock = "cpu" if common.clock is time.process_time else "wall"
@@ -708,11 +722,13 @@ def run(repeats: int = 5, quick: bool = False, *, clock: str | None = None, mode
             available[c] = "not selected (--contenders)"
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     print(f"\nNUTS benchmark (bench/nuts_models.py); protocol {vars(proto)}, repeats {repeats} (pyro {min(pyro_repeats, repeats)}), "
-          f"clock {clock}, one thread per contender, load average {loadavg()}")
+          f"clock {clock}, one thread per contender, Inductor cache "
+          f"{'fresh per ppl process' if cold_compile_cache else 'shared (on disk)'}, load average {loadavg()}")
     for c in CONTENDERS:
         if available.get(c):
             print(f"  {c}: {available[c]}")
     report = {"started": started, "protocol": vars(proto), "repeats": repeats, "timeout_s": timeout,
+              "inductor_cache": "fresh per ppl process" if cold_compile_cache else "shared (on disk)",
               "pyro_timeout_s": pyro_timeout or timeout,
               "pyro_repeats": min(pyro_repeats, repeats), "clock": clock, "targets": TARGETS,
               "availability": available, "load_start": loadavg(), "models": {}}
@@ -776,6 +792,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pyro-timeout", type=float, help="seconds per Pyro process (default: --timeout)")
     ap.add_argument("--overview", nargs="+", metavar="JSON", help="print the overview of saved results and stop")
     ap.add_argument("--json", default=RESULTS, help="where to write the results ('' for nowhere)")
+    ap.add_argument("--cold-compile-cache", action="store_true",
+                    help="each ppl process starts with an empty TorchInductor cache (a first run on this machine)")
     ap.add_argument("--child", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -797,7 +815,7 @@ def main(argv=None) -> int:
     run(args.repeats, args.quick, clock=args.clock, protocol=proto, pyro_repeats=args.pyro_repeats,
         models=args.models.split(",") if args.models else None, json_path=args.json or None,
         contenders=[c.strip() for c in args.contenders.split(",")] if args.contenders else None,
-        timeout=args.timeout, pyro_timeout=args.pyro_timeout)
+        timeout=args.timeout, pyro_timeout=args.pyro_timeout, cold_compile_cache=args.cold_compile_cache)
     return 0
 
 

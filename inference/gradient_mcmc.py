@@ -67,9 +67,10 @@ def gradient_mcmc(interp, entry: str, data: dict, *, kernel: str = "nuts", chain
     randomness = randomness or TorchRandomness()
     model = ModelRun(interp, entry, data, device)
     state = initial_state(interp, entry, data, chains, device, randomness)
-    potential = build_potential(model, state, traced=traced, compile=compile is True)
-    if compile == "auto" and potential.compiled_before():
-        potential.compile_now()  # loaded from Inductor's disk cache: a fraction of a second
+    # "auto": a graph compiled on this machine before is loaded from Inductor's disk cache at
+    # once (a fraction of a second), else decided after COMPILE_CHECK iterations
+    potential = build_potential(model, state, traced=traced,
+                                compile="cached" if compile == "auto" else compile is True)
     z0 = potential.initial(randomness)
     dense_mass, inverse_mass = _mass_matrix(potential, z0, dense_mass)
     started = time.perf_counter()

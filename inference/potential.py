@@ -450,14 +450,16 @@ def _is_continuous(T, value: torch.Tensor) -> bool:
 
 
 def build_potential(model: ModelRun, state: TracedState, *, traced: bool | str = "auto",
-                    compile: bool = False) -> Potential:
+                    compile: bool | str = False) -> Potential:
     """The potential of ``state.chains`` chains of ``model`` (``state``: a first trace of
     each chain, e.g. ``mh.initial_state``): its continuous choices are laid out in z in
     the order the program makes them; its other choices are held at the state's values.
     ``traced``: "auto" (trace a static program, else eager), True (an error if the program
     cannot be traced), False (eager). ``compile``: compile the traced graph with
     TorchInductor (``inference.compiled``; on failure the TorchScript graph is used and
-    ``why_not_compiled`` says why)."""
+    ``why_not_compiled`` says why); ``compile="cached"``: only when this graph was compiled on
+    this machine before (``compiled.compiled_before``: loaded from Inductor's disk cache),
+    without making the TorchScript graph first."""
     C = state.chains
     values = {a: v for a, v in state.values.items()}
     probe = _SupportProbe.run(model, C, values)
@@ -485,9 +487,9 @@ def build_potential(model: ModelRun, state: TracedState, *, traced: bool | str =
     if traced:
         started = time.process_time()
         try:
-            p._graph = _trace(p, "inductor" if compile else "jit")
+            backend = "cached" if compile == "cached" else "inductor" if compile else "jit"
+            p._graph, p.compiled = _trace(p, backend)
             p.traced = True
-            p.compiled = bool(compile)
         except _CompileFailed as e:
             p._graph, p.traced, p.why_not_compiled = e.graph, True, e.why
         except (NotStatic, PPLError, RuntimeError, TypeError, ValueError, IndexError, AttributeError) as e:
@@ -508,9 +510,13 @@ class _CompileFailed(Exception):
 
 
 def _trace(p: Potential, backend: str = "jit"):
-    """The recorded graph (z, beta, *given) -> (log pi, gradient, parameters valid?) of a
-    static program (``inference.compiled``); NotStatic if the program is not static or the
-    graph disagrees with the interpreter."""
+    """(the recorded graph (z, beta, *given) -> (log pi, gradient, parameters valid?) of a
+    static program (``inference.compiled``), whether Inductor compiled it); NotStatic if the
+    program is not static or the graph disagrees with the interpreter. ``backend``: "jit",
+    "inductor" or "cached" (Inductor if ``compiled_before``, else TorchScript). A graph
+    Inductor compiled and that agrees with the interpreter is used without making the
+    TorchScript one; if Inductor fails or disagrees, the TorchScript graph is made and
+    checked as usual (_CompileFailed carries it)."""
     given = tuple(p.given[a] for a in p.discrete)
     g = torch.Generator(device="cpu").manual_seed(0)
     valid = _valid_points(p, g)
@@ -522,18 +528,23 @@ def _trace(p: Potential, backend: str = "jit"):
     with torch.no_grad():  # static? (raises NotStatic at a Python decision on z)
         p._run(*_taint((example()[0],)), dict(zip(p.discrete, _taint(given))))
     gm = record(p._value_and_grad, example())
-    graph = replay(gm, example())
-    _agrees(p, graph, example)
     p._recorded = (gm, example)
     p._aten = gm
-    if backend == "jit":
-        return graph
-    try:
-        fast = replay(gm, example(), backend)
-        _agrees(p, fast, example)
-    except Exception as e:  # noqa: BLE001 - any compiler failure leaves the TorchScript graph
-        raise _CompileFailed(graph, (str(e).splitlines() or [type(e).__name__])[0]) from None
-    return fast
+    if backend == "cached":
+        backend = "inductor" if compiled_before(gm, example()) else "jit"
+    why = None
+    if backend == "inductor":
+        try:
+            fast = replay(gm, example(), backend)
+            _agrees(p, fast, example)
+            return fast, True
+        except Exception as e:  # noqa: BLE001 - any compiler failure leaves the TorchScript graph
+            why = (str(e).splitlines() or [type(e).__name__])[0]
+    graph = replay(gm, example())
+    _agrees(p, graph, example)
+    if why is not None:
+        raise _CompileFailed(graph, why)
+    return graph, False
 
 
 def _agrees(p: Potential, graph, example) -> None:

@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 
 import ppl
 from ppl.inference import compiled, gradient_mcmc
-from ppl.inference.potential import Potential
+from ppl.inference import potential as potential_module
 
 torch.set_num_threads(1)
 
@@ -83,16 +83,17 @@ def test_the_marker_depends_on_the_graphs_constants_and_input_shapes(fresh_cache
 def test_compile_auto_compiles_at_once_a_graph_compiled_before(fresh_cache, monkeypatch):
     compiles, potentials = [], []
 
-    def compile_now(self):  # the decision only: Inductor itself is tested above
-        compiles.append(self)
-        self.compiled, self._recorded = True, None
-        return True
+    def replay(gm, example_inputs, backend="jit", **kwargs):  # the decision only: Inductor is tested above
+        if backend == "inductor":
+            compiles.append(gm)
+            return compiled.replay(gm, example_inputs, "jit")
+        return compiled.replay(gm, example_inputs, backend, **kwargs)
 
     def build_potential(*args, **kwargs):
         potentials.append(build(*args, **kwargs))
         return potentials[-1]
     build = gradient_mcmc.build_potential
-    monkeypatch.setattr(Potential, "compile_now", compile_now)
+    monkeypatch.setattr(potential_module, "replay", replay)
     monkeypatch.setattr(gradient_mcmc, "build_potential", build_potential)
     m = ppl.compile_source(SOURCE)
     data = {"ys": [0.3, 1.2, -0.4, 0.8, 2.1]}
@@ -105,5 +106,8 @@ def test_compile_auto_compiles_at_once_a_graph_compiled_before(fresh_cache, monk
     compiled._mark_compiled(gm, example(), True)  # as replay(..., "inductor") does
     known = m.run("nuts", data, **short)
     assert known.extra["compiled"] and len(compiles) == 1
+    # the same draws as on TorchScript (the stand-in compiles nothing)
+    assert torch.equal(torch.as_tensor(known.samples["mu"]), torch.as_tensor(first.samples["mu"]))
     other = m.run("nuts", {"ys": [0.3, 1.2, -0.4, 0.8, 2.0]}, **short)  # other data: another graph
     assert not other.extra["compiled"] and len(compiles) == 1
+    assert not m.run("nuts", data, compile=False, **short).extra["compiled"] and len(compiles) == 1
