@@ -139,13 +139,13 @@ class _CoordinateRun(ReExecution):
             self.proposing_rows = torch.ones_like(self.broken)
         self.proposing = bool(self.proposing_rows.any())
 
-    def log_prob(self, dist, value, ctx):
+    def log_prob(self, dist, value, ctx, site=None):
         """The likelihood's log density; where it raises (an invalid parameter, e.g. a
         covariance that is not positive definite) at some proposed particles, those score
         -inf (the proposal is rejected, as a proposal outside the support is), found by
         bisection. An error at a particle that proposes nothing is the model's: raised."""
         try:
-            return super().log_prob(dist, value, ctx)
+            return super().log_prob(dist, value, ctx, site)
         except PPLRuntimeError:
             if not self.proposing:
                 raise

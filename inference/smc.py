@@ -76,7 +76,7 @@ class SMCHandler(Weighting):
         checkpoint's one sync (a NaN log density makes the maximum weight NaN)."""
         if eff.ctx.idx.shape[0] != self.N:  # (= eff.ctx.M, without a property call)
             return Weighting.observe(self, eff)
-        lp = self.log_prob(eff.dist, eff.value, eff.ctx)
+        lp = self.log_prob(eff.dist, eff.value, eff.ctx, eff)
         self._unchecked = (self.log_weights, lp)
         try:
             self.add(eff.ctx, lp)

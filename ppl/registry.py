@@ -24,6 +24,7 @@ from .inference.diagnostics import count_distinct, emit, ess_before_last_resampl
 from .inference.methods import METHODS, check_options
 from .inference.population import Chains, Optimum, Population
 from .result import ExactResult, WeightedResult, as_result
+from .semantics import invalid_parameters
 from .semantics.errors import PPLError, did_you_mean
 from .semantics.exact_elimination import EliminationResult
 from .semantics.options import OptionSpec
@@ -141,7 +142,7 @@ def run_method(method: str, model, data: dict, **options) -> Any:
         options["proposal"] = load_proposal(options["proposal"], model, data)
     output = printing.run_output(unit="chain" if method in _CHAIN_METHODS else "particle") if _prints(model) \
         else contextlib.nullcontext()  # (= run_output(False): a model that never prints opens no log)
-    with output:  # (print(...) in the model: bounded output, stdlib.printing)
+    with output, invalid_parameters.recording() as notes:  # (print(...) in the model: stdlib.printing)
         raw = METHODS[method](model, data, **options)
     if not isinstance(raw, (Population, Chains, Optimum, list, tuple, WeightedResult, ExactResult,
                             EliminationResult)):
@@ -150,6 +151,8 @@ def run_method(method: str, model, data: dict, **options) -> Any:
     res = as_result(raw)
     if isinstance(res, (WeightedResult, ExactResult)) and getattr(res, "model", None) is None:
         res.model, res.data = model, dict(data)  # (to_arviz and Model.predictive re-run the model on its draws)
+    if notes and hasattr(res, "warnings"):  # a parameter invalid at some particles (weight zero there)
+        res.run_warnings = invalid_parameters.warnings(notes)
     population_diagnostics(res)
     emit(getattr(res, "warnings", []), stacklevel=3)
     return res

@@ -135,11 +135,13 @@ class _ResultBase:
     def warnings(self) -> list[str]:
         """Why this result may be unreliable (empty when nothing was found): split R-hat,
         Pareto k, a small ESS, a collapsed population; see ``ppl.inference.diagnostics``.
-        Inference also emits each one as a ``ppl.PPLDiagnosticWarning``."""
+        Inference also emits each one as a ``ppl.PPLDiagnosticWarning``. ``run_warnings``
+        (set by ``ppl.registry``: what the run itself noted, e.g. a distribution parameter
+        invalid at some particles, ``semantics.invalid_parameters``) come last."""
         cached = self.__dict__.get("_warnings")
         if cached is None:
             cached = self.__dict__["_warnings"] = self._diagnose()
-        return list(cached)
+        return list(cached) + list(self.__dict__.get("run_warnings", ()))
 
     # -- site access ---------------------------------------------------------------------
 

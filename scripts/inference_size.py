@@ -69,8 +69,8 @@ def main() -> None:
     rows = table(args.dir, args.base)
     print(f"{'module':<24}{'lines':>7}{'algorithm':>11}  existed at {args.base}")
     for name, total, algo, old in sorted(rows, key=lambda r: (not r[3], r[0])):
-        print(f"{name:<24}{total:>7}{algo:>11}  {'yes' if old else 'no (issues 11/12)'}")
-    for label, keep in (("existed at the issue's start", True), ("added by issues 11/12", False)):
+        print(f"{name:<24}{total:>7}{algo:>11}  {'yes' if old else 'no (added since)'}")
+    for label, keep in (("existed at the issue's start", True), ("added since (issues 11, 12, 14)", False)):
         part = [r for r in rows if r[3] == keep]
         print(f"{label + f' ({len(part)} modules)':<44}{sum(r[1] for r in part):>7} lines, "
               f"{sum(r[2] for r in part):>6} of algorithm")

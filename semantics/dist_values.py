@@ -134,6 +134,21 @@ class DistValue(DistributionValue):
             shape = (ctx.M, *shape)
         return Batched(self.spec.to_value(torch.zeros(shape, device=ctx.device)), ctx.idx)
 
+    def invalid_particles(self, ctx: Particles) -> torch.Tensor | None:
+        """Per particle of ctx, whether its own parameters are invalid (a bool tensor
+        [M]), or None when they are invalid alike for every particle (a parameter that is
+        not per-particle: a constant or data) or cannot be checked particle by particle."""
+        if getattr(self.spec, "index_valued", False):
+            return None
+        try:
+            params, batched = self._params(ctx)
+        except (PPLRuntimeError, ValueError, RuntimeError):
+            return None
+        if not batched:
+            return None
+        flags = [type(a) is Batched or deep_batched(a) for a in self.args]
+        return self.spec.invalid_rows(params, flags, ctx.M)
+
     def sample_with_log_prob(self, ctx: Particles):
         """One draw per particle of ctx, and its log density (a tensor [M])."""
         value = self.sample(ctx)

@@ -248,7 +248,10 @@ class ReExecution(_WeightAccumulator):
     choice the constraint's value (``update``), else the old value unless the chain
     re-proposes the address (``regenerate``: a prior draw or a walk), else a prior draw
     (a fresh choice, its log prior summed in ``fresh_lp``). ``fwd_q``/``rev_q`` sum the
-    proposal terms of the re-proposed choices."""
+    proposal terms of the re-proposed choices. A chain whose own parameters of a
+    likelihood are invalid has density zero there (``semantics.invalid_parameters``)."""
+
+    invalid_anywhere = True
 
     def __init__(self, C, device, old, chosen: dict, randomness, kernel: str = "prior", scale: float = 0.5,
                  stop_after: int | None = None, beta: float = 1.0, constraints=None):

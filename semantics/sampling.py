@@ -50,6 +50,7 @@ import torch
 from .errors import PPLError, PPLRuntimeError
 from .dist_values import ProposedDist
 from .interpreter import ConditionEffect, FactorEffect, ObserveEffect, SampleEffect, TwistEffect
+from .invalid_parameters import invalid_log_prob
 from .trace import Trace, column, consolidate  # noqa: F401  (re-exported: the run kit's recorder)
 from .values import Batched, Particles, PerParticle, describe, rows, to_bool_rows
 
@@ -168,6 +169,10 @@ class _WeightAccumulator:
             last = rows(self._twist, self._twist_ctx)
             self.add(self._twist_ctx, _without_dead(-last, last))
 
+    #: a parameter invalid at every particle's own values is density zero too, not an
+    #: error (``semantics.invalid_parameters``; MCMC's re-execution sets it)
+    invalid_anywhere = False
+
     # ------------------------------------------------- particles of weight zero never raise
     def live(self, ctx: Particles) -> Particles | None:
         """The particles of ctx whose weight is not zero: ctx itself when all are, None
@@ -177,18 +182,24 @@ class _WeightAccumulator:
             return ctx
         return ctx.subset(~dead)
 
-    def log_prob(self, dist, value, ctx: Particles) -> torch.Tensor:
+    def log_prob(self, dist, value, ctx: Particles, site=None) -> torch.Tensor:
         """``dist.log_prob(value, ctx)``; where that raises only because of particles of
-        weight zero, -inf for them and the log density for the others."""
+        weight zero, -inf for them and the log density for the others; where the
+        distribution's parameters are invalid at some live particles only, -inf for those
+        too (density zero there, noted for ``site``: ``semantics.invalid_parameters``)."""
         try:
             return dist.log_prob(value, ctx)
-        except PPLRuntimeError:
+        except PPLRuntimeError as err:
             live = self.live(ctx)
             if live is ctx:
-                raise
+                return invalid_log_prob(dist, value, ctx, err, site, self.invalid_anywhere)
         lp = torch.full((ctx.M,), -math.inf, dtype=torch.float64, device=ctx.device)
         if live is not None:
-            lp[ctx.positions(live.idx)] = torch.as_tensor(dist.log_prob(value, live)).to(torch.float64)
+            try:
+                live_lp = dist.log_prob(value, live)
+            except PPLRuntimeError as err:
+                live_lp = invalid_log_prob(dist, value, live, err, site, self.invalid_anywhere)
+            lp[ctx.positions(live.idx)] = torch.as_tensor(live_lp).to(torch.float64)
         return lp
 
     def draw(self, dist, ctx: Particles, draw=None):
@@ -256,7 +267,7 @@ class _WeightAccumulator:
         self._checkpoint(eff)
 
     def observe(self, eff: ObserveEffect):
-        self.add(eff.ctx, self.log_prob(eff.dist, eff.value, eff.ctx))
+        self.add(eff.ctx, self.log_prob(eff.dist, eff.value, eff.ctx, eff))
         self._checkpoint(eff)
 
     def _checkpoint(self, eff) -> None:
@@ -387,7 +398,7 @@ class Weighting(_WeightAccumulator):
     def observe(self, eff: ObserveEffect):
         """Weight by the observation's log density; NaN there (a NaN or infinite observed
         value or parameter) is an error at the observe, not a NaN weight found later."""
-        lp = self.log_prob(eff.dist, eff.value, eff.ctx)
+        lp = self.log_prob(eff.dist, eff.value, eff.ctx, eff)
         if isinstance(lp, torch.Tensor) and bool(torch.isnan(lp).any()):
             lp = self._nan_observation(lp, eff)
         self.add(eff.ctx, lp)

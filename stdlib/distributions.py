@@ -217,6 +217,11 @@ POINT = _Con("must be a real number", lambda t: ~torch.isnan(t), lambda x: True,
 COV = _Con("must be a symmetric positive-definite matrix", None, None)  # type: ignore[arg-type]
 ITEMS = _Con("must be a non-empty list", None, None)  # type: ignore[arg-type]
 
+#: the constraints a per-particle value may fail at some particles with density zero there
+#: (``DistSpec.invalid_rows``, ``semantics.invalid_parameters``): a scale that underflowed to
+#: 0 or was computed at or below 0, a covariance that is not positive definite
+SCALE_LIKE = (POSITIVE, NONNEG, COV)
+
 
 # -------------------------------------------------------- out-of-support-safe torch dists
 
@@ -609,6 +614,40 @@ class DistSpec:
                 raise self._err(pname, "must have a positive sum (got all zeros)")
         if con is LOGIT_VECTOR and not bool(torch.isfinite(t).any(-1).all()):
             raise self._err(pname, "must contain at least one finite value (got all -inf)")
+
+    def invalid_rows(self, params: Sequence, batched: Sequence[bool], M: int) -> torch.Tensor | None:
+        """Per row of the batched parameters (leading dimension ``M``: the particles),
+        whether that row fails a scale-like constraint (``SCALE_LIKE``: positive,
+        non-negative, positive definite): a bool tensor [M]. None, for the caller's error,
+        when a parameter that is not batched fails (the same for every row: a constant or
+        data), a batched one fails another constraint (a probability of 1.5 is a bug, not
+        a region of the parameter space), or there is nothing per row to check. ``make``'s
+        cross-checks between parameters are not included."""
+        bad = None
+        for (pname, con, ev), t, b in zip(self._checks, params, batched):
+            if con is ITEMS:
+                continue
+            t = torch.as_tensor(t)
+            if con is COV:
+                ok = tc.positive_definite.check(t) if t.dim() >= 2 and t.shape[-1] == t.shape[-2] \
+                    else torch.zeros(t.shape[:-2], dtype=torch.bool)
+            else:
+                ok = con.tensor_ok(t)
+                if con is PROB_VECTOR:
+                    ok = ok.all(-1) & (t.sum(-1) > 0)
+                elif con is LOGIT_VECTOR:
+                    ok = ok.all(-1) & torch.isfinite(t).any(-1)
+            if not b:
+                if not bool(ok.all()):
+                    return None
+                continue
+            if ok.dim() == 0 or ok.shape[0] != M:
+                return None
+            row_bad = ~ok.reshape(M, -1).all(1)
+            if con not in SCALE_LIKE and bool(row_bad.any()):
+                return None
+            bad = row_bad if bad is None else bad | row_bad
+        return bad
 
     @staticmethod
     def _good(con: _Con, t: torch.Tensor) -> torch.Tensor:
