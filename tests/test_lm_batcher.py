@@ -316,3 +316,22 @@ def test_the_text_api_passes_through():
         assert lm.encode(" the cat") == base.encode(" the cat") and lm.decode([1, 2]) == base.decode([1, 2])
         assert lm.token_text(3) == base.token_text(3)
         assert lm.next_logprobs([]).shape == (0, base.vocab_size)
+
+
+def test_the_caller_completing_a_tick_runs_it_itself():
+    """With one registered client each request completes its tick: the backend runs in the
+    caller's thread (no hand-over to the worker); a request that waits for company is run
+    by the worker."""
+    seen = []
+
+    class Where(Recorder):
+        def next_logprobs(self, contexts):
+            seen.append(threading.current_thread())
+            return super().next_logprobs(contexts)
+    with BatchingLM(Where(ToyLM()), max_wait_ms=20) as lm:
+        with lm.client():
+            lm.next_logprobs([(1,)])
+            lm.next_logprobs([(2,)])
+        assert seen == [threading.current_thread()] * 2
+        lm.next_logprobs([(3,)])  # no client registered: the worker fires it after 20 ms
+        assert seen[-1] is lm._worker and lm.stats.timed_out_ticks == 1 and lm.stats.full_ticks == 2

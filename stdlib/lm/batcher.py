@@ -3,9 +3,9 @@
 ``BatchingLM(backend, max_batch=256, max_wait_ms=10)`` is itself a ``LanguageModel``:
 pass it wherever the backend would go (``model.run("smc", {"lm": batcher, ...})`` in
 several threads, the hand-written loops of ``bench/``, ``await batcher.anext_logprobs``
-in asyncio tasks). Every ``next_logprobs(contexts)`` call becomes a *request*; one
-worker thread gathers the requests that are waiting and answers all of them with ONE
-``backend.next_logprobs`` call (a *tick*), then hands each request exactly its rows.
+in asyncio tasks). Every ``next_logprobs(contexts)`` call becomes a *request*; the
+requests that are waiting are answered together by ONE ``backend.next_logprobs`` call
+(a *tick*), and each request receives exactly its rows.
 
 * When a tick fires. The worker takes the oldest waiting request and waits for more
   until one of: every registered client has a request waiting (``with
@@ -20,8 +20,9 @@ worker thread gathers the requests that are waiting and answers all of them with
   first appearance (identical contexts of different queries, e.g. a shared prompt, are
   asked once). Request r receives ``answer[index_r]``: exactly the backend's rows for
   its contexts, in its order (bit for bit: the batcher does no arithmetic). The backend
-  is only ever called from the worker thread, so a backend that is not thread-safe (the
-  prefix cache of ``cache.py``) needs no lock; ``encode``/``decode``/``token_text`` are
+  is called by one thread at a time (the worker, or the caller of ``next_logprobs``
+  whose request completes a tick: it runs the tick itself, sparing two thread switches),
+  so a backend that is not thread-safe (the prefix cache of ``cache.py``) needs no lock; ``encode``/``decode``/``token_text`` are
   passed through under a lock (fast tokenizers are not safe to share across threads).
 * Numerics. A row of a batched forward pass can differ from the same row computed alone
   in the last bit (CPU matrix-multiply kernels are chosen by the batch's size: measured
@@ -78,7 +79,6 @@ class BatcherStats:
     size_ticks: int = 0        #: ticks fired by max_batch
     errors: int = 0            #: requests answered with an exception
     isolated_retries: int = 0  #: backend calls made to find which request of a failed tick fails
-    waited_s: float = 0.0      #: total time the worker held a tick open for more requests
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -120,6 +120,7 @@ class BatchingLM(LanguageModel):
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._text_lock = threading.Lock()
+        self._exec_lock = threading.Lock()  # held while the backend runs a tick
         self._clients = 0
         self._closing = False
         self._stopped: BaseException | None = None  # why the worker died, if it did
@@ -156,8 +157,12 @@ class BatchingLM(LanguageModel):
     def next_logprobs(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
         """The backend's rows for ``contexts``, computed in a tick shared with the other
         callers waiting now. Blocks until they are ready; raises the backend's error if
-        these contexts cause one."""
-        return self.submit(contexts).result()
+        these contexts cause one. The caller whose request completes a tick runs that
+        tick itself (no hand-over to the worker thread and back)."""
+        fut, batch = self._enqueue(contexts, run_here=True)
+        if batch is not None:
+            self._answer(batch)
+        return fut.result()
 
     async def anext_logprobs(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
         """``next_logprobs`` for asyncio tasks: awaits the tick without blocking the loop."""
@@ -165,11 +170,16 @@ class BatchingLM(LanguageModel):
 
     def submit(self, contexts: Sequence[Sequence[int]]) -> Future:
         """Queue a request; its ``Future`` receives the [len(contexts), V] rows or the error."""
+        return self._enqueue(contexts, run_here=False)[0]
+
+    def _enqueue(self, contexts, run_here: bool) -> tuple[Future, list | None]:
+        """Queue a request: (its future, the tick to run in this thread, if ``run_here``
+        and the request completes one)."""
         ctxs = [c if type(c) is tuple else tuple(c) for c in contexts]
         fut: Future = Future()
         if not ctxs:
             fut.set_result(torch.empty(0, self.vocab_size, device=self.device))
-            return fut
+            return fut, None
         with self._cond:
             if self._closing or self._stopped is not None:
                 why = "it was closed" if self._stopped is None else f"its worker stopped ({self._stopped!r})"
@@ -178,8 +188,11 @@ class BatchingLM(LanguageModel):
             self._queue.append(_Request(ctxs, fut))
             self.stats.requests += 1
             self.stats.rows += len(ctxs)
+            why = self._ready() if run_here else None
+            if why is not None and why != "closing":
+                return fut, self._take(why)
             self._cond.notify_all()
-        return fut
+        return fut, None
 
     # --------------------------------------------------------------- clients
     @contextlib.contextmanager
@@ -237,47 +250,52 @@ class BatchingLM(LanguageModel):
     def _next_tick(self) -> list[_Request] | None:
         """Wait for the requests of the next tick (None: closing and nothing waits)."""
         with self._cond:
-            while not self._queue:
-                if self._closing:
-                    return None
-                self._cond.wait()
-            first = self._queue[0].arrived
-            deadline = first + self.max_wait_s
-            t0 = time.perf_counter()
-            why = None
             while True:
-                waiting = len(self._queue)
-                rows = sum(len(r.contexts) for r in self._queue)
-                if rows >= self.max_batch:
-                    why = "size"
-                elif self._clients and waiting >= self._clients:
-                    why = "full"
-                elif self._closing:
-                    why = "closing"
-                else:
-                    left = deadline - time.perf_counter()
-                    if left <= 0:
-                        why = "timeout"
-                    else:
+                if not self._queue:
+                    if self._closing:
+                        return None
+                    self._cond.wait()
+                    continue
+                why = self._ready()
+                if why is None:
+                    left = self._queue[0].arrived + self.max_wait_s - time.perf_counter()
+                    if left > 0:
                         self._cond.wait(left)
-                        continue
+                        continue  # the queue may have changed (a caller may have run it)
+                    why = "timeout"
+                return self._take(why)
+
+    def _ready(self) -> str | None:
+        """Why the waiting requests make a tick now (None: wait for more). Under the lock."""
+        if sum(len(r.contexts) for r in self._queue) >= self.max_batch:
+            return "size"
+        if self._clients and len(self._queue) >= self._clients:
+            return "full"
+        if self.max_wait_s == 0:
+            return "timeout"
+        if self._closing:
+            return "closing"
+        return None
+
+    def _take(self, why: str) -> list[_Request]:
+        """The next tick's requests: whole requests, in arrival order, while their distinct
+        contexts fit in max_batch (at least one). Under the lock."""
+        st = self.stats
+        if why == "size":
+            st.size_ticks += 1
+        elif why == "full":
+            st.full_ticks += 1
+        elif why == "timeout":
+            st.timed_out_ticks += 1
+        batch = [self._queue.popleft()]
+        distinct = set(batch[0].contexts)
+        while self._queue:
+            more = distinct.union(self._queue[0].contexts)
+            if len(more) > self.max_batch:
                 break
-            self.stats.waited_s += time.perf_counter() - t0
-            if why == "size":
-                self.stats.size_ticks += 1
-            elif why == "full":
-                self.stats.full_ticks += 1
-            elif why == "timeout":
-                self.stats.timed_out_ticks += 1
-            batch = [self._queue.popleft()]
-            distinct = set(batch[0].contexts)
-            while self._queue:
-                more = distinct.union(self._queue[0].contexts)
-                if len(more) > self.max_batch:
-                    break
-                distinct = more
-                batch.append(self._queue.popleft())
-            return batch
+            distinct = more
+            batch.append(self._queue.popleft())
+        return batch
 
     def _call_backend(self, contexts: list[tuple]) -> torch.Tensor:
         with torch.no_grad():
@@ -289,7 +307,18 @@ class BatchingLM(LanguageModel):
         return out
 
     def _answer(self, batch: list[_Request]) -> None:
-        """One backend call for the whole tick; on an error, each request alone."""
+        """One backend call for the whole tick; on an error, each request alone. Backend
+        calls are serialised (the worker and callers running a tick take turns)."""
+        with self._exec_lock:
+            try:
+                self._answer_tick(batch)
+            except BaseException as e:  # an interrupt in a caller running the tick: nobody hangs
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+                raise
+
+    def _answer_tick(self, batch: list[_Request]) -> None:
         slot: dict[tuple, int] = {}
         indices = [[slot.setdefault(c, len(slot)) for c in r.contexts] for r in batch]
         unique = list(slot)
