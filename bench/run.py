@@ -39,6 +39,7 @@ def main() -> int:
     import bench_enumerate
     import bench_importance
     import bench_lm
+    import bench_lm_batching
     import bench_lm_constraints
     import bench_lm_masks
     import bench_lm_scaling
@@ -46,7 +47,7 @@ def main() -> int:
     import bench_mh
     import bench_nuts
     import bench_smc
-    for mod in [bench_importance, bench_smc, bench_mh, bench_lm, bench_lm_constraints, bench_lm_masks, bench_lm_scaling, bench_amortized, bench_memory,
+    for mod in [bench_importance, bench_smc, bench_mh, bench_lm, bench_lm_batching, bench_lm_constraints, bench_lm_masks, bench_lm_scaling, bench_amortized, bench_memory,
                 bench_nuts, bench_delayed, bench_enumerate, bench_enumerate_sites]:
         if args.only and args.only not in mod.__name__:
             continue
