@@ -194,6 +194,7 @@ class LMValue:
         self._masks: dict = {}
         self._all_tokens: list | None = None
         self._ctx_memo: tuple | None = None  # (entries, full idx, lineage, per-particle tuples)
+        self._end_rows: dict = {}
         self._methods = {
             "next_token": Builtin("next_token", self._next_token, (1, 5), higher_order=True),
             "generate": Builtin("generate", self._generate, (1, 7), higher_order=True),
@@ -369,20 +370,24 @@ class LMValue:
             if len(todo) == R:
                 return lp
             return lp.index_select(0, _long_tensor(slots, device))
-        out = torch.full((R, self.V), -math.inf, dtype=dtype, device=device)
+        # some rows finished: their row is the end-of-sequence token's (one row after the
+        # backend's, gathered like the others)
         todo: dict[tuple, int] = {}
-        where = []
-        for r, c in enumerate(contexts):
-            if self.finished(c):
-                out[r, self.eos_id] = 0.0
-                continue
-            where.append((r, todo.setdefault(c, len(todo))))
-        if todo:
-            lp = self._ask(list(todo), device, dtype)
-            r_idx = torch.tensor([r for r, _ in where], dtype=torch.long, device=device)
-            u_idx = torch.tensor([u for _, u in where], dtype=torch.long, device=device)
-            out[r_idx] = lp.index_select(0, u_idx)
-        return out
+        slots = [-1 if c and c[-1] == eos else todo.setdefault(c, len(todo)) for c in contexts]
+        end = self._end_row(device, dtype)
+        lp = torch.cat([self._ask(list(todo), device, dtype), end]) if todo else end
+        U = len(todo)
+        return lp.index_select(0, _long_tensor([U if k < 0 else k for k in slots], device))
+
+    def _end_row(self, device, dtype) -> torch.Tensor:
+        """[1, V]: log-probability 0 on the end-of-sequence token, -inf elsewhere (cached)."""
+        key = (str(device), dtype)
+        row = self._end_rows.get(key)
+        if row is None:
+            row = torch.full((1, self.V), -math.inf, dtype=dtype, device=device)
+            row[0, self.eos_id] = 0.0
+            self._end_rows[key] = row
+        return row
 
     def _ask(self, todo: list, device, dtype) -> torch.Tensor:
         """The backend's ``next_logprobs`` for the distinct contexts ``todo``, checked."""
@@ -785,15 +790,17 @@ def _draw_rows(lmv: LMValue, contexts: list, opts: _Opts, mask_rows, device):
     base = lmv.base_logprobs(contexts, device)
     finished = [lmv.finished(c) for c in contexts]
     any_finished = any(finished)
-    fin = torch.tensor(finished, dtype=torch.bool, device=device) if any_finished else None
+    fin = torch.frombuffer(bytearray(finished), dtype=torch.bool).to(device) if any_finished else None
     lp = base if opts.plain else decode_logprobs(base, opts)
     if any_finished and not opts.plain:
         lp = torch.where(fin[:, None], base, lp)
     if mask_rows is None:
         return lp, torch.zeros(len(contexts), dtype=lp.dtype, device=device)
-    if mask_rows.dim() == 1 and not any_finished:  # one mask for every row: one pass, nothing [R, V] built
+    if mask_rows.dim() == 1:  # one mask for every row: one pass (+ 0 or + -inf), nothing [R, V] built
         m = mask_rows.expand(lp.shape)
-        masked = lp + _additive(mask_rows, lp.dtype)  # (= the torch.where below: + 0 or + -inf)
+        masked = lp + _additive(mask_rows, lp.dtype)  # (= the torch.where below, value for value)
+        if any_finished:  # after the end: the end-of-sequence token, unconstrained (never of mass 0,
+            masked = torch.where(fin[:, None], lp, masked)  # so m's rows there are never read)
     else:
         m = mask_rows.expand(lp.shape) if mask_rows.dim() == 1 else mask_rows
         if any_finished:
