@@ -352,3 +352,36 @@ def test_contexts_grow_incrementally_with_the_same_results(monkeypatch):
     # and a second run (another population) does not reuse the first run's contexts
     again = model.run("smc", {"lm": lm, "T": T}, particles=32, seed=3, resampling="systematic", ess_threshold=1.0)
     assert again.marginal() == fast.marginal()
+
+
+def test_python_function_predicates_are_exact_and_evaluated_once():
+    """A Python function passed as data (``allowed=ok``, or called by a DSL predicate) is
+    taken token by token (it would see a whole population as one object), once: its
+    mask is cached like a pure predicate's."""
+    lm = ListLM(["a", "ab", "b", "ba", "e"], seed=2)
+    calls = []
+
+    def ok(t):
+        calls.append(t)
+        return t != "a" and "e" not in t
+    for src in ["ok", "lambda t: ok(t) and len(t) < 2"]:
+        calls.clear()
+        model = ppl.model(f"""
+def m(lm, ok):
+    toks = []
+    for i in range(3):
+        tok ~ lm.next_token(toks, allowed={src})
+        toks = toks + [tok]
+    return toks
+""")
+        r = model.run("smc", {"lm": lm, "ok": ok}, particles=16, seed=0)
+        assert len(calls) == lm.vocab_size  # the first step only, one call per token
+        allowed = {"ab", "b", "ba", ""} if src == "ok" else {"b", ""}
+        for toks in r.marginal():
+            assert set(toks) <= allowed
+    exact = ppl.model("""
+def m(lm, ok):
+    tok ~ lm.next_token([], allowed=ok)
+    return tok
+""").run("enumerate", {"lm": lm, "ok": ok}).marginal()
+    assert set(exact) == {"ab", "b", "ba", ""}

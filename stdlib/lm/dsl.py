@@ -497,12 +497,12 @@ class LMValue:
         token for every particle (it may read per-particle values)."""
         pure = _masks.pure_key(pred, lambda v: isinstance(v, LMValue))
         if pure is not None:
-            key, anchors = pure
+            key, anchors, batch_safe = pure
             hit = self._masks.get(key)
             if hit is not None and len(hit[0]) == len(anchors) and all(a is b for a, b in zip(hit[0], anchors)):
                 return hit[1]
-            ok = _masks.evaluate_batched(interp, pred, self.all_tokens(), span, getattr(fr, "path", ""),
-                                         getattr(fr, "depth", 0))
+            ok = None if not batch_safe else _masks.evaluate_batched(
+                interp, pred, self.all_tokens(), span, getattr(fr, "path", ""), getattr(fr, "depth", 0))
             if ok is not None:
                 mask = self._mask_of_bools(where, ok.tolist(), span)
                 if len(self._masks) >= 64:  # bounded: drop the oldest
@@ -536,7 +536,9 @@ class LMValue:
             cols.append(c)
         if not batched:
             mask = self._mask_of_bools(where, cols, span)
-            if pure is not None:  # (the batched call failed, this one did not)
+            if pure is not None:  # (not batch-safe, or the batched call failed and this one did not)
+                if len(self._masks) >= 64:  # bounded: drop the oldest
+                    self._masks.pop(next(iter(self._masks)))
                 self._masks[pure[0]] = (pure[1], mask)
             return mask
         t = torch.stack([c if isinstance(c, torch.Tensor) else torch.full((ctx.M,), c, device=ctx.device)

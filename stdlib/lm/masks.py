@@ -208,6 +208,8 @@ _CONSTANTS = (bool, int, float, str, Fraction, type(None))
 #: the prelude's higher-order functions that are pure when the functions they call are
 #: (those are free variables of the predicate, or defined in it, and checked as such)
 _PURE_HIGHER_ORDER = ("map", "filter", "fold")
+#: impure prelude functions a predicate's mask must not be cached over
+_EFFECTFUL = ("print", "param")
 
 
 def _prelude_fn(name: str):
@@ -235,22 +237,29 @@ def _free_names(fn: Closure) -> tuple:
 
 
 def pure_key(pred, is_lm: Callable[[object], bool] = lambda v: False):
-    """(key, anchors) for a predicate whose value depends on the token alone, or None.
-    ``key`` is hashable and identifies the predicate's results; ``anchors`` are the
-    objects whose identity the key uses (kept alive with the cached mask, and compared
-    on a hit, so an id is never mistaken for a recycled one). ``is_lm`` tells language
-    model values (fixed for the run) apart."""
+    """(key, anchors, batch_safe) for a predicate whose value depends on the token alone,
+    or None. ``key`` is hashable and identifies the predicate's results; ``anchors`` are
+    the objects whose identity the key uses (kept alive with the cached mask, and
+    compared on a hit, so an id is never mistaken for a recycled one). ``is_lm`` tells
+    language model values (fixed for the run) apart. A Python function passed as data
+    (an impure ``Builtin`` other than ``print``/``param``) is taken as a fixed function
+    of its arguments, as ``allowed=`` always took it, but it is not ``batch_safe``: it
+    would see a population's rows as one object, so the mask is then computed token by
+    token (once)."""
     anchors: list = []
-    key = _value_key(pred, anchors, is_lm, 0)
-    return None if key is None else (key, tuple(anchors))
+    unsafe: list = []
+    key = _value_key(pred, anchors, is_lm, 0, unsafe)
+    return None if key is None else (key, tuple(anchors), not unsafe)
 
 
-def _value_key(v, anchors: list, is_lm, depth: int):
+def _value_key(v, anchors: list, is_lm, depth: int, unsafe: list):
     if isinstance(v, TokenPredicate):
         return ("tokpred", v.key)
     if isinstance(v, Builtin):
         if not (v.pure or v.higher_order and v.name in _PURE_HIGHER_ORDER and v.fn is _prelude_fn(v.name)):
-            return None
+            if v.higher_order or v.name in _EFFECTFUL or v.fn is _prelude_fn(v.name):
+                return None
+            unsafe.append(v)  # a Python function from data (or a reward model): fixed, not batch-safe
         anchors.append(v)
         return ("builtin", id(v))
     if isinstance(v, Closure):
@@ -263,7 +272,7 @@ def _value_key(v, anchors: list, is_lm, depth: int):
                 x = v.env.lookup(name)
             except KeyError:  # a local of the body (assigned in it): not a free variable
                 continue
-            k = _value_key(x, anchors, is_lm, depth + 1)
+            k = _value_key(x, anchors, is_lm, depth + 1, unsafe)
             if k is None:
                 return None
             free.append((name, k))
@@ -277,7 +286,7 @@ def _value_key(v, anchors: list, is_lm, depth: int):
             return None
         items = []
         for x in v:
-            k = _value_key(x, anchors, is_lm, depth + 1)
+            k = _value_key(x, anchors, is_lm, depth + 1, unsafe)
             if k is None:
                 return None
             items.append(k)
