@@ -220,17 +220,21 @@ def run(repeats: int = 5, quick: bool = False, backend: str = "both", device: st
     n, T = 8, (16 if quick else 32)
     print(f"\nBatching concurrent LM queries (stdlib/lm/batcher.py), torch threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} cpus, load average {_loadavg()}")
-    make_small, base, what = small_maker(quick)
     out = {}
     if backend in ("both", "small"):
+        make_small, base, what = small_maker(quick)
+        itos = base.itos
         print(f"\n{what}, on cpu: tokens/s of Q queries (ratio = tokens/s / one at a time)")
         out["small_loop"] = measure("loop", make_small, n, T, repeats)
         if dsl is not False:
             out["small_dsl"] = measure("dsl", make_small, n, T if not quick else 8, repeats,
                                        qs=(1, 4) if quick else QS)
+    else:  # the HF backend alone: the small LM's characters as its vocabulary, no training
+        from ppl.stdlib.lm.small import EOS, UNK, stdlib_corpus, vocabulary
+        itos = [EOS, UNK] + vocabulary(stdlib_corpus())
     if backend in ("both", "hf"):
         try:
-            make_hf, what = hf_maker(base.itos, T, hf_layers, hf_width, device)
+            make_hf, what = hf_maker(itos, T, hf_layers, hf_width, device)
         except ImportError as e:
             print(f"\n  HF backend skipped: {e}")
         else:
@@ -254,6 +258,11 @@ if __name__ == "__main__":
     ap.add_argument("--hf-width", type=int, default=64)
     ap.add_argument("--dsl", action="store_true", default=None, help="also the DSL queries on the HF backend")
     ap.add_argument("--no-dsl", dest="dsl", action="store_false")
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    run(a.repeats, a.quick, a.backend, a.device, a.hf_layers, a.hf_width, a.dsl)
+    figures = run(a.repeats, a.quick, a.backend, a.device, a.hf_layers, a.hf_width, a.dsl)
+    if a.json:
+        import json
+        with open(a.json, "w") as f:
+            json.dump({"load_average": _loadavg(), "device": a.device, "figures": figures}, f, indent=1)

@@ -9,6 +9,7 @@ caused it; closing serves what waits and stops the worker. Nothing is downloaded
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 import time
 
@@ -335,3 +336,34 @@ def test_the_caller_completing_a_tick_runs_it_itself():
         assert seen == [threading.current_thread()] * 2
         lm.next_logprobs([(3,)])  # no client registered: the worker fires it after 20 ms
         assert seen[-1] is lm._worker and lm.stats.timed_out_ticks == 1 and lm.stats.full_ticks == 2
+
+
+# ------------------------------------------------------------- on a CUDA GPU (scripts/gpu_check.sh)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["small", "hf"])
+def test_cuda_backend_serves_concurrent_queries_like_cpu(kind):
+    """The backend on the GPU behind a batcher: each request's rows on the GPU equal the
+    CPU backend's to 1e-4, and four concurrent SMC runs give the CPU runs' particles."""
+    if kind == "small":
+        gpu = small_lm(device="cuda")
+    else:
+        from ppl.stdlib.lm.hf import HFCausalLM
+        hf_lm()  # builds the CPU model
+        gpu = HFCausalLM(copy.deepcopy(_GPT2["model"]), _CharTokenizer(CHARS), device="cuda")
+    cpu = BACKENDS[kind]()
+    p = tuple(cpu.encode("a cat"))
+    ctxs = [p, p[:2], p + (3,), p + (4, 5)]
+    with BatchingLM(gpu, max_wait_ms=10_000) as lm, lm.client(), lm.client():
+        f1, f2 = lm.submit(ctxs[:3]), lm.submit(ctxs[2:])
+        a, b = f1.result(timeout=120), f2.result(timeout=120)
+    assert a.device.type == "cuda" and b.device.type == "cuda"
+    assert float((a.cpu() - cpu.next_logprobs(ctxs[:3])).abs().max()) < 1e-4
+    assert float((b.cpu() - cpu.next_logprobs(ctxs[2:])).abs().max()) < 1e-4
+
+    def query(lm, seed):
+        return STEPS.run("smc", {"lm": lm, "prompt": "a", "n": 4}, particles=16, seed=seed)
+    alone = [query(BACKENDS[kind](), s) for s in range(4)]
+    with BatchingLM(gpu, max_wait_ms=200) as lm:
+        together = run_concurrently(lm, [lambda s=s: query(lm, s) for s in range(4)])
+    for x, y in zip(alone, together):
+        assert x.samples == y.samples and abs(x.log_evidence - y.log_evidence) < 1e-4
