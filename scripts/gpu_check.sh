@@ -69,7 +69,7 @@ d = json.load(open(sys.argv[1]))
 parts = []
 for q, row in d["figures"]["hf_loop"].items():
     one, bat = row["one at a time"]["tokens_per_s"], row["concurrent, batched"]["tokens_per_s"]
-    parts.append(f"Q={q}: {one:,.0f} -> {bat:,.0f} tok/s ({bat / one:.1f}x)")
+    parts.append(f"Q={q}: {one:,.0f} -> {bat:,.0f} tok/s ({bat / one:.1f}x; {row['cpu_ratio']:.1f}x per CPU s)")
 print(f"HF on {d['device']}: " + "; ".join(parts))
 EOF
 )
