@@ -429,10 +429,41 @@ def noise_floor(particles: int, dims: int) -> float:
     return (1.5 + math.sqrt(2 * math.log(max(dims, 1)))) / math.sqrt(max(particles, 1))
 
 
-def _unmixed(label: str, r: float, floor: float, moved: float) -> str:
-    """What is wrong with a step whose moves stopped at ``max_moves``."""
-    return (f"{label}: correlation {r:.2f} with the start (needed below {floor:.2f}), {100 * moved:.0f}% of the "
-            f"particles moved (needed {100 * MOVED_FRACTION:.0f}%)")
+class _Stopping:
+    """The stopping rule of one step's moves (see the module docstring): from the
+    features at the start, the particles that have accepted a move (``moved_by``), the
+    correlation with the start now (``decorrelated``), and the warning when ``max_moves``
+    did not suffice."""
+
+    def __init__(self, start: torch.Tensor, decorrelation: float, moves: int | None, max_moves: int):
+        self.start, self.fixed, self.r = start, moves is not None, 1.0
+        self.floor = max(decorrelation, noise_floor(start.shape[0], start.shape[1]))
+        self.limit = max_moves if moves is None else moves
+        self.moved = torch.zeros(start.shape[0], dtype=torch.bool, device=start.device)
+
+    def moved_by(self, accepted: torch.Tensor) -> float:
+        """Record a move's accepted mask; its mean acceptance."""
+        self.moved = self.moved | accepted
+        return float(accepted.double().mean())
+
+    def decorrelated(self, now: torch.Tensor) -> bool:
+        self.r = max_correlation(self.start, now)
+        return self.r < self.floor and self._fraction() >= MOVED_FRACTION
+
+    def _fraction(self) -> float:
+        return float(self.moved.double().mean())
+
+    def warning(self, label: str, done: int) -> str | None:
+        """What is wrong with a step whose moves stopped at ``max_moves`` (None: nothing)."""
+        if self.fixed or done < self.limit or self.limit <= 0 or \
+                (self.r < self.floor and self._fraction() >= MOVED_FRACTION):
+            return None
+        return (f"{label}: correlation {self.r:.2f} with the start (needed below {self.floor:.2f}), "
+                f"{100 * self._fraction():.0f}% of the particles moved (needed {100 * MOVED_FRACTION:.0f}%)")
+
+
+def _mean(xs: list) -> float | None:
+    return sum(xs) / len(xs) if xs else None
 
 
 def unmixed_warning(method: str, reports: list, max_moves: int) -> list[str]:
@@ -475,31 +506,21 @@ def move_population(model: ModelRun, state: TracedState, coords: Coordinates, ra
         covariance = population_covariance(flat)
     factor = proposal_factor(covariance, tuning.scale(D)) if D else None
     has_others = bool((other_sites(state, coords.block) > 0).any())
-    start = features(state, coords)
-    floor = max(decorrelation, noise_floor(state.chains, start.shape[1]))
-    limit = max_moves if moves is None else moves
-    block_acc, site_acc, r, done = [], [], 1.0, 0
-    moved = torch.zeros(state.chains, dtype=torch.bool, device=state.log_joint.device)
-    for done in range(1, limit + 1):
+    stop = _Stopping(features(state, coords), decorrelation, moves, max_moves)
+    block_acc, site_acc, done = [], [], 0
+    for done in range(1, stop.limit + 1):
         if factor is not None:
             state, coords, acc = block_move(model, state, coords, factor, randomness)
-            block_acc.append(float(acc.double().mean()))
-            moved = moved | acc
+            block_acc.append(stop.moved_by(acc))
         if has_others:
             state, coords, acc = site_move(model, state, coords, randomness)
-            site_acc.append(float(acc.double().mean()))
-            moved = moved | acc
+            site_acc.append(stop.moved_by(acc))
         if factor is None and not has_others:
             break
-        if moves is None:
-            r = max_correlation(start, features(state, coords))
-            if r < floor and float(moved.double().mean()) >= MOVED_FRACTION:
-                break
-    hit = moves is None and done >= limit and limit > 0 and \
-        (r >= floor or float(moved.double().mean()) < MOVED_FRACTION)
-    warning = _unmixed(label, r, floor, float(moved.double().mean())) if hit else None
-    mean = (lambda xs: sum(xs) / len(xs) if xs else None)
-    report = MoveReport(done, mean(block_acc), mean(site_acc), r, tuning.scale(D) if D else None, warning)
+        if moves is None and stop.decorrelated(features(state, coords)):
+            break
+    report = MoveReport(done, _mean(block_acc), _mean(site_acc), stop.r, tuning.scale(D) if D else None,
+                        stop.warning(label, done))
     if D and block_acc:
         tuning.adapt(report.block_acceptance)
     return state, coords, report
@@ -555,12 +576,9 @@ def gradient_moves(model: ModelRun, state: TracedState, potential, randomness, t
     length, _ = GRADIENT_KERNELS[tuning.kernel]
     eps0 = tuning.step_size(D)
     current = hmc.init_state(target, z)
-    start = _gradient_features(current.z, state, discrete)
-    floor = max(decorrelation, noise_floor(C, start.shape[1]))
-    limit = max_moves if moves is None else moves
-    grad_acc, site_acc, r, done = [], [], 1.0, 0
-    moved = torch.zeros(C, dtype=torch.bool, device=z.device)
-    for done in range(1, limit + 1):
+    stop = _Stopping(_gradient_features(current.z, state, discrete), decorrelation, moves, max_moves)
+    grad_acc, site_acc, done = [], [], 0
+    for done in range(1, stop.limit + 1):
         # each chain's step size jittered by U(0.8, 1.2) (drawn independently of its state,
         # so each move is a mixture of exact kernels): no trajectory stays periodic
         eps = eps0 * (0.8 + 0.4 * randomness.uniform((C,), z.device))
@@ -569,25 +587,18 @@ def gradient_moves(model: ModelRun, state: TracedState, potential, randomness, t
         else:
             current, info = hmc.hmc_step(target, current, eps, metric, randomness, trajectory_length=length)
         grad_acc.append(float(info.accept_stat.double().mean()))
-        moved = moved | info.accepted
+        stop.moved_by(info.accepted)
         if discrete:
             state = _at(model, potential, current.z, state)
             coords = Coordinates({}, {}, torch.ones(C, dtype=torch.bool, device=z.device))
             state, _, acc = site_move(model, state, coords, randomness)
-            site_acc.append(float(acc.double().mean()))
-            moved = moved | acc
+            site_acc.append(stop.moved_by(acc))
             potential.set_given({a: state.values[a] for a in discrete})
             current = hmc.init_state(target, potential.unconstrain(state.values))
-        if moves is None:
-            r = max_correlation(start, _gradient_features(current.z, state, discrete))
-            if r < floor and float(moved.double().mean()) >= MOVED_FRACTION:
-                break
-    hit = moves is None and done >= limit and limit > 0 and \
-        (r >= floor or float(moved.double().mean()) < MOVED_FRACTION)
-    warning = _unmixed(label, r, floor, float(moved.double().mean())) if hit else None
+        if moves is None and stop.decorrelated(_gradient_features(current.z, state, discrete)):
+            break
     state = _at(model, potential, current.z, state)
-    mean = (lambda xs: sum(xs) / len(xs) if xs else None)
-    report = MoveReport(done, mean(grad_acc), mean(site_acc), r, eps0, warning)
+    report = MoveReport(done, _mean(grad_acc), _mean(site_acc), stop.r, eps0, stop.warning(label, done))
     tuning.adapt(report.block_acceptance)
     return state, report
 
