@@ -367,3 +367,12 @@ def test_cuda_backend_serves_concurrent_queries_like_cpu(kind):
         together = run_concurrently(lm, [lambda s=s: query(lm, s) for s in range(4)])
     for x, y in zip(alone, together):
         assert x.samples == y.samples and abs(x.log_evidence - y.log_evidence) < 1e-4
+
+
+def test_a_registered_client_that_does_not_ask_does_not_stall_the_others():
+    """Two clients registered, one asks: its tick fires after max_wait_ms, not never."""
+    with BatchingLM(ToyLM(), max_wait_ms=30) as lm, lm.client(), lm.client():
+        t0 = time.perf_counter()
+        out = lm.next_logprobs([(2,)])
+        assert time.perf_counter() - t0 >= 0.025 and lm.stats.timed_out_ticks == 1
+        assert torch.equal(out, ToyLM().next_logprobs([(2,)]))
