@@ -164,14 +164,23 @@ class Model:
         ``seed``: the run draws from generators of its own seeded with it (the same seed,
         the same result, also when other runs go on in other threads at the same time;
         torch's global generator is untouched). ``seed=None``: seeded from torch's global
-        generator (``torch.manual_seed`` makes it repeatable). See ``ppl.api.seeded``."""
+        generator (``torch.manual_seed`` makes it repeatable). See ``ppl.api.seeded``.
+
+        ``distributed=True`` (importance, smc; under ``torchrun``): the particles are
+        sharded over the job's ranks (``ppl.distributed``); rank 0 returns the result,
+        the other ranks None."""
         _check_method(method)
+        distributed = options.pop("distributed", False)
         options = check_method_options(method, options)  # names, types and ranges
         particles = check_options({"particles": particles})["particles"]
         seed = check_seed(seed)
         device = resolve_device(device)
         data = self.bind((), data)
         check_run_memory(self, method, particles, options)
+        if distributed:
+            from .distributed import run_distributed
+            with out_of_memory_as_error():
+                return run_distributed(self, method, data, particles=particles, seed=seed, device=device, **options)
         with seeded(seed, device), out_of_memory_as_error():
             return run_method(method, self, data, particles=particles, device=device, **options)
 

@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--progress", action="store_true",
                      help="show a progress bar on stderr at once (every method; without it, one appears "
                           "on a terminal after 2 s)")
+    run.add_argument("--distributed", action="store_true",
+                     help="shard the particles over the ranks of a torchrun job (importance, smc): "
+                          "`torchrun --nproc_per_node=K -m ppl run MODEL.ppl --distributed ...`; rank 0 prints "
+                          "the result, the other ranks nothing (README, Running on several processes)")
     run.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                      help="import the Python module MODULE first (repeatable; also PPL_PLUGINS=mod1,mod2): the "
                           "inference methods it registers with ppl.register_method can be named with --method")
@@ -294,10 +298,14 @@ def cmd_run(args) -> int:
         try:
             # --json: stdout holds the one JSON object, so print(...) in the model writes to stderr
             with printing.redirected(sys.stderr) if args.json else contextlib.nullcontext():
+                if getattr(args, "distributed", False):
+                    options["distributed"] = True
                 result = model.run(args.method, data, particles=args.particles, seed=args.seed,
                                    device=args.device, **options)
         except PPLError as err:
             raise _in_data_file(err, data, args.data) from None
+    if result is None:  # --distributed: a rank other than 0 prints nothing
+        return 0
     for message in result.warnings:
         print(f"warning: {message}", file=sys.stderr)
 

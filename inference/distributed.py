@@ -1,0 +1,255 @@
+"""Importance sampling and SMC with the population sharded over the ranks of a
+``torch.distributed`` job (``semantics/distributed.py``: the group, the global weights,
+global resampling, moving rows).
+
+Each rank runs its shard (``shard(N, K, rank)``: N // K particles, one more on the first
+N % K ranks) of one global population of N particles, in rank order, with its own
+stream of random draws (``derive_seed(seed, rank)``).
+
+* ``distributed_importance``: every rank weights its shard; the ranks check together that
+  some weight is positive; rank 0 gathers the particles. The global population is
+  likelihood weighting's with N particles, so it is proper: E[(1/N) sum_i w_i f(x_i)] =
+  Z E_post[f] (rank 0's ``Population``, the single-process result type).
+* ``distributed_smc``: SMC's algorithm on the global population. At each checkpoint the
+  ranks exchange (max, sum, sum of squares) of their weights (one collective), so the
+  adaptive ESS test, the evidence increment and the resampling use the global weights;
+  resampling is global (``semantics.distributed``: for the same shared uniforms, the
+  ancestors of the single-process scheme on the concatenated population, slot for slot,
+  in slot order), so the algorithm is the single-process SMC in law, step for step.
+  Moving particles: a rank whose new particles all descend from its own appends the
+  ancestors to its lineage, as one process does. A rank that receives particles from
+  others gets their *traces* (the choices made so far, one tensor per address, moved as
+  rows) and rebuilds its population's execution by replaying the program on them up to
+  the checkpoint (resample-move's ``_replay_moved``: the chooser ``fixed``, the rule
+  ``truncate(k)``), so every value the program holds (frames, closures, memo tables,
+  twists) is the moved particles' own. The replay costs O(k) per such resampling (a run
+  is O(T^2) in its checkpoints on those ranks, as resample-move); moving the live values
+  themselves is left for later.
+  Restrictions, checked with errors raised alike on every rank: every checkpoint is
+  reached by the whole population (no observe inside a branch only some particles
+  take: ranks would disagree on the checkpoints); choices whose values are Python objects
+  (language-model tokens, strings) cannot move yet; ``proposal``, ``delayed`` and
+  ``enumerate`` are single-process only.
+
+Failures: a rank that raises tells the others at their next status collective (they stop
+with its message); a rank that dies makes the others' next collective fail (connection
+closed, or the group's timeout). Never a hang.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..semantics import gfi
+from ..semantics.distributed import (AT_CHECKPOINT, FINISHED, CollectiveError, Group, RankError, TransferPlan,
+                                     WeightSummary, agree_on_columns, exchange_rows, local_ancestors, local_summary,
+                                     shard, shared_uniforms, slot_ranges, GLOBAL_SCHEMES)
+from ..semantics.errors import PPLError, PPLRuntimeError, ZeroEvidenceError
+from ..semantics.sampling import Suspended, Weighting, column, drive
+from ..semantics.values import Lineage, Particles, lineage_scope
+from .population import Population
+from .resample_move import _replay_moved
+from .smc import SMCHandler, StepRecord
+
+
+# ---------------------------------------------------------------------- gathering results
+def merge_sites(per_rank: list[dict], sizes: list[int]) -> dict:
+    """The sites of the global population from each rank's (address -> (values,
+    present)), in rank order: a site some ranks lack is absent (present False) for their
+    particles. Values: tensors concatenated (absent rows zeros), or lists (absent None)."""
+    addrs = list(dict.fromkeys(a for sites in per_rank for a in sites))
+    out = {}
+    for a in addrs:
+        values, present = [], []
+        for sites, n in zip(per_rank, sizes):
+            v, p = sites.get(a, (None, None))
+            values.append(v)
+            present.append(torch.zeros(n, dtype=torch.bool) if v is None else
+                           torch.ones(n, dtype=torch.bool) if p is None else p.cpu().bool())
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        if len(tensors) == sum(v is not None for v in values):
+            like = tensors[0]
+            col = torch.cat([v.cpu() if v is not None else torch.zeros((n, *like.shape[1:]), dtype=like.dtype)
+                             for v, n in zip(values, sizes)])
+        else:
+            col = []
+            for v, n in zip(values, sizes):
+                col.extend([None] * n if v is None else list(v))
+        mask = torch.cat(present)
+        out[a] = (col, None if bool(mask.all()) else mask)
+    return out
+
+
+def gather_population(group: Group, label: str, sites: dict, log_weights: torch.Tensor, extra: dict,
+                      sizes: list[int]) -> Population | None:
+    """Rank 0: the global ``Population`` (every rank's particles in rank order); other
+    ranks: None."""
+    local = {a: (v.detach().cpu() if isinstance(v, torch.Tensor) else v,
+                 None if p is None else p.detach().cpu()) for a, (v, p) in sites.items()}
+    got = group.gather_object((local, log_weights.detach().cpu()), what="gather the particles on rank 0")
+    if not group.is_root:
+        return None
+    merged = merge_sites([g[0] for g in got], sizes)
+    lw = torch.cat([g[1].double() for g in got])
+    return Population(label, merged, lw, {**extra, "ranks": group.size, "shard_sizes": sizes})
+
+
+def _reported(err: BaseException) -> bool:
+    """Errors every rank raises alike (no need to tell the others)."""
+    return isinstance(err, (RankError, CollectiveError))
+
+
+def _check_shards(particles: int, group: Group) -> list[int]:
+    if particles < group.size:
+        raise PPLError(f"{particles} particles cannot be shared by {group.size} ranks",
+                       hint="use at least one particle per rank")
+    return [shard(particles, group.size, r)[1] for r in range(group.size)]
+
+
+# ---------------------------------------------------------------------- importance
+def distributed_importance(interp, entry: str, data: dict, particles: int, device, group: Group,
+                           label: str = "importance") -> Population | None:
+    """Likelihood weighting of ``particles`` particles over the group's ranks (module
+    docstring); the ``Population`` on rank 0, None elsewhere."""
+    sizes = _check_shards(particles, group)
+    n = sizes[group.rank]
+    try:
+        ctx = Particles.all(n, device)
+        h = Weighting(n, device)
+        ret = drive(interp.run(entry, data, ctx), h)
+        sites = {"return": (column(ret, ctx), None), **h.trace.sites()}
+        m, s, q = local_summary(h.log_weights)
+        if math.isnan(m):
+            raise PPLRuntimeError("a particle's log weight is NaN", hint="check the observations and factors")
+        rows = group.status(FINISHED, 0, m, s, q, where="end of the run")
+        summary = WeightSummary.combine([r[2:] for r in rows], particles)
+        if not math.isfinite(summary.M):
+            raise ZeroEvidenceError(f"every particle has weight zero on every rank (log evidence = -inf)",
+                                    hint="the observations/conditions may be impossible under the prior; run "
+                                         "in one process to locate the site")
+    except BaseException as err:
+        if not _reported(err) and not isinstance(err, ZeroEvidenceError):
+            group.fail(err, 0)
+        raise
+    return gather_population(group, label, sites, h.log_weights, {}, sizes)
+
+
+# ---------------------------------------------------------------------- SMC
+class DistributedSMCHandler(SMCHandler):
+    """SMC's handler on one rank's shard: the checkpoint rule uses the global weights
+    (one status collective per checkpoint) and resamples globally."""
+
+    def __init__(self, N: int, device, lineage, *, group: Group, total: int, shared: torch.Generator,
+                 resampling: str = "systematic", ess_threshold: float = 1.0):
+        if resampling not in GLOBAL_SCHEMES:
+            raise PPLRuntimeError(f"resampling '{resampling}' has no distributed form yet",
+                                  hint=f"with distributed=True choose from: {', '.join(GLOBAL_SCHEMES)}")
+        super().__init__(N, device, lineage, resampling=resampling, ess_threshold=ess_threshold)
+        self.group, self.total, self.shared = group, total, shared
+        self.checkpoints = 0
+        self.incoming = None  # the moved particles' columns, for the replay
+        self.rows_moved = 0  # rows received from other ranks, over the run
+
+    def _local_stats(self, eff) -> tuple[float, float, float]:
+        """(m, s, q) of this shard, after the pending NaN test of an observe
+        (``SMCHandler.observe``); a NaN weight is an error at ``eff``."""
+        m = float(self.log_weights.max())
+        if math.isnan(m) and self._unchecked is not None:
+            before, lp = self._unchecked
+            self._unchecked = None
+            self.log_weights = before
+            nan = isinstance(lp, torch.Tensor) and bool(torch.isnan(lp).any())
+            self.add(eff.ctx, self._nan_observation(lp, eff) if nan else lp)
+        m, s, q = local_summary(self.log_weights)
+        if math.isnan(m):
+            raise PPLRuntimeError("a particle's log weight is NaN at this checkpoint", eff.span)
+        return m, s, q
+
+    def _checkpoint(self, eff):
+        if eff.ctx.idx.shape[0] != self.N:
+            raise PPLRuntimeError("distributed SMC needs every observe/factor/condition to be reached by all "
+                                  "particles together", eff.span,
+                                  "this checkpoint is inside a branch taken by only some particles: run it in "
+                                  "one process")
+        self.checkpoints += 1
+        m, s, q = self._local_stats(eff)
+        rows = self.group.status(AT_CHECKPOINT, self.checkpoints, m, s, q, where=eff.addr)
+        summary = WeightSummary.combine([r[2:] for r in rows], self.total)
+        if not math.isfinite(summary.M):
+            raise ZeroEvidenceError("every particle has weight zero at this checkpoint (on every rank)", eff.span,
+                                    "the observation/condition may be impossible, or too unlikely for "
+                                    f"{self.total} particles")
+        ess = summary.ess
+        resample = ess < self.ess_threshold * self.total or self.ess_threshold >= 1.0
+        lme = summary.log_mean
+        if resample:
+            self.log_z += lme
+            lme = 0.0
+        self.history.append(StepRecord(eff.addr, ess, resample, self.log_z + lme))
+        if resample:
+            self._resample_globally(summary, eff)
+
+    def _resample_globally(self, summary: WeightSummary, eff) -> None:
+        """Draw this rank's slots (``semantics.distributed``), then either append them to
+        the lineage (every new particle is one of ours) or move the rows and suspend the
+        run for the replay (``Suspended``: ``distributed_smc`` rebuilds the shard)."""
+        group = self.group
+        v = shared_uniforms(self.resampling, self.total, self.shared)
+        ranges = slot_ranges(summary, v)
+        plan = TransferPlan.make(ranges, self.total)
+        drawn = local_ancestors(self.log_weights, summary, group.rank, v, *ranges[group.rank])
+        self.log_weights = torch.zeros_like(self.log_weights)
+        device = self.log_weights.device
+        if not plan.moves:
+            self.lineage.resample(drawn.to(device))
+            return
+        columns = {a: v for a, (v, _) in self.trace.sites().items()}
+        specs = agree_on_columns(group, columns)
+        moved = exchange_rows(group, plan, columns, specs, drawn)
+        if plan.self_contained(group.rank):
+            self.lineage.resample(drawn[plan.rows(group.rank, group.rank)].to(device))
+            return
+        self.rows_moved += sum(plan.count(r, group.rank) for r in range(group.size) if r != group.rank)
+        self.incoming = {a: col.to(device) for a, col in moved.items()}
+        raise Suspended(eff)
+
+
+def distributed_smc(interp, entry: str, data: dict, particles: int, device, group: Group,
+                    shared: torch.Generator, *, resampling: str = "systematic", ess_threshold: float = 1.0,
+                    label: str = "smc") -> Population | None:
+    """SMC of ``particles`` particles over the group's ranks (module docstring);
+    ``shared``: the resampling uniforms' generator, seeded alike on every rank. The
+    ``Population`` (the single-process result type, ``extra["history"]`` included) on
+    rank 0, None elsewhere."""
+    sizes = _check_shards(particles, group)
+    n = sizes[group.rank]
+    h = None
+    try:
+        h = DistributedSMCHandler(n, device, None, group=group, total=particles, shared=shared,
+                                  resampling=resampling, ess_threshold=ess_threshold)
+        incoming = None
+        while True:
+            ctx = Particles.all(n, device)
+            with lineage_scope(Lineage(ctx.idx)) as h.lineage:
+                gen = interp.run(entry, data, ctx)
+                if incoming is not None:
+                    _replay_moved(gen, h, incoming, h.checkpoints)
+                try:
+                    ret = drive(gen, h)
+                    sites = {"return": (column(ret, ctx), None), **h.trace.sites()}
+                    break
+                except Suspended:  # particles arrived from other ranks: rebuild the shard from their traces
+                    incoming, h.incoming = h.incoming, None
+        group.status(FINISHED, h.checkpoints, where="end of the run")
+    except BaseException as err:
+        if not _reported(err) and not isinstance(err, ZeroEvidenceError):
+            group.fail(err, h.checkpoints if h is not None else 0)
+        raise
+    lw = h.log_weights + h.log_z
+    extra = {"history": h.history, "resampling": resampling, "ess_threshold": ess_threshold}
+    pop = gather_population(group, label, sites, lw, extra, sizes)
+    moved = group.all_gather(torch.tensor([h.rows_moved], dtype=torch.int64), what="rows moved")
+    if pop is not None:
+        pop.extra["rows_moved"] = int(sum(int(t) for t in moved))
+    return pop

@@ -1,0 +1,64 @@
+"""``Model.run(method, distributed=True)`` and ``ppl run --distributed``: a run whose
+population is sharded over the ranks of a ``torchrun`` job (``inference/distributed.py``).
+
+Every rank calls ``Model.run`` with the same arguments; rank 0 gets the result (the type
+and JSON of a single-process run), the other ranks None. Seeds: rank 0's seed (or, with
+``seed=None``, a seed it draws from torch's global generator) is broadcast; rank r's
+particles draw from ``derive_seed(seed, r)`` and the resampling uniforms, shared by all
+ranks, from ``derive_seed(seed, -1)``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .inference.distributed import distributed_importance, distributed_smc
+from .inference.methods import _program
+from .registry import population_diagnostics
+from .result import as_result
+from .semantics.distributed import derive_seed, process_group
+from .inference.diagnostics import emit
+from .semantics.errors import PPLError
+from .stdlib import rng
+
+#: the methods that run sharded, and the options each accepts with distributed=True
+DISTRIBUTED_METHODS = {"importance": frozenset({"progress"}),
+                       "smc": frozenset({"resampling", "ess_threshold", "progress"})}
+
+
+def _check(method: str, options: dict) -> None:
+    if method not in DISTRIBUTED_METHODS:
+        raise PPLError(f"method '{method}' has no distributed form yet",
+                       hint=f"with distributed=True use one of: {', '.join(DISTRIBUTED_METHODS)}")
+    unsupported = [k for k, v in options.items() if k not in DISTRIBUTED_METHODS[method] and v is not None
+                   and v is not False]
+    if unsupported:
+        raise PPLError(f"option{'s' if len(unsupported) > 1 else ''} {', '.join(unsupported)} of '{method}' "
+                       "cannot be used with distributed=True yet",
+                       hint="run in one process for these options")
+
+
+def run_distributed(model, method: str, data: dict, *, particles: int, seed: int | None, device,
+                    timeout: float | None = None, **options):
+    """The result on rank 0, None on the other ranks (see the module docstring)."""
+    _check(method, options)
+    with process_group(timeout) as group:
+        base = seed if group.is_root and seed is not None else \
+            (int(torch.randint(0, 2 ** 62, (), generator=torch.default_generator)) if group.is_root else None)
+        base = group.broadcast_int(base, what="seed")
+        shared = torch.Generator().manual_seed(derive_seed(base, -1))
+        with rng.run(derive_seed(base, group.rank)):
+            program = _program(model, data, device)
+            if method == "importance":
+                raw = distributed_importance(*program, int(particles), device, group)
+            else:
+                raw = distributed_smc(*program, int(particles), device, group, shared,
+                                      resampling=options.get("resampling") or "systematic",
+                                      ess_threshold=1.0 if options.get("ess_threshold") is None
+                                      else float(options["ess_threshold"]))
+    if raw is None:
+        return None
+    res = as_result(raw)
+    res.model, res.data = model, dict(data)
+    population_diagnostics(res)
+    emit(getattr(res, "warnings", []), stacklevel=4)
+    return res

@@ -1,0 +1,179 @@
+"""One rank of the jobs tests/test_distributed.py launches (RANK, WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT in the environment, as torchrun sets them). ``python distributed_worker.py
+JOB[,JOB...] OUT_DIR``: rank 0 writes OUT_DIR/JOB.json for each.
+
+Jobs: ``law`` (global resampling through the real collectives and row moves, against the
+single-process schemes with the same uniforms), ``runs`` (distributed importance and SMC
+on a conjugate model and a linear-Gaussian state-space model), ``raise`` (rank 1 raises
+inside the model), ``kill`` (rank 1 dies mid-run), ``hang`` (rank 1 stops answering
+mid-run)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+torch.set_num_threads(1)
+
+import ppl  # noqa: E402
+from ppl.semantics import distributed as D  # noqa: E402
+from ppl.semantics import resampling as R  # noqa: E402
+from ppl.stdlib import rng  # noqa: E402
+
+CONJUGATE = """
+def main(ys):
+    mu ~ normal(0.0, 2.0)
+    for y in ys:
+        observe y ~ normal(mu, 1.0)
+    return mu
+"""
+
+SSM = """
+def main(ys):
+    x = 0.0
+    for t in range(len(ys)):
+        x ~ normal(0.8 * x, 1.0)
+        observe ys[t] ~ normal(x, 0.7)
+    return x
+"""
+
+#: the last statement before the checkpoint: a model that fails on one rank only
+#: (the data differ per rank below), at its first observe
+RAISING = """
+def main(bad):
+    x ~ normal(0.0, 1.0)
+    observe 0.5 ~ normal(x, 1.0)
+    s = -1.0 if bad else 1.0
+    observe 0.2 ~ normal(x, s)
+    return x
+"""
+
+
+def law_job(group: D.Group) -> dict:
+    """For random weights (the same on every rank: seeded by the trial), each rank holds
+    its shard and a column of its particles' global ids; a global resampling moves the
+    ids as rows; rank 0 gathers every rank's new ids (= the global ancestors in slot
+    order) and compares them with the single-process scheme on the whole population
+    with the same uniforms."""
+    results = []
+    for trial in range(25):
+        g = torch.Generator().manual_seed(trial)
+        N = int(torch.randint(group.size, 30, (), generator=g))
+        lw = torch.randn(N, generator=g, dtype=torch.float64) * 2
+        lw[torch.rand(N, generator=g) < 0.25] = -math.inf
+        if trial % 4 == 0:
+            s0, n0 = D.shard(N, group.size, group.size - 1)
+            lw[s0:s0 + n0] = -math.inf  # the last rank has no weight
+        if not bool(torch.isfinite(lw).any()):
+            lw[0] = 0.0
+        start, n = D.shard(N, group.size, group.rank)
+        mine = lw[start:start + n]
+        rows = group.status(D.AT_CHECKPOINT, trial, *D.local_summary(mine))
+        summary = D.WeightSummary.combine([r[2:] for r in rows], N)
+        for scheme in D.GLOBAL_SCHEMES:
+            seed = 7919 * trial + len(scheme)
+            v = D.shared_uniforms(scheme, N, torch.Generator().manual_seed(seed))
+            ranges = D.slot_ranges(summary, v)
+            plan = D.TransferPlan.make(ranges, N)
+            drawn = D.local_ancestors(mine, summary, group.rank, v, *ranges[group.rank])
+            columns = {"id": torch.arange(start, start + n), "twice": 2.0 * torch.arange(start, start + n)[:, None]}
+            specs = D.agree_on_columns(group, columns)
+            moved = D.exchange_rows(group, plan, columns, specs, drawn)
+            got = group.gather_object((moved["id"].tolist(), moved["twice"][:, 0].tolist()))
+            if group.is_root:
+                ids = [i for part in got for i in part[0]]
+                twice = [x for part in got for x in part[1]]
+                with rng.run(seed):
+                    single = R.SCHEMES[scheme](R.normalised(lw), N).tolist()
+                results.append({"trial": trial, "scheme": scheme, "N": N, "ids": ids, "single": single,
+                                "twice_ok": twice == [2.0 * i for i in ids], "moved": plan.rows_moved(),
+                                "sizes": [len(p[0]) for p in got]})
+    return {"cases": results}
+
+
+CONJ_YS = [0.3, -0.5, 1.2, 0.8, 0.1]
+SSM_YS = [0.5, 1.1, 0.3, -0.4, -1.0, 0.2, 0.9, 1.5]
+
+#: key -> (model source, method, data, particles, options): the runs compared in the tests
+RUNS = {
+    "conj_is": (CONJUGATE, "importance", {"ys": CONJ_YS}, 2001, {}),
+    "conj_smc": (CONJUGATE, "smc", {"ys": CONJ_YS}, 1000, {"resampling": "systematic"}),
+    "ssm_smc": (SSM, "smc", {"ys": SSM_YS}, 700, {"resampling": "stratified"}),
+    "ssm_smc_mult": (SSM, "smc", {"ys": SSM_YS}, 701, {"resampling": "multinomial", "ess_threshold": 0.5}),
+}
+
+
+def runs_job(group: D.Group) -> dict:
+    out = {}
+    for key, (source, method, data, n, opts) in RUNS.items():
+        model = ppl.model(source)
+        reps = []
+        for rep in range(4):
+            res = model.run(method, data, particles=n, seed=100 + rep, distributed=True, **opts)
+            if group.is_root:
+                reps.append({"log_evidence": res.log_evidence, "mean": res.mean(), "var": res.var(), "n": res.n,
+                             "ess": res.ess, "json_keys": sorted(res.to_json()),
+                             "rows_moved": res.extra.get("rows_moved")})
+            else:
+                assert res is None
+        out[key] = reps
+    return out
+
+
+def raise_job(group: D.Group) -> dict:
+    model = ppl.model(RAISING)
+    model.run("smc", {"bad": group.rank == 1}, particles=40, seed=1, distributed=True)
+    return {}
+
+
+def _at_second_checkpoint(group: D.Group, action) -> None:
+    """On rank 1, do ``action`` at the run's second checkpoint (mid-run)."""
+    from ppl.inference.distributed import DistributedSMCHandler
+    original = DistributedSMCHandler._checkpoint
+
+    def checkpoint(self, eff):
+        if group.rank == 1 and self.checkpoints == 1:
+            action()
+        return original(self, eff)
+    DistributedSMCHandler._checkpoint = checkpoint
+
+
+def kill_job(group: D.Group) -> dict:
+    """Rank 1 dies (exit 17) in the middle of the run."""
+    _at_second_checkpoint(group, lambda: os._exit(17))
+    ppl.model(CONJUGATE).run("smc", {"ys": [0.1, 0.2, 0.3]}, particles=40, seed=1, distributed=True)
+    return {}
+
+
+def hang_job(group: D.Group) -> dict:
+    """Rank 1 stops answering (sleeps) in the middle of the run: rank 0 must time out."""
+    import time
+    _at_second_checkpoint(group, lambda: time.sleep(120))
+    ppl.model(CONJUGATE).run("smc", {"ys": [0.1, 0.2, 0.3]}, particles=40, seed=1, distributed=True)
+    return {}
+
+
+JOBS = {"law": law_job, "runs": runs_job, "raise": raise_job, "kill": kill_job, "hang": hang_job}
+
+
+def main() -> None:
+    run_jobs(sys.argv[1].split(","), sys.argv[2])
+
+
+def run_jobs(jobs: list[str], out_dir: str) -> None:
+    with D.process_group() as group:
+        for job in jobs:
+            started = time.perf_counter()
+            result = JOBS[job](group)
+            result["seconds"] = time.perf_counter() - started
+            if group.is_root:
+                with open(os.path.join(out_dir, f"{job}.json"), "w") as f:
+                    json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

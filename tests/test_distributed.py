@@ -1,0 +1,310 @@
+"""Populations sharded over processes (issue 15, item 1 and 4): global resampling has
+exactly the single-process law, distributed IS/SMC agree with the closed form / Kalman
+value and with single-process runs, and a failing, dead or silent rank stops the job.
+
+The multi-process jobs are ``tests/distributed_worker.py``'s, run by forked processes
+with the environment torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT),
+2 and 3 gloo ranks, all started at once by one module fixture; the command line under
+real ``torchrun`` is checked once."""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import socket
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from ppl.semantics import distributed as D
+from ppl.semantics import resampling as R
+from ppl.stdlib import rng
+
+pytestmark = pytest.mark.skipif(not D.available(), reason="torch.distributed with gloo is not available")
+
+HERE = Path(__file__).parent
+WORKER = HERE / "distributed_worker.py"
+TIMEOUT = 6  # seconds: PPL_DISTRIBUTED_TIMEOUT of the failure jobs
+
+
+# ------------------------------------------------------------------------ in one process
+def _shards(lw: torch.Tensor, K: int) -> list[torch.Tensor]:
+    N = lw.shape[0]
+    return [lw[s:s + n] for s, n in (D.shard(N, K, r) for r in range(K))]
+
+
+def _global(lw: torch.Tensor, K: int, scheme: str, seed: int) -> torch.Tensor:
+    shards = _shards(lw, K)
+    v = D.shared_uniforms(scheme, lw.shape[0], torch.Generator().manual_seed(seed))
+    return D.global_ancestors([D.local_summary(s) for s in shards], lambda r: shards[r], v, lw.shape[0])
+
+
+def test_shards_cover_the_population_in_rank_order():
+    for N, K in ((10, 3), (7, 7), (1001, 4), (5, 2)):
+        parts = [D.shard(N, K, r) for r in range(K)]
+        assert [s for s, _ in parts] == [sum(n for _, n in parts[:r]) for r in range(K)]
+        assert sum(n for _, n in parts) == N and max(n for _, n in parts) - min(n for _, n in parts) <= 1
+
+
+@pytest.mark.parametrize("scheme", D.GLOBAL_SCHEMES)
+def test_global_ancestors_equal_the_single_process_scheme_for_the_same_uniforms(scheme):
+    """Slot for slot (systematic/stratified; multinomial sorts its draws in one process
+    too), over random weights with dead particles and a rank of weight zero."""
+    for trial in range(60):
+        g = torch.Generator().manual_seed(trial)
+        K = int(torch.randint(2, 6, (), generator=g))
+        N = int(torch.randint(K, 50, (), generator=g))
+        lw = torch.randn(N, generator=g, dtype=torch.float64) * 3
+        lw[torch.rand(N, generator=g) < 0.3] = -math.inf
+        if trial % 3 == 0:
+            s, n = D.shard(N, K, trial % K)
+            lw[s:s + n] = -math.inf
+        if not bool(torch.isfinite(lw).any()):
+            lw[-1] = 1.0
+        with rng.run(trial):
+            single = R.SCHEMES[scheme](R.normalised(lw), N)
+        assert torch.equal(_global(lw, K, scheme, trial), single), (trial, K, N)
+
+
+def test_global_weights_give_the_single_process_ess_and_evidence():
+    g = torch.Generator().manual_seed(3)
+    lw = torch.randn(101, generator=g, dtype=torch.float64) * 40 + 1e3  # large and spread: needs the max
+    for K in (2, 3, 7):
+        s = D.WeightSummary.combine([D.local_summary(x) for x in _shards(lw, K)], 101)
+        assert s.ess == pytest.approx(R.ess(lw), rel=1e-12)
+        assert s.log_mean == pytest.approx(R.log_mean_exp(lw), rel=1e-14)
+
+
+@pytest.mark.parametrize("scheme,law", [("multinomial", R.multinomial_law), ("systematic", R.systematic_law),
+                                        ("stratified", R.stratified_law)])
+def test_offspring_law_of_global_resampling_is_the_exact_single_process_law(scheme, law):
+    """N = 3 particles over K = 2 ranks (shards of 2 and 1): the frequencies of the
+    ancestor vectors over 2,000 shared-uniform draws against the exact law
+    (``resampling.*_law``, an enumeration): no outcome outside it, and a chi-square test."""
+    w = [0.5, 0.15, 0.35]
+    lw = torch.tensor(w, dtype=torch.float64).log()
+    exact = law(w, 3)  # (multinomial: of sorted tuples, as one process sorts its draws and as the ranks give them)
+    draws = 2000
+    counts = Counter(tuple(_global(lw, 2, scheme, 10_000 + i).tolist()) for i in range(draws))
+    assert set(counts) <= set(exact), set(counts) - set(exact)
+    from scipy.stats import chisquare
+    keys = sorted(exact)
+    observed = [counts.get(k, 0) for k in keys]
+    expected = [exact[k] * draws for k in keys]
+    assert chisquare(observed, expected).pvalue > 1e-3
+
+
+def test_transfer_plan_moves_only_the_rows_other_ranks_hold():
+    # 6 particles over 2 ranks; rank 0 drew slots 0..4, rank 1 slot 5: rank 0 sends slots 3, 4
+    plan = D.TransferPlan.make([(0, 5), (5, 6)], 6)
+    assert plan.count(0, 1) == 2 and plan.count(1, 0) == 0 and plan.rows(0, 1) == slice(3, 5)
+    assert plan.rows_moved() == 2 and plan.self_contained(0) and not plan.self_contained(1)
+    assert not D.TransferPlan.make([(0, 3), (3, 6)], 6).moves
+
+
+def test_distributed_needs_torchrun_environment():
+    import ppl
+    env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k in os.environ}
+    try:
+        with pytest.raises(ppl.PPLError, match="torchrun"):
+            ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("importance", distributed=True)
+        with pytest.raises(ppl.PPLError, match="no distributed form"):
+            ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("mh", distributed=True)
+    finally:
+        os.environ.update(env)
+
+
+# ------------------------------------------------------------------------ several processes
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, K: int, port: int, jobs: str, out: str, timeout: float) -> None:
+    """One rank, in a forked child (ppl already imported): the environment torchrun
+    would set, output to rank{r}.log, and the exit code of the jobs (never back into
+    pytest)."""
+    code = 1
+    try:
+        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(K), "LOCAL_RANK": str(rank),
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                           "PPL_DISTRIBUTED_TIMEOUT": str(timeout)})
+        log = os.open(os.path.join(out, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        sys.stdout = sys.stderr = os.fdopen(log, "w", buffering=1)  # (not pytest's capture)
+        torch.set_num_threads(1)
+        _worker().run_jobs(jobs.split(","), out)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _start(K: int, jobs: str, out: Path, timeout: float = 60) -> list:
+    """K ranks of ``jobs`` (forked: no interpreter start-up and import per rank)."""
+    import multiprocessing
+    out.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    fork = multiprocessing.get_context("fork")
+    procs = [fork.Process(target=_rank, args=(r, K, port, jobs, str(out), timeout)) for r in range(K)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """Every multi-process job, started together; per job: (return codes, rank 0's log,
+    seconds until rank 0 exited, out dir)."""
+    base = tmp_path_factory.mktemp("dist")
+    specs = {"k3": (3, "law,runs", 60), "k2": (2, "law,runs", 60), "raise": (2, "raise", TIMEOUT),
+             "kill": (2, "kill", TIMEOUT), "hang": (2, "hang", TIMEOUT)}
+    started = time.monotonic()
+    procs = {name: _start(K, job, base / name, t) for name, (K, job, t) in specs.items()}
+    done: dict = {}
+    deadline = started + 150
+    while len(done) < len(procs) and time.monotonic() < deadline:
+        for name, ps in procs.items():
+            if name not in done and ps[0].exitcode is not None:
+                done[name] = time.monotonic() - started
+        time.sleep(0.05)
+    out = {}
+    for name, ps in procs.items():
+        for p in ps:  # the other ranks get a few seconds to stop, then are ended (the silent rank)
+            p.join(timeout=max(0.1, deadline - time.monotonic()) if name != "hang" else 0.5)
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+        out[name] = ([p.exitcode for p in ps], (base / name / "rank0.log").read_text(), done.get(name),
+                     base / name)
+    return out
+
+
+def _result(jobs, name: str, job: str) -> dict:
+    rcs, log, _, where = jobs[name]
+    assert rcs == [0] * len(rcs), log[-3000:]
+    return json.loads((where / f"{job}.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["k2", "k3"])
+def test_global_resampling_through_the_ranks_moves_rows_to_the_single_process_ancestors(jobs, name):
+    """Through the real collectives and row moves: each rank's new rows (its particles'
+    global ids, and a second float column) are, in rank order, the ancestors of the
+    single-process scheme with the same uniforms, slot for slot; each rank ends with its
+    shard's size; rows did move (an empty plan would not test the exchange)."""
+    cases = _result(jobs, name, "law")["cases"]
+    K = 2 if name == "k2" else 3
+    assert len(cases) == 75
+    for c in cases:
+        assert c["ids"] == c["single"], c
+        assert c["twice_ok"]
+        assert c["sizes"] == D.shard_sizes(c["N"], K)
+    assert sum(c["moved"] for c in cases) > 50
+
+
+def _kalman(ys, a=0.8, q=1.0, r=0.7):
+    m, P, ll = 0.0, 0.0, 0.0
+    for y in ys:
+        m, P = a * m, a * a * P + q
+        S = P + r * r
+        ll += -0.5 * (math.log(2 * math.pi * S) + (y - m) ** 2 / S)
+        K = P / S
+        m, P = m + K * (y - m), (1 - K) * P
+    return ll, m, P
+
+
+def _conjugate(ys, s0=2.0):
+    n = len(ys)
+    cov = torch.eye(n, dtype=torch.float64) + s0 * s0 * torch.ones(n, n, dtype=torch.float64)
+    ll = float(torch.distributions.MultivariateNormal(torch.zeros(n, dtype=torch.float64), cov).log_prob(
+        torch.tensor(ys, dtype=torch.float64)))
+    prec = 1 / s0 ** 2 + n
+    return ll, sum(ys) / prec, 1 / prec
+
+
+def _worker():
+    sys.path.insert(0, str(HERE))
+    try:
+        import distributed_worker
+    finally:
+        sys.path.remove(str(HERE))
+    return distributed_worker
+
+
+@functools.lru_cache(maxsize=None)
+def _single(key: str) -> list[dict]:
+    """The same runs in one process (4 other seeds), for the comparison."""
+    import ppl
+    source, method, data, n, opts = _worker().RUNS[key]
+    m = ppl.model(source)
+    out = []
+    for rep in range(4):
+        res = m.run(method, data, particles=n, seed=500 + rep, **opts)
+        out.append({"log_evidence": res.log_evidence, "mean": res.mean(), "var": res.var(),
+                    "json_keys": sorted(res.to_json())})
+    return out
+
+
+def _mean_sd(xs):
+    mu = sum(xs) / len(xs)
+    return mu, math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1))
+
+
+@pytest.mark.parametrize("name", ["k2", "k3"])
+@pytest.mark.parametrize("key", ["conj_is", "conj_smc", "ssm_smc", "ssm_smc_mult"])
+def test_distributed_is_and_smc_match_the_closed_form_and_one_process(jobs, name, key):
+    """Evidence and posterior mean of 4 seeded distributed runs (uneven shards: 2001,
+    1000, 700 and 701 particles over 2 or 3 ranks) within 4.5 Monte Carlo standard errors of the
+    closed form (normal-normal) / Kalman filter (linear-Gaussian SSM) and of 4
+    single-process runs; the standard error is the pooled spread of the 8 runs
+    (t with 6 degrees of freedom: P(|t| > 4.5) = 0.004)."""
+    W = _worker()
+    dist = _result(jobs, name, "runs")[key]
+    assert all(d["n"] == W.RUNS[key][3] for d in dist)
+    single = _single(key)
+    assert dist[0]["json_keys"] == single[0]["json_keys"]  # the single-process result's JSON fields
+    ll, mean, _ = _conjugate(W.CONJ_YS) if key.startswith("conj") else _kalman(W.SSM_YS)
+    for field, truth in (("log_evidence", ll), ("mean", mean)):
+        d_mu, d_sd = _mean_sd([d[field] for d in dist])
+        s_mu, s_sd = _mean_sd([s[field] for s in single])
+        sd = math.sqrt((d_sd ** 2 + s_sd ** 2) / 2)
+        assert abs(d_mu - truth) <= 4.5 * sd / 2 + 1e-9, (field, d_mu, truth, sd)
+        assert abs(d_mu - s_mu) <= 4.5 * sd * math.sqrt(0.5) + 1e-9, (field, d_mu, s_mu, sd)
+    if key != "conj_is":
+        assert any(d["rows_moved"] for d in dist)  # particles did cross ranks
+
+
+def test_a_raising_rank_stops_every_rank_with_its_error(jobs):
+    rcs, log, seconds, _ = jobs["raise"]
+    assert rcs == [1, 1]
+    assert "rank 1 of 2 failed" in log and "parameter 'scale' must be positive" in log
+    assert seconds is not None
+
+
+def test_a_killed_rank_makes_the_others_fail_not_hang(jobs):
+    rcs, log, seconds, _ = jobs["kill"]
+    assert rcs[1] == 17 and rcs[0] == 1
+    assert "CollectiveError" in log and "another rank failed" in log
+    assert seconds is not None
+
+
+def test_a_silent_rank_makes_the_others_time_out(jobs):
+    """Rank 1 stops answering mid-run: rank 0 fails at its next collective after the
+    group's timeout (6 s here), not later."""
+    rcs, log, seconds, _ = jobs["hang"]
+    assert rcs[0] == 1
+    assert "Timed out" in log or "timed out" in log
+    assert "6000ms" in log and seconds is not None and seconds < 60
