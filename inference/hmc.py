@@ -62,6 +62,12 @@ MAX_DELTA_ENERGY = 1000.0
 #: (4 chains x 1000 x 1000 on eight schools: 12.2 s fused against 11.6 s unfused, load ~3)
 FUSE_MIN_ITERATIONS = 5000
 
+#: ... and the whole transition as one compiled program (``inference.nuts_loop``) with at least
+#: ``FUSE_MIN_ITERATIONS`` transitions left, or at least this many where a previous process
+#: compiled it for this graph (its library then loads from the cache: ~2 s CPU to record and
+#: check it, against ~2 ms saved per transition on eight schools)
+LOOP_CACHED_MIN_ITERATIONS = 1000
+
 _F64 = torch.float64
 
 
@@ -262,15 +268,16 @@ def nuts_step(potential, state: State, step_size: torch.Tensor, metric: Metric, 
     """One multinomial NUTS transition per chain (all chains one batch). Returns
     (State, StepInfo) with Stan's per-draw statistics: accept_stat = mean over the tree's
     leaves of min(1, exp(H0 - H)), tree_depth = doublings, n_steps = leapfrog steps,
-    divergent, energy = H at the kept state (its own momentum). ``fuse``: build the fused
-    leaf graph (``_FusedLeaf``) if the potential allows and none is built yet (one already
-    built is used either way)."""
+    divergent, energy = H at the kept state (its own momentum). ``fuse``: build the whole
+    transition as one compiled program (``_compiled_transition``), or failing that the fused
+    leaf graph (``_FusedLeaf``), if the potential allows and none is built yet (one already
+    built is used either way); ``fuse="loop"``: build the compiled transition only."""
     C, D = state.z.shape
     K = max_tree_depth
     device = state.z.device
     p0 = metric.sample_momentum(randomness)
     u = randomness.uniform((C, 3 * K), device).T  # per level: direction, sub-tree choice, top choice
-    whole = _compiled_transition(potential, metric, K, state, fuse)
+    whole = _compiled_transition(potential, metric, K, state, bool(fuse))
     if whole is not None:  # the whole transition as one compiled program (``inference.nuts_loop``)
         out = whole(state.z, state.logp, state.grad, p0, u, step_size.to(_F64), metric.inv_mass,
                     potential.graph_inputs(), randomness)
@@ -301,7 +308,7 @@ def nuts_step(potential, state: State, step_size: torch.Tensor, metric: Metric, 
     depth = torch.zeros(C, dtype=torch.int64, device=device)
     all_weights, all_building = [], []
     sync_every = 1 if device.type == "cpu" else 8
-    leaves = _Leaves(potential, metric, H0, K, state.z, fuse)
+    leaves = _Leaves(potential, metric, H0, K, state.z, fuse is True)
 
     for d in range(K):
         if d and not bool(active.any()):
@@ -581,6 +588,34 @@ def _compiled_transition(potential, metric: Metric, max_tree_depth: int, state: 
     return cache[key]
 
 
+def _fuse_now(potential, metric: Metric, max_tree_depth: int, left: int):
+    """``nuts_step``'s ``fuse`` with ``left`` transitions to go: True (build the compiled
+    transition, or the fused leaf) with at least ``FUSE_MIN_ITERATIONS``, "loop" (the
+    compiled transition only) with at least ``LOOP_CACHED_MIN_ITERATIONS`` where its library
+    is in the cache, else False."""
+    if left >= FUSE_MIN_ITERATIONS:
+        return True
+    if left < LOOP_CACHED_MIN_ITERATIONS:
+        return False
+    return "loop" if _loop_compiled_before(potential, metric, max_tree_depth) else False
+
+
+def _loop_compiled_before(potential, metric: Metric, max_tree_depth: int) -> bool:
+    offer = getattr(potential, "recorded_graph", None)
+    recorded = offer() if offer is not None else None
+    if recorded is None or recorded[1] != "inductor":
+        return False
+    try:
+        cache = _LOOP_CACHE.setdefault(potential, {})
+    except TypeError:
+        return False
+    key = ("compiled before", id(recorded[0]), tuple(metric.inv_mass.shape), max_tree_depth)
+    if key not in cache:
+        from .nuts_loop import compiled_before
+        cache[key] = compiled_before(recorded[0], potential.graph_inputs(), metric.inv_mass, max_tree_depth)
+    return cache[key]
+
+
 def _build_transition(potential, gm, metric: Metric, max_tree_depth: int, state: State):
     from .nuts_loop import CompiledTransition
 
@@ -589,7 +624,8 @@ def _build_transition(potential, gm, metric: Metric, max_tree_depth: int, state:
         return _finite_logp(logp), _finite_grad(grad), ok
     try:
         return CompiledTransition.build(evaluate_graph, potential.graph_inputs(), lambda z: evaluate(potential, z),
-                                        state.z, state.logp, state.grad, metric.inv_mass, max_tree_depth)
+                                        state.z, state.logp, state.grad, metric.inv_mass, max_tree_depth,
+                                        potential_graph=gm)
     except Exception as e:  # noqa: BLE001 - any failure keeps the eager transition
         _FusedLeaf.why_not["loop"] = (str(e).splitlines() or [type(e).__name__])[0]
         return None
@@ -893,7 +929,7 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
             if between is not None:
                 state = between(state)
             state, info = transition(potential, state, step, metric, randomness,
-                                     fuse=warmup + samples - i >= FUSE_MIN_ITERATIONS)
+                                     fuse=_fuse_now(potential, metric, max_tree_depth, warmup + samples - i))
             warm_div += info.divergent
             step, inv_mass = adapt.update(i, state.z, info.accept_stat)
             if inv_mass is not None:
@@ -911,7 +947,7 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
             if between is not None:
                 state = between(state)
             state, info = transition(potential, state, step, metric, randomness,
-                                     fuse=samples - s >= FUSE_MIN_ITERATIONS)
+                                     fuse=_fuse_now(potential, metric, max_tree_depth, samples - s))
             out_z[s] = state.z
             stats["logp"][s] = state.logp
             stats["divergent"][s] = info.divergent

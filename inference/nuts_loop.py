@@ -29,7 +29,9 @@ draw-by-draw and the choice in law.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 
 import torch
 from torch._higher_order_ops.while_loop import while_loop
@@ -92,7 +94,7 @@ def transition(evaluate_at, z, logp, grad, p0, u, u_leaf, step, inv_mass, fresh,
 
     chain = torch.arange(C, device=device)
     levels = torch.arange(K, device=device)
-    blocks = torch.tensor([1 << k for k in range(K)], dtype=i64, device=device)  # 2^k leaves in a block of level k
+    blocks = torch.ones(K, dtype=i64, device=device) << levels  # 2^k leaves in a block of level k
     go_right = u[:K] < 0.5
     signed = torch.where(go_right, 1.0, -1.0).to(f64) * step  # [K, C]
     u_top = u[2 * K:]
@@ -237,20 +239,22 @@ class CompiledTransition:
 
     @classmethod
     def build(cls, evaluate_graph, graph_args: tuple, evaluate_eager, z, logp, grad, inv_mass,
-              max_tree_depth: int):
+              max_tree_depth: int, potential_graph=None):
         """Record and compile the transition for chains at (z, logp, grad) [C, D] and a
         metric of ``inv_mass``'s shape. ``evaluate_graph(z, *graph_args) -> (logp, grad,
         valid)``: the potential's graph (non-finite values already mapped as
         ``hmc.evaluate`` maps them); ``evaluate_eager(z) -> (logp, grad)``: the potential
-        itself, for the check. Raises where it cannot be built or disagrees."""
+        itself, for the check. ``potential_graph``: the potential's recorded graph, to mark
+        the program compiled for it (``compiled_before``). Raises where it cannot be built
+        or disagrees."""
         from torch._guards import TracingContext, tracing
-        from torch._inductor import config as inductor_config
-        from torch._inductor.compile_fx import compile_fx
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.experimental.proxy_tensor import make_fx
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
         K = max_tree_depth
+        if z.device.type != "cpu":
+            raise ValueError("the compiled transition runs on the CPU only")
 
         def program(z, logp, grad, p0, u, u_leaf, step, inv_mass, fresh, *args):
             return transition(lambda x: evaluate_graph(x, *args), z, logp, grad, p0, u, u_leaf, step, inv_mass,
@@ -262,11 +266,13 @@ class CompiledTransition:
         # lowering of while_loop asks for it)
         with tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True, shape_env=ShapeEnv()))):
             gm = make_fx(program)(*inputs)
-        with inductor_config.patch(cpp_wrapper=True, size_asserts=False):
-            compiled = compile_fx(gm, list(inputs))
+        constants = _lift_constants(gm)  # the data: inputs, so that the program does not depend on it
+        runner = _load_or_compile(gm, (*inputs, *constants))
         C = z.shape[0]
-        built = cls(lambda *a: compiled(*a), C, K, z.device)
+        built = cls(lambda *a: runner.run([*a, *constants]), C, K, z.device)
         built._check(evaluate_eager, graph_args, z, logp, grad, inv_mass)
+        if potential_graph is not None:
+            _mark(_marker_path(potential_graph, graph_args, inv_mass, K))
         return built
 
     def _check(self, evaluate_eager, graph_args, z, logp, grad, inv_mass) -> None:
@@ -329,6 +335,101 @@ class CompiledTransition:
             return self.run(*inputs, *rest, fresh_t, *graph_args)
         except (RuntimeError, AssertionError):  # a compiled kernel that raises (e.g. a Cholesky)
             return None
+
+
+def _lift_constants(gm: torch.fx.GraphModule) -> list:
+    """Make every tensor the recorded graph holds (the program's data, folded constants) an
+    input of the graph, after the others; returns those tensors in their input order. The
+    compiled program then depends on the data's shapes only (one artifact serves every
+    data set of those shapes), and AOTInductor need not embed them."""
+    constants = []
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr":
+            continue
+        value = gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        if not isinstance(value, torch.Tensor):
+            continue  # (the loops' bodies: sub-graphs)
+        with gm.graph.inserting_after(last):
+            last = gm.graph.placeholder(f"constant_{len(constants)}")
+        last.meta = dict(node.meta)
+        node.replace_all_uses_with(last)
+        gm.graph.erase_node(node)
+        constants.append(value)
+    gm.graph.lint()
+    gm.recompile()
+    return constants
+
+
+def _load_or_compile(gm: torch.fx.GraphModule, inputs: tuple):
+    """The graph compiled by AOTInductor into a shared library, loaded: from the cache
+    (``_artifact_path``: a previous process compiled the same graph for inputs of the same
+    shapes; loading takes milliseconds) or compiled now (seconds of Python, then the C++
+    compiler) and stored there."""
+    import warnings
+
+    import torch._inductor
+    path = _artifact_path(gm, inputs)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = f"{path}.{os.getpid()}.so"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            built = torch._inductor.aot_compile(gm, tuple(inputs), options={"aot_inductor.output_path": partial})
+        os.replace(built, path)  # (atomic: another process sees the whole library or none)
+    return torch._C._aoti.AOTIModelContainerRunnerCpu(path, 1)
+
+
+def compiled_before(potential_graph: torch.fx.GraphModule, graph_args: tuple, inv_mass, max_tree_depth: int) -> bool:
+    """Whether a previous build compiled the transition around this potential graph (its
+    code and its constants' shapes: the data's values do not matter) for these shapes:
+    ``build`` then loads the library from the cache instead of compiling it."""
+    return os.path.exists(_marker_path(potential_graph, graph_args, inv_mass, max_tree_depth))
+
+
+def _marker_path(potential_graph, graph_args, inv_mass, max_tree_depth: int) -> str:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    digest = hashlib.sha256()
+    digest.update(f"{torch.__version__}|{max_tree_depth}|{tuple(inv_mass.shape)}|".encode())
+    with open(__file__, "rb") as source:
+        digest.update(source.read())
+    digest.update(potential_graph.code.encode())
+    for node in potential_graph.graph.nodes:  # the shapes of the constants it reads
+        if node.op == "get_attr":
+            value = potential_graph
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            if isinstance(value, torch.Tensor):
+                digest.update(f"{node.target}{tuple(value.shape)}{value.dtype}|".encode())
+    for x in graph_args:
+        digest.update(f"{tuple(x.shape)}{x.dtype}|".encode())
+    return os.path.join(cache_dir(), "ppl_nuts_loop", "built", digest.hexdigest())
+
+
+def _mark(path: str) -> None:
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w"):
+            pass
+    except OSError:  # no marker only means the gate waits for a longer run next time
+        pass
+
+
+def _artifact_path(gm: torch.fx.GraphModule, inputs: tuple) -> str:
+    """Where the compiled program for this graph (its code and its sub-graphs' code) and
+    these input shapes lives: under Inductor's cache directory, keyed also by the torch
+    version and this module's source."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    digest = hashlib.sha256()
+    digest.update(f"{torch.__version__}|".encode())
+    with open(__file__, "rb") as source:
+        digest.update(source.read())
+    digest.update(gm.print_readable(print_output=False).encode())
+    for x in inputs:
+        digest.update(f"{tuple(x.shape)}{x.dtype}{x.device}|".encode())
+    return os.path.join(cache_dir(), "ppl_nuts_loop", digest.hexdigest() + ".so")
 
 
 def _example(z, logp, grad, inv_mass, max_tree_depth: int, seed: int) -> tuple:

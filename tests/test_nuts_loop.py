@@ -1,0 +1,260 @@
+"""NUTS's whole transition as one compiled program (inference/nuts_loop.py): the same kernel
+as ``hmc.nuts_step`` -- the same trajectory, U-turn checks, divergences and statistics from
+the same momentum and uniforms, draw by draw -- with the state within a sub-tree chosen
+progressively (same law: checked against nuts_step's exact multinomial choice), compiled by
+AOTInductor, handing a transition with an invalid parameter back to the eager kernel, and
+built by ``sample_nuts`` only where it pays (long runs, or a library in the cache)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from ppl.inference import hmc, nuts_loop
+from ppl.inference.hmc import Metric, init_state, nuts_step
+from ppl.inference.randomness import TorchRandomness
+
+F64 = torch.float64
+
+
+def _precision(D: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(D, D, dtype=F64, generator=g) / math.sqrt(D)
+    return A @ A.T + 0.2 * torch.eye(D, dtype=F64)
+
+
+class Gaussian:
+    """N(0, P^-1) offering a recorded graph (z, beta) -> (log pi, gradient, parameters
+    valid?) as ``inference.potential.Potential`` does; the graph reports its parameters
+    invalid where beta >= 2 (so a test can make it hand a transition back)."""
+
+    def __init__(self, precision: torch.Tensor, C: int):
+        self.P = precision
+        self.beta = 1.0
+        D = precision.shape[0]
+
+        def graph(z, beta):
+            return self._graph(z, beta)
+        self.gm = make_fx(graph)(torch.zeros(C, D, dtype=F64), torch.tensor(1.0, dtype=F64))
+
+    def value_and_grad(self, z):
+        grad = -z @ self.P
+        return 0.5 * (z * grad).sum(-1), grad
+
+    def _graph(self, z, beta):
+        logp, grad = self.value_and_grad(z)
+        return logp, grad, beta < 2.0
+
+    def recorded_graph(self):
+        return self.gm, "jit"
+
+    def graph_inputs(self, beta=1.0):
+        return (torch.tensor(self.beta, dtype=F64),)
+
+
+class Replay:
+    """Randomness handing out given momenta and uniforms (as nuts_step draws them)."""
+
+    def __init__(self, p0, u):
+        self.p0, self.u = p0, u
+
+    def normal(self, shape, device):
+        return self.p0
+
+    def uniform(self, shape, device):
+        return self.u
+
+
+def _eager(potential):
+    def at(z):
+        logp, grad = hmc.evaluate(potential, z)
+        return logp, grad, torch.ones((), dtype=torch.bool)
+    return at
+
+
+@pytest.mark.parametrize("dense, scale", [(False, 1.0), (True, 1.0), (False, 12.0)])
+def test_statistics_match_nuts_step_draw_by_draw(dense, scale):
+    """From the same momentum and uniforms, the loop (run eagerly) makes nuts_step's tree:
+    the same depth, leapfrog steps, divergences and acceptance statistic, on 12 transitions
+    of 4 chains (a large step size: divergences)."""
+    C, D, K = 4, 6, 6
+    target = Gaussian(_precision(D), C)
+    g = torch.Generator().manual_seed(1)
+    inv = torch.rand(C, D, dtype=F64, generator=g) + 0.5
+    metric = Metric(torch.diag_embed(inv) if dense else inv)
+    state = init_state(target, torch.randn(C, D, dtype=F64, generator=g))
+    step = scale * torch.tensor([0.3, 0.15, 0.5, 0.05], dtype=F64)
+    L = 1 << (K - 1)
+    divergent = 0
+    for _ in range(12):
+        eps = torch.randn(C, D, dtype=F64, generator=g)
+        u = torch.rand(C, 3 * K, dtype=F64, generator=g)
+        new, info = nuts_step(target, state, step, metric, Replay(eps, u), max_tree_depth=K, fuse=False)
+        p0 = metric.sample_momentum(Replay(eps, u))
+        out = nuts_loop.transition(_eager(target), state.z, state.logp, state.grad, p0, u.T.contiguous(),
+                                   torch.rand(L, C, dtype=F64, generator=g), step, metric.inv_mass,
+                                   torch.tensor(L), K, loop=nuts_loop.python_loop)
+        z, logp, grad, energy, accept, div, n_steps, depth, moved, flags = out
+        assert bool(flags.all())
+        assert torch.equal(depth, info.tree_depth) and torch.equal(n_steps, info.n_steps)
+        assert torch.equal(div, info.divergent)
+        assert torch.allclose(accept, info.accept_stat, rtol=1e-12, atol=1e-15)
+        divergent += int(div.sum())
+        state = new
+    assert (divergent > 0) == (scale > 1)
+
+
+def test_state_chosen_within_a_sub_tree_has_nuts_steps_law():
+    """One trajectory (the same momentum and directions in every column of a batch of 4000
+    copies of one chain): nuts_step's choice, swept over a grid of its sub-tree uniforms,
+    gives each state's exact probability (to 1/4000); the loop's progressive choice with
+    fresh uniforms per column must match it within 4.5 binomial standard errors."""
+    N, D, K = 4000, 3, 5
+    target = Gaussian(_precision(D, seed=3), N)
+    g = torch.Generator().manual_seed(5)
+    z0 = torch.randn(1, D, dtype=F64, generator=g).expand(N, D).contiguous()
+    state = init_state(target, z0)
+    metric = Metric(torch.ones(N, D, dtype=F64))
+    step = torch.full((N,), 0.35, dtype=F64)
+    p0 = torch.randn(1, D, dtype=F64, generator=g).expand(N, D).contiguous()
+    u = torch.rand(1, 3 * K, dtype=F64, generator=g).expand(N, 3 * K).clone()
+    u[:, :K] = torch.tensor([0.7, 0.2, 0.9, 0.6, 0.1], dtype=F64)  # the directions
+    u[:, 2 * K:] = 0.5                                            # the top-level uniforms
+    u[:, K:2 * K] = ((torch.arange(N, dtype=F64) + 0.5) / N).unsqueeze(1)  # a grid: exact law
+    exact, info = nuts_step(target, state, step, metric, Replay(p0, u), max_tree_depth=K, fuse=False)
+    assert int(info.tree_depth[0]) >= 3  # (sub-trees of several leaves)
+    L = 1 << (K - 1)
+    out = nuts_loop.transition(_eager(target), state.z, state.logp, state.grad, p0, u.T.contiguous(),
+                               torch.rand(L, N, dtype=F64, generator=g), step, metric.inv_mass,
+                               torch.tensor(L), K, loop=nuts_loop.python_loop)
+    chosen = out[0]
+    states = torch.unique(torch.cat((exact.z, chosen)), dim=0)
+    assert len(states) >= 3
+    for s in states:
+        p = float((exact.z == s).all(1).to(F64).mean())
+        freq = float((chosen == s).all(1).to(F64).mean())
+        assert abs(freq - p) <= 4.5 * math.sqrt(max(p * (1 - p), 1 / N) / N) + 1 / N, (freq, p)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """A Gaussian target with its transition compiled (one build for the module: the C++
+    library is cached across processes by its graph)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PPL_NUTS_LOOP", "1")  # (the target offers a TorchScript-replayed graph)
+    C, D, K = 4, 5, 6
+    target = Gaussian(_precision(D, seed=7), C)
+    metric = Metric(torch.ones(C, D, dtype=F64))
+    state = init_state(target, torch.randn(C, D, dtype=F64, generator=torch.Generator().manual_seed(2)))
+    built = hmc._compiled_transition(target, metric, K, state)
+    yield target, built, K
+    mp.undo()
+
+
+def test_compiled_transition_is_built_and_checked(compiled):
+    target, built, K = compiled
+    assert isinstance(built, nuts_loop.CompiledTransition), hmc._FusedLeaf.why_not.get("loop")
+
+
+def test_compiled_nuts_gives_the_gaussians_moments(compiled, monkeypatch):
+    """sample_nuts on the compiled transition: every mean and variance of the correlated
+    5-d Gaussian within 4.5 Monte Carlo standard errors (from the chains' ESS)."""
+    from ppl.inference.diagnostics import mcmc_ess
+    target, built, K = compiled
+    monkeypatch.setenv("PPL_NUTS_LOOP", "1")
+    monkeypatch.setattr(hmc, "FUSE_MIN_ITERATIONS", 0)
+    calls = []
+    monkeypatch.setattr(nuts_loop.CompiledTransition, "_run",
+                        lambda self, *a, _run=nuts_loop.CompiledTransition._run: calls.append(1) or _run(self, *a))
+    rand = TorchRandomness(torch.Generator().manual_seed(11))
+    z0 = torch.randn(4, 5, dtype=F64, generator=torch.Generator().manual_seed(2))
+    res = hmc.sample_nuts(target, z0, samples=1500, warmup=300, randomness=rand, max_tree_depth=K, progress=False)
+    assert len(calls) >= 1800  # every transition compiled
+    cov = torch.linalg.inv(target.P)
+    draws = res.z  # [C, S, D]
+    for j in range(5):
+        x = draws[..., j]
+        for f, truth in ((x, 0.0), (x.square(), float(cov[j, j]))):
+            ess = float(mcmc_ess(f))
+            se = float(f.std()) / math.sqrt(ess)
+            assert abs(float(f.mean()) - truth) < 4.5 * se, (j, float(f.mean()), truth, se)
+
+
+class Table:
+    """Randomness handing out one fixed table of uniforms in order (the same values however
+    a caller splits its requests)."""
+
+    def __init__(self, values):
+        self.values, self.at = values, 0
+
+    def uniform(self, shape, device):
+        n = math.prod(shape)
+        out = self.values[self.at:self.at + n].reshape(shape)
+        self.at += n
+        return out
+
+
+def test_too_few_leaf_uniforms_runs_the_same_transition_again(compiled):
+    """A sub-tree longer than the uniforms drawn: the program stops and runs again with all
+    of them -- the same transition as with all of them drawn at once."""
+    target, built, K = compiled
+    C, D = 4, 5
+    g = torch.Generator().manual_seed(4)
+    state = init_state(target, torch.randn(C, D, dtype=F64, generator=g))
+    p0 = torch.randn(C, D, dtype=F64, generator=g)
+    u = torch.rand(3 * K, C, dtype=F64, generator=g)
+    step = torch.full((C,), 0.05, dtype=F64)  # small steps: deep trees
+    table = torch.rand(built.L * C, dtype=F64, generator=g)
+    args = (state.z, state.logp, state.grad, p0, u, step, torch.ones(C, D, dtype=F64), target.graph_inputs())
+    built.recent_depths[:] = [1]  # two rows drawn first
+    redone = built.redone
+    short = built(*args, Table(table))
+    assert built.redone == redone + 1
+    built.recent_depths[:] = [K]  # all rows at once
+    whole = built(*args, Table(table))
+    assert built.redone == redone + 1
+    for a, b in zip(short, whole):
+        assert torch.equal(a, b)
+
+
+def test_invalid_parameter_hands_the_transition_to_the_eager_kernel(compiled, monkeypatch):
+    """The graph reports an invalid parameter: the compiled program returns None and
+    nuts_step makes the transition eagerly, from the same momentum and uniforms."""
+    target, built, K = compiled
+    monkeypatch.setenv("PPL_NUTS_LOOP", "1")
+    C, D = 4, 5
+    state = init_state(target, torch.randn(C, D, dtype=F64, generator=torch.Generator().manual_seed(8)))
+    metric = Metric(torch.ones(C, D, dtype=F64))
+    step = torch.full((C,), 0.3, dtype=F64)
+    target.beta = 3.0  # the graph now says "invalid"
+    try:
+        rand = TorchRandomness(torch.Generator().manual_seed(9))
+        assert built(state.z, state.logp, state.grad, torch.zeros(C, D, dtype=F64),
+                     torch.rand(3 * K, C, dtype=F64), step, metric.inv_mass, target.graph_inputs(), rand) is None
+        loop_state, loop_info = nuts_step(target, state, step, metric, TorchRandomness(
+            torch.Generator().manual_seed(9)), max_tree_depth=K)
+    finally:
+        target.beta = 1.0
+    plain = type("Plain", (), {"value_and_grad": staticmethod(target.value_and_grad)})()
+    eager_state, eager_info = nuts_step(plain, state, step, metric, TorchRandomness(
+        torch.Generator().manual_seed(9)), max_tree_depth=K)
+    assert torch.equal(loop_state.z, eager_state.z) and torch.equal(loop_info.n_steps, eager_info.n_steps)
+
+
+def test_gate_builds_only_where_it_pays(monkeypatch):
+    """Short runs keep the eager kernel; with the library in the cache a run of
+    LOOP_CACHED_MIN_ITERATIONS transitions builds the compiled transition only."""
+    C, D = 4, 3
+    target = Gaussian(_precision(D), C)
+    target.recorded_graph = lambda: (target.gm, "inductor")
+    metric = Metric(torch.ones(C, D, dtype=F64))
+    monkeypatch.setattr(nuts_loop, "compiled_before", lambda *a: False)
+    assert hmc._fuse_now(target, metric, 10, hmc.LOOP_CACHED_MIN_ITERATIONS) is False
+    assert hmc._fuse_now(target, metric, 10, hmc.FUSE_MIN_ITERATIONS) is True
+    other = Gaussian(_precision(D), C)
+    other.recorded_graph = lambda: (other.gm, "inductor")
+    monkeypatch.setattr(nuts_loop, "compiled_before", lambda *a: True)
+    assert hmc._fuse_now(other, metric, 10, hmc.LOOP_CACHED_MIN_ITERATIONS) == "loop"
+    assert hmc._fuse_now(other, metric, 10, hmc.LOOP_CACHED_MIN_ITERATIONS - 1) is False
