@@ -25,7 +25,9 @@ DISTRIBUTED_METHODS = {"importance": frozenset({"progress"}),
                        "smc": frozenset({"resampling", "ess_threshold", "progress"})}
 
 
-def _check(method: str, options: dict) -> None:
+def _check(model, method: str, options: dict) -> None:
+    """The method and options have a distributed form (else an error: never a run that
+    silently differs from the single-process one)."""
     if method not in DISTRIBUTED_METHODS:
         raise PPLError(f"method '{method}' has no distributed form yet",
                        hint=f"with distributed=True use one of: {', '.join(DISTRIBUTED_METHODS)}")
@@ -35,12 +37,16 @@ def _check(method: str, options: dict) -> None:
         raise PPLError(f"option{'s' if len(unsupported) > 1 else ''} {', '.join(unsupported)} of '{method}' "
                        "cannot be used with distributed=True yet",
                        hint="run in one process for these options")
+    from .semantics.enumerate_sites import marks_enumeration
+    if marks_enumeration(model.program):
+        raise PPLError("choices marked @enumerate cannot be summed out with distributed=True yet",
+                       hint="drop @enumerate (the choices are then sampled), or run in one process")
 
 
 def run_distributed(model, method: str, data: dict, *, particles: int, seed: int | None, device,
                     timeout: float | None = None, **options):
     """The result on rank 0, None on the other ranks (see the module docstring)."""
-    _check(method, options)
+    _check(model, method, options)
     with process_group(timeout) as group:
         base = seed if group.is_root and seed is not None else \
             (int(torch.randint(0, 2 ** 62, (), generator=torch.default_generator)) if group.is_root else None)

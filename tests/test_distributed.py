@@ -13,6 +13,7 @@ import json
 import math
 import os
 import socket
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -107,7 +108,7 @@ def test_transfer_plan_moves_only_the_rows_other_ranks_hold():
     assert not D.TransferPlan.make([(0, 3), (3, 6)], 6).moves
 
 
-def test_distributed_needs_torchrun_environment():
+def test_distributed_needs_torchrun_and_refuses_what_it_cannot_do_yet():
     import ppl
     env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k in os.environ}
     try:
@@ -115,6 +116,12 @@ def test_distributed_needs_torchrun_environment():
             ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("importance", distributed=True)
         with pytest.raises(ppl.PPLError, match="no distributed form"):
             ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("mh", distributed=True)
+        with pytest.raises(ppl.PPLError, match="option delayed of 'smc' cannot be used with distributed=True"):
+            ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("smc", distributed=True,
+                                                                                   delayed=True)
+        with pytest.raises(ppl.PPLError, match="@enumerate"):
+            ppl.model("def main():\n    z ~ flip(0.5) @enumerate\n    observe 1.0 ~ normal(0.0 if z else 1.0, 1.0)\n"
+                      "    return z\n").run("smc", distributed=True)
     finally:
         os.environ.update(env)
 
@@ -153,6 +160,23 @@ def _rank(rank: int, K: int, port: int, jobs: str, out: str, timeout: float) -> 
         os._exit(code)
 
 
+CLI_MODEL = "def main(ys):\n    mu ~ normal(0.0, 2.0)\n    for y in ys:\n        observe y ~ normal(mu, 1.0)\n    return mu\n"
+CLI_ARGS = ["--method", "smc", "-n", "301", "--seed", "3", "-o", "resampling=stratified", "--json"]
+
+
+def _start_cli(out: Path):
+    """``torchrun --nproc_per_node=2 -m ppl run MODEL --distributed --json`` (the README's
+    command line)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "m.ppl").write_text(CLI_MODEL)
+    (out / "d.json").write_text(json.dumps({"ys": [0.3, -0.5, 1.2, 0.8, 0.1]}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "ppl", "run", str(out / "m.ppl"), "--data", str(out / "d.json"),
+           "--distributed", *CLI_ARGS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PPL_DISTRIBUTED_TIMEOUT": "60"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def _start(K: int, jobs: str, out: Path, timeout: float = 60) -> list:
     """K ranks of ``jobs`` (forked: no interpreter start-up and import per rank)."""
     import multiprocessing
@@ -173,6 +197,7 @@ def jobs(tmp_path_factory):
     specs = {"k3": (3, "law,runs", 60), "k2": (2, "law,runs", 60), "raise": (2, "raise", TIMEOUT),
              "kill": (2, "kill", TIMEOUT), "hang": (2, "hang", TIMEOUT)}
     started = time.monotonic()
+    cli = _start_cli(base / "cli")  # the slowest to start (two fresh interpreters and torchrun's agent)
     procs = {name: _start(K, job, base / name, t) for name, (K, job, t) in specs.items()}
     done: dict = {}
     deadline = started + 150
@@ -190,6 +215,12 @@ def jobs(tmp_path_factory):
                 p.join()
         out[name] = ([p.exitcode for p in ps], (base / name / "rank0.log").read_text(), done.get(name),
                      base / name)
+    try:
+        stdout, stderr = cli.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        cli.kill()
+        stdout, stderr = cli.communicate()
+    out["cli"] = (cli.returncode, stdout, stderr)
     return out
 
 
@@ -308,3 +339,22 @@ def test_a_silent_rank_makes_the_others_time_out(jobs):
     assert rcs[0] == 1
     assert "Timed out" in log or "timed out" in log
     assert "6000ms" in log and seconds is not None and seconds < 60
+
+
+def test_cli_under_torchrun_prints_one_json_like_a_single_process_run(jobs, tmp_path, capsys):
+    """Rank 0 prints the one JSON object (the single-process run's fields), rank 1 nothing."""
+    rc, stdout, stderr = jobs["cli"]
+    assert rc == 0, stderr[-3000:]
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, stdout
+    got = json.loads(lines[0])
+    from ppl.cli import main
+    (tmp_path / "m.ppl").write_text(CLI_MODEL)
+    (tmp_path / "d.json").write_text(json.dumps({"ys": [0.3, -0.5, 1.2, 0.8, 0.1]}))
+    assert main(["run", str(tmp_path / "m.ppl"), "--data", str(tmp_path / "d.json"), *CLI_ARGS]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert sorted(got) == sorted(single) and got["particles"] == 301 and got["method"] == "smc"
+    assert sorted(got["posterior"]) == sorted(single["posterior"]) == ["mu", "return"]
+    # the posterior mean within 5 standard errors (sd / sqrt(301) each, after resampling) of the closed form
+    _, mean, var = _conjugate([0.3, -0.5, 1.2, 0.8, 0.1])
+    assert abs(got["posterior"]["mu"]["mean"] - mean) <= 5 * math.sqrt(var / 301 * 2)
