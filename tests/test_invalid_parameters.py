@@ -90,10 +90,12 @@ def test_a_discrete_analogue_matches_the_truncated_model_exactly():
     assert any("at <model>" not in x and x.startswith("<model>:4:5: normal: parameter 'scale'") for x in r.warnings)
 
 
-def test_a_parameter_invalid_at_every_particle_stays_a_located_error():
+@pytest.mark.parametrize("method,options", [("importance", {"particles": 100}), ("smc", {"particles": 100}),
+                                            ("tempering", {"particles": 50}), ("mh", {"samples": 20, "burn_in": 5})])
+def test_a_parameter_invalid_at_every_particle_stays_a_located_error(method, options):
     src = TRUNCATED.replace("uniform(0, 1)", "uniform(0, 0.5)")
     with pytest.raises(ppl.PPLError, match="must be positive") as e:
-        _run(src, "importance", {"y": Y}, particles=100, seed=0)
+        _run(src, method, {"y": Y}, seed=0, **options)
     assert "<model>:4:5" in str(e.value)
 
 
