@@ -491,7 +491,8 @@ def _unpack(buf: torch.Tensor, specs: list[ColumnSpec], n: int) -> list[torch.Te
         size = n * spec.row_bytes
         piece = buf[at:at + size]
         at += size
-        out.append(piece.view(spec.dtype).reshape(n, *spec.shape) if n else
+        # (a copy: a view of another dtype needs its storage offset aligned to the element size)
+        out.append(piece.clone().view(spec.dtype).reshape(n, *spec.shape) if n else
                    torch.zeros((0, *spec.shape), dtype=spec.dtype))
     return out
 

@@ -80,17 +80,19 @@ def law_job(group: D.Group) -> dict:
             ranges = D.slot_ranges(summary, v)
             plan = D.TransferPlan.make(ranges, N)
             drawn = D.local_ancestors(mine, summary, group.rank, v, *ranges[group.rank])
-            columns = {"id": torch.arange(start, start + n), "twice": 2.0 * torch.arange(start, start + n)[:, None]}
+            ids = torch.arange(start, start + n)
+            columns = {"odd": ids % 2 == 1, "id": ids, "twice": (2.0 * ids)[:, None].float()}  # (unaligned after a bool)
             specs = D.agree_on_columns(group, columns)
             moved = D.exchange_rows(group, plan, columns, specs, drawn)
-            got = group.gather_object((moved["id"].tolist(), moved["twice"][:, 0].tolist()))
+            got = group.gather_object((moved["id"].tolist(), moved["twice"][:, 0].tolist(), moved["odd"].tolist()))
             if group.is_root:
                 ids = [i for part in got for i in part[0]]
                 twice = [x for part in got for x in part[1]]
                 with rng.run(seed):
                     single = R.SCHEMES[scheme](R.normalised(lw), N).tolist()
+                odd = [x for part in got for x in part[2]]
                 results.append({"trial": trial, "scheme": scheme, "N": N, "ids": ids, "single": single,
-                                "twice_ok": twice == [2.0 * i for i in ids], "moved": plan.rows_moved(),
+                                "twice_ok": twice == [2.0 * i for i in ids] and odd == [i % 2 == 1 for i in ids], "moved": plan.rows_moved(),
                                 "sizes": [len(p[0]) for p in got]})
     return {"cases": results}
 
@@ -98,12 +100,29 @@ def law_job(group: D.Group) -> dict:
 CONJ_YS = [0.3, -0.5, 1.2, 0.8, 0.1]
 SSM_YS = [0.5, 1.1, 0.3, -0.4, -1.0, 0.2, 0.9, 1.5]
 
+#: a choice some particles make (a presence mask), a bool choice and a twist: the moved rows
+#: mix dtypes and the replay rebuilds the twist potentials
+BRANCHY = """
+def main(y):
+    z ~ flip(0.3)
+    x = 0.0
+    if z:
+        u ~ normal(2.0, 1.0)
+        x = u
+    observe y ~ normal(x, 1.0)
+    twist(-0.1 * x * x)
+    v ~ normal(x, 1.0)
+    observe 1.0 ~ normal(v, 0.5)
+    return z
+"""
+
 #: key -> (model source, method, data, particles, options): the runs compared in the tests
 RUNS = {
     "conj_is": (CONJUGATE, "importance", {"ys": CONJ_YS}, 2001, {}),
     "conj_smc": (CONJUGATE, "smc", {"ys": CONJ_YS}, 1000, {"resampling": "systematic"}),
     "ssm_smc": (SSM, "smc", {"ys": SSM_YS}, 700, {"resampling": "stratified"}),
     "ssm_smc_mult": (SSM, "smc", {"ys": SSM_YS}, 701, {"resampling": "multinomial", "ess_threshold": 0.5}),
+    "branchy_smc": (BRANCHY, "smc", {"y": 1.5}, 1001, {"resampling": "systematic"}),
 }
 
 

@@ -257,6 +257,20 @@ def _kalman(ys, a=0.8, q=1.0, r=0.7):
     return ll, m, P
 
 
+def _branchy(y: float) -> tuple[float, float, None]:
+    """distributed_worker.BRANCHY's log evidence and P(z) (the twist cancels): z = 0 in
+    closed form, z = 1 by quadrature over u (a fine grid: error far below the MCSE)."""
+    def normal(x, m, s):
+        return torch.exp(-0.5 * ((x - m) / s) ** 2) / (s * math.sqrt(2 * math.pi))
+    s_v = math.sqrt(1 + 0.25)  # v integrated out: 1.0 ~ normal(x, sqrt(1 + 0.5^2))
+    zero = float(normal(torch.tensor(y, dtype=torch.float64), 0.0, 1.0) *
+                 normal(torch.tensor(1.0, dtype=torch.float64), 0.0, s_v))
+    u = torch.linspace(-12.0, 16.0, 400_001, dtype=torch.float64)
+    one = float(torch.trapezoid(normal(u, 2.0, 1.0) * normal(y, u, 1.0) * normal(1.0, u, s_v), u))
+    Z = 0.7 * zero + 0.3 * one
+    return math.log(Z), 0.3 * one / Z, None
+
+
 def _conjugate(ys, s0=2.0):
     n = len(ys)
     cov = torch.eye(n, dtype=torch.float64) + s0 * s0 * torch.ones(n, n, dtype=torch.float64)
@@ -295,11 +309,12 @@ def _mean_sd(xs):
 
 
 @pytest.mark.parametrize("name", ["k2", "k3"])
-@pytest.mark.parametrize("key", ["conj_is", "conj_smc", "ssm_smc", "ssm_smc_mult"])
+@pytest.mark.parametrize("key", ["conj_is", "conj_smc", "ssm_smc", "ssm_smc_mult", "branchy_smc"])
 def test_distributed_is_and_smc_match_the_closed_form_and_one_process(jobs, name, key):
     """Evidence and posterior mean of 4 seeded distributed runs (uneven shards: 2001,
-    1000, 700 and 701 particles over 2 or 3 ranks) within 4.5 Monte Carlo standard errors of the
-    closed form (normal-normal) / Kalman filter (linear-Gaussian SSM) and of 4
+    1000, 700, 701 and 1001 particles over 2 or 3 ranks; the last model has a choice some
+    particles make, a bool choice and a twist) within 4.5 Monte Carlo standard errors of the
+    closed form (normal-normal) / Kalman filter (linear-Gaussian SSM) / quadrature and of 4
     single-process runs; the standard error is the pooled spread of the 8 runs
     (t with 6 degrees of freedom: P(|t| > 4.5) = 0.004)."""
     W = _worker()
@@ -307,7 +322,8 @@ def test_distributed_is_and_smc_match_the_closed_form_and_one_process(jobs, name
     assert all(d["n"] == W.RUNS[key][3] for d in dist)
     single = _single(key)
     assert dist[0]["json_keys"] == single[0]["json_keys"]  # the single-process result's JSON fields
-    ll, mean, _ = _conjugate(W.CONJ_YS) if key.startswith("conj") else _kalman(W.SSM_YS)
+    ll, mean, _ = _conjugate(W.CONJ_YS) if key.startswith("conj") else _branchy(1.5) if key.startswith("branchy") \
+        else _kalman(W.SSM_YS)
     for field, truth in (("log_evidence", ll), ("mean", mean)):
         d_mu, d_sd = _mean_sd([d[field] for d in dist])
         s_mu, s_sd = _mean_sd([s[field] for s in single])
