@@ -37,6 +37,10 @@ from .randomness import TorchRandomness
 
 KERNELS = ("nuts", "hmc")
 COMPILE_CHECK = 100  # compile="auto" decides after this many iterations (see _compile_when_it_pays)
+#: compile="auto" loads a graph compiled on this machine before (Inductor's disk cache: ~0.3-1.5 s
+#: CPU with the checks) at once for runs of at least this many iterations (eight schools saves
+#: ~3.4 ms an iteration on it; shorter runs decide as for a graph never compiled)
+CACHED_COMPILE_MIN_ITERATIONS = 1000
 DENSE_AUTO_MAX_DIM = 10  # dense_mass="auto": a dense mass matrix up to this many unconstrained dimensions
 COMPILE_SAVES = 0.85  # the fraction of the TorchScript graph's time TorchInductor saves (~6-15x faster)
 COMPILE_COST = 4.0    # Inductor's compilation / the recording's time (measured: 3-4x)
@@ -58,7 +62,8 @@ def gradient_mcmc(interp, entry: str, data: dict, *, kernel: str = "nuts", chain
     (``traced``) compiled by TorchInductor (``compile``: True, False, or "auto" = after
     ``COMPILE_CHECK`` iterations, when the time it would save on the rest of the run
     exceeds its cost: ``_compile_when_it_pays``; at once when this graph was compiled on
-    this machine before: Inductor's disk cache then loads it in a fraction of a second). ``dense_mass``: True, False, or "auto" = a
+    this machine before and the run has ``CACHED_COMPILE_MIN_ITERATIONS``: Inductor's disk
+    cache then loads it in a fraction of a second). ``dense_mass``: True, False, or "auto" = a
     dense mass matrix when the potential has at most ``DENSE_AUTO_MAX_DIM`` dimensions,
     starting from each chain's ``initial_inverse_mass`` (the inverse curvature at its
     initial point) instead of the identity."""
@@ -68,9 +73,10 @@ def gradient_mcmc(interp, entry: str, data: dict, *, kernel: str = "nuts", chain
     model = ModelRun(interp, entry, data, device)
     state = initial_state(interp, entry, data, chains, device, randomness)
     # "auto": a graph compiled on this machine before is loaded from Inductor's disk cache at
-    # once (a fraction of a second), else decided after COMPILE_CHECK iterations
-    potential = build_potential(model, state, traced=traced,
-                                compile="cached" if compile == "auto" else compile is True)
+    # once (a fraction of a second) for a run of CACHED_COMPILE_MIN_ITERATIONS or more, else
+    # decided after COMPILE_CHECK iterations
+    cached = compile == "auto" and warmup + samples >= CACHED_COMPILE_MIN_ITERATIONS
+    potential = build_potential(model, state, traced=traced, compile="cached" if cached else compile is True)
     z0 = potential.initial(randomness)
     dense_mass, inverse_mass = _mass_matrix(potential, z0, dense_mass)
     started = time.perf_counter()

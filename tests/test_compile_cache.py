@@ -95,6 +95,7 @@ def test_compile_auto_compiles_at_once_a_graph_compiled_before(fresh_cache, monk
     build = gradient_mcmc.build_potential
     monkeypatch.setattr(potential_module, "replay", replay)
     monkeypatch.setattr(gradient_mcmc, "build_potential", build_potential)
+    monkeypatch.setattr(gradient_mcmc, "CACHED_COMPILE_MIN_ITERATIONS", 20)
     m = ppl.compile_source(SOURCE)
     data = {"ys": [0.3, 1.2, -0.4, 0.8, 2.1]}
     # 2 x 10 x 10: far below COMPILE_CHECK iterations, so "auto" decides nothing and stays on
@@ -111,3 +112,5 @@ def test_compile_auto_compiles_at_once_a_graph_compiled_before(fresh_cache, monk
     other = m.run("nuts", {"ys": [0.3, 1.2, -0.4, 0.8, 2.0]}, **short)  # other data: another graph
     assert not other.extra["compiled"] and len(compiles) == 1
     assert not m.run("nuts", data, compile=False, **short).extra["compiled"] and len(compiles) == 1
+    # a shorter run than CACHED_COMPILE_MIN_ITERATIONS decides as for an unknown graph
+    assert not m.run("nuts", data, **dict(short, samples=9)).extra["compiled"] and len(compiles) == 1
