@@ -374,3 +374,14 @@ def test_cli_under_torchrun_prints_one_json_like_a_single_process_run(jobs, tmp_
     # the posterior mean within 5 standard errors (sd / sqrt(301) each, after resampling) of the closed form
     _, mean, var = _conjugate([0.3, -0.5, 1.2, 0.8, 0.1])
     assert abs(got["posterior"]["mu"]["mean"] - mean) <= 5 * math.sqrt(var / 301 * 2)
+
+
+def test_rows_of_mixed_dtypes_pack_and_unpack_unchanged():
+    """A float column after a bool one starts at an unaligned byte offset (the bug this
+    catches: viewing it in place raised)."""
+    specs = [D.ColumnSpec("b", torch.bool, ()), D.ColumnSpec("f", torch.float32, (2,)),
+             D.ColumnSpec("k", torch.int64, ())]
+    cols = [torch.tensor([True, False, True]), torch.arange(6, dtype=torch.float32).reshape(3, 2),
+            torch.tensor([5, -1, 7])]
+    for got, want in zip(D._unpack(D._pack(cols), specs, 3), cols):
+        assert torch.equal(got, want)
