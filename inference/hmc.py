@@ -33,9 +33,12 @@ draws a fixed set of random numbers per chain (the momentum, and for NUTS 3 unif
 possible doubling: the direction, the choice within the sub-tree, the top-level choice),
 so a chain's draws do not depend on which other chains share its batch.
 
-Speed (NUTS): where the potential offers its recorded graph and runs on TorchInductor,
-one leaf -- leapfrog, potential, log weight, U-turn checks, bookkeeping -- is one
-compiled call (``_FusedLeaf``; ``PPL_NUTS_FUSED``: auto / 1 / 0); the merge of a sub-tree
+Speed (NUTS): where the potential offers its recorded graph and runs on TorchInductor, the
+whole transition -- every doubling and leaf of every chain -- can run as ONE compiled C++
+program (``inference.nuts_loop``, ``PPL_NUTS_LOOP``: auto / 1 / 0; built only where it pays:
+``_fuse_now``); its kernel is this one, with the state within a sub-tree chosen
+progressively (same law, other random numbers). Failing that, one leaf -- leapfrog,
+potential, log weight, U-turn checks, bookkeeping -- is one compiled call (``_FusedLeaf``; ``PPL_NUTS_FUSED``: auto / 1 / 0); the merge of a sub-tree
 into the trajectory is one TorchScript call (``_merge``). Both compute what the
 operation-by-operation code computes, from the same random numbers.
 """
