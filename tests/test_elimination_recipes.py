@@ -254,3 +254,18 @@ def test_the_path_bound_is_skipped_only_where_it_exceeds_the_threshold(monkeypat
     assert len(seen) >= 10 and all(1 <= low <= bound for low, bound in seen), seen
     m = ppl.model(CHAIN)
     assert [m.run("enumerate", {"k": k}).strategy for k in (8, 9, 10)] == ["paths", "paths", "elimination"]
+
+
+def test_the_structure_key_keeps_the_data_types_and_runs_follow_the_data():
+    """The cached structure is keyed by the data with their types (1, True and 1.0 are
+    three keys; a list its elements'), and runs alternating between data give each its
+    own exact answer (the numbers are evaluated afresh every run)."""
+    m = ppl.model(CHAIN)
+    interp = m.interpreter(exact=True)
+    keys = [exact_elimination._structure_key(m, {"k": v}, interp) for v in (1, True, 1.0, 2, [1, 2])]
+    assert None not in keys and len(set(keys)) == len(keys)
+    assert exact_elimination._structure_key(m, {"k": 12}, interp) == exact_elimination._structure_key(m, {"k": 12}, interp)
+    for k in (12, 13, 12, 14, 13):
+        r = m.run("enumerate", {"k": k})
+        z, top = forward_chain(k)
+        assert r.strategy == "elimination" and r.evidence == z and r.probs()[True] == top / z
