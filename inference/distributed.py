@@ -30,6 +30,9 @@ stream of random draws (``derive_seed(seed, rank)``).
   take: ranks would disagree on the checkpoints); choices whose values are Python objects
   (language-model tokens, strings) cannot move yet; ``proposal``, ``delayed`` and
   ``enumerate`` are single-process only.
+* ``distributed_chains``: MCMC chains (``mh``, ``nuts``, ``hmc``) shared by the ranks, each
+  rank running the single-process method on its chains; rank 0 gathers them and computes
+  R-hat and ESS over all chains.
 
 Failures: a rank that raises tells the others at their next status collective (they stop
 with its message); a rank that dies makes the others' next collective fail (connection
@@ -48,7 +51,9 @@ from ..semantics.distributed import (AT_CHECKPOINT, FINISHED, CollectiveError, G
 from ..semantics.errors import PPLError, PPLRuntimeError, ZeroEvidenceError
 from ..semantics.sampling import Suspended, Weighting, column, drive
 from ..semantics.values import Lineage, Particles, lineage_scope
-from .population import Population
+from .chain_pool import chains_shared_with
+from .diagnostics import site_diagnostics
+from .population import Chains, Population
 from .resample_move import _replay_moved
 from .smc import SMCHandler, StepRecord
 
@@ -253,3 +258,68 @@ def distributed_smc(interp, entry: str, data: dict, particles: int, device, grou
     if pop is not None:
         pop.extra["rows_moved"] = int(sum(int(t) for t in moved))
     return pop
+
+
+# ---------------------------------------------------------------------- chains across ranks
+#: NUTS/HMC extras that are counts (summed over ranks), per-chain lists (concatenated) and
+#: per-chain means (averaged with the chains as weights)
+_SUMMED = ("divergences", "warmup_divergences", "leapfrog_steps")
+_PER_CHAIN = ("divergences_per_chain", "step_size", "bfmi")
+_CHAIN_MEAN = ("tree_depth_mean", "hit_max_tree_depth")
+
+
+def merge_chains(parts: list, components: bool) -> Chains:
+    """The ``Chains`` of every rank as one: chains in rank order (each rank's draws are
+    chain-major, so the concatenation is too), the acceptance rate averaged over the
+    chains, split R-hat and ESS computed again over *all* chains
+    (``diagnostics.site_diagnostics``), NUTS's counts summed and per-chain statistics
+    concatenated. Other extras are rank 0's (e.g. MH's adapted scales: each rank adapts
+    its own chains during burn-in), with ``chains_per_rank``."""
+    S = parts[0].draws
+    if any(p.draws != S for p in parts):
+        raise PPLRuntimeError(f"the ranks kept different numbers of draws ({[p.draws for p in parts]})")
+    sizes = [p.chains for p in parts]
+    C = sum(sizes)
+    sites = merge_sites([p.sites for p in parts], [c * S for c in sizes])
+    rate = sum(p.acceptance_rate * p.chains for p in parts) / C
+    r_hat, ess = site_diagnostics(sites, C, S, components=components)
+    extra = dict(parts[0].extra)
+    for key in _SUMMED:
+        if key in extra:
+            extra[key] = sum(p.extra[key] for p in parts)
+    for key in _PER_CHAIN:
+        if key in extra:
+            extra[key] = [x for p in parts for x in p.extra[key]]
+    for key in _CHAIN_MEAN:
+        if key in extra:
+            extra[key] = sum(p.extra[key] * p.chains for p in parts) / C
+    if "draw_stats" in extra:  # per draw, [chains, S] each
+        extra["draw_stats"] = {k: torch.cat([p.extra["draw_stats"][k] for p in parts]) for k in extra["draw_stats"]}
+    extra.update(ranks=len(parts), chains_per_rank=sizes)
+    return Chains(parts[0].method, sites, C, S, rate, r_hat, ess, extra)
+
+
+def _to_cpu(chains: Chains) -> Chains:
+    sites = {a: (v.detach().cpu() if isinstance(v, torch.Tensor) else v, None if p is None else p.detach().cpu())
+             for a, (v, p) in chains.sites.items()}
+    return Chains(chains.method, sites, chains.chains, chains.draws, chains.acceptance_rate, chains.r_hat,
+                  chains.ess, chains.extra)
+
+
+def distributed_chains(run, chains: int, group: Group, *, components: bool) -> Chains | None:
+    """Markov chains across ranks: rank r runs ``run(c_r)`` (the single-process method
+    with its share c_r of the ``chains``, ``shard``), independent of the others (its own
+    random stream); rank 0 gathers them (``merge_chains``; diagnostics over all chains).
+    Each chain is exactly a chain of the single-process method (same kernel, same
+    adaptation within the chain's own rank). None on the other ranks."""
+    sizes = _check_shards(chains, group)
+    try:
+        with chains_shared_with(group):  # (what the method pools over chains, it pools over every rank's)
+            local = run(sizes[group.rank])
+        group.status(FINISHED, 0, where="end of the chains")
+    except BaseException as err:
+        if not _reported(err):
+            group.fail(err, 0)
+        raise
+    got = group.gather_object(_to_cpu(local), what="gather the chains on rank 0")
+    return merge_chains(got, components) if group.is_root else None

@@ -2,7 +2,9 @@
 population is sharded over the ranks of a ``torchrun`` job (``inference/distributed.py``).
 
 Every rank calls ``Model.run`` with the same arguments; rank 0 gets the result (the type
-and JSON of a single-process run), the other ranks None. Seeds: rank 0's seed (or, with
+and JSON of a single-process run), the other ranks None. ``importance``/``smc`` shard the
+particles; ``mh``/``nuts``/``hmc`` share the chains (each rank runs the method on its own
+chains; R-hat and ESS over all chains on rank 0). Seeds: rank 0's seed (or, with
 ``seed=None``, a seed it draws from torch's global generator) is broadcast; rank r's
 particles draw from ``derive_seed(seed, r)`` and the resampling uniforms, shared by all
 ranks, from ``derive_seed(seed, -1)``.
@@ -11,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from .inference.distributed import distributed_importance, distributed_smc
-from .inference.methods import _program
+from .inference.distributed import distributed_chains, distributed_importance, distributed_smc
+from .inference.methods import METHODS, _program
 from .registry import population_diagnostics
-from .result import as_result
+from .result import WeightedResult, as_result
 from .semantics.distributed import derive_seed, process_group
 from .inference.diagnostics import emit
 from .semantics.errors import PPLError
@@ -23,14 +25,18 @@ from .stdlib import rng
 #: the methods that run sharded, and the options each accepts with distributed=True
 DISTRIBUTED_METHODS = {"importance": frozenset({"progress"}),
                        "smc": frozenset({"resampling", "ess_threshold", "progress"})}
+#: Markov chain methods: each rank runs the method itself on its chains (every option passes)
+CHAIN_METHODS = frozenset({"mh", "nuts", "hmc"})
 
 
 def _check(model, method: str, options: dict) -> None:
     """The method and options have a distributed form (else an error: never a run that
     silently differs from the single-process one)."""
+    if method in CHAIN_METHODS:
+        return
     if method not in DISTRIBUTED_METHODS:
         raise PPLError(f"method '{method}' has no distributed form yet",
-                       hint=f"with distributed=True use one of: {', '.join(DISTRIBUTED_METHODS)}")
+                       hint=f"with distributed=True use one of: {', '.join([*DISTRIBUTED_METHODS, *sorted(CHAIN_METHODS)])}")
     unsupported = [k for k, v in options.items() if k not in DISTRIBUTED_METHODS[method] and v is not None
                    and v is not False]
     if unsupported:
@@ -53,18 +59,23 @@ def run_distributed(model, method: str, data: dict, *, particles: int, seed: int
         base = group.broadcast_int(base, what="seed")
         shared = torch.Generator().manual_seed(derive_seed(base, -1))
         with rng.run(derive_seed(base, group.rank)):
-            program = _program(model, data, device)
-            if method == "importance":
-                raw = distributed_importance(*program, int(particles), device, group)
+            if method in CHAIN_METHODS:
+                total = int(options.pop("chains", None) or particles)
+                raw = distributed_chains(
+                    lambda c: METHODS[method](model, data, particles=c, chains=c, device=device, **options),
+                    total, group, components=method != "mh")
+            elif method == "importance":
+                raw = distributed_importance(*_program(model, data, device), int(particles), device, group)
             else:
-                raw = distributed_smc(*program, int(particles), device, group, shared,
+                raw = distributed_smc(*_program(model, data, device), int(particles), device, group, shared,
                                       resampling=options.get("resampling") or "systematic",
                                       ess_threshold=1.0 if options.get("ess_threshold") is None
                                       else float(options["ess_threshold"]))
     if raw is None:
         return None
     res = as_result(raw)
-    res.model, res.data = model, dict(data)
+    if isinstance(res, WeightedResult):  # (as run_method: to_arviz and Model.predictive re-run the model)
+        res.model, res.data = model, dict(data)
     population_diagnostics(res)
     emit(getattr(res, "warnings", []), stacklevel=4)
     return res

@@ -143,6 +143,26 @@ def runs_job(group: D.Group) -> dict:
     return out
 
 
+#: method -> options of the chains job (5 chains: uneven over 2 ranks)
+CHAINS = {"mh": {"samples": 400, "burn_in": 200, "kernel": "rw"}, "nuts": {"samples": 150, "burn_in": 150}}
+
+
+def chains_job(group: D.Group) -> dict:
+    """MH and NUTS chains shared by the ranks, on the conjugate model."""
+    out = {}
+    model = ppl.model(CONJUGATE)
+    for method, opts in CHAINS.items():
+        res = model.run(method, {"ys": CONJ_YS}, particles=5, seed=11, distributed=True, **opts)
+        if group.is_root:
+            j = res.to_json()
+            out[method] = {"mean": res.mean(), "var": res.var(), "ess": res.ess_per_site["mu"] if hasattr(
+                res, "ess_per_site") else j["ess_per_site"]["mu"], "r_hat": j["r_hat"], "chains": j["chains"],
+                "draws": j["draws"], "per_rank": res.extra["chains_per_rank"], "json_keys": sorted(j)}
+        else:
+            assert res is None
+    return out
+
+
 def raise_job(group: D.Group) -> dict:
     model = ppl.model(RAISING)
     model.run("smc", {"bad": group.rank == 1}, particles=40, seed=1, distributed=True)
@@ -176,7 +196,7 @@ def hang_job(group: D.Group) -> dict:
     return {}
 
 
-JOBS = {"law": law_job, "runs": runs_job, "raise": raise_job, "kill": kill_job, "hang": hang_job}
+JOBS = {"law": law_job, "runs": runs_job, "chains": chains_job, "raise": raise_job, "kill": kill_job, "hang": hang_job}
 
 
 def main() -> None:

@@ -115,7 +115,7 @@ def test_distributed_needs_torchrun_and_refuses_what_it_cannot_do_yet():
         with pytest.raises(ppl.PPLError, match="torchrun"):
             ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("importance", distributed=True)
         with pytest.raises(ppl.PPLError, match="no distributed form"):
-            ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("mh", distributed=True)
+            ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("resample_move", distributed=True)
         with pytest.raises(ppl.PPLError, match="option delayed of 'smc' cannot be used with distributed=True"):
             ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("smc", distributed=True,
                                                                                    delayed=True)
@@ -194,7 +194,7 @@ def jobs(tmp_path_factory):
     """Every multi-process job, started together; per job: (return codes, rank 0's log,
     seconds until rank 0 exited, out dir)."""
     base = tmp_path_factory.mktemp("dist")
-    specs = {"k3": (3, "law,runs", 60), "k2": (2, "law,runs", 60), "raise": (2, "raise", TIMEOUT),
+    specs = {"k3": (3, "law,runs", 60), "k2": (2, "law,runs,chains", 60), "raise": (2, "raise", TIMEOUT),
              "kill": (2, "kill", TIMEOUT), "hang": (2, "hang", TIMEOUT)}
     started = time.monotonic()
     cli = _start_cli(base / "cli")  # the slowest to start (two fresh interpreters and torchrun's agent)
@@ -385,3 +385,24 @@ def test_rows_of_mixed_dtypes_pack_and_unpack_unchanged():
             torch.tensor([5, -1, 7])]
     for got, want in zip(D._unpack(D._pack(cols), specs, 3), cols):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("method", ["mh", "nuts"])
+def test_chains_across_ranks_are_gathered_with_diagnostics_over_all_chains(jobs, method):
+    """5 chains over 2 ranks (3 + 2): rank 0's result has all 5 chains, R-hat over them,
+    the single-process JSON fields, and a posterior mean within 5 standard errors
+    (sd / sqrt(ESS)) of the closed form."""
+    import ppl
+    got = _result(jobs, "k2", "chains")[method]
+    W = _worker()
+    assert got["chains"] == 5 and got["per_rank"] == [3, 2] and got["draws"] == W.CHAINS[method]["samples"]
+    assert set(got["r_hat"]) == {"mu", "return"} and all(0.9 < r < 1.1 for r in got["r_hat"].values())
+    import warnings
+    with warnings.catch_warnings():  # (a short run, for its JSON fields only: its diagnostics warn)
+        warnings.simplefilter("ignore", ppl.PPLDiagnosticWarning)
+        single = ppl.model(W.CONJUGATE).run(method, {"ys": W.CONJ_YS}, particles=2, seed=1,
+                                            **{**W.CHAINS[method], "samples": 20, "burn_in": 20})
+    assert got["json_keys"] == sorted(single.to_json())
+    _, mean, var = _conjugate(W.CONJ_YS)
+    assert abs(got["mean"] - mean) <= 5 * math.sqrt(var / got["ess"])
+    assert abs(got["var"] - var) <= 5 * var * math.sqrt(2 / got["ess"])  # (the sd of a normal's sample variance)
