@@ -230,7 +230,8 @@ def main() -> int:
             for ess in (0.5,):
                 for k in (10, 100):
                     comm, step, replay = predicted_costs(N, K, ess, k, c["status_s"], 4e6 / c["p2p_4MB_s"], t_step)
-                    print(f"{N:>9} {K:>4} {ess:>6.2f} {k:>4} {comm * 1e3:>8.2f} {step * 1e3:>8.1f} {replay * 1e3:>9.1f} "
+                    print(f"{N:>9} {K:>4} {ess:>6.2f} {k:>4} {comm * 1e3:>8.2f} {step * 1e3:>8.1f} "
+                          f"{replay * 1e3:>9.1f} "
                           f"{comm / (comm + step + replay):>10.4f}")
     print(f"load average at the end: {_loadavg()}")
     return 0

@@ -44,7 +44,6 @@ import math
 
 import torch
 
-from ..semantics import gfi
 from ..semantics.distributed import (AT_CHECKPOINT, FINISHED, CollectiveError, Group, RankError, TransferPlan,
                                      WeightSummary, agree_on_columns, exchange_rows, local_ancestors, local_summary,
                                      shard, shared_uniforms, slot_ranges, GLOBAL_SCHEMES)

@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="show a progress bar on stderr at once (every method; without it, one appears "
                           "on a terminal after 2 s)")
     run.add_argument("--distributed", action="store_true",
-                     help="shard the particles (importance, smc) or the chains (mh, nuts, hmc) over the ranks of a torchrun job: "
+                     help="shard the particles (importance, smc) or the chains (mh, nuts, hmc) over the ranks of a "
+                          "torchrun job: "
                           "`torchrun --nproc_per_node=K -m ppl run MODEL.ppl --distributed ...`; rank 0 prints "
                           "the result, the other ranks nothing (README, Running on several processes)")
     run.add_argument("--plugin", action="append", default=[], metavar="MODULE",

@@ -36,7 +36,8 @@ def _check(model, method: str, options: dict) -> None:
         return
     if method not in DISTRIBUTED_METHODS:
         raise PPLError(f"method '{method}' has no distributed form yet",
-                       hint=f"with distributed=True use one of: {', '.join([*DISTRIBUTED_METHODS, *sorted(CHAIN_METHODS)])}")
+                       hint="with distributed=True use one of: "
+                            f"{', '.join([*DISTRIBUTED_METHODS, *sorted(CHAIN_METHODS)])}")
     unsupported = [k for k, v in options.items() if k not in DISTRIBUTED_METHODS[method] and v is not None
                    and v is not False]
     if unsupported:

@@ -81,7 +81,8 @@ def law_job(group: D.Group) -> dict:
             plan = D.TransferPlan.make(ranges, N)
             drawn = D.local_ancestors(mine, summary, group.rank, v, *ranges[group.rank])
             ids = torch.arange(start, start + n)
-            columns = {"odd": ids % 2 == 1, "id": ids, "twice": (2.0 * ids)[:, None].float()}  # (unaligned after a bool)
+            # (a bool column first: the float column after it starts at an unaligned byte)
+            columns = {"odd": ids % 2 == 1, "id": ids, "twice": (2.0 * ids)[:, None].float()}
             specs = D.agree_on_columns(group, columns)
             moved = D.exchange_rows(group, plan, columns, specs, drawn)
             got = group.gather_object((moved["id"].tolist(), moved["twice"][:, 0].tolist(), moved["odd"].tolist()))
@@ -92,7 +93,8 @@ def law_job(group: D.Group) -> dict:
                     single = R.SCHEMES[scheme](R.normalised(lw), N).tolist()
                 odd = [x for part in got for x in part[2]]
                 results.append({"trial": trial, "scheme": scheme, "N": N, "ids": ids, "single": single,
-                                "twice_ok": twice == [2.0 * i for i in ids] and odd == [i % 2 == 1 for i in ids], "moved": plan.rows_moved(),
+                                "twice_ok": twice == [2.0 * i for i in ids] and odd == [i % 2 == 1 for i in ids],
+                                "moved": plan.rows_moved(),
                                 "sizes": [len(p[0]) for p in got]})
     return {"cases": results}
 

@@ -160,7 +160,8 @@ def _rank(rank: int, K: int, port: int, jobs: str, out: str, timeout: float) -> 
         os._exit(code)
 
 
-CLI_MODEL = "def main(ys):\n    mu ~ normal(0.0, 2.0)\n    for y in ys:\n        observe y ~ normal(mu, 1.0)\n    return mu\n"
+CLI_MODEL = ("def main(ys):\n    mu ~ normal(0.0, 2.0)\n    for y in ys:\n        observe y ~ normal(mu, 1.0)\n"
+             "    return mu\n")
 CLI_ARGS = ["--method", "smc", "-n", "301", "--seed", "3", "-o", "resampling=stratified", "--json"]
 
 
