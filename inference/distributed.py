@@ -272,8 +272,8 @@ def merge_chains(parts: list, components: bool) -> Chains:
     chain-major, so the concatenation is too), the acceptance rate averaged over the
     chains, split R-hat and ESS computed again over *all* chains
     (``diagnostics.site_diagnostics``), NUTS's counts summed and per-chain statistics
-    concatenated. Other extras are rank 0's (e.g. MH's adapted scales: each rank adapts
-    its own chains during burn-in), with ``chains_per_rank``."""
+    concatenated. Other extras are rank 0's (MH's adapted scales are pooled over every
+    rank's chains when frozen: ``chain_pool``), with ``chains_per_rank``."""
     S = parts[0].draws
     if any(p.draws != S for p in parts):
         raise PPLRuntimeError(f"the ranks kept different numbers of draws ({[p.draws for p in parts]})")
