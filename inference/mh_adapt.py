@@ -45,6 +45,7 @@ from collections.abc import Mapping
 import torch
 
 from ..semantics import gfi
+from .chain_pool import pooled_log_scales, refuse_when_shared
 from .population_moves import block_move, coordinates, population_covariance, proposal_factor
 
 #: the acceptance rate targeted for a site of one unconstrained dimension
@@ -127,9 +128,10 @@ class ScaleAdaptation:
     def freeze(self) -> SiteScales:
         """One fixed scale per site for the kept chain: the median over chains of the
         adapted scales (a chain still far out in a tail at the end of burn-in, with its
-        large scale, does not set it). From now on ``update`` refuses."""
-        self.frozen = SiteScales(self.initial, {a: math.exp(float(torch.median(ls)))
-                                                for a, ls in self.log_scales.items()})
+        large scale, does not set it). From now on ``update`` refuses. With chains shared by
+        ranks (``chain_pool``), the median over every rank's chains."""
+        pooled = pooled_log_scales(self.log_scales, self.C, self.initial)
+        self.frozen = SiteScales(self.initial, {a: math.exp(float(torch.median(ls))) for a, ls in pooled.items()})
         return self.frozen
 
 
@@ -181,6 +183,8 @@ class PopulationBlock:
     years: correlation -0.999995), which single-site moves cannot cross."""
 
     def __init__(self, model):
+        refuse_when_shared("mh's block=True", "leave block out (the per-site scales are pooled over every "
+                                              "rank's chains), or run in one process")
         self.model = model
         self.log_lambda = 0.0
         self.updates = 0
