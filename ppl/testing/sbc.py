@@ -391,7 +391,7 @@ class SBCResult:
 def sbc(model: Model, method: str | Callable = "importance", data: Mapping[str, Any] | None = None, *,
         simulations: int = 100, draws: int = 99, parameters: str | Iterable[str] | None = None,
         particles: int = 1000, bins: int | None = None, seed: int | None = 0, device: str = "cpu",
-        progress: bool | None = None, **options) -> SBCResult:
+        progress: bool | None = None, distributed: bool = False, **options) -> SBCResult | None:
     """Simulation-based calibration of ``method`` on ``model`` (see the module docstring).
 
     model, data: the model and its inputs (observed values are only placeholders for
@@ -411,6 +411,12 @@ def sbc(model: Model, method: str | Callable = "importance", data: Mapping[str, 
         resampling of the draws and the tie-breaking); None for fresh randomness.
     progress: a bar of simulations on stderr (``ppl.stdlib.progress``): None on a terminal
         after 2 s, True always, False never (the inference runs show none of their own).
+    distributed: under ``torchrun`` (every rank calls ``sbc`` with the same arguments),
+        the simulations are shared by the ranks (``semantics.distributed_map``); rank 0
+        returns the ``SBCResult``, the other ranks None. Each simulation is seeded from its
+        index alone (its inference run, its draws and its tie-breaking), so the result is
+        exactly the single-process one with the same seed, whatever the number of ranks
+        (with ``seed=None`` rank 0 draws the seed and ``SBCResult.seed`` records it).
     """
     if not isinstance(model, Model):
         raise PPLError("sbc() takes a compiled model (ppl.model(...))")
@@ -427,6 +433,25 @@ def sbc(model: Model, method: str | Callable = "importance", data: Mapping[str, 
             raise PPLError(f"unknown inference method '{method}'",
                            hint=did_you_mean(method, METHODS) or f"available: {', '.join(sorted(METHODS))}")
         fn, method_name = None, method
+    if distributed:
+        from ..semantics.distributed import process_group
+        from ..semantics.distributed_map import agreed_seed, map_indices
+        with process_group() as group:
+            seed = agreed_seed(seed, group)
+            return _sbc(model, fn, method_name, data, S, L, parameters, particles, bins, seed, device,
+                        progress if group.is_root else False, options,
+                        lambda one: map_indices(S, one, group, what="the SBC simulations"))
+    return _sbc(model, fn, method_name, data, S, L, parameters, particles, bins, seed, device, progress, options,
+                lambda one: [one(s) for s in range(S)])
+
+
+def _sbc(model, fn, method_name, data, S, L, parameters, particles, bins, seed, device, progress, options,
+         over_simulations) -> SBCResult | None:
+    """``sbc``'s run: the simulations (every rank draws all S: one batched prior run),
+    then ``over_simulations(one)``, the list of ``one(s)`` for s = 0..S-1 (None on the
+    ranks other than 0 of a distributed run), then the ranks' statistics. Simulation s
+    uses the s-th seed of ``run_seeds`` for its inference run and its own generator,
+    spawned from ``rng_seed`` by index, for its draws and ties."""
     device = resolve_device(device)
     bound = model.bind((), data)
     ss = np.random.SeedSequence(seed)
@@ -434,46 +459,59 @@ def sbc(model: Model, method: str | Callable = "importance", data: Mapping[str, 
     sims = prior_predictive(model, bound, simulations=S, seed=int(sim_seed.generate_state(1)[0]), device=device)
     names = _choose_params(parameters, sims)
     seeds = run_seeds.generate_state(S, dtype=np.uint32)
-    rng = np.random.default_rng(rng_seed)
+    rng_seeds = rng_seed.spawn(S)
     if bins is None:
         bins = max(2, min(20, L + 1, S // 5))
     bins = int(bins)
     if not 1 <= bins <= L + 1:
         raise PPLError(f"bins must be between 1 and draws + 1 = {L + 1} (got {bins})")
-
-    ranks = {n: np.zeros(S, dtype=np.int64) for n in names}
-    truths = {n: np.zeros(S, dtype=np.float64) for n in names}
-    ess = []
     if fn is None:
         options.setdefault("progress", False)  # one bar, the simulations', not one per inference run
+
     with progress_bar(progress, desc=f"SBC {method_name}", unit=" sims", total=S) as bar:
-        for s in range(S):
-            sim = sims[s]
-            m = observing(model, sim.observations)
-            with warnings.catch_warnings():  # SBC judges the runs itself: no diagnostic warning per simulation
-                warnings.simplefilter("ignore", PPLDiagnosticWarning)
-                if fn is None:
-                    result = m.run(method_name, bound, particles=particles, seed=int(seeds[s]), device=device,
-                                   **options)
-                else:
-                    with seeded(int(seeds[s]), device):
-                        result = as_result(fn(m, m.bind((), bound), particles=particles, device=device,
-                                              **options))
-            got = posterior_draws(result, names, L, rng)
-            for n in names:
-                tv = sim.ret if n == "return" else sim.latents[n]
-                # compare in the truth's precision: a float32 draw of 0.8 must tie with an
-                # exact posterior's 0.8 (and float64 draws with a float32 truth)
-                prec = np.float32 if isinstance(tv, torch.Tensor) and tv.dtype == torch.float32 else np.float64
-                t = prec(_scalar(tv, n))
-                x = got[n].astype(prec)
-                below = int((x < t).sum())
-                ties = int((x == t).sum())
-                ranks[n][s] = below + (int(rng.integers(0, ties + 1)) if ties else 0)
-                truths[n][s] = t
-            ess.append(_ess(result, names))
+        def one(s: int) -> tuple[dict, dict, float | None]:
+            ranks, truths, ess = _simulate_and_rank(model, fn, method_name, bound, sims[s], names, L, particles,
+                                                    int(seeds[s]), np.random.default_rng(rng_seeds[s]), device,
+                                                    options)
             bar.update(1)
-    return SBCResult(method_name, names, S, L, bins, ranks, truths, np.asarray(ess, dtype=object), seed)
+            return ranks, truths, ess
+
+        rows = over_simulations(one)
+    if rows is None:
+        return None
+    ranks = {n: np.asarray([r[n] for r, _, _ in rows], dtype=np.int64) for n in names}
+    truths = {n: np.asarray([t[n] for _, t, _ in rows], dtype=np.float64) for n in names}
+    ess = np.asarray([e for _, _, e in rows], dtype=object)
+    return SBCResult(method_name, names, S, L, bins, ranks, truths, ess, seed)
+
+
+def _simulate_and_rank(model, fn, method_name, bound, sim, names, L, particles, run_seed, rng, device,
+                       options) -> tuple[dict, dict, float | None]:
+    """One simulation: the inference run on its simulated data (seed ``run_seed``), L
+    posterior draws and the rank of each parameter's true value among them (ties broken
+    by ``rng``); returns (ranks, truths, ESS)."""
+    m = observing(model, sim.observations)
+    with warnings.catch_warnings():  # SBC judges the runs itself: no diagnostic warning per simulation
+        warnings.simplefilter("ignore", PPLDiagnosticWarning)
+        if fn is None:
+            result = m.run(method_name, bound, particles=particles, seed=run_seed, device=device, **options)
+        else:
+            with seeded(run_seed, device):
+                result = as_result(fn(m, m.bind((), bound), particles=particles, device=device, **options))
+    got = posterior_draws(result, names, L, rng)
+    ranks, truths = {}, {}
+    for n in names:
+        tv = sim.ret if n == "return" else sim.latents[n]
+        # compare in the truth's precision: a float32 draw of 0.8 must tie with an
+        # exact posterior's 0.8 (and float64 draws with a float32 truth)
+        prec = np.float32 if isinstance(tv, torch.Tensor) and tv.dtype == torch.float32 else np.float64
+        t = prec(_scalar(tv, n))
+        x = got[n].astype(prec)
+        below = int((x < t).sum())
+        ties = int((x == t).sum())
+        ranks[n] = below + (int(rng.integers(0, ties + 1)) if ties else 0)
+        truths[n] = float(t)
+    return ranks, truths, _ess(result, names)
 
 
 def _ess(result, names) -> float | None:
