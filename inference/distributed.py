@@ -127,7 +127,7 @@ def distributed_importance(interp, entry: str, data: dict, particles: int, devic
         if math.isnan(m):
             raise PPLRuntimeError("a particle's log weight is NaN", hint="check the observations and factors")
         rows = group.status(FINISHED, 0, m, s, q, where="end of the run")
-        summary = WeightSummary.combine([r[2:] for r in rows], particles)
+        summary = WeightSummary.combine([r[2:5] for r in rows], particles)
         if not math.isfinite(summary.M):
             raise ZeroEvidenceError(f"every particle has weight zero on every rank (log evidence = -inf)",
                                     hint="the observations/conditions may be impossible under the prior; run "
@@ -179,7 +179,7 @@ class DistributedSMCHandler(SMCHandler):
         self.checkpoints += 1
         m, s, q = self._local_stats(eff)
         rows = self.group.status(AT_CHECKPOINT, self.checkpoints, m, s, q, where=eff.addr)
-        summary = WeightSummary.combine([r[2:] for r in rows], self.total)
+        summary = WeightSummary.combine([r[2:5] for r in rows], self.total)
         if not math.isfinite(summary.M):
             raise ZeroEvidenceError("every particle has weight zero at this checkpoint (on every rank)", eff.span,
                                     "the observation/condition may be impossible, or too unlikely for "

@@ -46,6 +46,7 @@ import contextlib
 import datetime
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -148,10 +149,12 @@ class Group:
     # -- the status collective: one per checkpoint, and at the end
     def status(self, phase: float, count: int, m: float = -math.inf, s: float = 0.0, q: float = 0.0,
                where: str = "") -> list[tuple]:
-        """Every rank's (phase, count, m, s, q), in rank order. Raises (on every rank
-        alike) when a rank failed (its message is gathered and re-raised on the others)
-        or when the ranks are not all at the same point (phase and count)."""
-        row = torch.tensor([phase, float(count), m, s, q], dtype=torch.float64)
+        """Every rank's (phase, count, m, s, q, code of ``where``), in rank order. Raises
+        (on every rank alike) when a rank failed (its message is gathered and re-raised on
+        the others) or when the ranks are not all at the same point: phase, count and
+        ``where`` (a checkpoint's address, with its call path and loop indices)."""
+        code = float(zlib.crc32(where.encode()))  # (exact in a float64)
+        row = torch.tensor([phase, float(count), m, s, q, code], dtype=torch.float64)
         rows = [tuple(r.tolist()) for r in self.all_gather(row, what=f"status ({where or 'checkpoint'})")]
         failed = [r for r, x in enumerate(rows) if x[0] == FAILED]
         if failed:
@@ -161,9 +164,10 @@ class Group:
             r = failed[0]
             raise RankError(f"rank {r} of {self.size} failed, so this rank stops too: {messages[r]}",
                            hint="the error above is that rank's; run with one process to see it located")
-        if len({(x[0], x[1]) for x in rows}) > 1:
-            states = "; ".join(f"rank {r}: {_PHASE_NAMES.get(x[0], '?')} (checkpoint {int(x[1])})"
-                               for r, x in enumerate(rows))
+        if len({(x[0], x[1], x[5]) for x in rows}) > 1:
+            places = self.all_gather_object(where, what="where the ranks are")
+            states = "; ".join(f"rank {r}: {_PHASE_NAMES.get(x[0], '?')} (checkpoint {int(x[1])}"
+                               f"{', ' + places[r] if places[r] else ''})" for r, x in enumerate(rows))
             raise RankError(
                 f"the ranks reached different points of the program ({states})",
                 hint="distributed SMC needs every particle to reach the same checkpoints in the same order "

@@ -73,7 +73,7 @@ def law_job(group: D.Group) -> dict:
         start, n = D.shard(N, group.size, group.rank)
         mine = lw[start:start + n]
         rows = group.status(D.AT_CHECKPOINT, trial, *D.local_summary(mine))
-        summary = D.WeightSummary.combine([r[2:] for r in rows], N)
+        summary = D.WeightSummary.combine([r[2:5] for r in rows], N)
         for scheme in D.GLOBAL_SCHEMES:
             seed = 7919 * trial + len(scheme)
             v = D.shared_uniforms(scheme, N, torch.Generator().manual_seed(seed))
@@ -165,6 +165,24 @@ def chains_job(group: D.Group) -> dict:
     return out
 
 
+#: rank 1's data send its particles down the other branch: both ranks reach their first
+#: checkpoint together, at different observes
+DIVERGING = """
+def main(a):
+    x ~ normal(0.0, 1.0)
+    if a:
+        observe 1.0 ~ normal(x, 1.0)
+    else:
+        observe 2.0 ~ normal(x, 1.0)
+    return x
+"""
+
+
+def diverge_job(group: D.Group) -> dict:
+    ppl.model(DIVERGING).run("smc", {"a": group.rank == 1}, particles=40, seed=1, distributed=True)
+    return {}
+
+
 def raise_job(group: D.Group) -> dict:
     model = ppl.model(RAISING)
     model.run("smc", {"bad": group.rank == 1}, particles=40, seed=1, distributed=True)
@@ -198,7 +216,7 @@ def hang_job(group: D.Group) -> dict:
     return {}
 
 
-JOBS = {"law": law_job, "runs": runs_job, "chains": chains_job, "raise": raise_job, "kill": kill_job, "hang": hang_job}
+JOBS = {"law": law_job, "runs": runs_job, "chains": chains_job, "raise": raise_job, "diverge": diverge_job, "kill": kill_job, "hang": hang_job}
 
 
 def main() -> None:

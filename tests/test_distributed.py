@@ -195,7 +195,7 @@ def jobs(tmp_path_factory):
     """Every multi-process job, started together; per job: (return codes, rank 0's log,
     seconds until rank 0 exited, out dir)."""
     base = tmp_path_factory.mktemp("dist")
-    specs = {"k3": (3, "law,runs", 60), "k2": (2, "law,runs,chains", 60), "raise": (2, "raise", TIMEOUT),
+    specs = {"k3": (3, "law,runs", 60), "k2": (2, "law,runs,chains", 60), "raise": (2, "raise", TIMEOUT), "diverge": (2, "diverge", TIMEOUT),
              "kill": (2, "kill", TIMEOUT), "hang": (2, "hang", TIMEOUT)}
     started = time.monotonic()
     cli = _start_cli(base / "cli")  # the slowest to start (two fresh interpreters and torchrun's agent)
@@ -407,3 +407,14 @@ def test_chains_across_ranks_are_gathered_with_diagnostics_over_all_chains(jobs,
     _, mean, var = _conjugate(W.CONJ_YS)
     assert abs(got["mean"] - mean) <= 5 * math.sqrt(var / got["ess"])
     assert abs(got["var"] - var) <= 5 * var * math.sqrt(2 / got["ess"])  # (the sd of a normal's sample variance)
+
+
+def test_ranks_at_different_checkpoints_stop_with_an_error_naming_them(jobs):
+    """Both ranks reach their first checkpoint, at different observes (rank 1's data take
+    the other branch): resampling them together would mix particles at different points of
+    the program, so every rank stops with an error naming both addresses."""
+    rcs, log, seconds, where = jobs["diverge"]
+    assert rcs == [1, 1]
+    other = (where / "rank1.log").read_text()
+    for text in (log, other):
+        assert "reached different points" in text and "obs@5:9" in text and "obs@7:9" in text, text[-2000:]
