@@ -81,6 +81,24 @@ def sbc_job(group: D.Group) -> dict:
             "parameters": res.parameters, "p": res.p_values["mu"], "seed": res.seed}
 
 
+#: the replicate runs of the tests: 5 (3 + 2 over 2 ranks, 2 + 2 + 1 over 3)
+REPLICATE_ARGS = dict(replicates=5, particles=300, seed=3)
+
+
+def replicate_summary(result) -> list:
+    return [result.log_evidence, result.mean(), result.ess]
+
+
+def replicates_job(group: D.Group) -> dict:
+    from ppl.testing.replicates import replicate_runs
+    got = replicate_runs(ppl.model(CONJUGATE), "smc", {"ys": CONJ_YS}, summary=replicate_summary, distributed=True,
+                         **REPLICATE_ARGS)
+    if not group.is_root:
+        assert got is None
+        return {}
+    return {"runs": got}
+
+
 def block_job(group: D.Group) -> dict:
     """mh block=True pools the chains at every burn-in step: refused on every rank."""
     try:
@@ -109,7 +127,7 @@ def raise_sbc_job(group: D.Group) -> dict:
     return {}
 
 
-JOBS = {"chains15b": chains_job, "sbc15b": sbc_job, "block15b": block_job, "raise_mh15b": raise_mh_job,
+JOBS = {"chains15b": chains_job, "sbc15b": sbc_job, "replicates15b": replicates_job, "block15b": block_job, "raise_mh15b": raise_mh_job,
         "raise_sbc15b": raise_sbc_job}
 
 

@@ -54,7 +54,7 @@ def jobs(tmp_path_factory):
     launcher, worker = _modules()
     launcher._worker().JOBS.update(worker.JOBS)  # (the forked ranks run the launcher's worker module)
     base = tmp_path_factory.mktemp("dist_chains")
-    specs = {"k2": (2, "chains15b,sbc15b,block15b", 60), "k3": (3, "chains15b,sbc15b", 60),
+    specs = {"k2": (2, "chains15b,sbc15b,replicates15b,block15b", 60), "k3": (3, "chains15b,sbc15b,replicates15b", 60),
              "raise_mh": (2, "raise_mh15b", TIMEOUT), "raise_sbc": (2, "raise_sbc15b", TIMEOUT)}
     started = time.monotonic()
     procs = {name: launcher._start(K, job, base / name, t) for name, (K, job, t) in specs.items()}
@@ -162,6 +162,21 @@ def test_sbc_simulations_are_seeded_by_index_so_order_and_subsets_do_not_matter(
                   {}, lambda one: [r for _, r in sorted((s, one(s)) for s in order)])
     assert rows.ranks["mu"].tolist() == base.ranks["mu"].tolist()
     assert rows.truths["mu"].tolist() == base.truths["mu"].tolist()
+
+
+@pytest.mark.parametrize("name", ["k2", "k3"])
+def test_replicate_runs_over_ranks_are_exactly_the_single_process_replicates(jobs, name):
+    """5 SMC replicates over 2 and 3 ranks: each replicate's evidence, mean and ESS are the
+    single-process replicate's (each seeded from its index), and they differ from one
+    another (independent seeds)."""
+    from ppl.testing.replicates import replicate_runs
+    import ppl
+    _, W = _modules()
+    got = _result(jobs, name, "replicates15b")["runs"]
+    one = replicate_runs(ppl.model(W.CONJUGATE), "smc", {"ys": W.CONJ_YS}, summary=W.replicate_summary,
+                         **W.REPLICATE_ARGS)
+    assert got == [list(x) for x in one]
+    assert len({x[0] for x in got}) == 5
 
 
 def test_mh_block_is_refused_with_distributed_chains(jobs):
