@@ -377,7 +377,8 @@ def _load_or_compile(gm: torch.fx.GraphModule, inputs: tuple):
         partial = f"{path}.{os.getpid()}.so"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            built = torch._inductor.aot_compile(gm, tuple(inputs), options={"aot_inductor.output_path": partial})
+            built = torch._inductor.aot_compile(gm, tuple(inputs), options={"aot_inductor.output_path": partial,
+                                                                             **_vector_width()})
         os.replace(built, path)  # (atomic: another process sees the whole library or none)
     return torch._C._aoti.AOTIModelContainerRunnerCpu(path, 1)
 
@@ -415,6 +416,14 @@ def _mark(path: str) -> None:
             pass
     except OSError:  # no marker only means the gate waits for a longer run next time
         pass
+
+
+def _vector_width() -> dict:
+    """256-bit vectors where the CPU has them: this program's tensors are tiny (a few chains
+    x tens of dimensions), and AVX-512's wider vectors mostly run masked partial loads
+    (measured on a 10-d Gaussian, 4 chains: 880 against 1,060 us per transition)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return {"cpp.simdlen": 256} if capability in ("AVX2", "AVX512") else {}
 
 
 def _artifact_path(gm: torch.fx.GraphModule, inputs: tuple) -> str:
