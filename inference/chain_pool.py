@@ -14,6 +14,13 @@ it, the values themselves. What pools over chains today:
   error with distributed chains (one collective per step: not worth it yet).
 
 NUTS/HMC adapt per chain (``inference/adaptation.py``): nothing to pool.
+
+What stays per rank (stated, not pooled): ``mh``'s Robbins-Monro gain clock t_a counts the
+burn-in steps in which *some chain of the batch* moved site a, so with several sites (each
+chain picks one at random) a rank's smaller batch skips a few more ticks than one process's
+batch of all chains: the burn-in path of the scales differs slightly in law (pooling it
+would cost a collective per burn-in step). The kept chain is unaffected in kind: with the
+frozen scales it is exactly the invariant MH kernel either way.
 """
 from __future__ import annotations
 
