@@ -322,3 +322,126 @@ def distributed_chains(run, chains: int, group: Group, *, components: bool) -> C
         raise
     got = group.gather_object(_to_cpu(local), what="gather the chains on rank 0")
     return merge_chains(got, components) if group.is_root else None
+
+
+# ---------------------------------------------------------------------- tempering
+def global_next_beta(group: Group, beta: float, log_lik: torch.Tensor, target: float, N: int,
+                     step: int, tol: float = 1e-6) -> float:
+    """``tempering.next_beta`` with the ESS of the incremental weights over all ranks
+    (one status collective per trial beta; every rank takes the same bisection path, as
+    the ESS is the same float on every rank)."""
+    def ess_fraction(b: float) -> float:
+        rows = group.status(AT_CHECKPOINT, step, *local_summary((b - beta) * log_lik), where="tempering: next beta")
+        s = WeightSummary.combine([r[2:5] for r in rows], N)
+        return s.ess / N if s.S > 0 else 0.0
+    if ess_fraction(1.0) >= target:
+        return 1.0
+    lo, hi = beta, 1.0
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        if ess_fraction(mid) >= target:
+            lo = mid
+        else:
+            hi = mid
+    return max(lo, beta + tol)
+
+
+def _state_columns(state) -> dict:
+    """A ``TracedState``'s per-chain rows as named columns (what a resampling moves)."""
+    cols = {"log_joint": state.log_joint, "return": state.ret}
+    if state.log_lik is not None:
+        cols["log_lik"] = state.log_lik
+    for a in state.values:
+        cols[f"value {a}"] = state.values[a]
+        cols[f"present {a}"] = state.present[a]
+        if a in state.site_lp:
+            cols[f"log prior {a}"] = state.site_lp[a]
+    return cols
+
+
+def _state_from_columns(cols: dict, like):
+    from ..semantics.gfi import TracedState
+    addrs = [k[len("value "):] for k in cols if k.startswith("value ")]
+    return TracedState({a: cols[f"value {a}"] for a in addrs}, {a: cols[f"present {a}"].bool() for a in addrs},
+                       {a: cols[f"log prior {a}"] for a in addrs if f"log prior {a}" in cols},
+                       cols["log_joint"], cols["return"], cols.get("log_lik"), like.beta, like.stop_after)
+
+
+def distributed_tempering(interp, entry: str, data: dict, particles: int, device, group: Group,
+                          shared: torch.Generator, *, target_ess: float = 0.5, moves: int | None = None,
+                          kernel: str = "rw", scale: float = 0.5, resampling: str = "systematic",
+                          max_steps: int = 1000, schedule: list | None = None) -> Population | None:
+    """Tempered SMC (``inference.tempering``, its single-site moves) over the ranks: the
+    next beta by bisection on the *global* ESS of the incremental weights, the evidence
+    from the global mean weight, global resampling (``semantics.distributed``) whose
+    moved rows are the traces' columns (values, presence, log densities: a
+    ``TracedState`` is its rows, no replay needed), then the MH moves on each rank's
+    particles (each particle's kernel is the single-process one). Default ``moves``:
+    ``default_moves`` of the mean trace size over all ranks. Rank 0 gets the population."""
+    from ..semantics.gfi import ModelRun, reindex, simulate, update
+    from .randomness import TorchRandomness
+    from .rejuvenation import MoveKernel
+    from .tempering import _checked, default_moves
+    sizes = _check_shards(particles, group)
+    n = sizes[group.rank]
+    steps = 0
+    try:
+        if resampling not in GLOBAL_SCHEMES:
+            raise PPLRuntimeError(f"resampling '{resampling}' has no distributed form yet",
+                                  hint=f"with distributed=True choose from: {', '.join(GLOBAL_SCHEMES)}")
+        schedule = _checked(target_ess, schedule)
+        fixed = iter(schedule) if schedule is not None else None
+        randomness = TorchRandomness()
+        model = ModelRun(interp, entry, data, device)
+        state = simulate(model.at(beta=0.0), n, randomness)
+        rows = group.status(AT_CHECKPOINT, 0, *local_summary(state.log_lik), where="tempering: prior draws")
+        if not math.isfinite(WeightSummary.combine([r[2:5] for r in rows], particles).M):
+            raise ZeroEvidenceError("tempering: every prior draw has zero likelihood (on every rank)",
+                                    hint="the data or conditions may be impossible under the prior; run in one "
+                                         "process to locate the site")
+        if moves is None:
+            total = group.all_gather(torch.tensor([float(state.sizes.sum())], dtype=torch.float64), what="sizes")
+            moves = default_moves(sum(float(t) for t in total) / particles)
+        move = MoveKernel("tempering", adapt=False, kernel=kernel, moves=moves, scale=scale)
+        log_z, betas, ess_history, rows_moved = 0.0, [0.0], [], 0
+        for _ in range(max_steps):
+            beta = state.beta
+            if beta >= 1.0:
+                break
+            steps += 1
+            b = next(fixed) if fixed is not None else \
+                global_next_beta(group, beta, state.log_lik, target_ess, particles, steps)
+            state, inc = update(model.at(beta=b), state)
+            rows = group.status(AT_CHECKPOINT, steps, *local_summary(inc), where=f"tempering step {steps}")
+            summary = WeightSummary.combine([r[2:5] for r in rows], particles)
+            if not math.isfinite(summary.M):
+                raise ZeroEvidenceError("tempering: every particle has zero weight (on every rank)")
+            log_z += summary.log_mean
+            ess_history.append(summary.ess)
+            v = shared_uniforms(resampling, particles, shared)
+            ranges = slot_ranges(summary, v)
+            plan = TransferPlan.make(ranges, particles)
+            drawn = local_ancestors(inc, summary, group.rank, v, *ranges[group.rank])
+            rows_moved += plan.rows_moved()  # (the plan is the same on every rank)
+            if plan.moves:
+                columns = _state_columns(state)
+                specs = agree_on_columns(group, columns)
+                state = _state_from_columns(
+                    {k: c.to(device) for k, c in exchange_rows(group, plan, columns, specs, drawn).items()}, state)
+            else:
+                state = reindex(state, drawn.to(device))
+            betas.append(b)
+            state = move(model.at(beta=b), state, randomness)
+        else:
+            raise PPLRuntimeError(f"tempering did not reach beta = 1 in {max_steps} steps")
+        group.status(FINISHED, steps, where="end of the run")
+    except BaseException as err:
+        if not _reported(err) and not isinstance(err, ZeroEvidenceError):
+            group.fail(err, steps)
+        raise
+    sites = {"return": (state.ret, None)}
+    for a, val in state.values.items():
+        sites[a] = (val, None if bool(state.present[a].all()) else state.present[a])
+    lw = torch.full((n,), float(log_z), dtype=torch.float64)
+    extra = {"schedule": betas, "moves": moves, "ess_history": ess_history, "rows_moved": rows_moved}
+    return gather_population(group, "tempering", sites, lw, extra, sizes)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .inference.distributed import distributed_chains, distributed_importance, distributed_smc
-from .inference.methods import METHODS, _program
+from .inference.distributed import distributed_chains, distributed_importance, distributed_smc, distributed_tempering
+from .inference.methods import METHODS, _betas, _program
 from .registry import population_diagnostics
 from .result import WeightedResult, as_result
 from .semantics.distributed import derive_seed, process_group
@@ -24,7 +24,9 @@ from .stdlib import rng
 
 #: the methods that run sharded, and the options each accepts with distributed=True
 DISTRIBUTED_METHODS = {"importance": frozenset({"progress"}),
-                       "smc": frozenset({"resampling", "ess_threshold", "progress"})}
+                       "smc": frozenset({"resampling", "ess_threshold", "progress"}),
+                       "tempering": frozenset({"target_ess", "moves", "kernel", "scale", "resampling", "schedule",
+                                               "progress"})}
 #: Markov chain methods: each rank runs the method itself on its chains (every option passes)
 CHAIN_METHODS = frozenset({"mh", "nuts", "hmc"})
 
@@ -65,6 +67,14 @@ def run_distributed(model, method: str, data: dict, *, particles: int, seed: int
                 raw = distributed_chains(
                     lambda c: METHODS[method](model, data, particles=c, chains=c, device=device, **options),
                     total, group, components=method != "mh")
+            elif method == "tempering":
+                raw = distributed_tempering(
+                    *_program(model, data, device), int(particles), device, group, shared,
+                    target_ess=float(options.get("target_ess") or 0.5),
+                    moves=None if options.get("moves") is None else int(options["moves"]),
+                    kernel=options.get("kernel") or "rw",
+                    scale=0.5 if options.get("scale") is None else float(options["scale"]),
+                    resampling=options.get("resampling") or "systematic", schedule=_betas(options.get("schedule")))
             elif method == "importance":
                 raw = distributed_importance(*_program(model, data, device), int(particles), device, group)
             else:

@@ -119,6 +119,9 @@ def test_distributed_needs_torchrun_and_refuses_what_it_cannot_do_yet():
         with pytest.raises(ppl.PPLError, match="option delayed of 'smc' cannot be used with distributed=True"):
             ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("smc", distributed=True,
                                                                                    delayed=True)
+        with pytest.raises(ppl.PPLError, match="option adapt of 'tempering' cannot be used with distributed=True"):
+            ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("tempering", distributed=True,
+                                                                                   adapt=True)
         with pytest.raises(ppl.PPLError, match="@enumerate"):
             ppl.model("def main():\n    z ~ flip(0.5) @enumerate\n    observe 1.0 ~ normal(0.0 if z else 1.0, 1.0)\n"
                       "    return z\n").run("smc", distributed=True)
@@ -310,11 +313,11 @@ def _mean_sd(xs):
 
 
 @pytest.mark.parametrize("name", ["k2", "k3"])
-@pytest.mark.parametrize("key", ["conj_is", "conj_smc", "ssm_smc", "ssm_smc_mult", "branchy_smc"])
+@pytest.mark.parametrize("key", ["conj_is", "conj_smc", "ssm_smc", "ssm_smc_mult", "branchy_smc", "conj_temper"])
 def test_distributed_is_and_smc_match_the_closed_form_and_one_process(jobs, name, key):
     """Evidence and posterior mean of 4 seeded distributed runs (uneven shards: 2001,
-    1000, 700, 701 and 1001 particles over 2 or 3 ranks; the last model has a choice some
-    particles make, a bool choice and a twist) within 4.5 Monte Carlo standard errors of the
+    1000, 700, 701, 1001 and 601 particles over 2 or 3 ranks; "branchy" has a choice some
+    particles make, a bool choice and a twist; tempering's next beta bisects the global ESS) within 4.5 Monte Carlo standard errors of the
     closed form (normal-normal) / Kalman filter (linear-Gaussian SSM) / quadrature and of 4
     single-process runs; the standard error is the pooled spread of the 8 runs
     (t with 6 degrees of freedom: P(|t| > 4.5) = 0.004)."""
