@@ -198,7 +198,8 @@ def jobs(tmp_path_factory):
     """Every multi-process job, started together; per job: (return codes, rank 0's log,
     seconds until rank 0 exited, out dir)."""
     base = tmp_path_factory.mktemp("dist")
-    specs = {"k3": (3, "law,runs", 60), "k2": (2, "law,runs,chains", 60), "raise": (2, "raise", TIMEOUT), "diverge": (2, "diverge", TIMEOUT),
+    specs = {"k3": (3, "law,runs", 60), "k2": (2, "law,runs,chains", 60), "raise": (2, "raise", TIMEOUT),
+             "diverge": (2, "diverge", TIMEOUT),
              "kill": (2, "kill", TIMEOUT), "hang": (2, "hang", TIMEOUT)}
     started = time.monotonic()
     cli = _start_cli(base / "cli")  # the slowest to start (two fresh interpreters and torchrun's agent)
@@ -314,12 +315,12 @@ def _mean_sd(xs):
 
 @pytest.mark.parametrize("name", ["k2", "k3"])
 @pytest.mark.parametrize("key", ["conj_is", "conj_smc", "ssm_smc", "ssm_smc_mult", "branchy_smc", "conj_temper"])
-def test_distributed_is_and_smc_match_the_closed_form_and_one_process(jobs, name, key):
+def test_distributed_is_smc_tempering_match_the_closed_form_and_one_process(jobs, name, key):
     """Evidence and posterior mean of 4 seeded distributed runs (uneven shards: 2001,
     1000, 700, 701, 1001 and 601 particles over 2 or 3 ranks; "branchy" has a choice some
-    particles make, a bool choice and a twist; tempering's next beta bisects the global ESS) within 4.5 Monte Carlo standard errors of the
-    closed form (normal-normal) / Kalman filter (linear-Gaussian SSM) / quadrature and of 4
-    single-process runs; the standard error is the pooled spread of the 8 runs
+    particles make, a bool choice and a twist; tempering's next beta bisects the global
+    ESS) within 4.5 Monte Carlo standard errors of the closed form (normal-normal) /
+    Kalman filter (linear-Gaussian SSM) / quadrature and of 4 single-process runs; the standard error is the pooled spread of the 8 runs
     (t with 6 degrees of freedom: P(|t| > 4.5) = 0.004)."""
     W = _worker()
     dist = _result(jobs, name, "runs")[key]
