@@ -320,8 +320,9 @@ def test_distributed_is_smc_tempering_match_the_closed_form_and_one_process(jobs
     1000, 700, 701, 1001 and 601 particles over 2 or 3 ranks; "branchy" has a choice some
     particles make, a bool choice and a twist; tempering's next beta bisects the global
     ESS) within 4.5 Monte Carlo standard errors of the closed form (normal-normal) /
-    Kalman filter (linear-Gaussian SSM) / quadrature and of 4 single-process runs; the standard error is the pooled spread of the 8 runs
-    (t with 6 degrees of freedom: P(|t| > 4.5) = 0.004)."""
+    Kalman filter (linear-Gaussian SSM) / quadrature and of 4 single-process runs; the
+    standard error is the pooled spread of the 8 runs (t with 6 degrees of freedom:
+    P(|t| > 4.5) = 0.004)."""
     W = _worker()
     dist = _result(jobs, name, "runs")[key]
     assert all(d["n"] == W.RUNS[key][3] for d in dist)
