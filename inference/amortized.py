@@ -480,9 +480,11 @@ class Guide:
             self._interp = self.model.interpreter()
         return self.layout.features(observed_values(self.model, data, interp=self._interp))
 
-    def _set_normalisation(self, feats: torch.Tensor):
+    def _set_normalisation(self, feats: torch.Tensor, share=None):
         if self.features_set or not self.amortized or feats.shape[1] == 0:
             return
+        if share is not None:  # (distributed: from every rank's first batch)
+            feats = share.pooled_features(feats)
         with torch.no_grad():
             self.net.feat_loc.copy_(feats.mean(0))
             sd = feats.std(0) if feats.shape[0] > 1 else torch.ones(feats.shape[1])
@@ -493,7 +495,8 @@ class Guide:
     def fit(self, data: Mapping[str, Any] | None = None, objective: str | None = None, *, steps: int = 1000,
             batch_size: int | None = None, particles: int | None = None, lr: float | None = None,
             lr_end: float | None = None, seed: int | None = None, progress: bool | None = True,
-            datasets: Sequence[Mapping[str, Any]] | None = None, chunk: int = 16384, clip: float = 100.0) -> "Guide":
+            datasets: Sequence[Mapping[str, Any]] | None = None, chunk: int = 16384, clip: float = 100.0,
+            distributed: bool = False) -> "Guide":
         """Train the guide; returns it. ``objective``: ``"forward_kl"`` (default for an
         amortized guide), ``"elbo"`` (default otherwise), ``"iwae"``, ``"rws"``/``"brain"``
         (``inference.objectives`` says what each estimates). An amortized guide trains on
@@ -507,7 +510,10 @@ class Guide:
         ``clip``. ``self.history`` receives the reported value of every step (a loss:
         lower is better; see ``inference.objectives``), shown by ``plot_loss()``.
         ``progress``: a bar of steps with the loss on stderr (``stdlib.progress``: True,
-        the default here, at once; None on a terminal after 2 s; False never)."""
+        the default here, at once; None on a terminal after 2 s; False never).
+        ``distributed``: under ``torchrun`` (every rank calls ``fit`` alike), forward_kl on
+        simulations shared by the ranks, data parallel (``inference.amortized_distributed``):
+        every rank ends with the same trained guide."""
         if data is None and self.net is None and datasets:
             data = datasets[0]
         if data is None and self.net is None:
@@ -528,6 +534,17 @@ class Guide:
             assert steps >= 1
         except (TypeError, ValueError, AssertionError):
             raise PPLError(f"steps must be a positive integer (got {steps!r})") from None
+        if distributed:
+            from .amortized_distributed import data_parallel
+            with data_parallel(obj, datasets, seed, 256 if batch_size is None else batch_size) as (share, base, mine,
+                                                                                                  root):
+                with rng.run(base):
+                    self._ready(data)
+                    template = self.model.bind((), data) if data is not None else self.template
+                with rng.run(mine):  # (this rank's simulations)
+                    self._fit(template, obj, steps, batch_size, particles, lr, lr_end, progress if root else False,
+                              datasets, chunk, clip, share)
+            return self
         with rng.run(seed):
             self._ready(data)
             if data is not None:
@@ -536,7 +553,8 @@ class Guide:
             self._fit(template, obj, steps, batch_size, particles, lr, lr_end, progress, datasets, chunk, clip)
         return self
 
-    def _fit(self, template, obj, steps, batch_size, particles, lr, lr_end, progress, datasets, chunk, clip):
+    def _fit(self, template, obj, steps, batch_size, particles, lr, lr_end, progress, datasets, chunk, clip,
+             share=None):
         net, lay = self.net, self.layout
         amort = self.amortized
         if batch_size is None:
@@ -574,9 +592,9 @@ class Guide:
         with progress_bar(progress, desc=f"fit {obj}", unit=" steps", total=steps) as bar:
             for step in range(steps):
                 if obj == "forward_kl":
-                    lat, obs, n = sim.next(B)
+                    lat, obs, n = sim.next(B if share is None else share.local)
                     feats = lay.features(obs, n)
-                    self._set_normalisation(feats)
+                    self._set_normalisation(feats, share)
                     loss, value = O.forward_kl(net.log_prob(lat, feats, n))
                 else:
                     if amort:
@@ -600,12 +618,15 @@ class Guide:
                         loss, value = O.iwae(lw, logq_d)
                     else:
                         loss, value = O.rws(lw, logq)
-                if not torch.isfinite(loss):
+                if share is None and not torch.isfinite(loss):
                     raise PPLRuntimeError(f"the {obj} loss is {float(loss)} at step {step}",
                                           hint="every particle may violate a condition, or the learning rate is "
                                                "too high: lower lr, or check the model")
                 opt.zero_grad()
-                loss.backward()
+                if share is None:
+                    loss.backward()
+                else:  # (the ranks' gradients combined: every rank takes the same step)
+                    value = share.backward(loss, value, net.parameters(), f"the {obj} loss at step {step}")
                 if clip:
                     torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
                 opt.step()

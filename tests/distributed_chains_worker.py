@@ -99,6 +99,31 @@ def replicates_job(group: D.Group) -> dict:
     return {"runs": got}
 
 
+#: amortized training of the tests: forward KL, 400 steps of 64 simulations (32 + 32 over
+#: 2 ranks, 22 + 21 + 21 over 3)
+FIT_ARGS = dict(objective="forward_kl", steps=400, batch_size=64, seed=0, progress=False)
+
+
+def amortized_job(group: D.Group) -> dict:
+    """A Normal amortized guide trained on simulations shared by the ranks: every rank's
+    network (number for number), and rank 0's guide posterior for CONJ_YS."""
+    model = ppl.model(CONJUGATE)
+    g = ppl.guide(model, {"ys": CONJ_YS}, family="normal", encoder="auto").fit(distributed=True, **FIT_ARGS)
+    params = [p.detach().reshape(-1).tolist() for p in g.net.parameters()]
+    every = group.gather_object(params)
+    try:
+        g2 = ppl.guide(model, {"ys": CONJ_YS}, family="normal", encoder="auto")
+        g2.fit(distributed=True, **{**FIT_ARGS, "objective": "elbo", "steps": 2})
+        refused = None
+    except ppl.PPLError as err:
+        refused = str(err)
+    if not group.is_root:
+        return {}
+    q = g.posterior({"ys": CONJ_YS}, particles=4000, seed=1)
+    return {"same": all(p == every[0] for p in every), "mean": q.mean("mu"), "sd": q.sd("mu"),
+            "steps": len(g.history), "refused": refused}
+
+
 def block_job(group: D.Group) -> dict:
     """mh block=True pools the chains at every burn-in step: refused on every rank."""
     try:
@@ -127,7 +152,8 @@ def raise_sbc_job(group: D.Group) -> dict:
     return {}
 
 
-JOBS = {"chains15b": chains_job, "sbc15b": sbc_job, "replicates15b": replicates_job, "block15b": block_job, "raise_mh15b": raise_mh_job,
+JOBS = {"chains15b": chains_job, "sbc15b": sbc_job, "replicates15b": replicates_job,
+        "amortized15b": amortized_job, "block15b": block_job, "raise_mh15b": raise_mh_job,
         "raise_sbc15b": raise_sbc_job}
 
 
