@@ -30,6 +30,7 @@ draw-by-draw and the choice in law.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 
@@ -260,6 +261,16 @@ class CompiledTransition:
             return transition(lambda x: evaluate_graph(x, *args), z, logp, grad, p0, u, u_leaf, step, inv_mass,
                               fresh, K)
 
+        C = z.shape[0]
+        marker = None if potential_graph is None else _marker_path(potential_graph, graph_args, inv_mass, K)
+        if marker is not None:  # built before for this graph: load it without recording it again
+            try:
+                runner, constants = _load_recorded(marker, potential_graph)
+                built = cls(lambda *a: runner.run([*a, *constants]), C, K, z.device)
+                built._check(evaluate_eager, graph_args, z, logp, grad, inv_mass)
+                return built
+            except Exception:  # noqa: BLE001 - record and compile it as the first time
+                pass
         example = _example(z, logp, grad, inv_mass, K, seed=0)
         inputs = (*example, *graph_args)
         # one fake-tensor mode with a shape environment for the whole recording (Inductor's
@@ -267,12 +278,11 @@ class CompiledTransition:
         with tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True, shape_env=ShapeEnv()))):
             gm = make_fx(program)(*inputs)
         constants = _lift_constants(gm)  # the data: inputs, so that the program does not depend on it
-        runner = _load_or_compile(gm, (*inputs, *constants))
-        C = z.shape[0]
+        runner, library = _load_or_compile(gm, (*inputs, *constants))
         built = cls(lambda *a: runner.run([*a, *constants]), C, K, z.device)
         built._check(evaluate_eager, graph_args, z, logp, grad, inv_mass)
-        if potential_graph is not None:
-            _mark(_marker_path(potential_graph, graph_args, inv_mass, K))
+        if marker is not None:
+            _mark(marker, library, _constant_names(potential_graph, constants))
         return built
 
     def _check(self, evaluate_eager, graph_args, z, logp, grad, inv_mass) -> None:
@@ -380,7 +390,7 @@ def _load_or_compile(gm: torch.fx.GraphModule, inputs: tuple):
             built = torch._inductor.aot_compile(gm, tuple(inputs), options={"aot_inductor.output_path": partial,
                                                                              **_vector_width()})
         os.replace(built, path)  # (atomic: another process sees the whole library or none)
-    return torch._C._aoti.AOTIModelContainerRunnerCpu(path, 1)
+    return torch._C._aoti.AOTIModelContainerRunnerCpu(path, 1), path
 
 
 def compiled_before(potential_graph: torch.fx.GraphModule, graph_args: tuple, inv_mass, max_tree_depth: int) -> bool:
@@ -409,13 +419,48 @@ def _marker_path(potential_graph, graph_args, inv_mass, max_tree_depth: int) -> 
     return os.path.join(cache_dir(), "ppl_nuts_loop", "built", digest.hexdigest())
 
 
-def _mark(path: str) -> None:
+def _mark(path: str, library: str, constants: list | None) -> None:
+    """Write the marker of a build: the library and, where every constant of the recorded
+    transition is a constant of the potential's graph, their names there (in input order),
+    so that the next build for this graph loads the library without recording it."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w"):
-            pass
+        partial = f"{path}.{os.getpid()}"
+        with open(partial, "w") as out:
+            json.dump({"library": library, "constants": constants}, out)
+        os.replace(partial, path)
     except OSError:  # no marker only means the gate waits for a longer run next time
         pass
+
+
+def _constant_names(potential_graph, constants: list) -> list | None:
+    """The names in the potential's graph of the recorded transition's constants (the same
+    tensors), or None where one is not the potential's."""
+    by_id = {}
+    for node in potential_graph.graph.nodes:
+        if node.op == "get_attr":
+            by_id.setdefault(id(_attribute(potential_graph, node.target)), node.target)
+    names = [by_id.get(id(c)) for c in constants]
+    return None if None in names else names
+
+
+def _load_recorded(marker: str, potential_graph):
+    """(the loaded library, its constant inputs taken from the potential's graph) from a
+    marker; raises where the marker does not name them (the caller records it again; a
+    wrong library would also fail the check that follows)."""
+    with open(marker) as f:
+        entry = json.load(f)
+    if entry.get("constants") is None or not os.path.exists(entry["library"]):
+        raise LookupError("no library to load")
+    constants = [_attribute(potential_graph, name) for name in entry["constants"]]
+    return torch._C._aoti.AOTIModelContainerRunnerCpu(entry["library"], 1), constants
+
+
+def _attribute(module, target: str):
+    value = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _vector_width() -> dict:

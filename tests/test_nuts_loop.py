@@ -258,3 +258,22 @@ def test_gate_builds_only_where_it_pays(monkeypatch):
     monkeypatch.setattr(nuts_loop, "compiled_before", lambda *a: True)
     assert hmc._fuse_now(other, metric, 10, hmc.LOOP_CACHED_MIN_ITERATIONS) == "loop"
     assert hmc._fuse_now(other, metric, 10, hmc.LOOP_CACHED_MIN_ITERATIONS - 1) is False
+
+
+def test_second_build_loads_the_library_without_recording(compiled, monkeypatch):
+    """A build for a graph built before (a new process, here a cleared cache) loads the
+    library named by its marker, with the potential's constants, without recording the
+    transition again; it is still checked against the eager loop."""
+    import torch.fx.experimental.proxy_tensor as proxy_tensor
+    target, built, K = compiled
+    monkeypatch.setenv("PPL_NUTS_LOOP", "1")
+
+    def no_recording(*a, **k):
+        raise AssertionError("recorded again")
+    monkeypatch.setattr(proxy_tensor, "make_fx", no_recording)
+    hmc._LOOP_CACHE.pop(target, None)
+    C, D = 4, 5
+    metric = Metric(torch.ones(C, D, dtype=F64))
+    state = init_state(target, torch.randn(C, D, dtype=F64, generator=torch.Generator().manual_seed(3)))
+    again = hmc._compiled_transition(target, metric, K, state)
+    assert isinstance(again, nuts_loop.CompiledTransition) and again is not built
