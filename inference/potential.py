@@ -528,6 +528,7 @@ def _trace(p: Potential, backend: str = "jit"):
     with torch.no_grad():  # static? (raises NotStatic at a Python decision on z)
         p._run(*_taint((example()[0],)), dict(zip(p.discrete, _taint(given))))
     gm = record(p._value_and_grad, example())
+    _errors_as_flag(gm)
     p._recorded = (gm, example)
     p._aten = gm
     if backend == "cached":
@@ -545,6 +546,39 @@ def _trace(p: Potential, backend: str = "jit"):
     if why is not None:
         raise _CompileFailed(graph, why)
     return graph, False
+
+
+def _errors_as_flag(gm: torch.fx.GraphModule) -> int:
+    """Turn each of the graph's linear-algebra error checks (``aten._linalg_check_errors``,
+    which raises when a Cholesky factorisation fails: a covariance that is not positive
+    definite in some chain) into a term of its validity flag, the third output; the number
+    turned. ``Potential.value_and_grad`` treats a graph that raises and one whose flag is
+    false alike (each chain's row is then evaluated on its own, ``_rows_through_graph``),
+    so the potential computes the same; but a check that raises is a side effect, which
+    TorchInductor keeps in a ``with_effects`` wrapper that its on-disk cache refuses ("Can't
+    cache HigherOrderOperator"): the GP's graph was compiled afresh by every process
+    (~18 s CPU)."""
+    graph = gm.graph
+    checks = [n for n in graph.nodes
+              if n.op == "call_function" and n.target is torch.ops.aten._linalg_check_errors.default]
+    output = next((n for n in graph.nodes if n.op == "output"), None)
+    if not checks or output is None:
+        return 0
+    outs = output.args[0]
+    if not isinstance(outs, (tuple, list)) or len(outs) < 3 or not isinstance(outs[2], torch.fx.Node) or \
+            any(n.users for n in checks):
+        return 0
+    ok = outs[2]
+    with graph.inserting_before(output):
+        for node in checks:
+            fine = graph.call_function(torch.ops.aten.eq.Scalar, (node.args[0], 0))
+            fine = graph.call_function(torch.ops.aten.all.default, (fine,))
+            ok = graph.call_function(torch.ops.aten.bitwise_and.Tensor, (ok, fine))
+    for node in checks:
+        graph.erase_node(node)
+    output.args = ((*outs[:2], ok, *outs[3:]),)
+    gm.recompile()
+    return len(checks)
 
 
 def _agrees(p: Potential, graph, example) -> None:

@@ -114,3 +114,37 @@ def test_compile_auto_compiles_at_once_a_graph_compiled_before(fresh_cache, monk
     assert not m.run("nuts", data, compile=False, **short).extra["compiled"] and len(compiles) == 1
     # a shorter run than CACHED_COMPILE_MIN_ITERATIONS decides as for an unknown graph
     assert not m.run("nuts", data, **dict(short, samples=9)).extra["compiled"] and len(compiles) == 1
+
+
+CORRELATED = """
+def m(ys):
+    a ~ normal(0, 1)
+    observe ys ~ mv_normal(zeros(2), [[1.0, a], [a, 1.0]])
+    return a
+"""
+
+
+def test_a_cholesky_check_is_the_graphs_validity_flag_not_a_side_effect():
+    # a covariance that is not positive definite for |a| >= 1: the graph used to raise from
+    # aten._linalg_check_errors, a side effect that kept it out of Inductor's disk cache; it
+    # now clears the validity flag instead, and the chains there still get density zero
+    from ppl.inference.mh import initial_state
+    from ppl.inference.potential import build_potential
+    from ppl.semantics.gfi import ModelRun
+    m = ppl.compile_source(CORRELATED)
+    d = m.prepare_data({"ys": [0.4, -0.2]}, "cpu")
+    interp = m.interpreter()
+    with ppl.api.seeded(0):
+        state = initial_state(interp, m.entry, d, 4)
+        p = build_potential(ModelRun(interp, m.entry, d), state)
+    assert p.traced
+    targets = [str(n.target) for n in p._aten.graph.nodes if n.op == "call_function"]
+    assert any("cholesky" in t for t in targets) and not any("check_errors" in t for t in targets)
+    valid = torch.tensor([[0.5], [-0.3], [0.1], [0.9]], dtype=torch.float64)
+    p.value_and_grad(valid)  # an all-valid batch first (the background of the row-by-row search)
+    z = torch.tensor([[0.5], [1.5], [-0.3], [-2.0]], dtype=torch.float64)
+    lp, grad = p.value_and_grad(z)
+    eager_lp, eager_grad = p._row_by_row(z, 1.0)
+    assert torch.isneginf(lp[[1, 3]]).all() and torch.isfinite(lp[[0, 2]]).all()
+    assert torch.allclose(lp[[0, 2]], eager_lp[[0, 2]], rtol=1e-12)
+    assert torch.allclose(grad, eager_grad, rtol=1e-10, atol=1e-12)
