@@ -34,7 +34,7 @@ from ..semantics.errors import PPLRuntimeError, ZeroEvidenceError
 from ..semantics.interpreter import Interpreter
 from ..semantics.sampling import Weighting, column, drive, prior
 from ..semantics.trace import Trace
-from ..semantics.values import Lineage, Particles, lineage_scope
+from ..semantics.values import Batched, Lineage, Particles, lineage_scope, rows
 from ..stdlib.progress import NO_BAR, progress_bar
 from .population import Population
 from .randomness import TorchRandomness
@@ -84,6 +84,28 @@ class SMCHandler(Weighting):
         finally:
             self._unchecked = None
 
+    _unchecked_factor = None  # the log weights before a factor whose NaN/+inf tests are pending
+
+    def factor(self, eff):
+        """``Weighting.factor``; at a synchronisation point its NaN and +inf tests wait for
+        the checkpoint's one sync: either in the factor makes the maximum weight NaN or
+        +inf, and then the factor is weighed again from the weights before it, through
+        ``Weighting``'s tests (the same weights, or the same error). (Not for a subclass
+        with its own checkpoint rule, which would not know of the pending tests.)"""
+        v = eff.value
+        if type(v) is not Batched or eff.ctx.idx.shape[0] != self.N or \
+                type(self)._checkpoint is not SMCHandler._checkpoint:
+            return Weighting.factor(self, eff)
+        lp = rows(v, eff.ctx)
+        if lp.dim() != 1:
+            return Weighting.factor(self, eff)  # (its error)
+        self._unchecked_factor = self.log_weights
+        try:
+            self.add(eff.ctx, lp)  # (= lp.to(float64) first: the add's own promotion is exact)
+            self._checkpoint(eff)
+        finally:
+            self._unchecked_factor = None
+
     def _weighed(self):
         """(log weights, exp(lw - max), their sum, and as floats: the max, the ESS and
         log_mean_exp(lw)): one exp serves the ESS, the evidence and the normalised weights.
@@ -118,6 +140,11 @@ class SMCHandler(Weighting):
             self.log_weights = before
             nan = isinstance(lp, torch.Tensor) and bool(torch.isnan(lp).any())
             self.add(eff.ctx, self._nan_observation(lp, eff) if nan else lp)
+            lw, w, s, m_f, ess, lme = self._weighed()
+        elif not math.isfinite(m_f) and self._unchecked_factor is not None:  # the factor's tests, now
+            self.log_weights = self._unchecked_factor
+            self._unchecked_factor = None
+            self.add(eff.ctx, self._factor_log_weight(eff))
             lw, w, s, m_f, ess, lme = self._weighed()
         if not math.isfinite(m_f):  # same test as torch.isfinite(m)
             raise ZeroEvidenceError("every particle has weight zero at this checkpoint", eff.span,

@@ -168,6 +168,8 @@ def multinomial(w: torch.Tensor, n: int) -> torch.Tensor:
 
 def stratified(w: torch.Tensor, n: int) -> torch.Tensor:
     """One uniform in each stratum [k/n, (k+1)/n)."""
+    if _on_numpy(w, n):
+        return _numpy_search(w, rng.rand(n, dtype=torch.float64).numpy(), n)
     grid, n_t = _grid(n, w.device)
     u = (grid + rng.rand(n, dtype=torch.float64, device=w.device)) / n_t
     return _search(w, u, evenly_spread=True)
@@ -175,9 +177,40 @@ def stratified(w: torch.Tensor, n: int) -> torch.Tensor:
 
 def systematic(w: torch.Tensor, n: int) -> torch.Tensor:
     """One shared uniform offset: u_k = (k + U) / n."""
+    if _on_numpy(w, n):
+        return _numpy_search(w, rng.rand((), dtype=torch.float64).item(), n)
     grid, n_t = _grid(n, w.device)
     u = (grid + rng.rand((), dtype=torch.float64, device=w.device)) / n_t
     return _search(w, u, evenly_spread=True)
+
+
+def _on_numpy(w: torch.Tensor, n: int) -> bool:
+    """Whether ``_numpy_search`` serves this draw: CPU float64 weights without gradients,
+    fewer than ``_COUNT_MIN`` draws (where ``_search`` would binary-search)."""
+    return n < _COUNT_MIN and w.device.type == "cpu" and w.dtype == torch.float64 and not w.requires_grad
+
+
+_NP_GRIDS: dict = {}
+
+
+def _numpy_search(w: torch.Tensor, offsets, n: int) -> torch.Tensor:
+    """``_search(w, (arange(n) + offsets) / n, evenly_spread=True)`` for a small draw on the
+    CPU, on numpy arrays: the same float64 operations in the same order (a sequential
+    cumulative sum, elementwise +, / and *, each correctly rounded), so the same indices,
+    without a torch op per step (each costs a few us: most of a small SMC step's
+    resampling). tests/test_lm_overhead.py checks it against the torch path."""
+    grid = _NP_GRIDS.get(n)
+    if grid is None:
+        if len(_NP_GRIDS) >= 16:
+            _NP_GRIDS.clear()
+        grid = _NP_GRIDS[n] = np.arange(n, dtype=np.float64)
+    wn = w.numpy()
+    cdf = wn.cumsum()
+    v = (grid + offsets) / n * cdf[-1]
+    idx = cdf.searchsorted(v, side="right")
+    last = wn.shape[0] - 1 if wn[-1] > 0 else int(np.flatnonzero(wn > 0).max())
+    np.minimum(idx, last, out=idx)
+    return torch.from_numpy(idx)
 
 
 def residual_counts(w: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -223,6 +223,12 @@ class _WeightAccumulator:
         return value
 
     def factor(self, eff: FactorEffect):
+        self.add(eff.ctx, self._factor_log_weight(eff))
+        self._checkpoint(eff)
+
+    def _factor_log_weight(self, eff: FactorEffect) -> torch.Tensor:
+        """A factor's value as a log weight (in the weights' dtype), checked: NaN, or +inf,
+        is an error at the factor unless only on particles of weight zero (-inf there)."""
         v = eff.value
         if isinstance(v, Batched):
             lp = rows(v, eff.ctx)
@@ -243,8 +249,7 @@ class _WeightAccumulator:
             lp = self._nan_on_dead(torch.where(torch.isposinf(lp), math.nan, lp), eff, "factor received +inf",
                                    "a factor is a log weight: a number, or -inf to rule the particle out; "
                                    "check the expression for log(0) under a minus sign or a division by zero")
-        self.add(eff.ctx, lp.to(self.log_weights.dtype))
-        self._checkpoint(eff)
+        return lp.to(self.log_weights.dtype)
 
     def _nan_on_dead(self, lp: torch.Tensor, eff, message: str = "factor received NaN",
                      hint: str = "check the expression for 0/0 or log of a negative") -> torch.Tensor:

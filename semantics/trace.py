@@ -180,6 +180,8 @@ def _uniform_shapes(v) -> bool:
 
 
 def _plain(x: Any) -> Any:
+    if isinstance(x, str):  # (the common non-numeric value: a string, or a token)
+        return x
     if isinstance(x, torch.Tensor):
         x = x.tolist()
     if isinstance(x, list):

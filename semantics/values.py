@@ -756,8 +756,9 @@ def _check_size(op: str, a: Any, b: Any) -> None:
                                 f"{'characters' if isinstance(seq, str) else 'elements'}")
     elif op == "+" and isinstance(a, (list, tuple, str)) and isinstance(b, (list, tuple, str)):
         width = 1 if isinstance(a, str) else limits.LIST_SLOT_BYTES
-        limits.check_memory((len(a) + len(b)) * width, f"a {_kind(a)} of {len(a) + len(b):,} "
-                            f"{'characters' if isinstance(a, str) else 'elements'}")
+        if (len(a) + len(b)) * width > limits.current().max_memory:  # (the message only when it fails)
+            limits.check_memory((len(a) + len(b)) * width, f"a {_kind(a)} of {len(a) + len(b):,} "
+                                f"{'characters' if isinstance(a, str) else 'elements'}")
 
 
 def _kind(seq) -> str:

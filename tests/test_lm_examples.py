@@ -127,7 +127,12 @@ def test_word_count(lm_path):
 
 # -------------------------------------------------------------------------- reward
 def test_reward(lm_path):
-    out, text = run_example("lm_reward", lm_path)
+    # 20 replicates, not --quick's 5: the tilted estimate is a self-normalised importance
+    # estimate dominated by a few keyword hits, and an SE from 5 replicates is itself too
+    # noisy for a 3-SE claim (with multinomial token draws seed 0 passed on a degenerate
+    # SE of ~0; with inverse-CDF draws it gave 2.3 SE). With 20: 4.7 to 10.3 SE over
+    # seeds 0, 10, ..., 90 (measured when the token draw changed).
+    out, text = run_example("lm_reward", lm_path, "--reps", "20")
     toy, small = out["toy"], out["small"]
     beta = 0.5
     # generate(max_tokens=3): a completion ends at EOS or after 3 tokens

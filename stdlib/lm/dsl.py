@@ -585,6 +585,8 @@ def _number(where, what, v):
 
 
 def _opts(where, temperature, top_k, top_p) -> _Opts:
+    if top_k is None and top_p is None and type(temperature) is int and temperature == 1:
+        return _PLAIN_OPTS  # (the defaults: nothing to check)
     t = _number(where, "temperature", temperature)
     if not (t > 0 and math.isfinite(t)):
         raise PPLRuntimeError(f"{where}: temperature must be a positive number (got {t})",
@@ -600,6 +602,9 @@ def _opts(where, temperature, top_k, top_p) -> _Opts:
     if t == 1:
         t = 1
     return _Opts(t, top_k, top_p)
+
+
+_PLAIN_OPTS = _Opts(1, None, None)
 
 
 def _count(where, what, v) -> int:
@@ -787,9 +792,11 @@ class _LMDist(DistValue):
         return Batched(hit[2].to(torch.get_default_dtype()), ctx.idx)
 
 
-def _draw_rows(lmv: LMValue, contexts: list, opts: _Opts, mask_rows, device):
-    """Rows of the draw law and the constraint's log mass: (log q [R, V], log Z [R])."""
-    base = lmv.base_logprobs(contexts, device)
+def _draw_rows(lmv: LMValue, contexts: list, opts: _Opts, mask_rows, device, base=None):
+    """Rows of the draw law and the constraint's log mass: (log q [R, V], log Z [R]);
+    ``base``: the backend's rows for ``contexts``, when already asked for."""
+    if base is None:
+        base = lmv.base_logprobs(contexts, device)
     finished = [lmv.finished(c) for c in contexts]
     any_finished = any(finished)
     fin = torch.frombuffer(bytearray(finished), dtype=torch.bool).to(device) if any_finished else None
@@ -841,9 +848,73 @@ def _additive(mask: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def _sample_rows(draw: torch.Tensor) -> torch.Tensor:
-    """One token per row of the log-probabilities ``draw``, from the run's generator."""
-    return rng.multinomial(torch.exp(draw.double()).float() if draw.dtype == torch.float16 else torch.exp(draw),
-                           1).squeeze(1)
+    """One token per row of the log-probabilities ``draw`` (-inf on the tokens a row rules
+    out), from the run's generator: ``_invert_cdf`` of each row's probabilities."""
+    cdf = torch.cumsum(torch.exp(draw.double()), -1)
+    total = cdf[:, -1:]
+    if not _positive_finite(total):
+        raise PPLRuntimeError("the language model's next-token probabilities are not finite and positive "
+                              "(NaN, infinite, or all zero)")
+    return _invert_cdf(cdf, total)
+
+
+def _positive_finite(total: torch.Tensor) -> bool:
+    """Whether every row total is finite and above zero (one reduction, one sync; NaN fails)."""
+    lo, hi = torch.aminmax(total)
+    return lo.item() > 0 and hi.item() < math.inf
+
+
+def _invert_cdf(cdf: torch.Tensor, total: torch.Tensor, squeeze: bool = True) -> torch.Tensor:
+    """Inverse-CDF sampling, one uniform per row: for the cumulative sums ``cdf`` [R, V]
+    (float64) of non-negative weights with row totals ``total`` [R, 1] (finite, > 0), the
+    index of the first entry whose cumulative sum exceeds u = U * total, U ~ [0, 1).
+
+    Token i is drawn with probability (cdf_i - cdf_{i-1}) / total, whatever the row's
+    total (no renormalisation needed: probabilities summing to slightly under 1 are drawn
+    in proportion). A token of weight zero is never drawn: the index found has
+    cdf_{i-1} <= u < cdf_i, and adding a zero leaves the sum unchanged. The index is never
+    past the end: U < 1 gives U * total < total in floating point (round to nearest:
+    the exact product lies within half a unit of the last place below the total, or is
+    representable), so some cdf_i = total exceeds u. (Tested in tests/test_lm_overhead.py:
+    masked and tiny probabilities, the largest uniform, and the law.) ``squeeze=False``:
+    the indices as [R, 1]."""
+    u = rng.rand(total.shape, dtype=cdf.dtype, device=cdf.device) * total
+    ids = torch.searchsorted(cdf, u, right=True)
+    return ids.squeeze(1) if squeeze else ids
+
+
+def _sample_plain(lmv, base: torch.Tensor, contexts: list, mask_rows, eos_allowed: bool):
+    """A draw straight from the backend's rows ``base`` for plain decoding options and a
+    mask shared by every row (or none; ``eos_allowed``: whether it allows the
+    end-of-sequence token): (ids, log q(ids), log Z) with q the masked distribution
+    renormalised and Z its mass, without building the normalised rows. None where a row
+    has no mass (or is not finite): the caller then goes the general way (``_draw_rows``:
+    uniform over the allowed set, or the backend's error).
+
+    The probabilities are exponentiated in the rows' dtype and summed in float64
+    (``_invert_cdf``); a token whose probability underflows there (log p below about
+    -100 in float32) is not drawn (its chance, below 1e-43, is not representable), and a
+    row whose every allowed token underflows has total 0 and goes the general way, which
+    normalises first."""
+    masked = base
+    if mask_rows is not None:
+        masked = base + _additive(mask_rows, base.dtype)
+        if not eos_allowed:  # (else a finished row, the end-of-sequence token's, is unchanged by the mask)
+            finished = [lmv.finished(c) for c in contexts]
+            if any(finished):  # after the end: the end-of-sequence token, unconstrained
+                fin = torch.frombuffer(bytearray(finished), dtype=torch.bool).to(base.device)
+                masked = torch.where(fin[:, None], base, masked)
+    cdf = torch.cumsum(torch.exp(masked), -1, dtype=torch.float64)
+    total = cdf[:, -1:]
+    logz = torch.log(total)  # (0 on a finished row: its total is exp(0) = 1)
+    if not math.isfinite(logz.sum().item()):  # a row of mass zero, NaN or infinite
+        return None
+    ids = _invert_cdf(cdf, total, squeeze=False)
+    if mask_rows is None:  # (what the general rows give: the backend's log q, no constraint mass)
+        return ids.squeeze(1), base.gather(1, ids).squeeze(1), torch.zeros(len(contexts), dtype=base.dtype,
+                                                                             device=base.device)
+    logz = logz.to(base.dtype).squeeze(1)
+    return ids.squeeze(1), masked.gather(1, ids).squeeze(1) - logz, logz
 
 
 class TokenDist(_LMDist):
@@ -857,22 +928,37 @@ class TokenDist(_LMDist):
     def describe(self) -> str:
         return f"next-token distribution of '{self.lmv.name}'"
 
-    def _rows(self, ctx):
+    def _rows(self, ctx, contexts=None, base=None):
         key = self._ctx_key(ctx)
         if self._cache is not None and self._same_key(self._cache[0], key):
             return self._cache[1]
-        contexts = self.lmv.contexts(self.context, ctx)
+        if contexts is None:
+            contexts = self.lmv.contexts(self.context, ctx)
         m = self.mask.next_token_rows(contexts, ctx.device) if isinstance(self.mask, ConstraintMask) \
             else self._mask_rows(ctx)
-        draw, logz = _draw_rows(self.lmv, contexts, self.opts, m, ctx.device)
+        draw, logz = _draw_rows(self.lmv, contexts, self.opts, m, ctx.device, base)
         self._cache = (key, (draw, logz))
         return draw, logz
 
     def sample(self, ctx):
-        draw, logz = self._rows(ctx)
-        ids = _sample_rows(draw)
-        lp = draw.gather(1, ids[:, None]).squeeze(1)
-        value = PerParticle([self.lmv.token(i) for i in ids.tolist()], ctx.idx)
+        drawn = None
+        if self.opts.plain and (self.mask is None or isinstance(self.mask, _Mask)) and \
+                (self._cache is None or not self._same_key(self._cache[0], self._ctx_key(ctx))):
+            # the common case: straight from the backend's rows (no normalised rows built)
+            contexts = self.lmv.contexts(self.context, ctx)
+            base = self.lmv.base_logprobs(contexts, ctx.device)
+            drawn = _sample_plain(self.lmv, base, contexts, self._mask_rows(ctx),
+                                  self.mask is None or self.lmv.eos_id in self.mask.ids)
+            if drawn is None:  # a row of mass zero (or not finite): the general way, same backend rows
+                self._rows(ctx, contexts, base)
+        if drawn is None:
+            draw, logz = self._rows(ctx)
+            ids = _sample_rows(draw)
+            lp = draw.gather(1, ids[:, None]).squeeze(1)
+        else:
+            ids, lp, logz = drawn
+        known, token = self.lmv._tokens.get, self.lmv.token
+        value = PerParticle([t if (t := known(i)) is not None else token(i) for i in ids.tolist()], ctx.idx)
         self._remember(value, lp, logz, ctx)
         return value
 
