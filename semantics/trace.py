@@ -17,6 +17,7 @@ the ``"auto"`` rule dropped, so a result can say so.
 """
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Any
 
@@ -172,7 +173,10 @@ def column(v: Any, ctx: Particles):
             return t
         except PPLError:
             pass
-    return [_plain(x) for x in materialize(v, ctx)]
+    items = materialize(v, ctx)
+    if all(map(isinstance, items, itertools.repeat(str))):  # (strings, e.g. tokens: their own plain value)
+        return list(items)
+    return [_plain(x) for x in items]
 
 
 def _uniform_shapes(v) -> bool:

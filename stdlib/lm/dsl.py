@@ -68,7 +68,9 @@ with the distinct contexts of the particles that need it.
 from __future__ import annotations
 
 import array
+import itertools
 import math
+import operator
 from fractions import Fraction
 from typing import Any, Sequence
 
@@ -286,10 +288,13 @@ class LMValue:
 
     def contexts(self, value, ctx: Particles, what: str = "context") -> list:
         """Per particle of ctx: the context as a tuple of ids."""
-        if isinstance(value, list) and _deep_batched(value):
+        if isinstance(value, list):
+            # (first: an extension of the remembered list holds its per-particle entries, so
+            # it is deep-batched without walking every entry again)
             out = self._grown_contexts(value, ctx)
             if out is not None:
                 return out
+        if isinstance(value, list) and _deep_batched(value):
             cols = self._token_columns(value, ctx)
             if cols is not None:
                 out = list(zip(*cols))
@@ -311,7 +316,7 @@ class LMValue:
         cols, full, lineage, tuples = memo
         n = len(cols)
         if full is not ctx.full.idx or lineage is not ctx.generation[0] or len(value) not in (n, n + 1) \
-                or not all(a is b for a, b in zip(cols, value)):
+                or not all(map(operator.is_, cols, value)):
             return None
         prev = rows(tuples, ctx)
         if len(value) == n:  # the same list again (e.g. scored after drawn)
@@ -338,10 +343,10 @@ class LMValue:
             if type(x) is Token and x.lm is lm:
                 cols.append((x.id,) * ctx.M)
             elif isinstance(x, PerParticle):
-                items = rows(x, ctx)
-                if not all(type(t) is Token and t.lm is lm for t in items):
+                ids = _token_ids(rows(x, ctx), lm)
+                if ids is None:
                     return None
-                cols.append([t.id for t in items])
+                cols.append(ids)
             else:
                 return None
         return cols
@@ -363,21 +368,20 @@ class LMValue:
         R = len(contexts)
         dtype = torch.get_default_dtype()
         eos = self.eos_id
-        if R and (eos is None or not any(c and c[-1] == eos for c in contexts)):  # the common case: none finished
-            todo = {}
-            slots = [todo.setdefault(c, len(todo)) for c in contexts]
+        if R and (eos is None or not _any_ends_with(contexts, eos)):  # the common case: none finished
+            todo = dict.fromkeys(contexts)  # (the distinct contexts, in order of first appearance)
             lp = self._ask(list(todo), device, dtype)
             if len(todo) == R:
                 return lp
-            return lp.index_select(0, _long_tensor(slots, device))
-        # some rows finished: their row is the end-of-sequence token's (one row after the
-        # backend's, gathered like the others)
+            slot_of = dict(zip(todo, range(len(todo))))
+            return lp.index_select(0, _long_tensor(list(map(slot_of.__getitem__, contexts)), device))
+        # some rows finished: their row is the end-of-sequence token's (row 0, before the
+        # backend's rows 1.., gathered like the others)
         todo: dict[tuple, int] = {}
-        slots = [-1 if c and c[-1] == eos else todo.setdefault(c, len(todo)) for c in contexts]
+        slots = [0 if c and c[-1] == eos else todo.setdefault(c, len(todo) + 1) for c in contexts]
         end = self._end_row(device, dtype)
-        lp = torch.cat([self._ask(list(todo), device, dtype), end]) if todo else end
-        U = len(todo)
-        return lp.index_select(0, _long_tensor([U if k < 0 else k for k in slots], device))
+        lp = torch.cat([end, self._ask(list(todo), device, dtype)]) if todo else end
+        return lp.index_select(0, _long_tensor(slots, device))
 
     def _end_row(self, device, dtype) -> torch.Tensor:
         """[1, V]: log-probability 0 on the end-of-sequence token, -inf elsewhere (cached)."""
@@ -623,6 +627,31 @@ def _stops(stop) -> tuple:
     if items is None or not all(isinstance(s, str) and s for s in items):
         raise PPLRuntimeError("generate: stop= must be a non-empty string or a list of them")
     return tuple(str(s) for s in items)
+
+
+_LM_OF = operator.attrgetter("lm")
+_ID_OF = operator.attrgetter("id")
+
+
+def _token_ids(items: list, lm) -> list | None:
+    """``[t.id for t in items]`` when every item is a ``Token`` of ``lm`` (by identity),
+    else None: the tests as C-level maps over the items (one step's tokens)."""
+    if not all(map(operator.is_, map(type, items), itertools.repeat(Token))) or \
+            not all(map(operator.is_, map(_LM_OF, items), itertools.repeat(lm))):
+        return None
+    return list(map(_ID_OF, items))
+
+
+_LAST = operator.itemgetter(-1)
+
+
+def _any_ends_with(contexts: list, eos: int) -> bool:
+    """Whether some context (a tuple of ids) ends with ``eos`` (a C-level scan; an empty
+    context ends with nothing)."""
+    try:
+        return eos in map(_LAST, contexts)
+    except IndexError:  # an empty context
+        return any(c and c[-1] == eos for c in contexts)
 
 
 def _deep_batched(v) -> bool:
@@ -957,8 +986,12 @@ class TokenDist(_LMDist):
             lp = draw.gather(1, ids[:, None]).squeeze(1)
         else:
             ids, lp, logz = drawn
-        known, token = self.lmv._tokens.get, self.lmv.token
-        value = PerParticle([t if (t := known(i)) is not None else token(i) for i in ids.tolist()], ctx.idx)
+        id_list = ids.tolist()
+        toks = list(map(self.lmv._tokens.get, id_list))  # (the tokens made before)
+        if None in toks:
+            token = self.lmv.token
+            toks = [t if t is not None else token(i) for t, i in zip(toks, id_list)]
+        value = PerParticle(toks, ctx.idx)
         self._remember(value, lp, logz, ctx)
         return value
 
