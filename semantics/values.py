@@ -304,7 +304,7 @@ class PerParticle(_PerParticleValue):
         self._items = items
 
     def _select(self, sel):
-        self._items = [self._items[i] for i in sel.tolist()]
+        self._items = list(map(self._items.__getitem__, sel.tolist()))  # (= [items[i] for i in sel])
 
     @property
     def items(self) -> list:

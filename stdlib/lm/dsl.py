@@ -324,7 +324,7 @@ class LMValue:
         last = self._token_columns(value[n:], ctx)
         if last is None:
             return None
-        out = [p + (i,) for p, i in zip(prev, last[0])]
+        out = list(map(operator.add, prev, zip(last[0])))  # (= [p + (i,) for p, i in zip(prev, last[0])])
         self._remember_contexts(value, ctx, out)
         return out
 
