@@ -198,20 +198,27 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    return run(quick=quick)
+
+
+def run(repeats: int | None = None, quick: bool = False) -> int:
+    """The whole benchmark (as bench/run.py calls it); ``repeats`` None: 3 quick, 5 full."""
     torch.set_num_threads(1)
+    print(f"\nDistributed SMC (1 and 2 gloo ranks on 127.0.0.1)")
     print(f"load average: {_loadavg()}, {os.cpu_count()} cpus")
     print("\n1. rows moved per resampling (systematic, i.i.d. log-normal weights): simulated vs model")
     print(f"{'N':>9} {'K':>4} {'ESS/N':>6} {'rows':>10} {'model':>10}")
-    for r in plan_table(args.quick):
+    for r in plan_table(quick):
         print(f"{r['N']:>9} {r['K']:>4} {r['ess']:>6.2f} {r['rows']:>10.0f} {r['model']:>10.0f}")
-    repeats = 3 if args.quick else 5
+    if repeats is None:
+        repeats = 3 if quick else 5
     c = launch(2, {"name": "collectives", "repeats": 50})[0]
     print(f"\n2. collectives, 2 ranks: status all_gather {c['status_s'] * 1e6:.0f} us; 4 MB point-to-point "
           f"{c['p2p_4MB_s'] * 1e3:.1f} ms ({4 / max(c['p2p_4MB_s'], 1e-9):.0f} MB/s)")
-    T = 10 if args.quick else 20
+    T = 10 if quick else 20
     print(f"\n3. SMC, linear-Gaussian SSM, T={T} checkpoints, resampling at each (load {_loadavg()})")
     print(f"{'scaling':>8} {'ranks':>5} {'N':>7} {'wall s':>8} {'cpu s/rank':>10} {'rows moved':>10}")
-    per_rank = 1000 if args.quick else 2000
+    per_rank = 1000 if quick else 2000
     for kind, sizes in (("weak", ((1, per_rank), (2, 2 * per_rank))), ("strong", ((1, 2 * per_rank),
                                                                                  (2, 2 * per_rank)))):
         for K, N in sizes:

@@ -36,6 +36,7 @@ def main() -> int:
     import bench_amortized
     import bench_enumerate_sites
     import bench_delayed
+    import bench_distributed
     import bench_enumerate
     import bench_importance
     import bench_lm
@@ -48,7 +49,7 @@ def main() -> int:
     import bench_nuts
     import bench_smc
     for mod in [bench_importance, bench_smc, bench_mh, bench_lm, bench_lm_batching, bench_lm_constraints, bench_lm_masks, bench_lm_scaling, bench_amortized, bench_memory,
-                bench_nuts, bench_delayed, bench_enumerate, bench_enumerate_sites]:
+                bench_nuts, bench_delayed, bench_enumerate, bench_enumerate_sites, bench_distributed]:
         if args.only and args.only not in mod.__name__:
             continue
         mod.run(repeats=args.repeats, quick=args.quick)
