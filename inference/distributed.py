@@ -49,11 +49,11 @@ from ..semantics.distributed import (AT_CHECKPOINT, FINISHED, CollectiveError, G
                                      shard, shared_uniforms, slot_ranges, GLOBAL_SCHEMES)
 from ..semantics.errors import PPLError, PPLRuntimeError, ZeroEvidenceError
 from ..semantics.sampling import Suspended, Weighting, column, drive
-from ..semantics.values import Lineage, Particles, lineage_scope
+from ..semantics.values import Particles
 from .chain_pool import chains_shared_with
 from .diagnostics import site_diagnostics
 from .population import Chains, Population
-from .resample_move import _replay_moved
+from .resample_move import drive_rebuilding
 from .smc import SMCHandler, StepRecord
 
 
@@ -232,19 +232,12 @@ def distributed_smc(interp, entry: str, data: dict, particles: int, device, grou
     try:
         h = DistributedSMCHandler(n, device, None, group=group, total=particles, shared=shared,
                                   resampling=resampling, ess_threshold=ess_threshold)
-        incoming = None
-        while True:
-            ctx = Particles.all(n, device)
-            with lineage_scope(Lineage(ctx.idx)) as h.lineage:
-                gen = interp.run(entry, data, ctx)
-                if incoming is not None:
-                    _replay_moved(gen, h, incoming, h.checkpoints)
-                try:
-                    ret = drive(gen, h)
-                    sites = {"return": (column(ret, ctx), None), **h.trace.sites()}
-                    break
-                except Suspended:  # particles arrived from other ranks: rebuild the shard from their traces
-                    incoming, h.incoming = h.incoming, None
+
+        def arrived():  # particles arrived from other ranks: rebuild the shard from their traces
+            incoming, h.incoming = h.incoming, None
+            return incoming
+
+        sites = drive_rebuilding(interp, entry, data, h, n, device, arrived)
         group.status(FINISHED, h.checkpoints, where="end of the run")
     except BaseException as err:
         if not _reported(err) and not isinstance(err, ZeroEvidenceError):

@@ -78,29 +78,22 @@ def resample_move(interp, entry: str, data: dict, particles: int, device="cpu", 
     randomness = randomness or mh_mod.TorchMHRandomness()
     move = MoveKernel("resample_move", adapt=adapt, kernel=kernel, moves=1 if moves is None and not adapt else moves,
                       scale=scale, max_moves=max_moves, decorrelation=decorrelation)
-    N, moved = particles, None
+    N = particles
     h = _SuspendAfterResampling(N, device, None, resampling=resampling, ess_threshold=ess_threshold,
                                 randomness=randomness)
     h.moves = move.active
+
+    def rejuvenated():  # resampled at checkpoint k: move the traces at the k-th target
+        model = gfi.ModelRun(interp, entry, data, device, stop_after=h.checkpoints)
+        if kernel in token_moves.KERNELS:  # moves on language-model choices (``inference.token_moves``)
+            moved, rate = token_moves.rejuvenate(model, h.trace.sites(), N, move.moves, randomness)
+            move.acceptance.append(rate)
+            return moved
+        state = move.begin(model, _traces(h, N, device), randomness, scored=False)
+        return move(model, state, randomness, label=f"resample_move (checkpoint {h.checkpoints})").values
+
     with progress_bar(progress, desc="resample_move", unit=" checkpoints") as h.bar:
-        while True:
-            ctx = Particles.all(N, device)
-            with lineage_scope(Lineage(ctx.idx)) as h.lineage:
-                gen = interp.run(entry, data, ctx)
-                if moved is not None:
-                    _replay_moved(gen, h, moved, h.checkpoints)
-                try:
-                    ret = drive(gen, h)
-                    sites = {"return": (column(ret, ctx), None), **h.trace.sites()}
-                    break
-                except Suspended:  # resampled at checkpoint k: move the traces at the k-th target
-                    model = gfi.ModelRun(interp, entry, data, device, stop_after=h.checkpoints)
-                    if kernel in token_moves.KERNELS:  # moves on language-model choices (``inference.token_moves``)
-                        moved, rate = token_moves.rejuvenate(model, h.trace.sites(), N, move.moves, randomness)
-                        move.acceptance.append(rate)
-                        continue
-                    state = move.begin(model, _traces(h, N, device), randomness, scored=False)
-                    moved = move(model, state, randomness, label=f"resample_move (checkpoint {h.checkpoints})").values
+        sites = drive_rebuilding(interp, entry, data, h, N, device, rejuvenated)
     h.bar = NO_BAR
     lw = h.log_weights + h.log_z
     extra = {"history": h.history, "acceptance": move.acceptance, **move.extra()}
@@ -128,6 +121,28 @@ class _Replayed(Weighting):
         self._checkpoint(eff)
 
     factor = condition = observe
+
+
+def drive_rebuilding(interp, entry, data, h: SMCHandler, N: int, device, rebuild) -> dict:
+    """Run the program under ``h`` with N particles to its end and return the sites
+    (``"return"`` included). Whenever ``h`` suspends the run (raises ``Suspended`` at a
+    checkpoint), ``rebuild()`` gives the population's new traces (address -> values [N]),
+    and a fresh run replays them up to that checkpoint and goes on from there. Invariant:
+    the run that ends is the program run on exactly the traces ``rebuild`` last gave,
+    with ``h``'s weights. Resample-move (rebuild = the moved traces) and distributed SMC
+    (rebuild = the particles that arrived from other ranks) are this loop."""
+    moved = None
+    while True:
+        ctx = Particles.all(N, device)
+        with lineage_scope(Lineage(ctx.idx)) as h.lineage:
+            gen = interp.run(entry, data, ctx)
+            if moved is not None:
+                _replay_moved(gen, h, moved, h.checkpoints)
+            try:
+                ret = drive(gen, h)
+                return {"return": (column(ret, ctx), None), **h.trace.sites()}
+            except Suspended:
+                moved = rebuild()
 
 
 def _replay_moved(gen, h: SMCHandler, values: dict, k: int) -> None:
