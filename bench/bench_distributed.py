@@ -33,6 +33,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from common import load_average  # noqa: E402
 
 SSM = """
 def main(ys):
@@ -42,13 +45,6 @@ def main(ys):
         observe ys[t] ~ normal(x, 0.7)
     return x
 """
-
-
-def _loadavg() -> str:
-    try:
-        return " ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 # ------------------------------------------------------------------ 1. the plan, simulated
@@ -198,14 +194,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    return run(quick=quick)
+    return run(quick=args.quick)
 
 
 def run(repeats: int | None = None, quick: bool = False) -> int:
     """The whole benchmark (as bench/run.py calls it); ``repeats`` None: 3 quick, 5 full."""
     torch.set_num_threads(1)
     print(f"\nDistributed SMC (1 and 2 gloo ranks on 127.0.0.1)")
-    print(f"load average: {_loadavg()}, {os.cpu_count()} cpus")
+    print(f"load average: {load_average()}, {os.cpu_count()} cpus")
     print("\n1. rows moved per resampling (systematic, i.i.d. log-normal weights): simulated vs model")
     print(f"{'N':>9} {'K':>4} {'ESS/N':>6} {'rows':>10} {'model':>10}")
     for r in plan_table(quick):
@@ -216,7 +212,7 @@ def run(repeats: int | None = None, quick: bool = False) -> int:
     print(f"\n2. collectives, 2 ranks: status all_gather {c['status_s'] * 1e6:.0f} us; 4 MB point-to-point "
           f"{c['p2p_4MB_s'] * 1e3:.1f} ms ({4 / max(c['p2p_4MB_s'], 1e-9):.0f} MB/s)")
     T = 10 if quick else 20
-    print(f"\n3. SMC, linear-Gaussian SSM, T={T} checkpoints, resampling at each (load {_loadavg()})")
+    print(f"\n3. SMC, linear-Gaussian SSM, T={T} checkpoints, resampling at each (load {load_average()})")
     print(f"{'scaling':>8} {'ranks':>5} {'N':>7} {'wall s':>8} {'cpu s/rank':>10} {'rows moved':>10}")
     per_rank = 1000 if quick else 2000
     for kind, sizes in (("weak", ((1, per_rank), (2, 2 * per_rank))), ("strong", ((1, 2 * per_rank),
@@ -240,7 +236,7 @@ def run(repeats: int | None = None, quick: bool = False) -> int:
                     print(f"{N:>9} {K:>4} {ess:>6.2f} {k:>4} {comm * 1e3:>8.2f} {step * 1e3:>8.1f} "
                           f"{replay * 1e3:>9.1f} "
                           f"{comm / (comm + step + replay):>10.4f}")
-    print(f"load average at the end: {_loadavg()}")
+    print(f"load average at the end: {load_average()}")
     return 0
 
 

@@ -45,16 +45,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_lm import DSL_SOURCE, PROMPT, _CharTokenizer, steer  # noqa: E402
+from common import load_average  # noqa: E402
 
 QS = (1, 4, 16)
 
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 class _Counting:
@@ -171,7 +165,7 @@ def measure(kind: str, make_lm, n: int, T: int, repeats: int, qs=QS, max_wait_ms
                 outs[name] = [r[0] for r in out]
         batcher.close()
         print(f"\n  Q = {Q} concurrent {'SMC loops' if kind == 'loop' else 'DSL Model.run(smc)'} of N = {n} "
-              f"particles, T = {T} (load average {_loadavg()})")
+              f"particles, T = {T} (load average {load_average()})")
         print(f"  {'contender':<24} {'tokens/s':>10} {'ratio':>6} {'wall ms':>9} {'CPU s/1k tok':>13} "
               f"{'calls/run':>10} {'rows/call':>10}")
         ref = statistics.median(t / w for t, w in zip(toks["one at a time"], wall["one at a time"]))
@@ -227,7 +221,7 @@ def run(repeats: int = 5, quick: bool = False, backend: str = "both", device: st
     repeats = min(repeats, 3) if quick else min(repeats, 5)
     n, T = 8, (16 if quick else 32)
     print(f"\nBatching concurrent LM queries (stdlib/lm/batcher.py), torch threads {torch.get_num_threads()}, "
-          f"{os.cpu_count()} cpus, load average {_loadavg()}")
+          f"{os.cpu_count()} cpus, load average {load_average()}")
     out = {}
     if backend in ("both", "small"):
         make_small, base, what = small_maker(quick)
@@ -250,7 +244,7 @@ def run(repeats: int = 5, quick: bool = False, backend: str = "both", device: st
             out["hf_loop"] = measure("loop", make_hf, n, T, repeats)
             if dsl:
                 out["hf_dsl"] = measure("dsl", make_hf, n, T, repeats)
-    print(f"\nload average at the end: {_loadavg()}")
+    print(f"\nload average at the end: {load_average()}")
     return out
 
 
@@ -273,4 +267,4 @@ if __name__ == "__main__":
     if a.json:
         import json
         with open(a.json, "w") as f:
-            json.dump({"load_average": _loadavg(), "device": a.device, "figures": figures}, f, indent=1)
+            json.dump({"load_average": load_average(), "device": a.device, "figures": figures}, f, indent=1)

@@ -37,7 +37,7 @@ import warnings
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 
-from common import report, time_interleaved  # noqa: E402
+from common import load_average, report, time_interleaved  # noqa: E402
 
 
 def run(repeats: int = 9, quick: bool = False) -> dict:
@@ -83,17 +83,10 @@ def run(repeats: int = 9, quick: bool = False) -> dict:
         S.main(["--quick", "--cache", str(cache), "--train-steps", str(steps), "--plot", ""])
     quick_cpu = time.process_time() - t0
     print(f"  the --quick study (16 problems, N = 1..8, three verifiers, every method): {quick_cpu:.1f} s CPU "
-          f"(target < 60 s: {'OK' if quick_cpu < 60 else 'MISSED'}); load average {_loadavg()}")
+          f"(target < 60 s: {'OK' if quick_cpu < 60 else 'MISSED'}); load average {load_average()}")
     out["quick_study_cpu_s"] = quick_cpu
     return out
 
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 if __name__ == "__main__":

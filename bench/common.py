@@ -19,6 +19,16 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = time.perf_counter
 
 
+def load_average() -> str:
+    """The machine's 1, 5 and 15 minute load averages ("n/a" where /proc is missing),
+    printed next to every timing: figures taken under load are noisy."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
 def set_clock(name: str) -> None:
     """Time every benchmark with ``CLOCKS[name]`` from now on."""
     global clock

@@ -32,7 +32,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     common.set_clock(args.clock)
     print(f"torch {torch.__version__}, {args.threads} intra-op thread(s), python {platform.python_version()}, "
-          f"{os.cpu_count()} cpus, clock: {args.clock}, load average: {_loadavg()}")
+          f"{os.cpu_count()} cpus, clock: {args.clock}, load average: {common.load_average()}")
     import bench_amortized
     import bench_enumerate_sites
     import bench_delayed
@@ -53,16 +53,9 @@ def main() -> int:
         if args.only and args.only not in mod.__name__:
             continue
         mod.run(repeats=args.repeats, quick=args.quick)
-    print(f"\nload average at the end: {_loadavg()}")
+    print(f"\nload average at the end: {common.load_average()}")
     return 0
 
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 if __name__ == "__main__":
