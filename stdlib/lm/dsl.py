@@ -840,7 +840,7 @@ def _draw_rows(lmv: LMValue, contexts: list, opts: _Opts, mask_rows, device, bas
         if any_finished:  # after the end: the end-of-sequence token, unconstrained (never of mass 0,
             masked = torch.where(fin[:, None], lp, masked)  # so m's rows there are never read)
     else:
-        m = mask_rows.expand(lp.shape) if mask_rows.dim() == 1 else mask_rows
+        m = mask_rows
         if any_finished:
             m = m | fin[:, None]  # after the end: the end-of-sequence token, unconstrained
         masked = torch.where(m, lp, torch.full_like(lp, -math.inf))
