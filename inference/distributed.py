@@ -46,7 +46,7 @@ import torch
 
 from ..semantics.distributed import (AT_CHECKPOINT, FINISHED, CollectiveError, Group, RankError, TransferPlan,
                                      WeightSummary, agree_on_columns, exchange_rows, local_ancestors, local_summary,
-                                     shard, shared_uniforms, slot_ranges, GLOBAL_SCHEMES)
+                                     shard_sizes, shared_uniforms, slot_ranges, GLOBAL_SCHEMES)
 from ..semantics.errors import PPLError, PPLRuntimeError, ZeroEvidenceError
 from ..semantics.sampling import Suspended, Weighting, column, drive
 from ..semantics.values import Particles
@@ -108,7 +108,7 @@ def _check_shards(particles: int, group: Group) -> list[int]:
     if particles < group.size:
         raise PPLError(f"{particles} particles cannot be shared by {group.size} ranks",
                        hint="use at least one particle per rank")
-    return [shard(particles, group.size, r)[1] for r in range(group.size)]
+    return shard_sizes(particles, group.size)
 
 
 # ---------------------------------------------------------------------- importance
@@ -153,7 +153,7 @@ class DistributedSMCHandler(SMCHandler):
         self.group, self.total, self.shared = group, total, shared
         self.checkpoints = 0
         self.incoming = None  # the moved particles' columns, for the replay
-        self.rows_moved = 0  # rows received from other ranks, over the run
+        self.rows_moved = 0  # rows that crossed ranks, over the run (the plan is the same on every rank)
 
     def _local_stats(self, eff) -> tuple[float, float, float]:
         """(m, s, q) of this shard, after the pending NaN test of an observe
@@ -203,6 +203,7 @@ class DistributedSMCHandler(SMCHandler):
         ranges = slot_ranges(summary, v)
         plan = TransferPlan.make(ranges, self.total)
         drawn = local_ancestors(self.log_weights, summary, group.rank, v, *ranges[group.rank])
+        self.rows_moved += plan.rows_moved()
         self.log_weights = torch.zeros_like(self.log_weights)
         device = self.log_weights.device
         if not plan.moves:
@@ -214,7 +215,6 @@ class DistributedSMCHandler(SMCHandler):
         if plan.self_contained(group.rank):
             self.lineage.resample(drawn[plan.rows(group.rank, group.rank)].to(device))
             return
-        self.rows_moved += sum(plan.count(r, group.rank) for r in range(group.size) if r != group.rank)
         self.incoming = {a: col.to(device) for a, col in moved.items()}
         raise Suspended(eff)
 
@@ -244,12 +244,9 @@ def distributed_smc(interp, entry: str, data: dict, particles: int, device, grou
             group.fail(err, h.checkpoints if h is not None else 0)
         raise
     lw = h.log_weights + h.log_z
-    extra = {"history": h.history, "resampling": resampling, "ess_threshold": ess_threshold}
-    pop = gather_population(group, label, sites, lw, extra, sizes)
-    moved = group.all_gather(torch.tensor([h.rows_moved], dtype=torch.int64), what="rows moved")
-    if pop is not None:
-        pop.extra["rows_moved"] = int(sum(int(t) for t in moved))
-    return pop
+    extra = {"history": h.history, "resampling": resampling, "ess_threshold": ess_threshold,
+             "rows_moved": h.rows_moved}
+    return gather_population(group, label, sites, lw, extra, sizes)
 
 
 # ---------------------------------------------------------------------- chains across ranks

@@ -311,11 +311,6 @@ def local_summary(log_weights: torch.Tensor) -> tuple[float, float, float]:
     return m, float(w.sum()), float(torch.dot(w, w))
 
 
-def global_log_mean_exp(parts: Sequence[tuple], N: int) -> float:
-    """log((1/N) sum over all ranks of exp(lw)) from each rank's ``local_summary``."""
-    return WeightSummary.combine(parts, N).log_mean
-
-
 # ------------------------------------------------------------------- global resampling
 #: the schemes with a global form (sorted shared uniforms)
 GLOBAL_SCHEMES = ("systematic", "stratified", "multinomial")
