@@ -570,24 +570,42 @@ def _compiled_transition(potential, metric: Metric, max_tree_depth: int, state: 
     "auto" (default: where the potential runs on TorchInductor), "1" (also a TorchScript
     potential), "0" (never). Its kernel is ``nuts_step``'s; the state chosen within a
     sub-tree is drawn progressively (same law, other random numbers: see nuts_loop)."""
-    offer = getattr(potential, "recorded_graph", None)
-    mode = os.environ.get("PPL_NUTS_LOOP", "auto")
-    if offer is None or mode == "0" or os.environ.get("PPL_NUTS_FUSED") == "0":
+    if os.environ.get("PPL_NUTS_FUSED") == "0":
         return None
-    recorded = offer()
-    if recorded is None or (recorded[1] != "inductor" and mode != "1"):
+    recorded = _offered_graph(potential, os.environ.get("PPL_NUTS_LOOP", "auto"))
+    if recorded is None:
         return None
     gm, backend = recorded
     args = potential.graph_inputs()
     key = (id(gm), tuple(metric.inv_mass.shape), max_tree_depth, tuple((tuple(a.shape), a.dtype) for a in args))
+    return _cached(_LOOP_CACHE, potential, key, build,
+                   lambda: _build_transition(potential, gm, metric, max_tree_depth, state))
+
+
+def _offered_graph(potential, mode: str):
+    """(graph, backend) the potential records, where ``mode`` allows it ("auto": a graph
+    TorchInductor runs; "1": any; "0": none), else None."""
+    offer = getattr(potential, "recorded_graph", None)
+    if offer is None or mode == "0":
+        return None
+    recorded = offer()
+    if recorded is None or (recorded[1] != "inductor" and mode != "1"):
+        return None
+    return recorded
+
+
+def _cached(caches: "weakref.WeakKeyDictionary", potential, key, build: bool, make):
+    """``caches[potential][key]``, made by ``make()`` on first use where ``build``; None
+    where it is not made yet and ``build`` is False, or the potential is not weakly
+    referenceable."""
     try:
-        cache = _LOOP_CACHE.setdefault(potential, {})
+        cache = caches.setdefault(potential, {})
     except TypeError:  # not weakly referenceable
         return None
     if key not in cache:
         if not build:
             return None
-        cache[key] = _build_transition(potential, gm, metric, max_tree_depth, state)
+        cache[key] = make()
     return cache[key]
 
 
@@ -604,19 +622,14 @@ def _fuse_now(potential, metric: Metric, max_tree_depth: int, left: int):
 
 
 def _loop_compiled_before(potential, metric: Metric, max_tree_depth: int) -> bool:
-    offer = getattr(potential, "recorded_graph", None)
-    recorded = offer() if offer is not None else None
-    if recorded is None or recorded[1] != "inductor":
+    recorded = _offered_graph(potential, "auto")
+    if recorded is None:
         return False
-    try:
-        cache = _LOOP_CACHE.setdefault(potential, {})
-    except TypeError:
-        return False
+    from .nuts_loop import compiled_before
     key = ("compiled before", id(recorded[0]), tuple(metric.inv_mass.shape), max_tree_depth)
-    if key not in cache:
-        from .nuts_loop import compiled_before
-        cache[key] = compiled_before(recorded[0], potential.graph_inputs(), metric.inv_mass, max_tree_depth)
-    return cache[key]
+    return bool(_cached(_LOOP_CACHE, potential, key, True,
+                        lambda: compiled_before(recorded[0], potential.graph_inputs(), metric.inv_mass,
+                                                max_tree_depth)))
 
 
 def _build_transition(potential, gm, metric: Metric, max_tree_depth: int, state: State):
@@ -646,26 +659,15 @@ def _fused_leaf(potential, metric: Metric, max_tree_depth: int, z: torch.Tensor,
     where the potential runs on TorchInductor; a TorchScript replay of the fused graph is
     no faster than the eager leaf around the TorchScript potential), "1" (fuse also a
     TorchScript potential), "0" (never)."""
-    offer = getattr(potential, "recorded_graph", None)
-    mode = os.environ.get("PPL_NUTS_FUSED", "auto")
-    if offer is None or mode == "0":
-        return None
-    recorded = offer()
-    if recorded is None or (recorded[1] != "inductor" and mode != "1"):
+    recorded = _offered_graph(potential, os.environ.get("PPL_NUTS_FUSED", "auto"))
+    if recorded is None:
         return None
     gm, backend = recorded
     args = potential.graph_inputs()
     key = (id(gm), backend, tuple(metric.inv_mass.shape), max_tree_depth,
            tuple((tuple(a.shape), a.dtype) for a in args))
-    try:
-        cache = _FUSED_CACHE.setdefault(potential, {})
-    except TypeError:  # not weakly referenceable
-        return None
-    if key not in cache:
-        if not build:
-            return None
-        cache[key] = _FusedLeaf.build(potential, gm, backend, metric, max_tree_depth, z)
-    return cache[key]
+    return _cached(_FUSED_CACHE, potential, key, build,
+                   lambda: _FusedLeaf.build(potential, gm, backend, metric, max_tree_depth, z))
 
 
 class _FusedLeaf:
