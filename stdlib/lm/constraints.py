@@ -51,7 +51,7 @@ import torch
 from ...semantics.errors import PPLRuntimeError, did_you_mean
 from ...semantics.values import Batched, is_batched, materialize, describe
 from .char_matcher import GrammarMatcher, Matcher, RegexMatcher
-from .vocab_trie import vocab_trie_of
+from .vocab_trie import token_texts, vocab_trie_of
 
 #: compiled matchers, by (kind, source): a constraint written inside a loop compiles once
 _MATCHERS: dict = {}
@@ -249,7 +249,7 @@ class ConstraintMask:
         self.trie = vocab_trie_of(lmv)
         self.V = lmv.V
         self.eos_id = lmv.eos_id
-        self._texts = [str(lmv.token(i)) for i in range(lmv.V)]
+        self._texts = token_texts(lmv)
         self._states: dict = {}    # generated ids -> matcher state (None: dead)
         self._masks: dict = {}     # matcher state -> (viable [V], complete [V], ends)
         self._stop_masks: dict = {}

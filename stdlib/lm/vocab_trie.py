@@ -82,9 +82,6 @@ class VocabTrie:
 def token_texts(lmv) -> list:
     """The text of every token id of a language-model value (the end-of-sequence token's
     is "")."""
-    texts = getattr(lmv, "token_texts", None)
-    if callable(texts):
-        return list(texts())
     return [str(lmv.token(i)) for i in range(lmv.V)]
 
 
