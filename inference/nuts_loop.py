@@ -409,9 +409,7 @@ def _marker_path(potential_graph, graph_args, inv_mass, max_tree_depth: int) -> 
     digest.update(potential_graph.code.encode())
     for node in potential_graph.graph.nodes:  # the shapes of the constants it reads
         if node.op == "get_attr":
-            value = potential_graph
-            for part in node.target.split("."):
-                value = getattr(value, part)
+            value = _attribute(potential_graph, node.target)
             if isinstance(value, torch.Tensor):
                 digest.update(f"{node.target}{tuple(value.shape)}{value.dtype}|".encode())
     for x in graph_args:
