@@ -263,17 +263,23 @@ class EliminationPlan:
             if single is None or max_table is not None:
                 slots.append(step.run(slots, domains, max_table))
                 continue
-            widest, j, key_of, out_key = single  # (``_Step.run``'s one-lookup case, inlined: a chain's steps)
-            get = slots[j].get
-            out: dict = {}
-            for assignment, w in slots[widest].items():
-                if w:
-                    x = get(key_of(assignment), 0)
-                    if x:
-                        key, w = out_key(assignment), w * x
-                        out[key] = out[key] + w if key in out else w
-            slots.append(out)
+            widest, j, key_of, out_key = single  # (``_Step.run``'s one-lookup case, unchecked: a chain)
+            slots.append(_times_one_lookup(slots[widest], slots[j].get, key_of, out_key))
         return Factor(self.keep, self.last.run(slots, domains, max_table))
+
+
+def _times_one_lookup(table: dict, get, key_of, out_key) -> dict:
+    """The sum over the summed variables of ``table`` (spanning the scope) times the one
+    other input (its ``get``, keyed by ``key_of`` of an assignment), as a table keyed by
+    ``out_key``: ``_Step.run`` where one table spans the scope and one other is looked up."""
+    out: dict = {}
+    for assignment, w in table.items():
+        if w:
+            x = get(key_of(assignment), 0)
+            if x:
+                key, w = out_key(assignment), w * x
+                out[key] = out[key] + w if key in out else w
+    return out
 
 
 class _Step:
@@ -313,14 +319,7 @@ class _Step:
             out_key = self.out_key
             if len(self.lookups) == 1:  # (the common case, e.g. a chain's link times the message before it)
                 j, key_of = self.lookups[0]
-                get = slots[j].get
-                for assignment, w in slots[self.widest].items():
-                    if w:
-                        x = get(key_of(assignment), 0)
-                        if x:
-                            key, w = out_key(assignment), w * x
-                            out[key] = out[key] + w if key in out else w
-                return out
+                return _times_one_lookup(slots[self.widest], slots[j].get, key_of, out_key)
             lookups = [(slots[j].get, key_of) for j, key_of in self.lookups]
             for assignment, w in slots[self.widest].items():
                 if not w:

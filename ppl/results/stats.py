@@ -244,7 +244,7 @@ def exact_view(name: str, positive: list, evidence: Any) -> _View:
                 raise PPLError(f"site {name!r} has values that cannot be tabulated ({e})") from None
             table[key] = table.get(key, 0) + w
             mass += w
-    return _table_view(table, mass, mass / evidence, lambda p: p / mass)
+    return _table_view(table, mass / evidence, lambda p: p / mass)
 
 
 def exact_integer_view(counts: dict, total: int) -> _View:
@@ -252,11 +252,12 @@ def exact_integer_view(counts: dict, total: int) -> _View:
     ({value: int > 0}, values already keys: ``_to_key``) summing to ``total``: the same
     Fractions (each w / total), one ``Fraction(w, total)`` each instead of Fraction
     arithmetic."""
-    return _table_view(counts, total, Fraction(1), lambda p: Fraction(p, total))
+    return _table_view(counts, Fraction(1), lambda p: Fraction(p, total))
 
 
-def _table_view(table: dict, mass, presence, normalise) -> _View:
-    """The view of an exact table {key: weight > 0} of total ``mass``."""
+def _table_view(table: dict, presence, normalise) -> _View:
+    """The view of an exact table {key: weight > 0}, each weight made a probability by
+    ``normalise``."""
     return _ExactTableView(presence, _sort_table({k: normalise(p) for k, p in table.items()}))
 
 

@@ -544,15 +544,7 @@ def mh_kernel_check(model, data: dict | None = None, *, hastings: bool = True, s
     ``step(interp, entry, data, state, randomness)`` substitutes a modified kernel."""
     with _float64():
         data = data or {}
-        exact = model.run("enumerate", data)
-        z = float(exact.evidence)
-        pi: dict = defaultdict(float)
-        traces = {}
-        for w, vals in exact.paths:
-            trace = {a: v for a, v in vals.items() if a != "return"}
-            key = tuple(sorted((a, _key(v)) for a, v in trace.items()))
-            pi[key] += float(w) / z
-            traces[key] = trace
+        pi, traces = _exact_trace_posterior(model, data, _values_key)
         interp = model.interpreter()
         prepared = model.prepare_data(model.bind((), data), "cpu")
         K: dict = defaultdict(float)
@@ -568,6 +560,31 @@ def mh_kernel_check(model, data: dict | None = None, *, hastings: bool = True, s
 
             for prob, new in enumerate_outcomes(run, randomness_cls=EnumeratingMHRandomness):
                 K[(key, _trace_key(new))] += prob
+    return _kernel_check(pi, K)
+
+
+def _values_key(values: dict) -> tuple:
+    """A trace's values as a hashable key (``_key`` of each)."""
+    return tuple(sorted((a, _key(v)) for a, v in values.items()))
+
+
+def _exact_trace_posterior(model, data: dict, key) -> tuple[dict, dict]:
+    """The exact posterior over the program's traces (its enumerated paths less the
+    return value): ({key(trace): probability}, {key(trace): trace})."""
+    exact = model.run("enumerate", data)
+    z = float(exact.evidence)
+    pi: dict = defaultdict(float)
+    traces = {}
+    for w, vals in exact.paths:
+        trace = {a: v for a, v in vals.items() if a != "return"}
+        k = key(trace)
+        pi[k] += float(w) / z
+        traces[k] = trace
+    return pi, traces
+
+
+def _kernel_check(pi: dict, K: dict) -> KernelCheck:
+    """The ``KernelCheck`` of the posterior ``pi`` and the transition matrix ``K``."""
     pi_K: dict = defaultdict(float)
     for (x, y), k in K.items():
         pi_K[y] += pi.get(x, 0.0) * k
@@ -703,15 +720,7 @@ def token_kernel_check(model, data: dict | None = None, *, hastings: bool = True
     from ..inference import token_moves
     with _float64():
         data = data or {}
-        exact = model.run("enumerate", data)
-        z = float(exact.evidence)
-        pi: dict = defaultdict(float)
-        traces = {}
-        for w, vals in exact.paths:
-            trace = {a: v for a, v in vals.items() if a != "return"}
-            key = _token_trace_key(trace)
-            pi[key] += float(w) / z
-            traces[key] = trace
+        pi, traces = _exact_trace_posterior(model, data, _token_trace_key)
         interp, prepared = _compiled(model, data)
         target = gfi.ModelRun(interp, model.entry, prepared)
         K: dict = defaultdict(float)
@@ -725,7 +734,4 @@ def token_kernel_check(model, data: dict | None = None, *, hastings: bool = True
 
             for prob, new in enumerate_outcomes(run):
                 K[(key, _token_trace_key(new.values[0]))] += prob
-    pi_K: dict = defaultdict(float)
-    for (x, y), k in K.items():
-        pi_K[y] += pi.get(x, 0.0) * k
-    return KernelCheck(dict(pi), dict(K), dict(pi_K))
+    return _kernel_check(pi, K)
