@@ -360,12 +360,6 @@ class Potential:
         self._graph, self.compiled, self._recorded = fast, True, None
         return True
 
-    def compiled_before(self) -> bool:
-        """Whether TorchInductor compiled this potential's graph on this machine before
-        (``inference.compiled.compiled_before``): ``compile_now`` then loads it from the
-        on-disk cache in a fraction of a second instead of compiling it for seconds."""
-        return self._recorded is not None and compiled_before(self._recorded[0], self._recorded[1]())
-
     def set_given(self, given: dict) -> None:
         """Hold the discrete choices at new values (a Gibbs sweep's continuous half)."""
         self.given = given
