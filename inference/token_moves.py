@@ -57,7 +57,8 @@ from ..semantics.errors import PPLRuntimeError
 from ..semantics.gfi import ModelRun
 from ..semantics.sampling import Suspended, _WeightAccumulator, drive
 from ..semantics.values import Batched, Particles, PerParticle, materialize, rows
-from ..stdlib.lm.dsl import Completion, GenerateDist, _draw_rows, _mask_ids, _sample_rows, _step_exact
+from ..stdlib.lm.dsl import (Completion, GenerateDist, _draw_rows, _generate_step_mask, _mask_ids, _sample_rows,
+                             _step_exact)
 from ..stdlib.progress import NO_BAR, progress_bar
 from .diagnostics import draw_diagnostics
 from .population import Chains
@@ -217,12 +218,7 @@ class SuffixProposal:
     def _step_mask(self, gens: list, act: list, device):
         """The allowed= mask of one step for the rows ``act`` (their generated ids so far
         ``gens``): as the choice's own sampler computes it."""
-        mask = self.mask
-        if mask is None:
-            return None
-        if _per_prefix(mask):  # a constraint whose mask depends on the text so far (a grammar)
-            return mask.generate_rows(gens, self.gen.opts, device)
-        return mask if mask.dim() == 1 else mask[act]
+        return _generate_step_mask(self.mask, gens, act, self.gen.opts, device)
 
     def log_q(self, steps: list, cuts: list, device) -> torch.Tensor:
         """Per row, log q of the draws ``steps[r][cuts[r]:]`` given the row's prefix

@@ -858,6 +858,17 @@ def _draw_rows(lmv: LMValue, contexts: list, opts: _Opts, mask_rows, device, bas
     return draw, logz
 
 
+def _generate_step_mask(mask, gens: list, sel, opts, device):
+    """One ``generate`` step's allowed= rows for the active rows ``sel`` (their generated
+    ids so far ``gens``): a per-prefix constraint's rows, the shared mask [V], the active
+    rows of a per-particle mask, or None without a mask."""
+    if mask is None:
+        return None
+    if isinstance(mask, ConstraintMask):
+        return mask.generate_rows(gens, opts, device)
+    return mask if mask.dim() == 1 else mask[sel]
+
+
 def _long_tensor(items: list, device) -> torch.Tensor:
     """A LongTensor of a list of ints (from a buffer: ~5x faster than torch.tensor(list))."""
     t = torch.frombuffer(array.array("q", items), dtype=torch.long) if items else torch.zeros(0, dtype=torch.long)
@@ -1089,8 +1100,7 @@ class GenerateDist(_LMDist):
             if not act:
                 break
             sel = torch.tensor(act, dtype=torch.long, device=ctx.device)
-            m = None if mask is None else mask.generate_rows([gen[r] for r in act], opts, ctx.device) \
-                if isinstance(mask, ConstraintMask) else (mask if mask.dim() == 1 else mask[sel])
+            m = _generate_step_mask(mask, [gen[r] for r in act], sel, opts, ctx.device)
             draw, logz = _draw_rows(lmv, [prompts[r] + tuple(gen[r]) for r in act], opts, m, ctx.device)
             ids = _sample_rows(draw)
             lp[sel] += draw.gather(1, ids[:, None]).squeeze(1).to(dtype)
@@ -1155,9 +1165,9 @@ class GenerateDist(_LMDist):
         for k in range(max((len(s) for s in steps), default=0)):
             act = [r for r in range(M) if len(steps[r]) > k]
             sel = torch.tensor(act, dtype=torch.long, device=ctx.device)
-            m = None if mask is None else mask.generate_rows([steps[r][:k] for r in act], self.opts, ctx.device) \
-                if isinstance(mask, ConstraintMask) else (mask if mask.dim() == 1 else mask[sel])
-            draw, logz = _draw_rows(lmv, [prompts[r] + tuple(steps[r][:k]) for r in act], self.opts, m, ctx.device)
+            gens = [steps[r][:k] for r in act]
+            m = _generate_step_mask(mask, gens, sel, self.opts, ctx.device)
+            draw, logz = _draw_rows(lmv, [prompts[r] + tuple(g) for r, g in zip(act, gens)], self.opts, m, ctx.device)
             tok = torch.tensor([steps[r][k] for r in act], dtype=torch.long, device=ctx.device)
             lp[sel] += draw.gather(1, tok[:, None]).squeeze(1).to(dtype)
             lmass[sel] += logz.to(dtype)
