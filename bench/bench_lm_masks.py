@@ -107,11 +107,5 @@ def run(repeats: int = 3, quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    run(a.repeats, a.quick)
+    from common import script_main
+    script_main(run, repeats=3)

@@ -80,3 +80,19 @@ def report(title: str, times: dict[str, list[float]], reference: str, target: fl
         verdict = "OK" if worst <= target else "MISSED"
         print(f"  target: within {target:.1f}x of {reference}: {verdict} ({worst:.2f}x)")
     return out
+
+
+def script_main(run: Callable[[int, bool], object], repeats: int) -> None:
+    """The command line of a benchmark run as a script: ``--threads`` (torch's intra-op
+    threads, default 1), ``--repeats`` (default ``repeats``) and ``--quick``, then
+    ``run(repeats, quick)``."""
+    import argparse
+
+    import torch
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    run(a.repeats, a.quick)
