@@ -18,7 +18,7 @@ from .inference.methods import METHODS, _betas, _program
 from .registry import population_diagnostics
 from .result import WeightedResult, as_result
 from .semantics.distributed import derive_seed, process_group
-from .inference.diagnostics import emit
+from .results.diagnostics import emit
 from .semantics.errors import PPLError
 from .stdlib import rng
 

@@ -20,7 +20,7 @@ import weakref
 from typing import Any, Callable, Mapping
 
 from .guide import load_proposal
-from .inference.diagnostics import count_distinct, emit, ess_before_last_resampling
+from .results.diagnostics import count_distinct, emit, ess_before_last_resampling
 from .inference.methods import METHODS, check_options
 from .inference.population import Chains, Optimum, Population
 from .result import ExactResult, WeightedResult, as_result

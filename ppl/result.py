@@ -66,6 +66,7 @@ from ppl.semantics.exact_elimination import EliminationResult
 from ppl.semantics.errors import PPLError, PPLRuntimeError, ZeroEvidenceError, did_you_mean
 
 from .results import export, plots, text
+from .results.diagnostics import gradient_warnings, mcmc_warnings, weighted_warnings
 from .results.export import _json_scalar
 from .results.plots import _pyplot  # noqa: F401  (used by ppl.testing.sbc, inference.amortized)
 from .results.stats import _check_q, _View, describe, exact_integer_view, exact_view, weighted_view
@@ -128,13 +129,13 @@ class _ResultBase:
         return {}
 
     def _diagnose(self) -> list[str]:
-        """The diagnostic warnings of this result (``ppl.inference.diagnostics``)."""
+        """The diagnostic warnings of this result (``ppl.results.diagnostics``)."""
         return []
 
     @property
     def warnings(self) -> list[str]:
         """Why this result may be unreliable (empty when nothing was found): split R-hat,
-        Pareto k, a small ESS, a collapsed population; see ``ppl.inference.diagnostics``.
+        Pareto k, a small ESS, a collapsed population; see ``ppl.results.diagnostics``.
         Inference also emits each one as a ``ppl.PPLDiagnosticWarning``. ``run_warnings``
         (set by ``ppl.registry``: what the run itself noted, e.g. a distribution parameter
         invalid at some particles, ``semantics.invalid_parameters``) come last."""
@@ -434,7 +435,6 @@ class WeightedResult(_ResultBase):
         return out
 
     def _diagnose(self) -> list[str]:
-        from ppl.inference.diagnostics import weighted_warnings
         if self.method == "prior":
             return []
         k = None
@@ -613,7 +613,6 @@ class MCMCResult(WeightedResult):
         self.log_evidence = None
 
     def _diagnose(self) -> list[str]:
-        from ppl.inference.diagnostics import gradient_warnings, mcmc_warnings
         return mcmc_warnings(self.method, self.r_hat, self.ess_per_site) + gradient_warnings(self.method, self.extra)
 
     def _json_extra(self) -> dict:
