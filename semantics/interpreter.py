@@ -37,7 +37,7 @@ from .errors import PPLError, PPLRecursionError, PPLRuntimeError, did_you_mean
 from .lazy import LIVE, Lazy, forced_in_containers, lazy_call_args
 from .values import (Batched, Particles, PerParticle, Undefined, batch_rows, binop,
                      deep_batched, describe, is_batched, is_numeric, materialize, merge_parts, pack,
-                     reject_distribution, restrict, rows, to_bool_rows, truthy, unop, as_tensor)
+                     reject_distribution, restrict, rows, to_bool_rows, truthy, unop, as_tensor, Vector)
 
 
 # -------------------------------------------------------------------------------- effects
@@ -1018,6 +1018,10 @@ def _index(v, i, ctx: Particles):
         if isinstance(v, (list, tuple, str, torch.Tensor)):
             return v[lo:hi]
         raise PPLRuntimeError(f"cannot slice {describe(v)}")
+    if isinstance(i, torch.Tensor) and i.dim() >= 1:  # ``a[county]``: one index per data row
+        return _take(v, i, ctx)
+    if isinstance(i, Vector):  # ... and the same under exact enumeration (data as a Vector)
+        return _take_exact(v, i)
     if not isinstance(v, (Batched, PerParticle)) and not isinstance(i, (Batched, PerParticle)):  # (is_batched)
         if isinstance(v, (list, tuple, str)):
             k = _int_index(i)
@@ -1063,6 +1067,71 @@ def _index(v, i, ctx: Particles):
         _check_range(_int_index(b), len(a))
         return a[b]
     return per_particle(one, (v, i), ctx)
+
+
+def _take(v, i: torch.Tensor, ctx: Particles):
+    """``v[i]`` for a vector of integer indices ``i`` that is the same at every particle
+    (data, such as a group label per observation): the vector ``[v[i[0]], v[i[1]], ...]``,
+    as NumPy's and Stan's integer-array indexing. A particle-batched ``v`` (one row per
+    particle) is indexed row by row."""
+    k = _integer_indices(i)
+    if isinstance(v, (list, tuple)):
+        if v and all(is_numeric(x) for x in v) and not any(isinstance(x, (Batched, PerParticle)) for x in v):
+            v = torch.as_tensor([float(x) for x in v], dtype=torch.get_default_dtype())
+        else:
+            _check_batched_range(k, len(v))
+            return [v[int(j)] for j in k]
+    if isinstance(v, torch.Tensor):
+        if v.dim() == 0:
+            raise PPLRuntimeError("cannot index a number")
+        _check_batched_range(k, v.shape[0])
+        return v[k.to(v.device)]
+    if isinstance(v, Batched):
+        t = rows(v, ctx)
+        if t.dim() < 2:
+            raise PPLRuntimeError("cannot index a number")
+        _check_batched_range(k, t.shape[1])
+        return Batched(t[:, k.to(t.device)], ctx.idx)
+    raise PPLRuntimeError(f"cannot index {describe(v)} with a vector of indices",
+                          hint="indexing by a vector of integers works on numeric vectors and lists")
+
+
+def _take_exact(v, i: Vector):
+    """``_take`` in the exact semantics: ``v[i]`` for a Vector of integer indices, a Vector
+    where ``v`` holds numbers (a list otherwise)."""
+    if any(isinstance(k, Vector) for k in i):
+        raise PPLRuntimeError(f"an index vector must be one-dimensional, got {describe(i)}")
+    if any(isinstance(k, bool) for k in i):
+        raise PPLRuntimeError(f"an index must be an integer or a vector of integers, got {describe(i)}",
+                              hint="to keep the rows where a test holds, use filter(lambda ..., xs)")
+    ks = []
+    for k in i:
+        if isinstance(k, float) and k.is_integer() or isinstance(k, Fraction) and k.denominator == 1:
+            k = int(k)
+        if not isinstance(k, int):
+            raise PPLRuntimeError(f"an index must be an integer or a vector of integers, got {describe(i)}")
+        ks.append(k)
+    if not isinstance(v, (list, tuple)):
+        raise PPLRuntimeError(f"cannot index {describe(v)} with a vector of indices",
+                              hint="indexing by a vector of integers works on numeric vectors and lists")
+    for k in ks:
+        _check_range(k, len(v))
+    out = [v[k] for k in ks]
+    return Vector(out) if all(is_numeric(x) for x in out) else out
+
+
+def _integer_indices(i: torch.Tensor) -> torch.Tensor:
+    """A vector of indices as integers (integral floats such as 0.0, 1.0 are accepted)."""
+    if i.dtype == torch.bool:
+        raise PPLRuntimeError(f"an index must be an integer or a vector of integers, got {describe(i)}",
+                              hint="to keep the rows where a test holds, use filter(lambda ..., xs)")
+    if i.is_floating_point():
+        if not bool((i == i.round()).all()):
+            raise PPLRuntimeError(f"an index must be an integer or a vector of integers, got {describe(i)}")
+        i = i.long()
+    if i.dim() != 1:
+        raise PPLRuntimeError(f"an index vector must be one-dimensional, got {describe(i)}")
+    return i
 
 
 def _gather(table: torch.Tensor, k: torch.Tensor, ctx) -> torch.Tensor:
