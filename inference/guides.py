@@ -84,18 +84,6 @@ class SiteInfo:
     def width(self) -> int:   # logits of a discrete site
         return self.numel * self.K
 
-    def describe(self) -> tuple:
-        """A plain description (for save/load compatibility checks)."""
-        if self.kind == "continuous":
-            return (self.addr, self.kind, tuple(self.shape), _support_name(self.support))
-        return (self.addr, self.kind, tuple(self.shape), self.K, self.low)
-
-
-def _support_name(c) -> str:
-    name = type(c).__name__
-    lo, hi = getattr(c, "lower_bound", None), getattr(c, "upper_bound", None)
-    bounds = [float(b) for b in (lo, hi) if b is not None]
-    return name + (str(tuple(bounds)) if bounds else "")
 
 
 class Layout:
@@ -119,10 +107,6 @@ class Layout:
         self.L = off
         self.observed = [(a, tuple(sh)) for a, sh in observed]
         self.F = sum(math.prod(sh) for _, sh in self.observed)
-
-    def signature(self) -> dict:
-        return {"sites": [list(s.describe()) for s in self.sites],
-                "observed": [[a, list(sh)] for a, sh in self.observed]}
 
     def features(self, observations: dict, n: int | None = None) -> torch.Tensor:
         """The feature matrix [S, F] of S data sets: ``observations`` maps each observe

@@ -43,6 +43,7 @@ import functools
 import torch
 
 from ..semantics.errors import PPLRuntimeError
+from ..semantics.options import OptionSpec
 from .importance import likelihood_weighting
 from .population import Optimum
 from .resampling import log_mean_exp
@@ -67,14 +68,8 @@ class SteerHandler(SMCHandler):
         return idx.repeat(K), new_lw.to(lw.dtype).repeat(K)
 
 
-def _positive_int(value, what: str) -> int:
-    try:
-        ok = not isinstance(value, bool) and float(value).is_integer() and value >= 1
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok:
-        raise PPLRuntimeError(f"{what} must be a positive integer (got {value!r})")
-    return int(value)
+#: the checks of the options ``smc_steer`` and ``best_of_n`` take (``semantics.options``)
+_POSITIVE_INT, _FRACTION = OptionSpec("int", low=1), OptionSpec("number", low=0, high=1)
 
 
 def smc_steer(interp, entry: str, data: dict, particles: int, expansion: int, device="cpu", *,
@@ -85,10 +80,8 @@ def smc_steer(interp, entry: str, data: dict, particles: int, expansion: int, de
     must have ``sample`` and ``select_without_replacement``; ``handler_cls`` substitutes
     a subclass of ``SteerHandler`` (to check a modified algorithm). ``progress``: as for
     ``smc``, a counter of checkpoints with the ESS of the particles*expansion slots."""
-    N = _positive_int(particles, "particles")
-    K = _positive_int(expansion, "expansion")
-    if not 0.0 <= float(ess_threshold) <= 1.0:
-        raise PPLRuntimeError(f"ess_threshold must be in [0, 1] (got {ess_threshold!r})")
+    N, K = _POSITIVE_INT.check("particles", particles), _POSITIVE_INT.check("expansion", expansion)
+    _FRACTION.check("ess_threshold", ess_threshold)
     cls = functools.partial(handler_cls or SteerHandler, expansion=K)
     pop = smc(interp, entry, data, N * K, device, ess_threshold=ess_threshold, randomness=randomness,
               handler_cls=cls, progress=progress, label="smc_steer")
@@ -117,7 +110,7 @@ def best_of_n(interp, entry: str, data: dict, particles: int, device="cpu", prog
     """N prior draws, scored by their total log weight: the best as an ``Optimum`` (one
     particle, its score, and the N draws' importance estimate of log Z). Ties go to the
     lowest index. ``progress``: as for ``importance.likelihood_weighting``."""
-    N = _positive_int(particles, "particles")
+    N = _POSITIVE_INT.check("particles", particles)
     pop = likelihood_weighting(interp, entry, data, N, device, at_checkpoint=_finite_scores, progress=progress,
                                label="best_of_n")
     best = int(torch.argmax(pop.log_weights))  # the first maximum

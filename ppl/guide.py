@@ -98,6 +98,19 @@ def _tensor_dict(v) -> bool:
     return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, torch.Tensor) for k, x in v.items())
 
 
+def _signature(layout) -> dict:
+    """The sites and observations of a guide's layout as plain data: a saved guide loads
+    only where the model and data give the same."""
+    def site(s):
+        if s.kind != "continuous":
+            return [s.addr, s.kind, tuple(s.shape), s.K, s.low]
+        c = s.support
+        bounds = [float(b) for b in (getattr(c, "lower_bound", None), getattr(c, "upper_bound", None))
+                  if b is not None]
+        return [s.addr, s.kind, tuple(s.shape), type(c).__name__ + (str(tuple(bounds)) if bounds else "")]
+    return {"sites": [site(s) for s in layout.sites], "observed": [[a, list(sh)] for a, sh in layout.observed]}
+
+
 #: the entries of a saved automatic guide and their types (``Guide.load`` checks them)
 GUIDE_FIELDS = {
     "entry": str, "family": (lambda v: v in FAMILIES, f"one of {', '.join(FAMILIES)}"),
@@ -137,7 +150,7 @@ class Guide(amortized.Guide):
         self._ready()
         enc = "auto" if self.encoder == "auto" else (None if self.encoder is None else "custom")
         blob = {"format": FORMAT, "entry": self.model.entry, "family": self.family, "encoder": enc,
-                "options": self.options, "sites": self.site_list, "signature": self.layout.signature(),
+                "options": self.options, "sites": self.site_list, "signature": _signature(self.layout),
                 "state": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
                 "history": list(self.history), "objectives": list(self.objectives),
                 "features_set": self.features_set, "template": _plain_data(self.template)}
@@ -174,10 +187,10 @@ class Guide(amortized.Guide):
                 flow_bins=o["flow_bins"], autoregressive=o["autoregressive"], sites=blob["sites"],
                 init_scale=o["init_scale"])
         g._build(template)
-        if g.layout.signature() != blob["signature"]:
+        if _signature(g.layout) != blob["signature"]:
             raise PPLError("the model's choices or observations differ from those the guide was trained for",
                            hint=f"trained for {blob['signature'].get('sites')}; this model and data give "
-                                f"{g.layout.signature()['sites']}")
+                                f"{_signature(g.layout)['sites']}")
         try:
             g.net.load_state_dict(blob["state"])
         except RuntimeError as e:
