@@ -44,16 +44,16 @@ import math
 
 import torch
 
-from ..semantics.distributed import (AT_CHECKPOINT, FINISHED, CollectiveError, Group, RankError, TransferPlan,
-                                     WeightSummary, agree_on_columns, exchange_rows, local_ancestors, local_summary,
-                                     shard_sizes, shared_uniforms, slot_ranges, GLOBAL_SCHEMES)
+from ..semantics import live_state
+from ..semantics.distributed import (AT_CHECKPOINT, FINISHED, CollectiveError, ColumnSpec, Group, RankError,
+                                     TransferPlan, WeightSummary, agree_on_columns, exchange_rows, local_ancestors,
+                                     local_summary, shard, shard_sizes, shared_uniforms, slot_ranges, GLOBAL_SCHEMES)
 from ..semantics.errors import PPLError, PPLRuntimeError, ZeroEvidenceError
-from ..semantics.sampling import Suspended, Weighting, column, drive
-from ..semantics.values import Particles
+from ..semantics.sampling import Weighting, column, drive
+from ..semantics.values import Lineage, Particles, lineage_scope
 from .chain_pool import chains_shared_with
 from .diagnostics import site_diagnostics
 from .population import Chains, Population
-from .resample_move import drive_rebuilding
 from .smc import SMCHandler, StepRecord
 
 
@@ -142,7 +142,12 @@ def distributed_importance(interp, entry: str, data: dict, particles: int, devic
 # ---------------------------------------------------------------------- SMC
 class DistributedSMCHandler(SMCHandler):
     """SMC's handler on one rank's shard: the checkpoint rule uses the global weights
-    (one status collective per checkpoint) and resamples globally."""
+    (one status collective per checkpoint) and resamples globally. Where particles move
+    between ranks, the run's live state moves with them (``semantics.live_state``); the
+    trace so far stays where it was made, in ``frozen`` (one set of rows per
+    resampling), with ``ancestry`` (the global ancestors of the slots this rank drew),
+    and rank 0 follows every final particle's line back through them at the end
+    (``assemble_sites``)."""
 
     def __init__(self, N: int, device, lineage, *, group: Group, total: int, shared: torch.Generator,
                  resampling: str = "systematic", ess_threshold: float = 1.0):
@@ -151,9 +156,14 @@ class DistributedSMCHandler(SMCHandler):
                                   hint=f"with distributed=True choose from: {', '.join(GLOBAL_SCHEMES)}")
         super().__init__(N, device, lineage, resampling=resampling, ess_threshold=ess_threshold)
         self.group, self.total, self.shared = group, total, shared
+        self.start = shard(total, group.size, group.rank)[0]
         self.checkpoints = 0
-        self.incoming = None  # the moved particles' columns, for the replay
         self.rows_moved = 0  # rows that crossed ranks, over the run (the plan is the same on every rank)
+        self.run = None  # the suspended run (its generator), whose live state moves
+        self.data: dict = {}  # the run's data: the same on every rank, never compared
+        self.frozen: list[dict] = []  # per resampling: the sites recorded before it (rows of that population)
+        self.ancestry: list[tuple] = []  # per resampling: (first slot drawn here, their global ancestors)
+        self.state_moves = 0  # resamplings whose live state moved between ranks
 
     def _local_stats(self, eff) -> tuple[float, float, float]:
         """(m, s, q) of this shard, after the pending NaN test of an observe
@@ -178,7 +188,9 @@ class DistributedSMCHandler(SMCHandler):
                                   "one process")
         self.checkpoints += 1
         m, s, q = self._local_stats(eff)
-        rows = self.group.status(AT_CHECKPOINT, self.checkpoints, m, s, q, where=eff.addr)
+        # resampling for sure (threshold 1): the live state's digest rides on the status collective
+        digest = self._walk_ahead(eff) if self.ess_threshold >= 1.0 and self.group.size > 1 else 0.0
+        rows = self.group.status(AT_CHECKPOINT, self.checkpoints, m, s, q, where=eff.addr, extra=digest)
         summary = WeightSummary.combine([r[2:5] for r in rows], self.total)
         if not math.isfinite(summary.M):
             raise ZeroEvidenceError("every particle has weight zero at this checkpoint (on every rank)", eff.span,
@@ -192,12 +204,31 @@ class DistributedSMCHandler(SMCHandler):
             lme = 0.0
         self.history.append(StepRecord(eff.addr, ess, resample, self.log_z + lme))
         if resample:
-            self._resample_globally(summary, eff)
+            self._resample_globally(summary, eff, [r[6] for r in rows])
+        self._walked = None
 
-    def _resample_globally(self, summary: WeightSummary, eff) -> None:
-        """Draw this rank's slots (``semantics.distributed``), then either append them to
-        the lineage (every new particle is one of ours) or move the rows and suspend the
-        run for the replay (``Suspended``: ``distributed_smc`` rebuilds the shard)."""
+    _walked = None  # (walk, problem, digest) of the live state, found before the status collective
+
+    def _walk_ahead(self, eff) -> float:
+        """Set the trace aside and walk the live state before the status collective, so
+        that the ranks compare their states' digests on the way (-1: this rank's state
+        cannot move)."""
+        self._freeze_trace()
+        found, problem = self._walk(eff)
+        self._walked = (found, problem)
+        return float(found.digest()) if found is not None else -1.0
+
+    def _walk(self, eff):
+        roots = [("run", self.run), ("effect", eff), ("twist", self._twist)]
+        try:
+            return live_state.walk(roots, self.lineage, self.data), None
+        except live_state.CannotMove as err:
+            return None, err
+
+    def _resample_globally(self, summary: WeightSummary, eff, digests: list) -> None:
+        """Draw this rank's slots (``semantics.distributed``); set the trace so far aside
+        (``frozen``, ``ancestry``); then either append the ancestors to the lineage (no
+        particle crosses a rank boundary) or move the live state's rows."""
         group = self.group
         v = shared_uniforms(self.resampling, self.total, self.shared)
         ranges = slot_ranges(summary, v)
@@ -205,18 +236,117 @@ class DistributedSMCHandler(SMCHandler):
         drawn = local_ancestors(self.log_weights, summary, group.rank, v, *ranges[group.rank])
         self.rows_moved += plan.rows_moved()
         self.log_weights = torch.zeros_like(self.log_weights)
-        device = self.log_weights.device
+        if self._walked is None:
+            self._freeze_trace()
+        self.ancestry.append((ranges[group.rank][0], drawn + self.start))
         if not plan.moves:
-            self.lineage.resample(drawn.to(device))
+            self.lineage.resample(drawn.to(self.log_weights.device))
             return
-        columns = {a: v for a, (v, _) in self.trace.sites().items()}
-        specs = agree_on_columns(group, columns)
-        moved = exchange_rows(group, plan, columns, specs, drawn)
-        if plan.self_contained(group.rank):
-            self.lineage.resample(drawn[plan.rows(group.rank, group.rank)].to(device))
-            return
-        self.incoming = {a: col.to(device) for a, col in moved.items()}
-        raise Suspended(eff)
+        self._move_live_state(plan, drawn, eff, digests)
+        self.state_moves += 1
+
+    def _freeze_trace(self) -> None:
+        """The sites recorded since the last resampling, as rows of the population now
+        (before this resampling): they stay here; rank 0 resolves them at the end."""
+        self.frozen.append(self.trace.sites())
+        self.trace.parts.clear()
+
+    def _move_live_state(self, plan: TransferPlan, drawn: torch.Tensor, eff, digests: list) -> None:
+        """Every per-particle value the suspended run holds gets the rows of its new
+        particles, wherever they were drawn (``semantics.live_state``: walk, agree on
+        the columns with the other ranks, exchange the rows, install them)."""
+        group = self.group
+        if self._walked is not None:
+            (found, problem), self._walked = self._walked, None
+        else:
+            (found, problem), digests = self._walk(eff), None
+        agreed = live_state.agree(_gather_views(group, found, problem, digests))
+        device = self.log_weights.device
+        cols = live_state.columns(found, agreed, self.N, device)
+        specs = [ColumnSpec(name, col.dtype, tuple(col.shape[1:])) for name, col in _column_order(agreed, cols)]
+        moved = exchange_rows(group, plan, cols, specs, drawn)
+        live_state.install(found, agreed, {k: c.to(device) for k, c in moved.items()}, self.lineage)
+
+
+def _column_order(agreed: list, cols: dict) -> list:
+    """(name, this rank's rows) of the moved columns, in the agreed order."""
+    out = []
+    for col in agreed:
+        if col.alias:
+            continue
+        out.append((col.path, cols[col.path]))
+        if col.presence:
+            out.append((col.path + " present", cols[col.path + " present"]))
+    return out
+
+
+def _gather_views(group: Group, found, problem, digests: list | None = None) -> list:
+    """Every rank's view of its live state: when every rank's digest (``digests``, from
+    the status collective, or one all_gather here) is the same (the usual case), this
+    rank's view for all; else the views themselves; a rank whose walk failed makes
+    every rank raise its error."""
+    view = None if found is None else found.view()
+    code = -1 if found is None else found.digest()
+    if digests is None:
+        digests = group.all_gather(torch.tensor([code], dtype=torch.int64), what="live state digests")
+    if code != -1 and all(int(c) == code for c in digests):
+        return [view] * group.size
+    views = group.all_gather_object(view if problem is None else ("cannot move", problem.message, problem.hint),
+                                    what="live states")
+    for v in views:
+        if isinstance(v, tuple) and v and v[0] == "cannot move":
+            raise live_state.CannotMove(v[1], hint=v[2])
+    return views
+
+
+def assemble_sites(parts: list, sizes: list[int]) -> dict:
+    """Rank 0: the sites of the final global population from every rank's (frozen sites
+    per resampling, final sites, ancestry): the global ancestors of resampling g are the
+    ranks' drawn slots in slot order; a site recorded before resampling g is read
+    through the ancestors of resamplings g, g+1, ... (composed backwards once, as the
+    lineage does in one process)."""
+    G = len(parts[0][0])
+    ancestors = []
+    for g in range(G):
+        pieces = sorted((p[2][g] for p in parts), key=lambda piece: piece[0])
+        ancestors.append(torch.cat([a for _, a in pieces]).long())
+    lines: list = [None] * G  # lines[g]: each final particle's ancestor before resampling g
+    acc = None
+    for g in range(G - 1, -1, -1):
+        acc = ancestors[g] if acc is None else ancestors[g].index_select(0, acc)
+        lines[g] = acc
+    final = merge_sites([p[1] for p in parts], sizes)
+    out = {"return": final.pop("return")} if "return" in final else {}
+    for g in range(G):
+        for a, (col, present) in merge_sites([p[0][g] for p in parts], sizes).items():
+            _add_site(out, a, _select_rows(col, lines[g]), None if present is None else present[lines[g]])
+    for a, (col, present) in final.items():
+        _add_site(out, a, col, present)
+    return out
+
+
+def _select_rows(col, sel: torch.Tensor):
+    if isinstance(col, torch.Tensor):
+        return col.index_select(0, sel)
+    return [col[i] for i in sel.tolist()]
+
+
+def _add_site(out: dict, addr: str, col, present) -> None:
+    """``out[addr]``; an address recorded in two periods (by different particles) is
+    one column, each particle's value where it has one."""
+    if addr not in out:
+        out[addr] = (col, present)
+        return
+    old, was = out[addr]
+    n = len(col)
+    was = torch.ones(n, dtype=torch.bool) if was is None else was
+    now = torch.ones(n, dtype=torch.bool) if present is None else present
+    if isinstance(old, torch.Tensor) and isinstance(col, torch.Tensor):
+        merged = torch.where(now.reshape(-1, *([1] * (col.dim() - 1))), col.to(old.dtype), old)
+    else:
+        merged = [c if p else o for o, c, p in zip(list(old), list(col), now.tolist())]
+    both = was | now
+    out[addr] = (merged, None if bool(both.all()) else both)
 
 
 def distributed_smc(interp, entry: str, data: dict, particles: int, device, group: Group,
@@ -232,12 +362,13 @@ def distributed_smc(interp, entry: str, data: dict, particles: int, device, grou
     try:
         h = DistributedSMCHandler(n, device, None, group=group, total=particles, shared=shared,
                                   resampling=resampling, ess_threshold=ess_threshold)
-
-        def arrived():  # particles arrived from other ranks: rebuild the shard from their traces
-            incoming, h.incoming = h.incoming, None
-            return incoming
-
-        sites = drive_rebuilding(interp, entry, data, h, n, device, arrived)
+        ctx = Particles.all(n, device)
+        with lineage_scope(Lineage(ctx.idx)) as h.lineage:
+            h.run = interp.run(entry, data, ctx)
+            h.data = data
+            ret = drive(h.run, h)
+            final = {"return": (column(ret, ctx), None), **h.trace.sites()}
+        h.run = None
         group.status(FINISHED, h.checkpoints, where="end of the run")
     except BaseException as err:
         if not _reported(err) and not isinstance(err, ZeroEvidenceError):
@@ -245,8 +376,36 @@ def distributed_smc(interp, entry: str, data: dict, particles: int, device, grou
         raise
     lw = h.log_weights + h.log_z
     extra = {"history": h.history, "resampling": resampling, "ess_threshold": ess_threshold,
-             "rows_moved": h.rows_moved}
-    return gather_population(group, label, sites, lw, extra, sizes)
+             "rows_moved": h.rows_moved, "state_moves": h.state_moves}
+    got = group.gather_object((_cpu_sites(h.frozen), _cpu_sites([final])[0], h.ancestry, lw.detach().cpu()),
+                              what="gather the particles on rank 0")
+    if not group.is_root:
+        return None
+    got = [(_from_numpy(frozen), _from_numpy([final])[0], ancestry, w) for frozen, final, ancestry, w in got]
+    sites = assemble_sites(got, sizes)
+    lw = torch.cat([g[3].double() for g in got])
+    return Population(label, sites, lw, {**extra, "ranks": group.size, "shard_sizes": sizes})
+
+
+def _cpu_sites(per_period: list[dict]) -> list[dict]:
+    """Sites as numpy arrays for the gather (a numpy array pickles ~10x faster than a
+    tensor: many small columns)."""
+    return [{a: (_to_numpy(v), None if p is None else _to_numpy(p)) for a, (v, p) in sites.items()}
+            for sites in per_period]
+
+
+def _to_numpy(v):
+    return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) and v.dtype != torch.bfloat16 else v
+
+
+def _from_numpy(per_period: list[dict]) -> list[dict]:
+    return [{a: (_as_tensor(v), None if p is None else _as_tensor(p)) for a, (v, p) in sites.items()}
+            for sites in per_period]
+
+
+def _as_tensor(v):
+    import numpy as np
+    return torch.from_numpy(v) if isinstance(v, np.ndarray) else v
 
 
 # ---------------------------------------------------------------------- chains across ranks

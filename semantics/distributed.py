@@ -148,13 +148,14 @@ class Group:
 
     # -- the status collective: one per checkpoint, and at the end
     def status(self, phase: float, count: int, m: float = -math.inf, s: float = 0.0, q: float = 0.0,
-               where: str = "") -> list[tuple]:
-        """Every rank's (phase, count, m, s, q, code of ``where``), in rank order. Raises
+               where: str = "", extra: float = 0.0) -> list[tuple]:
+        """Every rank's (phase, count, m, s, q, code of ``where``, ``extra``), in rank
+        order (``extra``: a number the caller shares on the way, e.g. a digest). Raises
         (on every rank alike) when a rank failed (its message is gathered and re-raised on
         the others) or when the ranks are not all at the same point: phase, count and
         ``where`` (a checkpoint's address, with its call path and loop indices)."""
         code = float(zlib.crc32(where.encode()))  # (exact in a float64)
-        row = torch.tensor([phase, float(count), m, s, q, code], dtype=torch.float64)
+        row = torch.tensor([phase, float(count), m, s, q, code, float(extra)], dtype=torch.float64)
         rows = [tuple(r.tolist()) for r in self.all_gather(row, what=f"status ({where or 'checkpoint'})")]
         failed = [r for r, x in enumerate(rows) if x[0] == FAILED]
         if failed:

@@ -172,6 +172,20 @@ class Lineage:
         self._live.append(0)
         self._suffixes, self._suffix_epoch = [], -1  # stale from now on: free it
 
+    def renew(self, values: list) -> None:
+        """After a move the ancestor arrays cannot express (``Batched._relocate``: rows
+        from other ranks), with ``values`` every live value of this lineage given its new
+        rows: a new epoch whose ancestor array is invalid (index N), so a value that was
+        not relocated fails when read instead of reading wrong rows; ``values`` are
+        counted in it as current."""
+        epoch = len(self.ancestors)
+        self.resample(torch.full((self.N,), self.N, dtype=torch.long, device=self.full_idx.device))
+        for v in values:
+            if v._lin is self and v._ep == epoch:
+                self._live[epoch] -= 1
+                v._ep = epoch + 1
+                self._live[-1] += 1
+
     def _compact(self) -> None:
         """Free the ancestor arrays older than every live value."""
         live, base, epoch = self._live, self._base, len(self.ancestors)  # (= self.epoch)
@@ -284,6 +298,13 @@ class Batched(_PerParticleValue):
 
     def _select(self, sel):
         self._t = self._t.index_select(0, sel)  # = self._t[sel] (sel: 1-D long), faster
+
+    def _relocate(self, t: torch.Tensor, idx: torch.Tensor) -> None:
+        """New rows ``t`` for the particles ``idx``, replacing the value's rows caught up
+        to the lineage's current epoch: a move the lineage cannot express (rows that came
+        from other ranks: ``semantics.live_state``; then ``Lineage.renew``)."""
+        self._fresh()
+        self._t, self._idx = t, idx
 
     @property
     def t(self) -> torch.Tensor:

@@ -166,6 +166,69 @@ def chains_job(group: D.Group) -> dict:
     return out
 
 
+#: the state a list that grows (a row per past step moves with each particle) and the
+#: checkpoint inside a called function (nested frames); the Kalman filter's answer
+LIST_SSM = """
+def step(prev, y, a):
+    x ~ normal(a * prev, 1.0)
+    observe y ~ normal(x, 0.7)
+    return x
+
+def main(ys):
+    xs = [0.0]
+    a = 0.8
+    for t in range(len(ys)):
+        xs = xs + [step(xs[-1], ys[t], a)]
+    return xs[-1]
+"""
+
+#: a per-particle string alive at a resampling that moves particles: cannot move
+UNMOVABLE = """
+def main():
+    z ~ flip(0.5)
+    s = "heads" if z else "tails"
+    observe 1.0 ~ normal(3.0 if z else 0.0, 1.0)
+    return s
+"""
+
+
+def live_job(group: D.Group) -> dict:
+    """Distributed SMC moving the live state (``semantics.live_state``): the list-state
+    SSM and BRANCHY (4 seeds each), with the number of program runs each rank started
+    (1 per SMC run: no replay) and how many resamplings moved the state; then the
+    unmovable model's error on every rank."""
+    from ppl.semantics.interpreter import Interpreter
+    runs = [0]
+    original = Interpreter.run
+
+    def counted(self, *args, **kwargs):
+        runs[0] += 1
+        return original(self, *args, **kwargs)
+    Interpreter.run = counted
+    out = {}
+    try:
+        for key, source, data, n in (("list_ssm", LIST_SSM, {"ys": SSM_YS}, 601), ("branchy", BRANCHY, {"y": 1.5}, 801)):
+            reps = []
+            for rep in range(4):
+                before = runs[0]
+                res = ppl.model(source).run("smc", data, particles=n, seed=300 + rep, distributed=True)
+                started = group.all_gather_object(runs[0] - before)
+                if group.is_root:
+                    reps.append({"log_evidence": res.log_evidence, "mean": res.mean(), "runs_per_rank": started,
+                                 "state_moves": res.extra["state_moves"], "rows_moved": res.extra["rows_moved"],
+                                 "sites": sorted(res.sites), "n": res.n})
+            out[key] = reps
+    finally:
+        Interpreter.run = original
+    try:
+        ppl.model(UNMOVABLE).run("smc", {}, particles=400, seed=2, distributed=True)
+        error = None
+    except ppl.PPLError as err:
+        error = str(err)
+    out["unmovable"] = group.all_gather_object(error)
+    return out
+
+
 #: rank 1's data send its particles down the other branch: both ranks reach their first
 #: checkpoint together, at different observes
 DIVERGING = """
@@ -217,7 +280,7 @@ def hang_job(group: D.Group) -> dict:
     return {}
 
 
-JOBS = {"law": law_job, "runs": runs_job, "chains": chains_job, "raise": raise_job, "diverge": diverge_job, "kill": kill_job, "hang": hang_job}
+JOBS = {"law": law_job, "runs": runs_job, "live": live_job, "chains": chains_job, "raise": raise_job, "diverge": diverge_job, "kill": kill_job, "hang": hang_job}
 
 
 def main() -> None:
