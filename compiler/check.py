@@ -70,6 +70,21 @@ def _takes(lo: int, hi: Optional[int]) -> str:
     return f"{lo} to {n(hi)}"
 
 
+
+#: names users bring from Stan, PyMC, NumPyro and WebPPL that ppl spells differently (the
+#: hint for an unknown name; names difflib finds on its own, e.g. ``Normal``, are left out)
+_OTHER_PPLS = {
+    **dict.fromkeys(("uniform_int", "randint", "random_integer", "randomInteger", "discrete_uniform",
+                     "DiscreteUniform", "categorical_uniform"),
+                    "an integer drawn uniformly from lo..hi: `uniform_draw(range(lo, hi + 1))`"),
+    "uniformDraw": "did you mean 'uniform_draw'?",
+    **dict.fromkeys(("multi_normal", "MultivariateNormal", "multivariate_normal", "mvn"),
+                    "did you mean 'mv_normal'?"),
+    **dict.fromkeys(("inv_gamma", "InverseGamma"), "did you mean 'inverse_gamma'?"),
+    **dict.fromkeys(("lkj_corr_cholesky", "LKJCholesky"), "did you mean 'lkj_cholesky'?"),
+    **dict.fromkeys(("neg_binomial", "neg_binomial_2", "NegativeBinomial"), "did you mean 'negative_binomial'?"),
+}
+
 class _Checker:
     def __init__(self, program: ir.Program, globals: Mapping[str, Arity], entry: Optional[str] = None):
         self.program = program
@@ -144,7 +159,7 @@ class _Checker:
             self.name(e.name, e)
             if not any(e.name in s for s in scopes):
                 visible = set().union(*scopes)
-                self.fail(f"unknown name '{e.name}'", e, did_you_mean(e.name, visible)
+                self.fail(f"unknown name '{e.name}'", e, _OTHER_PPLS.get(e.name) or did_you_mean(e.name, visible)
                           or "assign it, draw it with '~', or pass it in as a parameter")
             return
         if isinstance(e, ir.Lambda):

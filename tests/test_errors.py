@@ -436,3 +436,18 @@ def test_no_raw_python_exception_escapes(src, method):
         text = str(err)
         assert text.startswith(f"{FILE}:") or isinstance(err, ZeroEvidenceError), text
         assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("name, hint", [
+    ("uniform_int", "`uniform_draw(range(lo, hi + 1))`"),
+    ("randint", "`uniform_draw(range(lo, hi + 1))`"),
+    ("inv_gamma", "did you mean 'inverse_gamma'?"),
+    ("multi_normal", "did you mean 'mv_normal'?"),
+    ("neg_binomial_2", "did you mean 'negative_binomial'?"),
+])
+def test_names_from_other_ppls_get_ppls_spelling(name, hint):
+    """A distribution spelled as Stan, PyMC, NumPyro or WebPPL spell it gets ppl's name in
+    the hint (difflib alone suggested 'uniform' for 'uniform_int')."""
+    with pytest.raises(PPLError) as e:
+        ppl.model(f"def f():\n    x ~ {name}(1, 2)\n    return x\n")
+    assert f"unknown name '{name}'" in str(e.value) and hint in str(e.value)
