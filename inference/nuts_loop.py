@@ -1,9 +1,12 @@
 """One whole NUTS transition -- every leaf of every doubling, all chains -- as ONE compiled
-program: the tree-building loops are ``torch._higher_order_ops.while_loop`` (a loop over
-doublings around a loop over the leaves of a sub-tree), compiled by TorchInductor with its
-C++ wrapper, so the loops themselves run in C++ and Python is entered once per transition
-(as XLA runs NumPyro's iterative NUTS). ``inference.hmc`` uses it for a potential that
-offers its recorded ATen graph and runs on Inductor (``PPL_NUTS_FUSED``).
+program: ``transition`` writes the tree-building loops with
+``torch._higher_order_ops.while_loop`` (a loop over doublings around a loop over the leaves
+of a sub-tree, per-chain masks); ``CompiledTransition`` runs the same loops in C++
+(``inference.nuts_native``) around the potential compiled by AOTInductor, so Python is
+entered once per transition (as XLA runs NumPyro's iterative NUTS). (The loops compiled
+by AOTInductor as ``while_loop`` cost 3-4x more per leaf: the generated code allocates
+every carried tensor at every leaf.) ``inference.hmc`` uses it for a potential that offers
+its recorded ATen graph and runs on Inductor (``PPL_NUTS_FUSED``).
 
 The kernel is ``hmc.nuts_step``'s: the same trajectory from the same momentum and
 directions, the same U-turn checks (Stan's, with the checks across merged sub-trees), the
@@ -222,9 +225,8 @@ def transition(evaluate_at, z, logp, grad, p0, u, u_leaf, step, inv_mass, fresh,
 # -- the compiled program -------------------------------------------------------------
 
 class CompiledTransition:
-    """``transition`` with a potential's recorded ATen graph inside, recorded with
-    ``make_fx`` (the loops stay loops: ``while_loop`` is traced as one operation with its
-    body as a sub-graph) and compiled by TorchInductor with its C++ wrapper. Built by
+    """``transition``'s loops in C++ (``inference.nuts_native``) around the potential's
+    recorded ATen graph compiled by AOTInductor into a shared library. Built by
     ``build``, which checks it against ``transition`` run eagerly on the potential's own
     ``value_and_grad`` before it is used. A call returns the transition's outputs, or None
     where the eager kernel must make this transition (an invalid parameter in some chain,
@@ -241,45 +243,41 @@ class CompiledTransition:
     @classmethod
     def build(cls, evaluate_graph, graph_args: tuple, evaluate_eager, z, logp, grad, inv_mass,
               max_tree_depth: int, potential_graph=None):
-        """Record and compile the transition for chains at (z, logp, grad) [C, D] and a
-        metric of ``inv_mass``'s shape. ``evaluate_graph(z, *graph_args) -> (logp, grad,
-        valid)``: the potential's graph (non-finite values already mapped as
-        ``hmc.evaluate`` maps them); ``evaluate_eager(z) -> (logp, grad)``: the potential
-        itself, for the check. ``potential_graph``: the potential's recorded graph, to mark
-        the program compiled for it (``compiled_before``). Raises where it cannot be built
-        or disagrees."""
-        from torch._guards import TracingContext, tracing
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.fx.experimental.proxy_tensor import make_fx
-        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+        """The transition for chains at (z, logp, grad) [C, D] and a metric of
+        ``inv_mass``'s shape: ``transition``'s loops in C++ (``inference.nuts_native``)
+        around the potential compiled by AOTInductor into a shared library. ``evaluate_graph(z,
+        *graph_args) -> (logp, grad, valid)``: the potential's graph (non-finite values
+        already mapped as ``hmc.evaluate`` maps them), recorded with ``make_fx`` and
+        compiled; ``evaluate_eager(z) -> (logp, grad)``: the potential itself, for the check
+        against ``transition`` run eagerly. ``potential_graph``: the potential's recorded
+        graph, to mark the library compiled for it (``compiled_before``: the next build
+        loads it without recording). Raises where it cannot be built or disagrees."""
+        import threading
+
+        from . import nuts_native
 
         K = max_tree_depth
         if z.device.type != "cpu":
             raise ValueError("the compiled transition runs on the CPU only")
-
-        def program(z, logp, grad, p0, u, u_leaf, step, inv_mass, fresh, *args):
-            return transition(lambda x: evaluate_graph(x, *args), z, logp, grad, p0, u, u_leaf, step, inv_mass,
-                              fresh, K)
-
+        native = threading.Thread(target=nuts_native.load)  # (the C++ compiler, once per machine,
+        native.start()                                      # while the potential compiles)
         C = z.shape[0]
         marker = None if potential_graph is None else _marker_path(potential_graph, graph_args, inv_mass, K)
+        library = constants = None
         if marker is not None:  # built before for this graph: load it without recording it again
             try:
-                runner, constants = _load_recorded(marker, potential_graph)
-                built = cls(lambda *a: runner.run([*a, *constants]), C, K, z.device)
-                built._check(evaluate_eager, graph_args, z, logp, grad, inv_mass)
-                return built
+                library, constants = _load_recorded(marker, potential_graph)
             except Exception:  # noqa: BLE001 - record and compile it as the first time
-                pass
-        example = _example(z, logp, grad, inv_mass, K, seed=0)
-        inputs = (*example, *graph_args)
-        # one fake-tensor mode with a shape environment for the whole recording (Inductor's
-        # lowering of while_loop asks for it)
-        with tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True, shape_env=ShapeEnv()))):
-            gm = make_fx(program)(*inputs)
-        constants = _lift_constants(gm)  # the data: inputs, so that the program does not depend on it
-        runner, library = _load_or_compile(gm, (*inputs, *constants))
-        built = cls(lambda *a: runner.run([*a, *constants]), C, K, z.device)
+                library = None
+        if library is None:
+            library, constants = _compile_potential(evaluate_graph, z, graph_args)
+        native.join()
+        nuts_native.load()  # (raises here where the thread's build failed)
+
+        def run(z, logp, grad, p0, u, u_leaf, step, inv_mass, fresh, *args):
+            return nuts_native.transition_native(library, z, logp, grad, p0, u, u_leaf, step, inv_mass,
+                                                 int(fresh), K, (*args, *constants))
+        built = cls(run, C, K, z.device)
         built._check(evaluate_eager, graph_args, z, logp, grad, inv_mass)
         if marker is not None:
             _mark(marker, library, _constant_names(potential_graph, constants))
@@ -373,11 +371,27 @@ def _lift_constants(gm: torch.fx.GraphModule) -> list:
     return constants
 
 
-def _load_or_compile(gm: torch.fx.GraphModule, inputs: tuple):
-    """The graph compiled by AOTInductor into a shared library, loaded: from the cache
+def _compile_potential(evaluate_graph, z, graph_args: tuple):
+    """(the shared library of ``evaluate_graph(z, *graph_args, *constants)``, its constants):
+    the potential recorded with ``make_fx`` (fake mode with a shape environment), its data
+    lifted to inputs, compiled by AOTInductor (or loaded from the cache)."""
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    def program(z, *args):
+        return evaluate_graph(z, *args)
+    with tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True, shape_env=ShapeEnv()))):
+        gm = make_fx(program)(z.contiguous(), *graph_args)
+    constants = _lift_constants(gm)
+    return _load_or_compile(gm, (z.contiguous(), *graph_args, *constants)), constants
+
+
+def _load_or_compile(gm: torch.fx.GraphModule, inputs: tuple) -> str:
+    """The path of the graph compiled by AOTInductor into a shared library: from the cache
     (``_artifact_path``: a previous process compiled the same graph for inputs of the same
-    shapes; loading takes milliseconds) or compiled now (seconds of Python, then the C++
-    compiler) and stored there."""
+    shapes) or compiled now (seconds of Python, then the C++ compiler) and stored there."""
     import warnings
 
     import torch._inductor
@@ -390,14 +404,16 @@ def _load_or_compile(gm: torch.fx.GraphModule, inputs: tuple):
             built = torch._inductor.aot_compile(gm, tuple(inputs), options={"aot_inductor.output_path": partial,
                                                                              **_vector_width()})
         os.replace(built, path)  # (atomic: another process sees the whole library or none)
-    return torch._C._aoti.AOTIModelContainerRunnerCpu(path, 1), path
+    return path
 
 
 def compiled_before(potential_graph: torch.fx.GraphModule, graph_args: tuple, inv_mass, max_tree_depth: int) -> bool:
     """Whether a previous build compiled the transition around this potential graph (its
     code and its constants' shapes: the data's values do not matter) for these shapes:
-    ``build`` then loads the library from the cache instead of compiling it."""
-    return os.path.exists(_marker_path(potential_graph, graph_args, inv_mass, max_tree_depth))
+    ``build`` then loads the library from the cache instead of compiling it (and the C++
+    loops of ``inference.nuts_native`` are built on this machine)."""
+    from . import nuts_native
+    return os.path.exists(_marker_path(potential_graph, graph_args, inv_mass, max_tree_depth)) and nuts_native.built()
 
 
 def _marker_path(potential_graph, graph_args, inv_mass, max_tree_depth: int) -> str:
@@ -406,6 +422,8 @@ def _marker_path(potential_graph, graph_args, inv_mass, max_tree_depth: int) -> 
     digest.update(f"{torch.__version__}|{max_tree_depth}|{tuple(inv_mass.shape)}|".encode())
     with open(__file__, "rb") as source:
         digest.update(source.read())
+    from . import nuts_native
+    digest.update(nuts_native.SOURCE.encode())  # (a change of the loops or the graph: another marker)
     digest.update(potential_graph.code.encode())
     for node in potential_graph.graph.nodes:  # the shapes of the constants it reads
         if node.op == "get_attr":
@@ -443,7 +461,7 @@ def _constant_names(potential_graph, constants: list) -> list | None:
 
 
 def _load_recorded(marker: str, potential_graph):
-    """(the loaded library, its constant inputs taken from the potential's graph) from a
+    """(the library's path, its constant inputs taken from the potential's graph) from a
     marker; raises where the marker does not name them (the caller records it again; a
     wrong library would also fail the check that follows)."""
     with open(marker) as f:
@@ -451,7 +469,7 @@ def _load_recorded(marker: str, potential_graph):
     if entry.get("constants") is None or not os.path.exists(entry["library"]):
         raise LookupError("no library to load")
     constants = [_attribute(potential_graph, name) for name in entry["constants"]]
-    return torch._C._aoti.AOTIModelContainerRunnerCpu(entry["library"], 1), constants
+    return entry["library"], constants
 
 
 def _attribute(module, target: str):

@@ -277,3 +277,48 @@ def test_second_build_loads_the_library_without_recording(compiled, monkeypatch)
     state = init_state(target, torch.randn(C, D, dtype=F64, generator=torch.Generator().manual_seed(3)))
     again = hmc._compiled_transition(target, metric, K, state)
     assert isinstance(again, nuts_loop.CompiledTransition) and again is not built
+
+
+def test_marker_changes_with_the_native_loops_and_the_graph(monkeypatch):
+    """The cache marker a build is found by names the potential graph AND the C++ loops'
+    source (``nuts_native.SOURCE``): changing either gives another marker, so that no
+    process loads a library built for other code."""
+    from ppl.inference import nuts_native
+    C, D, K = 4, 3, 6
+    target = Gaussian(_precision(D), C)
+    inv = torch.ones(C, D, dtype=F64)
+    key = nuts_loop._marker_path(target.gm, target.graph_inputs(), inv, K)
+    assert nuts_loop._marker_path(target.gm, target.graph_inputs(), inv, K) == key
+    monkeypatch.setattr(nuts_native, "SOURCE", nuts_native.SOURCE + "\n// changed")
+    assert nuts_loop._marker_path(target.gm, target.graph_inputs(), inv, K) != key
+    monkeypatch.undo()
+    other = Gaussian(_precision(D, seed=1), C)
+    other.gm = make_fx(lambda z, beta: (other._graph(z, beta)[0] * 2.0, *other._graph(z, beta)[1:]))(
+        torch.zeros(C, D, dtype=F64), torch.tensor(1.0, dtype=F64))
+    assert nuts_loop._marker_path(other.gm, other.graph_inputs(), inv, K) != key
+    assert nuts_loop._marker_path(target.gm, target.graph_inputs(), torch.ones(C, D, D, dtype=F64), K) != key
+
+
+def test_native_transition_matches_the_eager_loop(compiled):
+    """The C++ loops (``nuts_native``) around the compiled potential give ``transition``'s
+    outputs run eagerly from the same inputs, on fresh random numbers, including deep
+    trees (small steps) and divergent ones (large steps)."""
+    target, built, K = compiled
+    C, D = 4, 5
+    g = torch.Generator().manual_seed(21)
+    state = init_state(target, torch.randn(C, D, dtype=F64, generator=g))
+    L = 1 << (K - 1)
+    depths, divergent = [], []
+    for step in (torch.full((C,), 0.02, dtype=F64), torch.tensor([0.3, 0.9, 3.0, 12.0], dtype=F64)):
+        p0 = torch.randn(C, D, dtype=F64, generator=g)
+        u = torch.rand(3 * K, C, dtype=F64, generator=g)
+        u_leaf = torch.rand(L, C, dtype=F64, generator=g)
+        inv = torch.rand(C, D, dtype=F64, generator=g) + 0.5
+        args = (state.z, state.logp, state.grad, p0, u, u_leaf, step, inv, torch.tensor(L))
+        fast = built.run(*args, *target.graph_inputs())
+        slow = nuts_loop.transition(_eager(target), *args, K, loop=nuts_loop.python_loop)
+        depths.append(int(fast[7].max())), divergent.append(bool(fast[5].any()))
+        for f, e in zip(fast, slow):
+            assert f.dtype == e.dtype and f.shape == e.shape
+            assert torch.equal(f, e) if f.dtype in (torch.bool, torch.int64) else torch.allclose(f, e, rtol=1e-9, atol=1e-12)
+    assert depths[0] >= 4 and divergent == [False, True]

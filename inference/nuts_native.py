@@ -1,0 +1,380 @@
+"""``nuts_loop.transition`` written once more in C++: the loops over doublings and leaves run
+over plain arrays, with every buffer allocated once per transition, and call the
+potential's own compiled program (an AOTInductor library of ``evaluate_at``: log density,
+gradient, parameters valid?) once per batched leaf.
+
+Why: the same loops as a ``while_loop`` compiled by AOTInductor allocate every carried
+and intermediate tensor anew at every leaf and run fused kernels on tiny masked vectors;
+on eight schools (4 chains, 10 dimensions) most of a leaf's time went to malloc/free and
+tensor handles. Here a leaf costs one call of the potential's library plus a few hundred
+floating-point operations.
+
+The C++ is built once per machine and source version with ``torch.utils.cpp_extension``
+(no Python module: a ``torch.ops.ppl_nuts.transition`` operator), into the torch
+extensions directory; later processes load the built library in milliseconds.
+
+Contract (``transition_native``): the same inputs and outputs as ``nuts_loop.transition``
+(``evaluate_at`` being the library's program), the same arithmetic in the same order up
+to the summation order of inner products: ``nuts_loop.CompiledTransition`` checks it
+against ``nuts_loop.transition`` run eagerly before it is used.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+SOURCE = r"""
+#include <ATen/ATen.h>
+#include <torch/library.h>
+#include <torch/csrc/inductor/aoti_runner/model_container_runner_cpu.h>
+
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+constexpr double MAX_DELTA_ENERGY = 1000.0;
+constexpr double INF = std::numeric_limits<double>::infinity();
+
+torch::inductor::AOTIModelContainerRunnerCpu& runner_for(const std::string& library) {
+  static std::mutex lock;
+  static std::unordered_map<std::string, std::unique_ptr<torch::inductor::AOTIModelContainerRunnerCpu>> runners;
+  std::lock_guard<std::mutex> guard(lock);
+  auto& slot = runners[library];
+  if (!slot) slot = std::make_unique<torch::inductor::AOTIModelContainerRunnerCpu>(library, 1);
+  return *slot;
+}
+
+double logaddexp(double a, double b) {  // torch.logaddexp
+  if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<double>::quiet_NaN();
+  if (std::isinf(a) && a == b) return a;
+  double m = a > b ? a : b;
+  return m + std::log1p(std::exp(-std::fabs(a - b)));
+}
+
+double nan_to_neg_inf(double x) {  // torch.nan_to_num(x, nan=-inf)
+  if (std::isnan(x)) return -INF;
+  if (x == INF) return std::numeric_limits<double>::max();
+  if (x == -INF) return std::numeric_limits<double>::lowest();
+  return x;
+}
+
+struct Shape {
+  int64_t C, D;
+  bool dense;
+  const double* inv;  // [C, D] or [C, D, D]
+  // v = M^-1 p for chain c (D values)
+  void velocity(int64_t c, const double* p, double* v) const {
+    if (dense) {
+      const double* m = inv + c * D * D;
+      for (int64_t i = 0; i < D; ++i) {
+        double s = 0.0;
+        for (int64_t j = 0; j < D; ++j) s += m[i * D + j] * p[j];
+        v[i] = s;
+      }
+    } else {
+      const double* m = inv + c * D;
+      for (int64_t i = 0; i < D; ++i) v[i] = m[i] * p[i];
+    }
+  }
+};
+
+double dot(const double* a, const double* b, int64_t D) {
+  double s = 0.0;
+  for (int64_t i = 0; i < D; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// hmc._merged_no_uturn for one chain: the six inner products (scratch: 2 x D)
+bool merged_no_uturn(const double* a_far_v, const double* a_near_v, const double* a_near_p, const double* rho_a,
+                     const double* b_near_v, const double* b_near_p, const double* b_far_v, const double* rho_b,
+                     const double* whole, int64_t D, double* scratch) {
+  double* a_ext = scratch;
+  double* b_ext = scratch + D;
+  for (int64_t i = 0; i < D; ++i) {
+    a_ext[i] = rho_a[i] + b_near_p[i];
+    b_ext[i] = rho_b[i] + a_near_p[i];
+  }
+  return dot(a_far_v, whole, D) > 0 && dot(b_far_v, whole, D) > 0 && dot(a_far_v, a_ext, D) > 0 &&
+         dot(b_near_v, a_ext, D) > 0 && dot(a_near_v, b_ext, D) > 0 && dot(b_far_v, b_ext, D) > 0;
+}
+
+std::vector<at::Tensor> transition(const std::string& library, const at::Tensor& z_in, const at::Tensor& logp_in,
+                                   const at::Tensor& grad_in, const at::Tensor& p0_in, const at::Tensor& u_in,
+                                   const at::Tensor& u_leaf_in, const at::Tensor& step_in,
+                                   const at::Tensor& inv_mass_in, int64_t fresh, int64_t K,
+                                   at::TensorList args) {
+  auto& runner = runner_for(library);
+  const auto opts = z_in.options();
+  const int64_t C = z_in.size(0), D = z_in.size(1), L = u_leaf_in.size(0);
+  auto z0 = z_in.contiguous(), logp0 = logp_in.contiguous(), grad0 = grad_in.contiguous(),
+       p0t = p0_in.contiguous(), ut = u_in.contiguous(), ult = u_leaf_in.contiguous(),
+       stept = step_in.contiguous(), invt = inv_mass_in.contiguous();
+  const double *zs = z0.data_ptr<double>(), *lps = logp0.data_ptr<double>(), *gs = grad0.data_ptr<double>(),
+               *p0 = p0t.data_ptr<double>(), *u = ut.data_ptr<double>(), *u_leaf = ult.data_ptr<double>(),
+               *step = stept.data_ptr<double>();
+  Shape shape{C, D, invt.dim() == 3, invt.data_ptr<double>()};
+  const int64_t CD = C * D;
+
+  // outputs and state
+  auto pz_t = z0.clone(), pg_t = grad0.clone(), plp_t = logp0.clone();
+  auto energy_t = at::empty({C}, opts), accept_t = at::empty({C}, opts);
+  auto div_t = at::zeros({C}, opts.dtype(at::kBool)), moved_t = at::zeros({C}, opts.dtype(at::kBool));
+  auto steps_t = at::zeros({C}, opts.dtype(at::kLong)), depth_t = at::zeros({C}, opts.dtype(at::kLong));
+  auto flags_t = at::ones({2}, opts.dtype(at::kBool));
+  double *pz = pz_t.data_ptr<double>(), *pg = pg_t.data_ptr<double>(), *plp = plp_t.data_ptr<double>();
+  std::vector<double> H0(C), log_w(C, 0.0), pw(C, 0.0), acc(C, 0.0), steps(C, 0.0), depth(C, 0.0);
+  std::vector<char> moved(C, 0), active(C, 1), div(C, 0), go_right(K * C);
+  std::vector<double> rho(p0, p0 + CD);
+  // ends[c][side][4][D]: z, p, grad, v of the left (0) and right (1) end
+  std::vector<double> ends(C * 2 * 4 * D);
+  auto end_at = [&](int64_t c, int64_t side, int64_t what) { return ends.data() + ((c * 2 + side) * 4 + what) * D; };
+  std::vector<double> v0(D);
+  for (int64_t c = 0; c < C; ++c) {
+    shape.velocity(c, p0 + c * D, v0.data());
+    H0[c] = 0.5 * dot(p0 + c * D, v0.data(), D) - lps[c];
+    for (int64_t side = 0; side < 2; ++side) {
+      std::copy(zs + c * D, zs + (c + 1) * D, end_at(c, side, 0));
+      std::copy(p0 + c * D, p0 + (c + 1) * D, end_at(c, side, 1));
+      std::copy(gs + c * D, gs + (c + 1) * D, end_at(c, side, 2));
+      std::copy(v0.begin(), v0.end(), end_at(c, side, 3));
+    }
+  }
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < C; ++c) go_right[k * C + c] = u[k * C + c] < 0.5;
+  bool flag_valid = true, flag_enough = true;
+
+  // the leaf loop's buffers
+  std::vector<double> zc(CD), pc(CD), gc(CD), vc(CD), rho_s(CD), cz(CD), cg(CD);
+  std::vector<double> checks(K * 5 * CD);  // [K, 5 (v, p, v before, p before, rho before), C, D]
+  auto check_at_ = [&](int64_t k, int64_t what, int64_t c) { return checks.data() + ((k * 5 + what) * C + c) * D; };
+  std::vector<double> lw_s(C), clp(C), cw(C), eps(C), half(C);
+  std::vector<char> building(C), right(C), ok(C);
+  std::vector<double> p(D), v1(CD), p1(CD), scratch(2 * D), whole(D), rho_a(D), rho_bb(D);
+  std::vector<double> p_near(CD), v_near(CD);
+  auto z1_t = at::empty({C, D}, opts);
+  double* z1 = z1_t.data_ptr<double>();
+  std::vector<at::Tensor> inputs;
+  inputs.reserve(1 + args.size());
+  inputs.push_back(z1_t);
+  for (const auto& a : args) inputs.push_back(a);
+
+  for (int64_t d = 0; d < K; ++d) {
+    bool any_active = false;
+    for (int64_t c = 0; c < C; ++c) any_active |= active[c];
+    if (!(any_active && flag_valid && flag_enough)) break;
+    for (int64_t c = 0; c < C; ++c) {
+      depth[c] += active[c] ? 1.0 : 0.0;
+      right[c] = go_right[d * C + c];
+      double s = (right[c] ? 1.0 : -1.0) * step[c];
+      eps[c] = s;
+      half[c] = 0.5 * s;
+      std::copy(end_at(c, right[c], 0), end_at(c, right[c], 0) + D, zc.data() + c * D);
+      std::copy(end_at(c, right[c], 1), end_at(c, right[c], 1) + D, pc.data() + c * D);
+      std::copy(end_at(c, right[c], 2), end_at(c, right[c], 2) + D, gc.data() + c * D);
+      std::copy(end_at(c, right[c], 3), end_at(c, right[c], 3) + D, vc.data() + c * D);
+      building[c] = active[c];
+      lw_s[c] = -INF;
+      clp[c] = 0.0;
+      cw[c] = 0.0;
+    }
+    std::fill(rho_s.begin(), rho_s.end(), 0.0);
+    std::copy(zc.begin(), zc.end(), cz.begin());
+    std::copy(gc.begin(), gc.end(), cg.begin());
+    std::fill(checks.begin(), checks.end(), 0.0);
+    // the near end (for the merged U-turn checks)
+    std::copy(pc.begin(), pc.end(), p_near.begin());
+    std::copy(vc.begin(), vc.end(), v_near.begin());
+    const int64_t n_leaves = int64_t(1) << d;
+    int64_t n = 0;
+    while (true) {
+      bool any_building = false;
+      for (int64_t c = 0; c < C; ++c) any_building |= building[c];
+      if (!(n < n_leaves && any_building && flag_valid && flag_enough)) break;
+      for (int64_t c = 0; c < C; ++c) {
+        double* pcc = pc.data() + c * D;
+        for (int64_t i = 0; i < D; ++i) p[i] = pcc[i] + half[c] * gc[c * D + i];
+        shape.velocity(c, p.data(), v1.data() + c * D);
+        for (int64_t i = 0; i < D; ++i) {
+          z1[c * D + i] = zc[c * D + i] + eps[c] * v1[c * D + i];
+          p1[c * D + i] = p[i];
+        }
+      }
+      auto out = runner.run(inputs);
+      auto logp1_t = out[0].contiguous(), g1_t = out[1].contiguous();
+      const double *logp1 = logp1_t.data_ptr<double>(), *g1 = g1_t.data_ptr<double>();
+      bool ok_par = out[2].item<bool>();
+      bool any_building_after = false;
+      for (int64_t c = 0; c < C; ++c) {
+        double* p1c = p1.data() + c * D;
+        double* v1c = v1.data() + c * D;
+        const double* g1c = g1 + c * D;
+        for (int64_t i = 0; i < D; ++i) p1c[i] = p1c[i] + half[c] * g1c[i];
+        shape.velocity(c, p1c, v1c);
+        double w1 = (logp1[c] + H0[c]) - 0.5 * dot(p1c, v1c, D);
+        bool okc = w1 >= -MAX_DELTA_ENERGY;
+        w1 = nan_to_neg_inf(w1);
+        if (building[c]) {
+          acc[c] += std::exp(w1 < 0.0 ? w1 : 0.0);
+          steps[c] += 1.0;
+          if (w1 < -MAX_DELTA_ENERGY) div[c] = 1;
+        }
+        // the U-turn checks of the blocks of 2^k leaves that start / end here
+        double* rsc = rho_s.data() + c * D;
+        for (int64_t k = 0; k <= d && k < K; ++k) {
+          if (n % (int64_t(1) << k) != 0) continue;
+          std::copy(v1c, v1c + D, check_at_(k, 0, c));
+          std::copy(p1c, p1c + D, check_at_(k, 1, c));
+          std::copy(vc.data() + c * D, vc.data() + (c + 1) * D, check_at_(k, 2, c));
+          std::copy(pc.data() + c * D, pc.data() + (c + 1) * D, check_at_(k, 3, c));
+          std::copy(rsc, rsc + D, check_at_(k, 4, c));
+        }
+        for (int64_t i = 0; i < D; ++i) rsc[i] += p1c[i];
+        for (int64_t k = 1; k <= d && k < K; ++k) {
+          if ((n + 1) % (int64_t(1) << k) != 0) continue;
+          const double *vm = check_at_(k - 1, 0, c), *pm = check_at_(k - 1, 1, c), *vmp = check_at_(k - 1, 2, c),
+                       *pmp = check_at_(k - 1, 3, c), *rho_m = check_at_(k - 1, 4, c);
+          const double *vb = check_at_(k, 0, c), *rho_b = check_at_(k, 4, c);
+          for (int64_t i = 0; i < D; ++i) {
+            rho_a[i] = rho_m[i] - rho_b[i];
+            rho_bb[i] = rsc[i] - rho_m[i];
+            whole[i] = rsc[i] - rho_b[i];
+          }
+          if (!merged_no_uturn(vb, vmp, pmp, rho_a.data(), vm, pm, v1c, rho_bb.data(), whole.data(), D,
+                               scratch.data()))
+            okc = false;
+        }
+        // progressive choice within the sub-tree
+        double lw_new = logaddexp(lw_s[c], w1);
+        double u_n = u_leaf[std::min(n, L - 1) * C + c];
+        bool take = (n == 0) || (u_n < std::exp(w1 - lw_new));
+        if (take) {
+          std::copy(z1 + c * D, z1 + (c + 1) * D, cz.data() + c * D);
+          std::copy(g1c, g1c + D, cg.data() + c * D);
+          clp[c] = logp1[c];
+          cw[c] = w1;
+        }
+        lw_s[c] = lw_new;
+        building[c] = building[c] && okc;
+        if (building[c]) {
+          std::copy(z1 + c * D, z1 + (c + 1) * D, zc.data() + c * D);
+          std::copy(p1c, p1c + D, pc.data() + c * D);
+        }
+        std::copy(g1c, g1c + D, gc.data() + c * D);
+        std::copy(v1c, v1c + D, vc.data() + c * D);
+        any_building_after |= building[c];
+      }
+      flag_enough = flag_enough && ((n + 1 >= n_leaves) || (n + 1 < fresh) || !any_building_after);
+      flag_valid = flag_valid && ok_par;
+      ++n;
+    }
+    // the biased progressive choice at the top level and the merged U-turn checks (hmc._merge)
+    for (int64_t c = 0; c < C; ++c) {
+      bool valid = building[c] && n >= n_leaves;
+      const double *v_first = check_at_(d, 0, c), *p_first = check_at_(d, 1, c);
+      bool take = valid && (u[(2 * K + d) * C + c] < std::exp(lw_s[c] - log_w[c]));
+      if (take) {
+        std::copy(cz.data() + c * D, cz.data() + (c + 1) * D, pz + c * D);
+        std::copy(cg.data() + c * D, cg.data() + (c + 1) * D, pg + c * D);
+        plp[c] = clp[c];
+        pw[c] = cw[c];
+        moved[c] = 1;
+      }
+      if (valid) log_w[c] = logaddexp(log_w[c], lw_s[c]);
+      double* rc = rho.data() + c * D;
+      const double* rsc = rho_s.data() + c * D;
+      for (int64_t i = 0; i < D; ++i) whole[i] = rc[i] + rsc[i];
+      const double* far_v = end_at(c, right[c] ? 0 : 1, 3);
+      bool okc = merged_no_uturn(far_v, v_near.data() + c * D, p_near.data() + c * D, rc, v_first, p_first,
+                                 vc.data() + c * D, rsc, whole.data(), D, scratch.data());
+      if (valid) {
+        std::copy(whole.begin(), whole.end(), rc);
+        int64_t side = right[c] ? 1 : 0;
+        std::copy(zc.data() + c * D, zc.data() + (c + 1) * D, end_at(c, side, 0));
+        std::copy(pc.data() + c * D, pc.data() + (c + 1) * D, end_at(c, side, 1));
+        std::copy(gc.data() + c * D, gc.data() + (c + 1) * D, end_at(c, side, 2));
+        std::copy(vc.data() + c * D, vc.data() + (c + 1) * D, end_at(c, side, 3));
+      }
+      active[c] = valid && okc;
+    }
+  }
+  double* energy = energy_t.data_ptr<double>();
+  double* accept = accept_t.data_ptr<double>();
+  bool* divs = div_t.data_ptr<bool>();
+  bool* moveds = moved_t.data_ptr<bool>();
+  int64_t* stepss = steps_t.data_ptr<int64_t>();
+  int64_t* depths = depth_t.data_ptr<int64_t>();
+  for (int64_t c = 0; c < C; ++c) {
+    energy[c] = H0[c] - pw[c];
+    accept[c] = acc[c] / (steps[c] < 1.0 ? 1.0 : steps[c]);
+    divs[c] = div[c];
+    moveds[c] = moved[c];
+    stepss[c] = int64_t(steps[c]);
+    depths[c] = int64_t(depth[c]);
+  }
+  bool* flags = flags_t.data_ptr<bool>();
+  flags[0] = flag_valid;
+  flags[1] = flag_enough;
+  return {pz_t, plp_t, pg_t, energy_t, accept_t, div_t, steps_t, depth_t, moved_t, flags_t};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ppl_nuts, m) {
+  m.def("transition(str library, Tensor z, Tensor logp, Tensor grad, Tensor p0, Tensor u, Tensor u_leaf, "
+        "Tensor step, Tensor inv_mass, int fresh, int K, Tensor[] args) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(ppl_nuts, CPU, m) {
+  m.impl("transition", &transition);
+}
+"""
+
+
+def _name() -> str:
+    return "ppl_nuts_" + hashlib.sha256(f"{torch.__version__}|{SOURCE}".encode()).hexdigest()[:16]
+
+
+def library_path() -> str:
+    """Where the built operator library lives (built or not)."""
+    from torch.utils.cpp_extension import _get_build_directory
+    return os.path.join(_get_build_directory(_name(), verbose=False), _name() + ".so")
+
+
+_LOADED = False
+
+
+def load() -> None:
+    """Make ``torch.ops.ppl_nuts.transition`` available: load the built library, or build
+    it first (a minute or so of the C++ compiler, once per machine and source version)."""
+    global _LOADED
+    if _LOADED:
+        return
+    path = library_path()
+    if os.path.exists(path):
+        torch.ops.load_library(path)
+    else:
+        from torch.utils.cpp_extension import load_inline
+        load_inline(_name(), cpp_sources=[SOURCE], is_python_module=False, no_implicit_headers=True,
+                    extra_cflags=["-O3"], verbose=False)
+    _LOADED = True
+
+
+def built() -> bool:
+    """Whether the operator library is built on this machine (loading it is then cheap)."""
+    return os.path.exists(library_path())
+
+
+def transition_native(library: str, z, logp, grad, p0, u, u_leaf, step, inv_mass, fresh: int, max_tree_depth: int,
+                      args) -> list:
+    """``nuts_loop.transition`` with ``evaluate_at(z) = library(z, *args)`` (an AOTInductor
+    library of the potential: (logp, grad, parameters valid?)), run in C++."""
+    return torch.ops.ppl_nuts.transition(library, z, logp, grad, p0, u, u_leaf, step, inv_mass, fresh,
+                                         max_tree_depth, list(args))
