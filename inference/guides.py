@@ -307,15 +307,13 @@ class GuideNet(nn.Module):
     """The parameters of a guide: free, or the output of an encoder of the features.
 
     ``head(features)`` gives, per row, the parameter vector [loc (D), raw scale (D),
-    (cov factor (D * rank) | flow context), discrete logits (L)]."""
+    (cov factor (D * rank) | flow context), discrete logits (L)]. ``family`` and a text
+    ``encoder`` come checked (``amortized.Guide``)."""
 
     def __init__(self, layout: Layout, family: str = "normal", encoder: Any = None, *, rank: int = 2,
                  hidden: Sequence[int] = (64, 64), flow_bins: int = 8, autoregressive: bool = True,
                  init: dict | None = None, init_scale: float | None = None):
         super().__init__()
-        if family not in FAMILIES:
-            raise PPLError(f"unknown guide family '{family}'",
-                           hint=did_you_mean(family, FAMILIES) or f"choose from: {', '.join(FAMILIES)}")
         self.layout = layout
         self.family = family
         D, L = layout.D, layout.L
@@ -347,10 +345,6 @@ class GuideNet(nn.Module):
             ctx_dim = 0
         else:
             if isinstance(encoder, str):
-                if encoder != "auto":
-                    raise PPLError(f"unknown encoder '{encoder}'",
-                                   hint="encoder=None (no amortization), 'auto' (an MLP of the observed data) "
-                                        "or a torch nn.Module mapping features [B, F] to an embedding [B, H]")
                 if F == 0:
                     raise PPLError("an amortized guide needs observed data, but the model observes nothing",
                                    hint="use encoder=None: a guide for the one target the model defines")
