@@ -17,19 +17,26 @@ stream of random draws (``derive_seed(seed, rank)``).
   ancestors of the single-process scheme on the concatenated population, slot for slot,
   in slot order), so the algorithm is the single-process SMC in law, step for step.
   Moving particles: a rank whose new particles all descend from its own appends the
-  ancestors to its lineage, as one process does. A rank that receives particles from
-  others gets their *traces* (the choices made so far, one tensor per address, moved as
-  rows) and rebuilds its population's execution by replaying the program on them up to
-  the checkpoint (resample-move's ``_replay_moved``: the chooser ``fixed``, the rule
-  ``truncate(k)``), so every value the program holds (frames, closures, memo tables,
-  twists) is the moved particles' own. The replay costs O(k) per such resampling (a run
-  is O(T^2) in its checkpoints on those ranks, as resample-move); moving the live values
-  themselves is left for later.
+  ancestors to its lineage, as one process does. Otherwise the particles' *live state*
+  moves (``semantics.live_state``): every per-particle value the suspended run holds
+  (the variables of the frames on the call stack, closures, the interpreter's pending
+  locals, the twist potential) is found by a walk from the suspended generator, the
+  ranks agree on its columns (a digest of each rank's walk rides on the status
+  collective), and each value gets the rows of its new particles wherever they were
+  drawn, in place. A resampling costs O(state) per moved particle, not a replay of the
+  prefix: a run is O(T) in its checkpoints (for a state-space model the state is the
+  current x). The trace stays where it was recorded: at each resampling the sites so far
+  are set aside as rows of that population (``frozen``) with the global ancestors of
+  the slots this rank drew, and rank 0 follows each final particle's line back through
+  them at the end (``assemble_sites``), as the lineage does in one process. For the
+  same seed the population is the one the replay gave, bit for bit.
   Restrictions, checked with errors raised alike on every rank: every checkpoint is
   reached by the whole population (no observe inside a branch only some particles
-  take: ranks would disagree on the checkpoints); choices whose values are Python objects
-  (language-model tokens, strings) cannot move yet; ``proposal``, ``delayed`` and
-  ``enumerate`` are single-process only.
+  take: ranks would disagree on the checkpoints); per-particle Python values alive at a
+  resampling that moves particles (strings, language-model tokens), memoised functions
+  with entries, and a state whose structure differs between ranks cannot move (the
+  error names the variable); ``proposal``, ``delayed`` and ``enumerate`` are
+  single-process only.
 * ``distributed_chains``: MCMC chains (``mh``, ``nuts``, ``hmc``) shared by the ranks, each
   rank running the single-process method on its chains; rank 0 gathers them and computes
   R-hat and ESS over all chains.
@@ -49,7 +56,7 @@ from ..semantics.distributed import (AT_CHECKPOINT, FINISHED, CollectiveError, C
                                      TransferPlan, WeightSummary, agree_on_columns, exchange_rows, local_ancestors,
                                      local_summary, shard, shard_sizes, shared_uniforms, slot_ranges, GLOBAL_SCHEMES)
 from ..semantics.errors import PPLError, PPLRuntimeError, ZeroEvidenceError
-from ..semantics.sampling import Weighting, column, drive
+from ..semantics.sampling import Suspended, Weighting, column, drive
 from ..semantics.values import Lineage, Particles, lineage_scope
 from .chain_pool import chains_shared_with
 from .diagnostics import site_diagnostics
@@ -189,7 +196,8 @@ class DistributedSMCHandler(SMCHandler):
         self.checkpoints += 1
         m, s, q = self._local_stats(eff)
         # resampling for sure (threshold 1): the live state's digest rides on the status collective
-        digest = self._walk_ahead(eff) if self.ess_threshold >= 1.0 and self.group.size > 1 else 0.0
+        digest = self._walk_ahead(eff) if self.ess_threshold >= 1.0 and self.group.size > 1 and \
+            self.moves_live_state else 0.0
         rows = self.group.status(AT_CHECKPOINT, self.checkpoints, m, s, q, where=eff.addr, extra=digest)
         summary = WeightSummary.combine([r[2:5] for r in rows], self.total)
         if not math.isfinite(summary.M):
@@ -207,7 +215,8 @@ class DistributedSMCHandler(SMCHandler):
             self._resample_globally(summary, eff, [r[6] for r in rows])
         self._walked = None
 
-    _walked = None  # (walk, problem, digest) of the live state, found before the status collective
+    _walked = None  # (walk, problem) of the live state, found before the status collective
+    moves_live_state = True  # (resample-move moves the traces and replays instead)
 
     def _walk_ahead(self, eff) -> float:
         """Set the trace aside and walk the live state before the status collective, so
@@ -406,6 +415,99 @@ def _from_numpy(per_period: list[dict]) -> list[dict]:
 def _as_tensor(v):
     import numpy as np
     return torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+
+
+# ---------------------------------------------------------------------- resample-move
+class _DistributedResampleMove(DistributedSMCHandler):
+    """Resample-move's handler on one rank's shard: global resampling whose rows are the
+    traces so far (the MH moves work on traces), then the run suspends (``Suspended``)
+    for the moves and the replay, as ``resample_move`` does in one process."""
+
+    moves_live_state = False
+    incoming = None  # the new population's traces (address -> values; "present ADDR" -> mask)
+
+    def _checkpoint(self, eff):
+        super()._checkpoint(eff)
+        if self.history[-1].resampled:
+            raise Suspended(eff)
+
+    def _resample_globally(self, summary: WeightSummary, eff, digests: list) -> None:
+        group = self.group
+        v = shared_uniforms(self.resampling, self.total, self.shared)
+        ranges = slot_ranges(summary, v)
+        plan = TransferPlan.make(ranges, self.total)
+        drawn = local_ancestors(self.log_weights, summary, group.rank, v, *ranges[group.rank])
+        self.rows_moved += plan.rows_moved()
+        self.log_weights = torch.zeros_like(self.log_weights)
+        columns = {}
+        for a, (col, present) in self.trace.sites().items():
+            columns[a] = col
+            columns["present " + a] = torch.ones(self.N, dtype=torch.bool) if present is None else present
+        if plan.moves:
+            specs = agree_on_columns(group, columns)
+            moved = exchange_rows(group, plan, columns, specs, drawn)
+        else:
+            sel = drawn.to(self.log_weights.device)
+            moved = {a: (_select_rows(col, sel)) for a, col in columns.items()}
+        self.incoming = {a: (c.to(self.log_weights.device) if isinstance(c, torch.Tensor) else c)
+                         for a, c in moved.items()}
+
+
+def distributed_resample_move(interp, entry: str, data: dict, particles: int, device, group: Group,
+                              shared: torch.Generator, *, resampling: str = "systematic",
+                              ess_threshold: float = 1.0, moves: int | None = None, kernel: str = "prior",
+                              scale: float = 0.5) -> Population | None:
+    """Resample-move SMC (``inference.resample_move``, single-site moves) over the ranks:
+    SMC's global resampling (rows: the traces so far, moved where particles cross ranks),
+    then on each rank the MH moves of its particles at the k-th target (each particle's
+    kernel is the single-process one, so the algorithm is the single-process one in
+    law) and its shard rebuilt by replaying the moved traces (O(k) per rejuvenation, as
+    in one process). Rank 0 gets the population (acceptance: the mean over all
+    particles), None elsewhere."""
+    from ..semantics import gfi
+    from . import mh as mh_mod
+    from . import token_moves
+    from .rejuvenation import MoveKernel
+    from .resample_move import drive_rebuilding
+    if kernel in token_moves.KERNELS:
+        raise PPLRuntimeError(f"resample_move with kernel '{kernel}' (moves on language-model choices) has no "
+                              "distributed form yet", hint="run it in one process")
+    move = MoveKernel("resample_move", kernel=kernel, moves=1 if moves is None else moves, scale=scale)
+    if not move.active:  # (no moves: SMC)
+        return distributed_smc(interp, entry, data, particles, device, group, shared, resampling=resampling,
+                               ess_threshold=ess_threshold, label="resample_move")
+    sizes = _check_shards(particles, group)
+    n = sizes[group.rank]
+    h = None
+    randomness = mh_mod.TorchMHRandomness()
+    try:
+        h = _DistributedResampleMove(n, device, None, group=group, total=particles, shared=shared,
+                                     resampling=resampling, ess_threshold=ess_threshold)
+
+        def rejuvenated():  # the new population's traces, moved at the k-th target
+            model = gfi.ModelRun(interp, entry, data, device, stop_after=h.checkpoints)
+            incoming, h.incoming = h.incoming, None
+            values = {a: c for a, c in incoming.items() if not a.startswith("present ")}
+            for a, c in values.items():
+                if not isinstance(c, torch.Tensor):
+                    raise PPLRuntimeError(f"resample-move supports numeric choices only ('{a}' is not)")
+            present = {a: incoming["present " + a].bool() for a in values}
+            state = gfi.TracedState(values, present, {}, torch.zeros(n, dtype=torch.float64, device=device), None)
+            state = move.begin(model, state, randomness, scored=False)
+            return move(model, state, randomness, label=f"resample_move (checkpoint {h.checkpoints})").values
+
+        sites = drive_rebuilding(interp, entry, data, h, n, device, rejuvenated)
+        group.status(FINISHED, h.checkpoints, where="end of the run")
+    except BaseException as err:
+        if not _reported(err) and not isinstance(err, ZeroEvidenceError):
+            group.fail(err, h.checkpoints if h is not None else 0)
+        raise
+    rates = group.all_gather_object(move.acceptance, what="acceptance rates")
+    acceptance = [None if any(r[i] is None for r in rates) else sum(r[i] * m for r, m in zip(rates, sizes)) / particles
+                  for i in range(len(rates[0]))]
+    lw = h.log_weights + h.log_z
+    extra = {"history": h.history, "acceptance": acceptance, "moves": move.moves, "rows_moved": h.rows_moved}
+    return gather_population(group, "resample_move", sites, lw, extra, sizes)
 
 
 # ---------------------------------------------------------------------- chains across ranks

@@ -2,9 +2,10 @@
 population is sharded over the ranks of a ``torchrun`` job (``inference/distributed.py``).
 
 Every rank calls ``Model.run`` with the same arguments; rank 0 gets the result (the type
-and JSON of a single-process run), the other ranks None. ``importance``/``smc`` shard the
-particles; ``mh``/``nuts``/``hmc`` share the chains (each rank runs the method on its own
-chains; R-hat and ESS over all chains on rank 0). Seeds: rank 0's seed (or, with
+and JSON of a single-process run), the other ranks None. ``importance``/``smc``/
+``resample_move`` (single-site moves)/``tempering`` shard the particles;
+``mh``/``nuts``/``hmc`` share the chains (each rank runs the method on its own chains;
+R-hat and ESS over all chains on rank 0). Seeds: rank 0's seed (or, with
 ``seed=None``, a seed it draws from torch's global generator) is broadcast; rank r's
 particles draw from ``derive_seed(seed, r)`` and the resampling uniforms, shared by all
 ranks, from ``derive_seed(seed, -1)``.
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .inference.distributed import distributed_chains, distributed_importance, distributed_smc, distributed_tempering
+from .inference.distributed import (distributed_chains, distributed_importance, distributed_resample_move,
+                                    distributed_smc, distributed_tempering)
 from .inference.methods import METHODS, _betas, _program
 from .registry import population_diagnostics
 from .result import WeightedResult, as_result
@@ -25,6 +27,8 @@ from .stdlib import rng
 #: the methods that run sharded, and the options each accepts with distributed=True
 DISTRIBUTED_METHODS = {"importance": frozenset({"progress"}),
                        "smc": frozenset({"resampling", "ess_threshold", "progress"}),
+                       "resample_move": frozenset({"resampling", "ess_threshold", "moves", "kernel", "scale",
+                                                   "progress"}),
                        "tempering": frozenset({"target_ess", "moves", "kernel", "scale", "resampling", "schedule",
                                                "progress"})}
 #: Markov chain methods: each rank runs the method itself on its chains (every option passes)
@@ -75,6 +79,14 @@ def run_distributed(model, method: str, data: dict, *, particles: int, seed: int
                     kernel=options.get("kernel") or "rw",
                     scale=0.5 if options.get("scale") is None else float(options["scale"]),
                     resampling=options.get("resampling") or "systematic", schedule=_betas(options.get("schedule")))
+            elif method == "resample_move":
+                raw = distributed_resample_move(
+                    *_program(model, data, device), int(particles), device, group, shared,
+                    resampling=options.get("resampling") or "systematic",
+                    ess_threshold=1.0 if options.get("ess_threshold") is None else float(options["ess_threshold"]),
+                    moves=None if options.get("moves") is None else int(options["moves"]),
+                    kernel=options.get("kernel") or "prior",
+                    scale=0.5 if options.get("scale") is None else float(options["scale"]))
             elif method == "importance":
                 raw = distributed_importance(*_program(model, data, device), int(particles), device, group)
             else:

@@ -126,6 +126,7 @@ RUNS = {
     "ssm_smc_mult": (SSM, "smc", {"ys": SSM_YS}, 701, {"resampling": "multinomial", "ess_threshold": 0.5}),
     "branchy_smc": (BRANCHY, "smc", {"y": 1.5}, 1001, {"resampling": "systematic"}),
     "conj_temper": (CONJUGATE, "tempering", {"ys": CONJ_YS}, 601, {"resampling": "stratified"}),
+    "ssm_rm": (SSM, "resample_move", {"ys": SSM_YS}, 401, {"moves": 2, "kernel": "rw"}),
 }
 
 

@@ -115,7 +115,10 @@ def test_distributed_needs_torchrun_and_refuses_what_it_cannot_do_yet():
         with pytest.raises(ppl.PPLError, match="torchrun"):
             ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("importance", distributed=True)
         with pytest.raises(ppl.PPLError, match="no distributed form"):
-            ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("resample_move", distributed=True)
+            ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("smc_steer", distributed=True)
+        with pytest.raises(ppl.PPLError, match="option adapt of 'resample_move' cannot be used with distributed"):
+            ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("resample_move", distributed=True,
+                                                                                   adapt=True)
         with pytest.raises(ppl.PPLError, match="option delayed of 'smc' cannot be used with distributed=True"):
             ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("smc", distributed=True,
                                                                                    delayed=True)
@@ -314,12 +317,13 @@ def _mean_sd(xs):
 
 
 @pytest.mark.parametrize("name", ["k2", "k3"])
-@pytest.mark.parametrize("key", ["conj_is", "conj_smc", "ssm_smc", "ssm_smc_mult", "branchy_smc", "conj_temper"])
+@pytest.mark.parametrize("key", ["conj_is", "conj_smc", "ssm_smc", "ssm_smc_mult", "branchy_smc", "conj_temper",
+                                 "ssm_rm"])
 def test_distributed_is_smc_tempering_match_the_closed_form_and_one_process(jobs, name, key):
     """Evidence and posterior mean of 4 seeded distributed runs (uneven shards: 2001,
-    1000, 700, 701, 1001 and 601 particles over 2 or 3 ranks; "branchy" has a choice some
-    particles make, a bool choice and a twist; tempering's next beta bisects the global
-    ESS) within 4.5 Monte Carlo standard errors of the closed form (normal-normal) /
+    1000, 700, 701, 1001, 601 and 401 particles over 2 or 3 ranks; "branchy" has a choice
+    some particles make, a bool choice and a twist; tempering's next beta bisects the
+    global ESS; resample-move moves each rank's particles by random-walk MH) within 4.5 Monte Carlo standard errors of the closed form (normal-normal) /
     Kalman filter (linear-Gaussian SSM) / quadrature and of 4 single-process runs; the
     standard error is the pooled spread of the 8 runs (t with 6 degrees of freedom:
     P(|t| > 4.5) = 0.004)."""
