@@ -9,10 +9,14 @@ and 2 gloo ranks on this machine.
    rows ~ K sqrt(N pi / 32) sqrt(1/ess - 1).
 2. **Collectives** with 2 ranks: the status all_gather (one per checkpoint) and one
    point-to-point buffer of 4 MB (the bandwidth rows move at).
-3. **Scaling**: SMC on a linear-Gaussian state-space model (T checkpoints, resampling at
-   each) with 1 and 2 ranks: weak (N per rank fixed) and strong (N total fixed), the
-   median wall time of rank 0 over repeats, CPU time per rank, and the rows moved.
-4. **Prediction** at 8-64 ranks from the cost model with the constants measured in 2 and 3.
+3. **Scaling**: SMC on a linear-Gaussian state-space model (T = 20 and 200 checkpoints,
+   resampling at each) with 1 and 2 ranks: weak (N per rank fixed) and strong (N total
+   fixed), the median wall time of rank 0 over repeats, CPU time per rank (the mean over
+   the ranks), the rows moved and the resamplings whose live state moved.
+4. **The live-state move** in one process: the walk of the suspended run and its digest
+   (``semantics.live_state``), per resampling, at checkpoint 1 and T of the SSM (the same:
+   no growth with the checkpoint).
+5. **Prediction** at 8-64 ranks from the cost model with the constants measured in 2-4.
 Ranks are forked from this process (as the tests do); the machine is shared, so the load
 average is printed with the timings.
 """
@@ -53,18 +57,17 @@ def predicted_rows(N: int, K: int, ess: float) -> float:
     return K * math.sqrt(N * math.pi / 32) * math.sqrt(max(0.0, 1 / ess - 1))
 
 
-def predicted_costs(N: int, K: int, ess: float, k: int, status_s: float, bytes_per_s: float, t_step: float,
-                    row_bytes_per_checkpoint: int = 4) -> tuple[float, float, float]:
-    """Seconds per resampling on one rank at checkpoint k (docs/distributed_cost.md):
-    (communication: the status collective (a ring: K - 1 latencies), the column names'
-    all_gather, and the rank's share R / K of the moved rows, each k * 4 bytes (one
-    float32 choice per checkpoint: the trace so far); the step itself (n = N / K
-    particles advance one checkpoint); the replay of k checkpoints for the n particles,
-    which a rank that receives rows does)."""
+def predicted_costs(N: int, K: int, ess: float, status_s: float, bytes_per_s: float, t_step: float,
+                    walk_s: float, state_bytes: int = 4) -> tuple[float, float, float]:
+    """Seconds per resampling on one rank (docs/distributed_cost.md): (communication:
+    the status collective (a ring: K - 1 latencies) and the rank's share R / K of the
+    moved rows, each ``state_bytes`` (the live state: one float32 for the SSM); the step
+    itself (n = N / K particles advance one checkpoint); the live-state move's own work,
+    the walk of the suspended run, whatever N and the checkpoint)."""
     n = N / K
     rows = predicted_rows(N, K, ess) / K
-    comm = 2 * (K - 1) * status_s + rows * k * row_bytes_per_checkpoint / bytes_per_s
-    return comm, n * t_step, k * n * t_step
+    comm = (K - 1) * status_s + rows * state_bytes / bytes_per_s
+    return comm, n * t_step, walk_s
 
 
 def simulated_rows(N: int, K: int, sigma: float, trials: int, seed: int = 0) -> tuple[float, float]:
@@ -158,7 +161,8 @@ def _smc(task: dict) -> dict:
             if res is not None:
                 moved.append(res.extra["rows_moved"])
         return {"wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
-                "rows_moved": statistics.median(moved) if moved else None}
+                "rows_moved": statistics.median(moved) if moved else None,
+                "state_moves": res.extra.get("state_moves") if res is not None else None}
 
 
 _TASKS = {"collectives": _collectives, "smc": _smc}
@@ -190,6 +194,41 @@ def single_smc(N: int, T: int, repeats: int) -> dict:
     return {"wall_s": statistics.median(walls)}
 
 
+def walk_seconds(T: int, N: int = 2000, repeats: int = 20) -> tuple[float, float]:
+    """The live-state walk (and its digest) of the SSM suspended at checkpoint 1 and at
+    checkpoint T, in one process: median seconds each."""
+    import ppl
+    from ppl.inference.methods import _program
+    from ppl.inference.smc import SMCHandler
+    from ppl.semantics import live_state
+    from ppl.semantics.sampling import drive
+    from ppl.semantics.values import Lineage, Particles, lineage_scope
+    interp, entry, data = _program(ppl.model(SSM), {"ys": [math.sin(t / 3) for t in range(T)]}, "cpu")
+    times: dict[int, float] = {}
+
+    class Timing(SMCHandler):
+        seen = 0
+
+        def _checkpoint(self, eff):
+            super()._checkpoint(eff)
+            self.seen += 1
+            if self.seen in (1, T):
+                self.trace.parts.clear()  # (as distributed SMC sets the trace aside)
+                runs = []
+                for _ in range(repeats):
+                    t = time.process_time()
+                    live_state.walk([("run", self.gen), ("effect", eff), ("twist", self._twist)],
+                                    self.lineage, data).digest()
+                    runs.append(time.process_time() - t)
+                times[self.seen] = statistics.median(runs)
+    ctx = Particles.all(N)
+    with lineage_scope(Lineage(ctx.idx)) as lineage:
+        h = Timing(N, "cpu", lineage)
+        h.gen = interp.run(entry, data, ctx)
+        drive(h.gen, h)
+    return times[1], times[T]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
@@ -211,31 +250,39 @@ def run(repeats: int | None = None, quick: bool = False) -> int:
     c = launch(2, {"name": "collectives", "repeats": 50})[0]
     print(f"\n2. collectives, 2 ranks: status all_gather {c['status_s'] * 1e6:.0f} us; 4 MB point-to-point "
           f"{c['p2p_4MB_s'] * 1e3:.1f} ms ({4 / max(c['p2p_4MB_s'], 1e-9):.0f} MB/s)")
-    T = 10 if quick else 20
-    print(f"\n3. SMC, linear-Gaussian SSM, T={T} checkpoints, resampling at each (load {load_average()})")
-    print(f"{'scaling':>8} {'ranks':>5} {'N':>7} {'wall s':>8} {'cpu s/rank':>10} {'rows moved':>10}")
+    Ts = (10, 50) if quick else (20, 200)
     per_rank = 1000 if quick else 2000
-    for kind, sizes in (("weak", ((1, per_rank), (2, 2 * per_rank))), ("strong", ((1, 2 * per_rank),
-                                                                                 (2, 2 * per_rank)))):
-        for K, N in sizes:
-            r = launch(K, {"name": "smc", "N": N, "T": T, "repeats": repeats})
-            print(f"{kind:>8} {K:>5} {N:>7} {r[0]['wall_s']:>8.2f} "
-                  f"{statistics.mean(x['cpu_s'] for x in r):>10.2f} {r[0]['rows_moved']:>10}")
-    s = single_smc(2 * per_rank, T, repeats)
-    print(f"{'single':>8} {'-':>5} {2 * per_rank:>7} {s['wall_s']:>8.2f}   (Model.run without distributed)")
-    t_step = s["wall_s"] / (T * 2 * per_rank)
-    print(f"\n4. predicted communication share per resampling (docs/distributed_cost.md), with the constants "
+    single_cpu = {}
+    for T in Ts:
+        print(f"\n3. SMC, linear-Gaussian SSM, T={T} checkpoints, resampling at each (load {load_average()})")
+        print(f"{'scaling':>8} {'ranks':>5} {'N':>7} {'wall s':>8} {'cpu s/rank':>10} {'rows moved':>10} "
+              f"{'state moves':>11}")
+        for kind, sizes in (("weak", ((1, per_rank), (2, 2 * per_rank))), ("strong", ((1, 2 * per_rank),
+                                                                                     (2, 2 * per_rank)))):
+            for K, N in sizes:
+                r = launch(K, {"name": "smc", "N": N, "T": T, "repeats": repeats})
+                cpu = statistics.mean(x['cpu_s'] for x in r)
+                if K == 1:
+                    single_cpu[(T, N)] = cpu
+                print(f"{kind:>8} {K:>5} {N:>7} {r[0]['wall_s']:>8.2f} {cpu:>10.3f} {r[0]['rows_moved']:>10} "
+                      f"{r[0]['state_moves'] if r[0]['state_moves'] is not None else '-':>11}")
+        s = single_smc(2 * per_rank, T, repeats)
+        print(f"{'single':>8} {'-':>5} {2 * per_rank:>7} {s['wall_s']:>8.2f}   (Model.run without distributed)")
+    T = Ts[-1]
+    first, last = walk_seconds(T)
+    print(f"\n4. the live-state walk per resampling (one process, N = 2000): checkpoint 1 {first * 1e3:.2f} ms, "
+          f"checkpoint {T} {last * 1e3:.2f} ms")
+    t_step = single_cpu[(T, 2 * per_rank)] / (T * 2 * per_rank)
+    print(f"\n5. predicted communication share per resampling (docs/distributed_cost.md), with the constants "
           f"measured above: status {c['status_s'] * 1e6:.0f} us at K=2 (x (K-1) for a ring), "
-          f"{4 / max(c['p2p_4MB_s'], 1e-9):.0f} MB/s, {t_step * 1e6:.2f} us per particle-checkpoint")
-    print(f"{'N':>9} {'K':>4} {'ESS/N':>6} {'k':>4} {'comm ms':>8} {'step ms':>8} {'replay ms':>9} {'comm share':>10}")
+          f"{4 / max(c['p2p_4MB_s'], 1e-9):.0f} MB/s, {t_step * 1e6:.2f} us per particle-checkpoint (CPU), "
+          f"walk {last * 1e3:.2f} ms")
+    print(f"{'N':>9} {'K':>4} {'ESS/N':>6} {'comm ms':>8} {'step ms':>8} {'walk ms':>8} {'comm share':>10}")
     for N in (10 ** 6, 10 ** 7):
         for K in (8, 16, 32, 64):
-            for ess in (0.5,):
-                for k in (10, 100):
-                    comm, step, replay = predicted_costs(N, K, ess, k, c["status_s"], 4e6 / c["p2p_4MB_s"], t_step)
-                    print(f"{N:>9} {K:>4} {ess:>6.2f} {k:>4} {comm * 1e3:>8.2f} {step * 1e3:>8.1f} "
-                          f"{replay * 1e3:>9.1f} "
-                          f"{comm / (comm + step + replay):>10.4f}")
+            comm, step, walk = predicted_costs(N, K, 0.5, c["status_s"], 4e6 / c["p2p_4MB_s"], t_step, last)
+            print(f"{N:>9} {K:>4} {0.5:>6.2f} {comm * 1e3:>8.2f} {step * 1e3:>8.1f} {walk * 1e3:>8.2f} "
+                  f"{comm / (comm + step + walk):>10.4f}")
     print(f"load average at the end: {load_average()}")
     return 0
 
