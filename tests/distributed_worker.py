@@ -230,6 +230,88 @@ def live_job(group: D.Group) -> dict:
     return out
 
 
+#: a state a discrete choice updates on one branch only (an unbatched value on one rank can
+#: be batched on another) and a checkpoint inside a lambda that ``map`` calls
+DISCRETE = """
+def main(ys):
+    p ~ beta(2.0, 2.0)
+    state = 0
+    for y in ys:
+        flipz ~ flip(p)
+        if flipz:
+            state = state + 1
+            w = 2.0
+        else:
+            w = 0.5
+        observe y ~ normal(state * 0.5, w)
+    return state
+"""
+MAPPED = """
+def main(ys):
+    s ~ gamma(2.0, 2.0)
+    def obs(y):
+        observe y ~ normal(0.0, s)
+        return y * s
+    zs = map(lambda y: obs(y), ys)
+    return s
+"""
+
+#: key -> (model, data, particles): the same seeded run with the live state moved and with
+#: the moved traces replayed (the mechanism before), which must agree bit for bit
+ORACLE = {"ssm": (SSM, {"ys": SSM_YS}, 301), "branchy": (BRANCHY, {"y": 1.5}, 302),
+          "list_ssm": (LIST_SSM, {"ys": SSM_YS[:5]}, 203), "discrete": (DISCRETE, {"ys": [0.6, 1.1, 0.2, 1.9]}, 301),
+          "mapped": (MAPPED, {"ys": [0.3, -1.2, 0.8, 2.0]}, 301)}
+
+
+def _replayed_smc(interp, entry, data, particles, device, group, shared):
+    """Distributed SMC as it was before the live state moved: at each resampling the
+    traces move as rows and each rank rebuilds its shard by replaying them up to the
+    checkpoint (resample-move's handler and loop with no moves)."""
+    from ppl.inference import distributed as ID
+    from ppl.inference.resample_move import drive_rebuilding
+    sizes = D.shard_sizes(particles, group.size)
+    n = sizes[group.rank]
+    h = ID._DistributedResampleMove(n, device, None, group=group, total=particles, shared=shared)
+
+    def arrived():
+        incoming, h.incoming = h.incoming, None
+        return {a: c for a, c in incoming.items() if not a.startswith("present ")}
+    sites = drive_rebuilding(interp, entry, data, h, n, device, arrived)
+    group.status(D.FINISHED, h.checkpoints, where="end of the run")
+    return ID.gather_population(group, "smc", sites, h.log_weights + h.log_z, {}, sizes)
+
+
+def oracle_job(group: D.Group) -> dict:
+    """Each ORACLE model, seeded alike, through ``distributed_smc`` (the live state moves)
+    and ``_replayed_smc``: rank 0 compares the populations (every site's values and
+    presence, the log weights) exactly."""
+    from ppl.inference import distributed as ID
+    from ppl.inference.methods import _program
+    out = {}
+    for key, (source, data, n) in ORACLE.items():
+        model = ppl.model(source)
+        pops = []
+        for run in (ID.distributed_smc, _replayed_smc):
+            shared = torch.Generator().manual_seed(D.derive_seed(17, -1))
+            with rng.run(D.derive_seed(17, group.rank)):
+                pops.append(run(*_program(model, data, "cpu"), n, "cpu", group, shared))
+        if group.is_root:
+            live, replayed = pops
+            same_sites = list(live.sites) == list(replayed.sites) and all(
+                _same(live.sites[a][0], replayed.sites[a][0]) and _same(live.sites[a][1], replayed.sites[a][1])
+                for a in live.sites)
+            out[key] = {"sites": list(live.sites), "same_sites": same_sites,
+                        "same_weights": torch.equal(live.log_weights, replayed.log_weights),
+                        "state_moves": live.extra["state_moves"]}
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
 #: rank 1's data send its particles down the other branch: both ranks reach their first
 #: checkpoint together, at different observes
 DIVERGING = """
@@ -281,7 +363,7 @@ def hang_job(group: D.Group) -> dict:
     return {}
 
 
-JOBS = {"law": law_job, "runs": runs_job, "live": live_job, "chains": chains_job, "raise": raise_job, "diverge": diverge_job, "kill": kill_job, "hang": hang_job}
+JOBS = {"law": law_job, "runs": runs_job, "live": live_job, "oracle": oracle_job, "chains": chains_job, "raise": raise_job, "diverge": diverge_job, "kill": kill_job, "hang": hang_job}
 
 
 def main() -> None:
