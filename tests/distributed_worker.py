@@ -258,12 +258,14 @@ def main(ys):
 
 #: key -> (model, data, particles): the same seeded run with the live state moved and with
 #: the moved traces replayed (the mechanism before), which must agree bit for bit
-ORACLE = {"ssm": (SSM, {"ys": SSM_YS}, 301), "branchy": (BRANCHY, {"y": 1.5}, 302),
-          "list_ssm": (LIST_SSM, {"ys": SSM_YS[:5]}, 203), "discrete": (DISCRETE, {"ys": [0.6, 1.1, 0.2, 1.9]}, 301),
-          "mapped": (MAPPED, {"ys": [0.3, -1.2, 0.8, 2.0]}, 301)}
+ORACLE = {"ssm": (SSM, {"ys": SSM_YS}, 301, {}), "branchy": (BRANCHY, {"y": 1.5}, 302, {}),
+          "list_ssm": (LIST_SSM, {"ys": SSM_YS[:5]}, 203, {}),
+          "discrete": (DISCRETE, {"ys": [0.6, 1.1, 0.2, 1.9]}, 301, {}),
+          "mapped": (MAPPED, {"ys": [0.3, -1.2, 0.8, 2.0]}, 301, {}),
+          "ssm_adaptive": (SSM, {"ys": SSM_YS}, 301, {"ess_threshold": 0.6, "resampling": "multinomial"})}
 
 
-def _replayed_smc(interp, entry, data, particles, device, group, shared):
+def _replayed_smc(interp, entry, data, particles, device, group, shared, **options):
     """Distributed SMC as it was before the live state moved: at each resampling the
     traces move as rows and each rank rebuilds its shard by replaying them up to the
     checkpoint (resample-move's handler and loop with no moves)."""
@@ -271,7 +273,7 @@ def _replayed_smc(interp, entry, data, particles, device, group, shared):
     from ppl.inference.resample_move import drive_rebuilding
     sizes = D.shard_sizes(particles, group.size)
     n = sizes[group.rank]
-    h = ID._DistributedResampleMove(n, device, None, group=group, total=particles, shared=shared)
+    h = ID._DistributedResampleMove(n, device, None, group=group, total=particles, shared=shared, **options)
 
     def arrived():
         incoming, h.incoming = h.incoming, None
@@ -288,13 +290,13 @@ def oracle_job(group: D.Group) -> dict:
     from ppl.inference import distributed as ID
     from ppl.inference.methods import _program
     out = {}
-    for key, (source, data, n) in ORACLE.items():
+    for key, (source, data, n, options) in ORACLE.items():
         model = ppl.model(source)
         pops = []
         for run in (ID.distributed_smc, _replayed_smc):
             shared = torch.Generator().manual_seed(D.derive_seed(17, -1))
             with rng.run(D.derive_seed(17, group.rank)):
-                pops.append(run(*_program(model, data, "cpu"), n, "cpu", group, shared))
+                pops.append(run(*_program(model, data, "cpu"), n, "cpu", group, shared, **options))
         if group.is_root:
             live, replayed = pops
             same_sites = list(live.sites) == list(replayed.sites) and all(

@@ -370,14 +370,16 @@ def test_smc_moves_the_live_state_between_ranks_without_replaying(jobs, name, ke
 
 
 @pytest.mark.parametrize("name", ["k2", "k3"])
-@pytest.mark.parametrize("key", ["ssm", "branchy", "list_ssm", "discrete", "mapped"])
+@pytest.mark.parametrize("key", ["ssm", "branchy", "list_ssm", "discrete", "mapped", "ssm_adaptive"])
 def test_moving_the_live_state_gives_the_population_replaying_gave(jobs, name, key):
     """The same seeded distributed SMC run, once moving the live state and once replaying
     the moved traces up to the checkpoint (the mechanism before, whose law is the single-
     process one): the final populations agree exactly, every site (values, presence) and
     every log weight, and the live state did move. Models: the SSM, BRANCHY (a variable only
     some particles assign, a twist), the list-state SSM (a checkpoint inside a called
-    function), a state updated on one branch only, a checkpoint inside ``map``'s lambda."""
+    function), a state updated on one branch only, a checkpoint inside ``map``'s lambda,
+    the SSM resampled when the ESS falls below 0.6 N (the digests then compared by one
+    more all_gather at a resampling)."""
     got = _result(jobs, name, "oracle")[key]
     assert got["same_sites"] and got["same_weights"], got
     assert got["state_moves"] > 0 and "return" in got["sites"]
