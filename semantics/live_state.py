@@ -209,6 +209,10 @@ class _Walker:
             self.place(path, obj, None, None, ("record", type(obj).__name__), **kw)
             for f in fields(obj):
                 self.visit(getattr(obj, f.name), f"{path}.{f.name}")
+        elif _attributes(obj) is not None:  # another object: its attributes, in a fixed order
+            self.place(path, obj, None, None, ("object", type(obj).__qualname__), **kw)
+            for name, value in _attributes(obj):
+                self.visit(value, f"{path}.{name}")
         else:
             raise _refuse(path, f"a value of type {type(obj).__name__}")
 
@@ -261,6 +265,17 @@ class _Walker:
 #: the locals a suspended generator of the interpreter still reads after its suspension
 #: (the others, e.g. a call's arguments once bound in its frame, are dead: never compared)
 _LIVE_LOCALS = {"Interpreter.run": (), "Interpreter.call_closure": ("fr", "ctx", "live")}
+
+
+def _attributes(obj) -> list | None:
+    """An object's attributes (instance dict and slots), sorted by name; None for an
+    object without them (a C-level object the walk cannot see into)."""
+    names = set(getattr(obj, "__dict__", {}) or ())
+    for cls in type(obj).__mro__:
+        names.update(s for s in getattr(cls, "__slots__", ()) if isinstance(s, str) and not s.startswith("__"))
+    if not names and not hasattr(obj, "__dict__"):
+        return None
+    return [(n, getattr(obj, n)) for n in sorted(names) if hasattr(obj, n)]
 
 
 def _span(span) -> tuple:
