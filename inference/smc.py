@@ -158,12 +158,23 @@ class SMCHandler(Weighting):
             if isinstance(ancestors, tuple):  # a weighted resampler: (ancestors, new log weights)
                 ancestors, new_lw = ancestors
             self.lineage.resample(ancestors)
-            self.log_weights = torch.zeros_like(lw) if new_lw is None else new_lw.to(lw.dtype)
+            self.log_weights = self._zero_weights(lw) if new_lw is None else new_lw.to(lw.dtype)
             lme = 0.0 if new_lw is None else log_mean_exp(self.log_weights)
         self.history.append(StepRecord(eff.addr, ess, resample, self.log_z + lme))
         if self.bar is not NO_BAR:
             self.bar.set_postfix_str(f"ESS {ess:.0f}/{self.N}", refresh=False)
             self.bar.update(1)
+
+    _zeros = None  # this run's all-zero log weights (one tensor, reused: see _zero_weights)
+
+    def _zero_weights(self, lw):
+        """All-zero log weights like ``lw``: one tensor per handler, made once and handed out
+        after every resampling (no update writes into the log weights: each makes a new
+        tensor), instead of a ``zeros_like`` per step."""
+        z = self._zeros
+        if z is None or z.shape != lw.shape or z.dtype != lw.dtype or z.device != lw.device:
+            z = self._zeros = torch.zeros_like(lw)
+        return z
 
     def _resample(self, lw, w, s):
         """The ancestor indices (N of them) for log weights ``lw`` (``w = exp(lw - max)``,

@@ -400,6 +400,8 @@ class LMValue:
             raise PPLRuntimeError(f"{self.name}: next_logprobs returned "
                                   f"{tuple(lp.shape) if isinstance(lp, torch.Tensor) else type(lp).__name__}, "
                                   f"expected a tensor of shape {(len(todo), self.V)}")
+        if lp.dtype == dtype and lp.device.type == "cpu" and str(device) == "cpu":
+            return lp  # (what ``to`` returns then, without its dispatch)
         return lp.to(device=device, dtype=dtype)
 
     def exact_probs(self, context: tuple) -> list:
@@ -770,7 +772,8 @@ class _LMDist(DistValue):
         DistValue.__init__(self, spec, (lmv, context, opts, mask, False))
         self.lmv, self.context, self.opts, self.mask = lmv, context, opts, mask
         self._cache = None  # (ctx.idx, *ctx.generation) -> computed rows
-        self._last = None   # (value, log_prob, log_mass) of the last draw
+        self._last = None   # (value, log_prob, log_mass) of the last draw (log_prob: maybe a function
+        #                     that computes it: ``TokenDist.sample``'s direct draw)
 
     def python_args(self) -> list:
         return [self.lmv, self.context, self.opts, self.mask, True]
@@ -818,7 +821,8 @@ class _LMDist(DistValue):
         if hit is None:
             self.log_prob(value, ctx)
             hit = self._recall(value, ctx)
-        return Batched(hit[2].to(torch.get_default_dtype()), ctx.idx)
+        lmass, dtype = hit[2], torch.get_default_dtype()
+        return Batched(lmass if lmass.dtype == dtype else lmass.to(dtype), ctx.idx)
 
 
 def _draw_rows(lmv: LMValue, contexts: list, opts: _Opts, mask_rows, device, base=None):
@@ -887,15 +891,16 @@ def _additive(mask: torch.Tensor, dtype) -> torch.Tensor:
     return add
 
 
-def _sample_rows(draw: torch.Tensor) -> torch.Tensor:
+def _sample_rows(draw: torch.Tensor, uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of the log-probabilities ``draw`` (-inf on the tokens a row rules
-    out), from the run's generator: ``_invert_cdf`` of each row's probabilities."""
+    out), from the run's generator: ``_invert_cdf`` of each row's probabilities.
+    ``uniforms``: the U's [R, 1] to use, already drawn (``_draw_plain``'s, when it declined)."""
     cdf = torch.cumsum(torch.exp(draw.double()), -1)
     total = cdf[:, -1:]
     if not _positive_finite(total):
         raise PPLRuntimeError("the language model's next-token probabilities are not finite and positive "
                               "(NaN, infinite, or all zero)")
-    return _invert_cdf(cdf, total)
+    return _invert_cdf(cdf, total, uniforms=uniforms)
 
 
 def _positive_finite(total: torch.Tensor) -> bool:
@@ -904,7 +909,8 @@ def _positive_finite(total: torch.Tensor) -> bool:
     return lo.item() > 0 and hi.item() < math.inf
 
 
-def _invert_cdf(cdf: torch.Tensor, total: torch.Tensor, squeeze: bool = True) -> torch.Tensor:
+def _invert_cdf(cdf: torch.Tensor, total: torch.Tensor, squeeze: bool = True,
+                uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse-CDF sampling, one uniform per row: for the cumulative sums ``cdf`` [R, V]
     (float64) of non-negative weights with row totals ``total`` [R, 1] (finite, > 0), the
     index of the first entry whose cumulative sum exceeds u = U * total, U ~ [0, 1).
@@ -915,21 +921,32 @@ def _invert_cdf(cdf: torch.Tensor, total: torch.Tensor, squeeze: bool = True) ->
     cdf_{i-1} <= u < cdf_i, and adding a zero leaves the sum unchanged. The index is never
     past the end: U < 1 gives U * total < total in floating point (round to nearest:
     the exact product lies within half a unit of the last place below the total, or is
-    representable), so some cdf_i = total exceeds u. (Tested in tests/test_lm_overhead.py:
-    masked and tiny probabilities, the largest uniform, and the law.) ``squeeze=False``:
-    the indices as [R, 1]."""
-    u = rng.rand(total.shape, dtype=cdf.dtype, device=cdf.device) * total
-    ids = torch.searchsorted(cdf, u, right=True)
+    representable; for a normal total), so some cdf_i = total exceeds u. (Tested in
+    tests/test_lm_overhead.py: masked and tiny probabilities, the largest uniform, and
+    the law.) ``squeeze=False``: the indices as [R, 1]. ``uniforms``: the U's [R, 1]
+    (default: drawn here from the run's generator)."""
+    if uniforms is None:
+        uniforms = rng.rand(total.shape, dtype=cdf.dtype, device=cdf.device)
+    ids = torch.searchsorted(cdf, uniforms * total, right=True)
     return ids.squeeze(1) if squeeze else ids
 
 
-def _sample_plain(lmv, base: torch.Tensor, contexts: list, mask_rows, eos_allowed: bool):
+def _draw_plain(lmv, base: torch.Tensor, contexts: list, mask_rows, eos_allowed: bool):
     """A draw straight from the backend's rows ``base`` for plain decoding options and a
     mask shared by every row (or none; ``eos_allowed``: whether it allows the
-    end-of-sequence token): (ids, log q(ids), log Z) with q the masked distribution
-    renormalised and Z its mass, without building the normalised rows. None where a row
-    has no mass (or is not finite): the caller then goes the general way (``_draw_rows``:
-    uniform over the allowed set, or the backend's error).
+    end-of-sequence token), without building the normalised rows: (the ids as a list,
+    log q(ids) as a function that computes it, log Z [R]), with q the masked
+    distribution renormalised and Z its mass. (Under SMC's prior draws log q is never
+    asked for: its gather and subtraction are left to ``TokenDist.log_prob``.)
+
+    Where some row has no mass (or is not finite): the uniforms drawn [R, 1] instead; the
+    caller then goes the general way with them (``_draw_rows``: uniform over the allowed
+    set, or the backend's error; ``_sample_rows(draw, uniforms)``: the same random numbers).
+    Such a row is recognised by its index, not by a reduction and a sync before the draw:
+    U * total is NaN, +inf or 0 there (total NaN, +inf or 0), and no cumulative sum
+    exceeds it, so the search returns the row length V; a row of finite positive total
+    never gives V (``_invert_cdf``), except for a subnormal total, which goes the general
+    way too (it normalises first).
 
     The probabilities are exponentiated in the rows' dtype and summed in float64
     (``_invert_cdf``); a token whose probability underflows there (log p below about
@@ -946,15 +963,27 @@ def _sample_plain(lmv, base: torch.Tensor, contexts: list, mask_rows, eos_allowe
                 masked = torch.where(fin[:, None], base, masked)
     cdf = torch.cumsum(torch.exp(masked), -1, dtype=torch.float64)
     total = cdf[:, -1:]
-    logz = torch.log(total)  # (0 on a finished row: its total is exp(0) = 1)
-    if not math.isfinite(logz.sum().item()):  # a row of mass zero, NaN or infinite
-        return None
-    ids = _invert_cdf(cdf, total, squeeze=False)
+    uniforms = rng.rand(total.shape, dtype=cdf.dtype, device=cdf.device)
+    ids = _invert_cdf(cdf, total, squeeze=False, uniforms=uniforms)
+    id_list = ids.view(-1).tolist()
+    if id_list and max(id_list) >= cdf.shape[1]:  # a row of mass zero, NaN or infinite
+        return uniforms
     if mask_rows is None:  # (what the general rows give: the backend's log q, no constraint mass)
-        return ids.squeeze(1), base.gather(1, ids).squeeze(1), torch.zeros(len(contexts), dtype=base.dtype,
-                                                                             device=base.device)
-    logz = logz.to(base.dtype).squeeze(1)
-    return ids.squeeze(1), masked.gather(1, ids).squeeze(1) - logz, logz
+        return id_list, lambda: base.gather(1, ids).squeeze(1), torch.zeros(len(contexts), dtype=base.dtype,
+                                                                              device=base.device)
+    logz = torch.log(total).view(-1)  # (0 on a finished row: its total is exp(0) = 1)
+    logz = logz.float() if base.dtype == torch.float32 else logz.to(base.dtype)  # (.float(): less dispatch)
+    return id_list, lambda: masked.gather(1, ids).squeeze(1) - logz, logz
+
+
+def _sample_plain(lmv, base: torch.Tensor, contexts: list, mask_rows, eos_allowed: bool):
+    """``_draw_plain``'s draw as tensors: (ids, log q(ids), log Z), each [R]; None where a
+    row has no mass (or is not finite)."""
+    drawn = _draw_plain(lmv, base, contexts, mask_rows, eos_allowed)
+    if type(drawn) is not tuple:
+        return None
+    id_list, log_q, logz = drawn
+    return torch.tensor(id_list, dtype=torch.long, device=base.device), log_q(), logz
 
 
 class TokenDist(_LMDist):
@@ -987,17 +1016,17 @@ class TokenDist(_LMDist):
             # the common case: straight from the backend's rows (no normalised rows built)
             contexts = self.lmv.contexts(self.context, ctx)
             base = self.lmv.base_logprobs(contexts, ctx.device)
-            drawn = _sample_plain(self.lmv, base, contexts, self._mask_rows(ctx),
-                                  self.mask is None or self.lmv.eos_id in self.mask.ids)
-            if drawn is None:  # a row of mass zero (or not finite): the general way, same backend rows
-                self._rows(ctx, contexts, base)
-        if drawn is None:
-            draw, logz = self._rows(ctx)
-            ids = _sample_rows(draw)
-            lp = draw.gather(1, ids[:, None]).squeeze(1)
+            drawn = _draw_plain(self.lmv, base, contexts, self._mask_rows(ctx),
+                                self.mask is None or self.lmv.eos_id in self.mask.ids)
+            if type(drawn) is not tuple:  # a row of mass zero (or not finite): the general way,
+                self._rows(ctx, contexts, base)  # same backend rows, same uniforms (``drawn``)
+        if type(drawn) is tuple:
+            id_list, lp, logz = drawn  # (lp: a function, called if log_prob is asked for)
         else:
-            ids, lp, logz = drawn
-        id_list = ids.tolist()
+            draw, logz = self._rows(ctx)
+            ids = _sample_rows(draw, drawn)
+            lp = draw.gather(1, ids[:, None]).squeeze(1)
+            id_list = ids.tolist()
         toks = list(map(self.lmv._tokens.get, id_list))  # (the tokens made before)
         if None in toks:
             token = self.lmv.token
@@ -1009,7 +1038,11 @@ class TokenDist(_LMDist):
     def log_prob(self, value, ctx):
         hit = self._recall(value, ctx)
         if hit is not None:
-            return hit[1]
+            lp = hit[1]
+            if not isinstance(lp, torch.Tensor):  # the direct draw's, computed now
+                lp = lp()
+                self._last = (hit[0], lp, *hit[2:])
+            return lp
         draw, logz = self._rows(ctx)
         vals = materialize(value, ctx)
         lmv = self.lmv
