@@ -18,7 +18,6 @@ error (``potential.RandomStructure``) naming the choice.
 """
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -30,24 +29,31 @@ from ..stdlib.progress import progress_bar
 from . import hmc as kernels
 from .adaptation import WindowedAdaptation
 from .diagnostics import site_diagnostics
+from .discrete_gibbs import GraphSiteMoves
 from .mh import initial_state
 from .population import Chains
 from .potential import Potential, RandomStructure, build_potential
 from .randomness import TorchRandomness
 
 KERNELS = ("nuts", "hmc")
-COMPILE_CHECK = 100  # compile="auto" decides after this many iterations (see _compile_when_it_pays)
-#: compile="auto" loads a graph compiled on this machine before (Inductor's disk cache: ~0.3-1.5 s
-#: CPU with the checks) at once for runs of at least this many iterations (eight schools saves
-#: ~3.4 ms an iteration on it; shorter runs decide as for a graph never compiled)
-CACHED_COMPILE_MIN_ITERATIONS = 1000
 DENSE_AUTO_MAX_DIM = 10  # dense_mass="auto": a dense mass matrix up to this many unconstrained dimensions
-COMPILE_SAVES = 0.85  # the fraction of the TorchScript graph's time TorchInductor saves (~6-15x faster)
-COMPILE_COST = 4.0    # Inductor's compilation / the recording's time (measured: 3-4x)
-# ... and per operation of the graph: Inductor's CPU seconds measured (one thread, load 5-7) on
-# GARCH's graphs: 56 s for 7,693 operations, 33 s for 4,032; eight schools' ~130: ~5 s
+# compile="auto" (``compile_decision``): TorchInductor at the start iff a run's iterations x the
+# graph's operations x SAVED_PER_OP_ITERATION exceed its compile cost COMPILE_FIXED +
+# COMPILE_PER_OP x operations: a pure function of the graph and the run's options, never of
+# timings or of what Inductor's disk cache holds (the cache only makes a chosen compile cheap).
+# A cache miss measured (one thread, load 9-11, graphs new to the cache; CPU seconds of the
+# process, then of its gcc children): eight schools (164 operations) 3.3 + 3.3, logistic
+# regression (157) 3.2 + 2.9, a marginal mixture (284) 4.2 + 3.0, a hierarchical regression
+# (836) 13.9 + 4.4, GARCH (4,115) 31.5 + 7.3; the line below lies between the process's own
+# time and the total (a cache hit costs ~0.3-1.5 s, but the rule must not ask the cache)
 COMPILE_FIXED = 4.0        # seconds
 COMPILE_PER_OP = 0.008     # seconds per graph operation
+# TorchScript spends ~1.3-1.7 us per operation and evaluation on the 4-chain graphs of the
+# bench models, Inductor ~0.2 (GARCH, the GP, calendar: ~1.1 against ~0.15): ~0.9-1.5 us saved;
+# NUTS makes 8-39 evaluations per iteration on them (calendar: ~900, at the maximum depth), so
+# 11-57 us per operation and iteration (logistic 10.8, GP 12.6, mixture 14.6, AR 18.9, eight
+# schools 26.4, GARCH 35.0, hierarchical regression 57.1): their median
+SAVED_PER_OP_ITERATION = 19e-6  # seconds
 
 
 def gradient_mcmc(interp, entry: str, data: dict, *, kernel: str = "nuts", chains: int = 4, samples: int = 1000,
@@ -59,39 +65,41 @@ def gradient_mcmc(interp, entry: str, data: dict, *, kernel: str = "nuts", chain
     leapfrog steps, default 10) as one batch: ``Chains`` of ``samples`` draws each after
     ``warmup`` adaptation iterations. ``extra``: per-chain step size, divergences (warm-up
     and sampling), tree depths, E-BFMI, and whether the potential ran as a traced graph
-    (``traced``) compiled by TorchInductor (``compile``: True, False, or "auto" = after
-    ``COMPILE_CHECK`` iterations, when the time it would save on the rest of the run
-    exceeds its cost: ``_compile_when_it_pays``; at once when this graph was compiled on
-    this machine before and the run has ``CACHED_COMPILE_MIN_ITERATIONS``: Inductor's disk
-    cache then loads it in a fraction of a second). ``dense_mass``: True, False, or "auto" = a
+    (``traced``) compiled by TorchInductor (``compile``: True, False, or "auto" = when the
+    static cost model of ``compile_decision`` says it pays for this graph and run length;
+    else ``why_not_compiled`` says why). ``dense_mass``: True, False, or "auto" = a
     dense mass matrix when the potential has at most ``DENSE_AUTO_MAX_DIM`` dimensions,
     starting from each chain's ``initial_inverse_mass`` (the inverse curvature at its
-    initial point) instead of the identity."""
+    initial point) instead of the identity.
+
+    Reproducibility: a seeded run's draws depend only on the seed, the model, the data and
+    the options (and the machine's floating-point behaviour, including whether it has a C++
+    compiler for TorchInductor): under ``compile="auto"`` (and ``PPL_NUTS_LOOP=auto``) every
+    backend choice -- TorchScript or TorchInductor for the potential, the whole NUTS
+    transition compiled (``hmc._fuse_now``) -- is a function of the model's graph and the
+    run's options, never of timings, machine load or what the compile cache holds; the
+    cache only makes a chosen compile cheap. ``compile=True``/``False`` select a backend
+    explicitly: the same posterior law, but other numbers (the backends round differently)."""
     if kernel not in KERNELS:
         raise PPLRuntimeError(f"unknown gradient kernel {kernel!r}", hint=f"one of {', '.join(KERNELS)}")
     randomness = randomness or TorchRandomness()
     model = ModelRun(interp, entry, data, device)
     state = initial_state(interp, entry, data, chains, device, randomness)
-    # "auto": a graph compiled on this machine before is loaded from Inductor's disk cache at
-    # once (a fraction of a second) for a run of CACHED_COMPILE_MIN_ITERATIONS or more, else
-    # decided after COMPILE_CHECK iterations
-    cached = compile == "auto" and warmup + samples >= CACHED_COMPILE_MIN_ITERATIONS
-    potential = build_potential(model, state, traced=traced, compile="cached" if cached else compile is True)
+    rule = compile_decision(warmup + samples) if compile == "auto" else compile is True
+    potential = build_potential(model, state, traced=traced, compile=rule)
     z0 = potential.initial(randomness)
     dense_mass, inverse_mass = _mass_matrix(potential, z0, dense_mass)
     started = time.perf_counter()
-    decide = _compile_when_it_pays(potential, warmup + samples) if compile == "auto" else None
     if potential.discrete:
         draws, given_draws = _gibbs(model, potential, z0, randomness, kernel=kernel, samples=samples, warmup=warmup,
                                     target_accept=target_accept, max_tree_depth=max_tree_depth,
-                                    dense_mass=dense_mass, num_steps=num_steps, progress=progress, also=decide,
+                                    dense_mass=dense_mass, num_steps=num_steps, progress=progress,
                                     inverse_mass=inverse_mass)
     else:
         draws = kernels.sample_nuts(potential, z0, samples=samples, warmup=warmup, kernel=kernel,
                                     randomness=randomness, target_accept=target_accept,
                                     max_tree_depth=max_tree_depth, dense_mass=dense_mass, num_steps=num_steps,
-                                    step_size=step_size, progress=progress, between=decide,
-                                    inverse_mass=inverse_mass)
+                                    step_size=step_size, progress=progress, inverse_mass=inverse_mass)
         given_draws = None
     seconds = time.perf_counter() - started
     out = _as_chains(kernel, potential, draws, given_draws, seconds)
@@ -181,42 +189,32 @@ def draw_stats(draws) -> dict:
 
 
 def compile_cost(potential: Potential) -> float:
-    """Estimated CPU seconds TorchInductor takes to compile the potential's graph: the
-    larger of ~``COMPILE_COST`` x the seconds recording it took and ``COMPILE_FIXED`` +
-    ``COMPILE_PER_OP`` per operation (a long graph, e.g. a loop of 150 steps unrolled,
-    costs seconds per thousand operations however fast it was recorded)."""
+    """Estimated CPU seconds TorchInductor takes to compile the potential's graph on a cache
+    miss: ``COMPILE_FIXED`` + ``COMPILE_PER_OP`` per operation (a long graph, e.g. a loop of
+    150 steps unrolled, costs seconds per thousand operations)."""
     recorded = getattr(potential, "_recorded", None)
-    ops = len(recorded[0].graph.nodes) if recorded else 0
-    return max(COMPILE_COST * potential.build_seconds, COMPILE_FIXED + COMPILE_PER_OP * ops)
+    return _compile_cost(len(recorded[0].graph.nodes) if recorded else 0)
 
 
-def _compile_when_it_pays(potential: Potential, iterations: int):
-    """A ``between`` hook for ``compile="auto"``: after ``COMPILE_CHECK`` iterations on the
-    TorchScript graph, compile it with TorchInductor when the time it would save on the
-    remaining iterations (measured: graph seconds per iteration over the second half of
-    those iterations, of which Inductor saves
-    ~``COMPILE_SAVES``) exceeds its estimated cost (``compile_cost``: from the recording's
-    time and the graph's size). The recording itself is spent before this decision (it
-    pays for itself against the interpreter within a few hundred evaluations)."""
-    done, at_half = 0, 0.0
+def _compile_cost(ops: int) -> float:
+    return COMPILE_FIXED + COMPILE_PER_OP * ops
 
-    def hook(state):
-        nonlocal done, at_half
-        done += 1
-        if done == COMPILE_CHECK // 2:  # the first iterations (deep trees at tiny steps) are not typical
-            at_half = potential.graph_seconds
-        if done == COMPILE_CHECK and potential.traced and not potential.compiled:
-            per_iteration = (potential.graph_seconds - at_half) / (COMPILE_CHECK - COMPILE_CHECK // 2)
-            saved = COMPILE_SAVES * per_iteration * (iterations - COMPILE_CHECK)
-            cost = compile_cost(potential)
-            if saved > cost + 1.0:
-                potential.compile_now()
-            else:
-                potential.why_not_compiled = (f"compile='auto': compiling would cost ~{cost:.0f} s and save "
-                                              f"~{saved:.0f} s on the remaining {iterations - COMPILE_CHECK} "
-                                              "iterations")
-        return state
-    return hook
+
+def compile_decision(iterations: int):
+    """``compile="auto"``'s rule for a run of ``iterations`` (warm-up + draws), as
+    ``build_potential`` takes it: a function of the recorded graph that returns None
+    (compile it with TorchInductor now) when the time it would save, ``iterations`` x its
+    operations x ``SAVED_PER_OP_ITERATION``, exceeds its compile cost (``compile_cost``),
+    else why not (the potential's ``why_not_compiled``). A static cost model: the same
+    graph and run length give the same backend on every run (compile or load alike)."""
+    def decide(graph) -> str | None:
+        ops = len(graph.graph.nodes)
+        cost, saved = _compile_cost(ops), iterations * ops * SAVED_PER_OP_ITERATION
+        if saved > cost:
+            return None
+        return (f"compile='auto': compiling this graph of {ops} operations would cost ~{cost:.0f} s and save "
+                f"~{saved:.0f} s on the run's {iterations} iterations")
+    return decide
 
 
 def _repeat(given: dict, S: int) -> dict:
@@ -225,30 +223,32 @@ def _repeat(given: dict, S: int) -> dict:
 
 
 def _gibbs(model: ModelRun, potential: Potential, z0, randomness, *, kernel, samples, warmup, target_accept,
-           max_tree_depth, dense_mass, num_steps, progress, also=None, inverse_mass=None):
+           max_tree_depth, dense_mass, num_steps, progress, inverse_mass=None):
     """Alternate a systematic scan of single-site MH on the discrete choices (each
     regenerated from its prior, accepted with its Metropolis-Hastings ratio) with one
     NUTS/HMC transition on the continuous ones given the discrete ones. Returns the
-    continuous draws and the discrete values of each kept draw ([C, S, ...]). ``also``:
-    another ``between`` hook, called after the sweep."""
+    continuous draws and the discrete values of each kept draw ([C, S, ...])."""
     kept: list = []
     calls = 0
+    through_graph = GraphSiteMoves.build(model, potential, z0)  # (None: the interpreter's sweep)
+    potential.discrete_moves = "graph" if through_graph is not None else "interpreter"
 
     def discrete_sweep(hstate):
         nonlocal calls
-        values, _ = potential.constrain(hstate.z)
-        present = {a: torch.ones(potential.C, dtype=torch.bool, device=potential.device) for a in values}
-        state, _ = gfi.generate(model, Choices(values, present))
-        for addr in potential.discrete:
-            new, log_alpha = gfi.regenerate(model, state, {addr: state.present[addr]}, randomness)
-            state, _ = gfi.metropolis(state, new, log_alpha, randomness)
-        _check_structure(potential, state)
-        potential.set_given({a: state.values[a] for a in potential.discrete})
+        if through_graph is not None:
+            through_graph.sweep(hstate.z, hstate.logp, randomness)
+        else:
+            values, _ = potential.constrain(hstate.z)
+            present = {a: torch.ones(potential.C, dtype=torch.bool, device=potential.device) for a in values}
+            state, _ = gfi.generate(model, Choices(values, present))
+            for addr in potential.discrete:
+                new, log_alpha = gfi.regenerate(model, state, {addr: state.present[addr]}, randomness)
+                state, _ = gfi.metropolis(state, new, log_alpha, randomness)
+            _check_structure(potential, state)
+            potential.set_given({a: state.values[a] for a in potential.discrete})
         if calls >= warmup:
             kept.append(dict(potential.given))
         calls += 1
-        if also is not None:
-            also(hstate)
         return kernels.init_state(potential, hstate.z)
 
     draws = kernels.sample_nuts(potential, z0, samples=samples, warmup=warmup, kernel=kernel, randomness=randomness,

@@ -59,17 +59,14 @@ from .adaptation import WindowedAdaptation
 #: an energy error above this is a divergence (Stan's max_deltaH)
 MAX_DELTA_ENERGY = 1000.0
 
-#: ``sample_nuts`` builds NUTS's fused leaf (``_FusedLeaf``) only with at least this many
-#: transitions left: its TorchInductor compilation took 1-5 s CPU here (eight schools, AR(2),
-#: logistic regression), and it saved ~40-120 us per leaf, ~0.3-1 ms per transition
-#: (4 chains x 1000 x 1000 on eight schools: 12.2 s fused against 11.6 s unfused, load ~3)
+#: ``sample_nuts`` builds NUTS's whole transition as one compiled program (``inference.nuts_loop``:
+#: a first compile cost 13-15 s CPU plus 50-80 s of gcc here, then saved ~2 ms per transition
+#: on eight schools), or failing that the fused leaf (``_FusedLeaf``: its TorchInductor
+#: compilation took 1-5 s CPU here on eight schools, AR(2), logistic regression, and it saved
+#: ~40-120 us per leaf, ~0.3-1 ms per transition; 4 chains x 1000 x 1000 on eight schools:
+#: 12.2 s fused against 11.6 s unfused, load ~3), only with at least this many transitions
+#: left -- whatever the compile cache holds (``_fuse_now``)
 FUSE_MIN_ITERATIONS = 5000
-
-#: ... and the whole transition as one compiled program (``inference.nuts_loop``) with at least
-#: ``FUSE_MIN_ITERATIONS`` transitions left, or at least this many where a previous process
-#: compiled it for this graph (its library then loads from the cache: ~2 s CPU to record and
-#: check it, against ~2 ms saved per transition on eight schools)
-LOOP_CACHED_MIN_ITERATIONS = 1000
 
 _F64 = torch.float64
 
@@ -609,27 +606,13 @@ def _cached(caches: "weakref.WeakKeyDictionary", potential, key, build: bool, ma
     return cache[key]
 
 
-def _fuse_now(potential, metric: Metric, max_tree_depth: int, left: int):
-    """``nuts_step``'s ``fuse`` with ``left`` transitions to go: True (build the compiled
-    transition, or the fused leaf) with at least ``FUSE_MIN_ITERATIONS``, "loop" (the
-    compiled transition only) with at least ``LOOP_CACHED_MIN_ITERATIONS`` where its library
-    is in the cache, else False."""
-    if left >= FUSE_MIN_ITERATIONS:
-        return True
-    if left < LOOP_CACHED_MIN_ITERATIONS:
-        return False
-    return "loop" if _loop_compiled_before(potential, metric, max_tree_depth) else False
-
-
-def _loop_compiled_before(potential, metric: Metric, max_tree_depth: int) -> bool:
-    recorded = _offered_graph(potential, "auto")
-    if recorded is None:
-        return False
-    from .nuts_loop import compiled_before
-    key = ("compiled before", id(recorded[0]), tuple(metric.inv_mass.shape), max_tree_depth)
-    return bool(_cached(_LOOP_CACHE, potential, key, True,
-                        lambda: compiled_before(recorded[0], potential.graph_inputs(), metric.inv_mass,
-                                                max_tree_depth)))
+def _fuse_now(left: int) -> bool:
+    """``nuts_step``'s ``fuse`` with ``left`` transitions to go: build the compiled
+    transition (or failing that the fused leaf) with at least ``FUSE_MIN_ITERATIONS``. A
+    function of the run's length only -- never of what the compile cache holds or of
+    timings -- so that a seeded run's draws do not depend on them (the compiled transition
+    picks a sub-tree's state progressively: the same law as the eager kernel, other draws)."""
+    return left >= FUSE_MIN_ITERATIONS
 
 
 def _build_transition(potential, gm, metric: Metric, max_tree_depth: int, state: State):
@@ -682,7 +665,7 @@ class _FusedLeaf:
 
     def __init__(self, run, gm, nodes: int, timed: bool):
         self.run, self.gm, self.nodes = run, gm, nodes
-        self.timed = timed  # count the potential's evaluations and time (compile="auto" reads them on TorchScript)
+        self.timed = timed  # count the potential's evaluations and time on TorchScript (measurements only)
 
     @classmethod
     def build(cls, potential, gm, backend: str, metric: Metric, max_tree_depth: int, z: torch.Tensor):
@@ -934,7 +917,7 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
             if between is not None:
                 state = between(state)
             state, info = transition(potential, state, step, metric, randomness,
-                                     fuse=_fuse_now(potential, metric, max_tree_depth, warmup + samples - i))
+                                     fuse=_fuse_now(warmup + samples - i))
             warm_div += info.divergent
             step, inv_mass = adapt.update(i, state.z, info.accept_stat)
             if inv_mass is not None:
@@ -952,7 +935,7 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
             if between is not None:
                 state = between(state)
             state, info = transition(potential, state, step, metric, randomness,
-                                     fuse=_fuse_now(potential, metric, max_tree_depth, samples - s))
+                                     fuse=_fuse_now(samples - s))
             out_z[s] = state.z
             stats["logp"][s] = state.logp
             stats["divergent"][s] = info.divergent

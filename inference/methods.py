@@ -195,7 +195,9 @@ def run_nuts(model, data: dict, *, particles: int = 4, samples: int = 1000, burn
     iterations of Stan's windowed adaptation. ``dense_mass``: False (diagonal), True, or
     "auto" (dense up to 10 dimensions, from the inverse curvature at each chain's start).
     ``compile``: TorchInductor for the potential
-    (default "auto": when its measured savings on the run exceed its cost). ``enumerate``:
+    (default "auto": when a static cost model of the graph's size and the run's length says
+    it pays, so that a seeded run's draws never depend on timings or on the compile cache;
+    ``gradient_mcmc.compile_decision``). ``enumerate``:
     discrete choices summed out in the potential (names, or "auto" as for importance; with
     those marked ``@enumerate``; they are
     not in the state; each kept draw gets them drawn from their conditional afterwards,

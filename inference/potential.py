@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -43,7 +44,7 @@ from ..semantics.gfi import ModelRun, TracedState, support_bijection
 from ..semantics.sampling import _WeightAccumulator, column, drive
 from ..semantics.values import Batched, Particles
 from ..stdlib.distributions import deferred_checks
-from .compiled import compiled_before, record, replay
+from .compiled import record, replay
 from .mh_traced import LikelihoodTerms, NotStatic, _taint, factor_rows
 from .observe_groups import ObserveGroups
 
@@ -382,8 +383,9 @@ class Potential:
         return (b, *(self.given[a] for a in self.discrete))
 
     def count_graph_call(self, seconds: float) -> None:
-        """Count one evaluation made inside a kernel's fused graph (for ``compile="auto"``'s
-        measurements: ``evaluations``, ``graph_seconds``)."""
+        """Count one evaluation made inside a kernel's fused graph (``evaluations``,
+        ``graph_seconds``: measurements for diagnosis and benchmarks; no decision reads
+        them, so that a seeded run does not depend on timings)."""
         self.evaluations += 1
         self.graph_seconds += seconds
 
@@ -444,16 +446,17 @@ def _is_continuous(T, value: torch.Tensor) -> bool:
 
 
 def build_potential(model: ModelRun, state: TracedState, *, traced: bool | str = "auto",
-                    compile: bool | str = False) -> Potential:
+                    compile: bool | Callable[[torch.fx.GraphModule], str | None] = False) -> Potential:
     """The potential of ``state.chains`` chains of ``model`` (``state``: a first trace of
     each chain, e.g. ``mh.initial_state``): its continuous choices are laid out in z in
     the order the program makes them; its other choices are held at the state's values.
     ``traced``: "auto" (trace a static program, else eager), True (an error if the program
     cannot be traced), False (eager). ``compile``: compile the traced graph with
     TorchInductor (``inference.compiled``; on failure the TorchScript graph is used and
-    ``why_not_compiled`` says why); ``compile="cached"``: only when this graph was compiled on
-    this machine before (``compiled.compiled_before``: loaded from Inductor's disk cache),
-    without making the TorchScript graph first."""
+    ``why_not_compiled`` says why); or a rule on the recorded graph (``graph -> None`` to
+    compile it, else the reason not to, kept in ``why_not_compiled``: e.g.
+    ``gradient_mcmc.compile_decision``), applied without making the TorchScript graph
+    first where it says compile."""
     C = state.chains
     values = {a: v for a, v in state.values.items()}
     probe = _SupportProbe.run(model, C, values)
@@ -481,7 +484,7 @@ def build_potential(model: ModelRun, state: TracedState, *, traced: bool | str =
     if traced:
         started = time.process_time()
         try:
-            backend = "cached" if compile == "cached" else "inductor" if compile else "jit"
+            backend = compile if callable(compile) else "inductor" if compile else "jit"
             p._graph, p.compiled = _trace(p, backend)
             p.traced = True
         except _CompileFailed as e:
@@ -503,11 +506,12 @@ class _CompileFailed(Exception):
         self.graph, self.why = graph, why
 
 
-def _trace(p: Potential, backend: str = "jit"):
+def _trace(p: Potential, backend: str | Callable[[torch.fx.GraphModule], str | None] = "jit"):
     """(the recorded graph (z, beta, *given) -> (log pi, gradient, parameters valid?) of a
     static program (``inference.compiled``), whether Inductor compiled it); NotStatic if the
     program is not static or the graph disagrees with the interpreter. ``backend``: "jit",
-    "inductor" or "cached" (Inductor if ``compiled_before``, else TorchScript). A graph
+    "inductor", or a rule on the recorded graph (None: Inductor; else TorchScript, the rule's
+    answer kept as ``why_not_compiled``). A graph
     Inductor compiled and that agrees with the interpreter is used without making the
     TorchScript one; if Inductor fails or disagrees, the TorchScript graph is made and
     checked as usual (_CompileFailed carries it)."""
@@ -525,8 +529,10 @@ def _trace(p: Potential, backend: str = "jit"):
     _errors_as_flag(gm)
     p._recorded = (gm, example)
     p._aten = gm
-    if backend == "cached":
-        backend = "inductor" if compiled_before(gm, example()) else "jit"
+    why_not = None
+    if callable(backend):
+        why_not = backend(gm)
+        backend = "jit" if why_not else "inductor"
     why = None
     if backend == "inductor":
         try:
@@ -539,6 +545,7 @@ def _trace(p: Potential, backend: str = "jit"):
     _agrees(p, graph, example)
     if why is not None:
         raise _CompileFailed(graph, why)
+    p.why_not_compiled = why_not
     return graph, False
 
 

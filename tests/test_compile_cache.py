@@ -4,9 +4,10 @@
 environment, so Inductor bypassed its FX graph cache ("No shape env") and every process
 compiled the graph afresh (eight schools: ~2.4 s CPU per run, cached: ~0.35 s). Now the
 cache is used, a marker records which graphs were compiled on this machine
-(``compiled.compiled_before``), and NUTS with ``compile="auto"`` compiles such a graph at
-once instead of running its first ``COMPILE_CHECK`` iterations on TorchScript and then
-deciding (a short run, which would otherwise never compile, compiles too)."""
+(``compiled.compiled_before``, a hint for benchmarks). NUTS with ``compile="auto"`` does
+not ask it: which backend runs (hence a seeded run's draws) is decided from the graph and
+the run's length alone (``gradient_mcmc.compile_decision``); the cache only makes a chosen
+compile cheap."""
 import shutil
 import uuid
 
@@ -80,10 +81,12 @@ def test_the_marker_depends_on_the_graphs_constants_and_input_shapes(fresh_cache
     assert not compiled.compiled_before(compiled.record(g, example), example)
 
 
-def test_compile_auto_compiles_at_once_a_graph_compiled_before(fresh_cache, monkeypatch):
+def _counting_compiles(monkeypatch):
+    """Record each graph handed to Inductor; run it on TorchScript instead (the decision
+    only: Inductor itself is tested above). Returns the list and the potentials built."""
     compiles, potentials = [], []
 
-    def replay(gm, example_inputs, backend="jit", **kwargs):  # the decision only: Inductor is tested above
+    def replay(gm, example_inputs, backend="jit", **kwargs):
         if backend == "inductor":
             compiles.append(gm)
             return compiled.replay(gm, example_inputs, "jit")
@@ -95,25 +98,32 @@ def test_compile_auto_compiles_at_once_a_graph_compiled_before(fresh_cache, monk
     build = gradient_mcmc.build_potential
     monkeypatch.setattr(potential_module, "replay", replay)
     monkeypatch.setattr(gradient_mcmc, "build_potential", build_potential)
-    monkeypatch.setattr(gradient_mcmc, "CACHED_COMPILE_MIN_ITERATIONS", 20)
+    return compiles, potentials
+
+
+def test_compile_auto_decides_the_same_whether_or_not_the_graph_was_compiled_before(fresh_cache, monkeypatch):
+    """The cache makes a chosen compile cheap (above) but never chooses: a graph compiled on
+    this machine before gets the backend the cost model gives it (``compile_decision``),
+    like an unknown one, so a seeded run's draws do not depend on the cache."""
+    compiles, potentials = _counting_compiles(monkeypatch)
     m = ppl.compile_source(SOURCE)
     data = {"ys": [0.3, 1.2, -0.4, 0.8, 2.1]}
-    # 2 x 10 x 10: far below COMPILE_CHECK iterations, so "auto" decides nothing and stays on
-    # TorchScript while the graph is unknown
     short = dict(particles=2, samples=10, burn_in=10, seed=3)
     first = m.run("nuts", data, **short)
     assert first.extra["traced"] and not first.extra["compiled"] and not compiles
+    assert "20 iterations" in first.extra["why_not_compiled"]
     gm, example = potentials[-1]._recorded
     compiled._mark_compiled(gm, example(), True)  # as replay(..., "inductor") does
+    assert compiled.compiled_before(gm, example())
     known = m.run("nuts", data, **short)
-    assert known.extra["compiled"] and len(compiles) == 1
-    # the same draws as on TorchScript (the stand-in compiles nothing)
+    assert not known.extra["compiled"] and not compiles  # (before: compiled at once)
     assert torch.equal(torch.as_tensor(known.samples["mu"]), torch.as_tensor(first.samples["mu"]))
-    other = m.run("nuts", {"ys": [0.3, 1.2, -0.4, 0.8, 2.0]}, **short)  # other data: another graph
-    assert not other.extra["compiled"] and len(compiles) == 1
-    assert not m.run("nuts", data, compile=False, **short).extra["compiled"] and len(compiles) == 1
-    # a shorter run than CACHED_COMPILE_MIN_ITERATIONS decides as for an unknown graph
-    assert not m.run("nuts", data, **dict(short, samples=9)).extra["compiled"] and len(compiles) == 1
+    # a run the model says pays is compiled at the start, known graph or not
+    monkeypatch.setattr(gradient_mcmc, "SAVED_PER_OP_ITERATION", 1.0)
+    assert m.run("nuts", data, **short).extra["compiled"] and len(compiles) == 1
+    other = m.run("nuts", {"ys": [0.3, 1.2, -0.4, 0.8, 2.0]}, **short)  # another graph, never compiled
+    assert other.extra["compiled"] and "why_not_compiled" not in other.extra and len(compiles) == 2
+    assert not m.run("nuts", data, compile=False, **short).extra["compiled"] and len(compiles) == 2
 
 
 CORRELATED = """

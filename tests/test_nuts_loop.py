@@ -3,7 +3,7 @@ as ``hmc.nuts_step`` -- the same trajectory, U-turn checks, divergences and stat
 the same momentum and uniforms, draw by draw -- with the state within a sub-tree chosen
 progressively (same law: checked against nuts_step's exact multinomial choice), compiled by
 AOTInductor, handing a transition with an invalid parameter back to the eager kernel, and
-built by ``sample_nuts`` only where it pays (long runs, or a library in the cache)."""
+built by ``sample_nuts`` only where it pays (long runs, whatever the cache holds)."""
 from __future__ import annotations
 
 import math
@@ -244,20 +244,28 @@ def test_invalid_parameter_hands_the_transition_to_the_eager_kernel(compiled, mo
 
 
 def test_gate_builds_only_where_it_pays(monkeypatch):
-    """Short runs keep the eager kernel; with the library in the cache a run of
-    LOOP_CACHED_MIN_ITERATIONS transitions builds the compiled transition only."""
+    """Short runs keep the eager kernel; a run of FUSE_MIN_ITERATIONS transitions builds the
+    compiled transition -- whatever the compile cache holds (a library compiled before no
+    longer lowers the gate: the kernel, hence a seeded run's draws, would depend on it)."""
     C, D = 4, 3
+    for before in (False, True):
+        monkeypatch.setattr(nuts_loop, "compiled_before", lambda *a, before=before: before)
+        assert hmc._fuse_now(hmc.FUSE_MIN_ITERATIONS) is True
+        assert hmc._fuse_now(hmc.FUSE_MIN_ITERATIONS - 1) is False
+        assert hmc._fuse_now(1000) is False
+    # in sample_nuts: built at the first transition with FUSE_MIN_ITERATIONS left, never before
     target = Gaussian(_precision(D), C)
     target.recorded_graph = lambda: (target.gm, "inductor")
-    metric = Metric(torch.ones(C, D, dtype=F64))
-    monkeypatch.setattr(nuts_loop, "compiled_before", lambda *a: False)
-    assert hmc._fuse_now(target, metric, 10, hmc.LOOP_CACHED_MIN_ITERATIONS) is False
-    assert hmc._fuse_now(target, metric, 10, hmc.FUSE_MIN_ITERATIONS) is True
-    other = Gaussian(_precision(D), C)
-    other.recorded_graph = lambda: (other.gm, "inductor")
     monkeypatch.setattr(nuts_loop, "compiled_before", lambda *a: True)
-    assert hmc._fuse_now(other, metric, 10, hmc.LOOP_CACHED_MIN_ITERATIONS) == "loop"
-    assert hmc._fuse_now(other, metric, 10, hmc.LOOP_CACHED_MIN_ITERATIONS - 1) is False
+    builds = []
+    monkeypatch.setattr(hmc, "_build_transition", lambda *a: builds.append(1))  # (None: the eager kernel)
+    monkeypatch.setattr(hmc, "_fused_leaf", lambda *a: None)  # (nor a fused leaf: no compile here)
+    monkeypatch.setattr(hmc, "FUSE_MIN_ITERATIONS", 5)
+    z0 = torch.randn(C, D, dtype=F64, generator=torch.Generator().manual_seed(2))
+    for samples, built in ((4, 0), (5, 1)):
+        hmc.sample_nuts(target, z0, samples=samples, warmup=0, step_size=0.5, progress=False,
+                        randomness=TorchRandomness(torch.Generator().manual_seed(1)))
+        assert len(builds) == built
 
 
 def test_second_build_loads_the_library_without_recording(compiled, monkeypatch):

@@ -7,8 +7,8 @@
   shrinks; the density and gradient equal the per-observe ones and a closed form;
 * the recording uses one fake-tensor mode (``compiled.record``; each mode captured the
   Python stack: ~2/3 of GARCH's recording time);
-* ``compile="auto"`` estimates Inductor's cost from the graph's size too
-  (``gradient_mcmc.compile_cost``), so a long graph in a short run stays on TorchScript
+* ``compile="auto"`` estimates Inductor's cost and savings from the graph's size
+  (``gradient_mcmc.compile_decision``), so a long graph in a short run stays on TorchScript
   and says why.
 """
 import math
@@ -141,43 +141,37 @@ def test_recording_creates_one_fake_tensor_mode(monkeypatch):
     assert len(made) <= 2, len(made)  # one per recording, not one per recorded value (~500 here)
 
 
-class _StubPotential:
-    """What the compile decision reads of a potential."""
+class _Graph:
+    """What the compile decision reads of a recorded graph: its operations."""
 
-    def __init__(self, ops, build_seconds, seconds_per_iteration):
-        class _Graph:
-            nodes = range(ops)
-
-        class _GM:
-            graph = _Graph()
-        self._recorded = (_GM(), None)
-        self.build_seconds, self.per_iteration = build_seconds, seconds_per_iteration
-        self.graph_seconds, self.traced, self.compiled, self.why_not_compiled = 0.0, True, False, None
-        self.compiles = 0
-
-    def compile_now(self):
-        self.compiles += 1
-        self.compiled = True
-        return True
-
-
-def _decide(stub, iterations):
-    hook = gradient_mcmc._compile_when_it_pays(stub, iterations)
-    for _ in range(gradient_mcmc.COMPILE_CHECK):
-        stub.graph_seconds += stub.per_iteration
-        hook(None)
-    return stub
+    def __init__(self, ops):
+        self.graph = type("G", (), {"nodes": range(ops)})()
 
 
 def test_compile_auto_counts_the_graphs_size():
-    # a 4,000-operation graph recorded in 3 s (~36 s to compile) with 0.03 s of graph time per
-    # iteration: 1,000 iterations would save ~23 s (no), 5,000 ~125 s (yes)
-    assert gradient_mcmc.compile_cost(_StubPotential(4000, 3.0, 0.03)) == pytest.approx(36.0)
-    short = _decide(_StubPotential(4000, 3.0, 0.03), 1000)
-    assert short.compiles == 0 and "cost ~36 s" in short.why_not_compiled
-    assert _decide(_StubPotential(4000, 3.0, 0.03), 5000).compiles == 1
-    # a small graph whose recording was slow: the recording's time still bounds the cost
-    assert gradient_mcmc.compile_cost(_StubPotential(100, 2.0, 0.01)) == pytest.approx(8.0)
+    # a 4,000-operation graph costs ~36 s to compile and saves ~76 ms an iteration: a run of
+    # 300 iterations stays on TorchScript and says why, one of 1,000 compiles; a graph of 100
+    # operations (~4.8 s) pays from ~2,500 iterations
+    assert gradient_mcmc.compile_cost(type("P", (), {"_recorded": (_Graph(4000), None)})()) == pytest.approx(36.0)
+    why = gradient_mcmc.compile_decision(300)(_Graph(4000))
+    assert "cost ~36 s" in why and "save ~23 s" in why and "300 iterations" in why
+    assert gradient_mcmc.compile_decision(1000)(_Graph(4000)) is None
+    assert gradient_mcmc.compile_decision(2400)(_Graph(100)) is not None
+    assert gradient_mcmc.compile_decision(2600)(_Graph(100)) is None
+
+
+def test_a_short_run_stays_on_torchscript_and_says_why(monkeypatch):
+    """Through ``run``: a run of 20 iterations does not compile (Inductor is not even
+    asked), and the result says why."""
+    from ppl.inference import compiled
+
+    def no_inductor(gm, example_inputs, backend="jit", **kwargs):
+        assert backend != "inductor", "compiled"
+        return compiled.replay(gm, example_inputs, backend, **kwargs)
+    monkeypatch.setattr(potential_module, "replay", no_inductor)
+    res = ppl.model(LOOP).run("nuts", {"ys": _ys(10)}, particles=2, samples=10, burn_in=10, seed=0)
+    assert res.extra["traced"] and not res.extra["compiled"]
+    assert "compile='auto'" in res.extra["why_not_compiled"] and "20 iterations" in res.extra["why_not_compiled"]
 
 
 def test_a_group_that_cannot_be_stacked_is_scored_one_by_one(monkeypatch):

@@ -1,0 +1,114 @@
+"""A seeded NUTS run's draws depend only on the seed, the model, the data and the options
+(issue 11, "reproducible seeds everywhere"): under ``compile="auto"`` which backend runs --
+TorchScript or TorchInductor for the potential, the whole transition compiled or not -- is
+decided from the graph and the run's options alone (``gradient_mcmc.compile_decision``,
+``hmc._fuse_now``). It used to depend also on what Inductor's disk cache held (a graph or a
+transition compiled before was used at once) and on timings (graph seconds measured over the
+first iterations): the same seeded run gave other draws on a second run, or under load.
+
+The backends are not bit-identical, so each test runs a stand-in "Inductor" that perturbs
+the gradient in its last bits (a switch of backend changes the draws) and counts the builds
+of the compiled transition (stubbed: a real one takes a minute of gcc). The old rules'
+thresholds are lowered too (``raising=False``: they no longer exist) so that these short
+runs cross them: the tests fail on a rule that reads them."""
+import time
+
+import pytest
+import torch
+
+import ppl
+from ppl.inference import compiled, gradient_mcmc, hmc, nuts_loop
+from ppl.inference import potential as potential_module
+
+torch.set_num_threads(1)
+
+SOURCE = """
+def model(ys):
+    mu ~ normal(0, 10)
+    sigma ~ half_normal(2)
+    observe ys ~ normal(mu, sigma)
+    return mu
+"""
+DATA = {"ys": [0.3, 1.2, -0.4, 0.8, 2.1]}
+RUN = dict(particles=2, samples=20, burn_in=20, seed=5)
+
+
+@pytest.fixture
+def stand_ins(tmp_path, monkeypatch):
+    """A fresh cache; Inductor replaced by a perturbed TorchScript replay; the compiled
+    transition's builds counted (none is built); the old tiers' thresholds lowered below
+    this run's 40 iterations. Returns (Inductor compiles, transition builds, potentials)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    compiles, builds, potentials = [], [], []
+
+    def replay(gm, example_inputs, backend="jit", **kwargs):
+        if backend != "inductor":
+            return compiled.replay(gm, example_inputs, backend, **kwargs)
+        compiles.append(gm)
+        graph = compiled.replay(gm, example_inputs, "jit")
+
+        def perturbed(*args):
+            logp, grad, ok = graph(*args)
+            return logp, grad * (1 + 2.0 ** -40), ok
+        return perturbed
+
+    def build_potential(*args, **kwargs):
+        potentials.append(build(*args, **kwargs))
+        return potentials[-1]
+    build = gradient_mcmc.build_potential
+    monkeypatch.setattr(potential_module, "replay", replay)
+    monkeypatch.setattr(gradient_mcmc, "build_potential", build_potential)
+    monkeypatch.setattr(hmc, "_build_transition", lambda *a: builds.append(1))  # (None: the eager kernel)
+    monkeypatch.setattr(hmc, "_fused_leaf", lambda *a: None)
+    for module, name in ((gradient_mcmc, "CACHED_COMPILE_MIN_ITERATIONS"), (gradient_mcmc, "COMPILE_CHECK"),
+                         (hmc, "LOOP_CACHED_MIN_ITERATIONS")):
+        monkeypatch.setattr(module, name, 20, raising=False)
+    return compiles, builds, potentials
+
+
+def _draws(**options):
+    res = ppl.compile_source(SOURCE).run("nuts", DATA, **RUN, **options)
+    return torch.as_tensor(res.samples["mu"]), res.extra["compiled"]
+
+
+def _same(a, b):
+    assert a[1] == b[1], "another backend"
+    assert torch.equal(a[0], b[0]), "other draws"
+
+
+@pytest.mark.parametrize("pays", [False, True])
+def test_the_same_draws_whether_or_not_the_machine_compiled_the_graph_before(stand_ins, monkeypatch, pays):
+    compiles, builds, _ = stand_ins
+    if pays:  # the cost model says compile (every variant must then compile, at the start)
+        monkeypatch.setattr(gradient_mcmc, "SAVED_PER_OP_ITERATION", 1.0)
+    runs = []
+    for before in (False, True):
+        for module in (compiled, nuts_loop, potential_module):
+            monkeypatch.setattr(module, "compiled_before", lambda *a, before=before, **k: before, raising=False)
+        runs.append(_draws())
+    _same(*runs)
+    assert runs[0][1] is pays and len(compiles) == 2 * pays and not builds
+
+
+def test_the_same_draws_on_a_fast_or_a_slow_machine(stand_ins, monkeypatch):
+    """The wall clock runs 10^6 times slower, then 10^6 times faster: graph seconds measured
+    over the first iterations would say "compile" in one case and not in the other."""
+    compiles, builds, _ = stand_ins
+    runs, real = [], time.perf_counter
+    for factor in (1e6, 1e-6):
+        with monkeypatch.context() as clock:
+            clock.setattr(time, "perf_counter", lambda f=factor: real() * f)
+            runs.append(_draws())
+    _same(*runs)
+    assert not runs[0][1] and not compiles and not builds
+
+
+def test_the_same_draws_twice_in_one_process_with_the_cache_filled_in_between(stand_ins):
+    compiles, builds, potentials = stand_ins
+    first = _draws()
+    gm, example = potentials[-1]._recorded
+    compiled._mark_compiled(gm, example(), True)  # the graph is now "compiled on this machine"
+    assert compiled.compiled_before(gm, example())
+    second = _draws()
+    _same(first, second)
+    assert not first[1] and not compiles and not builds
