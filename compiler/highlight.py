@@ -33,7 +33,8 @@ STYLES = {
     "comment": "color:#8c8c8c;font-style:italic",
     "operator": "color:#871094;font-weight:bold",
 }
-#: the statements and operators of probability: ``~``, ``@`` (annotations)
+#: the statements and operators of probability: ``~``, ``@`` (of an annotation, ``@enumerate``;
+#: between two values ``@`` is matrix multiplication, punctuation like ``*``: ``_annotations``)
 _PROBABILISTIC_OPERATORS = {"~", "@"}
 _COMMENT = re.compile(r"#[^\n]*")
 _PRE_STYLE = ("font-family:monospace;font-size:12.5px;line-height:1.35;background:#f7f7f9;"
@@ -74,6 +75,18 @@ def tokens(text: str) -> list[tuple[str, str]]:
         pass
     if pos < len(text):
         out.append(("text", text[pos:]))
+    return _annotations(out)
+
+
+def _annotations(pieces: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """An ``@`` is the operator of an annotation only when ``enumerate`` follows it;
+    otherwise it is matrix multiplication (punctuation, as ``*`` is)."""
+    out = list(pieces)
+    for i, (kind, piece) in enumerate(out):
+        if piece == "@" and kind == "operator":
+            after = next((p for k, p in out[i + 1:] if k != "space"), "")
+            if after != "enumerate":
+                out[i] = ("punctuation", piece)
     return out
 
 

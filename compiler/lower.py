@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import sys
 import warnings
+from dataclasses import replace
 
 from lark import Token, Transformer, Tree, v_args
 from lark.exceptions import VisitError
@@ -105,18 +106,25 @@ class Lower(Transformer):
         if not isinstance(c[0], ir.Var):
             self._fail("the left side of '~' must be a name", c[0].span,
                        "to condition on data, write 'observe <value> ~ <distribution>'")
-        return ir.Sample(c[0].name, c[1], span=self._span(meta))
-
-    def sample_annotated(self, meta, c):
-        """``x ~ d @enumerate``: the one annotation of a choice (sum it out where the method can)."""
-        s = self.sample(meta, c[:2])
-        if str(c[2]) != "enumerate":
-            self._fail(f"unknown annotation '@{c[2]}' of a random choice", self._span(meta),
-                       "the one annotation is '@enumerate': `z ~ categorical(w) @enumerate`")
-        return ir.Sample(s.target, s.dist, True, span=s.span)
+        span = self._span(meta)
+        split = _split_annotation(c[1], span)
+        if split is None:
+            return ir.Sample(c[0].name, c[1], span=span)
+        dist, name = split
+        if name.name != "enumerate":
+            self._fail(f"unknown annotation '@{name.name}' of a random choice", span,
+                       "the one annotation is '@enumerate': `z ~ categorical(w) @enumerate` "
+                       "(between two values, '@' is matrix multiplication, which never gives a distribution)")
+        return ir.Sample(c[0].name, dist, True, span=span)
 
     def observe(self, meta, c):
-        return ir.Observe(c[0], c[1], span=self._span(meta))
+        span = self._span(meta)
+        split = _split_annotation(c[1], span)
+        if split is not None and split[1].name == "enumerate":
+            self._fail("only a random choice can be annotated", split[1].span,
+                       "'@enumerate' marks a choice to sum out (`z ~ categorical(w) @enumerate`); "
+                       "an observe has no choice to sum")
+        return ir.Observe(c[0], c[1], span=span)
 
     def factor(self, meta, c):
         return ir.Factor(c[0], span=self._span(meta))
@@ -243,3 +251,32 @@ class Lower(Transformer):
 
     def list_(self, meta, c):
         return ir.ListExpr(tuple(c), span=self._span(meta))
+
+
+# ------------------------------------------------------------------ annotations of choices
+# `z ~ d @enumerate` parses as `z ~ (d @ enumerate)` (a trailing `@ NAME` binds to the last
+# operand of d, as `*` would: `z ~ a if c else b @enumerate` is `a if c else (b @ enumerate)`).
+# A distribution is never the result of a matrix product, so an unbracketed `@ NAME` at the
+# very end of a choice's right-hand side is its annotation; `(d @ name)` in brackets stays
+# a product. The children through which an operand can end where its parent ends:
+_LAST_OPERAND = {ir.BinOp: "right", ir.BoolOp: "right", ir.UnaryOp: "operand", ir.IfExp: "orelse",
+                 ir.Lambda: "body"}
+
+
+def _split_annotation(e: ir.Expr, stmt: Span):
+    """(the distribution, the annotation's ``Var``) when ``e``, the right-hand side of the
+    statement spanning ``stmt``, ends in an unbracketed ``@ NAME``; else None."""
+    if (e.span.end_line, e.span.end_col) != (stmt.end_line, stmt.end_col):
+        return None  # a closing bracket follows: `(d @ name)` is a product
+    if isinstance(e, ir.BinOp) and e.op == "@" and isinstance(e.right, ir.Var):
+        return e.left, e.right
+    field = _LAST_OPERAND.get(type(e))
+    if field is None or isinstance(e, ir.BinOp) and e.op == "**":
+        return None
+    inner = _split_annotation(getattr(e, field), stmt)
+    if inner is None:
+        return None
+    dist, name = inner
+    end = dist.span
+    span = Span(e.span.line, e.span.col, end.end_line, end.end_col, e.span.source)
+    return replace(e, **{field: dist}, span=span), name

@@ -165,8 +165,10 @@ def _check_nesting(tree: Tree) -> None:
 # ------------------------------------------------------------------------ error messages
 _COMPOUND = ("if", "elif", "else", "for", "while", "def")
 _COMPARE = {"==", "!=", "<", "<=", ">", ">="}
+_AT_HINT = ("decorators are not supported; '@' is matrix multiplication (`X @ beta`) or annotates a "
+            "random choice (`z ~ flip(0.5) @enumerate`)")
 _CHAR_HINTS = {
-    "@": "decorators are not supported",
+    "@": _AT_HINT,
     ";": "write one statement per line",
     "{": "dicts and sets are not supported; use lists and tuples",
     "}": "dicts and sets are not supported; use lists and tuples",
@@ -286,7 +288,7 @@ def _convert(e: UnexpectedInput, source: SourceFile) -> PPLSyntaxError:
     elif "~" in expected and first == "observe":
         hint = "write 'observe <value> ~ <distribution>'"
     elif tok.value == "@":
-        hint = "decorators are not supported; '@' only annotates a random choice: `z ~ flip(0.5) @enumerate`"
+        hint = _AT_HINT
     elif tok.value == "~":
         hint = "'~' makes a random choice; write 'x ~ dist' as a statement of its own"
     elif expected == {"NAME"}:

@@ -176,7 +176,7 @@ def _dce_function(f: ir.FunctionDef, distributions: frozenset) -> ir.FunctionDef
     return dataclasses.replace(f, body=_body(block(f.body), f.span))
 
 
-_PARTIAL_OPS = frozenset(("/", "//", "%", "**", "in"))
+_PARTIAL_OPS = frozenset(("/", "//", "%", "@", "**", "in"))
 
 
 def _total(e: ir.Expr) -> bool:

@@ -37,7 +37,7 @@ from .errors import PPLError, PPLRuntimeError
 from .interpreter import ConditionEffect, FactorEffect, ObserveEffect, SampleEffect
 from .lazy import Lazy, has_lazy, live_run
 from .values import (Batched, Particles, _PerParticleValue, _positions_of, _torch_binop, as_tensor,
-                     batch_rows, deep_batched, is_batched, rows)
+                     batch_rows, deep_batched, is_batched, matmul_tensors, rows)
 
 _DROP_HINT = "drop @enumerate on {name} (or leave it out of enumerate=[...]) to draw it instead"
 
@@ -157,9 +157,11 @@ class EnumValue(Lazy, _PerParticleValue):
     def binop(self, op, other, ctx, swapped):
         if op == "in":
             return super().binop(op, other, ctx, swapped)
-        (a, b), dims = _lift_all([self, other], ctx)
+        (a, b), dims = _lift_all([self, other], ctx, align=op != "@")
         if swapped:
             a, b = b, a
+        if op == "@":  # each value's own shape; the particle and enumeration dims lead
+            return _make(matmul_tensors(a, b, (1 + len(dims), 1 + len(dims))), dims, ctx)
         return _make(_torch_binop(op, a, b, lead=(True, True)), dims, ctx)
 
     def unop(self, op, ctx):
@@ -252,9 +254,10 @@ def _operand(v, ctx):
     return t, (), t.dim(), False
 
 
-def _lift_all(vals: list, ctx) -> tuple[list, tuple]:
+def _lift_all(vals: list, ctx, align: bool = True) -> tuple[list, tuple]:
     """The operands as tensors [M or 1, K_d (or 1) for d in dims, *s] with their
-    per-particle shapes right-aligned, and the union ``dims``."""
+    per-particle shapes right-aligned (``align``: padded with 1s to one rank, as
+    elementwise operations need; else each keeps its own shape), and the union ``dims``."""
     ops = [_operand(v, ctx) for v in vals]
     dims: list = []
     for _, ds, _, _ in ops:
@@ -268,7 +271,7 @@ def _lift_all(vals: list, ctx) -> tuple[list, tuple]:
                                 "enumerate fewer choices (drop @enumerate on some), or combine them less")
         except PPLError as err:
             raise blame(err, [d.addr for d in dims])
-    return [_expand(t, ds, dims, rs, r, b) for t, ds, rs, b in ops], tuple(dims)
+    return [_expand(t, ds, dims, rs, r if align else rs, b) for t, ds, rs, b in ops], tuple(dims)
 
 
 def _expand(t: torch.Tensor, ds: tuple, dims: list, rs: int, r: int, batched: bool) -> torch.Tensor:

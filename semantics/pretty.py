@@ -16,7 +16,7 @@ from . import ir
 LAMBDA, IFEXP, OR, AND, NOT, COMPARE, SUM, PRODUCT, UNARY, POWER, POSTFIX, ATOM = range(12)
 _BINARY = {"==": COMPARE, "!=": COMPARE, "<": COMPARE, "<=": COMPARE, ">": COMPARE,
            ">=": COMPARE, "in": COMPARE, "+": SUM, "-": SUM,
-           "*": PRODUCT, "/": PRODUCT, "//": PRODUCT, "%": PRODUCT}
+           "*": PRODUCT, "/": PRODUCT, "//": PRODUCT, "%": PRODUCT, "@": PRODUCT}
 INDENT = "    "
 
 
@@ -68,7 +68,10 @@ def _simple(s: ir.Stmt) -> str:
     if isinstance(s, ir.Assign):
         return f"{_target(s.target)} = {expr(s.value)}"
     if isinstance(s, ir.Sample):
-        return f"{s.target} ~ {expr(s.dist)}" + (" @enumerate" if s.enumerate else "")
+        dist = expr(s.dist)
+        if _ends_in_matmul_by_name(s.dist, LAMBDA):  # else `x ~ (a @ b)` would read back as an annotation
+            dist = f"({dist})"
+        return f"{s.target} ~ {dist}" + (" @enumerate" if s.enumerate else "")
     if isinstance(s, ir.Observe):
         return f"observe {expr(s.value)} ~ {expr(s.dist)}"
     if isinstance(s, ir.Factor):
@@ -82,6 +85,28 @@ def _simple(s: ir.Stmt) -> str:
     if isinstance(s, ir.Pass):
         return "pass"
     raise TypeError(f"pretty: not a statement: {s!r}")
+
+
+def _ends_in_matmul_by_name(e: ir.Expr, context: int) -> bool:
+    """Whether ``e``, printed where it binds at least as tightly as ``context``, ends in
+    an unbracketed ``@ name``: on a choice's right-hand side that is read as an
+    annotation (``compiler.lower._split_annotation``)."""
+    prec = _expr(e)[0]
+    if prec < context:
+        return False  # printed in brackets
+    if isinstance(e, ir.BinOp):
+        if e.op == "@":
+            return isinstance(e.right, ir.Var)
+        return e.op != "**" and _ends_in_matmul_by_name(e.right, prec + 1)
+    if isinstance(e, ir.BoolOp):
+        return _ends_in_matmul_by_name(e.right, prec + 1)
+    if isinstance(e, ir.UnaryOp):
+        return _ends_in_matmul_by_name(e.operand, prec)
+    if isinstance(e, ir.IfExp):
+        return _ends_in_matmul_by_name(e.orelse, LAMBDA)
+    if isinstance(e, ir.Lambda):
+        return _ends_in_matmul_by_name(e.body, LAMBDA)
+    return False
 
 
 # ----------------------------------------------------------------------------- expressions

@@ -553,6 +553,8 @@ class SymbolicRun:
         if e.op == "+" and isinstance(a, list) and isinstance(b, list) and \
                 not isinstance(a, Vec) and not isinstance(b, Vec):
             return a + b
+        if e.op == "@":
+            return _matmul(a, b, e)
         op = _BINOPS.get(e.op)
         if op is None:
             raise _err(f"symbolic density: the operator `{e.op}` is not supported", e)
@@ -813,6 +815,40 @@ def _broadcast(op, a, b, node):
         return Vec(op(_at(a, j, node) if isinstance(a, Vec) else a, _at(b, j, node) if isinstance(b, Vec) else b)
                    for j in range(n))
     return op(a, b)
+
+
+def _matmul(a, b, node):
+    """``a @ b`` of vectors (``Vec``) and matrices (lists of row vectors) of known sizes:
+    sums of products, with the shapes torch.matmul accepts; symbolic lengths are refused."""
+    def rows_of(v):
+        if isinstance(v, LazyVec):
+            raise _err("symbolic density: @ of data of symbolic length is not supported", node,
+                       hint="pass the data without symbolic_data (products are written out)")
+        if isinstance(v, (list, tuple)) and v and all(isinstance(r, (list, tuple)) for r in v):
+            return [list(r) for r in v]
+        if isinstance(v, (list, tuple)) and not any(isinstance(x, (list, tuple, LazyVec)) for x in v):
+            return None  # a vector
+        raise _err("symbolic density: @ needs a vector or a matrix of numbers on each side", node,
+                   hint="use * to multiply by a number")
+
+    ma, mb = rows_of(a), rows_of(b)
+    sa = [len(ma), len(ma[0])] if ma is not None else [len(a)]
+    sb = [len(mb), len(mb[0])] if mb is not None else [len(b)]
+    if any(len(r) != sa[-1] for r in ma or ()) or any(len(r) != sb[-1] for r in mb or ()):
+        raise _err("symbolic density: @ of a ragged list", node)
+    inner_b = sb[0]
+    if sa[-1] != inner_b:
+        raise _err(f"cannot apply @ to values of shapes {sa} and {sb}: the inner dimensions {sa[-1]} and "
+                   f"{inner_b} differ", node)
+
+    def dot(u, w):
+        return sp.Add(*[_sym(x) * _sym(y) for x, y in zip(u, w)])
+    columns = [list(c) for c in zip(*mb)] if mb is not None else None
+    if ma is None:
+        return dot(a, b) if columns is None else Vec(dot(a, c) for c in columns)
+    if columns is None:
+        return Vec(dot(r, b) for r in ma)
+    return [Vec(dot(r, c) for c in columns) for r in ma]
 
 
 def _compare(fn):

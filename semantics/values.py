@@ -703,7 +703,7 @@ def per_particle(fn: Callable, args: Sequence[Any], ctx: Particles) -> Any:
 # ---------------------------------------------------------------------------- operators
 _PY_BINOPS: dict[str, Callable] = {
     "+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
-    "//": operator.floordiv, "%": operator.mod, "**": operator.pow,
+    "//": operator.floordiv, "%": operator.mod, "**": operator.pow, "@": operator.matmul,
     "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
     ">": operator.gt, ">=": operator.ge,
 }
@@ -750,6 +750,8 @@ def _py_binop(op: str, a: Any, b: Any, exact: bool) -> Any:
             return math.copysign(math.inf, a) if a != 0 else math.nan
         raise PPLRuntimeError("division by zero") from None
     except TypeError:
+        if op == "@":
+            raise _matmul_operand_error(a, b) from None
         raise PPLRuntimeError(
             f"unsupported operand types for {op}: {describe(a)} and {describe(b)}"
         ) from None
@@ -807,7 +809,7 @@ def binop(op: str, a: Any, b: Any, ctx: Particles, exact: bool = False) -> Any:
     """``a op b`` with per-particle semantics."""
     ta, tb = type(a), type(b)
     if (ta is Batched and (tb is Batched or tb is float or tb is int) or tb is Batched and (ta is float or ta is int)) \
-            and op != "in":
+            and op != "in" and op != "@":
         # the common case, first (a model's arithmetic per step): exactly what the general
         # path below does for these operand types, without its checks for the others
         va = rows(a, ctx) if ta is Batched else a
@@ -829,6 +831,8 @@ def binop(op: str, a: Any, b: Any, ctx: Particles, exact: bool = False) -> Any:
         raise not_a_value(d, "in a comparison" if op in _COMPARISONS or op == "in" else "in arithmetic")
     if op == "in":
         return contains(b, a, ctx)
+    if op == "@":
+        return matmul(a, b, ctx, exact)
     if isinstance(a, Vector) or isinstance(b, Vector):
         if not (deep_batched(a) or deep_batched(b) or isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor)):
             return vector_binop(op, a, b, exact)
@@ -911,6 +915,152 @@ def _torch_binop(op: str, a: Any, b: Any, lead: tuple = (False, False)) -> torch
         raise PPLRuntimeError(f"cannot apply {op}: {str(e).splitlines()[0]}") from None
     except TypeError:  # e.g. a tensor and a string
         raise PPLRuntimeError(f"unsupported operand types for {op}: {describe(a)} and {describe(b)}") from None
+
+
+# ---------------------------------------------------------------- matrix multiplication
+def matmul(a: Any, b: Any, ctx: Particles, exact: bool = False) -> Any:
+    """``a @ b``: torch.matmul's meaning for each particle (vector . vector is a number,
+    matrix @ vector a vector, vector @ matrix a vector, matrix @ matrix a matrix; more dims
+    are batches of matrices), the particle dim kept apart: data X [n, p] @ a per-particle
+    beta (rows [M, p]) is per-particle [M, n]. Exact Vectors multiply by Python sums, so
+    Fractions stay exact (``vector_matmul``). List literals of numbers are vectors and
+    matrices here (a list has no ``@`` of its own). Shapes that do not fit are a
+    ``PPLRuntimeError`` naming both."""
+    if isinstance(a, PerParticle) or isinstance(b, PerParticle):
+        return per_particle(lambda x, y: matmul(x, y, ctx, exact), (a, b), ctx)
+    a, b = _matmul_list(a, b, ctx), _matmul_list(b, a, ctx)
+    if not _tensor_like(a) and not _tensor_like(b) and (exact or isinstance(a, Vector) or isinstance(b, Vector)):
+        return vector_matmul(a, b, exact)
+    for v in (a, b):
+        if not (_tensor_like(v) or isinstance(v, (list, tuple)) or is_scalar(v)):
+            raise _matmul_operand_error(a, b)
+    ab, bb = isinstance(a, Batched), isinstance(b, Batched)
+    try:
+        ta = rows(a, ctx) if ab else as_tensor(a, ctx.device)
+        tb = rows(b, ctx) if bb else as_tensor(b, ctx.device)
+    except RaggedListError:
+        raise
+    except PPLRuntimeError:
+        raise _matmul_operand_error(a, b) from None
+    out = matmul_tensors(ta, tb, (int(ab), int(bb)))
+    return Batched(out, ctx.idx) if ab or bb else out
+
+
+def _tensor_like(v: Any) -> bool:
+    return isinstance(v, (torch.Tensor, Batched))
+
+
+def _matmul_list(v: Any, other: Any, ctx: Particles) -> Any:
+    """An operand of ``@`` that is a list literal (``@`` has no meaning for lists, so a
+    list of numbers is a vector, a list of such lists a matrix): per-particle numbers make
+    it a per-particle vector; next to a tensor it is a tensor; otherwise it stays a list,
+    a tensor under sampling and a Vector in the exact semantics (``matmul``)."""
+    if not isinstance(v, (list, tuple)) or isinstance(v, Vector):
+        return v
+    if deep_batched(v):
+        return Batched(batch_rows(v, ctx), ctx.idx)
+    return as_tensor(v, ctx.device) if _tensor_like(other) else v
+
+
+def _matmul_operand_error(a: Any, b: Any) -> PPLRuntimeError:
+    numbers = [v for v in (a, b) if is_scalar(v) or isinstance(v, torch.Tensor) and v.dim() == 0]
+    if numbers:
+        return PPLRuntimeError(f"@ (matrix multiplication) needs vectors or matrices, got {describe(a)} and "
+                               f"{describe(b)}", hint="use * to multiply by a number")
+    return PPLRuntimeError(f"unsupported operand types for @: {describe(a)} and {describe(b)}",
+                           hint="@ multiplies vectors and matrices of numbers (numeric data, lists of numbers, "
+                                "lists of such lists)")
+
+
+def matmul_shape(sa: Sequence[int], sb: Sequence[int]) -> tuple:
+    """The shape of ``a @ b`` for one particle's shapes ``sa`` and ``sb``, as torch.matmul
+    gives it; a ``PPLRuntimeError`` naming both shapes where they do not fit."""
+    sa, sb = list(sa), list(sb)
+    if not sa or not sb:
+        raise PPLRuntimeError(f"@ (matrix multiplication) needs vectors or matrices, got values of shapes "
+                              f"{sa} and {sb}", hint="use * to multiply by a number")
+    inner_a, inner_b = sa[-1], sb[0] if len(sb) == 1 else sb[-2]
+    if inner_a != inner_b:
+        raise PPLRuntimeError(
+            f"cannot apply @ to values of shapes {sa} and {sb}: the inner dimensions {inner_a} and {inner_b} differ",
+            hint="a @ b pairs the last dimension of a with the first dimension of a vector b (the second to last "
+                 "of a matrix b): data X of shape [n, p] times coefficients beta of length p is X @ beta")
+    try:
+        batch = tuple(torch.broadcast_shapes(tuple(sa[:-2]), tuple(sb[:-2])))
+    except RuntimeError:
+        raise PPLRuntimeError(f"cannot apply @ to values of shapes {sa} and {sb}: the batch dimensions "
+                              f"{sa[:-2]} and {sb[:-2]} do not broadcast",
+                              hint="stacks of matrices need equal leading dimensions (or 1)") from None
+    return batch + tuple(sa[-2:-1]) + tuple(sb[-1:] if len(sb) >= 2 else ())
+
+
+def matmul_tensors(a: torch.Tensor, b: torch.Tensor, lead: tuple = (0, 0)) -> torch.Tensor:
+    """``a @ b`` on tensors whose first ``lead[0]`` (``lead[1]``) dims are batch dims of
+    the run (the particle dim, enumeration dims), not part of each value: the values
+    multiply as torch.matmul's would, the run's dims broadcast (an operand with fewer gets
+    leading 1s). Integer and bool tensors multiply exactly (as int64)."""
+    la, lb = lead
+    sa, sb = a.shape[la:], b.shape[lb:]
+    if not torch.jit.is_tracing():  # (a traced static program had its shapes checked by its eager run)
+        matmul_shape(sa, sb)
+    run = max(la, lb)
+    a = a.reshape((1,) * (run - la) + tuple(a.shape))
+    b = b.reshape((1,) * (run - lb) + tuple(b.shape))
+    if a.dtype == torch.bool:
+        a = a.long()
+    if b.dtype == torch.bool:
+        b = b.long()
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    a, b = a.to(dtype), b.to(dtype)
+    vec_a, vec_b = len(sa) == 1, len(sb) == 1
+    if vec_a:
+        a = a.unsqueeze(-2)  # [.., 1, n]
+    if vec_b:
+        b = b.unsqueeze(-1)  # [.., n, 1]
+    ra, rb = a.dim() - run, b.dim() - run  # each value's rank, now >= 2: pad the smaller
+    if ra < rb:
+        a = a.reshape(tuple(a.shape[:run]) + (1,) * (rb - ra) + tuple(a.shape[run:]))
+    elif rb < ra:
+        b = b.reshape(tuple(b.shape[:run]) + (1,) * (ra - rb) + tuple(b.shape[run:]))
+    if dtype.is_floating_point or dtype.is_complex:
+        out = torch.matmul(a, b)
+    else:  # (integer matmul: exact, and on every device)
+        out = (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
+    if vec_a:
+        out = out.squeeze(-2)
+    if vec_b:
+        out = out.squeeze(-1)
+    return out
+
+
+def vector_matmul(a: Any, b: Any, exact: bool) -> Any:
+    """``a @ b`` in the exact semantics: Vectors (or list literals next to one) of rank 1
+    or 2 multiplied by Python sums of products, so Fractions stay exact; the same shapes
+    and errors as for tensors."""
+    try:
+        a, b = _vector_operand(a), _vector_operand(b)
+    except RaggedListError:
+        raise
+    except PPLRuntimeError:
+        raise _matmul_operand_error(a, b) from None
+    sa, sb = vector_shape(a), vector_shape(b)
+    matmul_shape(sa, sb)
+    if len(sa) > 2 or len(sb) > 2:
+        raise PPLRuntimeError(f"@ of values of shapes {list(sa)} and {list(sb)}: stacks of matrices (more than 2 "
+                              "dims) are not supported in exact enumeration",
+                              hint="multiply the matrices one at a time, e.g. in a loop over the first index")
+
+    def dot(u, v):
+        total = 0
+        for x, y in zip(u, v):
+            total = _py_binop("+", total, _py_binop("*", x, y, exact), exact)
+        return total
+    columns = list(zip(*b)) if len(sb) == 2 else None
+    if len(sa) == 1:
+        return dot(a, b) if columns is None else Vector(dot(a, col) for col in columns)
+    if columns is None:
+        return Vector(dot(row, b) for row in a)
+    return Vector(Vector(dot(row, col) for col in columns) for row in a)
 
 
 _INT64 = (-2 ** 63, 2 ** 63)

@@ -280,14 +280,39 @@ def _logsumexp(ctx, xs):
 
 
 def _dot(ctx, a, b):
-    """sum(a * b) of two vectors (or lists) of one length: never broadcast, never truncated."""
+    """sum(a * b) of two vectors (or lists) of one length: never broadcast, never truncated.
+    A matrix next to a vector is an error pointing to ``X @ beta`` (two matrices of one
+    shape keep the meaning sum(a * b))."""
+    sa, sb = _value_shape(a), _value_shape(b)
+    if sa is not None and sb is not None and len(sa) != len(sb) and max(len(sa), len(sb)) >= 2:
+        raise PPLRuntimeError(f"dot() of values of shapes {list(sa)} and {list(sb)}: dot(a, b) is for two vectors",
+                              hint=_DOT_MATRIX_HINT)
     na, nb = _len(ctx, a), _len(ctx, b)
     if isinstance(na, int) and isinstance(nb, int) and na != nb:
         raise PPLRuntimeError(f"dot() of vectors of lengths {na} and {nb}",
-                              hint="dot(a, b) needs vectors of one length")
+                              hint="dot(a, b) needs vectors of one length" +
+                              ("; " + _DOT_MATRIX_HINT if max(len(sa or ()), len(sb or ())) >= 2 else ""))
     vectors = any(_is_vector(v) for v in (a, b))
     return _sum(ctx, binop("*", a, b, ctx) if vectors or not isinstance(a, (list, tuple)) else
                 [binop("*", x, y, ctx) for x, y in zip(a, b)])
+
+
+_DOT_MATRIX_HINT = "for a matrix times a vector write X @ beta (matrix multiplication)"
+
+
+def _value_shape(v):
+    """One particle's shape of a numeric value (tensor, per-particle tensor, Vector, list
+    of numbers or of lists of numbers), or None where it is not known cheaply."""
+    if isinstance(v, torch.Tensor):
+        return tuple(v.shape)
+    if isinstance(v, Batched):
+        return tuple(v.t.shape[1:])
+    if isinstance(v, Vector):
+        return v.shape
+    if isinstance(v, (list, tuple)) and v:
+        inner = _value_shape(v[0]) if isinstance(v[0], (list, tuple, torch.Tensor, Batched)) else ()
+        return None if inner is None else (len(v),) + inner
+    return None
 
 
 def _any_all(is_any: bool):
