@@ -618,18 +618,99 @@ def _state_from_columns(cols: dict, like):
                        cols["log_joint"], cols["return"], cols.get("log_lik"), like.beta, like.stop_after)
 
 
+class RankPool:
+    """``population_moves``' statistics over every rank's particles (the methods of its
+    single-process pool, ``ONE_PROCESS``, with collectives in rank order), so that the
+    adaptive moves shape, scale and stop their walk by the whole population, and every
+    rank takes the same decisions."""
+
+    def __init__(self, group: Group, total: int):
+        self.group, self.total = group, total
+
+    def _gathered(self, t: torch.Tensor, what: str) -> list[torch.Tensor]:
+        return self.group.all_gather(t.detach().double().cpu().contiguous(), what=what)
+
+    def _sum(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        parts = self._gathered(t, what)
+        out = parts[0].clone()
+        for p in parts[1:]:
+            out += p
+        return out
+
+    def particles(self, n: int) -> int:
+        return self.total
+
+    def mean(self, x: torch.Tensor) -> float:
+        s = self._sum(torch.tensor([float(x.double().sum()), float(x.numel())]), "population mean")
+        return float(s[0] / s[1])
+
+    def any(self, flag: bool) -> bool:
+        return bool(self._sum(torch.tensor([float(flag)]), "population any")[0] > 0)
+
+    def block(self, addresses: tuple) -> tuple:
+        every = self.group.all_gather_object(tuple(addresses), what="the block of the walk")
+        return tuple(a for a in every[0] if all(a in other for other in every[1:]))
+
+    def max_correlation(self, start: torch.Tensor, now: torch.Tensor) -> float:
+        """``population_moves.max_correlation`` over every rank's particles: means, then
+        the centred sums and maxima (two collectives)."""
+        good = torch.isfinite(start).all(1) & torch.isfinite(now).all(1)
+        a, b = start[good].double(), now[good].double()
+        F = a.shape[1]
+        first = self._sum(torch.cat([torch.tensor([float(a.shape[0])], dtype=torch.float64), a.sum(0), b.sum(0)]),
+                          "correlation means")
+        n = float(first[0])
+        if n < 3 or F == 0:
+            return 0.0
+        a, b = a - first[1:1 + F] / n, b - first[1 + F:] / n
+        sums = self._sum(torch.cat([a.pow(2).sum(0), b.pow(2).sum(0), (a * b).sum(0)]), "correlation sums")
+        peaks = self._gathered(torch.cat([a.abs().amax(0) if a.shape[0] else torch.zeros(F, dtype=torch.float64),
+                                          b.abs().amax(0) if b.shape[0] else torch.zeros(F, dtype=torch.float64)]),
+                               "correlation maxima")
+        peak = torch.stack(peaks).amax(0)
+        sa, sb, sab = sums[:F].sqrt(), sums[F:2 * F].sqrt(), sums[2 * F:]
+        tiny = 1e-12 * torch.maximum(peak[:F], peak[F:]).clamp(min=1e-300)
+        varies = (sa > tiny * math.sqrt(n)) & (sb > tiny * math.sqrt(n))
+        if not bool(varies.any()):
+            return 0.0
+        return float((sab[varies] / (sa[varies] * sb[varies])).max())
+
+    def covariance(self, flat: torch.Tensor, log_weights: torch.Tensor | None) -> torch.Tensor:
+        """``population_moves.population_covariance`` over every rank's particles."""
+        C, D = flat.shape
+        lw = torch.zeros(C, dtype=torch.float64) if log_weights is None else log_weights.double().cpu()
+        x = flat.double().cpu()
+        good = torch.isfinite(x).all(1) & torch.isfinite(lw)
+        x, lw = x[good], lw[good]
+        top = torch.stack(self._gathered(torch.tensor([float(lw.max()) if lw.numel() else -math.inf]), "max weight"))
+        M = float(top.max())
+        if not math.isfinite(M):
+            return torch.eye(D, dtype=torch.float64, device=flat.device)
+        w = torch.exp(lw - M)
+        first = self._sum(torch.cat([w.sum().reshape(1), (w[:, None] * x).sum(0)]), "weighted mean")
+        mean = first[1:] / first[0]
+        dx = x - mean
+        cov = self._sum(((w[:, None] * dx).T @ dx).reshape(-1), "weighted covariance").reshape(D, D) / first[0]
+        return cov.to(flat.device)
+
+
 def distributed_tempering(interp, entry: str, data: dict, particles: int, device, group: Group,
                           shared: torch.Generator, *, target_ess: float = 0.5, moves: int | None = None,
                           kernel: str = "rw", scale: float = 0.5, resampling: str = "systematic",
-                          max_steps: int = 1000, schedule: list | None = None) -> Population | None:
-    """Tempered SMC (``inference.tempering``, its single-site moves) over the ranks: the
-    next beta by bisection on the *global* ESS of the incremental weights, the evidence
-    from the global mean weight, global resampling (``semantics.distributed``) whose
-    moved rows are the traces' columns (values, presence, log densities: a
-    ``TracedState`` is its rows, no replay needed), then the MH moves on each rank's
-    particles (each particle's kernel is the single-process one). Default ``moves``:
-    ``default_moves`` of the mean trace size over all ranks. Rank 0 gets the population."""
+                          max_steps: int = 1000, schedule: list | None = None, adapt: bool = False,
+                          max_moves: int = 100, decorrelation: float = 0.1) -> Population | None:
+    """Tempered SMC (``inference.tempering``) over the ranks: the next beta by bisection
+    on the *global* ESS of the incremental weights, the evidence from the global mean
+    weight, global resampling (``semantics.distributed``) whose moved rows are the
+    traces' columns (values, presence, log densities: a ``TracedState`` is its rows, no
+    replay needed), then the moves on each rank's particles: single-site MH (each
+    particle's kernel is the single-process one), or with ``adapt=True`` (kernel "rw")
+    the population walk whose covariance, scale and stopping rule use the statistics of
+    every rank's particles (``RankPool``), so the algorithm is the single-process one in
+    law. Default ``moves``: ``default_moves`` of the mean trace size over all ranks (not
+    with ``adapt``). Rank 0 gets the population."""
     from ..semantics.gfi import ModelRun, reindex, simulate, update
+    from . import population_moves as pm
     from .randomness import TorchRandomness
     from .rejuvenation import MoveKernel
     from .tempering import _checked, default_moves
@@ -650,10 +731,17 @@ def distributed_tempering(interp, entry: str, data: dict, particles: int, device
             raise ZeroEvidenceError("tempering: every prior draw has zero likelihood (on every rank)",
                                     hint="the data or conditions may be impossible under the prior; run in one "
                                          "process to locate the site")
-        if moves is None:
+        if adapt and kernel != "rw":
+            raise PPLRuntimeError(f"tempering with adapt=True and kernel '{kernel}' has no distributed form yet",
+                                  hint="with distributed=True and adapt=True use kernel='rw'")
+        if moves is None and not adapt:
             total = group.all_gather(torch.tensor([float(state.sizes.sum())], dtype=torch.float64), what="sizes")
             moves = default_moves(sum(float(t) for t in total) / particles)
-        move = MoveKernel("tempering", adapt=False, kernel=kernel, moves=moves, scale=scale)
+        move = MoveKernel("tempering", adapt=adapt, kernel=kernel, moves=moves, scale=scale, max_moves=max_moves,
+                          decorrelation=decorrelation)
+        pool = RankPool(group, particles)
+        if adapt:
+            state, move.coords = pm.coordinates(model.at(beta=0.0), state, randomness, pool)
         log_z, betas, ess_history, rows_moved = 0.0, [0.0], [], 0
         for _ in range(max_steps):
             beta = state.beta
@@ -669,6 +757,9 @@ def distributed_tempering(interp, entry: str, data: dict, particles: int, device
                 raise ZeroEvidenceError("tempering: every particle has zero weight (on every rank)")
             log_z += summary.log_mean
             ess_history.append(summary.ess)
+            covariance = None
+            if adapt and move.coords.flat().shape[1]:  # (the walk's shape: the weighted population before)
+                covariance = pool.covariance(move.coords.flat(), inc)
             v = shared_uniforms(resampling, particles, shared)
             ranges = slot_ranges(summary, v)
             plan = TransferPlan.make(ranges, particles)
@@ -682,7 +773,11 @@ def distributed_tempering(interp, entry: str, data: dict, particles: int, device
             else:
                 state = reindex(state, drawn.to(device))
             betas.append(b)
-            state = move(model.at(beta=b), state, randomness)
+            if adapt:
+                state = _adaptive_moves(move, model.at(beta=b), state, randomness, pool, covariance,
+                                        f"tempering (step {len(betas) - 1}, beta={b:.3g})")
+            else:
+                state = move(model.at(beta=b), state, randomness)
         else:
             raise PPLRuntimeError(f"tempering did not reach beta = 1 in {max_steps} steps")
         group.status(FINISHED, steps, where="end of the run")
@@ -695,4 +790,22 @@ def distributed_tempering(interp, entry: str, data: dict, particles: int, device
         sites[a] = (val, None if bool(state.present[a].all()) else state.present[a])
     lw = torch.full((n,), float(log_z), dtype=torch.float64)
     extra = {"schedule": betas, "moves": moves, "ess_history": ess_history, "rows_moved": rows_moved}
+    if adapt:
+        extra.update(move.extra())
     return gather_population(group, "tempering", sites, lw, extra, sizes)
+
+
+def _adaptive_moves(move, model, state, randomness, pool: RankPool, covariance, label: str):
+    """``population_moves.move_population`` on the resampled population (its coordinates
+    computed again here, as its rows may have come from other ranks), with the pool's
+    statistics; the report kept in ``move`` as ``MoveKernel`` does."""
+    from . import population_moves as pm
+    state, coords = pm.coordinates(model, state, randomness, pool)
+    state, move.coords, report = pm.move_population(model, state, coords, randomness, move.tuning,
+                                                    covariance=covariance, moves=move.moves,
+                                                    max_moves=move.max_moves, decorrelation=move.decorrelation,
+                                                    label=label, pool=pool)
+    move.reports.append(report)
+    move.acceptance.append(report.block_acceptance if report.block_acceptance is not None
+                           else report.site_acceptance)
+    return state

@@ -284,10 +284,13 @@ def block_candidates(state: TracedState) -> tuple:
                  if v.is_floating_point() and bool(state.present[a].all()))
 
 
-def coordinates(model: ModelRun, state: TracedState, randomness=None) -> tuple[TracedState, Coordinates]:
-    """The population re-run unchanged, with its block's coordinates: (state, coordinates)."""
-    h = _execute(model, state, randomness, block=block_candidates(state))
-    block = tuple(a for a in h.y if a not in h.unmapped and bool(h.seen[a].all()))
+def coordinates(model: ModelRun, state: TracedState, randomness=None, pool=None) -> tuple[TracedState, Coordinates]:
+    """The population re-run unchanged, with its block's coordinates: (state, coordinates).
+    ``pool`` (``ONE_PROCESS``: this process's particles are the population): where the
+    population is shared with other processes, the block they all agree on."""
+    pool = pool or ONE_PROCESS
+    h = _execute(model, state, randomness, block=pool.block(block_candidates(state)))
+    block = pool.block(tuple(a for a in h.y if a not in h.unmapped and bool(h.seen[a].all())))
     return h.state(), h.coordinates(block)
 
 
@@ -429,29 +432,58 @@ def noise_floor(particles: int, dims: int) -> float:
     return (1.5 + math.sqrt(2 * math.log(max(dims, 1)))) / math.sqrt(max(particles, 1))
 
 
+class _OneProcess:
+    """The population is this process's particles: the statistics the moves pool over
+    the population, computed here (a distributed run passes its own pool, with the same
+    methods over every rank's particles: ``inference.distributed``)."""
+
+    def particles(self, n: int) -> int:
+        return n
+
+    def mean(self, x: torch.Tensor) -> float:
+        return float(x.double().mean())
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+    def block(self, addresses: tuple) -> tuple:
+        return addresses
+
+    def max_correlation(self, start: torch.Tensor, now: torch.Tensor) -> float:
+        return max_correlation(start, now)
+
+    def covariance(self, flat: torch.Tensor, log_weights: torch.Tensor | None) -> torch.Tensor:
+        return population_covariance(flat, log_weights)
+
+
+ONE_PROCESS = _OneProcess()
+
+
 class _Stopping:
     """The stopping rule of one step's moves (see the module docstring): from the
     features at the start, the particles that have accepted a move (``moved_by``), the
     correlation with the start now (``decorrelated``), and the warning when ``max_moves``
     did not suffice."""
 
-    def __init__(self, start: torch.Tensor, decorrelation: float, moves: int | None, max_moves: int):
+    def __init__(self, start: torch.Tensor, decorrelation: float, moves: int | None, max_moves: int,
+                 pool=None):
+        self.pool = pool = pool or ONE_PROCESS
         self.start, self.fixed, self.r = start, moves is not None, 1.0
-        self.floor = max(decorrelation, noise_floor(start.shape[0], start.shape[1]))
+        self.floor = max(decorrelation, noise_floor(pool.particles(start.shape[0]), start.shape[1]))
         self.limit = max_moves if moves is None else moves
         self.moved = torch.zeros(start.shape[0], dtype=torch.bool, device=start.device)
 
     def moved_by(self, accepted: torch.Tensor) -> float:
         """Record a move's accepted mask; its mean acceptance."""
         self.moved = self.moved | accepted
-        return float(accepted.double().mean())
+        return self.pool.mean(accepted)
 
     def decorrelated(self, now: torch.Tensor) -> bool:
-        self.r = max_correlation(self.start, now)
+        self.r = self.pool.max_correlation(self.start, now)
         return self.r < self.floor and self._fraction() >= MOVED_FRACTION
 
     def _fraction(self) -> float:
-        return float(self.moved.double().mean())
+        return self.pool.mean(self.moved)
 
     def warning(self, label: str, done: int) -> str | None:
         """What is wrong with a step whose moves stopped at ``max_moves`` (None: nothing)."""
@@ -494,19 +526,23 @@ class MoveReport:
 
 def move_population(model: ModelRun, state: TracedState, coords: Coordinates, randomness, tuning: Tuning, *,
                     covariance: torch.Tensor | None = None, moves: int | None = None, max_moves: int = 100,
-                    decorrelation: float = 0.1, label: str = "SMC") -> tuple[TracedState, Coordinates, MoveReport]:
+                    decorrelation: float = 0.1, label: str = "SMC",
+                    pool=None) -> tuple[TracedState, Coordinates, MoveReport]:
     """Move every particle (block walk then single-site move, per move) until the
     population has decorrelated from where it started (or ``moves`` times exactly):
     (state, coordinates, report). The walk's covariance: ``covariance`` (e.g. the
     weighted population's before resampling: ``population_covariance``), else the
-    population's as it is; ``report.warning`` says when ``max_moves`` did not suffice."""
+    population's as it is; ``report.warning`` says when ``max_moves`` did not suffice.
+    ``pool``: where the population is shared with other processes, the statistics over
+    all of it (``ONE_PROCESS`` by default)."""
+    pool = pool or ONE_PROCESS
     flat = coords.flat()
     D = flat.shape[1]
     if D and covariance is None:
-        covariance = population_covariance(flat)
+        covariance = pool.covariance(flat, None)
     factor = proposal_factor(covariance, tuning.scale(D)) if D else None
-    has_others = bool((other_sites(state, coords.block) > 0).any())
-    stop = _Stopping(features(state, coords), decorrelation, moves, max_moves)
+    has_others = pool.any(bool((other_sites(state, coords.block) > 0).any()))
+    stop = _Stopping(features(state, coords), decorrelation, moves, max_moves, pool)
     block_acc, site_acc, done = [], [], 0
     for done in range(1, stop.limit + 1):
         if factor is not None:

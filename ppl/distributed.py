@@ -16,7 +16,7 @@ import torch
 
 from .inference.distributed import (distributed_chains, distributed_importance, distributed_resample_move,
                                     distributed_smc, distributed_tempering)
-from .inference.methods import METHODS, _betas, _program
+from .inference.methods import METHODS, _betas, _flag, _program
 from .registry import population_diagnostics
 from .result import WeightedResult, as_result
 from .semantics.distributed import derive_seed, process_group
@@ -30,7 +30,7 @@ DISTRIBUTED_METHODS = {"importance": frozenset({"progress"}),
                        "resample_move": frozenset({"resampling", "ess_threshold", "moves", "kernel", "scale",
                                                    "progress"}),
                        "tempering": frozenset({"target_ess", "moves", "kernel", "scale", "resampling", "schedule",
-                                               "progress"})}
+                                               "progress", "adapt", "max_moves", "decorrelation"})}
 #: Markov chain methods: each rank runs the method itself on its chains (every option passes)
 CHAIN_METHODS = frozenset({"mh", "nuts", "hmc"})
 
@@ -45,7 +45,7 @@ def _check(model, method: str, options: dict) -> None:
                        hint="with distributed=True use one of: "
                             f"{', '.join([*DISTRIBUTED_METHODS, *sorted(CHAIN_METHODS)])}")
     unsupported = [k for k, v in options.items() if k not in DISTRIBUTED_METHODS[method] and v is not None
-                   and v is not False]
+                   and _flag(v) is not False]
     if unsupported:
         raise PPLError(f"option{'s' if len(unsupported) > 1 else ''} {', '.join(unsupported)} of '{method}' "
                        "cannot be used with distributed=True yet",
@@ -78,7 +78,10 @@ def run_distributed(model, method: str, data: dict, *, particles: int, seed: int
                     moves=None if options.get("moves") is None else int(options["moves"]),
                     kernel=options.get("kernel") or "rw",
                     scale=0.5 if options.get("scale") is None else float(options["scale"]),
-                    resampling=options.get("resampling") or "systematic", schedule=_betas(options.get("schedule")))
+                    resampling=options.get("resampling") or "systematic", schedule=_betas(options.get("schedule")),
+                    adapt=_flag(options.get("adapt")) is True,
+                    max_moves=100 if options.get("max_moves") is None else int(options["max_moves"]),
+                    decorrelation=0.1 if options.get("decorrelation") is None else float(options["decorrelation"]))
             elif method == "resample_move":
                 raw = distributed_resample_move(
                     *_program(model, data, device), int(particles), device, group, shared,

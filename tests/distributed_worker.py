@@ -127,6 +127,7 @@ RUNS = {
     "branchy_smc": (BRANCHY, "smc", {"y": 1.5}, 1001, {"resampling": "systematic"}),
     "conj_temper": (CONJUGATE, "tempering", {"ys": CONJ_YS}, 601, {"resampling": "stratified"}),
     "ssm_rm": (SSM, "resample_move", {"ys": SSM_YS}, 401, {"moves": 2, "kernel": "rw"}),
+    "conj_temper_adapt": (CONJUGATE, "tempering", {"ys": CONJ_YS}, 501, {"adapt": True}),
 }
 
 
@@ -308,6 +309,35 @@ def oracle_job(group: D.Group) -> dict:
     return out
 
 
+def pool_job(group: D.Group) -> dict:
+    """``RankPool`` (the adaptive moves' statistics over every rank) against
+    ``population_moves``' single-process functions on the whole population: random
+    populations (the same on every rank: seeded by the trial), each rank holding its
+    shard; rank 0 records both."""
+    from ppl.inference import population_moves as pm
+    from ppl.inference.distributed import RankPool
+    out = []
+    for trial in range(6):
+        g = torch.Generator().manual_seed(trial)
+        N, F = 40 + trial, 1 + trial % 3
+        start = torch.randn(N, F, generator=g, dtype=torch.float64)
+        now = 0.6 * start + torch.randn(N, F, generator=g, dtype=torch.float64)
+        lw = torch.randn(N, generator=g, dtype=torch.float64)
+        lw[::7] = -math.inf
+        accepted = torch.rand(N, generator=g) < 0.3
+        s, n = D.shard(N, group.size, group.rank)
+        pool = RankPool(group, N)
+        got = {"cov": pool.covariance(start[s:s + n], lw[s:s + n]).tolist(),
+               "corr": pool.max_correlation(start[s:s + n], now[s:s + n]),
+               "mean": pool.mean(accepted[s:s + n]), "any": pool.any(bool(accepted[s:s + n].any())),
+               "block": pool.block(tuple(["a", "b", f"c{group.rank}", "d"]))}
+        want = {"cov": pm.population_covariance(start, lw).tolist(), "corr": pm.max_correlation(start, now),
+                "mean": float(accepted.double().mean()), "any": bool(accepted.any()),
+                "block": ("a", "b", "d") if group.size > 1 else ("a", "b", "c0", "d")}
+        out.append({"got": got, "want": want})
+    return {"cases": out}
+
+
 def _same(a, b) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return a.dtype == b.dtype and torch.equal(a, b)
@@ -365,7 +395,7 @@ def hang_job(group: D.Group) -> dict:
     return {}
 
 
-JOBS = {"law": law_job, "runs": runs_job, "live": live_job, "oracle": oracle_job, "chains": chains_job, "raise": raise_job, "diverge": diverge_job, "kill": kill_job, "hang": hang_job}
+JOBS = {"law": law_job, "runs": runs_job, "live": live_job, "oracle": oracle_job, "pool": pool_job, "chains": chains_job, "raise": raise_job, "diverge": diverge_job, "kill": kill_job, "hang": hang_job}
 
 
 def main() -> None:

@@ -122,9 +122,9 @@ def test_distributed_needs_torchrun_and_refuses_what_it_cannot_do_yet():
         with pytest.raises(ppl.PPLError, match="option delayed of 'smc' cannot be used with distributed=True"):
             ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("smc", distributed=True,
                                                                                    delayed=True)
-        with pytest.raises(ppl.PPLError, match="option adapt of 'tempering' cannot be used with distributed=True"):
+        with pytest.raises(ppl.PPLError, match="option enumerate of 'tempering' cannot be used with distributed"):
             ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("tempering", distributed=True,
-                                                                                   adapt=True)
+                                                                                   enumerate="auto")
         with pytest.raises(ppl.PPLError, match="@enumerate"):
             ppl.model("def main():\n    z ~ flip(0.5) @enumerate\n    observe 1.0 ~ normal(0.0 if z else 1.0, 1.0)\n"
                       "    return z\n").run("smc", distributed=True)
@@ -201,7 +201,7 @@ def jobs(tmp_path_factory):
     """Every multi-process job, started together; per job: (return codes, rank 0's log,
     seconds until rank 0 exited, out dir)."""
     base = tmp_path_factory.mktemp("dist")
-    specs = {"k3": (3, "law,runs,live,oracle", 60), "k2": (2, "law,runs,chains,live,oracle", 60), "raise": (2, "raise", TIMEOUT),
+    specs = {"k3": (3, "law,runs,live,oracle,pool", 60), "k2": (2, "law,runs,chains,live,oracle,pool", 60), "raise": (2, "raise", TIMEOUT),
              "diverge": (2, "diverge", TIMEOUT),
              "kill": (2, "kill", TIMEOUT), "hang": (2, "hang", TIMEOUT)}
     started = time.monotonic()
@@ -318,12 +318,13 @@ def _mean_sd(xs):
 
 @pytest.mark.parametrize("name", ["k2", "k3"])
 @pytest.mark.parametrize("key", ["conj_is", "conj_smc", "ssm_smc", "ssm_smc_mult", "branchy_smc", "conj_temper",
-                                 "ssm_rm"])
+                                 "ssm_rm", "conj_temper_adapt"])
 def test_distributed_is_smc_tempering_match_the_closed_form_and_one_process(jobs, name, key):
     """Evidence and posterior mean of 4 seeded distributed runs (uneven shards: 2001,
     1000, 700, 701, 1001, 601 and 401 particles over 2 or 3 ranks; "branchy" has a choice
     some particles make, a bool choice and a twist; tempering's next beta bisects the
-    global ESS; resample-move moves each rank's particles by random-walk MH) within 4.5 Monte Carlo standard errors of the closed form (normal-normal) /
+    global ESS; resample-move moves each rank's particles by random-walk MH; adaptive
+    tempering's walk takes its covariance, scale and stopping rule from all ranks) within 4.5 Monte Carlo standard errors of the closed form (normal-normal) /
     Kalman filter (linear-Gaussian SSM) / quadrature and of 4 single-process runs; the
     standard error is the pooled spread of the 8 runs (t with 6 degrees of freedom:
     P(|t| > 4.5) = 0.004)."""
@@ -383,6 +384,20 @@ def test_moving_the_live_state_gives_the_population_replaying_gave(jobs, name, k
     got = _result(jobs, name, "oracle")[key]
     assert got["same_sites"] and got["same_weights"], got
     assert got["state_moves"] > 0 and "return" in got["sites"]
+
+
+@pytest.mark.parametrize("name", ["k2", "k3"])
+def test_the_adaptive_moves_statistics_over_ranks_are_the_whole_populations(jobs, name):
+    """Adaptive tempering over ranks shapes, scales and stops its walk by ``RankPool``:
+    the weighted covariance, the largest correlation with the start, the mean acceptance,
+    any and the agreed block over the shards equal ``population_moves``' on the whole
+    population (up to the summation order: 1e-12)."""
+    for case in _result(jobs, name, "pool")["cases"]:
+        got, want = case["got"], case["want"]
+        assert torch.allclose(torch.tensor(got["cov"]), torch.tensor(want["cov"]), rtol=1e-12, atol=1e-12)
+        assert got["corr"] == pytest.approx(want["corr"], rel=1e-12, abs=1e-12)
+        assert got["mean"] == pytest.approx(want["mean"], rel=1e-12) and got["any"] == want["any"]
+        assert tuple(got["block"]) == tuple(want["block"])
 
 
 @pytest.mark.parametrize("name", ["k2", "k3"])
