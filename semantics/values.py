@@ -32,7 +32,7 @@ import torch
 from . import limits
 from .errors import PPLRuntimeError, distribution_as_value
 from ..stdlib.operands import number_operand
-from .lazy import Lazy, lazy_binop
+from .lazy import Lazy, has_lazy, lazy_binop
 
 
 # ----------------------------------------------------------------------------- particles
@@ -928,6 +928,7 @@ def matmul(a: Any, b: Any, ctx: Particles, exact: bool = False) -> Any:
     ``PPLRuntimeError`` naming both."""
     if isinstance(a, PerParticle) or isinstance(b, PerParticle):
         return per_particle(lambda x, y: matmul(x, y, ctx, exact), (a, b), ctx)
+    a, b = _concrete_items(a, ctx), _concrete_items(b, ctx)
     a, b = _matmul_list(a, b, ctx), _matmul_list(b, a, ctx)
     if not _tensor_like(a) and not _tensor_like(b) and (exact or isinstance(a, Vector) or isinstance(b, Vector)):
         return vector_matmul(a, b, exact)
@@ -944,6 +945,16 @@ def matmul(a: Any, b: Any, ctx: Particles, exact: bool = False) -> Any:
         raise _matmul_operand_error(a, b) from None
     out = matmul_tensors(ta, tb, (int(ab), int(bb)))
     return Batched(out, ctx.idx) if ab or bb else out
+
+
+def _concrete_items(v: Any, ctx: Particles) -> Any:
+    """A list literal holding lazy values (``[mu, 1.0]`` with mu delayed or enumerated:
+    ``semantics.lazy``) with each made concrete, as a lazy operand of ``@`` itself is
+    (its class may refuse, with its own located error)."""
+    if not isinstance(v, (list, tuple)) or isinstance(v, Vector) or not has_lazy(v):
+        return v
+    return type(v)(x.force(ctx, "in a matrix product") if isinstance(x, Lazy) else _concrete_items(x, ctx)
+                   for x in v)
 
 
 def _tensor_like(v: Any) -> bool:

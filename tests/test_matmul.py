@@ -108,6 +108,8 @@ _V = torch.tensor([1.0, -1.0, 2.0])
     ("b @ (A * b)", lambda b: b @ (_A * b)),                      # per-particle vector @ per-particle matrix
     ("(A * b) @ (A * b)", lambda b: (_A * b) @ (_A * b)),         # per-particle matrices
     ("v @ A", lambda b: _V @ _A),                                 # plain tensors
+    ("[A, A * 2] @ b", lambda b: torch.stack([_A, _A * 2]) @ b),  # a stack of matrices [2, 3, 3] @ [3]
+    ("[A, A * 2] @ (A * b)", lambda b: torch.stack([_A, _A * 2]) @ (_A * b)),
 ])
 def test_per_particle_products_are_each_particles_matmul(expr, expect):
     src = f"def m(A, v):\n    b ~ normal(zeros(3), 1)\n    return {expr}\n"
@@ -166,6 +168,7 @@ def _finite_by_hand(y: int) -> dict:
 def test_exact_enumeration_of_matmul_gives_exact_fractions():
     probs = ppl.model(FINITE).run("enumerate", {"y": 1}).probs()
     assert probs == _finite_by_hand(1)
+    assert ppl.model(FINITE).run("enumerate", {"y": 1}, strategy="elimination").probs() == probs
     assert all(type(k) is Fraction or type(k) is int for k in probs) and all(type(p) is Fraction for p in probs.values())
 
 
@@ -296,3 +299,33 @@ def test_symbolic_density_writes_the_product_out():
     with pytest.raises(PPLError, match="symbolic length") as err:  # refused, located, never wrong
         model.density(data, symbolic_data=True)
     assert "<model>:3" in str(err.value)
+
+
+def test_delayed_values_in_a_list_are_realised_for_the_product():
+    """`X @ [mu, 1.0]` with mu delayed (importance, delayed=True): mu is drawn where the
+    product needs it; the evidence is the closed form's within its Monte Carlo error."""
+    src = ("def m(X, y):\n    mu ~ normal(0, 1)\n    observe y ~ normal(X @ [mu, 1.0], 1.0)\n    return mu\n")
+    X = torch.tensor([[1.0, 0.5], [2.0, -1.0], [0.3, 0.2]], dtype=torch.float64)
+    y = torch.tensor([0.7, 1.2, -0.4], dtype=torch.float64)
+    r = ppl.model(src).run("importance", {"X": X, "y": y}, particles=4000, delayed=True, seed=3)
+    a, c = X[:, 0], X[:, 1]
+    exact = float(torch.distributions.MultivariateNormal(c, torch.eye(3, dtype=torch.float64)
+                                                         + torch.outer(a, a)).log_prob(y))
+    se = math.sqrt((4000 / r.ess - 1) / 4000)
+    assert abs(r.log_evidence - exact) < Z * se + 1e-9, (r.log_evidence, exact, se)
+
+
+def test_pyro_model_of_the_logistic_regression_has_the_same_log_joint():
+    pyro = pytest.importorskip("pyro")
+    from pyro import poutine
+    data = _logreg_data(n=10)
+    model = ppl.model(LOGREG)
+    f = model.to_pyro()
+    for seed in range(3):
+        pyro.set_rng_seed(seed)
+        tr = poutine.trace(f).get_trace(**data)
+        latent = {k: v["value"] for k, v in tr.nodes.items() if v.get("type") == "sample" and not v["is_observed"]}
+        assert set(latent) == {"alpha", "beta"}
+        one_trace = {k: v.tolist() for k, v in latent.items()}  # (a tensor [3] would be three traces)
+        assert float(tr.log_prob_sum()) == pytest.approx(float(model.log_joint(one_trace, **data)), rel=1e-5,
+                                                         abs=1e-4)
