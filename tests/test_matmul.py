@@ -329,3 +329,38 @@ def test_pyro_model_of_the_logistic_regression_has_the_same_log_joint():
         one_trace = {k: v.tolist() for k, v in latent.items()}  # (a tensor [3] would be three traces)
         assert float(tr.log_prob_sum()) == pytest.approx(float(model.log_joint(one_trace, **data)), rel=1e-5,
                                                          abs=1e-4)
+
+
+# ------------------------------------------------------------------ both semantics, every pair
+SWEEP_DATA = {"a": [1, 2], "M": [[1, 2], [3, 4]], "B": [True, False], "T": [[1, 0, 2], [0, 1, 1]]}
+SWEEP_OPERANDS = ["a", "M", "[1, 2]", "[x, 3]", "x", "a * x", "list(a)", "B", "T", "[[x, 1], [0, x]]", "'s'"]
+
+
+def _sweep_outcome(body: str, method: str):
+    """('ok', the support of the return value, floats) or ('error', None)."""
+    m = ppl.model(f"def m(a, M, B, T):\n    k ~ flip(0.5)\n    x = 1 if k else 2\n    return {body}\n")
+    try:
+        r = m.run(method, SWEEP_DATA, particles=20, seed=0)
+    except ppl.PPLError:
+        return "error", None
+
+    def key(v):
+        return tuple(key(x) for x in v) if isinstance(v, tuple) else float(v)
+    return "ok", frozenset(key(k) for k in r.marginal("return"))
+
+
+def test_every_pair_of_operands_multiplies_the_same_under_enumerate_and_importance():
+    """Data vectors and matrices, per-particle vectors and matrices, list literals,
+    numbers, a string: for every pair, `p @ q` gives the same values under both semantics
+    or an error under both (never a raw Python exception)."""
+    differ, products = [], 0
+    for p in SWEEP_OPERANDS:
+        for q in SWEEP_OPERANDS:
+            e, i = _sweep_outcome(f"{p} @ {q}", "enumerate"), _sweep_outcome(f"{p} @ {q}", "importance")
+            products += e[0] == "ok"
+            if e != i:
+                differ.append((f"{p} @ {q}", e, i))
+    assert not differ, differ
+    assert products >= 30  # (most pairs are products)
+    assert _sweep_outcome("M @ a", "enumerate") == ("ok", frozenset({(5.0, 11.0)}))
+    assert _sweep_outcome("[x, 3] @ T", "enumerate") == ("ok", frozenset({(1.0, 3.0, 5.0), (2.0, 3.0, 7.0)}))
