@@ -456,14 +456,16 @@ class _DistributedResampleMove(DistributedSMCHandler):
 def distributed_resample_move(interp, entry: str, data: dict, particles: int, device, group: Group,
                               shared: torch.Generator, *, resampling: str = "systematic",
                               ess_threshold: float = 1.0, moves: int | None = None, kernel: str = "prior",
-                              scale: float = 0.5) -> Population | None:
+                              scale: float = 0.5, adapt: bool = False, max_moves: int = 100,
+                              decorrelation: float = 0.1) -> Population | None:
     """Resample-move SMC (``inference.resample_move``, single-site moves) over the ranks:
     SMC's global resampling (rows: the traces so far, moved where particles cross ranks),
     then on each rank the MH moves of its particles at the k-th target (each particle's
     kernel is the single-process one, so the algorithm is the single-process one in
     law) and its shard rebuilt by replaying the moved traces (O(k) per rejuvenation, as
-    in one process). Rank 0 gets the population (acceptance: the mean over all
-    particles), None elsewhere."""
+    in one process). ``adapt=True``: the population walk (``population_moves``) with the
+    statistics of every rank's particles (``RankPool``). Rank 0 gets the population
+    (acceptance: the mean over all particles), None elsewhere."""
     from ..semantics import gfi
     from . import mh as mh_mod
     from . import token_moves
@@ -472,7 +474,10 @@ def distributed_resample_move(interp, entry: str, data: dict, particles: int, de
     if kernel in token_moves.KERNELS:
         raise PPLRuntimeError(f"resample_move with kernel '{kernel}' (moves on language-model choices) has no "
                               "distributed form yet", hint="run it in one process")
-    move = MoveKernel("resample_move", kernel=kernel, moves=1 if moves is None else moves, scale=scale)
+    move = MoveKernel("resample_move", adapt=adapt, kernel=kernel,
+                      moves=1 if moves is None and not adapt else moves, scale=scale, max_moves=max_moves,
+                      decorrelation=decorrelation)
+    pool = RankPool(group, particles)
     if not move.active:  # (no moves: SMC)
         return distributed_smc(interp, entry, data, particles, device, group, shared, resampling=resampling,
                                ess_threshold=ess_threshold, label="resample_move")
@@ -493,8 +498,11 @@ def distributed_resample_move(interp, entry: str, data: dict, particles: int, de
                     raise PPLRuntimeError(f"resample-move supports numeric choices only ('{a}' is not)")
             present = {a: incoming["present " + a].bool() for a in values}
             state = gfi.TracedState(values, present, {}, torch.zeros(n, dtype=torch.float64, device=device), None)
+            label = f"resample_move (checkpoint {h.checkpoints})"
+            if adapt:  # (the population walk, its statistics over every rank)
+                return _adaptive_moves(move, model, state, randomness, pool, None, label).values
             state = move.begin(model, state, randomness, scored=False)
-            return move(model, state, randomness, label=f"resample_move (checkpoint {h.checkpoints})").values
+            return move(model, state, randomness, label=label).values
 
         sites = drive_rebuilding(interp, entry, data, h, n, device, rejuvenated)
         group.status(FINISHED, h.checkpoints, where="end of the run")
@@ -502,10 +510,13 @@ def distributed_resample_move(interp, entry: str, data: dict, particles: int, de
         if not _reported(err) and not isinstance(err, ZeroEvidenceError):
             group.fail(err, h.checkpoints if h is not None else 0)
         raise
+    lw = h.log_weights + h.log_z
+    if adapt:  # (acceptances and the rest already over every rank: RankPool)
+        extra = {"history": h.history, "acceptance": move.acceptance, **move.extra(), "rows_moved": h.rows_moved}
+        return gather_population(group, "resample_move", sites, lw, extra, sizes)
     rates = group.all_gather_object(move.acceptance, what="acceptance rates")
     acceptance = [None if any(r[i] is None for r in rates) else sum(r[i] * m for r, m in zip(rates, sizes)) / particles
                   for i in range(len(rates[0]))]
-    lw = h.log_weights + h.log_z
     extra = {"history": h.history, "acceptance": acceptance, "moves": move.moves, "rows_moved": h.rows_moved}
     return gather_population(group, "resample_move", sites, lw, extra, sizes)
 

@@ -28,7 +28,7 @@ from .stdlib import rng
 DISTRIBUTED_METHODS = {"importance": frozenset({"progress"}),
                        "smc": frozenset({"resampling", "ess_threshold", "progress"}),
                        "resample_move": frozenset({"resampling", "ess_threshold", "moves", "kernel", "scale",
-                                                   "progress"}),
+                                                   "progress", "adapt", "max_moves", "decorrelation"}),
                        "tempering": frozenset({"target_ess", "moves", "kernel", "scale", "resampling", "schedule",
                                                "progress", "adapt", "max_moves", "decorrelation"})}
 #: Markov chain methods: each rank runs the method itself on its chains (every option passes)
@@ -89,7 +89,10 @@ def run_distributed(model, method: str, data: dict, *, particles: int, seed: int
                     ess_threshold=1.0 if options.get("ess_threshold") is None else float(options["ess_threshold"]),
                     moves=None if options.get("moves") is None else int(options["moves"]),
                     kernel=options.get("kernel") or "prior",
-                    scale=0.5 if options.get("scale") is None else float(options["scale"]))
+                    scale=0.5 if options.get("scale") is None else float(options["scale"]),
+                    adapt=_flag(options.get("adapt")) is True,
+                    max_moves=100 if options.get("max_moves") is None else int(options["max_moves"]),
+                    decorrelation=0.1 if options.get("decorrelation") is None else float(options["decorrelation"]))
             elif method == "importance":
                 raw = distributed_importance(*_program(model, data, device), int(particles), device, group)
             else:

@@ -128,6 +128,7 @@ RUNS = {
     "conj_temper": (CONJUGATE, "tempering", {"ys": CONJ_YS}, 601, {"resampling": "stratified"}),
     "ssm_rm": (SSM, "resample_move", {"ys": SSM_YS}, 401, {"moves": 2, "kernel": "rw"}),
     "conj_temper_adapt": (CONJUGATE, "tempering", {"ys": CONJ_YS}, 501, {"adapt": True}),
+    "conj_rm_adapt": (CONJUGATE, "resample_move", {"ys": CONJ_YS}, 301, {"adapt": True, "moves": 3}),
 }
 
 

@@ -116,9 +116,9 @@ def test_distributed_needs_torchrun_and_refuses_what_it_cannot_do_yet():
             ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("importance", distributed=True)
         with pytest.raises(ppl.PPLError, match="no distributed form"):
             ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("smc_steer", distributed=True)
-        with pytest.raises(ppl.PPLError, match="option adapt of 'resample_move' cannot be used with distributed"):
+        with pytest.raises(ppl.PPLError, match="option enumerate of 'resample_move' cannot be used with distrib"):
             ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("resample_move", distributed=True,
-                                                                                   adapt=True)
+                                                                                   enumerate="auto")
         with pytest.raises(ppl.PPLError, match="option delayed of 'smc' cannot be used with distributed=True"):
             ppl.model("def main():\n    x ~ normal(0.0, 1.0)\n    return x\n").run("smc", distributed=True,
                                                                                    delayed=True)
@@ -318,7 +318,7 @@ def _mean_sd(xs):
 
 @pytest.mark.parametrize("name", ["k2", "k3"])
 @pytest.mark.parametrize("key", ["conj_is", "conj_smc", "ssm_smc", "ssm_smc_mult", "branchy_smc", "conj_temper",
-                                 "ssm_rm", "conj_temper_adapt"])
+                                 "ssm_rm", "conj_temper_adapt", "conj_rm_adapt"])
 def test_distributed_is_smc_tempering_match_the_closed_form_and_one_process(jobs, name, key):
     """Evidence and posterior mean of 4 seeded distributed runs (uneven shards: 2001,
     1000, 700, 701, 1001, 601 and 401 particles over 2 or 3 ranks; "branchy" has a choice
