@@ -319,8 +319,8 @@ class CompiledTransition:
         C = z.shape[0]
         fresh = self.fresh_rows()
         self.u_leaf[:fresh] = randomness.uniform((fresh, C), z.device)
-        inputs = [t.contiguous() for t in (z, logp, grad, p0, u, self.u_leaf)]
-        rest = [step.contiguous(), inv_mass.contiguous()]
+        inputs = [z, logp, grad, p0, u, self.u_leaf]  # (the operator makes them contiguous)
+        rest = [step, inv_mass]
         out = self._run(inputs, rest, fresh, graph_args)
         if out is None:
             return None
@@ -340,9 +340,8 @@ class CompiledTransition:
         return out[:-1]
 
     def _run(self, inputs, rest, fresh: int, graph_args):
-        fresh_t = torch.tensor(fresh, dtype=torch.int64)
         try:
-            return self.run(*inputs, *rest, fresh_t, *graph_args)
+            return self.run(*inputs, *rest, fresh, *graph_args)
         except (RuntimeError, AssertionError):  # a compiled kernel that raises (e.g. a Cholesky)
             return None
 

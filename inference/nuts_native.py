@@ -210,7 +210,8 @@ std::vector<at::Tensor> transition(const std::string& library, const at::Tensor&
       auto out = runner.run(inputs);
       auto logp1_t = out[0].contiguous(), g1_t = out[1].contiguous();
       const double *logp1 = logp1_t.data_ptr<double>(), *g1 = g1_t.data_ptr<double>();
-      bool ok_par = out[2].item<bool>();
+      TORCH_CHECK(out[2].scalar_type() == at::kBool && out[2].numel() == 1, "the potential's validity flag");
+      bool ok_par = *out[2].data_ptr<bool>();  // (not item(): no dispatch per leaf)
       bool any_building_after = false;
       for (int64_t c = 0; c < C; ++c) {
         double* p1c = p1.data() + c * D;
