@@ -202,8 +202,8 @@ class _Walker:
         elif isinstance(obj, types.MethodType):
             self.place(path, obj, None, None, ("method", obj.__func__.__qualname__), **kw)
             self.visit(obj.__self__, f"{path}.self")
-        elif isinstance(obj, (Interpreter, Builtin, types.ModuleType, type, types.BuiltinFunctionType)) \
-                or _is_static(obj):
+        elif isinstance(obj, (Interpreter, Builtin, types.ModuleType, type, types.BuiltinFunctionType,
+                              torch.nn.Module)) or _is_static(obj):  # (a network's weights: never per particle)
             self.place(path, obj, None, None, ("static", type(obj).__name__, getattr(obj, "name", "")), **kw)
         elif is_dataclass(obj) and not isinstance(obj, type):  # effects
             self.place(path, obj, None, None, ("record", type(obj).__name__), **kw)
