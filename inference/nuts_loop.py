@@ -259,19 +259,21 @@ class CompiledTransition:
         K = max_tree_depth
         if z.device.type != "cpu":
             raise ValueError("the compiled transition runs on the CPU only")
-        native = threading.Thread(target=nuts_native.load)  # (the C++ compiler, once per machine,
-        native.start()                                      # while the potential compiles)
+        native = threading.Thread(target=_quietly, args=(nuts_native.load,))  # (the C++ compiler, once
+        native.start()                                    # per machine, while the potential compiles)
         C = z.shape[0]
         marker = None if potential_graph is None else _marker_path(potential_graph, graph_args, inv_mass, K)
         library = constants = None
-        if marker is not None:  # built before for this graph: load it without recording it again
-            try:
-                library, constants = _load_recorded(marker, potential_graph)
-            except Exception:  # noqa: BLE001 - record and compile it as the first time
-                library = None
-        if library is None:
-            library, constants = _compile_potential(evaluate_graph, z, graph_args)
-        native.join()
+        try:
+            if marker is not None:  # built before for this graph: load it without recording it again
+                try:
+                    library, constants = _load_recorded(marker, potential_graph)
+                except Exception:  # noqa: BLE001 - record and compile it as the first time
+                    library = None
+            if library is None:
+                library, constants = _compile_potential(evaluate_graph, z, graph_args)
+        finally:
+            native.join()
         nuts_native.load()  # (raises here where the thread's build failed)
 
         packed = _pack(constants)[0]
@@ -370,6 +372,14 @@ def _lift_constants(gm: torch.fx.GraphModule) -> list:
     gm.graph.lint()
     gm.recompile()
     return constants
+
+
+def _quietly(fn) -> None:
+    """fn(), its exception dropped (a thread's: the caller calls fn again and sees it)."""
+    try:
+        fn()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _compile_potential(evaluate_graph, z, graph_args: tuple):
