@@ -266,6 +266,9 @@ class DistValue(DistributionValue):
         return PerParticle([items[i] for i in k.tolist()], ctx.idx), lp
 
     def _log_prob_items(self, value: Any, ctx: Particles) -> torch.Tensor:
+        lp = self._log_prob_number_items(value, ctx)
+        if lp is not None:
+            return lp
         vals = materialize(value, ctx)
         if is_batched(self.args[0]):  # a list per particle
             per = [[to_python(x) for x in its] for its in self._item_lists(ctx)]
@@ -279,6 +282,32 @@ class DistValue(DistributionValue):
             per = [[to_python(x) for x in items]] * ctx.M
         probs = [sum(1 for x in its if x == to_python(v)) / len(its) for its, v in zip(per, vals)]
         return torch.log(torch.tensor(probs, device=ctx.device, dtype=torch.get_default_dtype()))
+
+    #: ``_log_prob_number_items`` compares every particle with at most this many items at once
+    NUMBER_ITEMS_MAX = 4096
+
+    def _log_prob_number_items(self, value: Any, ctx: Particles) -> torch.Tensor | None:
+        """``_log_prob_items`` as tensor operations (the same numbers: the count of equal
+        items / their number, in float64, then the default dtype) when the items are one list
+        of Python numbers and the value one number per particle (``tau ~
+        uniform_draw(range(1, n))``): no Python read of the value, so a program scoring it
+        can be traced (``inference.potential``); None otherwise."""
+        items = self.args[0]
+        if type(value) is not Batched or value.t.dim() != 1 or value.t.dtype == torch.bool:
+            return None
+        if not isinstance(items, (range, list, tuple)) or not 0 < len(items) <= self.NUMBER_ITEMS_MAX:
+            return None
+        if not all(type(x) in (int, float) for x in items):
+            return None
+        v = rows(value, ctx)
+        if all(type(x) is int for x in items) and not v.is_floating_point() and not v.is_complex():
+            table = torch.tensor(list(items), device=ctx.device)  # int64, as Python compares them
+        elif all(type(x) is float or abs(x) <= 2 ** 53 for x in items):  # Python's == of numbers is exact in float64 here
+            table, v = torch.tensor(list(items), dtype=torch.float64, device=ctx.device), v.double()
+        else:
+            return None
+        count = (v.unsqueeze(1) == table.unsqueeze(0)).sum(1)
+        return torch.log((count.double() / len(items)).to(torch.get_default_dtype()))
 
     # -------------------------------------------------------------------- exact semantics
     def python_args(self) -> list:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Generator, Optional
 
 import torch
 
-from . import ir, limits
+from . import branchless, ir, limits
 from .dist_values import DistValue, ProposedDist
 from .errors import PPLError, PPLRecursionError, PPLRuntimeError, did_you_mean
 from .lazy import LIVE, Lazy, forced_in_containers, lazy_call_args
@@ -250,6 +250,7 @@ class Interpreter:
         self._purity_inputs = (builtins, _bound_names(program))  # (``_pure_builtins``, made on first use)
         self._pure_names: set | None = None
         self._pure_cache: dict[int, bool] = {}
+        self._select_plans: dict[int, Any] = {}  # id(IfExp/If) -> its ``semantics.branchless`` plan
         if sys.getrecursionlimit() < 20_000:
             sys.setrecursionlimit(20_000)
 
@@ -349,6 +350,10 @@ class Interpreter:
             c = self.pv(e.cond, fr, ctx)
             if isinstance(c, Lazy):  # (semantics.lazy: both branches, for every particle)
                 return self._guard(c.where, e.span, self.pv(e.then, fr, ctx), self.pv(e.orelse, fr, ctx), ctx)
+            if type(c) is Batched and self._select_plan(e):  # (semantics.branchless: no split)
+                v = branchless.ifexp(self, e, c, fr, ctx)
+                if v is not None:
+                    return v
             tc, fc = self.split(c, ctx, e.cond.span)
             if fc is None:
                 return self.pv(e.then, fr, tc)
@@ -420,6 +425,10 @@ class Interpreter:
             c = yield from self.ev(e.cond, fr, ctx)
             if isinstance(c, Lazy) and self.pure(e.then) and self.pure(e.orelse):  # (semantics.lazy)
                 return self._guard(c.where, e.span, self.pv(e.then, fr, ctx), self.pv(e.orelse, fr, ctx), ctx)
+            if type(c) is Batched and self._select_plan(e):  # (semantics.branchless: no split)
+                v = branchless.ifexp(self, e, c, fr, ctx)
+                if v is not None:
+                    return v
             tc, fc = self.split(c, ctx, e.cond.span)
             if fc is None:
                 return (yield from self.ev(e.then, fr, tc))
@@ -453,6 +462,20 @@ class Interpreter:
 
     def _binop(self, e, a, b, ctx):
         return self._guard(binop, e.span, e.op, a, b, ctx, self.exact)
+
+    def _select_plan(self, node):
+        """``semantics.branchless``'s plan for a conditional (cached per node): truthy
+        when it may run without splitting its particles."""
+        plan = self._select_plans.get(id(node), _MISSING)
+        if plan is _MISSING:
+            if self.exact:
+                plan = None
+            elif type(node) is ir.IfExp:
+                plan = branchless.ifexp_plan(node)
+            else:
+                plan = branchless.if_plan(node)
+            self._select_plans[id(node)] = plan
+        return plan
 
     @staticmethod
     def _guard(fn, span, *args):
@@ -574,6 +597,10 @@ class Interpreter:
 
     def _s_if(self, s: ir.If, fr, ctx):
         c = yield from self._eval(s.cond, fr, ctx)
+        if type(c) is Batched:  # (semantics.branchless: bodies that only assign, without a split)
+            plan = self._select_plan(s)
+            if plan and branchless.if_statement(self, plan, c, s, fr, ctx):
+                return ctx
         tc, fc = self.split(c, ctx, s.cond.span)
         if fc is None:
             return (yield from self.exec_block(s.then, fr, tc))
