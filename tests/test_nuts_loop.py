@@ -309,8 +309,8 @@ def test_marker_changes_with_the_native_loops_and_the_graph(monkeypatch):
 
 def test_native_transition_matches_the_eager_loop(compiled):
     """The C++ loops (``nuts_native``) around the compiled potential give ``transition``'s
-    outputs run eagerly from the same inputs, on fresh random numbers, including deep
-    trees (small steps) and divergent ones (large steps)."""
+    outputs run eagerly from the same inputs, on fresh random numbers, with a diagonal and
+    a dense metric, including deep trees (small steps) and divergent ones (large steps)."""
     target, built, K = compiled
     C, D = 4, 5
     g = torch.Generator().manual_seed(21)
@@ -321,12 +321,15 @@ def test_native_transition_matches_the_eager_loop(compiled):
         p0 = torch.randn(C, D, dtype=F64, generator=g)
         u = torch.rand(3 * K, C, dtype=F64, generator=g)
         u_leaf = torch.rand(L, C, dtype=F64, generator=g)
-        inv = torch.rand(C, D, dtype=F64, generator=g) + 0.5
-        args = (state.z, state.logp, state.grad, p0, u, u_leaf, step, inv, torch.tensor(L))
-        fast = built.run(*args, *target.graph_inputs())
-        slow = nuts_loop.transition(_eager(target), *args, K, loop=nuts_loop.python_loop)
-        depths.append(int(fast[7].max())), divergent.append(bool(fast[5].any()))
-        for f, e in zip(fast, slow):
-            assert f.dtype == e.dtype and f.shape == e.shape
-            assert torch.equal(f, e) if f.dtype in (torch.bool, torch.int64) else torch.allclose(f, e, rtol=1e-9, atol=1e-12)
-    assert depths[0] >= 4 and divergent == [False, True]
+        diagonal = torch.rand(C, D, dtype=F64, generator=g) + 0.5
+        A = torch.randn(C, D, D, dtype=F64, generator=g) / D
+        for inv in (diagonal, torch.diag_embed(diagonal) + A @ A.transpose(1, 2)):  # (a dense metric too)
+            args = (state.z, state.logp, state.grad, p0, u, u_leaf, step, inv, torch.tensor(L))
+            fast = built.run(*args, *target.graph_inputs())
+            slow = nuts_loop.transition(_eager(target), *args, K, loop=nuts_loop.python_loop)
+            depths.append(int(fast[7].max())), divergent.append(bool(fast[5].any()))
+            for f, e in zip(fast, slow):
+                assert f.dtype == e.dtype and f.shape == e.shape
+                assert (torch.equal(f, e) if f.dtype in (torch.bool, torch.int64)
+                        else torch.allclose(f, e, rtol=1e-9, atol=1e-12))
+    assert min(depths[:2]) >= 4 and divergent == [False, False, True, True]
