@@ -36,6 +36,7 @@ from ..semantics.dependencies import analyse
 from ..semantics.dist_values import DistValue
 from ..semantics.sampling import drive
 from ..semantics.values import Batched, Particles, is_batched, rows
+from .hmc import State, evaluate
 from .potential import Potential, _AtPoint
 
 
@@ -88,10 +89,13 @@ class GraphSiteMoves:
             dists[addr] = d
         return cls(potential, dists)
 
-    def sweep(self, z: torch.Tensor, logp: torch.Tensor, randomness) -> None:
-        """One systematic scan over the discrete choices at z [C, D] (``logp``: log pi
-        there at the current values); leaves the potential holding the new values."""
+    def sweep(self, state: State, randomness) -> State:
+        """One systematic scan over the discrete choices at ``state.z`` [C, D] (whose
+        ``logp``/``grad`` are log pi and its gradient there at the current values); leaves
+        the potential holding the new values and returns the state there (log pi and
+        gradient of the accepted proposals: no evaluation more)."""
         p, ctx = self.potential, self.ctx
+        z, logp, grad = state.z, state.logp, state.grad
         for addr in p.discrete:
             d, current = self.dists[addr], p.given[addr]
             proposed = rows(randomness.sample(d, ctx), ctx)
@@ -100,15 +104,17 @@ class GraphSiteMoves:
             lq_new = _log_prior(d, proposed, ctx)
             lq_old = _log_prior(d, current, ctx)
             p.set_given({**p.given, addr: proposed})
-            lp_new = p.log_density(z)
+            lp_new, grad_new = evaluate(p, z)
             log_alpha = (lp_new - lq_new) - (logp - lq_old)
             log_alpha = torch.where(torch.isnan(log_alpha), torch.full_like(log_alpha, -math.inf), log_alpha)
             accept = randomness.accept(log_alpha) & torch.isfinite(lp_new)
             keep = accept.reshape(-1, *([1] * (current.dim() - 1)))
             p.set_given({**p.given, addr: torch.where(keep, proposed, current)})
             logp = torch.where(accept, lp_new, logp)
+            grad = torch.where(accept.unsqueeze(1), grad_new, grad)
             self.proposed += accept.numel()
             self.accepted += int(accept.sum())
+        return State(z, logp, grad)
 
 
 def _log_prior(d: DistValue, value: torch.Tensor, ctx: Particles) -> torch.Tensor:

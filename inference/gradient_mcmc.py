@@ -236,7 +236,7 @@ def _gibbs(model: ModelRun, potential: Potential, z0, randomness, *, kernel, sam
     def discrete_sweep(hstate):
         nonlocal calls
         if through_graph is not None:
-            through_graph.sweep(hstate.z, hstate.logp, randomness)
+            moved = through_graph.sweep(hstate, randomness)
         else:
             values, _ = potential.constrain(hstate.z)
             present = {a: torch.ones(potential.C, dtype=torch.bool, device=potential.device) for a in values}
@@ -246,10 +246,11 @@ def _gibbs(model: ModelRun, potential: Potential, z0, randomness, *, kernel, sam
                 state, _ = gfi.metropolis(state, new, log_alpha, randomness)
             _check_structure(potential, state)
             potential.set_given({a: state.values[a] for a in potential.discrete})
+            moved = None
         if calls >= warmup:
             kept.append(dict(potential.given))
         calls += 1
-        return kernels.init_state(potential, hstate.z)
+        return moved if moved is not None else kernels.init_state(potential, hstate.z)
 
     draws = kernels.sample_nuts(potential, z0, samples=samples, warmup=warmup, kernel=kernel, randomness=randomness,
                                 target_accept=target_accept, max_tree_depth=max_tree_depth, dense_mass=dense_mass,
