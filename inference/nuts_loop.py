@@ -337,7 +337,7 @@ class CompiledTransition:
             valid, enough = out[-1].tolist()
         if not (valid and enough):
             return None
-        self.recent_depths.append(int(out[7].max()))
+        self.recent_depths.append(max(out[7].tolist()))  # (a list's max: no torch op)
         del self.recent_depths[:-50]
         return out[:-1]
 
