@@ -32,10 +32,12 @@ stream of random draws (``derive_seed(seed, rank)``).
   same seed the population is the one the replay gave, bit for bit.
   Restrictions, checked with errors raised alike on every rank: every checkpoint is
   reached by the whole population (no observe inside a branch only some particles
-  take: ranks would disagree on the checkpoints); per-particle Python values alive at a
-  resampling that moves particles (strings, language-model tokens), memoised functions
-  with entries, and a state whose structure differs between ranks cannot move (the
-  error names the variable); ``proposal``, ``delayed`` and ``enumerate`` are
+  take: ranks would disagree on the checkpoints); per-particle Python values move as
+  JSON rows (strings, numbers, lists, tuples, language-model tokens and completions:
+  ``semantics.live_values``; a language model's per-particle memos are dropped and
+  recomputed), but values that are not data (functions, other objects), memoised
+  functions with entries, and a state whose structure differs between ranks cannot move
+  (the error names the variable); ``proposal``, ``delayed`` and ``enumerate`` are
   single-process only.
 * ``distributed_chains``: MCMC chains (``mh``, ``nuts``, ``hmc``) shared by the ranks, each
   rank running the single-process method on its chains; rank 0 gathers them and computes
@@ -51,7 +53,7 @@ import math
 
 import torch
 
-from ..semantics import live_state
+from ..semantics import live_state, live_values
 from ..semantics.distributed import (AT_CHECKPOINT, FINISHED, CollectiveError, ColumnSpec, Group, RankError,
                                      TransferPlan, WeightSummary, agree_on_columns, exchange_rows, local_ancestors,
                                      local_summary, shard, shard_sizes, shared_uniforms, slot_ranges, GLOBAL_SCHEMES)
@@ -271,10 +273,31 @@ class DistributedSMCHandler(SMCHandler):
             (found, problem), digests = self._walk(eff), None
         agreed = live_state.agree(_gather_views(group, found, problem, digests))
         device = self.log_weights.device
-        cols = live_state.columns(found, agreed, self.N, device)
+        try:
+            cols, problem = live_state.columns(found, agreed, self.N, device), None
+        except live_state.CannotMove as err:  # (a Python value that is not data: every rank raises it)
+            cols, problem = None, err
+        cols = _widened(group, cols, live_state.python_paths(agreed), problem)
         specs = [ColumnSpec(name, col.dtype, tuple(col.shape[1:])) for name, col in _column_order(agreed, cols)]
         moved = exchange_rows(group, plan, cols, specs, drawn)
         live_state.install(found, agreed, {k: c.to(device) for k, c in moved.items()}, self.lineage)
+
+
+def _widened(group: Group, cols: dict | None, python: list, problem=None) -> dict:
+    """Python objects' rows (JSON, ``semantics.live_values``) widened to the widest row of
+    each such column over the ranks (one all_gather; none without such columns). A rank
+    whose objects could not be written (``problem``: only Python columns can fail) makes
+    every rank raise its error."""
+    if not python:
+        if problem is not None:
+            raise problem
+        return cols
+    mine = torch.tensor([-1 if problem is not None else cols[p].shape[1] for p in python], dtype=torch.int64)
+    widths = torch.stack(group.all_gather(mine, what="row widths of per-particle Python values"))
+    if bool((widths < 0).any()):
+        _gather_views(group, None, problem, [-1] * group.size)  # (raises the first failing rank's error)
+    widths = widths.amax(0)
+    return {**cols, **{p: live_values.pad(cols[p], int(w)) for p, w in zip(python, widths)}}
 
 
 def _column_order(agreed: list, cols: dict) -> list:

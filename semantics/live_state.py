@@ -28,10 +28,19 @@ all lazily (``values.Lineage``). Between ranks the rows that arrive must be appe
   frame or list, and the lineage starts a new epoch whose ancestor array is invalid
   (a value that the walk missed would fail loudly when read, never read wrong rows).
 
-What cannot move is refused with a ``PPLRuntimeError`` naming it: per-particle Python
-objects (strings, tokens, ragged lists), memoised functions with entries, delayed or
-enumerated values, and places whose structure differs between ranks (a list of another
-length, the run at another statement).
+Per-particle Python objects (``PerParticle``: strings, tokens, ragged lists) are columns
+of JSON rows (``PYTHON``; ``semantics.live_values``: data only, never pickle), rebuilt
+on the receiving rank; an unbatched object on one rank where another has rows becomes
+rows on every rank. Language models (``LMValue``) are static (backend, tables and prefix
+caches are the same function on every rank: a backend's answer is the same with or
+without its cache, ``stdlib.lm.base``); their per-particle memos (the contexts an
+``LMValue`` remembers, an LM distribution's last draw) are dropped at a move and
+recomputed from the moved values.
+
+What cannot move is refused with a ``PPLRuntimeError`` naming it: per-particle objects
+that are not data (functions, other objects), memoised functions with entries, delayed
+or enumerated values, and places whose structure differs between ranks (a list of
+another length, the run at another statement).
 """
 from __future__ import annotations
 
@@ -46,6 +55,8 @@ from typing import Any
 
 import torch
 
+from ..stdlib.lm import dsl as lm_dsl
+from . import live_values
 from .errors import PPLRuntimeError
 from .interpreter import Builtin, Closure, Frame, Interpreter, MemFn, _Renamed
 from .values import Batched, DistributionValue, Lineage, Particles, PerParticle, _PerParticleValue
@@ -90,7 +101,10 @@ class Walk:
 
     places: dict = field(default_factory=dict)
     frames: dict = field(default_factory=dict)  # path -> Frame (where absent variables are put back)
-    batched: list = field(default_factory=list)  # the distinct batched values found
+    batched: list = field(default_factory=list)  # the distinct per-particle values found (Batched, PerParticle)
+    models: live_values.Models = field(default_factory=live_values.Models)  # language models, by name
+    caches: list = field(default_factory=list)  # LM values and distributions whose per-particle memos a move drops
+    cached: list = field(default_factory=list)  # the per-particle values those memos hold (dropped, not moved)
 
     _view = None
     _digest = None
@@ -126,6 +140,36 @@ class _Walker:
         self.walk = Walk()
         self.seen: dict[int, str] = {}
         self.batched_ids: set[int] = set()
+        for name in sorted(data):  # language models given as data (not walked: the same on every rank)
+            if isinstance(data[name], lm_dsl.LMValue):
+                self.lm_value(data[name], f"data:{name}")
+        default = lm_dsl._DEFAULTS.get("lm")  # toy_lm(), wherever a program calls it
+        if default is not None:
+            self.lm_value(default, "toy_lm()")
+
+    def lm_value(self, lmv, key: str) -> None:
+        """A language model the run uses: static (its backend, token tables and prefix
+        caches are the same function on every rank), except the contexts it remembers
+        for the particles (``_ctx_memo``), which a move drops (recomputed exactly from
+        the context lists, which move)."""
+        if any(c is lmv for c in self.walk.caches):
+            return
+        self.walk.models.add(lmv, key)
+        self.walk.caches.append(lmv)
+        self.memo(lmv._ctx_memo)
+
+    def memo(self, obj, depth: int = 0) -> None:
+        """The per-particle values of this run inside a memo (tuples, lists, dicts)."""
+        if isinstance(obj, _PerParticleValue):
+            if obj._lin is self.lineage and id(obj) not in self.batched_ids:
+                self.batched_ids.add(id(obj))
+                self.walk.cached.append(obj)
+        elif depth < 4 and isinstance(obj, (tuple, list)):
+            for x in obj:
+                self.memo(x, depth + 1)
+        elif depth < 4 and isinstance(obj, dict):
+            for x in obj.values():
+                self.memo(x, depth + 1)
 
     def place(self, path, value, holder, key, desc, **kw):
         self.walk.places[path] = Place(value, holder, key, desc, **kw)
@@ -182,6 +226,15 @@ class _Walker:
                 raise _refuse(path, f"the memoised function '{obj.name}' (its table)")
             self.place(path, obj, None, None, ("mem", obj.name), **kw)
             self.visit(obj.fn, f"{path}.fn")
+        elif isinstance(obj, lm_dsl.LMValue):
+            self.place(path, obj, None, None, ("lm", obj.name, obj.V), **kw)
+            self.lm_value(obj, path)
+        elif isinstance(obj, lm_dsl._LMDist):  # (its memos of the last draw: dropped by a move)
+            self.place(path, obj, None, None, ("dist", type(obj).__name__), **kw)
+            self.walk.caches.append(obj)
+            self.memo((obj._cache, obj._last))
+            for s in ("lmv", "context", "opts", "mask"):
+                self.visit(getattr(obj, s), f"{path}.{s}")
         elif isinstance(obj, DistributionValue):
             names = [s for c in type(obj).__mro__ for s in getattr(c, "__slots__", ())]
             self.place(path, obj, None, None, ("dist", type(obj).__name__), **kw)
@@ -217,15 +270,23 @@ class _Walker:
             raise _refuse(path, f"a value of type {type(obj).__name__}")
 
     def per_particle(self, obj, path, holder, key, **kw):
+        if type(obj) is PerParticle:  # Python objects: moved as JSON rows (``live_values``)
+            if obj._lin is not self.lineage:
+                raise _refuse(path, "a per-particle value made outside the run")
+            obj._fresh()
+            self.place(path, obj, holder, key, ("pyrows", obj._idx is self.lineage.full_idx), **kw)
+            self.found(obj)
+            return
         if type(obj) is not Batched:
-            what = "per-particle Python values (strings, tokens, ragged lists)" if isinstance(obj, PerParticle) \
-                else f"a {type(obj).__name__} value (delayed or enumerated)"
-            raise _refuse(path, what)
+            raise _refuse(path, f"a {type(obj).__name__} value (delayed or enumerated)")
         if obj._lin is not self.lineage:
             raise _refuse(path, "a batched value made outside the run")
         t = obj.t  # (caught up with the lineage)
         full = obj._idx is self.lineage.full_idx
         self.place(path, obj, holder, key, ("batched", str(t.dtype), tuple(t.shape[1:]), full), **kw)
+        self.found(obj)
+
+    def found(self, obj) -> None:
         if id(obj) not in self.batched_ids:
             self.batched_ids.add(id(obj))
             self.walk.batched.append(obj)
@@ -308,11 +369,12 @@ def _check_all_found(found: Walk, lineage: Lineage) -> None:
     """The lineage counts its live batched values: the walk must have seen them all (a
     value held elsewhere would not follow the move). Garbage in reference cycles is
     collected before the verdict."""
-    if _live_count(lineage) > len(found.batched):
+    seen = len(found.batched) + len(found.cached)
+    if _live_count(lineage) > seen:
         gc.collect()
-    if _live_count(lineage) > len(found.batched):
+    if _live_count(lineage) > seen:
         raise CannotMove(f"distributed SMC cannot move this run's state between ranks: "
-                         f"{_live_count(lineage) - len(found.batched)} per-particle value(s) are held where the "
+                         f"{_live_count(lineage) - seen} per-particle value(s) are held where the "
                          "run's state is not visible (internal)", hint=_HINT)
 
 
@@ -353,7 +415,7 @@ def agree(views: list[list]) -> list[Column]:
     """The columns to move, from every rank's ``Walk.view()`` (the same result on every
     rank), or ``CannotMove`` naming the first place the ranks cannot reconcile."""
     if all(v is views[0] for v in views):  # the usual case: every rank's state alike
-        return [Column(p, d[1], d[2], presence=not d[3]) for p, d, *_ in views[0] if d[0] == "batched"]
+        return [_column(p, d) for p, d, *_ in views[0] if d[0] in ("batched", "pyrows")]
     per_rank = [{p: (d, r, v, par) for p, d, r, v, par in view} for view in views]
     paths = list(dict.fromkeys(p for view in views for p, *_ in view))
     columns: list[Column] = []
@@ -363,8 +425,8 @@ def agree(views: list[list]) -> list[Column]:
         descs = [e[0] if e is not None else None for e in entries]
         if descs[0] is not None and all(d == descs[0] for d in descs):
             d = descs[0]
-            if d[0] == "batched":
-                columns.append(Column(path, d[1], d[2], presence=not d[3]))
+            if d[0] in ("batched", "pyrows"):
+                columns.append(_column(path, d))
             elif d[0] == "ref" and d[1] in replaced:  # a second name of a value written anew
                 if not all(e[1] for e in entries):
                     raise _refuse(path, "a value that differs between ranks")
@@ -378,6 +440,17 @@ def agree(views: list[list]) -> list[Column]:
     return columns
 
 
+def _column(path: str, desc: tuple) -> Column:
+    """The column of a per-particle place alike on every rank."""
+    if desc[0] == "pyrows":
+        return Column(path, PYTHON, (), presence=not desc[1])
+    return Column(path, desc[1], desc[2], presence=not desc[3])
+
+
+#: the dtype of a column of Python objects (JSON rows: ``semantics.live_values``)
+PYTHON = "python"
+
+
 def _mend(path: str, entries: list, resolved: list) -> Column:
     """A place where the ranks differ: a column that gives every rank batched rows, or
     ``CannotMove``."""
@@ -385,6 +458,8 @@ def _mend(path: str, entries: list, resolved: list) -> Column:
     missing = len(present) < len(entries)
     if missing and not all(e[2] for e in present):  # only a variable may be absent
         raise _refuse(path, "a part of the state only some ranks have")
+    if any(d is not None and (d[0] == "pyrows" or d[0] == "atom" and _atom_tensor(d) is None) for d in resolved):
+        return _mend_python(path, entries, present, missing, resolved)
     dtypes, shapes, presence, batched = [], set(), missing, True
     for d in resolved:
         if d is None:
@@ -415,6 +490,18 @@ def _mend(path: str, entries: list, resolved: list) -> Column:
     return Column(path, str(dtype), shapes.pop(), presence, not in_place)
 
 
+def _mend_python(path: str, entries: list, present: list, missing: bool, resolved: list) -> Column:
+    """Python objects per particle on some rank, an unbatched value (or nothing) on
+    others: Python rows on every rank, written anew."""
+    if not all(d is None or d[0] in ("pyrows", "atom") for d in resolved):
+        raise _refuse(path, "a value that is Python objects on one rank and numbers on another")
+    in_place = not missing and all(e[0][0] == "pyrows" for e in entries)
+    if not in_place and not all(e[1] for e in present):
+        raise _refuse(path, "a value that differs between ranks")
+    presence = missing or any(d is not None and d[0] == "pyrows" and not d[1] for d in resolved)
+    return Column(path, PYTHON, (), presence, not in_place)
+
+
 # ---------------------------------------------------------------------- the rows
 def columns(found: Walk, agreed: list[Column], n: int, device) -> dict[str, torch.Tensor]:
     """This rank's rows of every agreed column (value rows [n, ...] under the path; a
@@ -423,9 +510,12 @@ def columns(found: Walk, agreed: list[Column], n: int, device) -> dict[str, torc
     for col in agreed:
         if col.alias:
             continue
-        dtype = getattr(torch, col.dtype.split(".")[-1])
         place = found.places.get(col.path)
         value = None if place is None else place.value
+        if col.dtype == PYTHON:
+            out.update(_python_rows(found, col, value, n, device))
+            continue
+        dtype = getattr(torch, col.dtype.split(".")[-1])
         if isinstance(value, Batched) and not col.presence and value._t.dtype == dtype:
             out[col.path] = value._t  # (every particle: the rows as they are)
             continue
@@ -442,6 +532,36 @@ def columns(found: Walk, agreed: list[Column], n: int, device) -> dict[str, torc
         if col.presence:
             out[col.path + " present"] = present
     return out
+
+
+def _python_rows(found: Walk, col: Column, value, n: int, device) -> dict:
+    """A Python column's rows: each particle's object as a JSON row (uint8 [n, width];
+    ``python_paths``/``live_values.pad`` widen them to the ranks' common width)."""
+    present = torch.zeros(n, dtype=torch.bool)
+    try:
+        if isinstance(value, PerParticle):
+            items, idx = value.items, value._idx
+            encoded = live_values.encode(items, found.models)
+            rows = torch.zeros((n, encoded.shape[1]), dtype=torch.uint8)
+            rows[idx.cpu()] = encoded
+            present[idx.cpu()] = True
+        elif value is not None:
+            rows = live_values.encode_one(value, n, found.models)
+            present[:] = True
+        else:
+            rows = torch.zeros((n, live_values._LEN), dtype=torch.uint8)
+    except live_values.NotData as err:
+        raise _refuse(col.path, f"per-particle Python values that are not data ({err})") from None
+    out = {col.path: rows}
+    if col.presence:
+        out[col.path + " present"] = present.to(device)
+    return out
+
+
+def python_paths(agreed: list[Column]) -> list[str]:
+    """The agreed columns of Python rows (their widths differ between ranks: the caller
+    widens every rank's rows to the widest, one collective)."""
+    return [c.path for c in agreed if c.dtype == PYTHON and not c.alias]
 
 
 def install(found: Walk, agreed: list[Column], moved: dict[str, torch.Tensor], lineage: Lineage) -> None:
@@ -462,19 +582,41 @@ def install(found: Walk, agreed: list[Column], moved: dict[str, torch.Tensor], l
         if present is not None and bool(present.all()):
             present = None
         idx = full if present is None else torch.nonzero(present).reshape(-1).to(full.device)
-        payload = rows if present is None else rows.index_select(0, idx)
+        payload = rows if present is None else rows.index_select(0, idx.to(rows.device))
+        if col.dtype == PYTHON:
+            payload = _decoded(found, col, payload)
         if not col.replace:
             place.value._relocate(payload, idx)
             updated[id(place.value)] = place.value
             continue
         # written anew into its frame or list (or put back where this rank lacked it)
         holder, key = (place.holder, place.key) if place is not None else _absent_holder(found, col.path)
-        value = Batched(payload, idx) if idx.shape[0] or not isinstance(holder, dict) else None
+        made = PerParticle if col.dtype == PYTHON else Batched
+        value = made(payload, idx) if idx.shape[0] or not isinstance(holder, dict) else None
         written[col.path] = value
         _write(holder, key, value, full)
         if value is not None:
             updated[id(value)] = value
+    _drop_memos(found)
     lineage.renew(list(updated.values()))
+
+
+def _decoded(found: Walk, col: Column, rows: torch.Tensor) -> list:
+    try:
+        return live_values.decode(rows, found.models)
+    except (live_values.NotData, ValueError) as err:
+        raise _refuse(col.path, f"per-particle Python values that did not arrive intact ({err})") from None
+
+
+def _drop_memos(found: Walk) -> None:
+    """Forget the per-particle memos of the language models and their distributions
+    (caches keyed by the particles as they were: recomputed exactly after the move)."""
+    for obj in found.caches:
+        if isinstance(obj, lm_dsl.LMValue):
+            obj._ctx_memo = None
+        else:
+            obj._cache = obj._last = None
+    found.cached.clear()
 
 
 def _write(holder, key, value, full) -> None:

@@ -327,6 +327,12 @@ class PerParticle(_PerParticleValue):
     def _select(self, sel):
         self._items = list(map(self._items.__getitem__, sel.tolist()))  # (= [items[i] for i in sel])
 
+    def _relocate(self, items: list, idx: torch.Tensor) -> None:
+        """New objects ``items`` for the particles ``idx`` (as ``Batched._relocate``: rows
+        that came from other ranks; then ``Lineage.renew``)."""
+        self._fresh()
+        self._items, self._idx = items, idx
+
     @property
     def items(self) -> list:
         self._fresh()

@@ -185,13 +185,14 @@ def main(ys):
     return xs[-1]
 """
 
-#: a per-particle string alive at a resampling that moves particles: cannot move
+#: a per-particle function alive at a resampling that moves particles: not data, cannot
+#: move (a per-particle string moves now: ``pyvalues_job``)
 UNMOVABLE = """
 def main():
     z ~ flip(0.5)
-    s = "heads" if z else "tails"
+    s = (lambda x: x + 1.0) if z else (lambda x: x - 1.0)
     observe 1.0 ~ normal(3.0 if z else 0.0, 1.0)
-    return s
+    return s(1.0)
 """
 
 
@@ -396,7 +397,107 @@ def hang_job(group: D.Group) -> dict:
     return {}
 
 
-JOBS = {"law": law_job, "runs": runs_job, "live": live_job, "oracle": oracle_job, "pool": pool_job, "chains": chains_job, "raise": raise_job, "diverge": diverge_job, "kill": kill_job, "hang": hang_job}
+#: a per-particle string state (Python objects that move as JSON rows) and its numeric twin
+#: (bit k of the int = the k-th letter): the same seeded run must give the same population
+STRING_SSM = """
+def main(ys):
+    s = ""
+    for y in ys:
+        z ~ flip(0.6)
+        s = s + ("a" if z else "b")
+        mu = 1.5 if endswith(s, "ab") else (1.0 if z else 0.0)
+        observe y ~ normal(mu, 0.8)
+    return s
+"""
+STRING_TWIN = """
+def main(ys):
+    k = 0
+    for y in ys:
+        z ~ flip(0.6)
+        k = 2 * k + (1 if z else 0)
+        mu = 1.5 if k % 4 == 2 else (1.0 if z else 0.0)
+        observe y ~ normal(mu, 0.8)
+    return k
+"""
+STRING_YS = [0.9, 0.2, 1.4, 1.1, -0.3, 1.6]
+
+#: steering the toy language model token by token (contexts grow as lists of per-particle
+#: tokens; a factor after each token resamples): the exact posterior by enumeration
+LM_STEER = """
+def main(lm):
+    toks = []
+    for t in range(3):
+        tok ~ lm.next_token(toks)
+        toks = toks + [tok]
+        factor 1.0 if endswith(lm.decode(toks), "s") else -0.5
+    return lm.decode(toks)
+"""
+LM_STEER_TOY = """
+def main():
+    lm = toy_lm()
+    toks = []
+    for t in range(3):
+        tok ~ lm.next_token(toks, allowed=lambda w: w != " tree")
+        toks = toks + [tok]
+        factor 0.8 if tok == " cat" or tok == "s" else 0.0
+    return lm.decode(toks)
+"""
+
+#: a memoised function with entries alive at a resampling that moves particles: refused
+MEMO = """
+def main():
+    z ~ flip(0.5)
+    f = mem(lambda i: i + (1.0 if z else 0.0))
+    a = f(1)
+    observe 1.0 ~ normal(3.0 if z else 0.0, 1.0)
+    return f(1)
+"""
+
+
+def pyvalues_job(group: D.Group) -> dict:
+    """Per-particle Python values moved between ranks: the string SSM against its numeric
+    twin, seeded alike (rank 0 compares every particle: letters vs bits, z, log weights);
+    the toy LM steered token by token (a model given as data and toy_lm() in the program),
+    4 seeds each: the law of the completions and the evidence; a memo table with entries,
+    still refused, on every rank."""
+    from ppl.inference import distributed as ID
+    from ppl.inference.methods import _program
+    from ppl.stdlib.lm.toy import ToyLM
+    out: dict = {}
+    pops = []
+    for source in (STRING_SSM, STRING_TWIN):
+        shared = torch.Generator().manual_seed(D.derive_seed(23, -1))
+        with rng.run(D.derive_seed(23, group.rank)):
+            pops.append(ID.distributed_smc(*_program(ppl.model(source), {"ys": STRING_YS}, "cpu"), 401, "cpu",
+                                           group, shared))
+    if group.is_root:
+        text, twin = pops
+        letters = [sum((1 if c == "a" else 0) << (len(s) - 1 - i) for i, c in enumerate(s))
+                   for s in text.sites["return"][0]]
+        out["string"] = {"same_return": letters == [int(k) for k in twin.sites["return"][0]],
+                         "lengths": sorted({len(s) for s in text.sites["return"][0]}),
+                         "same_z": all(_same(text.sites[a][0], twin.sites[a][0]) for a in text.sites if a != "return"),
+                         "sites": sorted(text.sites), "same_weights": torch.equal(text.log_weights, twin.log_weights),
+                         "state_moves": text.extra["state_moves"], "log_evidence": text.log_evidence}
+    lm = ToyLM()
+    for key, source, data in (("lm_data", LM_STEER, {"lm": lm}), ("lm_toy", LM_STEER_TOY, {})):
+        reps = []
+        for rep in range(4):
+            res = ppl.model(source).run("smc", data, particles=600, seed=40 + rep, distributed=True)
+            if group.is_root:
+                reps.append({"law": {str(k): float(v) for k, v in res.marginal().items()},
+                             "log_evidence": res.log_evidence, "state_moves": res.extra["state_moves"]})
+        out[key] = reps
+    try:
+        ppl.model(MEMO).run("smc", {}, particles=400, seed=2, distributed=True)
+        error = None
+    except ppl.PPLError as err:
+        error = str(err)
+    out["memo"] = group.all_gather_object(error)
+    return out
+
+
+JOBS = {"pyvalues": pyvalues_job, "law": law_job, "runs": runs_job, "live": live_job, "oracle": oracle_job, "pool": pool_job, "chains": chains_job, "raise": raise_job, "diverge": diverge_job, "kill": kill_job, "hang": hang_job}
 
 
 def main() -> None:

@@ -201,7 +201,8 @@ def jobs(tmp_path_factory):
     """Every multi-process job, started together; per job: (return codes, rank 0's log,
     seconds until rank 0 exited, out dir)."""
     base = tmp_path_factory.mktemp("dist")
-    specs = {"k3": (3, "law,runs,live,oracle,pool", 60), "k2": (2, "law,runs,chains,live,oracle,pool", 60), "raise": (2, "raise", TIMEOUT),
+    specs = {"k3": (3, "law,runs,live,oracle,pool,pyvalues", 60),
+             "k2": (2, "law,runs,chains,live,oracle,pool,pyvalues", 60), "raise": (2, "raise", TIMEOUT),
              "diverge": (2, "diverge", TIMEOUT),
              "kill": (2, "kill", TIMEOUT), "hang": (2, "hang", TIMEOUT)}
     started = time.monotonic()
@@ -402,11 +403,92 @@ def test_the_adaptive_moves_statistics_over_ranks_are_the_whole_populations(jobs
 
 @pytest.mark.parametrize("name", ["k2", "k3"])
 def test_a_live_state_that_cannot_move_is_an_error_on_every_rank(jobs, name):
-    """A per-particle string alive when particles must cross ranks: every rank stops with
-    the same error naming the variable (never a silently different run)."""
+    """A per-particle value that is not data (a function) alive when particles must cross
+    ranks: every rank stops with the same error naming the variable (never a silently
+    different run). (A per-particle string moves: ``test_per_particle_strings_move_...``.)"""
     errors = _result(jobs, name, "live")["unmovable"]
     assert errors[0] is not None and all(e == errors[0] for e in errors)
     assert "cannot move per-particle Python values" in errors[0] and "the variable 's'" in errors[0]
+
+
+@pytest.mark.parametrize("name", ["k2", "k3"])
+def test_per_particle_strings_move_between_ranks_as_the_numbers_they_encode(jobs, name):
+    """A per-particle string state (Python objects, moved as JSON rows) and its numeric
+    twin (the int whose bits are the letters; a batched value, whose move is the replay's
+    bit for bit), seeded alike: every particle's string is its twin's int, the choices and
+    the log weights are identical, and the state did move between ranks."""
+    got = _result(jobs, name, "pyvalues")["string"]
+    assert got["same_return"] and got["same_z"] and got["same_weights"], got
+    assert got["lengths"] == [len(_worker().STRING_YS)] and got["state_moves"] > 0
+
+
+def _lm_model(key: str):
+    import ppl
+    from ppl.stdlib.lm.toy import ToyLM
+    W = _worker()
+    source, data = (W.LM_STEER, {"lm": ToyLM()}) if key == "lm_data" else (W.LM_STEER_TOY, {})
+    return ppl.model(source), data
+
+
+@functools.lru_cache(maxsize=None)
+def _lm_exact(key: str) -> tuple[dict, float]:
+    """The exact posterior over completions and the log evidence (enumeration)."""
+    model, data = _lm_model(key)
+    res = model.run("enumerate", data)
+    return {str(k): float(v) for k, v in res.marginal().items()}, float(res.log_evidence)
+
+
+@functools.lru_cache(maxsize=None)
+def _lm_single(key: str) -> list[dict]:
+    """The worker's 4 seeded runs in one process."""
+    model, data = _lm_model(key)
+    out = []
+    for rep in range(4):
+        res = model.run("smc", data, particles=600, seed=40 + rep)
+        out.append({"law": {str(k): float(v) for k, v in res.marginal().items()}, "log_evidence": res.log_evidence})
+    return out
+
+
+def _t_ok(values, truth, floor) -> tuple[bool, float, float]:
+    mu, sd = _mean_sd(values)
+    se = max(sd / math.sqrt(len(values)), floor)
+    return abs(mu - truth) <= 4.5 * se + 1e-12, mu, se
+
+
+@pytest.mark.parametrize("name", ["k2", "k3"])
+@pytest.mark.parametrize("key", ["lm_data", "lm_toy"])
+def test_steering_the_toy_lm_over_ranks_matches_enumeration(jobs, name, key):
+    """The toy LM steered token by token (contexts are lists of per-particle tokens that
+    move between ranks with their particles; the LM's per-particle memo is dropped and
+    recomputed; a model given as data, and toy_lm() in the program with allowed=): the
+    weighted law of the completions over 4 seeds of 600 particles against the exact
+    posterior by enumeration (4.5 SE, the SE floored at the binomial SE of the 2400
+    particles), and Z_hat / Z against 1 (Z_hat is unbiased)."""
+    reps = _result(jobs, name, "pyvalues")[key]
+    post, log_z = _lm_exact(key)
+    assert sum(r["state_moves"] for r in reps) >= 4
+    n = 600 * len(reps)
+    for completion, p in post.items():
+        ok, mu, se = _t_ok([r["law"].get(completion, 0.0) for r in reps], p, math.sqrt(p * (1 - p) / n))
+        assert ok, (completion, mu, p, se)
+    assert all(set(r["law"]) <= set(post) for r in reps)  # no impossible completion
+    ok, mu, se = _t_ok([math.exp(r["log_evidence"] - log_z) for r in reps], 1.0, 0.0)
+    assert ok, (mu, se)
+    single = _lm_single(key)  # and one process: the same law (difference of the means within 4.5 SE)
+    for completion, p in post.items():
+        d, o = ([r["law"].get(completion, 0.0) for r in rs] for rs in (reps, single))
+        floor = math.sqrt(2 * p * (1 - p) / n)
+        se = max(math.sqrt(_mean_sd(d)[1] ** 2 / len(d) + _mean_sd(o)[1] ** 2 / len(o)), floor)
+        assert abs(_mean_sd(d)[0] - _mean_sd(o)[0]) <= 4.5 * se + 1e-12, (completion, d, o)
+
+
+@pytest.mark.parametrize("name", ["k2", "k3"])
+def test_a_memo_table_with_entries_is_still_refused_on_every_rank(jobs, name):
+    """A memoised function with entries alive at a resampling that moves particles: every
+    rank stops with the same error naming it."""
+    errors = _result(jobs, name, "pyvalues")["memo"]
+    assert errors[0] is not None and all(e == errors[0] for e in errors)
+    assert "cannot move the memoised function 'f'" in errors[0] and "the variable 'f'" in errors[0]
 
 
 def test_a_raising_rank_stops_every_rank_with_its_error(jobs):

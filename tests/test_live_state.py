@@ -11,7 +11,7 @@ from ppl.inference.methods import _program
 from ppl.inference.smc import SMCHandler
 from ppl.semantics import live_state as L
 from ppl.semantics.sampling import drive
-from ppl.semantics.values import Batched, Lineage, Particles, lineage_scope
+from ppl.semantics.values import Batched, Lineage, Particles, lineage_scope, materialize
 
 SSM = """
 def main(ys):
@@ -100,8 +100,60 @@ def test_installed_rows_replace_every_live_value_and_a_missed_value_fails_loudly
             missed.t
 
 
-def test_a_per_particle_python_value_in_the_state_is_refused_naming_it():
-    src = ('def main():\n    z ~ flip(0.5)\n    s = "heads" if z else "tails"\n'
+def _moved_at_first_checkpoint(source: str, N: int = 8) -> tuple:
+    """A seeded SMC run whose first checkpoint moves the live state as a rank would with
+    the rows reversed (particle k takes particle N-1-k's state: walk, agree, columns,
+    widen the Python rows, install); (the variable 's' before, after, the columns)."""
+    from ppl.semantics import live_values
+    interp, entry, data = _program(ppl.model(source), {}, "cpu")
+    seen = {}
+
+    class Moving(SMCHandler):
+        def _checkpoint(self, eff):
+            if "before" in seen:
+                return super()._checkpoint(eff)
+            self.trace.parts.clear()
+            w = L.walk([("run", self.gen), ("effect", eff), ("twist", self._twist)], self.lineage, data)
+            agreed = L.agree([w.view()])
+            cols = L.columns(w, agreed, N, "cpu")
+            paths = L.python_paths(agreed)
+            cols = {k: live_values.pad(c, c.shape[1] + 3) if k in paths else c for k, c in cols.items()}
+            frame = w.frames[next(p for p in w.frames if p.endswith("call_closure.fr"))]
+            seen["before"] = materialize(frame.vars["s"], Particles.all(N))
+            L.install(w, agreed, {k: c.flip(0) for k, c in cols.items()}, self.lineage)
+            seen["after"] = materialize(frame.vars["s"], Particles.all(N))
+            seen["columns"] = agreed
+    ctx = Particles.all(N)
+    with ppl.stdlib.rng.run(0), lineage_scope(Lineage(ctx.idx)) as lineage:
+        h = Moving(N, "cpu", lineage)
+        h.gen = interp.run(entry, data, ctx)
+        drive(h.gen, h)
+    return seen["before"], seen["after"], seen["columns"]
+
+
+def test_a_per_particle_string_in_the_state_moves_as_python_rows():
+    """A per-particle string is a column of JSON rows (``semantics.live_values``): the
+    reversed rows install the reversed strings in place, tokens of the toy LM with
+    their ids, tuples as tuples."""
+    src = ('def main():\n    z ~ flip(0.5)\n    s = ["heads", (1, 2.5)] if z else ["tails", (None, 0.1)]\n'
            '    observe 1.0 ~ normal(3.0 if z else 0.0, 1.0)\n    return s\n')
-    with pytest.raises(L.CannotMove, match="per-particle Python values .* the variable 's'"):
-        _walks(src, {}, N=16)
+    before, after, cols = _moved_at_first_checkpoint(src)
+    assert L.PYTHON in [c.dtype for c in cols if "vars[s]" in c.path]
+    assert after == before[::-1] and {x[0] for x in before} == {"heads", "tails"}
+    assert all(type(x[1]) is tuple for x in after)
+
+
+def test_tokens_of_the_toy_lm_move_with_their_ids():
+    src = ('def main():\n    lm = toy_lm()\n    s ~ lm.next_token([])\n'
+           '    observe 1.0 ~ normal(0.0, 1.0)\n    return s\n')
+    before, after, _ = _moved_at_first_checkpoint(src)
+    assert after == before[::-1] and [t.id for t in after] == [t.id for t in before[::-1]]
+    assert all(type(t).__name__ == "Token" for t in after)
+
+
+def test_a_per_particle_value_that_is_not_data_is_refused_naming_it():
+    """A per-particle function cannot be written as data: refused naming the variable."""
+    src = ('def main():\n    z ~ flip(0.5)\n    s = (lambda x: x) if z else (lambda x: -x)\n'
+           '    observe 1.0 ~ normal(3.0 if z else 0.0, 1.0)\n    return s(1.0)\n')
+    with pytest.raises(L.CannotMove, match="per-particle Python values that are not data .* the variable 's'"):
+        _moved_at_first_checkpoint(src, N=16)
