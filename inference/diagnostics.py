@@ -4,13 +4,17 @@ R-hat and ESS are ``pyro.ops.stats``'s split Gelman-Rubin and Geyer's initial mo
 sequence ESS (``split_r_hat``, ``mcmc_ess``: the same formulas, computed in one pass of
 contiguous tensor operations with one inverse FFT per site instead of one per chain, so
 diagnosing 1000 chains costs a few FFTs), on [chains, draws] arrays of each scalar
-numeric site that every draw has.
+numeric site that every draw has. The ESS the diagnostics report (``site_diagnostics``,
+``draw_diagnostics``) is ``mcmc_ess(x, bounded=True)``: with Stan's and ArviZ's bound tau
+>= 1 / log10(N), so antithetic chains get an ESS of at most N log10 N, never a negative one.
 
 The rules that turn a result's diagnostics into warnings for people belong to the face
 (``results/diagnostics.py`` of the Python face); ``ess_floor``, the ESS a weighted
 population needs, is here.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from pyro.ops.tensor_utils import next_fast_len
@@ -38,14 +42,14 @@ def site_diagnostics(sites: dict, C: int, S: int, *, components: bool = False) -
             x = v.reshape(C, S).double()
             if bool((x == x[0, 0]).all()):
                 continue  # a constant site has no variance to diagnose
-            ess[name] = float(mcmc_ess(x))
+            ess[name] = float(mcmc_ess(x, bounded=True))
             if C >= 2:
                 r_hat[name] = float(split_r_hat(x))
         elif components and v.dim() > 1 and v.dtype != torch.bool:
             shape = tuple(v.shape[1:])
             x = v.reshape(C, S, -1).double().permute(2, 0, 1)  # [K, C, S]
             varies = ~(x == x[:, :1, :1]).reshape(x.shape[0], -1).all(1)
-            e = mcmc_ess(x).tolist()
+            e = mcmc_ess(x, bounded=True).tolist()
             r = split_r_hat(x).tolist() if C >= 2 else None
             for k in range(x.shape[0]):
                 label = f"{name}[{','.join(str(int(i)) for i in _unravel(k, shape))}]"
@@ -77,13 +81,18 @@ def split_r_hat(x: torch.Tensor) -> torch.Tensor:
     return (((half - 1) / half * within + means.var(-1)) / within).sqrt()
 
 
-def mcmc_ess(x: torch.Tensor) -> torch.Tensor:
+def mcmc_ess(x: torch.Tensor, *, bounded: bool = False) -> torch.Tensor:
     """The effective sample size of draws ``x`` [..., chains, draws] (float64), as
     ``pyro.ops.stats.effective_sample_size`` (Stan's multi-chain autocorrelation, Geyer's
     initial monotone sequence): C * S / tau with tau = -1 + 2 sum of the monotone,
     positive sums of pairs of autocorrelations. The mean over chains of their
     autocovariances at lag k, sum_c sum_s x_cs x_c(s+k) / (C (S - k)) on centred chains, is
-    one inverse FFT of the chains' summed power spectra. Returns [...]."""
+    one inverse FFT of the chains' summed power spectra. ``bounded``: tau is kept at least
+    1 / log10(C * S), as Stan and ArviZ keep it (pyro does not): for antithetic chains (HMC
+    with a few leapfrog steps on a near-Gaussian target: lag-1 autocorrelation near -1) the
+    first pair sums to nearly 0 and tau alone is negative or tiny (an ESS of -1,900 or
+    1,500 from 100 draws; -5 from 4 independent draws); the bound caps the ESS at
+    C S log10(C S). Returns [...]."""
     C, S = x.shape[-2:]
     means = x.mean(-1)
     centred = x - means.unsqueeze(-1)
@@ -103,6 +112,8 @@ def mcmc_ess(x: torch.Tensor) -> torch.Tensor:
     tau = -1 + 2 * pairs[..., 0]
     if pairs.shape[-1] > 1:
         tau = tau + 2 * pairs[..., 1:].clamp(min=0).cummin(-1).values.sum(-1)
+    if bounded and C * S > 1:
+        tau = tau.clamp(min=1 / math.log10(C * S))
     return C * S / tau
 
 
@@ -154,7 +165,7 @@ def draw_diagnostics(chains: list):
         sites[name] = (x.reshape(C * S, *x.shape[2:]), present)
         if present is None and x.dim() == 2 and S >= 4 and not bool((x == x[0, 0]).all()):
             xd = x.double()
-            ess[name] = float(mcmc_ess(xd))
+            ess[name] = float(mcmc_ess(xd, bounded=True))
             if C >= 2:
                 r_hat[name] = float(split_r_hat(xd))
     return sites, r_hat, ess
