@@ -44,7 +44,8 @@ moves are offered by tempering alone, ``rejuvenation.ADAPTIVE_KERNELS``).
 data, the warm-up, the draws): CPU seconds per SBC run (one thread, load average 9-11 on 2
 cores, so on the slow side): NUTS 16.3 (broken 18.2), HMC 6.6 (5.8), tempering-hmc 8.2,
 tempering-mala 5.3, mh 2.8 (3.4), resample-move 2.1 (2.4), tempering-rw 1.3 (1.4); the
-whole file with tests/test_sbc.py took 82 s user + 4 s system (``/usr/bin/time``). NUTS and
+whole file with tests/test_sbc.py took 82-93 s user + 4 s system (``/usr/bin/time``, two
+runs; tests/test_sbc.py is ~7 s of it). NUTS and
 HMC run one chain per simulation (their cost is the per-run tracing and the warm-up). S is 30 for the correct runs (a chi-square test with 5 bins of 6
 expected counts each; 100 for the cheap tempering-rw) and 30-60 for the broken runs, whose
 power comes from their size of effect (each test says it).
