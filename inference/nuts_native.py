@@ -370,7 +370,10 @@ def load() -> None:
 
 def built() -> bool:
     """Whether the operator library is built on this machine (loading it is then cheap)."""
-    return os.path.exists(library_path())
+    try:
+        return os.path.exists(library_path())
+    except Exception:  # noqa: BLE001 - (a torch without this private helper: not known to be built)
+        return False
 
 
 def transition_native(library: str, z, logp, grad, p0, u, u_leaf, step, inv_mass, fresh: int, max_tree_depth: int,
