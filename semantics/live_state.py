@@ -37,8 +37,12 @@ without its cache, ``stdlib.lm.base``); their per-particle memos (the contexts a
 ``LMValue`` remembers, an LM distribution's last draw) are dropped at a move and
 recomputed from the moved values.
 
+A memoised function's table moves entry by entry (each entry's coverage and value, as
+any state) when every rank's table holds the same keys.
+
 What cannot move is refused with a ``PPLRuntimeError`` naming it: per-particle objects
-that are not data (functions, other objects), memoised functions with entries, delayed
+that are not data (functions, other objects), memo tables whose keys differ between
+ranks, delayed
 or enumerated values, and places whose structure differs between ranks (a list of
 another length, the run at another statement).
 """
@@ -222,10 +226,7 @@ class _Walker:
             self.place(path, obj, None, None, ("closure", obj.name, _span(obj.span)), **kw)
             self.visit(obj.env, f"{path}.env")
         elif isinstance(obj, MemFn):
-            if obj.table:
-                raise _refuse(path, f"the memoised function '{obj.name}' (its table)")
-            self.place(path, obj, None, None, ("mem", obj.name), **kw)
-            self.visit(obj.fn, f"{path}.fn")
+            self.mem(obj, path, **kw)
         elif isinstance(obj, lm_dsl.LMValue):
             self.place(path, obj, None, None, ("lm", obj.name, obj.V), **kw)
             self.lm_value(obj, path)
@@ -268,6 +269,19 @@ class _Walker:
                 self.visit(value, f"{path}.{name}")
         else:
             raise _refuse(path, f"a value of type {type(obj).__name__}")
+
+    def mem(self, obj: MemFn, path: str, **kw) -> None:
+        """A memoised function: its table's entries by key (the argument values, written
+        by ``repr``: the same on every rank), each (coverage, value) walked as state, so
+        the rows of the particles that computed an entry move with them. Ranks whose
+        tables hold different keys cannot be reconciled (a part only some ranks have)."""
+        keys = sorted(obj.table, key=repr)
+        if len(set(map(repr, keys))) != len(keys):
+            raise _refuse(path, f"the memoised function '{obj.name}' (keys that print alike)")
+        self.place(path, obj, None, None, ("mem", obj.name, tuple(map(repr, keys))), **kw)
+        self.visit(obj.fn, f"{path}.fn")
+        for k in keys:
+            self.visit(obj.table[k], f"{path}.table[{k!r}]")
 
     def per_particle(self, obj, path, holder, key, **kw):
         if type(obj) is PerParticle:  # Python objects: moved as JSON rows (``live_values``)
@@ -456,6 +470,9 @@ def _mend(path: str, entries: list, resolved: list) -> Column:
     ``CannotMove``."""
     present = [e for e in entries if e is not None]
     missing = len(present) < len(entries)
+    if any(d is not None and d[0] == "mem" for d in resolved):
+        name = next(d[1] for d in resolved if d is not None and d[0] == "mem")
+        raise _refuse(path, f"the memoised function '{name}' (its table holds other arguments on each rank)")
     if missing and not all(e[2] for e in present):  # only a variable may be absent
         raise _refuse(path, "a part of the state only some ranks have")
     if any(d is not None and (d[0] == "pyrows" or d[0] == "atom" and _atom_tensor(d) is None) for d in resolved):

@@ -259,13 +259,29 @@ def main(ys):
     return s
 """
 
+#: a memoised random function (its table's entries move: coverage and value), with an entry
+#: only the particles of one branch compute
+MEMO_SSM = """
+def main(ys):
+    def level(i):
+        v ~ normal(0.0, 1.0)
+        return v
+    f = mem(level)
+    z ~ flip(0.4)
+    b = f(2) if z else 0.0
+    for t in range(len(ys)):
+        observe ys[t] ~ normal(f(t % 2) + b, 1.0)
+    return f(0) - f(1) + b
+"""
+
 #: key -> (model, data, particles): the same seeded run with the live state moved and with
 #: the moved traces replayed (the mechanism before), which must agree bit for bit
 ORACLE = {"ssm": (SSM, {"ys": SSM_YS}, 301, {}), "branchy": (BRANCHY, {"y": 1.5}, 302, {}),
           "list_ssm": (LIST_SSM, {"ys": SSM_YS[:5]}, 203, {}),
           "discrete": (DISCRETE, {"ys": [0.6, 1.1, 0.2, 1.9]}, 301, {}),
           "mapped": (MAPPED, {"ys": [0.3, -1.2, 0.8, 2.0]}, 301, {}),
-          "ssm_adaptive": (SSM, {"ys": SSM_YS}, 301, {"ess_threshold": 0.6, "resampling": "multinomial"})}
+          "ssm_adaptive": (SSM, {"ys": SSM_YS}, 301, {"ess_threshold": 0.6, "resampling": "multinomial"}),
+          "memo": (MEMO_SSM, {"ys": [0.4, -0.3, 1.1, 0.2, 0.9]}, 301, {})}
 
 
 def _replayed_smc(interp, entry, data, particles, device, group, shared, **options):
@@ -443,14 +459,34 @@ def main():
     return lm.decode(toks)
 """
 
-#: a memoised function with entries alive at a resampling that moves particles: refused
+#: steering a tiny untrained GRU (``SmallLM``, seeded: the same weights on every rank; its
+#: prefix cache of hidden states stays on each rank, a moved context is recomputed there)
+LM_STEER_GRU = """
+def main(lm):
+    toks = []
+    for t in range(3):
+        tok ~ lm.next_token(toks)
+        toks = toks + [tok]
+        factor 1.0 if tok == "a" else 0.0
+    return lm.decode(toks)
+"""
+
+
+def small_gru():
+    from ppl.stdlib.lm.small import SmallLM
+    return SmallLM(list("abc"), embed=8, hidden=16, seed=3)
+
+
+#: a memoised function whose table's keys differ between ranks (a key per particle's draw):
+#: refused
 MEMO = """
 def main():
-    z ~ flip(0.5)
-    f = mem(lambda i: i + (1.0 if z else 0.0))
-    a = f(1)
-    observe 1.0 ~ normal(3.0 if z else 0.0, 1.0)
-    return f(1)
+    x ~ normal(0.0, 1.0)
+    f = mem(lambda i: i * 2.0)
+    a = f(x)
+    observe 1.0 ~ normal(x, 1.0)
+    observe 0.5 ~ normal(a, 1.0)
+    return f(x)
 """
 
 
@@ -480,7 +516,8 @@ def pyvalues_job(group: D.Group) -> dict:
                          "sites": sorted(text.sites), "same_weights": torch.equal(text.log_weights, twin.log_weights),
                          "state_moves": text.extra["state_moves"], "log_evidence": text.log_evidence}
     lm = ToyLM()
-    for key, source, data in (("lm_data", LM_STEER, {"lm": lm}), ("lm_toy", LM_STEER_TOY, {})):
+    for key, source, data in (("lm_data", LM_STEER, {"lm": lm}), ("lm_toy", LM_STEER_TOY, {}),
+                              ("lm_gru", LM_STEER_GRU, {"lm": small_gru()})):
         reps = []
         for rep in range(4):
             res = ppl.model(source).run("smc", data, particles=600, seed=40 + rep, distributed=True)
