@@ -157,3 +157,34 @@ def test_a_per_particle_value_that_is_not_data_is_refused_naming_it():
            '    observe 1.0 ~ normal(3.0 if z else 0.0, 1.0)\n    return s(1.0)\n')
     with pytest.raises(L.CannotMove, match="per-particle Python values that are not data .* the variable 's'"):
         _moved_at_first_checkpoint(src, N=16)
+
+
+def test_python_rows_round_trip_as_tagged_json_and_never_run_code():
+    """``live_values``: each type comes back as itself (tuples as tuples, Fractions, tokens
+    with their ids, floats bit for bit, small tensors), rows widen; what is not data, a
+    token of a model the rank lacks, or a malformed row is ``NotData`` (the bytes are
+    JSON: a row that would be a pickle is just malformed)."""
+    import pickle
+    from fractions import Fraction
+    from ppl.semantics import live_values as V
+    from ppl.stdlib.lm.dsl import toy_lm_value
+    lm = toy_lm_value()
+    models = V.Models()
+    models.add(lm, "toy_lm()")
+    items = ["s", "", None, True, 3, 0.1 + 0.2, float("-inf"), [1, ("a", 2.5)], (), Fraction(2, 7),
+             {"k": [None]}, lm.token(3), lm.completion((1, 4)), torch.tensor([[1.5, -2.0]], dtype=torch.float64)]
+    back = V.decode(V.pad(V.encode(items, models), 200), models)
+    for x, y in zip(items, back):
+        assert type(x) is type(y)
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    assert back[11].id == 3 and back[12].ids == (1, 4)
+    with pytest.raises(V.NotData, match="function"):
+        V.encode([lambda: 0], models)
+    with pytest.raises(V.NotData, match="does not hold"):
+        V.decode(V.encode([lm.token(2)], models), V.Models())
+    evil = pickle.dumps(items[:3])
+    row = torch.zeros((1, 4 + len(evil)), dtype=torch.uint8)
+    row[0, :4] = torch.tensor(list(len(evil).to_bytes(4, "little")))
+    row[0, 4:] = torch.tensor(list(evil))
+    with pytest.raises((V.NotData, ValueError)):
+        V.decode(row, models)
