@@ -352,7 +352,7 @@ class Potential:
             return self.compiled
         gm, example = self._recorded
         try:
-            fast = replay(gm, example(), "inductor")
+            fast = replay(gm, example(), "inductor", native=True)
             _agrees(self, fast, example)
         except Exception as e:  # noqa: BLE001 - any compiler failure leaves the TorchScript graph
             self.why_not_compiled = (str(e).splitlines() or [type(e).__name__])[0]
@@ -536,7 +536,7 @@ def _trace(p: Potential, backend: str | Callable[[torch.fx.GraphModule], str | N
     why = None
     if backend == "inductor":
         try:
-            fast = replay(gm, example(), backend)
+            fast = replay(gm, example(), backend, native=True)
             _agrees(p, fast, example)
             return fast, True
         except Exception as e:  # noqa: BLE001 - any compiler failure leaves the TorchScript graph

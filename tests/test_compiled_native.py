@@ -1,0 +1,88 @@
+"""The potential's graph compiled by AOTInductor into a library (``compiled.build_native``,
+issue 11: GARCH's and the GP's potentials spent most of each call in Inductor's Python
+wrapper -- a size check per input, a Python-made tensor per intermediate buffer).
+
+The library must compute what the graph computes, with the graph's tensors (data, folded
+constants) passed in packed; be found again by a later build of the same graph (no second
+compilation); and a graph whose operations the bare library cannot run (a Cholesky
+factorisation has no C shim: AOTInductor would need a proxy executor) is refused before
+anything is compiled, so that ``replay(..., native=True)`` keeps Inductor's Python wrapper there.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch._inductor
+
+from ppl.inference import compiled
+
+pytestmark = pytest.mark.skipif(not compiled.NATIVE["on"], reason="PPL_COMPILED_NATIVE=0")
+
+
+def _graph():
+    data = torch.linspace(-1.0, 1.0, 7, dtype=torch.float64)
+
+    def f(z, beta):
+        lp = -0.5 * ((data.unsqueeze(0) - z[:, :1]) / z[:, 1:].exp()).pow(2).sum(1) - 7 * z[:, 1]
+        return beta * lp, torch.stack([z[:, 0] * 2.5, z[:, 1].sin()], 1), (lp > -1e300).all()
+    example = (torch.randn(4, 2, dtype=torch.float64), torch.tensor(0.75, dtype=torch.float64))
+    return compiled.record(f, example), example
+
+
+def test_the_library_computes_what_the_graph_computes_and_is_built_once(monkeypatch):
+    gm, example = _graph()
+    assert any(n.op == "get_attr" for n in gm.graph.nodes)  # the data is a tensor of the graph
+    run = compiled.build_native(gm, example)
+    z = torch.randn(4, 2, dtype=torch.float64)
+    beta = torch.tensor(0.3, dtype=torch.float64)
+    for got, want in zip(run(z, beta), gm(z, beta)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+    # the same graph recorded again (as a later process would) loads the library: no compile
+    gm2, _ = _graph()
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled again")
+    monkeypatch.setattr(torch._inductor, "aot_compile", no_compile)
+    again = compiled.build_native(gm2, example)
+    assert torch.equal(again(z, beta)[0], run(z, beta)[0])
+
+
+def test_constants_are_packed_one_flat_input_per_dtype_and_unpacked_as_views():
+    constants = [torch.arange(3.0, dtype=torch.float64), torch.tensor(2, dtype=torch.int64),
+                 torch.ones(2, 2, dtype=torch.float64)]
+    flats, layout = compiled.pack_constants(constants)
+    assert len(flats) == 2
+    for original, view in zip(constants, compiled.unpack_constants(flats, layout)):
+        assert torch.equal(original, view)
+
+
+def test_a_cholesky_is_refused_before_anything_is_compiled(monkeypatch):
+    def f(z):
+        cov = torch.eye(3, dtype=torch.float64) * z.exp().unsqueeze(-1).unsqueeze(-1) + 0.1
+        return torch.linalg.cholesky(cov).diagonal(dim1=-2, dim2=-1).log().sum(-1),
+    example = (torch.randn(4, dtype=torch.float64),)
+    gm = compiled.record(f, example)
+    assert "cholesky" in (compiled._needs_proxy_executor(gm) or "")
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled")
+    monkeypatch.setattr(torch._inductor, "aot_compile", no_compile)
+    with pytest.raises(NotImplementedError, match="cholesky"):
+        compiled.build_native(gm, example)
+
+
+def test_the_library_lives_under_inductors_cache_directory_and_takes_the_tensors_as_inputs():
+    gm, example = _graph()
+    constants = compiled._tensors_held(gm)
+    packed, layout = compiled.pack_constants(constants)
+    flat = compiled._packed_graph(gm, example, packed, layout)
+    path = compiled._native_path(gm, [*example, *constants])
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    assert path.startswith(os.path.join(cache_dir(), "ppl_native"))
+    assert not any(n.op == "get_attr" for n in flat.graph.nodes)  # every tensor an input
+    z, beta = example
+    for got, want in zip(flat(z, beta, *packed), gm(z, beta)):
+        assert torch.equal(got, want)
