@@ -9,7 +9,7 @@ then the sampling phase's CPU seconds / its leapfrog steps per chain (all chains
 in lockstep, so this is the cost of one batched step of every chain, a slight
 overestimate since the batch runs as long as its longest tree). ``--fused off`` sets
 ``PPL_NUTS_FUSED=0`` (the per-op leaf, for a before/after on one checkout); ``on``
-builds the fused leaf whatever the run's length (``hmc.FUSE_MIN_ITERATIONS = 0``);
+builds the fused leaf whatever the run's length (``hmc.LOOP_BUILD_* = 0``: a free build pays);
 ``auto`` is the default behaviour (no fused leaf on runs this short). Medians of
 ``--repeats`` runs in one process; the load average is printed.
 """
@@ -42,7 +42,7 @@ def main() -> None:
     from ppl.inference import hmc
     from nuts_models import MODELS
     if args.fused == "on":
-        hmc.FUSE_MIN_ITERATIONS = 0
+        hmc.LOOP_BUILD_FIXED = hmc.LOOP_BUILD_PER_OP = 0.0
     print(f"load average: {open('/proc/loadavg').read().split()[:3]}  fused={args.fused}")
     for name in args.models.split(","):
         spec = MODELS[name]

@@ -60,13 +60,32 @@ from .adaptation import WindowedAdaptation
 MAX_DELTA_ENERGY = 1000.0
 
 #: ``sample_nuts`` builds NUTS's whole transition as one compiled program (``inference.nuts_loop``:
-#: a first compile cost 13-15 s CPU plus 50-80 s of gcc here, then saved ~2 ms per transition
-#: on eight schools), or failing that the fused leaf (``_FusedLeaf``: its TorchInductor
-#: compilation took 1-5 s CPU here on eight schools, AR(2), logistic regression, and it saved
-#: ~40-120 us per leaf, ~0.3-1 ms per transition; 4 chains x 1000 x 1000 on eight schools:
-#: 12.2 s fused against 11.6 s unfused, load ~3), only with at least this many transitions
-#: left -- whatever the compile cache holds (``_fuse_now``)
-FUSE_MIN_ITERATIONS = 5000
+#: ``nuts_native``'s C++ loops around the potential compiled by AOTInductor), or failing that the
+#: fused leaf (``_FusedLeaf``), iff the transitions left x the estimated saving per transition
+#: exceed the estimated build cost (``_fuse_now``): a static cost model of the graph's operations
+#: and the run's chains, never of timings or of what the compile cache holds, so that a seeded
+#: run's draws do not depend on them. Measured by loop11 (bench/nuts_models.py, 4 chains unless
+#: said, one thread, load 4-8 on 2 cores, CPU from getrusage of the process and of its children):
+#: - build, a cache miss (fresh TORCHINDUCTOR_CACHE_DIR): the process's CPU + its gcc children's
+#:   (the potential's AOTInductor compile): eight schools (164 operations) 2.1 + 6.6 s (1 chain:
+#:   1.7 + 6.1; 16 chains: 2.4 + 7.5), logistic regression (157) 2.2 + 6.9, marginal mixture
+#:   (284) 4.1 + 6.5; a cache hit costs 0.02-0.1 s, but the rule must not ask the cache, so it
+#:   prices a miss. NOT counted: the C++ operator (``nuts_native``, ~40 s wall / ~11 s gcc CPU), built once
+#:   per machine and source version and loaded in ms afterwards -- amortised over every run.
+#: - saving: CPU per transition eager (potential on Inductor) -> compiled, sampling phase: eight
+#:   schools 2.5-3.2 -> 0.17-0.31 ms (1 chain: 1.3 -> 0.1; 16 chains: 3.3-4.0 -> 0.36), logistic
+#:   1.7-1.9 -> 0.22-0.31, mixture 1.7-2.1 -> 0.22-0.29; warm-up transitions save a
+#:   little more. Most of it is the eager leaf's Python (~0.3 ms a leaf whatever the graph), so
+#:   the estimate is mostly per transition, growing with the chains (the batch runs as long as
+#:   its longest tree: x1, x2.3, x2.8 at 1, 4, 16 chains on eight schools) and a little with the
+#:   graph (Inductor's Python wrapper, per evaluation). The line below is near the models' median
+#:   at 4 chains (~2 ms): eight schools and logistic regression break even at ~4,300 transitions
+#:   (4 chains; ~2,900 with 16), so Stan's 1000 + 1000 stays eager on a first (cold) build.
+LOOP_BUILD_FIXED = 6.0        # seconds (process + gcc CPU, a cache miss)
+LOOP_BUILD_PER_OP = 0.015     # seconds per graph operation
+LOOP_SAVED_FIXED = 0.9e-3     # seconds per transition, one chain
+LOOP_SAVED_PER_OP = 0.5e-6    # seconds per graph operation and transition, one chain
+LOOP_SAVED_PER_DOUBLING_OF_CHAINS = 0.5  # saving x (1 + this x log2(chains))
 
 _F64 = torch.float64
 
@@ -606,13 +625,37 @@ def _cached(caches: "weakref.WeakKeyDictionary", potential, key, build: bool, ma
     return cache[key]
 
 
-def _fuse_now(left: int) -> bool:
-    """``nuts_step``'s ``fuse`` with ``left`` transitions to go: build the compiled
-    transition (or failing that the fused leaf) with at least ``FUSE_MIN_ITERATIONS``. A
-    function of the run's length only -- never of what the compile cache holds or of
-    timings -- so that a seeded run's draws do not depend on them (the compiled transition
-    picks a sub-tree's state progressively: the same law as the eager kernel, other draws)."""
-    return left >= FUSE_MIN_ITERATIONS
+def _fuse_now(left: int, ops: int, chains: int) -> bool:
+    """``nuts_step``'s ``fuse`` with ``left`` transitions to go, for a potential graph of
+    ``ops`` operations (0: none offered) and ``chains`` chains: build the compiled
+    transition (or failing that the fused leaf) iff ``left`` x ``loop_saving(ops, chains)``
+    exceeds ``loop_build_cost(ops)``. A function of the graph and the run's options only --
+    never of what the compile cache holds or of timings -- so that a seeded run's draws do
+    not depend on them (the compiled transition picks a sub-tree's state progressively: the
+    same law as the eager kernel, other draws). The first transition has the most left, so
+    the transition is built there or not at all."""
+    return ops > 0 and left * loop_saving(ops, chains) > loop_build_cost(ops)
+
+
+def loop_build_cost(ops: int) -> float:
+    """Estimated CPU seconds (the process's and its gcc children's) of building the compiled
+    transition for a potential graph of ``ops`` operations on a compile-cache miss; the C++
+    operator's once-per-machine build is amortised (not counted)."""
+    return LOOP_BUILD_FIXED + LOOP_BUILD_PER_OP * ops
+
+
+def loop_saving(ops: int, chains: int) -> float:
+    """Estimated CPU seconds the compiled transition saves per transition over the eager one,
+    for a graph of ``ops`` operations and ``chains`` chains."""
+    return (LOOP_SAVED_FIXED + LOOP_SAVED_PER_OP * ops) * (
+        1 + LOOP_SAVED_PER_DOUBLING_OF_CHAINS * math.log2(max(chains, 1)))
+
+
+def _graph_ops(potential) -> int:
+    """The number of operations of the graph the potential offers (0: none)."""
+    offer = getattr(potential, "recorded_graph", None)
+    recorded = offer() if offer is not None else None
+    return 0 if recorded is None else len(recorded[0].graph.nodes)
 
 
 def _build_transition(potential, gm, metric: Metric, max_tree_depth: int, state: State):
@@ -911,13 +954,14 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
              for k, t in [("logp", _F64), ("divergent", torch.bool), ("tree_depth", torch.int64),
                           ("n_steps", torch.int64), ("accept_stat", _F64), ("energy", _F64)]}
     phases = {}
+    ops = _graph_ops(potential)  # (the compiled transition's cost model: _fuse_now)
     with progress_bar(progress, desc=kernel.upper(), unit=" draws", total=warmup + samples) as bar:
         start = _clock()
         for i in range(warmup):
             if between is not None:
                 state = between(state)
             state, info = transition(potential, state, step, metric, randomness,
-                                     fuse=_fuse_now(warmup + samples - i))
+                                     fuse=_fuse_now(warmup + samples - i, ops, C))
             warm_div += info.divergent
             step, inv_mass = adapt.update(i, state.z, info.accept_stat)
             if inv_mass is not None:
@@ -935,7 +979,7 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
             if between is not None:
                 state = between(state)
             state, info = transition(potential, state, step, metric, randomness,
-                                     fuse=_fuse_now(samples - s))
+                                     fuse=_fuse_now(samples - s, ops, C))
             out_z[s] = state.z
             stats["logp"][s] = state.logp
             stats["divergent"][s] = info.divergent

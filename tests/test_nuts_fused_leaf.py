@@ -126,7 +126,8 @@ def test_nuts_on_a_traced_program_runs_the_fused_leaf_with_the_same_draws(monkey
         r = m.run("nuts", data, particles=2, samples=20, burn_in=20, seed=4, compile=False)
         return r.extra, {k: torch.as_tensor(v) for k, v in r.samples.items()}
 
-    monkeypatch.setattr(hmc, "FUSE_MIN_ITERATIONS", 0)  # (a short run: fuse anyway)
+    monkeypatch.setattr(hmc, "LOOP_BUILD_FIXED", 0.0)  # (a short run: fuse anyway -- a build that
+    monkeypatch.setattr(hmc, "LOOP_BUILD_PER_OP", 0.0)  # costs nothing always pays)
     built = []
     original = hmc._FusedLeaf.build.__func__
 
@@ -154,12 +155,12 @@ def test_level_masks_follow_the_blocks_of_the_tree(d, n):
 
 
 def test_a_short_run_does_not_build_the_fused_leaf(monkeypatch):
-    """Fewer transitions left than ``FUSE_MIN_ITERATIONS``: no fused leaf is built (its
-    compilation would cost more than it saves); the eager leaf runs."""
+    """Too few transitions left for the build to pay (``hmc._fuse_now``): no fused leaf is
+    built (its compilation would cost more than it saves); the eager leaf runs."""
     built = []
     monkeypatch.setattr(hmc._FusedLeaf, "build", classmethod(lambda cls, *args: built.append(args)))
     target = RecordedGaussian([1.0, 3.0, 0.2])
     z0 = torch.zeros(3, 3, dtype=F64)
     hmc.sample_nuts(target, z0, samples=5, warmup=5, randomness=TorchRandomness(torch.Generator().manual_seed(0)),
                     progress=False)
-    assert hmc.FUSE_MIN_ITERATIONS > 10 and not built and target.graph_calls == 0
+    assert not hmc._fuse_now(10, 1000, 3) and not built and target.graph_calls == 0

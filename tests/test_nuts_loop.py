@@ -164,7 +164,8 @@ def test_compiled_nuts_gives_the_gaussians_moments(compiled, monkeypatch):
     from ppl.inference.diagnostics import mcmc_ess
     target, built, K = compiled
     monkeypatch.setenv("PPL_NUTS_LOOP", "1")
-    monkeypatch.setattr(hmc, "FUSE_MIN_ITERATIONS", 0)
+    monkeypatch.setattr(hmc, "LOOP_BUILD_FIXED", 0.0)  # (a build that costs nothing always pays)
+    monkeypatch.setattr(hmc, "LOOP_BUILD_PER_OP", 0.0)
     calls = []
     monkeypatch.setattr(nuts_loop.CompiledTransition, "_run",
                         lambda self, *a, _run=nuts_loop.CompiledTransition._run: calls.append(1) or _run(self, *a))
@@ -244,28 +245,43 @@ def test_invalid_parameter_hands_the_transition_to_the_eager_kernel(compiled, mo
 
 
 def test_gate_builds_only_where_it_pays(monkeypatch):
-    """Short runs keep the eager kernel; a run of FUSE_MIN_ITERATIONS transitions builds the
-    compiled transition -- whatever the compile cache holds (a library compiled before no
-    longer lowers the gate: the kernel, hence a seeded run's draws, would depend on it)."""
-    C, D = 4, 3
+    """The compiled transition is built iff the transitions left x the estimated saving per
+    transition exceed the estimated build cost: a function of the graph's operations and the
+    chains alone -- whatever the compile cache holds (a library compiled before does not
+    lower the gate: the kernel, hence a seeded run's draws, would depend on it)."""
+    ops, C = 164, 4  # (eight schools' graph)
+    even = hmc.loop_build_cost(ops) / hmc.loop_saving(ops, C)  # transitions to break even
+    assert 1000 < even < 20000  # (the measured constants: thousands of transitions)
     for before in (False, True):
         monkeypatch.setattr(nuts_loop, "compiled_before", lambda *a, before=before: before)
-        assert hmc._fuse_now(hmc.FUSE_MIN_ITERATIONS) is True
-        assert hmc._fuse_now(hmc.FUSE_MIN_ITERATIONS - 1) is False
-        assert hmc._fuse_now(1000) is False
-    # in sample_nuts: built at the first transition with FUSE_MIN_ITERATIONS left, never before
+        assert hmc._fuse_now(math.ceil(even) + 1, ops, C) is True
+        assert hmc._fuse_now(math.floor(even) - 1, ops, C) is False
+        assert hmc._fuse_now(10 ** 6, 0, C) is False  # (no graph offered: nothing to build)
+    # more chains save more per transition (longer batched trees): built from fewer transitions
+    assert hmc.loop_saving(ops, 16) > hmc.loop_saving(ops, 4) > hmc.loop_saving(ops, 1) > 0
+    assert hmc.loop_build_cost(2 * ops) > hmc.loop_build_cost(ops)
+    # in sample_nuts: built at the first transition iff the run's length pays, never later
+    D = 3
     target = Gaussian(_precision(D), C)
     target.recorded_graph = lambda: (target.gm, "inductor")
     monkeypatch.setattr(nuts_loop, "compiled_before", lambda *a: True)
-    builds = []
+    builds, asked = [], []
     monkeypatch.setattr(hmc, "_build_transition", lambda *a: builds.append(1))  # (None: the eager kernel)
     monkeypatch.setattr(hmc, "_fused_leaf", lambda *a: None)  # (nor a fused leaf: no compile here)
-    monkeypatch.setattr(hmc, "FUSE_MIN_ITERATIONS", 5)
+    rule = hmc._fuse_now
+    monkeypatch.setattr(hmc, "_fuse_now",
+                        lambda left, ops, chains: asked.append((ops, chains)) or rule(left, ops, chains))
+    graph_ops = len(target.gm.graph.nodes)
+    cost = hmc.loop_build_cost(graph_ops)
+    # the break-even run length set to 5 transitions by the saving
+    monkeypatch.setattr(hmc, "LOOP_SAVED_FIXED", cost / 4.5 / (1 + hmc.LOOP_SAVED_PER_DOUBLING_OF_CHAINS * 2))
+    monkeypatch.setattr(hmc, "LOOP_SAVED_PER_OP", 0.0)
     z0 = torch.randn(C, D, dtype=F64, generator=torch.Generator().manual_seed(2))
     for samples, built in ((4, 0), (5, 1)):
         hmc.sample_nuts(target, z0, samples=samples, warmup=0, step_size=0.5, progress=False,
                         randomness=TorchRandomness(torch.Generator().manual_seed(1)))
         assert len(builds) == built
+    assert set(asked) == {(graph_ops, C)}
 
 
 def test_second_build_loads_the_library_without_recording(compiled, monkeypatch):

@@ -112,3 +112,22 @@ def test_the_same_draws_twice_in_one_process_with_the_cache_filled_in_between(st
     second = _draws()
     _same(first, second)
     assert not first[1] and not compiles and not builds
+
+
+@pytest.mark.parametrize("pays", [False, True])
+def test_the_compiled_transition_is_built_or_not_whatever_the_cache_holds(stand_ins, monkeypatch, pays):
+    """``hmc._fuse_now``'s cost model (build cost vs transitions x saving) decides from the
+    graph and the run alone: with a build priced so that it pays (or not) on this run of 40
+    transitions, it is attempted once per run (or never) whether or not the machine compiled
+    the graph or the transition before."""
+    compiles, builds, _ = stand_ins
+    monkeypatch.setattr(gradient_mcmc, "SAVED_PER_OP_ITERATION", 1.0)  # (the potential on "Inductor")
+    monkeypatch.setattr(hmc, "LOOP_BUILD_FIXED", 0.0 if pays else 1e9)
+    monkeypatch.setattr(hmc, "LOOP_BUILD_PER_OP", 0.0)
+    runs = []
+    for before in (False, True):
+        for module in (compiled, nuts_loop, potential_module):
+            monkeypatch.setattr(module, "compiled_before", lambda *a, before=before, **k: before, raising=False)
+        runs.append(_draws())
+    _same(*runs)
+    assert len(builds) == 2 * pays
