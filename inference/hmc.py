@@ -68,14 +68,16 @@ MAX_DELTA_ENERGY = 1000.0
 #: said, one thread, load 4-8 on 2 cores, CPU from getrusage of the process and of its children):
 #: - build, a cache miss (fresh TORCHINDUCTOR_CACHE_DIR): the process's CPU + its gcc children's
 #:   (the potential's AOTInductor compile): eight schools (164 operations) 2.1 + 6.6 s (1 chain:
-#:   1.7 + 6.1; 16 chains: 2.4 + 7.5), logistic regression (157) 2.2 + 6.9, marginal mixture
-#:   (284) 4.1 + 6.5; a cache hit costs 0.02-0.1 s, but the rule must not ask the cache, so it
-#:   prices a miss. NOT counted: the C++ operator (``nuts_native``, ~40 s wall / ~11 s gcc CPU), built once
-#:   per machine and source version and loaded in ms afterwards -- amortised over every run.
+#:   1.7 + 6.1; 16 chains: 2.4 + 7.5), logistic regression (157) 2.2 + 6.9, AR(2) (187)
+#:   2.0 + 7.0, marginal mixture (284) 4.1 + 6.5; a cache hit costs 0.02-0.1 s, but the rule
+#:   must not ask the cache, so it prices a miss. NOT counted: the C++ operator
+#:   (``nuts_native``, ~40 s wall / ~11 s gcc CPU), built once per machine and source version
+#:   and loaded in ms afterwards -- amortised over every run.
 #: - saving: CPU per transition eager (potential on Inductor) -> compiled, sampling phase: eight
 #:   schools 2.5-3.2 -> 0.17-0.31 ms (1 chain: 1.3 -> 0.1; 16 chains: 3.3-4.0 -> 0.36), logistic
-#:   1.7-1.9 -> 0.22-0.31, mixture 1.7-2.1 -> 0.22-0.29; warm-up transitions save a
-#:   little more. Most of it is the eager leaf's Python (~0.3 ms a leaf whatever the graph), so
+#:   1.7-1.9 -> 0.22-0.31, AR(2) 2.5-2.6 -> 0.20-0.22, mixture 1.7-2.1 -> 0.22-0.29; warm-up
+#:   transitions save a little more. Most of it is the eager leaf's Python (~0.3 ms a leaf
+#:   whatever the graph), so
 #:   the estimate is mostly per transition, growing with the chains (the batch runs as long as
 #:   its longest tree: x1, x2.3, x2.8 at 1, 4, 16 chains on eight schools) and a little with the
 #:   graph (Inductor's Python wrapper, per evaluation). The line below is near the models' median
