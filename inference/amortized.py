@@ -461,14 +461,6 @@ class Guide:
         kind = "amortized" if self.amortized else "fixed"
         return f"guide({self.family}, {kind})"
 
-    def __repr__(self) -> str:
-        sites = ", ".join(self.sites) if self.net is not None else "not built"
-        return f"<ppl.Guide {self.family} {'amortized' if self.amortized else 'fixed'} for {self.model.entry}: {sites}>"
-
-    def parameters(self):
-        self._ready()
-        return self.net.parameters()
-
     # --------------------------------------------------------------------- features
     def features(self, data: Mapping[str, Any] | None = None) -> torch.Tensor | None:
         """The encoder's input for one data set, [1, F] (None for a guide without encoder)."""
@@ -654,50 +646,6 @@ class Guide:
         self._ready(data)
         feats = self.features(data) if self.amortized else None
         return GuideRun(self.net, N, feats, device, reparam=False, sequential=sequential)
-
-    def posterior(self, data: Mapping[str, Any] | None = None, particles: int = 1000,
-                  seed: int | None = None) -> Population:
-        """The guide's own approximation of the posterior: ``particles`` draws from q
-        (the model run with every known choice from the guide, the others from their
-        priors), all with equal weight: a ``Population`` with method "guide" (no
-        evidence: its log weights are 0 by construction)."""
-        data = self.template if data is None else self.model.bind((), data)
-        N = int(particles)
-        with rng.run(seed), torch.no_grad():
-            run = self.proposal_run(data, N)
-            h = guided(LikelihoodWeighting(N, "cpu"), run)
-            ctx = Particles.all(N)
-            ret = drive(self.model.interpreter().run(self.model.entry, self.model.prepare_data(data, "cpu"), ctx), h)
-        return Population("guide", {"return": (column(ret, ctx), None), **h.trace.sites()},
-                          torch.zeros(N, dtype=torch.float64), {"proposal": self.describe()})
-
-    def log_prob(self, values: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> torch.Tensor:
-        """log q(values | data) [B] for ``values``: address -> B values of each site."""
-        self._ready(data)
-        feats = self.features(data) if self.amortized else None
-        vals = {}
-        B = None
-        for s in self.layout.sites:
-            if s.addr not in values:
-                raise PPLError(f"no value for the guide's site '{s.addr}'", hint=f"the sites are: {', '.join(self.sites)}")
-            v = values[s.addr]
-            if s.kind != "token":
-                v = torch.as_tensor(v)
-                if v.dim() == len(s.shape):
-                    v = v.unsqueeze(0)
-                n = v.shape[0]
-            else:
-                v = [v] if isinstance(v, str) else list(v)
-                n = len(v)
-            vals[s.addr] = v
-            B = n if B is None else B
-        with torch.no_grad():
-            return self.net.log_prob(vals, None if feats is None else feats.expand(B, -1), B)
-
-    def to(self, device) -> "Guide":
-        self._ready()
-        self.net.to(device)
-        return self
 
 def _missing(a):
     raise PPLError(f"a data set in `datasets` does not observe '{a}'",

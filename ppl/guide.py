@@ -23,9 +23,13 @@ from torch import nn
 
 from .inference import amortized, program_guide
 from .inference.guides import FAMILIES
+from .inference.population import Population
 from .inference.program_guide import _Params
 from .result import _pyplot, as_result
 from .semantics.errors import PPLError
+from .semantics.sampling import LikelihoodWeighting, column, drive
+from .semantics.values import Particles
+from .stdlib import rng
 from .stdlib.files import check_fields, load_checked, save_checked
 
 __all__ = ["Guide", "ProgramGuide", "guide", "load_proposal"]
@@ -136,12 +140,54 @@ PROGRAM_GUIDE_FIELDS = {
 class Guide(amortized.Guide):
     __doc__ = amortized.Guide.__doc__
 
+    def __repr__(self) -> str:
+        sites = ", ".join(self.sites) if self.net is not None else "not built"
+        return f"<ppl.Guide {self.family} {'amortized' if self.amortized else 'fixed'} for {self.model.entry}: {sites}>"
+
+    def parameters(self):
+        self._ready()
+        return self.net.parameters()
+
+    def to(self, device) -> "Guide":
+        self._ready()
+        self.net.to(device)
+        return self
+
     def posterior(self, data: Mapping[str, Any] | None = None, particles: int = 1000, seed: int | None = None):
         """The guide's own approximation of the posterior: ``particles`` draws from q
         (the model run with every known choice from the guide, the others from their
         priors), all with equal weight: a ``WeightedResult`` with method "guide" (no
         evidence: its ``log_evidence`` is 0 by construction)."""
-        return as_result(super().posterior(data, particles, seed))
+        data = self.template if data is None else self.model.bind((), data)
+        N = int(particles)
+        with rng.run(seed), torch.no_grad():
+            h = amortized.guided(LikelihoodWeighting(N, "cpu"), self.proposal_run(data, N))
+            ctx = Particles.all(N)
+            ret = drive(self.model.interpreter().run(self.model.entry, self.model.prepare_data(data, "cpu"), ctx), h)
+        return as_result(Population("guide", {"return": (column(ret, ctx), None), **h.trace.sites()},
+                                    torch.zeros(N, dtype=torch.float64), {"proposal": self.describe()}))
+
+    def log_prob(self, values: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """log q(values | data) [B] for ``values``: address -> B values of each site."""
+        self._ready(data)
+        feats = self.features(data) if self.amortized else None
+        vals, B = {}, None
+        for s in self.layout.sites:
+            if s.addr not in values:
+                raise PPLError(f"no value for the guide's site '{s.addr}'", hint=f"the sites are: {', '.join(self.sites)}")
+            v = values[s.addr]
+            if s.kind != "token":
+                v = torch.as_tensor(v)
+                if v.dim() == len(s.shape):
+                    v = v.unsqueeze(0)
+                n = v.shape[0]
+            else:
+                v = [v] if isinstance(v, str) else list(v)
+                n = len(v)
+            vals[s.addr] = v
+            B = n if B is None else B
+        with torch.no_grad():
+            return self.net.log_prob(vals, None if feats is None else feats.expand(B, -1), B)
 
     # --------------------------------------------------------------------- files
     def save(self, path: str | os.PathLike) -> None:
