@@ -40,6 +40,8 @@ import os
 import torch
 from torch._higher_order_ops.while_loop import while_loop
 
+from .compiled import pack_constants, unpack_constants
+
 #: an energy error above this is a divergence (Stan's max_deltaH; hmc.MAX_DELTA_ENERGY)
 MAX_DELTA_ENERGY = 1000.0
 
@@ -276,7 +278,7 @@ class CompiledTransition:
             native.join()
         nuts_native.load()  # (raises here where the thread's build failed)
 
-        packed = _pack(constants)[0]
+        packed = pack_constants(constants)[0]
 
         def run(z, logp, grad, p0, u, u_leaf, step, inv_mass, fresh, *args):
             return nuts_native.transition_native(library, z, logp, grad, p0, u, u_leaf, step, inv_mass,
@@ -396,37 +398,14 @@ def _compile_potential(evaluate_graph, z, graph_args: tuple):
     with tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True, shape_env=ShapeEnv()))):
         gm = make_fx(program)(z.contiguous(), *graph_args)
     constants = _lift_constants(gm)
-    packed, layout = _pack(constants)
+    packed, layout = pack_constants(constants)
     n_args = len(graph_args)
 
     def packed_program(z, *rest):  # the constants as views of one flat input per dtype
-        return gm(z, *rest[:n_args], *_unpack(rest[n_args:], layout))
+        return gm(z, *rest[:n_args], *unpack_constants(rest[n_args:], layout))
     with tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True, shape_env=ShapeEnv()))):
         flat = make_fx(packed_program)(z.contiguous(), *graph_args, *packed)
     return _load_or_compile(flat, (z.contiguous(), *graph_args, *packed)), constants
-
-
-def _pack(constants: list) -> tuple[list, list]:
-    """(one flat tensor per dtype holding the constants, each constant's (flat, offset,
-    shape)): the compiled potential takes a few inputs instead of one per constant (each
-    input costs a tensor handle per call of the library, that is per leaf)."""
-    dtypes = sorted({c.dtype for c in constants}, key=str)
-    parts: dict = {dt: [] for dt in dtypes}
-    layout = []
-    for c in constants:
-        group = parts[c.dtype]
-        layout.append((dtypes.index(c.dtype), sum(t.numel() for t in group), tuple(c.shape)))
-        group.append(c.detach().reshape(-1))
-    return [torch.cat(parts[dt]).contiguous() for dt in dtypes], layout
-
-
-def _unpack(flats, layout: list) -> list:
-    """The constants of ``_pack``, as views of its flat tensors."""
-    out = []
-    for group, offset, shape in layout:
-        numel = math.prod(shape)
-        out.append(flats[group][offset:offset + numel].view(shape))
-    return out
 
 
 def _load_or_compile(gm: torch.fx.GraphModule, inputs: tuple) -> str:
