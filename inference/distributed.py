@@ -236,20 +236,26 @@ class DistributedSMCHandler(SMCHandler):
         except live_state.CannotMove as err:
             return None, err
 
+    def _draw_slots(self, summary: WeightSummary):
+        """Global resampling's draw (``semantics.distributed``): (the plan of rows to move,
+        this rank's ancestors, its first global slot); the weights are reset to equal and
+        the moved rows counted."""
+        v = shared_uniforms(self.resampling, self.total, self.shared)
+        ranges = slot_ranges(summary, v)
+        plan = TransferPlan.make(ranges, self.total)
+        drawn = local_ancestors(self.log_weights, summary, self.group.rank, v, *ranges[self.group.rank])
+        self.rows_moved += plan.rows_moved()
+        self.log_weights = torch.zeros_like(self.log_weights)
+        return plan, drawn, ranges[self.group.rank][0]
+
     def _resample_globally(self, summary: WeightSummary, eff, digests: list) -> None:
         """Draw this rank's slots (``semantics.distributed``); set the trace so far aside
         (``frozen``, ``ancestry``); then either append the ancestors to the lineage (no
         particle crosses a rank boundary) or move the live state's rows."""
-        group = self.group
-        v = shared_uniforms(self.resampling, self.total, self.shared)
-        ranges = slot_ranges(summary, v)
-        plan = TransferPlan.make(ranges, self.total)
-        drawn = local_ancestors(self.log_weights, summary, group.rank, v, *ranges[group.rank])
-        self.rows_moved += plan.rows_moved()
-        self.log_weights = torch.zeros_like(self.log_weights)
+        plan, drawn, first = self._draw_slots(summary)
         if self._walked is None:
             self._freeze_trace()
-        self.ancestry.append((ranges[group.rank][0], drawn + self.start))
+        self.ancestry.append((first, drawn + self.start))
         if not plan.moves:
             self.lineage.resample(drawn.to(self.log_weights.device))
             return
@@ -456,12 +462,7 @@ class _DistributedResampleMove(DistributedSMCHandler):
 
     def _resample_globally(self, summary: WeightSummary, eff, digests: list) -> None:
         group = self.group
-        v = shared_uniforms(self.resampling, self.total, self.shared)
-        ranges = slot_ranges(summary, v)
-        plan = TransferPlan.make(ranges, self.total)
-        drawn = local_ancestors(self.log_weights, summary, group.rank, v, *ranges[group.rank])
-        self.rows_moved += plan.rows_moved()
-        self.log_weights = torch.zeros_like(self.log_weights)
+        plan, drawn, _ = self._draw_slots(summary)
         columns = {}
         for a, (col, present) in self.trace.sites().items():
             columns[a] = col
