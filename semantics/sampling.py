@@ -404,7 +404,9 @@ class Weighting(_WeightAccumulator):
         """Weight by the observation's log density; NaN there (a NaN or infinite observed
         value or parameter) is an error at the observe, not a NaN weight found later."""
         lp = self.log_prob(eff.dist, eff.value, eff.ctx, eff)
-        if isinstance(lp, torch.Tensor) and bool(torch.isnan(lp).any()):
+        # (a NaN makes the sum NaN: one reduction clears the common case; a NaN sum, which
+        # +inf and -inf also give, goes to the elementwise test)
+        if isinstance(lp, torch.Tensor) and math.isnan(float(lp.sum())) and bool(torch.isnan(lp).any()):
             lp = self._nan_observation(lp, eff)
         self.add(eff.ctx, lp)
         self._checkpoint(eff)

@@ -591,6 +591,10 @@ class DistSpec:
                 return  # a NaN makes the sum NaN (the sum can also be NaN without one)
             if con is POSITIVE and float(t.min()) > 0:
                 return  # min propagates NaN, which fails the test
+            if con is UNIT:
+                lo, hi = torch.aminmax(t)  # (one pass; NaN propagates and fails the test)
+                if float(lo) >= 0 and float(hi) <= 1:
+                    return
         if t.dim() < ev:
             kind = "a vector" if ev == 1 else "a matrix"
             raise self._err(pname, f"must be {kind}", t)

@@ -185,3 +185,15 @@ def test_cli_mh_errors_from_the_model_print_its_location(tmp_path):
     code, err = run_cli(tmp_path, json.dumps({"ys": []}), "--method", "mh", "--samples", "5",
                         "--burn-in", "1", "-o", "chains=2", model=impossible)
     assert code == 1 and err.startswith(f"{tmp_path / 'm.ppl'}:3:5: runtime error: MH: no chain found"), err
+
+
+def test_a_nan_probability_at_some_particles_is_a_located_error():
+    """The [0, 1] check's one-pass fast path (min and max) lets no NaN through: a NaN
+    probability at half of the particles is the located error, as a value of 1.5 is."""
+    m = ppl.model("def f(x):\n    p ~ beta(1, 1)\n    q = x if p < 0.5 else p\n    observe 1 ~ bernoulli(q)\n"
+                  "    return p\n", filename="m.ppl")
+    for bad in (float("nan"), 1.5):
+        with pytest.raises(PPLRuntimeError) as info:
+            m.run("importance", {"x": bad}, particles=1000, seed=0)
+        assert "bernoulli: parameter 'p' must be in [0, 1]" in str(info.value)
+        assert located_at(info.value, 4)
