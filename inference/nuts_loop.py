@@ -40,7 +40,7 @@ import os
 import torch
 from torch._higher_order_ops.while_loop import while_loop
 
-from .compiled import pack_constants, unpack_constants
+from .compiled import lift_constants, pack_constants, unpack_constants
 
 #: an energy error above this is a divergence (Stan's max_deltaH; hmc.MAX_DELTA_ENERGY)
 MAX_DELTA_ENERGY = 1000.0
@@ -350,32 +350,6 @@ class CompiledTransition:
             return None
 
 
-def _lift_constants(gm: torch.fx.GraphModule) -> list:
-    """Make every tensor the recorded graph holds (the program's data, folded constants) an
-    input of the graph, after the others; returns those tensors in their input order. The
-    compiled program then depends on the data's shapes only (one artifact serves every
-    data set of those shapes), and AOTInductor need not embed them."""
-    constants = []
-    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
-    for node in list(gm.graph.nodes):
-        if node.op != "get_attr":
-            continue
-        value = gm
-        for part in node.target.split("."):
-            value = getattr(value, part)
-        if not isinstance(value, torch.Tensor):
-            continue  # (the loops' bodies: sub-graphs)
-        with gm.graph.inserting_after(last):
-            last = gm.graph.placeholder(f"constant_{len(constants)}")
-        last.meta = dict(node.meta)
-        node.replace_all_uses_with(last)
-        gm.graph.erase_node(node)
-        constants.append(value)
-    gm.graph.lint()
-    gm.recompile()
-    return constants
-
-
 def _quietly(fn) -> None:
     """fn(), its exception dropped (a thread's: the caller calls fn again and sees it)."""
     try:
@@ -397,7 +371,7 @@ def _compile_potential(evaluate_graph, z, graph_args: tuple):
         return evaluate_graph(z, *args)
     with tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True, shape_env=ShapeEnv()))):
         gm = make_fx(program)(z.contiguous(), *graph_args)
-    constants = _lift_constants(gm)
+    constants = lift_constants(gm)
     packed, layout = pack_constants(constants)
     n_args = len(graph_args)
 
