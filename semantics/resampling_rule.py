@@ -23,7 +23,7 @@ import torch
 from ..stdlib.progress import NO_BAR
 from .errors import PPLRuntimeError, ZeroEvidenceError
 from .randomness import TorchRandomness
-from .resampling import SCHEMES, log_mean_exp
+from .resampling import SCHEMES, log_mean_exp, normalised_draw
 from .sampling import Weighting, prior
 from .values import Batched, Lineage, rows
 
@@ -173,7 +173,7 @@ class SMCHandler(Weighting):
         if type(self.randomness) is TorchRandomness:
             # what TorchRandomness.resample computes, without normalising again
             if self.randomness.generator is None:  # the run's generators: nothing to switch to
-                return SCHEMES[self.resampling](w / s, self.N)
+                return normalised_draw(SCHEMES[self.resampling], w, s, self.N)
             with self.randomness.drawing():
-                return SCHEMES[self.resampling](w / s, self.N)
+                return normalised_draw(SCHEMES[self.resampling], w, s, self.N)
         return self.randomness.resample(lw, self.resampling, self.N)

@@ -427,3 +427,44 @@ def test_a_subnormal_total_goes_the_general_way(monkeypatch):
     assert isinstance(u, torch.Tensor) and u.shape == (2, 1)
     draw, _ = dsl._draw_rows(lmv, contexts, dsl._Opts(1, None, None), m, "cpu", base)
     assert dsl._sample_rows(draw, u).tolist() == [6, 6]
+
+
+# ------------------------------- fourth round: a small population's resampling on lists
+@pytest.mark.parametrize("scheme", ["systematic", "stratified"])
+@pytest.mark.parametrize("n, draws", [(1, 1), (2, 2), (7, 7), (32, 32), (64, 64), (40, 20), (20, 64)])
+def test_small_resampling_on_lists_equals_numpy_and_torch(scheme, n, draws):
+    """``_list_search`` (at most 64 particles and draws) gives the indices of the numpy
+    and torch searches, from the same uniforms; ``normalised_draw(draw, w, s, n)``
+    (Python-float division) those of ``draw(w / s, n)``: also with zero weights at both
+    ends (the clamp to the last particle of positive weight), a single particle of
+    positive weight, and the largest uniform (an overshoot)."""
+    draw = getattr(resampling, scheme)
+    for seed in range(30):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.exp(4 * torch.randn(n, dtype=torch.float64, generator=g))
+        if seed % 3 == 0 and n > 2:
+            w[0] = w[-1] = 0.0
+        if seed % 5 == 1:
+            w = torch.zeros(n, dtype=torch.float64)
+            w[seed % n] = 0.3
+        s = w.sum()
+        wn = w / s
+        for u_fixed in (None, 1 - 2 ** -53):
+            def uniforms(shape, u=u_fixed):
+                return torch.full(shape, u, dtype=torch.float64) if u is not None else \
+                    torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(100 + seed))
+            u = uniforms(() if scheme == "systematic" else (draws,))
+            offsets = u.item() if scheme == "systematic" else u.tolist()
+            got = resampling._list_search(wn.tolist(), offsets, draws)
+            assert torch.equal(got, resampling._numpy_search(wn, u.item() if scheme == "systematic" else u.numpy(),
+                                                             draws))
+            grid, n_t = resampling._grid(draws, "cpu")
+            assert torch.equal(got, resampling._search(wn, (grid + u) / n_t, evenly_spread=True))
+            assert bool((w[got] > 0).all())
+            with rng.using(torch.Generator().manual_seed(100 + seed)):
+                a = resampling.normalised_draw(draw, w, s, draws)
+            with rng.using(torch.Generator().manual_seed(100 + seed)):
+                b = draw(w / s, draws)
+            assert torch.equal(a, b)
+    assert resampling._on_lists(torch.zeros(64), 64) and not resampling._on_lists(torch.zeros(65), 64)
+    assert not resampling._on_lists(torch.zeros(64), 65)
