@@ -28,6 +28,7 @@ import hashlib
 import math
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -155,6 +156,24 @@ NATIVE = {"on": os.environ.get("PPL_COMPILED_NATIVE", "auto") != "0"}
 _NATIVE_VERSION = "1"  # part of the library's cache key: bump when ``build_native`` changes what it builds
 
 
+@dataclass(frozen=True)
+class NativeLibrary:
+    """What ``build_native``'s function runs, for a caller that runs it from C++ (the compiled
+    NUTS transition, ``inference.nuts_native``): ``path``, the AOTInductor shared library
+    (``.so``; ``package``: an AOTInductor package, ``.pt2``) computing the graph's outputs from
+    (the graph's inputs, contiguous, ..., then ``constants``: its tensors packed one flat
+    tensor per dtype)."""
+    path: str
+    constants: tuple
+    package: bool = False
+
+
+def native_library(fn) -> NativeLibrary | None:
+    """The ``NativeLibrary`` behind a function ``replay`` returned, or None where it is not
+    a graph compiled by ``build_native`` (TorchScript, Inductor's Python wrapper)."""
+    return getattr(fn, "native", None)
+
+
 def _all_on_cpu(inputs) -> bool:
     return all(not isinstance(x, torch.Tensor) or x.device.type == "cpu" for x in inputs)
 
@@ -200,6 +219,7 @@ def build_native(gm: torch.fx.GraphModule, example_inputs: tuple):
     def run(*args):
         return tuple(runner.run([a.contiguous() for a in args] + packed))
     run(*example_inputs)  # (a library that cannot run here raises now, while the caller can fall back)
+    run.native = NativeLibrary(path, tuple(packed), package=False)
     return run
 
 
@@ -225,6 +245,7 @@ def _packaged(gm, example_inputs: tuple, packed: list, layout: list, path: str):
     def run(*args):
         return tuple(compiled(*[a.contiguous() for a in args], *packed))
     run(*example_inputs)  # (raises now where it cannot run, while the caller can fall back)
+    run.native = NativeLibrary(path, tuple(packed), package=True)
     return run
 
 

@@ -244,49 +244,40 @@ class CompiledTransition:
 
     @classmethod
     def build(cls, evaluate_graph, graph_args: tuple, evaluate_eager, z, logp, grad, inv_mass,
-              max_tree_depth: int, potential_graph=None):
+              max_tree_depth: int, potential_graph=None, native=None):
         """The transition for chains at (z, logp, grad) [C, D] and a metric of
         ``inv_mass``'s shape: ``transition``'s loops in C++ (``inference.nuts_native``)
-        around the potential compiled by AOTInductor into a shared library. ``evaluate_graph(z,
-        *graph_args) -> (logp, grad, valid)``: the potential's graph (non-finite values
-        already mapped as ``hmc.evaluate`` maps them), recorded with ``make_fx`` and
-        compiled; ``evaluate_eager(z) -> (logp, grad)``: the potential itself, for the check
-        against ``transition`` run eagerly. ``potential_graph``: the potential's recorded
-        graph, to mark the library compiled for it (``compiled_before``: the next build
-        loads it without recording). Raises where it cannot be built or disagrees."""
-        import threading
-
+        around the potential compiled by AOTInductor. ``native``: the potential's own
+        compiled program (``inference.compiled.NativeLibrary``, called with ``(z,
+        *graph_args, *native.constants)``; the C++ maps its non-finite values as
+        ``hmc.evaluate`` does): nothing is recorded or compiled. Without it (a potential
+        replayed by TorchScript or Inductor's Python wrapper): ``evaluate_graph(z,
+        *graph_args) -> (logp, grad, valid)``, the potential's graph, is recorded with
+        ``make_fx`` and compiled into a library of its own (``_own_library``; seconds of
+        the C++ compiler on a cache miss). ``evaluate_eager(z) -> (logp, grad)``: the
+        potential itself, for the check against ``transition`` run eagerly.
+        ``potential_graph``: the potential's recorded graph, to mark a library compiled for
+        it (``compiled_before``: the next build loads it without recording). Raises where
+        it cannot be built or disagrees."""
         from . import nuts_native
 
         K = max_tree_depth
         if z.device.type != "cpu":
             raise ValueError("the compiled transition runs on the CPU only")
-        native = threading.Thread(target=_quietly, args=(nuts_native.load,))  # (the C++ compiler, once
-        native.start()                                    # per machine, while the potential compiles)
-        C = z.shape[0]
-        marker = None if potential_graph is None else _marker_path(potential_graph, graph_args, inv_mass, K)
-        library = constants = None
-        try:
-            if marker is not None:  # built before for this graph: load it without recording it again
-                try:
-                    library, constants = _load_recorded(marker, potential_graph)
-                except Exception:  # noqa: BLE001 - record and compile it as the first time
-                    library = None
-            if library is None:
-                library, constants = _compile_potential(evaluate_graph, z, graph_args)
-        finally:
-            native.join()
-        nuts_native.load()  # (raises here where the thread's build failed)
-
-        packed = pack_constants(constants)[0]
+        mark = None
+        if native is not None:
+            nuts_native.load()  # (ms where built; the C++ compiler once per machine)
+            library, packed = native.path, list(native.constants)
+        else:
+            library, packed, mark = _own_library(evaluate_graph, graph_args, z, inv_mass, K, potential_graph)
 
         def run(z, logp, grad, p0, u, u_leaf, step, inv_mass, fresh, *args):
             return nuts_native.transition_native(library, z, logp, grad, p0, u, u_leaf, step, inv_mass,
                                                  int(fresh), K, (*args, *packed))
-        built = cls(run, C, K, z.device)
+        built = cls(run, z.shape[0], K, z.device)
         built._check(evaluate_eager, graph_args, z, logp, grad, inv_mass)
-        if marker is not None:
-            _mark(marker, library, _constant_names(potential_graph, constants))
+        if mark is not None:
+            mark()
         return built
 
     def _check(self, evaluate_eager, graph_args, z, logp, grad, inv_mass) -> None:
@@ -348,6 +339,38 @@ class CompiledTransition:
             return self.run(*inputs, *rest, fresh, *graph_args)
         except (RuntimeError, AssertionError):  # a compiled kernel that raises (e.g. a Cholesky)
             return None
+
+
+def _own_library(evaluate_graph, graph_args: tuple, z, inv_mass, K: int, potential_graph):
+    """(the path of ``evaluate_graph`` compiled into a library of its own, its packed constants,
+    a function writing the build's marker or None): for a potential that is not compiled
+    natively. Loaded through the marker of an earlier build for ``potential_graph`` where
+    there is one; else recorded and compiled (or loaded from the cache), while the C++ operator
+    is built in a thread where it is not yet."""
+    import threading
+
+    from . import nuts_native
+
+    native = threading.Thread(target=_quietly, args=(nuts_native.load,))  # (the C++ compiler, once
+    native.start()                                    # per machine, while the potential compiles)
+    marker = None if potential_graph is None else _marker_path(potential_graph, graph_args, inv_mass, K)
+    library = constants = None
+    try:
+        if marker is not None:  # built before for this graph: load it without recording it again
+            try:
+                library, constants = _load_recorded(marker, potential_graph)
+            except Exception:  # noqa: BLE001 - record and compile it as the first time
+                library = None
+        if library is None:
+            library, constants = _compile_potential(evaluate_graph, z, graph_args)
+    finally:
+        native.join()
+    nuts_native.load()  # (raises here where the thread's build failed)
+    mark = None
+    if marker is not None:
+        def mark():
+            _mark(marker, library, _constant_names(potential_graph, constants))
+    return library, pack_constants(constants)[0], mark
 
 
 def _quietly(fn) -> None:

@@ -28,6 +28,7 @@ import torch
 SOURCE = r"""
 #include <ATen/ATen.h>
 #include <torch/library.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/csrc/inductor/aoti_runner/model_container_runner_cpu.h>
 
 #include <cmath>
@@ -43,14 +44,37 @@ namespace {
 constexpr double MAX_DELTA_ENERGY = 1000.0;
 constexpr double INF = std::numeric_limits<double>::infinity();
 
-torch::inductor::AOTIModelContainerRunnerCpu& runner_for(const std::string& library) {
+// The potential's compiled program: an AOTInductor shared library (.so), or an AOTInductor
+// package (.pt2: a library with a proxy executor for ATen ops without a C shim, e.g. a Cholesky).
+struct Program {
+  std::unique_ptr<torch::inductor::AOTIModelContainerRunnerCpu> library;
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> package;
+  torch::inductor::AOTIModelContainerRunner* runner = nullptr;
+};
+
+torch::inductor::AOTIModelContainerRunner& runner_for(const std::string& path) {
   static std::mutex lock;
-  static std::unordered_map<std::string, std::unique_ptr<torch::inductor::AOTIModelContainerRunnerCpu>> runners;
+  static std::unordered_map<std::string, std::unique_ptr<Program>> programs;
   std::lock_guard<std::mutex> guard(lock);
-  auto& slot = runners[library];
-  if (!slot) slot = std::make_unique<torch::inductor::AOTIModelContainerRunnerCpu>(library, 1);
-  return *slot;
+  auto& slot = programs[path];
+  if (!slot) {
+    auto program = std::make_unique<Program>();
+    if (path.size() > 4 && path.compare(path.size() - 4, 4, ".pt2") == 0) {
+      program->package = std::make_unique<torch::inductor::AOTIModelPackageLoader>(path);
+      program->runner = program->package->get_runner();
+    } else {
+      program->library = std::make_unique<torch::inductor::AOTIModelContainerRunnerCpu>(path, 1);
+      program->runner = program->library.get();
+    }
+    slot = std::move(program);
+  }
+  return *slot->runner;
 }
+
+// hmc.evaluate's mapping of the potential's outputs: a non-finite log density is -inf (density
+// zero: rejected), a non-finite gradient entry is 0
+double finite_logp(double x) { return std::isfinite(x) ? x : -INF; }
+double finite_grad(double x) { return std::isfinite(x) ? x : 0.0; }
 
 double logaddexp(double a, double b) {  // torch.logaddexp
   if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<double>::quiet_NaN();
@@ -164,7 +188,8 @@ std::vector<at::Tensor> transition(const std::string& library, const at::Tensor&
   std::vector<at::Tensor> inputs;
   inputs.reserve(1 + args.size());
   inputs.push_back(z1_t);
-  for (const auto& a : args) inputs.push_back(a);
+  for (const auto& a : args) inputs.push_back(a.contiguous());
+  std::vector<double> logp1(C), g1(CD);  // the potential's outputs at the leaf, mapped (finite_logp, finite_grad)
 
   for (int64_t d = 0; d < K; ++d) {
     bool any_active = false;
@@ -208,15 +233,22 @@ std::vector<at::Tensor> transition(const std::string& library, const at::Tensor&
         }
       }
       auto out = runner.run(inputs);
-      auto logp1_t = out[0].contiguous(), g1_t = out[1].contiguous();
-      const double *logp1 = logp1_t.data_ptr<double>(), *g1 = g1_t.data_ptr<double>();
+      auto logp1_t = out[0], g1_t = out[1];
+      if (logp1_t.scalar_type() != at::kDouble) logp1_t = logp1_t.to(at::kDouble);
+      if (g1_t.scalar_type() != at::kDouble) g1_t = g1_t.to(at::kDouble);
+      logp1_t = logp1_t.contiguous();
+      g1_t = g1_t.contiguous();
+      TORCH_CHECK(logp1_t.numel() == C && g1_t.numel() == CD, "the potential's outputs have other shapes");
+      const double *logp1_raw = logp1_t.data_ptr<double>(), *g1_raw = g1_t.data_ptr<double>();
+      for (int64_t c = 0; c < C; ++c) logp1[c] = finite_logp(logp1_raw[c]);
+      for (int64_t i = 0; i < CD; ++i) g1[i] = finite_grad(g1_raw[i]);
       TORCH_CHECK(out[2].scalar_type() == at::kBool && out[2].numel() == 1, "the potential's validity flag");
       bool ok_par = *out[2].data_ptr<bool>();  // (not item(): no dispatch per leaf)
       bool any_building_after = false;
       for (int64_t c = 0; c < C; ++c) {
         double* p1c = p1.data() + c * D;
         double* v1c = v1.data() + c * D;
-        const double* g1c = g1 + c * D;
+        const double* g1c = g1.data() + c * D;
         for (int64_t i = 0; i < D; ++i) p1c[i] = p1c[i] + half[c] * g1c[i];
         shape.velocity(c, p1c, v1c);
         double w1 = (logp1[c] + H0[c]) - 0.5 * dot(p1c, v1c, D);

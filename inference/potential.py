@@ -44,7 +44,7 @@ from ..semantics.gfi import ModelRun, TracedState, support_bijection
 from ..semantics.sampling import _WeightAccumulator, column, drive
 from ..semantics.values import Batched, Particles
 from ..stdlib.distributions import deferred_checks
-from .compiled import record, replay
+from .compiled import native_library, record, replay
 from .mh_traced import LikelihoodTerms, NotStatic, _taint, factor_rows
 from .observe_groups import ObserveGroups
 
@@ -374,6 +374,12 @@ class Potential:
         if self._aten is None or self._graph is None:
             return None
         return self._aten, ("inductor" if self.compiled else "jit")
+
+    def native_library(self):
+        """The AOTInductor library (``inference.compiled.NativeLibrary``) this potential's
+        graph runs in, for a kernel that calls it from C++ (``inference.nuts_loop``); None
+        where the graph is not compiled natively (TorchScript, Inductor's Python wrapper)."""
+        return native_library(self._graph) if self.compiled else None
 
     def graph_inputs(self, beta: float = 1.0) -> tuple:
         """The recorded graph's inputs after z: (beta, *the discrete choices' values)."""
