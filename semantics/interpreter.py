@@ -345,7 +345,7 @@ class Interpreter:
         if t is ir.TupleExpr:
             return tuple(self.pv(x, fr, ctx) for x in e.items)
         if t is ir.Lambda:
-            return Closure("lambda", tuple(ir.Param(p) for p in e.params), e.body, fr, e.span)
+            return Closure("lambda", _lambda_params(e), e.body, fr, e.span)
         if t is ir.IfExp:
             c = self.pv(e.cond, fr, ctx)
             if isinstance(c, Lazy):  # (semantics.lazy: both branches, for every particle)
@@ -388,14 +388,15 @@ class Interpreter:
         if self.pure(e):
             return self.pv(e, fr, ctx)
         t = type(e)
-        if t is ir.Call:
-            f = yield from self.ev(e.func, fr, ctx)
+        if t is ir.Call:  # (a pure part through pv: what ev does first, without a generator)
+            pure = self.pure
+            f = self.pv(e.func, fr, ctx) if pure(e.func) else (yield from self.ev(e.func, fr, ctx))
             args = []
             for a in e.args:
-                args.append((yield from self.ev(a, fr, ctx)))
+                args.append(self.pv(a, fr, ctx) if pure(a) else (yield from self.ev(a, fr, ctx)))
             kwargs = {}
             for k in e.kwargs:
-                kwargs[k.name] = yield from self.ev(k.value, fr, ctx)
+                kwargs[k.name] = self.pv(k.value, fr, ctx) if pure(k.value) else (yield from self.ev(k.value, fr, ctx))
             try:
                 return (yield from self.call(f, args, kwargs, ctx, e.span, fr))
             except PPLError as err:
@@ -946,6 +947,22 @@ class _Renamed:
 
     def address(self, name: str) -> str:
         return self._label
+
+
+_LAMBDA_PARAMS: dict = {}  # id(ir.Lambda) -> (the node, its parameters as ir.Param)
+
+
+def _lambda_params(e: ir.Lambda) -> tuple:
+    """A lambda's parameters as ``ir.Param`` objects (frozen: made once per node, not at
+    every evaluation of the lambda)."""
+    hit = _LAMBDA_PARAMS.get(id(e))
+    if hit is not None and hit[0] is e:
+        return hit[1]
+    params = tuple(ir.Param(p) for p in e.params)
+    if len(_LAMBDA_PARAMS) >= 4096:
+        _LAMBDA_PARAMS.clear()
+    _LAMBDA_PARAMS[id(e)] = (e, params)
+    return params
 
 
 def joined_distribution(d):

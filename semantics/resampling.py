@@ -24,6 +24,7 @@ import array
 import bisect
 import itertools
 import math
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
@@ -205,6 +206,9 @@ def _on_lists(w: torch.Tensor, n: int) -> bool:
     return n <= _LIST_MAX and w.shape[0] <= _LIST_MAX
 
 
+_FLOAT_GRIDS: dict = {}
+
+
 def _list_search(w: list, offsets, n: int) -> torch.Tensor:
     """``_numpy_search`` on Python floats, for a small population: the same float64
     operations in the same order (a sequential cumulative sum, then ``(k + offset) / n *
@@ -215,10 +219,15 @@ def _list_search(w: list, offsets, n: int) -> torch.Tensor:
     weights (a list); ``offsets``: one uniform (systematic) or a list of n (stratified)."""
     cdf = list(itertools.accumulate(w))
     total = cdf[-1]
+    grid = _FLOAT_GRIDS.get(n)
+    if grid is None:
+        if len(_FLOAT_GRIDS) >= 16:
+            _FLOAT_GRIDS.clear()
+        grid = _FLOAT_GRIDS[n] = [float(k) for k in range(n)]  # (k + u is the same sum for k int or float)
     if type(offsets) is float:
-        v = [(k + offsets) / n * total for k in range(n)]
+        v = [(k + offsets) / n * total for k in grid]
     else:
-        v = [(k + u) / n * total for k, u in zip(range(n), offsets)]
+        v = [(k + u) / n * total for k, u in zip(grid, offsets)]
     idx = list(map(bisect.bisect_right, itertools.repeat(cdf, n), v))
     last = len(w) - 1
     if not w[last] > 0:  # (the last particle of positive weight: the clamp of any overshoot)
@@ -238,9 +247,26 @@ def normalised_draw(draw: Callable, w: torch.Tensor, s: torch.Tensor, n: int) ->
         total = s.item()
         wl = [x / total for x in w.tolist()]
         if draw is systematic:
-            return _list_search(wl, rng.rand((), dtype=torch.float64).item(), n)
+            return _list_search(wl, _one_uniform(), n)
         return _list_search(wl, rng.rand(n, dtype=torch.float64).tolist(), n)
     return draw(w / s, n)
+
+
+class _Buffers(threading.local):
+    uniform = None  # this thread's 0-d float64 CPU tensor for ``_one_uniform``
+
+
+_BUFFERS = _Buffers()
+
+
+def _one_uniform() -> float:
+    """``rng.rand((), dtype=torch.float64).item()``: the same number from the same
+    generator state (``torch.rand`` is ``empty`` then ``uniform_``), drawn into a reused
+    0-d tensor: no allocation and no dtype/device arguments to parse."""
+    buf = _BUFFERS.uniform
+    if buf is None:
+        buf = _BUFFERS.uniform = torch.empty((), dtype=torch.float64)
+    return buf.uniform_(generator=rng.generator("cpu")).item()
 
 
 _NP_GRIDS: dict = {}

@@ -468,3 +468,57 @@ def test_small_resampling_on_lists_equals_numpy_and_torch(scheme, n, draws):
             assert torch.equal(a, b)
     assert resampling._on_lists(torch.zeros(64), 64) and not resampling._on_lists(torch.zeros(65), 64)
     assert not resampling._on_lists(torch.zeros(64), 65)
+
+
+def test_the_reused_uniform_is_rng_rand():
+    """``_one_uniform`` (systematic resampling's uniform, drawn into a reused tensor) is
+    ``rng.rand((), dtype=float64).item()`` number for number: in a run's generator, and
+    outside a run (torch's global generator)."""
+    with rng.using(torch.Generator().manual_seed(11)):
+        got = [resampling._one_uniform() for _ in range(50)]
+    with rng.using(torch.Generator().manual_seed(11)):
+        want = [rng.rand((), dtype=torch.float64).item() for _ in range(50)]
+    assert got == want
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        got = [resampling._one_uniform() for _ in range(5)]
+        torch.manual_seed(3)
+        want = [torch.rand((), dtype=torch.float64).item() for _ in range(5)]
+    assert got == want
+
+
+def test_the_pure_key_of_a_lambda_of_the_token_alone():
+    """``pure_key``'s direct answer for a closure without free variables is the general
+    walk's (``_value_key``); a closure reading a variable of its frame still walks."""
+    from ppl.semantics.interpreter import Closure, Frame
+    from ppl.semantics import ir
+    from ppl.stdlib.lm import masks
+    body = ir.UnaryOp("not", ir.Var("v"))
+    lone = Closure("lambda", (ir.Param("v"),), body, Frame(None, None), None)
+    anchors, unsafe = [], []
+    want = masks._value_key(lone, anchors, lambda v: False, 0, unsafe)
+    assert masks.pure_key(lone) == (want, tuple(anchors), not unsafe)
+    fr = Frame(None, None)
+    fr.vars["k"] = 3
+    reads_k = Closure("lambda", (ir.Param("v"),), ir.BinOp("==", ir.Var("v"), ir.Var("k")), fr, None)
+    key = masks.pure_key(reads_k)
+    assert key is not None and key[0][2] == (("k", ("int", 3)),)
+
+
+def test_a_lambda_evaluated_again_shares_its_parameters():
+    """The interpreter makes a lambda's ``ir.Param`` tuple once per node: two closures of
+    the same lambda share it, and calling them still binds the parameter."""
+    from ppl.semantics.interpreter import _lambda_params
+    from ppl.semantics import ir
+    lam = ir.Lambda(("v", "w"), ir.Var("v"))
+    assert _lambda_params(lam) is _lambda_params(lam)
+    assert [p.name for p in _lambda_params(lam)] == ["v", "w"]
+    model = ppl.model('''
+def m():
+    out = []
+    for k in range(3):
+        f = lambda v: v + k
+        out = out + [f(10)]
+    return out
+''')
+    assert model.run("importance", {}, particles=2, seed=0).samples["return"][0] == (10, 11, 12)

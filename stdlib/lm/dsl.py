@@ -505,7 +505,7 @@ class LMValue:
         if pure is not None:
             key, anchors, batch_safe = pure
             hit = self._masks.get(key)
-            if hit is not None and len(hit[0]) == len(anchors) and all(a is b for a, b in zip(hit[0], anchors)):
+            if hit is not None and len(hit[0]) == len(anchors) and all(map(operator.is_, hit[0], anchors)):
                 return hit[1]
             ok = None if not batch_safe else _masks.evaluate_batched(
                 interp, pred, self.all_tokens(), span, getattr(fr, "path", ""), getattr(fr, "depth", 0))

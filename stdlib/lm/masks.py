@@ -246,6 +246,8 @@ def pure_key(pred, is_lm: Callable[[object], bool] = lambda v: False):
     of its arguments, as ``allowed=`` always took it, but it is not ``batch_safe``: it
     would see a population's rows as one object, so the mask is then computed token by
     token (once)."""
+    if type(pred) is Closure and not _free_names(pred):  # (``lambda v: ...`` of the token alone: the
+        return ("closure", id(pred.body), ()), (pred.body,), True  # key ``_value_key`` gives it, directly)
     anchors: list = []
     unsafe: list = []
     key = _value_key(pred, anchors, is_lm, 0, unsafe)
