@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -32,7 +33,12 @@ class DualAveraging:
     """Dual averaging of the log step size, one per chain ([C] tensors).
 
     ``update(accept_stat)`` after each warm-up transition returns the step size to use
-    next (exp(x)); ``final()`` the step size to keep after warm-up (exp(x_bar))."""
+    next (exp(x)); ``final()`` the step size to keep after warm-up (exp(x_bar)).
+
+    The iterates (mu, s_bar, x, x_bar) are float64 numpy arrays on the host: the same
+    IEEE operations in the same order as on tensors (so the same bits), at a fraction of
+    the per-operation cost on [C]-sized vectors; exp (and log at a restart) run in torch
+    on the step size's device, as before."""
 
     def __init__(self, step_size: torch.Tensor, target_accept: float = 0.8, *, gamma: float = 0.05,
                  t0: float = 10.0, kappa: float = 0.75):
@@ -44,54 +50,88 @@ class DualAveraging:
         """Start again from ``step_size`` [C] (mu = log(10 step_size)), as Stan does after
         each mass matrix update."""
         step_size = step_size.to(torch.float64)
-        self.mu = torch.log(10 * step_size)
+        self.device = step_size.device
+        self.mu = _host(torch.log(10 * step_size))
         self.counter = 0
-        self.s_bar = torch.zeros_like(step_size)
-        self.x_bar = torch.zeros_like(step_size)
-        self.x = torch.log(step_size)
+        self.s_bar = np.zeros(self.mu.shape)
+        self.x_bar = np.zeros(self.mu.shape)
+        self.x = _host(torch.log(step_size))
 
     def update(self, accept_stat: torch.Tensor) -> torch.Tensor:
         """Learn from one transition's acceptance statistic [C] (NaN counts as 0);
         returns the next step size [C]."""
-        stat = torch.nan_to_num(accept_stat.to(torch.float64), nan=0.0).clamp(max=1.0)
+        stat = _host(accept_stat.to(torch.float64))
         self.counter += 1
         eta = 1.0 / (self.counter + self.t0)
+        x_eta = self.counter ** (-self.kappa)
+        # torch.nan_to_num(stat, nan=0.0).clamp(max=1.0): +-inf -> +-largest, clamped; NaN -> 0
+        stat = np.minimum(np.maximum(stat, -_LARGEST), 1.0)
+        stat = np.where(stat == stat, stat, 0.0)
+        # (no overflow for the kernels' statistics, which lie in [0, 1]; numpy would warn of one
+        # where the tensors overflowed silently)
         self.s_bar = (1 - eta) * self.s_bar + eta * (self.target - stat)
         self.x = self.mu - self.s_bar * (math.sqrt(self.counter) / self.gamma)
-        x_eta = self.counter ** (-self.kappa)
         self.x_bar = (1 - x_eta) * self.x_bar + x_eta * self.x
-        return self.x.exp()
+        return self._exp(self.x)
 
     def current(self) -> torch.Tensor:
         """The step size of the latest iterate, exp(x) [C]."""
-        return self.x.exp()
+        return self._exp(self.x)
 
     def final(self) -> torch.Tensor:
         """The step size to keep, exp(x_bar) [C] (the current one before any update)."""
-        return self.x_bar.exp() if self.counter else self.x.exp()
+        return self._exp(self.x_bar if self.counter else self.x)
+
+    def _exp(self, x: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(x)
+        return (x if self.device.type == "cpu" else x.to(self.device)).exp()
+
+
+_LARGEST = float(np.finfo(np.float64).max)
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A float64 tensor's values as a numpy array on the host (shared with a CPU tensor)."""
+    if t.requires_grad:
+        t = t.detach()
+    return t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
 
 
 class Welford:
-    """Running mean and (co)variance of C chains' draws z [C, D] (float64)."""
+    """Running mean and (co)variance of C chains' draws z [C, D] (float64). On the CPU the
+    running sums are numpy arrays (the same IEEE operations in the same order as on
+    tensors, so the same bits, at a fraction of the per-operation cost); on another device
+    they stay tensors there."""
 
     def __init__(self, C: int, D: int, *, dense: bool = False, device=None, shrink_towards=None):
         self.C, self.D, self.dense, self.device = C, D, dense, device
+        self.on_host = torch.device(device if device is not None else "cpu").type == "cpu"
         self.shrink_towards = shrink_towards  # None: the identity (Stan's)
         self.reset()
 
     def reset(self) -> None:
         self.n = 0
-        self.mean = torch.zeros(self.C, self.D, dtype=torch.float64, device=self.device)
         shape = (self.C, self.D, self.D) if self.dense else (self.C, self.D)
-        self.m2 = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        if self.on_host:
+            self.mean, self.m2 = np.zeros((self.C, self.D)), np.zeros(shape)
+        else:
+            self.mean = torch.zeros(self.C, self.D, dtype=torch.float64, device=self.device)
+            self.m2 = torch.zeros(shape, dtype=torch.float64, device=self.device)
 
     def update(self, z: torch.Tensor) -> None:
         self.n += 1
+        if not self.on_host:
+            self._add(z)
+            return
+        with np.errstate(all="ignore"):  # (overflow to inf, silently, as on tensors)
+            self._add(_host(z))
+
+    def _add(self, z) -> None:
         delta = z - self.mean
         self.mean = self.mean + delta / self.n
         after = z - self.mean
         if self.dense:
-            self.m2 = self.m2 + delta.unsqueeze(-1) * after.unsqueeze(-2)
+            self.m2 = self.m2 + delta[..., :, None] * after[..., None, :]
         else:
             self.m2 = self.m2 + delta * after
 
@@ -103,7 +143,8 @@ class Welford:
         identity assumes every parameter is of unit scale: for sds 72 and 0.036 at
         correlation -0.999995 it would widen the narrow direction ~10^4-fold)."""
         n = float(self.n)
-        var = self.m2 / max(n - 1.0, 1.0)
+        m2 = torch.from_numpy(self.m2).to(self.device) if self.on_host else self.m2
+        var = m2 / max(n - 1.0, 1.0)
         shrink = 1e-3 * 5.0 / (n + 5.0)
         if self.shrink_towards is not None:
             var = 0.5 * (var + var.transpose(-1, -2)) if self.dense else var

@@ -294,27 +294,37 @@ def _merged_no_uturn(a_far_v, a_near_v, a_near_p, rho_a, b_near_v, b_near_p, b_f
     return (torch.linalg.vecdot(v, rho) > 0).all(0)
 
 
+#: ``nuts_step``'s ``whole`` when the caller has not looked the compiled transition up
+_LOOK_UP = object()
+
+
 def nuts_step(potential, state: State, step_size: torch.Tensor, metric: Metric, randomness, *,
-              max_tree_depth: int = 10, fuse: bool = True):
+              max_tree_depth: int = 10, fuse: bool = True, whole=_LOOK_UP):
     """One multinomial NUTS transition per chain (all chains one batch). Returns
     (State, StepInfo) with Stan's per-draw statistics: accept_stat = mean over the tree's
     leaves of min(1, exp(H0 - H)), tree_depth = doublings, n_steps = leapfrog steps,
     divergent, energy = H at the kept state (its own momentum). ``fuse``: build the whole
     transition as one compiled program (``_compiled_transition``), or failing that the fused
     leaf graph (``_FusedLeaf``), if the potential allows and none is built yet (one already
-    built is used either way); ``fuse="loop"``: build the compiled transition only."""
+    built is used either way); ``fuse="loop"``: build the compiled transition only. ``whole``:
+    the compiled transition (or None: none) where the caller has looked it up already
+    (``_NutsTransitions``)."""
     C, D = state.z.shape
     K = max_tree_depth
     device = state.z.device
     p0 = metric.sample_momentum(randomness)
-    u = randomness.uniform((C, 3 * K), device).T  # per level: direction, sub-tree choice, top choice
-    whole = _compiled_transition(potential, metric, K, state, bool(fuse))
+    if whole is _LOOK_UP:
+        whole = _compiled_transition(potential, metric, K, state, bool(fuse))
     if whole is not None:  # the whole transition as one compiled program (``inference.nuts_loop``)
+        # per level: direction, sub-tree choice, top choice; drawn with the leaf uniforms
+        u = whole.draw_uniforms(randomness, C, device)
         out = whole(state.z, state.logp, state.grad, p0, u, step_size.to(_F64), metric.inv_mass,
-                    potential.graph_inputs(), randomness)
+                    potential.graph_inputs(), randomness, leaves_drawn=True)
         if out is not None:
             z, logp, grad, energy, accept_stat, divergent, n_steps, depth, moved = out
             return State(z, logp, grad), StepInfo(accept_stat, divergent, energy, n_steps, depth, moved)
+    else:
+        u = randomness.uniform((C, 3 * K), device).T  # per level: direction, sub-tree choice, top choice
     go_right = u[:K] < 0.5  # [K, C]
     signed = torch.where(go_right, 1.0, -1.0).unsqueeze(-1) * step_size.to(_F64).unsqueeze(-1)
     eps_at, half_at = signed.unbind(0), (0.5 * signed).unbind(0)
@@ -917,11 +927,13 @@ def bfmi(energy: torch.Tensor) -> torch.Tensor:
     return num / den
 
 
-def _transition(kernel: str, *, max_tree_depth: int, num_steps: int | None, trajectory_length: float | None):
-    """The kernel as a function (potential, state, step_size, metric, randomness)."""
+def _transition(kernel: str, *, max_tree_depth: int, num_steps: int | None, trajectory_length: float | None,
+                fixed_potential: bool = False):
+    """The kernel as a function (potential, state, step_size, metric, randomness, fuse=True).
+    ``fixed_potential``: the caller never changes the potential between transitions (NUTS
+    then looks its compiled transition up once: ``_NutsTransitions``)."""
     if kernel == "nuts":
-        return lambda pot, s, eps, m, r, fuse=True: nuts_step(pot, s, eps, m, r, max_tree_depth=max_tree_depth,
-                                                              fuse=fuse)
+        return _NutsTransitions(max_tree_depth, fixed_potential)
     if kernel == "hmc":
         if num_steps is None and trajectory_length is None:
             num_steps = 10
@@ -932,8 +944,86 @@ def _transition(kernel: str, *, max_tree_depth: int, num_steps: int | None, traj
     raise ValueError(f"unknown kernel {kernel!r} (nuts, hmc, mala)")
 
 
+class _NutsTransitions:
+    """``nuts_step`` as ``sample_nuts`` calls it, transition after transition. Where the
+    potential stays the same (``fixed_potential``: no ``between``), its compiled transition is
+    looked up (or built) at the first transition only: the potential, the metric's shape and
+    the depth never change within a run and ``fuse`` only turns False as fewer transitions
+    are left, so every later lookup would give the same answer."""
+
+    def __init__(self, max_tree_depth: int, fixed_potential: bool):
+        self.max_tree_depth, self.fixed_potential = max_tree_depth, fixed_potential
+        self.whole = _LOOK_UP
+
+    def __call__(self, potential, state: State, step_size, metric: Metric, randomness, fuse=True):
+        whole = self.whole
+        if whole is _LOOK_UP and self.fixed_potential:
+            whole = self.whole = _compiled_transition(potential, metric, self.max_tree_depth, state, bool(fuse))
+        return nuts_step(potential, state, step_size, metric, randomness, max_tree_depth=self.max_tree_depth,
+                         fuse=fuse, whole=whole)
+
+
 #: a shown bar's acceptance and divergences are refreshed every this many iterations (one sync)
 _POSTFIX_EVERY = 25
+
+
+#: the sampling loop copies the latest transitions' draws and statistics into its [S, C, ...]
+#: buffers this many at a time (one stack per field), instead of 7 copies per transition
+_RECORD_EVERY = 64
+
+
+class _Draws:
+    """The per-draw record of ``sample_nuts``'s sampling phase: buffers [S, C, D] (z) and
+    [S, C] (the statistics), filled ``_RECORD_EVERY`` transitions at a time. Until then it
+    keeps the transitions' own tensors, which is safe because the kernels return fresh
+    tensors and never write into one they returned."""
+
+    FIELDS = (("z", _F64), ("logp", _F64), ("divergent", torch.bool), ("tree_depth", torch.int64),
+              ("n_steps", torch.int64), ("accept_stat", _F64), ("energy", _F64))
+
+    def __init__(self, samples: int, C: int, D: int, device):
+        self.buffers = {name: torch.empty((samples, C, D) if name == "z" else (samples, C), dtype=dtype, device=device)
+                        for name, dtype in self.FIELDS}
+        self.pending: list[tuple] = []
+        self.done = 0
+
+    def add(self, state: State, info: StepInfo) -> None:
+        self.pending.append((state.z, state.logp, info.divergent, info.tree_depth, info.n_steps, info.accept_stat,
+                             info.energy))
+        if len(self.pending) == _RECORD_EVERY:
+            self._flush()
+
+    def recorded(self) -> dict:
+        """The buffers (name -> [S, C, ...]), every transition added so far written in."""
+        self._flush()
+        return self.buffers
+
+    def _flush(self) -> None:
+        if self.pending:
+            n = len(self.pending)
+            for buffer, column in zip(self.buffers.values(), zip(*self.pending)):
+                buffer[self.done:self.done + n] = torch.stack(column)
+            self.done += n
+            self.pending = []
+
+
+class _Divergences:
+    """Warm-up divergences per chain [C] (int64), counted ``_RECORD_EVERY`` transitions at a time."""
+
+    def __init__(self, C: int, device):
+        self.count = torch.zeros(C, dtype=torch.int64, device=device)
+        self.pending: list[torch.Tensor] = []
+
+    def add(self, divergent: torch.Tensor) -> None:
+        self.pending.append(divergent)
+        if len(self.pending) == _RECORD_EVERY:
+            self.total()
+
+    def total(self) -> torch.Tensor:
+        if self.pending:
+            self.count += torch.stack(self.pending).sum(0)
+            self.pending = []
+        return self.count
 
 
 def _clock() -> tuple[float, float]:
@@ -962,7 +1052,7 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
     C, D = z0.shape
     device = z0.device
     transition = _transition(kernel, max_tree_depth=max_tree_depth, num_steps=num_steps,
-                             trajectory_length=trajectory_length)
+                             trajectory_length=trajectory_length, fixed_potential=between is None)
     state = init_state(potential, z0)
     bad = ~torch.isfinite(state.logp)
     if bool(bad.any()):
@@ -981,11 +1071,8 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
     adapt = WindowedAdaptation(warmup, step, C=C, D=D, target_accept=target_accept, dense=dense_mass,
                                adapt_mass=adapt_mass, device=device,
                                shrink_towards=None if inverse_mass is None else metric.inv_mass.clone())
-    warm_div = torch.zeros(C, dtype=torch.int64, device=device)
-    out_z = torch.empty(samples, C, D, dtype=_F64, device=device)
-    stats = {k: torch.empty(samples, C, dtype=t, device=device)
-             for k, t in [("logp", _F64), ("divergent", torch.bool), ("tree_depth", torch.int64),
-                          ("n_steps", torch.int64), ("accept_stat", _F64), ("energy", _F64)]}
+    warm_div = _Divergences(C, device)
+    draws = _Draws(samples, C, D, device)
     phases = {}
     ops = _graph_ops(potential)  # (the compiled transition's cost model: _fuse_now)
     fuse_now = functools.partial(_fuse_now, native=True) if _native_library(potential) is not None else _fuse_now
@@ -996,7 +1083,7 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
                 state = between(state)
             state, info = transition(potential, state, step, metric, randomness,
                                      fuse=fuse_now(warmup + samples - i, ops, C))
-            warm_div += info.divergent
+            warm_div.add(info.divergent)
             step, inv_mass = adapt.update(i, state.z, info.accept_stat)
             if inv_mass is not None:
                 metric = Metric(inv_mass)
@@ -1004,7 +1091,7 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
                 adapt.restart_step_size(step)
             bar.update(1)
             if bar is not NO_BAR and (i % _POSTFIX_EVERY == 0 or i == warmup - 1):
-                bar.set_postfix_str(f"warm-up, divergences {int(warm_div.sum())}", refresh=False)
+                bar.set_postfix_str(f"warm-up, divergences {int(warm_div.total().sum())}", refresh=False)
         if warmup:
             step = adapt.final_step_size()
         phases["warmup"] = _since(start)
@@ -1014,19 +1101,14 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
                 state = between(state)
             state, info = transition(potential, state, step, metric, randomness,
                                      fuse=fuse_now(samples - s, ops, C))
-            out_z[s] = state.z
-            stats["logp"][s] = state.logp
-            stats["divergent"][s] = info.divergent
-            stats["tree_depth"][s] = info.tree_depth
-            stats["n_steps"][s] = info.n_steps
-            stats["accept_stat"][s] = info.accept_stat
-            stats["energy"][s] = info.energy
+            draws.add(state, info)
             bar.update(1)
             if bar is not NO_BAR and (s % _POSTFIX_EVERY == 0 or s == samples - 1):
+                stats = draws.recorded()
                 bar.set_postfix_str(f"acceptance {float(stats['accept_stat'][:s + 1].mean()):.2f}, divergences "
                                     f"{int(stats['divergent'][:s + 1].sum())}", refresh=False)
+        stats = draws.recorded()
         phases["sampling"] = _since(start)
     per_chain = {k: v.transpose(0, 1).contiguous() for k, v in stats.items()}
-    return NUTSResult(out_z.transpose(0, 1).contiguous(), step_size=step, inverse_mass=metric.inv_mass,
-                      warmup_divergences=warm_div, kernel=kernel, max_tree_depth=max_tree_depth,
-                      phase_seconds=phases, **per_chain)
+    return NUTSResult(step_size=step, inverse_mass=metric.inv_mass, warmup_divergences=warm_div.total(),
+                      kernel=kernel, max_tree_depth=max_tree_depth, phase_seconds=phases, **per_chain)

@@ -40,6 +40,7 @@ import os
 import torch
 from torch._higher_order_ops.while_loop import while_loop
 
+from ..semantics.randomness import TorchRandomness
 from .compiled import lift_constants, pack_constants, unpack_constants
 
 #: an energy error above this is a divergence (Stan's max_deltaH; hmc.MAX_DELTA_ENERGY)
@@ -156,7 +157,10 @@ def transition(evaluate_at, z, logp, grad, p0, u, u_leaf, step, inv_mass, fresh,
             lw_s, clp, cw, acc, steps = rows.unbind(0)
             building, div = marks.unbind(0)
             p = torch.addcmul(pc, half, gc)
-            z1 = torch.addcmul(zc, eps, velocity(p))
+            # a chain that has stopped building is evaluated where it stopped: its values are
+            # not used, and a point further along a diverging trajectory could report an
+            # invalid parameter, which hands the whole batch's transition to the eager kernel
+            z1 = torch.where(building.unsqueeze(-1), torch.addcmul(zc, eps, velocity(p)), zc)
             logp1, g1, ok_par = evaluate_at(z1)
             p1 = torch.addcmul(p, half, g1)
             v1 = velocity(p1)
@@ -238,7 +242,15 @@ class CompiledTransition:
         self.run = run
         self.K = max_tree_depth
         self.L = 1 << (max_tree_depth - 1)  # the most leaves of one sub-tree
-        self.u_leaf = torch.zeros(self.L, C, dtype=torch.float64, device=device)
+        # a transition's uniforms in one buffer: u as ``hmc.nuts_step`` draws them ([C, 3K], read
+        # as [3K, C]), then the leaf uniforms [L, C] (``draw_uniforms``: one draw for both)
+        n = C * 3 * max_tree_depth
+        self._uniforms = torch.zeros(n + self.L * C, dtype=torch.float64, device=device)
+        self._u = self._uniforms[:n].view(C, 3 * max_tree_depth).T
+        self.u_leaf = self._uniforms[n:].view(self.L, C)
+        self._drawn = 0                     # leaf rows ``draw_uniforms`` drew for the next call
+        self._in_place = None               # the randomness ``draw_uniforms`` last found drawing in place
+        self._draws: dict = {}              # fresh rows -> the buffer's view drawn for them
         self.recent_depths: list[int] = []  # the deepest tree of each recent transition
         self.redone = 0                     # transitions run again with more leaf uniforms
 
@@ -287,17 +299,22 @@ class CompiledTransition:
             lp, g = evaluate_eager(x)
             return lp, g, torch.ones((), dtype=torch.bool, device=x.device)
 
-        for seed in (1, 2):
-            example = _example(z, logp, grad, inv_mass, self.K, seed)
-            fast = self.run(*example, *graph_args)
-            slow = transition(eager_at, *example, self.K, loop=python_loop)
+        compared = 0
+        for seed in range(1, 7):  # two examples compared; one where some leaf's parameters are invalid
+            example = _example(z, logp, grad, inv_mass, self.K, seed)  # (the call returns None: the
+            fast = self.run(*example, *graph_args)                  # eager kernel) does not count
             if not bool(fast[-1].all()):
-                raise ValueError("the compiled transition reports an invalid parameter at a check point")
+                continue
+            compared += 1
+            slow = transition(eager_at, *example, self.K, loop=python_loop)
             for f, e in zip(fast[:-1], slow[:-1]):
                 same = (torch.equal(f, e) if f.dtype in (torch.bool, torch.int64) else
                         f.shape == e.shape and torch.allclose(f, e, rtol=1e-9, atol=1e-12, equal_nan=True))
                 if not same:
                     raise ValueError("the compiled transition disagrees with the eager one")
+            if compared == 2:
+                return
+        raise ValueError("the compiled transition reports an invalid parameter at most check points")
 
     def fresh_rows(self) -> int:
         """How many leaf uniforms to draw: enough for one doubling more than the deepest
@@ -306,14 +323,39 @@ class CompiledTransition:
         deepest = max(self.recent_depths, default=self.K)
         return min(self.L, 1 << deepest)
 
-    def __call__(self, z, logp, grad, p0, u, step, inv_mass, graph_args: tuple, randomness):
+    def draw_uniforms(self, randomness, C: int, device) -> torch.Tensor:
+        """The uniforms u [3K, C] of ``hmc.nuts_step`` (the values of
+        ``randomness.uniform((C, 3K), device).T``) followed, in the same stream, by the leaf
+        uniforms the next call (``leaves_drawn=True``) would draw: ONE draw into this
+        transition's buffer where ``randomness`` draws with ``torch.rand`` on a CPU generator
+        (which draws one number per element, in order: a draw of n + m numbers is the draw of
+        n followed by the draw of m), else two. The same numbers either way."""
+        fresh = self.fresh_rows()
+        self._drawn = fresh
+        if randomness is not self._in_place:
+            in_place = _rand_in_place(randomness, device) and self._uniforms.device == torch.device(device)
+            self._in_place = randomness if in_place else None
+        if randomness is self._in_place:
+            draw = self._draws.get(fresh)
+            if draw is None:
+                draw = self._draws[fresh] = self._uniforms[:self._u.numel() + fresh * C]
+            draw.uniform_(generator=randomness.gen(device))
+            return self._u
+        u = randomness.uniform((C, 3 * self.K), device).T
+        self.u_leaf[:fresh] = randomness.uniform((fresh, C), device)
+        return u
+
+    def __call__(self, z, logp, grad, p0, u, step, inv_mass, graph_args: tuple, randomness, leaves_drawn=False):
         """(z, logp, grad, energy, accept_stat, divergent, n_steps, tree_depth, moved) of
         one transition from the momentum p0 [C, D] and the uniforms u [3K, C] (as
-        ``hmc.nuts_step`` draws them; the leaf uniforms are drawn here), or None: the
-        eager kernel must make it."""
+        ``hmc.nuts_step`` draws them; the leaf uniforms are drawn here, or were drawn with u
+        by ``draw_uniforms`` where ``leaves_drawn``), or None: the eager kernel must make it."""
         C = z.shape[0]
-        fresh = self.fresh_rows()
-        self.u_leaf[:fresh] = randomness.uniform((fresh, C), z.device)
+        if leaves_drawn:
+            fresh = self._drawn
+        else:
+            fresh = self.fresh_rows()
+            self.u_leaf[:fresh] = randomness.uniform((fresh, C), z.device)
         inputs = [z, logp, grad, p0, u, self.u_leaf]  # (the operator makes them contiguous)
         rest = [step, inv_mass]
         out = self._run(inputs, rest, fresh, graph_args)
@@ -371,6 +413,14 @@ def _own_library(evaluate_graph, graph_args: tuple, z, inv_mass, K: int, potenti
         def mark():
             _mark(marker, library, _constant_names(potential_graph, constants))
     return library, pack_constants(constants)[0], mark
+
+
+def _rand_in_place(randomness, device) -> bool:
+    """Whether ``randomness.uniform(shape, device)`` is ``torch.rand`` on ``randomness.gen(device)``
+    (a ``TorchRandomness`` whose ``uniform`` is not overridden) with a CPU generator, so that
+    ``tensor.uniform_(generator=randomness.gen(device))`` on a CPU tensor draws the same numbers."""
+    return (isinstance(randomness, TorchRandomness) and type(randomness).uniform is TorchRandomness.uniform
+            and torch.device(device).type == "cpu")
 
 
 def _quietly(fn) -> None:
