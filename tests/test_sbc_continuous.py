@@ -45,7 +45,9 @@ data, the warm-up, the draws): CPU seconds per SBC run (one thread, load average
 cores, so on the slow side): NUTS 16.3 (broken 18.2), HMC 6.6 (5.8), tempering-hmc 8.2,
 tempering-mala 5.3, mh 2.8 (3.4), resample-move 2.1 (2.4), tempering-rw 1.3 (1.4); the
 whole file with tests/test_sbc.py took 82-93 s user + 4 s system (``/usr/bin/time``, two
-runs; tests/test_sbc.py is ~7 s of it). NUTS and
+runs; tests/test_sbc.py is ~7 s of it). The broken tempering-hmc and tempering-mala runs
+(S = 45; their particles run off to the edges of an improper target, so the moves
+take longer) added 16.8 and 20.1 s (load average 6-7). NUTS and
 HMC run one chain per simulation (their cost is the per-run tracing and the warm-up). S is 30 for the correct runs (a chi-square test with 5 bins of 6
 expected counts each; 100 for the cheap tempering-rw) and 30-60 for the broken runs, whose
 power comes from their size of effect (each test says it).
@@ -242,6 +244,8 @@ def reuse_momentum(monkeypatch):
 
 MH = dict(chains=3, samples=30, burn_in=60, kernel="rw")
 ADAPTIVE_RW = dict(particles=100, adapt=True, kernel="rw")
+ADAPTIVE_HMC = dict(particles=100, adapt=True, kernel="hmc")    # as CORRECT's tempering-hmc
+ADAPTIVE_MALA = dict(particles=100, adapt=True, kernel="mala")  # as CORRECT's tempering-mala
 
 #: broken kernel -> (program, method, options, simulations, the break)
 BROKEN = {
@@ -252,6 +256,12 @@ BROKEN = {
                                       drop_population_walk_jacobian),
     "resample_move-rw-without-jacobian": (lambda: first("beta"), "resample_move", ADAPTIVE_RW, 60,
                                           drop_population_walk_jacobian),
+    # tempering's gradient moves (population_moves.gradient_moves: inference.hmc's hmc_step
+    # on the tempered potential of inference.potential), the potential without the Jacobian
+    "tempering-hmc-without-jacobian": (lambda: first("beta"), "tempering", ADAPTIVE_HMC, 45,
+                                       drop_potential_jacobian),
+    "tempering-mala-without-jacobian": (lambda: first("beta"), "tempering", ADAPTIVE_MALA, 45,
+                                        drop_potential_jacobian),
 }
 
 
@@ -273,14 +283,63 @@ def test_broken_kernel_is_caught(kernel, monkeypatch):
       0) of NUTS, S = 50, gave ranks (0, 0, 2, 1, 3, 2, 2, 0, 1, 39): with those as q,
       lambda = 155 at S = 30 (P > 0.9999999); mh's pilot (S = 60) gave p = 1e-17 and
       tempering's 4e-11.
+    * Tempering's HMC and MALA moves (``population_moves.gradient_moves``: ``hmc.hmc_step``,
+      a trajectory of pi/2 or one leapfrog step, on the tempered potential of
+      ``inference.potential``) with that potential's Jacobian dropped: the same broken
+      target on the same program; the exact q above give lambda = 89.0 at S = 45
+      (P(p < 1e-6) = 0.9994). The populations move only until they decorrelate (2-5 moves
+      a step), so the pilots (seed 1, S = 30) are the better guide: ranks (15, 2, 0, 1, 0,
+      1, 2, 0, 0, 9) (HMC) and (15, 0, 2, 2, 1, 0, 0, 1, 1, 8) (MALA), Pearson statistics
+      75.3 and 70.0, i.e. lambda ~ 66 and 61 (the statistic less its 9 df) at S = 30: 99
+      and 92 at S = 45 (P = 0.9999 and 0.9996). (HMC seed 0 at S = 30, seen before S was
+      chosen: p = 1.3e-5, lambda ~ 30, so S = 45, not 30.)
     * HMC with the momentum never resampled: no closed form; a pilot SBC run with seed 1
       on the gamma program the test uses gave ranks (15, 1, 0, 0, 0, 0, 0, 0, 1, 13) of
       30: with those as q, lambda = 102 at S = 30 (P(p < 1e-6) = 0.99995).
-    (NUTS with the momentum not resampled, NUTS choosing the last leaf of each sub-tree
-    and NUTS whose leaf weights leave out the leaf's kinetic energy were tried first and
-    are *not* caught here, p = 0.91, 0.41, 0.15 at S = 30-40: in these one-dimensional
-    posteriors NUTS's trees have 1-3 leaves, so they change little. SBC can only see a
-    break that moves the posterior.)
+
+    *Not caught within this file's budget* (SBC at L = 9 sees a break only through the
+    rank distribution it makes: lambda = 3.5 at S = 30 for draws 0.71x too narrow, 2.0 for
+    0.77x, 0.09 for 1.06x -- S = 520, 930 and 20,000 for P(p < 1e-6) = 0.95 -- so only
+    breaks that move the posterior grossly are caught at S <= 60):
+
+    * NUTS with the momentum not resampled (``reuse_momentum``), choosing the last leaf of
+      each sub-tree instead of its multinomial draw (``hmc._choose_leaf``), or whose leaf
+      weights leave out the leaf's kinetic energy (``hmc._eager_leaf``'s H0 - H as
+      H0 + log p): p = 0.91, 0.41, 0.15 at S = 30-40 with the NUTS options above (trees of
+      1-3 leaves). Deeper trees were tried (sbc11b; pilots, S = 30, 10 bins): target_accept
+      0.99 with max_tree_depth 6 (step sizes 0.13-0.7, trees of 4-16 leaves) on the
+      normal, beta and gamma programs, and a 2-D posterior a ~ N(0, 1), b ~ N(a, 0.2),
+      3 observations of N(b, 1) (correlation the diagonal metric cannot remove, trees of
+      6-11 leaves). Momentum: p = 9e-11, 3e-4, 0.21 (normal, seeds 0-2), 0.07 (gamma),
+      0.01 (beta), 0.04 (first gamma program), 0.15 (2-D); pooled over the normal seeds
+      lambda ~ 0.84 S, so S ~ 75 (~45 s CPU) for P = 0.95: over budget. With a fixed
+      momentum c per chain the idealised kernel (whole orbits) keeps E z^2 = c^2, c^2 ~
+      chi^2_1: SBC sees the simulations with small c, and averaged over c the variance is
+      right. Leaf weights without the kinetic energy: p = 0.004, 0.12, 0.47 (normal,
+      first beta program, 2-D). Leaves drawn in proportion to p(z) on an orbit where
+      p(z) exp(-K) is constant leave p^2 invariant (an idealised-orbit simulation gives
+      variance 0.49-0.51 for a unit Gaussian, whatever the tree's span): 0.71x too narrow,
+      S ~ 520. Last leaf: p = 0.12, 0.02, 0.80, 0.21 (normal, first beta, first gamma,
+      2-D). On a Gaussian the U-turn ends a trajectory after about half a period whatever
+      the state, so the last leaf is close to a fixed-time Hamiltonian flow, which leaves
+      the target invariant; the non-Gaussian programs did not show it either.
+    * Tempering's MALA-specific breaks (``hmc._energy_error``, ``hmc._leapfrog``,
+      ``Metric.kinetic`` patched; pilots S = 30): the reverse proposal density dropped
+      (acceptance exp(log p' - log p + |xi|^2 / 2)) leaves a variance 1.07-1.13x the
+      target's at step sizes 0.5-1.2 (a 2 x 10^5-chain simulation of the kernel on a unit
+      Gaussian), p = 0.60, 0.80, 0.07 (gamma, first beta, normal programs); both proposal
+      densities dropped (Metropolis on p alone): variance 0.52-0.61x (the gamma program's
+      populations: sd 0.46 against the exact 0.606), p = 0.07, 0.07 (gamma, first beta),
+      0.35 (gamma, 10 moves a step); the drift's sign flipped in the proposal only (the first half-kick of the
+      leapfrog step with -grad, a non-reversible integrator): hump-shaped ranks, p = 7.6e-6
+      and 0.02 (gamma, seeds 0 and 1), lambda ~ 20 at S = 30, so S ~ 95 (~38 s): over
+      budget. (Flipping the gradient's sign everywhere is no break: a leapfrog step with
+      any deterministic "gradient" is reversible and volume preserving, ``hmc.evaluate``.)
+      Tempering's HMC with the momentum not resampled within a step's moves: p = 0.41,
+      0.35 (beta programs), 0.035 with 10 moves a step: its trajectory is a quarter period
+      in the population's whitened coordinates, which takes a Gaussian particle z to its
+      momentum p0 whatever z, so the particles still end as draws of N(mean, covariance):
+      nearly right on these near-Gaussian posteriors.
     """
     program, method, options, S, breaking = BROKEN[kernel]
     breaking(monkeypatch)
