@@ -326,20 +326,25 @@ def test_broken_kernel_is_caught(kernel, monkeypatch):
     * Tempering's MALA-specific breaks (``hmc._energy_error``, ``hmc._leapfrog``,
       ``Metric.kinetic`` patched; pilots S = 30): the reverse proposal density dropped
       (acceptance exp(log p' - log p + |xi|^2 / 2)) leaves a variance 1.07-1.13x the
-      target's at step sizes 0.5-1.2 (a 2 x 10^5-chain simulation of the kernel on a unit
-      Gaussian), p = 0.60, 0.80, 0.07 (gamma, first beta, normal programs); both proposal
-      densities dropped (Metropolis on p alone): variance 0.52-0.61x (the gamma program's
-      populations: sd 0.46 against the exact 0.606), p = 0.07, 0.07 (gamma, first beta),
-      0.35 (gamma, 10 moves a step); the drift's sign flipped in the proposal only (the first half-kick of the
-      leapfrog step with -grad, a non-reversible integrator): hump-shaped ranks, p = 7.6e-6
-      and 0.02 (gamma, seeds 0 and 1), lambda ~ 20 at S = 30, so S ~ 95 (~38 s): over
-      budget. (Flipping the gradient's sign everywhere is no break: a leapfrog step with
-      any deterministic "gradient" is reversible and volume preserving, ``hmc.evaluate``.)
-      Tempering's HMC with the momentum not resampled within a step's moves: p = 0.41,
-      0.35 (beta programs), 0.035 with 10 moves a step: its trajectory is a quarter period
-      in the population's whitened coordinates, which takes a Gaussian particle z to its
-      momentum p0 whatever z, so the particles still end as draws of N(mean, covariance):
-      nearly right on these near-Gaussian posteriors.
+      target's at step sizes 0.5-1.2 (a 2 x 10^5-chain simulation of the kernel on a
+      unit Gaussian), p = 0.60, 0.80, 0.07 (gamma, first beta, normal programs); both
+      proposal densities dropped (Metropolis on p alone): variance 0.52-0.61x (the
+      gamma program's populations: sd 0.46 against the exact 0.606), p = 0.07, 0.07
+      (gamma, first beta), 0.35 (gamma, 10 moves a step); the drift's sign flipped in
+      the proposal only (the first half-kick of the leapfrog step with -grad, a
+      non-reversible integrator): hump-shaped ranks, p = 7.6e-6 and 0.02 (gamma, seeds
+      0 and 1), lambda ~ 20 at S = 30, so S ~ 95 (~38 s): over budget; the kinetic
+      energy without the metric (|p|^2 / 2: the proposal density with the wrong
+      preconditioner): p = 0.35 (MALA), 0.003 (HMC) on the gamma program. The
+      populations start each step's moves near right and move 2-5 times, so a kernel
+      that is only somewhat wrong leaves them somewhat wrong. (Flipping the gradient's
+      sign everywhere is no break: a leapfrog step with any deterministic "gradient"
+      is reversible and volume preserving, ``hmc.evaluate``.) Tempering's HMC with the
+      momentum not resampled within a step's moves: p = 0.41, 0.35 (beta programs),
+      0.035 with 10 moves a step: its trajectory is a quarter period in the
+      population's whitened coordinates, which takes a Gaussian particle z to its
+      momentum p0 whatever z, so the particles still end as draws of N(mean,
+      covariance): nearly right on these near-Gaussian posteriors.
     """
     program, method, options, S, breaking = BROKEN[kernel]
     breaking(monkeypatch)
