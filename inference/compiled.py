@@ -97,8 +97,32 @@ def _mark_compiled(gm, example_inputs, size_asserts: bool) -> None:
         pass
 
 
+def cache_dir() -> str:
+    """TorchInductor's cache directory (``torch._inductor.runtime.cache_dir_utils.cache_dir``,
+    the same function), without importing ``torch._inductor`` where it is not imported yet:
+    that package imports Dynamo (~1 s CPU), which a run that only loads a library built before
+    (``build_native``) or stays on TorchScript does not need. The module has no torch
+    dependency of its own (its header says so), so it is loaded from torch's own file."""
+    import sys
+    if "torch._inductor" in sys.modules:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir as inductors
+        return inductors()
+    module = _CACHE_DIR_UTILS.get("module")
+    if module is None:
+        import importlib.util
+        spec = importlib.util.find_spec("torch")
+        path = os.path.join(os.path.dirname(spec.origin), "_inductor", "runtime", "cache_dir_utils.py")
+        loader = importlib.util.spec_from_file_location("_ppl_inductor_cache_dir_utils", path)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+        _CACHE_DIR_UTILS["module"] = module
+    return module.cache_dir()
+
+
+_CACHE_DIR_UTILS: dict = {}
+
+
 def _marker_path(gm, example_inputs, size_asserts: bool) -> str:
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
     digest = hashlib.sha256()
     digest.update(f"{torch.__version__}|{size_asserts}|".encode())
     digest.update(gm.code.encode())
@@ -194,22 +218,25 @@ def build_native(gm: torch.fx.GraphModule, example_inputs: tuple):
     AOTInductor cannot build it (the caller falls back)."""
     import shutil
 
-    import torch._inductor
-
     constants = _tensors_held(gm)
     packed, layout = pack_constants(constants)
     inputs = [*example_inputs, *packed]
     path = _native_path(gm, [*example_inputs, *constants])
-    if _needs_proxy_executor(gm):
+    # a library at ``path`` was built from a graph of this very code (the key), which then had
+    # no operation needing a proxy executor: loaded without asking (Inductor's lowering tables
+    # cost ~0.8 s CPU to import)
+    if not os.path.exists(path) and _needs_proxy_executor(gm):
         return _packaged(gm, example_inputs, packed, layout, path[:-len(".so")] + ".pt2")
     if not os.path.exists(path):
+        from torch._inductor import aot_compile
+
         flat = _packed_graph(gm, example_inputs, packed, layout)
         build = f"{path}.{os.getpid()}.build"  # (AOTInductor leaves its sources next to the library)
         os.makedirs(build, exist_ok=True)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                built = torch._inductor.aot_compile(flat, tuple(inputs), options={
+                built = aot_compile(flat, tuple(inputs), options={
                     "aot_inductor.output_path": os.path.join(build, "graph.so"), "memory_planning": True})
             os.replace(built, path)  # (atomic: another process sees the whole library or none)
         finally:
@@ -293,7 +320,6 @@ def _native_path(gm: torch.fx.GraphModule, inputs: list) -> str:
     """The library's place: keyed by the recorded graph's code (its tensors' names, not their
     values: those are inputs) and the shapes of its inputs and tensors, so that a later
     build of the same graph finds it without recording the packed graph again."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
     digest = hashlib.sha256()
     digest.update(f"{torch.__version__}|{_NATIVE_VERSION}|".encode())
     digest.update(gm.code.encode())  # (not print_readable: its comments hold the interpreter's source lines)

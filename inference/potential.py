@@ -45,6 +45,7 @@ from ..semantics.sampling import _WeightAccumulator, column, drive
 from ..semantics.values import Batched, Particles
 from ..stdlib.distributions import deferred_checks
 from .compiled import native_library, record, replay
+from . import graph_store
 from .mh_traced import LikelihoodTerms, NotStatic, _taint, factor_rows
 from .observe_groups import ObserveGroups
 
@@ -520,7 +521,20 @@ def _trace(p: Potential, backend: str | Callable[[torch.fx.GraphModule], str | N
     answer kept as ``why_not_compiled``). A graph
     Inductor compiled and that agrees with the interpreter is used without making the
     TorchScript one; if Inductor fails or disagrees, the TorchScript graph is made and
-    checked as usual (_CompileFailed carries it)."""
+    checked as usual (_CompileFailed carries it).
+
+    A graph recorded before for the same program, data, layout and code
+    (``inference.graph_store``: a key of all of them) is loaded instead of recorded again
+    (``_trace_stored``), and checked against the interpreter's log density at fresh points
+    (no gradient through the interpreter: that is what costs); where it is missing or
+    disagrees, the graph is recorded as always and stored."""
+    key = graph_store.key(p)
+    stored = graph_store.load(key)
+    if stored is not None:
+        try:
+            return _trace_stored(p, stored, backend)
+        except (NotStatic, PPLError, RuntimeError, TypeError, ValueError, IndexError, AttributeError):
+            p._recorded = p._aten = None  # (recorded afresh below)
     given = tuple(p.given[a] for a in p.discrete)
     g = torch.Generator(device="cpu").manual_seed(0)
     valid = _valid_points(p, g)
@@ -532,7 +546,22 @@ def _trace(p: Potential, backend: str | Callable[[torch.fx.GraphModule], str | N
     with torch.no_grad():  # static? (raises NotStatic at a Python decision on z)
         p._run(*_taint((example()[0],)), dict(zip(p.discrete, _taint(given))))
     gm = record(p._value_and_grad, example())
+    RECORDINGS["count"] += 1
     _errors_as_flag(gm)
+
+    def check(graph):
+        _agrees(p, graph, example)
+        graph_store.save(key, gm)  # (a graph that agrees with the interpreter: kept for later runs)
+    return _replay_checked(p, gm, example, backend, check)
+
+
+#: how many potential graphs this process recorded through the interpreter (a test's count)
+RECORDINGS = {"count": 0}
+
+
+def _replay_checked(p: Potential, gm, example, backend, check):
+    """``_trace``'s end: the recorded graph ``gm`` replayed by the backend chosen (``backend``),
+    ``check(replayed)`` raising NotStatic where it disagrees with the interpreter."""
     p._recorded = (gm, example)
     p._aten = gm
     why_not = None
@@ -543,16 +572,88 @@ def _trace(p: Potential, backend: str | Callable[[torch.fx.GraphModule], str | N
     if backend == "inductor":
         try:
             fast = replay(gm, example(), backend, native=True)
-            _agrees(p, fast, example)
+            check(fast)
             return fast, True
         except Exception as e:  # noqa: BLE001 - any compiler failure leaves the TorchScript graph
             why = (str(e).splitlines() or [type(e).__name__])[0]
     graph = replay(gm, example())
-    _agrees(p, graph, example)
+    check(graph)
     if why is not None:
         raise _CompileFailed(graph, why)
     p.why_not_compiled = why_not
     return graph, False
+
+
+def _trace_stored(p: Potential, gm, backend):
+    """``_trace`` with the graph ``gm`` loaded from ``inference.graph_store`` instead of
+    recorded: the same points to check at (found by the interpreter's log density alone, no
+    gradient), the same static check, the same backends; each replayed graph must agree with
+    the loaded graph run as it is (values and gradients: the compiler is checked) and the
+    loaded graph's log density and validity flag with the interpreter's (the graph is the
+    program's). NotStatic where either disagrees (the caller records it afresh)."""
+    given = tuple(p.given[a] for a in p.discrete)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    valid = _valid_values(p, g)
+
+    def example(beta=1.0):
+        z = valid + 0.01 * torch.randn(p.C, p.D, generator=g, dtype=torch.float64).to(p.device)
+        return (z, torch.tensor(beta, dtype=torch.float64, device=p.device), *given)
+
+    with torch.no_grad():  # static? (raises NotStatic at a Python decision on z)
+        p._run(*_taint((example()[0],)), dict(zip(p.discrete, _taint(given))))
+    return _replay_checked(p, gm, example, backend, lambda graph: _agrees_stored(p, gm, graph, example))
+
+
+def _interpreter_values(p: Potential, z, beta, *given):
+    """(log pi [C], parameters valid?) by one run of the interpreter, without the gradient."""
+    with torch.no_grad():
+        lp, ll, _, _, checks = p._run(z, dict(zip(p.discrete, given)))
+    ok = torch.ones((), dtype=torch.bool, device=z.device)
+    for c in checks:
+        ok = ok & c
+    return _combine(lp, ll, beta), ok
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-9) -> bool:
+    return a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=rtol, atol=1e-12, equal_nan=True)
+
+
+#: ``_agrees_stored``'s tolerance between the interpreter's log density without the gradient
+#: transform and the stored graph's: without ``torch.func.grad`` some terms run through other
+#: kernels (logistic regression's 200 Bernoulli terms: the fused binary_cross_entropy_with_logits
+#: instead of its decomposition, ~1e-9 relative); a graph of another program, data or code
+#: differs by orders of magnitude more
+STORED_VALUE_RTOL = 1e-7
+
+
+def _agrees_stored(p: Potential, gm, graph, example) -> None:
+    """NotStatic unless, at fresh points and betas, the stored graph ``gm`` (run as it is)
+    gives the interpreter's log density (``STORED_VALUE_RTOL``) and validity flag, and
+    ``graph`` (its replay) gives ``gm``'s outputs, gradient included."""
+    for args in (example(), example(0.5), example(0.0)):
+        value, ok = _interpreter_values(p, *args)
+        reference = gm(*args)
+        if not _close(value, reference[0], STORED_VALUE_RTOL) or bool(ok) != bool(reference[2]):
+            raise NotStatic("the stored graph disagrees with the interpreter")
+        if not all(_close(r, t) for r, t in zip(reference, graph(*args))):
+            raise NotStatic("the replayed graph disagrees with the stored graph")
+
+
+def _valid_values(p: Potential, g: torch.Generator, tries: int = 20) -> torch.Tensor:
+    """``_valid_points`` by the interpreter's log density alone (no gradient): the same draws
+    from ``g``."""
+    def uniform():
+        return torch.rand(p.C, p.D, generator=g, dtype=torch.float64).to(p.device) * 4 - 2
+
+    one = torch.tensor(1.0, dtype=torch.float64, device=p.device)
+    given = tuple(p.given[a] for a in p.discrete)
+    z = uniform()
+    for _ in range(tries):
+        bad = ~torch.isfinite(_interpreter_values(p, z, one, *given)[0])
+        if not bool(bad.any()):
+            break
+        z = torch.where(bad.unsqueeze(1), uniform(), z)
+    return z
 
 
 def _errors_as_flag(gm: torch.fx.GraphModule) -> int:
