@@ -132,7 +132,7 @@ class Lineage:
     value that needs a freed array would be a bug of this bookkeeping: ``follow`` raises
     rather than answer wrongly."""
 
-    __slots__ = ("ancestors", "full_idx", "N", "_suffixes", "_suffix_epoch", "_live", "_base")
+    __slots__ = ("ancestors", "full_idx", "N", "_suffixes", "_suffix_epoch", "_live", "_base", "_list_memo")
 
     def __init__(self, full_idx: torch.Tensor):
         self.ancestors: list[torch.Tensor | None] = []
@@ -142,6 +142,7 @@ class Lineage:
         self._suffix_epoch = -1
         self._live: list[int] = [0]  # _live[e]: values alive whose epoch is e
         self._base = 0  # ancestors[:_base] are freed (no live value is older than _base)
+        self._list_memo = None  # (a row selector, its tolist()): ``index_list``
 
     def _suffix(self, since: int) -> torch.Tensor:
         """a_since[a_since+1[... a_last]]: where each current particle's line was at
@@ -171,6 +172,18 @@ class Lineage:
         self.ancestors.append(ancestors)
         self._live.append(0)
         self._suffixes, self._suffix_epoch = [], -1  # stale from now on: free it
+        self._list_memo = None
+
+    def index_list(self, sel: torch.Tensor) -> list:
+        """``sel.tolist()`` for a row selector of ``follow``, kept for the last one asked:
+        the per-particle values caught up after one resampling read the same ancestor
+        array (one conversion, not one per value). Selectors are never written to."""
+        memo = self._list_memo
+        if memo is not None and memo[0] is sel:
+            return memo[1]
+        out = sel.tolist()
+        self._list_memo = (sel, out)
+        return out
 
     def renew(self, values: list) -> None:
         """After a move the ancestor arrays cannot express (``Batched._relocate``: rows
@@ -325,7 +338,9 @@ class PerParticle(_PerParticleValue):
         self._items = items
 
     def _select(self, sel):
-        self._items = list(map(self._items.__getitem__, sel.tolist()))  # (= [items[i] for i in sel])
+        lin = self._lin
+        ids = lin.index_list(sel) if lin is not None else sel.tolist()
+        self._items = list(map(self._items.__getitem__, ids))  # (= [items[i] for i in sel])
 
     def _relocate(self, items: list, idx: torch.Tensor) -> None:
         """New objects ``items`` for the particles ``idx`` (as ``Batched._relocate``: rows
@@ -830,6 +845,8 @@ def binop(op: str, a: Any, b: Any, ctx: Particles, exact: bool = False) -> Any:
         return Batched(_torch_binop(op, va, vb, lead=(ta is Batched, tb is Batched)), ctx.idx)
     if ta in _PY_NUMBERS and tb in _PY_NUMBERS and op != "in":
         return _py_binop(op, a, b, exact)  # (plain numbers: where the checks below would lead)
+    if ta is list and tb is list and op == "+":  # (two plain lists, ``toks = toks + [tok]``: the
+        return a + b  # concatenation the checks below lead to, which have no limit for "+")
     if isinstance(a, Lazy) or isinstance(b, Lazy):  # (semantics.lazy: an enumerated or delayed value)
         return lazy_binop(op, a, b, ctx)
     if isinstance(a, DistributionValue) or isinstance(b, DistributionValue):

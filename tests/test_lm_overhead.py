@@ -522,3 +522,40 @@ def m():
     return out
 ''')
     assert model.run("importance", {}, particles=2, seed=0).samples["return"][0] == (10, 11, 12)
+
+
+def test_values_caught_up_after_one_resampling_share_one_index_list(monkeypatch):
+    """After a resampling, every per-particle value of the lineage is re-selected by the
+    same ancestor array: one ``tolist`` for all of them (``Lineage.index_list``), the
+    same items as selecting each one by itself; a Batched value still gathers rows."""
+    from ppl.semantics.values import Batched, Lineage, lineage_scope
+    ctx = Particles.all(6)
+    with lineage_scope(Lineage(ctx.idx)) as lin:
+        a = PerParticle(list("abcdef"), ctx.idx)
+        b = PerParticle(list(range(6)), ctx.idx)
+        t = Batched(torch.arange(6.0), ctx.idx)
+        anc = torch.tensor([5, 5, 0, 2, 2, 1])
+        lin.resample(anc)
+        calls, real = [], Lineage.index_list
+        monkeypatch.setattr(Lineage, "index_list", lambda self, sel: calls.append(sel) or real(self, sel))
+        assert a.items == ["f", "f", "a", "c", "c", "b"] and b.items == [5, 5, 0, 2, 2, 1]
+        assert t.t.tolist() == [5.0, 5.0, 0.0, 2.0, 2.0, 1.0]
+        assert len(calls) == 2 and calls[0] is calls[1] is anc and real(lin, anc) is real(lin, anc)
+        lin.resample(torch.tensor([1, 0, 2, 3, 4, 5]))
+        assert a.items == ["f", "f", "a", "c", "c", "b"] and b.items == [5, 5, 0, 2, 2, 1]
+
+
+def test_two_plain_lists_concatenate_directly():
+    """``binop("+")`` of two plain lists (``toks = toks + [tok]``) is their concatenation
+    (a new list, the operands untouched), with per-particle items kept as items; a tuple
+    or a Vector next to a list still goes the general way."""
+    from ppl.semantics.values import Vector, binop
+    ctx = Particles.all(3)
+    tok = PerParticle(["x", "y", "z"], ctx.idx)
+    a, b = [1, "s"], [tok]
+    out = binop("+", a, b, ctx)
+    assert out == [1, "s", tok] and out is not a and a == [1, "s"] and b == [tok]
+    assert binop("+", [], [], ctx) == []
+    with pytest.raises(PPLRuntimeError):
+        binop("+", (1, 2), [3], ctx)
+    assert binop("+", Vector((1, 2)), [3, 4], ctx) is not None
