@@ -228,7 +228,8 @@ std::vector<at::Tensor> transition(const std::string& library, const at::Tensor&
         for (int64_t i = 0; i < D; ++i) p[i] = pcc[i] + half[c] * gc[c * D + i];
         shape.velocity(c, p.data(), v1.data() + c * D);
         for (int64_t i = 0; i < D; ++i) {
-          z1[c * D + i] = zc[c * D + i] + eps[c] * v1[c * D + i];
+          // (a chain that has stopped building is evaluated where it stopped: nuts_loop.transition)
+          z1[c * D + i] = building[c] ? zc[c * D + i] + eps[c] * v1[c * D + i] : zc[c * D + i];
           p1[c * D + i] = p[i];
         }
       }

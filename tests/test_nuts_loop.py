@@ -7,6 +7,7 @@ built by ``sample_nuts`` only where it pays (long runs, whatever the cache holds
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -349,3 +350,88 @@ def test_native_transition_matches_the_eager_loop(compiled):
                 assert (torch.equal(f, e) if f.dtype in (torch.bool, torch.int64)
                         else torch.allclose(f, e, rtol=1e-9, atol=1e-12))
     assert min(depths[:2]) >= 4 and divergent == [False, False, True, True]
+
+
+class NativeGP:
+    """A 2-d potential whose graph (a 3 x 3 covariance from z, its Cholesky factor, a
+    triangular solve) is compiled by ``compiled.build_native`` into an AOTInductor PACKAGE (a
+    Cholesky has no C shim), offered as ``inference.potential.Potential`` offers it
+    (``native_library``). Its raw outputs are not finite where 0.5 < z[:, 0] < 3 (log density NaN,
+    gradient +inf: the C++ must map them as ``hmc.evaluate`` does); its parameters are invalid
+    beyond |z| = 1e6 (where only a chain that stopped building would go)."""
+
+    def __init__(self, C: int):
+        from ppl.inference import compiled
+        x = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+        kernel = torch.exp(-(x[:, None] - x[None, :]).square())
+        y = torch.tensor([0.3, -0.5, 1.1], dtype=F64)
+
+        def log_density(z):
+            cov = z[:, 0].exp()[:, None, None] * kernel + (0.1 + z[:, 1].exp())[:, None, None] * torch.eye(3, dtype=F64)
+            chol = torch.linalg.cholesky(cov)
+            a = torch.linalg.solve_triangular(chol, y.expand(z.shape[0], 3).unsqueeze(-1), upper=False).squeeze(-1)
+            return -0.5 * a.square().sum(-1) - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1) - 0.5 * z.square().sum(-1)
+
+        def graph(z, beta):
+            grad = torch.func.grad(lambda w: log_density(w).sum())(z)
+            bad = (z[:, 0] > 0.5) & (z[:, 0] < 3.0)
+            logp = torch.where(bad, torch.nan, beta * log_density(z))
+            return logp, torch.where(bad.unsqueeze(-1), torch.inf, beta * grad), (z.abs() < 1e6).all()
+        example = (0.1 * torch.randn(C, 2, dtype=F64, generator=torch.Generator().manual_seed(0)),
+                   torch.tensor(1.0, dtype=F64))
+        self.gm = compiled.record(graph, example)
+        self.run = compiled.build_native(self.gm, example)
+        self.native = compiled.native_library(self.run)
+        self.non_finite = 0  # evaluations with a non-finite output (the eager side)
+
+    def value_and_grad(self, z):
+        logp, grad, _ = self.run(z, *self.graph_inputs())
+        self.non_finite += int((~torch.isfinite(logp)).any())
+        return logp, grad
+
+    def recorded_graph(self):
+        return self.gm, "inductor"
+
+    def native_library(self):
+        return self.native
+
+    def graph_inputs(self, beta=1.0):
+        return (torch.tensor(1.0, dtype=F64),)
+
+
+@pytest.mark.skipif(os.environ.get("PPL_COMPILED_NATIVE") == "0", reason="PPL_COMPILED_NATIVE=0")
+def test_the_transition_runs_the_potentials_own_package_and_maps_its_non_finite_values():
+    """Around a potential compiled natively (here an AOTInductor package: the GP's Cholesky)
+    the compiled transition calls the potential's own program -- nothing recorded or compiled
+    again -- maps non-finite log densities to -inf and gradients to 0 in C++ (as
+    ``hmc.evaluate``), and gives ``transition``'s outputs run eagerly on the potential; a chain
+    that stopped building (a divergence) is evaluated where it stopped, so its further
+    trajectory -- an overflowing covariance whose Cholesky raises, or |z| > 1e6: invalid
+    parameters -- does not hand the batch back (it did in 3 of these 6 transitions)."""
+    import torch.fx.experimental.proxy_tensor as proxy_tensor
+    C, D, K = 4, 2, 6
+    target = NativeGP(C)
+    assert target.native is not None and target.native.package  # (a .pt2)
+    g = torch.Generator().manual_seed(5)
+    metric = Metric(torch.ones(C, D, dtype=F64))
+    state = init_state(target, 0.3 * torch.randn(C, D, dtype=F64, generator=g))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(proxy_tensor, "make_fx", lambda *a, **k: pytest.fail("recorded again"))
+        built = hmc._compiled_transition(target, metric, K, state)
+    assert isinstance(built, nuts_loop.CompiledTransition), hmc._FusedLeaf.why_not.get("loop")
+    L = 1 << (K - 1)
+    divergent = []
+    for step in (torch.full((C,), 0.1, dtype=F64), torch.tensor([0.1, 0.3, 4.0, 9.0], dtype=F64)):
+        for _ in range(3):
+            p0 = 2.0 * torch.randn(C, D, dtype=F64, generator=g)
+            args = (state.z, state.logp, state.grad, p0, torch.rand(3 * K, C, dtype=F64, generator=g),
+                    torch.rand(L, C, dtype=F64, generator=g), step, metric.inv_mass, torch.tensor(L))
+            fast = built.run(*args, *target.graph_inputs())
+            slow = nuts_loop.transition(_eager(target), *args, K, loop=nuts_loop.python_loop)
+            assert fast[-1].all()  # (every parameter valid, enough uniforms)
+            divergent.append(bool(fast[5].any()))
+            for f, e in zip(fast, slow):
+                assert f.dtype == e.dtype and f.shape == e.shape
+                assert (torch.equal(f, e) if f.dtype in (torch.bool, torch.int64)
+                        else torch.allclose(f, e, rtol=1e-9, atol=1e-12))
+    assert target.non_finite > 0 and any(divergent)  # (the mapping and the stopped chains were exercised)

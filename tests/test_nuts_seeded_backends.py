@@ -131,3 +131,78 @@ def test_the_compiled_transition_is_built_or_not_whatever_the_cache_holds(stand_
         runs.append(_draws())
     _same(*runs)
     assert len(builds) == 2 * pays
+
+
+# -- the compiled transition around the potential's own library (a build of a check only) --------
+
+#: Stan's protocol, bench_nuts' default: 4 chains x 1000 warm-up x 1000 draws
+DEFAULT_PROTOCOL = dict(particles=4, samples=1000, burn_in=1000, seed=5)
+
+
+def test_a_natively_compiled_potential_makes_the_compiled_transition_pay_from_a_few_hundred_transitions():
+    """``hmc._fuse_now``: built from scratch (the potential's graph compiled again, seconds of
+    gcc) the compiled transition pays only past thousands of transitions; around the
+    potential's own AOTInductor library (``native``) its build is a check, so Stan's 2,000
+    transitions build it ("loop": the compiled transition only, no fused leaf) -- for eight
+    schools' graph (164 operations) as for the small and the large graphs -- while a short run
+    stays eager. Static: the same answer whatever the cache holds."""
+    for ops in (40, 164, 2000):
+        assert hmc._fuse_now(2000, ops, 4) is False  # (from scratch: not for Stan's protocol)
+        assert hmc._fuse_now(2000, ops, 4, native=True) == "loop"
+        assert hmc._fuse_now(2000, ops, 1, native=True) == "loop"
+        assert hmc._fuse_now(40, ops, 2, native=True) is False  # (a test's short run: eager)
+        assert hmc._fuse_now(10 ** 6, ops, 4, native=True) is True  # (pays even from scratch)
+    assert hmc._fuse_now(10 ** 6, 0, 4, native=True) is False  # (no graph: nothing to build)
+    even = hmc.loop_build_cost(164, native=True) / hmc.loop_saving(164, 4)
+    assert 20 < even < 500  # (a few hundred transitions)
+
+
+def _default_protocol_run(monkeypatch):
+    """(draws of mu, the compiled transitions built: [(native?, the library's path)], the number
+    of transitions they made) of the small model under the default protocol, compiled."""
+    builds, calls = [], []
+    build = nuts_loop.CompiledTransition.build.__func__
+
+    def counted_build(cls, *args, native=None, **kwargs):
+        built = build(cls, *args, native=native, **kwargs)
+        builds.append((native is not None, None if native is None else native.path))
+        return built
+    call = nuts_loop.CompiledTransition.__call__
+
+    def counted_call(self, *args, **kwargs):
+        calls.append(1)
+        return call(self, *args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(nuts_loop.CompiledTransition, "build", classmethod(counted_build))
+        m.setattr(nuts_loop.CompiledTransition, "__call__", counted_call)
+        res = ppl.compile_source(SOURCE).run("nuts", DATA, compile=True, **DEFAULT_PROTOCOL)
+    assert res.extra["compiled"]
+    return torch.as_tensor(res.samples["mu"]), builds, len(calls)
+
+
+def test_the_default_protocol_runs_the_compiled_transition_with_the_same_draws_cache_cold_or_warm(
+        tmp_path, monkeypatch):
+    """The small model under Stan's protocol, its potential compiled: the compiled transition is
+    built around the potential's own library (no second compile) and makes every transition;
+    the draws are bit-identical whether the library was loaded from the cache (the machine's
+    cache, where the first run on a machine builds it) or compiled in this run (a fresh
+    TorchInductor cache; its compile replaced by a copy of that library, so that the test takes
+    seconds, not a minute of gcc)."""
+    import shutil
+
+    import torch._inductor
+    warm, builds, calls = _default_protocol_run(monkeypatch)  # (the machine's cache: built once)
+    assert [native for native, _ in builds] == [True] and calls == 2000
+    library = builds[0][1]
+    compiles = []
+
+    def copy_of_the_library(gm, inputs, options=None):
+        compiles.append(1)
+        shutil.copyfile(library, options["aot_inductor.output_path"])
+        return options["aot_inductor.output_path"]
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(torch._inductor, "aot_compile", copy_of_the_library)
+    cold, cold_builds, cold_calls = _default_protocol_run(monkeypatch)
+    assert compiles == [1] and [native for native, _ in cold_builds] == [True] and cold_calls == 2000
+    assert cold_builds[0][1].startswith(str(tmp_path))  # (the library the cold run compiled)
+    assert torch.equal(cold, warm)
