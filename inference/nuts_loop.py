@@ -232,7 +232,8 @@ def transition(evaluate_at, z, logp, grad, p0, u, u_leaf, step, inv_mass, fresh,
 
 class CompiledTransition:
     """``transition``'s loops in C++ (``inference.nuts_native``) around the potential's
-    recorded ATen graph compiled by AOTInductor into a shared library. Built by
+    recorded ATen graph compiled by AOTInductor: the potential's own library or package where
+    it is compiled natively, else a library compiled for the transition. Built by
     ``build``, which checks it against ``transition`` run eagerly on the potential's own
     ``value_and_grad`` before it is used. A call returns the transition's outputs, or None
     where the eager kernel must make this transition (an invalid parameter in some chain,

@@ -1,7 +1,11 @@
 """``nuts_loop.transition`` written once more in C++: the loops over doublings and leaves run
 over plain arrays, with every buffer allocated once per transition, and call the
-potential's own compiled program (an AOTInductor library of ``evaluate_at``: log density,
-gradient, parameters valid?) once per batched leaf.
+potential's own compiled program once per batched leaf: the AOTInductor library (``.so``) or
+package (``.pt2``: one carrying a proxy executor for ATen ops without a C shim, e.g. the GP's
+Cholesky) that ``inference.compiled.build_native`` built for the potential's graph (log density,
+gradient, parameters valid?), whose outputs it maps as ``hmc.evaluate`` does (a non-finite log
+density is -inf, a non-finite gradient entry 0, both float64) -- so the transition needs no
+compile of its own where the potential is compiled natively.
 
 Why: the same loops as a ``while_loop`` compiled by AOTInductor allocate every carried
 and intermediate tensor anew at every leaf and run fused kernels on tiny masked vectors;
@@ -412,6 +416,7 @@ def built() -> bool:
 def transition_native(library: str, z, logp, grad, p0, u, u_leaf, step, inv_mass, fresh: int, max_tree_depth: int,
                       args) -> list:
     """``nuts_loop.transition`` with ``evaluate_at(z) = library(z, *args)`` (an AOTInductor
-    library of the potential: (logp, grad, parameters valid?)), run in C++."""
+    library, or a package where ``library`` ends in ``.pt2``, of the potential: (logp, grad,
+    parameters valid?), non-finite values mapped as ``hmc.evaluate`` maps them), run in C++."""
     return torch.ops.ppl_nuts.transition(library, z, logp, grad, p0, u, u_leaf, step, inv_mass, fresh,
                                          max_tree_depth, list(args))
