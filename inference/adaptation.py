@@ -83,7 +83,7 @@ class DualAveraging:
         return self._exp(self.x_bar if self.counter else self.x)
 
     def _exp(self, x: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(x)
+        x = torch.from_numpy(np.asarray(x))  # (a 0-d step size's iterates are numpy scalars)
         return (x if self.device.type == "cpu" else x.to(self.device)).exp()
 
 

@@ -173,6 +173,15 @@ def test_dual_averaging_on_the_host_gives_the_tensor_arithmetic_bits():
     assert torch.equal(new.final(), old.x_bar.exp())
 
 
+def test_dual_averaging_of_a_single_step_size():
+    """A 0-d step size (numpy scalars on the host) gives 0-d step sizes, the reference's bits."""
+    new, old = DualAveraging(torch.tensor(0.5, dtype=F64)), _TensorDualAveraging(torch.tensor(0.5, dtype=F64))
+    for stat in (0.9, 0.2, math.nan, 0.7):
+        step = new.update(torch.tensor(stat, dtype=F64))
+        assert step.shape == () and torch.equal(step, old.update(torch.tensor(stat, dtype=F64)))
+    assert torch.equal(new.final(), old.x_bar.exp())
+
+
 @pytest.mark.parametrize("dense", [False, True])
 def test_welford_on_the_host_gives_the_tensor_arithmetic_bits(dense):
     g = torch.Generator().manual_seed(1)
