@@ -83,7 +83,8 @@ MAX_DELTA_ENERGY = 1000.0
 #:   its longest tree: x1, x2.3, x2.8 at 1, 4, 16 chains on eight schools) and a little with the
 #:   graph (Inductor's Python wrapper, per evaluation). The line below is near the models' median
 #:   at 4 chains (~2 ms): eight schools and logistic regression break even at ~4,300 transitions
-#:   (4 chains; ~2,900 with 16), so Stan's 1000 + 1000 stays eager on a first (cold) build.
+#:   (4 chains; ~2,900 with 16) when the transition is built from scratch (the potential not compiled
+#:   natively): Stan's 1000 + 1000 then stays eager. Built around the potential's own library, below.
 LOOP_BUILD_FIXED = 6.0        # seconds (process + gcc CPU, a cache miss)
 LOOP_BUILD_PER_OP = 0.015     # seconds per graph operation
 LOOP_SAVED_FIXED = 0.9e-3     # seconds per transition, one chain
@@ -95,7 +96,7 @@ LOOP_SAVED_PER_DOUBLING_OF_CHAINS = 0.5  # saving x (1 + this x log2(chains))
 #: recorded or compiled, the build is its check against the eager transition (two transitions
 #: from the chains' state, run both ways) and loading the library. Measured (CPU, one thread,
 #: 4 chains, load 5): eight schools 0.09 s, logistic 0.06, GARCH 0.06, AR(2) 0.007, mixture
-#: 0.008, GP (a package) 0.03; deep trees (1023 leaves a check) cost up to ~1 s. Priced at
+#: 0.008, GP (a package) 0.03, calendar regression (diagonal metric: 1023-leaf trees) 0.07. Priced at
 #: 0.25 s: built from ~125 transitions at 4 chains (eight schools), ~280 with one chain.
 LOOP_NATIVE_BUILD = 0.25      # seconds
 

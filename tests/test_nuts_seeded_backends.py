@@ -206,3 +206,18 @@ def test_the_default_protocol_runs_the_compiled_transition_with_the_same_draws_c
     assert compiles == [1] and [native for native, _ in cold_builds] == [True] and cold_calls == 2000
     assert cold_builds[0][1].startswith(str(tmp_path))  # (the library the cold run compiled)
     assert torch.equal(cold, warm)
+
+
+def test_compile_auto_counts_the_compiled_transition_a_native_potential_lets_nuts_run(monkeypatch):
+    """``compile_decision`` for NUTS: a natively compiled potential also makes the compiled
+    transition nearly free, so its saving per iteration (``hmc.loop_saving``) counts too --
+    calendar regression's graph (118 operations) is compiled for Stan's 2,000 iterations with
+    4 chains (it was not: 2,000 x 118 x 19 us < its compile cost), not for HMC, not where
+    AOTInductor is off, never for a short run. Static: graph size, run length, chains."""
+    from types import SimpleNamespace
+    graph = SimpleNamespace(graph=SimpleNamespace(nodes=range(118)))
+    assert gradient_mcmc.compile_decision(2000)(graph) is not None  # (the potential's saving alone)
+    assert gradient_mcmc.compile_decision(2000, nuts_chains=4)(graph) is None
+    assert gradient_mcmc.compile_decision(40, nuts_chains=4)(graph) is not None
+    monkeypatch.setitem(compiled.NATIVE, "on", False)
+    assert gradient_mcmc.compile_decision(2000, nuts_chains=4)(graph) is not None
