@@ -535,16 +535,7 @@ def _trace(p: Potential, backend: str | Callable[[torch.fx.GraphModule], str | N
             return _trace_stored(p, stored, backend)
         except (NotStatic, PPLError, RuntimeError, TypeError, ValueError, IndexError, AttributeError):
             p._recorded = p._aten = None  # (recorded afresh below)
-    given = tuple(p.given[a] for a in p.discrete)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    valid = _valid_points(p, g)
-
-    def example(beta=1.0):
-        z = valid + 0.01 * torch.randn(p.C, p.D, generator=g, dtype=torch.float64).to(p.device)
-        return (z, torch.tensor(beta, dtype=torch.float64, device=p.device), *given)
-
-    with torch.no_grad():  # static? (raises NotStatic at a Python decision on z)
-        p._run(*_taint((example()[0],)), dict(zip(p.discrete, _taint(given))))
+    example = _static_examples(p, _valid_points)
     gm = record(p._value_and_grad, example())
     RECORDINGS["count"] += 1
     _errors_as_flag(gm)
@@ -553,6 +544,23 @@ def _trace(p: Potential, backend: str | Callable[[torch.fx.GraphModule], str | N
         _agrees(p, graph, example)
         graph_store.save(key, gm)  # (a graph that agrees with the interpreter: kept for later runs)
     return _replay_checked(p, gm, example, backend, check)
+
+
+def _static_examples(p: Potential, find_valid):
+    """``example(beta=1.0) -> (z, beta, *given)``: fresh points near valid ones
+    (``find_valid(p, generator)``), after checking the program is static at them (raises
+    NotStatic at a Python decision on z)."""
+    given = tuple(p.given[a] for a in p.discrete)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    valid = find_valid(p, g)
+
+    def example(beta=1.0):
+        z = valid + 0.01 * torch.randn(p.C, p.D, generator=g, dtype=torch.float64).to(p.device)
+        return (z, torch.tensor(beta, dtype=torch.float64, device=p.device), *given)
+
+    with torch.no_grad():
+        p._run(*_taint((example()[0],)), dict(zip(p.discrete, _taint(given))))
+    return example
 
 
 #: how many potential graphs this process recorded through the interpreter (a test's count)
@@ -591,16 +599,7 @@ def _trace_stored(p: Potential, gm, backend):
     the loaded graph run as it is (values and gradients: the compiler is checked) and the
     loaded graph's log density and validity flag with the interpreter's (the graph is the
     program's). NotStatic where either disagrees (the caller records it afresh)."""
-    given = tuple(p.given[a] for a in p.discrete)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    valid = _valid_values(p, g)
-
-    def example(beta=1.0):
-        z = valid + 0.01 * torch.randn(p.C, p.D, generator=g, dtype=torch.float64).to(p.device)
-        return (z, torch.tensor(beta, dtype=torch.float64, device=p.device), *given)
-
-    with torch.no_grad():  # static? (raises NotStatic at a Python decision on z)
-        p._run(*_taint((example()[0],)), dict(zip(p.discrete, _taint(given))))
+    example = _static_examples(p, _valid_values)
     return _replay_checked(p, gm, example, backend, lambda graph: _agrees_stored(p, gm, graph, example))
 
 
