@@ -435,3 +435,31 @@ def test_the_transition_runs_the_potentials_own_package_and_maps_its_non_finite_
                 assert (torch.equal(f, e) if f.dtype in (torch.bool, torch.int64)
                         else torch.allclose(f, e, rtol=1e-9, atol=1e-12))
     assert target.non_finite > 0 and any(divergent)  # (the mapping and the stopped chains were exercised)
+
+
+def test_the_build_check_shrinks_its_steps_where_random_trajectories_leave_the_valid_region():
+    """The check compares the compiled transition with the eager one on random trajectories
+    from the chains' unadapted state; a stiff model's first trajectories (steps 0.05-0.25,
+    depth 10) overflow to invalid parameters (a stochastic-volatility model's exp(h / 2)),
+    which the real call hands to the eager kernel. Those examples do not count, and later
+    seeds shrink the steps until two can be compared (the SV model built no compiled
+    transition before: "invalid parameter at most check points")."""
+    C, D, K = 3, 4, 10
+    z = torch.full((C, D), 0.5, dtype=torch.float64)
+
+    def at(x):  # a standard normal, "valid" only within |x| < 1.5
+        ok = (x.abs() < 1.5).all()
+        return -0.5 * (x * x).sum(-1), -x, ok
+
+    logp, grad, _ = at(z)
+    inv_mass = torch.ones(C, D, dtype=torch.float64)
+    steps_tried = []
+
+    def run(z, logp, grad, p0, u, u_leaf, step, inv_mass, fresh):
+        steps_tried.append(float(step.max()))
+        return nuts_loop.transition(at, z, logp, grad, p0, u, u_leaf, step, inv_mass, fresh, K,
+                                    loop=nuts_loop.python_loop)
+
+    built = nuts_loop.CompiledTransition(run, C, K, z.device)
+    built._check(lambda x: at(x)[:2], (), z, logp, grad, inv_mass)  # raises where it cannot compare two
+    assert steps_tried[0] > 0.05 and min(steps_tried) < 0.25 * 0.25  # the first steps failed, small ones passed
