@@ -76,16 +76,23 @@ def _same(a, b):
     assert torch.equal(a[0], b[0]), "other draws"
 
 
-@pytest.mark.parametrize("pays", [False, True])
-def test_the_same_draws_whether_or_not_the_machine_compiled_the_graph_before(stand_ins, monkeypatch, pays):
-    compiles, builds, _ = stand_ins
-    if pays:  # the cost model says compile (every variant must then compile, at the start)
-        monkeypatch.setattr(gradient_mcmc, "SAVED_PER_OP_ITERATION", 1.0)
+def _draws_as_if_compiled_before_or_not(monkeypatch) -> list:
+    """``_draws()`` twice: with every ``compiled_before`` answering False (a cold cache), then
+    True (the machine compiled the graph and the transition before)."""
     runs = []
     for before in (False, True):
         for module in (compiled, nuts_loop, potential_module):
             monkeypatch.setattr(module, "compiled_before", lambda *a, before=before, **k: before, raising=False)
         runs.append(_draws())
+    return runs
+
+
+@pytest.mark.parametrize("pays", [False, True])
+def test_the_same_draws_whether_or_not_the_machine_compiled_the_graph_before(stand_ins, monkeypatch, pays):
+    compiles, builds, _ = stand_ins
+    if pays:  # the cost model says compile (every variant must then compile, at the start)
+        monkeypatch.setattr(gradient_mcmc, "SAVED_PER_OP_ITERATION", 1.0)
+    runs = _draws_as_if_compiled_before_or_not(monkeypatch)
     _same(*runs)
     assert runs[0][1] is pays and len(compiles) == 2 * pays and not builds
 
@@ -124,11 +131,7 @@ def test_the_compiled_transition_is_built_or_not_whatever_the_cache_holds(stand_
     monkeypatch.setattr(gradient_mcmc, "SAVED_PER_OP_ITERATION", 1.0)  # (the potential on "Inductor")
     monkeypatch.setattr(hmc, "LOOP_BUILD_FIXED", 0.0 if pays else 1e9)
     monkeypatch.setattr(hmc, "LOOP_BUILD_PER_OP", 0.0)
-    runs = []
-    for before in (False, True):
-        for module in (compiled, nuts_loop, potential_module):
-            monkeypatch.setattr(module, "compiled_before", lambda *a, before=before, **k: before, raising=False)
-        runs.append(_draws())
+    runs = _draws_as_if_compiled_before_or_not(monkeypatch)
     _same(*runs)
     assert len(builds) == 2 * pays
 
