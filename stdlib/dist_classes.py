@@ -37,7 +37,24 @@ from ppl.semantics.errors import PPLRuntimeError
 
 from . import rng
 
-__all__ = ["HalfStudentT", "TruncatedNormal", "Multinomial", "VonMises", "LKJCholesky"]
+__all__ = ["StudentT", "HalfStudentT", "TruncatedNormal", "Multinomial", "VonMises", "LKJCholesky"]
+
+
+# ------------------------------------------------------------------------ Student t
+
+
+class StudentT(pdist.StudentT):
+    """pyro's ``StudentT`` whose inner ``Chi2`` (its sampler's) is built without torch's
+    argument check. torch builds that ``Chi2`` with the default validation whatever
+    ``validate_args`` says, i.e. reads ``df > 0`` into Python: a Python decision on a
+    random value, which made every program with a ``student_t`` untraceable (NUTS ran it
+    in the interpreter, ~100x slower), and a cost per construction. The DSL checks the
+    parameters itself (``DistSpec.make``); the law is torch's."""
+
+    def __init__(self, df, loc=0.0, scale=1.0, validate_args=None):
+        self.df, self.loc, self.scale = broadcast_all(df, loc, scale)
+        self._chi2 = torch.distributions.Chi2(self.df, validate_args=False)
+        torch.distributions.Distribution.__init__(self, self.df.size(), validate_args=validate_args)
 
 
 # ------------------------------------------------------------------------ half Student t
@@ -56,7 +73,7 @@ class HalfStudentT(pdist.TorchDistribution):
         super().__init__(self.df.shape, validate_args=validate_args)
 
     def _base(self):
-        return torch.distributions.StudentT(self.df, torch.zeros_like(self.scale), self.scale, validate_args=False)
+        return StudentT(self.df, torch.zeros_like(self.scale), self.scale, validate_args=False)
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(HalfStudentT, _instance)
@@ -100,6 +117,12 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 _TAIL = 30.0  # beyond this many scales into a tail, sample by exponential rejection (the CDF underflows)
 
 
+def _infinite(bound) -> tuple[bool, bool]:
+    """(every entry of ``bound`` infinite, some entry infinite)."""
+    inf = torch.isinf(torch.as_tensor(bound))
+    return bool(inf.all()), bool(inf.any())
+
+
 class TruncatedNormal(pdist.TorchDistribution):
     """``Normal(loc, scale)`` conditioned on ``low <= x <= high`` (bounds may be infinite)."""
 
@@ -109,6 +132,10 @@ class TruncatedNormal(pdist.TorchDistribution):
     has_rsample = False
 
     def __init__(self, loc, scale, low, high, validate_args=None):
+        # which bounds are infinite, read from the bounds as given: after broadcasting they
+        # carry loc's dependence on the chains' values (a traced program's loc is random,
+        # its bounds are usually constants), and the support is a Python decision
+        self._infinite = (_infinite(low), _infinite(high))
         self.loc, self.scale, self.low, self.high = broadcast_all(loc, scale, low, high)
         super().__init__(self.loc.shape, validate_args=validate_args)
 
@@ -117,6 +144,7 @@ class TruncatedNormal(pdist.TorchDistribution):
         batch_shape = torch.Size(batch_shape)
         for k in ("loc", "scale", "low", "high"):
             setattr(new, k, getattr(self, k).expand(batch_shape))
+        new._infinite = self._infinite
         super(TruncatedNormal, new).__init__(batch_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -126,14 +154,14 @@ class TruncatedNormal(pdist.TorchDistribution):
         """``interval(low, high)``, or the half-line / real line when bounds are infinite.
         Bounds finite for some batch entries and infinite for others have no single torch
         constraint: a ``PPLRuntimeError``."""
-        low_inf, high_inf = torch.isinf(self.low), torch.isinf(self.high)
-        if bool(low_inf.all()) and bool(high_inf.all()):
+        (low_all, low_any), (high_all, high_any) = self._infinite
+        if low_all and high_all:
             return tc.real
-        if bool(high_inf.all()) and not bool(low_inf.any()):
+        if high_all and not low_any:
             return tc.greater_than_eq(self.low)
-        if bool(low_inf.all()) and not bool(high_inf.any()):
+        if low_all and not high_any:
             return tc.less_than(self.high)
-        if not bool(low_inf.any()) and not bool(high_inf.any()):
+        if not low_any and not high_any:
             return tc.interval(self.low, self.high)
         raise PPLRuntimeError(
             "truncated_normal: a bound ('low' or 'high') is infinite for some particles and finite for others",
