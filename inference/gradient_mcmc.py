@@ -18,6 +18,7 @@ error (``potential.RandomStructure``) naming the choice.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -55,6 +56,25 @@ COMPILE_PER_OP = 0.008     # seconds per graph operation
 # 11-57 us per operation and iteration (logistic 10.8, GP 12.6, mixture 14.6, AR 18.9, eight
 # schools 26.4, GARCH 35.0, hierarchical regression 57.1): their median
 SAVED_PER_OP_ITERATION = 19e-6  # seconds
+# That median is ~MEDIAN_EVALUATIONS evaluations an iteration of ~1.5 us per operation (TorchScript
+# measured at 1.1-1.6 us per operation and evaluation; the native library's ~0.01-0.05 us is left
+# out). NUTS (``compile_decision(..., nuts_chains=C)``) scales it by its own estimated evaluations:
+# a batch of 4 chains makes about NUTS_EVALUATIONS_PER_SQRT_DIM x sqrt(D) an iteration, warm-up
+# included (measured, eager, 150 + 150 iterations: logistic regression D = 3: 8.1; AR(2) and the
+# mixture D = 4: 15.0 and 12.0; eight schools D = 10: 17.9; a 60-step stochastic-volatility model
+# D = 63: ~48: trees deepen as the step size shrinks with the dimension), times (1 +
+# LOOP_SAVED_PER_DOUBLING_OF_CHAINS x log2 C) / 2 for C chains (the batch runs as long as its
+# longest tree); and where the potential is compiled natively, so that NUTS runs its compiled
+# transition (``hmc._fuse_now``), each evaluation also saves the eager leaf's Python
+# (EAGER_LEAF_SECONDS; measured 0.26-0.39 ms). Eager (TorchScript) CPU per iteration predicted
+# against measured: logistic 5.6 vs 6.0 ms, eight schools 10.4 vs 10.0, AR(2) 7.0 vs 10.3, mixture
+# 8.7 vs 9.8, stochastic volatility (1,622 operations) 130 vs 110; the median with
+# ``hmc.loop_saving`` predicted 4.9, 5.1, 5.5, 7.5 and 34 ms: a model of many dimensions was
+# counted as a median model (a 60-step model at 100 + 100 iterations ran 50 s on TorchScript
+# where a ~25 s compile would have paid; it now breaks even at ~125 iterations).
+MEDIAN_EVALUATIONS = 12.7
+NUTS_EVALUATIONS_PER_SQRT_DIM = 6.0
+EAGER_LEAF_SECONDS = 0.3e-3  # seconds
 
 
 def gradient_mcmc(interp, entry: str, data: dict, *, kernel: str = "nuts", chains: int = 4, samples: int = 1000,
@@ -208,22 +228,43 @@ def compile_decision(iterations: int, nuts_chains: int = 0):
     (compile it with TorchInductor now) when the time it would save, ``iterations`` x its
     operations x ``SAVED_PER_OP_ITERATION``, exceeds its compile cost (``compile_cost``),
     else why not (the potential's ``why_not_compiled``). ``nuts_chains``: a NUTS run of that
-    many chains, where a potential compiled natively (AOTInductor: ``compiled.NATIVE``) also
-    lets NUTS run its compiled transition around it for the price of a check
-    (``hmc._fuse_now``), which saves ``hmc.loop_saving`` per iteration more (calendar
-    regression, 118 operations: compiled from ~1,200 iterations with 4 chains instead of
-    ~2,200, so Stan's 1000 + 1000 compiles it). A static cost model: the same graph and run
-    length give the same backend on every run (compile or load alike)."""
-    def decide(graph) -> str | None:
+    many chains, whose saving counts NUTS's evaluations per iteration, which grow with the
+    potential's dimension ``dims`` (``nuts_saving_per_iteration``; ``build_potential`` gives it, 1
+    where a caller does not: the fewest evaluations), and, where the potential is
+    compiled natively (AOTInductor: ``compiled.NATIVE``), the eager leaf's Python that the
+    compiled transition around it saves for the price of a check (``hmc._fuse_now``; calendar
+    regression, 118 operations, is compiled for Stan's 1000 + 1000 with 4 chains). A static
+    cost model: the same graph, dimension and run length give the same backend on every run
+    (compile or load alike)."""
+    def decide(graph, dims: int = 1) -> str | None:
         ops = len(graph.graph.nodes)
-        cost, saved = _compile_cost(ops), iterations * ops * SAVED_PER_OP_ITERATION
-        if nuts_chains and NATIVE["on"]:
-            saved += iterations * kernels.loop_saving(ops, nuts_chains)
+        cost = _compile_cost(ops)
+        if nuts_chains:
+            saved = iterations * nuts_saving_per_iteration(ops, dims, nuts_chains, native=NATIVE["on"])
+        else:
+            saved = iterations * ops * SAVED_PER_OP_ITERATION
         if saved > cost:
             return None
         return (f"compile='auto': compiling this graph of {ops} operations would cost ~{cost:.0f} s and save "
                 f"~{saved:.0f} s on the run's {iterations} iterations")
     return decide
+
+
+def nuts_evaluations_per_iteration(dims: int, chains: int) -> float:
+    """Estimated potential evaluations per NUTS iteration of a batch of ``chains`` chains on a
+    potential of ``dims`` dimensions, warm-up included (``NUTS_EVALUATIONS_PER_SQRT_DIM``)."""
+    batch = (1 + kernels.LOOP_SAVED_PER_DOUBLING_OF_CHAINS * math.log2(max(chains, 1))) / 2
+    return NUTS_EVALUATIONS_PER_SQRT_DIM * math.sqrt(max(dims, 1)) * batch
+
+
+def nuts_saving_per_iteration(ops: int, dims: int, chains: int, native: bool) -> float:
+    """Estimated CPU seconds per NUTS iteration that compiling a potential graph of ``ops``
+    operations and ``dims`` dimensions saves over TorchScript and the eager transition, per
+    evaluation: TorchScript's time per operation (``SAVED_PER_OP_ITERATION`` per
+    ``MEDIAN_EVALUATIONS``), and where the compiled potential is ``native`` (NUTS then runs its
+    compiled transition) the eager leaf's Python."""
+    per_evaluation = ops * SAVED_PER_OP_ITERATION / MEDIAN_EVALUATIONS + (EAGER_LEAF_SECONDS if native else 0.0)
+    return nuts_evaluations_per_iteration(dims, chains) * per_evaluation
 
 
 def _repeat(given: dict, S: int) -> dict:

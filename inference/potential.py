@@ -460,8 +460,9 @@ def build_potential(model: ModelRun, state: TracedState, *, traced: bool | str =
     ``traced``: "auto" (trace a static program, else eager), True (an error if the program
     cannot be traced), False (eager). ``compile``: compile the traced graph with
     TorchInductor (``inference.compiled``; on failure the TorchScript graph is used and
-    ``why_not_compiled`` says why); or a rule on the recorded graph (``graph -> None`` to
-    compile it, else the reason not to, kept in ``why_not_compiled``: e.g.
+    ``why_not_compiled`` says why); or a rule on the recorded graph and the potential's
+    dimension (``rule(graph, dims=D) -> None`` to compile it, else the reason not to, kept in
+    ``why_not_compiled``: e.g.
     ``gradient_mcmc.compile_decision``), applied without making the TorchScript graph
     first where it says compile."""
     C = state.chains
@@ -574,7 +575,7 @@ def _replay_checked(p: Potential, gm, example, backend, check):
     p._aten = gm
     why_not = None
     if callable(backend):
-        why_not = backend(gm)
+        why_not = backend(gm, dims=p.D)  # (the rule reads the graph and the potential's dimension)
         backend = "jit" if why_not else "inductor"
     why = None
     if backend == "inductor":
