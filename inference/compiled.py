@@ -177,7 +177,8 @@ def replay(gm: torch.fx.GraphModule, example_inputs: tuple, backend: str = "jit"
 #: potential 350-950 -> 110-150 us a call, eight schools' 29 -> 10 us; a cached library loads in
 #: ~1 ms (Inductor's disk cache: 0.3-1.5 s).
 NATIVE = {"on": os.environ.get("PPL_COMPILED_NATIVE", "auto") != "0"}
-_NATIVE_VERSION = "2"  # part of the library's cache key: bump when ``build_native`` changes what it builds
+_NATIVE_VERSION = "3"  # part of the library's cache key: bump when ``build_native`` changes what it builds
+# (3: small linear algebra unrolled, ``_small_linalg_unrolled``)
 
 
 @dataclass(frozen=True)
@@ -224,9 +225,14 @@ def build_native(gm: torch.fx.GraphModule, example_inputs: tuple):
     path = _native_path(gm, [*example_inputs, *constants])
     # a library at ``path`` was built from a graph of this very code (the key), which then had
     # no operation needing a proxy executor: loaded without asking (Inductor's lowering tables
-    # cost ~0.8 s CPU to import)
+    # cost ~0.8 s CPU to import); likewise a package there was built because it had one
+    package = path[:-len(".so")] + ".pt2"
+    if not os.path.exists(path) and os.path.exists(package):
+        return _packaged(gm, example_inputs, packed, layout, package)
+    if not os.path.exists(path):
+        gm = _small_linalg_unrolled(gm, example_inputs)
     if not os.path.exists(path) and _needs_proxy_executor(gm):
-        return _packaged(gm, example_inputs, packed, layout, path[:-len(".so")] + ".pt2")
+        return _packaged(gm, example_inputs, packed, layout, package)
     if not os.path.exists(path):
         from torch._inductor import aot_compile
 
@@ -248,6 +254,34 @@ def build_native(gm: torch.fx.GraphModule, example_inputs: tuple):
     run(*example_inputs)  # (a library that cannot run here raises now, while the caller can fall back)
     run.native = NativeLibrary(path, tuple(packed), package=False)
     return run
+
+
+def _small_linalg_unrolled(gm: torch.fx.GraphModule, example_inputs: tuple) -> torch.fx.GraphModule:
+    """``gm`` with its small static-shape linear algebra (Cholesky, triangular solves, matrix
+    products up to ``small_linalg.MAX_N``) unrolled into elementwise operations
+    (``inference.small_linalg``), so that it compiles into a plain library with its buffers on
+    the stack (the GP's potential: ~150 -> ~25 us a call, 4 chains); ``gm`` itself where
+    nothing is rewritten, or where the rewritten graph disagrees with ``gm`` at random points
+    near ``example_inputs`` (``small_linalg.check_rewrite``; then it stays a package). A
+    function of the graph and the example's shapes alone (the points are seeded), so the
+    backend stays a function of the graph; the library's key (``_native_path``) is the
+    original graph's."""
+    import copy
+
+    from . import small_linalg
+
+    if not any(small_linalg.rewritable(node) for node in gm.graph.nodes):
+        return gm
+    rewritten = copy.deepcopy(gm)
+    try:
+        small_linalg.rewrite_small_linalg(rewritten, example_inputs)
+        held, before = _tensors_held(rewritten), _tensors_held(gm)  # (the library reads gm's, packed)
+        if len(held) != len(before) or not all(torch.equal(a, b) for a, b in zip(held, before)):
+            return gm
+        small_linalg.check_rewrite(gm, rewritten, small_linalg.check_points(example_inputs))
+    except (ValueError, RuntimeError):  # (not rewritten: the graph as it is)
+        return gm
+    return rewritten
 
 
 def _packaged(gm, example_inputs: tuple, packed: list, layout: list, path: str):
