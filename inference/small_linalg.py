@@ -21,7 +21,8 @@ loops: the graph then compiles into a plain library.
 * ``aten.linalg_solve_triangular(A, B, upper=..., left=..., unitriangular=...)`` (every
   combination of the flags; ``solve_triangular``: forward or back substitution row by
   row, broadcasting the batch dimensions as ATen does),
-* ``aten.bmm(A, B)`` and ``aten.mm(A, B)`` (``matmul_small``: a broadcast product summed),
+* ``aten.bmm(A, B)`` and ``aten.mm(A, B)`` (``matmul_small``: a broadcast product summed;
+  at most ``MAX_PRODUCT_ELEMENTS`` terms),
 
 whose matrices have static shapes with every matrix dimension at most ``MAX_N`` and a
 floating dtype. Nothing else is touched (an ``upper=True`` Cholesky, ``check_errors=True``,
@@ -34,11 +35,16 @@ the same law, other numbers (as between TorchScript and Inductor).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 #: the largest matrix dimension rewritten: the unrolled code grows as n^3 operations
 MAX_N = 16
+#: the most elements of a matrix product's broadcast terms ([*, n, k, m]: ``matmul_small``),
+#: which the graph run eagerly (the rewrite's check) holds at once
+MAX_PRODUCT_ELEMENTS = 1 << 16
 
 _aten = torch.ops.aten
 _FLOATS = (torch.float32, torch.float64)
@@ -133,7 +139,8 @@ def _replacement(node, max_n: int):
     if target in (_aten.bmm.default, _aten.mm.default):
         if len(args) != 2 or kwargs or not all(_small_float_matrix(a, max_n) for a in args):
             return None
-        if _meta(args[0]).dtype != _meta(args[1]).dtype:
+        a, b = _meta(args[0]), _meta(args[1])
+        if a.dtype != b.dtype or math.prod(a.shape) * b.shape[-1] > MAX_PRODUCT_ELEMENTS:
             return None
         return matmul_small
     return None

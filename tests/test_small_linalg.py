@@ -185,13 +185,15 @@ def test_a_wrong_info_is_caught(monkeypatch):
 
 
 def test_unsupported_cases_are_left_alone():
-    """An upper Cholesky, a matrix bigger than MAX_N and an integer product stay ATen calls."""
+    """An upper Cholesky, a matrix bigger than MAX_N, an integer product and a product of a
+    big batch stay ATen calls."""
     big = MAX_N + 1
 
-    def f(a, b, i):
+    def f(a, b, i, m):
         return (torch.linalg.cholesky_ex(a, upper=True)[0], torch.linalg.cholesky_ex(b)[0],
-                torch.bmm(i, i))
-    args = (_spd((2,), 3), _spd((2,), big), torch.ones(2, 3, 3, dtype=torch.int64))
+                torch.bmm(i, i), torch.bmm(m, m))
+    args = (_spd((2,), 3), _spd((2,), big), torch.ones(2, 3, 3, dtype=torch.int64),
+            torch.ones(1000, 16, 16, dtype=torch.float64))
     gm = make_fx(f)(*args)
     before = _linalg_ops(gm)
     assert rewrite_small_linalg(gm, args) == 0
