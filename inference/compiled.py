@@ -223,6 +223,7 @@ def build_native(gm: torch.fx.GraphModule, example_inputs: tuple):
     packed, layout = pack_constants(constants)
     inputs = [*example_inputs, *packed]
     path = _native_path(gm, [*example_inputs, *constants])
+    os.makedirs(os.path.dirname(path), exist_ok=True)  # (a fresh cache: a package's build writes there first)
     # a library at ``path`` was built from a graph of this very code (the key), which then had
     # no operation needing a proxy executor: loaded without asking (Inductor's lowering tables
     # cost ~0.8 s CPU to import); likewise a package there was built because it had one

@@ -113,3 +113,25 @@ def test_intermediate_buffers_live_on_the_stack_where_every_operation_is_generat
         beta = torch.tensor(0.1 + seed, dtype=torch.float64)
         for a, b in zip(on_stack(z, beta), pooled(z, beta)):
             assert torch.equal(a, b)
+
+
+def test_a_package_is_built_in_a_fresh_cache_directory(monkeypatch, tmp_path):
+    """The first build on a fresh machine that needs a package (a Cholesky) wrote it into
+    ``ppl_native/``, which nothing had made yet: the build failed, the potential fell back
+    to Inductor's Python wrapper, and NUTS chose another transition than on every later
+    run -- other draws for the same seed (a negative-binomial regression's)."""
+    monkeypatch.setattr(compiled, "cache_dir", lambda: str(tmp_path / "fresh"))
+
+    class Built(Exception):
+        pass
+
+    def package(program, package_path, inductor_configs):
+        assert os.path.isdir(os.path.dirname(package_path))
+        raise Built
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", package)
+
+    def f(z):
+        return torch.linalg.cholesky(torch.eye(2, dtype=torch.float64) * z.exp().unsqueeze(-1)).sum(),
+    example = (torch.tensor(0.5, dtype=torch.float64),)
+    with pytest.raises(Built):
+        compiled.build_native(compiled.record(f, example), example)
