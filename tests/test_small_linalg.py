@@ -206,3 +206,23 @@ def test_check_needs_a_point_where_the_flags_hold():
     assert not bool(gm(*bad)[2])
     with pytest.raises(ValueError, match="no check point"):
         check_rewrite(gm, gm, [bad])
+
+
+@pytest.mark.skipif(not compiled.NATIVE["on"], reason="PPL_COMPILED_NATIVE=0")
+def test_build_native_makes_a_cholesky_graph_a_plain_library_that_computes_what_the_graph_computes():
+    """End to end (one AOTInductor build, cached on disk afterwards): the GP-like potential,
+    whose Cholesky and triangular solves needed an AOTInductor package, is now a plain library,
+    and agrees with the recorded graph -- values, gradients and the validity flag, also where a
+    chain's covariance cannot be factored -- at random points."""
+    gm, example = _mvn_graph(n=4)
+    run = compiled.build_native(gm, example)
+    assert run.native is not None and not run.native.package and run.native.path.endswith(".so")
+    g = torch.Generator().manual_seed(11)
+    for scale in (0.0, 0.3, 1.0):
+        z = example[0] + scale * torch.randn(example[0].shape, generator=g, dtype=torch.float64)
+        want, got = gm(z), run(z)
+        assert torch.equal(want[2], got[2]) and bool(want[2])
+        for a, b in zip(want[:2], got[:2]):
+            assert _close(b, a, 1e-12)
+    bad = torch.tensor([[0.1, -0.2], [0.0, 400.0], [0.1, -0.2], [0.1, -0.2]], dtype=torch.float64)
+    assert not bool(gm(bad)[2]) and not bool(run(bad)[2])  # (the flag still reads the factorisation's info)
