@@ -26,7 +26,7 @@ import torch
 from ..semantics import gfi
 from ..semantics.errors import PPLRuntimeError
 from ..semantics.gfi import Choices, ModelRun
-from ..stdlib.progress import progress_bar
+from ..stdlib.progress import progress_bar, ticking
 from . import hmc as kernels
 from .adaptation import WindowedAdaptation
 from .compiled import NATIVE
@@ -108,7 +108,9 @@ def gradient_mcmc(interp, entry: str, data: dict, *, kernel: str = "nuts", chain
     state = initial_state(interp, entry, data, chains, device, randomness)
     rule = (compile_decision(warmup + samples, nuts_chains=chains if kernel == "nuts" else 0)
             if compile == "auto" else compile is True)
-    potential = build_potential(model, state, traced=traced, compile=rule)
+    with ticking(progress, desc=f"{kernel.upper()}: preparing the log density (a model's first run on this "
+                                "machine compiles it; later runs load it)"):
+        potential = build_potential(model, state, traced=traced, compile=rule)
     z0 = potential.initial(randomness)
     dense_mass, inverse_mass = _mass_matrix(potential, z0, dense_mass)
     started = time.perf_counter()

@@ -125,3 +125,21 @@ def test_mcmc_bars_show_acceptance_and_divergences(monkeypatch):
     text = out.getvalue()
     assert "warm-up, divergences 0" in text and re.search(r"NUTS: .*acceptance \d\.\d\d, divergences \d+", text)
     assert re.search(r"MH: .*acceptance \d\.\d\d", text)
+
+
+@pytest.mark.filterwarnings("ignore::ppl.PPLDiagnosticWarning")
+def test_nuts_shows_the_time_spent_preparing_the_log_density(monkeypatch):
+    """A model's first NUTS run on a machine compiles its log density (up to minutes for a
+    long unrolled loop): a ticking bar says so while it lasts, as for any long step."""
+    import ppl
+    import ppl.inference.gradient_mcmc as gradient_mcmc
+    made = []
+
+    def recorded(progress, *, desc):
+        made.append((progress, desc))
+        return NO_BAR
+    monkeypatch.setattr(gradient_mcmc, "ticking", recorded)
+    m = ppl.model("def g(y):\n    mu ~ normal(0, 1)\n    observe y ~ normal(mu, 1)\n    return mu\n")
+    m.run("nuts", {"y": 1.0}, particles=2, seed=3, progress=True, warmup=5, samples=5)
+    assert made == [(True, "NUTS: preparing the log density (a model's first run on this machine compiles it; "
+                           "later runs load it)")]
