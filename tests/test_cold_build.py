@@ -1,0 +1,75 @@
+"""A cold AOTInductor build of the potential made cheaper without changing a bit of what the
+library computes (issue 11, "the cold first run": ``compiled.FAST_BUILD``; where the time goes:
+``bench/cold_build.py``).
+
+The options skip the vector-ISA check (a test library compiled and loaded per ISA: ~8.5 s of
+gcc per cache directory, ~1.3 s of dlopen probes per process) and compile the C++ wrapper at
+-O0 without line tables or frame pointers. The kernels are compiled as before, so the outputs
+must be bit-identical; the options are part of the library's cache key, so a library built
+without them is never loaded as one built with them (or the reverse); and where gcc fails
+without the ISA check, the build is made again with it."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._inductor
+
+from ppl.inference import compiled
+
+pytestmark = pytest.mark.skipif(not compiled.NATIVE["on"], reason="PPL_COMPILED_NATIVE=0")
+
+
+def _graph():
+    data = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)
+
+    def f(z, beta):
+        lp = -0.5 * ((data.unsqueeze(0) - z[:, :1]) / z[:, 1:].exp()).pow(2).sum(1) - 5 * z[:, 1]
+        return beta * lp, torch.stack([z[:, 0].exp() * 1.5, z[:, 1].tanh()], 1), (lp > -1e300).all()
+    example = (torch.randn(3, 2, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64))
+    return compiled.record(f, example), example
+
+
+def test_the_build_options_are_part_of_the_librarys_cache_key(monkeypatch):
+    gm, example = _graph()
+    inputs = [*example, *compiled._tensors_held(gm)]
+    fast = compiled._native_path(gm, inputs)
+    assert compiled._native_path(gm, inputs) == fast  # (a key, the same every time)
+    monkeypatch.setattr(compiled, "FAST_BUILD", {})
+    assert compiled._native_path(gm, inputs) != fast
+    monkeypatch.setattr(compiled, "FAST_BUILD", {**compiled.FAST_BUILD, "aot_inductor.enable_line_tables": True})
+    assert compiled._native_path(gm, inputs) != fast
+
+
+def test_where_gcc_fails_without_the_isa_check_the_build_is_made_again_with_it():
+    from torch._inductor.exc import CppCompileError
+    calls = []
+
+    def aot_compile(flat, inputs, options):
+        calls.append(options)
+        if len(calls) == 1:
+            raise CppCompileError(["g++"], "error: unrecognized command-line option '-mamx-tile'")
+        return "/built/graph.so"
+    assert compiled._aot_compile_fast(aot_compile, None, (), {"memory_planning": True}) == "/built/graph.so"
+    first, second = calls
+    assert first == {"memory_planning": True, **compiled.FAST_BUILD} and first["cpp.vec_isa_ok"] is True
+    assert second["cpp.vec_isa_ok"] is None and second["memory_planning"] is True
+    assert {k: v for k, v in second.items() if k != "cpp.vec_isa_ok"} == \
+        {k: v for k, v in first.items() if k != "cpp.vec_isa_ok"}
+
+
+def test_the_fast_build_computes_bit_for_bit_what_the_full_build_computes(monkeypatch):
+    """Two libraries of one graph, with and without ``FAST_BUILD`` (each under its own key):
+    values, gradients and validity flags equal bit for bit at random points, near and far.
+    (The 7 bench models' potentials were checked the same way at 64 batches each:
+    ``bench/cold_build.py --compare``.)"""
+    gm, example = _graph()
+    fast = compiled.build_native(gm, example)
+    monkeypatch.setattr(compiled, "FAST_BUILD", {})
+    full = compiled.build_native(gm, example)
+    assert compiled.native_library(full).path != compiled.native_library(fast).path
+    g = torch.Generator().manual_seed(7)
+    for scale in (0.1, 1.0, 10.0):
+        z = scale * torch.randn(3, 2, dtype=torch.float64, generator=g)
+        beta = torch.rand((), dtype=torch.float64, generator=g)
+        for a, b in zip(fast(z, beta), full(z, beta)):
+            assert a.dtype == b.dtype and torch.equal(a, b)
