@@ -24,6 +24,8 @@ program is static first); the caller compares both on fresh inputs before using 
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -242,7 +244,8 @@ def build_native(gm: torch.fx.GraphModule, example_inputs: tuple):
         os.makedirs(build, exist_ok=True)
         try:
             options = {"aot_inductor.output_path": os.path.join(build, "graph.so"), **_buffer_options(gm)}
-            built = _aot_compile_fast(aot_compile, flat, tuple(inputs), options)
+            with _cpu_wrapper(stack=bool(options.get("aot_inductor.allow_stack_allocation"))):
+                built = _aot_compile_fast(aot_compile, flat, tuple(inputs), options)
             os.replace(built, path)  # (atomic: another process sees the whole library or none)
         finally:
             shutil.rmtree(build, ignore_errors=True)
@@ -298,6 +301,28 @@ FAST_BUILD = {"cpp.vec_isa_ok": True, "aot_inductor.enable_line_tables": False,
               "aot_inductor.enable_frame_pointer": False}
 
 
+@contextlib.contextmanager
+def _cpu_wrapper(stack: bool):
+    """Inductor's C++ wrapper class for the CPU set to the one this build needs for the
+    block: ``CppWrapperCpuArrayRef`` (which can keep buffers on the stack) where ``stack``,
+    else ``CppWrapperCpu``. Inductor registers the class once per process, at its first
+    compile, from the options of that compile: a library built after one without stack
+    buffers (a package, an Inductor Python-wrapper compile) silently kept its buffers in
+    tensors, ~7x slower a call (GP: 168 against 25 us), and was cached so."""
+    from torch._inductor.codegen import common
+    from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+    from torch._inductor.codegen.cpp_wrapper_cpu_array_ref import CppWrapperCpuArrayRef
+
+    common.init_backend_registration()
+    registered = common.device_codegens["cpu"]
+    wanted = CppWrapperCpuArrayRef if stack else CppWrapperCpu
+    common.device_codegens["cpu"] = dataclasses.replace(registered, cpp_wrapper_codegen=wanted)
+    try:
+        yield
+    finally:
+        common.device_codegens["cpu"] = registered
+
+
 def _aot_compile_fast(aot_compile, flat, inputs: tuple, options: dict) -> str:
     """``aot_compile`` with ``FAST_BUILD`` added; where the C++ compiler fails with it (an ISA
     the CPU has and the compiler cannot target, which the skipped check would have caught),
@@ -326,8 +351,9 @@ def _packaged(gm, example_inputs: tuple, packed: list, layout: list, path: str):
             warnings.simplefilter("ignore")
             program = torch.export.export(flat, inputs, strict=False)
             partial = f"{path}.{os.getpid()}.pt2"
-            torch._inductor.aoti_compile_and_package(program, package_path=partial,
-                                                     inductor_configs={"memory_planning": True, **FAST_BUILD})
+            with _cpu_wrapper(stack=False):
+                torch._inductor.aoti_compile_and_package(program, package_path=partial,
+                                                         inductor_configs={"memory_planning": True, **FAST_BUILD})
         os.replace(partial, path)
     compiled = torch._inductor.aoti_load_package(path)
 

@@ -135,3 +135,33 @@ def test_a_package_is_built_in_a_fresh_cache_directory(monkeypatch, tmp_path):
     example = (torch.tensor(0.5, dtype=torch.float64),)
     with pytest.raises(Built):
         compiled.build_native(compiled.record(f, example), example)
+
+
+def test_a_stack_buffer_build_gets_the_wrapper_that_keeps_buffers_on_the_stack(monkeypatch, tmp_path):
+    """Inductor registers its CPU C++ wrapper class once per process, from the options of
+    its first compile: after a build without stack buffers, every later library of the
+    process kept its buffers in tensors (GP: 168 against 25 us a call), and was cached so.
+    ``build_native`` sets the class each build needs, and puts the registered one back."""
+    import dataclasses
+    from torch._inductor.codegen import common
+    from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+    from torch._inductor.codegen.cpp_wrapper_cpu_array_ref import CppWrapperCpuArrayRef
+
+    monkeypatch.setattr(compiled, "cache_dir", lambda: str(tmp_path / "fresh"))
+    common.init_backend_registration()
+    monkeypatch.setitem(common.device_codegens, "cpu",  # (as after a first compile without stack buffers)
+                        dataclasses.replace(common.device_codegens["cpu"], cpp_wrapper_codegen=CppWrapperCpu))
+    seen = []
+
+    class Built(Exception):
+        pass
+
+    def build(aot_compile, flat, inputs, options):
+        seen.append(common.device_codegens["cpu"].cpp_wrapper_codegen)
+        raise Built
+    monkeypatch.setattr(compiled, "_aot_compile_fast", build)
+    gm, example = _graph()
+    with pytest.raises(Built):
+        compiled.build_native(gm, example)
+    assert seen == [CppWrapperCpuArrayRef]
+    assert common.device_codegens["cpu"].cpp_wrapper_codegen is CppWrapperCpu
