@@ -179,7 +179,7 @@ def replay(gm: torch.fx.GraphModule, example_inputs: tuple, backend: str = "jit"
 #: potential 350-950 -> 110-150 us a call, eight schools' 29 -> 10 us; a cached library loads in
 #: ~1 ms (Inductor's disk cache: 0.3-1.5 s).
 NATIVE = {"on": os.environ.get("PPL_COMPILED_NATIVE", "auto") != "0"}
-_NATIVE_VERSION = "3"  # part of the library's cache key: bump when ``build_native`` changes what it builds
+_NATIVE_VERSION = "4"  # part of the library's cache key: bump when ``build_native`` changes what it builds
 # (3: small linear algebra unrolled, ``_small_linalg_unrolled``)
 
 
