@@ -266,7 +266,7 @@ def compile_decision(iterations: int, nuts_chains: int = 0):
 def nuts_evaluations_per_iteration(dims: int, chains: int) -> float:
     """Estimated potential evaluations per NUTS iteration of a batch of ``chains`` chains on a
     potential of ``dims`` dimensions, warm-up included (``NUTS_EVALUATIONS_PER_SQRT_DIM``)."""
-    batch = (1 + kernels.LOOP_SAVED_PER_DOUBLING_OF_CHAINS * math.log2(max(chains, 1))) / 2
+    batch = kernels.batch_factor(chains) / 2
     return NUTS_EVALUATIONS_PER_SQRT_DIM * math.sqrt(max(dims, 1)) * batch
 
 

@@ -686,8 +686,14 @@ def loop_build_cost(ops: int, native: bool = False) -> float:
 def loop_saving(ops: int, chains: int) -> float:
     """Estimated CPU seconds the compiled transition saves per transition over the eager one,
     for a graph of ``ops`` operations and ``chains`` chains."""
-    return (LOOP_SAVED_FIXED + LOOP_SAVED_PER_OP * ops) * (
-        1 + LOOP_SAVED_PER_DOUBLING_OF_CHAINS * math.log2(max(chains, 1)))
+    return (LOOP_SAVED_FIXED + LOOP_SAVED_PER_OP * ops) * batch_factor(chains)
+
+
+def batch_factor(chains: int) -> float:
+    """How much longer a transition of ``chains`` chains as one batch runs than one chain's
+    (the batch runs as long as its longest tree): 1 + ``LOOP_SAVED_PER_DOUBLING_OF_CHAINS``
+    per doubling."""
+    return 1 + LOOP_SAVED_PER_DOUBLING_OF_CHAINS * math.log2(max(chains, 1))
 
 
 def _graph_ops(potential) -> int:

@@ -176,7 +176,7 @@ def rewrite_small_linalg(gm: torch.fx.GraphModule, example_inputs: tuple, max_n:
         fn = _replacement(node, max_n)
         if fn is None:
             continue
-        tensors = [a for a in node.args]
+        tensors = list(node.args)
         sub = make_fx(fn)(*[_example(a) for a in tensors])
         with graph.inserting_before(node):
             result = _inline(graph, sub.graph, tensors)
@@ -199,19 +199,11 @@ def rewrite_small_linalg(gm: torch.fx.GraphModule, example_inputs: tuple, max_n:
 
 def _inline(graph: torch.fx.Graph, sub: torch.fx.Graph, inputs: list):
     """Copy ``sub``'s operations into ``graph`` at its insertion point, its placeholders
-    bound to ``inputs``; what ``sub`` returns, as nodes of ``graph``."""
-    env: dict = {}
-    placeholders = iter(inputs)
-    for n in sub.nodes:
-        if n.op == "placeholder":
-            env[n] = next(placeholders)
-        elif n.op == "output":
-            return torch.fx.node.map_arg(n.args[0], lambda x: env[x])
-        elif n.op == "get_attr":
-            raise ValueError("the unrolled algorithm made a tensor constant")
-        else:
-            env[n] = graph.node_copy(n, lambda x: env[x])
-    raise ValueError("subgraph without an output")
+    bound to ``inputs`` (``Graph.graph_copy``); what ``sub`` returns, as nodes of ``graph``."""
+    if any(n.op == "get_attr" for n in sub.nodes):
+        raise ValueError("the unrolled algorithm made a tensor constant")
+    placeholders = [n for n in sub.nodes if n.op == "placeholder"]
+    return graph.graph_copy(sub, dict(zip(placeholders, inputs)))
 
 
 # -- the check -------------------------------------------------------------------------------

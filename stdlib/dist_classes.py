@@ -37,24 +37,26 @@ from ppl.semantics.errors import PPLRuntimeError
 
 from . import rng
 
-__all__ = ["StudentT", "HalfStudentT", "TruncatedNormal", "Multinomial", "VonMises", "LKJCholesky"]
+__all__ = ["HalfStudentT", "TruncatedNormal", "Multinomial", "VonMises", "LKJCholesky"]
 
 
-# ------------------------------------------------------------------------ Student t
+# ------------------------------------------------------------------------ torch's checks
 
 
-class StudentT(pdist.StudentT):
-    """pyro's ``StudentT`` whose inner ``Chi2`` (its sampler's) is built without torch's
-    argument check. torch builds that ``Chi2`` with the default validation whatever
-    ``validate_args`` says, i.e. reads ``df > 0`` into Python: a Python decision on a
-    random value, which made every program with a ``student_t`` untraceable (NUTS ran it
-    in the interpreter, ~100x slower), and a cost per construction. The DSL checks the
+def without_torch_checks(make, *args, **kwargs):
+    """``make(*args, **kwargs)`` with torch's default argument validation off, for a
+    constructor that builds inner distributions with torch's default checks whatever its
+    ``validate_args`` says (StudentT's Chi2, LogNormal's Normal, BetaBinomial's Beta,
+    LKJCholesky's Beta): each check reads the parameters into Python, which made every
+    program using one untraceable (NUTS then ran it in the interpreter,
+    tests/test_potential.py) and costs a check per construction. The DSL checks the
     parameters itself (``DistSpec.make``); the law is torch's."""
-
-    def __init__(self, df, loc=0.0, scale=1.0, validate_args=None):
-        self.df, self.loc, self.scale = broadcast_all(df, loc, scale)
-        self._chi2 = torch.distributions.Chi2(self.df, validate_args=False)
-        torch.distributions.Distribution.__init__(self, self.df.size(), validate_args=validate_args)
+    default = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution._validate_args = False
+    try:
+        return make(*args, **kwargs)
+    finally:
+        torch.distributions.Distribution._validate_args = default
 
 
 # ------------------------------------------------------------------------ half Student t
@@ -73,7 +75,8 @@ class HalfStudentT(pdist.TorchDistribution):
         super().__init__(self.df.shape, validate_args=validate_args)
 
     def _base(self):
-        return StudentT(self.df, torch.zeros_like(self.scale), self.scale, validate_args=False)
+        return without_torch_checks(torch.distributions.StudentT, self.df, torch.zeros_like(self.scale), self.scale,
+                                    validate_args=False)
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(HalfStudentT, _instance)

@@ -238,7 +238,7 @@ def _fill_one(d):
 # outside the support (that entry is then replaced by -inf).
 _FILLS: dict[type, Callable] = {
     pdist.Normal: _fill_zero,
-    _dc.StudentT: _fill_zero,
+    pdist.StudentT: _fill_zero,
     pdist.Cauchy: _fill_zero,
     pdist.Laplace: _fill_zero,
     pdist.LogNormal: _fill_one,
@@ -336,22 +336,14 @@ def _build(cls: type, *args, **kwargs):
     direct = _DIRECT.get(cls)
     if direct is not None and not kwargs and not COERCIONS:
         return direct(*args)
-    if cls not in _INNER_CHECKED:
-        return _SAFE[cls](*args, validate_args=False, **kwargs)
-    # its constructor builds inner distributions with torch's default checks, whatever
-    # validate_args says (LogNormal's Normal, Beta's Dirichlet): each a Python read of the
-    # parameters, which makes a program untraceable (tests/test_potential.py)
-    default = td.Distribution._validate_args
-    td.Distribution._validate_args = False
-    try:
-        return _SAFE[cls](*args, validate_args=False, **kwargs)
-    finally:
-        td.Distribution._validate_args = default
+    if cls in _INNER_CHECKED:
+        return _dc.without_torch_checks(_SAFE[cls], *args, validate_args=False, **kwargs)
+    return _SAFE[cls](*args, validate_args=False, **kwargs)
 
 
-#: classes whose constructor builds inner distributions (torch builds those with its default
-#: argument checks): built by ``_build`` with the checks off
-_INNER_CHECKED = frozenset({pdist.LogNormal, pdist.BetaBinomial, _dc.LKJCholesky})
+#: classes whose constructor builds inner distributions with torch's default argument checks:
+#: built by ``_build`` with the checks off (``dist_classes.without_torch_checks``)
+_INNER_CHECKED = frozenset({pdist.StudentT, pdist.LogNormal, pdist.BetaBinomial, _dc.LKJCholesky})
 
 _broadcast_tensors = torch._C._VariableFunctions.broadcast_tensors  # what torch.broadcast_tensors calls
 
@@ -1236,7 +1228,7 @@ _SPECS = [
                 lambda scale: _build(pdist.HalfNormal, scale),
                 "|normal(0, scale)|, scale > 0; values >= 0", "positive"),
     _continuous("student_t", ["df", "loc", "scale"], [POSITIVE, REAL, POSITIVE],
-                lambda df, loc, scale: _build(_dc.StudentT, df, loc, scale),
+                lambda df, loc, scale: _build(pdist.StudentT, df, loc, scale),
                 "Student's t with df > 0 degrees of freedom, location loc, scale > 0", _R,
                 defaults={"loc": 0.0, "scale": 1.0}),
     _continuous("cauchy", ["loc", "scale"], [REAL, POSITIVE],
