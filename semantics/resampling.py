@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import array
 import bisect
+import functools
 import itertools
 import math
 import threading
@@ -146,21 +147,13 @@ def _count_search(w: torch.Tensor, cdf: torch.Tensor, v: torch.Tensor) -> torch.
     return None
 
 
-_GRIDS: dict = {}
-
-
+@functools.lru_cache(maxsize=16)
 def _grid(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(torch.arange(n), n as a 0-d tensor), float64 on ``device``, cached (never written
     to). Dividing by the 0-d tensor gives the same bits as dividing by the Python number
     n, without torch wrapping the number into a tensor on every call (~4 us on CPU)."""
-    key = (n, device)
-    t = _GRIDS.get(key)
-    if t is None:
-        if len(_GRIDS) >= 16:
-            _GRIDS.clear()
-        t = _GRIDS[key] = (torch.arange(n, dtype=torch.float64, device=device),
-                            torch.tensor(float(n), dtype=torch.float64, device=device))
-    return t
+    return (torch.arange(n, dtype=torch.float64, device=device),
+            torch.tensor(float(n), dtype=torch.float64, device=device))
 
 
 def multinomial(w: torch.Tensor, n: int) -> torch.Tensor:
@@ -206,7 +199,10 @@ def _on_lists(w: torch.Tensor, n: int) -> bool:
     return n <= _LIST_MAX and w.shape[0] <= _LIST_MAX
 
 
-_FLOAT_GRIDS: dict = {}
+@functools.lru_cache(maxsize=16)
+def _float_grid(n: int) -> list:
+    """[0.0, 1.0, ..., n - 1.0] (``k + u`` is the same sum for k int or float)."""
+    return [float(k) for k in range(n)]
 
 
 def _list_search(w: list, offsets, n: int) -> torch.Tensor:
@@ -219,11 +215,7 @@ def _list_search(w: list, offsets, n: int) -> torch.Tensor:
     weights (a list); ``offsets``: one uniform (systematic) or a list of n (stratified)."""
     cdf = list(itertools.accumulate(w))
     total = cdf[-1]
-    grid = _FLOAT_GRIDS.get(n)
-    if grid is None:
-        if len(_FLOAT_GRIDS) >= 16:
-            _FLOAT_GRIDS.clear()
-        grid = _FLOAT_GRIDS[n] = [float(k) for k in range(n)]  # (k + u is the same sum for k int or float)
+    grid = _float_grid(n)
     if type(offsets) is float:
         v = [(k + offsets) / n * total for k in grid]
     else:
@@ -269,7 +261,10 @@ def _one_uniform() -> float:
     return buf.uniform_(generator=rng.generator("cpu")).item()
 
 
-_NP_GRIDS: dict = {}
+@functools.lru_cache(maxsize=16)
+def _np_grid(n: int) -> np.ndarray:
+    """np.arange(n) in float64 (read only)."""
+    return np.arange(n, dtype=np.float64)
 
 
 def _numpy_search(w: torch.Tensor, offsets, n: int) -> torch.Tensor:
@@ -278,11 +273,7 @@ def _numpy_search(w: torch.Tensor, offsets, n: int) -> torch.Tensor:
     cumulative sum, elementwise +, / and *, each correctly rounded), so the same indices,
     without a torch op per step (each costs a few us: most of a small SMC step's
     resampling). tests/test_lm_overhead.py checks it against the torch path."""
-    grid = _NP_GRIDS.get(n)
-    if grid is None:
-        if len(_NP_GRIDS) >= 16:
-            _NP_GRIDS.clear()
-        grid = _NP_GRIDS[n] = np.arange(n, dtype=np.float64)
+    grid = _np_grid(n)
     wn = w.numpy()
     cdf = wn.cumsum()
     v = (grid + offsets) / n * cdf[-1]
