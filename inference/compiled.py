@@ -9,7 +9,8 @@ backward pass all disappear; only tensor operations remain), then simplifies it:
   program's literals: ``log(sigma)``, a prior's ``scale**2``, the parameter checks of
   constant parameters) is computed once, at record time;
 * **identities** (``x * 1``, ``x + 0``, ``x ** 1``, a view, expand or copy to the same
-  shape and dtype) are dropped;
+  shape and dtype) are dropped, and so is a select (``where``) on a constant mask that is
+  all true or all false (a support check of observed data);
 * **common subexpressions** are computed once, dead code removed;
 
 and hands it to TorchScript (``torch.jit.trace``), whose interpreter runs a graph with
@@ -47,6 +48,7 @@ def record(fn, example_inputs: tuple):
         gm = make_fx(fn, _error_on_data_dependent_ops=False)(*example_inputs)
     fold_constants(gm)
     drop_identities(gm)
+    drop_constant_selects(gm)
     eliminate_common_subexpressions(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
@@ -573,6 +575,48 @@ def drop_identities(gm: torch.fx.GraphModule) -> int:
         dropped += 1
     gm.recompile()
     return dropped
+
+
+def drop_constant_selects(gm: torch.fx.GraphModule) -> int:
+    """Replace each ``where(mask, a, b)`` whose mask is a constant that is all true by
+    ``a``, and one whose mask is all false by ``b`` (expanded to the select's shape where it
+    broadcasts); the number replaced. The values are the ones ``where`` would pick, bit for
+    bit. Typical source: a distribution's support check of observed data, folded to a
+    constant mask (logistic regression's 200 labels, each 0 or 1), that guards every term of
+    the log density and of its gradient; compiled, each such mask is a load and a blend per
+    element in the fused kernel (logistic's library call: ~1.7 us of ~8.5). Nothing mutated,
+    or whose branch is, is touched."""
+    mutated = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and _mutating(node):
+            mutated.update(node.all_input_nodes)
+            mutated.add(node)
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not _aten.where.self or node in mutated:
+            continue
+        mask, a, b = node.args[:3]
+        if not (isinstance(mask, torch.fx.Node) and mask.op == "get_attr"):
+            continue
+        value = _attr(gm, mask.target)
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.bool or value.numel() == 0:
+            continue
+        keep = a if bool(value.all()) else b if not bool(value.any()) else None
+        out = node.meta.get("val")
+        kept = keep.meta.get("val") if isinstance(keep, torch.fx.Node) else None
+        if keep in mutated or not isinstance(out, torch.Tensor) or not isinstance(kept, torch.Tensor) or \
+                kept.dtype != out.dtype or kept.device != out.device:
+            continue
+        if kept.shape != out.shape:
+            with gm.graph.inserting_before(node):
+                keep = gm.graph.call_function(_aten.expand.default, (keep, list(out.shape)))
+            keep.meta["val"] = out
+        node.replace_all_uses_with(keep)
+        gm.graph.erase_node(node)
+        replaced += 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return replaced
 
 
 def _attr(gm, target: str):
