@@ -463,3 +463,20 @@ def test_the_build_check_shrinks_its_steps_where_random_trajectories_leave_the_v
     built = nuts_loop.CompiledTransition(run, C, K, z.device)
     built._check(lambda x: at(x)[:2], (), z, logp, grad, inv_mass)  # raises where it cannot compare two
     assert steps_tried[0] > 0.05 and min(steps_tried) < 0.25 * 0.25  # the first steps failed, small ones passed
+
+
+def test_the_operator_is_built_without_fma_and_in_vex_encoding_where_the_cpu_has_avx(monkeypatch):
+    """``nuts_native.compiler_flags``: never FMA contraction (the eager transition's arithmetic,
+    bit for bit); ``-mavx`` exactly where torch reports AVX2/AVX-512 (legacy SSE code after the
+    potential's AVX kernels paid a transition penalty: ~4.8 against ~0.9 us a leaf on logistic
+    regression); the flags are part of the library's name."""
+    from ppl.inference import nuts_native
+
+    names = {}
+    for capability, vex in (("AVX512", True), ("AVX2", True), ("DEFAULT", False), ("NO AVX", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        flags = nuts_native.compiler_flags()
+        assert "-O3" in flags and "-ffp-contract=off" in flags
+        assert ("-mavx" in flags) is vex
+        names[vex] = nuts_native._name()
+    assert names[True] != names[False]
