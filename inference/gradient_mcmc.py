@@ -204,6 +204,9 @@ def _as_chains(kernel: str, potential: Potential, draws, given_draws, seconds: f
         "traced": potential.traced,
         "compiled": potential.compiled,
         **({"why_not_compiled": potential.why_not_compiled} if potential.why_not_compiled else {}),
+        **({"transition": draws.transition} if getattr(draws, "transition", "") else {}),
+        **({"why_not_compiled_transition": draws.why_not_compiled}
+           if getattr(draws, "why_not_compiled", None) else {}),
         "seconds": seconds,
         "phase_seconds": draws.phase_seconds,
         **({"why_not_traced": potential.why_not_traced} if potential.why_not_traced else {}),

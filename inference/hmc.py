@@ -916,6 +916,11 @@ class NUTSResult:
     kernel: str = "nuts"
     max_tree_depth: int = 10
     phase_seconds: dict = field(default_factory=dict)
+    #: "compiled": NUTS's transitions ran as one compiled program (``inference.nuts_loop``);
+    #: "eager": step by step from Python (a potential without a compiled graph, a short run, or a
+    #: build that failed: ``why_not_compiled``); "" for HMC and MALA
+    transition: str = ""
+    why_not_compiled: str | None = None
 
     def bfmi(self) -> torch.Tensor:
         """E-BFMI per chain [C] (Stan warns below 0.3)."""
@@ -1122,5 +1127,20 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
         stats = draws.recorded()
         phases["sampling"] = _since(start)
     per_chain = {k: v.transpose(0, 1).contiguous() for k, v in stats.items()}
+    used, why_not = _transition_used(transition)
     return NUTSResult(step_size=step, inverse_mass=metric.inv_mass, warmup_divergences=warm_div.total(),
-                      kernel=kernel, max_tree_depth=max_tree_depth, phase_seconds=phases, **per_chain)
+                      kernel=kernel, max_tree_depth=max_tree_depth, phase_seconds=phases, transition=used,
+                      why_not_compiled=why_not, **per_chain)
+
+
+def _transition_used(transition) -> tuple[str, str | None]:
+    """("compiled" or "eager", why not compiled or None) for ``sample_nuts``'s NUTS
+    transitions; ("", None) for the other kernels and where the potential changes between
+    transitions (a Gibbs sweep)."""
+    if not isinstance(transition, _NutsTransitions) or not transition.fixed_potential:
+        return "", None  # (HMC, MALA; a potential that changes between transitions: looked up each time)
+    if transition.whole is _LOOK_UP:  # (never looked up: not worth building for this run)
+        return "eager", None
+    if transition.whole is not None:
+        return "compiled", None
+    return "eager", _FusedLeaf.why_not.get("loop")  # (looked up and not built: the latest failure)

@@ -174,6 +174,7 @@ def test_compiled_nuts_gives_the_gaussians_moments(compiled, monkeypatch):
     z0 = torch.randn(4, 5, dtype=F64, generator=torch.Generator().manual_seed(2))
     res = hmc.sample_nuts(target, z0, samples=1500, warmup=300, randomness=rand, max_tree_depth=K, progress=False)
     assert len(calls) >= 1800  # every transition compiled
+    assert res.transition == "compiled" and res.why_not_compiled is None
     cov = torch.linalg.inv(target.P)
     draws = res.z  # [C, S, D]
     for j in range(5):
@@ -480,3 +481,22 @@ def test_the_operator_is_built_without_fma_and_in_vex_encoding_where_the_cpu_has
         assert ("-mavx" in flags) is vex
         names[vex] = nuts_native._name()
     assert names[True] != names[False]
+
+
+def test_a_run_says_when_its_transitions_were_not_compiled_and_why(compiled, monkeypatch):
+    """``NUTSResult.transition`` (``extra["transition"]``): "eager" where the compiled
+    transition could not be built, with the build's error (a failed build is ~10x slower a
+    transition on a small model, and said nothing)."""
+    target, built, K = compiled
+    monkeypatch.setenv("PPL_NUTS_LOOP", "1")
+    monkeypatch.setattr(hmc, "LOOP_BUILD_FIXED", 0.0)
+    monkeypatch.setattr(hmc, "LOOP_BUILD_PER_OP", 0.0)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the C++ compiler failed (a test)")
+    monkeypatch.setattr(nuts_loop.CompiledTransition, "build", broken)
+    monkeypatch.setattr(hmc, "_LOOP_CACHE", type(hmc._LOOP_CACHE)())
+    rand = TorchRandomness(torch.Generator().manual_seed(11))
+    z0 = torch.randn(4, 5, dtype=F64, generator=torch.Generator().manual_seed(2))
+    res = hmc.sample_nuts(target, z0, samples=20, warmup=20, randomness=rand, max_tree_depth=K, progress=False)
+    assert res.transition == "eager" and "the C++ compiler failed" in res.why_not_compiled
