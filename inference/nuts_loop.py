@@ -235,7 +235,8 @@ class CompiledTransition:
     recorded ATen graph compiled by AOTInductor: the potential's own library or package where
     it is compiled natively, else a library compiled for the transition. Built by
     ``build``, which checks it against ``transition`` run eagerly on the potential's own
-    ``value_and_grad`` before it is used. A call returns the transition's outputs, or None
+    ``value_and_grad`` before it is used (once per library, operator and shapes on a machine:
+    ``_checked_path`` marks a passed check). A call returns the transition's outputs, or None
     where the eager kernel must make this transition (an invalid parameter in some chain,
     a compiled kernel that raises)."""
 
@@ -288,7 +289,10 @@ class CompiledTransition:
             return nuts_native.transition_native(library, z, logp, grad, p0, u, u_leaf, step, inv_mass,
                                                  int(fresh), K, (*args, *packed))
         built = cls(run, z.shape[0], K, z.device)
-        built._check(evaluate_eager, graph_args, z, logp, grad, inv_mass)
+        checked = _checked_path(library, z, inv_mass, graph_args, K)
+        if not os.path.exists(checked):
+            built._check(evaluate_eager, graph_args, z, logp, grad, inv_mass)
+            _mark(checked, library, None)
         if mark is not None:
             mark()
         return built
@@ -504,6 +508,20 @@ def _marker_path(potential_graph, graph_args, inv_mass, max_tree_depth: int) -> 
     for x in graph_args:
         digest.update(f"{tuple(x.shape)}{x.dtype}|".encode())
     return os.path.join(cache_dir(), "ppl_nuts_loop", "built", digest.hexdigest())
+
+
+def _checked_path(library: str, z, inv_mass, graph_args, max_tree_depth: int) -> str:
+    """The marker of a passed ``CompiledTransition._check`` of the C++ loops around this
+    library for these shapes: the check (2 transitions run eagerly, 9-30 ms) is made by the
+    first process only. Keyed by the library (its path names its graph and shapes), the loops'
+    operator (source, compiler flags, torch), the CPU's vector ISA, the package's source (the
+    eager transition and potential it is checked against) and the shapes."""
+    from . import graph_store, nuts_native
+    digest = hashlib.sha256()
+    digest.update(f"{library}|{nuts_native._name()}|{torch.backends.cpu.get_cpu_capability()}|".encode())
+    digest.update(f"{graph_store.source_fingerprint()}|{max_tree_depth}|{tuple(z.shape)}|".encode())
+    digest.update(f"{tuple(inv_mass.shape)}|{[(tuple(a.shape), a.dtype) for a in graph_args]}".encode())
+    return os.path.join(os.path.dirname(library), "checked", digest.hexdigest())
 
 
 def _mark(path: str, library: str, constants: list | None) -> None:

@@ -289,7 +289,7 @@ def test_gate_builds_only_where_it_pays(monkeypatch):
 def test_second_build_loads_the_library_without_recording(compiled, monkeypatch):
     """A build for a graph built before (a new process, here a cleared cache) loads the
     library named by its marker, with the potential's constants, without recording the
-    transition again; it is still checked against the eager loop."""
+    transition again (its check against the eager loop passed before: not made again)."""
     import torch.fx.experimental.proxy_tensor as proxy_tensor
     target, built, K = compiled
     monkeypatch.setenv("PPL_NUTS_LOOP", "1")
@@ -500,3 +500,60 @@ def test_a_run_says_when_its_transitions_were_not_compiled_and_why(compiled, mon
     z0 = torch.randn(4, 5, dtype=F64, generator=torch.Generator().manual_seed(2))
     res = hmc.sample_nuts(target, z0, samples=20, warmup=20, randomness=rand, max_tree_depth=K, progress=False)
     assert res.transition == "eager" and "the C++ compiler failed" in res.why_not_compiled
+
+
+def test_the_operators_place_is_cpp_extensions_build_directory(monkeypatch, tmp_path):
+    """``nuts_native.library_path`` (found without importing ``torch.utils.cpp_extension``,
+    which imports setuptools: ~30 ms a run) is where ``cpp_extension`` builds the operator, by
+    default and under ``TORCH_EXTENSIONS_DIR``."""
+    import os
+    import sys
+
+    from ppl.inference import nuts_native
+    from torch.utils.cpp_extension import _get_build_directory
+
+    def theirs():
+        return os.path.join(_get_build_directory(nuts_native._name(), verbose=False), nuts_native._name() + ".so")
+    assert nuts_native.library_path() == theirs()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    assert nuts_native.library_path() == theirs()
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    loaded = sys.modules.pop("torch.utils.cpp_extension")
+    try:
+        nuts_native.library_path()
+        assert "torch.utils.cpp_extension" not in sys.modules
+    finally:
+        sys.modules["torch.utils.cpp_extension"] = loaded
+
+
+def test_the_check_against_the_eager_loop_is_made_once_per_library_and_shapes(compiled, monkeypatch, tmp_path):
+    """``CompiledTransition.build`` checks the C++ loops around a library against the eager
+    transition (9-30 ms a run) where no earlier build passed that check for the same library,
+    operator and shapes (``_checked_path``); a check that fails marks nothing."""
+    import os
+    target, built, K = compiled
+    monkeypatch.setenv("PPL_NUTS_LOOP", "1")
+    marker = nuts_loop._checked_path  # (markers in a fresh folder: the library's cache outlives a test run)
+    monkeypatch.setattr(nuts_loop, "_checked_path", lambda *a: str(tmp_path / os.path.basename(marker(*a))))
+    checks = []
+    real = nuts_loop.CompiledTransition._check
+    monkeypatch.setattr(nuts_loop.CompiledTransition, "_check",
+                        lambda self, *a: checks.append(self.K) or real(self, *a))
+    C, D = 4, 5
+    metric = Metric(torch.ones(C, D, dtype=F64))
+    state = init_state(target, torch.randn(C, D, dtype=F64, generator=torch.Generator().manual_seed(3)))
+    for depth in (K, K, K - 1, K - 1):
+        hmc._LOOP_CACHE.pop(target, None)
+        assert isinstance(hmc._compiled_transition(target, metric, depth, state), nuts_loop.CompiledTransition)
+    assert checks.count(K) == 1 and checks.count(K - 1) == 1
+
+    def failing(self, *a):
+        raise ValueError("the compiled transition disagrees with the eager one")
+    monkeypatch.setattr(nuts_loop.CompiledTransition, "_check", failing)
+    hmc._LOOP_CACHE.pop(target, None)
+    assert hmc._compiled_transition(target, metric, K - 2, state) is None
+    monkeypatch.setattr(nuts_loop.CompiledTransition, "_check",
+                        lambda self, *a: checks.append(self.K) or real(self, *a))
+    hmc._LOOP_CACHE.pop(target, None)
+    assert isinstance(hmc._compiled_transition(target, metric, K - 2, state), nuts_loop.CompiledTransition)
+    assert checks.count(K - 2) == 1  # (the failed check left no marker)
