@@ -85,6 +85,7 @@ class _AtPoint(_WeightAccumulator):
         self.seen: set = set()
         self.full_idx = None
         self.groups = ObserveGroups(C) if GROUP_OBSERVES else None
+        self.scoring = True  # False: the choices' values and the return value only (no density)
 
     def _full(self, ctx, what: str, span=None):
         if ctx.idx is not self.full_idx and ctx.M != self.C:
@@ -111,16 +112,17 @@ class _AtPoint(_WeightAccumulator):
         if T is None:
             raise RandomStructure(f"the choice '{addr}' is not continuous here", eff.span)
         y = self.z[:, site.start:site.stop].reshape((self.C,) + site.shape)
-        if T == _IDENTITY:
-            x, logdet = y, None
-        else:
-            x = T(y)
+        x = y if T == _IDENTITY else T(y)
+        value = Batched(x, ctx.idx)
+        self.values[addr] = x
+        if not self.scoring:
+            return value
+        logdet = None
+        if T != _IDENTITY:
             j = T.log_abs_det_jacobian(y, x)
             logdet = j.reshape(self.C, -1).sum(1) if j.dim() > 1 else j.expand(self.C) if j.dim() == 0 else j
-        value = Batched(x, ctx.idx)
         lp = eff.dist.log_prob(value, ctx)
         self._prior(ctx, lp if logdet is None else lp + logdet)
-        self.values[addr] = x
         return value
 
     def _as_rows(self, lp, ctx):
@@ -140,13 +142,17 @@ class _AtPoint(_WeightAccumulator):
 
     add = _likelihood
 
-    condition = LikelihoodTerms.condition
-
     def observe(self, eff):
         """A loop's repeated observes are collected and scored as one term at the end
         (``inference.observe_groups``); any other observe is scored now."""
+        if not self.scoring:
+            return
         if self.groups is None or not self.groups.add(eff, self.full_idx):
             LikelihoodTerms.observe(self, eff)
+
+    def condition(self, eff):
+        if self.scoring:
+            LikelihoodTerms.condition(self, eff)
 
     def score_grouped_observes(self, ctx) -> None:
         """Add the collected observes' log densities (call at the end of the run)."""
@@ -155,7 +161,8 @@ class _AtPoint(_WeightAccumulator):
                 self._likelihood(ctx, lp)
 
     def factor(self, eff):
-        self._likelihood(eff.ctx, factor_rows(eff))
+        if self.scoring:
+            self._likelihood(eff.ctx, factor_rows(eff))
 
     def twist(self, eff):  # the whole program's measure does not depend on twist potentials
         return None
@@ -191,14 +198,16 @@ class Potential:
         self.evaluations = 0
 
     # ---------------------------------------------------------------- one evaluation
-    def _run(self, z: torch.Tensor, given: dict, C: int | None = None):
+    def _run(self, z: torch.Tensor, given: dict, C: int | None = None, scoring: bool = True):
         """(log prior [C], log likelihood [C], values, return column, parameter checks) by
-        running the interpreter once at z."""
+        running the interpreter once at z; without ``scoring``, the values and the return
+        column only (the densities stay 0: no observe, factor or prior is scored)."""
         C = C or self.C
         m = self.model
         ctx = Particles.all(C, m.device)
         h = _AtPoint(C, m.device, self.by_addr, z, given)
         h.full_idx = ctx.idx
+        h.scoring = scoring
         with deferred_checks() as checks:
             ret = column(drive(m.interp.run(m.entry, m.data, ctx), h), ctx)
             h.score_grouped_observes(ctx)
@@ -314,7 +323,7 @@ class Potential:
         M = z.shape[0]
         given = self.given if given is None else given
         with torch.no_grad():
-            _, _, values, ret, _ = self._run(z.detach(), given, M)
+            _, _, values, ret, _ = self._run(z.detach(), given, M, scoring=False)
         values = dict(values)
         for a in self.discrete:
             values[a] = given[a]

@@ -234,3 +234,34 @@ def test_every_distribution_with_parameters_from_a_random_value_is_traced():
     assert p.traced
     value, grad = p.value_and_grad(torch.zeros(4, 1, dtype=torch.float64))
     assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+
+
+def test_constrain_computes_values_and_the_return_value_without_scoring(monkeypatch):
+    """``Potential.constrain`` (every kept draw at once, after sampling) runs the program for
+    its choices' values and return value only: no observe, factor or prior is scored (the
+    scoring was a third of logistic regression's post-processing); the values are those of
+    a scoring run."""
+    from ppl.inference import mh_traced
+    from ppl.inference import potential as potential_module
+    src = """
+def m(ys):
+    mu ~ normal(0, 1)
+    s ~ half_normal(1)
+    observe ys ~ normal(mu, s)
+    factor(-mu * mu)
+    return mu + s
+"""
+    p = _potential(src, {"ys": [0.3, -0.2, 1.1]})
+    z = torch.randn(7, p.D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    _, _, scored_values, scored_ret, _ = p._run(z, p.given, 7)
+    scored = {a: v.clone() for a, v in scored_values.items()}
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored")
+    monkeypatch.setattr(mh_traced.LikelihoodTerms, "observe", no_scoring)
+    monkeypatch.setattr(potential_module, "factor_rows", no_scoring)
+    values, ret = p.constrain(z)
+    assert set(values) == set(scored)
+    for a in scored:
+        assert torch.equal(values[a], scored[a])
+    assert torch.equal(torch.as_tensor(ret), torch.as_tensor(scored_ret))
