@@ -10,7 +10,9 @@ Each model runs in a fresh process with a fresh cache directory (Inductor's and 
 store's); the precompiled headers live in Inductor's *default* cache directory
 (``/tmp/torchinductor_$USER/precompiled_headers``), shared by every process on the machine,
 so they are warm unless ``--cold-headers`` points that directory somewhere fresh too (by
-``TMPDIR``). ``--options`` adds AOTInductor options to ``build_native``'s (monkeypatched
+``TMPDIR``); so is the wrapper's runtime part (``compiled._split_wrapper``: an object made once
+per machine in ``ppl_wrapper_runtime/`` beside them; ``PPL_SPLIT_WRAPPER=0`` compiles the
+wrapper whole). ``--options`` adds AOTInductor options to ``build_native``'s (monkeypatched
 into ``aot_compile``: the library's cache key is not touched, as the cache is fresh anyway).
 ``--outputs DIR`` saves the library's outputs at fixed random inputs (values, gradients,
 flags) for a bit-for-bit comparison of two builds (``--compare A B``).
@@ -38,11 +40,17 @@ def _children() -> float:
 def _what(cmd: str) -> str:
     """A short name for a compiler command."""
     words = cmd.split()
+    if words[:2] == ["ld", "-r"]:
+        return "join wrapper objects (ld -r)"
     if "-E" in words:
         return "preprocess header (PCH key)"
     if "c++-header" in words or any(w.endswith(".h") for w in words[1:2]):
         return "precompile header (per machine)"
     source = next((w for w in words if w.endswith(".cpp")), "")
+    if source.endswith(".runtime.wrapper.cpp"):
+        return "compile wrapper runtime (per machine)"
+    if source.endswith(".model.wrapper.cpp"):
+        return "compile wrapper.cpp (graph's part)"
     if source.endswith("wrapper.cpp"):
         return "compile wrapper.cpp"
     if source.endswith("kernel.cpp"):
