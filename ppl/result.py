@@ -586,9 +586,13 @@ def _enumerated_json(extra: dict) -> dict:
     return {"enumerated": list(extra["enumerated"]), "enumerate_sampled": dict(extra.get("enumerate_sampled") or {})}
 
 
-#: what HMC/NUTS add to a result's JSON (``inference.gradient_mcmc``)
+#: what HMC/NUTS add to a result's JSON (``inference.gradient_mcmc``); the last ones say how the
+#: run was executed (a traced graph, compiled; the NUTS transition compiled), why not, and the
+#: seconds of warm-up and sampling (wall and CPU)
 _GRADIENT_FIELDS = ("divergences", "divergences_per_chain", "warmup_divergences", "step_size", "tree_depth_mean",
-                    "hit_max_tree_depth", "max_tree_depth", "bfmi", "leapfrog_steps")
+                    "hit_max_tree_depth", "max_tree_depth", "bfmi", "leapfrog_steps",
+                    "traced", "compiled", "transition", "why_not_traced", "why_not_compiled",
+                    "why_not_compiled_transition", "phase_seconds")
 
 
 class MCMCResult(WeightedResult):

@@ -187,3 +187,19 @@ def test_cli_json_has_the_sampler_diagnostics(tmp_path):
     for key in ("divergences", "step_size", "bfmi", "tree_depth_mean", "r_hat", "ess_per_site"):
         assert key in j, key
     assert j["chains"] == 2 and j["draws"] == 100
+
+
+def test_the_json_says_how_the_run_was_executed():
+    """``--json`` (``to_json``) carries whether the log density ran as a traced graph,
+    compiled, and the NUTS transition compiled, with why not, and the phases' seconds."""
+    src = """
+def m(y):
+    mu ~ normal(0, 5)
+    observe y ~ normal(mu, 1)
+    return mu
+"""
+    out = ppl.model(src).run("nuts", {"y": [0.3, 1.2, -0.4]}, particles=2, samples=20, burn_in=20, seed=0).to_json()
+    assert out["traced"] is True and out["compiled"] is False and out["transition"] == "eager"
+    assert "would cost" in out["why_not_compiled"]
+    assert set(out["phase_seconds"]) == {"warmup", "sampling"}
+    json.dumps(out)  # (JSON as it is)
