@@ -597,15 +597,23 @@ def _mutating(node) -> bool:
     return target.endswith("_")
 
 
+def _mutated(gm: torch.fx.GraphModule, with_mutators: bool = False) -> set:
+    """The nodes some operation of the graph mutates (and, ``with_mutators``, those operations)."""
+    mutated = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and _mutating(node):
+            mutated.update(node.all_input_nodes)
+            if with_mutators:
+                mutated.add(node)
+    return mutated
+
+
 def fold_constants(gm: torch.fx.GraphModule) -> int:
     """Replace every operation whose inputs are all constants by its value (computed
     now); the number of operations folded. Operations that mutate, and the inputs of
     such operations, are never folded (a stored constant must stay unchanged)."""
     graph = gm.graph
-    mutated = set()
-    for node in graph.nodes:
-        if node.op == "call_function" and _mutating(node):
-            mutated.update(a for a in node.all_input_nodes)
+    mutated = _mutated(gm)
     env: dict = {}
     folded = 0
     for node in list(graph.nodes):
@@ -649,11 +657,7 @@ def drop_identities(gm: torch.fx.GraphModule) -> int:
     dtype: ``x * 1``, ``x + 0``, ``x ** 1``, a view/expand/copy to the same shape and
     dtype) by that input; the number dropped. Nothing that is mutated, or whose input is,
     is touched (an alias must not change what a copy protected)."""
-    mutated = set()
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and _mutating(node):
-            mutated.update(node.all_input_nodes)
-            mutated.add(node)
+    mutated = _mutated(gm, with_mutators=True)
     dropped = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node in mutated or not node.args:
@@ -689,11 +693,7 @@ def drop_constant_selects(gm: torch.fx.GraphModule) -> int:
     the log density and of its gradient; compiled, each such mask is a load and a blend per
     element in the fused kernel (logistic's library call: ~1.7 us of ~8.5). Nothing mutated,
     or whose branch is, is touched."""
-    mutated = set()
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and _mutating(node):
-            mutated.update(node.all_input_nodes)
-            mutated.add(node)
+    mutated = _mutated(gm, with_mutators=True)
     replaced = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not _aten.where.self or node in mutated:
@@ -731,10 +731,7 @@ def _attr(gm, target: str):
 
 def eliminate_common_subexpressions(gm: torch.fx.GraphModule) -> int:
     """Compute each pure operation on the same inputs once; the number removed."""
-    mutated = set()
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and _mutating(node):
-            mutated.update(node.all_input_nodes)
+    mutated = _mutated(gm)
     seen: dict = {}
     removed = 0
     for node in list(gm.graph.nodes):
