@@ -12,7 +12,7 @@ store's); the precompiled headers live in Inductor's *default* cache directory
 so they are warm unless ``--cold-headers`` points that directory somewhere fresh too (by
 ``TMPDIR``); so is the wrapper's runtime part (``compiled._split_wrapper``: an object made once
 per machine in ``ppl_wrapper_runtime/`` beside them; ``PPL_SPLIT_WRAPPER=0`` compiles the
-wrapper whole). ``--options`` adds AOTInductor options to ``build_native``'s (monkeypatched
+wrapper whole, with its precompiled header). ``--options`` adds AOTInductor options to ``build_native``'s (monkeypatched
 into ``aot_compile``: the library's cache key is not touched, as the cache is fresh anyway).
 ``--outputs DIR`` saves the library's outputs at fixed random inputs (values, gradients,
 flags) for a bit-for-bit comparison of two builds (``--compare A B``).

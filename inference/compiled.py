@@ -329,6 +329,14 @@ def _cpu_wrapper(stack: bool):
 #: for every graph) and starts the graph's own code.
 _INTERFACE_MARK, _INTERFACE_END = "// Definition of AOTI runtime interface functions", '} // extern "C"\n'
 _MODEL_BASE = "AOTInductorModelBase<AOTInductorModel>"
+#: The wrapper's headers (AOTInductor precompiles them: ~9 s of gcc per machine for
+#: ``array_ref.h``), and ``array_ref.h`` without ``array_ref_impl.h`` (which brings ATen's
+#: tensor headers for helpers of the minimal array-ref interface that the graph's code does not use).
+_WRAPPER_HEADERS = "torch/csrc/inductor/aoti_include/"
+_ARRAY_REF_H = "#include <torch/csrc/inductor/aoti_include/array_ref.h>"
+_ARRAY_REF_LIGHT = "".join(f"#include <torch/csrc/inductor/{h}.h>\n" for h in (
+    "aoti_include/common", "aoti_runtime/arrayref_tensor", "aoti_runtime/arrayref_tensor_conversion",
+    "aoti_runtime/scalar_to_tensor", "aoti_runtime/thread_local", "cpp_wrapper/device_internal/cpu"))
 
 
 #: ``_split_wrapper`` on (``PPL_SPLIT_WRAPPER=0``: the wrapper compiled whole, as AOTInductor does).
@@ -341,25 +349,35 @@ def _split_wrapper():
     """AOTInductor's C++ wrapper (``wrapper.cpp``) compiled in two parts: the runtime's fixed
     part (its C interface and model container, and the model's base class
     ``AOTInductorModelBase<AOTInductorModel>`` instantiated explicitly) into an object compiled
-    once per machine like the precompiled headers, and the graph's own code (the model's
-    constructor, input checks, ``run_impl``) with the base class declared ``extern template``;
-    joined (``ld -r``) into the object the link expects. Why: gcc spent ~4.5-6.5 s on
-    wrapper.cpp whatever the graph, not parsing (the precompiled header is used: ``-H`` shows
-    it) but instantiating the headers' templates (~1.4 s for any file including them) and
-    generating ~375 functions of which ~30 are the graph's (std::regex for a device string,
-    the container's maps...). Eight schools, logistic regression: gcc on the wrapper 4.9 ->
-    2.1 s, the cold build 10.5 -> 7.5 s CPU (the runtime's object: ~4 s once per machine and
-    flags, in ``ppl_wrapper_runtime/`` beside Inductor's ``precompiled_headers/``). The same
-    code is compiled with the same command, so the library computes the same (its kernels are
-    not touched; outputs bit-identical, ``bench/cold_build.py --compare``) and a call runs the
-    same code (2.7 / 9.0 us a call either way). Where the wrapper is not as expected or a part
-    fails to compile, the wrapper is compiled whole as before (``SPLIT_WRAPPER["last"]`` says
-    why). Not part of the library's cache key: either way the library is the same."""
+    once per machine (``ppl_wrapper_runtime/`` beside Inductor's ``precompiled_headers/``), and
+    the graph's own code (the model's constructor, input checks, ``run_impl``) with the base
+    class declared ``extern template`` and ``array_ref.h``'s headers but ``array_ref_impl.h``
+    (ATen's tensor headers, for helpers the graph's code does not use; where it does, it is
+    compiled again with them); joined (``ld -r``) into the object the link expects. Why: gcc
+    spent ~5 s on wrapper.cpp whatever the graph, not parsing (the precompiled header was
+    used: ``-H``) but instantiating the headers' templates (~1.4 s for any file including
+    them, ~0.8 s without ATen's) and generating ~375 functions of which ~30 are the graph's
+    (std::regex for a device string, the container's maps...). The wrapper's headers are then
+    not precompiled (AOTInductor's precompiled ``array_ref.h``: ~9 s of gcc per machine, 271 MB;
+    the graph's part gains ~0.2 s from it; the kernels' precompiled header stays).
+    Seven bench models: gcc on the wrapper 5-5.9 -> 2.4-2.9 s; eight schools' cold build
+    10.8 -> 7.7 s CPU, 22.0 -> 18.8 s on a machine's first build (headers and runtime object
+    cold: the runtime's object ~6.7 s). The same code is compiled with the same flags, so the
+    library computes the same (its kernels are not touched; outputs bit-identical on the 7
+    models, ``bench/cold_build.py --compare``) and a call runs the same code (eight schools
+    2.70 / 2.69 us, logistic regression 8.97 / 8.88 us). Where the wrapper is not as expected
+    or a part fails to compile, the wrapper is compiled whole (``SPLIT_WRAPPER["last"]`` says
+    why). Not part of the library's cache key: either way the library computes the same."""
     from torch._inductor import cpp_builder
     original = cpp_builder._run_compile_cmd
     if not SPLIT_WRAPPER["on"]:
         yield
         return
+
+    def precompile_header(header: str, *args, **kwargs):
+        if header.startswith(_WRAPPER_HEADERS):  # (the wrapper's: no precompiled header)
+            return None
+        return precompile(header, *args, **kwargs)
 
     def run(cmd_line: str, cwd: str) -> None:
         try:
@@ -370,11 +388,13 @@ def _split_wrapper():
             original(cmd_line, cwd)
         if split is not None:
             SPLIT_WRAPPER["last"] = "split" if split is True else split
-    cpp_builder._run_compile_cmd = run
+    from torch._inductor import codecache
+    precompile = codecache._precompile_header
+    cpp_builder._run_compile_cmd, codecache._precompile_header = run, precompile_header
     try:
         yield
     finally:
-        cpp_builder._run_compile_cmd = original
+        cpp_builder._run_compile_cmd, codecache._precompile_header = original, precompile
 
 
 def _split_wrapper_compile(cmd_line: str, cwd: str, compile_cmd) -> bool | str | None:
@@ -401,7 +421,7 @@ def _split_wrapper_compile(cmd_line: str, cwd: str, compile_cmd) -> bool | str |
         return shlex.join([src if w == source else out if w == target else w for w in words])
     # the runtime's object: keyed by its source and the command (which names the precompiled
     # header, itself keyed by the headers' preprocessed text, the flags and the compiler)
-    key = hashlib.sha256(f"{torch.__version__}|{runtime_src}".encode())
+    key = hashlib.sha256(f"{torch.__version__}|{torch.version.git_version}|{runtime_src}".encode())
     key.update(shlex.join([w for w in words if w not in (source, target)]).encode())
     if not any(w == "-include" for w in words):
         from torch._inductor.cpp_builder import get_compiler_version_info
@@ -421,9 +441,16 @@ def _split_wrapper_compile(cmd_line: str, cwd: str, compile_cmd) -> bool | str |
         finally:
             if os.path.exists(partial):
                 os.remove(partial)
-    with open(f"{stem}.model.wrapper.cpp", "w") as fh:
-        fh.write(model_src)
-    compile_cmd(command(f"{stem}.model.wrapper.cpp", f"{stem}.model.o"), cwd)
+    light = model_src.replace(_ARRAY_REF_H, _ARRAY_REF_LIGHT) if "-include" not in words else model_src
+    for i, src in enumerate(dict.fromkeys((light, model_src))):
+        with open(f"{stem}.model.wrapper.cpp", "w") as fh:
+            fh.write(src)
+        try:
+            compile_cmd(command(f"{stem}.model.wrapper.cpp", f"{stem}.model.o"), cwd)
+            break
+        except Exception:  # (the light headers lack what it uses: with array_ref.h)
+            if i or light == model_src:
+                raise
     compile_cmd(shlex.join(["ld", "-r", runtime_o, f"{stem}.model.o", "-o", target]), cwd)
     return True
 
