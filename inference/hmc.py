@@ -305,7 +305,7 @@ _LOOK_UP = object()
 
 
 def nuts_step(potential, state: State, step_size: torch.Tensor, metric: Metric, randomness, *,
-              max_tree_depth: int = 10, fuse: bool = True, whole=_LOOK_UP):
+              max_tree_depth: int = 10, fuse: bool = True, whole=_LOOK_UP, drawn=None):
     """One multinomial NUTS transition per chain (all chains one batch). Returns
     (State, StepInfo) with Stan's per-draw statistics: accept_stat = mean over the tree's
     leaves of min(1, exp(H0 - H)), tree_depth = doublings, n_steps = leapfrog steps,
@@ -314,13 +314,18 @@ def nuts_step(potential, state: State, step_size: torch.Tensor, metric: Metric, 
     leaf graph (``_FusedLeaf``), if the potential allows and none is built yet (one already
     built is used either way); ``fuse="loop"``: build the compiled transition only. ``whole``:
     the compiled transition (or None: none) where the caller has looked it up already
-    (``_NutsTransitions``)."""
+    (``_NutsTransitions``). ``drawn``: (momentum [C, D], uniforms [3K, C]) drawn already for a
+    transition the compiled transition found invalid (``CompiledTransition.run_many``): the
+    eager kernel makes it with them."""
     C, D = state.z.shape
     K = max_tree_depth
     device = state.z.device
-    p0 = metric.sample_momentum(randomness)
-    if whole is _LOOK_UP:
-        whole = _compiled_transition(potential, metric, K, state, bool(fuse))
+    if drawn is not None:
+        (p0, u), whole = drawn, None
+    else:
+        p0 = metric.sample_momentum(randomness)
+        if whole is _LOOK_UP:
+            whole = _compiled_transition(potential, metric, K, state, bool(fuse))
     if whole is not None:  # the whole transition as one compiled program (``inference.nuts_loop``)
         # per level: direction, sub-tree choice, top choice; drawn with the leaf uniforms
         u = whole.draw_uniforms(randomness, C, device)
@@ -329,7 +334,7 @@ def nuts_step(potential, state: State, step_size: torch.Tensor, metric: Metric, 
         if out is not None:
             z, logp, grad, energy, accept_stat, divergent, n_steps, depth, moved = out
             return State(z, logp, grad), StepInfo(accept_stat, divergent, energy, n_steps, depth, moved)
-    else:
+    if drawn is None and whole is None:
         u = randomness.uniform((C, 3 * K), device).T  # per level: direction, sub-tree choice, top choice
     go_right = u[:K] < 0.5  # [K, C]
     signed = torch.where(go_right, 1.0, -1.0).unsqueeze(-1) * step_size.to(_F64).unsqueeze(-1)
@@ -972,12 +977,21 @@ class _NutsTransitions:
         self.max_tree_depth, self.fixed_potential = max_tree_depth, fixed_potential
         self.whole = _LOOK_UP
 
-    def __call__(self, potential, state: State, step_size, metric: Metric, randomness, fuse=True):
+    def __call__(self, potential, state: State, step_size, metric: Metric, randomness, fuse=True, drawn=None):
         whole = self.whole
         if whole is _LOOK_UP and self.fixed_potential:
             whole = self.whole = _compiled_transition(potential, metric, self.max_tree_depth, state, bool(fuse))
         return nuts_step(potential, state, step_size, metric, randomness, max_tree_depth=self.max_tree_depth,
-                         fuse=fuse, whole=whole)
+                         fuse=fuse, whole=whole, drawn=drawn)
+
+    def in_runs(self, metric: Metric, randomness):
+        """The compiled transition where it can make runs of transitions in C++ with the
+        same draws (``CompiledTransition.run_many``), else None."""
+        whole = self.whole
+        if not self.fixed_potential or whole is None or whole is _LOOK_UP or not hasattr(whole, "run_many") \
+                or os.environ.get("PPL_NUTS_RUNS") == "0":
+            return None
+        return whole if whole.can_run_many(randomness, metric.inv_mass) else None
 
 
 #: a shown bar's acceptance and divergences are refreshed every this many iterations (one sync)
@@ -1009,6 +1023,15 @@ class _Draws:
                              info.energy))
         if len(self.pending) == _RECORD_EVERY:
             self._flush()
+
+    def add_block(self, z, logp, energy, accept_stat, divergent, moved, n_steps, tree_depth) -> None:
+        """Transitions recorded as blocks [k, C, ...] (``CompiledTransition.run_many``'s)."""
+        self._flush()
+        k = z.shape[0]
+        for name, block in (("z", z), ("logp", logp), ("divergent", divergent), ("tree_depth", tree_depth),
+                            ("n_steps", n_steps), ("accept_stat", accept_stat), ("energy", energy)):
+            self.buffers[name][self.done:self.done + k] = block
+        self.done += k
 
     def recorded(self) -> dict:
         """The buffers (name -> [S, C, ...]), every transition added so far written in."""
@@ -1064,7 +1087,10 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
     starts (default: Stan's step size search, the identity; the mass estimates are
     regularised towards a small multiple of ``inverse_mass``, Stan's of the identity). ``between``: a function
     State -> State called before every transition (warm-up and sampling), e.g. the other
-    half of a Gibbs sweep (it may change the potential; it returns the state re-scored)."""
+    half of a Gibbs sweep (it may change the potential; it returns the state re-scored).
+    Sampling with NUTS's compiled transition makes runs of up to ``_RECORD_EVERY``
+    transitions in C++ (``CompiledTransition.run_many``: the same draws as one transition at
+    a time; ``PPL_NUTS_RUNS=0`` turns that off)."""
     z0 = z0.to(_F64)
     C, D = z0.shape
     device = z0.device
@@ -1113,17 +1139,33 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
             step = adapt.final_step_size()
         phases["warmup"] = _since(start)
         start = _clock()
-        for s in range(samples):
+        s, runs, looked_up = 0, None, False
+        while s < samples:
+            if not looked_up and getattr(transition, "whole", None) is not _LOOK_UP:
+                # (the compiled transition is looked up at the first transition: warm-up's, or this one)
+                looked_up = True
+                runs = transition.in_runs(metric, randomness) if isinstance(transition, _NutsTransitions) else None
+            drawn = None
+            if runs is not None:  # up to _RECORD_EVERY transitions in C++, the same draws and outputs
+                done, (z, logp, grad), records, drawn = runs.run_many(
+                    state.z, state.logp, state.grad, metric._sqrt_mass, step.to(_F64), metric.inv_mass,
+                    potential.graph_inputs(), randomness, min(_RECORD_EVERY, samples - s))
+                state = State(z, logp, grad)
+                draws.add_block(*records)
+                s = _advance(bar, draws, s, done, samples)
+                if drawn is None:
+                    continue
             if between is not None:
                 state = between(state)
-            state, info = transition(potential, state, step, metric, randomness,
-                                     fuse=fuse_now(samples - s, ops, C))
+            state, info = transition(potential, state, step, metric, randomness, fuse=fuse_now(samples - s, ops, C),
+                                     **({} if drawn is None else {"drawn": drawn}))
             draws.add(state, info)
             bar.update(1)
             if bar is not NO_BAR and (s % _POSTFIX_EVERY == 0 or s == samples - 1):
                 stats = draws.recorded()
                 bar.set_postfix_str(f"acceptance {float(stats['accept_stat'][:s + 1].mean()):.2f}, divergences "
                                     f"{int(stats['divergent'][:s + 1].sum())}", refresh=False)
+            s += 1
         stats = draws.recorded()
         phases["sampling"] = _since(start)
     per_chain = {k: v.transpose(0, 1).contiguous() for k, v in stats.items()}
@@ -1131,6 +1173,20 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
     return NUTSResult(step_size=step, inverse_mass=metric.inv_mass, warmup_divergences=warm_div.total(),
                       kernel=kernel, max_tree_depth=max_tree_depth, phase_seconds=phases, transition=used,
                       why_not_compiled=why_not, **per_chain)
+
+
+def _advance(bar, draws: "_Draws", s: int, done: int, samples: int) -> int:
+    """The sampling loop's count after ``done`` more draws from ``s``; the bar moved, and its
+    acceptance and divergences refreshed every ``_POSTFIX_EVERY`` draws and at the last."""
+    if done:
+        bar.update(done)
+        end = s + done
+        if bar is not NO_BAR and ((end - 1) // _POSTFIX_EVERY != (s - 1) // _POSTFIX_EVERY or end == samples):
+            stats = draws.recorded()
+            bar.set_postfix_str(f"acceptance {float(stats['accept_stat'][:end].mean()):.2f}, divergences "
+                                f"{int(stats['divergent'][:end].sum())}", refresh=False)
+        s = end
+    return s
 
 
 def _transition_used(transition) -> tuple[str, str | None]:

@@ -255,6 +255,7 @@ class CompiledTransition:
         self._draws: dict = {}              # fresh rows -> the buffer's view drawn for them
         self.recent_depths: list[int] = []  # the deepest tree of each recent transition
         self.redone = 0                     # transitions run again with more leaf uniforms
+        self.library, self.packed = None, ()  # the potential's library and its constant inputs (``build``)
 
     @classmethod
     def build(cls, evaluate_graph, graph_args: tuple, evaluate_eager, z, logp, grad, inv_mass,
@@ -289,6 +290,7 @@ class CompiledTransition:
             return nuts_native.transition_native(library, z, logp, grad, p0, u, u_leaf, step, inv_mass,
                                                  int(fresh), K, (*args, *packed))
         built = cls(run, z.shape[0], K, z.device)
+        built.library, built.packed = library, tuple(packed)
         checked = _checked_path(library, z, inv_mass, graph_args, K)
         if not os.path.exists(checked):
             built._check(evaluate_eager, graph_args, z, logp, grad, inv_mass)
@@ -383,6 +385,36 @@ class CompiledTransition:
         self.recent_depths.append(max(out[7].tolist()))  # (a list's max: no torch op)
         del self.recent_depths[:-50]
         return out[:-1]
+
+    def can_run_many(self, randomness, inv_mass) -> bool:
+        """Whether ``run_many`` draws exactly what ``hmc.nuts_step`` and ``__call__`` draw:
+        a diagonal metric, a ``TorchRandomness`` drawing with ``torch.randn``/``torch.rand`` on
+        a CPU generator, and a plain library (a package may call ATen code that raises,
+        where the per-transition path hands that transition to the eager kernel)."""
+        return (self.library is not None and not self.library.endswith(".pt2")
+                and inv_mass.dim() == 2 and self._uniforms.device.type == "cpu"
+                and _rand_in_place(randomness, self._uniforms.device)
+                and type(randomness).normal is TorchRandomness.normal)
+
+    def run_many(self, z, logp, grad, sqrt_mass, step, inv_mass, graph_args: tuple, randomness, n: int):
+        """Up to ``n`` transitions in a row, all in C++ (``nuts_native.transitions_native``),
+        with the same draws from ``randomness`` and the same outputs as ``n`` calls of
+        ``hmc.nuts_step`` on this transition (``can_run_many`` must hold). Returns (done,
+        (z, logp, grad) after them, their records (z [done, C, D], logp, energy,
+        accept_stat, divergent, moved, n_steps, tree_depth [done, C]), None or the momentum
+        and uniforms of transition ``done`` where it was not valid: the eager kernel must make
+        it with them)."""
+        from . import nuts_native
+
+        out = nuts_native.transitions_native(self.library, z, logp, grad, sqrt_mass, step, inv_mass, self._uniforms,
+                                             randomness.gen(z.device), n, self.K, self.recent_depths,
+                                             (*graph_args, *self.packed))
+        done, redone = out[0].tolist()
+        self.redone += redone
+        self.recent_depths = out[12].tolist()
+        records = tuple(x[:done] for x in out[4:12])
+        failed = (out[13], out[14]) if done < n else None
+        return done, (out[1], out[2], out[3]), records, failed
 
     def _run(self, inputs, rest, fresh: int, graph_args):
         try:

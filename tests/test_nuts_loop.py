@@ -170,6 +170,12 @@ def test_compiled_nuts_gives_the_gaussians_moments(compiled, monkeypatch):
     calls = []
     monkeypatch.setattr(nuts_loop.CompiledTransition, "_run",
                         lambda self, *a, _run=nuts_loop.CompiledTransition._run: calls.append(1) or _run(self, *a))
+
+    def many(self, *a, _many=nuts_loop.CompiledTransition.run_many):  # (the sampling phase's runs)
+        out = _many(self, *a)
+        calls.extend([1] * out[0])
+        return out
+    monkeypatch.setattr(nuts_loop.CompiledTransition, "run_many", many)
     rand = TorchRandomness(torch.Generator().manual_seed(11))
     z0 = torch.randn(4, 5, dtype=F64, generator=torch.Generator().manual_seed(2))
     res = hmc.sample_nuts(target, z0, samples=1500, warmup=300, randomness=rand, max_tree_depth=K, progress=False)
@@ -557,3 +563,65 @@ def test_the_check_against_the_eager_loop_is_made_once_per_library_and_shapes(co
     hmc._LOOP_CACHE.pop(target, None)
     assert isinstance(hmc._compiled_transition(target, metric, K - 2, state), nuts_loop.CompiledTransition)
     assert checks.count(K - 2) == 1  # (the failed check left no marker)
+
+
+class Bounded(Gaussian):
+    """The Gaussian whose graph says its parameters are invalid where some chain's first
+    coordinate exceeds 1 (a transition that reaches there goes to the eager kernel)."""
+
+    def _graph(self, z, beta):
+        logp, grad = self.value_and_grad(z)
+        return logp, grad, (beta < 2.0) & (z[:, 0] < 1.0).all()
+
+
+def _sampled(target, monkeypatch, runs: str, seed: int, samples: int = 300):
+    monkeypatch.setenv("PPL_NUTS_RUNS", runs)
+    monkeypatch.setenv("PPL_NUTS_LOOP", "1")
+    monkeypatch.setattr(hmc, "LOOP_BUILD_FIXED", 0.0)
+    monkeypatch.setattr(hmc, "LOOP_BUILD_PER_OP", 0.0)
+    calls = {"many": 0, "eager": 0}
+    many = nuts_loop.CompiledTransition.run_many
+
+    def counted_many(self, *a):
+        calls["many"] += 1
+        return many(self, *a)
+    monkeypatch.setattr(nuts_loop.CompiledTransition, "run_many", counted_many)
+    step = hmc.nuts_step
+
+    def counted_step(*a, drawn=None, **k):
+        calls["eager"] += drawn is not None
+        return step(*a, drawn=drawn, **k)
+    monkeypatch.setattr(hmc, "nuts_step", counted_step)
+    hmc._LOOP_CACHE.pop(target, None)  # (a transition of its own: the recent depths start afresh)
+    rand = TorchRandomness(torch.Generator().manual_seed(seed))
+    z0 = torch.randn(4, 5, dtype=F64, generator=torch.Generator().manual_seed(seed)) * 0.3
+    res = hmc.sample_nuts(target, z0, samples=samples, warmup=100, randomness=rand, max_tree_depth=6, progress=False)
+    monkeypatch.undo()
+    return res, calls
+
+
+def _same(a, b) -> None:
+    for name in ("z", "logp", "divergent", "tree_depth", "n_steps", "accept_stat", "energy", "step_size"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_runs_of_transitions_in_cpp_give_the_per_transition_draws(compiled, monkeypatch):
+    """The sampling phase's transitions made in runs in C++ (``CompiledTransition.run_many``:
+    momenta and uniforms drawn there, from the same generator, in the same order) give
+    exactly the draws and statistics of one ``nuts_step`` a transition."""
+    target, built, K = compiled
+    one, calls_one = _sampled(target, monkeypatch, "0", seed=5)
+    runs, calls_runs = _sampled(target, monkeypatch, "1", seed=5)
+    assert calls_one["many"] == 0 and calls_runs["many"] >= 300 // 64
+    _same(one, runs)
+
+
+def test_a_transition_found_invalid_in_a_run_is_made_eagerly_with_its_draws(monkeypatch):
+    """Where a transition of a run is not valid (here: a chain leaves the region the graph
+    calls valid), the run stops there and ``nuts_step`` makes that transition eagerly with
+    the momentum and uniforms the run drew: the same draws as one transition at a time."""
+    target = Bounded(_precision(5, seed=7), 4)
+    one, calls_one = _sampled(target, monkeypatch, "0", seed=6, samples=200)
+    runs, calls_runs = _sampled(target, monkeypatch, "1", seed=6, samples=200)
+    assert calls_runs["many"] > 200 // 64 and calls_runs["eager"] >= 1
+    _same(one, runs)

@@ -175,9 +175,16 @@ def _default_protocol_run(monkeypatch):
     def counted_call(self, *args, **kwargs):
         calls.append(1)
         return call(self, *args, **kwargs)
+    many = nuts_loop.CompiledTransition.run_many
+
+    def counted_many(self, *args):  # (the sampling phase: runs of transitions in C++)
+        out = many(self, *args)
+        calls.extend([1] * out[0])
+        return out
     with monkeypatch.context() as m:
         m.setattr(nuts_loop.CompiledTransition, "build", classmethod(counted_build))
         m.setattr(nuts_loop.CompiledTransition, "__call__", counted_call)
+        m.setattr(nuts_loop.CompiledTransition, "run_many", counted_many)
         res = ppl.compile_source(SOURCE).run("nuts", DATA, compile=True, **DEFAULT_PROTOCOL)
     assert res.extra["compiled"]
     return torch.as_tensor(res.samples["mu"]), builds, len(calls)
