@@ -329,11 +329,11 @@ def _cpu_wrapper(stack: bool):
 #: for every graph) and starts the graph's own code.
 _INTERFACE_MARK, _INTERFACE_END = "// Definition of AOTI runtime interface functions", '} // extern "C"\n'
 _MODEL_BASE = "AOTInductorModelBase<AOTInductorModel>"
-#: The wrapper's headers (AOTInductor precompiles them: ~9 s of gcc per machine for
-#: ``array_ref.h``), and ``array_ref.h`` without ``array_ref_impl.h`` (which brings ATen's
-#: tensor headers for helpers of the minimal array-ref interface that the graph's code does not use).
-_WRAPPER_HEADERS = "torch/csrc/inductor/aoti_include/"
-_ARRAY_REF_H = "#include <torch/csrc/inductor/aoti_include/array_ref.h>"
+#: The wrapper's header with buffers on the stack (AOTInductor precompiles it: ~9 s of gcc per
+#: machine, 271 MB), and it without ``array_ref_impl.h`` (which brings ATen's tensor headers for
+#: helpers of the minimal array-ref interface that the graph's code does not use).
+_ARRAY_REF = "torch/csrc/inductor/aoti_include/array_ref.h"
+_ARRAY_REF_H = f"#include <{_ARRAY_REF}>"
 _ARRAY_REF_LIGHT = "".join(f"#include <torch/csrc/inductor/{h}.h>\n" for h in (
     "aoti_include/common", "aoti_runtime/arrayref_tensor", "aoti_runtime/arrayref_tensor_conversion",
     "aoti_runtime/scalar_to_tensor", "aoti_runtime/thread_local", "cpp_wrapper/device_internal/cpu"))
@@ -351,21 +351,22 @@ def _split_wrapper():
     ``AOTInductorModelBase<AOTInductorModel>`` instantiated explicitly) into an object compiled
     once per machine (``ppl_wrapper_runtime/`` beside Inductor's ``precompiled_headers/``), and
     the graph's own code (the model's constructor, input checks, ``run_impl``) with the base
-    class declared ``extern template`` and ``array_ref.h``'s headers but ``array_ref_impl.h``
-    (ATen's tensor headers, for helpers the graph's code does not use; where it does, it is
-    compiled again with them); joined (``ld -r``) into the object the link expects. Why: gcc
-    spent ~5 s on wrapper.cpp whatever the graph, not parsing (the precompiled header was
-    used: ``-H``) but instantiating the headers' templates (~1.4 s for any file including
-    them, ~0.8 s without ATen's) and generating ~375 functions of which ~30 are the graph's
-    (std::regex for a device string, the container's maps...). The wrapper's headers are then
-    not precompiled (AOTInductor's precompiled ``array_ref.h``: ~9 s of gcc per machine, 271 MB;
-    the graph's part gains ~0.2 s from it; the kernels' precompiled header stays).
-    Seven bench models: gcc on the wrapper 5-5.9 -> 2.4-2.9 s; eight schools' cold build
-    10.8 -> 7.7 s CPU, 22.0 -> 18.8 s on a machine's first build (headers and runtime object
-    cold: the runtime's object ~6.7 s). The same code is compiled with the same flags, so the
-    library computes the same (its kernels are not touched; outputs bit-identical on the 7
-    models, ``bench/cold_build.py --compare``) and a call runs the same code (eight schools
-    2.70 / 2.69 us, logistic regression 8.97 / 8.88 us). Where the wrapper is not as expected
+    class declared ``extern template``; joined (``ld -r``) into the object the link expects.
+    Both include ``array_ref.h``'s headers but ``array_ref_impl.h`` (``_ARRAY_REF_LIGHT``: it
+    brings ATen's tensor headers, for helpers of the minimal array-ref interface that this
+    code does not use; where it does, it is compiled again with them), which Inductor
+    precompiles instead of ``array_ref.h`` (~4 s of gcc per machine instead of ~9 s).
+    Why: gcc spent ~5 s on wrapper.cpp whatever the graph, not parsing (the precompiled
+    header was used: ``-H``) but instantiating the headers' templates (~1.4 s for any file
+    including them, ~0.8 s without ATen's) and generating ~375 functions of which ~30 are the
+    graph's (std::regex for a device string, the container's maps...). Measured (gcc on the
+    wrapper): 5-5.9 s -> 1.3-1.4 s; eight schools' cold build 10.8 -> 6.8 s CPU (logistic
+    regression 10.5 -> 6.8), a machine's first build (headers and runtime object cold too)
+    22.0 -> 18.4 s. The same source is compiled with the same flags, so the library computes
+    the same (its kernels are not touched; outputs bit-identical on the 7 bench models,
+    ``bench/cold_build.py --compare``); gcc inlines a little differently across the two parts
+    (an output tensor's ``realloc`` is a call), a call takes the same time (eight schools
+    2.76 / 2.73 us, logistic regression 9.01 / 8.95 us). Where the wrapper is not as expected
     or a part fails to compile, the wrapper is compiled whole (``SPLIT_WRAPPER["last"]`` says
     why). Not part of the library's cache key: either way the library computes the same."""
     from torch._inductor import cpp_builder
@@ -375,8 +376,8 @@ def _split_wrapper():
         return
 
     def precompile_header(header: str, *args, **kwargs):
-        if header.startswith(_WRAPPER_HEADERS):  # (the wrapper's: no precompiled header)
-            return None
+        if header == _ARRAY_REF:  # (the wrapper's: its light part precompiled instead)
+            header = _light_header()
         return precompile(header, *args, **kwargs)
 
     def run(cmd_line: str, cwd: str) -> None:
@@ -395,6 +396,21 @@ def _split_wrapper():
         yield
     finally:
         cpp_builder._run_compile_cmd, codecache._precompile_header = original, precompile
+
+
+def _light_header() -> str:
+    """The file ``_ARRAY_REF_LIGHT`` (``ppl_wrapper_runtime/array_ref_light.h``), for Inductor
+    to precompile (``#include </its/path>``: keyed by its preprocessed text, the flags and the
+    compiler, as Inductor's own headers)."""
+    from torch._inductor import codecache
+    path = os.path.join(os.path.dirname(codecache._HEADER_DIR), "ppl_wrapper_runtime", "array_ref_light.h")
+    text = "#pragma once\n" + _ARRAY_REF_LIGHT
+    if not os.path.exists(path) or open(path).read() != text:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.{os.getpid()}", "w") as fh:
+            fh.write(text)
+        os.replace(f"{path}.{os.getpid()}", path)
+    return path
 
 
 def _split_wrapper_compile(cmd_line: str, cwd: str, compile_cmd) -> bool | str | None:
@@ -419,6 +435,19 @@ def _split_wrapper_compile(cmd_line: str, cwd: str, compile_cmd) -> bool | str |
 
     def command(src: str, out: str) -> str:
         return shlex.join([src if w == source else out if w == target else w for w in words])
+
+    def compile_light_first(src: str, path: str, out: str) -> None:
+        """``src`` compiled with ``_ARRAY_REF_LIGHT`` for ``array_ref.h``; where that lacks
+        what it uses, as it is."""
+        light = src.replace(_ARRAY_REF_H, _ARRAY_REF_LIGHT)
+        for i, text in enumerate(dict.fromkeys((light, src))):
+            with open(path, "w") as fh:
+                fh.write(text)
+            try:
+                return compile_cmd(command(path, out), cwd)
+            except Exception:
+                if i or light == src:
+                    raise
     # the runtime's object: keyed by its source and the command (which names the precompiled
     # header, itself keyed by the headers' preprocessed text, the flags and the compiler)
     key = hashlib.sha256(f"{torch.__version__}|{torch.version.git_version}|{runtime_src}".encode())
@@ -433,24 +462,13 @@ def _split_wrapper_compile(cmd_line: str, cwd: str, compile_cmd) -> bool | str |
     if not os.path.exists(runtime_o):
         os.makedirs(store, exist_ok=True)
         partial = f"{runtime_o}.{os.getpid()}"
-        with open(f"{stem}.runtime.wrapper.cpp", "w") as fh:
-            fh.write(runtime_src)
         try:
-            compile_cmd(command(f"{stem}.runtime.wrapper.cpp", partial), cwd)
+            compile_light_first(runtime_src, f"{stem}.runtime.wrapper.cpp", partial)
             os.replace(partial, runtime_o)  # (atomic: another process sees the whole object or none)
         finally:
             if os.path.exists(partial):
                 os.remove(partial)
-    light = model_src.replace(_ARRAY_REF_H, _ARRAY_REF_LIGHT) if "-include" not in words else model_src
-    for i, src in enumerate(dict.fromkeys((light, model_src))):
-        with open(f"{stem}.model.wrapper.cpp", "w") as fh:
-            fh.write(src)
-        try:
-            compile_cmd(command(f"{stem}.model.wrapper.cpp", f"{stem}.model.o"), cwd)
-            break
-        except Exception:  # (the light headers lack what it uses: with array_ref.h)
-            if i or light == model_src:
-                raise
+    compile_light_first(model_src, f"{stem}.model.wrapper.cpp", f"{stem}.model.o")
     compile_cmd(shlex.join(["ld", "-r", runtime_o, f"{stem}.model.o", "-o", target]), cwd)
     return True
 
