@@ -221,11 +221,21 @@ class WindowedAdaptation:
         step_size = self.dual.update(accept_stat)
         if self.in_window(i):
             self.welford.update(z)
+        return step_size, self.window_end(i)
+
+    def window_end(self, i: int) -> torch.Tensor | None:
+        """After iteration i's updates: the new inverse mass where a slow window ends at i
+        (the estimate starts again), else None."""
         if i in self.window_ends and self.welford.n >= 2:
             inverse_mass = self.welford.inverse_mass()
             self.welford.reset()
-            return step_size, inverse_mass
-        return step_size, None
+            return inverse_mass
+        return None
+
+    def next_stop(self, i: int) -> int:
+        """The first iteration from i on after which the caller must act: a window's end, or
+        the last warm-up iteration."""
+        return min([e for e in self.window_ends if e >= i] + [self.num_warmup - 1])
 
     def restart_step_size(self, step_size: torch.Tensor) -> None:
         """After a mass matrix update: dual averaging starts again from ``step_size``."""

@@ -1088,9 +1088,11 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
     regularised towards a small multiple of ``inverse_mass``, Stan's of the identity). ``between``: a function
     State -> State called before every transition (warm-up and sampling), e.g. the other
     half of a Gibbs sweep (it may change the potential; it returns the state re-scored).
-    Sampling with NUTS's compiled transition makes runs of up to ``_RECORD_EVERY``
-    transitions in C++ (``CompiledTransition.run_many``: the same draws as one transition at
-    a time; ``PPL_NUTS_RUNS=0`` turns that off)."""
+    With NUTS's compiled transition, a diagonal metric and the adaptation's estimates on the
+    host, runs of up to ``_RECORD_EVERY`` iterations are made in C++ (``CompiledTransition.
+    run_many`` in sampling; ``warm_up`` in warm-up, up to each slow window's end, whose mass
+    matrix and step size search stay here): the same draws as one transition at a time
+    (``PPL_NUTS_RUNS=0`` turns that off)."""
     z0 = z0.to(_F64)
     C, D = z0.shape
     device = z0.device
@@ -1121,11 +1123,36 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
     fuse_now = functools.partial(_fuse_now, native=True) if _native_library(potential) is not None else _fuse_now
     with progress_bar(progress, desc=kernel.upper(), unit=" draws", total=warmup + samples) as bar:
         start = _clock()
-        for i in range(warmup):
+        i, runs, looked_up = 0, None, False
+        while i < warmup:
+            if not looked_up and getattr(transition, "whole", None) is not _LOOK_UP:
+                looked_up = True  # (the compiled transition is looked up at the first transition)
+                runs = transition.in_runs(metric, randomness) if isinstance(transition, _NutsTransitions) else None
+                runs = runs if runs is not None and adapt.welford.on_host and not dense_mass else None
+            drawn = None
+            if runs is not None:  # iterations in C++ up to the next window's end, adaptation included
+                n = min(adapt.next_stop(i) + 1 - i, _RECORD_EVERY)
+                done, (z, logp, grad), step, drawn = runs.warm_up(
+                    state.z, state.logp, state.grad, metric._sqrt_mass, step.to(_F64), metric.inv_mass,
+                    potential.graph_inputs(), randomness, adapt, i, n, warm_div.count)
+                state = State(z, logp, grad)
+                if done:
+                    i += done
+                    inv_mass = adapt.window_end(i - 1)
+                    if inv_mass is not None:
+                        metric = Metric(inv_mass)
+                        step = find_reasonable_step_size(potential, state, metric, randomness, step)
+                        adapt.restart_step_size(step)
+                    bar.update(done)
+                    if bar is not NO_BAR:
+                        bar.set_postfix_str(f"warm-up, divergences {int(warm_div.total().sum())}", refresh=False)
+                if drawn is None:
+                    continue
             if between is not None:
                 state = between(state)
             state, info = transition(potential, state, step, metric, randomness,
-                                     fuse=fuse_now(warmup + samples - i, ops, C))
+                                     fuse=fuse_now(warmup + samples - i, ops, C),
+                                     **({} if drawn is None else {"drawn": drawn}))
             warm_div.add(info.divergent)
             step, inv_mass = adapt.update(i, state.z, info.accept_stat)
             if inv_mass is not None:
@@ -1135,6 +1162,7 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
             bar.update(1)
             if bar is not NO_BAR and (i % _POSTFIX_EVERY == 0 or i == warmup - 1):
                 bar.set_postfix_str(f"warm-up, divergences {int(warm_div.total().sum())}", refresh=False)
+            i += 1
         if warmup:
             step = adapt.final_step_size()
         phases["warmup"] = _since(start)

@@ -416,6 +416,26 @@ class CompiledTransition:
         failed = (out[13], out[14]) if done < n else None
         return done, (out[1], out[2], out[3]), records, failed
 
+    def warm_up(self, z, logp, grad, sqrt_mass, step, inv_mass, graph_args: tuple, randomness, adapt, first: int,
+                n: int, divergences):
+        """Up to ``n`` warm-up iterations from iteration ``first``, all in C++
+        (``nuts_native.warmup_native``): each transition as ``run_many`` makes it, then the
+        adaptation ``adapt.update`` makes (``adapt``: an ``adaptation.WindowedAdaptation`` with
+        its Welford estimate on the host; its state is updated; a window's end is left to the
+        caller), divergences added into ``divergences`` [C]. Returns (done, (z, logp, grad),
+        the step size after them, None or the failed transition's momentum and uniforms: its
+        transition and adaptation are the caller's)."""
+        from . import nuts_native
+
+        in_window = torch.tensor([adapt.in_window(i) for i in range(first, first + n)], dtype=torch.bool)
+        out = nuts_native.warmup_native(self.library, z, logp, grad, sqrt_mass, step, inv_mass, self._uniforms,
+                                        randomness.gen(z.device), n, self.K, self.recent_depths,
+                                        (*graph_args, *self.packed), adapt.dual, adapt.welford, in_window, divergences)
+        done, redone, adapt.dual.counter, adapt.welford.n = out[0].tolist()
+        self.redone += redone
+        self.recent_depths = out[5].tolist()
+        return done, (out[1], out[2], out[3]), out[4], ((out[6], out[7]) if done < n else None)
+
     def _run(self, inputs, rest, fresh: int, graph_args):
         try:
             return self.run(*inputs, *rest, fresh, *graph_args)

@@ -176,6 +176,12 @@ def test_compiled_nuts_gives_the_gaussians_moments(compiled, monkeypatch):
         calls.extend([1] * out[0])
         return out
     monkeypatch.setattr(nuts_loop.CompiledTransition, "run_many", many)
+
+    def warm(self, *a, _warm=nuts_loop.CompiledTransition.warm_up):  # (the warm-up's runs)
+        out = _warm(self, *a)
+        calls.extend([1] * out[0])
+        return out
+    monkeypatch.setattr(nuts_loop.CompiledTransition, "warm_up", warm)
     rand = TorchRandomness(torch.Generator().manual_seed(11))
     z0 = torch.randn(4, 5, dtype=F64, generator=torch.Generator().manual_seed(2))
     res = hmc.sample_nuts(target, z0, samples=1500, warmup=300, randomness=rand, max_tree_depth=K, progress=False)
@@ -579,13 +585,18 @@ def _sampled(target, monkeypatch, runs: str, seed: int, samples: int = 300):
     monkeypatch.setenv("PPL_NUTS_LOOP", "1")
     monkeypatch.setattr(hmc, "LOOP_BUILD_FIXED", 0.0)
     monkeypatch.setattr(hmc, "LOOP_BUILD_PER_OP", 0.0)
-    calls = {"many": 0, "eager": 0}
-    many = nuts_loop.CompiledTransition.run_many
+    calls = {"many": 0, "eager": 0, "warm": 0}
+    many, warm = nuts_loop.CompiledTransition.run_many, nuts_loop.CompiledTransition.warm_up
 
     def counted_many(self, *a):
         calls["many"] += 1
         return many(self, *a)
+
+    def counted_warm(self, *a):
+        calls["warm"] += 1
+        return warm(self, *a)
     monkeypatch.setattr(nuts_loop.CompiledTransition, "run_many", counted_many)
+    monkeypatch.setattr(nuts_loop.CompiledTransition, "warm_up", counted_warm)
     step = hmc.nuts_step
 
     def counted_step(*a, drawn=None, **k):
@@ -606,13 +617,16 @@ def _same(a, b) -> None:
 
 
 def test_runs_of_transitions_in_cpp_give_the_per_transition_draws(compiled, monkeypatch):
-    """The sampling phase's transitions made in runs in C++ (``CompiledTransition.run_many``:
-    momenta and uniforms drawn there, from the same generator, in the same order) give
-    exactly the draws and statistics of one ``nuts_step`` a transition."""
+    """The transitions made in runs in C++ (``CompiledTransition.run_many`` in sampling,
+    ``warm_up`` in warm-up with the step size's dual averaging and the Welford estimate there
+    too: momenta and uniforms drawn there, from the same generator, in the same order) give
+    exactly the draws, statistics and step sizes of one ``nuts_step`` (and one
+    ``WindowedAdaptation.update``) a transition."""
     target, built, K = compiled
     one, calls_one = _sampled(target, monkeypatch, "0", seed=5)
     runs, calls_runs = _sampled(target, monkeypatch, "1", seed=5)
-    assert calls_one["many"] == 0 and calls_runs["many"] >= 300 // 64
+    assert calls_one["many"] == calls_one["warm"] == 0 and calls_runs["many"] >= 300 // 64
+    assert calls_runs["warm"] >= 100 // 64  # (warm-up too, its adaptation in C++)
     _same(one, runs)
 
 

@@ -181,10 +181,17 @@ def _default_protocol_run(monkeypatch):
         out = many(self, *args)
         calls.extend([1] * out[0])
         return out
+    warm = nuts_loop.CompiledTransition.warm_up
+
+    def counted_warm(self, *args):  # (the warm-up: runs of iterations in C++)
+        out = warm(self, *args)
+        calls.extend([1] * out[0])
+        return out
     with monkeypatch.context() as m:
         m.setattr(nuts_loop.CompiledTransition, "build", classmethod(counted_build))
         m.setattr(nuts_loop.CompiledTransition, "__call__", counted_call)
         m.setattr(nuts_loop.CompiledTransition, "run_many", counted_many)
+        m.setattr(nuts_loop.CompiledTransition, "warm_up", counted_warm)
         res = ppl.compile_source(SOURCE).run("nuts", DATA, compile=True, **DEFAULT_PROTOCOL)
     assert res.extra["compiled"]
     return torch.as_tensor(res.samples["mu"]), builds, len(calls)
