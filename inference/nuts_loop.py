@@ -41,7 +41,7 @@ import torch
 from torch._higher_order_ops.while_loop import while_loop
 
 from ..semantics.randomness import TorchRandomness
-from .compiled import lift_constants, pack_constants, unpack_constants
+from .compiled import lift_constants, pack_constants, unpack_constants, vector_width
 
 #: an energy error above this is a divergence (Stan's max_deltaH; hmc.MAX_DELTA_ENERGY)
 MAX_DELTA_ENERGY = 1000.0
@@ -529,7 +529,7 @@ def _load_or_compile(gm: torch.fx.GraphModule, inputs: tuple) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             built = torch._inductor.aot_compile(gm, tuple(inputs), options={"aot_inductor.output_path": partial,
-                                                                             **_vector_width()})
+                                                                             **vector_width()})
         os.replace(built, path)  # (atomic: another process sees the whole library or none)
     return path
 
@@ -618,14 +618,6 @@ def _attribute(module, target: str):
     for part in target.split("."):
         value = getattr(value, part)
     return value
-
-
-def _vector_width() -> dict:
-    """256-bit vectors where the CPU has them: this program's tensors are tiny (a few chains
-    x tens of dimensions), and AVX-512's wider vectors mostly run masked partial loads
-    (measured on a 10-d Gaussian, 4 chains: 880 against 1,060 us per transition)."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    return {"cpp.simdlen": 256} if capability in ("AVX2", "AVX512") else {}
 
 
 def _artifact_path(gm: torch.fx.GraphModule, inputs: tuple) -> str:

@@ -165,3 +165,18 @@ def test_a_stack_buffer_build_gets_the_wrapper_that_keeps_buffers_on_the_stack(m
         compiled.build_native(gm, example)
     assert seen == [CppWrapperCpuArrayRef]
     assert common.device_codegens["cpu"].cpp_wrapper_codegen is CppWrapperCpu
+
+
+def test_libraries_use_256_bit_vectors_where_the_cpu_has_avx_and_the_width_keys_the_library(monkeypatch):
+    """``compiled.vector_width``: ``cpp.simdlen`` 256 on AVX2/AVX-512 (the potentials' small
+    tensors ran slower with AVX-512's 16-wide double vectors), none elsewhere; as it changes the
+    kernels' summation order, a library built for one width is not loaded for another."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    gm = make_fx(lambda z: (z.exp().sum(1),))(torch.zeros(4, 3, dtype=torch.float64))
+    inputs = [torch.zeros(4, 3, dtype=torch.float64)]
+    paths = {}
+    for capability, width in (("AVX512", {"cpp.simdlen": 256}), ("AVX2", {"cpp.simdlen": 256}), ("DEFAULT", {})):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert compiled.vector_width() == width
+        paths[capability] = compiled._native_path(gm, inputs)
+    assert paths["AVX512"] == paths["AVX2"] != paths["DEFAULT"]
