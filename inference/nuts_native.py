@@ -51,6 +51,7 @@ SOURCE = r"""
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -383,119 +384,39 @@ std::vector<at::Tensor> transition(const std::string& library, const at::Tensor&
   return {pz_t, plp_t, pg_t, energy_t, accept_t, div_t, steps_t, depth_t, moved_t, flags_t};
 }
 
-// ``n`` transitions in a row with a fixed step size and diagonal metric (NUTS's sampling phase),
-// drawing what ``hmc.nuts_step`` and ``nuts_loop.CompiledTransition`` draw for each, in the same
-// order from the same generator: the momentum (randn [C, D] times sqrt_mass), the uniforms (one
-// uniform_ on the first 3KC + fresh*C numbers of ``uniforms``), and where a sub-tree outgrows the
-// leaf uniforms drawn, the rest (rand [L - fresh, C]) and the transition again. ``recent``: the
-// deepest tree of each recent transition (``CompiledTransition.recent_depths``, at most 50 kept).
-// Stops early at a transition that is not valid (the eager kernel must make it: its momentum and
-// uniforms are returned). Returns {done, z, logp, grad (the state after the last transition done),
-// the done transitions' z [n, C, D], logp, energy, accept [n, C], divergent, moved [n, C] (bool),
-// steps, depth [n, C] (int64), recent depths, the failed transition's p0 and uniforms, redone}.
-std::vector<at::Tensor> transitions(const std::string& library, const at::Tensor& z_in, const at::Tensor& logp_in,
-                                    const at::Tensor& grad_in, const at::Tensor& sqrt_mass, const at::Tensor& step,
-                                    const at::Tensor& inv_mass, const at::Tensor& uniforms,
-                                    std::optional<at::Generator> gen, int64_t n, int64_t K,
-                                    at::IntArrayRef recent_in, at::TensorList args) {
-  const int64_t C = z_in.size(0), D = z_in.size(1), L = int64_t(1) << (K - 1);
-  TORCH_CHECK(uniforms.numel() == 3 * K * C + L * C && uniforms.is_contiguous(), "the uniforms' buffer");
-  const auto f64 = z_in.options().dtype(at::kDouble);
-  auto zs = uninitialised({n, C, D}, at::kDouble), logps = uninitialised({n, C}, at::kDouble);
-  auto energies = uninitialised({n, C}, at::kDouble), accepts = uninitialised({n, C}, at::kDouble);
-  auto divs = uninitialised({n, C}, at::kBool), moveds = uninitialised({n, C}, at::kBool);
-  auto stepss = uninitialised({n, C}, at::kLong), depths = uninitialised({n, C}, at::kLong);
-  std::vector<int64_t> recent(recent_in.begin(), recent_in.end());
-  at::Tensor z = z_in, logp = logp_in, grad = grad_in;
-  auto p0 = uninitialised({C, D}, at::kDouble), u = uninitialised({3 * K, C}, at::kDouble);
-  auto sqrt_m = sqrt_mass.contiguous();
-  double* uni = uniforms.data_ptr<double>();
-  auto u_leaf = uniforms.narrow(0, 3 * K * C, L * C).view({L, C});
-  int64_t done = 0, redone = 0;
-  auto record = [&](at::Tensor& into, const at::Tensor& from, int64_t size) {  // (the dispatcher's copy_: ~0.5 us)
-    std::memcpy(static_cast<char*>(into.data_ptr()) + done * size, from.data_ptr(), size);
-  };
-  for (; done < n; ++done) {
-    {  // p0 = randn(C, D) * sqrt_mass (the same draw and products as Metric.sample_momentum)
-      auto eps = at::randn({C, D}, gen, f64);
-      const double *e = eps.data_ptr<double>(), *m = sqrt_m.data_ptr<double>();
-      double* out = p0.data_ptr<double>();
-      for (int64_t i = 0; i < C * D; ++i) out[i] = e[i] * m[i];
-    }
-    int64_t deepest = K;
-    if (!recent.empty()) deepest = *std::max_element(recent.begin(), recent.end());
-    const int64_t fresh = std::min(L, int64_t(1) << deepest);
-    uniforms.narrow(0, 0, 3 * K * C + fresh * C).uniform_(0.0, 1.0, gen);
-    {  // u [3K, C]: the first 3KC uniforms read as [C, 3K], transposed
-      double* ut = u.data_ptr<double>();
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t k = 0; k < 3 * K; ++k) ut[k * C + c] = uni[c * 3 * K + k];
-    }
-    auto out = transition(library, z, logp, grad, p0, u, u_leaf, step, inv_mass, fresh, K, args);
-    bool valid = out[9].data_ptr<bool>()[0], enough = out[9].data_ptr<bool>()[1];
-    if (valid && !enough) {  // a sub-tree longer than the uniforms drawn: the rest, and again
-      ++redone;
-      u_leaf.narrow(0, fresh, L - fresh).copy_(at::rand({L - fresh, C}, gen, f64));
-      out = transition(library, z, logp, grad, p0, u, u_leaf, step, inv_mass, L, K, args);
-      valid = out[9].data_ptr<bool>()[0];
-      enough = out[9].data_ptr<bool>()[1];
-    }
-    if (!(valid && enough)) break;
-    const int64_t* depth = out[7].data_ptr<int64_t>();
-    recent.push_back(*std::max_element(depth, depth + C));
-    if (recent.size() > 50) recent.erase(recent.begin());
-    z = out[0], logp = out[1], grad = out[2];
-    const int64_t cd = C * D * sizeof(double), c8 = C * sizeof(double), cb = C * sizeof(bool);
-    record(zs, z, cd), record(logps, logp, c8), record(energies, out[3], c8), record(accepts, out[4], c8);
-    record(divs, out[5], cb), record(stepss, out[6], c8), record(depths, out[7], c8), record(moveds, out[8], cb);
-  }
-  auto recent_t = uninitialised({int64_t(recent.size())}, at::kLong);
-  std::copy(recent.begin(), recent.end(), recent_t.data_ptr<int64_t>());
-  auto counts = uninitialised({2}, at::kLong);
-  counts.data_ptr<int64_t>()[0] = done;
-  counts.data_ptr<int64_t>()[1] = redone;
-  auto failed_p0 = done < n ? p0 : uninitialised({0}, at::kDouble);
-  auto failed_u = done < n ? u : uninitialised({0}, at::kDouble);
-  return {counts, z, logp, grad, zs, logps, energies, accepts, divs, moveds, stepss, depths, recent_t,
-          failed_p0, failed_u};
-}
+// One transition after another as ``hmc.nuts_step`` and ``nuts_loop.CompiledTransition`` make them,
+// drawing what they draw, in the same order, from the same generator: the momentum (randn [C, D]
+// times sqrt_mass), the uniforms (one uniform_ on the first 3KC + fresh*C numbers of ``uniforms``:
+// u read as [C, 3K], then the leaf uniforms), and where a sub-tree outgrows the leaf uniforms
+// drawn, the rest (rand [L - fresh, C]) and the transition again. ``recent``: the deepest tree of
+// each recent transition (``CompiledTransition.recent_depths``, at most 50 kept).
+struct Runs {
+  const std::string& library;
+  const at::Tensor &inv_mass, &uniforms;
+  std::optional<at::Generator> gen;
+  int64_t C, D, K, L;
+  at::TensorList args;
+  std::vector<int64_t> recent;
+  at::Tensor sqrt_m, p0, u, u_leaf;
+  int64_t redone = 0;
 
-// ``n`` warm-up iterations in a row (``hmc.sample_nuts``'s, up to and including the next end of a
-// slow window): each transition as in ``transitions``, then the adaptation ``WindowedAdaptation.update``
-// makes, in the same IEEE operations and order as its numpy arrays: dual averaging of the log step
-// size (iterates mu, s_bar, x, x_bar [C], updated in place; ``counter``), the step size exp(x) by
-// torch's exp, and where ``in_window`` (bool [n]) Welford's running mean and squares (mean, m2
-// [C, D], in place; ``welford_n``); divergences are added into ``divergences`` (int64 [C]). The
-// window's end itself (the mass matrix, the step size search) is left to the caller. Stops early
-// at a transition that is not valid, before its adaptation. Returns {counts (done, redone,
-// counter, welford_n), z, logp, grad, step, recent depths, the failed transition's p0 and u}.
-std::vector<at::Tensor> warmup(const std::string& library, const at::Tensor& z_in, const at::Tensor& logp_in,
-                               const at::Tensor& grad_in, const at::Tensor& sqrt_mass, const at::Tensor& step_in,
-                               const at::Tensor& inv_mass, const at::Tensor& uniforms,
-                               std::optional<at::Generator> gen, int64_t n, int64_t K, at::IntArrayRef recent_in,
-                               at::TensorList args, const at::Tensor& mu, const at::Tensor& s_bar,
-                               const at::Tensor& x, const at::Tensor& x_bar, int64_t counter, double target,
-                               double gamma, double t0, double kappa, const at::Tensor& mean, const at::Tensor& m2,
-                               int64_t welford_n, const at::Tensor& in_window, const at::Tensor& divergences) {
-  const int64_t C = z_in.size(0), D = z_in.size(1), L = int64_t(1) << (K - 1);
-  TORCH_CHECK(uniforms.numel() == 3 * K * C + L * C && uniforms.is_contiguous(), "the uniforms' buffer");
-  for (const auto* t : {&mu, &s_bar, &x, &x_bar, &mean, &m2})
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kDouble, "the adaptation's state");
-  TORCH_CHECK(mean.numel() == C * D && m2.numel() == C * D && mu.numel() == C, "the adaptation's shapes");
-  const auto f64 = z_in.options().dtype(at::kDouble);
-  constexpr double LARGEST = std::numeric_limits<double>::max();
-  std::vector<int64_t> recent(recent_in.begin(), recent_in.end());
-  at::Tensor z = z_in, logp = logp_in, grad = grad_in, step = step_in;
-  auto p0 = uninitialised({C, D}, at::kDouble), u = uninitialised({3 * K, C}, at::kDouble);
-  auto sqrt_m = sqrt_mass.contiguous();
-  double* uni = uniforms.data_ptr<double>();
-  auto u_leaf = uniforms.narrow(0, 3 * K * C, L * C).view({L, C});
-  double *mu_p = mu.data_ptr<double>(), *sb = s_bar.data_ptr<double>(), *xp = x.data_ptr<double>(),
-         *xb = x_bar.data_ptr<double>(), *mean_p = mean.data_ptr<double>(), *m2_p = m2.data_ptr<double>();
-  const bool* window = in_window.data_ptr<bool>();
-  int64_t* div_count = divergences.data_ptr<int64_t>();
-  int64_t done = 0, redone = 0;
-  for (; done < n; ++done) {
+  Runs(const std::string& library, const at::Tensor& z, const at::Tensor& sqrt_mass, const at::Tensor& inv_mass,
+       const at::Tensor& uniforms, std::optional<at::Generator> gen, int64_t K, at::IntArrayRef recent,
+       at::TensorList args)
+      : library(library), inv_mass(inv_mass), uniforms(uniforms), gen(std::move(gen)), C(z.size(0)), D(z.size(1)),
+        K(K), L(int64_t(1) << (K - 1)), args(args), recent(recent.begin(), recent.end()) {
+    TORCH_CHECK(uniforms.numel() == 3 * K * C + L * C && uniforms.is_contiguous(), "the uniforms' buffer");
+    sqrt_m = sqrt_mass.contiguous();
+    p0 = uninitialised({C, D}, at::kDouble);
+    u = uninitialised({3 * K, C}, at::kDouble);
+    u_leaf = uniforms.narrow(0, 3 * K * C, L * C).view({L, C});
+  }
+
+  // the next transition's outputs (as ``transition``'s), or none where it is not valid (the
+  // eager kernel must make it with ``p0`` and ``u``)
+  std::optional<std::vector<at::Tensor>> next(const at::Tensor& z, const at::Tensor& logp, const at::Tensor& grad,
+                                              const at::Tensor& step) {
+    const auto f64 = z.options().dtype(at::kDouble);
     {
       auto eps = at::randn({C, D}, gen, f64);
       const double *e = eps.data_ptr<double>(), *m = sqrt_m.data_ptr<double>();
@@ -507,6 +428,7 @@ std::vector<at::Tensor> warmup(const std::string& library, const at::Tensor& z_i
     const int64_t fresh = std::min(L, int64_t(1) << deepest);
     uniforms.narrow(0, 0, 3 * K * C + fresh * C).uniform_(0.0, 1.0, gen);
     {
+      const double* uni = uniforms.data_ptr<double>();
       double* ut = u.data_ptr<double>();
       for (int64_t c = 0; c < C; ++c)
         for (int64_t k = 0; k < 3 * K; ++k) ut[k * C + c] = uni[c * 3 * K + k];
@@ -520,15 +442,96 @@ std::vector<at::Tensor> warmup(const std::string& library, const at::Tensor& z_i
       valid = out[9].data_ptr<bool>()[0];
       enough = out[9].data_ptr<bool>()[1];
     }
-    if (!(valid && enough)) break;
+    if (!(valid && enough)) return std::nullopt;
     const int64_t* depth = out[7].data_ptr<int64_t>();
     recent.push_back(*std::max_element(depth, depth + C));
     if (recent.size() > 50) recent.erase(recent.begin());
-    z = out[0], logp = out[1], grad = out[2];
-    const bool* div = out[5].data_ptr<bool>();
+    return out;
+  }
+
+  at::Tensor recent_depths() const {
+    auto t = uninitialised({int64_t(recent.size())}, at::kLong);
+    std::copy(recent.begin(), recent.end(), t.data_ptr<int64_t>());
+    return t;
+  }
+};
+
+// ``n`` transitions in a row with a fixed step size and diagonal metric (NUTS's sampling phase),
+// each made by ``Runs::next``; stops early at one that is not valid. Returns {done, redone; z, logp,
+// grad (the state after the last transition done); the done transitions' z [n, C, D], logp,
+// energy, accept [n, C], divergent, moved [n, C] (bool), steps, depth [n, C] (int64); the recent
+// depths; the failed transition's p0 and u}.
+std::vector<at::Tensor> transitions(const std::string& library, const at::Tensor& z_in, const at::Tensor& logp_in,
+                                    const at::Tensor& grad_in, const at::Tensor& sqrt_mass, const at::Tensor& step,
+                                    const at::Tensor& inv_mass, const at::Tensor& uniforms,
+                                    std::optional<at::Generator> gen, int64_t n, int64_t K,
+                                    at::IntArrayRef recent, at::TensorList args) {
+  Runs runs(library, z_in, sqrt_mass, inv_mass, uniforms, gen, K, recent, args);
+  const int64_t C = runs.C, D = runs.D;
+  auto zs = uninitialised({n, C, D}, at::kDouble), logps = uninitialised({n, C}, at::kDouble);
+  auto energies = uninitialised({n, C}, at::kDouble), accepts = uninitialised({n, C}, at::kDouble);
+  auto divs = uninitialised({n, C}, at::kBool), moveds = uninitialised({n, C}, at::kBool);
+  auto stepss = uninitialised({n, C}, at::kLong), depths = uninitialised({n, C}, at::kLong);
+  at::Tensor z = z_in, logp = logp_in, grad = grad_in;
+  int64_t done = 0;
+  auto record = [&](at::Tensor& into, const at::Tensor& from, int64_t size) {  // (the dispatcher's copy_: ~0.5 us)
+    std::memcpy(static_cast<char*>(into.data_ptr()) + done * size, from.data_ptr(), size);
+  };
+  for (; done < n; ++done) {
+    auto out = runs.next(z, logp, grad, step);
+    if (!out) break;
+    z = (*out)[0], logp = (*out)[1], grad = (*out)[2];
+    const int64_t cd = C * D * sizeof(double), c8 = C * sizeof(double), cb = C * sizeof(bool);
+    record(zs, z, cd), record(logps, logp, c8), record(energies, (*out)[3], c8), record(accepts, (*out)[4], c8);
+    record(divs, (*out)[5], cb), record(stepss, (*out)[6], c8), record(depths, (*out)[7], c8);
+    record(moveds, (*out)[8], cb);
+  }
+  auto counts = uninitialised({2}, at::kLong);
+  counts.data_ptr<int64_t>()[0] = done;
+  counts.data_ptr<int64_t>()[1] = runs.redone;
+  auto failed_p0 = done < n ? runs.p0 : uninitialised({0}, at::kDouble);
+  auto failed_u = done < n ? runs.u : uninitialised({0}, at::kDouble);
+  return {counts, z, logp, grad, zs, logps, energies, accepts, divs, moveds, stepss, depths, runs.recent_depths(),
+          failed_p0, failed_u};
+}
+
+// ``n`` warm-up iterations in a row (``hmc.sample_nuts``'s, up to and including the next end of a
+// slow window): each transition made by ``Runs::next``, then the adaptation ``WindowedAdaptation.update``
+// makes, in the same IEEE operations and order as its numpy arrays: dual averaging of the log step
+// size (iterates mu, s_bar, x, x_bar [C], updated in place; ``counter``), the step size exp(x) by
+// torch's exp, and where ``in_window`` (bool [n]) Welford's running mean and squares (mean, m2
+// [C, D], in place; ``welford_n``); divergences are added into ``divergences`` (int64 [C]). The
+// window's end itself (the mass matrix, the step size search) is left to the caller. Stops early
+// at a transition that is not valid, before its adaptation. Returns {counts (done, redone,
+// counter, welford_n), z, logp, grad, step, recent depths, the failed transition's p0 and u}.
+std::vector<at::Tensor> warmup(const std::string& library, const at::Tensor& z_in, const at::Tensor& logp_in,
+                               const at::Tensor& grad_in, const at::Tensor& sqrt_mass, const at::Tensor& step_in,
+                               const at::Tensor& inv_mass, const at::Tensor& uniforms,
+                               std::optional<at::Generator> gen, int64_t n, int64_t K, at::IntArrayRef recent,
+                               at::TensorList args, const at::Tensor& mu, const at::Tensor& s_bar,
+                               const at::Tensor& x, const at::Tensor& x_bar, int64_t counter, double target,
+                               double gamma, double t0, double kappa, const at::Tensor& mean, const at::Tensor& m2,
+                               int64_t welford_n, const at::Tensor& in_window, const at::Tensor& divergences) {
+  Runs runs(library, z_in, sqrt_mass, inv_mass, uniforms, gen, K, recent, args);
+  const int64_t C = runs.C, D = runs.D;
+  for (const auto* t : {&mu, &s_bar, &x, &x_bar, &mean, &m2})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kDouble, "the adaptation's state");
+  TORCH_CHECK(mean.numel() == C * D && m2.numel() == C * D && mu.numel() == C, "the adaptation's shapes");
+  constexpr double LARGEST = std::numeric_limits<double>::max();
+  at::Tensor z = z_in, logp = logp_in, grad = grad_in, step = step_in;
+  double *mu_p = mu.data_ptr<double>(), *sb = s_bar.data_ptr<double>(), *xp = x.data_ptr<double>(),
+         *xb = x_bar.data_ptr<double>(), *mean_p = mean.data_ptr<double>(), *m2_p = m2.data_ptr<double>();
+  const bool* window = in_window.data_ptr<bool>();
+  int64_t* div_count = divergences.data_ptr<int64_t>();
+  int64_t done = 0;
+  for (; done < n; ++done) {
+    auto out = runs.next(z, logp, grad, step);
+    if (!out) break;
+    z = (*out)[0], logp = (*out)[1], grad = (*out)[2];
+    const bool* div = (*out)[5].data_ptr<bool>();
     for (int64_t c = 0; c < C; ++c) div_count[c] += div[c] ? 1 : 0;
     // adaptation.DualAveraging.update
-    const double* accept = out[4].data_ptr<double>();
+    const double* accept = (*out)[4].data_ptr<double>();
     ++counter;
     const double eta = 1.0 / (double(counter) + t0);
     const double x_eta = std::pow(double(counter), -kappa);
@@ -555,14 +558,12 @@ std::vector<at::Tensor> warmup(const std::string& library, const at::Tensor& z_i
       }
     }
   }
-  auto recent_t = uninitialised({int64_t(recent.size())}, at::kLong);
-  std::copy(recent.begin(), recent.end(), recent_t.data_ptr<int64_t>());
   auto counts = uninitialised({4}, at::kLong);
   int64_t* cp = counts.data_ptr<int64_t>();
-  cp[0] = done, cp[1] = redone, cp[2] = counter, cp[3] = welford_n;
-  auto failed_p0 = done < n ? p0 : uninitialised({0}, at::kDouble);
-  auto failed_u = done < n ? u : uninitialised({0}, at::kDouble);
-  return {counts, z, logp, grad, step, recent_t, failed_p0, failed_u};
+  cp[0] = done, cp[1] = runs.redone, cp[2] = counter, cp[3] = welford_n;
+  auto failed_p0 = done < n ? runs.p0 : uninitialised({0}, at::kDouble);
+  auto failed_u = done < n ? runs.u : uninitialised({0}, at::kDouble);
+  return {counts, z, logp, grad, step, runs.recent_depths(), failed_p0, failed_u};
 }
 
 }  // namespace
