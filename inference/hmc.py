@@ -1123,14 +1123,12 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
     fuse_now = functools.partial(_fuse_now, native=True) if _native_library(potential) is not None else _fuse_now
     with progress_bar(progress, desc=kernel.upper(), unit=" draws", total=warmup + samples) as bar:
         start = _clock()
-        i, runs, looked_up = 0, None, False
+        i, runs = 0, _LOOK_UP
         while i < warmup:
-            if not looked_up and getattr(transition, "whole", None) is not _LOOK_UP:
-                looked_up = True  # (the compiled transition is looked up at the first transition)
-                runs = transition.in_runs(metric, randomness) if isinstance(transition, _NutsTransitions) else None
-                runs = runs if runs is not None and adapt.welford.on_host and not dense_mass else None
+            if runs is _LOOK_UP:
+                runs = _runs(transition, metric, randomness)
             drawn = None
-            if runs is not None:  # iterations in C++ up to the next window's end, adaptation included
+            if runs is not None and runs is not _LOOK_UP:  # in C++ up to the next window's end, adaptation included
                 n = min(adapt.next_stop(i) + 1 - i, _RECORD_EVERY)
                 done, (z, logp, grad), step, drawn = runs.warm_up(
                     state.z, state.logp, state.grad, metric._sqrt_mass, step.to(_F64), metric.inv_mass,
@@ -1167,14 +1165,12 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
             step = adapt.final_step_size()
         phases["warmup"] = _since(start)
         start = _clock()
-        s, runs, looked_up = 0, None, False
+        s, runs = 0, _LOOK_UP
         while s < samples:
-            if not looked_up and getattr(transition, "whole", None) is not _LOOK_UP:
-                # (the compiled transition is looked up at the first transition: warm-up's, or this one)
-                looked_up = True
-                runs = transition.in_runs(metric, randomness) if isinstance(transition, _NutsTransitions) else None
+            if runs is _LOOK_UP:
+                runs = _runs(transition, metric, randomness)
             drawn = None
-            if runs is not None:  # up to _RECORD_EVERY transitions in C++, the same draws and outputs
+            if runs is not None and runs is not _LOOK_UP:  # up to _RECORD_EVERY transitions in C++
                 done, (z, logp, grad), records, drawn = runs.run_many(
                     state.z, state.logp, state.grad, metric._sqrt_mass, step.to(_F64), metric.inv_mass,
                     potential.graph_inputs(), randomness, min(_RECORD_EVERY, samples - s))
@@ -1201,6 +1197,18 @@ def sample_nuts(potential, z0: torch.Tensor, *, samples: int, warmup: int, kerne
     return NUTSResult(step_size=step, inverse_mass=metric.inv_mass, warmup_divergences=warm_div.total(),
                       kernel=kernel, max_tree_depth=max_tree_depth, phase_seconds=phases, transition=used,
                       why_not_compiled=why_not, **per_chain)
+
+
+def _runs(transition, metric: Metric, randomness):
+    """The compiled transition where ``sample_nuts`` can make runs of iterations with it in C++
+    (``_NutsTransitions.in_runs``: a diagonal metric, so also the adaptation's estimates on the
+    host), None where it cannot, ``_LOOK_UP`` until the transition has been looked up (at the
+    first transition, warm-up's or sampling's)."""
+    if not isinstance(transition, _NutsTransitions):
+        return None
+    if transition.whole is _LOOK_UP and transition.fixed_potential:
+        return _LOOK_UP
+    return transition.in_runs(metric, randomness)
 
 
 def _advance(bar, draws: "_Draws", s: int, done: int, samples: int) -> int:

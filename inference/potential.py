@@ -76,7 +76,7 @@ class _AtPoint(_WeightAccumulator):
     z (so the run can be traced). ``strict``: every continuous choice must be reached by
     every chain (kernels moving z need that)."""
 
-    def __init__(self, C: int, device, sites: dict, z: torch.Tensor, given: dict):
+    def __init__(self, C: int, device, sites: dict, z: torch.Tensor, given: dict, scoring: bool = True):
         super().__init__(C, device, dtype=torch.float64)
         self.C, self.sites, self.z, self.given = C, sites, z, given
         self.log_prior = torch.zeros(C, dtype=torch.float64, device=device)
@@ -85,7 +85,7 @@ class _AtPoint(_WeightAccumulator):
         self.seen: set = set()
         self.full_idx = None
         self.groups = ObserveGroups(C) if GROUP_OBSERVES else None
-        self.scoring = True  # False: the choices' values and the return value only (no density)
+        self.scoring = scoring  # False: the choices' values and the return value only (no density)
 
     def _full(self, ctx, what: str, span=None):
         if ctx.idx is not self.full_idx and ctx.M != self.C:
@@ -205,9 +205,8 @@ class Potential:
         C = C or self.C
         m = self.model
         ctx = Particles.all(C, m.device)
-        h = _AtPoint(C, m.device, self.by_addr, z, given)
+        h = _AtPoint(C, m.device, self.by_addr, z, given, scoring)
         h.full_idx = ctx.idx
-        h.scoring = scoring
         with deferred_checks() as checks:
             ret = column(drive(m.interp.run(m.entry, m.data, ctx), h), ctx)
             h.score_grouped_observes(ctx)
