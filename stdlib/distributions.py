@@ -290,9 +290,26 @@ def _normal_log_prob(d, value: torch.Tensor) -> torch.Tensor:
     return lp - number_operand(_LOG_SQRT_2PI, lp)
 
 
+def _bernoulli_log_prob(d, value: torch.Tensor) -> torch.Tensor:
+    """``Bernoulli.log_prob`` as ``y l + log sigmoid(-l)`` (= ``y l - softplus(l)``) for
+    logits ``l``, which is ``log sigmoid(l)`` at 1 and ``log sigmoid(-l)`` at 0. torch's is
+    ``-binary_cross_entropy_with_logits``, with ``sigmoid`` in its derivative: TorchInductor
+    compiles them (in a potential's recorded graph) into three exponentials, a logarithm and
+    a division a point; ``log_sigmoid`` and its derivative into one exponential, one
+    ``log1p`` and a division. The derivative ``y - sigmoid(l)`` is exact at ``l = 0`` too. Measured (one thread, 4 chains x 200
+    points, value and gradient compiled): 6.6 -> 5.8 us a call on logistic regression;
+    eagerly no slower than torch's (0.3-1.1 ms at 200,000 points). Agrees with torch's to
+    ~1e-15 (tests/test_distributions_lean.py)."""
+    if d._validate_args:
+        return td.Bernoulli.log_prob(d, value)
+    logits = d.logits
+    return value * logits + torch.nn.functional.logsigmoid(-logits)
+
+
 # class -> (the torch method replicated, the replica): used while the class's log_prob is
 # still that method (pyro could give it one of its own)
-_OWN_LOG_PROB = {pdist.Normal: (td.Normal.log_prob, _normal_log_prob)}
+_OWN_LOG_PROB = {pdist.Normal: (td.Normal.log_prob, _normal_log_prob),
+                 pdist.Bernoulli: (td.Bernoulli.log_prob, _bernoulli_log_prob)}
 
 
 def _safe_class(base: type) -> type:
@@ -313,10 +330,10 @@ def _safe_class(base: type) -> type:
         except NotImplementedError:  # pragma: no cover - every support used here is checkable
             return base.log_prob(self, value)
         if _DEFERRED.checks is None and bool(ok.all()):  # a shortcut; a graph being traced takes the general path
-            return base.log_prob(self, value)
+            return real_log_prob(self, value)
         ok_full = ok.reshape(ok.shape + (1,) * len(self.event_shape))
         safe = torch.where(ok_full, value, fill(self).to(device=value.device, dtype=value.dtype))
-        lp = base.log_prob(self, safe)
+        lp = real_log_prob(self, safe)
         return torch.where(ok, lp, torch.full_like(lp, -math.inf))
 
     log_prob.__doc__ = base.log_prob.__doc__
