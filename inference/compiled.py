@@ -181,7 +181,8 @@ def replay(gm: torch.fx.GraphModule, example_inputs: tuple, backend: str = "jit"
 #: potential 350-950 -> 110-150 us a call, eight schools' 29 -> 10 us; a cached library loads in
 #: ~1 ms (Inductor's disk cache: 0.3-1.5 s).
 NATIVE = {"on": os.environ.get("PPL_COMPILED_NATIVE", "auto") != "0"}
-_NATIVE_VERSION = "5"  # part of the library's cache key: bump when ``build_native`` changes what it builds
+_NATIVE_VERSION = "6"  # part of the library's cache key: bump when ``build_native`` changes what it builds
+# (6: the minimal ArrayRef entry point, ``_buffer_options``)
 # (3: small linear algebra unrolled, ``_small_linalg_unrolled``)
 
 
@@ -540,7 +541,12 @@ def _buffer_options(gm: torch.fx.GraphModule) -> dict:
     can be plain arrays on the C stack instead (``allow_stack_allocation``; Inductor then
     needs ``memory_planning`` off and keeps buffers on the heap when they exceed 100 KB in
     all): GARCH's call takes ~20 us. The kernels are the same, so the outputs are
-    bit-identical either way (``tests/test_compiled_native.py``)."""
+    bit-identical either way (``tests/test_compiled_native.py``). Such a library also gets
+    AOTInductor's "minimal ArrayRef" entry point (``use_minimal_arrayref_interface``): a call
+    with plain array descriptors whose outputs land in arrays of the library's own, which
+    NUTS's C++ loops call instead of the container's ``run`` (no tensor made per input and
+    output: logistic regression's call ~8 -> ~6.5 us; ``inference.nuts_native``); the usual
+    entry point stays, with the same kernels and outputs."""
     from torch._inductor.lowering import fallbacks
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -548,7 +554,8 @@ def _buffer_options(gm: torch.fx.GraphModule) -> dict:
         packet = getattr(node.target, "overloadpacket", None)
         if node.target in fallbacks or getattr(packet, "__name__", None) in _EXTERN_KERNELS:
             return {"memory_planning": True}
-    return {"memory_planning": False, "aot_inductor.allow_stack_allocation": True}
+    return {"memory_planning": False, "aot_inductor.allow_stack_allocation": True,
+            "aot_inductor.use_minimal_arrayref_interface": True}
 
 
 def _needs_proxy_executor(gm: torch.fx.GraphModule) -> str | None:

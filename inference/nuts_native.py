@@ -11,7 +11,10 @@ Why: the same loops as a ``while_loop`` compiled by AOTInductor allocate every c
 and intermediate tensor anew at every leaf and run fused kernels on tiny masked vectors;
 on eight schools (4 chains, 10 dimensions) most of a leaf's time went to malloc/free and
 tensor handles. Here a leaf costs one call of the potential's library plus a few hundred
-floating-point operations.
+floating-point operations. A library whose buffers are all on the C stack is called through
+its minimal ArrayRef entry point (``compiled._buffer_options``): array descriptors in, the
+library's own per-thread output arrays out, no tensor made per call (logistic regression's
+sampling phase 66 -> 53 ms; ``PPL_NATIVE_ARRAYREF=0``: the container's ``run``, the same numbers).
 
 The C++ is built once per machine, source version and compiler flags (``compiler_flags``)
 with ``torch.utils.cpp_extension`` (no Python module: a ``torch.ops.ppl_nuts.transition``
@@ -44,8 +47,12 @@ SOURCE = r"""
 #include <torch/library.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/csrc/inductor/aoti_runner/model_container_runner_cpu.h>
+#include <torch/csrc/inductor/aoti_runtime/interface.h>
+
+#include <dlfcn.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -61,15 +68,49 @@ namespace {
 constexpr double MAX_DELTA_ENERGY = 1000.0;
 constexpr double INF = std::numeric_limits<double>::infinity();
 
+// A library's minimal ArrayRef entry point (``compiled._buffer_options`` builds a library whose
+// buffers are all on the C stack with it): called with descriptors of the caller's arrays, the
+// library writes its outputs to arrays of its own, one set per thread, and describes them; no
+// tensor is made or freed per call, which the container's ``run`` does for every input and
+// output (~1.5 us of a ~8 us call on logistic regression). One model instance, behind a lock.
+using CreateModel = AOTIRuntimeError (*)(AOTInductorModelHandle*, const AOTInductorConstantMapEntry*, size_t);
+using RunArrayRef = AOTIRuntimeError (*)(AOTInductorModelHandle, int32_t, const AOTInductorArrayRefTensor*, int32_t,
+                                         AOTInductorArrayRefTensor*);
+struct ArrayRefEntry {
+  AOTInductorModelHandle model = nullptr;
+  RunArrayRef run = nullptr;
+  std::mutex lock;
+};
+
+// whether calls go through the ArrayRef entry point where a library has one (``use_arrayref``;
+// ``PPL_NATIVE_ARRAYREF=0`` turns it off: nuts_native.load)
+std::atomic<bool> arrayref_on{true};
+std::atomic<int64_t> arrayref_calls{0};  // calls made through it (``arrayref_calls``: tests)
+
+std::unique_ptr<ArrayRefEntry> arrayref_entry(const std::string& path) {
+  void* dso = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);  // (the runner has it open: the same handle)
+  if (dso == nullptr) return nullptr;
+  auto create = reinterpret_cast<CreateModel>(dlsym(dso, "AOTInductorModelCreateV2"));
+  auto run = reinterpret_cast<RunArrayRef>(dlsym(dso, "AOTInductorModelRunMinimalArrayrefInterfaceV2"));
+  auto entry = std::make_unique<ArrayRefEntry>();
+  if (create == nullptr || run == nullptr || create(&entry->model, nullptr, 0) != AOTI_RUNTIME_SUCCESS) {
+    dlclose(dso);
+    return nullptr;
+  }
+  entry->run = run;
+  return entry;  // (the library stays open for the process, as the runner's)
+}
+
 // The potential's compiled program: an AOTInductor shared library (.so), or an AOTInductor
 // package (.pt2: a library with a proxy executor for ATen ops without a C shim, e.g. a Cholesky).
 struct Program {
   std::unique_ptr<torch::inductor::AOTIModelContainerRunnerCpu> library;
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> package;
   torch::inductor::AOTIModelContainerRunner* runner = nullptr;
+  std::unique_ptr<ArrayRefEntry> arrayref;  // a library's ArrayRef entry point, where it has one
 };
 
-torch::inductor::AOTIModelContainerRunner& runner_for(const std::string& path) {
+Program& program_for(const std::string& path) {
   static std::mutex lock;
   static std::unordered_map<std::string, std::unique_ptr<Program>> programs;
   std::lock_guard<std::mutex> guard(lock);
@@ -82,11 +123,80 @@ torch::inductor::AOTIModelContainerRunner& runner_for(const std::string& path) {
     } else {
       program->library = std::make_unique<torch::inductor::AOTIModelContainerRunnerCpu>(path, 1);
       program->runner = program->library.get();
+      program->arrayref = arrayref_entry(path);
     }
     slot = std::move(program);
   }
-  return *slot->runner;
+  return *slot;
 }
+
+AOTInductorArrayRefTensor describe(const at::Tensor& t) {
+  AOTInductorArrayRefTensor d;
+  std::memset(&d, 0, sizeof d);
+  TORCH_CHECK(t.dim() <= AOTI_ARRAYREF_TENSOR_MAX_DIMS && t.is_contiguous(), "an input the library cannot take");
+  d.data = t.data_ptr();
+  d.numel = t.numel();
+  d.ndim = int32_t(t.dim());
+  for (int64_t k = 0; k < t.dim(); ++k) d.sizes[k] = t.size(k), d.strides[k] = t.stride(k);
+  d.dtype = int32_t(t.scalar_type());  // (aoti_torch_dtype_* are the ScalarType codes)
+  d.device_type = int32_t(c10::DeviceType::CPU);
+  d.device_idx = -1;
+  return d;
+}
+
+// The potential evaluated on ``inputs`` (z first, its buffer rewritten before each call): its log
+// density [C] and gradient [C, D] as float64 arrays and the parameters' validity flag, through
+// the library's ArrayRef entry point where it has one and its outputs are those (else, and after
+// any failure there, through the runner: the same program, the same numbers).
+struct Evaluation {
+  Program& program;
+  const std::vector<at::Tensor>& inputs;
+  int64_t C, CD;
+  bool direct;
+  std::vector<AOTInductorArrayRefTensor> described;
+  AOTInductorArrayRefTensor outs[3];
+  at::Tensor logp_t, grad_t;  // the runner's outputs, alive while read
+
+  Evaluation(Program& program, const std::vector<at::Tensor>& inputs, int64_t C, int64_t CD)
+      : program(program), inputs(inputs), C(C), CD(CD), direct(program.arrayref != nullptr && arrayref_on.load()) {
+    if (direct)
+      for (const auto& t : inputs) described.push_back(describe(t));
+  }
+
+  bool call_direct(const double*& logp, const double*& grad, bool& ok) {
+    auto& entry = *program.arrayref;
+    std::lock_guard<std::mutex> guard(entry.lock);
+    if (entry.run(entry.model, int32_t(described.size()), described.data(), 3, outs) != AOTI_RUNTIME_SUCCESS)
+      return false;
+    if (outs[0].dtype != int32_t(at::kDouble) || outs[0].numel != C || outs[1].dtype != int32_t(at::kDouble) ||
+        outs[1].numel != CD || outs[2].dtype != int32_t(at::kBool) || outs[2].numel != 1)
+      return false;
+    arrayref_calls.fetch_add(1, std::memory_order_relaxed);
+    logp = static_cast<const double*>(outs[0].data);
+    grad = static_cast<const double*>(outs[1].data);
+    ok = *static_cast<const bool*>(outs[2].data);
+    return true;
+  }
+
+  void operator()(const double*& logp, const double*& grad, bool& ok) {
+    if (direct && call_direct(logp, grad, ok)) return;
+    direct = false;
+    auto out = program.runner->run(inputs);
+    logp_t = out[0], grad_t = out[1];
+    if (logp_t.scalar_type() != at::kDouble) logp_t = logp_t.to(at::kDouble);
+    if (grad_t.scalar_type() != at::kDouble) grad_t = grad_t.to(at::kDouble);
+    logp_t = logp_t.contiguous();
+    grad_t = grad_t.contiguous();
+    TORCH_CHECK(logp_t.numel() == C && grad_t.numel() == CD, "the potential's outputs have other shapes");
+    TORCH_CHECK(out[2].scalar_type() == at::kBool && out[2].numel() == 1, "the potential's validity flag");
+    logp = logp_t.data_ptr<double>();
+    grad = grad_t.data_ptr<double>();
+    ok = *out[2].data_ptr<bool>();  // (not item(): no dispatch per leaf)
+  }
+};
+
+bool use_arrayref(bool on) { return arrayref_on.exchange(on); }
+int64_t calls_through_arrayref() { return arrayref_calls.load(); }
 
 // hmc.evaluate's mapping of the potential's outputs: a non-finite log density is -inf (density
 // zero: rejected), a non-finite gradient entry is 0
@@ -155,7 +265,7 @@ std::vector<at::Tensor> transition(const std::string& library, const at::Tensor&
                                    const at::Tensor& u_leaf_in, const at::Tensor& step_in,
                                    const at::Tensor& inv_mass_in, int64_t fresh, int64_t K,
                                    at::TensorList args) {
-  auto& runner = runner_for(library);
+  auto& program = program_for(library);
   const int64_t C = z_in.size(0), D = z_in.size(1), L = u_leaf_in.size(0);
   auto z0 = z_in.contiguous(), logp0 = logp_in.contiguous(), grad0 = grad_in.contiguous(),
        p0t = p0_in.contiguous(), ut = u_in.contiguous(), ult = u_leaf_in.contiguous(),
@@ -215,6 +325,7 @@ std::vector<at::Tensor> transition(const std::string& library, const at::Tensor&
   inputs.push_back(z1_t);
   for (const auto& a : args) inputs.push_back(a.contiguous());
   std::vector<double> logp1(C), g1(CD);  // the potential's outputs at the leaf, mapped (finite_logp, finite_grad)
+  Evaluation evaluate(program, inputs, C, CD);
 
   for (int64_t d = 0; d < K; ++d) {
     bool any_active = false;
@@ -258,18 +369,11 @@ std::vector<at::Tensor> transition(const std::string& library, const at::Tensor&
           p1[c * D + i] = p[i];
         }
       }
-      auto out = runner.run(inputs);
-      auto logp1_t = out[0], g1_t = out[1];
-      if (logp1_t.scalar_type() != at::kDouble) logp1_t = logp1_t.to(at::kDouble);
-      if (g1_t.scalar_type() != at::kDouble) g1_t = g1_t.to(at::kDouble);
-      logp1_t = logp1_t.contiguous();
-      g1_t = g1_t.contiguous();
-      TORCH_CHECK(logp1_t.numel() == C && g1_t.numel() == CD, "the potential's outputs have other shapes");
-      const double *logp1_raw = logp1_t.data_ptr<double>(), *g1_raw = g1_t.data_ptr<double>();
+      const double *logp1_raw = nullptr, *g1_raw = nullptr;
+      bool ok_par = false;
+      evaluate(logp1_raw, g1_raw, ok_par);
       for (int64_t c = 0; c < C; ++c) logp1[c] = finite_logp(logp1_raw[c]);
       for (int64_t i = 0; i < CD; ++i) g1[i] = finite_grad(g1_raw[i]);
-      TORCH_CHECK(out[2].scalar_type() == at::kBool && out[2].numel() == 1, "the potential's validity flag");
-      bool ok_par = *out[2].data_ptr<bool>();  // (not item(): no dispatch per leaf)
       bool any_building_after = false;
       for (int64_t c = 0; c < C; ++c) {
         double* p1c = p1.data() + c * D;
@@ -577,6 +681,8 @@ TORCH_LIBRARY(ppl_nuts, m) {
         "Tensor uniforms, Generator? gen, int n, int K, int[] recent, Tensor[] args, Tensor mu, Tensor s_bar, "
         "Tensor x, Tensor x_bar, int counter, float target, float gamma, float t0, float kappa, Tensor mean, "
         "Tensor m2, int welford_n, Tensor in_window, Tensor divergences) -> Tensor[]");
+  m.def("use_arrayref(bool on) -> bool", &use_arrayref);
+  m.def("arrayref_calls() -> int", &calls_through_arrayref);
 }
 
 TORCH_LIBRARY_IMPL(ppl_nuts, CPU, m) {
@@ -644,7 +750,23 @@ def load() -> None:
         from torch.utils.cpp_extension import load_inline
         load_inline(_name(), cpp_sources=[SOURCE], is_python_module=False, no_implicit_headers=True,
                     extra_cflags=compiler_flags(), verbose=False)
+    torch.ops.ppl_nuts.use_arrayref(os.environ.get("PPL_NATIVE_ARRAYREF") != "0")
     _LOADED = True
+
+
+def use_arrayref(on: bool) -> bool:
+    """Whether the C++ loops call a potential's library through its minimal ArrayRef entry
+    point where it has one (``compiled._buffer_options``; the default) or through the
+    container's ``run`` (``PPL_NATIVE_ARRAYREF=0``): the same kernels, the same numbers.
+    Returns the previous setting."""
+    load()
+    return bool(torch.ops.ppl_nuts.use_arrayref(on))
+
+
+def arrayref_calls() -> int:
+    """How many potential calls this process made through a library's ArrayRef entry point."""
+    load()
+    return int(torch.ops.ppl_nuts.arrayref_calls())
 
 
 def built() -> bool:

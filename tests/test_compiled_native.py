@@ -91,7 +91,8 @@ def test_intermediate_buffers_live_on_the_stack_where_every_operation_is_generat
     with an ATen call (a matrix product, a Cholesky factorisation) keeps the planned pool.
     The kernels are the same, so the two libraries' outputs are bit-identical."""
     gm, example = _graph()
-    assert compiled._buffer_options(gm) == {"memory_planning": False, "aot_inductor.allow_stack_allocation": True}
+    assert compiled._buffer_options(gm) == {"memory_planning": False, "aot_inductor.allow_stack_allocation": True,
+                                            "aot_inductor.use_minimal_arrayref_interface": True}
 
     def with_matmul(z):
         return (z @ z.transpose(0, 1)).sum(),
@@ -113,6 +114,24 @@ def test_intermediate_buffers_live_on_the_stack_where_every_operation_is_generat
         beta = torch.tensor(0.1 + seed, dtype=torch.float64)
         for a, b in zip(on_stack(z, beta), pooled(z, beta)):
             assert torch.equal(a, b)
+
+
+def test_the_usual_entry_point_of_an_arrayref_library_returns_fresh_tensors():
+    """A stack-buffer library also has the minimal ArrayRef entry point (``_buffer_options``),
+    whose outputs are arrays the library reuses; its usual entry point (the one Python calls)
+    still returns tensors of their own: a later call does not change an earlier call's outputs."""
+    import ctypes
+    gm, example = _graph()
+    run = compiled.build_native(gm, example)
+    assert hasattr(ctypes.CDLL(compiled.native_library(run).path), "AOTInductorModelRunMinimalArrayrefInterfaceV2")
+    z = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    first = run(z, example[1])
+    kept = [t.clone() for t in first]
+    run(z + 1.0, example[1] * 2)
+    for a, b in zip(first, kept):
+        assert torch.equal(a, b)
+    for got, want in zip(first, gm(z, example[1])):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
 
 
 def test_a_package_is_built_in_a_fresh_cache_directory(monkeypatch, tmp_path):

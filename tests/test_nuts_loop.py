@@ -450,6 +450,86 @@ def test_the_transition_runs_the_potentials_own_package_and_maps_its_non_finite_
     assert target.non_finite > 0 and any(divergent)  # (the mapping and the stopped chains were exercised)
 
 
+class NativeBanana:
+    """A 2-d potential compiled by ``compiled.build_native`` into a plain library (every
+    operation generated code: its buffers on the stack, with the minimal ArrayRef entry point),
+    offered as ``inference.potential.Potential`` offers it; its raw outputs are not finite
+    where 0.5 < z[:, 0] < 3 (the C++ maps them)."""
+
+    def __init__(self, C: int):
+        from ppl.inference import compiled
+
+        def log_density(z):
+            return -0.5 * z[:, 0].square() - 0.5 * (z[:, 1] - 0.5 * z[:, 0].square()).square() / 0.3
+
+        def graph(z, beta):
+            grad = torch.func.grad(lambda w: log_density(w).sum())(z)
+            bad = (z[:, 0] > 0.5) & (z[:, 0] < 3.0)
+            logp = torch.where(bad, torch.nan, beta * log_density(z))
+            return logp, torch.where(bad.unsqueeze(-1), torch.inf, beta * grad), (z.abs() < 1e6).all()
+        example = (0.1 * torch.randn(C, 2, dtype=F64, generator=torch.Generator().manual_seed(0)),
+                   torch.tensor(1.0, dtype=F64))
+        self.gm = compiled.record(graph, example)
+        assert compiled._buffer_options(self.gm)["aot_inductor.use_minimal_arrayref_interface"]
+        self.run = compiled.build_native(self.gm, example)
+        self.native = compiled.native_library(self.run)
+
+    def value_and_grad(self, z):
+        logp, grad, _ = self.run(z, *self.graph_inputs())
+        return logp, grad
+
+    def recorded_graph(self):
+        return self.gm, "inductor"
+
+    def native_library(self):
+        return self.native
+
+    def graph_inputs(self, beta=1.0):
+        return (torch.tensor(beta, dtype=F64),)
+
+
+def test_the_transition_calls_a_library_through_its_arrayref_entry_point_with_the_same_numbers():
+    """A library whose buffers are on the stack is called by the C++ loops through its
+    minimal ArrayRef entry point (plain array descriptors in, the library's own per-thread
+    arrays out: no tensor made per call); the transitions are those the container's ``run``
+    gives (``PPL_NATIVE_ARRAYREF=0``), bit for bit, and those of ``transition`` run eagerly."""
+    import ctypes
+
+    from ppl.inference import nuts_native
+    C, D, K = 4, 2, 6
+    target = NativeBanana(C)
+    assert not target.native.package
+    assert hasattr(ctypes.CDLL(target.native.path), "AOTInductorModelRunMinimalArrayrefInterfaceV2")
+    g = torch.Generator().manual_seed(3)
+    metric = Metric(torch.ones(C, D, dtype=F64))
+    state = init_state(target, 0.3 * torch.randn(C, D, dtype=F64, generator=g))
+    built = hmc._compiled_transition(target, metric, K, state)
+    assert isinstance(built, nuts_loop.CompiledTransition), hmc._FusedLeaf.why_not.get("loop")
+    L = 1 << (K - 1)
+    before = nuts_native.use_arrayref(True)
+    try:
+        for step in (torch.full((C,), 0.2, dtype=F64), torch.tensor([0.1, 0.3, 2.0, 6.0], dtype=F64)):
+            for _ in range(3):
+                p0 = 2.0 * torch.randn(C, D, dtype=F64, generator=g)
+                args = (state.z, state.logp, state.grad, p0, torch.rand(3 * K, C, dtype=F64, generator=g),
+                        torch.rand(L, C, dtype=F64, generator=g), step, metric.inv_mass, torch.tensor(L))
+                calls = nuts_native.arrayref_calls()
+                direct = built.run(*args, *target.graph_inputs())
+                assert nuts_native.arrayref_calls() > calls  # (through the entry point)
+                nuts_native.use_arrayref(False)
+                calls = nuts_native.arrayref_calls()
+                through_run = built.run(*args, *target.graph_inputs())
+                assert nuts_native.arrayref_calls() == calls  # (through the container's run)
+                nuts_native.use_arrayref(True)
+                eager = nuts_loop.transition(_eager(target), *args, K, loop=nuts_loop.python_loop)
+                for a, b, e in zip(direct, through_run, eager):
+                    assert torch.equal(a, b)
+                    assert (torch.equal(a, e) if a.dtype in (torch.bool, torch.int64)
+                            else torch.allclose(a, e, rtol=1e-9, atol=1e-12))
+    finally:
+        nuts_native.use_arrayref(before)
+
+
 def test_the_build_check_shrinks_its_steps_where_random_trajectories_leave_the_valid_region():
     """The check compares the compiled transition with the eager one on random trajectories
     from the chains' unadapted state; a stiff model's first trajectories (steps 0.05-0.25,
