@@ -343,13 +343,86 @@ def _cpu_wrapper(stack: bool):
 _INTERFACE_MARK, _INTERFACE_END = "// Definition of AOTI runtime interface functions", '} // extern "C"\n'
 _MODEL_BASE = "AOTInductorModelBase<AOTInductorModel>"
 #: The wrapper's header with buffers on the stack (AOTInductor precompiles it: ~9 s of gcc per
-#: machine, 271 MB), and it without ``array_ref_impl.h`` (which brings ATen's tensor headers for
-#: helpers of the minimal array-ref interface that the graph's code does not use).
+#: machine, 271 MB), and it without ``array_ref_impl.h``, which brings ATen's tensor headers
+#: (``aoti_torch/utils.h``) for a few helpers of the minimal array-ref interface: where the
+#: graph's code uses them, they are written in it again (``_ARRAY_REF_HELPERS``) over the C shim
+#: alone, as that header has them.
 _ARRAY_REF = "torch/csrc/inductor/aoti_include/array_ref.h"
 _ARRAY_REF_H = f"#include <{_ARRAY_REF}>"
+_ARRAY_REF_HELPERS = r"""
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <utility>
+namespace torch::aot_inductor {
+template <typename T>
+void convert_output_to_handle(const ArrayRefTensor<T>& output, AtenTensorHandle& handle) {
+  handle = output.expensiveCopyToTensor();
+}
+template <typename... Ts, std::size_t... Is>
+void convert_outputs_to_handles_helper(const std::tuple<ArrayRefTensor<Ts>...>& outputs,
+                                       AtenTensorHandle* handles, std::index_sequence<Is...>) {
+  (convert_output_to_handle(std::get<Is>(outputs), handles[Is]), ...);
+}
+template <typename... Ts>
+void convert_outputs_to_handles(const std::tuple<ArrayRefTensor<Ts>...>& outputs, AtenTensorHandle* handles) {
+  convert_outputs_to_handles_helper(outputs, handles, std::make_index_sequence<sizeof...(Ts)>());
+}
+template <typename T>
+void convert_handle_to_arrayref_tensor(AtenTensorHandle handle, ArrayRefTensor<T>& input) {
+  void* data;
+  int64_t dim, numel;
+  int64_t *sizes, *strides;
+  int32_t device_type, device_index;
+  AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_get_data_ptr(handle, &data));
+  AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_get_dim(handle, &dim));
+  AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_get_numel(handle, &numel));
+  AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_get_sizes(handle, &sizes));
+  AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_get_strides(handle, &strides));
+  AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(handle, &device_type));
+  AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_index(handle, &device_index));
+  input = ArrayRefTensor<T>(MiniArrayRef<T>(reinterpret_cast<T*>(data), numel), MiniArrayRef<const int64_t>(sizes, dim),
+                            MiniArrayRef<const int64_t>(strides, dim), device_type, device_index);
+}
+template <typename... Ts, std::size_t... Is>
+void convert_handles_to_inputs_helper(AtenTensorHandle* handles, std::tuple<ArrayRefTensor<Ts>...>& inputs,
+                                      std::index_sequence<Is...>) {
+  (convert_handle_to_arrayref_tensor(handles[Is], std::get<Is>(inputs)), ...);
+}
+template <typename... Ts>
+void convert_handles_to_inputs(AtenTensorHandle* handles, std::tuple<ArrayRefTensor<Ts>...>& inputs) {
+  convert_handles_to_inputs_helper(handles, inputs, std::make_index_sequence<sizeof...(Ts)>());
+}
+template <typename T>
+void assert_numel(const ArrayRefTensor<T>& tensor, uint64_t numel) {
+  if (tensor.numel() != numel)
+    throw std::runtime_error("incorrect numel for input tensor. expected " + std::to_string(numel) + ", got " +
+                             std::to_string(tensor.numel()));
+}
+}  // namespace torch::aot_inductor
+"""
 _ARRAY_REF_LIGHT = "".join(f"#include <torch/csrc/inductor/{h}.h>\n" for h in (
     "aoti_include/common", "aoti_runtime/arrayref_tensor", "aoti_runtime/arrayref_tensor_conversion",
     "aoti_runtime/scalar_to_tensor", "aoti_runtime/thread_local", "cpp_wrapper/device_internal/cpu"))
+#: The runtime's macro around its C entry points (``interface.cpp``, in the fixed part), for the
+#: graph's part where its minimal array-ref entry points use it (errors: an error code, the
+#: message on stderr).
+_ERROR_CODE_MACRO = r"""
+#ifndef CONVERT_EXCEPTION_TO_ERROR_CODE
+#include <iostream>
+#define CONVERT_EXCEPTION_TO_ERROR_CODE(...)                 \
+  try {                                                      \
+    __VA_ARGS__                                              \
+  } catch (const std::exception& e) {                        \
+    std::cerr << "Error: " << e.what() << '\n';              \
+    return AOTI_RUNTIME_FAILURE;                             \
+  } catch (...) {                                            \
+    std::cerr << "Unknown exception occurred.\n";            \
+    return AOTI_RUNTIME_FAILURE;                             \
+  }                                                          \
+  return AOTI_RUNTIME_SUCCESS;
+#endif
+"""
 
 
 #: ``_split_wrapper`` on (``PPL_SPLIT_WRAPPER=0``: the wrapper compiled whole, as AOTInductor does).
@@ -444,6 +517,7 @@ def _split_wrapper_compile(cmd_line: str, cwd: str, compile_cmd) -> bool | str |
     preamble = head[:head.index(_INTERFACE_MARK)]
     runtime_src = f"{head}{end}\nnamespace torch::aot_inductor {{ template class {_MODEL_BASE}; }}\n"
     model_src = (f"{preamble}#include <torch/csrc/inductor/aoti_runtime/interface.h>\n"
+                 f"{_ERROR_CODE_MACRO if 'CONVERT_EXCEPTION_TO_ERROR_CODE' in model else ''}"
                  f"namespace torch::aot_inductor {{ extern template class {_MODEL_BASE}; }}\n{model}")
 
     def command(src: str, out: str) -> str:
@@ -452,7 +526,8 @@ def _split_wrapper_compile(cmd_line: str, cwd: str, compile_cmd) -> bool | str |
     def compile_light_first(src: str, path: str, out: str) -> None:
         """``src`` compiled with ``_ARRAY_REF_LIGHT`` for ``array_ref.h``; where that lacks
         what it uses, as it is."""
-        light = src.replace(_ARRAY_REF_H, _ARRAY_REF_LIGHT)
+        helpers = _ARRAY_REF_HELPERS if "convert_handles_to_inputs" in src else ""  # (a minimal array-ref library)
+        light = src.replace(_ARRAY_REF_H, _ARRAY_REF_LIGHT + helpers)
         for i, text in enumerate(dict.fromkeys((light, src))):
             with open(path, "w") as fh:
                 fh.write(text)

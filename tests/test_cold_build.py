@@ -79,7 +79,8 @@ def test_the_wrapper_compiled_in_two_parts_computes_bit_for_bit_what_the_whole_o
     """``compiled._split_wrapper``: AOTInductor's wrapper.cpp compiled as the runtime's fixed
     part (an object made once per machine, next to the precompiled headers) and the graph's
     own part (~1.5 s of gcc instead of ~5 s for the whole, with array_ref.h's light part precompiled). Both kinds of wrapper (buffers
-    on the stack; a planned pool) are split, the runtime's object is reused by a second graph,
+    on the stack, with the minimal array-ref entry points and their helpers written into the
+    graph's part; a planned pool) are split, the runtime's object is reused by a second graph,
     and the libraries compute bit for bit what the wrapper compiled whole computes."""
     monkeypatch.setattr(compiled, "cache_dir", lambda: str(tmp_path / "fresh"))
     monkeypatch.setitem(compiled.SPLIT_WRAPPER, "on", True)
@@ -96,6 +97,10 @@ def test_the_wrapper_compiled_in_two_parts_computes_bit_for_bit_what_the_whole_o
                                 lambda *a, tag=f"{kind}.{split}": native_path(*a)[:-len(".so")] + f".{tag}.so")
             built[kind, split] = compiled.build_native(gm, example)
             assert compiled.SPLIT_WRAPPER["last"] == ("split" if split else None)
+            if kind == "stack":
+                import ctypes
+                library = ctypes.CDLL(compiled.native_library(built[kind, split]).path)
+                assert hasattr(library, "AOTInductorModelRunMinimalArrayrefInterfaceV2")
     # another graph: its wrapper's runtime part is the object already made
     from torch._inductor import cpp_builder
     commands = []
