@@ -25,8 +25,8 @@ discrete choices' shapes and dtypes (graph inputs).
 
 **What is stored**: data only, never code. One ``torch.save`` file per key under
 TorchInductor's cache directory (``ppl_graphs/<key>.pt``), read back with
-``torch.load(weights_only=True)`` (no unpickling of arbitrary objects): the graph's nodes as
-(op, name, target, args, kwargs) with each target an ATen operator's qualified name (or
+``torch.load(weights_only=True)`` (no unpickling of arbitrary objects): the graph's nodes, as
+one JSON text, each (op, name, target, args, kwargs) with each target an ATen operator's qualified name (or
 ``operator.getitem``) resolved through ``torch.ops`` -- anything else is refused -- and the
 graph's tensors. The GraphModule is rebuilt from those (FX generates its Python code
 itself, as for any recorded graph). ``save`` writes only a graph whose rebuilt ``code`` and
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 import operator
 import os
@@ -46,7 +47,7 @@ import types
 
 import torch
 
-FORMAT = "ppl-graph-1"  # bump when what is stored, or what the key covers, changes
+FORMAT = "ppl-graph-2"  # bump when what is stored, or what the key covers, changes (2: nodes as JSON text)
 PACKAGES = ("compiler", "semantics", "inference", "stdlib", "ppl")  # the package's source folders
 ENABLED = {"on": os.environ.get("PPL_GRAPH_STORE", "1") != "0"}  # PPL_GRAPH_STORE=0: always record
 _SOURCE: dict = {}
@@ -451,9 +452,23 @@ def load(key: str | None) -> torch.fx.GraphModule | None:
         path = _path(key)
         if not os.path.exists(path):
             return None
-        return decode(torch.load(path, weights_only=True))
+        return decode(_from_file(torch.load(path, weights_only=True)))
     except Exception:  # noqa: BLE001 - an unreadable entry is a miss: the graph is recorded again
         return None
+
+
+def _to_file(data: dict) -> dict:
+    """``encode``'s data as written: the nodes as one JSON text (numbers, strings, lists, and
+    dicts of them; floats by their exact ``repr``, infinities and NaN as JSON's extensions),
+    which reads back ~20x faster than the same lists unpickled one object at a time (GARCH's
+    4,040 nodes: ~0.1 s of every run that loads its graph)."""
+    return {**data, "nodes": json.dumps(data["nodes"], allow_nan=True)}
+
+
+def _from_file(stored: dict) -> dict:
+    if not isinstance(stored.get("nodes"), str):
+        raise NotStorable("nodes")
+    return {**stored, "nodes": json.loads(stored["nodes"])}
 
 
 def save(key: str | None, gm: torch.fx.GraphModule) -> bool:
@@ -462,8 +477,8 @@ def save(key: str | None, gm: torch.fx.GraphModule) -> bool:
     if key is None:
         return False
     try:
-        data = encode(gm)
-        if not _same(decode(data), gm):
+        data = _to_file(encode(gm))
+        if not _same(decode(_from_file(data)), gm):
             return False
         path = _path(key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
