@@ -12,7 +12,9 @@ store's); the precompiled headers live in Inductor's *default* cache directory
 so they are warm unless ``--cold-headers`` points that directory somewhere fresh too (by
 ``TMPDIR``); so is the wrapper's runtime part (``compiled._split_wrapper``: an object made once
 per machine in ``ppl_wrapper_runtime/`` beside them; ``PPL_SPLIT_WRAPPER=0`` compiles the
-wrapper whole, with its precompiled header). ``--options`` adds AOTInductor options to ``build_native``'s (monkeypatched
+wrapper whole, with its precompiled header), and so are the ISA checks' answers
+(``compiled._fast_lowering``: ``ppl_isa_checks/`` beside them; ``PPL_FAST_LOWERING=0`` builds as
+before it, a fresh cache directory then paying the checks). ``--options`` adds AOTInductor options to ``build_native``'s (monkeypatched
 into ``aot_compile``: the library's cache key is not touched, as the cache is fresh anyway).
 ``--outputs DIR`` saves the library's outputs at fixed random inputs (values, gradients,
 flags) for a bit-for-bit comparison of two builds (``--compare A B``).
@@ -56,7 +58,7 @@ def _what(cmd: str) -> str:
     if source.endswith("kernel.cpp"):
         return "compile kernel.cpp"
     if "-shared" in words and "ppl_native" not in cmd:
-        return "ISA check (per cache dir)"
+        return "ISA check (per cache dir; per machine with _fast_lowering)"
     if "-shared" in words:
         return "link"
     return "other: " + " ".join(words[:2])[-40:]

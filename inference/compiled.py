@@ -242,13 +242,14 @@ def build_native(gm: torch.fx.GraphModule, example_inputs: tuple):
     if not os.path.exists(path):
         from torch._inductor import aot_compile
 
-        flat = _packed_graph(gm, example_inputs, packed, layout)
+        flat = _packed_graph(gm, example_inputs, packed, layout, for_inductor=FAST_LOWERING["on"])
         build = f"{path}.{os.getpid()}.build"  # (AOTInductor leaves its sources next to the library)
         os.makedirs(build, exist_ok=True)
         try:
             options = {"aot_inductor.output_path": os.path.join(build, "graph.so"), **_buffer_options(gm),
-                       **vector_width()}
-            with _cpu_wrapper(stack=bool(options.get("aot_inductor.allow_stack_allocation"))), _split_wrapper():
+                       **vector_width(), **_large_graph_options(flat)}
+            with _cpu_wrapper(stack=bool(options.get("aot_inductor.allow_stack_allocation"))), _split_wrapper(), \
+                    _fast_lowering():
                 built = _aot_compile_fast(aot_compile, flat, tuple(inputs), options)
             os.replace(built, path)  # (atomic: another process sees the whole library or none)
         finally:
@@ -659,8 +660,11 @@ def _tensors_held(gm: torch.fx.GraphModule) -> list:
     return out
 
 
-def _packed_graph(gm: torch.fx.GraphModule, example_inputs: tuple, packed: list, layout: list):
-    """``gm`` recorded again with its tensors as inputs, packed (``pack_constants``)."""
+def _packed_graph(gm: torch.fx.GraphModule, example_inputs: tuple, packed: list, layout: list,
+                  for_inductor: bool = False):
+    """``gm`` recorded again with its tensors as inputs, packed (``pack_constants``).
+    ``for_inductor``: recorded as Inductor's AOT compile would record it again
+    (``_fast_lowering``), functionalized with Inductor's decompositions, and marked so."""
     import copy
 
     lifted = copy.deepcopy(gm)
@@ -669,8 +673,163 @@ def _packed_graph(gm: torch.fx.GraphModule, example_inputs: tuple, packed: list,
 
     def program(*args):
         return lifted(*args[:n], *unpack_constants(args[n:], layout))
+    if for_inductor:
+        try:
+            return _recorded_for_inductor(program, (*example_inputs, *packed))
+        except Exception:  # noqa: BLE001 - recorded as before; Inductor records it again itself
+            pass
     with _static_shapes_context():
         return make_fx(program)(*example_inputs, *packed)
+
+
+# ------------------------------------------------------------------ a cheaper cold build of large graphs
+#: ``_fast_lowering`` and the functionalized recording (``_packed_graph(..., for_inductor=True)``) on
+#: (``PPL_FAST_LOWERING=0``: off, as before). Where Inductor's Python spent its time on GARCH's
+#: unrolled graph (4236 operations of 4 numbers each, one thread, ~22 s before; cProfile):
+#: ``aot_export_module`` recording the graph twice more (metadata, then the functionalized graph:
+#: ~5 s), fusion's pairwise search (~4 s), the C++ code generation (~6 s; of which the vector-stride
+#: analysis, ``stride_at_vec_range``, ~1.5 s: a sympy ``simplify`` per index behind a 128-entry
+#: cache, and ``DtypePropagationOpsHandler()`` re-running its ``__init__`` -- ~100 ``setattr``s
+#: and a set difference -- on every generated operation, ~1.4 s), lowering (~3 s).
+FAST_LOWERING = {"on": os.environ.get("PPL_FAST_LOWERING", "1") != "0"}
+#: Graphs with more operations than this get ``LARGE_GRAPH_OPTIONS``.
+LARGE_GRAPH = 1500
+#: Fusion's pairwise search bounded (Inductor: 64 candidate pairs per buffer group). GARCH: fusion
+#: ~4.0 -> ~1.4 s; the same kernels' outputs bit for bit on GARCH and the GP (4160 operations),
+#: the library's call as fast (14-15 us).
+LARGE_GRAPH_OPTIONS = {"max_fusion_buffer_group_pairwise_attempts": 8}
+_FOR_INDUCTOR = "_ppl_recorded_for_inductor"
+
+
+def _large_graph_options(flat: torch.fx.GraphModule) -> dict:
+    return dict(LARGE_GRAPH_OPTIONS) if FAST_LOWERING["on"] and len(flat.graph.nodes) > LARGE_GRAPH else {}
+
+
+def _recorded_for_inductor(program, inputs: tuple) -> torch.fx.GraphModule:
+    """``program`` recorded as ``aot_export_module`` records it for Inductor's AOT compile
+    (functionalized, Inductor's decompositions applied), in the one recording that
+    ``_packed_graph`` makes anyway, and marked so that ``_fast_lowering`` hands it to Inductor as
+    it is; raises where the recording is not a plain functional graph of distinct outputs."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.func import functionalize
+
+    with _static_shapes_context():
+        flat = make_fx(functionalize(program, remove="mutations"), decomposition_table=select_decomp_table())(*inputs)
+    for node in list(flat.graph.nodes):  # (values unchanged; an output detached is the value itself)
+        if node.op == "call_function" and node.target in (_aten.detach.default, _aten.alias.default):
+            node.replace_all_uses_with(node.args[0])
+            flat.graph.erase_node(node)
+    flat.graph.eliminate_dead_code()
+    flat.recompile()
+    outputs = flat.graph.output_node().args[0]
+    if not isinstance(outputs, (tuple, list)) or len(set(outputs)) != len(outputs):
+        raise ValueError("outputs not a tuple of distinct values")
+    for node in flat.graph.nodes:
+        if node.op == "call_function" and (_mutating(node) or not isinstance(node.target, torch._ops.OpOverload)):
+            raise ValueError(f"not a plain functional graph: {node.target}")
+    for out in outputs:
+        if not isinstance(out, torch.fx.Node) or out.op != "call_function" or out.target.is_view or \
+                not isinstance(out.meta.get("val"), torch.Tensor):
+            raise ValueError("an output is an input, a view or not a tensor")
+    setattr(flat, _FOR_INDUCTOR, True)
+    return flat
+
+
+@contextlib.contextmanager
+def _fast_lowering():
+    """Inductor's Python made cheaper for the block, computing the same library (outputs
+    bit-identical on the bench models, ``bench/cold_build.py --compare``):
+
+    * a graph ``_recorded_for_inductor`` is handed to Inductor as it is, instead of being
+      recorded twice more by ``aot_export_module`` (GARCH ~5 s; the functionalized recording
+      costs ~0.3 s more than the plain one it replaces);
+    * ``stride_at_vec_range`` (the vector-stride analysis of each index, a sympy
+      ``simplify``) and ``simplify_index_in_vec_range`` are cached without bound for the block
+      (Inductor: 128 entries, which a large graph's indices cycle through): the same function,
+      computed once per index;
+    * ``DtypePropagationOpsHandler`` (a singleton) runs its ``__init__`` once, not at each
+      generated operation (its rules are those of the first run: Inductor's tables, unchanged
+      during a build);
+    * the ISA checks Inductor makes by compiling and loading a test library per ISA
+      extension (AVX-512 VNNI, BF16, AMX: six of them even where ``cpp.vec_isa_ok`` is set,
+      ~1.6 s of gcc per cache directory and a Python process per probe) are answered from a
+      record per machine beside Inductor's precompiled headers (``ppl_isa_checks/``), keyed
+      as Inductor keys them (the code, the flags, the compiler's version, torch's).
+
+    Where ``FAST_LOWERING`` is off: nothing."""
+    if not FAST_LOWERING["on"]:
+        yield
+        return
+    import functools
+
+    from torch._inductor import compile_fx, cpu_vec_isa, sizevars
+    from torch._inductor.codegen import cpp
+    from torch._inductor.dtype_propagation import DtypePropagationOpsHandler
+
+    saved = [(compile_fx, "aot_export_module"), (sizevars, "simplify_index_in_vec_range"),
+             (sizevars, "stride_at_vec_range"), (cpp, "stride_at_vec_range"),
+             (DtypePropagationOpsHandler, "__init__"), (cpu_vec_isa.VecISA, "check_build")]
+    saved = [(owner, name, owner.__dict__[name]) for owner, name in saved]
+    export, init, check_build = compile_fx.aot_export_module, DtypePropagationOpsHandler.__init__, \
+        cpu_vec_isa.VecISA.check_build
+
+    def aot_export_module(mod, args, *, trace_joint, **kwargs):
+        if trace_joint or not getattr(mod, _FOR_INDUCTOR, False):
+            return export(mod, args, trace_joint=trace_joint, **kwargs)
+        return mod, _plain_signature(mod, args)
+
+    def init_once(self):
+        if not self.__dict__.get("_ppl_initialised"):
+            init(self)
+            self._ppl_initialised = True
+
+    def check_build_per_machine(self, code):
+        from torch._inductor import codecache
+        key = hashlib.sha256(f"{code}|{cpu_vec_isa._get_isa_dry_compile_fingerprint(self.build_arch_flags())}|"
+                             f"{torch.version.git_version}".encode()).hexdigest()[:40]
+        record = os.path.join(os.path.dirname(codecache._HEADER_DIR), "ppl_isa_checks", key)
+        try:
+            with open(record) as fh:
+                return fh.read() == "1"
+        except OSError:
+            pass
+        ok = check_build(self, code)
+        try:
+            os.makedirs(os.path.dirname(record), exist_ok=True)
+            with open(f"{record}.{os.getpid()}", "w") as fh:
+                fh.write("1" if ok else "0")
+            os.replace(f"{record}.{os.getpid()}", record)
+        except OSError:
+            pass
+        return ok
+
+    simplify_index = functools.lru_cache(maxsize=None)(sizevars.simplify_index_in_vec_range.__wrapped__)
+    stride = functools.lru_cache(maxsize=None)(sizevars.stride_at_vec_range.__wrapped__)
+    compile_fx.aot_export_module = aot_export_module
+    sizevars.simplify_index_in_vec_range = simplify_index
+    sizevars.stride_at_vec_range = cpp.stride_at_vec_range = stride
+    DtypePropagationOpsHandler.__init__ = init_once
+    cpu_vec_isa.VecISA.check_build = check_build_per_machine
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+def _plain_signature(gm: torch.fx.GraphModule, args):
+    """``aot_export_module``'s signature of a graph ``_recorded_for_inductor``: every input a
+    user input, every output a user output, nothing mutated."""
+    import torch.utils._pytree as pytree
+    from torch._functorch._aot_autograd.schemas import GraphSignature
+
+    outputs = list(gm.graph.output_node().args[0])
+    return GraphSignature(
+        parameters=[], buffers=[], user_inputs=[n.name for n in gm.graph.find_nodes(op="placeholder")],
+        user_outputs=[n.name for n in outputs], inputs_to_parameters={}, inputs_to_buffers={},
+        buffers_to_mutate={}, parameters_to_mutate={}, user_inputs_to_mutate={},
+        in_spec=pytree.tree_flatten((tuple(args), {}))[1], out_spec=pytree.tree_flatten(tuple(outputs))[1],
+        backward_signature=None, input_tokens=[], output_tokens=[])
 
 
 def _native_path(gm: torch.fx.GraphModule, inputs: list) -> str:
