@@ -148,3 +148,21 @@ def test_the_isa_checks_are_recorded_per_machine(monkeypatch, tmp_path):
             assert isa.check_build("// fails") is False
     assert calls == ["// ok", "// fails"]
     assert len(list((tmp_path / "ppl_isa_checks").iterdir())) == 2
+
+
+def test_the_stride_of_a_linear_index_is_its_coefficient_as_inductor_computes_it():
+    import sympy
+    from torch._inductor.sizevars import stride_at_vec_range
+    from torch._inductor.utils import sympy_index_symbol
+    from torch.utils._sympy.functions import FloorDiv, ModularIndexing
+    x0, x1 = sympy_index_symbol("x0"), sympy_index_symbol("x1")
+    linear = [4 * x0 + 12, 148 * x0, x0, 3 * x1 + 2, sympy.Integer(5), 121 * x0 + 11 * x1 + 3, -x0 + 7]
+    other = [x0 * x1 + x0, FloorDiv(x0, 4) + x1, ModularIndexing(x0, 1, 8), x0 ** 2]
+    for index in linear + other:
+        for var in (x0, x1):
+            fast, want = compiled._linear_stride(index, var), stride_at_vec_range(index, var, 8)
+            if index in linear:
+                assert fast == want and type(fast) is type(want)
+            else:
+                assert fast is None or (fast == want and type(fast) is type(want))  # (None: Inductor's own)
+    assert compiled._linear_stride(x0 * x1 + x0, x0) is None and compiled._linear_stride(x0 ** 2, x0) is None
