@@ -694,10 +694,12 @@ def _packed_graph(gm: torch.fx.GraphModule, example_inputs: tuple, packed: list,
 FAST_LOWERING = {"on": os.environ.get("PPL_FAST_LOWERING", "1") != "0"}
 #: Graphs with more operations than this get ``LARGE_GRAPH_OPTIONS``.
 LARGE_GRAPH = 1500
-#: Fusion's pairwise search bounded (Inductor: 64 candidate pairs per buffer group). GARCH: fusion
-#: ~4.0 -> ~1.4 s; the same kernels' outputs bit for bit on GARCH and the GP (4160 operations),
-#: the library's call as fast (14-15 us).
-LARGE_GRAPH_OPTIONS = {"max_fusion_buffer_group_pairwise_attempts": 8}
+#: Fusion's pairwise search bounded (Inductor: 64 candidate pairs per buffer group; GARCH: fusion
+#: ~4.0 -> ~1.3 s), and no pattern matching in the joint- and post-grad passes (patterns for
+#: matrix products, attention, pointless conversions: none in an unrolled graph of elementwise
+#: operations; GARCH's passes 1.5 -> 0.9 s, the GP's 1.65 -> 1.2). The same outputs bit for bit
+#: on GARCH and the GP (4160 operations), the library's call as fast (14-15 us).
+LARGE_GRAPH_OPTIONS = {"max_fusion_buffer_group_pairwise_attempts": 8, "pattern_matcher": False}
 _FOR_INDUCTOR = "_ppl_recorded_for_inductor"
 
 
