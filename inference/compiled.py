@@ -744,7 +744,9 @@ def _fast_lowering():
 
     * a graph ``_recorded_for_inductor`` is handed to Inductor as it is, instead of being
       recorded twice more by ``aot_export_module`` (GARCH ~5 s; the functionalized recording
-      costs ~0.3 s more than the plain one it replaces);
+      costs ~0.3 s more than the plain one it replaces), and its values (``meta["val"]``, fake
+      tensors of the recording's mode) are not propagated again afterwards
+      (``fake_tensor_prop``: GARCH, the GP ~1 s), where every operation has one (``_values_in``);
     * ``stride_at_vec_range`` (the vector-stride analysis of each index: two sympy
       ``simplify``s, ~2 ms) is computed directly where the index is linear in the loop variable
       with integer coefficients (``_linear_stride``: the coefficient, which is what those come
@@ -771,17 +773,28 @@ def _fast_lowering():
     from torch._inductor.codegen import cpp
     from torch._inductor.dtype_propagation import DtypePropagationOpsHandler
 
-    saved = [(compile_fx, "aot_export_module"), (sizevars, "simplify_index_in_vec_range"),
+    saved = [(compile_fx, "aot_export_module"), (compile_fx, "fake_tensor_prop"), (sizevars, "simplify_index_in_vec_range"),
              (sizevars, "stride_at_vec_range"), (cpp, "stride_at_vec_range"),
              (DtypePropagationOpsHandler, "__init__"), (cpu_vec_isa.VecISA, "check_build")]
     saved = [(owner, name, owner.__dict__[name]) for owner, name in saved]
     export, init, check_build = compile_fx.aot_export_module, DtypePropagationOpsHandler.__init__, \
         cpu_vec_isa.VecISA.check_build
+    propagate = compile_fx.fake_tensor_prop
+
+    recorded = {}
 
     def aot_export_module(mod, args, *, trace_joint, **kwargs):
         if trace_joint or not getattr(mod, _FOR_INDUCTOR, False):
             return export(mod, args, trace_joint=trace_joint, **kwargs)
+        from torch._export.utils import _detect_fake_mode_from_gm
+        recorded["mode"] = _detect_fake_mode_from_gm(mod)
         return mod, _plain_signature(mod, args)
+
+    def fake_tensor_prop(gm, example_inputs, force_allow_non_fake_inputs=False):
+        mode = recorded.get("mode")
+        if mode is not None and not force_allow_non_fake_inputs and _values_in(gm, mode):
+            return mode
+        return propagate(gm, example_inputs, force_allow_non_fake_inputs)
 
     def init_once(self):
         if not self.__dict__.get("_ppl_initialised"):
@@ -815,7 +828,7 @@ def _fast_lowering():
     def stride(index, var, vec_length=None):
         known = _linear_stride(index, var)
         return known if known is not None else slow_stride(index, var, vec_length)
-    compile_fx.aot_export_module = aot_export_module
+    compile_fx.aot_export_module, compile_fx.fake_tensor_prop = aot_export_module, fake_tensor_prop
     sizevars.simplify_index_in_vec_range = simplify_index
     sizevars.stride_at_vec_range = cpp.stride_at_vec_range = stride
     DtypePropagationOpsHandler.__init__ = init_once
@@ -846,6 +859,20 @@ def _linear_stride(index, var):
     except Exception:  # noqa: BLE001 - not an index this knows: Inductor's own analysis
         return None
     return step if step.is_Integer else None
+
+
+def _values_in(gm: torch.fx.GraphModule, mode) -> bool:
+    """Whether every placeholder and operation of ``gm`` has its value (``meta["val"]``) as a
+    fake tensor of ``mode``, or a tuple of them."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    for node in gm.graph.nodes:
+        if node.op not in ("placeholder", "call_function"):
+            continue
+        value = node.meta.get("val")
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if not values or not all(isinstance(v, FakeTensor) and v.fake_mode is mode for v in values):
+            return False
+    return True
 
 
 def _plain_signature(gm: torch.fx.GraphModule, args):

@@ -48,8 +48,9 @@ def _build(monkeypatch, gm, example, tag: str, fast: bool):
     monkeypatch.setitem(compiled.FAST_LOWERING, "on", fast)
     native_path = compiled._native_path
     monkeypatch.setattr(compiled, "_native_path", lambda *a: native_path(*a)[:-len(".so")] + f".{tag}.so")
-    seen = {"options": None, "recorded": 0}
-    aot_compile, export = torch._inductor.aot_compile, compile_fx.aot_export_module
+    seen = {"options": None, "recorded": 0, "propagated": 0}
+    aot_compile, export, propagate = torch._inductor.aot_compile, compile_fx.aot_export_module, \
+        compile_fx.fake_tensor_prop
 
     def spy_compile(flat, inputs, options=None):
         seen["options"] = dict(options or {})
@@ -58,13 +59,19 @@ def _build(monkeypatch, gm, example, tag: str, fast: bool):
     def spy_export(*args, **kwargs):
         seen["recorded"] += 1
         return export(*args, **kwargs)
+
+    def spy_propagate(*args, **kwargs):
+        seen["propagated"] += 1
+        return propagate(*args, **kwargs)
     monkeypatch.setattr(torch._inductor, "aot_compile", spy_compile)
     monkeypatch.setattr(compile_fx, "aot_export_module", spy_export)
+    monkeypatch.setattr(compile_fx, "fake_tensor_prop", spy_propagate)
     try:
         return compiled.build_native(gm, example), seen
     finally:
         monkeypatch.setattr(torch._inductor, "aot_compile", aot_compile)
         monkeypatch.setattr(compile_fx, "aot_export_module", export)
+        monkeypatch.setattr(compile_fx, "fake_tensor_prop", propagate)
         monkeypatch.setattr(compiled, "_native_path", native_path)
 
 
@@ -76,8 +83,10 @@ def test_a_large_graph_is_lowered_as_recorded_and_computes_bit_for_bit_what_the_
     fast, seen_fast = _build(monkeypatch, gm, example, "fast", True)
     usual, seen_usual = _build(monkeypatch, gm, example, "usual", False)
     assert compiled.native_library(fast).path != compiled.native_library(usual).path
-    # handed to Inductor as recorded (no aot_export_module), with fusion's search bounded
+    # handed to Inductor as recorded (no aot_export_module, no second propagation of its values),
+    # with fusion's search bounded
     assert seen_fast["recorded"] == 0 and seen_usual["recorded"] == 1
+    assert seen_fast["propagated"] == 0 and seen_usual["propagated"] == 1
     for key, value in compiled.LARGE_GRAPH_OPTIONS.items():
         assert seen_fast["options"][key] == value and key not in seen_usual["options"]
     g = torch.Generator().manual_seed(3)
@@ -119,13 +128,13 @@ def test_inductors_functions_are_its_own_again_after_the_block():
     from torch._inductor import compile_fx, cpu_vec_isa, sizevars
     from torch._inductor.codegen import cpp
     from torch._inductor.dtype_propagation import DtypePropagationOpsHandler
-    before = (compile_fx.aot_export_module, sizevars.simplify_index_in_vec_range, sizevars.stride_at_vec_range,
+    before = (compile_fx.aot_export_module, compile_fx.fake_tensor_prop, sizevars.simplify_index_in_vec_range, sizevars.stride_at_vec_range,
               cpp.stride_at_vec_range, DtypePropagationOpsHandler.__init__, cpu_vec_isa.VecISA.check_build)
     with compiled._fast_lowering():
-        assert compile_fx.aot_export_module is not before[0] and cpp.stride_at_vec_range is not before[3]
+        assert compile_fx.aot_export_module is not before[0] and cpp.stride_at_vec_range is not before[4]
         handler = DtypePropagationOpsHandler()
         assert DtypePropagationOpsHandler() is handler and handler.__dict__.get("_ppl_initialised")
-    after = (compile_fx.aot_export_module, sizevars.simplify_index_in_vec_range, sizevars.stride_at_vec_range,
+    after = (compile_fx.aot_export_module, compile_fx.fake_tensor_prop, sizevars.simplify_index_in_vec_range, sizevars.stride_at_vec_range,
              cpp.stride_at_vec_range, DtypePropagationOpsHandler.__init__, cpu_vec_isa.VecISA.check_build)
     assert all(a is b for a, b in zip(before, after))
 
