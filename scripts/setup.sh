@@ -37,4 +37,7 @@ if ! "$PY" -c "import ppl, lark, pyro, hypothesis, pytest" >/dev/null 2>&1 \
   "$PY" -m pip install -q -e ".[test,lm,notebook]"
   touch .venv/.ppl-installed
 fi
-"$PY" -c "import torch, ppl; print('[setup] ok: torch', torch.__version__, '| cuda:', torch.cuda.is_available())"
+# NUTS's per-machine parts (its C++ loops, AOTInductor's precompiled headers and wrapper runtime:
+# ~30 s once), built here rather than in a machine's first NUTS run; a second run returns at once
+"$PY" -c "import torch, ppl; from ppl.inference.prepare import main; main()
+print('[setup] ok: torch', torch.__version__, '| cuda:', torch.cuda.is_available())"
