@@ -249,7 +249,7 @@ def build_native(gm: torch.fx.GraphModule, example_inputs: tuple):
             options = {"aot_inductor.output_path": os.path.join(build, "graph.so"), **_buffer_options(gm),
                        **vector_width(), **_large_graph_options(flat)}
             with _cpu_wrapper(stack=bool(options.get("aot_inductor.allow_stack_allocation"))), _split_wrapper(), \
-                    _fast_lowering():
+                    _fast_lowering(large=bool(_large_graph_options(flat))):
                 built = _aot_compile_fast(aot_compile, flat, tuple(inputs), options)
             os.replace(built, path)  # (atomic: another process sees the whole library or none)
         finally:
@@ -700,6 +700,15 @@ LARGE_GRAPH = 1500
 #: operations; GARCH's passes 1.5 -> 0.9 s, the GP's 1.65 -> 1.2). The same outputs bit for bit
 #: on GARCH and the GP (4160 operations), the library's call as fast (14-15 us).
 LARGE_GRAPH_OPTIONS = {"max_fusion_buffer_group_pairwise_attempts": 8, "pattern_matcher": False}
+#: Where set (off: None), Inductor's C++ backend starts a new kernel function for such graphs once
+#: the one it fills has this many arguments (``CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM``, 500:
+#: GARCH's ~140 loop nests are one function of ~10,000 lines, which gcc compiles superlinearly):
+#: the same loops in the same order, in several functions, outputs bit-identical. gcc on
+#: kernel.cpp at 40: GARCH 3.7 -> 2.4 s, the GP 7.3 -> 5.0 s (at 200: 2.75 and 5.6 s). Off because
+#: the call is not always as fast (one thread, 15 alternating blocks of 500 calls, medians): at 40
+#: or 64 GARCH the same (15.1 / 15.2 us) but the GP +0.15-0.2 us (~1%); at 200 the GP the same
+#: but GARCH +0.45 us (~3%) -- some buffers a function kept to itself become the wrapper's.
+LARGE_GRAPH_KERNEL_ARGS = None
 _FOR_INDUCTOR = "_ppl_recorded_for_inductor"
 
 
@@ -738,7 +747,7 @@ def _recorded_for_inductor(program, inputs: tuple) -> torch.fx.GraphModule:
 
 
 @contextlib.contextmanager
-def _fast_lowering():
+def _fast_lowering(large: bool = False):
     """Inductor's Python made cheaper for the block, computing the same library (outputs
     bit-identical on the bench models, ``bench/cold_build.py --compare``):
 
@@ -761,7 +770,9 @@ def _fast_lowering():
       extension (AVX-512 VNNI, BF16, AMX: six of them even where ``cpp.vec_isa_ok`` is set,
       ~1.6 s of gcc per cache directory and a Python process per probe) are answered from a
       record per machine beside Inductor's precompiled headers (``ppl_isa_checks/``), keyed
-      as Inductor keys them (the code, the flags, the compiler's version, torch's).
+      as Inductor keys them (the code, the flags, the compiler's version, torch's);
+    * ``large`` (a graph over ``LARGE_GRAPH`` operations) and ``LARGE_GRAPH_KERNEL_ARGS`` set:
+      kernel functions of at most that many arguments.
 
     Where ``FAST_LOWERING`` is off: nothing."""
     if not FAST_LOWERING["on"]:
@@ -775,7 +786,8 @@ def _fast_lowering():
 
     saved = [(compile_fx, "aot_export_module"), (compile_fx, "fake_tensor_prop"), (sizevars, "simplify_index_in_vec_range"),
              (sizevars, "stride_at_vec_range"), (cpp, "stride_at_vec_range"),
-             (DtypePropagationOpsHandler, "__init__"), (cpu_vec_isa.VecISA, "check_build")]
+             (DtypePropagationOpsHandler, "__init__"), (cpu_vec_isa.VecISA, "check_build"),
+             (cpp.CppScheduling, "MAX_FUSED_KERNEL_ARGS_NUM")]
     saved = [(owner, name, owner.__dict__[name]) for owner, name in saved]
     export, init, check_build = compile_fx.aot_export_module, DtypePropagationOpsHandler.__init__, \
         cpu_vec_isa.VecISA.check_build
@@ -833,6 +845,8 @@ def _fast_lowering():
     sizevars.stride_at_vec_range = cpp.stride_at_vec_range = stride
     DtypePropagationOpsHandler.__init__ = init_once
     cpu_vec_isa.VecISA.check_build = check_build_per_machine
+    if large and LARGE_GRAPH_KERNEL_ARGS:
+        cpp.CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM = min(LARGE_GRAPH_KERNEL_ARGS, cpp.CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM)
     try:
         yield
     finally:

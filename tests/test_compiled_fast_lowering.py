@@ -80,6 +80,7 @@ def test_a_large_graph_is_lowered_as_recorded_and_computes_bit_for_bit_what_the_
     monkeypatch.setattr(compiled, "cache_dir", lambda: str(tmp_path / "fresh"))
     gm, example = _graph()
     monkeypatch.setattr(compiled, "LARGE_GRAPH", len(gm.graph.nodes) // 2)  # (a "large" graph, built quickly)
+    monkeypatch.setattr(compiled, "LARGE_GRAPH_KERNEL_ARGS", 8)  # (its kernels in several functions)
     fast, seen_fast = _build(monkeypatch, gm, example, "fast", True)
     usual, seen_usual = _build(monkeypatch, gm, example, "usual", False)
     assert compiled.native_library(fast).path != compiled.native_library(usual).path
@@ -130,7 +131,17 @@ def test_inductors_functions_are_its_own_again_after_the_block():
     from torch._inductor.dtype_propagation import DtypePropagationOpsHandler
     before = (compile_fx.aot_export_module, compile_fx.fake_tensor_prop, sizevars.simplify_index_in_vec_range, sizevars.stride_at_vec_range,
               cpp.stride_at_vec_range, DtypePropagationOpsHandler.__init__, cpu_vec_isa.VecISA.check_build)
+    kernel_args = cpp.CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM
+    for limit in (None, 40):
+        compiled_limit, compiled.LARGE_GRAPH_KERNEL_ARGS = compiled.LARGE_GRAPH_KERNEL_ARGS, limit
+        try:
+            with compiled._fast_lowering(large=True):
+                assert cpp.CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM == min(kernel_args, limit or kernel_args)
+        finally:
+            compiled.LARGE_GRAPH_KERNEL_ARGS = compiled_limit
+        assert cpp.CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM == kernel_args
     with compiled._fast_lowering():
+        assert cpp.CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM == kernel_args
         assert compile_fx.aot_export_module is not before[0] and cpp.stride_at_vec_range is not before[4]
         handler = DtypePropagationOpsHandler()
         assert DtypePropagationOpsHandler() is handler and handler.__dict__.get("_ppl_initialised")
