@@ -44,15 +44,27 @@ def record(fn, example_inputs: tuple):
     hand to ``replay``."""
     # values read into Python are constants here (the caller has checked that no decision
     # depends on an input), so they may be baked into the graph
-    with _one_fake_mode():
-        gm = make_fx(fn, _error_on_data_dependent_ops=False)(*example_inputs)
-    fold_constants(gm)
-    drop_identities(gm)
-    drop_constant_selects(gm)
-    eliminate_common_subexpressions(gm)
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return gm
+    with _lazy_code():
+        with _one_fake_mode():
+            gm = make_fx(fn, _error_on_data_dependent_ops=False)(*example_inputs)
+        fold_constants(gm)
+        drop_identities(gm)
+        drop_constant_selects(gm)
+        eliminate_common_subexpressions(gm)
+        gm.graph.eliminate_dead_code()
+    return torch.fx.GraphModule(gm, gm.graph)  # (its Python code generated once, here)
+
+
+def _lazy_code():
+    """A context in which GraphModules generate their Python code when it is first needed
+    instead of at every ``recompile`` (FX's lazy graph modules): ``record``'s passes each
+    recompile, and on GARCH's 4,000 operations each code generation took ~0.15 s (the
+    recording 2.4 -> 1.7 s CPU; the same code)."""
+    try:
+        from torch.fx._lazy_graph_module import _use_lazy_graph_module
+    except ImportError:  # pragma: no cover - (a torch without it: every recompile generates)
+        return contextlib.nullcontext()
+    return _use_lazy_graph_module(True)
 
 
 def _one_fake_mode():

@@ -102,3 +102,35 @@ def logistic(x, ys):
     (torch.distributions.Normal(0.0, 2.5).log_prob(z).sum()
      + torch.distributions.Bernoulli(logits=logits).log_prob(labels).sum()).backward()
     torch.testing.assert_close(grad, z.grad, rtol=1e-12, atol=1e-10)
+
+
+def test_record_generates_the_graphs_code_once_and_the_same_code(monkeypatch):
+    """``compiled.record``'s passes run on a lazy graph module (its code generated when first
+    needed, not at each pass's recompile); the graph returned is a plain GraphModule whose
+    code is the one recompiling after every pass gives."""
+    import contextlib
+
+    import torch.fx
+
+    data = torch.linspace(-1.0, 1.0, 9, dtype=torch.float64)
+
+    def f(z):
+        w = z * 1.0 + 0.0  # (identities the passes drop)
+        lp = -0.5 * ((data - w[:, :1]) / w[:, 1:].exp()).square().sum(1)
+        return lp, lp.exp() + torch.ones(()).double() * 2.0
+    example = (torch.randn(3, 2, dtype=torch.float64),)
+    generated = []
+    original = torch.fx.graph.Graph.python_code
+    monkeypatch.setattr(torch.fx.graph.Graph, "python_code",
+                        lambda self, *a, **k: (generated.append(1), original(self, *a, **k))[1])
+    lazy = compiled.record(f, example)
+    lazy_generations = len(generated)
+    monkeypatch.setattr(compiled, "_lazy_code", contextlib.nullcontext)
+    generated.clear()
+    eager = compiled.record(f, example)
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+    assert isinstance(lazy, torch.fx.GraphModule) and not isinstance(lazy, _LazyGraphModule)
+    assert lazy.code == eager.code
+    assert lazy_generations < len(generated)
+    for a, b in zip(lazy(*example), eager(*example)):
+        assert torch.equal(a, b)
