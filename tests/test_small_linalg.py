@@ -151,7 +151,8 @@ def test_unrolled_graph_compiles_with_stack_buffers():
     assert compiled._buffer_options(gm) == {"memory_planning": True}
     unrolled = compiled._small_linalg_unrolled(gm, example)
     assert unrolled is not gm and _linalg_ops(unrolled) == [] and _linalg_ops(gm) != []
-    assert compiled._buffer_options(unrolled) == {"memory_planning": False, "aot_inductor.allow_stack_allocation": True}
+    assert compiled._buffer_options(unrolled) == {"memory_planning": False, "aot_inductor.allow_stack_allocation": True,
+                                                  "aot_inductor.use_minimal_arrayref_interface": True}
     assert compiled._needs_proxy_executor(unrolled) is None
 
 
