@@ -780,9 +780,10 @@ def _fast_lowering(large: bool = False):
       during a build);
     * the ISA checks Inductor makes by compiling and loading a test library per ISA
       extension (AVX-512 VNNI, BF16, AMX: six of them even where ``cpp.vec_isa_ok`` is set,
-      ~1.6 s of gcc per cache directory and a Python process per probe) are answered from a
-      record per machine beside Inductor's precompiled headers (``ppl_isa_checks/``), keyed
-      as Inductor keys them (the code, the flags, the compiler's version, torch's);
+      ~1.6 s of gcc per cache directory and a Python process per probe) that passed are
+      answered from a record per machine beside Inductor's precompiled headers
+      (``ppl_isa_checks/``), keyed as Inductor keys them (the code, the flags, the compiler's
+      version, torch's); one that failed is made again;
     * ``large`` (a graph over ``LARGE_GRAPH`` operations) and ``LARGE_GRAPH_KERNEL_ARGS`` set:
       kernel functions of at most that many arguments.
 
@@ -829,20 +830,17 @@ def _fast_lowering(large: bool = False):
         from torch._inductor import codecache
         key = hashlib.sha256(f"{code}|{cpu_vec_isa._get_isa_dry_compile_fingerprint(self.build_arch_flags())}|"
                              f"{torch.version.git_version}".encode()).hexdigest()[:40]
-        record = os.path.join(os.path.dirname(codecache._HEADER_DIR), "ppl_isa_checks", key)
-        try:
-            with open(record) as fh:
-                return fh.read() == "1"
-        except OSError:
-            pass
+        record = os.path.join(os.path.dirname(codecache._HEADER_DIR), "ppl_isa_checks", f"{key}.passed")
+        if os.path.exists(record):
+            return True
         ok = check_build(self, code)
-        try:
-            os.makedirs(os.path.dirname(record), exist_ok=True)
-            with open(f"{record}.{os.getpid()}", "w") as fh:
-                fh.write("1" if ok else "0")
-            os.replace(f"{record}.{os.getpid()}", record)
-        except OSError:
-            pass
+        if ok:  # (a failure, perhaps a probe timed out under load, is not kept: checked again next time)
+            try:
+                os.makedirs(os.path.dirname(record), exist_ok=True)
+                with open(record, "w"):
+                    pass
+            except OSError:
+                pass
         return ok
 
     simplify_index = functools.lru_cache(maxsize=None)(sizevars.simplify_index_in_vec_range.__wrapped__)

@@ -151,8 +151,9 @@ def test_inductors_functions_are_its_own_again_after_the_block():
 
 
 def test_the_isa_checks_are_recorded_per_machine(monkeypatch, tmp_path):
-    """An ISA check (a test library compiled and loaded) is made once; a later build on the
-    machine reads its answer, a failed check's too."""
+    """An ISA check (a test library compiled and loaded) that passed is made once, a later
+    build on the machine reads its answer; one that failed (perhaps a probe timed out) is
+    made again."""
     from torch._inductor import codecache, cpu_vec_isa
     monkeypatch.setattr(codecache, "_HEADER_DIR", str(tmp_path / "precompiled_headers"))
     calls = []
@@ -166,8 +167,8 @@ def test_the_isa_checks_are_recorded_per_machine(monkeypatch, tmp_path):
         with compiled._fast_lowering():
             assert isa.check_build("// ok") is True
             assert isa.check_build("// fails") is False
-    assert calls == ["// ok", "// fails"]
-    assert len(list((tmp_path / "ppl_isa_checks").iterdir())) == 2
+    assert calls == ["// ok", "// fails", "// fails"]
+    assert len(list((tmp_path / "ppl_isa_checks").iterdir())) == 1
 
 
 def test_the_stride_of_a_linear_index_is_its_coefficient_as_inductor_computes_it():
