@@ -4,6 +4,7 @@ _bernoulli_log_prob``): the same numbers and gradients as torch's
 for NUTS) of ``log_sigmoid`` and its derivative: one exponential and one ``log1p`` a point
 once compiled, where torch's cross-entropy and sigmoid take three exponentials and a log."""
 import pyro.distributions as pdist
+import pytest
 import torch
 import torch.distributions as td
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -17,12 +18,19 @@ def _ours(**params):
     return D._build(pdist.Bernoulli, **params)
 
 
-def test_log_prob_is_torchs_at_both_values_and_extreme_logits():
+PROBS = torch.tensor([1e-300, 0.01, 0.5, 0.99, 1.0 - 1e-16], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("params, rtol", [({"logits": LOGITS}, 1e-14), ({"probs": PROBS}, 1e-13)],
+                         ids=["logits", "probs"])
+def test_log_prob_is_torchs_at_both_values_and_extreme_parameters(params, rtol):
+    """Logits from -800 to 800 (and 0, +-1e-12); probabilities (which go through logits as
+    torch's do) from 1e-300 to 1 - 1e-16."""
     for y in (0.0, 1.0):
-        value = torch.full_like(LOGITS, y)
-        ours = _ours(logits=LOGITS).log_prob(value)
-        theirs = td.Bernoulli(logits=LOGITS).log_prob(value)
-        assert torch.allclose(ours, theirs, rtol=1e-14, atol=1e-15), (y, ours, theirs)
+        value = torch.full_like(next(iter(params.values())), y)
+        ours = _ours(**params).log_prob(value)
+        theirs = td.Bernoulli(**params).log_prob(value)
+        assert torch.allclose(ours, theirs, rtol=rtol, atol=1e-15), (y, ours, theirs)
 
 
 def test_boolean_values_and_broadcasting():
@@ -32,15 +40,6 @@ def test_boolean_values_and_broadcasting():
     theirs = td.Bernoulli(logits=logits).log_prob(value.double())
     assert ours.shape == theirs.shape == (2, 3)
     assert torch.allclose(ours, theirs, rtol=1e-14, atol=0)
-
-
-def test_probabilities_go_through_the_same_formula():
-    probs = torch.tensor([1e-300, 0.01, 0.5, 0.99, 1.0 - 1e-16], dtype=torch.float64)
-    for y in (0.0, 1.0):
-        value = torch.full_like(probs, y)
-        ours = _ours(probs=probs).log_prob(value)
-        theirs = td.Bernoulli(probs=probs).log_prob(value)
-        assert torch.allclose(ours, theirs, rtol=1e-13, atol=1e-15), (y, ours, theirs)
 
 
 def test_gradient_is_value_minus_sigmoid_also_at_zero():

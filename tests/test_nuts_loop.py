@@ -365,25 +365,16 @@ def test_native_transition_matches_the_eager_loop(compiled):
     assert min(depths[:2]) >= 4 and divergent == [False, False, True, True]
 
 
-class NativeGP:
-    """A 2-d potential whose graph (a 3 x 3 covariance from z, its Cholesky factor, a
-    triangular solve) is compiled by ``compiled.build_native`` into an AOTInductor PACKAGE (a
-    Cholesky has no C shim), offered as ``inference.potential.Potential`` offers it
-    (``native_library``). Its raw outputs are not finite where 0.5 < z[:, 0] < 3 (log density NaN,
-    gradient +inf: the C++ must map them as ``hmc.evaluate`` does); its parameters are invalid
-    beyond |z| = 1e6 (where only a chain that stopped building would go)."""
+class _NativeTarget:
+    """The C-chain, 2-d potential of ``log_density`` as a graph ``(z, beta) -> (log density,
+    gradient, parameters valid?)`` compiled by ``compiled.build_native``, offered as
+    ``inference.potential.Potential`` offers it (``native_library``). Its raw outputs are not
+    finite where 0.5 < z[:, 0] < 3 (log density NaN, gradient +inf: the C++ must map them as
+    ``hmc.evaluate`` does); its parameters are invalid beyond |z| = 1e6 (where only a chain
+    that stopped building would go)."""
 
-    def __init__(self, C: int):
+    def __init__(self, log_density, C: int):
         from ppl.inference import compiled
-        x = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
-        kernel = torch.exp(-(x[:, None] - x[None, :]).square())
-        y = torch.tensor([0.3, -0.5, 1.1], dtype=F64)
-
-        def log_density(z):
-            cov = z[:, 0].exp()[:, None, None] * kernel + (0.1 + z[:, 1].exp())[:, None, None] * torch.eye(3, dtype=F64)
-            chol = torch.linalg.cholesky(cov)
-            a = torch.linalg.solve_triangular(chol, y.expand(z.shape[0], 3).unsqueeze(-1), upper=False).squeeze(-1)
-            return -0.5 * a.square().sum(-1) - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1) - 0.5 * z.square().sum(-1)
 
         def graph(z, beta):
             grad = torch.func.grad(lambda w: log_density(w).sum())(z)
@@ -395,11 +386,9 @@ class NativeGP:
         self.gm = compiled.record(graph, example)
         self.run = compiled.build_native(self.gm, example)
         self.native = compiled.native_library(self.run)
-        self.non_finite = 0  # evaluations with a non-finite output (the eager side)
 
     def value_and_grad(self, z):
         logp, grad, _ = self.run(z, *self.graph_inputs())
-        self.non_finite += int((~torch.isfinite(logp)).any())
         return logp, grad
 
     def recorded_graph(self):
@@ -409,7 +398,32 @@ class NativeGP:
         return self.native
 
     def graph_inputs(self, beta=1.0):
-        return (torch.tensor(1.0, dtype=F64),)
+        return (torch.tensor(beta, dtype=F64),)
+
+
+class NativeGP(_NativeTarget):
+    """A 2-d potential whose graph (a 3 x 3 covariance from z, its Cholesky factor, a
+    triangular solve) is compiled by ``compiled.build_native`` into an AOTInductor PACKAGE (a
+    Cholesky has no C shim), offered as ``inference.potential.Potential`` offers it
+    (``native_library``)."""
+
+    def __init__(self, C: int):
+        x = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+        kernel = torch.exp(-(x[:, None] - x[None, :]).square())
+        y = torch.tensor([0.3, -0.5, 1.1], dtype=F64)
+
+        def log_density(z):
+            cov = z[:, 0].exp()[:, None, None] * kernel + (0.1 + z[:, 1].exp())[:, None, None] * torch.eye(3, dtype=F64)
+            chol = torch.linalg.cholesky(cov)
+            a = torch.linalg.solve_triangular(chol, y.expand(z.shape[0], 3).unsqueeze(-1), upper=False).squeeze(-1)
+            return -0.5 * a.square().sum(-1) - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1) - 0.5 * z.square().sum(-1)
+        super().__init__(log_density, C)
+        self.non_finite = 0  # evaluations with a non-finite output (the eager side)
+
+    def value_and_grad(self, z):
+        logp, grad = super().value_and_grad(z)
+        self.non_finite += int((~torch.isfinite(logp)).any())
+        return logp, grad
 
 
 @pytest.mark.skipif(os.environ.get("PPL_COMPILED_NATIVE") == "0", reason="PPL_COMPILED_NATIVE=0")
@@ -450,44 +464,21 @@ def test_the_transition_runs_the_potentials_own_package_and_maps_its_non_finite_
     assert target.non_finite > 0 and any(divergent)  # (the mapping and the stopped chains were exercised)
 
 
-class NativeBanana:
+class NativeBanana(_NativeTarget):
     """A 2-d potential compiled by ``compiled.build_native`` into a plain library (every
     operation generated code: its buffers on the stack, with the minimal ArrayRef entry point),
-    offered as ``inference.potential.Potential`` offers it; its raw outputs are not finite
-    where 0.5 < z[:, 0] < 3 (the C++ maps them)."""
+    offered as ``inference.potential.Potential`` offers it."""
 
     def __init__(self, C: int):
         from ppl.inference import compiled
 
         def log_density(z):
             return -0.5 * z[:, 0].square() - 0.5 * (z[:, 1] - 0.5 * z[:, 0].square()).square() / 0.3
-
-        def graph(z, beta):
-            grad = torch.func.grad(lambda w: log_density(w).sum())(z)
-            bad = (z[:, 0] > 0.5) & (z[:, 0] < 3.0)
-            logp = torch.where(bad, torch.nan, beta * log_density(z))
-            return logp, torch.where(bad.unsqueeze(-1), torch.inf, beta * grad), (z.abs() < 1e6).all()
-        example = (0.1 * torch.randn(C, 2, dtype=F64, generator=torch.Generator().manual_seed(0)),
-                   torch.tensor(1.0, dtype=F64))
-        self.gm = compiled.record(graph, example)
+        super().__init__(log_density, C)
         assert compiled._buffer_options(self.gm)["aot_inductor.use_minimal_arrayref_interface"]
-        self.run = compiled.build_native(self.gm, example)
-        self.native = compiled.native_library(self.run)
-
-    def value_and_grad(self, z):
-        logp, grad, _ = self.run(z, *self.graph_inputs())
-        return logp, grad
-
-    def recorded_graph(self):
-        return self.gm, "inductor"
-
-    def native_library(self):
-        return self.native
-
-    def graph_inputs(self, beta=1.0):
-        return (torch.tensor(beta, dtype=F64),)
 
 
+@pytest.mark.skipif(os.environ.get("PPL_COMPILED_NATIVE") == "0", reason="PPL_COMPILED_NATIVE=0")
 def test_the_transition_calls_a_library_through_its_arrayref_entry_point_with_the_same_numbers():
     """A library whose buffers are on the stack is called by the C++ loops through its
     minimal ArrayRef entry point (plain array descriptors in, the library's own per-thread
