@@ -258,10 +258,11 @@ def build_native(gm: torch.fx.GraphModule, example_inputs: tuple):
         build = f"{path}.{os.getpid()}.build"  # (AOTInductor leaves its sources next to the library)
         os.makedirs(build, exist_ok=True)
         try:
+            large = _large_graph_options(flat)
             options = {"aot_inductor.output_path": os.path.join(build, "graph.so"), **_buffer_options(gm),
-                       **vector_width(), **_large_graph_options(flat)}
+                       **vector_width(), **large}
             with _cpu_wrapper(stack=bool(options.get("aot_inductor.allow_stack_allocation"))), _split_wrapper(), \
-                    _fast_lowering(large=bool(_large_graph_options(flat))):
+                    _fast_lowering(large=bool(large)):
                 built = _aot_compile_fast(aot_compile, flat, tuple(inputs), options)
             os.replace(built, path)  # (atomic: another process sees the whole library or none)
         finally:
@@ -452,9 +453,10 @@ def _split_wrapper():
     the graph's own code (the model's constructor, input checks, ``run_impl``) with the base
     class declared ``extern template``; joined (``ld -r``) into the object the link expects.
     Both include ``array_ref.h``'s headers but ``array_ref_impl.h`` (``_ARRAY_REF_LIGHT``: it
-    brings ATen's tensor headers, for helpers of the minimal array-ref interface that this
-    code does not use; where it does, it is compiled again with them), which Inductor
-    precompiles instead of ``array_ref.h`` (~4 s of gcc per machine instead of ~9 s).
+    brings ATen's tensor headers for a few helpers of the minimal array-ref interface, which
+    a graph's part that uses them gets written over the C shim, ``_ARRAY_REF_HELPERS``; where
+    the light headers still lack something, the part is compiled again with the full ones),
+    which Inductor precompiles instead of ``array_ref.h`` (~4 s of gcc per machine instead of ~9 s).
     Why: gcc spent ~5 s on wrapper.cpp whatever the graph, not parsing (the precompiled
     header was used: ``-H``) but instantiating the headers' templates (~1.4 s for any file
     including them, ~0.8 s without ATen's) and generating ~375 functions of which ~30 are the
